@@ -1,0 +1,294 @@
+"""What users import: quantize, save, load, run."""
+from __future__ import annotations
+
+import dataclasses
+import math
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+from torch import nn
+
+from .errors import BitsmithError, CheckpointError, QuantizationError
+from .formats import QTensor
+from .formats.dtypes import dtype_from_name
+from .io.checkpoint import Checkpoint, CheckpointWriter
+from .methods import quantize_weight
+from .methods.recipe import Recipe
+from .models.loading import load_model
+from .models.surgery import LayerReport, quantize_model, relative_error
+
+__all__ = [
+    "quantize_tensor",
+    "quantize_file",
+    "load_state",
+    "load_qtensors",
+    "quantize_model",
+    "load_model",
+    "Recipe",
+    "QuantizeReport",
+]
+
+#: small files copied from a model folder next to the weights (config, tokenizer, ...)
+SIDE_FILE_SUFFIXES = {".json", ".txt", ".model", ".jinja", ".tiktoken", ".py"}
+SIDE_FILE_MAX_BYTES = 64 * 1024 * 1024
+
+
+def quantize_tensor(weight: torch.Tensor, method: str = "nf", **options: Any) -> QTensor:
+    """Quantize one floating tensor: ``quantize_tensor(w, "nf", levels=16, block_size=64)``."""
+    return quantize_weight(weight, method, **options)
+
+
+@dataclass
+class TensorRow:
+    name: str
+    shape: tuple[int, ...]
+    method: str | None  # None: stored as is
+    bytes_before: int
+    bytes_after: int
+    bits_per_weight: float | None = None
+    rel_error: float | None = None
+    seconds: float = 0.0
+
+
+@dataclass
+class QuantizeReport:
+    source: str
+    destination: str
+    recipe: dict
+    rows: list[TensorRow] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def quantized(self) -> list[TensorRow]:
+        return [r for r in self.rows if r.method is not None]
+
+    @property
+    def bytes_before(self) -> int:
+        return sum(r.bytes_before for r in self.rows)
+
+    @property
+    def bytes_after(self) -> int:
+        return sum(r.bytes_after for r in self.rows)
+
+    @property
+    def quantized_bits_per_weight(self) -> float:
+        q = self.quantized
+        n = sum(math.prod(r.shape) for r in q)
+        return 8.0 * sum(r.bytes_after for r in q) / max(n, 1)
+
+    @property
+    def weights_per_second(self) -> float:
+        return sum(math.prod(r.shape) for r in self.rows) / max(self.seconds, 1e-9)
+
+    def summary(self) -> dict:
+        errs = [r.rel_error for r in self.quantized if r.rel_error is not None]
+        worst = max(self.quantized, key=lambda r: r.rel_error or 0.0, default=None)
+        return {
+            "source": self.source,
+            "destination": self.destination,
+            "recipe": self.recipe,
+            "tensors": len(self.rows),
+            "tensors_quantized": len(self.quantized),
+            "bits_per_weight_quantized": self.quantized_bits_per_weight,
+            "bytes_before": self.bytes_before,
+            "bytes_after": self.bytes_after,
+            "mean_rel_error": sum(errs) / len(errs) if errs else None,
+            "worst_rel_error": worst.rel_error if worst else None,
+            "worst_tensor": worst.name if worst else None,
+            "seconds": self.seconds,
+            "weights_per_second": self.weights_per_second,
+        }
+
+
+def _side_files(src: Path) -> dict[str, Path]:
+    if not src.is_dir():
+        return {}
+    return {
+        p.name: p
+        for p in sorted(src.iterdir())
+        if p.is_file()
+        and p.suffix in SIDE_FILE_SUFFIXES
+        and p.name not in ("config.json", "model.safetensors.index.json")
+        and p.stat().st_size <= SIDE_FILE_MAX_BYTES
+    }
+
+
+def quantize_file(
+    src: str | Path,
+    dst: str | Path,
+    recipe: Recipe | None = None,
+    *,
+    overwrite: bool = False,
+    max_shard_bytes: int = 2 * 1024**3,
+    compute_error: bool = True,
+    progress: bool = False,
+) -> QuantizeReport:
+    """Quantize a ``.safetensors`` file, a folder of shards or a Hugging Face model folder into
+    a checkpoint folder ``dst``, streaming: one tensor is read, quantized, written and freed at
+    a time. Nothing is left at ``dst`` unless the whole run succeeds."""
+    recipe = recipe or Recipe()
+    src, dst = Path(src), Path(dst)
+    if dst.exists() and not overwrite:
+        raise CheckpointError("output exists; pass --overwrite (overwrite=True) to replace it", file=str(dst))
+    target_dtype = dtype_from_name(recipe.dtype) if recipe.dtype else None
+    report = QuantizeReport(str(src), str(dst), recipe.to_json())
+    t_start = time.perf_counter()
+    with Checkpoint.open(src) as source:
+        names = source.names()
+        if any(source.is_quantized(n) for n in names):
+            raise QuantizationError("is already a bitsmith checkpoint; dequantize it first", file=str(src))
+        plans = {}
+        for name in names:
+            entry = source.entry(name)
+            try:
+                plans[name] = recipe.plan(name, entry.dtype, len(entry.shape))
+            except BitsmithError as e:
+                raise e.at(file=str(src), tensor=name) from None
+        if not any(p is not None for p in plans.values()):
+            raise QuantizationError(
+                f"no quantizable tensor (floating 2-D/4-D weights not skipped by the recipe) among {len(names)} tensors",
+                file=str(src),
+            )
+        iterator: Iterable[str] = names
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(names, desc="quantize", unit="tensor")
+            iterator = bar
+        with CheckpointWriter(
+            dst,
+            overwrite=overwrite,
+            max_shard_bytes=max_shard_bytes,
+            recipe=recipe.to_json(),
+            config=source.config,
+            extra_files=_side_files(src),
+        ) as writer:
+            for name in iterator:
+                if bar is not None:
+                    bar.set_postfix_str(name[-40:], refresh=False)
+                tensor = source.tensor(name)
+                before = tensor.numel() * tensor.element_size()
+                plan = plans[name]
+                if plan is None:
+                    if target_dtype is not None and tensor.is_floating_point():
+                        tensor = tensor.to(target_dtype)
+                    writer.add_tensor(name, tensor)
+                    size = tensor.numel() * tensor.element_size()
+                    report.rows.append(TensorRow(name, tuple(tensor.shape), None, before, size))
+                    continue
+                method, options = plan
+                t0 = time.perf_counter()
+                try:
+                    qt = quantize_weight(tensor, method, **options)
+                except BitsmithError as e:
+                    raise e.at(file=str(src), tensor=name) from None
+                if target_dtype is not None:
+                    qt = dataclasses.replace(qt, dtype=target_dtype)
+                err = relative_error(tensor, qt.dequantize(torch.float32)) if compute_error else None
+                writer.add_qtensor(name, qt)
+                report.rows.append(
+                    TensorRow(name, qt.shape, method, before, qt.nbytes, qt.bits_per_weight, err, time.perf_counter() - t0)
+                )
+                del tensor, qt
+    report.seconds = time.perf_counter() - t_start
+    return report
+
+
+def load_qtensors(path: str | Path) -> dict[str, QTensor | torch.Tensor]:
+    """Every tensor of a checkpoint: QTensors for the quantized ones, plain tensors otherwise."""
+    with Checkpoint.open(path) as ckpt:
+        return {n: (ckpt.qtensor(n) if ckpt.is_quantized(n) else ckpt.tensor(n)) for n in ckpt.names()}
+
+
+def load_state(path: str | Path, *, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """A plain state dict: quantized tensors dequantized (to ``dtype``, default their original
+    dtype), other tensors as stored (floating ones cast to ``dtype`` when given)."""
+    out: dict[str, torch.Tensor] = {}
+    with Checkpoint.open(path) as ckpt:
+        for n in ckpt.names():
+            if ckpt.is_quantized(n):
+                out[n] = ckpt.qtensor(n).dequantize(dtype)
+            else:
+                t = ckpt.tensor(n)
+                out[n] = t.to(dtype) if dtype is not None and t.is_floating_point() else t
+    return out
+
+
+def inspect_checkpoint(path: str | Path) -> dict:
+    """Per tensor: codec (or dtype), shape, bits/weight, bytes on disk; and totals."""
+    with Checkpoint.open(path) as ckpt:
+        tensors = []
+        for n in ckpt.names():
+            e = ckpt.entry(n)
+            tensors.append({
+                "name": n,
+                "codec": e.codec,
+                "dtype": str(e.dtype).removeprefix("torch."),
+                "shape": list(e.shape),
+                "bytes": e.nbytes,
+                "bits_per_weight": 8.0 * e.nbytes / max(e.numel, 1) if e.quantized else None,
+                "params": ckpt.spec(n)["params"] if e.quantized else None,
+            })
+        file_bytes = sum(p.stat().st_size for p in ckpt.shard_files)
+        tensor_bytes = sum(t["bytes"] for t in tensors)
+        q = [t for t in tensors if t["codec"]]
+        q_weights = sum(math.prod(t["shape"]) for t in q)
+        weights = sum(math.prod(t["shape"]) for t in tensors)
+        recipe = ckpt.recipe
+    return {
+        "path": str(path),
+        "recipe": recipe,
+        "recipe_text": Recipe.from_json(recipe).describe() if recipe else "(none: not a bitsmith checkpoint)",
+        "tensors": tensors,
+        "totals": {
+            "tensors": len(tensors),
+            "quantized": len(q),
+            "weights": weights,
+            "quantized_weights": q_weights,
+            "bytes": tensor_bytes,
+            "bits_per_weight_quantized": 8.0 * sum(t["bytes"] for t in q) / max(q_weights, 1),
+            "bits_per_weight": 8.0 * tensor_bytes / max(weights, 1),
+            "header_bytes": file_bytes - tensor_bytes,
+            "file_bytes": file_bytes,
+        },
+    }
+
+
+def dequantize_file(
+    path: str | Path, out: str | Path, *, dtype: str | torch.dtype | None = None, overwrite: bool = False, progress: bool = False
+) -> dict:
+    """Write a plain ``.safetensors`` state dict: every quantized tensor dequantized (to
+    ``dtype``, default its original dtype), the rest as stored. Streams tensor by tensor; the
+    file appears only when complete."""
+    from .io.safetensors_io import ShardWriter
+
+    out = Path(out)
+    if isinstance(dtype, str):
+        dtype = dtype_from_name(dtype)
+    if out.exists() and not overwrite:
+        raise CheckpointError("output exists; pass --overwrite (overwrite=True) to replace it", file=str(out))
+    if out.suffix != ".safetensors":
+        raise CheckpointError("output must be a .safetensors file", file=str(out))
+    info = {"tensors": 0, "dequantized": 0, "weights": 0, "bytes": 0}
+    with Checkpoint.open(path) as ckpt:
+        names = ckpt.names()
+        iterator: Iterable[str] = names
+        if progress:
+            from tqdm.auto import tqdm
+
+            iterator = tqdm(names, desc="dequantize", unit="tensor")
+        with ShardWriter(out, metadata={"format": "pt"}) as writer:
+            for n in iterator:
+                t = ckpt.dequantized(n, dtype)
+                writer.add(n, t)
+                info["tensors"] += 1
+                info["dequantized"] += int(ckpt.is_quantized(n))
+                info["weights"] += t.numel()
+                info["bytes"] += t.numel() * t.element_size()
+                del t
+    return info

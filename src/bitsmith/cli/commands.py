@@ -1,0 +1,100 @@
+"""The CLI's commands: argument namespace in, API call, table out."""
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from argparse import Namespace
+
+from ..api import QuantizeReport, dequantize_file, inspect_checkpoint, quantize_file
+from ..methods.recipe import Override, Recipe
+from .table import human_bytes, parse_bytes, render
+
+
+def recipe_from_args(args: Namespace) -> Recipe:
+    given = {
+        "bits": args.bits,
+        "levels": args.levels,
+        "group_size": args.group_size,
+        "symmetric": args.symmetric or None,
+        "block_size": args.block_size,
+        "double_quant": args.double_quant or None,
+    }
+    options = {k: v for k, v in given.items() if v is not None}
+    return Recipe(
+        method=args.method,
+        options=options,
+        skip=list(args.skip),
+        overrides=[Override.parse(o) for o in args.override],
+        dtype=args.dtype,
+    )
+
+
+def print_quantize_report(report: QuantizeReport, out=sys.stdout) -> None:
+    s = report.summary()
+    rows = [
+        ("recipe", Recipe.from_json(report.recipe).describe()),
+        ("tensors quantized", f"{s['tensors_quantized']} of {s['tensors']}"),
+        ("bits/weight (quantized tensors, metadata included)", f"{s['bits_per_weight_quantized']:.3f}"),
+        ("size before -> after", f"{human_bytes(s['bytes_before'])} -> {human_bytes(s['bytes_after'])} "
+         f"({s['bytes_before'] / max(s['bytes_after'], 1):.2f}x smaller)"),
+    ]
+    if s["mean_rel_error"] is not None:
+        rows += [
+            ("mean relative weight error", f"{s['mean_rel_error']:.4f}"),
+            ("worst relative weight error", f"{s['worst_rel_error']:.4f} ({s['worst_tensor']})"),
+        ]
+    rows += [("time", f"{s['seconds']:.2f} s ({s['weights_per_second'] / 1e6:.1f} M weights/s)")]
+    print(render(["", ""], rows, align="ll"), file=out)
+
+
+def cmd_quantize(args: Namespace) -> int:
+    recipe = recipe_from_args(args)
+    report = quantize_file(
+        args.src,
+        args.dst,
+        recipe,
+        overwrite=args.overwrite,
+        max_shard_bytes=parse_bytes(args.max_shard_size),
+        progress=not args.no_progress,
+    )
+    print(f"wrote {args.dst}")
+    print_quantize_report(report)
+    if args.json:
+        args.json.write_text(json.dumps({"summary": report.summary(), "tensors": [r.__dict__ for r in report.rows]}, indent=2, default=list))
+    return 0
+
+
+def cmd_inspect(args: Namespace) -> int:
+    info = inspect_checkpoint(args.ckpt)
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    rows = []
+    for t in info["tensors"]:
+        bpw = "" if t["bits_per_weight"] is None else f"{t['bits_per_weight']:.3f}"
+        rows.append((t["name"], t["codec"] or t["dtype"], "x".join(map(str, t["shape"])), bpw, human_bytes(t["bytes"])))
+    print(render(["tensor", "codec/dtype", "shape", "bits/weight", "bytes"], rows, align="llrrr"))
+    tot = info["totals"]
+    print()
+    print(render(["", ""], [
+        ("recipe", info["recipe_text"]),
+        ("tensors", f"{tot['tensors']} ({tot['quantized']} quantized)"),
+        ("weights", f"{tot['weights']:,} ({tot['quantized_weights']:,} quantized)"),
+        ("bits/weight of quantized tensors", f"{tot['bits_per_weight_quantized']:.3f}"),
+        ("bits/weight overall", f"{tot['bits_per_weight']:.3f}"),
+        ("tensor bytes", human_bytes(tot["bytes"])),
+        ("header metadata bytes", human_bytes(tot["header_bytes"])),
+        ("files", human_bytes(tot["file_bytes"])),
+    ], align="ll"))
+    return 0
+
+
+def cmd_dequantize(args: Namespace) -> int:
+    t0 = time.perf_counter()
+    info = dequantize_file(args.ckpt, args.out, dtype=args.dtype, overwrite=args.overwrite, progress=not args.no_progress)
+    dt = time.perf_counter() - t0
+    print(f"wrote {args.out}: {info['tensors']} tensors, {human_bytes(info['bytes'])}, "
+          f"{info['dequantized']} dequantized, {dt:.2f} s ({info['weights'] / max(dt, 1e-9) / 1e6:.0f} M weights/s)")
+    return 0
