@@ -12,8 +12,8 @@ Layouts (the name is stored in every QTensor spec, so the file says how to read 
 ``base`` — for level counts that are not powers of two. ``codes_per_symbol`` codes in radix
     ``radix`` form one integer symbol ``sum(code[j] * radix**j)`` (code 0 least significant),
     and the symbols (each ``< 2**symbol_bits``, ``symbol_bits <= 63``) are written as the same
-    LSB-first bit stream, padded to a multiple of 8 symbols. 7 levels: 22 codes in 62 bits
-    (2.82 bits/code); 12 levels: 17 in 61 (3.59); 24 levels: 13 in 60 (4.62).
+    LSB-first bit stream, padded to a multiple of 8 symbols. 7 levels: 21 codes in 59 bits
+    (2.81 bits/code); 12 levels: 17 in 61 (3.59); 24 levels: 5 in 23 (4.60).
 
 All functions are vectorised torch; no Python loop runs per element or per block.
 """
