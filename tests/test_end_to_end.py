@@ -119,12 +119,18 @@ def test_cli_bad_options_exit_2_and_write_nothing(tmp_path, capsys, args, needle
 def test_cli_refuses_existing_output_unless_overwrite(tmp_path, capsys):
     src = bad_source(tmp_path)
     dst = tmp_path / "out"
-    dst.mkdir()
-    (dst / "keep").write_text("x")
+    assert cli(["quantize", str(src), "-o", str(dst), "--no-progress", "--method", "rtn"]) == 0
     assert cli(["quantize", str(src), "-o", str(dst), "--no-progress"]) == 2
-    assert "overwrite" in capsys.readouterr().err and (dst / "keep").exists()
+    assert "overwrite" in capsys.readouterr().err
+    assert Checkpoint.open(dst).recipe["method"] == "rtn"
     assert cli(["quantize", str(src), "-o", str(dst), "--no-progress", "--overwrite"]) == 0
-    assert not (dst / "keep").exists()
+    assert Checkpoint.open(dst).recipe["method"] == "nf"
+    # a folder that is not a checkpoint is never replaced, even with --overwrite
+    other = tmp_path / "photos"
+    other.mkdir()
+    (other / "keep.jpg").write_text("x")
+    assert cli(["quantize", str(src), "-o", str(other), "--no-progress", "--overwrite"]) == 2
+    assert "not a checkpoint" in capsys.readouterr().err and (other / "keep.jpg").exists()
 
 
 def test_cli_no_quantizable_tensor(tmp_path, capsys):

@@ -32,7 +32,7 @@ def test_override_of_non_floating_tensor_is_an_error():
         r.plan("input_ids", torch.int64, 2)
 
 
-@pytest.mark.parametrize("bad", ["nopattern", "x=", "x=bits", "x=(=bits:3"])
+@pytest.mark.parametrize("bad", ["nopattern", "x=", "x=bits", "(=bits:3"])
 def test_bad_override_text(bad):
     with pytest.raises(SpecError):
         Override.parse(bad)

@@ -131,6 +131,7 @@ def quantize_file(
     a checkpoint folder ``dst``, streaming: one tensor is read, quantized, written and freed at
     a time. Nothing is left at ``dst`` unless the whole run succeeds."""
     recipe = recipe or Recipe()
+    recipe.check()
     src, dst = Path(src), Path(dst)
     if dst.exists() and not overwrite:
         raise CheckpointError("output exists; pass --overwrite (overwrite=True) to replace it", file=str(dst))

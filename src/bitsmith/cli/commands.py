@@ -9,7 +9,7 @@ from argparse import Namespace
 
 from ..api import QuantizeReport, dequantize_file, inspect_checkpoint, quantize_file
 from ..methods.recipe import Override, Recipe
-from .table import human_bytes, parse_bytes, render
+from .table import human_bytes, parse_bytes, render, render_pairs
 
 
 def recipe_from_args(args: Namespace) -> Recipe:
@@ -31,7 +31,7 @@ def recipe_from_args(args: Namespace) -> Recipe:
     )
 
 
-def print_quantize_report(report: QuantizeReport, out=sys.stdout) -> None:
+def print_quantize_report(report: QuantizeReport, out=None) -> None:
     s = report.summary()
     rows = [
         ("recipe", Recipe.from_json(report.recipe).describe()),
@@ -46,7 +46,7 @@ def print_quantize_report(report: QuantizeReport, out=sys.stdout) -> None:
             ("worst relative weight error", f"{s['worst_rel_error']:.4f} ({s['worst_tensor']})"),
         ]
     rows += [("time", f"{s['seconds']:.2f} s ({s['weights_per_second'] / 1e6:.1f} M weights/s)")]
-    print(render(["", ""], rows, align="ll"), file=out)
+    print(render_pairs(rows), file=out or sys.stdout)
 
 
 def cmd_quantize(args: Namespace) -> int:
@@ -78,7 +78,7 @@ def cmd_inspect(args: Namespace) -> int:
     print(render(["tensor", "codec/dtype", "shape", "bits/weight", "bytes"], rows, align="llrrr"))
     tot = info["totals"]
     print()
-    print(render(["", ""], [
+    print(render_pairs([
         ("recipe", info["recipe_text"]),
         ("tensors", f"{tot['tensors']} ({tot['quantized']} quantized)"),
         ("weights", f"{tot['weights']:,} ({tot['quantized_weights']:,} quantized)"),
@@ -87,7 +87,7 @@ def cmd_inspect(args: Namespace) -> int:
         ("tensor bytes", human_bytes(tot["bytes"])),
         ("header metadata bytes", human_bytes(tot["header_bytes"])),
         ("files", human_bytes(tot["file_bytes"])),
-    ], align="ll"))
+    ]))
     return 0
 
 

@@ -33,3 +33,9 @@ def render(headers: Sequence[str], rows: Sequence[Sequence[object]], *, align: s
     lines = [fmt(list(headers)), "  ".join("-" * w for w in widths)]
     lines += [fmt(r) for r in cells]
     return "\n".join(lines)
+
+
+def render_pairs(rows: Sequence[tuple[str, object]]) -> str:
+    """A two-column ``key  value`` block (no header)."""
+    width = max((len(k) for k, _ in rows), default=0)
+    return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)

@@ -151,6 +151,13 @@ class Recipe:
             return None
         return self.method, dict(self.options)
 
+    def check(self) -> None:
+        """Fail fast on impossible options (bits 9, levels 1, group size 0, ...): run the default
+        and every override once on a tiny tensor, before any file is read or written."""
+        probe = torch.linspace(-1.0, 1.0, 2 * 96).view(2, 96)
+        for method, options in [(self.method, self.options), *(self.resolve_override(o) for o in self.overrides)]:
+            METHODS.get(method)(probe, **options)
+
     def to_json(self) -> dict:
         return {
             "method": self.method,
