@@ -55,9 +55,10 @@ def main() -> None:
                      "target": target, "rel_error": rel_err(w, qt)})
     print("4096x4096 fp16 weight, 0.02*randn")
     print(render(["config", "bits/weight", "target", "", "rel. error"], rows, align="lrrll"))
-    bnb = bnb_nf4_error(w)
-    ours = rel_err(w, bitsmith.quantize_tensor(w, "nf", levels=16, block_size=64))
-    print(f"\nNF4 b64 (no double quant) relative error: bitsmith {ours:.6f}, bitsandbytes {bnb if bnb is None else f'{bnb:.6f}'}")
+    w32 = w.float()  # same float32 input to both libraries
+    bnb = bnb_nf4_error(w32)
+    ours = rel_err(w32, bitsmith.quantize_tensor(w32, "nf", levels=16, block_size=64))
+    print(f"\nNF4 b64 (no double quant, float32 input) relative error: bitsmith {ours:.6f}, bitsandbytes {bnb if bnb is None else f'{bnb:.6f}'}")
     write_result("bits_per_weight", {"weight": "4096x4096 fp16 0.02*randn seed 0", "rows": data,
                                      "nf4_vs_bitsandbytes": {"bitsmith": ours, "bitsandbytes": bnb}})
 

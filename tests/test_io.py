@@ -666,3 +666,26 @@ def test_rejected_tensor_leaves_the_writer_usable(tmp_path):
         assert ck.names() == ["x", "y"]
     with pytest.raises(CheckpointError, match="must name a folder"):
         CheckpointWriter(tmp_path / "..")
+
+
+def test_planned_file_writer_writes_in_place_and_refuses_surprises(tmp_path):
+    from safetensors.torch import load_file
+
+    from bitsmith.io.safetensors_io import PlannedFileWriter
+
+    a, b = torch.randn(3, 5), torch.arange(7, dtype=torch.int32)
+    path = tmp_path / "p.safetensors"
+    with PlannedFileWriter(path, [("a", torch.float32, (3, 5)), ("b", torch.int32, (7,))], {"k": "v"}) as w:
+        w.write("a", a)
+        w.write("b", b)
+    got = load_file(str(path))
+    assert torch.equal(got["a"], a) and torch.equal(got["b"], b)
+    # wrong order / dtype / shape: error naming the tensor, and no file left behind
+    bad = tmp_path / "bad.safetensors"
+    with pytest.raises(CheckpointError, match="expected tensor 'a'"):
+        with PlannedFileWriter(bad, [("a", torch.float32, (3, 5)), ("b", torch.int32, (7,))]) as w:
+            w.write("b", b)
+    with pytest.raises(CheckpointError, match="never written"):
+        with PlannedFileWriter(bad, [("a", torch.float32, (3, 5)), ("b", torch.int32, (7,))]) as w:
+            w.write("a", a)
+    assert not bad.exists() and not list(tmp_path.glob(".bad*"))

@@ -95,6 +95,25 @@ def test_dense_matches_python_bitstream(bits):
         assert _bytes(packed) == reference_stream(codes, bits)
 
 
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 5, 6, 7])
+def test_dense_block_and_chunk_edges(bits, monkeypatch):
+    # the 1..7-bit path works on 64-code blocks in chunks; shrink the chunk to 2 blocks so small
+    # counts cross every block and chunk edge, with a last chunk that is whole (written in place)
+    # or partial (padded), all-ones fields, and inputs that are not uint8 or not 8-byte aligned
+    import bitsmith.formats.packing as packing
+
+    monkeypatch.setattr(packing, "_chunk_blocks", lambda device: 2)
+    rng = random.Random(100 + bits)
+    top = (1 << bits) - 1
+    for n in [*range(1, 18), 63, 64, 65, 127, 128, 129, 192, 256, 257, 300]:
+        for codes in ([rng.randrange(top + 1) for _ in range(n)], [top] * n):
+            want = reference_stream(codes, bits)
+            for t in (_u8(codes), torch.tensor(codes, dtype=torch.int64), _u8([0] + codes)[1:]):
+                assert _bytes(pack_bits(t, bits)) == want, (n, t.dtype, t.storage_offset())
+            for p in (_u8(want), _u8([0] + want)[1:]):
+                assert unpack_bits(p, bits, n).tolist() == codes, (n, p.storage_offset())
+
+
 @pytest.mark.parametrize("bits", [9, 17, 33, 62, 63])
 def test_wide_symbols_match_python_bitstream(bits):
     rng = random.Random(bits)

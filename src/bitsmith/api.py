@@ -190,7 +190,7 @@ def quantize_file(
                     raise e.at(file=str(src), tensor=name) from None
                 if target_dtype is not None:
                     qt = dataclasses.replace(qt, dtype=target_dtype)
-                err = relative_error(tensor, qt.dequantize(torch.float32)) if compute_error else None
+                err = relative_error(tensor, qt) if compute_error else None
                 writer.add_qtensor(name, qt)
                 report.rows.append(
                     TensorRow(name, qt.shape, method, before, qt.nbytes, qt.bits_per_weight, err, time.perf_counter() - t0)
@@ -266,7 +266,7 @@ def dequantize_file(
     """Write a plain ``.safetensors`` state dict: every quantized tensor dequantized (to
     ``dtype``, default its original dtype), the rest as stored. Streams tensor by tensor; the
     file appears only when complete."""
-    from .io.safetensors_io import ShardWriter
+    from .io.safetensors_io import PlannedFileWriter
 
     out = Path(out)
     if isinstance(dtype, str):
@@ -278,15 +278,20 @@ def dequantize_file(
     info = {"tensors": 0, "dequantized": 0, "weights": 0, "bytes": 0}
     with Checkpoint.open(path) as ckpt:
         names = ckpt.names()
+        plan = []
+        for n in names:
+            e = ckpt.entry(n)
+            out_dtype = dtype if dtype is not None and (e.quantized or e.dtype.is_floating_point) else e.dtype
+            plan.append((n, out_dtype, e.shape))
         iterator: Iterable[str] = names
         if progress:
             from tqdm.auto import tqdm
 
             iterator = tqdm(names, desc="dequantize", unit="tensor")
-        with ShardWriter(out, metadata={"format": "pt"}) as writer:
+        with PlannedFileWriter(out, plan, metadata={"format": "pt"}) as writer:
             for n in iterator:
                 t = ckpt.dequantized(n, dtype)
-                writer.add(n, t)
+                writer.write(n, t)
                 info["tensors"] += 1
                 info["dequantized"] += int(ckpt.is_quantized(n))
                 info["weights"] += t.numel()

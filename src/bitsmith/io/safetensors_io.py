@@ -459,6 +459,90 @@ def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tenso
     return path
 
 
+class PlannedFileWriter:
+    """A safetensors file whose tensor names, dtypes and shapes are known before any data (e.g.
+    dequantizing a checkpoint): the header is written first and each tensor's bytes go straight
+    to their place, so unlike :class:`ShardWriter` nothing is written twice. Tensors must arrive
+    in plan order with the planned dtype and shape. Written under a temporary name and
+    ``os.replace``-d on ``close()``; ``abort()`` (or an exception in a ``with`` block) leaves
+    nothing behind."""
+
+    def __init__(self, path: str | os.PathLike, plan: list[tuple[str, torch.dtype, tuple[int, ...]]],
+                 metadata: Mapping[str, str] | None = None):
+        self.path = Path(path)
+        file = str(self.path)
+        meta = _check_metadata(metadata, file)
+        self._entries: list[TensorEntry] = []
+        pos = 0
+        for name, dtype, shape in plan:
+            _check_name(name, file)
+            if dtype not in ST_BY_DTYPE:
+                raise CheckpointError(f"dtype {dtype} cannot be stored", file=file, tensor=name)
+            nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+            self._entries.append(TensorEntry(name, dtype, tuple(shape), pos, pos + nbytes))
+            pos += nbytes
+        head = _with_file(build_header, self._entries, meta, file=file)
+        self._tmp = _temp_sibling(self.path, "tmp")
+        try:
+            self._f = open(self._tmp, "xb")
+            self._f.write(head)
+        except OSError as e:
+            _unlink_quiet(self._tmp)
+            raise CheckpointError(f"cannot write: {e.strerror or e}", file=file) from None
+        self._next = 0
+        self._closed = False
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        file = str(self.path)
+        if self._closed or self._next >= len(self._entries):
+            raise CheckpointError("no more tensors are planned for this file", file=file, tensor=name)
+        e = self._entries[self._next]
+        if name != e.name or tensor.dtype != e.dtype or tuple(tensor.shape) != e.shape:
+            raise CheckpointError(
+                f"expected tensor {e.name!r} {e.dtype}{list(e.shape)} next, got {name!r} {tensor.dtype}{list(tensor.shape)}",
+                file=file, tensor=name)
+        _keep, view = _tensor_bytes(name, tensor, file)
+        try:
+            self._f.write(view)
+        except OSError as err:
+            self.abort()
+            raise CheckpointError(f"cannot write: {err.strerror or err}", file=file, tensor=name) from None
+        self._next += 1
+
+    def close(self) -> Path:
+        if self._closed:
+            raise CheckpointError("file writer is already closed", file=str(self.path))
+        if self._next != len(self._entries):
+            missing = [e.name for e in self._entries[self._next:]]
+            self.abort()
+            raise CheckpointError(f"{len(missing)} planned tensors were never written: {missing[:5]}", file=str(self.path))
+        try:
+            self._f.close()
+            os.replace(self._tmp, self.path)
+        except OSError as err:
+            self.abort()
+            raise CheckpointError(f"cannot write: {err.strerror or err}", file=str(self.path)) from None
+        self._closed = True
+        return self.path
+
+    def abort(self) -> None:
+        self._closed = True
+        try:
+            self._f.close()
+        except OSError:  # pragma: no cover
+            pass
+        _unlink_quiet(self._tmp)
+
+    def __enter__(self) -> "PlannedFileWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            self.abort()
+        elif not self._closed:
+            self.close()
+
+
 def _with_file(fn, *args, file: str, tensor: str | None = None):
     try:
         return fn(*args)
@@ -605,6 +689,7 @@ class ShardWriter:
 
 
 __all__ = [
+    "PlannedFileWriter",
     "MAX_HEADER_BYTES",
     "MMAP_MIN_BYTES",
     "SafetensorsFile",

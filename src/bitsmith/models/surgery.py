@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..formats import QTensor
 from ..methods import quantize_weight
 from ..methods.recipe import Recipe
 from ..nn import QuantConv2d, QuantLinear
@@ -31,9 +32,17 @@ def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, leaf, new)
 
 
-def relative_error(weight: torch.Tensor, approx: torch.Tensor) -> float:
-    w = weight.detach().float()
-    return float(torch.linalg.vector_norm(w - approx.float()) / torch.linalg.vector_norm(w).clamp_min(1e-30))
+def relative_error(weight: torch.Tensor, qt: QTensor) -> float:
+    """``||W - deq(Q(W))|| / ||W||`` for a report. Computed in the weight's own dtype (half the
+    memory traffic of a float32 copy for 16-bit weights; torch accumulates norms in float32),
+    falling back to float32 if a 16-bit norm overflows."""
+    w = weight.detach()
+    diff = qt.dequantize(w.dtype).sub_(w)
+    num, den = torch.linalg.vector_norm(diff), torch.linalg.vector_norm(w)
+    if not (torch.isfinite(num) and torch.isfinite(den)):
+        diff = qt.dequantize(torch.float32).sub_(w)
+        num, den = torch.linalg.vector_norm(diff), torch.linalg.vector_norm(w, dtype=torch.float32)
+    return float(num.float() / den.float().clamp_min(1e-30))
 
 
 def quantize_model(model: nn.Module, recipe: Recipe | None = None, *, progress: bool = False) -> list[LayerReport]:
@@ -64,8 +73,6 @@ def quantize_model(model: nn.Module, recipe: Recipe | None = None, *, progress: 
         new = QUANTIZABLE[type(mod)].from_float(mod, quantizer)
         dt = time.perf_counter() - t0
         qt = new.qweight
-        reports.append(
-            LayerReport(wname, method, qt.shape, qt.bits_per_weight, relative_error(mod.weight, qt.dequantize(torch.float32)), dt)
-        )
+        reports.append(LayerReport(wname, method, qt.shape, qt.bits_per_weight, relative_error(mod.weight, qt), dt))
         set_submodule(model, name, new)
     return reports
