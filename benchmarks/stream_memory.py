@@ -3,8 +3,8 @@
 1. Build a synthetic fp16 checkpoint (llama-7B-like 4096x4096 and 11008x4096 matrices, in 2 GiB
    shards) with the streaming writer, in a subprocess (its peak RSS is measured too: building must
    not need the checkpoint's size in RAM).
-2. In a subprocess, quantize it one tensor at a time: read one tensor (mapped, lazily), run
-   ``quantize_weight(t, "nf", double_quant=True)``, ``add_qtensor``, free.
+2. In a subprocess, quantize it with ``bitsmith.quantize_file`` (what ``bitsmith quantize --method nf
+   --double-quant`` runs): read one tensor (mapped, lazily), quantize, write, free.
 3. Measure each subprocess's peak RSS exactly (``os.wait4`` returns the child's own rusage) and
    check ``peak < 2 x largest tensor + 1 GiB``. A third subprocess that only imports
    torch + bitsmith gives the interpreter baseline.
@@ -65,36 +65,15 @@ def child_build(dst: str, layers: int, max_shard_bytes: int) -> dict:
     return {"seconds": time.perf_counter() - t0, "bytes": n}
 
 
-def quantize_checkpoint_streaming(src: str | os.PathLike, dst: str | os.PathLike, quantize_fn, *,
-                                  max_shard_bytes: int = 2 * GiB, overwrite: bool = False) -> dict:
-    """Quantize every floating 2-D tensor of ``src`` with ``quantize_fn(tensor) -> QTensor`` into
-    the checkpoint ``dst``, one tensor in memory at a time (others are copied as they are).
-    (The library's ``bitsmith.api.quantize_file`` is the full version of this loop.)"""
-    from bitsmith.io import Checkpoint, CheckpointWriter
-
-    rows = []
-    t0 = time.perf_counter()
-    with Checkpoint.open(src) as ck, CheckpointWriter(
-        dst, overwrite=overwrite, max_shard_bytes=max_shard_bytes, config=ck.config, recipe={"method": "nf", "double_quant": True}
-    ) as w:
-        for name in ck.names():
-            t = ck.tensor(name)
-            t1 = time.perf_counter()
-            if t.is_floating_point() and t.dim() == 2:
-                qt = quantize_fn(t)
-                w.add_qtensor(name, qt)
-                rows.append((name, time.perf_counter() - t1, qt.nbytes))
-                del qt
-            else:
-                w.add_tensor(name, t)
-            del t
-    return {"seconds": time.perf_counter() - t0, "tensors": len(rows), "bytes_after": sum(r[2] for r in rows)}
-
-
 def child_quantize(src: str, dst: str) -> dict:
-    from bitsmith.methods import quantize_weight
+    """What ``bitsmith quantize SRC -o DST --method nf --double-quant`` runs (the weight-error
+    report included): ``bitsmith.quantize_file``, which streams one tensor at a time."""
+    import bitsmith
 
-    return quantize_checkpoint_streaming(src, dst, lambda t: quantize_weight(t, "nf", double_quant=True))
+    recipe = bitsmith.Recipe("nf", {"levels": 16, "block_size": 64, "double_quant": True})
+    report = bitsmith.quantize_file(src, dst, recipe)
+    s = report.summary()
+    return {"seconds": s["seconds"], "tensors": s["tensors_quantized"], "bytes_after": s["bytes_after"]}
 
 
 def child_baseline() -> dict:

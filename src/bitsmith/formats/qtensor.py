@@ -114,8 +114,25 @@ def parse_spec(spec: Any) -> tuple[type[Codec], Any, tuple[int, ...], torch.dtyp
     dtype = dtype_from_name(spec["dtype"])
     if dtype not in FLOAT_DTYPES:
         raise SpecError(f"original dtype must be floating, got {spec['dtype']}")
-    params = codec_cls.params_type.from_json(spec["params"])
-    return codec_cls, params, tuple(shape), dtype
+    return codec_cls, _parse_params(codec_cls, spec["params"]), tuple(shape), dtype
+
+
+_PARAMS_CACHE: dict[tuple[str, str], Any] = {}
+
+
+def _parse_params(codec_cls: type[Codec], raw: Any) -> Any:
+    """Params are frozen, and a checkpoint repeats a handful of them hundreds of times: parse
+    (and validate) each distinct one once."""
+    try:
+        key = (codec_cls.name, json.dumps(raw, sort_keys=True))
+    except (TypeError, ValueError):
+        return codec_cls.params_type.from_json(raw)  # not JSON-able: let from_json report it
+    params = _PARAMS_CACHE.get(key)
+    if params is None:
+        params = codec_cls.params_type.from_json(raw)
+        if len(_PARAMS_CACHE) < 4096:
+            _PARAMS_CACHE[key] = params
+    return params
 
 
 def check_tensors(

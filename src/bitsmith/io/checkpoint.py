@@ -175,6 +175,7 @@ class _Item:
     shard: int
     entry: CheckpointEntry
     qspec: QSpec | None = None
+    params: Any = None  # the codec params parsed and checked at open (not parsed again per read)
 
 
 class Checkpoint:
@@ -284,12 +285,14 @@ class Checkpoint:
         assert self.index is not None
         file = str(self.index["path"])
         wmap: dict[str, str] = self.index["weight_map"]
+        shard_names: dict[str, str] = {}  # shard path -> file name (one Path parse per shard)
         for tensor, shard in wmap.items():
             where = stored_owner.get(tensor)
             if where is None:
                 raise CheckpointError(f"index names a tensor that {shard} does not hold", file=file, tensor=tensor)
-            if Path(where).name != shard:
-                raise CheckpointError(f"index says {shard}, but the tensor is in {Path(where).name}", file=file, tensor=tensor)
+            name = shard_names.get(where) or shard_names.setdefault(where, Path(where).name)
+            if name != shard:
+                raise CheckpointError(f"index says {shard}, but the tensor is in {name}", file=file, tensor=tensor)
         extra = sorted(set(stored_owner) - set(wmap))
         if extra:
             raise CheckpointError(f"{len(extra)} stored tensors are missing from the index's weight_map", file=file,
@@ -299,6 +302,7 @@ class Checkpoint:
         file = str(f.path)
         claimed: dict[str, str] = {}  # stored name -> logical name
         checked: dict[str, CheckpointEntry] = {}
+        parsed: dict[str, Any] = {}
         for name, q in quantized.items():
             try:
                 codec_cls, params, shape, dtype = parse_spec(q.spec)
@@ -330,6 +334,7 @@ class Checkpoint:
                     f"shape {list(shape)} claims {math.prod(shape)} elements but only {nbytes} bytes are stored "
                     f"(at least {MIN_BITS_PER_ELEMENT} bit per element expected)", file=file, tensor=name)
             checked[name] = CheckpointEntry(name, shape, dtype, nbytes, f.path, codec_cls.name, dict(q.tensors))
+            parsed[name] = params
         # logical names in file order: a quantized tensor sits where its first stored field is
         placed: set[str] = set()
         for stored in f.keys():
@@ -341,7 +346,7 @@ class Checkpoint:
             elif owner in placed:
                 continue
             else:
-                item = _Item(i, checked[owner], quantized[owner])
+                item = _Item(i, checked[owner], quantized[owner], parsed[owner])
                 name = owner
                 placed.add(owner)
             if name in self._items:
@@ -413,8 +418,11 @@ class Checkpoint:
             raise CheckpointError("is not quantized; use .tensor()", file=str(item.entry.file), tensor=name)
         f = self._files[item.shard]
         tensors = {fld: f.get(stored) for fld, stored in q.tensors.items()}
+        e = item.entry
+        # spec, params and every field's dtype/shape were validated at open and reads are checked
+        # against the header, so the QTensor is built without parsing the spec again
         try:
-            return QTensor.from_state(tensors, q.spec)
+            return QTensor(e.codec, item.params, e.shape, e.dtype, tensors)
         except (BitsmithError, *_CODEC_ERRORS) as err:
             raise _as_checkpoint_error(err, str(f.path), name) from None
 

@@ -65,7 +65,7 @@ MAX_HEADER_BYTES = 100 * 1024 * 1024
 """Largest JSON header we accept (the reference implementation's limit too)."""
 MAX_RANK = 64
 MAX_DIM = 2**62
-MMAP_MIN_BYTES = 256 * 1024
+MMAP_MIN_BYTES = 64 * 1024
 """Tensors at least this large are mapped; smaller ones are copied (see the module docstring)."""
 _COPY_CHUNK = 16 * 1024 * 1024
 _ENTRY_KEYS = {"dtype", "shape", "data_offsets"}
@@ -198,7 +198,7 @@ class SafetensorsFile:
         fd = self._fd
         if fd is None:
             raise CheckpointError("file is closed", file=str(self.path), tensor=name)
-        itemsize = torch.empty((), dtype=e.dtype).element_size()
+        itemsize = e.dtype.itemsize
         start = self.data_start + e.begin
         if e.nbytes == 0:
             return torch.empty(e.shape, dtype=e.dtype)
@@ -336,7 +336,7 @@ def _parse_header(file: str, fd: int, size: int, head: bytes
             raise fail(
                 f"data_offsets [{begin}, {end}] must satisfy 0 <= begin <= end <= {data_size} "
                 "(the data section's size; file truncated?)", name)
-        itemsize = torch.empty((), dtype=dtype).element_size()
+        itemsize = dtype.itemsize
         need = math.prod(shape) * itemsize
         if end - begin != need:
             raise fail(
@@ -478,7 +478,7 @@ class PlannedFileWriter:
             _check_name(name, file)
             if dtype not in ST_BY_DTYPE:
                 raise CheckpointError(f"dtype {dtype} cannot be stored", file=file, tensor=name)
-            nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+            nbytes = math.prod(shape) * dtype.itemsize
             self._entries.append(TensorEntry(name, dtype, tuple(shape), pos, pos + nbytes))
             pos += nbytes
         head = _with_file(build_header, self._entries, meta, file=file)
