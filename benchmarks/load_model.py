@@ -67,9 +67,9 @@ def main() -> None:
         ratio = t_bs / t_hf
         print(f"Llama-shaped model, {n_params / 1e9:.2f} B parameters; best of {args.repeat} after one warm-up")
         print(f"{'loader':<48} {'s':>7} {'GB on disk':>11}")
-        print(f"{'transformers from_pretrained (fp16)':<48} {t_hf:>7.2f} {sizes['fp16'] / 1e9:>11.2f}")
-        print(f"{'bitsmith.load_model (NF4 b64 dq, packed)':<48} {t_bs:>7.2f} {sizes['nf4'] / 1e9:>11.2f}")
-        print(f"ratio bitsmith / transformers: {ratio:.2f} (target <= 0.70)")
+        print(f"{'transformers from_pretrained (fp16)':<48} {t_hf:>7.3f} {sizes['fp16'] / 1e9:>11.2f}")
+        print(f"{'bitsmith.load_model (NF4 b64 dq, packed)':<48} {t_bs:>7.3f} {sizes['nf4'] / 1e9:>11.2f}")
+        print(f"ratio bitsmith / transformers: {ratio:.3f} (target <= 0.70)")
         write_result("load_model", {
             "params": n_params, "config": CONFIG, "transformers_fp16_s": t_hf, "bitsmith_nf4_s": t_bs,
             "ratio": ratio, "target_ratio": 0.7, "bytes": sizes, "quantize_seconds": report.seconds,

@@ -1,29 +1,14 @@
 """bitsmith: make PyTorch models small and keep them useful."""
 __version__ = "0.1.0"
 
-from .api import (  # noqa: E402
-    QuantizeReport,
-    Recipe,
-    load_model,
-    load_qtensors,
-    load_state,
-    quantize_file,
-    quantize_model,
-    quantize_tensor,
-)
+from . import api as _api  # noqa: E402
+from .api import *  # noqa: E402,F401,F403  (quantize_tensor, quantize_file, load_state, ...)
 from .errors import BitsmithError, CheckpointError, QuantizationError, SpecError  # noqa: E402
 from .formats import QTensor  # noqa: E402
 from .nn import QuantConv2d, QuantLinear  # noqa: E402
 
 __all__ = [
-    "quantize_tensor",
-    "quantize_file",
-    "load_state",
-    "load_qtensors",
-    "quantize_model",
-    "load_model",
-    "Recipe",
-    "QuantizeReport",
+    *_api.__all__,
     "QTensor",
     "QuantLinear",
     "QuantConv2d",

@@ -459,7 +459,30 @@ def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tenso
     return path
 
 
-class PlannedFileWriter:
+class _WriterContext:
+    """``with`` support for the writers: ``close()`` on success, ``abort()`` on an exception."""
+
+    _closed: bool
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            self.abort()  # type: ignore[attr-defined]
+        elif not self._closed:
+            self.close()  # type: ignore[attr-defined]
+
+
+def _discard(f, path: Path) -> None:
+    try:
+        f.close()
+    except OSError:  # pragma: no cover
+        pass
+    _unlink_quiet(path)
+
+
+class PlannedFileWriter(_WriterContext):
     """A safetensors file whose tensor names, dtypes and shapes are known before any data (e.g.
     dequantizing a checkpoint): the header is written first and each tensor's bytes go straight
     to their place, so unlike :class:`ShardWriter` nothing is written twice. Tensors must arrive
@@ -526,21 +549,9 @@ class PlannedFileWriter:
         return self.path
 
     def abort(self) -> None:
+        """Discard everything written; leaves no file behind. Safe to call twice."""
         self._closed = True
-        try:
-            self._f.close()
-        except OSError:  # pragma: no cover
-            pass
-        _unlink_quiet(self._tmp)
-
-    def __enter__(self) -> "PlannedFileWriter":
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is not None:
-            self.abort()
-        elif not self._closed:
-            self.close()
+        _discard(self._f, self._tmp)
 
 
 def _with_file(fn, *args, file: str, tensor: str | None = None):
@@ -586,7 +597,7 @@ def _copy_range(src_fd: int, dst_fd: int, count: int) -> None:
         left -= n
 
 
-class ShardWriter:
+class ShardWriter(_WriterContext):
     """Stream tensors into one safetensors file without holding them in memory.
 
     ``add()`` appends a tensor's bytes to a temporary data file beside ``path``; ``close()``
@@ -672,20 +683,7 @@ class ShardWriter:
     def abort(self) -> None:
         """Discard everything written; leaves no file behind. Safe to call twice."""
         self._closed = True
-        try:
-            self._data.close()
-        except OSError:  # pragma: no cover
-            pass
-        _unlink_quiet(self._data_path)
-
-    def __enter__(self) -> "ShardWriter":
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is not None:
-            self.abort()
-        elif not self._closed:
-            self.close()
+        _discard(self._data, self._data_path)
 
 
 __all__ = [
