@@ -20,12 +20,14 @@ CONFIGS = [
     ("NF 12 levels b64 dq", "nf", {"levels": 12, "block_size": 64, "double_quant": True}, 3.90),
     ("NF 24 levels b64 dq", "nf", {"levels": 24, "block_size": 64, "double_quant": True}, 5.06),
     ("NF 32 levels b64 dq", "nf", {"levels": 32, "block_size": 64, "double_quant": True}, 5.14),
-    ("int8 g64 asym", "rtn", {"bits": 8, "group_size": 64}, None),
-    ("int4 g64 asym (fp16 scale+zero)", "rtn", {"bits": 4, "group_size": 64}, 4.51),
-    ("int4 g128 asym", "rtn", {"bits": 4, "group_size": 128}, None),
+    ("int8 g64 (uint8 zero, default)", "rtn", {"bits": 8, "group_size": 64}, None),
+    ("int4 g64 (uint8 zero, default)", "rtn", {"bits": 4, "group_size": 64}, None),
+    ("int4 g64 (fp16 scale + fp16 zero)", "rtn", {"bits": 4, "group_size": 64, "zero": "float"}, 4.51),
+    ("int4 g128 (uint8 zero)", "rtn", {"bits": 4, "group_size": 128}, None),
     ("int4 g64 symmetric", "rtn", {"bits": 4, "group_size": 64, "symmetric": True}, None),
-    ("int3 g64 asym", "rtn", {"bits": 3, "group_size": 64}, 3.51),
-    ("int2 g16 asym", "rtn", {"bits": 2, "group_size": 16}, None),
+    ("int3 g64 (uint8 zero, default)", "rtn", {"bits": 3, "group_size": 64}, None),
+    ("int3 g64 (fp16 scale + fp16 zero)", "rtn", {"bits": 3, "group_size": 64, "zero": "float"}, 3.51),
+    ("int2 g16 (uint8 zero)", "rtn", {"bits": 2, "group_size": 16}, None),
 ]
 
 

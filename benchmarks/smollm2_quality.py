@@ -26,14 +26,16 @@ from _common import write_result
 
 CONFIGS = [
     ("fp32 (original)", None, None),
-    ("int8 g64 (rtn)", "rtn", {"bits": 8, "group_size": 64}),
+    ("int8 g64 (rtn, int zero)", "rtn", {"bits": 8, "group_size": 64}),
     ("NF 32 levels b64 dq", "nf", {"levels": 32, "block_size": 64, "double_quant": True}),
     ("NF 24 levels b64 dq", "nf", {"levels": 24, "block_size": 64, "double_quant": True}),
     ("NF4 b64 dq", "nf", {"levels": 16, "block_size": 64, "double_quant": True}),
-    ("int4 g64 (rtn)", "rtn", {"bits": 4, "group_size": 64}),
-    ("int4 g128 (rtn)", "rtn", {"bits": 4, "group_size": 128}),
+    ("int4 g64 (rtn, int zero)", "rtn", {"bits": 4, "group_size": 64}),
+    ("int4 g64 (rtn, float zero)", "rtn", {"bits": 4, "group_size": 64, "zero": "float"}),
+    ("int4 g128 (rtn, int zero)", "rtn", {"bits": 4, "group_size": 128}),
     ("NF 12 levels b64 dq", "nf", {"levels": 12, "block_size": 64, "double_quant": True}),
-    ("int3 g64 (rtn)", "rtn", {"bits": 3, "group_size": 64}),
+    ("int3 g64 (rtn, int zero)", "rtn", {"bits": 3, "group_size": 64}),
+    ("int3 g64 (rtn, float zero)", "rtn", {"bits": 3, "group_size": 64, "zero": "float"}),
     ("NF 7 levels b64 dq", "nf", {"levels": 7, "block_size": 64, "double_quant": True}),
 ]
 

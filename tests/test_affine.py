@@ -284,7 +284,7 @@ def test_one_signed_groups(scale_dtype, bits):
     g = torch.Generator().manual_seed(bits)
     w = 10 + torch.rand(6, 64, generator=g) * 0.01
     w[3:] = -w[3:]
-    qt = rtn(w, bits=bits, scale_dtype=scale_dtype)
+    qt = rtn(w, bits=bits, scale_dtype=scale_dtype, zero="float")
     assert bool(torch.isfinite(qt.tensors["zero"].float()).all())
     err = float((qt.dequantize() - w).abs().max())
     zmax = max(2**bits - 1, 2 ** (SIGNIFICAND[scale_dtype] - 3))
@@ -304,8 +304,8 @@ def test_int_zero_one_signed_groups_cover_the_data():
 def test_scale_overflow_is_an_error():
     w = torch.tensor([[-1e6, 1e6] * 32])
     with pytest.raises(QuantizationError, match="float32"):
-        rtn(w, bits=1, scale_dtype="float16")
-    d = rtn(w, bits=1, scale_dtype="float32").dequantize()
+        rtn(w, bits=1, scale_dtype="float16", zero="float")
+    d = rtn(w, bits=1, scale_dtype="float32", zero="float").dequantize()
     assert torch.equal(d, w)
 
 
@@ -408,7 +408,7 @@ def test_tensor_specs():
 
 
 def _state():
-    return rtn(randw(10, 100), bits=4, group_size=64).to_state()
+    return rtn(randw(10, 100), bits=4, group_size=64, zero="float").to_state()
 
 
 def _spec_with(**params):
@@ -481,11 +481,12 @@ def test_params_defaults_and_direct_construction():
 def test_bits_per_weight():
     w = torch.zeros(4096, 4096, dtype=torch.float16)
     w[:, ::2] = 1  # anything; the cost depends on the layout only
-    q4 = rtn(w, bits=4, group_size=64)
+    q4 = rtn(w, bits=4, group_size=64, zero="float")  # fp16 scale and fp16 zero
     assert q4.bits_per_weight <= 4.51
     assert q4.nbytes == 4096 * 4096 // 2 + 2 * 2 * 4096 * 64
-    q3 = rtn(w, bits=3, group_size=64)
+    q3 = rtn(w, bits=3, group_size=64, zero="float")
     assert q3.bits_per_weight <= 3.51
+    assert rtn(w, bits=4, group_size=64).bits_per_weight == pytest.approx(4 + 24 / 64)  # default: uint8 zero
     assert q3.nbytes == 4096 * 4096 * 3 // 8 + 2 * 2 * 4096 * 64
     q3s = rtn(w[:64], bits=3, group_size=64, symmetric=True)
     assert q3s.bits_per_weight == pytest.approx(3.25)

@@ -47,6 +47,7 @@ streams: each tensor's bytes are appended to a temporary data file as it arrives
 from __future__ import annotations
 
 import errno
+import functools
 import json
 import math
 import os
@@ -203,7 +204,7 @@ class SafetensorsFile:
         if e.nbytes == 0:
             return torch.empty(e.shape, dtype=e.dtype)
         try:
-            if e.nbytes >= MMAP_MIN_BYTES and start % itemsize == 0 and _PROC_FD.is_dir():
+            if e.nbytes >= MMAP_MIN_BYTES and start % itemsize == 0 and _have_proc_fd():
                 try:
                     return self._map(fd, e, start, itemsize)
                 except (OSError, RuntimeError):
@@ -221,7 +222,7 @@ class SafetensorsFile:
                 f"file shrank to {os.fstat(fd).st_size} bytes since it was opened, the tensor ends at {end}",
                 file=str(self.path), tensor=e.name,
             )
-        storage = torch.UntypedStorage.from_file(str(_PROC_FD / str(fd)), shared=False, nbytes=end)
+        storage = torch.UntypedStorage.from_file(f"{_PROC_FD}/{fd}", shared=False, nbytes=end)
         return torch.empty(0, dtype=e.dtype).set_(storage, start // itemsize, e.shape)
 
     def _copy(self, fd: int, e: TensorEntry, start: int) -> torch.Tensor:
@@ -264,6 +265,12 @@ class SafetensorsFile:
 
     def __repr__(self) -> str:
         return f"SafetensorsFile({str(self.path)!r}, {len(self._entries)} tensors)"
+
+
+@functools.lru_cache(maxsize=1)
+def _have_proc_fd() -> bool:
+    """Whether /proc/self/fd exists (Linux): checked once, not per tensor."""
+    return _PROC_FD.is_dir()
 
 
 def _pread_exact(fd: int, n: int, offset: int) -> bytes:
