@@ -689,3 +689,23 @@ def test_planned_file_writer_writes_in_place_and_refuses_surprises(tmp_path):
         with PlannedFileWriter(bad, [("a", torch.float32, (3, 5)), ("b", torch.int32, (7,))]) as w:
             w.write("a", a)
     assert not bad.exists() and not list(tmp_path.glob(".bad*"))
+
+
+def test_whole_file_mapping_reads_the_same_tensors_copy_on_write(tmp_path):
+    g = torch.Generator().manual_seed(3)
+    tensors = {"big": torch.randn(300, 512, generator=g), "small": torch.arange(10, dtype=torch.int64),
+               "half": torch.randn(7, 3, generator=g).half()}
+    path = write_safetensors(tmp_path / "m.safetensors", tensors)
+    before = path.read_bytes()
+    with SafetensorsFile.open(path) as per_tensor, SafetensorsFile.open(path) as whole:
+        whole.mapping = "file"
+        for name, t in tensors.items():
+            a, b = per_tensor.get(name), whole.get(name)
+            assert torch.equal(a, t) and torch.equal(b, t) and b.dtype == t.dtype
+        view = whole.get("big")
+    view.mul_(0)  # private mapping: writable, and the file is untouched; valid after close
+    assert path.read_bytes() == before
+    with pytest.raises(ValueError, match="mapping"):
+        Checkpoint.open(path, mapping="everything")
+    with Checkpoint.open(path, mapping="file") as ck:
+        assert torch.equal(ck.tensor("half"), tensors["half"])

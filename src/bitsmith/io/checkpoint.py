@@ -193,12 +193,19 @@ class Checkpoint:
         self.index: dict | None = None
         self._files: list[SafetensorsFile] = []
         self._items: dict[str, _Item] = {}
+        self._mapping = "tensor"
 
     # --- opening --------------------------------------------------------------------------
     @classmethod
-    def open(cls, path: str | os.PathLike) -> "Checkpoint":
+    def open(cls, path: str | os.PathLike, *, mapping: str = "tensor") -> "Checkpoint":
+        """``mapping="tensor"`` (default) maps or copies each tensor on its own, for streaming;
+        ``mapping="file"`` maps each shard once and reads views of it, for loading a whole
+        model (see :attr:`SafetensorsFile.mapping`)."""
+        if mapping not in ("tensor", "file"):
+            raise ValueError(f"mapping must be 'tensor' or 'file', got {mapping!r}")
         self = cls()
         self.path = Path(path)
+        self._mapping = mapping
         try:
             self._open()
         except BaseException:
@@ -228,6 +235,7 @@ class Checkpoint:
         stored_owner: dict[str, str] = {}  # stored name -> file, across shards
         for i, shard in enumerate(self.shard_files):
             f = SafetensorsFile.open(shard)
+            f.mapping = self._mapping
             self._files.append(f)
             file = str(shard)
             for stored in f.keys():

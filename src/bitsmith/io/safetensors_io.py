@@ -136,6 +136,12 @@ class SafetensorsFile:
         self._entries = entries  # in file (data offset) order
         self._metadata = metadata
         self._lock = threading.Lock()  # only for platforms without os.preadv
+        #: ``"tensor"``: each read maps (or copies) just that tensor, so streaming through a shard
+        #: keeps only live tensors resident. ``"file"``: the first read maps the whole file once
+        #: (private, copy-on-write) and every tensor is a view of it -- cheapest when all tensors
+        #: stay alive anyway (loading a model), but the mapping lives as long as any view does.
+        self.mapping = "tensor"
+        self._whole: torch.UntypedStorage | None = None
 
     # --- opening --------------------------------------------------------------------------
     @classmethod
@@ -204,6 +210,11 @@ class SafetensorsFile:
         if e.nbytes == 0:
             return torch.empty(e.shape, dtype=e.dtype)
         try:
+            if self.mapping == "file" and start % itemsize == 0 and _have_proc_fd():
+                try:
+                    return self._view(fd, e, start, itemsize)
+                except (OSError, RuntimeError):
+                    pass  # the OS refused the mapping: per-tensor reads below
             if e.nbytes >= MMAP_MIN_BYTES and start % itemsize == 0 and _have_proc_fd():
                 try:
                     return self._map(fd, e, start, itemsize)
@@ -224,6 +235,14 @@ class SafetensorsFile:
             )
         storage = torch.UntypedStorage.from_file(f"{_PROC_FD}/{fd}", shared=False, nbytes=end)
         return torch.empty(0, dtype=e.dtype).set_(storage, start // itemsize, e.shape)
+
+    def _view(self, fd: int, e: TensorEntry, start: int, itemsize: int) -> torch.Tensor:
+        if self._whole is None:
+            if os.fstat(fd).st_size < self.file_size:
+                raise CheckpointError(f"file shrank to {os.fstat(fd).st_size} bytes since it was opened",
+                                      file=str(self.path), tensor=e.name)
+            self._whole = torch.UntypedStorage.from_file(f"{_PROC_FD}/{fd}", shared=False, nbytes=self.file_size)
+        return torch.empty(0, dtype=e.dtype).set_(self._whole, start // itemsize, e.shape)
 
     def _copy(self, fd: int, e: TensorEntry, start: int) -> torch.Tensor:
         out = torch.empty(e.shape, dtype=e.dtype)
@@ -247,6 +266,7 @@ class SafetensorsFile:
 
     def close(self) -> None:
         """Release the file. Tensors already read stay valid."""
+        self._whole = None  # views keep the mapping alive as long as they live
         fd, self._fd = self._fd, None
         if fd is not None:
             os.close(fd)

@@ -113,7 +113,7 @@ def load_model(path: str | Path, *, dtype: torch.dtype | None = None, device: st
 
 
 def _load_model(path: Path, dtype: torch.dtype | None, device: str | torch.device) -> nn.Module:
-    with Checkpoint.open(path) as ckpt:
+    with Checkpoint.open(path, mapping="file") as ckpt:  # every tensor stays alive: map each shard once
         if ckpt.config is None:
             raise CheckpointError("has no config.json: load_model needs the model's config; use load_state", file=str(path))
         model = build_from_config(ckpt.config, path)
