@@ -30,6 +30,7 @@ __all__ = [
     "load_model",
     "Recipe",
     "QuantizeReport",
+    "evaluate",
 ]
 
 #: small files copied from a model folder next to the weights (config, tokenizer, ...)
@@ -298,3 +299,123 @@ def dequantize_file(
                 info["bytes"] += t.numel() * t.element_size()
                 del t
     return info
+
+
+# --------------------------------------------------------------------------------------------
+# evaluation
+# --------------------------------------------------------------------------------------------
+def is_bitsmith_checkpoint(path: str | Path) -> bool:
+    path = Path(path)
+    if not (path.is_dir() and any(path.glob("*.safetensors"))):
+        return False
+    with Checkpoint.open(path) as ckpt:
+        return ckpt.recipe is not None or any(ckpt.is_quantized(n) for n in ckpt.names())
+
+
+def load_for_eval(path: str | Path) -> tuple[nn.Module, Any, str]:
+    """``(model, tokenizer, kind)`` for a bitsmith checkpoint, a Hugging Face model folder or a
+    GGUF-backed folder; ``kind`` is ``"causal-lm"`` or ``"encoder"``."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError("is not a model folder (a bitsmith checkpoint, a HF folder or a folder with a .gguf)", file=str(path))
+    try:
+        import transformers
+    except ImportError:
+        raise BitsmithError("evaluation needs transformers: pip install 'bitsmith[hf]'") from None
+    ggufs = sorted(path.glob("*.gguf"))
+    tok_kw: dict[str, Any] = {}
+    if is_bitsmith_checkpoint(path):
+        model = load_model(path)
+    elif (path / "config.json").exists():
+        cfg = transformers.AutoConfig.from_pretrained(path)
+        causal = any(a.endswith("ForCausalLM") for a in (cfg.architectures or []))
+        auto = transformers.AutoModelForCausalLM if causal else transformers.AutoModel
+        model = auto.from_pretrained(path, dtype=torch.float32).eval()
+    elif ggufs:
+        tok_kw = {"gguf_file": ggufs[0].name}
+        model = transformers.AutoModelForCausalLM.from_pretrained(path, gguf_file=ggufs[0].name, dtype=torch.float32).eval()
+    else:
+        raise CheckpointError("has no config.json, no safetensors checkpoint and no .gguf file", file=str(path))
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(path, **tok_kw)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(
+            f"no usable tokenizer ({type(e).__name__}); expected tokenizer.json or tokenizer_config.json "
+            "(+ vocab files) in the folder", file=str(path)
+        ) from None
+    archs = getattr(model.config, "architectures", None) or []
+    kind = "causal-lm" if any(a.endswith("ForCausalLM") for a in archs) or hasattr(model, "lm_head") else "encoder"
+    return model, tokenizer, kind
+
+
+def read_text(path: str | Path) -> str:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise BitsmithError("no such text file", file=str(path)) from None
+    except UnicodeDecodeError as e:
+        raise BitsmithError(f"is not UTF-8 text ({e.reason} at byte {e.start})", file=str(path)) from None
+    if not text.strip():
+        raise BitsmithError("text file is empty", file=str(path))
+    return text
+
+
+def evaluate(
+    model_path: str | Path,
+    data: str | Path,
+    *,
+    reference: str | Path | None = None,
+    seq_len: int = 512,
+    stride: int | None = None,
+    max_tokens: int | None = None,
+    layers: bool = False,
+    layer_windows: int = 4,
+    max_sentences: int = 256,
+    batch_size: int = 4,
+    progress: bool = False,
+) -> dict:
+    """Perplexity (causal LMs) or embedding fidelity vs ``reference`` (encoders) on a text file,
+    and with ``layers`` the per-layer output error vs ``reference`` on the model's own
+    activations. Returns a JSON-able dict with the protocol."""
+    from .eval.fidelity import embedding_fidelity, split_sentences
+    from .eval.layers import layer_errors
+    from .eval.perplexity import perplexity, tokenize
+
+    text = read_text(data)
+    model, tokenizer, kind = load_for_eval(model_path)
+    ref = None
+    if reference is not None:
+        ref, _, ref_kind = load_for_eval(reference)
+        if ref_kind != kind:
+            raise BitsmithError(f"reference is a {ref_kind} model, {model_path} is a {kind}", file=str(reference))
+    elif layers or kind == "encoder":
+        what = "--layers compares each layer with the original's" if layers else "fidelity of an encoder is measured against the original"
+        raise BitsmithError(f"{what}: pass --reference ORIGINAL_MODEL")
+    out: dict[str, Any] = {"model": str(model_path), "reference": None if reference is None else str(reference),
+                           "data": str(data), "kind": kind}
+    if kind == "causal-lm":
+        ids = tokenize(tokenizer, text, max_tokens)
+        res = perplexity(model, ids, seq_len=seq_len, stride=stride, batch_size=batch_size, progress=progress)
+        out["perplexity"] = res.to_json()
+        if ref is not None:
+            r = perplexity(ref, ids, seq_len=seq_len, stride=stride, batch_size=batch_size, progress=progress)
+            out["reference_perplexity"] = r.to_json()
+            out["delta"] = res.perplexity / r.perplexity - 1
+        if layers:
+            n = min(layer_windows, ids.numel() // seq_len)
+            batches = [ids[i * seq_len : (i + 1) * seq_len][None] for i in range(max(n, 1))]
+            out["layers"] = [e.__dict__ for e in layer_errors(ref, model, batches)]
+            out["layers_protocol"] = f"{len(batches)} windows of {seq_len} tokens of the text through the reference"
+    else:
+        sentences = split_sentences(text, max_sentences=max_sentences)
+        fid = embedding_fidelity(ref, model, tokenizer, sentences)
+        out["fidelity"] = fid.to_json()
+        out["fidelity_protocol"] = (f"cosine of mean-pooled last hidden states, original vs quantized, over the first "
+                                    f"{fid.sentences} sentences of the text (split after . ! ?, >= 20 characters)")
+        if layers:
+            encs = [tokenizer(sentences[i : i + 16], padding=True, truncation=True, max_length=256, return_tensors="pt")
+                    for i in range(0, min(len(sentences), 64), 16)]
+            out["layers"] = [e.__dict__ for e in layer_errors(ref, model, [dict(e) for e in encs])]
+            out["layers_protocol"] = f"the first {min(len(sentences), 64)} sentences of the text through the reference"
+    return out

@@ -7,7 +7,7 @@ import sys
 import time
 from argparse import Namespace
 
-from ..api import QuantizeReport, dequantize_file, inspect_checkpoint, quantize_file
+from ..api import QuantizeReport, dequantize_file, evaluate, inspect_checkpoint, quantize_file
 from ..methods.recipe import Override, Recipe
 from .table import human_bytes, parse_bytes, render, render_pairs
 
@@ -97,4 +97,31 @@ def cmd_dequantize(args: Namespace) -> int:
     dt = time.perf_counter() - t0
     print(f"wrote {args.out}: {info['tensors']} tensors, {human_bytes(info['bytes'])}, "
           f"{info['dequantized']} dequantized, {dt:.2f} s ({info['weights'] / max(dt, 1e-9) / 1e6:.0f} M weights/s)")
+    return 0
+
+
+def cmd_eval(args: Namespace) -> int:
+    res = evaluate(
+        args.model, args.data, reference=args.reference, seq_len=args.seq_len, stride=args.stride,
+        max_tokens=args.max_tokens, layers=args.layers, batch_size=args.batch_size, progress=not args.no_progress,
+    )
+    rows: list[tuple[str, object]] = [("model", f"{res['model']} ({res['kind']})")]
+    if "perplexity" in res:
+        p = res["perplexity"]
+        rows += [("protocol", p["protocol"]), ("perplexity", f"{p['perplexity']:.4f}"),
+                 ("tokens/s", f"{p['tokens_per_second']:.0f}")]
+        if "reference_perplexity" in res:
+            rows += [("reference perplexity", f"{res['reference_perplexity']['perplexity']:.4f} ({res['reference']})"),
+                     ("delta vs reference", f"{res['delta'] * 100:+.2f}%")]
+    if "fidelity" in res:
+        f = res["fidelity"]
+        rows += [("protocol", res["fidelity_protocol"]), ("mean cosine", f"{f['mean_cosine']:.6f}"),
+                 ("worst cosine", f"{f['worst_cosine']:.6f} ({f['worst_sentence'][:60]!r})")]
+    print(render_pairs(rows))
+    if "layers" in res:
+        print(f"\nper-layer output error ({res['layers_protocol']}), worst first:")
+        print(render(["layer", "module", "rel. output error"],
+                     [(e["name"], e["kind"], f"{e['rel_error']:.5f}") for e in res["layers"]], align="llr"))
+    if args.json:
+        args.json.write_text(json.dumps(res, indent=2))
     return 0

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Sequence
 
 from ..errors import BitsmithError
-from .commands import cmd_dequantize, cmd_inspect, cmd_quantize
+from .commands import cmd_dequantize, cmd_eval, cmd_inspect, cmd_quantize
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,6 +38,19 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("ckpt", type=Path)
     i.add_argument("--json", action="store_true", help="print JSON instead of a table")
     i.set_defaults(func=cmd_inspect)
+
+    e = sub.add_parser("eval", help="perplexity (causal LMs) or embedding fidelity (encoders) on a text file; per-layer error")
+    e.add_argument("model", type=Path, help="a bitsmith checkpoint, a HF model folder, or a folder holding a .gguf")
+    e.add_argument("--data", type=Path, required=True, help="UTF-8 text file")
+    e.add_argument("--reference", type=Path, help="the original model: perplexity next to it, fidelity and --layers against it")
+    e.add_argument("--seq-len", type=int, default=512)
+    e.add_argument("--stride", type=int, help="sliding windows: each window scores only its last S tokens")
+    e.add_argument("--max-tokens", type=int, help="keep the first N tokens of the text")
+    e.add_argument("--batch-size", type=int, default=4)
+    e.add_argument("--layers", action="store_true", help="per-layer output error vs --reference, worst first")
+    e.add_argument("--json", type=Path, help="also write the results (with the protocol) as JSON")
+    e.add_argument("--no-progress", action="store_true")
+    e.set_defaults(func=cmd_eval)
 
     d = sub.add_parser("dequantize", help="write a plain .safetensors state dict back")
     d.add_argument("ckpt", type=Path)
