@@ -146,3 +146,47 @@ def test_cli_eval_bad_input(case, smollm2_dir, smollm2_int4, tmp_path, capsys):
     assert rc == 2 and len(err.strip().splitlines()) == 1
     assert {"empty": "empty", "short": "fewer than one window", "no-ref-layers": "--reference",
             "no-tokenizer": "tokenizer", "missing-data": "nope.txt"}[case] in err
+
+
+def test_recipe_text_specs():
+    r = bitsmith.Recipe.parse("nf4")
+    assert (r.method, r.options) == ("nf", {"levels": 16, "block_size": 64, "double_quant": True})
+    r = bitsmith.Recipe.parse("rtn:bits=3,group=64")
+    assert (r.method, r.options) == ("rtn", {"bits": 3, "group_size": 64})
+    assert bitsmith.Recipe.parse("int4:group=128").options == {"bits": 4, "group_size": 128}
+    with pytest.raises(bitsmith.SpecError, match="aliases"):
+        bitsmith.Recipe.parse("hqq:bits=3")
+    with pytest.raises(bitsmith.SpecError, match="KEY=VALUE"):
+        bitsmith.Recipe.parse("rtn:bits")
+
+
+def test_cli_compare_table_json_and_plot(smollm2_dir, tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    out, png = tmp_path / "c.json", tmp_path / "c.png"
+    rc = cli(["compare", str(smollm2_dir), "--data", str(lee_corpus_path()), "--max-tokens", "256", "--seq-len", "128",
+              "--recipe", "int8", "--recipe", "rtn:bits=3,group=64", "--layers-for", "rtn:bits=3,group=64",
+              "--json", str(out), "--plot", str(png), "--cache", str(tmp_path / "cache"), "--no-progress"])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "original" in text and "rtn:bits=3,group=64" in text and "worst layers" in text
+    res = json.loads(out.read_text())
+    orig, int8, int3 = res["rows"]
+    assert int8["bits_per_weight"] == pytest.approx(8.375) and int3["bits_per_weight"] == pytest.approx(3.375)
+    assert abs(int8["delta"]) < 0.02 < int3["delta"]  # 8 bits is near lossless, 3 bits is not
+    assert len(res["layers"]) == 30 * 7 and png.stat().st_size > 10_000
+    assert (tmp_path / "cache").is_dir() and len(list((tmp_path / "cache").iterdir())) == 2
+
+
+def test_inspect_plot_and_missing_matplotlib(smollm2_int4, tmp_path, capsys, monkeypatch):
+    pytest.importorskip("matplotlib")
+    png = tmp_path / "i.png"
+    assert cli(["inspect", str(smollm2_int4), "--plot", str(png)]) == 0
+    assert png.stat().st_size > 10_000
+    info = bitsmith.api.inspect_checkpoint(smollm2_int4)
+    q = [t for t in info["tensors"] if t["codec"]]
+    assert all(0 < t["rel_error"] < 0.2 for t in q)  # from the quantize report in the checkpoint
+    import sys
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed
+    assert cli(["inspect", str(smollm2_int4), "--plot", str(tmp_path / "x.png")]) == 2
+    assert "pip install" in capsys.readouterr().err and not (tmp_path / "x.png").exists()

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import shutil
 import time
@@ -31,11 +32,14 @@ __all__ = [
     "Recipe",
     "QuantizeReport",
     "evaluate",
+    "compare",
 ]
 
 #: small files copied from a model folder next to the weights (config, tokenizer, ...)
 SIDE_FILE_SUFFIXES = {".json", ".txt", ".model", ".jinja", ".tiktoken", ".py"}
 SIDE_FILE_MAX_BYTES = 64 * 1024 * 1024
+#: written into every checkpoint by quantize_file: the summary and per-tensor rows (error, time)
+REPORT_NAME = "quantize_report.json"
 
 
 def quantize_tensor(weight: torch.Tensor, method: str = "nf", **options: Any) -> QTensor:
@@ -85,6 +89,9 @@ class QuantizeReport:
     def weights_per_second(self) -> float:
         return sum(math.prod(r.shape) for r in self.rows) / max(self.seconds, 1e-9)
 
+    def to_json(self) -> dict:
+        return {"summary": self.summary(), "tensors": [dataclasses.asdict(r) for r in self.rows]}
+
     def summary(self) -> dict:
         errs = [r.rel_error for r in self.quantized if r.rel_error is not None]
         worst = max(self.quantized, key=lambda r: r.rel_error or 0.0, default=None)
@@ -113,7 +120,7 @@ def _side_files(src: Path) -> dict[str, Path]:
         for p in sorted(src.iterdir())
         if p.is_file()
         and p.suffix in SIDE_FILE_SUFFIXES
-        and p.name not in ("config.json", "model.safetensors.index.json")
+        and p.name not in ("config.json", "model.safetensors.index.json", REPORT_NAME)
         and p.stat().st_size <= SIDE_FILE_MAX_BYTES
     }
 
@@ -197,6 +204,9 @@ def quantize_file(
                     TensorRow(name, qt.shape, method, before, qt.nbytes, qt.bits_per_weight, err, time.perf_counter() - t0)
                 )
                 del tensor, qt
+            # the per-tensor report travels with the checkpoint (bitsmith inspect --plot reads it)
+            report.seconds = time.perf_counter() - t_start
+            (writer.partial / REPORT_NAME).write_text(json.dumps(report.to_json(), indent=1))
     report.seconds = time.perf_counter() - t_start
     return report
 
@@ -236,6 +246,14 @@ def inspect_checkpoint(path: str | Path) -> dict:
                 "bits_per_weight": 8.0 * e.nbytes / max(e.numel, 1) if e.quantized else None,
                 "params": ckpt.spec(n)["params"] if e.quantized else None,
             })
+        report_path = Path(path) / REPORT_NAME
+        if report_path.is_file():
+            try:
+                errors = {r["name"]: r.get("rel_error") for r in json.loads(report_path.read_text())["tensors"]}
+            except (ValueError, KeyError, TypeError):
+                raise CheckpointError("quantize report is not valid JSON of the expected shape", file=str(report_path)) from None
+            for t in tensors:
+                t["rel_error"] = errors.get(t["name"])
         file_bytes = sum(p.stat().st_size for p in ckpt.shard_files)
         tensor_bytes = sum(t["bytes"] for t in tensors)
         q = [t for t in tensors if t["codec"]]
@@ -419,3 +437,87 @@ def evaluate(
             out["layers"] = [e.__dict__ for e in layer_errors(ref, model, [dict(e) for e in encs])]
             out["layers_protocol"] = f"the first {min(len(sentences), 64)} sentences of the text through the reference"
     return out
+
+
+def compare(
+    model_path: str | Path,
+    data: str | Path,
+    recipes: list[str],
+    *,
+    cache: str | Path | None = None,
+    seq_len: int = 512,
+    stride: int | None = None,
+    max_tokens: int | None = None,
+    max_sentences: int = 256,
+    layers_for: str | None = None,
+    layer_windows: int = 4,
+    batch_size: int = 4,
+    progress: bool = False,
+) -> dict:
+    """Quantize ``model_path`` with each recipe (checkpoints under ``cache``, a temporary folder
+    by default), load each from its checkpoint alone, evaluate all on the same tokens (or
+    sentences), and return one row per recipe plus the original; with ``layers_for`` also the
+    per-layer output error of that recipe on the original's activations."""
+    import tempfile
+
+    from .eval.fidelity import embedding_fidelity, split_sentences
+    from .eval.layers import layer_errors
+    from .eval.perplexity import perplexity, tokenize
+
+    if not recipes:
+        raise BitsmithError("give at least one --recipe (e.g. nf4, int4, 'rtn:bits=3,group=64')")
+    parsed = [(text, Recipe.parse(text)) for text in recipes]  # all recipe errors before any work
+    if layers_for is not None and layers_for not in recipes:
+        raise BitsmithError(f"--layers-for {layers_for!r} is not one of the recipes {recipes}")
+    text = read_text(data)
+    original, tokenizer, kind = load_for_eval(model_path)
+    if is_bitsmith_checkpoint(model_path):
+        raise BitsmithError("compare starts from the original model, not a quantized checkpoint", file=str(model_path))
+    workdir = Path(cache) if cache else Path(tempfile.mkdtemp(prefix="bitsmith-compare-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    if kind == "causal-lm":
+        ids = tokenize(tokenizer, text, max_tokens)
+
+        def score(model: nn.Module) -> dict:
+            r = perplexity(model, ids, seq_len=seq_len, stride=stride, batch_size=batch_size)
+            return {"perplexity": r.perplexity, "protocol": r.protocol}
+
+        metric = "perplexity"
+        layer_batches: list = [ids[i * seq_len : (i + 1) * seq_len][None] for i in range(max(1, min(layer_windows, ids.numel() // seq_len)))]
+    else:
+        sentences = split_sentences(text, max_sentences=max_sentences)
+
+        def score(model: nn.Module) -> dict:
+            f = embedding_fidelity(original, model, tokenizer, sentences)
+            return {"mean_cosine": f.mean_cosine, "worst_cosine": f.worst_cosine,
+                    "protocol": f"cosine of mean-pooled embeddings vs the original over {f.sentences} sentences"}
+
+        metric = "mean_cosine"
+        layer_batches = [dict(tokenizer(sentences[i : i + 16], padding=True, truncation=True, max_length=256, return_tensors="pt"))
+                         for i in range(0, min(len(sentences), 64), 16)]
+    base = score(original)
+    src_bytes = sum(p.stat().st_size for p in Path(model_path).glob("*.safetensors"))
+    rows = [{"recipe": "original", "bits_per_weight": None, "bytes": src_bytes, **base, "delta": 0.0,
+             "quantize_seconds": None, "load_seconds": None}]
+    layers = None
+    for i, (label, recipe) in enumerate(parsed):
+        if progress:
+            print(f"[{i + 1}/{len(parsed)}] {label}: quantize, load, evaluate", flush=True)
+        dst = workdir / f"{i:02d}-{''.join(c if c.isalnum() or c in '-_=.' else '_' for c in label)}"
+        report = quantize_file(model_path, dst, recipe, overwrite=dst.exists(), compute_error=False)
+        t0 = time.perf_counter()
+        model = load_model(dst)
+        load_s = time.perf_counter() - t0
+        sc = score(model)
+        if metric == "perplexity":
+            delta = sc["perplexity"] / base["perplexity"] - 1
+        else:
+            delta = sc["mean_cosine"] - base["mean_cosine"]
+        rows.append({"recipe": label, "method": recipe.describe(), "bits_per_weight": report.quantized_bits_per_weight,
+                     "bytes": sum(p.stat().st_size for p in dst.glob("*.safetensors")), **sc, "delta": delta,
+                     "quantize_seconds": report.seconds, "load_seconds": load_s, "checkpoint": str(dst)})
+        if label == layers_for:
+            layers = [e.__dict__ for e in layer_errors(original, model, layer_batches)]
+        del model
+    return {"model": str(model_path), "data": str(data), "kind": kind, "metric": metric, "rows": rows,
+            "layers_for": layers_for, "layers": layers, "cache": str(workdir)}

@@ -7,8 +7,9 @@ import sys
 import time
 from argparse import Namespace
 
-from ..api import QuantizeReport, dequantize_file, evaluate, inspect_checkpoint, quantize_file
+from ..api import QuantizeReport, compare, dequantize_file, evaluate, inspect_checkpoint, quantize_file
 from ..methods.recipe import Override, Recipe
+from ..eval.plots import compare_plot, inspect_plot, require_matplotlib
 from .table import human_bytes, parse_bytes, render, render_pairs
 
 
@@ -62,12 +63,17 @@ def cmd_quantize(args: Namespace) -> int:
     print(f"wrote {args.dst}")
     print_quantize_report(report)
     if args.json:
-        args.json.write_text(json.dumps({"summary": report.summary(), "tensors": [r.__dict__ for r in report.rows]}, indent=2, default=list))
+        args.json.write_text(json.dumps(report.to_json(), indent=2))
     return 0
 
 
 def cmd_inspect(args: Namespace) -> int:
+    if args.plot:
+        require_matplotlib()
     info = inspect_checkpoint(args.ckpt)
+    if args.plot:
+        inspect_plot(args.plot, info["tensors"], f"{args.ckpt}: {info['recipe_text']}")
+        print(f"wrote {args.plot}")
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
@@ -124,4 +130,38 @@ def cmd_eval(args: Namespace) -> int:
                      [(e["name"], e["kind"], f"{e['rel_error']:.5f}") for e in res["layers"]], align="llr"))
     if args.json:
         args.json.write_text(json.dumps(res, indent=2))
+    return 0
+
+
+def cmd_compare(args: Namespace) -> int:
+    if args.plot:
+        require_matplotlib()
+    layers_for = args.layers_for or (args.recipe[0] if args.recipe else None)
+    res = compare(
+        args.model, args.data, args.recipe, cache=args.cache, seq_len=args.seq_len, stride=args.stride,
+        max_tokens=args.max_tokens, layers_for=layers_for, progress=not args.no_progress,
+    )
+    metric = res["metric"]
+    headers = ["recipe", "bits/weight", "size", "perplexity" if metric == "perplexity" else "mean cos (worst)",
+               "vs original", "quantize s", "load s"]
+    table = []
+    for r in res["rows"]:
+        quality = f"{r['perplexity']:.3f}" if metric == "perplexity" else f"{r['mean_cosine']:.5f} ({r['worst_cosine']:.5f})"
+        delta = "" if r["recipe"] == "original" else (f"{r['delta'] * 100:+.2f}%" if metric == "perplexity" else f"{r['delta']:+.5f}")
+        table.append((r["recipe"], "" if r["bits_per_weight"] is None else f"{r['bits_per_weight']:.3f}",
+                      human_bytes(r["bytes"]), quality, delta,
+                      "" if r["quantize_seconds"] is None else f"{r['quantize_seconds']:.2f}",
+                      "" if r["load_seconds"] is None else f"{r['load_seconds']:.2f}"))
+    print(f"{res['model']} ({res['kind']}): {res['rows'][0]['protocol']}")
+    print(render(headers, table, align="lrrrrrr"))
+    if res["layers"]:
+        worst = res["layers"][:5]
+        print(f"\nworst layers for {res['layers_for']}: " + ", ".join(f"{e['name']} {e['rel_error']:.3f}" for e in worst))
+    if args.json:
+        args.json.write_text(json.dumps(res, indent=2))
+    if args.plot:
+        rows = [r for r in res["rows"] if r["recipe"] != "original"]
+        compare_plot(args.plot, rows, metric=metric, baseline=res["rows"][0][metric], layers=res["layers"],
+                     layers_label=res["layers_for"] or "")
+        print(f"wrote {args.plot}")
     return 0

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Sequence
 
 from ..errors import BitsmithError
-from .commands import cmd_dequantize, cmd_eval, cmd_inspect, cmd_quantize
+from .commands import cmd_compare, cmd_dequantize, cmd_eval, cmd_inspect, cmd_quantize
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,6 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("inspect", help="per tensor: codec, shape, bits/weight, bytes; totals")
     i.add_argument("ckpt", type=Path)
     i.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    i.add_argument("--plot", type=Path, metavar="OUT.png", help="also draw per-tensor bits/weight and weight error (needs matplotlib)")
     i.set_defaults(func=cmd_inspect)
 
     e = sub.add_parser("eval", help="perplexity (causal LMs) or embedding fidelity (encoders) on a text file; per-layer error")
@@ -51,6 +52,21 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", type=Path, help="also write the results (with the protocol) as JSON")
     e.add_argument("--no-progress", action="store_true")
     e.set_defaults(func=cmd_eval)
+
+    c = sub.add_parser("compare", help="quantize with several recipes, evaluate each on the same text, one table (+ JSON, PNG)")
+    c.add_argument("model", type=Path, help="the original model folder (HF, or a folder holding a .gguf)")
+    c.add_argument("--data", type=Path, required=True, help="UTF-8 text file")
+    c.add_argument("--recipe", action="append", default=[], metavar="SPEC",
+                   help="nf4, nf3, int8, int4, int3, int2, or METHOD:KEY=VALUE,... e.g. 'rtn:bits=4,group=64' (repeatable)")
+    c.add_argument("--seq-len", type=int, default=512)
+    c.add_argument("--stride", type=int)
+    c.add_argument("--max-tokens", type=int)
+    c.add_argument("--cache", type=Path, help="keep the quantized checkpoints here (default: a temporary folder)")
+    c.add_argument("--json", type=Path, help="write the table (and per-layer errors) as JSON")
+    c.add_argument("--plot", type=Path, metavar="OUT.png", help="quality vs bits/weight, and per-layer error (needs matplotlib)")
+    c.add_argument("--layers-for", metavar="SPEC", help="per-layer output error for this recipe (default: the first)")
+    c.add_argument("--no-progress", action="store_true")
+    c.set_defaults(func=cmd_compare)
 
     d = sub.add_parser("dequantize", help="write a plain .safetensors state dict back")
     d.add_argument("ckpt", type=Path)

@@ -106,6 +106,17 @@ def _compile(pattern: str) -> re.Pattern:
         raise SpecError(f"bad pattern {pattern!r}: {e}") from None
 
 
+#: Short names accepted wherever a recipe is written as text (``bitsmith compare --recipe``).
+RECIPE_ALIASES: dict[str, tuple[str, dict[str, Any]]] = {
+    "nf4": ("nf", {"levels": 16, "block_size": 64, "double_quant": True}),
+    "nf3": ("nf", {"levels": 8, "block_size": 64, "double_quant": True}),
+    "int8": ("rtn", {"bits": 8, "group_size": 64}),
+    "int4": ("rtn", {"bits": 4, "group_size": 64}),
+    "int3": ("rtn", {"bits": 3, "group_size": 64}),
+    "int2": ("rtn", {"bits": 2, "group_size": 16}),
+}
+
+
 @dataclass
 class Recipe:
     method: str = "nf"
@@ -181,6 +192,27 @@ class Recipe:
             overrides=[Override(o["pattern"], dict(o["options"])) for o in raw.get("overrides") or []],
             dtype=raw.get("dtype"),
         )
+
+    @staticmethod
+    def parse(text: str) -> "Recipe":
+        """``METHOD_OR_ALIAS[:KEY=VALUE,...]``, e.g. ``nf4``, ``rtn:bits=4,group=64``,
+        ``nf:levels=12,dq=true``, ``int4:group=128`` (aliases: see :data:`RECIPE_ALIASES`)."""
+        head, _, tail = text.strip().partition(":")
+        if not head:
+            raise SpecError(f"recipe {text!r} names no method")
+        method, options = RECIPE_ALIASES.get(head.lower(), (head, {}))
+        options = dict(options)
+        for item in filter(None, (x.strip() for x in tail.split(","))):
+            key, sep, value = item.partition("=")
+            if not sep:
+                raise SpecError(f"recipe {text!r}: option {item!r} must be KEY=VALUE")
+            options[OPTION_ALIASES.get(key.strip(), key.strip())] = value.strip()
+        try:
+            return Recipe(method=method, options=options)
+        except SpecError as e:
+            if head.lower() not in RECIPE_ALIASES and head not in METHODS:
+                raise SpecError(f"{e.message}; aliases: {', '.join(RECIPE_ALIASES)}") from None
+            raise
 
     def describe(self) -> str:
         opts = ",".join(f"{k}={v}" for k, v in self.options.items())
