@@ -190,3 +190,28 @@ def test_inspect_plot_and_missing_matplotlib(smollm2_int4, tmp_path, capsys, mon
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed
     assert cli(["inspect", str(smollm2_int4), "--plot", str(tmp_path / "x.png")]) == 2
     assert "pip install" in capsys.readouterr().err and not (tmp_path / "x.png").exists()
+
+
+def test_cli_eval_gguf_backed_folder(tmp_path, capsys):
+    pytest.importorskip("gguf")
+    from bitsmith.models.zoo import smollm2_gguf
+
+    folder = tmp_path / "gguf"
+    folder.mkdir()
+    (folder / smollm2_gguf().name).symlink_to(smollm2_gguf())
+    rc = cli(["eval", str(folder), "--data", str(lee_corpus_path()), "--seq-len", "128", "--max-tokens", "256", "--no-progress"])
+    assert rc == 0
+    assert "2 non-overlapping windows of 128 tokens" in capsys.readouterr().out
+
+
+def test_checkpoint_whose_config_does_not_match(smollm2_int4, tmp_path, capsys):
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(smollm2_int4, bad)
+    cfg = json.loads((bad / "config.json").read_text())
+    cfg["num_hidden_layers"] = 31
+    (bad / "config.json").write_text(json.dumps(cfg))
+    rc = cli(["eval", str(bad), "--data", str(lee_corpus_path()), "--seq-len", "128", "--max-tokens", "256", "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "does not match" in err and "model.layers.30" in err
