@@ -22,8 +22,10 @@ demo: install
 	$(PY) examples/demo_smollm2.py
 
 bench: install-dev
-	$(PY) benchmarks/speed_cpu.py
-	$(PY) benchmarks/bits_per_weight.py
+	$(PIP) install -q -e '.[hf,dev,peers]'
+	cd benchmarks && $(PY) bits_per_weight.py && $(PY) speed_cpu.py && $(PY) nf_speed.py \
+	  && $(PY) load_model.py && $(PY) stream_memory.py && $(PY) smollm2_quality.py \
+	  && $(PY) quality.py && $(PY) quality_plot.py
 
 clean:
 	rm -rf build dist src/*.egg-info .pytest_cache
