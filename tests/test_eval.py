@@ -215,3 +215,14 @@ def test_checkpoint_whose_config_does_not_match(smollm2_int4, tmp_path, capsys):
     rc = cli(["eval", str(bad), "--data", str(lee_corpus_path()), "--seq-len", "128", "--max-tokens", "256", "--no-progress"])
     err = capsys.readouterr().err
     assert rc == 2 and "does not match" in err and "model.layers.30" in err
+
+
+def test_compare_encoder_fidelity(tmp_path):
+    from bitsmith.models.zoo import minilm_path
+
+    res = bitsmith.compare(minilm_path(), lee_corpus_path(), ["int8", "int3"], cache=tmp_path, layers_for="int3")
+    orig, int8, int3 = res["rows"]
+    assert res["metric"] == "mean_cosine" and orig["mean_cosine"] == pytest.approx(1.0)
+    assert int8["mean_cosine"] > 0.999 > 0.95 > int3["mean_cosine"]
+    assert int3["delta"] == pytest.approx(int3["mean_cosine"] - 1.0)
+    assert res["layers"][0]["rel_error"] > 0.1  # int3 layers err by more than 10% on real activations
