@@ -220,15 +220,8 @@ def load_qtensors(path: str | Path) -> dict[str, QTensor | torch.Tensor]:
 def load_state(path: str | Path, *, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """A plain state dict: quantized tensors dequantized (to ``dtype``, default their original
     dtype), other tensors as stored (floating ones cast to ``dtype`` when given)."""
-    out: dict[str, torch.Tensor] = {}
     with Checkpoint.open(path) as ckpt:
-        for n in ckpt.names():
-            if ckpt.is_quantized(n):
-                out[n] = ckpt.qtensor(n).dequantize(dtype)
-            else:
-                t = ckpt.tensor(n)
-                out[n] = t.to(dtype) if dtype is not None and t.is_floating_point() else t
-    return out
+        return {n: ckpt.dequantized(n, dtype) for n in ckpt.names()}
 
 
 def inspect_checkpoint(path: str | Path) -> dict:
@@ -379,6 +372,20 @@ def read_text(path: str | Path) -> str:
     return text
 
 
+def _layer_batches(kind: str, tokenizer, ids: torch.Tensor | None, sentences: list[str] | None,
+                   seq_len: int, layer_windows: int) -> tuple[list, str]:
+    """Inputs for per-layer errors: the first windows of the text (causal LMs) or the first 64
+    sentences in batches of 16 (encoders), and the protocol line that says so."""
+    if kind == "causal-lm":
+        n = max(1, min(layer_windows, ids.numel() // seq_len))
+        return ([ids[i * seq_len : (i + 1) * seq_len][None] for i in range(n)],
+                f"{n} windows of {seq_len} tokens of the text through the reference")
+    first = sentences[:64]
+    batches = [dict(tokenizer(first[i : i + 16], padding=True, truncation=True, max_length=256, return_tensors="pt"))
+               for i in range(0, len(first), 16)]
+    return batches, f"the first {len(first)} sentences of the text through the reference"
+
+
 def evaluate(
     model_path: str | Path,
     data: str | Path,
@@ -421,10 +428,8 @@ def evaluate(
             out["reference_perplexity"] = r.to_json()
             out["delta"] = res.perplexity / r.perplexity - 1
         if layers:
-            n = min(layer_windows, ids.numel() // seq_len)
-            batches = [ids[i * seq_len : (i + 1) * seq_len][None] for i in range(max(n, 1))]
+            batches, out["layers_protocol"] = _layer_batches(kind, tokenizer, ids, None, seq_len, layer_windows)
             out["layers"] = [e.__dict__ for e in layer_errors(ref, model, batches)]
-            out["layers_protocol"] = f"{len(batches)} windows of {seq_len} tokens of the text through the reference"
     else:
         sentences = split_sentences(text, max_sentences=max_sentences)
         fid = embedding_fidelity(ref, model, tokenizer, sentences)
@@ -432,10 +437,8 @@ def evaluate(
         out["fidelity_protocol"] = (f"cosine of mean-pooled last hidden states, original vs quantized, over the first "
                                     f"{fid.sentences} sentences of the text (split after . ! ?, >= 20 characters)")
         if layers:
-            encs = [tokenizer(sentences[i : i + 16], padding=True, truncation=True, max_length=256, return_tensors="pt")
-                    for i in range(0, min(len(sentences), 64), 16)]
-            out["layers"] = [e.__dict__ for e in layer_errors(ref, model, [dict(e) for e in encs])]
-            out["layers_protocol"] = f"the first {min(len(sentences), 64)} sentences of the text through the reference"
+            batches, out["layers_protocol"] = _layer_batches(kind, tokenizer, None, sentences, seq_len, layer_windows)
+            out["layers"] = [e.__dict__ for e in layer_errors(ref, model, batches)]
     return out
 
 
@@ -470,9 +473,9 @@ def compare(
     if layers_for is not None and layers_for not in recipes:
         raise BitsmithError(f"--layers-for {layers_for!r} is not one of the recipes {recipes}")
     text = read_text(data)
-    original, tokenizer, kind = load_for_eval(model_path)
     if is_bitsmith_checkpoint(model_path):
         raise BitsmithError("compare starts from the original model, not a quantized checkpoint", file=str(model_path))
+    original, tokenizer, kind = load_for_eval(model_path)
     workdir = Path(cache) if cache else Path(tempfile.mkdtemp(prefix="bitsmith-compare-"))
     workdir.mkdir(parents=True, exist_ok=True)
     if kind == "causal-lm":
@@ -483,7 +486,7 @@ def compare(
             return {"perplexity": r.perplexity, "protocol": r.protocol}
 
         metric = "perplexity"
-        layer_batches: list = [ids[i * seq_len : (i + 1) * seq_len][None] for i in range(max(1, min(layer_windows, ids.numel() // seq_len)))]
+        layer_batches, _ = _layer_batches(kind, tokenizer, ids, None, seq_len, layer_windows)
     else:
         sentences = split_sentences(text, max_sentences=max_sentences)
 
@@ -493,8 +496,7 @@ def compare(
                     "protocol": f"cosine of mean-pooled embeddings vs the original over {f.sentences} sentences"}
 
         metric = "mean_cosine"
-        layer_batches = [dict(tokenizer(sentences[i : i + 16], padding=True, truncation=True, max_length=256, return_tensors="pt"))
-                         for i in range(0, min(len(sentences), 64), 16)]
+        layer_batches, _ = _layer_batches(kind, tokenizer, None, sentences, seq_len, layer_windows)
     base = score(original)
     src_bytes = sum(p.stat().st_size for p in Path(model_path).glob("*.safetensors"))
     rows = [{"recipe": "original", "bits_per_weight": None, "bytes": src_bytes, **base, "delta": 0.0,
