@@ -16,6 +16,7 @@ from torch import nn
 from .errors import BitsmithError, CheckpointError, QuantizationError
 from .formats import QTensor
 from .formats.dtypes import dtype_from_name
+from .exporters import ExportReport, get_exporter
 from .io.checkpoint import Checkpoint, CheckpointWriter
 from .methods import quantize_weight
 from .methods.recipe import Recipe
@@ -33,6 +34,7 @@ __all__ = [
     "QuantizeReport",
     "evaluate",
     "compare",
+    "export",
 ]
 
 #: small files copied from a model folder next to the weights (config, tokenizer, ...)
@@ -523,3 +525,14 @@ def compare(
         del model
     return {"model": str(model_path), "data": str(data), "kind": kind, "metric": metric, "rows": rows,
             "layers_for": layers_for, "layers": layers, "cache": str(workdir)}
+
+
+def export(ckpt: str | Path, dst: str | Path, to: str, *, overwrite: bool = False, progress: bool = False) -> ExportReport:
+    """Write the bitsmith checkpoint ``ckpt`` in another project's layout (``to``: ``hqq``,
+    ``compressed-tensors``, ``nunchaku``; see :mod:`bitsmith.exporters`)."""
+    exporter = get_exporter(to)
+    t0 = time.perf_counter()
+    with Checkpoint.open(ckpt) as source:
+        report = exporter(source, Path(dst), overwrite=overwrite, progress=progress)
+    report.seconds = time.perf_counter() - t0
+    return report

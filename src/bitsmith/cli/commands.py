@@ -7,7 +7,7 @@ import sys
 import time
 from argparse import Namespace
 
-from ..api import QuantizeReport, compare, dequantize_file, evaluate, inspect_checkpoint, quantize_file
+from ..api import QuantizeReport, compare, dequantize_file, evaluate, export, inspect_checkpoint, quantize_file
 from ..methods.recipe import Override, Recipe
 from ..eval.plots import compare_plot, inspect_plot, require_matplotlib
 from .table import human_bytes, parse_bytes, render, render_pairs
@@ -164,4 +164,15 @@ def cmd_compare(args: Namespace) -> int:
         compare_plot(args.plot, rows, metric=metric, baseline=res["rows"][0][metric], layers=res["layers"],
                      layers_label=res["layers_for"] or "")
         print(f"wrote {args.plot}")
+    return 0
+
+
+def cmd_export(args: Namespace) -> int:
+    report = export(args.ckpt, args.out, args.to, overwrite=args.overwrite, progress=not args.no_progress)
+    rows = [("target", report.target), ("written", report.destination),
+            ("tensors exported", str(len(report.rows))), ("time", f"{report.seconds:.2f} s")]
+    rows += [("note", n) for n in report.notes]
+    print(render_pairs(rows))
+    if args.json:
+        args.json.write_text(json.dumps(report.to_json(), indent=1))
     return 0

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Sequence
 
 from ..errors import BitsmithError
-from .commands import cmd_compare, cmd_dequantize, cmd_eval, cmd_inspect, cmd_quantize
+from .commands import cmd_compare, cmd_dequantize, cmd_eval, cmd_export, cmd_inspect, cmd_quantize
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -75,6 +75,15 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--overwrite", action="store_true")
     d.add_argument("--no-progress", action="store_true")
     d.set_defaults(func=cmd_dequantize)
+
+    x = sub.add_parser("export", help="write a checkpoint in another project's layout (hqq, compressed-tensors, nunchaku)")
+    x.add_argument("ckpt", type=Path, help="a bitsmith checkpoint folder")
+    x.add_argument("--to", required=True, help="target: hqq, compressed-tensors or nunchaku")
+    x.add_argument("-o", "--output", dest="out", type=Path, required=True, help="folder (or file, for nunchaku) to write")
+    x.add_argument("--overwrite", action="store_true")
+    x.add_argument("--json", type=Path, help="also write the export report as JSON")
+    x.add_argument("--no-progress", action="store_true")
+    x.set_defaults(func=cmd_export)
     return p
 
 
