@@ -73,6 +73,9 @@ def save_stats(path: str | Path, stats: Mapping[str, ChannelStats], source: Mapp
     """Write ``stats`` atomically to ``path`` (a ``.safetensors`` file)."""
     tensors: dict[str, torch.Tensor] = {}
     for name in sorted(stats):
+        if not name:
+            raise CheckpointError("a module needs a non-empty name in a stats file (the model itself is not a "
+                                  "Linear; wrap it or name it)", file=str(path))
         s = stats[name]
         for f in FIELDS:
             tensors[f"{name}.{f}"] = getattr(s, f).detach().to(torch.float32).contiguous().cpu()
