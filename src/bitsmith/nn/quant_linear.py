@@ -7,12 +7,23 @@ from torch import nn
 
 from ..errors import QuantizationError
 from ..formats import QTensor
+from ..kernels import HAVE_TRITON, RuntimeWeight, quant_matmul, repack, unsupported_reason
 from .quant_module import QuantWeightMixin, Quantizer
+
+_KERNEL_DTYPES = (torch.float16, torch.bfloat16)
 
 
 class QuantLinear(QuantWeightMixin, nn.Module):
     """``y = x @ W^T + b`` with ``W`` dequantized on the fly (reference path: dequantize to the
-    input's dtype, then ``F.linear``). The bias stays a float parameter."""
+    input's dtype, then ``F.linear``). The bias stays a float parameter.
+
+    On CUDA with float16/bfloat16 inputs (no autograd through the input) and a weight the fused
+    kernels take (:func:`bitsmith.kernels.unsupported_reason`), ``forward`` runs
+    :func:`bitsmith.kernels.quant_matmul` on a runtime layout repacked once (at ``.to(cuda)`` or
+    the first CUDA forward), cached on the module and never saved. ``use_kernels = False`` on an
+    instance keeps the reference path."""
+
+    use_kernels: bool = True
 
     def __init__(self, in_features: int, out_features: int, qweight: QTensor, bias: torch.Tensor | None = None):
         super().__init__()
@@ -34,7 +45,54 @@ class QuantLinear(QuantWeightMixin, nn.Module):
         bias = None if module.bias is None else module.bias.detach().clone()
         return cls(module.in_features, module.out_features, qt, bias)
 
+    # --- fused-kernel dispatch (runtime layout cached in __dict__, not a buffer) ----------------
+    def prepare_kernels(self) -> RuntimeWeight | None:
+        """Repack the weight into the kernels' runtime layout on its current device (CUDA only);
+        returns it, or ``None`` (reason in ``self.kernel_skip_reason``)."""
+        self.__dict__["_runtime"] = None
+        qt = self.qweight
+        reason = None if HAVE_TRITON else "triton is not installed"
+        if reason is None and qt.device.type != "cuda":
+            reason = f"weight is on {qt.device.type}"
+        reason = reason or unsupported_reason(qt)
+        self.__dict__["kernel_skip_reason"] = reason
+        if reason is None:
+            self.__dict__["_runtime"] = repack(qt)
+        return self.__dict__["_runtime"]
+
+    def _kernel_weight(self, x: torch.Tensor) -> RuntimeWeight | None:
+        if not (self.use_kernels and x.is_cuda and x.dtype in _KERNEL_DTYPES and HAVE_TRITON):
+            return None
+        if x.requires_grad and torch.is_grad_enabled():
+            return None  # the kernels have no backward
+        rw = self.__dict__.get("_runtime")
+        if rw is not None and rw.device == x.device:
+            return rw
+        if self.__dict__.get("kernel_skip_reason") is not None or torch.cuda.is_current_stream_capturing():
+            return None
+        return self.prepare_kernels()
+
+    def _apply(self, fn, recurse=True):  # type: ignore[override]
+        old = self.__dict__.get("_runtime")
+        out = super()._apply(fn, recurse)
+        dev = self.qweight.device
+        if old is not None and old.device == dev:
+            return out  # a dtype cast: the packed buffers (and so the runtime layout) are unchanged
+        self.__dict__.pop("kernel_skip_reason", None)
+        self.__dict__["_runtime"] = None
+        if dev.type == "cuda" and self.use_kernels:
+            self.prepare_kernels()  # repack once at .to(cuda): a CUDA graph can then capture forward
+        return out
+
+    def _load_from_state_dict(self, *args, **kwargs):  # type: ignore[override]
+        super()._load_from_state_dict(*args, **kwargs)  # buffers changed in place: repack lazily
+        self.__dict__["_runtime"] = None
+        self.__dict__.pop("kernel_skip_reason", None)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rw = self._kernel_weight(x)
+        if rw is not None:
+            return quant_matmul(x, rw, self.bias)
         w = self.dequantize(x.dtype)
         b = None if self.bias is None else self.bias.to(x.dtype)
         return F.linear(x, w, b)

@@ -1,0 +1,197 @@
+"""End-to-end decode speed of a Llama-3-8B-shaped model (random weights, fp16, one CUDA GPU):
+fp16 vs bitsmith formats, one decode step captured in a CUDA graph with a static KV cache.
+
+    python benchmarks/decode_e2e.py [--layers 32] [--batch 1,16] [--formats fp16,int4_g64,nf4_g64,int3_g64]
+
+Per format the model is built from the config (transformers ``LlamaForCausalLM``, random init on
+the GPU), the decoder's linear layers are replaced by ``bitsmith.nn.QuantLinear`` (the LM head and
+embeddings stay fp16, as every int4 deployment keeps them), a prompt of ``--prompt`` tokens is
+prefilled into a ``StaticCache`` and one decode step (batch B, position fixed) is captured with
+``torch.cuda.graph``; its replays are timed (CUDA events, median). Reported: ms per step, tokens/s
+(B / step), the weight-read floor (bytes of every weight the step reads / the measured copy
+bandwidth) and the eager (uncaptured) step time. Writes benchmarks/results/decode_e2e.json.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import gc
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import write_result  # noqa: E402
+
+from bitsmith.kernels.bench import copy_bandwidth, make_qtensor  # noqa: E402
+from bitsmith.nn import QuantLinear  # noqa: E402
+
+
+def llama3_8b_config(layers: int):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=layers,
+        num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192, rope_theta=500000.0,
+        rms_norm_eps=1e-5, tie_word_embeddings=False, dtype="float16",
+    )
+
+
+def build_model(cfg, device):
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = LlamaForCausalLM._from_config(cfg, dtype=torch.float16)
+    return model.eval()
+
+
+def quantize_decoder(model: nn.Module, fmt: str) -> float:
+    """Replace every nn.Linear inside the decoder layers by a QuantLinear of ``fmt`` (or a
+    W8A8Linear for ``w8a8``: int8 per-channel weights, dynamic per-token activations); returns
+    the seconds spent (quantization + repack)."""
+    from bitsmith.methods.smoothquant import int8_weight
+    from bitsmith.nn import W8A8Linear
+
+    t0 = time.perf_counter()
+    q = functools.partial(make_qtensor, fmt)
+    for layer in model.model.layers:
+        for parent in list(layer.modules()):
+            for name, child in list(parent.named_children()):
+                if isinstance(child, nn.Linear):
+                    if fmt == "w8a8":
+                        ql = W8A8Linear.from_float(child, int8_weight)
+                    else:
+                        ql = QuantLinear.from_float(child, q)
+                        ql.prepare_kernels()
+                    setattr(parent, name, ql)
+                    del child
+    torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes of every weight a decode step reads (embedding: one row per token, ignored)."""
+    total = 0
+    for name, mod in model.named_modules():
+        if isinstance(mod, QuantLinear):
+            rw = mod.__dict__.get("_runtime")
+            total += rw.nbytes if rw is not None else mod.qweight.nbytes
+        elif hasattr(mod, "qweight") and hasattr(mod, "codes"):  # W8A8Linear
+            total += mod.qweight.nbytes
+        elif isinstance(mod, nn.Linear):
+            total += mod.weight.numel() * mod.weight.element_size()
+        elif hasattr(mod, "weight") and "norm" in name.lower() and isinstance(mod.weight, torch.Tensor):
+            total += mod.weight.numel() * mod.weight.element_size()
+    return total
+
+
+def time_decode(model, cfg, batch: int, prompt: int, cache_len: int, reps: int) -> dict:
+    from transformers import StaticCache
+
+    dev = torch.device("cuda")
+    cache = StaticCache(config=cfg, max_cache_len=cache_len)
+    ids = torch.randint(0, cfg.vocab_size, (batch, prompt), device=dev)
+    with torch.no_grad():
+        pos = torch.arange(prompt, device=dev)
+        model(input_ids=ids, past_key_values=cache, cache_position=pos, use_cache=True)
+        step_ids = torch.randint(0, cfg.vocab_size, (batch, 1), device=dev)
+        step_pos = torch.tensor([prompt], device=dev)
+
+        def step():
+            return model(input_ids=step_ids, past_key_values=cache, cache_position=step_pos, use_cache=True).logits
+
+        for _ in range(3):  # warm-up: tuning, lazy repack, cache init happen here
+            step()
+        torch.cuda.synchronize()
+
+        def median_ms(fn, n):
+            times = []
+            for _ in range(n):
+                s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                s.record()
+                fn()
+                e.record()
+                torch.cuda.synchronize()
+                times.append(s.elapsed_time(e))
+            return statistics.median(times)
+
+        eager_ms = median_ms(step, max(5, reps // 4))
+        out = {"eager_ms": eager_ms}
+        try:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(2):
+                    step()
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                logits = step()
+            graph.replay()
+            torch.cuda.synchronize()
+            ref = step()
+            out["graph_matches_eager"] = float((logits.float() - ref.float()).abs().max())
+            out["graph_ms"] = median_ms(graph.replay, reps)
+        except Exception as e:  # noqa: BLE001 - reported
+            out["graph_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+        del cache
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--layers", type=int, default=32)
+    ap.add_argument("--batch", default="1,16")
+    ap.add_argument("--formats", default="fp16,int4_g64,nf4_g64,int3_g64,w8a8")
+    ap.add_argument("--prompt", type=int, default=32)
+    ap.add_argument("--cache-len", type=int, default=256)
+    ap.add_argument("--reps", type=int, default=50)
+    ap.add_argument("--name", default="decode_e2e")
+    args = ap.parse_args()
+    dev = torch.device("cuda")
+    cfg = llama3_8b_config(args.layers)
+    bw = copy_bandwidth(dev)
+    batches = [int(b) for b in args.batch.split(",")]
+    rows = []
+    for fmt in args.formats.split(","):
+        model = build_model(cfg, dev)
+        quant_s = 0.0 if fmt == "fp16" else quantize_decoder(model, fmt)
+        gc.collect()
+        torch.cuda.empty_cache()
+        wbytes = weight_bytes(model)
+        for b in batches:
+            r = time_decode(model, cfg, b, args.prompt, args.cache_len, args.reps)
+            step_ms = r.get("graph_ms", r["eager_ms"])
+            row = {"format": fmt, "batch": b, **r, "tokens_per_s": b / (step_ms / 1e3), "weight_bytes": wbytes,
+                   "floor_ms": wbytes / bw * 1e3, "quantize_and_repack_s": quant_s}
+            rows.append(row)
+            print(f"{fmt:>10} B={b:<3} graph {r.get('graph_ms', float('nan')):8.2f} ms  eager {r['eager_ms']:8.2f} ms  "
+                  f"floor {row['floor_ms']:6.2f} ms  {row['tokens_per_s']:8.1f} tok/s  {r.get('graph_error', '')}", flush=True)
+        del model
+        gc.collect()
+        torch.cuda.empty_cache()
+        save(args, cfg, bw, rows)  # after every format: a run cut short keeps what it measured
+
+
+def save(args, cfg, bw, rows) -> None:
+    base = {r["batch"]: r["tokens_per_s"] for r in rows if r["format"] == "fp16"}
+    for r in rows:
+        r["speedup_vs_fp16"] = r["tokens_per_s"] / base[r["batch"]] if r["batch"] in base else None
+    print(f"\n{'format':>10} {'B':>3} {'ms/step':>8} {'floor ms':>8} {'tok/s':>8} {'x fp16':>7}")
+    for r in rows:
+        ms = r.get("graph_ms", r["eager_ms"])
+        sp = r["speedup_vs_fp16"]
+        print(f"{r['format']:>10} {r['batch']:>3} {ms:8.2f} {r['floor_ms']:8.2f} {r['tokens_per_s']:8.1f} {sp if sp else float('nan'):7.2f}")
+    write_result(args.name, {"config": {"layers": args.layers, "hidden": 4096, "intermediate": 14336, "heads": 32, "kv_heads": 8,
+                                        "vocab": 128256, "prompt": args.prompt, "cache_len": args.cache_len,
+                                        "lm_head_and_embeddings": "fp16"},
+                             "copy_gbps": bw / 1e9, "rows": rows})
+
+
+if __name__ == "__main__":
+    main()

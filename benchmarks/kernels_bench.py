@@ -1,0 +1,35 @@
+"""Fused-kernel timings on one CUDA GPU: the same run as ``bitsmith bench kernels``, written to
+benchmarks/results/<name>.json with the command (see ``bitsmith.kernels.bench`` for the method).
+
+    python benchmarks/kernels_bench.py [--shapes 4096x4096,...] [--m 1,16,128,2048] [--formats ...] [--name kernels_h100]
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import write_result  # noqa: E402
+
+from bitsmith.kernels import bench  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shapes", default="4096x4096,14336x4096,4096x14336,28672x8192")
+    ap.add_argument("--m", default="1,16,128,2048")
+    ap.add_argument("--formats", default=",".join(bench.DEFAULT_FORMATS))
+    ap.add_argument("--no-w8a8", action="store_true")
+    ap.add_argument("--reps", type=int, default=50)
+    ap.add_argument("--name", default="kernels_h100")
+    args = ap.parse_args()
+    shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
+    res = bench.run_bench(shapes, [int(m) for m in args.m.split(",")], args.formats.split(","), w8a8=not args.no_w8a8,
+                          reps=args.reps, progress=lambda s: print(s, file=sys.stderr, flush=True))
+    print(bench.render_rows(res))
+    write_result(args.name, {**res.to_json(), "tuned": bench.tuned_configs()})
+
+
+if __name__ == "__main__":
+    main()

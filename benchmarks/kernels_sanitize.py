@@ -1,0 +1,48 @@
+"""Exercise every fused kernel once at odd sizes (for ``compute-sanitizer --tool memcheck``):
+the M = 1 kernel with and without split-K, the tensor-core kernel with split-K, the dequantize
+kernel, and the two W8A8 kernels, over int4/int3/int2/int8 and NF4 layouts.
+
+    compute-sanitizer --tool memcheck --error-exitcode 1 python benchmarks/kernels_sanitize.py
+"""
+from __future__ import annotations
+
+import torch
+
+import bitsmith
+from bitsmith.kernels import qmm, repack
+from bitsmith.kernels.w8a8 import w8a8_linear
+
+CASES = [("rtn", {"bits": 4, "group_size": 64}), ("rtn", {"bits": 3, "group_size": 128, "symmetric": True}),
+         ("rtn", {"bits": 2, "group_size": 32, "zero": "float"}), ("rtn", {"bits": 8, "group_size": None}),
+         ("nf", {"levels": 16, "block_size": 64, "double_quant": True})]
+GEMV = [{"BLOCK_N": 128, "BLOCK_KW": 16, "SPLIT_K": 1, "num_warps": 4}, {"BLOCK_N": 64, "BLOCK_KW": 8, "SPLIT_K": 3, "num_warps": 4}]
+GEMM = [{"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 64, "SPLIT_K": 3, "GROUP_M": 8, "num_warps": 4, "num_stages": 3},
+        {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 64, "SPLIT_K": 3, "GROUP_M": 8, "UNIQUE": 1, "num_warps": 4, "num_stages": 3},
+        {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "SPLIT_K": 1, "GROUP_M": 8, "num_warps": 4, "num_stages": 3},
+        {"DEQUANT_MM": True}]
+
+
+def main() -> None:
+    qmm.AUTOTUNE["enabled"] = False
+    n, k = 333, 1000
+    worst = 0.0
+    for method, opts in CASES:
+        qt = bitsmith.quantize_tensor(torch.randn(n, k, device="cuda") * 0.02, method, **opts)
+        rw = repack(qt)
+        w = qt.dequantize(torch.float32).double()
+        for m, cfgs in ((1, GEMV), (19, GEMM)):
+            x = torch.randn(m, k, device="cuda", dtype=torch.float16)
+            bias = torch.randn(n, device="cuda", dtype=torch.float16)
+            ref = x.double() @ w.t() + bias.double()
+            for cfg in cfgs:
+                y = qmm._launch(rw, x, bias, cfg, gemv=m == 1)
+                worst = max(worst, float((y.double() - ref).norm() / ref.norm()))
+    wq = torch.randint(-127, 128, (n, k), dtype=torch.int8, device="cuda")
+    for m in (1, 19, 300):
+        w8a8_linear(torch.randn(m, k, device="cuda", dtype=torch.float16), wq, torch.rand(n, device="cuda") * 0.01)
+    torch.cuda.synchronize()
+    print(f"all kernels ran; worst relative error vs float64 reference {worst:.2e}")
+
+
+if __name__ == "__main__":
+    main()

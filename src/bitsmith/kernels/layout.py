@@ -1,0 +1,235 @@
+"""Runtime layout of a packed weight for the fused GPU kernels (torch only: repacking runs and is
+tested anywhere; only the kernels need Triton and CUDA).
+
+The *storage* layout (``formats/affine.py``, ``formats/codebook.py``: row-major codes packed as one
+LSB-first stream, per-row group padding) is the checkpoint contract and never changes for a
+kernel. The *runtime* layout is what the kernels read; it is built once per module
+(:func:`repack`), cached on the module and never saved.
+
+Runtime layout of a weight ``W [N, K]`` (``N`` output features, ``K`` input features):
+
+* ``K`` is padded with zero codes to ``Kp = ceil(K / 32) * 32``. Codes are ``rbits`` wide with
+  ``rbits`` in {2, 3, 4, 8} (the smallest that holds the stored codes: affine 1-bit codes run as
+  2-bit, 5..7-bit as 8-bit; a codebook of L <= 16 levels as 2, 3 or 4 bits).
+* ``words``: int32 ``[Kp / pack, N]`` (``N`` contiguous, so a tile of columns is one coalesced
+  load). Word ``[w, n]`` holds the codes of ``W[n, w*pack : (w+1)*pack]``, code ``j`` in bits
+  ``[j*b, (j+1)*b)`` (LSB first), ``b = rbits`` and ``pack = 32 // rbits`` (16 for 2 bits, 8 for 4
+  bits, 4 for 8 bits).
+* 3 bits: two bit planes. ``words`` holds the low 2 bits of each code as the 2-bit layout above
+  (``pack = 16``), ``words_hi`` int32 ``[Kp / 32, N]`` the top bit, code ``K = 32*w + j`` in bit
+  ``j`` of word ``[w, n]``. Exactly 3 bits per weight, and every word covers 16 consecutive ``k``.
+* ``scale``: ``[ngp, N]`` with ``ngp = ceil(Kp / group)`` (groups past the stored ones are 0):
+  affine scale in its storage dtype (float16 / bfloat16 / float32; quantized metadata is
+  dequantized here, once, to float32), or the codebook absmax in float32 (a double-quant absmax
+  is dequantized here, once).
+* ``zero``: affine ``zero="float"`` or ``"int"``: ``[ngp, N]`` in the scale's dtype (a uint8 zero is
+  exact there); symmetric: absent, the kernel subtracts the constant ``zconst``.
+* ``table``: codebook levels, float32 ``[2**rbits]`` (unused entries 0).
+
+Dequantization in the kernels: affine ``(q - zero) * scale``, codebook ``table[q] * absmax``, in
+float32 as the reference does, then rounded once to the activation dtype.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Mapping
+
+import torch
+
+from ..errors import QuantizationError
+from ..formats import QTensor
+from ..formats.affine import AffineCodec, AffineParams, group_layout
+from ..formats.codebook import CodebookParams, _codebook, dq_absmax
+
+K_ALIGN = 32  # runtime K padding (the 3-bit high plane holds 32 codes a word)
+RUNTIME_BITS = (2, 3, 4, 8)
+
+
+@dataclasses.dataclass
+class RuntimeWeight:
+    """A weight in the kernels' runtime layout (see the module docstring)."""
+
+    kind: str  # "affine" or "codebook"
+    n: int  # output features
+    k: int  # input features (unpadded)
+    kp: int  # padded K
+    rbits: int  # runtime code width (2, 3, 4, 8)
+    group: int  # group/block size along K; 0 = one group per row (per channel)
+    words: torch.Tensor
+    words_hi: torch.Tensor | None
+    scale: torch.Tensor
+    zero: torch.Tensor | None
+    zconst: float
+    table: torch.Tensor | None
+    int_zero: bool = False  # affine zero points are integers (uint8 zero, or a symmetric integer constant)
+    repack_seconds: float = 0.0
+    plans: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)  # launch plans (qmm)
+
+    @property
+    def pack(self) -> int:
+        return 16 if self.rbits == 3 else 32 // self.rbits
+
+    @property
+    def device(self) -> torch.device:
+        return self.words.device
+
+    @property
+    def nbytes(self) -> int:
+        ts = [self.words, self.words_hi, self.scale, self.zero, self.table]
+        return sum(t.numel() * t.element_size() for t in ts if t is not None)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        ts = {"words": self.words, "words_hi": self.words_hi, "scale": self.scale, "zero": self.zero, "table": self.table}
+        return {k: v for k, v in ts.items() if v is not None}
+
+
+def unsupported_reason(qt: QTensor) -> str | None:
+    """Why the kernels cannot run ``qt`` (``None`` when they can). The caller then keeps the torch
+    reference path."""
+    if len(qt.shape) != 2:
+        return f"weight of shape {list(qt.shape)} is not 2-D"
+    p = qt.params
+    if isinstance(p, AffineParams):
+        if getattr(p, "axis", 1) != 1:
+            return f"affine axis={p.axis} (kernels read groups along the input dim, axis=1)"
+        quantized_meta = getattr(p, "scale_quant", None) is not None or getattr(p, "zero_quant", None) is not None
+        if quantized_meta and not hasattr(AffineCodec, "meta_values"):
+            return "quantized affine metadata needs AffineCodec.meta_values"
+        _, cols, ng = group_layout(qt.shape, p.group_size)
+        if ng > 1 and p.group_size % 16:
+            return f"affine group_size {p.group_size} is not a multiple of 16"
+        return None
+    if isinstance(p, CodebookParams):
+        if p.levels > 16:
+            return f"codebook with {p.levels} levels (kernels take up to 16)"
+        _, cols = qt.shape
+        if -(-cols // p.block_size) > 1 and p.block_size % 16:
+            return f"codebook block_size {p.block_size} is not a multiple of 16"
+        return None
+    return f"codec {qt.codec!r} has no kernel"
+
+
+def _runtime_bits(code_bits: int) -> int:
+    return next(b for b in RUNTIME_BITS if b >= code_bits)
+
+
+def pack_words(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """``codes`` uint8 ``[N, Kp]`` (``Kp`` a multiple of ``32 // bits``) -> int32 ``[Kp / pack, N]``,
+    code ``j`` of each word in bits ``[j*bits, (j+1)*bits)``."""
+    n, kp = codes.shape
+    pack = 32 // bits
+    c = codes.to(torch.int64).view(n, kp // pack, pack)
+    shifts = torch.arange(pack, device=codes.device, dtype=torch.int64) * bits
+    w = (c << shifts).sum(dim=-1)  # < 2**32
+    w = torch.where(w >= 2**31, w - 2**32, w).to(torch.int32)
+    return w.t().contiguous()
+
+
+def _pad_cols(t: torch.Tensor, cols: int, value: float = 0) -> torch.Tensor:
+    if t.shape[1] == cols:
+        return t
+    pad = t.new_full((t.shape[0], cols - t.shape[1]), value)
+    return torch.cat([t, pad], dim=1)
+
+
+def _codes_words(codes: torch.Tensor, rbits: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Padded codes ``[N, Kp]`` -> (words, words_hi) in the runtime layout."""
+    if rbits == 3:
+        return pack_words(codes & 3, 2), pack_words(codes >> 2, 1)
+    return pack_words(codes, rbits), None
+
+
+def _group_meta(t: torch.Tensor, ng: int, ngp: int, dtype: torch.dtype) -> torch.Tensor:
+    """``[N, ng]`` per-group metadata -> ``[ngp, N]`` in ``dtype``, padded groups 0."""
+    return _pad_cols(t.reshape(t.shape[0], ng).to(dtype), ngp).t().contiguous()
+
+
+def repack(qt: QTensor) -> RuntimeWeight:
+    """Build the runtime layout of a 2-D QTensor on its own device. Raises
+    :class:`~bitsmith.errors.QuantizationError` naming why when the kernels cannot take it."""
+    reason = unsupported_reason(qt)
+    if reason is not None:
+        raise QuantizationError(f"no fused kernel for this weight: {reason}")
+    t0 = time.perf_counter()
+    n, k = qt.shape
+    kp = -(-k // K_ALIGN) * K_ALIGN
+    p = qt.params
+    if isinstance(p, AffineParams):
+        rows, cols, ng = group_layout(qt.shape, p.group_size)
+        codes = AffineCodec.unpack_codes(p, qt.tensors, qt.shape).reshape(n, ng * p.group_size)[:, :k]
+        rbits = _runtime_bits(p.bits)
+        group = 0 if ng == 1 else p.group_size
+        ngp = 1 if group == 0 else -(-kp // group)
+        if getattr(p, "scale_quant", None) is not None or getattr(p, "zero_quant", None) is not None:
+            # quantized metadata: dequantized once here, kept as float32 (what the reader sees)
+            s_val, z_val = AffineCodec.meta_values(p, qt.tensors, qt.shape)
+            sdt = torch.float32
+        else:
+            s_val, z_val = qt.tensors["scale"], qt.tensors.get("zero")
+            sdt = p.torch_scale_dtype
+        scale = _group_meta(s_val, ng, ngp, sdt)
+        zero = None if p.zero == "none" else _group_meta(z_val, ng, ngp, sdt)
+        zconst = p.symmetric_zero if p.zero == "none" else 0.0
+        table = None
+        kind = "affine"
+    else:
+        assert isinstance(p, CodebookParams)
+        nb = -(-k // p.block_size)
+        width = nb * p.block_size
+        codes = p.packing.unpack(qt.tensors["codes"], n * width).view(n, width)[:, :k]
+        if int(codes.max()) >= p.levels:
+            raise QuantizationError(f"codebook codes reach {int(codes.max())}, the table has {p.levels} levels")
+        rbits = _runtime_bits(max(2, (p.levels - 1).bit_length()))
+        if p.double_quant:
+            absmax = dq_absmax(qt.tensors["absmax_codes"], qt.tensors["absmax_scale"], p.dq_block).view(n, nb)
+        else:
+            absmax = qt.tensors["absmax"]
+        group = 0 if nb == 1 else p.block_size
+        ngp = 1 if group == 0 else -(-kp // group)
+        scale = _group_meta(absmax, nb, ngp, torch.float32)
+        zero, zconst = None, 0.0
+        levels = _codebook(p.table, p.levels).levels32
+        table = torch.zeros(1 << rbits, dtype=torch.float32)
+        table[: p.levels] = levels
+        table = table.to(codes.device)
+        kind = "codebook"
+    codes = _pad_cols(codes.to(torch.uint8), kp)
+    words, words_hi = _codes_words(codes, rbits)
+    int_zero = kind == "affine" and (p.zero == "int" or (p.zero == "none" and float(zconst).is_integer()))
+    rw = RuntimeWeight(kind, n, k, kp, rbits, group, words, words_hi, scale, zero, zconst, table, int_zero)
+    if words.is_cuda:
+        torch.cuda.synchronize(words.device)
+    rw.repack_seconds = time.perf_counter() - t0
+    return rw
+
+
+def dequantize_runtime(rw: RuntimeWeight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The weight ``[N, K]`` read back from the runtime layout with torch ops (float32 math, as
+    the kernels do); tests compare it with the storage layout's own dequantization."""
+    kp, n = rw.kp, rw.n
+    if rw.rbits == 3:
+        lo = _unpack_words(rw.words, 2, kp)
+        hi = _unpack_words(rw.words_hi, 1, kp)
+        q = lo | (hi << 2)
+    else:
+        q = _unpack_words(rw.words, rw.rbits, kp)
+    grp = torch.zeros(kp, dtype=torch.int64, device=q.device) if rw.group == 0 else torch.arange(kp, device=q.device) // rw.group
+    s = rw.scale.to(torch.float32)[grp].t()  # [N, Kp]
+    if rw.kind == "codebook":
+        w = rw.table[q.long()] * s
+    else:
+        z = rw.zero.to(torch.float32)[grp].t() if rw.zero is not None else rw.zconst
+        w = (q.to(torch.float32) - z) * s
+    return w[:, : rw.k].to(dtype)
+
+
+def _unpack_words(words: torch.Tensor, bits: int, kp: int) -> torch.Tensor:
+    """int32 ``[Kp / pack, N]`` -> codes int32 ``[N, Kp]``."""
+    pack = 32 // bits
+    shifts = torch.arange(pack, device=words.device, dtype=torch.int32) * bits
+    q = (words.t().unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
+    return q.reshape(words.shape[1], -1)[:, :kp]
+
+
+__all__ = ["RuntimeWeight", "repack", "unsupported_reason", "dequantize_runtime", "pack_words", "K_ALIGN"]

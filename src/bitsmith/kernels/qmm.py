@@ -1,0 +1,559 @@
+"""Fused low-bit weight x float activation matmul (Triton): ``y = x @ W^T + b`` with ``W`` read in
+the runtime layout of :mod:`bitsmith.kernels.layout` and dequantized in the main loop.
+
+Two kernels:
+
+* ``_gemv_kernel`` (M = 1): CUDA-core FMAs over whole 32-bit words. A program owns ``BLOCK_N``
+  columns and a split of ``K``; for word row ``w`` and code ``j`` it accumulates
+  ``sum_j x[w*pack + j] * v(q_j)`` (``v`` = the code itself for affine, ``table[q]`` for a
+  codebook) and applies the group's scale (and zero: ``sum x*(q - z)*s = s*(sum x*q - z*sum x)``)
+  once per word. Every weight byte is loaded once.
+* ``_gemm_kernel`` (M > 1): a ``BLOCK_K x BLOCK_N`` tile of codes is dequantized to the
+  activation dtype in registers and fed to ``tl.dot`` (tensor cores), ``BLOCK_M`` 16..128.
+
+Both split ``K`` over ``SPLIT_K`` programs when there are too few column tiles to fill the GPU;
+partial sums are added with float32 atomics into a zeroed workspace, then cast (+ bias).
+Configs are tuned once per (kernel, shape, layout) on first use (not under CUDA-graph capture,
+where a default is taken) and cached in :data:`TUNED`.
+"""
+from __future__ import annotations
+
+import torch
+
+try:  # Triton is optional: without it the torch reference path runs
+    import triton
+    import triton.language as tl
+
+    HAVE_TRITON = True
+except ImportError:  # pragma: no cover - depends on the environment
+    triton = None
+    tl = None
+    HAVE_TRITON = False
+
+from .layout import RuntimeWeight
+
+TUNED: dict[tuple, dict] = {}  # (kernel, M bucket, N, K, layout key) -> launch config
+_SM_COUNT: dict[int, int] = {}
+
+if HAVE_TRITON:
+
+    @triton.jit
+    def _codes(words, hi, hshift, j: tl.constexpr, BITS: tl.constexpr):
+        """Code ``j`` of each word (3 bits: low 2 bits from ``words``, top bit from ``hi``)."""
+        if BITS == 3:
+            q = ((words >> (2 * j)) & 3) | (((hi >> (hshift + j)) & 1) << 2)
+        else:
+            q = (words >> (j * BITS)) & ((1 << BITS) - 1)
+        return q
+
+    @triton.jit
+    def _gemv_kernel(
+        x_ptr, w_ptr, wh_ptr, s_ptr, z_ptr, t_ptr, b_ptr, out_ptr,
+        N, K, KW, KW_PER, zconst,
+        BITS: tl.constexpr, PACK: tl.constexpr, GROUP: tl.constexpr,
+        HAS_ZERO: tl.constexpr, INT_ZERO: tl.constexpr, CODEBOOK: tl.constexpr, HAS_BIAS: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr, ATOMIC: tl.constexpr,
+    ):
+        pid_n = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < N
+        kw_lo = pid_k * KW_PER  # KW_PER: words per split, a multiple of BLOCK_KW
+        acc = tl.zeros([BLOCK_KW, BLOCK_N], dtype=tl.float32)
+        kw_end = tl.minimum(kw_lo + KW_PER, KW)
+        for kw0 in range(kw_lo, kw_end, BLOCK_KW):
+            offs_kw = kw0 + tl.arange(0, BLOCK_KW)
+            kw_mask = offs_kw < KW
+            m2 = kw_mask[:, None] & n_mask[None, :]
+            words = tl.load(w_ptr + offs_kw[:, None] * N + offs_n[None, :], mask=m2, other=0)
+            if BITS == 3:
+                hi = tl.load(wh_ptr + (offs_kw // 2)[:, None] * N + offs_n[None, :], mask=m2, other=0)
+                hshift = ((offs_kw % 2) * 16)[:, None]
+            else:
+                hi = words
+                hshift = 0
+            if GROUP == 0:
+                grp = offs_kw * 0
+            else:
+                grp = (offs_kw * PACK) // GROUP
+            sz_off = grp[:, None] * N + offs_n[None, :]
+            s = tl.load(s_ptr + sz_off, mask=m2, other=0.0).to(tl.float32)
+            part = tl.zeros([BLOCK_KW, BLOCK_N], dtype=tl.float32)
+            xsum = tl.zeros([BLOCK_KW], dtype=tl.float32)
+            if CODEBOOK:
+                zf = 0.0
+            elif INT_ZERO:  # integer zero: 2**23 + z is exact, one subtraction gives q - z
+                if HAS_ZERO:
+                    zf = tl.load(z_ptr + sz_off, mask=m2, other=0.0).to(tl.float32) + 8388608.0
+                else:
+                    zf = zconst + 8388608.0
+            else:
+                zf = 8388608.0
+            for j in tl.static_range(PACK):
+                k = offs_kw * PACK + j
+                xj = tl.load(x_ptr + k, mask=kw_mask & (k < K), other=0.0).to(tl.float32)
+                q = _codes(words, hi, hshift, j, BITS)
+                if CODEBOOK:
+                    v = tl.load(t_ptr + q)
+                else:
+                    # int -> float without the quarter-rate I2F: the bits of 2**23 + q, minus zf
+                    v = (q | 0x4B000000).to(tl.float32, bitcast=True) - zf
+                part += v * xj[:, None]
+                if not INT_ZERO:
+                    xsum += xj
+            if CODEBOOK or INT_ZERO:
+                acc += part * s
+            else:
+                if HAS_ZERO:
+                    z = tl.load(z_ptr + sz_off, mask=m2, other=0.0).to(tl.float32)
+                else:
+                    z = zconst
+                acc += (part - z * xsum[:, None]) * s
+        y = tl.sum(acc, axis=0)
+        if not ATOMIC:
+            if HAS_BIAS:
+                y += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+            tl.store(out_ptr + offs_n, y.to(out_ptr.dtype.element_ty), mask=n_mask)
+        else:
+            tl.atomic_add(out_ptr + offs_n, y, mask=n_mask)
+
+    @triton.jit
+    def _plane_codes(ptr, k0, N, rows, offs_n, n_mask, WBITS: tl.constexpr, WPACK: tl.constexpr,
+                     BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+        """Codes ``[BLOCK_K, BLOCK_N]`` of one packed plane (``WPACK`` codes of ``WBITS`` a word)."""
+        offs_w = k0 // WPACK + tl.arange(0, BLOCK_K // WPACK)
+        mask = (offs_w < rows)[:, None] & n_mask[None, :]
+        words = tl.load(ptr + offs_w[:, None] * N + offs_n[None, :], mask=mask, other=0)
+        shifts = tl.arange(0, WPACK) * WBITS
+        q3 = (words[:, None, :] >> shifts[None, :, None]) & ((1 << WBITS) - 1)
+        return tl.reshape(q3, [BLOCK_K, BLOCK_N])
+
+    @triton.jit
+    def _tile_codes(w_ptr, wh_ptr, k0, N, KW, offs_n, n_mask, BITS: tl.constexpr, PACK: tl.constexpr,
+                    BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+        if BITS == 3:
+            lo = _plane_codes(w_ptr, k0, N, KW, offs_n, n_mask, 2, 16, BLOCK_K, BLOCK_N)
+            hi = _plane_codes(wh_ptr, k0, N, KW // 2, offs_n, n_mask, 1, 32, BLOCK_K, BLOCK_N)
+            q = lo | (hi << 2)
+        else:
+            q = _plane_codes(w_ptr, k0, N, KW, offs_n, n_mask, BITS, PACK, BLOCK_K, BLOCK_N)
+        return q
+
+    @triton.jit
+    def _gemm_kernel(
+        x_ptr, w_ptr, wh_ptr, s_ptr, z_ptr, t_ptr, b_ptr, out_ptr,
+        M, N, K, KW, K_PER, zconst, stride_xm, stride_om,
+        BITS: tl.constexpr, PACK: tl.constexpr, GROUP: tl.constexpr,
+        HAS_ZERO: tl.constexpr, INT_ZERO: tl.constexpr, CODEBOOK: tl.constexpr, HAS_BIAS: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        ATOMIC: tl.constexpr, GROUP_M: tl.constexpr, UNIQUE: tl.constexpr,
+    ):
+        pid = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        num_m = tl.cdiv(M, BLOCK_M)
+        num_n = tl.cdiv(N, BLOCK_N)
+        in_group = GROUP_M * num_n  # grouped ordering: GROUP_M row tiles share the weight tiles in L2
+        first_m = (pid // in_group) * GROUP_M
+        size_m = tl.minimum(num_m - first_m, GROUP_M)
+        pid_m = first_m + ((pid % in_group) % size_m)
+        pid_n = (pid % in_group) // size_m
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        m_mask = offs_m < M
+        n_mask = offs_n < N
+        kp = KW * PACK
+        k_lo = pid_k * K_PER  # K_PER: K per split, a multiple of BLOCK_K
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        SCALAR_GROUP: tl.constexpr = (GROUP == 0) or (GROUP % BLOCK_K == 0)
+        k_end = tl.minimum(k_lo + K_PER, kp)  # no tile starts past the padded K (the scale rows end there)
+        for k0 in range(k_lo, k_end, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            a = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
+                        mask=m_mask[:, None] & (offs_k < K)[None, :], other=0.0)
+            kmask = offs_k < kp
+            m2 = kmask[:, None] & n_mask[None, :]
+            if UNIQUE:  # each word loaded once, its codes spread along a new axis, then merged into K
+                q = _tile_codes(w_ptr, wh_ptr, k0, N, KW, offs_n, n_mask, BITS, PACK, BLOCK_K, BLOCK_N)
+            else:  # a word loaded once per code it holds (the repeats hit L1)
+                kw = offs_k // PACK
+                words = tl.load(w_ptr + kw[:, None] * N + offs_n[None, :], mask=m2, other=0)
+                if BITS == 3:
+                    hi = tl.load(wh_ptr + (offs_k // 32)[:, None] * N + offs_n[None, :], mask=m2, other=0)
+                    q = ((words >> ((offs_k % 16) * 2)[:, None]) & 3) | (((hi >> (offs_k % 32)[:, None]) & 1) << 2)
+                else:
+                    q = (words >> ((offs_k % PACK) * BITS)[:, None]) & ((1 << BITS) - 1)
+            if SCALAR_GROUP:
+                if GROUP == 0:
+                    g0 = 0
+                else:
+                    g0 = k0 // GROUP
+                s = tl.load(s_ptr + g0 * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+                if HAS_ZERO:
+                    z = tl.load(z_ptr + g0 * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+                else:
+                    z = zconst
+            else:
+                sz_off = (offs_k // GROUP)[:, None] * N + offs_n[None, :]
+                s = tl.load(s_ptr + sz_off, mask=m2, other=0.0).to(tl.float32)
+                if HAS_ZERO:
+                    z = tl.load(z_ptr + sz_off, mask=m2, other=0.0).to(tl.float32)
+                else:
+                    z = zconst
+            if CODEBOOK:
+                w = tl.load(t_ptr + q) * s
+            else:
+                w = (((q | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0) - z) * s
+            acc = tl.dot(a, w.to(a.dtype), acc)
+        out_off = offs_m[:, None] * stride_om + offs_n[None, :]
+        o_mask = m_mask[:, None] & n_mask[None, :]
+        if not ATOMIC:
+            if HAS_BIAS:
+                acc += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+            tl.store(out_ptr + out_off, acc.to(out_ptr.dtype.element_ty), mask=o_mask)
+        else:
+            tl.atomic_add(out_ptr + out_off, acc, mask=o_mask)
+
+    @triton.jit
+    def _dequant_kernel(
+        w_ptr, wh_ptr, s_ptr, z_ptr, t_ptr, out_ptr,
+        N, K, KW, zconst,
+        BITS: tl.constexpr, PACK: tl.constexpr, GROUP: tl.constexpr,
+        HAS_ZERO: tl.constexpr, INT_ZERO: tl.constexpr, CODEBOOK: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr,
+    ):
+        """``W^T [K, N]`` in ``out``'s dtype (for M large: dequantize once, then cuBLAS)."""
+        pid_n = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_kw = pid_k * BLOCK_KW + tl.arange(0, BLOCK_KW)
+        n_mask = offs_n < N
+        m2 = (offs_kw < KW)[:, None] & n_mask[None, :]
+        words = tl.load(w_ptr + offs_kw[:, None] * N + offs_n[None, :], mask=m2, other=0)
+        if BITS == 3:
+            hi = tl.load(wh_ptr + (offs_kw // 2)[:, None] * N + offs_n[None, :], mask=m2, other=0)
+            hshift = ((offs_kw % 2) * 16)[:, None]
+        else:
+            hi = words
+            hshift = 0
+        if GROUP == 0:
+            grp = offs_kw * 0
+        else:
+            grp = (offs_kw * PACK) // GROUP
+        sz_off = grp[:, None] * N + offs_n[None, :]
+        s = tl.load(s_ptr + sz_off, mask=m2, other=0.0).to(tl.float32)
+        if HAS_ZERO:
+            z = tl.load(z_ptr + sz_off, mask=m2, other=0.0).to(tl.float32)
+        else:
+            z = zconst
+        for j in tl.static_range(PACK):
+            k = offs_kw * PACK + j
+            q = _codes(words, hi, hshift, j, BITS)
+            if CODEBOOK:
+                w = tl.load(t_ptr + q) * s
+            else:
+                w = (((q | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0) - z) * s
+            tl.store(out_ptr + k[:, None] * N + offs_n[None, :], w.to(out_ptr.dtype.element_ty),
+                     mask=(k < K)[:, None] & m2)
+
+
+# --- launch -------------------------------------------------------------------------------------
+FAST_LAUNCH = {"enabled": True}  # tests may turn the cached-binary launch off
+_FAST: dict = {}
+_RAW_STREAM = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+
+
+def _raw_stream(index: int | None) -> int:
+    """The current CUDA stream's handle (the capture stream inside ``torch.cuda.graph``)."""
+    if _RAW_STREAM is not None and index is not None:
+        return _RAW_STREAM(index)
+    return torch.cuda.current_stream(index).cuda_stream
+
+
+def _spec(a) -> object:
+    """What Triton specializes a launch argument on (so a cached binary is only reused for
+    arguments it was compiled for): tensor dtype and 16-byte alignment; integer divisibility by 16,
+    == 1 and 64-bit range."""
+    if isinstance(a, torch.Tensor):
+        return (a.dtype, a.data_ptr() % 16 == 0)
+    if isinstance(a, bool):
+        return ("b", a)
+    if isinstance(a, int):
+        return (a % 16 == 0, a == 1, -(2**31) <= a < 2**31)
+    return type(a)
+
+
+def _run(kernel, grid: tuple, args: tuple, consts: dict, options: dict):
+    """Launch ``kernel[grid](*args, **consts, **options)``; on CUDA the compiled binary is cached
+    per (kernel, argument specialization, constexprs, options) and launched directly, skipping
+    Triton's Python binder (tens of microseconds per call on a slow host). Constexpr parameters
+    must come after all runtime parameters in the kernel's signature."""
+    if not (FAST_LAUNCH["enabled"] and args[0].is_cuda) or triton.knobs.runtime.launch_enter_hook is not None:
+        kernel[grid](*args, **consts, **options)
+        return None
+    key = (kernel, tuple(_spec(a) for a in args), tuple(consts.items()), tuple(options.items()))
+    hit = _FAST.get(key)
+    if hit is None:
+        compiled = kernel[grid](*args, **consts, **options)
+        names = kernel.arg_names[len(args):]
+        hit = _FAST[key] = (compiled, tuple(consts[n] for n in names))
+        return hit
+    compiled, const_vals = hit
+    g = tuple(grid) + (1,) * (3 - len(grid))
+    stream = _raw_stream(args[0].device.index)
+    compiled.run(g[0], g[1], g[2], stream, compiled.function, compiled.packed_metadata, None, None, None,
+                 *args, *const_vals)
+    return hit
+
+
+class _Plan:
+    """One (weight, M, dtype, bias, alignment) launch with everything but the activation, the
+    bias and the output fixed: the per-call host work is a list copy and the raw launch."""
+
+    __slots__ = ("compiled", "grid", "template", "n", "split", "dummy", "dev")
+
+    def __init__(self, compiled, grid, args, const_vals, n, split, dummy, dev):
+        self.compiled, self.n, self.split, self.dummy, self.dev = compiled, n, split, dummy, dev
+        self.grid = tuple(grid) + (1,) * (3 - len(grid))
+        self.template = list(args) + list(const_vals)
+
+    def __call__(self, x2: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        m = x2.shape[0]
+        if self.split == 1:
+            out = torch.empty(m, self.n, dtype=x2.dtype, device=x2.device)
+        else:
+            out = torch.zeros(m, self.n, dtype=torch.float32, device=x2.device)
+        a = self.template.copy()
+        a[0], a[6], a[7] = x2, (bias if bias is not None else self.dummy), out
+        c, g = self.compiled, self.grid
+        c.run(g[0], g[1], g[2], _raw_stream(self.dev), c.function, c.packed_metadata,
+              None, None, None, *a)
+        if self.split > 1:
+            if bias is not None:
+                out += bias.to(torch.float32)
+            out = out.to(x2.dtype)
+        return out
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4  # the interpreter: any small number
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SM_COUNT:
+        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return _SM_COUNT[idx]
+
+
+def _layout_key(rw: RuntimeWeight, dtype: torch.dtype) -> tuple:
+    return (rw.kind, rw.rbits, rw.group, rw.zero is not None, dtype)
+
+
+def _m_bucket(m: int) -> int:
+    for b in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024):
+        if m <= b:
+            return b
+    return 2048
+
+
+def gemv_configs(rw: RuntimeWeight) -> list[dict]:
+    """Candidate configs for the M = 1 kernel: (columns, words per tile) x split-K. Split-K is a
+    runtime argument, so the candidates compile to few binaries (tile shape x atomic or not)."""
+    kw = rw.words.shape[0]
+    out = []
+    for bn, bkw in ((128, 16), (256, 8), (64, 32), (128, 32), (256, 16)):
+        for split in (1, 2, 4, 8, 16):
+            if split > 1 and kw // split < bkw:
+                continue
+            out.append({"BLOCK_N": bn, "BLOCK_KW": bkw, "SPLIT_K": split, "num_warps": 4})
+    return out
+
+
+def default_gemv_config(rw: RuntimeWeight, device: torch.device) -> dict:
+    """A config that fills the GPU without tuning: 128 columns x 16 words, split-K until about
+    four programs per SM."""
+    sms = _sm_count(device)
+    kw = rw.words.shape[0]
+    tiles = -(-rw.n // 128)
+    split = 1
+    while tiles * split < 4 * sms and kw // (split * 2) >= 16 and split < 16:
+        split *= 2
+    return {"BLOCK_N": 128, "BLOCK_KW": 16, "SPLIT_K": split, "num_warps": 4}
+
+
+def gemm_configs(rw: RuntimeWeight, m: int) -> list[dict]:
+    """Candidate configs for the tensor-core kernel at M rows (split-K only while M <= 64)."""
+    out = []
+    if m <= 64:
+        bm = 16 if m <= 16 else 32 if m <= 32 else 64
+        for bn, bk, unique in ((64, 64, 0), (128, 64, 0), (64, 128, 0), (64, 64, 1), (128, 64, 1), (64, 128, 1)):
+            for split in (1, 2, 4, 8):
+                if rw.kp // split < bk:
+                    continue
+                out.append({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": split, "GROUP_M": 8,
+                            "UNIQUE": unique, "num_warps": 4, "num_stages": 4})
+        if m > 16:
+            out.append({"DEQUANT_MM": True})
+        return out
+    out.append({"DEQUANT_MM": True})  # dequantize W once, then cuBLAS: wins when M amortizes the write
+    for bm, bn, bk, warps, stages in ((128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (64, 128, 64, 4, 4),
+                                       (128, 128, 32, 4, 4), (64, 256, 64, 8, 3)):
+        if m <= 128 and bm == 128 and bn == 256:
+            continue
+        out.append({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": 1, "GROUP_M": 8,
+                    "UNIQUE": 0, "num_warps": warps, "num_stages": stages})
+    return out
+
+
+def default_gemm_config(rw: RuntimeWeight, m: int, device: torch.device) -> dict:
+    sms = _sm_count(device)
+    if m > 256:
+        return {"DEQUANT_MM": True}
+    if m <= 16:
+        bm, bn, bk, warps, stages = 16, 64, 64, 4, 4
+    elif m <= 64:
+        bm, bn, bk, warps, stages = 64, 64, 64, 4, 4
+    else:
+        bm, bn, bk, warps, stages = 128, 128, 64, 8, 3
+    tiles = -(-m // bm) * -(-rw.n // bn)
+    split = 1
+    while m <= 64 and tiles * split < 2 * sms and rw.kp // (split * 2) >= 4 * bk and split < 16:
+        split *= 2
+    return {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": split, "GROUP_M": 8,
+            "UNIQUE": int(m <= 64), "num_warps": warps, "num_stages": stages}
+
+
+def _constexprs(rw: RuntimeWeight) -> dict:
+    return {"BITS": rw.rbits, "PACK": rw.pack, "GROUP": rw.group, "HAS_ZERO": rw.zero is not None,
+            "INT_ZERO": rw.int_zero, "CODEBOOK": rw.kind == "codebook"}
+
+
+def _launch(rw: RuntimeWeight, x2: torch.Tensor, bias: torch.Tensor | None, cfg: dict, gemv: bool,
+            plan_key: tuple | None = None) -> torch.Tensor:
+    m, k = x2.shape
+    n = rw.n
+    if cfg.get("DEQUANT_MM"):
+        wt = dequantize_t(rw, x2.dtype)
+        return torch.mm(x2, wt) if bias is None else torch.addmm(bias.to(x2.dtype), x2, wt)
+    split = cfg["SPLIT_K"]
+    dummy = rw.scale
+    if split == 1:
+        out = torch.empty(m, n, dtype=x2.dtype, device=x2.device)
+    else:
+        out = torch.zeros(m, n, dtype=torch.float32, device=x2.device)
+    options = {kk: cfg[kk] for kk in ("num_warps", "num_stages") if kk in cfg}
+    consts = dict(**_constexprs(rw), HAS_BIAS=bias is not None and split == 1)
+    consts.update({kk: v for kk, v in cfg.items() if kk.isupper() and kk != "SPLIT_K"})
+    consts["ATOMIC"] = split > 1
+    if not gemv:
+        consts["UNIQUE"] = bool(cfg.get("UNIQUE", 0))
+    ptrs = (x2, rw.words, rw.words_hi if rw.words_hi is not None else rw.words, rw.scale,
+            rw.zero if rw.zero is not None else dummy, rw.table if rw.table is not None else dummy,
+            bias if bias is not None else dummy, out)
+    kw = rw.words.shape[0]
+    if gemv:
+        grid = (triton.cdiv(n, cfg["BLOCK_N"]), split)
+        kw_per = triton.cdiv(triton.cdiv(kw, split), cfg["BLOCK_KW"]) * cfg["BLOCK_KW"]
+        args = (*ptrs, n, k, kw, kw_per, float(rw.zconst))
+        hit = _run(_gemv_kernel, grid, args, consts, options)
+    else:
+        grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]), split)
+        k_per = triton.cdiv(triton.cdiv(rw.kp, split), cfg["BLOCK_K"]) * cfg["BLOCK_K"]
+        args = (*ptrs, m, n, k, kw, k_per, float(rw.zconst), x2.stride(0), out.stride(0))
+        hit = _run(_gemm_kernel, grid, args, consts, options)
+    if plan_key is not None and hit is not None:
+        rw.plans[plan_key] = _Plan(hit[0], grid, args, hit[1], n, split, dummy, x2.device.index)
+    if split > 1:
+        if bias is not None:
+            out += bias.to(torch.float32)
+        out = out.to(x2.dtype)
+    return out
+
+
+def dequantize_t(rw: RuntimeWeight, dtype: torch.dtype) -> torch.Tensor:
+    """``W^T [K, N]`` in ``dtype`` from the runtime layout (one memory-bound kernel)."""
+    out = torch.empty(rw.k, rw.n, dtype=dtype, device=rw.device)
+    bn, bkw = 128, 8
+    grid = (triton.cdiv(rw.n, bn), triton.cdiv(rw.words.shape[0], bkw))
+    consts = {kk: v for kk, v in _constexprs(rw).items()}
+    consts.update(BLOCK_N=bn, BLOCK_KW=bkw)
+    dummy = rw.scale
+    args = (rw.words, rw.words_hi if rw.words_hi is not None else rw.words, rw.scale,
+            rw.zero if rw.zero is not None else dummy, rw.table if rw.table is not None else dummy, out,
+            rw.n, rw.k, rw.words.shape[0], float(rw.zconst))
+    _run(_dequant_kernel, grid, args, consts, {"num_warps": 4})
+    return out
+
+
+def gpu_time(fn, calls: int = 20) -> float:
+    """Device milliseconds per call of ``fn`` (median of 3 replays of a CUDA graph of ``calls``
+    calls, after an eager call that compiles). Tuning by graph replay keeps the host's launch
+    overhead out of the comparison (an eager loop on a slow host measures the host)."""
+    fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    graph.replay()
+    times = []
+    for _ in range(3):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        graph.replay()
+        e.record()
+        torch.cuda.synchronize()
+        times.append(s.elapsed_time(e) / calls)
+    del graph
+    return sorted(times)[1]
+
+
+def _tune(key: tuple, rw: RuntimeWeight, x2: torch.Tensor, bias, gemv: bool) -> dict:
+    m = x2.shape[0]
+    cands = gemv_configs(rw) if gemv else gemm_configs(rw, m)
+    best, best_t = None, float("inf")
+    for cfg in cands:
+        try:
+            t = gpu_time(lambda: _launch(rw, x2, bias, cfg, gemv))
+        except Exception:  # noqa: BLE001 - a config that does not compile (resources) is skipped
+            continue
+        if t < best_t:
+            best, best_t = cfg, t
+    if best is None:
+        best = default_gemv_config(rw, x2.device) if gemv else default_gemm_config(rw, m, x2.device)
+    TUNED[key] = best
+    return best
+
+
+AUTOTUNE = {"enabled": True}  # tests turn tuning off (the interpreter runs a default config)
+
+
+def quant_matmul(x: torch.Tensor, rw: RuntimeWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ W^T (+ bias)`` for ``x [..., K]`` (float16 / bfloat16 / float32) and ``W`` in runtime
+    layout ``rw``; returns ``[..., N]`` in ``x``'s dtype. CUDA-graph capturable once tuned (no
+    host sync, no CPU tensors)."""
+    if not HAVE_TRITON:
+        raise RuntimeError("quant_matmul needs triton")
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    m = x2.shape[0]
+    plan_key = None
+    if x2.is_cuda and FAST_LAUNCH["enabled"]:
+        plan_key = (m, x2.dtype, x2.stride(0), x2.data_ptr() % 16 == 0,
+                    None if bias is None else (bias.dtype, bias.data_ptr() % 16 == 0))
+        plan = rw.plans.get(plan_key)
+        if plan is not None:
+            return plan(x2, bias).reshape(*lead, rw.n)
+    gemv = m == 1
+    key = ("gemv" if gemv else "gemm", _m_bucket(m), rw.n, rw.k, _layout_key(rw, x.dtype))
+    cfg = TUNED.get(key)
+    if cfg is None:
+        capturing = x.is_cuda and torch.cuda.is_current_stream_capturing()
+        if AUTOTUNE["enabled"] and x.is_cuda and not capturing:
+            cfg = _tune(key, rw, x2, bias, gemv)
+        else:
+            cfg = default_gemv_config(rw, x2.device) if gemv else default_gemm_config(rw, m, x2.device)
+    final = cfg is TUNED.get(key) or not AUTOTUNE["enabled"]  # not an untuned stand-in under capture
+    out = _launch(rw, x2, bias, cfg, gemv, plan_key if final else None)
+    return out.reshape(*lead, rw.n)
+
+
+__all__ = ["quant_matmul", "dequantize_t", "HAVE_TRITON", "TUNED", "AUTOTUNE", "FAST_LAUNCH", "gemv_configs", "gemm_configs"]

@@ -1,0 +1,199 @@
+"""W8A8: int8 weights x int8 activations (Triton), ``y = (xq @ Wq^T) * sx[m] * sw[n] + b``.
+
+* ``quantize_per_token``: one program per row: ``sx = max|x_row| / 127`` (float32; a zero row gets
+  ``sx = 1``), ``xq = clamp(round_half_even(x / sx), -128, 127)`` int8, IEEE divisions (``div_rn``)
+  so the codes equal the torch path's (``nn/w8a8_linear.py``); ``sx`` is ``max * float32(1/127)`` on
+  CUDA, which is how torch evaluates that path's ``amax.div_(127)`` there (a tensor divided by a
+  Python scalar is a multiplication by its reciprocal on CUDA, a true division on the CPU). With a static ``act_scale`` (one
+  value, read on the device) the absmax pass is skipped; an unfused SmoothQuant
+  ``migration_scale`` ``[K]`` divides ``x`` first.
+* ``_w8a8_gemm_kernel``: int8 tensor-core product with int32 accumulation (exact for
+  K <= (2**31 - 1) / (128 * 127)), rescale by ``sx[m] * sw[n]`` in float32, bias, cast: the epilogue is fused.
+* ``backend="int_mm"`` runs ``torch._int_mm`` (cuBLAS; needs M > 16 and K, N multiples of 8) and the
+  rescale in torch ops instead of the fused kernel (kept for comparison in ``bitsmith bench``).
+
+Weights: int8 ``[N, K]`` row-major (K contiguous, what the int8 tensor-core path wants), scale
+float32 ``[N]``; symmetric, codes in [-127, 127].
+"""
+from __future__ import annotations
+
+import torch
+
+from .qmm import AUTOTUNE, HAVE_TRITON, _m_bucket, _run, gpu_time
+
+if HAVE_TRITON:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _quant_rows_kernel(x_ptr, q_ptr, s_ptr, static_ptr, mig_ptr, K, stride_x, stride_q,
+                           STATIC: tl.constexpr, HAS_MIG: tl.constexpr, RECIP_SCALE: tl.constexpr,
+                           BLOCK_K: tl.constexpr):
+        row = tl.program_id(0)
+        if STATIC:
+            scale = tl.load(static_ptr).to(tl.float32)
+        else:
+            amax = tl.zeros([BLOCK_K], dtype=tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                offs = k0 + tl.arange(0, BLOCK_K)
+                v = tl.load(x_ptr + row * stride_x + offs, mask=offs < K, other=0.0).to(tl.float32)
+                if HAS_MIG:
+                    v = tl.math.div_rn(v, tl.load(mig_ptr + offs, mask=offs < K, other=1.0).to(tl.float32))
+                amax = tl.maximum(amax, tl.abs(v))
+            m = tl.max(amax, axis=0)
+            if RECIP_SCALE:  # what torch does on CUDA for tensor / python scalar: a * float32(1 / b)
+                scale = tl.where(m > 0, m * 0.007874015718698502, 1.0)
+            else:
+                scale = tl.where(m > 0, tl.math.div_rn(m, 127.0), 1.0)
+        for k0 in range(0, K, BLOCK_K):
+            offs = k0 + tl.arange(0, BLOCK_K)
+            v = tl.load(x_ptr + row * stride_x + offs, mask=offs < K, other=0.0).to(tl.float32)
+            if HAS_MIG:
+                v = tl.math.div_rn(v, tl.load(mig_ptr + offs, mask=offs < K, other=1.0).to(tl.float32))
+            r = tl.math.div_rn(v, scale + tl.zeros([BLOCK_K], dtype=tl.float32))
+            # round half to even: 1.5 * 2**23 shifts the fraction out (|r| <= 128 after the clamp)
+            r = tl.minimum(tl.maximum(r, -128.0), 127.0)
+            r = (r + 12582912.0) - 12582912.0
+            tl.store(q_ptr + row * stride_q + offs, r.to(tl.int8), mask=offs < K)
+        tl.store(s_ptr + row, scale)
+
+    @triton.jit
+    def _w8a8_gemm_kernel(a_ptr, b_ptr, sa_ptr, sb_ptr, bias_ptr, out_ptr, M, N, K,
+                          stride_am, stride_bn, stride_om,
+                          HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                          BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+        pid = tl.program_id(0)
+        num_m = tl.cdiv(M, BLOCK_M)
+        num_n = tl.cdiv(N, BLOCK_N)
+        in_group = GROUP_M * num_n
+        first_m = (pid // in_group) * GROUP_M
+        size_m = tl.minimum(num_m - first_m, GROUP_M)
+        pid_m = first_m + ((pid % in_group) % size_m)
+        pid_n = (pid % in_group) // size_m
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        m_mask = offs_m < M
+        n_mask = offs_n < N
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
+        for k0 in range(0, K, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            k_mask = offs_k < K
+            a = tl.load(a_ptr + offs_m[:, None] * stride_am + offs_k[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0)
+            b = tl.load(b_ptr + offs_n[None, :] * stride_bn + offs_k[:, None], mask=k_mask[:, None] & n_mask[None, :], other=0)
+            acc = tl.dot(a, b, acc, out_dtype=tl.int32)
+        sa = tl.load(sa_ptr + offs_m, mask=m_mask, other=0.0)
+        sb = tl.load(sb_ptr + offs_n, mask=n_mask, other=0.0)
+        y = acc.to(tl.float32) * sa[:, None] * sb[None, :]
+        if HAS_BIAS:
+            y += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], y.to(out_ptr.dtype.element_ty),
+                 mask=m_mask[:, None] & n_mask[None, :])
+
+
+def quantize_per_token(
+    x: torch.Tensor, act_scale: torch.Tensor | float | None = None, migration_scale: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x [M, K]`` float -> (int8 ``[M, K]``, float32 ``[M]`` scales); see the module docstring.
+    ``migration_scale`` ``[K]`` (SmoothQuant, unfused) divides ``x`` first."""
+    m, k = x.shape
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    q = torch.empty(m, k, dtype=torch.int8, device=x.device)
+    s = torch.empty(m, dtype=torch.float32, device=x.device)
+    static = act_scale is not None
+    if static and not isinstance(act_scale, torch.Tensor):
+        act_scale = torch.full((1,), float(act_scale), dtype=torch.float32, device=x.device)
+    if static and act_scale.numel() != 1:
+        raise ValueError(f"act_scale must hold one value (a static per-tensor scale), got {act_scale.numel()}")
+    block = min(4096, triton.next_power_of_2(k))
+    mig = migration_scale if migration_scale is not None else s
+    _run(_quant_rows_kernel, (m,), (x, q, s, act_scale if static else s, mig, k, x.stride(0), q.stride(0)),
+         {"STATIC": static, "HAS_MIG": migration_scale is not None, "RECIP_SCALE": x.is_cuda, "BLOCK_K": block},
+         {"num_warps": 4 if block <= 1024 else 8})
+    return q, s
+
+
+def _gemm_config(m: int, n: int, device: torch.device) -> dict:
+    if m <= 32:
+        return {"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 128, "GROUP_M": 8, "num_warps": 4, "num_stages": 4}
+    if m <= 128:
+        return {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 128, "GROUP_M": 8, "num_warps": 4, "num_stages": 4}
+    return {"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 128, "GROUP_M": 8, "num_warps": 8, "num_stages": 3}
+
+
+W8A8_CONFIG: dict = {}  # (m bucket, n, k) -> tuned config
+
+_CANDIDATES = (
+    (128, 256, 128, 8, 3), (128, 128, 128, 4, 4), (256, 128, 128, 8, 3), (128, 256, 64, 8, 4),
+    (64, 256, 128, 4, 4), (64, 128, 128, 4, 4), (32, 64, 128, 4, 4), (128, 128, 64, 4, 4),
+)
+
+
+def _launch_gemm(xq, w_int8, sx, sw, bias, out, cfg) -> None:
+    m, k = xq.shape
+    n = w_int8.shape[0]
+    grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
+    consts = {"HAS_BIAS": bias is not None, **{kk: v for kk, v in cfg.items() if kk.isupper()}}
+    options = {kk: cfg[kk] for kk in ("num_warps", "num_stages")}
+    _run(_w8a8_gemm_kernel, grid, (xq, w_int8, sx, sw, bias if bias is not None else sw, out, m, n, k,
+                                   xq.stride(0), w_int8.stride(0), out.stride(0)), consts, options)
+
+
+def _tune_gemm(key, xq, w_int8, sx, sw, bias, out) -> dict:
+    best, best_t = None, float("inf")
+    for bm, bn, bk, warps, stages in _CANDIDATES:
+        cfg = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8, "num_warps": warps, "num_stages": stages}
+        try:
+            t = gpu_time(lambda: _launch_gemm(xq, w_int8, sx, sw, bias, out, cfg))
+        except Exception:  # noqa: BLE001 - a config that does not fit is skipped
+            continue
+        if t < best_t:
+            best, best_t = cfg, t
+    W8A8_CONFIG[key] = best or _gemm_config(xq.shape[0], w_int8.shape[0], xq.device)
+    return W8A8_CONFIG[key]
+
+
+def w8a8_linear(
+    x: torch.Tensor,
+    w_int8: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    act_scale: torch.Tensor | float | None = None,
+    backend: str = "triton",
+    migration_scale: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``x [..., K]`` (float16/bfloat16/float32) times int8 weights ``[N, K]`` with float32
+    per-output-channel scales ``[N]``; activations quantized per token (or with the static
+    ``act_scale``). Returns ``[..., N]`` in ``x``'s dtype."""
+    if not HAVE_TRITON:
+        raise RuntimeError("w8a8_linear needs triton")
+    n, k = w_int8.shape
+    if w_int8.dtype != torch.int8 or x.shape[-1] != k or w_scale.shape != (n,):
+        raise ValueError(f"w8a8_linear: x [..., {k}], w_int8 int8 [{n}, {k}], w_scale [{n}] expected; got "
+                         f"x {list(x.shape)}, w {w_int8.dtype} {list(w_int8.shape)}, scale {list(w_scale.shape)}")
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, k)
+    m = x2.shape[0]
+    xq, sx = quantize_per_token(x2, act_scale, migration_scale)
+    sw = w_scale if w_scale.dtype == torch.float32 else w_scale.float()
+    if backend == "int_mm":
+        acc = torch._int_mm(xq, w_int8.t())
+        y = acc.to(torch.float32).mul_(sx[:, None]).mul_(sw[None, :])
+        if bias is not None:
+            y += bias.to(torch.float32)
+        return y.to(x.dtype).reshape(*lead, n)
+    if w_int8.stride(-1) != 1:
+        w_int8 = w_int8.contiguous()
+    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    key = (_m_bucket(m), n, k)
+    cfg = W8A8_CONFIG.get(key)
+    if cfg is None:
+        if AUTOTUNE["enabled"] and x.is_cuda and not torch.cuda.is_current_stream_capturing():
+            cfg = _tune_gemm(key, xq, w_int8, sx, sw, bias, out)
+        else:
+            cfg = _gemm_config(m, n, x.device)
+    _launch_gemm(xq, w_int8, sx, sw, bias, out, cfg)
+    return out.reshape(*lead, n)
+
+
+__all__ = ["w8a8_linear", "quantize_per_token", "W8A8_CONFIG"]

@@ -1,0 +1,319 @@
+"""Fused kernels (bitsmith.kernels) against the torch reference path.
+
+* The runtime layout (pure torch) reads back exactly the storage layout's dequantization.
+* The Triton kernels run on this CPU under Triton's interpreter (``TRITON_INTERPRET=1``) at small,
+  odd sizes; the interpreter must be switched on before Triton is imported, so when pytest runs
+  without it, ``test_interpreter_suite`` re-runs this file in a subprocess with it on.
+* On a CUDA device: real sizes, real SmolLM2 weights, QuantLinear dispatch and CUDA-graph capture
+  (skipped without CUDA; run on the lent H100, results in benchmarks/results/kernels_gpu_tests.txt).
+
+References are float64 products of the reference dequantization (``QTensor.dequantize``).
+"""
+from __future__ import annotations
+
+import functools
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import bitsmith
+from bitsmith.kernels import HAVE_TRITON, dequantize_runtime, repack, unsupported_reason
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+CUDA = torch.cuda.is_available()
+needs_interp = pytest.mark.skipif(
+    not (HAVE_TRITON and INTERPRETED),
+    reason="Triton interpreter tests run in a subprocess with TRITON_INTERPRET=1 (test_interpreter_suite)"
+    if HAVE_TRITON else "triton is not installed",
+)
+needs_cuda = pytest.mark.skipif(not (CUDA and HAVE_TRITON and not INTERPRETED), reason="needs a CUDA device and triton")
+
+FORMATS = {
+    "int4_g32": ("rtn", {"bits": 4, "group_size": 32}),
+    "int4_g64_int0": ("rtn", {"bits": 4, "group_size": 64}),
+    "int4_g64_float0": ("rtn", {"bits": 4, "group_size": 64, "zero": "float"}),
+    "int4_g128_sym": ("rtn", {"bits": 4, "group_size": 128, "symmetric": True}),
+    "int4_channel": ("rtn", {"bits": 4, "group_size": None}),
+    "int3_g64": ("rtn", {"bits": 3, "group_size": 64}),
+    "int3_g128_sym": ("rtn", {"bits": 3, "group_size": 128, "symmetric": True}),
+    "int2_g32": ("rtn", {"bits": 2, "group_size": 32}),
+    "int8_g128": ("rtn", {"bits": 8, "group_size": 128}),
+    "int8_channel_sym": ("rtn", {"bits": 8, "group_size": None, "symmetric": True}),
+    "int5_g64": ("rtn", {"bits": 5, "group_size": 64}),
+    "nf4_g64_dq": ("nf", {"levels": 16, "block_size": 64, "double_quant": True}),
+    "nf4_g128": ("nf", {"levels": 16, "block_size": 128}),
+    "nf3_g64": ("nf", {"levels": 8, "block_size": 64}),
+    "nf7_g32": ("nf", {"levels": 7, "block_size": 32}),
+}
+
+
+def _quantize(name: str, w: torch.Tensor):
+    method, opts = FORMATS[name]
+    return bitsmith.quantize_tensor(w, method, **opts)
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+# --- runtime layout (torch only) ----------------------------------------------------------------
+@pytest.mark.parametrize("name", sorted(FORMATS))
+@pytest.mark.parametrize("shape", [(37, 100), (64, 576), (5, 31)])
+def test_runtime_layout_reads_back_the_storage_layout(name, shape):
+    g = torch.Generator().manual_seed(hash((name, shape)) % 2**31)
+    w = torch.randn(shape, generator=g) * 0.05
+    qt = _quantize(name, w)
+    assert unsupported_reason(qt) is None
+    rw = repack(qt)
+    assert rw.kp % 32 == 0 and rw.kp >= shape[1]
+    assert torch.equal(dequantize_runtime(rw), qt.dequantize(torch.float32))
+
+
+def test_unsupported_weights_say_why():
+    w = torch.randn(16, 96) * 0.05
+    assert "levels" in unsupported_reason(bitsmith.quantize_tensor(w, "nf", levels=32))
+    assert "multiple of 16" in unsupported_reason(bitsmith.quantize_tensor(w, "rtn", bits=4, group_size=24))
+    assert "2-D" in unsupported_reason(bitsmith.quantize_tensor(torch.randn(4, 3, 8, 8), "rtn", bits=4, group_size=64))
+
+
+# --- Triton kernels under the CPU interpreter ----------------------------------------------------
+@pytest.mark.skipif(INTERPRETED or not HAVE_TRITON, reason="the subprocess itself" if INTERPRETED else "triton is not installed")
+def test_interpreter_suite():
+    """Run this file's interpreter tests in a subprocess with TRITON_INTERPRET=1."""
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    env["PYTHONPATH"] = src + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-o", "addopts=", "-q", "-x", "-p", "no:cacheprovider", __file__, "-k", "interp_"],
+        env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    summary = proc.stdout.strip().splitlines()[-1]
+    assert " passed" in summary and "skipped" not in summary and "failed" not in summary, summary
+
+
+def _interp_case(name, m, n, k, dtype, configs=None):
+    from bitsmith.kernels import qmm
+
+    g = torch.Generator().manual_seed(hash((name, m, n, k)) % 2**31)
+    w = torch.randn(n, k, generator=g) * 0.05
+    qt = _quantize(name, w)
+    rw = repack(qt)
+    x = torch.randn(m, k, generator=g).to(dtype)
+    bias = torch.randn(n, generator=g).to(dtype)
+    ref = F.linear(x.double(), qt.dequantize(torch.float32).double(), bias.double())
+    qmm.AUTOTUNE["enabled"] = False
+    outs = []
+    if configs is None:
+        outs.append(qmm.quant_matmul(x, rw, bias))
+    else:
+        for cfg in configs:
+            outs.append(qmm._launch(rw, x, bias, cfg, gemv=m == 1))
+    tol = 2e-3 if dtype == torch.float16 else 1.6e-2
+    for y in outs:
+        assert y.dtype == dtype and y.shape == (m, n)
+        assert torch.isfinite(y).all()
+        assert _rel(y, ref) < tol, (name, m, _rel(y, ref))
+
+
+@needs_interp
+@pytest.mark.parametrize("name", sorted(FORMATS))
+@pytest.mark.parametrize("m", [1, 3, 17])
+def test_interp_kernels_equal_reference(name, m):
+    _interp_case(name, m, 45, 200, torch.float16)
+
+
+@needs_interp
+@pytest.mark.parametrize("name", ["int4_g64_int0", "nf4_g64_dq", "int3_g64"])
+def test_interp_bfloat16(name):
+    """bfloat16 through the M = 1 kernel only: Triton 3.6's interpreter multiplies bfloat16 tiles
+    wrongly in ``tl.dot`` (a plain 16x16 bf16 product came out 1e10 off), so the tensor-core
+    kernel's bfloat16 path is checked on the GPU (test_cuda_kernels_equal_reference)."""
+    _interp_case(name, 1, 33, 160, torch.bfloat16)
+
+
+@needs_interp
+@pytest.mark.parametrize("name", ["int4_g32", "int3_g128_sym", "nf4_g128", "int2_g32"])
+def test_interp_split_k_and_tiles(name):
+    gemv = [{"BLOCK_N": bn, "BLOCK_KW": bkw, "SPLIT_K": s, "num_warps": 4} for bn, bkw, s in ((32, 8, 1), (64, 8, 3), (32, 16, 2))]
+    _interp_case(name, 1, 70, 300, torch.float16, gemv)
+    gemm = [{"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": s, "GROUP_M": 2, "UNIQUE": u, "num_warps": 4, "num_stages": 2}
+            for bm, bn, bk, s, u in ((16, 32, 32, 1, 0), (16, 64, 64, 3, 0), (32, 32, 128, 2, 0), (16, 32, 32, 1, 1),
+                                     (16, 64, 64, 3, 1), (32, 32, 128, 2, 1))]
+    gemm.append({"DEQUANT_MM": True})  # dequantize W^T once, then torch.mm
+    _interp_case(name, 19, 70, 300, torch.float16, gemm)
+
+
+# --- CUDA -----------------------------------------------------------------------------------------
+def _cuda_case(name, m, n, k, dtype, w=None):
+    from bitsmith.kernels import qmm, quant_matmul
+
+    qmm.AUTOTUNE["enabled"] = False  # default configs here; the benchmark checks every tuned one
+
+    g = torch.Generator().manual_seed(hash((name, m, n, k)) % 2**31)
+    w = torch.randn(n, k, generator=g) * 0.02 if w is None else w
+    qt = _quantize(name, w.float().cuda())
+    rw = repack(qt)
+    x = torch.randn(m, k, generator=g).to(dtype).cuda()
+    bias = torch.randn(n, generator=g).to(dtype).cuda()
+    w32 = qt.dequantize(torch.float32)
+    ref = F.linear(x.double(), w32.double(), bias.double())
+    torch_path = F.linear(x, qt.dequantize(dtype), bias)  # the reference path's own rounding
+    y = quant_matmul(x, rw, bias)
+    err, err_torch = _rel(y, ref), _rel(torch_path, ref)
+    assert torch.isfinite(y).all()
+    assert err < 2 * err_torch + 2e-4, (name, m, n, k, err, err_torch)
+    return err, err_torch
+
+
+@needs_cuda
+@pytest.mark.parametrize("name", sorted(FORMATS))
+@pytest.mark.parametrize("m", [1, 7, 16, 33, 300])  # 300: the dequantize + cuBLAS path
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cuda_kernels_equal_reference(name, m, dtype):
+    _cuda_case(name, m, 1000, 1541, dtype)  # odd N, K: no tile divides them
+
+
+@needs_cuda
+@pytest.mark.parametrize("name", ["int4_g64_int0", "int4_g128_sym", "nf4_g64_dq", "int3_g64", "int8_g128", "int2_g32"])
+def test_cuda_real_sizes(name):
+    for m in (1, 16, 2048):
+        _cuda_case(name, m, 4096, 4096, torch.float16)
+
+
+@needs_cuda
+@pytest.mark.parametrize("name", ["int4_g64_int0", "nf4_g64_dq", "int3_g64"])
+def test_cuda_smollm2_weights(name, request):
+    """Three SmolLM2-135M weights; on the GPU machine (no model cache) from a slice file carried
+    with the run (.cache/kernels_gpu/smollm2_slice.safetensors, written from the cached model)."""
+    from safetensors.torch import load_file
+
+    slice_file = Path(__file__).resolve().parents[1] / ".cache" / "kernels_gpu" / "smollm2_slice.safetensors"
+    if slice_file.exists():
+        sd = load_file(str(slice_file))
+    else:
+        sd = load_file(str(sorted(Path(request.getfixturevalue("smollm2_dir")).glob("*.safetensors"))[0]))
+    for key in ("model.layers.0.self_attn.q_proj.weight", "model.layers.3.mlp.down_proj.weight", "model.layers.7.mlp.gate_proj.weight"):
+        w = sd[key]
+        for m in (1, 16, 200):
+            _cuda_case(name, m, w.shape[0], w.shape[1], torch.float16, w=w)
+
+
+@needs_cuda
+def test_cuda_quantlinear_dispatch_and_graph_capture():
+    from torch import nn
+
+    from bitsmith.nn import QuantLinear
+
+    q = functools.partial(bitsmith.quantize_tensor, method="rtn", bits=4, group_size=64)
+    lin = QuantLinear.from_float(nn.Linear(1030, 777), q).cuda()
+    assert lin.__dict__["_runtime"] is not None, lin.__dict__.get("kernel_skip_reason")
+    assert "_runtime" not in str(list(lin.state_dict()))
+    x = torch.randn(3, 1, 1030, device="cuda", dtype=torch.float16)
+    ref = F.linear(x.double(), lin.dequantize(torch.float32).double(), lin.bias.double())
+    y = lin(x)
+    assert y.shape == (3, 1, 777) and _rel(y, ref) < 2e-3
+    lin.use_kernels = False
+    y_ref_path = lin(x)
+    lin.use_kernels = True
+    assert _rel(y, y_ref_path) < 2e-3
+    # capture in a CUDA graph (tuning happened above, outside capture)
+    static_x = x.clone()
+    lin(static_x)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_y = lin(static_x)
+    static_x.copy_(torch.randn_like(x))
+    graph.replay()
+    torch.cuda.synchronize()
+    ref2 = F.linear(static_x.double(), lin.dequantize(torch.float32).double(), lin.bias.double())
+    assert _rel(static_y, ref2) < 2e-3
+    # a state_dict load invalidates the cache
+    lin.load_state_dict(lin.state_dict())
+    assert lin.__dict__["_runtime"] is None
+    assert _rel(lin(x), ref) < 2e-3
+
+
+# --- W8A8 -----------------------------------------------------------------------------------------
+def _w8a8_case(m, n, k, dtype, device, static=False, migration=False):
+    from bitsmith.kernels.w8a8 import quantize_per_token, w8a8_linear
+    from bitsmith.nn.w8a8_linear import quantize_activation, w8a8_linear as torch_w8a8
+
+    g = torch.Generator().manual_seed(m * 1000 + n)
+    x = (torch.randn(m, k, generator=g) * 3).to(dtype).to(device)
+    w = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8).to(device)
+    sw = (torch.rand(n, generator=g) * 0.01 + 1e-3).to(device)
+    bias = torch.randn(n, generator=g).to(dtype).to(device)
+    act = torch.tensor([0.05], device=device) if static else None
+    mig = (torch.rand(k, generator=g) + 0.5).to(device) if migration else None
+    q, sx = quantize_per_token(x, act, mig)
+    q_ref, sx_ref = quantize_activation(x, mig, act)
+    assert torch.equal(q, q_ref)  # the same codes as the torch path (IEEE divisions, half to even)
+    assert torch.equal(sx, sx_ref.reshape(-1).expand(m).to(torch.float32))
+    y = w8a8_linear(x, w, sw, bias, act_scale=act, migration_scale=mig)
+    ref = (q_ref.double() @ w.double().t()) * sx_ref.double() * sw.double() + bias.double()
+    assert y.dtype == dtype and _rel(y, ref) < (2e-3 if dtype == torch.float16 else 1.6e-2)
+    assert _rel(torch_w8a8(x, w, sw, bias, mig, act), ref) < 2e-2
+
+
+@needs_interp
+@pytest.mark.parametrize("static,migration", [(False, False), (True, False), (False, True)])
+def test_interp_w8a8_equals_torch_path(static, migration):
+    from bitsmith.kernels import qmm
+
+    qmm.AUTOTUNE["enabled"] = False
+    _w8a8_case(1, 30, 100, torch.float16, "cpu", static, migration)
+    _w8a8_case(37, 45, 200, torch.float16, "cpu", static, migration)
+
+
+@needs_cuda
+@pytest.mark.parametrize("m", [1, 17, 300])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cuda_w8a8_equals_torch_path(m, dtype):
+    _w8a8_case(m, 1000, 1541, dtype, "cuda")
+    _w8a8_case(m, 512, 4096, dtype, "cuda", static=True, migration=True)
+
+
+@needs_cuda
+def test_cuda_runtime_modules_capture_in_a_graph():
+    """QuantLinear (int4, NF4, int3) and W8A8Linear run their kernels inside a CUDA graph."""
+    from torch import nn
+
+    from bitsmith.nn import QuantLinear, W8A8Linear
+
+    x = torch.randn(1, 1030, device="cuda", dtype=torch.float16)
+    mods = [QuantLinear.from_float(nn.Linear(1030, 777), functools.partial(_quantize, name)).cuda()
+            for name in ("int4_g64_int0", "nf4_g64_dq", "int3_g64")]
+    from bitsmith.methods.smoothquant import int8_weight
+
+    mods.append(W8A8Linear.from_float(nn.Linear(1030, 777), int8_weight).cuda())
+    for mod in mods:
+        with torch.no_grad():
+            mod(x)
+            ref_path = mod.dequantize(torch.float32) if isinstance(mod, QuantLinear) else None
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                y = mod(x)
+            graph.replay()
+            torch.cuda.synchronize()
+            eager = mod(x)
+        assert torch.equal(y, eager)
+        if ref_path is not None:
+            assert _rel(y, F.linear(x.double(), ref_path.double(), mod.bias.double())) < 2e-3
+
+
+def test_bench_cli_says_why_without_a_gpu(capsys):
+    from bitsmith.cli.main import main
+
+    if CUDA and HAVE_TRITON:
+        pytest.skip("has a GPU: the bench itself runs (benchmarks/kernels_gpu_run.sh)")
+    assert main(["bench", "kernels", "--m", "1", "--shapes", "64x64"]) == 2
+    assert "CUDA" in capsys.readouterr().err
+    assert main(["bench", "kernels", "--formats", "int9"]) == 2
