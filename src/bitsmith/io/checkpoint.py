@@ -15,7 +15,14 @@ Every shard's ``__metadata__`` holds ``"format": "pt"`` (what transformers expec
     {"format": "bitsmith.checkpoint", "version": 1, "recipe": {...} | null,
      "quantized": {"X.weight": {"codec": "codebook", "shape": [out, in], "dtype": "bfloat16",
                                 "params": {...},
-                                "tensors": {"codes": "X.weight.codes", "absmax": "X.weight.absmax"}}}}
+                                "tensors": {"codes": "X.weight.codes", "absmax": "X.weight.absmax"}}},
+     "modules": {"X": {"kind": "w8a8_linear", "tensors": ["migration_scale"], ...}}}   # optional
+
+``modules`` (optional; absent in older checkpoints) says which *runtime module* a layer is rebuilt
+as when it is not the default ``QuantLinear`` / ``QuantConv2d``: ``kind`` names an entry of
+``bitsmith.nn.RUNTIME_MODULES``; ``tensors`` lists the leaf names of plain tensors stored as
+``X.<leaf>`` that belong to that module (extra buffers: a migration scale, a static input scale,
+a low-rank branch); every other key is a JSON attribute the runtime class validates itself.
 
 A quantized tensor ``X.weight`` is stored as the tensors ``X.weight.<field>`` (all in one shard);
 the ``tensors`` map says which stored tensor holds which codec field, so a reader never guesses.
@@ -59,6 +66,7 @@ know stores >= 1). It bounds what dequantizing can allocate by what the file hol
 shape claims more elements than ``8 * stored bytes`` is rejected when the checkpoint is opened."""
 
 _DOC_KEYS = {"format", "version", "recipe", "quantized"}
+_OPTIONAL_DOC_KEYS = {"modules"}
 _SPEC_KEYS = {"codec", "shape", "dtype", "params", "tensors"}
 # exceptions codec code may raise on hostile-but-parsable input; turned into CheckpointError
 _CODEC_ERRORS = (ValueError, TypeError, IndexError, KeyError, OverflowError, ZeroDivisionError, RuntimeError)
@@ -90,15 +98,39 @@ class QSpec:
         return {**self.spec, "tensors": dict(self.tensors)}
 
 
-def make_document(recipe: Any, quantized: Mapping[str, QSpec]) -> str:
+def make_document(recipe: Any, quantized: Mapping[str, QSpec], modules: Mapping[str, dict] | None = None) -> str:
     doc = {"format": FORMAT, "version": VERSION, "recipe": recipe,
            "quantized": {n: q.to_json() for n, q in quantized.items()}}
+    if modules:
+        doc["modules"] = {n: dict(info) for n, info in modules.items()}
     return json.dumps(doc, separators=(",", ":"), allow_nan=False)
+
+
+_LEAF = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def check_module_info(name: Any, info: Any) -> str | None:
+    """Why ``info`` is not a valid ``modules`` entry for module ``name`` (``None`` if it is):
+    an object with a non-empty string ``kind``, an optional ``tensors`` list of distinct leaf
+    names (Python identifiers: the buffers ``name.<leaf>``), any other keys JSON attributes."""
+    if not isinstance(name, str) or not name or name.startswith(".") or name.endswith("."):
+        return f"module name must be a dotted module path, got {name!r}"
+    if not isinstance(info, dict):
+        return f"module info must be an object, got {type(info).__name__}"
+    kind = info.get("kind")
+    if not isinstance(kind, str) or not kind:
+        return f"module info needs a non-empty string 'kind', got {kind!r}"
+    leaves = info.get("tensors", [])
+    if (not isinstance(leaves, list) or not all(isinstance(t, str) and _LEAF.match(t) for t in leaves)
+            or len(set(leaves)) != len(leaves)):
+        return f"module info 'tensors' must be a list of distinct leaf names (identifiers), got {leaves!r}"
+    return None
 
 
 def parse_document(text: str, file: str) -> tuple[Any, dict[str, QSpec]]:
     """Validate a shard's ``bitsmith`` document (structure only; the specs are checked against
-    the codec by :class:`Checkpoint`). Raises CheckpointError naming file and tensor."""
+    the codec by :class:`Checkpoint`). Raises CheckpointError naming file and tensor.
+    The ``modules`` object is read by :func:`parse_modules`."""
     def fail(msg: str, tensor: str | None = None) -> CheckpointError:
         return CheckpointError(f"bitsmith metadata: {msg}", file=file, tensor=tensor)
 
@@ -115,7 +147,7 @@ def parse_document(text: str, file: str) -> tuple[Any, dict[str, QSpec]]:
     if type(doc.get("version")) is not int or doc["version"] != VERSION:
         raise fail(f"unsupported version {doc.get('version')!r}; this bitsmith reads version {VERSION} "
                    "(upgrade bitsmith to read newer checkpoints)")
-    unknown, missing = sorted(set(doc) - _DOC_KEYS), sorted(_DOC_KEYS - set(doc))
+    unknown, missing = sorted(set(doc) - _DOC_KEYS - _OPTIONAL_DOC_KEYS), sorted(_DOC_KEYS - set(doc))
     if unknown or missing:
         raise fail(f"unknown fields {unknown} / missing fields {missing}")
     recipe = doc["recipe"]
@@ -142,6 +174,20 @@ def parse_document(text: str, file: str) -> tuple[Any, dict[str, QSpec]]:
         spec = {k: entry[k] for k in ("codec", "shape", "dtype", "params")}
         out[name] = QSpec(name, spec, dict(fields))
     return recipe, out
+
+
+def parse_modules(text: str, file: str) -> dict[str, dict]:
+    """The ``modules`` object of a shard's document (``{}`` when absent), each entry checked by
+    :func:`check_module_info`. Call after :func:`parse_document` accepted ``text``."""
+    doc = parse_json_strict(text)
+    modules = doc.get("modules", {})
+    if not isinstance(modules, dict):
+        raise CheckpointError(f"bitsmith metadata: modules must be an object, got {type(modules).__name__}", file=file)
+    for name, info in modules.items():
+        why = check_module_info(name, info)
+        if why is not None:
+            raise CheckpointError(f"bitsmith metadata: {why}", file=file, tensor=name or None)
+    return modules
 
 
 # --------------------------------------------------------------------------------------------
@@ -193,6 +239,7 @@ class Checkpoint:
         self.index: dict | None = None
         self._files: list[SafetensorsFile] = []
         self._items: dict[str, _Item] = {}
+        self._modules: dict[str, dict] = {}  # module name -> runtime module info
         self._mapping = "tensor"
 
     # --- opening --------------------------------------------------------------------------
@@ -246,6 +293,10 @@ class Checkpoint:
             if METADATA_KEY in f.metadata:
                 recipe, quantized = parse_document(f.metadata[METADATA_KEY], file)
                 recipes.append((file, recipe))
+                for mod, info in parse_modules(f.metadata[METADATA_KEY], file).items():
+                    if mod in self._modules:
+                        raise CheckpointError("bitsmith metadata: module info is given by two shards", file=file, tensor=mod)
+                    self._modules[mod] = info
             self._add_shard(i, f, quantized)
         if recipes:
             first_file, first = recipes[0]
@@ -255,6 +306,18 @@ class Checkpoint:
             self.recipe = first
         if self.index is not None:
             self._check_index(stored_owner)
+        self._check_modules()
+
+    def _check_modules(self) -> None:
+        """Every tensor a module's info lists is a plain tensor of the checkpoint."""
+        for mod, info in self._modules.items():
+            for leaf in info.get("tensors", []):
+                name = f"{mod}.{leaf}"
+                item = self._items.get(name)
+                if item is None or item.qspec is not None:
+                    what = "is quantized" if item is not None else "is not in the checkpoint"
+                    raise CheckpointError(f"module {mod!r} ({info['kind']}) lists tensor {leaf!r}, which {what} "
+                                          "(expected a plain tensor)", file=str(self.path), tensor=name)
 
     def _find_shards(self, folder: Path) -> list[Path]:
         indexes = sorted(p for p in folder.glob("*.safetensors.index.json") if not p.name.startswith("."))
@@ -384,6 +447,16 @@ class Checkpoint:
 
     def is_quantized(self, name: str) -> bool:
         return self._item(name).qspec is not None
+
+    def module_info(self, name: str) -> dict | None:
+        """The runtime module info of module ``name`` (``{"kind": ..., "tensors": [...], ...}``, a
+        copy), or ``None`` when the checkpoint does not name one (the default runtime module)."""
+        info = self._modules.get(name)
+        return None if info is None else json.loads(json.dumps(info))
+
+    def modules(self) -> dict[str, dict]:
+        """Every module's runtime module info (copies), by module name."""
+        return json.loads(json.dumps(self._modules))
 
     def entry(self, name: str) -> CheckpointEntry:
         """Shape, dtype, bytes on disk, shard file and codec of a logical tensor (no data read)."""
@@ -564,6 +637,9 @@ class CheckpointWriter:
         self._shards: list[tuple[Path, list[str]]] = []  # finished: (temp path, stored names)
         self._current: ShardWriter | None = None
         self._current_q: dict[str, QSpec] = {}
+        self._current_modules: dict[str, dict] = {}
+        self._modules: dict[str, dict] = {}  # every module info added (checked at close)
+        self._quantized_names: set[str] = set()
         self._logical: set[str] = set()
         self._stored: set[str] = set()
         self._total = 0
@@ -589,17 +665,17 @@ class CheckpointWriter:
         if cur is None:
             path = self.partial / f"shard-{len(self._shards) + 1:05d}.safetensors"
             cur = self._current = ShardWriter(path)
-            self._current_q = {}
+            self._current_q, self._current_modules = {}, {}
         return cur
 
     def _finish_shard(self) -> None:
         cur = self._current
         if cur is None:
             return
-        cur.metadata = {"format": "pt", METADATA_KEY: make_document(self.recipe, self._current_q)}
+        cur.metadata = {"format": "pt", METADATA_KEY: make_document(self.recipe, self._current_q, self._current_modules)}
         cur.close()
         self._shards.append((cur.path, cur.names()))
-        self._current, self._current_q = None, {}
+        self._current, self._current_q, self._current_modules = None, {}, {}
 
     def add_tensor(self, name: str, tensor: torch.Tensor) -> None:
         """Store a plain tensor under its own name (written to disk now)."""
@@ -638,8 +714,40 @@ class CheckpointWriter:
             shard.add(stored[fld], t)
             self._stored.add(stored[fld])
         self._current_q[name] = QSpec(name, spec, stored)
+        self._quantized_names.add(name)
         self._logical.add(name)
         self._total += nbytes
+
+    def add_module_info(self, name: str, info: Mapping[str, Any]) -> None:
+        """Say that module ``name`` is rebuilt as the runtime module ``info["kind"]`` (a key of
+        ``bitsmith.nn.RUNTIME_MODULES``) instead of the default. ``info["tensors"]`` (optional)
+        lists leaf names of plain tensors ``name.<leaf>`` that belong to the module (added with
+        :meth:`add_tensor`, before or after this call; :meth:`close` checks they were); other keys
+        are JSON attributes for the runtime class. Stored in the shard being written."""
+        if self._done:
+            raise self._fail("writer is closed", name)
+        info = dict(info) if isinstance(info, Mapping) else info
+        why = check_module_info(name, info)
+        if why is None and name in self._modules:
+            why = "module info given twice"
+        if why is None:
+            try:
+                info = json.loads(json.dumps(info, allow_nan=False))
+            except (TypeError, ValueError) as e:
+                why = f"module info is not JSON-serialisable: {e}"
+        if why is not None:
+            raise self._fail(why, name if isinstance(name, str) else None)
+        self._guarded(self._shard_for, 0)
+        self._current_modules[name] = info
+        self._modules[name] = info
+
+    def _check_module_tensors(self) -> None:
+        for mod, info in self._modules.items():
+            for leaf in info.get("tensors", []):
+                name = f"{mod}.{leaf}"
+                if name not in self._logical or name in self._quantized_names:
+                    raise self._fail(f"module {mod!r} ({info['kind']}) lists tensor {leaf!r}, which was not added "
+                                     "as a plain tensor (add_tensor)", name)
 
     def _guarded(self, fn, *args: Any) -> None:
         try:
@@ -655,6 +763,7 @@ class CheckpointWriter:
         if self._done:
             raise self._fail("writer is already closed", None)
         try:
+            self._check_module_tensors()
             if self._current is None and not self._shards:
                 self._shard_for(0)  # an empty checkpoint is one empty shard
             self._finish_shard()
@@ -729,7 +838,9 @@ __all__ = [
     "CheckpointEntry",
     "CheckpointWriter",
     "QSpec",
+    "check_module_info",
     "make_document",
     "parse_document",
+    "parse_modules",
     "shard_name",
 ]

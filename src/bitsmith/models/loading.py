@@ -11,9 +11,9 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from ..errors import CheckpointError
+from ..errors import BitsmithError, CheckpointError
 from ..io.checkpoint import Checkpoint
-from ..nn import QuantConv2d, QuantLinear
+from ..nn import RUNTIME_MODULES, QuantConv2d, QuantLinear
 from .surgery import set_submodule
 
 
@@ -93,6 +93,47 @@ def _assign(model: nn.Module, name: str, tensor: torch.Tensor) -> bool:
     return False
 
 
+def _build_runtime_modules(ckpt: Checkpoint, model: nn.Module, modules: dict[str, nn.Module],
+                           dtype: torch.dtype | None, path: Path) -> tuple[set[str], list[str]]:
+    """Replace every module the checkpoint's ``modules`` object names by its runtime module kind
+    (``RUNTIME_MODULES[kind].from_checkpoint``), fed with the quantized ``M.weight``, ``M.bias``
+    (cast to ``dtype``) and the plain tensors ``M.<leaf>`` the info lists (as stored). Returns
+    the tensor names used, and the names the float module needs but the checkpoint lacks."""
+    consumed: set[str] = set()
+    absent: list[str] = []
+    for mod_name, info in ckpt.modules().items():
+        def fail(msg: str, tensor: str | None = mod_name) -> CheckpointError:
+            return CheckpointError(f"module {mod_name!r} ({info['kind']}): {msg}", file=str(path), tensor=tensor)
+
+        try:
+            cls = RUNTIME_MODULES.get(info["kind"])
+        except BitsmithError as e:
+            raise fail(f"{e.message} (a newer bitsmith, or a plugin, may know it)") from None
+        float_mod = modules.get(mod_name)
+        if float_mod is None:
+            raise fail(f"the model ({type(model).__name__}) has no such module")
+        wname, bname = f"{mod_name}.weight", f"{mod_name}.bias"
+        if wname not in ckpt or not ckpt.is_quantized(wname):
+            raise fail("its weight is not a quantized tensor of the checkpoint", wname)
+        bias = None
+        if bname in ckpt:
+            bias = ckpt.tensor(bname)
+            bias = bias.to(dtype) if dtype is not None and bias.is_floating_point() else bias
+            consumed.add(bname)
+        elif getattr(float_mod, "bias", None) is not None:
+            absent.append(bname)
+        extra = {leaf: ckpt.tensor(f"{mod_name}.{leaf}") for leaf in info.get("tensors", [])}
+        try:
+            new = cls.from_checkpoint(float_mod, ckpt.qtensor(wname), bias, info, extra)
+        except BitsmithError as e:
+            raise fail(e.message, e.tensor or mod_name) from None
+        set_submodule(model, mod_name, new)
+        modules[mod_name] = new
+        consumed.add(wname)
+        consumed.update(f"{mod_name}.{leaf}" for leaf in extra)
+    return consumed, absent
+
+
 def load_model(path: str | Path, *, dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> nn.Module:
     """Load a bitsmith checkpoint folder into its transformers/diffusers model class, with
     QuantLinear / QuantConv2d holding the packed weights. No original weights are needed.
@@ -119,7 +160,10 @@ def _load_model(path: Path, dtype: torch.dtype | None, device: str | torch.devic
         model = build_from_config(ckpt.config, path)
         modules = dict(model.named_modules())
         unexpected: list[str] = []
+        consumed, absent = _build_runtime_modules(ckpt, model, modules, dtype, path)
         for name in ckpt.names():
+            if name in consumed:
+                continue
             if ckpt.is_quantized(name):
                 qt = ckpt.qtensor(name)
                 mod_name = name.rpartition(".")[0]
@@ -139,7 +183,7 @@ def _load_model(path: Path, dtype: torch.dtype | None, device: str | torch.devic
                 unexpected.append(name)
         if hasattr(model, "tie_weights"):
             model.tie_weights()
-        missing = sorted(n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta)
+        missing = sorted(absent + [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta])
         if missing or unexpected:
             raise CheckpointError(
                 f"checkpoint does not match {type(model).__name__}: missing {missing[:20]}"
