@@ -537,3 +537,194 @@ def test_non_contiguous_and_grad_weights():
     assert all(torch.equal(a.tensors[k], b.tensors[k]) for k in a.tensors)
     p = torch.nn.Parameter(w.clone())
     assert torch.equal(rtn(p).dequantize(), rtn(w).dequantize())
+
+
+# --- axis 0 (HQQ's column groups) and quantized metadata -------------------------------------
+from bitsmith.formats.affine import MetaQuant, dequantize_meta, meta_shape, quantize_meta  # noqa: E402
+
+
+def np_affine_axis0(x: np.ndarray, gs: int, scale: np.ndarray, zero: np.ndarray, bits: int):
+    """float64 reference of axis 0: flat -> [gs, n], column j a group; returns (codes, dequant)."""
+    cols = x.reshape(gs, -1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        t = np.where(scale == 0, 0.0, cols / scale)
+    q = np.clip(np.rint(t + zero), 0, 2**bits - 1)
+    return q, ((q - zero) * scale).reshape(x.shape)
+
+
+def np_meta_quant(v: np.ndarray, bits: int, g: int):
+    """float64 reference of the metadata quantization (min-max, float32 scale rounded up,
+    float32 zero, last group short) -> (codes, scale, zero, reconstructed float32)."""
+    flat = v.reshape(-1).astype(np.float64)
+    n, m = flat.size, 2**bits - 1
+    codes, out, ss, zz = np.empty(n), np.empty(n, np.float32), [], []
+    for a in range(0, n, g):  # plain loop: the reference favours obviousness over speed
+        grp = flat[a : a + g]
+        lo, hi = grp.min(), grp.max()
+        s = abs(lo) if hi == lo else (hi - lo) / m
+        s32 = np.float32(s)
+        if float(s32) < s:
+            s32 = np.nextafter(s32, np.float32(np.inf))
+        z32 = np.float32(0.0) if s32 == 0 else np.float32(-lo / float(s32))
+        q = np.zeros(grp.size) if s32 == 0 else np.clip(np.rint(grp / float(s32) + float(z32)), 0, m)
+        q = np.where(s32 == 0, np.clip(np.rint(float(z32)), 0, m), q)
+        codes[a : a + g] = q
+        out[a : a + g] = (q.astype(np.float32) - z32) * s32
+        ss.append(s32)
+        zz.append(z32)
+    return codes, np.array(ss, np.float32), np.array(zz, np.float32), out.reshape(v.shape)
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 8])
+@pytest.mark.parametrize("shape, gs", [((24, 64), 16), ((10, 36), 40), ((8, 4, 3, 3), 32), ((96,), 12)])
+def test_axis0_matches_reference(bits, shape, gs):
+    w = randw(*shape, seed=bits)
+    x = w.double().numpy().reshape(gs, -1)
+    lo, hi = x.min(axis=0, keepdims=True), x.max(axis=0, keepdims=True)
+    scale = torch.from_numpy((hi - lo) / (2**bits - 1)).to(torch.float16)
+    zero = torch.from_numpy(-lo / scale.double().numpy()).to(torch.float16)
+    p = AffineParams(bits=bits, group_size=gs, axis=0)
+    qt = encode_affine(w, scale, zero, p)
+    assert meta_shape(p, shape) == (1, math.prod(shape) // gs)
+    q_ref, d_ref = np_affine_axis0(w.double().numpy(), gs, scale.double().numpy(), zero.double().numpy(), bits)
+    codes = AffineCodec.unpack_codes(p, qt.tensors, qt.shape)
+    assert codes.shape == (gs, math.prod(shape) // gs)
+    assert np.array_equal(codes.numpy().astype(np.float64), q_ref)
+    # stored order: code i belongs to flat element i
+    flat_codes = Packing.dense(bits).unpack(qt.tensors["codes"], math.prod(shape))
+    assert np.array_equal(flat_codes.numpy().astype(np.float64), q_ref.reshape(-1))
+    np.testing.assert_allclose(qt.dequantize(torch.float32).double().numpy(), d_ref, rtol=2**-22, atol=1e-37)
+    tensors, spec = qt.to_state()
+    spec2 = json.loads(json.dumps(spec))
+    assert spec2["params"]["axis"] == 0
+    back = QTensor.from_state(tensors, spec2)
+    assert back.params == p and torch.equal(back.dequantize(), qt.dequantize())
+
+
+@pytest.mark.parametrize("axis", [0, 1])
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_layout_reads_hqq_codes_and_meta(axis, bits):
+    """HQQ's own Quantizer (unpacked W_q, its inverted scale, float zero) put into our tensors
+    dequantizes exactly as hqq's Quantizer.dequantize: same groups, same order, same shapes."""
+    quantize = pytest.importorskip("hqq.core.quantize")
+    w = randw(32, 128, seed=bits)
+    gs = 64
+    W_q, meta = quantize.Quantizer.quantize(
+        w, nbits=bits, group_size=gs, axis=axis, optimize=False, bitpack=False, device="cpu", compute_dtype=torch.float32
+    )
+    meta["compute_dtype"] = torch.float32
+    theirs = quantize.Quantizer.dequantize(W_q, meta)
+    p = AffineParams(bits=bits, group_size=gs, axis=axis, scale_dtype="float32")
+    ms = meta_shape(p, tuple(w.shape))
+    tensors = {
+        "codes": p.packing.pack(W_q.to(torch.uint8).reshape(-1)),  # row-major, as hqq holds it
+        "scale": meta["scale"].float().reshape(ms),
+        "zero": meta["zero"].float().reshape(ms),
+    }
+    ours = QTensor.from_state(tensors, {"codec": "affine", "shape": [32, 128], "dtype": "float32", "params": p.to_json()})
+    assert torch.equal(ours.dequantize(), theirs)
+
+
+@pytest.mark.parametrize("bits, g", [(8, 128), (8, 9), (4, 7), (1, 5), (8, 1000)])
+def test_quantize_meta_matches_reference(bits, g):
+    g_ = torch.Generator().manual_seed(g)
+    v = torch.rand(23, 17, generator=g_, dtype=torch.float64) * 0.01 + 1e-4
+    v[3, :] = 0.005  # a constant stretch
+    mq = MetaQuant(bits=bits, group_size=g)
+    got = quantize_meta(v, mq)
+    codes, s, z, rec = np_meta_quant(v.numpy(), bits, g)
+    assert np.array_equal(mq.packing.unpack(got["codes"], v.numel()).numpy().astype(np.float64), codes)
+    assert np.array_equal(got["scale"].numpy(), s) and np.array_equal(got["zero"].numpy(), z)
+    assert np.array_equal(dequantize_meta(got, mq, tuple(v.shape)).numpy(), rec)
+    step = (v.max() - v.min()).item() / (2**bits - 1)
+    assert float((torch.from_numpy(rec).double() - v).abs().max()) <= step * 0.5 * 1.001 + 1e-7
+
+
+@pytest.mark.parametrize("axis", [0, 1])
+@pytest.mark.parametrize("which", ["scale", "zero", "both"])
+def test_quantized_metadata_round_trip(axis, which):
+    w = randw(48, 256, seed=3)
+    gs = 64
+    p0 = AffineParams(bits=4, group_size=gs, axis=axis, scale_dtype="float32")
+    x = w.double()
+    groups = x.reshape(gs, -1).t() if axis == 0 else x.reshape(48, -1, gs).reshape(-1, gs)
+    lo, hi = groups.amin(1), groups.amax(1)
+    ms = meta_shape(p0, tuple(w.shape))
+    scale = ((hi - lo) / 15).reshape(ms)
+    zero = (-lo.reshape(ms) / scale)
+    mq = MetaQuant(bits=8, group_size=32)
+    p = AffineParams(
+        bits=4, group_size=gs, axis=axis,
+        scale_quant=mq if which != "zero" else None, zero_quant=mq if which != "scale" else None,
+    )
+    qt = encode_affine(w, scale if which != "zero" else scale.half(), zero if which != "scale" else zero.half(), p)
+    # what the reader sees, computed independently from the reference metadata quantization
+    s_seen = torch.from_numpy(np_meta_quant(scale.numpy(), 8, 32)[3]).double() if which != "zero" else scale.half().double()
+    z_seen = torch.from_numpy(np_meta_quant(zero.numpy(), 8, 32)[3]).double() if which != "scale" else zero.half().double()
+    xs = x.numpy()
+    if axis == 0:
+        q_ref, d_ref = np_affine_axis0(xs, gs, s_seen.numpy(), z_seen.numpy(), 4)
+    else:
+        g3 = xs.reshape(48, -1, gs)
+        q_ref = np.clip(np.rint(g3 / s_seen.numpy()[..., None] + z_seen.numpy()[..., None]), 0, 15)
+        d_ref = ((q_ref - z_seen.numpy()[..., None]) * s_seen.numpy()[..., None]).reshape(48, 256)
+    codes = AffineCodec.unpack_codes(p, qt.tensors, qt.shape).numpy().astype(np.float64)
+    assert np.array_equal(codes, q_ref)
+    d = qt.dequantize(torch.float32).double().numpy()
+    np.testing.assert_allclose(d, d_ref, rtol=2**-21, atol=1e-12)
+    tensors, spec = qt.to_state()
+    assert "scale" not in tensors if which != "zero" else "scale" in tensors
+    spec2 = json.loads(json.dumps(spec))
+    back = QTensor.from_state({k: v.clone() for k, v in tensors.items()}, spec2)
+    assert back.params == p and torch.equal(back.dequantize(), qt.dequantize())
+    # 8-bit scale and zero cost less than float32 ones, and the error barely moves
+    plain = encode_affine(w, scale.float(), zero.float(), p0)
+    assert qt.nbytes < plain.nbytes
+    e_q = float((qt.dequantize() - w).pow(2).mean())
+    e_p = float((plain.dequantize() - w).pow(2).mean())
+    assert e_q < e_p * 1.15
+
+
+def test_old_spec_without_new_fields_loads_and_is_unchanged():
+    qt = rtn(randw(10, 100), bits=4, group_size=64, zero="float")
+    tensors, spec = qt.to_state()
+    assert set(spec["params"]) == {"bits", "group_size", "zero", "scale_dtype", "packing"}
+    back = QTensor.from_state(tensors, json.loads(json.dumps(spec)))
+    assert back.params.axis == 1 and back.params.scale_quant is None and back.params.zero_quant is None
+    explicit = dict(spec["params"], axis=1, scale_quant=None, zero_quant=None)
+    assert AffineParams.from_json(explicit) == back.params
+    assert AffineParams.from_json(explicit).to_json() == spec["params"]
+
+
+@pytest.mark.parametrize(
+    "params, match",
+    [
+        (dict(axis=2), "axis must be 0 or 1, got 2"),
+        (dict(axis="0"), "integer"),
+        (dict(axis=True), "integer"),
+        (dict(axis=0, group_size=48), "axis=0 needs group_size dividing"),
+        (dict(scale_quant={"bits": 9, "group_size": 128}), "scale_quant: metadata quantization bits"),
+        (dict(scale_quant={"bits": 8, "group_size": 0}), "group_size must be an integer >= 1"),
+        (dict(scale_quant={"bits": 8, "group": 128}), r"unknown params \['group'\]"),
+        (dict(scale_quant=8), "params must be an object"),
+        (dict(zero_quant={"bits": 8, "group_size": 128}, zero="int"), "zero_quant quantizes a float zero"),
+    ],
+)
+def test_from_state_rejects_bad_axis_and_meta(params, match):
+    tensors, _ = _state()
+    with pytest.raises(SpecError, match=match):
+        QTensor.from_state(tensors, _spec_with(**params))
+
+
+def test_quantized_metadata_tensor_checks():
+    w = randw(8, 128, seed=1)
+    p = AffineParams(bits=4, group_size=64, scale_quant=MetaQuant(8, 4))
+    qt = encode_affine(w, torch.full((8, 2), 0.01), torch.full((8, 2), 7.5, dtype=torch.float16), p)
+    tensors, spec = qt.to_state()
+    assert tensors["scale_codes"].shape == (16,) and tensors["scale_scale"].shape == (4,)
+    with pytest.raises(SpecError, match=r"'scale_scale' must be float32\[4\]"):
+        QTensor.from_state(dict(tensors, scale_scale=tensors["scale_scale"][:3]), spec)
+    with pytest.raises(SpecError, match=r"missing tensors \['scale_codes'\]"):
+        QTensor.from_state({k: v for k, v in tensors.items() if k != "scale_codes"}, spec)
+    with pytest.raises(SpecError, match=r"scale must be a float tensor \[8, 2\]"):
+        encode_affine(w, torch.ones(8, 3), torch.zeros(8, 2, dtype=torch.float16), p)

@@ -167,6 +167,8 @@ class Recipe:
         and every override once on a tiny tensor, before any file is read or written."""
         probe = torch.linspace(-1.0, 1.0, 2 * 96).view(2, 96)
         for method, options in [(self.method, self.options), *(self.resolve_override(o) for o in self.overrides)]:
+            # a stats-file ``calib`` is resolved per layer when quantizing (api.quantize_file)
+            options = {k: v for k, v in options.items() if k != "calib"}
             METHODS.get(method)(probe, **options)
 
     def to_json(self) -> dict:

@@ -1,0 +1,312 @@
+"""``hqq``: half-quadratic optimised affine quantization (HQQ's proximal solver, extended).
+
+Per group ``g`` of ``group_size`` weights ``w`` (the ``affine`` codec's groups, either axis),
+with ``L = 2**bits`` levels, ``m = L - 1``, a step ``s`` and a zero point ``z``:
+
+    q(w) = clamp(round(w / s + z), 0, m),      w_hat = (q - z) * s
+
+The solver minimises the weighted lp error ``sum_j d_j |w_j - w_hat_j|**p`` (``p = lp < 1``,
+robust to the few weights a grid cannot reach; ``d_j`` = 1, or the per-input-channel ``calib``
+weights such as ``E[x_j**2]``, which turns it into an estimate of the output error
+``E[(x . (w - w_hat))**2]`` with a diagonal second moment) by half-quadratic splitting: an
+auxiliary error ``e`` and a penalty ``beta/2 * sum_j d_j (w_j - w_hat_j - e_j)**2``, alternating
+
+1. ``q`` <- the codes of the current grid (round to nearest);
+2. ``e`` <- HQQ's shrinkage for ``|.|**p``: ``shrink(r) = sign(r) max(|r| - |r|**(p-1) / beta, 0)``
+   applied to the residual ``r = w / s + z - q`` measured *in steps* (so the same ``beta`` means
+   the same thing for every group, whatever its magnitude; ``d_j`` cancels in this step);
+3. the quadratic step: ``z`` (and, with ``optimize_scale``, ``s``) minimise
+   ``sum_j d_j ((q_j - z) s - (w_j - e_j s))**2`` — a weighted mean for ``z`` alone, a weighted
+   least-squares line fit of the targets on ``q`` for ``(s, z)``; with ``zero="int"`` the zero is
+   rounded to an integer in ``[0, m]``;
+4. ``beta <- beta * kappa``.
+
+Every group keeps the best ``(s, z)`` it has seen (by its own objective), so the result is never
+worse than the min-max start, and there is no per-tensor early exit. All groups of a tensor move
+together (vectorised); on CPU they are processed in cache-sized blocks of groups (the math is the
+same, it only keeps the working set in cache). The device is the weight's.
+
+Differences from the hqq package (0.2.8): the residual is normalised by the step (HQQ's is in
+weight units, which makes its shrinkage almost always zero, i.e. a plain mean), the scale can be
+optimised (HQQ keeps the min-max scale), groups are weighted by activations (``calib``), the best
+iterate is kept per group instead of stopping the whole tensor at the first non-improving step,
+and the zero is not pre-rounded at 4 bits.
+
+Storage: the ``affine`` codec with ``scale_dtype`` scales (float16: the stored step is the solver's
+rounded to nearest) and a float zero (``scale_dtype``) or a uint8 zero; ``quant_scale`` /
+``quant_zero`` store them as 8-bit codes per ``meta_group_size`` (HQQ's quantized metadata);
+codes are always computed against exactly what a reader reconstructs.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..errors import QuantizationError, SpecError
+from ..formats import QTensor
+from ..formats.affine import SCALE_DTYPES, AffineParams, MetaQuant, encode_affine, group_rows, meta_shape
+from ..formats.codec import matrix_shape
+from ..formats.dtypes import FLOAT_DTYPES
+from . import METHODS
+from .rtn import resolve_group_size, round_nearest_to
+
+#: elements per block of groups on CPU (working set ~ a few MB: stays in cache); one block on GPU
+_CPU_BLOCK = 1 << 16
+_GPU_BLOCK = 1 << 26
+_SIGNIFICAND_BITS = {torch.float16: 11, torch.bfloat16: 8, torch.float32: 24}
+#: calib weights are floored at this fraction of their mean, so no weight is entirely ignored
+CALIB_FLOOR = 1e-2
+
+
+def lp_shrink(r: torch.Tensor, beta: float, p: float) -> torch.Tensor:
+    """HQQ's generalised soft threshold, its one-step stand-in for the proximal operator of
+    ``|x|**p / beta``: ``sign(r) * max(|r| - |r|**(p-1) / beta, 0)`` (plain soft thresholding at
+    ``p = 1``; small residuals go to 0, large ones are kept almost whole)."""
+    a = r.abs()
+    ap = _pow_pm1(a, p)
+    return (a - ap / beta).clamp_min_(0).copysign_(r)
+
+
+def _pow_pm1(a: torch.Tensor, p: float) -> torch.Tensor:
+    """``|a|**(p - 1)`` for ``a >= 0`` (floored at 1e-6 so 0 gives a large finite value)."""
+    a = a.clamp_min(1e-6)
+    if p == 0.5:
+        return a.rsqrt_()
+    if p == 1.0:
+        return torch.ones_like(a)
+    return a.pow_(p - 1.0)
+
+
+def init_minmax(groups: torch.Tensor, bits: int, zero: str, zmax: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Min-max start ``(s, z)`` per group (``[G, 1]`` each, float32), like ``rtn``: float zero
+    ``s = max((hi - lo) / m, |lo| / zmax)``, ``z = -lo / s``; int zero widens the range to contain
+    0 and rounds ``z``. A constant group gets ``s = |c|``; an all-zero group ``s = 0, z = 0``."""
+    m = (1 << bits) - 1
+    lo = groups.amin(dim=1, keepdim=True)
+    hi = groups.amax(dim=1, keepdim=True)
+    const = hi == lo
+    if zero == "int":
+        lo, hi = torch.where(const, lo, lo.clamp(max=0)), torch.where(const, hi, hi.clamp(min=0))
+        s = torch.where(const, lo.abs(), (hi - lo) / m)
+    else:
+        s = torch.where(const, lo.abs(), torch.maximum((hi - lo) / m, lo.abs() / zmax))
+    safe = torch.where(s == 0, torch.ones_like(s), s)
+    z = torch.where(s == 0, torch.zeros_like(s), -lo / safe)
+    if zero == "int":
+        z = z.round().clamp(0, m)
+    return s, z
+
+
+def hqq_solve(
+    groups: torch.Tensor,
+    bits: int,
+    *,
+    weights: torch.Tensor | None = None,
+    iters: int = 10,
+    lp: float = 0.5,
+    beta: float = 10.0,
+    kappa: float = 1.01,
+    optimize_scale: bool = True,
+    zero: str = "float",
+    zmax: float = 256.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run the solver on ``groups`` (``[G, gs]``, one group per row, float32) with optional
+    per-element ``weights`` (``[G, gs]``, >= 0; each group's weights are normalised to sum 1).
+    Returns the best ``(s, z)`` per group, float32 ``[G, 1]`` each (see the module doc)."""
+    m = (1 << bits) - 1
+    s, z = init_minmax(groups, bits, zero, zmax)
+    dead = s == 0
+    s = torch.where(dead, torch.ones_like(s), s)
+    wn = groups / s  # weights in steps of the current grid
+    if weights is not None:
+        total = weights.sum(dim=1, keepdim=True)
+        weights = torch.where(total > 0, weights / total.clamp_min(1e-30), 1.0 / groups.shape[1])
+
+    def mean(x: torch.Tensor) -> torch.Tensor:
+        return (x * weights).sum(dim=1, keepdim=True) if weights is not None else x.mean(dim=1, keepdim=True)
+
+    best_s, best_z, best_c = s, z, None
+    for it in range(iters + 1):
+        r = wn + z
+        q = r.round().clamp_(0, m)
+        r.sub_(q)  # residual in steps: w - w_hat = r * s
+        a = r.abs()
+        apm1 = _pow_pm1(a, lp)
+        c = mean(a * apm1) * s.pow(lp)  # sum_j d_j |w_j - w_hat_j|**p
+        if best_c is None:
+            best_c = c
+        else:
+            better = c < best_c
+            best_c = torch.where(better, c, best_c)
+            best_s = torch.where(better, s, best_s)
+            best_z = torch.where(better, z, best_z)
+        if it == iters:
+            break
+        e = (a - apm1 / beta).clamp_min_(0).copysign_(r)  # prox of |.|^p, in steps
+        if optimize_scale:
+            # fit targets t = wn - e (in current steps) as k * (q - z'): weighted least squares
+            t = wn - e
+            mq, mt = mean(q), mean(t)
+            var = mean(q * q) - mq * mq
+            k = (mean(q * t) - mq * mt) / var.clamp_min(1e-12)
+            ok = (var > 1e-9) & (k > 1e-3)
+            k = torch.where(ok, k, torch.ones_like(k))
+            z_fit = mq - mt / k
+            z_mean = z + mean(e - r)
+            z_new = torch.where(ok, z_fit, z_mean)
+            if zero == "int":
+                z_new = z_new.round().clamp(0, m)
+            ok = ok & (z_new.abs() <= zmax)
+            z = torch.where(ok, z_new, z_mean.round().clamp(0, m) if zero == "int" else z_mean)
+            k = torch.where(ok, k, torch.ones_like(k))
+            s = s * k
+            wn = wn / k
+        else:
+            z = z + mean(e - r)
+            if zero == "int":
+                z = z.round().clamp(0, m)
+        if zero != "int":
+            z = z.clamp(-zmax, zmax)
+        beta *= kappa
+    best_s = torch.where(dead, torch.zeros_like(best_s), best_s)
+    best_z = torch.where(dead, torch.zeros_like(best_z), best_z)
+    return best_s, best_z
+
+
+def calib_weights(calib: Any, shape: tuple[int, ...], params: AffineParams) -> torch.Tensor:
+    """Per-element weights ``[num_groups, group_size]`` from per-input-channel ``calib`` (a 1-D
+    tensor of ``in_features`` values, or anything with a ``sqmean`` attribute such as
+    :class:`~bitsmith.calibration.ChannelStats`). A Conv2d's ``in_channels`` values are repeated
+    over its kernel positions. Values are floored at ``CALIB_FLOOR`` x their mean."""
+    d = getattr(calib, "sqmean", calib)
+    if not isinstance(d, torch.Tensor) or not d.is_floating_point() or d.dim() != 1:
+        got = f"{d.dtype} {list(d.shape)}" if isinstance(d, torch.Tensor) else type(d).__name__
+        raise QuantizationError(f"hqq calib must be a 1-D float tensor of per-input-channel weights, got {got}")
+    rows, cols = matrix_shape(shape)
+    n = d.numel()
+    if n != cols:
+        if len(shape) > 2 and n == shape[1]:
+            d = d.repeat_interleave(cols // n)
+        else:
+            raise QuantizationError(
+                f"hqq calib has {n} channels, the weight {list(shape)} has {cols} input columns"
+                + (f" ({shape[1]} input channels)" if len(shape) > 2 else "")
+            )
+    d = d.to(torch.float32)
+    if not bool(torch.isfinite(d).all()) or bool((d < 0).any()):
+        raise QuantizationError("hqq calib weights must be finite and >= 0")
+    mean = float(d.mean())
+    d = d + CALIB_FLOOR * mean if mean > 0 else torch.ones_like(d)
+    full = d.view(1, cols).expand(rows, cols).reshape(shape)
+    return group_rows(full, params)
+
+
+@METHODS.register("hqq")
+def hqq(
+    weight: torch.Tensor,
+    *,
+    bits: int = 4,
+    group_size: int | str | None = 64,
+    axis: int = 1,
+    iters: int = 10,
+    lp: float = 0.5,
+    beta: float = 10.0,
+    kappa: float = 1.01,
+    optimize_scale: bool = True,
+    zero: str = "float",
+    scale_dtype: str = "float16",
+    quant_scale: bool = False,
+    quant_zero: bool = False,
+    meta_bits: int = 8,
+    meta_group_size: int = 128,
+    calib: Any = None,
+) -> QTensor:
+    """Quantize ``weight`` (any ndim >= 1, fp16/bf16/fp32/fp64, on its own device) to the
+    ``affine`` codec with the half-quadratic solver (module doc). ``zero``: ``"float"`` (HQQ's) or
+    ``"int"``; ``axis``: 1 (groups along the input dim) or 0 (HQQ's column groups; ``group_size``
+    must divide the element count); ``quant_scale`` / ``quant_zero``: store the scale / zero as
+    ``meta_bits`` codes per ``meta_group_size`` values; ``calib``: per-input-channel weights (e.g.
+    ``ChannelStats.sqmean``) for an activation-weighted error."""
+    if not isinstance(weight, torch.Tensor):
+        raise QuantizationError(f"hqq needs a torch.Tensor, got {type(weight).__name__}")
+    if weight.dtype not in FLOAT_DTYPES:
+        raise QuantizationError(f"hqq needs a floating weight (float16/bfloat16/float32/float64), got {weight.dtype}")
+    if weight.dim() == 0 or weight.numel() == 0:
+        raise QuantizationError(f"hqq needs a non-empty tensor with ndim >= 1, got shape {list(weight.shape)}")
+    weight = weight.detach()
+    if not bool(torch.isfinite(weight).all()):
+        raise QuantizationError("hqq: weight has inf/NaN values")
+    _check_options(iters, lp, beta, kappa, optimize_scale, zero, quant_scale, quant_zero)
+    shape = tuple(weight.shape)
+    _, cols = matrix_shape(shape)
+    gs = resolve_group_size(group_size, cols) if axis == 1 else group_size
+    if axis == 0 and (group_size is None or group_size == "channel"):
+        raise SpecError("hqq axis=0 needs an integer group_size (groups are columns of [group_size, numel/group_size])")
+    meta = MetaQuant(bits=meta_bits, group_size=meta_group_size) if (quant_scale or quant_zero) else None
+    params = AffineParams(
+        bits=bits, group_size=gs, zero=zero, scale_dtype=scale_dtype, axis=axis,
+        scale_quant=meta if quant_scale else None, zero_quant=meta if quant_zero else None,
+    )
+    mshape = meta_shape(params, shape)
+    sdt = SCALE_DTYPES[params.scale_dtype]
+    zmax = float(max(params.levels - 1, 2 ** (_SIGNIFICAND_BITS[sdt] - 3)))
+
+    groups = group_rows(weight, params)
+    weights = calib_weights(calib, shape, params).to(weight.device) if calib is not None else None
+    block = max(1, (_CPU_BLOCK if weight.device.type == "cpu" else _GPU_BLOCK) // params.group_size)
+    s_parts, z_parts = [], []
+    for g0 in range(0, groups.shape[0], block):  # blocks bound the working set; math is vectorised
+        g1 = min(groups.shape[0], g0 + block)
+        s, z = hqq_solve(
+            groups[g0:g1].to(torch.float32), bits,
+            weights=weights[g0:g1] if weights is not None else None,
+            iters=iters, lp=lp, beta=beta, kappa=kappa, optimize_scale=optimize_scale, zero=zero, zmax=zmax,
+        )
+        s_parts.append(s)
+        z_parts.append(z)
+    s = torch.cat(s_parts).reshape(mshape)
+    z = torch.cat(z_parts).reshape(mshape)
+    return encode_affine(weight, *_storage(s, z, params), params)
+
+
+def _storage(s: torch.Tensor, z: torch.Tensor, params: AffineParams) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero as :func:`encode_affine` takes them: float32 where the metadata is
+    quantized, else rounded to nearest in their storage dtypes (uint8 for an int zero)."""
+    sdt = params.torch_scale_dtype
+    if params.scale_quant is None:
+        fmax = torch.finfo(sdt).max
+        if float(s.max()) > fmax:
+            raise QuantizationError(
+                f"hqq: a group's scale {float(s.max()):.4g} overflows {params.scale_dtype}; use scale_dtype='float32'"
+            )
+        tiny = torch.finfo(sdt).tiny * torch.finfo(sdt).eps  # smallest subnormal: a live step never rounds to 0
+        scale = round_nearest_to(torch.where(s > 0, s.double().clamp_min(tiny), s.double()), sdt)
+    else:
+        scale = s
+    if params.zero == "int":
+        zero = z.round().clamp(0, params.levels - 1).to(torch.uint8)
+    elif params.zero_quant is None:
+        zero = round_nearest_to(z.double(), sdt)
+    else:
+        zero = z
+    return scale, zero
+
+
+def _check_options(iters, lp, beta, kappa, optimize_scale, zero, quant_scale, quant_zero) -> None:
+    if type(iters) is not int or not 0 <= iters <= 10_000:
+        raise SpecError(f"hqq iters must be an integer in 0..10000, got {iters!r}")
+    if type(lp) not in (int, float) or not 0.0 < lp <= 1.0:
+        raise SpecError(f"hqq lp must be a number in (0, 1], got {lp!r}")
+    if type(beta) not in (int, float) or not beta > 0:
+        raise SpecError(f"hqq beta must be a number > 0, got {beta!r}")
+    if type(kappa) not in (int, float) or not kappa >= 1.0:
+        raise SpecError(f"hqq kappa must be a number >= 1, got {kappa!r}")
+    for name, v in (("optimize_scale", optimize_scale), ("quant_scale", quant_scale), ("quant_zero", quant_zero)):
+        if type(v) is not bool:
+            raise SpecError(f"hqq {name} must be true/false, got {v!r}")
+    if zero not in ("float", "int"):
+        raise SpecError(f"hqq zero must be 'float' or 'int', got {zero!r} (symmetric has no zero to optimise)")
+
+
+__all__ = ["hqq", "hqq_solve", "lp_shrink", "init_minmax", "calib_weights"]
