@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from .errors import BitsmithError, CheckpointError, QuantizationError
+from .adapters import add_adapters, load_adapters, save_adapters
 from .formats import QTensor
 from .formats.dtypes import dtype_from_name
 from .exporters import ExportReport, get_exporter
@@ -35,6 +36,14 @@ __all__ = [
     "evaluate",
     "compare",
     "export",
+    "quantize_svdquant",
+    "calibrate",
+    "smooth_model",
+    "import_quantized",
+    "quantize_smoothquant",
+    "add_adapters",
+    "save_adapters",
+    "load_adapters",
 ]
 
 #: small files copied from a model folder next to the weights (config, tokenizer, ...)
@@ -164,6 +173,7 @@ def quantize_file(
                 f"no quantizable tensor (floating 2-D/4-D weights not skipped by the recipe) among {len(names)} tensors",
                 file=str(src),
             )
+        calib_cache = _load_calib_files(plans, src)
         iterator: Iterable[str] = names
         bar = None
         if progress:
@@ -195,6 +205,7 @@ def quantize_file(
                 method, options = plan
                 t0 = time.perf_counter()
                 try:
+                    options = _with_layer_calib(options, name, calib_cache)
                     qt = quantize_weight(tensor, method, **options)
                 except BitsmithError as e:
                     raise e.at(file=str(src), tensor=name) from None
@@ -213,8 +224,39 @@ def quantize_file(
     return report
 
 
+def _load_calib_files(plans: dict, src: Path) -> dict[str, dict]:
+    """Read every stats file a plan's ``calib`` option names (``--method hqq --calib STATS``),
+    once each, before anything is written."""
+    from .calibration import load_stats
+
+    paths = {str(p[1]["calib"]) for p in plans.values() if p is not None and isinstance(p[1].get("calib"), (str, Path))}
+    return {path: load_stats(path) for path in sorted(paths)}
+
+
+def _with_layer_calib(options: dict, name: str, calib_cache: dict[str, dict]) -> dict:
+    """``options`` with a stats-file ``calib`` replaced by the stats of the weight's module
+    (``model.layers.0.mlp.down_proj.weight`` -> ``model.layers.0.mlp.down_proj``)."""
+    path = options.get("calib")
+    if not isinstance(path, (str, Path)):
+        return options
+    module = name.removesuffix(".weight")
+    stats = calib_cache[str(path)]
+    if module not in stats:
+        raise QuantizationError(
+            f"calibration stats {path} have no entry for layer {module!r} ({len(stats)} layers in the file, "
+            f"e.g. {sorted(stats)[:3]}); collect stats for it or skip it with --skip"
+        )
+    return {**options, "calib": stats[module]}
+
+
 def load_qtensors(path: str | Path) -> dict[str, QTensor | torch.Tensor]:
-    """Every tensor of a checkpoint: QTensors for the quantized ones, plain tensors otherwise."""
+    """Every tensor of a checkpoint: QTensors for the quantized ones, plain tensors otherwise.
+    An HQQ-saved model (``quant_method: hqq``, or ``P.W_q`` layers) reads as ``P.weight``
+    affine QTensors holding HQQ's codes, scales and zeros exactly."""
+    from .exporters.hqq import is_hqq_checkpoint, read_hqq_checkpoint
+
+    if is_hqq_checkpoint(path):
+        return read_hqq_checkpoint(path)
     with Checkpoint.open(path) as ckpt:
         return {n: (ckpt.qtensor(n) if ckpt.is_quantized(n) else ckpt.tensor(n)) for n in ckpt.names()}
 
@@ -527,12 +569,235 @@ def compare(
             "layers_for": layers_for, "layers": layers, "cache": str(workdir)}
 
 
-def export(ckpt: str | Path, dst: str | Path, to: str, *, overwrite: bool = False, progress: bool = False) -> ExportReport:
+#: foreign quantized layouts ``quantize --from`` converts without requantizing
+IMPORT_FORMATS = ("hqq",)
+
+
+def import_quantized(src: str | Path, dst: str | Path, source_format: str, *, overwrite: bool = False,
+                     progress: bool = False) -> dict:
+    """Convert a model quantized by another project (``source_format``: ``hqq``) into a bitsmith
+    checkpoint at ``dst`` without requantizing (same codes, scales and zeros). Returns a summary."""
+    if source_format != "hqq":
+        raise BitsmithError(f"unknown source format {source_format!r}; valid: {', '.join(IMPORT_FORMATS)}")
+    from .exporters.hqq import import_hqq
+
+    dst = Path(dst)
+    if dst.exists() and not overwrite:
+        raise CheckpointError("output exists; pass --overwrite (overwrite=True) to replace it", file=str(dst))
+    t0 = time.perf_counter()
+    summary = import_hqq(src, dst, overwrite=overwrite, progress=progress)
+    summary["seconds"] = time.perf_counter() - t0
+    return summary
+
+
+def export(ckpt: str | Path, dst: str | Path, to: str, *, overwrite: bool = False, progress: bool = False,
+           **options: Any) -> ExportReport:
     """Write the bitsmith checkpoint ``ckpt`` in another project's layout (``to``: ``hqq``,
-    ``compressed-tensors``, ``nunchaku``; see :mod:`bitsmith.exporters`)."""
+    ``compressed-tensors``, ``nunchaku``; see :mod:`bitsmith.exporters`). ``options`` are the
+    target's own (compressed-tensors: ``unfused="refuse" | "sidecar"``)."""
     exporter = get_exporter(to)
     t0 = time.perf_counter()
     with Checkpoint.open(ckpt) as source:
-        report = exporter(source, Path(dst), overwrite=overwrite, progress=progress)
+        report = exporter(source, Path(dst), overwrite=overwrite, progress=progress, **options)
     report.seconds = time.perf_counter() - t0
     return report
+
+
+# --------------------------------------------------------------------------------------------
+# calibration and smoothing
+# --------------------------------------------------------------------------------------------
+@dataclass
+class CalibrationReport:
+    model: str
+    data: str
+    out: str
+    modules: int  # modules with stats
+    windows: int  # sequences run
+    seq_len: int
+    tokens: int  # tokens run through the model (windows x seq_len)
+    text_tokens: int  # tokens in the whole text
+    batch_size: int
+    seconds: float  # collection only (not loading)
+    load_seconds: float
+    peak_rss_bytes: int | None  # the process's peak resident memory (loading included)
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def peak_rss_bytes() -> int | None:
+    """This process's peak resident set size so far (``getrusage``; psutil's current RSS where
+    that is unavailable), or None."""
+    try:
+        import resource
+        import sys
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return int(peak) if sys.platform == "darwin" else int(peak) * 1024
+    except (ImportError, OSError):
+        pass
+    try:
+        import psutil
+
+        info = psutil.Process().memory_info()
+        return int(getattr(info, "peak_wset", info.rss))
+    except ImportError:
+        return None
+
+
+def calibrate(
+    model_path: str | Path,
+    data: str | Path,
+    out: str | Path,
+    *,
+    samples: int | None = 128,
+    seq_len: int = 512,
+    batch_size: int = 4,
+    overwrite: bool = False,
+    device: str | torch.device = "cpu",
+    progress: bool = False,
+) -> CalibrationReport:
+    """Per-input-channel statistics of every Linear/Conv2d input of the model at ``model_path``
+    (a HF folder or a bitsmith checkpoint) over the text file ``data``: the text is tokenized
+    once with the model's tokenizer and cut into ``samples`` non-overlapping windows of
+    ``seq_len`` tokens (fewer if the text is shorter; less than one window is an error), run in
+    batches of ``batch_size``. Written atomically to ``out`` (``.safetensors``, see
+    :mod:`bitsmith.calibration.stats`)."""
+    from .calibration import collect_stats, save_stats, token_windows
+    from .eval.perplexity import tokenize
+
+    out = Path(out)
+    if out.suffix != ".safetensors":
+        raise CheckpointError("the stats file must end in .safetensors", file=str(out))
+    if out.exists() and not overwrite:
+        raise CheckpointError("output exists; pass --overwrite (overwrite=True) to replace it", file=str(out))
+    if batch_size < 1:
+        raise BitsmithError(f"batch size must be >= 1, got {batch_size}")
+    text = read_text(data)
+    t0 = time.perf_counter()
+    model, tokenizer, kind = load_for_eval(model_path)
+    load_s = time.perf_counter() - t0
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if limit is not None and seq_len > limit:
+        raise BitsmithError(f"seq_len {seq_len} exceeds the model's max_position_embeddings {limit}")
+    ids = tokenize(tokenizer, text)
+    try:
+        windows = token_windows(ids, seq_len, samples)
+    except QuantizationError as e:
+        raise e.at(file=str(data)) from None
+    model.to(device)
+    extra = {"use_cache": False} if kind == "causal-lm" else {}
+    batches = [{"input_ids": w.to(device), **extra} for w in windows.split(batch_size)]
+    head = getattr(model, "lm_head", None)
+    stop_at = "lm_head" if kind == "causal-lm" and isinstance(head, nn.Linear) else None
+    t0 = time.perf_counter()
+    stats = collect_stats(model, batches, progress=progress, stop_at=stop_at, total=len(batches))
+    seconds = time.perf_counter() - t0
+    source = {"model": str(model_path), "data": str(data), "samples": int(windows.shape[0]), "seq_len": seq_len,
+              "text_tokens": int(ids.numel()), "batch_size": batch_size, "tokenizer": type(tokenizer).__name__}
+    save_stats(out, stats, source)
+    return CalibrationReport(str(model_path), str(data), str(out), len(stats), int(windows.shape[0]), seq_len,
+                             int(windows.numel()), int(ids.numel()), batch_size, seconds, load_s, peak_rss_bytes())
+
+
+def smooth_model(
+    model: nn.Module,
+    stats: "str | Path | dict",
+    *,
+    alpha: float = 0.5,
+    mode: str = "fused",
+    variant: str = "paper",
+    groups: list | None = None,
+):
+    """SmoothQuant-smooth the float ``model`` in place with calibration ``stats`` (a stats file
+    or ``{module: ChannelStats}``): ``mode`` ``fused`` (into the preceding norms and v/up
+    projections) or ``unfused`` (every smoothed Linear becomes a SmoothedLinear with its own
+    ``migration_scale``); ``variant`` ``paper`` or ``lmdeploy``. ``groups`` defaults to the
+    architecture's map (:mod:`bitsmith.models.arch`; generic per-Linear unfused groups with a
+    warning where there is none). Returns a :class:`~bitsmith.transforms.SmoothReport`."""
+    from .calibration import load_stats
+    from .models.arch import smoothing_groups
+    from .transforms.smoothing import MODES, check_alpha, check_choice, smooth
+
+    check_alpha(alpha)
+    check_choice(mode, MODES, "mode")
+    stats_file = None
+    if isinstance(stats, (str, Path)):
+        stats_file = str(stats)
+        stats = load_stats(stats)
+    notes: list[str] = []
+    if groups is None:
+        groups, notes = smoothing_groups(model, fused=mode == "fused")
+    try:
+        report = smooth(model, groups, stats, alpha=alpha, mode=mode, variant=variant)
+    except BitsmithError as e:
+        raise e.at(file=stats_file) from None
+    report.notes.extend(notes)
+    return report
+
+
+# --------------------------------------------------------------------------------------------
+# SVDQuant (needs calibration: works on the loaded model)
+# --------------------------------------------------------------------------------------------
+def quantize_svdquant(
+    src: str | Path,
+    dst: str | Path,
+    calib: "str | Path | dict",
+    *,
+    rank: int = 32,
+    bits: int = 4,
+    group_size: int = 64,
+    symmetric: bool = False,
+    alpha: float | None = 0.5,
+    act_bits: int = 16,
+    act_group_size: int | None = 64,
+    shift: str | float | None = None,
+    overwrite: bool = False,
+    progress: bool = False,
+) -> dict:
+    """SVDQuant the model at ``src`` (a HF folder) with calibration stats ``calib`` (a stats file
+    from ``bitsmith calibrate`` or ``{module: ChannelStats}``) and write a checkpoint to ``dst``
+    that :func:`load_model` rebuilds with LowRankQuantLinear layers. Returns a JSON-able report
+    (one row per layer: rank, bits/weight with the 16-bit factors counted, weight error)."""
+    from .calibration import load_stats
+    from .models.saving import save_model
+    from .models.svdquant import model_config, parse_shift, svdquant_model
+
+    dst = Path(dst)
+    if dst.exists() and not overwrite:
+        raise CheckpointError("output exists; pass --overwrite (overwrite=True) to replace it", file=str(dst))
+    stats_file = None
+    if isinstance(calib, (str, Path)):
+        stats_file = str(calib)
+        calib = load_stats(calib)
+    t0 = time.perf_counter()
+    model, _, _ = load_for_eval(src)
+    options = {"rank": rank, "bits": bits, "group_size": group_size, "symmetric": symmetric, "alpha": alpha, "act_bits": act_bits,
+               "act_group_size": act_group_size, "shift": parse_shift(shift)}
+    try:
+        layers = svdquant_model(model, calib, progress=progress, **options)
+    except BitsmithError as e:
+        raise e.at(file=stats_file) from None
+    recipe = {"method": "svdquant", "options": {k: v for k, v in options.items() if v is not None}}
+    save_model(model, dst, recipe=recipe, config=model_config(model), overwrite=overwrite, extra_files=_side_files(Path(src)))
+    n = sum(math.prod(r.shape) for r in layers)
+    return {"source": str(src), "destination": str(dst), "recipe": recipe, "layers": [dataclasses.asdict(r) for r in layers],
+            "bits_per_weight": sum(r.bits_per_weight * math.prod(r.shape) for r in layers) / max(n, 1),
+            "mean_rel_error": sum(r.rel_error for r in layers) / max(len(layers), 1), "seconds": time.perf_counter() - t0}
+
+
+# --------------------------------------------------------------------------------------------
+# SmoothQuant W8A8 (works on the loaded model: smoothing needs it)
+# --------------------------------------------------------------------------------------------
+def quantize_smoothquant(src: str | Path, dst: str | Path, calib: str | Path | None, *, alpha: float = 0.5,
+                         smooth: str = "fused", variant: str = "paper", activations: str = "dynamic",
+                         skip: list[str] | None = None, dtype: str | None = None, overwrite: bool = False,
+                         progress: bool = False):
+    """SmoothQuant W8A8 of the HF model at ``src`` with the stats file ``calib`` (``smooth``:
+    ``fused``, ``unfused`` or ``none``; ``none`` with dynamic activations needs no stats): a
+    checkpoint at ``dst`` that :func:`load_model` rebuilds with W8A8Linear layers. Returns a
+    :class:`~bitsmith.models.smoothquant.SmoothQuantReport`."""
+    from .models.smoothquant import quantize_smoothquant as run
+
+    return run(src, dst, calib, alpha=alpha, smooth=smooth, variant=variant, activations=activations, skip=skip,
+               dtype=dtype, extra_files=_side_files(Path(src)), overwrite=overwrite, progress=progress)

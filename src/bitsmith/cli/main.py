@@ -9,6 +9,8 @@ from typing import Sequence
 
 from ..errors import BitsmithError
 from .commands import cmd_compare, cmd_dequantize, cmd_eval, cmd_export, cmd_inspect, cmd_quantize
+from .commands import cmd_calibrate
+from .commands import cmd_bench_kernels
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -18,11 +20,16 @@ def build_parser() -> argparse.ArgumentParser:
     q = sub.add_parser("quantize", help="quantize a .safetensors file, a folder of shards or a HF model folder")
     q.add_argument("src", type=Path, help=".safetensors file, folder of shards, or Hugging Face model folder")
     q.add_argument("-o", "--output", dest="dst", type=Path, required=True, help="checkpoint folder to write")
-    q.add_argument("--method", default="nf", help="rtn (int-k min-max) or nf (NormalFloat codebook); default nf")
+    q.add_argument("--method", default="nf", help="rtn (int-k min-max), hqq (half-quadratic optimised int-k), nf (NormalFloat codebook), ...; default nf")
     q.add_argument("--bits", type=int, help="rtn: code width 1..8 (default 4); nf: levels = 2**bits")
     q.add_argument("--levels", type=int, help="nf: level count 3..256 (default 16 = NF4)")
     q.add_argument("--group-size", help="rtn: group size along the input dim (default 64), or 'channel'")
     q.add_argument("--symmetric", action="store_true", help="rtn: symmetric grid, no zero point")
+    q.add_argument("--zero", choices=["float", "int"], help="rtn, hqq: zero-point domain (rtn default int, hqq default float)")
+    q.add_argument("--axis", type=int, choices=[0, 1], help="hqq: 1 = groups along the input dim (default), 0 = HQQ's column groups")
+    q.add_argument("--iters", type=int, help="hqq: solver iterations (default 10)")
+    q.add_argument("--quant-scale", action="store_true", help="hqq: store the scales as 8-bit codes (groups of 128)")
+    q.add_argument("--quant-zero", action="store_true", help="hqq: store the (float) zeros as 8-bit codes (groups of 128)")
     q.add_argument("--block-size", type=int, help="nf: absmax block size (default 64)")
     q.add_argument("--double-quant", action="store_true", help="nf: 8-bit absmax codes + one float per 256 blocks")
     q.add_argument("--skip", action="append", default=[], metavar="PATTERN", help="keep tensors matching this regex as they are (repeatable)")
@@ -32,6 +39,20 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     q.add_argument("--json", type=Path, help="also write the report as JSON")
     q.add_argument("--no-progress", action="store_true")
+    q.add_argument("--from", dest="source_format", choices=["hqq"],
+                   help="SRC is already quantized in this layout (hqq): convert it exactly, no requantization")
+    q.add_argument("--rank", type=int, help="svdquant: rank of the 16-bit low-rank branch (default 32)")
+    q.add_argument("--calib", type=Path, help="svdquant, smoothquant, hqq: calibration stats file (bitsmith calibrate); "
+                                             "hqq weighs each layer's error by its input's per-channel mean square")
+    q.add_argument("--act-bits", type=int, choices=[4, 8, 16], help="svdquant: simulated activation bits (default 16)")
+    q.add_argument("--shift", help="svdquant: auto, none or VALUE, added to the GELU -> fc2 input (default none)")
+    q.add_argument("--alpha", type=float, help="svdquant, smoothquant: migration strength in [0, 1] (default 0.5)")
+    q.add_argument("--smooth", choices=["fused", "unfused", "none"],
+                   help="smoothquant: fold the migration scales into the preceding norms/linears (fused, default), keep "
+                        "one per linear (unfused), or no smoothing")
+    q.add_argument("--variant", choices=["paper", "lmdeploy"], help="smoothquant: migration scale formula (default paper)")
+    q.add_argument("--act-quant", choices=["dynamic", "static"],
+                   help="smoothquant: per-token dynamic activation scales (default) or one static scale per layer from --calib")
     q.set_defaults(func=cmd_quantize)
 
     i = sub.add_parser("inspect", help="per tensor: codec, shape, bits/weight, bytes; totals")
@@ -81,9 +102,37 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--to", required=True, help="target: hqq, compressed-tensors or nunchaku")
     x.add_argument("-o", "--output", dest="out", type=Path, required=True, help="folder (or file, for nunchaku) to write")
     x.add_argument("--overwrite", action="store_true")
+    x.add_argument("--unfused-scales", choices=["refuse", "sidecar"],
+                   help="compressed-tensors: a layer with an unfused SmoothQuant migration scale is refused (default), "
+                        "or exported with the scales in migration_scales.safetensors outside the index")
     x.add_argument("--json", type=Path, help="also write the export report as JSON")
     x.add_argument("--no-progress", action="store_true")
     x.set_defaults(func=cmd_export)
+
+    k = sub.add_parser("calibrate", help="per-input-channel activation statistics of every Linear/Conv2d over a text file")
+    k.add_argument("model", type=Path, help="a Hugging Face model folder or a bitsmith checkpoint")
+    k.add_argument("--data", type=Path, required=True, help="UTF-8 text file (tokenized with the model's tokenizer)")
+    k.add_argument("-o", "--output", dest="out", type=Path, required=True, help="stats file to write (.safetensors)")
+    k.add_argument("--samples", type=int, default=128, help="number of windows (default 128; fewer if the text is short)")
+    k.add_argument("--seq-len", type=int, default=512, help="tokens per window (default 512); windows do not overlap")
+    k.add_argument("--batch-size", type=int, default=4, help="windows per forward pass (default 4)")
+    k.add_argument("--device", default="cpu", help="device to run the model on (default cpu)")
+    k.add_argument("--overwrite", action="store_true", help="replace an existing stats file")
+    k.add_argument("--json", type=Path, help="also write the summary as JSON")
+    k.add_argument("--no-progress", action="store_true")
+    k.set_defaults(func=cmd_calibrate)
+
+    b = sub.add_parser("bench", help="GPU benchmarks (bench kernels: fused kernels vs fp16 and torch's int4 kernel)")
+    bsub = b.add_subparsers(dest="bench_what", required=True)
+    bk = bsub.add_parser("kernels", help="time the fused kernels vs fp16 F.linear and tinygemm (needs CUDA + triton)")
+    bk.add_argument("--shapes", default="4096x4096,14336x4096,4096x14336,28672x8192", help="NxK,... (out x in features)")
+    bk.add_argument("--m", default="1,16,128,2048", help="token counts M, comma separated")
+    bk.add_argument("--formats", default="int4_g64,int4_g128,nf4_g64,int3_g64,int8_g128",
+                    help="kernel formats: int4_g64, int4_g128, nf4_g64, int3_g64, int8_g128, int2_g64")
+    bk.add_argument("--no-w8a8", action="store_true", help="leave out the W8A8 kernel")
+    bk.add_argument("--reps", type=int, default=50, help="timed repetitions per case (median reported)")
+    bk.add_argument("--json", type=Path, help="also write the rows as JSON")
+    bk.set_defaults(func=cmd_bench_kernels)
     return p
 
 

@@ -16,5 +16,8 @@ def quantize_weight(weight: torch.Tensor, method: str = "nf", **options: Any) ->
     return METHODS.get(method)(weight, **options)
 
 
+from . import hqq as _hqq  # noqa: E402,F401
 from . import nf as _nf  # noqa: E402,F401
 from . import rtn as _rtn  # noqa: E402,F401
+from . import smoothquant as _smoothquant  # noqa: E402,F401
+from . import svdquant as _svdquant  # noqa: E402,F401
