@@ -16,10 +16,23 @@ training, first 16384 wiki tokens in 512-token windows): fp32 24.57; int4 g64 31
 DoRA r8; int3 g64 74.13 -> 46.17. The int4 gain is small and not uniform over the text: the same
 adapters, loaded on CPU, give 32.92 -> 33.34 on the first 2048 tokens in 256-token windows (300
 steps of 2048 tokens are ~8 passes over the 75k-token Lee corpus: fewer steps or a lower lr may
-transfer better). Everything runs on CPU too (``--device cpu``, the default), but every step
-dequantizes all 210 packed linears through the torch reference path; on the shared 2-core CPU here
-that made a step take minutes, so use tiny settings there (``--steps 10 --batch 2 --seq-len 64
---eval-tokens 1024 --eval-seq-len 256 --bits 3``) or ``--device cuda``.
+transfer better).
+
+On CPU (``--device cpu``, the default; the defaults are small CPU settings: int3 g64, 100 steps of
+2x64 tokens, 4096 eval tokens in 256-token windows) the adapters keep the dequantized base weight
+(``bitsmith.adapters.keep_base_weights``; ``--no-keep-base-weight`` to dequantize every forward):
+the base is frozen, so the 210 packed weights are dequantized once (~0.8 s on a quiet 2-core CPU,
+several seconds under load) instead of on every step, at the memory of a float copy (~0.4 GB).
+What remains of a step is the fp32 matmuls of the 135M-parameter model forward and backward (the
+tied 49152x576 lm_head included), so the step time scales with batch x seq-len. Measured on the
+shared 2-core CPU under heavy load (benchmarks/results/qdora_smollm2_cpu.json):
+
+    python examples/qdora_smollm2.py --steps 60 --batch 2 --seq-len 64 --bits 3 \
+        --eval-tokens 2048 --eval-seq-len 256 --no-fp32 --threads 1
+
+gave int3 g64 79.43 -> 55.99 with DoRA r8 (first 2048 wiki tokens), 181 s of training (~3.0 s a
+step), 296 s in all; the same with ``--bits 4 --lr 2e-4`` (qdora_smollm2_cpu_int4.json) gave int4
+g64 32.92 -> 30.42. (``--threads 1`` is faster than 2 when other processes share the two cores.)
 
 Perplexity protocol: ``bitsmith.eval.perplexity`` on the first ``--eval-tokens`` tokens of
 ``bitsmith.eval.text.wiki_text()``, non-overlapping ``--eval-seq-len`` windows.
@@ -35,7 +48,7 @@ from pathlib import Path
 import torch
 
 import bitsmith
-from bitsmith.adapters import add_adapters, load_adapters, read_adapter_metadata, save_adapters
+from bitsmith.adapters import add_adapters, keep_base_weights, load_adapters, read_adapter_metadata, save_adapters
 from bitsmith.eval.perplexity import perplexity, tokenize
 from bitsmith.eval.text import lee_corpus_text, wiki_text
 from bitsmith.models.zoo import smollm2_path
@@ -45,21 +58,24 @@ TARGETS = r"\.(q|k|v|o|gate|up|down)_proj$"
 
 def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--steps", type=int, default=200)
-    ap.add_argument("--seq-len", type=int, default=128, help="training window length (tokens)")
-    ap.add_argument("--batch", type=int, default=4, help="windows per step")
+    ap.add_argument("--steps", type=int, default=100)
+    ap.add_argument("--seq-len", type=int, default=64, help="training window length (tokens)")
+    ap.add_argument("--batch", type=int, default=2, help="windows per step")
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--alpha", type=float, default=None, help="default: 2 * rank")
     ap.add_argument("--kind", choices=["dora", "lora"], default="dora")
-    ap.add_argument("--bits", type=int, default=4, help="int-k (rtn) bits, or NF levels = 2**bits with --method nf")
+    ap.add_argument("--bits", type=int, default=3, help="int-k (rtn) bits, or NF levels = 2**bits with --method nf")
     ap.add_argument("--method", choices=["rtn", "nf"], default="rtn")
     ap.add_argument("--group-size", type=int, default=64)
     ap.add_argument("--lr", type=float, default=5e-4)
-    ap.add_argument("--eval-tokens", type=int, default=8192)
+    ap.add_argument("--eval-tokens", type=int, default=4096)
     ap.add_argument("--eval-seq-len", type=int, default=256)
     ap.add_argument("--no-fp32", action="store_true", help="skip the fp32 reference perplexity")
+    ap.add_argument("--no-keep-base-weight", action="store_true",
+                    help="dequantize the packed weights on every forward instead of once (bitsmith.adapters.keep_base_weights)")
     ap.add_argument("--out", type=Path, default=None, help="save the adapters here (a folder or .safetensors)")
-    ap.add_argument("--result", default="qdora_smollm2", help="benchmarks/results/NAME.json ('' to skip)")
+    ap.add_argument("--result", default=None,
+                    help="benchmarks/results/NAME.json ('' to skip; default qdora_smollm2_cpu on CPU, else qdora_smollm2)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
@@ -111,6 +127,7 @@ def train(model, train_ids: torch.Tensor, args: argparse.Namespace) -> list[dict
 
 
 def main() -> None:
+    t_start = time.perf_counter()
     args = parse_args()
     if args.alpha is None:
         args.alpha = 2.0 * args.rank
@@ -146,6 +163,8 @@ def main() -> None:
 
     if args.adapters is not None:
         names = load_adapters(model, args.adapters)
+        if not args.no_keep_base_weight:
+            keep_base_weights(model)
         kinds = {m["kind"] for m in read_adapter_metadata(args.adapters)["modules"].values()}
         args.kind, args.steps = "+".join(sorted(kinds)), 0
         n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -153,6 +172,8 @@ def main() -> None:
         log, train_s = [], 0.0
     else:
         names = add_adapters(model, args.kind, r=args.rank, alpha=args.alpha, targets=TARGETS)
+        if not args.no_keep_base_weight:
+            keep_base_weights(model)  # the base is frozen: dequantize each weight once, not every step
         n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
         print(f"{args.kind} adapters on {len(names)} modules, {n_train:,} trainable parameters; training {args.steps} steps "
               f"of {args.batch}x{args.seq_len} tokens, AdamW lr {args.lr}")
@@ -177,6 +198,8 @@ def main() -> None:
 
     if args.out is not None:
         print(f"adapters saved to {save_adapters(model, args.out)}")
+    if args.result is None:
+        args.result = "qdora_smollm2_cpu" if torch.device(args.device).type == "cpu" else "qdora_smollm2"
     if args.result:
         sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
         from _common import write_result
@@ -192,6 +215,7 @@ def main() -> None:
             "adapted_modules": len(names),
             "trainable_parameters": n_train,
             "train_seconds": train_s,
+            "total_seconds": time.perf_counter() - t_start,
             "train_log": log,
             **results,
         })

@@ -222,6 +222,41 @@ def test_dora_norm_follows_training_steps():
     assert close(ad(x), x.double() @ reference_weight64(ad).T + ad.base.bias.double(), 1e-5)
 
 
+@pytest.mark.parametrize("cls", [LoraAdapter, DoraAdapter], ids=["lora", "dora"])
+def test_kept_base_weight_gives_the_same_training(cls):
+    """keep_base_weights: the base is dequantized once, yet outputs, grads and the DoRA norm
+    follow the float64 formula through optimizer steps, and a changed base is dequantized again."""
+    from bitsmith.adapters import keep_base_weights
+
+    model = Tiny()
+    add_adapters(model, cls.kind, r=4, alpha=8, targets=r"proj$")
+    kept = copy.deepcopy(model)
+    assert keep_base_weights(kept) == 2
+    calls = []
+    q = kept.q_proj.base
+    q.dequantize = lambda dtype=None, _f=q.dequantize: calls.append(dtype) or _f(dtype)
+    x = torch.randn(5, 64)
+    opts = [torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=0.05) for m in (model, kept)]
+    for _ in range(3):
+        for m, opt in zip((model, kept), opts):
+            opt.zero_grad()
+            m(x).pow(2).mean().backward()
+            opt.step()
+    assert len(calls) == 1  # one dequantization for three training steps
+    ad = kept.q_proj
+    ref = F.layer_norm(x, (64,), kept.norm.weight, kept.norm.bias).double() @ reference_weight64(ad).T
+    assert close(ad(kept.norm(x)), ref + ad.base.bias.double(), 1e-5)
+    for (n, p), (n2, p2) in zip(model.named_parameters(), kept.named_parameters()):
+        assert n == n2 and torch.allclose(p, p2, rtol=1e-5, atol=1e-6), n
+    kept.eval()
+    assert torch.allclose(kept(x), model.eval()(x), rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        q.scale.mul_(2)  # the base's buffers change: the kept copy must be dropped
+    ref2 = F.layer_norm(x, (64,), kept.norm.weight, kept.norm.bias).double() @ reference_weight64(ad).T
+    assert close(ad(kept.norm(x)), ref2 + ad.base.bias.double(), 1e-5)
+    assert len(calls) >= 2
+
+
 def test_dropout_applies_to_the_low_rank_path_only():
     base = quant_linear()
     ad = LoraAdapter(base, r=4, dropout=0.5)

@@ -44,6 +44,20 @@ def adapter_modules(model: nn.Module) -> dict[str, LoraAdapter]:
     return {n: m for n, m in model.named_modules() if isinstance(m, LoraAdapter)}
 
 
+def keep_base_weights(model: nn.Module, keep: bool = True) -> int:
+    """Set ``keep_base_weight`` on every adapter of ``model``: with ``keep``, adapters on
+    ``QuantLinear`` bases dequantize their frozen weight once and keep the float copy (faster
+    training and evaluation, at the memory of a float copy of those weights); ``keep=False``
+    drops the copies. Returns how many adapters keep one."""
+    count = 0
+    for m in adapter_modules(model).values():
+        m.keep_base_weight = keep
+        if not keep:
+            m._base_weight_cache = None
+        count += int(m._keeps_base_weight())
+    return count
+
+
 def freeze_all_but_adapters(model: nn.Module) -> int:
     """``requires_grad`` on adapter parameters only (A, B, magnitude); returns how many train."""
     trainable = {id(p) for m in adapter_modules(model).values() for n, p in m.named_parameters() if not n.startswith("base.")}

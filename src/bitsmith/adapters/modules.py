@@ -39,6 +39,16 @@ How ``n`` is computed (float32, never keeping a float copy of ``W``):
   ``dequantize(float32)``, cached until ``A``, ``B`` or the base's buffers change or the module
   is put in training mode.
 
+Keeping the dequantized base weight (``keep_base_weight``, off by default; on with
+:func:`bitsmith.adapters.keep_base_weights`): on a ``QuantLinear`` base the adapter then computes
+the base output itself, ``F.linear(x, W, b)`` with ``W = dequantize(x.dtype)`` (exactly the
+module's reference path), and keeps ``W`` between calls until the base's buffers change, the
+module is moved or ``train()``/``eval()`` is called. The base is frozen, so a training run
+dequantizes each weight once instead of once per step; the price is a float copy of ``W`` per
+module (what QLoRA-style training avoids; worth it on a CPU, where the dequantization of all
+weights costs about as much as a small batch's matmuls). DoRA's ``W Aᵀ`` then comes from
+``F.linear(A, W)`` instead of riding along in the batch.
+
 Only ``lora_A``, ``lora_B`` (and ``magnitude``) require grad; the base's parameters (its float
 bias) are frozen. Gradients flow to the input through both paths. Adapter parameters have their
 own dtype (default float32); in bf16/fp16 compute the low-rank path runs in the adapter dtype and
@@ -49,6 +59,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..errors import QuantizationError
@@ -128,6 +139,8 @@ class LoraAdapter(nn.Module):
     fresh adapter computes exactly what the base does."""
 
     kind = "lora"
+    #: keep the dequantized base weight between calls (QuantLinear bases; see the module docstring)
+    keep_base_weight: bool = False
 
     def __init__(
         self,
@@ -166,11 +179,43 @@ class LoraAdapter(nn.Module):
         self.lora_A, self.lora_B = _low_rank_pair(base, r, dtype, _module_device(base))
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B.weight)
+        #: the base computes exactly ``F.linear(x, dequantize(x.dtype), b)`` (its reference path)
+        self.plain_linear_base = isinstance(base, QuantLinear)
+        self._base_weight_cache: tuple[tuple, torch.Tensor] | None = None
 
     # --- the pieces ------------------------------------------------------------------------
     @property
     def out_features(self) -> int:
         return int(self.base.weight_shape[0])
+
+    def _state_key(self, with_adapter: bool = True) -> tuple:
+        """Changes whenever ``A``, ``B`` (``with_adapter``) or the base's stored tensors change
+        (in place or replaced). Writes through ``.data`` bypass version counters: call
+        ``train()`` (which drops the caches) after such a write."""
+        tensors = (*((self.lora_A.weight, self.lora_B.weight) if with_adapter else ()), *self.base.buffers())
+        return tuple((t.data_ptr(), t._version, t.device) for t in tensors)
+
+    def _keeps_base_weight(self) -> bool:
+        return self.keep_base_weight and self.plain_linear_base
+
+    @torch.no_grad()
+    def base_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        """The base's ``dequantize(dtype)`` ``[out, in]``, kept until the base changes (see
+        ``keep_base_weight``; without it, a fresh dequantization)."""
+        if not self._keeps_base_weight():
+            return self.base.dequantize(dtype)
+        key = (*self._state_key(with_adapter=False), dtype)
+        if self._base_weight_cache is None or self._base_weight_cache[0] != key:
+            self._base_weight_cache = None  # free the old copy before making the new one
+            self._base_weight_cache = (key, self.base.dequantize(dtype))
+        return self._base_weight_cache[1]
+
+    def base_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``base(x)``; with ``keep_base_weight`` on a QuantLinear, ``F.linear`` on the kept weight
+        (the same numbers as the module's reference path)."""
+        if not self._keeps_base_weight():
+            return self.base(x)
+        return F.linear(x, self.base_weight(x.dtype), self._bias(x.dtype))
 
     def low_rank(self, x: torch.Tensor) -> torch.Tensor:
         """``s · B A drop(x)`` in the adapter's dtype."""
@@ -193,7 +238,7 @@ class LoraAdapter(nn.Module):
 
     # --- what users call -------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base(x)
+        y = self.base_forward(x)
         return y + self.low_rank(x).to(y.dtype)
 
     @torch.no_grad()
@@ -201,6 +246,14 @@ class LoraAdapter(nn.Module):
         """The float weight this layer computes with: ``W + s·B·A`` (in the base weight's shape)."""
         w = effective_weight(self.base, torch.float32)
         return (w + self.delta_weight(torch.float32)).to(dtype)
+
+    def _apply(self, fn, recurse=True):  # type: ignore[override]
+        self._base_weight_cache = None  # device / dtype moves: dequantize again on the new device
+        return super()._apply(fn, recurse)
+
+    def train(self, mode: bool = True):  # type: ignore[override]
+        self._base_weight_cache = None
+        return super().train(mode)
 
     def adapter_config(self) -> dict:
         """What the adapter file records for this module."""
@@ -232,22 +285,15 @@ class DoraAdapter(LoraAdapter):
         self._w_sq_cache: tuple[tuple, torch.Tensor] | None = None
         #: QuantLinear computes exactly ``W x + b`` row by row: ``W Aᵀ`` can ride along in its call
         #: (a conv cannot; W8A8Linear would quantize the rows of A: both take the direct path)
-        self.rows_through_base = isinstance(base, QuantLinear)
+        self.rows_through_base = self.plain_linear_base
         self.magnitude = nn.Parameter(self.weight_norm().to(dtype))
-
-    def _state_key(self, with_adapter: bool = True) -> tuple:
-        """Changes whenever ``A``, ``B`` (``with_adapter``) or the base's stored tensors change
-        (in place or replaced). Writes through ``.data`` bypass version counters: call
-        ``train()`` (which drops the caches) after such a write."""
-        tensors = (*((self.lora_A.weight, self.lora_B.weight) if with_adapter else ()), *self.base.buffers())
-        return tuple((t.data_ptr(), t._version, t.device) for t in tensors)
 
     @torch.no_grad()
     def base_row_sq_norms(self) -> torch.Tensor:
         """``||W_i||²`` float32 ``[out]``, computed once (and again if the base changes)."""
         key = self._state_key(with_adapter=False)
         if self._w_sq_cache is None or self._w_sq_cache[0] != key:
-            w = effective_weight(self.base, torch.float32)
+            w = self.base_weight(torch.float32) if self._keeps_base_weight() else effective_weight(self.base, torch.float32)
             self._w_sq_cache = (key, w.reshape(w.shape[0], -1).square().sum(dim=1))
         return self._w_sq_cache[1]
 
@@ -267,8 +313,8 @@ class DoraAdapter(LoraAdapter):
         key = self._state_key()
         if self._norm_cache is not None and self._norm_cache[0] == key:
             return self._norm_cache[1]
-        w = effective_weight(self.base, torch.float32)
-        w = w.reshape(w.shape[0], -1).add_(self.delta_weight(torch.float32).reshape(w.shape[0], -1))
+        w = self.base_weight(torch.float32) if self._keeps_base_weight() else effective_weight(self.base, torch.float32)
+        w = w.reshape(w.shape[0], -1) + self.delta_weight(torch.float32).reshape(w.shape[0], -1)
         norm = torch.linalg.vector_norm(w, dim=1)
         del w
         self._norm_cache = (key, norm)
@@ -281,7 +327,12 @@ class DoraAdapter(LoraAdapter):
     def _base_and_norm(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(base(x), n)``; in training on a QuantLinear, one base call gives both."""
         if not (self.training and self.rows_through_base):
-            return self.base(x), self.weight_norm()
+            return self.base_forward(x), self.weight_norm()
+        if self._keeps_base_weight():
+            w = self.base_weight(x.dtype)
+            with torch.no_grad():
+                wa = F.linear(self.lora_A.weight.detach().to(x.dtype), w)
+            return F.linear(x, w, self._bias(x.dtype)), self.norm_from_projection(wa.T)
         rows = x.reshape(-1, x.shape[-1])
         a_rows = self.lora_A.weight.detach().to(x.dtype)
         y_all = self.base(torch.cat([rows, a_rows]))
