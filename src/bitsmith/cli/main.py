@@ -27,7 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--symmetric", action="store_true", help="rtn: symmetric grid, no zero point")
     q.add_argument("--zero", choices=["float", "int"], help="rtn, hqq: zero-point domain (rtn default int, hqq default float)")
     q.add_argument("--axis", type=int, choices=[0, 1], help="hqq: 1 = groups along the input dim (default), 0 = HQQ's column groups")
-    q.add_argument("--iters", type=int, help="hqq: solver iterations (default 10)")
+    q.add_argument("--iters", type=int, help="hqq: solver iterations (default 2)")
     q.add_argument("--quant-scale", action="store_true", help="hqq: store the scales as 8-bit codes (groups of 128)")
     q.add_argument("--quant-zero", action="store_true", help="hqq: store the (float) zeros as 8-bit codes (groups of 128)")
     q.add_argument("--block-size", type=int, help="nf: absmax block size (default 64)")
