@@ -121,8 +121,60 @@ def low_rank_linear(
     return y
 
 
+class LowRankCheckpointMixin:
+    """What LowRankQuantLinear and LowRankQuantConv2d share: the non-tensor settings, the
+    checkpoint record (``kind``, stored leaves, settings) and the rebuild from it. A subclass sets
+    ``kind`` and ``float_type`` (the float module it replaces) and implements ``_from_float``."""
+
+    kind: str
+    float_type: type
+    _ATTRS = ("smooth_fused", "low_rank_input", "act_bits", "act_group_size", "act_unsigned")
+    _LEAVES = ("lora_down", "lora_up", "smooth", "shift")
+
+    def checkpoint_info(self) -> tuple[dict, dict[str, torch.Tensor]]:
+        """Module info for a checkpoint (``kind``, the stored leaves, :meth:`options`) and the
+        extra tensors ``lora_down``, ``lora_up``, ``smooth``, ``shift`` (those present). The
+        residual is written as ``X.weight`` and the folded bias as ``X.bias``; the geometry is
+        not stored (it is the model's own module's)."""
+        tensors = {n: getattr(self, n) for n in self._LEAVES if getattr(self, n) is not None}
+        return {"kind": self.kind, "tensors": sorted(tensors), **self.options()}, tensors
+
+    @classmethod
+    def from_checkpoint(cls, module: nn.Module, qweight: QTensor, bias: torch.Tensor | None, info: dict,
+                        tensors: dict[str, torch.Tensor]):
+        """Rebuild from a checkpoint (see :mod:`bitsmith.nn.registry`); ``module`` is the float
+        module it replaces (only its geometry is read)."""
+        unknown = sorted(set(info) - {"kind", "tensors", *cls._ATTRS})
+        extra = sorted(set(tensors) - set(cls._LEAVES))
+        if unknown or extra:
+            raise CheckpointError(f"{cls.kind}: unknown attributes {unknown} / tensors {extra}")
+        if not isinstance(module, cls.float_type):
+            raise CheckpointError(f"{cls.kind} replaces a {cls.float_type.__name__}, the model has a {type(module).__name__}")
+        opts = {k: info[k] for k in cls._ATTRS if k in info}
+        try:
+            return cls._from_float(module, qweight, tensors.get("lora_down"), tensors.get("lora_up"), bias,
+                                   smooth=tensors.get("smooth"), shift=tensors.get("shift"), **opts)
+        except QuantizationError as e:
+            raise CheckpointError(f"{cls.kind}: {e.message}") from None
+
+    @property
+    def rank(self) -> int:
+        return 0 if self.lora_down is None else int(self.lora_down.shape[0])
+
+    def options(self) -> dict:
+        """The non-tensor settings (what a checkpoint records next to the buffers)."""
+        return {"smooth_fused": self.smooth_fused, "low_rank_input": self.low_rank_input, "act_bits": self.act_bits,
+                "act_group_size": self.act_group_size, "act_unsigned": self.act_unsigned}
+
+    def _stored_nbytes(self) -> int:
+        """Bytes of the residual (codes, scales, zeros) plus the 16-bit factors."""
+        extra = 0 if self.lora_down is None else (self.lora_down.numel() * self.lora_down.element_size()
+                                                  + self.lora_up.numel() * self.lora_up.element_size())
+        return self.qweight.nbytes + extra
+
+
 @register_runtime_module
-class LowRankQuantLinear(QuantWeightMixin, nn.Module):
+class LowRankQuantLinear(LowRankCheckpointMixin, QuantWeightMixin, nn.Module):
     """SVDQuant's linear layer (formula and the bias table in the module docstring).
 
     Buffers: the residual's packed tensors (``codes``, ``scale``, ``zero``, ...), ``lora_down``
@@ -183,42 +235,11 @@ class LowRankQuantLinear(QuantWeightMixin, nn.Module):
         self.act_unsigned = bool(act_unsigned)
 
     kind = "low_rank_linear"
-    _ATTRS = ("smooth_fused", "low_rank_input", "act_bits", "act_group_size", "act_unsigned")
-    _LEAVES = ("lora_down", "lora_up", "smooth", "shift")
-
-    def checkpoint_info(self) -> tuple[dict, dict[str, torch.Tensor]]:
-        """Module info for a checkpoint (``kind``, the stored leaves, :meth:`options`) and the
-        extra tensors ``lora_down``, ``lora_up``, ``smooth``, ``shift`` (those present). The
-        residual is written as ``X.weight`` and the folded bias as ``X.bias``."""
-        tensors = {n: getattr(self, n) for n in self._LEAVES if getattr(self, n) is not None}
-        return {"kind": self.kind, "tensors": sorted(tensors), **self.options()}, tensors
+    float_type = nn.Linear
 
     @classmethod
-    def from_checkpoint(cls, module: nn.Module, qweight: QTensor, bias: torch.Tensor | None, info: dict,
-                        tensors: dict[str, torch.Tensor]) -> "LowRankQuantLinear":
-        """Rebuild from a checkpoint (see :mod:`bitsmith.nn.registry`); ``module`` is the float
-        Linear it replaces (only its geometry is read)."""
-        unknown = sorted(set(info) - {"kind", "tensors", *cls._ATTRS})
-        extra = sorted(set(tensors) - set(cls._LEAVES))
-        if unknown or extra:
-            raise CheckpointError(f"low_rank_linear: unknown attributes {unknown} / tensors {extra}")
-        if not isinstance(module, nn.Linear):
-            raise CheckpointError(f"low_rank_linear replaces a Linear, the model has a {type(module).__name__}")
-        opts = {k: info[k] for k in cls._ATTRS if k in info}
-        try:
-            return cls(module.in_features, module.out_features, qweight, tensors.get("lora_down"), tensors.get("lora_up"),
-                       bias, smooth=tensors.get("smooth"), shift=tensors.get("shift"), **opts)
-        except QuantizationError as e:
-            raise CheckpointError(f"low_rank_linear: {e.message}") from None
-
-    @property
-    def rank(self) -> int:
-        return 0 if self.lora_down is None else int(self.lora_down.shape[0])
-
-    def options(self) -> dict:
-        """The non-tensor settings (what a checkpoint records next to the buffers)."""
-        return {"smooth_fused": self.smooth_fused, "low_rank_input": self.low_rank_input, "act_bits": self.act_bits,
-                "act_group_size": self.act_group_size, "act_unsigned": self.act_unsigned}
+    def _from_float(cls, module: nn.Linear, residual: QTensor, lora_down, lora_up, bias, **kwargs) -> "LowRankQuantLinear":
+        return cls(module.in_features, module.out_features, residual, lora_down, lora_up, bias, **kwargs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return low_rank_linear(
@@ -229,9 +250,7 @@ class LowRankQuantLinear(QuantWeightMixin, nn.Module):
     @property
     def bits_per_weight(self) -> float:
         """Stored bits per weight: residual (codes + scales + zeros) plus the 16-bit factors."""
-        extra = 0 if self.lora_down is None else (self.lora_down.numel() * self.lora_down.element_size()
-                                                  + self.lora_up.numel() * self.lora_up.element_size())
-        return (8.0 * (self.qweight.nbytes + extra)) / (self.in_features * self.out_features)
+        return 8.0 * self._stored_nbytes() / (self.in_features * self.out_features)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "

@@ -40,9 +40,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import CheckpointError, QuantizationError
+from ..errors import QuantizationError
 from ..formats import QTensor
-from .low_rank import ACT_BITS, LOW_RANK_INPUTS, fake_quantize_activation
+from .low_rank import ACT_BITS, LOW_RANK_INPUTS, LowRankCheckpointMixin, fake_quantize_activation
 from .quant_conv import _reversed_padding
 from .quant_module import QuantWeightMixin
 from .registry import register_runtime_module
@@ -104,7 +104,7 @@ def low_rank_conv2d(
 
 
 @register_runtime_module
-class LowRankQuantConv2d(QuantWeightMixin, nn.Module):
+class LowRankQuantConv2d(LowRankCheckpointMixin, QuantWeightMixin, nn.Module):
     """SVDQuant's Conv2d (formula in the module docstring); ``groups`` must be 1.
 
     Buffers: the residual's packed tensors (``codes``, ``scale``, ``zero``, ...; shape
@@ -115,8 +115,7 @@ class LowRankQuantConv2d(QuantWeightMixin, nn.Module):
     checkpoint takes them from the model's own module)."""
 
     kind = "low_rank_conv2d"
-    _ATTRS = ("smooth_fused", "low_rank_input", "act_bits", "act_group_size", "act_unsigned")
-    _LEAVES = ("lora_down", "lora_up", "smooth", "shift")
+    float_type = nn.Conv2d
 
     def __init__(
         self,
@@ -199,40 +198,9 @@ class LowRankQuantConv2d(QuantWeightMixin, nn.Module):
                    stride=module.stride, padding=module.padding, dilation=module.dilation,  # type: ignore[arg-type]
                    groups=module.groups, padding_mode=module.padding_mode, **options)
 
-    def checkpoint_info(self) -> tuple[dict, dict[str, torch.Tensor]]:
-        """Module info for a checkpoint (``kind``, the stored leaves, :meth:`options`) and the
-        extra tensors ``lora_down``, ``lora_up``, ``smooth``, ``shift`` (those present). The
-        residual is written as ``X.weight`` and the folded bias as ``X.bias``; the geometry is
-        not stored (it is the model's own Conv2d's)."""
-        tensors = {n: getattr(self, n) for n in self._LEAVES if getattr(self, n) is not None}
-        return {"kind": self.kind, "tensors": sorted(tensors), **self.options()}, tensors
-
     @classmethod
-    def from_checkpoint(cls, module: nn.Module, qweight: QTensor, bias: torch.Tensor | None, info: dict,
-                        tensors: dict[str, torch.Tensor]) -> "LowRankQuantConv2d":
-        """Rebuild from a checkpoint (see :mod:`bitsmith.nn.registry`); ``module`` is the float
-        Conv2d it replaces (only its geometry is read)."""
-        unknown = sorted(set(info) - {"kind", "tensors", *cls._ATTRS})
-        extra = sorted(set(tensors) - set(cls._LEAVES))
-        if unknown or extra:
-            raise CheckpointError(f"{cls.kind}: unknown attributes {unknown} / tensors {extra}")
-        if not isinstance(module, nn.Conv2d):
-            raise CheckpointError(f"{cls.kind} replaces a Conv2d, the model has a {type(module).__name__}")
-        opts = {k: info[k] for k in cls._ATTRS if k in info}
-        try:
-            return cls.like(module, qweight, tensors.get("lora_down"), tensors.get("lora_up"), bias,
-                            smooth=tensors.get("smooth"), shift=tensors.get("shift"), **opts)
-        except QuantizationError as e:
-            raise CheckpointError(f"{cls.kind}: {e.message}") from None
-
-    @property
-    def rank(self) -> int:
-        return 0 if self.lora_down is None else int(self.lora_down.shape[0])
-
-    def options(self) -> dict:
-        """The non-tensor settings (what a checkpoint records next to the buffers)."""
-        return {"smooth_fused": self.smooth_fused, "low_rank_input": self.low_rank_input, "act_bits": self.act_bits,
-                "act_group_size": self.act_group_size, "act_unsigned": self.act_unsigned}
+    def _from_float(cls, module: nn.Conv2d, residual: QTensor, lora_down, lora_up, bias, **kwargs) -> "LowRankQuantConv2d":
+        return cls.like(module, residual, lora_down, lora_up, bias, **kwargs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return low_rank_conv2d(
@@ -244,10 +212,8 @@ class LowRankQuantConv2d(QuantWeightMixin, nn.Module):
     @property
     def bits_per_weight(self) -> float:
         """Stored bits per weight: residual (codes + scales + zeros) plus the 16-bit factors."""
-        extra = 0 if self.lora_down is None else (self.lora_down.numel() * self.lora_down.element_size()
-                                                  + self.lora_up.numel() * self.lora_up.element_size())
         weights = self.out_channels * self.in_channels * self.kernel_size[0] * self.kernel_size[1]
-        return 8.0 * (self.qweight.nbytes + extra) / weights
+        return 8.0 * self._stored_nbytes() / weights
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
