@@ -1,5 +1,5 @@
 """Exercise every fused kernel once at odd sizes (for ``compute-sanitizer --tool memcheck``):
-the M = 1 kernel with and without split-K, the tensor-core kernel with split-K, the dequantize
+the M = 1 kernels with and without split-K, the tensor-core kernels with split-K, the dequantize
 kernel, and the two W8A8 kernels, over int4/int3/int2/int8 and NF4 layouts.
 
     compute-sanitizer --tool memcheck --error-exitcode 1 python benchmarks/kernels_sanitize.py
@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 import bitsmith
-from bitsmith.kernels import qmm, repack
+from bitsmith.kernels import qmm, repack, small_m
 from bitsmith.kernels.w8a8 import w8a8_linear
 
 CASES = [("rtn", {"bits": 4, "group_size": 64}), ("rtn", {"bits": 3, "group_size": 128, "symmetric": True}),
@@ -20,6 +20,9 @@ GEMM = [{"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 64, "SPLIT_K": 3, "GROUP_M": 8
         {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 64, "SPLIT_K": 3, "GROUP_M": 8, "UNIQUE": 1, "num_warps": 4, "num_stages": 3},
         {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "SPLIT_K": 1, "GROUP_M": 8, "num_warps": 4, "num_stages": 3},
         {"DEQUANT_MM": True}]
+#: the small-M kernels (BLOCK_K of the CUDA-core one = the weight's group, filled in per case)
+SMALL_M = [{"KERNEL": "fma", "BLOCK_N": 128, "SPLIT": 1, "num_warps": 4}, {"KERNEL": "fma", "BLOCK_N": 64, "SPLIT": 5, "num_warps": 2},
+           {"KERNEL": "tc", "BLOCK_M": 16, "BLOCK_N": 128, "BLOCK_K": 32, "SPLIT": 3, "num_warps": 4, "num_stages": 3}]
 
 
 def main() -> None:
@@ -30,7 +33,9 @@ def main() -> None:
         qt = bitsmith.quantize_tensor(torch.randn(n, k, device="cuda") * 0.02, method, **opts)
         rw = repack(qt)
         w = qt.dequantize(torch.float32).double()
-        for m, cfgs in ((1, GEMV), (19, GEMM)):
+        small = [{**c, "BLOCK_K": c.get("BLOCK_K", rw.group or 64)} for c in SMALL_M]
+        small = [c for c in small if small_m.supports(rw, torch.float16, c) is None]
+        for m, cfgs in ((1, GEMV + small), (19, GEMM + [c for c in small if c["KERNEL"] == "tc"])):
             x = torch.randn(m, k, device="cuda", dtype=torch.float16)
             bias = torch.randn(n, device="cuda", dtype=torch.float16)
             ref = x.double() @ w.t() + bias.double()

@@ -149,6 +149,51 @@ def test_interp_split_k_and_tiles(name):
     _interp_case(name, 19, 70, 300, torch.float16, gemm)
 
 
+@needs_interp
+@pytest.mark.parametrize("name", sorted(FORMATS))
+def test_interp_small_m_kernels(name):
+    """The small-M kernels (CUDA-core at M = 1, tensor-core at M = 1, 5, 19 in tiles of 16 rows),
+    with and without split-K, every format they take, odd N and K."""
+    from bitsmith.kernels import qmm, small_m
+
+    rw = repack(_quantize(name, torch.randn(8, 300)))
+    bk = rw.group or 64
+    fma = [{"KERNEL": "fma", "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT": s, "num_warps": 4} for bn, s in ((32, 1), (64, 3))]
+    tc = [{"KERNEL": "tc", "BLOCK_M": 16, "BLOCK_N": bn, "BLOCK_K": b, "SPLIT": s, "num_warps": 4}
+          for bn, b, s in ((32, 32, 1), (64, 32, 3), (32, 64, 2))]
+    fma = [c for c in fma if small_m.supports(rw, torch.float16, c) is None]
+    tc = [c for c in tc if small_m.supports(rw, torch.float16, c) is None]
+    assert tc, "every test format has a tensor-core config"
+    if rw.group in (0, 32, 64, 128) and not (rw.rbits == 3 and rw.group == 32):
+        assert fma, "the CUDA-core kernel takes one group per step"
+    _interp_case(name, 1, 70, 300, torch.float16, fma + tc)
+    _interp_case(name, 5, 70, 300, torch.float16, tc)
+    _interp_case(name, 19, 70, 300, torch.float16, tc)
+    if fma:
+        _interp_case(name, 1, 33, 160, torch.float32, fma)
+    assert qmm.default_fma_config(rw, torch.float16, torch.device("cpu")) is not None or not fma
+
+
+@needs_interp
+def test_interp_split_k_counters_reset_between_launches():
+    """The last program of a split column tile resets its counter: launch after launch (same
+    workspace) stays right, and the counters are all 0 afterwards."""
+    from bitsmith.kernels import small_m
+
+    g = torch.Generator().manual_seed(3)
+    qt = _quantize("int4_g64_int0", torch.randn(50, 640, generator=g))
+    rw = repack(qt)
+    w64 = qt.dequantize(torch.float32).double()
+    for kernel, m in (("fma", 1), ("tc", 7), ("fma", 1)):
+        cfg = {"KERNEL": kernel, "BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 64, "SPLIT": 4, "num_warps": 4}
+        for _ in range(3):
+            x = torch.randn(m, 640, generator=g).half()
+            y = small_m.launch(rw, x, None, cfg)
+            assert _rel(y, x.double() @ w64.t()) < 2e-3
+    _, counters = small_m.workspace(torch.device("cpu"), 1, 1)
+    assert int(counters.abs().sum()) == 0
+
+
 # --- CUDA -----------------------------------------------------------------------------------------
 def _cuda_case(name, m, n, k, dtype, w=None):
     from bitsmith.kernels import qmm, quant_matmul
@@ -202,6 +247,35 @@ def test_cuda_smollm2_weights(name, request):
         w = sd[key]
         for m in (1, 16, 200):
             _cuda_case(name, m, w.shape[0], w.shape[1], torch.float16, w=w)
+
+
+@needs_cuda
+@pytest.mark.parametrize("name", sorted(FORMATS))
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cuda_small_m_kernels(name, dtype):
+    """Every M = 1 config the tuner may pick and a spread of tensor-core small-M configs, on the
+    GPU (bfloat16 tensor-core tiles cannot be checked under the interpreter), M = 1, 7, 16, odd N
+    and K."""
+    from bitsmith.kernels import qmm, small_m
+
+    g = torch.Generator().manual_seed(11)
+    qt = _quantize(name, (torch.randn(1000, 1541, generator=g) * 0.02).cuda())
+    rw = repack(qt)
+    w64 = qt.dequantize(torch.float32).double()
+    tol = 2e-3 if dtype == torch.float16 else 1.6e-2
+    for m in (1, 7, 16):
+        x = torch.randn(m, 1541, generator=g).to(dtype).cuda()
+        bias = torch.randn(1000, generator=g).to(dtype).cuda()
+        ref = x.double() @ w64.t() + bias.double()
+        cfgs = [c for c in qmm.gemv_configs(rw, dtype) if "KERNEL" in c] if m == 1 else []
+        cfgs += [c for c in ({"KERNEL": "tc", "BLOCK_M": 16, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT": s, "num_warps": w,
+                              "num_stages": 3} for bn, bk, s, w in ((128, 64, 4, 4), (256, 32, 16, 8), (64, 128, 1, 4)))
+                 if small_m.supports(rw, dtype, c) is None]
+        assert cfgs
+        for cfg in cfgs:
+            for _ in range(2):  # twice: the split-K counters were reset by the first launch
+                y = small_m.launch(rw, x, bias, cfg)
+                assert _rel(y, ref) < tol, (cfg, _rel(y, ref))
 
 
 @needs_cuda

@@ -262,6 +262,8 @@ def run_bench(
                 row.speedup = base / us if base else None
                 row.speedup_graph = base_g / g_us if (base_g and g_us) else None
                 res.rows.append(row)
+                say(f"  {name}: {us:.1f} us, graph {g_us if g_us is None else round(g_us, 1)} us, "
+                    f"x fp16 {row.speedup:.2f}" + (f" / graph {row.speedup_graph:.2f}" if row.speedup_graph else ""))
         del w16, rws, wq, refw
         torch.cuda.empty_cache()
     return res

@@ -30,6 +30,7 @@ except ImportError:  # pragma: no cover - depends on the environment
     tl = None
     HAVE_TRITON = False
 
+from . import small_m
 from .layout import RuntimeWeight
 
 TUNED: dict[tuple, dict] = {}  # (kernel, M bucket, N, K, layout key) -> launch config
@@ -312,6 +313,8 @@ class _Plan:
     __slots__ = ("compiled", "grid", "template", "n", "split", "dummy", "dev")
 
     def __init__(self, compiled, grid, args, const_vals, n, split, dummy, dev):
+        """``split``: the atomic split-K count of the old kernels (> 1: a zeroed float32 output,
+        then a cast); 1 for every kernel that writes its output directly."""
         self.compiled, self.n, self.split, self.dummy, self.dev = compiled, n, split, dummy, dev
         self.grid = tuple(grid) + (1,) * (3 - len(grid))
         self.template = list(args) + list(const_vals)
@@ -352,11 +355,40 @@ def _m_bucket(m: int) -> int:
     return 2048
 
 
-def gemv_configs(rw: RuntimeWeight) -> list[dict]:
-    """Candidate configs for the M = 1 kernel: (columns, words per tile) x split-K. Split-K is a
-    runtime argument, so the candidates compile to few binaries (tile shape x atomic or not)."""
-    kw = rw.words.shape[0]
+def fma_configs(rw: RuntimeWeight, dtype: torch.dtype) -> list[dict]:
+    """Candidate configs of the small-M CUDA-core kernel (:mod:`bitsmith.kernels.small_m`) at
+    M = 1: columns x warps x split-K (a runtime argument: few binaries)."""
+    bk = rw.group or 64
     out = []
+    for bn, warps in ((64, 2), (128, 4), (256, 4)):
+        for split in (4, 8, 16, 32, 64):
+            cfg = {"KERNEL": "fma", "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT": split, "num_warps": warps, "num_stages": 1}
+            if small_m.supports(rw, dtype, cfg) is None and split <= -(-rw.kp // bk):
+                out.append(cfg)
+    return out
+
+
+def default_fma_config(rw: RuntimeWeight, dtype: torch.dtype, device: torch.device) -> dict | None:
+    """The small-M CUDA-core kernel without tuning (``None`` where it cannot take ``rw``): 128
+    columns, split-K until about eight programs per SM."""
+    bk = rw.group or 64
+    steps = -(-rw.kp // bk)
+    tiles = -(-rw.n // 128)
+    split = 1
+    while tiles * split < 8 * _sm_count(device) and split * 2 <= min(steps, 64):
+        split *= 2
+    cfg = {"KERNEL": "fma", "BLOCK_N": 128, "BLOCK_K": bk, "SPLIT": split, "num_warps": 4, "num_stages": 1}
+    return cfg if small_m.supports(rw, dtype, cfg) is None else None
+
+
+def gemv_configs(rw: RuntimeWeight, dtype: torch.dtype | None = None) -> list[dict]:
+    """Candidate configs for M = 1: the small-M CUDA-core kernel's (:func:`fma_configs`), then
+    the word-tile kernel's (columns, words per tile) x split-K. Split-K is a runtime argument, so
+    the candidates compile to few binaries (tile shape x atomic or not)."""
+    kw = rw.words.shape[0]
+    out = fma_configs(rw, dtype) if dtype is not None else []
+    if out:  # measured on the H100: the CUDA-core kernel beats the word-tile kernel wherever it runs
+        return out
     for bn, bkw in ((128, 16), (256, 8), (64, 32), (128, 32), (256, 16)):
         for split in (1, 2, 4, 8, 16):
             if split > 1 and kw // split < bkw:
@@ -365,9 +397,14 @@ def gemv_configs(rw: RuntimeWeight) -> list[dict]:
     return out
 
 
-def default_gemv_config(rw: RuntimeWeight, device: torch.device) -> dict:
-    """A config that fills the GPU without tuning: 128 columns x 16 words, split-K until about
-    four programs per SM."""
+def default_gemv_config(rw: RuntimeWeight, device: torch.device, dtype: torch.dtype | None = None) -> dict:
+    """A config that fills the GPU without tuning: the small-M CUDA-core kernel where it takes
+    ``rw`` (:func:`default_fma_config`), else the word-tile kernel with 128 columns x 16 words,
+    split-K until about four programs per SM."""
+    if dtype is not None:
+        fma = default_fma_config(rw, dtype, device)
+        if fma is not None:
+            return fma
     sms = _sm_count(device)
     kw = rw.words.shape[0]
     tiles = -(-rw.n // 128)
@@ -377,8 +414,10 @@ def default_gemv_config(rw: RuntimeWeight, device: torch.device) -> dict:
     return {"BLOCK_N": 128, "BLOCK_KW": 16, "SPLIT_K": split, "num_warps": 4}
 
 
-def gemm_configs(rw: RuntimeWeight, m: int) -> list[dict]:
-    """Candidate configs for the tensor-core kernel at M rows (split-K only while M <= 64)."""
+def gemm_configs(rw: RuntimeWeight, m: int, dtype: torch.dtype = torch.float16) -> list[dict]:
+    """Candidate configs for the tensor-core kernel at M rows (split-K only while M <= 64). The
+    small-M tensor-core kernel (:mod:`bitsmith.kernels.small_m`) is not a candidate: it measured
+    slower than this one at M = 16 on every benchmark shape (benchmarks/results/kernels_small_m_h100.json)."""
     out = []
     if m <= 64:
         bm = 16 if m <= 16 else 32 if m <= 32 else 64
@@ -431,6 +470,13 @@ def _launch(rw: RuntimeWeight, x2: torch.Tensor, bias: torch.Tensor | None, cfg:
     if cfg.get("DEQUANT_MM"):
         wt = dequantize_t(rw, x2.dtype)
         return torch.mm(x2, wt) if bias is None else torch.addmm(bias.to(x2.dtype), x2, wt)
+    if "KERNEL" in cfg:  # the small-M kernels: one launch, output written directly
+        out = torch.empty(m, n, dtype=x2.dtype, device=x2.device)
+        kernel, grid, args, consts, options = small_m.launch_args(rw, x2, bias, cfg, out)
+        hit = _run(kernel, grid, args, consts, options)
+        if plan_key is not None and hit is not None:
+            rw.plans[plan_key] = _Plan(hit[0], grid, args, hit[1], n, 1, rw.scale, x2.device.index)
+        return out
     split = cfg["SPLIT_K"]
     dummy = rw.scale
     if split == 1:
@@ -506,7 +552,7 @@ def gpu_time(fn, calls: int = 20) -> float:
 
 def _tune(key: tuple, rw: RuntimeWeight, x2: torch.Tensor, bias, gemv: bool) -> dict:
     m = x2.shape[0]
-    cands = gemv_configs(rw) if gemv else gemm_configs(rw, m)
+    cands = gemv_configs(rw, x2.dtype) if gemv else gemm_configs(rw, m, x2.dtype)
     best, best_t = None, float("inf")
     for cfg in cands:
         try:
@@ -516,7 +562,7 @@ def _tune(key: tuple, rw: RuntimeWeight, x2: torch.Tensor, bias, gemv: bool) -> 
         if t < best_t:
             best, best_t = cfg, t
     if best is None:
-        best = default_gemv_config(rw, x2.device) if gemv else default_gemm_config(rw, m, x2.device)
+        best = default_gemv_config(rw, x2.device, x2.dtype) if gemv else default_gemm_config(rw, m, x2.device)
     TUNED[key] = best
     return best
 
@@ -550,7 +596,7 @@ def quant_matmul(x: torch.Tensor, rw: RuntimeWeight, bias: torch.Tensor | None =
         if AUTOTUNE["enabled"] and x.is_cuda and not capturing:
             cfg = _tune(key, rw, x2, bias, gemv)
         else:
-            cfg = default_gemv_config(rw, x2.device) if gemv else default_gemm_config(rw, m, x2.device)
+            cfg = default_gemv_config(rw, x2.device, x2.dtype) if gemv else default_gemm_config(rw, m, x2.device)
     final = cfg is TUNED.get(key) or not AUTOTUNE["enabled"]  # not an untuned stand-in under capture
     out = _launch(rw, x2, bias, cfg, gemv, plan_key if final else None)
     return out.reshape(*lead, rw.n)

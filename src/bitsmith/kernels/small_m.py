@@ -1,0 +1,319 @@
+"""Small-M fused kernels (M = 1..64 tokens: decoding): ``y = x @ W^T + b`` with ``W`` in the
+runtime layout of :mod:`bitsmith.kernels.layout`, where the weight read is the whole cost.
+
+Both kernels work group by group (a group = ``GROUP`` consecutive ``k`` that share one scale and
+zero, or a ``BLOCK_K`` slice of a per-channel row) and apply the scale once per group and column::
+
+    y[m, n] += s[g, n] * (sum_k x[m, k] * v(q[k, n])  -  c[g, n] * sum_k x[m, k])
+
+with ``v(q) = q + MAGIC`` and ``c = zero + MAGIC`` for affine codes, ``v = table[q]``, ``c = 0``
+for codebooks. ``MAGIC`` makes the integer -> float conversion one OR: ``MAGIC + q`` has the bit
+pattern ``MAGIC_BITS | q`` (float16: 1024 = 0x6400, exact for q < 1024; bfloat16: 128 = 0x4300,
+exact for q < 128; other cases cast). The product sums are float32 (tensor-core accumulators), so
+removing ``MAGIC * sum(x)`` afterwards costs at most ~log2(MAGIC / 8) of float32's 24 bits, far
+below the activation dtype's rounding. The CUDA-core kernel subtracts its float32 magic (2**23)
+from every code instead (there the cancellation would cost all 24 bits).
+
+* ``_tc_kernel`` (tensor cores, float16 / bfloat16 activations, M rows in tiles of ``BLOCK_M``): the codes of a ``[BLOCK_K, BLOCK_N]`` tile are
+  turned into ``MAGIC + q`` in the activation dtype with shifts and one OR and fed to ``tl.dot``
+  (rows of ``x`` past M are zeros). Per code: a shift, an AND-OR and a pack, no multiply.
+* ``_fma_kernel`` (CUDA cores, M = 1): the same math with float32 FMAs over whole words.
+
+Split-K without extra launches: when the column tiles alone cannot fill the GPU, ``SPLIT`` programs
+share a column tile; each writes its float32 partial sums to a workspace, then takes a ticket from
+the tile's counter (an atomic add, release/acquire); the program that draws the last ticket adds
+the partials in split order (deterministic), adds the bias, writes ``y`` in the activation dtype
+and resets the counter to 0 for the next launch. One launch, no zero-filled buffer, no cast kernel,
+capturable in a CUDA graph. The workspace and counters belong to the device and are shared by
+every launch on it: launches must not run concurrently on two streams.
+"""
+from __future__ import annotations
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+
+    HAVE_TRITON = True
+except ImportError:  # pragma: no cover - depends on the environment
+    triton = None
+    tl = None
+    HAVE_TRITON = False
+
+from .layout import RuntimeWeight
+
+def magic_for(dtype: torch.dtype, rbits: int) -> tuple[float, int]:
+    """``(MAGIC, MAGIC_BITS)`` of the tensor-core kernel for activations of ``dtype`` and codes of
+    ``rbits`` bits; ``(0, 0)``: convert the codes with a plain cast."""
+    if dtype == torch.float16:
+        return 1024.0, 0x6400
+    if dtype == torch.bfloat16 and rbits <= 7:
+        return 128.0, 0x4300
+    return 0.0, 0
+
+if HAVE_TRITON:
+
+    @triton.jit
+    def _tile_q(w_ptr, wh_ptr, kw0, KW, N, offs_n, n_mask, BITS: tl.constexpr, PACK: tl.constexpr,
+                BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+        """Codes ``[BLOCK_K, BLOCK_N]`` (int32) of the ``BLOCK_K`` codes from word row ``kw0``
+        (rows past ``KW`` read as 0): each word is loaded once and its codes spread along a new
+        axis merged into K."""
+        WROWS: tl.constexpr = BLOCK_K // PACK
+        offs_w = kw0 + tl.arange(0, WROWS)
+        words = tl.load(w_ptr + offs_w[:, None] * N + offs_n[None, :], mask=(offs_w < KW)[:, None] & n_mask[None, :],
+                        other=0)
+        if BITS == 3:  # low 2 bits: 16 codes a word; top bit: 32 codes a word of the high plane
+            sh2 = tl.arange(0, 16) * 2
+            lo = tl.reshape((words[:, None, :] >> sh2[None, :, None]) & 3, [BLOCK_K, BLOCK_N])
+            offs_h = kw0 // 2 + tl.arange(0, BLOCK_K // 32)
+            hiw = tl.load(wh_ptr + offs_h[:, None] * N + offs_n[None, :],
+                          mask=(offs_h < KW // 2)[:, None] & n_mask[None, :], other=0)
+            sh1 = tl.arange(0, 32)
+            hi = tl.reshape((hiw[:, None, :] >> sh1[None, :, None]) & 1, [BLOCK_K, BLOCK_N])
+            q = lo | (hi << 2)
+        else:
+            sh = tl.arange(0, PACK) * BITS
+            q = tl.reshape((words[:, None, :] >> sh[None, :, None]) & ((1 << BITS) - 1), [BLOCK_K, BLOCK_N])
+        return q
+
+    @triton.jit
+    def _finish(acc, offs_m, offs_n, m_mask, n_mask, stride_om, out_ptr, b_ptr, ws_ptr, cnt_ptr, pid_t, pid_k,
+                M, N, SPLIT, IS_SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr):
+        """Write ``acc`` (+ bias) to ``out``; with ``SPLIT > 1`` the last program of the tile sums
+        the partials of all splits (see the module docstring)."""
+        o_mask = m_mask[:, None] & n_mask[None, :]
+        if not IS_SPLIT:
+            if HAS_BIAS:
+                acc += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+            tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], acc.to(out_ptr.dtype.element_ty),
+                     mask=o_mask)
+        else:
+            ws_off = offs_m[:, None] * N + offs_n[None, :]
+            tl.store(ws_ptr + pid_k * M * N + ws_off, acc, mask=o_mask)
+            tl.debug_barrier()  # every thread's partials are written before the ticket is taken
+            ticket = tl.atomic_add(cnt_ptr + pid_t, 1, sem="acq_rel")
+            if ticket == SPLIT - 1:
+                tl.debug_barrier()
+                tot = tl.zeros([BLOCK_M, acc.shape[1]], dtype=tl.float32)
+                for i in range(0, SPLIT):
+                    tot += tl.load(ws_ptr + i * M * N + ws_off, mask=o_mask, other=0.0, cache_modifier=".cg")
+                if HAS_BIAS:
+                    tot += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+                tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], tot.to(out_ptr.dtype.element_ty),
+                         mask=o_mask)
+                tl.atomic_xchg(cnt_ptr + pid_t, 0)
+
+    @triton.jit
+    def _tc_kernel(
+        x_ptr, w_ptr, wh_ptr, s_ptr, z_ptr, t_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr,
+        M, N, K, KW, G_PER, NG, SPLIT, zconst, stride_xm, stride_om,
+        BITS: tl.constexpr, PACK: tl.constexpr, GSTEP: tl.constexpr, PER_CHANNEL: tl.constexpr,
+        HAS_ZERO: tl.constexpr, CODEBOOK: tl.constexpr, HAS_BIAS: tl.constexpr,
+        MAGIC: tl.constexpr, MAGIC_BITS: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IS_SPLIT: tl.constexpr,
+    ):
+        """``GSTEP``: k per scale step (the group size, or ``BLOCK_K`` for per-channel weights);
+        ``NG``: scale steps in the padded K; ``G_PER``: steps per split."""
+        pid_n = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        pid_m = tl.program_id(2)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        m_mask = offs_m < M
+        n_mask = offs_n < N
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        g_lo = pid_k * G_PER
+        g_hi = tl.minimum(g_lo + G_PER, NG)
+        s_row = 0
+        for g in range(g_lo, g_hi):
+            part = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            xs = tl.zeros([BLOCK_M], dtype=tl.float32)
+            for kk in tl.static_range(0, GSTEP, BLOCK_K):
+                k0 = g * GSTEP + kk
+                offs_k = k0 + tl.arange(0, BLOCK_K)
+                a = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
+                            mask=m_mask[:, None] & (offs_k < K)[None, :], other=0.0)
+                q = _tile_q(w_ptr, wh_ptr, k0 // PACK, KW, N, offs_n, n_mask, BITS, PACK, BLOCK_K, BLOCK_N)
+                if CODEBOOK:
+                    v = tl.load(t_ptr + q).to(a.dtype)
+                elif MAGIC_BITS == 0:  # codes that MAGIC cannot hold exactly (bfloat16, 8 bits)
+                    v = q.to(a.dtype)
+                else:
+                    v = (q | MAGIC_BITS).to(tl.int16).to(a.dtype, bitcast=True)
+                part = tl.dot(a, v, part)
+                if not CODEBOOK:
+                    xs += tl.sum(a.to(tl.float32), axis=1)
+            if not PER_CHANNEL:
+                s_row = g
+            s = tl.load(s_ptr + s_row * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+            if CODEBOOK:
+                acc += part * s[None, :]
+            else:
+                if HAS_ZERO:
+                    c = tl.load(z_ptr + s_row * N + offs_n, mask=n_mask, other=0.0).to(tl.float32) + MAGIC
+                else:
+                    c = tl.zeros([BLOCK_N], dtype=tl.float32) + (zconst + MAGIC)
+                acc += (part - xs[:, None] * c[None, :]) * s[None, :]
+        pid_t = pid_m * tl.num_programs(0) + pid_n
+        _finish(acc, offs_m, offs_n, m_mask, n_mask, stride_om, out_ptr, b_ptr, ws_ptr, cnt_ptr, pid_t, pid_k,
+                M, N, SPLIT, IS_SPLIT, HAS_BIAS, BLOCK_M)
+
+    @triton.jit
+    def _load_step(w_ptr, wh_ptr, s_ptr, z_ptr, g, g_hi, KW, N, offs_n, n_mask,
+                   BITS: tl.constexpr, PACK: tl.constexpr, PER_CHANNEL: tl.constexpr, HAS_ZERO: tl.constexpr,
+                   BLOCK_K: tl.constexpr):
+        """Words (and 3-bit high words), scale and zero of step ``g`` (zeros when ``g >= g_hi``)."""
+        WROWS: tl.constexpr = BLOCK_K // PACK
+        offs_w = g * WROWS + tl.arange(0, WROWS)
+        live = g < g_hi
+        wmask = ((offs_w < KW) & live)[:, None] & n_mask[None, :]
+        words = tl.load(w_ptr + offs_w[:, None] * N + offs_n[None, :], mask=wmask, other=0)
+        if BITS == 3:
+            hiw = tl.load(wh_ptr + (offs_w // 2)[:, None] * N + offs_n[None, :], mask=wmask, other=0)
+        else:
+            hiw = words
+        s_row = 0 if PER_CHANNEL else g
+        smask = n_mask & live
+        s = tl.load(s_ptr + s_row * N + offs_n, mask=smask, other=0.0).to(tl.float32)
+        if HAS_ZERO:
+            z = tl.load(z_ptr + s_row * N + offs_n, mask=smask, other=0.0).to(tl.float32)
+        else:
+            z = s
+        return words, hiw, s, z
+
+    @triton.jit
+    def _fma_kernel(
+        x_ptr, w_ptr, wh_ptr, s_ptr, z_ptr, t_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr,
+        M, N, K, KW, G_PER, NG, SPLIT, zconst, stride_xm, stride_om,
+        BITS: tl.constexpr, PACK: tl.constexpr, GSTEP: tl.constexpr, PER_CHANNEL: tl.constexpr,
+        HAS_ZERO: tl.constexpr, CODEBOOK: tl.constexpr, HAS_BIAS: tl.constexpr,
+        MAGIC: tl.constexpr, MAGIC_BITS: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IS_SPLIT: tl.constexpr,
+    ):
+        """M = 1 on CUDA cores. One step = one group (``BLOCK_K == GSTEP``; per-channel weights:
+        any ``BLOCK_K``): a ``[BLOCK_K // PACK, BLOCK_N]`` tile of words, codes taken one
+        word-slot at a time (float32 magic 2**23, subtracted per code), the scale applied once.
+        The next step's words, scale and zero are loaded before this step's math (a register
+        double buffer), so a program always has a load in flight."""
+        pid_n = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < N
+        WROWS: tl.constexpr = BLOCK_K // PACK
+        acc = tl.zeros([WROWS, BLOCK_N], dtype=tl.float32)
+        g_lo = pid_k * G_PER
+        g_hi = tl.minimum(g_lo + G_PER, NG)
+        words, hiw, s, z = _load_step(w_ptr, wh_ptr, s_ptr, z_ptr, g_lo, g_hi, KW, N, offs_n, n_mask,
+                                      BITS, PACK, PER_CHANNEL, HAS_ZERO, BLOCK_K)
+        for g in range(g_lo, g_hi):
+            nwords, nhiw, ns, nz = _load_step(w_ptr, wh_ptr, s_ptr, z_ptr, g + 1, g_hi, KW, N, offs_n, n_mask,
+                                              BITS, PACK, PER_CHANNEL, HAS_ZERO, BLOCK_K)
+            offs_w = g * WROWS + tl.arange(0, WROWS)
+            part = tl.zeros([WROWS, BLOCK_N], dtype=tl.float32)
+            xs = tl.zeros([WROWS], dtype=tl.float32)
+            if BITS == 3:
+                hshift = ((offs_w % 2) * 16)[:, None]
+            for j in tl.static_range(PACK):
+                kj = offs_w * PACK + j
+                xj = tl.load(x_ptr + kj, mask=kj < K, other=0.0).to(tl.float32)
+                if BITS == 3:
+                    q = ((words >> (2 * j)) & 3) | (((hiw >> (hshift + j)) & 1) << 2)
+                else:
+                    q = (words >> (j * BITS)) & ((1 << BITS) - 1)
+                if CODEBOOK:
+                    v = tl.load(t_ptr + q)
+                else:  # the bits of 2**23 + q, minus 2**23: exact, no int -> float conversion
+                    v = (q | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+                part += v * xj[:, None]
+                if not CODEBOOK:
+                    xs += xj
+            if CODEBOOK:
+                acc += part * s[None, :]
+            else:
+                if not HAS_ZERO:
+                    z = tl.zeros([BLOCK_N], dtype=tl.float32) + zconst
+                acc += (part - xs[:, None] * z[None, :]) * s[None, :]
+            words, hiw, s, z = nwords, nhiw, ns, nz
+        y = tl.sum(acc, axis=0)[None, :]
+        offs_m = tl.arange(0, 1)
+        pid_t = pid_n
+        _finish(y, offs_m, offs_n, offs_m < M, n_mask, stride_om, out_ptr, b_ptr, ws_ptr, cnt_ptr, pid_t, pid_k,
+                M, N, SPLIT, IS_SPLIT, HAS_BIAS, 1)
+
+
+# --- launch -------------------------------------------------------------------------------------
+_WORKSPACE: dict = {}  # device -> (float32 partials, int32 tile counters), grown on demand
+
+
+def workspace(device: torch.device, partials: int, tiles: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The device's split-K workspace, at least ``partials`` floats and ``tiles`` counters (all
+    counters are 0 between launches). Growing is refused under CUDA-graph capture."""
+    key = (device.type, device.index)
+    ws, cnt = _WORKSPACE.get(key, (None, None))
+    if ws is None or ws.numel() < partials or cnt.numel() < tiles:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("split-K workspace must be sized before CUDA-graph capture (run one eager call first)")
+        ws = torch.empty(max(partials, 0 if ws is None else ws.numel(), 1 << 20), dtype=torch.float32, device=device)
+        cnt = torch.zeros(max(tiles, 0 if cnt is None else cnt.numel(), 4096), dtype=torch.int32, device=device)
+        _WORKSPACE[key] = (ws, cnt)
+    return ws, cnt
+
+
+def supports(rw: RuntimeWeight, dtype: torch.dtype, cfg: dict) -> str | None:
+    """Why ``cfg`` cannot run ``rw`` with activations of ``dtype`` (``None`` when it can)."""
+    bk = cfg["BLOCK_K"]
+    if cfg["KERNEL"] == "tc" and dtype not in (torch.float16, torch.bfloat16):
+        return "the tensor-core kernel takes float16 / bfloat16 activations"
+    if bk % rw.pack or (rw.rbits == 3 and bk % 32):
+        return f"BLOCK_K {bk} does not hold whole words of {rw.rbits}-bit codes"
+    if rw.group and rw.group % bk:
+        return f"group {rw.group} is not a multiple of BLOCK_K {bk}"
+    if cfg["KERNEL"] == "fma" and rw.group and rw.group != bk:
+        return f"the CUDA-core kernel takes one group per step (BLOCK_K = group {rw.group})"
+    return None
+
+
+def launch_args(rw: RuntimeWeight, x2: torch.Tensor, bias: torch.Tensor | None, cfg: dict, out: torch.Tensor):
+    """``(kernel, grid, args, constexprs, options)`` of one small-M launch ``x2 [M, K] @ W^T
+    (+ bias) -> out [M, N]`` (``cfg``: KERNEL "tc" or "fma", BLOCK_M/N/K, SPLIT, num_warps,
+    num_stages). The positions of ``x``, ``bias`` and ``out`` in ``args`` (0, 6, 7) are the
+    launch plans' contract (:class:`bitsmith.kernels.qmm._Plan`)."""
+    m, k = x2.shape
+    n = rw.n
+    bk, bn, split = cfg["BLOCK_K"], cfg["BLOCK_N"], cfg["SPLIT"]
+    bm = cfg.get("BLOCK_M", 16) if cfg["KERNEL"] == "tc" else 1
+    gstep = rw.group if rw.group else bk
+    ng = -(-rw.kp // gstep)
+    g_per = -(-ng // split)
+    grid = (triton.cdiv(n, bn), split, triton.cdiv(m, bm))
+    if split > 1:
+        ws, cnt = workspace(x2.device, split * m * n, grid[0] * grid[2])
+    else:
+        ws, cnt = rw.scale, rw.words
+    dummy = rw.scale
+    magic, magic_bits = magic_for(x2.dtype, rw.rbits) if cfg["KERNEL"] == "tc" else (0.0, 0)
+    kernel = _tc_kernel if cfg["KERNEL"] == "tc" else _fma_kernel
+    args = (x2, rw.words, rw.words_hi if rw.words_hi is not None else rw.words, rw.scale,
+            rw.zero if rw.zero is not None else dummy, rw.table if rw.table is not None else dummy,
+            bias if bias is not None else dummy, out, ws, cnt,
+            m, n, k, rw.words.shape[0], g_per, ng, split, float(rw.zconst), x2.stride(0), out.stride(0))
+    consts = {"BITS": rw.rbits, "PACK": rw.pack, "GSTEP": gstep, "PER_CHANNEL": rw.group == 0,
+              "HAS_ZERO": rw.zero is not None, "CODEBOOK": rw.kind == "codebook", "HAS_BIAS": bias is not None,
+              "MAGIC": magic, "MAGIC_BITS": magic_bits, "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk,
+              "IS_SPLIT": split > 1}
+    options = {"num_warps": cfg.get("num_warps", 4), "num_stages": cfg.get("num_stages", 2)}
+    return kernel, grid, args, consts, options
+
+
+def launch(rw: RuntimeWeight, x2: torch.Tensor, bias: torch.Tensor | None, cfg: dict) -> torch.Tensor:
+    """``x2 [M, K] @ W^T (+ bias)`` with the small-M kernel of ``cfg`` (a plain Triton launch;
+    :func:`bitsmith.kernels.qmm.quant_matmul` launches the same through its cached plans)."""
+    out = torch.empty(x2.shape[0], rw.n, dtype=x2.dtype, device=x2.device)
+    kernel, grid, args, consts, options = launch_args(rw, x2, bias, cfg, out)
+    kernel[grid](*args, **consts, **options)
+    return out
+
+
+__all__ = ["launch", "launch_args", "supports", "workspace", "magic_for", "HAVE_TRITON"]
