@@ -137,6 +137,25 @@ CASES = [
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("act_bits,act_group,shift,lr_input", CASES)
 def test_module_matches_fake_quant_simulation(dtype, act_bits, act_group, shift, lr_input):
+    _module_vs_simulation(dtype, act_bits, act_group, shift, lr_input, "cpu")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (the fused kernels run the residual)")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("act_bits,act_group,shift,lr_input", CASES)
+def test_cuda_module_on_kernels_matches_fake_quant_simulation(dtype, act_bits, act_group, shift, lr_input):
+    mod = _module_vs_simulation(dtype, act_bits, act_group, shift, lr_input, "cuda")
+    assert mod.__dict__.get("_runtime") is not None, mod.__dict__.get("kernel_skip_reason")
+
+
+def test_module_says_why_its_kernels_do_not_run_on_cpu():
+    w, b, x, absmax = _layer_inputs(torch.float32)
+    res = svdquant(w, act_absmax=absmax, bias=b, rank=RANK, group_size=32)
+    mod = LowRankQuantLinear(K, N, res.residual, res.lora_down, res.lora_up, res.bias, smooth=res.smooth)
+    assert mod.prepare_kernels() is None and "cpu" in mod.kernel_skip_reason
+
+
+def _module_vs_simulation(dtype, act_bits, act_group, shift, lr_input, device):
     gelu = shift == 0.171875
     w, b, x, absmax = _layer_inputs(dtype, gelu=gelu)
     if shift == "vec":  # --shift auto: per channel, makes every calibration value non-negative
@@ -145,8 +164,8 @@ def test_module_matches_fake_quant_simulation(dtype, act_bits, act_group, shift,
                    act_group_size=act_group, shift=shift, low_rank_input=lr_input)
     mod = LowRankQuantLinear(K, N, res.residual, res.lora_down, res.lora_up, res.bias, smooth=res.smooth,
                              shift=res.shift, low_rank_input=lr_input, act_bits=act_bits,
-                             act_group_size=act_group, act_unsigned=res.act_unsigned)
-    y = mod(x)
+                             act_group_size=act_group, act_unsigned=res.act_unsigned).to(device)
+    y = mod(x.to(device)).cpu()
     assert y.dtype == dtype
     # independent float64 simulation from the stored tensors
     x64 = x.double()
@@ -167,6 +186,7 @@ def test_module_matches_fake_quant_simulation(dtype, act_bits, act_group, shift,
     # the quantized layer still computes the float layer approximately (the decomposition is right)
     exact = x64 @ w.double().T + b.double()
     assert (y.double() - exact).norm() / exact.norm() < {16: 0.05, 8: 0.06, 4: 0.3}[act_bits]
+    return mod
 
 
 def test_shift_costs_nothing_with_16bit_activations():

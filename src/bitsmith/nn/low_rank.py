@@ -33,12 +33,16 @@ inputs), the two matmuls in the input's dtype.
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..errors import CheckpointError, QuantizationError
 from ..formats import QTensor
+from ..kernels import quant_matmul
+from .quant_linear import KernelWeightMixin
 from .quant_module import QuantWeightMixin
 from .registry import register_runtime_module
 
@@ -83,7 +87,7 @@ def fake_quantize_activation(
 
 def low_rank_linear(
     x: torch.Tensor,
-    residual: torch.Tensor,
+    residual: torch.Tensor | Callable[[torch.Tensor], torch.Tensor],
     lora_down: torch.Tensor | None,
     lora_up: torch.Tensor | None,
     bias: torch.Tensor | None,
@@ -96,8 +100,9 @@ def low_rank_linear(
     act_group_size: int | None = None,
     act_unsigned: bool = False,
 ) -> torch.Tensor:
-    """The module's formula with an explicit (dequantized) ``residual`` ``[N, K]``; see the module
-    docstring. ``shift`` is ``[K]`` or ``[1]``, in the domain of the module's input."""
+    """The module's formula with an explicit (dequantized) ``residual`` ``[N, K]``, or a function
+    computing ``x @ R^T`` from the main-branch activation (in ``x``'s dtype: the fused kernels);
+    see the module docstring. ``shift`` is ``[K]`` or ``[1]``, in the domain of the module's input."""
     dt = x.dtype
     cdt = torch.float64 if dt == torch.float64 else torch.float32
     xs = x.to(cdt)
@@ -113,7 +118,7 @@ def low_rank_linear(
     xl = xm if low_rank_input == "shifted" else xs
     if act_bits != 16:
         xm = fake_quantize_activation(xm, act_bits, act_group_size, unsigned=act_unsigned)
-    y = F.linear(xm.to(dt), residual.to(dt))
+    y = residual(xm.to(dt)) if callable(residual) else F.linear(xm.to(dt), residual.to(dt))
     if lora_down is not None and lora_up is not None and lora_down.shape[0] > 0:
         y = y + F.linear(F.linear(xl.to(dt), lora_down.to(dt)), lora_up.to(dt))
     if bias is not None:
@@ -174,8 +179,12 @@ class LowRankCheckpointMixin:
 
 
 @register_runtime_module
-class LowRankQuantLinear(LowRankCheckpointMixin, QuantWeightMixin, nn.Module):
+class LowRankQuantLinear(LowRankCheckpointMixin, KernelWeightMixin, QuantWeightMixin, nn.Module):
     """SVDQuant's linear layer (formula and the bias table in the module docstring).
+
+    On CUDA with float16/bfloat16 inputs the residual's matmul runs on the fused kernels (as
+    :class:`~bitsmith.nn.QuantLinear`'s does; ``use_kernels = False`` keeps the reference path);
+    the activation path and the two 16-bit low-rank matmuls stay torch ops.
 
     Buffers: the residual's packed tensors (``codes``, ``scale``, ``zero``, ...), ``lora_down``
     ``[r, K]`` and ``lora_up`` ``[N, r]`` (16-bit; absent for rank 0), ``smooth`` float32 ``[K]``
@@ -242,8 +251,10 @@ class LowRankQuantLinear(LowRankCheckpointMixin, QuantWeightMixin, nn.Module):
         return cls(module.in_features, module.out_features, residual, lora_down, lora_up, bias, **kwargs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rw = self._kernel_weight(x)
+        residual = self.dequantize(x.dtype) if rw is None else (lambda xm: quant_matmul(xm, rw))
         return low_rank_linear(
-            x, self.dequantize(x.dtype), self.lora_down, self.lora_up, self.bias,
+            x, residual, self.lora_down, self.lora_up, self.bias,
             smooth=self.smooth, shift=self.shift, **self.options(),
         )
 

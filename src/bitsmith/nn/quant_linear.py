@@ -13,39 +13,14 @@ from .quant_module import QuantWeightMixin, Quantizer
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16)
 
 
-class QuantLinear(QuantWeightMixin, nn.Module):
-    """``y = x @ W^T + b`` with ``W`` dequantized on the fly (reference path: dequantize to the
-    input's dtype, then ``F.linear``). The bias stays a float parameter.
-
-    On CUDA with float16/bfloat16 inputs (no autograd through the input) and a weight the fused
-    kernels take (:func:`bitsmith.kernels.unsupported_reason`), ``forward`` runs
-    :func:`bitsmith.kernels.quant_matmul` on a runtime layout repacked once (at ``.to(cuda)`` or
-    the first CUDA forward), cached on the module and never saved. ``use_kernels = False`` on an
-    instance keeps the reference path."""
+class KernelWeightMixin:
+    """Fused-kernel dispatch for a module whose packed weight is ``self.qweight`` (QuantLinear,
+    LowRankQuantLinear's residual): the runtime layout is repacked once (at ``.to(cuda)`` or the
+    first CUDA forward), cached in ``__dict__`` (never a buffer, never saved) and dropped when
+    the buffers change. ``use_kernels = False`` on an instance keeps the reference path."""
 
     use_kernels: bool = True
 
-    def __init__(self, in_features: int, out_features: int, qweight: QTensor, bias: torch.Tensor | None = None):
-        super().__init__()
-        if tuple(qweight.shape) != (out_features, in_features):
-            raise QuantizationError(
-                f"QuantLinear({in_features}, {out_features}) needs a weight of shape "
-                f"{[out_features, in_features]}, got {list(qweight.shape)}"
-            )
-        self.in_features = in_features
-        self.out_features = out_features
-        self._set_qweight(qweight)
-        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
-
-    @classmethod
-    def from_float(cls, module: nn.Linear, quantize: Quantizer) -> "QuantLinear":
-        """Quantize ``module.weight`` with ``quantize`` (e.g.
-        ``functools.partial(bitsmith.quantize_tensor, method="nf")``)."""
-        qt = quantize(module.weight.detach())
-        bias = None if module.bias is None else module.bias.detach().clone()
-        return cls(module.in_features, module.out_features, qt, bias)
-
-    # --- fused-kernel dispatch (runtime layout cached in __dict__, not a buffer) ----------------
     def prepare_kernels(self) -> RuntimeWeight | None:
         """Repack the weight into the kernels' runtime layout on its current device (CUDA only);
         returns it, or ``None`` (reason in ``self.kernel_skip_reason``)."""
@@ -88,6 +63,37 @@ class QuantLinear(QuantWeightMixin, nn.Module):
         super()._load_from_state_dict(*args, **kwargs)  # buffers changed in place: repack lazily
         self.__dict__["_runtime"] = None
         self.__dict__.pop("kernel_skip_reason", None)
+
+
+class QuantLinear(KernelWeightMixin, QuantWeightMixin, nn.Module):
+    """``y = x @ W^T + b`` with ``W`` dequantized on the fly (reference path: dequantize to the
+    input's dtype, then ``F.linear``). The bias stays a float parameter.
+
+    On CUDA with float16/bfloat16 inputs (no autograd through the input) and a weight the fused
+    kernels take (:func:`bitsmith.kernels.unsupported_reason`), ``forward`` runs
+    :func:`bitsmith.kernels.quant_matmul` on a runtime layout repacked once (at ``.to(cuda)`` or
+    the first CUDA forward), cached on the module and never saved. ``use_kernels = False`` on an
+    instance keeps the reference path."""
+
+    def __init__(self, in_features: int, out_features: int, qweight: QTensor, bias: torch.Tensor | None = None):
+        super().__init__()
+        if tuple(qweight.shape) != (out_features, in_features):
+            raise QuantizationError(
+                f"QuantLinear({in_features}, {out_features}) needs a weight of shape "
+                f"{[out_features, in_features]}, got {list(qweight.shape)}"
+            )
+        self.in_features = in_features
+        self.out_features = out_features
+        self._set_qweight(qweight)
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+
+    @classmethod
+    def from_float(cls, module: nn.Linear, quantize: Quantizer) -> "QuantLinear":
+        """Quantize ``module.weight`` with ``quantize`` (e.g.
+        ``functools.partial(bitsmith.quantize_tensor, method="nf")``)."""
+        qt = quantize(module.weight.detach())
+        bias = None if module.bias is None else module.bias.detach().clone()
+        return cls(module.in_features, module.out_features, qt, bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rw = self._kernel_weight(x)
