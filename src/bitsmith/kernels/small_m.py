@@ -19,6 +19,12 @@ from every code instead (there the cancellation would cost all 24 bits).
   (rows of ``x`` past M are zeros). Per code: a shift, an AND-OR and a pack, no multiply.
 * ``_fma_kernel`` (CUDA cores, M = 1): the same math with float32 FMAs over whole words.
 
+Measured on the H100 (benchmarks/results/kernels_h100_small_m.json, kernels_small_m_h100.json):
+``_fma_kernel`` is the tuner's M = 1 kernel (1.45-2.25x fp16 for int4, eager, L2 flushed).
+``_tc_kernel`` was slower than :mod:`bitsmith.kernels.qmm`'s tensor-core kernel at M = 16 on
+every shape (Nsight Compute: 11% of DRAM bandwidth, L1 56%: the tile reshape into the dot
+operand layout), so the tuner does not offer it; it stays tested for the next attempt.
+
 Split-K without extra launches: when the column tiles alone cannot fill the GPU, ``SPLIT`` programs
 share a column tile; each writes its float32 partial sums to a workspace, then takes a ticket from
 the tile's counter (an atomic add, release/acquire); the program that draws the last ticket adds
