@@ -8,7 +8,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Mapping
 
 import torch
 from torch import nn
@@ -226,7 +226,7 @@ def quantize_file(
 
 def _load_calib_files(plans: dict, src: Path) -> dict[str, dict]:
     """Read every stats file a plan's ``calib`` option names (``--method hqq --calib STATS``),
-    once each, before anything is written."""
+    once each, before anything is written (an in-memory ``{module: stats}`` calib needs none)."""
     from .calibration import load_stats
 
     paths = {str(p[1]["calib"]) for p in plans.values() if p is not None and isinstance(p[1].get("calib"), (str, Path))}
@@ -234,16 +234,20 @@ def _load_calib_files(plans: dict, src: Path) -> dict[str, dict]:
 
 
 def _with_layer_calib(options: dict, name: str, calib_cache: dict[str, dict]) -> dict:
-    """``options`` with a stats-file ``calib`` replaced by the stats of the weight's module
-    (``model.layers.0.mlp.down_proj.weight`` -> ``model.layers.0.mlp.down_proj``)."""
-    path = options.get("calib")
-    if not isinstance(path, (str, Path)):
+    """``options`` with a ``calib`` given as a stats file or as an in-memory ``{module: stats}``
+    mapping (``Recipe("hqq", {"calib": collect_stats(...)})``) replaced by the stats of the
+    weight's module (``model.layers.0.mlp.down_proj.weight`` -> ``model.layers.0.mlp.down_proj``)."""
+    calib = options.get("calib")
+    if isinstance(calib, (str, Path)):
+        stats, source = calib_cache[str(calib)], f"calibration stats {calib}"
+    elif isinstance(calib, Mapping):
+        stats, source = calib, "the in-memory calibration stats"
+    else:
         return options
     module = name.removesuffix(".weight")
-    stats = calib_cache[str(path)]
     if module not in stats:
         raise QuantizationError(
-            f"calibration stats {path} have no entry for layer {module!r} ({len(stats)} layers in the file, "
+            f"{source} have no entry for layer {module!r} ({len(stats)} layers, "
             f"e.g. {sorted(stats)[:3]}); collect stats for it or skip it with --skip"
         )
     return {**options, "calib": stats[module]}

@@ -26,6 +26,7 @@ def recipe_from_args(args: Namespace) -> Recipe:
         "iters": getattr(args, "iters", None),
         "quant_scale": getattr(args, "quant_scale", False) or None,
         "quant_zero": getattr(args, "quant_zero", False) or None,
+        "round_zero": False if getattr(args, "no_round_zero", False) else None,
     }
     if getattr(args, "calib", None) is not None:
         given["calib"] = str(args.calib)  # recorded in the recipe; resolved per layer by quantize_file

@@ -30,6 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--iters", type=int, help="hqq: solver iterations (default 2)")
     q.add_argument("--quant-scale", action="store_true", help="hqq: store the scales as 8-bit codes (groups of 128)")
     q.add_argument("--quant-zero", action="store_true", help="hqq: store the (float) zeros as 8-bit codes (groups of 128)")
+    q.add_argument("--no-round-zero", action="store_true", help="hqq: start from the min-max float zero, not its integer rounding")
     q.add_argument("--block-size", type=int, help="nf: absmax block size (default 64)")
     q.add_argument("--double-quant", action="store_true", help="nf: 8-bit absmax codes + one float per 256 blocks")
     q.add_argument("--skip", action="append", default=[], metavar="PATTERN", help="keep tensors matching this regex as they are (repeatable)")

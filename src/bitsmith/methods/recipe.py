@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import inspect
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from os import PathLike
 from typing import Any
 
 import torch
@@ -73,6 +75,18 @@ def normalise_options(method: str, options: dict[str, Any]) -> dict[str, Any]:
             raise SpecError(f"method {method!r} has no option {k!r}; valid: {', '.join(valid)}")
         out[key] = _coerce(key, v)
     return out
+
+
+def recorded_options(options: dict[str, Any]) -> dict[str, Any]:
+    """``options`` as a recipe records them (JSON): a stats-file ``calib`` as its path, an in-memory
+    one (a ``{module: stats}`` mapping, or a tensor) as the note ``"<in-memory: N layers>"``."""
+    calib = options.get("calib")
+    if calib is None or isinstance(calib, str):
+        return options
+    if isinstance(calib, PathLike):
+        return {**options, "calib": str(calib)}
+    layers = f"{len(calib)} layers" if isinstance(calib, Mapping) else type(calib).__name__
+    return {**options, "calib": f"<in-memory: {layers}>"}
 
 
 @dataclass
@@ -174,7 +188,7 @@ class Recipe:
     def to_json(self) -> dict:
         return {
             "method": self.method,
-            "options": self.options,
+            "options": recorded_options(self.options),
             "skip": self.skip,
             "default_skip": self.default_skip,
             "overrides": [{"pattern": o.pattern, "options": o.options} for o in self.overrides],
