@@ -367,6 +367,12 @@ def test_in_memory_calib_recipe(tmp_path):
     with pytest.raises(QuantizationError, match="in-memory calibration stats have no entry for layer"):
         bitsmith.quantize_file(src, tmp_path / "q2", Recipe("hqq", {"calib": partial}))
     assert not (tmp_path / "q2").exists()
+    # the recorded recipe cannot re-run without the stats: a clear error, not a missing file
+    with Checkpoint.open(tmp_path / "q") as ck:
+        recorded = ck.recipe["options"]
+    with pytest.raises(SpecError, match="in-memory calibration stats when it was recorded"):
+        bitsmith.quantize_file(src, tmp_path / "q3", Recipe("hqq", recorded))
+    assert not (tmp_path / "q3").exists()
 
 
 def test_cli_calib_missing_layer_is_exit_2(tmp_path, capsys):

@@ -13,7 +13,7 @@ from typing import Any, Iterable, Mapping
 import torch
 from torch import nn
 
-from .errors import BitsmithError, CheckpointError, QuantizationError
+from .errors import BitsmithError, CheckpointError, QuantizationError, SpecError
 from .adapters import add_adapters, load_adapters, save_adapters
 from .formats import QTensor
 from .formats.dtypes import dtype_from_name
@@ -230,6 +230,10 @@ def _load_calib_files(plans: dict, src: Path) -> dict[str, dict]:
     from .calibration import load_stats
 
     paths = {str(p[1]["calib"]) for p in plans.values() if p is not None and isinstance(p[1].get("calib"), (str, Path))}
+    for path in paths:
+        if path.startswith("<in-memory"):  # what Recipe.to_json records for in-memory stats
+            raise SpecError(f"the recipe's calib {path!r} was in-memory calibration stats when it was recorded; "
+                            "pass the stats again (Recipe(..., {'calib': stats}) or --calib STATS)")
     return {path: load_stats(path) for path in sorted(paths)}
 
 
