@@ -1,7 +1,7 @@
 """One launch of each small-M kernel and of the current path on 14336x4096 int4 g64 (M = 1 and 16), for
 ``ncu`` (Nsight Compute) to profile:
 
-    ncu --section SpeedOfLight --section WarpStateStats -k regex:"_tc_kernel|_fma_kernel|_gemv_kernel|_gemm_kernel" \
+    ncu --section SpeedOfLight --section WarpStateStats -k regex:"_tc_kernel|_fma_kernel|_gemm_kernel" \
         python benchmarks/kernels_ncu_probe.py
 """
 import torch

@@ -113,7 +113,7 @@ def _interp_case(name, m, n, k, dtype, configs=None):
         outs.append(qmm.quant_matmul(x, rw, bias))
     else:
         for cfg in configs:
-            outs.append(qmm._launch(rw, x, bias, cfg, gemv=m == 1))
+            outs.append(qmm._launch(rw, x, bias, cfg))
     tol = 2e-3 if dtype == torch.float16 else 1.6e-2
     for y in outs:
         assert y.dtype == dtype and y.shape == (m, n)
@@ -140,8 +140,6 @@ def test_interp_bfloat16(name):
 @needs_interp
 @pytest.mark.parametrize("name", ["int4_g32", "int3_g128_sym", "nf4_g128", "int2_g32"])
 def test_interp_split_k_and_tiles(name):
-    gemv = [{"BLOCK_N": bn, "BLOCK_KW": bkw, "SPLIT_K": s, "num_warps": 4} for bn, bkw, s in ((32, 8, 1), (64, 8, 3), (32, 16, 2))]
-    _interp_case(name, 1, 70, 300, torch.float16, gemv)
     gemm = [{"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": s, "GROUP_M": 2, "UNIQUE": u, "num_warps": 4, "num_stages": 2}
             for bm, bn, bk, s, u in ((16, 32, 32, 1, 0), (16, 64, 64, 3, 0), (32, 32, 128, 2, 0), (16, 32, 32, 1, 1),
                                      (16, 64, 64, 3, 1), (32, 32, 128, 2, 1))]
@@ -172,6 +170,25 @@ def test_interp_small_m_kernels(name):
     if fma:
         _interp_case(name, 1, 33, 160, torch.float32, fma)
     assert qmm.default_fma_config(rw, torch.float16, torch.device("cpu")) is not None or not fma
+
+
+@needs_interp
+def test_interp_m1_falls_back_to_the_tensor_core_kernel():
+    """3-bit codes in groups of 16 (a high-plane word spans two groups): the CUDA-core kernel
+    cannot take them, so M = 1 runs on the tensor-core kernel with one row, and is right."""
+    from bitsmith.kernels import qmm
+
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(45, 200, generator=g) * 0.05
+    qt = bitsmith.quantize_tensor(w, "rtn", bits=3, group_size=16)
+    rw = repack(qt)
+    cfg = qmm.default_m1_config(rw, torch.device("cpu"), torch.float16)
+    assert "KERNEL" not in cfg and cfg["BLOCK_M"] == 16
+    assert all("KERNEL" not in c for c in qmm.m1_configs(rw, torch.float16))
+    qmm.AUTOTUNE["enabled"] = False
+    x = torch.randn(1, 200, generator=g).half()
+    ref = x.double() @ qt.dequantize(torch.float32).double().t()
+    assert _rel(qmm.quant_matmul(x, rw), ref) < 2e-3
 
 
 @needs_interp
@@ -267,7 +284,7 @@ def test_cuda_small_m_kernels(name, dtype):
         x = torch.randn(m, 1541, generator=g).to(dtype).cuda()
         bias = torch.randn(1000, generator=g).to(dtype).cuda()
         ref = x.double() @ w64.t() + bias.double()
-        cfgs = [c for c in qmm.gemv_configs(rw, dtype) if "KERNEL" in c] if m == 1 else []
+        cfgs = [c for c in qmm.m1_configs(rw, dtype) if "KERNEL" in c] if m == 1 else []
         cfgs += [c for c in ({"KERNEL": "tc", "BLOCK_M": 16, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT": s, "num_warps": w,
                               "num_stages": 3} for bn, bk, s, w in ((128, 64, 4, 4), (256, 32, 16, 8), (64, 128, 1, 4)))
                  if small_m.supports(rw, dtype, c) is None]

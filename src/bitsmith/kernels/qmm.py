@@ -1,18 +1,17 @@
 """Fused low-bit weight x float activation matmul (Triton): ``y = x @ W^T + b`` with ``W`` read in
 the runtime layout of :mod:`bitsmith.kernels.layout` and dequantized in the main loop.
 
-Two kernels:
+Kernels, by the number of rows M of ``x``:
 
-* ``_gemv_kernel`` (M = 1): CUDA-core FMAs over whole 32-bit words. A program owns ``BLOCK_N``
-  columns and a split of ``K``; for word row ``w`` and code ``j`` it accumulates
-  ``sum_j x[w*pack + j] * v(q_j)`` (``v`` = the code itself for affine, ``table[q]`` for a
-  codebook) and applies the group's scale (and zero: ``sum x*(q - z)*s = s*(sum x*q - z*sum x)``)
-  once per word. Every weight byte is loaded once.
-* ``_gemm_kernel`` (M > 1): a ``BLOCK_K x BLOCK_N`` tile of codes is dequantized to the
-  activation dtype in registers and fed to ``tl.dot`` (tensor cores), ``BLOCK_M`` 16..128.
+* M = 1: the small-M CUDA-core kernel of :mod:`bitsmith.kernels.small_m` (one group per step,
+  scale applied once per group, split-K reduced inside the launch). A weight it cannot take (3-bit
+  codes in groups of 16) runs on ``_gemm_kernel`` with one row.
+* M > 1: ``_gemm_kernel``: a ``BLOCK_K x BLOCK_N`` tile of codes is dequantized to the activation
+  dtype in registers and fed to ``tl.dot`` (tensor cores), ``BLOCK_M`` 16..128. It splits ``K``
+  over ``SPLIT_K`` programs when there are too few output tiles to fill the GPU; partial sums are
+  added with float32 atomics into a zeroed workspace, then cast (+ bias).
+* large M: ``_dequant_kernel`` writes ``W^T`` once in the activation dtype, then cuBLAS.
 
-Both split ``K`` over ``SPLIT_K`` programs when there are too few column tiles to fill the GPU;
-partial sums are added with float32 atomics into a zeroed workspace, then cast (+ bias).
 Configs are tuned once per (kernel, shape, layout) on first use (not under CUDA-graph capture,
 where a default is taken) and cached in :data:`TUNED`.
 """
@@ -33,90 +32,13 @@ except ImportError:  # pragma: no cover - depends on the environment
 from . import small_m
 from .layout import RuntimeWeight
 
+if HAVE_TRITON:
+    from .small_m import code_float, word_code
+
 TUNED: dict[tuple, dict] = {}  # (kernel, M bucket, N, K, layout key) -> launch config
 _SM_COUNT: dict[int, int] = {}
 
 if HAVE_TRITON:
-
-    @triton.jit
-    def _codes(words, hi, hshift, j: tl.constexpr, BITS: tl.constexpr):
-        """Code ``j`` of each word (3 bits: low 2 bits from ``words``, top bit from ``hi``)."""
-        if BITS == 3:
-            q = ((words >> (2 * j)) & 3) | (((hi >> (hshift + j)) & 1) << 2)
-        else:
-            q = (words >> (j * BITS)) & ((1 << BITS) - 1)
-        return q
-
-    @triton.jit
-    def _gemv_kernel(
-        x_ptr, w_ptr, wh_ptr, s_ptr, z_ptr, t_ptr, b_ptr, out_ptr,
-        N, K, KW, KW_PER, zconst,
-        BITS: tl.constexpr, PACK: tl.constexpr, GROUP: tl.constexpr,
-        HAS_ZERO: tl.constexpr, INT_ZERO: tl.constexpr, CODEBOOK: tl.constexpr, HAS_BIAS: tl.constexpr,
-        BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr, ATOMIC: tl.constexpr,
-    ):
-        pid_n = tl.program_id(0)
-        pid_k = tl.program_id(1)
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        n_mask = offs_n < N
-        kw_lo = pid_k * KW_PER  # KW_PER: words per split, a multiple of BLOCK_KW
-        acc = tl.zeros([BLOCK_KW, BLOCK_N], dtype=tl.float32)
-        kw_end = tl.minimum(kw_lo + KW_PER, KW)
-        for kw0 in range(kw_lo, kw_end, BLOCK_KW):
-            offs_kw = kw0 + tl.arange(0, BLOCK_KW)
-            kw_mask = offs_kw < KW
-            m2 = kw_mask[:, None] & n_mask[None, :]
-            words = tl.load(w_ptr + offs_kw[:, None] * N + offs_n[None, :], mask=m2, other=0)
-            if BITS == 3:
-                hi = tl.load(wh_ptr + (offs_kw // 2)[:, None] * N + offs_n[None, :], mask=m2, other=0)
-                hshift = ((offs_kw % 2) * 16)[:, None]
-            else:
-                hi = words
-                hshift = 0
-            if GROUP == 0:
-                grp = offs_kw * 0
-            else:
-                grp = (offs_kw * PACK) // GROUP
-            sz_off = grp[:, None] * N + offs_n[None, :]
-            s = tl.load(s_ptr + sz_off, mask=m2, other=0.0).to(tl.float32)
-            part = tl.zeros([BLOCK_KW, BLOCK_N], dtype=tl.float32)
-            xsum = tl.zeros([BLOCK_KW], dtype=tl.float32)
-            if CODEBOOK:
-                zf = 0.0
-            elif INT_ZERO:  # integer zero: 2**23 + z is exact, one subtraction gives q - z
-                if HAS_ZERO:
-                    zf = tl.load(z_ptr + sz_off, mask=m2, other=0.0).to(tl.float32) + 8388608.0
-                else:
-                    zf = zconst + 8388608.0
-            else:
-                zf = 8388608.0
-            for j in tl.static_range(PACK):
-                k = offs_kw * PACK + j
-                xj = tl.load(x_ptr + k, mask=kw_mask & (k < K), other=0.0).to(tl.float32)
-                q = _codes(words, hi, hshift, j, BITS)
-                if CODEBOOK:
-                    v = tl.load(t_ptr + q)
-                else:
-                    # int -> float without the quarter-rate I2F: the bits of 2**23 + q, minus zf
-                    v = (q | 0x4B000000).to(tl.float32, bitcast=True) - zf
-                part += v * xj[:, None]
-                if not INT_ZERO:
-                    xsum += xj
-            if CODEBOOK or INT_ZERO:
-                acc += part * s
-            else:
-                if HAS_ZERO:
-                    z = tl.load(z_ptr + sz_off, mask=m2, other=0.0).to(tl.float32)
-                else:
-                    z = zconst
-                acc += (part - z * xsum[:, None]) * s
-        y = tl.sum(acc, axis=0)
-        if not ATOMIC:
-            if HAS_BIAS:
-                y += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-            tl.store(out_ptr + offs_n, y.to(out_ptr.dtype.element_ty), mask=n_mask)
-        else:
-            tl.atomic_add(out_ptr + offs_n, y, mask=n_mask)
 
     @triton.jit
     def _plane_codes(ptr, k0, N, rows, offs_n, n_mask, WBITS: tl.constexpr, WPACK: tl.constexpr,
@@ -203,7 +125,7 @@ if HAVE_TRITON:
             if CODEBOOK:
                 w = tl.load(t_ptr + q) * s
             else:
-                w = (((q | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0) - z) * s
+                w = (code_float(q) - z) * s
             acc = tl.dot(a, w.to(a.dtype), acc)
         out_off = offs_m[:, None] * stride_om + offs_n[None, :]
         o_mask = m_mask[:, None] & n_mask[None, :]
@@ -248,11 +170,11 @@ if HAVE_TRITON:
             z = zconst
         for j in tl.static_range(PACK):
             k = offs_kw * PACK + j
-            q = _codes(words, hi, hshift, j, BITS)
+            q = word_code(words, hi, hshift, j, BITS)
             if CODEBOOK:
                 w = tl.load(t_ptr + q) * s
             else:
-                w = (((q | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0) - z) * s
+                w = (code_float(q) - z) * s
             tl.store(out_ptr + k[:, None] * N + offs_n[None, :], w.to(out_ptr.dtype.element_ty),
                      mask=(k < K)[:, None] & m2)
 
@@ -381,37 +303,15 @@ def default_fma_config(rw: RuntimeWeight, dtype: torch.dtype, device: torch.devi
     return cfg if small_m.supports(rw, dtype, cfg) is None else None
 
 
-def gemv_configs(rw: RuntimeWeight, dtype: torch.dtype | None = None) -> list[dict]:
-    """Candidate configs for M = 1: the small-M CUDA-core kernel's (:func:`fma_configs`), then
-    the word-tile kernel's (columns, words per tile) x split-K. Split-K is a runtime argument, so
-    the candidates compile to few binaries (tile shape x atomic or not)."""
-    kw = rw.words.shape[0]
-    out = fma_configs(rw, dtype) if dtype is not None else []
-    if out:  # measured on the H100: the CUDA-core kernel beats the word-tile kernel wherever it runs
-        return out
-    for bn, bkw in ((128, 16), (256, 8), (64, 32), (128, 32), (256, 16)):
-        for split in (1, 2, 4, 8, 16):
-            if split > 1 and kw // split < bkw:
-                continue
-            out.append({"BLOCK_N": bn, "BLOCK_KW": bkw, "SPLIT_K": split, "num_warps": 4})
-    return out
+def m1_configs(rw: RuntimeWeight, dtype: torch.dtype) -> list[dict]:
+    """Candidate configs for M = 1: the small-M CUDA-core kernel's (:func:`fma_configs`), or the
+    tensor-core kernel's with one row for a weight that kernel cannot take."""
+    return fma_configs(rw, dtype) or gemm_configs(rw, 1, dtype)
 
 
-def default_gemv_config(rw: RuntimeWeight, device: torch.device, dtype: torch.dtype | None = None) -> dict:
-    """A config that fills the GPU without tuning: the small-M CUDA-core kernel where it takes
-    ``rw`` (:func:`default_fma_config`), else the word-tile kernel with 128 columns x 16 words,
-    split-K until about four programs per SM."""
-    if dtype is not None:
-        fma = default_fma_config(rw, dtype, device)
-        if fma is not None:
-            return fma
-    sms = _sm_count(device)
-    kw = rw.words.shape[0]
-    tiles = -(-rw.n // 128)
-    split = 1
-    while tiles * split < 4 * sms and kw // (split * 2) >= 16 and split < 16:
-        split *= 2
-    return {"BLOCK_N": 128, "BLOCK_KW": 16, "SPLIT_K": split, "num_warps": 4}
+def default_m1_config(rw: RuntimeWeight, device: torch.device, dtype: torch.dtype) -> dict:
+    """:func:`default_fma_config`, or the tensor-core kernel's default with one row."""
+    return default_fma_config(rw, dtype, device) or default_gemm_config(rw, 1, device)
 
 
 def gemm_configs(rw: RuntimeWeight, m: int, dtype: torch.dtype = torch.float16) -> list[dict]:
@@ -463,8 +363,10 @@ def _constexprs(rw: RuntimeWeight) -> dict:
             "INT_ZERO": rw.int_zero, "CODEBOOK": rw.kind == "codebook"}
 
 
-def _launch(rw: RuntimeWeight, x2: torch.Tensor, bias: torch.Tensor | None, cfg: dict, gemv: bool,
+def _launch(rw: RuntimeWeight, x2: torch.Tensor, bias: torch.Tensor | None, cfg: dict,
             plan_key: tuple | None = None) -> torch.Tensor:
+    """One call with config ``cfg`` (``DEQUANT_MM``; ``KERNEL``: a small-M kernel; else the
+    tensor-core kernel); with ``plan_key`` the launch is kept as ``rw.plans[plan_key]``."""
     m, k = x2.shape
     n = rw.n
     if cfg.get("DEQUANT_MM"):
@@ -487,22 +389,15 @@ def _launch(rw: RuntimeWeight, x2: torch.Tensor, bias: torch.Tensor | None, cfg:
     consts = dict(**_constexprs(rw), HAS_BIAS=bias is not None and split == 1)
     consts.update({kk: v for kk, v in cfg.items() if kk.isupper() and kk != "SPLIT_K"})
     consts["ATOMIC"] = split > 1
-    if not gemv:
-        consts["UNIQUE"] = bool(cfg.get("UNIQUE", 0))
+    consts["UNIQUE"] = bool(cfg.get("UNIQUE", 0))
     ptrs = (x2, rw.words, rw.words_hi if rw.words_hi is not None else rw.words, rw.scale,
             rw.zero if rw.zero is not None else dummy, rw.table if rw.table is not None else dummy,
             bias if bias is not None else dummy, out)
     kw = rw.words.shape[0]
-    if gemv:
-        grid = (triton.cdiv(n, cfg["BLOCK_N"]), split)
-        kw_per = triton.cdiv(triton.cdiv(kw, split), cfg["BLOCK_KW"]) * cfg["BLOCK_KW"]
-        args = (*ptrs, n, k, kw, kw_per, float(rw.zconst))
-        hit = _run(_gemv_kernel, grid, args, consts, options)
-    else:
-        grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]), split)
-        k_per = triton.cdiv(triton.cdiv(rw.kp, split), cfg["BLOCK_K"]) * cfg["BLOCK_K"]
-        args = (*ptrs, m, n, k, kw, k_per, float(rw.zconst), x2.stride(0), out.stride(0))
-        hit = _run(_gemm_kernel, grid, args, consts, options)
+    grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]), split)
+    k_per = triton.cdiv(triton.cdiv(rw.kp, split), cfg["BLOCK_K"]) * cfg["BLOCK_K"]
+    args = (*ptrs, m, n, k, kw, k_per, float(rw.zconst), x2.stride(0), out.stride(0))
+    hit = _run(_gemm_kernel, grid, args, consts, options)
     if plan_key is not None and hit is not None:
         rw.plans[plan_key] = _Plan(hit[0], grid, args, hit[1], n, split, dummy, x2.device.index)
     if split > 1:
@@ -550,19 +445,27 @@ def gpu_time(fn, calls: int = 20) -> float:
     return sorted(times)[1]
 
 
-def _tune(key: tuple, rw: RuntimeWeight, x2: torch.Tensor, bias, gemv: bool) -> dict:
+def _configs(rw: RuntimeWeight, m: int, dtype: torch.dtype) -> list[dict]:
+    return m1_configs(rw, dtype) if m == 1 else gemm_configs(rw, m, dtype)
+
+
+def _default_config(rw: RuntimeWeight, m: int, device: torch.device, dtype: torch.dtype) -> dict:
+    return default_m1_config(rw, device, dtype) if m == 1 else default_gemm_config(rw, m, device)
+
+
+def _tune(key: tuple, rw: RuntimeWeight, x2: torch.Tensor, bias) -> dict:
     m = x2.shape[0]
-    cands = gemv_configs(rw, x2.dtype) if gemv else gemm_configs(rw, m, x2.dtype)
+    cands = _configs(rw, m, x2.dtype)
     best, best_t = None, float("inf")
     for cfg in cands:
         try:
-            t = gpu_time(lambda: _launch(rw, x2, bias, cfg, gemv))
+            t = gpu_time(lambda: _launch(rw, x2, bias, cfg))
         except Exception:  # noqa: BLE001 - a config that does not compile (resources) is skipped
             continue
         if t < best_t:
             best, best_t = cfg, t
     if best is None:
-        best = default_gemv_config(rw, x2.device, x2.dtype) if gemv else default_gemm_config(rw, m, x2.device)
+        best = _default_config(rw, m, x2.device, x2.dtype)
     TUNED[key] = best
     return best
 
@@ -588,18 +491,17 @@ def quant_matmul(x: torch.Tensor, rw: RuntimeWeight, bias: torch.Tensor | None =
         plan = rw.plans.get(plan_key)
         if plan is not None:
             return plan(x2, bias).reshape(*lead, rw.n)
-    gemv = m == 1
-    key = ("gemv" if gemv else "gemm", _m_bucket(m), rw.n, rw.k, _layout_key(rw, x.dtype))
+    key = ("m1" if m == 1 else "gemm", _m_bucket(m), rw.n, rw.k, _layout_key(rw, x.dtype))
     cfg = TUNED.get(key)
     if cfg is None:
         capturing = x.is_cuda and torch.cuda.is_current_stream_capturing()
         if AUTOTUNE["enabled"] and x.is_cuda and not capturing:
-            cfg = _tune(key, rw, x2, bias, gemv)
+            cfg = _tune(key, rw, x2, bias)
         else:
-            cfg = default_gemv_config(rw, x2.device, x2.dtype) if gemv else default_gemm_config(rw, m, x2.device)
+            cfg = _default_config(rw, m, x2.device, x2.dtype)
     final = cfg is TUNED.get(key) or not AUTOTUNE["enabled"]  # not an untuned stand-in under capture
-    out = _launch(rw, x2, bias, cfg, gemv, plan_key if final else None)
+    out = _launch(rw, x2, bias, cfg, plan_key if final else None)
     return out.reshape(*lead, rw.n)
 
 
-__all__ = ["quant_matmul", "dequantize_t", "HAVE_TRITON", "TUNED", "AUTOTUNE", "FAST_LAUNCH", "gemv_configs", "gemm_configs"]
+__all__ = ["quant_matmul", "dequantize_t", "HAVE_TRITON", "TUNED", "AUTOTUNE", "FAST_LAUNCH", "m1_configs", "gemm_configs"]

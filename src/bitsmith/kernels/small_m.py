@@ -61,6 +61,22 @@ def magic_for(dtype: torch.dtype, rbits: int) -> tuple[float, int]:
 if HAVE_TRITON:
 
     @triton.jit
+    def word_code(words, hi, hshift, j: tl.constexpr, BITS: tl.constexpr):
+        """Code ``j`` of each runtime-layout word (3 bits: the low 2 bits from ``words``, the top
+        bit from the high-plane word ``hi`` at bit ``hshift + j``)."""
+        if BITS == 3:
+            q = ((words >> (2 * j)) & 3) | (((hi >> (hshift + j)) & 1) << 2)
+        else:
+            q = (words >> (j * BITS)) & ((1 << BITS) - 1)
+        return q
+
+    @triton.jit
+    def code_float(q):
+        """Integer codes ``q`` (< 2**23) as float32 without the int -> float conversion: the bits
+        of ``2**23 + q``, minus ``2**23`` (exact)."""
+        return (q | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+
+    @triton.jit
     def _tile_q(w_ptr, wh_ptr, kw0, KW, N, offs_n, n_mask, BITS: tl.constexpr, PACK: tl.constexpr,
                 BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
         """Codes ``[BLOCK_K, BLOCK_N]`` (int32) of the ``BLOCK_K`` codes from word row ``kw0``
@@ -221,17 +237,16 @@ if HAVE_TRITON:
             xs = tl.zeros([WROWS], dtype=tl.float32)
             if BITS == 3:
                 hshift = ((offs_w % 2) * 16)[:, None]
+            else:
+                hshift = 0
             for j in tl.static_range(PACK):
                 kj = offs_w * PACK + j
                 xj = tl.load(x_ptr + kj, mask=kj < K, other=0.0).to(tl.float32)
-                if BITS == 3:
-                    q = ((words >> (2 * j)) & 3) | (((hiw >> (hshift + j)) & 1) << 2)
-                else:
-                    q = (words >> (j * BITS)) & ((1 << BITS) - 1)
+                q = word_code(words, hiw, hshift, j, BITS)
                 if CODEBOOK:
                     v = tl.load(t_ptr + q)
-                else:  # the bits of 2**23 + q, minus 2**23: exact, no int -> float conversion
-                    v = (q | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+                else:
+                    v = code_float(q)
                 part += v * xj[:, None]
                 if not CODEBOOK:
                     xs += xj
