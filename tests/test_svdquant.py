@@ -295,6 +295,7 @@ def _tiny_llama_folder(tmp_path, smollm2_dir):
 
 
 def test_cli_svdquant_checkpoint_loads_and_matches(tmp_path, smollm2_dir):
+    from bitsmith.io.checkpoint import Checkpoint
     from bitsmith.calibration.collect import collect_stats
     from bitsmith.calibration.stats import save_stats
     from bitsmith.cli.main import main
@@ -309,9 +310,11 @@ def test_cli_svdquant_checkpoint_loads_and_matches(tmp_path, smollm2_dir):
     assert main(["quantize", str(folder), "-o", str(dst), "--method", "svdquant", "--no-progress"]) == 2  # no --calib
     assert not dst.exists()
     rc = main(["quantize", str(folder), "-o", str(dst), "--method", "svdquant", "--rank", "8", "--calib", str(calib),
-               "--act-bits", "8", "--no-progress"])
+               "--act-bits", "8", "--no-convs", "--no-progress"])
     assert rc == 0
     assert main(["inspect", str(dst)]) == 0  # the recipe (method svdquant) reads back
+    with Checkpoint.open(dst) as ck:
+        assert ck.recipe["options"]["rank"] == 8 and not ck.recipe.get("skip")  # no Conv2d to keep here
     loaded = load_model(dst)
     lr = [m for m in loaded.modules() if isinstance(m, LowRankQuantLinear)]
     assert len(lr) == 2 * 7 and all(m.rank == 8 and m.act_bits == 8 for m in lr)

@@ -358,3 +358,28 @@ def test_craft_convs_svdquant_beats_rtn():
     mean_svd = sum(e[0] for e in errors.values()) / len(errors)
     mean_rtn = sum(e[1] for e in errors.values()) / len(errors)
     assert mean_svd < 0.8 * mean_rtn, errors
+
+
+def test_quantize_svdquant_no_convs_records_the_kept_convs(tmp_path, monkeypatch):
+    """``quantize_svdquant(convs=False)`` (CLI ``--no-convs``) quantizes the Linear layers only and
+    records every kept Conv2d weight as a skip pattern of the checkpoint's recipe."""
+    import bitsmith.api as api
+    from bitsmith.calibration.stats import ChannelStats
+    from bitsmith.io.checkpoint import Checkpoint
+    from bitsmith.nn import LowRankQuantLinear
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(16, 32, 3, padding=1), nn.Flatten(), nn.Linear(32 * 4 * 4, 24))
+    monkeypatch.setattr(api, "load_for_eval", lambda src: (model, None, None))
+    stats = {"0": ChannelStats.from_activations(torch.randn(64, 16)), "2": ChannelStats.from_activations(torch.randn(8, 512))}
+    rep = api.quantize_svdquant(tmp_path, tmp_path / "q", stats, rank=4, convs=False)
+    assert [r["name"] for r in rep["layers"]] == ["2"]
+    assert type(model[0]) is nn.Conv2d and isinstance(model[2], LowRankQuantLinear)
+    with Checkpoint.open(tmp_path / "q") as ck:
+        assert ck.recipe["skip"] == [r"^0\.weight$"]
+    from safetensors.torch import load_file
+
+    saved = {}
+    for shard in (tmp_path / "q").glob("*.safetensors"):
+        saved.update(load_file(str(shard)))
+    assert torch.equal(saved["0.weight"], model[0].weight.detach())  # the conv stayed float, unchanged

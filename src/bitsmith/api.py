@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -760,12 +761,14 @@ def quantize_svdquant(
     act_bits: int = 16,
     act_group_size: int | None = 64,
     shift: str | float | None = None,
+    convs: bool = True,
     overwrite: bool = False,
     progress: bool = False,
 ) -> dict:
     """SVDQuant the model at ``src`` (a HF folder) with calibration stats ``calib`` (a stats file
     from ``bitsmith calibrate`` or ``{module: ChannelStats}``) and write a checkpoint to ``dst``
-    that :func:`load_model` rebuilds with LowRankQuantLinear layers. Returns a JSON-able report
+    that :func:`load_model` rebuilds with LowRankQuantLinear layers (and LowRankQuantConv2d
+    layers unless ``convs=False``, which keeps every Conv2d as it is). Returns a JSON-able report
     (one row per layer: rank, bits/weight with the 16-bit factors counted, weight error)."""
     from .calibration import load_stats
     from .models.saving import save_model
@@ -782,11 +785,14 @@ def quantize_svdquant(
     model, _, _ = load_for_eval(src)
     options = {"rank": rank, "bits": bits, "group_size": group_size, "symmetric": symmetric, "alpha": alpha, "act_bits": act_bits,
                "act_group_size": act_group_size, "shift": parse_shift(shift)}
+    kept_convs = [] if convs else [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
     try:
-        layers = svdquant_model(model, calib, progress=progress, **options)
+        layers = svdquant_model(model, calib, progress=progress, convs=convs, **options)
     except BitsmithError as e:
         raise e.at(file=stats_file) from None
     recipe = {"method": "svdquant", "options": {k: v for k, v in options.items() if v is not None}}
+    if kept_convs:  # recorded as what they are: weights kept as they were
+        recipe["skip"] = [f"^{re.escape(n)}\\.weight$" for n in kept_convs]
     save_model(model, dst, recipe=recipe, config=model_config(model), overwrite=overwrite, extra_files=_side_files(Path(src)))
     n = sum(math.prod(r.shape) for r in layers)
     return {"source": str(src), "destination": str(dst), "recipe": recipe, "layers": [dataclasses.asdict(r) for r in layers],

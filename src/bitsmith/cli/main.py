@@ -46,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--calib", type=Path, help="svdquant, smoothquant, hqq: calibration stats file (bitsmith calibrate); "
                                              "hqq weighs each layer's error by its input's per-channel mean square")
     q.add_argument("--act-bits", type=int, choices=[4, 8, 16], help="svdquant: simulated activation bits (default 16)")
+    q.add_argument("--no-convs", action="store_true", help="svdquant: keep every Conv2d as it is (Linear layers only)")
     q.add_argument("--shift", help="svdquant: auto, none or VALUE, added to the GELU -> fc2 input (default none)")
     q.add_argument("--alpha", type=float, help="svdquant, smoothquant: migration strength in [0, 1] (default 0.5)")
     q.add_argument("--smooth", choices=["fused", "unfused", "none"],
