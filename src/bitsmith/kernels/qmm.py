@@ -41,6 +41,17 @@ _SM_COUNT: dict[int, int] = {}
 if HAVE_TRITON:
 
     @triton.jit
+    def grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+        """``(pid_m, pid_n)`` of program ``pid`` in grouped order: ``GROUP_M`` row tiles in a row
+        take the same column tile one after another, so its weight tile is reused from L2."""
+        num_m = tl.cdiv(M, BLOCK_M)
+        num_n = tl.cdiv(N, BLOCK_N)
+        in_group = GROUP_M * num_n
+        first_m = (pid // in_group) * GROUP_M
+        size_m = tl.minimum(num_m - first_m, GROUP_M)
+        return first_m + ((pid % in_group) % size_m), (pid % in_group) // size_m
+
+    @triton.jit
     def _plane_codes(ptr, k0, N, rows, offs_n, n_mask, WBITS: tl.constexpr, WPACK: tl.constexpr,
                      BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
         """Codes ``[BLOCK_K, BLOCK_N]`` of one packed plane (``WPACK`` codes of ``WBITS`` a word)."""
@@ -71,15 +82,8 @@ if HAVE_TRITON:
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
         ATOMIC: tl.constexpr, GROUP_M: tl.constexpr, UNIQUE: tl.constexpr,
     ):
-        pid = tl.program_id(0)
         pid_k = tl.program_id(1)
-        num_m = tl.cdiv(M, BLOCK_M)
-        num_n = tl.cdiv(N, BLOCK_N)
-        in_group = GROUP_M * num_n  # grouped ordering: GROUP_M row tiles share the weight tiles in L2
-        first_m = (pid // in_group) * GROUP_M
-        size_m = tl.minimum(num_m - first_m, GROUP_M)
-        pid_m = first_m + ((pid % in_group) % size_m)
-        pid_n = (pid % in_group) // size_m
+        pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         m_mask = offs_m < M

@@ -25,6 +25,8 @@ if HAVE_TRITON:
     import triton
     import triton.language as tl
 
+    from .qmm import grouped_tile
+
     @triton.jit
     def _quant_rows_kernel(x_ptr, q_ptr, s_ptr, static_ptr, mig_ptr, K, stride_x, stride_q,
                            STATIC: tl.constexpr, HAS_MIG: tl.constexpr, RECIP_SCALE: tl.constexpr,
@@ -62,14 +64,7 @@ if HAVE_TRITON:
                           stride_am, stride_bn, stride_om,
                           HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                           BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
-        pid = tl.program_id(0)
-        num_m = tl.cdiv(M, BLOCK_M)
-        num_n = tl.cdiv(N, BLOCK_N)
-        in_group = GROUP_M * num_n
-        first_m = (pid // in_group) * GROUP_M
-        size_m = tl.minimum(num_m - first_m, GROUP_M)
-        pid_m = first_m + ((pid % in_group) % size_m)
-        pid_n = (pid % in_group) // size_m
+        pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         m_mask = offs_m < M
