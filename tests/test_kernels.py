@@ -372,6 +372,40 @@ def test_cuda_w8a8_equals_torch_path(m, dtype):
 
 
 @needs_cuda
+def test_cuda_first_call_inside_graph_capture():
+    """A QuantLinear moved to the GPU and called for the first time inside CUDA-graph capture:
+    the split-K workspace was sized at load (reserve_workspace), so the untuned default launch
+    needs no allocation, and the replay is right."""
+    from torch import nn
+
+    from bitsmith.kernels import qmm, small_m
+    from bitsmith.nn import QuantLinear
+
+    def make():
+        return QuantLinear.from_float(nn.Linear(4096, 6000), functools.partial(_quantize, "int4_g64_int0")).cuda().half()
+
+    x = torch.randn(1, 4096, device="cuda", dtype=torch.float16)
+    qmm.AUTOTUNE["enabled"] = False
+    with torch.no_grad():
+        make()(x)  # compiles the default launch's binary (compiling is not what this test is about)
+    qmm.AUTOTUNE["enabled"] = True
+    qmm.TUNED.clear()
+    small_m._WORKSPACE.clear()
+    lin = make()
+    ws, cnt = small_m.workspace(torch.device("cuda"), 1, 1)
+    assert ws.numel() >= qmm.MAX_SPLIT * 6000 and int(cnt.abs().sum()) == 0
+    graph = torch.cuda.CUDAGraph()
+    with torch.no_grad(), torch.cuda.graph(graph):
+        y = lin(x)
+    for _ in range(2):
+        x.copy_(torch.randn_like(x))
+        graph.replay()
+        torch.cuda.synchronize()
+        ref = F.linear(x.double(), lin.dequantize(torch.float32).double(), lin.bias.double())
+        assert _rel(y, ref) < 2e-3
+
+
+@needs_cuda
 def test_cuda_runtime_modules_capture_in_a_graph():
     """QuantLinear (int4, NF4, int3) and W8A8Linear run their kernels inside a CUDA graph."""
     from torch import nn

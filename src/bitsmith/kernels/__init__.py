@@ -7,8 +7,8 @@ reference path.
 """
 from ._interp import fix_interpreter_index
 from .layout import RuntimeWeight, dequantize_runtime, repack, unsupported_reason
-from .qmm import HAVE_TRITON, quant_matmul
+from .qmm import HAVE_TRITON, quant_matmul, reserve_workspace
 
 fix_interpreter_index()
 
-__all__ = ["RuntimeWeight", "repack", "unsupported_reason", "dequantize_runtime", "quant_matmul", "HAVE_TRITON"]
+__all__ = ["RuntimeWeight", "repack", "unsupported_reason", "dequantize_runtime", "quant_matmul", "reserve_workspace", "HAVE_TRITON"]

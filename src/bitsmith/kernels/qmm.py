@@ -286,8 +286,8 @@ def fma_configs(rw: RuntimeWeight, dtype: torch.dtype) -> list[dict]:
     M = 1: columns x warps x split-K (a runtime argument: few binaries)."""
     bk = rw.group or 64
     out = []
-    for bn, warps in ((64, 2), (128, 4), (256, 4)):
-        for split in (4, 8, 16, 32, 64):
+    for bn, warps in ((MIN_BLOCK_N, 2), (128, 4), (256, 4)):
+        for split in (4, 8, 16, 32, MAX_SPLIT):
             cfg = {"KERNEL": "fma", "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT": split, "num_warps": warps, "num_stages": 1}
             if small_m.supports(rw, dtype, cfg) is None and split <= -(-rw.kp // bk):
                 out.append(cfg)
@@ -301,10 +301,21 @@ def default_fma_config(rw: RuntimeWeight, dtype: torch.dtype, device: torch.devi
     steps = -(-rw.kp // bk)
     tiles = -(-rw.n // 128)
     split = 1
-    while tiles * split < 8 * _sm_count(device) and split * 2 <= min(steps, 64):
+    while tiles * split < 8 * _sm_count(device) and split * 2 <= min(steps, MAX_SPLIT):
         split *= 2
     cfg = {"KERNEL": "fma", "BLOCK_N": 128, "BLOCK_K": bk, "SPLIT": split, "num_warps": 4, "num_stages": 1}
     return cfg if small_m.supports(rw, dtype, cfg) is None else None
+
+
+MAX_SPLIT = 64  # the largest split-K of the M = 1 configs (fma_configs, default_fma_config)
+MIN_BLOCK_N = 64  # the narrowest column tile of the M = 1 configs
+
+
+def reserve_workspace(rw: RuntimeWeight) -> None:
+    """Size the device's split-K workspace for every M = 1 config of ``rw`` (at load, so that a
+    first call inside CUDA-graph capture needs no allocation)."""
+    if rw.device.type == "cuda" and HAVE_TRITON:
+        small_m.workspace(rw.device, MAX_SPLIT * rw.n, -(-rw.n // MIN_BLOCK_N))
 
 
 def m1_configs(rw: RuntimeWeight, dtype: torch.dtype) -> list[dict]:
@@ -508,4 +519,4 @@ def quant_matmul(x: torch.Tensor, rw: RuntimeWeight, bias: torch.Tensor | None =
     return out.reshape(*lead, rw.n)
 
 
-__all__ = ["quant_matmul", "dequantize_t", "HAVE_TRITON", "TUNED", "AUTOTUNE", "FAST_LAUNCH", "m1_configs", "gemm_configs"]
+__all__ = ["quant_matmul", "reserve_workspace", "dequantize_t", "HAVE_TRITON", "TUNED", "AUTOTUNE", "FAST_LAUNCH", "m1_configs", "gemm_configs"]

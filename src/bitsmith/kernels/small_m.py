@@ -14,8 +14,8 @@ removing ``MAGIC * sum(x)`` afterwards costs at most ~log2(MAGIC / 8) of float32
 below the activation dtype's rounding. The CUDA-core kernel subtracts its float32 magic (2**23)
 from every code instead (there the cancellation would cost all 24 bits).
 
-* ``_tc_kernel`` (tensor cores, float16 / bfloat16 activations, M rows in tiles of ``BLOCK_M``): the codes of a ``[BLOCK_K, BLOCK_N]`` tile are
-  turned into ``MAGIC + q`` in the activation dtype with shifts and one OR and fed to ``tl.dot``
+* ``_tc_kernel`` (tensor cores, float16 / bfloat16 activations, M rows in tiles of ``BLOCK_M``):
+  the codes of a ``[BLOCK_K, BLOCK_N]`` tile are turned into ``MAGIC + q`` in the activation dtype with shifts and one OR and fed to ``tl.dot``
   (rows of ``x`` past M are zeros). Per code: a shift, an AND-OR and a pack, no multiply.
 * ``_fma_kernel`` (CUDA cores, M = 1): the same math with float32 FMAs over whole words.
 
@@ -271,7 +271,10 @@ _WORKSPACE: dict = {}  # device -> (float32 partials, int32 tile counters), grow
 def workspace(device: torch.device, partials: int, tiles: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The device's split-K workspace, at least ``partials`` floats and ``tiles`` counters (all
     counters are 0 between launches). Growing is refused under CUDA-graph capture."""
-    key = (device.type, device.index)
+    index = device.index
+    if device.type == "cuda" and index is None:
+        index = torch.cuda.current_device()
+    key = (device.type, index)
     ws, cnt = _WORKSPACE.get(key, (None, None))
     if ws is None or ws.numel() < partials or cnt.numel() < tiles:
         if device.type == "cuda" and torch.cuda.is_current_stream_capturing():

@@ -7,7 +7,7 @@ from torch import nn
 
 from ..errors import QuantizationError
 from ..formats import QTensor
-from ..kernels import HAVE_TRITON, RuntimeWeight, quant_matmul, repack, unsupported_reason
+from ..kernels import HAVE_TRITON, RuntimeWeight, quant_matmul, repack, reserve_workspace, unsupported_reason
 from .quant_module import QuantWeightMixin, Quantizer
 
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16)
@@ -33,6 +33,7 @@ class KernelWeightMixin:
         self.__dict__["kernel_skip_reason"] = reason
         if reason is None:
             self.__dict__["_runtime"] = repack(qt)
+            reserve_workspace(self.__dict__["_runtime"])
         return self.__dict__["_runtime"]
 
     def _kernel_weight(self, x: torch.Tensor) -> RuntimeWeight | None:
