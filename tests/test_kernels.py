@@ -440,3 +440,38 @@ def test_bench_cli_says_why_without_a_gpu(capsys):
     assert main(["bench", "kernels", "--m", "1", "--shapes", "64x64"]) == 2
     assert "CUDA" in capsys.readouterr().err
     assert main(["bench", "kernels", "--formats", "int9"]) == 2
+
+
+def test_launch_plan_passes_addresses_and_fresh_outputs(monkeypatch):
+    """A cached launch plan (the per-call fast path on CUDA) hands Triton's launcher the device
+    addresses of the activation, the bias (or the dummy) and a fresh output at their argument
+    positions, the fixed tensors' addresses elsewhere, and the constexpr values last; checked
+    with a recording stand-in for the compiled kernel (the launcher itself needs a GPU)."""
+    from bitsmith.kernels import qmm
+
+    calls = []
+
+    class Compiled:
+        function, packed_metadata = "fn", "meta"
+
+        def run(self, *a):
+            calls.append(a)
+
+    monkeypatch.setattr(qmm, "_raw_stream", lambda dev: 1234)
+    w, s, dummy = torch.zeros(4, 3, dtype=torch.int32), torch.ones(2, 3), torch.zeros(1)
+    args = (torch.zeros(1, 8), w, w, s, s, dummy, dummy, torch.zeros(1, 3), 3, 8, 0.5)
+    plan = qmm._Plan(Compiled(), (2, 5), args, (4, True), 3, 1, dummy, None)
+    x, bias = torch.randn(1, 8), torch.randn(3)
+    for b in (bias, None):
+        out = plan(x, b)
+        assert out.shape == (1, 3) and out.dtype == x.dtype
+        got = calls[-1]
+        assert got[:9] == (2, 5, 1, 1234, "fn", "meta", None, None, None)
+        launched = got[9:]
+        assert launched[0] == x.data_ptr() and launched[7] == out.data_ptr()
+        assert launched[6] == (bias.data_ptr() if b is not None else dummy.data_ptr())
+        assert launched[1:6] == (w.data_ptr(), w.data_ptr(), s.data_ptr(), s.data_ptr(), dummy.data_ptr())
+        assert launched[8:] == (3, 8, 0.5, 4, True)
+    first, second = plan(x, None), plan(x, None)  # a fresh output per call, never a shared buffer
+    assert first.data_ptr() != second.data_ptr()
+    assert all(isinstance(v, int) for v in launched[:8])

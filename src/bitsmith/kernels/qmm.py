@@ -227,23 +227,29 @@ def _run(kernel, grid: tuple, args: tuple, consts: dict, options: dict):
     compiled, const_vals = hit
     g = tuple(grid) + (1,) * (3 - len(grid))
     stream = _raw_stream(args[0].device.index)
+    ptrs = [a.data_ptr() if isinstance(a, torch.Tensor) else a for a in args]  # see _Plan: addresses
     compiled.run(g[0], g[1], g[2], stream, compiled.function, compiled.packed_metadata, None, None, None,
-                 *args, *const_vals)
+                 *ptrs, *const_vals)
     return hit
 
 
 class _Plan:
     """One (weight, M, dtype, bias, alignment) launch with everything but the activation, the
-    bias and the output fixed: the per-call host work is a list copy and the raw launch."""
+    bias and the output fixed: the per-call host work is a list copy and the raw launch. Tensor
+    arguments are passed to Triton's launcher as raw device addresses (it takes an int as the
+    pointer itself), which skips a ``data_ptr()`` call and a driver pointer query per tensor and
+    launch; the plan holds the tensors themselves so the addresses stay valid."""
 
-    __slots__ = ("compiled", "grid", "template", "n", "split", "dummy", "dev")
+    __slots__ = ("compiled", "grid", "template", "tensors", "n", "split", "dummy_ptr", "dev")
 
     def __init__(self, compiled, grid, args, const_vals, n, split, dummy, dev):
-        """``split``: the atomic split-K count of the old kernels (> 1: a zeroed float32 output,
-        then a cast); 1 for every kernel that writes its output directly."""
-        self.compiled, self.n, self.split, self.dummy, self.dev = compiled, n, split, dummy, dev
+        """``split``: the atomic split-K count of the tensor-core kernel (> 1: a zeroed float32
+        output, then a cast); 1 for every launch that writes its output directly."""
+        self.compiled, self.n, self.split, self.dev = compiled, n, split, dev
         self.grid = tuple(grid) + (1,) * (3 - len(grid))
-        self.template = list(args) + list(const_vals)
+        self.tensors = [a for a in args if isinstance(a, torch.Tensor)] + [dummy]
+        self.template = [a.data_ptr() if isinstance(a, torch.Tensor) else a for a in args] + list(const_vals)
+        self.dummy_ptr = dummy.data_ptr()
 
     def __call__(self, x2: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         m = x2.shape[0]
@@ -252,7 +258,7 @@ class _Plan:
         else:
             out = torch.zeros(m, self.n, dtype=torch.float32, device=x2.device)
         a = self.template.copy()
-        a[0], a[6], a[7] = x2, (bias if bias is not None else self.dummy), out
+        a[0], a[6], a[7] = x2.data_ptr(), (bias.data_ptr() if bias is not None else self.dummy_ptr), out.data_ptr()
         c, g = self.compiled, self.grid
         c.run(g[0], g[1], g[2], _raw_stream(self.dev), c.function, c.packed_metadata,
               None, None, None, *a)
@@ -261,6 +267,8 @@ class _Plan:
                 out += bias.to(torch.float32)
             out = out.to(x2.dtype)
         return out
+
+
 def _sm_count(device: torch.device) -> int:
     if device.type != "cuda":
         return 4  # the interpreter: any small number
