@@ -11,6 +11,7 @@ References are float64 products of the reference dequantization (``QTensor.dequa
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import subprocess
@@ -475,3 +476,14 @@ def test_launch_plan_passes_addresses_and_fresh_outputs(monkeypatch):
     first, second = plan(x, None), plan(x, None)  # a fresh output per call, never a shared buffer
     assert first.data_ptr() != second.data_ptr()
     assert all(isinstance(v, int) for v in launched[:8])
+
+
+def test_quant_matmul_refuses_tensors_on_another_device():
+    """The launches pass raw addresses (unchecked by Triton): a bias or activation on another
+    device than the weight is refused up front, naming the devices."""
+    from bitsmith.kernels import qmm
+
+    rw = repack(_quantize("int4_g64_int0", torch.randn(8, 64)))
+    rw_meta = dataclasses.replace(rw, words=rw.words.to("meta"))
+    with pytest.raises(RuntimeError, match="weight on meta"):
+        qmm.quant_matmul(torch.randn(1, 64), rw_meta)

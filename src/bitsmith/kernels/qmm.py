@@ -502,6 +502,10 @@ def quant_matmul(x: torch.Tensor, rw: RuntimeWeight, bias: torch.Tensor | None =
     host sync, no CPU tensors)."""
     if not HAVE_TRITON:
         raise RuntimeError("quant_matmul needs triton")
+    if x.device != rw.device or (bias is not None and bias.device != x.device):
+        # checked here: the launches pass raw addresses, which Triton does not validate
+        where = [str(t.device) for t in (x, bias) if t is not None]
+        raise RuntimeError(f"quant_matmul: activation/bias on {where}, weight on {rw.device}")
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     if x2.stride(-1) != 1:
