@@ -487,3 +487,11 @@ def test_quant_matmul_refuses_tensors_on_another_device():
     rw_meta = dataclasses.replace(rw, words=rw.words.to("meta"))
     with pytest.raises(RuntimeError, match="weight on meta"):
         qmm.quant_matmul(torch.randn(1, 64), rw_meta)
+
+
+def test_w8a8_refuses_tensors_on_another_device():
+    from bitsmith.kernels.w8a8 import w8a8_linear
+
+    w = torch.zeros(4, 8, dtype=torch.int8)
+    with pytest.raises(ValueError, match="every tensor must be on cpu"):
+        w8a8_linear(torch.randn(1, 8), w, torch.ones(4), bias=torch.zeros(4, device="meta"))

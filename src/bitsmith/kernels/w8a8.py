@@ -166,6 +166,9 @@ def w8a8_linear(
     if w_int8.dtype != torch.int8 or x.shape[-1] != k or w_scale.shape != (n,):
         raise ValueError(f"w8a8_linear: x [..., {k}], w_int8 int8 [{n}, {k}], w_scale [{n}] expected; got "
                          f"x {list(x.shape)}, w {w_int8.dtype} {list(w_int8.shape)}, scale {list(w_scale.shape)}")
+    others = [t for t in (w_int8, w_scale, bias, act_scale, migration_scale) if isinstance(t, torch.Tensor)]
+    if any(t.device != x.device for t in others):  # the launches pass raw, unchecked addresses
+        raise ValueError(f"w8a8_linear: every tensor must be on {x.device}; got {sorted({str(t.device) for t in others})}")
     lead = x.shape[:-1]
     x2 = x.reshape(-1, k)
     m = x2.shape[0]
