@@ -1,0 +1,79 @@
+"""What SVDQuant's low-rank branch costs on top of the 4-bit matmul, on one CUDA GPU (issue #8's
+target: at most 15%).
+
+Per shape and M: ``QuantLinear`` (int4 g64, fused kernel) against ``LowRankQuantLinear`` with the
+same residual format, a rank-``--rank`` 16-bit branch and unfused smoothing (as ``--method
+svdquant`` writes it), both in fp16, timed eagerly with the L2 flushed and as CUDA-graph replays
+(median, :class:`bitsmith.kernels.bench.Timer`). Prints a table, writes JSON.
+
+    python benchmarks/svdquant_overhead.py [--shapes 4096x4096,14336x4096] [--m 1,16] [--rank 32]
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import write_result  # noqa: E402
+
+import bitsmith  # noqa: E402
+from bitsmith.kernels.bench import Timer  # noqa: E402
+from bitsmith.methods.svdquant import svdquant  # noqa: E402
+from bitsmith.nn import LowRankQuantLinear, QuantLinear  # noqa: E402
+
+
+def modules(n: int, k: int, rank: int, device: torch.device) -> tuple[nn.Module, nn.Module]:
+    """A QuantLinear (int4 g64) and a LowRankQuantLinear of the same shape, on ``device``, fp16."""
+    lin = nn.Linear(k, n)
+    with torch.no_grad():
+        lin.weight.mul_(0.5)
+    q = functools.partial(bitsmith.quantize_tensor, method="rtn", bits=4, group_size=64)
+    plain = QuantLinear.from_float(lin, q)
+    absmax = torch.rand(k) * 4 + 0.1  # stand-in calibration absmax: only the timing is measured
+    res = svdquant(lin.weight.detach(), act_absmax=absmax, bias=lin.bias.detach(), rank=rank, group_size=64)
+    low = LowRankQuantLinear(k, n, res.residual, res.lora_down, res.lora_up, res.bias, smooth=res.smooth)
+    return plain.to(device).half(), low.to(device).half()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shapes", default="4096x4096,14336x4096,4096x14336")
+    ap.add_argument("--m", default="1,16")
+    ap.add_argument("--rank", type=int, default=32)
+    ap.add_argument("--reps", type=int, default=30)
+    ap.add_argument("--name", default="svdquant_overhead_h100")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        print("svdquant_overhead: needs a CUDA GPU (the fused kernels)", file=sys.stderr)
+        raise SystemExit(2)
+    dev = torch.device("cuda")
+    timer = Timer(dev, reps=args.reps)
+    rows = []
+    print(f"{'N x K':>12} {'M':>4} {'int4 us':>9} {'+low-rank us':>13} {'overhead':>9} {'graph':>16}")
+    for shape in args.shapes.split(","):
+        n, k = (int(v) for v in shape.split("x"))
+        plain, low = modules(n, k, args.rank, dev)
+        assert plain.__dict__.get("_runtime") is not None and low.__dict__.get("_runtime") is not None
+        for m in (int(v) for v in args.m.split(",")):
+            x = torch.randn(m, k, device=dev, dtype=torch.float16)
+            with torch.no_grad():
+                t_plain, t_low = timer.time_flushed(lambda: plain(x)), timer.time_flushed(lambda: low(x))
+                g_plain, g_low = timer.time_graph(lambda: plain(x)), timer.time_graph(lambda: low(x))
+            row = {"n": n, "k": k, "m": m, "rank": args.rank, "int4_us": t_plain, "low_rank_us": t_low,
+                   "overhead": t_low / t_plain - 1, "int4_graph_us": g_plain, "low_rank_graph_us": g_low,
+                   "overhead_graph": g_low / g_plain - 1}
+            rows.append(row)
+            print(f"{n:>6}x{k:<5} {m:>4} {t_plain:9.1f} {t_low:13.1f} {row['overhead']:8.0%} "
+                  f"{g_plain:7.1f}/{g_low:7.1f} {row['overhead_graph']:5.0%}", flush=True)
+        del plain, low
+    write_result(args.name, {"device": torch.cuda.get_device_name(dev), "rows": rows,
+                             "timing": "us per forward, eager with L2 flushed / CUDA-graph replay, median"})
+
+
+if __name__ == "__main__":
+    main()
