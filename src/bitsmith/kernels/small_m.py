@@ -77,6 +77,29 @@ if HAVE_TRITON:
         return (q | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
 
     @triton.jit
+    def _group_meta(s_ptr, z_ptr, s_row, N, offs_n, mask, HAS_ZERO: tl.constexpr):
+        """Scale and zero (float32 ``[BLOCK_N]``) of scale row ``s_row``; without stored zeros the
+        zero returned is the scale (a placeholder :func:`_add_group` ignores)."""
+        sc = tl.load(s_ptr + s_row * N + offs_n, mask=mask, other=0.0).to(tl.float32)
+        if HAS_ZERO:
+            z = tl.load(z_ptr + s_row * N + offs_n, mask=mask, other=0.0).to(tl.float32)
+        else:
+            z = sc
+        return sc, z
+
+    @triton.jit
+    def _add_group(acc, part, xs, sc, z, zconst, HAS_ZERO: tl.constexpr, CODEBOOK: tl.constexpr, MAGIC: tl.constexpr):
+        """``acc + s * (part - (zero + MAGIC) * xs)`` per column (codebook: ``acc + s * part``):
+        one group's partial sums scaled once (module docstring)."""
+        if CODEBOOK:
+            return acc + part * sc[None, :]
+        if HAS_ZERO:
+            c = z + MAGIC
+        else:
+            c = sc * 0.0 + (zconst + MAGIC)
+        return acc + (part - xs[:, None] * c[None, :]) * sc[None, :]
+
+    @triton.jit
     def _tile_q(w_ptr, wh_ptr, kw0, KW, N, offs_n, n_mask, BITS: tl.constexpr, PACK: tl.constexpr,
                 BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
         """Codes ``[BLOCK_K, BLOCK_N]`` (int32) of the ``BLOCK_K`` codes from word row ``kw0``
@@ -169,15 +192,8 @@ if HAVE_TRITON:
                     xs += tl.sum(a.to(tl.float32), axis=1)
             if not PER_CHANNEL:
                 s_row = g
-            s = tl.load(s_ptr + s_row * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-            if CODEBOOK:
-                acc += part * s[None, :]
-            else:
-                if HAS_ZERO:
-                    c = tl.load(z_ptr + s_row * N + offs_n, mask=n_mask, other=0.0).to(tl.float32) + MAGIC
-                else:
-                    c = tl.zeros([BLOCK_N], dtype=tl.float32) + (zconst + MAGIC)
-                acc += (part - xs[:, None] * c[None, :]) * s[None, :]
+            sc, z = _group_meta(s_ptr, z_ptr, s_row, N, offs_n, n_mask, HAS_ZERO)
+            acc = _add_group(acc, part, xs, sc, z, zconst, HAS_ZERO, CODEBOOK, MAGIC)
         pid_t = pid_m * tl.num_programs(0) + pid_n
         _finish(acc, offs_m, offs_n, m_mask, n_mask, stride_om, out_ptr, b_ptr, ws_ptr, cnt_ptr, pid_t, pid_k,
                 M, N, SPLIT, IS_SPLIT, HAS_BIAS, BLOCK_M)
@@ -196,13 +212,7 @@ if HAVE_TRITON:
             hiw = tl.load(wh_ptr + (offs_w // 2)[:, None] * N + offs_n[None, :], mask=wmask, other=0)
         else:
             hiw = words
-        s_row = 0 if PER_CHANNEL else g
-        smask = n_mask & live
-        s = tl.load(s_ptr + s_row * N + offs_n, mask=smask, other=0.0).to(tl.float32)
-        if HAS_ZERO:
-            z = tl.load(z_ptr + s_row * N + offs_n, mask=smask, other=0.0).to(tl.float32)
-        else:
-            z = s
+        s, z = _group_meta(s_ptr, z_ptr, 0 if PER_CHANNEL else g, N, offs_n, n_mask & live, HAS_ZERO)
         return words, hiw, s, z
 
     @triton.jit
@@ -250,12 +260,7 @@ if HAVE_TRITON:
                 part += v * xj[:, None]
                 if not CODEBOOK:
                     xs += xj
-            if CODEBOOK:
-                acc += part * s[None, :]
-            else:
-                if not HAS_ZERO:
-                    z = tl.zeros([BLOCK_N], dtype=tl.float32) + zconst
-                acc += (part - xs[:, None] * z[None, :]) * s[None, :]
+            acc = _add_group(acc, part, xs, s, z, zconst, HAS_ZERO, CODEBOOK, 0.0)
             words, hiw, s, z = nwords, nhiw, ns, nz
         y = tl.sum(acc, axis=0)[None, :]
         offs_m = tl.arange(0, 1)
