@@ -173,6 +173,49 @@ def test_interp_small_m_kernels(name):
     assert qmm.default_fma_config(rw, torch.float16, torch.device("cpu")) is not None or not fma
 
 
+@pytest.mark.skipif(INTERPRETED or not HAVE_TRITON, reason="compiles for sm_90 (not under the interpreter)")
+@pytest.mark.parametrize("act", ["fp16", "bf16"])
+def test_fma_kernel_ptx_keeps_subnormals(act):
+    """The M = 1 kernel reads float16-activation codes as subnormal float32s: compiled for the H100
+    (no GPU needed), its PTX must flush nothing (no ``.ftz``) and multiply the masked words as
+    floats directly, with no int -> float conversion in the main loop."""
+    from bitsmith.kernels import small_m
+
+    ptx = small_m.compile_offline(4, 64, act=act).asm["ptx"]
+    assert ".ftz" not in ptx
+    assert "fma.rn.f32" in ptx and "cvt.rn.f32.s32" not in ptx and "cvt.rn.f32.u32" not in ptx
+
+
+def _extreme_activation_case(device):
+    """The M = 1 CUDA-core kernel with float16 activations at both ends of float16's range: it
+    reads codes as subnormal float32s and scales ``x`` by up to ``2**111`` (small_m's
+    ``_word_sums_inplace``), so the largest ``x`` must not overflow and the smallest (float16
+    subnormals) must not be flushed. Weights are scaled so that the outputs are normal float16s;
+    the reference is float64. K a multiple of the group (unmasked loads) and not (masked)."""
+    from bitsmith.kernels import qmm
+
+    g = torch.Generator().manual_seed(5)
+    for fmt, k in (("int4_g64_int0", 256), ("int4_g64_float0", 200), ("int3_g64", 256), ("int2_g32", 256),
+                   ("int8_g128", 256), ("int4_channel", 192)):
+        for x_mag, w_mag in ((65504.0, 1e-3), (2.0**-24, 1000.0)):
+            qt = _quantize(fmt, torch.randn(48, k, generator=g) * w_mag)
+            rw = repack(qt.to(device))
+            x = torch.zeros(1, k)
+            x[0, ::7] = torch.randint(-3, 4, (len(range(0, k, 7)),), generator=g).float().clamp(-1, 1) * x_mag
+            x[0, 3::7] = x_mag * torch.rand(len(range(3, k, 7)), generator=g)
+            x = x.to(torch.float16).to(device)
+            ref = x.double() @ qt.dequantize(torch.float64).t().to(device)
+            for cfg in qmm.fma_configs(rw, torch.float16)[:2] or [qmm.default_m1_config(rw, x.device, x.dtype)]:
+                y = qmm._launch(rw, x, None, cfg)
+                assert torch.isfinite(y).all(), (fmt, x_mag, cfg)
+                assert _rel(y, ref) < 2e-3, (fmt, x_mag, cfg, _rel(y, ref))
+
+
+@needs_interp
+def test_interp_fma_extreme_activations():
+    _extreme_activation_case(torch.device("cpu"))
+
+
 @needs_interp
 def test_interp_m1_falls_back_to_the_tensor_core_kernel():
     """3-bit codes in groups of 16 (a high-plane word spans two groups): the CUDA-core kernel
@@ -265,6 +308,11 @@ def test_cuda_smollm2_weights(name, request):
         w = sd[key]
         for m in (1, 16, 200):
             _cuda_case(name, m, w.shape[0], w.shape[1], torch.float16, w=w)
+
+
+@needs_cuda
+def test_cuda_fma_extreme_activations():
+    _extreme_activation_case(torch.device("cuda"))
 
 
 @needs_cuda

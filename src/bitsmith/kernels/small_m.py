@@ -11,16 +11,26 @@ for codebooks. ``MAGIC`` makes the integer -> float conversion one OR: ``MAGIC +
 pattern ``MAGIC_BITS | q`` (float16: 1024 = 0x6400, exact for q < 1024; bfloat16: 128 = 0x4300,
 exact for q < 128; other cases cast). The product sums are float32 (tensor-core accumulators), so
 removing ``MAGIC * sum(x)`` afterwards costs at most ~log2(MAGIC / 8) of float32's 24 bits, far
-below the activation dtype's rounding. The CUDA-core kernel subtracts its float32 magic (2**23)
-from every code instead (there the cancellation would cost all 24 bits).
+below the activation dtype's rounding. The CUDA-core kernel never adds a magic it must take back
+(there the cancellation would cost all 24 bits): see below.
 
 * ``_tc_kernel`` (tensor cores, float16 / bfloat16 activations, M rows in tiles of ``BLOCK_M``):
-  the codes of a ``[BLOCK_K, BLOCK_N]`` tile are turned into ``MAGIC + q`` in the activation dtype with shifts and one OR and fed to ``tl.dot``
-  (rows of ``x`` past M are zeros). Per code: a shift, an AND-OR and a pack, no multiply.
-* ``_fma_kernel`` (CUDA cores, M = 1): the same math with float32 FMAs over whole words.
+  the codes of a ``[BLOCK_K, BLOCK_N]`` tile are turned into ``MAGIC + q`` in the activation dtype
+  with shifts and one OR and fed to ``tl.dot`` (rows of ``x`` past M are zeros). Per code: a
+  shift, an AND-OR and a pack, no multiply.
+* ``_fma_kernel`` (CUDA cores, M = 1): the same sums with float32 FMAs over whole words. At M = 1
+  the instructions issued per code, not DRAM, were the limit (7.2 per 4-bit code in the main
+  loop: shift, bit-field extract, OR, subtract, FMA and per-code activation loads), so affine codes
+  are not shifted down at all: code ``j`` is masked where it sits in the word and, for float16
+  activations, read as the subnormal float32 ``q * 2**(p - 149)`` (``p`` its bit position), with
+  ``x`` pre-scaled by a power of two once per row; one AND and one FMA a code, exact
+  (:func:`_word_sums_inplace`). 3.75 instructions per int4 code in the loop now, compiled for
+  sm_90 (benchmarks/kernels_sass.py, benchmarks/results/kernels_sass.json). Codebook codes still go
+  through a table load (~10 instructions a code).
 
-Measured on the H100 (benchmarks/results/kernels_h100_small_m.json, kernels_small_m_h100.json):
-``_fma_kernel`` is the tuner's M = 1 kernel (1.45-2.25x fp16 for int4, eager, L2 flushed).
+Measured on the H100 before that change (benchmarks/results/kernels_h100_small_m.json,
+kernels_small_m_h100.json): ``_fma_kernel`` is the tuner's M = 1 kernel (1.45-2.25x fp16 for int4,
+eager, L2 flushed).
 ``_tc_kernel`` was slower than :mod:`bitsmith.kernels.qmm`'s tensor-core kernel at M = 16 on
 every shape (Nsight Compute: 11% of DRAM bandwidth, L1 56%: the tile reshape into the dot
 operand layout), so the tuner does not offer it; it stays tested for the next attempt.
@@ -48,6 +58,9 @@ except ImportError:  # pragma: no cover - depends on the environment
     HAVE_TRITON = False
 
 from .layout import RuntimeWeight
+
+FMAGIC_BITS = 0x4B000000  # float32 2**23, a kernel argument (see _slot)
+
 
 def magic_for(dtype: torch.dtype, rbits: int) -> tuple[float, int]:
     """``(MAGIC, MAGIC_BITS)`` of the tensor-core kernel for activations of ``dtype`` and codes of
@@ -153,11 +166,12 @@ if HAVE_TRITON:
     @triton.jit
     def _tc_kernel(
         x_ptr, w_ptr, wh_ptr, s_ptr, z_ptr, t_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr,
-        M, N, K, KW, G_PER, NG, SPLIT, zconst, stride_xm, stride_om,
+        M, N, K, KW, G_PER, NG, SPLIT, zconst, stride_xm, stride_om, fmagic,
         BITS: tl.constexpr, PACK: tl.constexpr, GSTEP: tl.constexpr, PER_CHANNEL: tl.constexpr,
         HAS_ZERO: tl.constexpr, CODEBOOK: tl.constexpr, HAS_BIAS: tl.constexpr,
         MAGIC: tl.constexpr, MAGIC_BITS: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IS_SPLIT: tl.constexpr,
+        EVEN_K: tl.constexpr,
     ):
         """``GSTEP``: k per scale step (the group size, or ``BLOCK_K`` for per-channel weights);
         ``NG``: scale steps in the padded K; ``G_PER``: steps per split."""
@@ -212,17 +226,113 @@ if HAVE_TRITON:
             hiw = tl.load(wh_ptr + (offs_w // 2)[:, None] * N + offs_n[None, :], mask=wmask, other=0)
         else:
             hiw = words
-        s, z = _group_meta(s_ptr, z_ptr, 0 if PER_CHANNEL else g, N, offs_n, n_mask & live, HAS_ZERO)
+        # scale and zero broadcast over the word rows: loaded in the words' layout (no layout
+        # conversion, i.e. no shared-memory round trip and barrier per step)
+        meta = (0 if PER_CHANNEL else g) * N + offs_w[:, None] * 0 + offs_n[None, :]
+        mmask = live & (offs_w >= 0)[:, None] & n_mask[None, :]
+        s = tl.load(s_ptr + meta, mask=mmask, other=0.0).to(tl.float32)
+        if HAS_ZERO:
+            z = tl.load(z_ptr + meta, mask=mmask, other=0.0).to(tl.float32)
+        else:
+            z = s
         return words, hiw, s, z
+
+    @triton.jit
+    def _word_sums(x_ptr, t_ptr, words, hiw, offs_w, K, BITS: tl.constexpr, PACK: tl.constexpr,
+                   CODEBOOK: tl.constexpr, WROWS: tl.constexpr, BLOCK_N: tl.constexpr):
+        """Per word: ``sum_j x[k_j] * v(code j)`` (``[WROWS, BLOCK_N]``) and ``sum_j x[k_j]``
+        (``[WROWS]``), codes extracted one slot at a time (3-bit codes, codebooks)."""
+        part = tl.zeros([WROWS, BLOCK_N], dtype=tl.float32)
+        xs = tl.zeros([WROWS], dtype=tl.float32)
+        if BITS == 3:
+            hshift = ((offs_w % 2) * 16)[:, None]
+        else:
+            hshift = 0
+        for j in tl.static_range(PACK):
+            kj = offs_w * PACK + j
+            xj = tl.load(x_ptr + kj, mask=kj < K, other=0.0).to(tl.float32)
+            q = word_code(words, hiw, hshift, j, BITS)
+            if CODEBOOK:
+                v = tl.load(t_ptr + q)
+            else:
+                v = code_float(q)
+                xs += xj
+            part += v * xj[:, None]
+        return part, xs
+
+    @triton.jit
+    def _slot(words, fmagic, pos: tl.constexpr, BITS: tl.constexpr, SUBNORMAL: tl.constexpr):
+        """The code in bits ``[pos, pos + BITS)`` of ``words`` (``pos + BITS <= 23``), masked in
+        place, as float32: the subnormal ``q * 2**(pos - 149)`` (one AND), or, without
+        ``SUBNORMAL``, ``q * 2**pos`` through the magic ``2**23`` (an AND-OR, then a subtract).
+        ``fmagic`` is 2**23's bit pattern passed as a kernel argument: with the mask an immediate
+        and the magic in a register the AND-OR is one LOP3 (two immediates make ptxas emit two)."""
+        slot = words & (((1 << BITS) - 1) << pos)
+        if SUBNORMAL:
+            return slot.to(tl.float32, bitcast=True)
+        return (slot | fmagic).to(tl.float32, bitcast=True) - 8388608.0
+
+    @triton.jit
+    def _word_sums_inplace(x_ptr, words, hiw, fmagic, offs_w, K, BITS: tl.constexpr, PACK: tl.constexpr,
+                           WROWS: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_K: tl.constexpr):
+        """:func:`_word_sums` for affine codes without shifting each code down: code ``j`` is
+        masked at its bit position ``p`` (:func:`_slot`) and the activation scaled by the matching
+        power of two instead (exact), once per row rather than once per column. For float16
+        activations the code is read as a subnormal float32 (``q * 2**(p - 149)``: exact, one AND)
+        and ``x`` scaled by ``2**(109 - p)`` (finite for any float16), so each product is ``x * q *
+        2**-40``, a normal float32 (products of a float16 ``x`` never fall below ``2**-64``):
+        two instructions a code, an AND and
+        an FMA. The kernels never flush subnormals (no ``.ftz`` in the PTX; the FMA takes them at
+        full rate). Both sums are returned in units of ``2**-40`` (the caller scales the total
+        once). bfloat16 activations can be too large for that scaling, so they take the
+        magic-number conversion. Codes ending above bit 22 are read from the word shifted right
+        by 9, once per word. 3-bit codes: the low 2 bits from ``words`` as 2-bit codes, plus 4x the top bit from
+        the high-plane word, shifted once so that code ``j``'s bit is bit ``j``."""
+        SUBNORMAL: tl.constexpr = x_ptr.dtype.element_ty == tl.float16
+        E: tl.constexpr = 109 if SUBNORMAL else 0  # x is scaled by 2**(E - p)
+        LB: tl.constexpr = 2 if BITS == 3 else BITS  # bits of the code (or low part) in ``words``
+        J0: tl.constexpr = 23 // LB  # first slot that does not fit below float32's exponent field
+        part = tl.zeros([WROWS, BLOCK_N], dtype=tl.float32)
+        xs = tl.zeros([WROWS], dtype=tl.float32)
+        high = words >> 9  # slots J0.. end at bit 22 or lower here (32 - 9 = 23)
+        if BITS == 3:
+            top = hiw >> ((offs_w % 2) * 16)[:, None]
+        for j in tl.static_range(PACK):
+            kj = offs_w * PACK + j
+            if EVEN_K:  # every step is inside K: unmasked loads, which the compiler can merge
+                xj = tl.load(x_ptr + kj).to(tl.float32)
+            else:
+                xj = tl.load(x_ptr + kj, mask=kj < K, other=0.0).to(tl.float32)
+            xs += xj
+            if j < J0:
+                part += _slot(words, fmagic, j * LB, LB, SUBNORMAL) * (xj * (2.0 ** (E - j * LB)))[:, None]
+            else:
+                part += _slot(high, fmagic, j * LB - 9, LB, SUBNORMAL) * (xj * (2.0 ** (E + 9 - j * LB)))[:, None]
+            if BITS == 3:
+                part += _slot(top, fmagic, j, 1, SUBNORMAL) * (xj * (2.0 ** (E + 2 - j)))[:, None]
+        if SUBNORMAL:
+            xs = xs * 9.094947017729282e-13  # 2**-40: part and xs in the same scale (see _fma_kernel)
+        return part, xs
+
+    @triton.jit
+    def _add_group_tile(acc, part, xs, sc, z, zconst, HAS_ZERO: tl.constexpr, CODEBOOK: tl.constexpr):
+        """:func:`_add_group` (no magic) with scale and zero already in the tile's layout
+        (``[WROWS, BLOCK_N]``, see :func:`_load_step`)."""
+        if CODEBOOK:
+            return acc + part * sc
+        if HAS_ZERO:
+            return acc + (part - xs[:, None] * z) * sc
+        return acc + (part - xs[:, None] * zconst) * sc
 
     @triton.jit
     def _fma_kernel(
         x_ptr, w_ptr, wh_ptr, s_ptr, z_ptr, t_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr,
-        M, N, K, KW, G_PER, NG, SPLIT, zconst, stride_xm, stride_om,
+        M, N, K, KW, G_PER, NG, SPLIT, zconst, stride_xm, stride_om, fmagic,
         BITS: tl.constexpr, PACK: tl.constexpr, GSTEP: tl.constexpr, PER_CHANNEL: tl.constexpr,
         HAS_ZERO: tl.constexpr, CODEBOOK: tl.constexpr, HAS_BIAS: tl.constexpr,
         MAGIC: tl.constexpr, MAGIC_BITS: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IS_SPLIT: tl.constexpr,
+        EVEN_K: tl.constexpr,
     ):
         """M = 1 on CUDA cores. One step = one group (``BLOCK_K == GSTEP``; per-channel weights:
         any ``BLOCK_K``): a ``[BLOCK_K // PACK, BLOCK_N]`` tile of words, codes taken one
@@ -243,30 +353,44 @@ if HAVE_TRITON:
             nwords, nhiw, ns, nz = _load_step(w_ptr, wh_ptr, s_ptr, z_ptr, g + 1, g_hi, KW, N, offs_n, n_mask,
                                               BITS, PACK, PER_CHANNEL, HAS_ZERO, BLOCK_K)
             offs_w = g * WROWS + tl.arange(0, WROWS)
-            part = tl.zeros([WROWS, BLOCK_N], dtype=tl.float32)
-            xs = tl.zeros([WROWS], dtype=tl.float32)
-            if BITS == 3:
-                hshift = ((offs_w % 2) * 16)[:, None]
+            if CODEBOOK:
+                part, xs = _word_sums(x_ptr, t_ptr, words, hiw, offs_w, K, BITS, PACK, CODEBOOK, WROWS, BLOCK_N)
             else:
-                hshift = 0
-            for j in tl.static_range(PACK):
-                kj = offs_w * PACK + j
-                xj = tl.load(x_ptr + kj, mask=kj < K, other=0.0).to(tl.float32)
-                q = word_code(words, hiw, hshift, j, BITS)
-                if CODEBOOK:
-                    v = tl.load(t_ptr + q)
-                else:
-                    v = code_float(q)
-                part += v * xj[:, None]
-                if not CODEBOOK:
-                    xs += xj
-            acc = _add_group(acc, part, xs, s, z, zconst, HAS_ZERO, CODEBOOK, 0.0)
+                part, xs = _word_sums_inplace(x_ptr, words, hiw, fmagic, offs_w, K, BITS, PACK, WROWS, BLOCK_N, EVEN_K)
+            acc = _add_group_tile(acc, part, xs, s, z, zconst, HAS_ZERO, CODEBOOK)
             words, hiw, s, z = nwords, nhiw, ns, nz
         y = tl.sum(acc, axis=0)[None, :]
+        if not CODEBOOK and x_ptr.dtype.element_ty == tl.float16:
+            y = y * 1099511627776.0  # 2**40: the subnormal code sums' unit (_word_sums_inplace)
         offs_m = tl.arange(0, 1)
         pid_t = pid_n
         _finish(y, offs_m, offs_n, offs_m < M, n_mask, stride_om, out_ptr, b_ptr, ws_ptr, cnt_ptr, pid_t, pid_k,
                 M, N, SPLIT, IS_SPLIT, HAS_BIAS, 1)
+
+
+def compile_offline(bits: int, group: int, block_n: int = 128, num_warps: int = 4, codebook: bool = False,
+                    act: str = "fp16", arch: int = 90):
+    """``_fma_kernel`` compiled for NVIDIA ``sm_<arch>`` on any machine, no GPU needed (Triton's
+    bundled compiler and ptxas), for inspecting its PTX and machine code
+    (benchmarks/kernels_sass.py, and a test that the PTX never flushes subnormals). Split-K on, no
+    bias, K a multiple of the group, tensors and sizes aligned as the launcher sees them."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    pointers = ("x_ptr", "w_ptr", "wh_ptr", "s_ptr", "z_ptr", "t_ptr", "b_ptr", "out_ptr", "ws_ptr", "cnt_ptr")
+    sig = dict(zip(pointers, (f"*{act}", "*i32", "*i32", "*fp16", "*fp16", "*fp32", f"*{act}", f"*{act}", "*fp32",
+                              "*i32")))
+    sig.update({a: "i32" for a in ("M", "N", "K", "KW", "G_PER", "NG", "SPLIT")})
+    sig.update({"zconst": "fp32", "stride_xm": "i32", "stride_om": "i32", "fmagic": "i32"})
+    consts = {"BITS": bits, "PACK": 16 if bits == 3 else 32 // bits, "GSTEP": group, "PER_CHANNEL": False,
+              "HAS_ZERO": not codebook, "CODEBOOK": codebook, "HAS_BIAS": False, "MAGIC": 0.0, "MAGIC_BITS": 0,
+              "BLOCK_M": 1, "BLOCK_N": block_n, "BLOCK_K": group, "IS_SPLIT": True, "EVEN_K": True}
+    names = list(sig) + list(consts)
+    sig.update({c: "constexpr" for c in consts})
+    aligned = {(names.index(a),): [["tt.divisibility", 16]] for a in (*pointers, "N", "K", "KW")}
+    src = ASTSource(fn=_fma_kernel, signature=sig, constexprs={(names.index(c),): v for c, v in consts.items()},
+                    attrs=aligned)
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps, "num_stages": 1})
 
 
 # --- launch -------------------------------------------------------------------------------------
@@ -327,11 +451,11 @@ def launch_args(rw: RuntimeWeight, x2: torch.Tensor, bias: torch.Tensor | None, 
     args = (x2, rw.words, rw.words_hi if rw.words_hi is not None else rw.words, rw.scale,
             rw.zero if rw.zero is not None else dummy, rw.table if rw.table is not None else dummy,
             bias if bias is not None else dummy, out, ws, cnt,
-            m, n, k, rw.words.shape[0], g_per, ng, split, float(rw.zconst), x2.stride(0), out.stride(0))
+            m, n, k, rw.words.shape[0], g_per, ng, split, float(rw.zconst), x2.stride(0), out.stride(0), FMAGIC_BITS)
     consts = {"BITS": rw.rbits, "PACK": rw.pack, "GSTEP": gstep, "PER_CHANNEL": rw.group == 0,
               "HAS_ZERO": rw.zero is not None, "CODEBOOK": rw.kind == "codebook", "HAS_BIAS": bias is not None,
               "MAGIC": magic, "MAGIC_BITS": magic_bits, "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk,
-              "IS_SPLIT": split > 1}
+              "IS_SPLIT": split > 1, "EVEN_K": k % gstep == 0}
     options = {"num_warps": cfg.get("num_warps", 4), "num_stages": cfg.get("num_stages", 2)}
     return kernel, grid, args, consts, options
 

@@ -1,0 +1,82 @@
+"""Machine code of the M = 1 CUDA-core kernel (:mod:`bitsmith.kernels.small_m`) for the H100
+(sm_90), compiled on any machine, no GPU needed (Triton's bundled ptxas and cuobjdump): per format
+and tile, the instructions of the main loop (one quantization group per iteration), the codes one
+thread handles per iteration, instructions per code and registers. At M = 1 the kernel has to
+issue a few instructions per 4-bit code while reading 0.5 bytes, so instructions per code is what
+caps its bandwidth (about 30e12 thread-instructions/s on an H100 SXM against 3.35e12 bytes/s).
+
+    python benchmarks/kernels_sass.py [--name kernels_sass]
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import triton
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import write_result  # noqa: E402
+
+from bitsmith.kernels import small_m  # noqa: E402
+
+TOOLS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+def sass_of(cubin: bytes, tmp: Path) -> list[tuple[int, str]]:
+    """``(address, instruction)`` of a cubin, through cuobjdump."""
+    path = tmp / "k.cubin"
+    path.write_bytes(cubin)
+    text = subprocess.run([str(TOOLS / "cuobjdump"), "-sass", str(path)], capture_output=True, text=True,
+                          check=True).stdout
+    return [(int(m.group(1), 16), m.group(2)) for m in
+            (re.match(r"\s*/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;", line) for line in text.splitlines()) if m]
+
+
+def registers(cubin: bytes, tmp: Path) -> int:
+    """Registers per thread of a cubin (cuobjdump's resource usage)."""
+    path = tmp / "k.cubin"
+    path.write_bytes(cubin)
+    text = subprocess.run([str(TOOLS / "cuobjdump"), "-res-usage", str(path)], capture_output=True, text=True,
+                          check=True).stdout
+    return int(re.search(r"REG:(\d+)", text).group(1))
+
+
+def main_loop(ins: list[tuple[int, str]]) -> collections.Counter:
+    """Opcode counts of the longest backward branch's body (the loop over groups)."""
+    spans = [(int(m.group(1), 16), addr) for addr, t in ins if (m := re.search(r"BRA (0x[0-9a-f]+)", t))
+             and int(m.group(1), 16) < addr]
+    lo, hi = max(spans, key=lambda s: s[1] - s[0])
+    return collections.Counter(re.sub(r"^@!?U?P\w+\s+", "", t).split()[0] for a, t in ins if lo <= a <= hi)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--name", default="kernels_sass")
+    args = ap.parse_args()
+    tmp = Path(os.environ.get("TMPDIR", "/tmp"))
+    rows = []
+    print(f"{'format':<12} {'act':<5} {'BLOCK_N':>7} {'warps':>5} {'loop instr':>10} {'codes/thread':>12} "
+          f"{'instr/code':>10} {'regs':>5}  top opcodes")
+    cases = [(4, 64, False), (4, 128, False), (3, 64, False), (2, 64, False), (8, 128, False), (4, 64, True)]
+    for (bits, group, codebook), act, (bn, warps) in (
+            (c, a, t) for c in cases for a in ("fp16", "bf16") for t in ((128, 4), (256, 4))):
+        ck = small_m.compile_offline(bits, group, bn, warps, codebook, act)
+        ops = main_loop(sass_of(ck.asm["cubin"], tmp))
+        regs = registers(ck.asm["cubin"], tmp)
+        total = sum(ops.values())
+        codes = group * bn / (warps * 32)
+        fmt = f"{'nf' if codebook else 'int'}{bits}_g{group}"
+        rows.append({"format": fmt, "act": act, "block_n": bn, "warps": warps, "loop_instructions": total,
+                     "codes_per_thread": codes, "instructions_per_code": total / codes, "registers": regs,
+                     "ftz_in_ptx": ".ftz" in ck.asm["ptx"], "opcodes": dict(ops.most_common())})
+        top = " ".join(f"{k}:{v}" for k, v in ops.most_common(5))
+        print(f"{fmt:<12} {act:<5} {bn:>7} {warps:>5} {total:>10} {codes:>12.0f} {total / codes:>10.2f} "
+              f"{regs:>5}  {top}", flush=True)
+    write_result(args.name, {"target": "sm_90 (compiled offline, triton " + triton.__version__ + ")", "rows": rows})
+
+
+if __name__ == "__main__":
+    main()
