@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import write_result  # noqa: E402
+from kernels_m1_ab import best_of  # noqa: E402
 
 from bitsmith.kernels import small_m  # noqa: E402
 from bitsmith.kernels.bench import Timer, _tinygemm, copy_bandwidth, make_qtensor  # noqa: E402
@@ -69,22 +70,7 @@ def main() -> None:
                 rw = repack(qt)
                 ref = x.double() @ qt.dequantize(torch.float64).t()
                 old = (timer.time_flushed(lambda: quant_matmul(x, rw)), timer.time_graph(lambda: quant_matmul(x, rw)))
-                best = None
-                for cfg in candidates(m):
-                    if small_m.supports(rw, x.dtype, cfg):
-                        continue
-                    try:
-                        out = small_m.launch(rw, x, None, cfg)
-                        err = float((out.double() - ref).norm() / ref.norm())
-                        if not err < 3e-3:
-                            print(f"  WRONG {fmt} M={m} {cfg}: rel err {err:.2e}", flush=True)
-                            continue
-                        t = timer.time_graph(lambda: small_m.launch(rw, x, None, cfg))
-                    except Exception as e:  # noqa: BLE001 - a config that does not compile is skipped
-                        print(f"  fail {cfg}: {str(e).splitlines()[0][:100]}", flush=True)
-                        continue
-                    if best is None or t < best[0]:
-                        best = (t, cfg, err)
+                best = best_of(small_m, rw, x, ref, timer, candidates(m))
                 if best is None:
                     continue
                 cfg = best[1]

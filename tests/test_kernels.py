@@ -485,7 +485,7 @@ def test_bench_cli_says_why_without_a_gpu(capsys):
     from bitsmith.cli.main import main
 
     if CUDA and HAVE_TRITON:
-        pytest.skip("has a GPU: the bench itself runs (benchmarks/kernels_gpu_run.sh)")
+        pytest.skip("has a GPU: the bench itself runs (benchmarks/kernels_gpu_run.sh, kernels_gpu_session.sh)")
     assert main(["bench", "kernels", "--m", "1", "--shapes", "64x64"]) == 2
     assert "CUDA" in capsys.readouterr().err
     assert main(["bench", "kernels", "--formats", "int9"]) == 2
