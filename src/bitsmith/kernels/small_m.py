@@ -304,12 +304,14 @@ if HAVE_TRITON:
             else:
                 xj = tl.load(x_ptr + kj, mask=kj < K, other=0.0).to(tl.float32)
             xs += xj
+            # code j sits at bit j * LB of the word, or j * LB - 9 of the shifted word
             if j < J0:
-                part += _slot(words, fmagic, j * LB, LB, SUBNORMAL) * (xj * (2.0 ** (E - j * LB)))[:, None]
+                v = _slot(words, fmagic, j * LB, LB, SUBNORMAL)
             else:
-                part += _slot(high, fmagic, j * LB - 9, LB, SUBNORMAL) * (xj * (2.0 ** (E + 9 - j * LB)))[:, None]
-            if BITS == 3:
-                part += _slot(top, fmagic, j, 1, SUBNORMAL) * (xj * (2.0 ** (E + 2 - j)))[:, None]
+                v = _slot(high, fmagic, j * LB - 9, LB, SUBNORMAL)
+            if BITS == 3:  # + 4 * top bit at the same position: one exact FMA (the sum is q * 2**pos)
+                v += _slot(top, fmagic, j, 1, SUBNORMAL) * (2.0 ** ((j * LB if j < J0 else j * LB - 9) + 2 - j))
+            part += v * (xj * (2.0 ** (E - (j * LB if j < J0 else j * LB - 9))))[:, None]
         if SUBNORMAL:
             xs = xs * 9.094947017729282e-13  # 2**-40: part and xs in the same scale (see _fma_kernel)
         return part, xs
