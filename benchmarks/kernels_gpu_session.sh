@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU calls of the M = 1 kernel rework (issue #8), each well inside one 10-minute device call.
 #   OUT=/some/dir bash benchmarks/kernels_gpu_session.sh check   # CUDA tests, A/B against the previous kernel, SVDQuant overhead
+#     (TEST_K: pytest -k expression, default "cuda"; AB_ARGS: kernels_m1_ab.py arguments; T_*: time limits in s)
 #   OUT=/some/dir bash benchmarks/kernels_gpu_session.sh bench   # kernel table (M = 1, 16), end-to-end decode, compute-sanitizer
 # The CUDA tests run with pytest-xdist when it is importable (carried as wheels: .whl/, see the device notes).
 set -u
@@ -13,11 +14,13 @@ check)
     python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH=$PYTHONPATH:/tmp/site
   fi
   XDIST=$(python3 -c "import xdist" 2>/dev/null && echo "-n 14")
-  echo "== pytest tests/test_kernels.py tests/test_svdquant.py -k cuda $XDIST" | tee "$OUT/gpu_tests.txt"
-  timeout "${T_TESTS:-200}" python3 -m pytest -q -p no:cacheprovider $XDIST tests/test_kernels.py tests/test_svdquant.py -k cuda 2>&1 \
+  TEST_K=${TEST_K:-cuda}
+  echo "== pytest tests/test_kernels.py tests/test_svdquant.py -k '$TEST_K' $XDIST" | tee "$OUT/gpu_tests.txt"
+  timeout "${T_TESTS:-200}" python3 -m pytest -q -p no:cacheprovider $XDIST tests/test_kernels.py tests/test_svdquant.py -k "$TEST_K" 2>&1 \
     | tail -40 | tee -a "$OUT/gpu_tests.txt" | tail -3
-  echo "== python3 benchmarks/kernels_m1_ab.py --prev .cache/ab/small_m_prev.py --reps 15" | tee "$OUT/ab.txt"
-  timeout "${T_AB:-230}" python3 benchmarks/kernels_m1_ab.py --prev .cache/ab/small_m_prev.py --reps 15 2>&1 | grep -v Warn | tee -a "$OUT/ab.txt"
+  AB_ARGS=${AB_ARGS:---reps 15}
+  echo "== python3 benchmarks/kernels_m1_ab.py --prev .cache/ab/small_m_prev.py $AB_ARGS" | tee "$OUT/ab.txt"
+  timeout "${T_AB:-230}" python3 benchmarks/kernels_m1_ab.py --prev .cache/ab/small_m_prev.py $AB_ARGS 2>&1 | grep -v Warn | tee -a "$OUT/ab.txt"
   cp benchmarks/results/kernels_m1_ab.json "$OUT/" 2>/dev/null
   echo "== python3 benchmarks/svdquant_overhead.py --reps 20" | tee "$OUT/svdquant_overhead.txt"
   timeout "${T_SVD:-90}" python3 benchmarks/svdquant_overhead.py --reps 20 2>&1 | tee -a "$OUT/svdquant_overhead.txt"
