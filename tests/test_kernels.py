@@ -216,6 +216,18 @@ def test_interp_fma_extreme_activations():
     _extreme_activation_case(torch.device("cpu"))
 
 
+@pytest.mark.skipif(not HAVE_TRITON, reason="triton is not installed")
+def test_m1_candidates_by_format():
+    """The M = 1 tuner's candidates: affine weights only the CUDA-core kernel; codebooks (a table
+    load per code there) the tensor-core kernel with one row as well."""
+    from bitsmith.kernels import qmm
+
+    w = torch.randn(256, 512) * 0.05
+    kinds = {name: {"KERNEL" in c for c in qmm.m1_configs(repack(_quantize(name, w)), torch.float16)}
+             for name in ("int4_g64_int0", "nf4_g64_dq")}
+    assert kinds == {"int4_g64_int0": {True}, "nf4_g64_dq": {True, False}}
+
+
 @needs_interp
 def test_interp_m1_falls_back_to_the_tensor_core_kernel():
     """3-bit codes in groups of 16 (a high-plane word spans two groups): the CUDA-core kernel

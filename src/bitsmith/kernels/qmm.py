@@ -328,8 +328,14 @@ def reserve_workspace(rw: RuntimeWeight) -> None:
 
 def m1_configs(rw: RuntimeWeight, dtype: torch.dtype) -> list[dict]:
     """Candidate configs for M = 1: the small-M CUDA-core kernel's (:func:`fma_configs`), or the
-    tensor-core kernel's with one row for a weight that kernel cannot take."""
-    return fma_configs(rw, dtype) or gemm_configs(rw, 1, dtype)
+    tensor-core kernel's with one row for a weight that kernel cannot take. Codebooks get both:
+    the CUDA-core kernel's table load per code is its slow path (about 10 instructions a code
+    against 3.75 for int4, benchmarks/results/kernels_sass.json), so the tuner times the
+    tensor-core kernel too."""
+    fma = fma_configs(rw, dtype)
+    if fma and rw.kind == "codebook":
+        return fma + gemm_configs(rw, 1, dtype)
+    return fma or gemm_configs(rw, 1, dtype)
 
 
 def default_m1_config(rw: RuntimeWeight, device: torch.device, dtype: torch.dtype) -> dict:
