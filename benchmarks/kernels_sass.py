@@ -6,6 +6,7 @@ issue a few instructions per 4-bit code while reading 0.5 bytes, so instructions
 caps its bandwidth (about 30e12 thread-instructions/s on an H100 SXM against 3.35e12 bytes/s).
 
     python benchmarks/kernels_sass.py [--name kernels_sass]
+    python benchmarks/kernels_sass.py --prev OLD_small_m.py --name kernels_sass_prev   # an earlier kernel
 """
 from __future__ import annotations
 
@@ -55,7 +56,13 @@ def main_loop(ins: list[tuple[int, str]]) -> collections.Counter:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--name", default="kernels_sass")
+    ap.add_argument("--prev", help="an earlier small_m.py: compile its _fma_kernel instead")
     args = ap.parse_args()
+    kernel = None
+    if args.prev:
+        from kernels_m1_ab import load_prev
+
+        kernel = load_prev(args.prev)._fma_kernel
     tmp = Path(os.environ.get("TMPDIR", "/tmp"))
     rows = []
     print(f"{'format':<12} {'act':<5} {'BLOCK_N':>7} {'warps':>5} {'loop instr':>10} {'codes/thread':>12} "
@@ -63,7 +70,7 @@ def main() -> None:
     cases = [(4, 64, False), (4, 128, False), (3, 64, False), (2, 64, False), (8, 128, False), (4, 64, True)]
     for (bits, group, codebook), act, (bn, warps) in (
             (c, a, t) for c in cases for a in ("fp16", "bf16") for t in ((128, 4), (256, 4))):
-        ck = small_m.compile_offline(bits, group, bn, warps, codebook, act)
+        ck = small_m.compile_offline(bits, group, bn, warps, codebook, act, kernel=kernel)
         ops = main_loop(sass_of(ck.asm["cubin"], tmp))
         regs = registers(ck.asm["cubin"], tmp)
         total = sum(ops.values())
@@ -75,7 +82,8 @@ def main() -> None:
         top = " ".join(f"{k}:{v}" for k, v in ops.most_common(5))
         print(f"{fmt:<12} {act:<5} {bn:>7} {warps:>5} {total:>10} {codes:>12.0f} {total / codes:>10.2f} "
               f"{regs:>5}  {top}", flush=True)
-    write_result(args.name, {"target": "sm_90 (compiled offline, triton " + triton.__version__ + ")", "rows": rows})
+    write_result(args.name, {"target": "sm_90 (compiled offline, triton " + triton.__version__ + ")",
+                             "kernel": args.prev or "bitsmith.kernels.small_m", "rows": rows})
 
 
 if __name__ == "__main__":

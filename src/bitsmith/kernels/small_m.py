@@ -371,27 +371,27 @@ if HAVE_TRITON:
 
 
 def compile_offline(bits: int, group: int, block_n: int = 128, num_warps: int = 4, codebook: bool = False,
-                    act: str = "fp16", arch: int = 90):
-    """``_fma_kernel`` compiled for NVIDIA ``sm_<arch>`` on any machine, no GPU needed (Triton's
+                    act: str = "fp16", arch: int = 90, kernel=None):
+    """``kernel`` (default ``_fma_kernel``; an earlier version's works too: the signature is read
+    from its parameters) compiled for NVIDIA ``sm_<arch>`` on any machine, no GPU needed (Triton's
     bundled compiler and ptxas), for inspecting its PTX and machine code
     (benchmarks/kernels_sass.py, and a test that the PTX never flushes subnormals). Split-K on, no
     bias, K a multiple of the group, tensors and sizes aligned as the launcher sees them."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    pointers = ("x_ptr", "w_ptr", "wh_ptr", "s_ptr", "z_ptr", "t_ptr", "b_ptr", "out_ptr", "ws_ptr", "cnt_ptr")
-    sig = dict(zip(pointers, (f"*{act}", "*i32", "*i32", "*fp16", "*fp16", "*fp32", f"*{act}", f"*{act}", "*fp32",
-                              "*i32")))
-    sig.update({a: "i32" for a in ("M", "N", "K", "KW", "G_PER", "NG", "SPLIT")})
-    sig.update({"zconst": "fp32", "stride_xm": "i32", "stride_om": "i32", "fmagic": "i32"})
+    kernel = kernel or _fma_kernel
+    ptr_types = {"x_ptr": act, "b_ptr": act, "out_ptr": act, "w_ptr": "i32", "wh_ptr": "i32", "s_ptr": "fp16",
+                 "z_ptr": "fp16", "t_ptr": "fp32", "ws_ptr": "fp32", "cnt_ptr": "i32"}
     consts = {"BITS": bits, "PACK": 16 if bits == 3 else 32 // bits, "GSTEP": group, "PER_CHANNEL": False,
               "HAS_ZERO": not codebook, "CODEBOOK": codebook, "HAS_BIAS": False, "MAGIC": 0.0, "MAGIC_BITS": 0,
               "BLOCK_M": 1, "BLOCK_N": block_n, "BLOCK_K": group, "IS_SPLIT": True, "EVEN_K": True}
-    names = list(sig) + list(consts)
-    sig.update({c: "constexpr" for c in consts})
-    aligned = {(names.index(a),): [["tt.divisibility", 16]] for a in (*pointers, "N", "K", "KW")}
-    src = ASTSource(fn=_fma_kernel, signature=sig, constexprs={(names.index(c),): v for c, v in consts.items()},
-                    attrs=aligned)
+    names = kernel.arg_names
+    sig = {a: "constexpr" if a in consts else f"*{ptr_types[a]}" if a in ptr_types else
+           "fp32" if a == "zconst" else "i32" for a in names}
+    aligned = {(names.index(a),): [["tt.divisibility", 16]] for a in names if a in ptr_types or a in ("N", "K", "KW")}
+    src = ASTSource(fn=kernel, signature=sig, attrs=aligned,
+                    constexprs={(names.index(c),): v for c, v in consts.items() if c in names})
     return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps, "num_stages": 1})
 
 
