@@ -303,15 +303,18 @@ def fma_configs(rw: RuntimeWeight, dtype: torch.dtype) -> list[dict]:
 
 
 def default_fma_config(rw: RuntimeWeight, dtype: torch.dtype, device: torch.device) -> dict | None:
-    """The small-M CUDA-core kernel without tuning (``None`` where it cannot take ``rw``): 128
-    columns, split-K until about eight programs per SM."""
+    """The small-M CUDA-core kernel without tuning (``None`` where it cannot take ``rw``): one
+    column per thread, 64 columns on 2 warps for groups of up to 64 and 128 on 4 warps above (the
+    tuner's pick for int4/int3 g64 on the H100: benchmarks/results/kernels_small_m_h100.json,
+    kernels_m1_ab.json), split-K until about eight programs per SM."""
     bk = rw.group or 64
+    bn, warps = (MIN_BLOCK_N, 2) if bk <= 64 else (128, 4)
     steps = -(-rw.kp // bk)
-    tiles = -(-rw.n // 128)
+    tiles = -(-rw.n // bn)
     split = 1
     while tiles * split < 8 * _sm_count(device) and split * 2 <= min(steps, MAX_SPLIT):
         split *= 2
-    cfg = {"KERNEL": "fma", "BLOCK_N": 128, "BLOCK_K": bk, "SPLIT": split, "num_warps": 4, "num_stages": 1}
+    cfg = {"KERNEL": "fma", "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT": split, "num_warps": warps, "num_stages": 1}
     return cfg if small_m.supports(rw, dtype, cfg) is None else None
 
 
