@@ -174,7 +174,8 @@ if HAVE_TRITON:
         EVEN_K: tl.constexpr,
     ):
         """``GSTEP``: k per scale step (the group size, or ``BLOCK_K`` for per-channel weights);
-        ``NG``: scale steps in the padded K; ``G_PER``: steps per split."""
+        ``NG``: scale steps in the padded K; ``G_PER``: steps per split. ``fmagic`` and ``EVEN_K``
+        are the CUDA-core kernel's (the two kernels share one argument list, :func:`launch_args`)."""
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
         pid_m = tl.program_id(2)
@@ -238,12 +239,11 @@ if HAVE_TRITON:
         return words, hiw, s, z
 
     @triton.jit
-    def _word_sums(x_ptr, t_ptr, words, hiw, offs_w, K, BITS: tl.constexpr, PACK: tl.constexpr,
-                   CODEBOOK: tl.constexpr, WROWS: tl.constexpr, BLOCK_N: tl.constexpr):
-        """Per word: ``sum_j x[k_j] * v(code j)`` (``[WROWS, BLOCK_N]``) and ``sum_j x[k_j]``
-        (``[WROWS]``), codes extracted one slot at a time (3-bit codes, codebooks)."""
+    def _codebook_sums(x_ptr, t_ptr, words, hiw, offs_w, K, BITS: tl.constexpr, PACK: tl.constexpr,
+                       WROWS: tl.constexpr, BLOCK_N: tl.constexpr):
+        """Per word row and column: ``sum_j x[k_j] * table[code j]`` (``[WROWS, BLOCK_N]``), codes
+        extracted one slot at a time and looked up in the level table."""
         part = tl.zeros([WROWS, BLOCK_N], dtype=tl.float32)
-        xs = tl.zeros([WROWS], dtype=tl.float32)
         if BITS == 3:
             hshift = ((offs_w % 2) * 16)[:, None]
         else:
@@ -251,14 +251,8 @@ if HAVE_TRITON:
         for j in tl.static_range(PACK):
             kj = offs_w * PACK + j
             xj = tl.load(x_ptr + kj, mask=kj < K, other=0.0).to(tl.float32)
-            q = word_code(words, hiw, hshift, j, BITS)
-            if CODEBOOK:
-                v = tl.load(t_ptr + q)
-            else:
-                v = code_float(q)
-                xs += xj
-            part += v * xj[:, None]
-        return part, xs
+            part += tl.load(t_ptr + word_code(words, hiw, hshift, j, BITS)) * xj[:, None]
+        return part
 
     @triton.jit
     def _slot(words, fmagic, pos: tl.constexpr, BITS: tl.constexpr, SUBNORMAL: tl.constexpr):
@@ -275,19 +269,19 @@ if HAVE_TRITON:
     @triton.jit
     def _word_sums_inplace(x_ptr, words, hiw, fmagic, offs_w, K, BITS: tl.constexpr, PACK: tl.constexpr,
                            WROWS: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_K: tl.constexpr):
-        """:func:`_word_sums` for affine codes without shifting each code down: code ``j`` is
-        masked at its bit position ``p`` (:func:`_slot`) and the activation scaled by the matching
-        power of two instead (exact), once per row rather than once per column. For float16
-        activations the code is read as a subnormal float32 (``q * 2**(p - 149)``: exact, one AND)
-        and ``x`` scaled by ``2**(109 - p)`` (finite for any float16), so each product is ``x * q *
-        2**-40``, a normal float32 (products of a float16 ``x`` never fall below ``2**-64``):
-        two instructions a code, an AND and
-        an FMA. The kernels never flush subnormals (no ``.ftz`` in the PTX; the FMA takes them at
-        full rate). Both sums are returned in units of ``2**-40`` (the caller scales the total
-        once). bfloat16 activations can be too large for that scaling, so they take the
-        magic-number conversion. Codes ending above bit 22 are read from the word shifted right
-        by 9, once per word. 3-bit codes: the low 2 bits from ``words`` as 2-bit codes, plus 4x the top bit from
-        the high-plane word, shifted once so that code ``j``'s bit is bit ``j``."""
+        """Per word row and column of affine codes: ``sum_j x[k_j] * q_j`` (``[WROWS, BLOCK_N]``)
+        and ``sum_j x[k_j]`` (``[WROWS]``), without shifting each code down: code ``j`` is masked at
+        its bit position ``p`` (:func:`_slot`) and the activation scaled by the matching power of
+        two instead (exact), once per row rather than once per column. For float16 activations the
+        code is read as a subnormal float32 (``q * 2**(p - 149)``: exact, one AND) and ``x`` scaled
+        by ``2**(109 - p)`` (finite for any float16), so each product is ``x * q * 2**-40``, a
+        normal float32 (products of a float16 ``x`` never fall below ``2**-64``): two instructions
+        a code, an AND and an FMA. The kernels never flush subnormals (no ``.ftz`` in the PTX; the
+        FMA takes them at full rate). Both sums are then in units of ``2**-40`` (the caller scales
+        the total once). bfloat16 activations can be too large for that scaling, so they take the
+        magic-number conversion. Codes ending above bit 22 are read from the word shifted right by
+        9, once per word. 3-bit codes: the low 2 bits from ``words`` as 2-bit codes, plus 4x the
+        top bit from the high-plane word, shifted once so that code ``j``'s bit is bit ``j``."""
         SUBNORMAL: tl.constexpr = x_ptr.dtype.element_ty == tl.float16
         E: tl.constexpr = 109 if SUBNORMAL else 0  # x is scaled by 2**(E - p)
         LB: tl.constexpr = 2 if BITS == 3 else BITS  # bits of the code (or low part) in ``words``
@@ -305,23 +299,18 @@ if HAVE_TRITON:
                 xj = tl.load(x_ptr + kj, mask=kj < K, other=0.0).to(tl.float32)
             xs += xj
             # code j sits at bit j * LB of the word, or j * LB - 9 of the shifted word
-            if j < J0:
-                v = _slot(words, fmagic, j * LB, LB, SUBNORMAL)
-            else:
-                v = _slot(high, fmagic, j * LB - 9, LB, SUBNORMAL)
-            if BITS == 3:  # + 4 * top bit at the same position: one exact FMA (the sum is q * 2**pos)
-                v += _slot(top, fmagic, j, 1, SUBNORMAL) * (2.0 ** ((j * LB if j < J0 else j * LB - 9) + 2 - j))
-            part += v * (xj * (2.0 ** (E - (j * LB if j < J0 else j * LB - 9))))[:, None]
+            v = _slot(words if j < J0 else high, fmagic, j * LB - 9 * (j >= J0), LB, SUBNORMAL)
+            if BITS == 3:  # + 4 * top bit at the same position: one exact FMA (the sum is q * 2**p)
+                v += _slot(top, fmagic, j, 1, SUBNORMAL) * (2.0 ** (j * LB - 9 * (j >= J0) + 2 - j))
+            part += v * (xj * (2.0 ** (E - j * LB + 9 * (j >= J0))))[:, None]
         if SUBNORMAL:
             xs = xs * 9.094947017729282e-13  # 2**-40: part and xs in the same scale (see _fma_kernel)
         return part, xs
 
     @triton.jit
-    def _add_group_tile(acc, part, xs, sc, z, zconst, HAS_ZERO: tl.constexpr, CODEBOOK: tl.constexpr):
-        """:func:`_add_group` (no magic) with scale and zero already in the tile's layout
+    def _add_group_tile(acc, part, xs, sc, z, zconst, HAS_ZERO: tl.constexpr):
+        """``acc + s * (part - zero * xs)`` with scale and zero already in the tile's layout
         (``[WROWS, BLOCK_N]``, see :func:`_load_step`)."""
-        if CODEBOOK:
-            return acc + part * sc
         if HAS_ZERO:
             return acc + (part - xs[:, None] * z) * sc
         return acc + (part - xs[:, None] * zconst) * sc
@@ -356,10 +345,10 @@ if HAVE_TRITON:
                                               BITS, PACK, PER_CHANNEL, HAS_ZERO, BLOCK_K)
             offs_w = g * WROWS + tl.arange(0, WROWS)
             if CODEBOOK:
-                part, xs = _word_sums(x_ptr, t_ptr, words, hiw, offs_w, K, BITS, PACK, CODEBOOK, WROWS, BLOCK_N)
+                acc += _codebook_sums(x_ptr, t_ptr, words, hiw, offs_w, K, BITS, PACK, WROWS, BLOCK_N) * s
             else:
                 part, xs = _word_sums_inplace(x_ptr, words, hiw, fmagic, offs_w, K, BITS, PACK, WROWS, BLOCK_N, EVEN_K)
-            acc = _add_group_tile(acc, part, xs, s, z, zconst, HAS_ZERO, CODEBOOK)
+                acc = _add_group_tile(acc, part, xs, s, z, zconst, HAS_ZERO)
             words, hiw, s, z = nwords, nhiw, ns, nz
         y = tl.sum(acc, axis=0)[None, :]
         if not CODEBOOK and x_ptr.dtype.element_ty == tl.float16:
