@@ -26,23 +26,26 @@ from _common import write_result  # noqa: E402
 from bitsmith.kernels import small_m  # noqa: E402
 
 TOOLS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
-def sass_of(cubin: bytes, tmp: Path) -> list[tuple[int, str]]:
-    """``(address, instruction)`` of a cubin, through cuobjdump."""
+
+
+def cuobjdump(cubin: bytes, tmp: Path, flag: str) -> str:
+    """cuobjdump's ``flag`` output (``-sass``, ``-res-usage``) for a cubin."""
     path = tmp / "k.cubin"
     path.write_bytes(cubin)
-    text = subprocess.run([str(TOOLS / "cuobjdump"), "-sass", str(path)], capture_output=True, text=True,
+    return subprocess.run([str(TOOLS / "cuobjdump"), flag, str(path)], capture_output=True, text=True,
                           check=True).stdout
+
+
+def sass_of(cubin: bytes, tmp: Path) -> list[tuple[int, str]]:
+    """``(address, instruction)`` of a cubin."""
     return [(int(m.group(1), 16), m.group(2)) for m in
-            (re.match(r"\s*/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;", line) for line in text.splitlines()) if m]
+            (re.match(r"\s*/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;", line) for line in cuobjdump(cubin, tmp, "-sass").splitlines())
+            if m]
 
 
 def registers(cubin: bytes, tmp: Path) -> int:
-    """Registers per thread of a cubin (cuobjdump's resource usage)."""
-    path = tmp / "k.cubin"
-    path.write_bytes(cubin)
-    text = subprocess.run([str(TOOLS / "cuobjdump"), "-res-usage", str(path)], capture_output=True, text=True,
-                          check=True).stdout
-    return int(re.search(r"REG:(\d+)", text).group(1))
+    """Registers per thread of a cubin."""
+    return int(re.search(r"REG:(\d+)", cuobjdump(cubin, tmp, "-res-usage")).group(1))
 
 
 def main_loop(ins: list[tuple[int, str]]) -> collections.Counter:

@@ -201,7 +201,7 @@ def _extreme_activation_case(device):
             qt = _quantize(fmt, torch.randn(48, k, generator=g) * w_mag)
             rw = repack(qt.to(device))
             x = torch.zeros(1, k)
-            x[0, ::7] = torch.randint(-3, 4, (len(range(0, k, 7)),), generator=g).float().clamp(-1, 1) * x_mag
+            x[0, ::7] = torch.randint(-1, 2, (len(range(0, k, 7)),), generator=g).float() * x_mag
             x[0, 3::7] = x_mag * torch.rand(len(range(3, k, 7)), generator=g)
             x = x.to(torch.float16).to(device)
             ref = x.double() @ qt.dequantize(torch.float64).t().to(device)
