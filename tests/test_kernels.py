@@ -538,6 +538,69 @@ def test_launch_plan_passes_addresses_and_fresh_outputs(monkeypatch):
     assert all(isinstance(v, int) for v in launched[:8])
 
 
+@pytest.mark.skipif(not HAVE_TRITON, reason="triton is not installed")
+def test_cached_launch_taken_unless_a_launch_hook_is_set(monkeypatch):
+    """The cached-binary launch (and so the launch plans) is taken when no Triton launch hook is
+    installed, including Triton 3.6's default of an empty hook chain (which is not ``None``: a
+    check for ``None`` sent every call through Triton's binder, ~80 us of host time per call on
+    the H100 host), and steps aside while a hook is set. Checked with a stand-in kernel."""
+    import triton
+
+    from bitsmith.kernels import qmm
+
+    launched = []
+
+    class Kernel:
+        arg_names = ["x", "n", "BLOCK"]
+
+        def __getitem__(self, grid):
+            def launch(*args, **kw):
+                launched.append((grid, args, kw))
+                return "compiled"
+            return launch
+
+    class CudaArg:
+        is_cuda = True
+
+    monkeypatch.setattr(qmm, "_FAST", {})
+    assert not qmm.launch_hooks_set()  # a fresh Triton: no hook
+    hit = qmm._run(Kernel(), (2,), (CudaArg(), 3), {"BLOCK": 4}, {"num_warps": 2})
+    assert hit == ("compiled", (4,)) and launched[-1] == ((2,), (launched[-1][1][0], 3), {"BLOCK": 4, "num_warps": 2})
+
+    def hook(metadata):
+        return None
+
+    rt = triton.knobs.runtime
+    if hasattr(rt.launch_enter_hook, "add"):
+        rt.launch_enter_hook.add(hook)
+        undo = lambda: rt.launch_enter_hook.remove(hook)  # noqa: E731
+    else:
+        monkeypatch.setattr(rt, "launch_enter_hook", hook)
+        undo = lambda: None  # noqa: E731
+    try:
+        assert qmm.launch_hooks_set()
+        assert qmm._run(Kernel(), (2,), (CudaArg(), 3), {"BLOCK": 4}, {"num_warps": 2}) is None
+    finally:
+        undo()
+    assert not qmm.launch_hooks_set()
+
+
+@needs_cuda
+def test_cuda_quant_matmul_builds_and_reuses_launch_plans():
+    """After the first call (tuned) the launch is a cached plan, and a plan call gives the same
+    output as the Triton launch that built it."""
+    from bitsmith.kernels import qmm
+
+    torch.manual_seed(0)
+    for fmt in ("int4_g64_int0", "nf4_g64_dq"):
+        rw = repack(_quantize(fmt, torch.randn(384, 512) * 0.02).to("cuda"))
+        for m in (1, 5):
+            x = torch.randn(m, 512, device="cuda", dtype=torch.float16)
+            first = qmm.quant_matmul(x, rw)
+            assert len(rw.plans) >= 1, (fmt, m)
+            assert torch.equal(qmm.quant_matmul(x, rw), first)
+
+
 def test_quant_matmul_refuses_tensors_on_another_device():
     """The launches pass raw addresses (unchecked by Triton): a bias or activation on another
     device than the weight is refused up front, naming the devices."""

@@ -209,12 +209,23 @@ def _spec(a) -> object:
     return type(a)
 
 
+def launch_hooks_set() -> bool:
+    """Whether a Triton launch hook is installed (a profiler, say). The cached launches skip
+    Triton's hook calls, so they step aside while one is. Triton 3.6 keeps the hooks in a
+    ``HookChain`` that is never ``None`` (empty: no hook); older releases use ``None``."""
+    rt = triton.knobs.runtime
+    for hook in (rt.launch_enter_hook, rt.launch_exit_hook):
+        if hook is not None and getattr(hook, "calls", True):
+            return True
+    return False
+
+
 def _run(kernel, grid: tuple, args: tuple, consts: dict, options: dict):
     """Launch ``kernel[grid](*args, **consts, **options)``; on CUDA the compiled binary is cached
     per (kernel, argument specialization, constexprs, options) and launched directly, skipping
     Triton's Python binder (tens of microseconds per call on a slow host). Constexpr parameters
     must come after all runtime parameters in the kernel's signature."""
-    if not (FAST_LAUNCH["enabled"] and args[0].is_cuda) or triton.knobs.runtime.launch_enter_hook is not None:
+    if not (FAST_LAUNCH["enabled"] and args[0].is_cuda) or launch_hooks_set():
         kernel[grid](*args, **consts, **options)
         return None
     key = (kernel, tuple(_spec(a) for a in args), tuple(consts.items()), tuple(options.items()))
@@ -525,7 +536,7 @@ def quant_matmul(x: torch.Tensor, rw: RuntimeWeight, bias: torch.Tensor | None =
         plan_key = (m, x2.dtype, x2.stride(0), x2.data_ptr() % 16 == 0,
                     None if bias is None else (bias.dtype, bias.data_ptr() % 16 == 0))
         plan = rw.plans.get(plan_key)
-        if plan is not None:
+        if plan is not None and not launch_hooks_set():
             return plan(x2, bias).reshape(*lead, rw.n)
     key = ("m1" if m == 1 else "gemm", _m_bucket(m), rw.n, rw.k, _layout_key(rw, x.dtype))
     cfg = TUNED.get(key)
