@@ -3,12 +3,13 @@
 #   OUT=/some/dir bash benchmarks/kernels_gpu_session.sh check   # CUDA tests, A/B against the previous kernel, SVDQuant overhead
 #     (TEST_K: pytest -k expression, default "cuda"; AB_ARGS: kernels_m1_ab.py arguments; T_*: time limits in s)
 #   OUT=/some/dir bash benchmarks/kernels_gpu_session.sh bench   # kernel table (M = 1, 16), end-to-end decode, compute-sanitizer
+#   OUT=/some/dir bash benchmarks/kernels_gpu_session.sh fused   # CUDA tests, host overhead by layer, SVDQuant's fused branch, M = 1 table
+#   OUT=/some/dir bash benchmarks/kernels_gpu_session.sh sanitize   # compute-sanitizer memcheck of every kernel
 # The CUDA tests run with pytest-xdist when it is importable (carried as wheels: .whl/, see the device notes).
 set -u
 export PYTHONPATH=src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/kernels_gpu}; mkdir -p "$OUT"
-case "${1:-check}" in
-check)
+cuda_tests() {  # CUDA tests of the kernels and SVDQuant's module; exit status 0 when all pass
   nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$OUT/device.txt"
   if ls .whl/*.whl >/dev/null 2>&1; then
     python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH=$PYTHONPATH:/tmp/site
@@ -18,6 +19,11 @@ check)
   echo "== pytest tests/test_kernels.py tests/test_svdquant.py -k '$TEST_K' $XDIST" | tee "$OUT/gpu_tests.txt"
   timeout "${T_TESTS:-200}" python3 -m pytest -q -p no:cacheprovider $XDIST tests/test_kernels.py tests/test_svdquant.py -k "$TEST_K" 2>&1 \
     | tail -40 | tee -a "$OUT/gpu_tests.txt" | tail -3
+  return "${PIPESTATUS[0]}"
+}
+case "${1:-check}" in
+check)
+  cuda_tests
   AB_ARGS=${AB_ARGS:---reps 15}
   echo "== python3 benchmarks/kernels_m1_ab.py --prev .cache/ab/small_m_prev.py $AB_ARGS" | tee "$OUT/ab.txt"
   timeout "${T_AB:-230}" python3 benchmarks/kernels_m1_ab.py --prev .cache/ab/small_m_prev.py $AB_ARGS 2>&1 | grep -v Warn | tee -a "$OUT/ab.txt"
@@ -25,6 +31,29 @@ check)
   echo "== python3 benchmarks/svdquant_overhead.py --reps 20" | tee "$OUT/svdquant_overhead.txt"
   timeout "${T_SVD:-90}" python3 benchmarks/svdquant_overhead.py --reps 20 2>&1 | tee -a "$OUT/svdquant_overhead.txt"
   cp benchmarks/results/svdquant_overhead_h100.json "$OUT/" 2>/dev/null
+  ;;
+fused)
+  # FUSED_TABLE=0: SVDQuant's overhead only (no host-overhead breakdown, no M = 1 table)
+  cuda_tests || { echo "CUDA tests failed: no benchmarks"; exit 1; }
+  if [ "${FUSED_TABLE:-1}" = 1 ]; then
+    echo "== python3 benchmarks/host_overhead.py" | tee "$OUT/host_overhead.txt"
+    timeout "${T_HOST:-90}" python3 benchmarks/host_overhead.py 2>&1 | tee -a "$OUT/host_overhead.txt" | head -12
+    cp benchmarks/results/host_overhead_h100.json "$OUT/" 2>/dev/null
+  fi
+  echo "== python3 benchmarks/svdquant_overhead.py --reps 20" | tee "$OUT/svdquant_overhead.txt"
+  timeout "${T_SVD:-120}" python3 benchmarks/svdquant_overhead.py --reps 20 2>&1 | tee -a "$OUT/svdquant_overhead.txt"
+  cp benchmarks/results/svdquant_overhead_h100.json "$OUT/" 2>/dev/null
+  if [ "${FUSED_TABLE:-1}" = 1 ]; then
+    echo "== python3 benchmarks/kernels_bench.py --m 1 --reps 20 --name kernels_h100_m1v3" | tee "$OUT/kernels_bench.txt"
+    timeout "${T_BENCH:-200}" python3 benchmarks/kernels_bench.py --m 1 --reps 20 --name kernels_h100_m1v3 2>/dev/null | tee -a "$OUT/kernels_bench.txt"
+    cp benchmarks/results/kernels_h100_m1v3.json "$OUT/" 2>/dev/null
+  fi
+  ;;
+sanitize)  # compute-sanitizer memcheck over every kernel (a plain run first fills Triton's cache)
+  { echo "== warm-up (fills the Triton cache)"; timeout "${T_WARM:-150}" python3 benchmarks/kernels_sanitize.py
+    echo "== compute-sanitizer --tool memcheck --error-exitcode 1 python3 benchmarks/kernels_sanitize.py"
+    timeout "${T_SAN:-380}" compute-sanitizer --tool memcheck --error-exitcode 1 python3 benchmarks/kernels_sanitize.py 2>&1 | tail -8
+    echo "sanitizer exit: ${PIPESTATUS[0]}"; } 2>&1 | tee "$OUT/sanitizer.txt"
   ;;
 bench)
   SKIP_TESTS=1 BENCH_ARGS="--m 1,16 --reps 20" BENCH_NAME=kernels_h100_m1v2 T_BENCH=${T_BENCH:-300} bash benchmarks/kernels_gpu_run.sh

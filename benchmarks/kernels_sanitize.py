@@ -1,6 +1,7 @@
 """Exercise every fused kernel once at odd sizes (for ``compute-sanitizer --tool memcheck``):
 the M = 1 kernels with and without split-K, the tensor-core kernels with split-K, the dequantize
-kernel, and the two W8A8 kernels, over int4/int3/int2/int8 and NF4 layouts.
+kernel, SVDQuant's down-projection and each kernel's low-rank epilogue, and the two W8A8
+kernels, over int4/int3/int2/int8 and NF4 layouts.
 
     compute-sanitizer --tool memcheck --error-exitcode 1 python benchmarks/kernels_sanitize.py
 """
@@ -41,6 +42,20 @@ def main() -> None:
             for cfg in cfgs:
                 y = qmm._launch(rw, x, bias, cfg)
                 worst = max(worst, float((y.double() - ref).norm() / ref.norm()))
+    # SVDQuant's fused branch: down-projection (one slice and several) + the epilogue of each kernel
+    from bitsmith.kernels import low_rank
+
+    for (n, k), m in (((333, 1000), 1), ((333, 1000), 19), ((333, 48), 3)):
+        qt = bitsmith.quantize_tensor(torch.randn(n, k, device="cuda") * 0.02, "rtn", bits=4, group_size=16 if k == 48 else 64)
+        rw = repack(qt)
+        lr = low_rank.prepare(torch.randn(20, k) * 0.05, torch.randn(n, 20) * 0.05, torch.rand(k) + 0.5,
+                              torch.randn(k) * 0.1, divide=True, shifted_input=True, dtype=torch.float16, k=k, n=n,
+                              device=torch.device("cuda"))
+        x = torch.randn(m, k, device="cuda", dtype=torch.float16)
+        xm, t = low_rank.down_project(x, lr)
+        small = [{**c, "BLOCK_K": rw.group} for c in SMALL_M]
+        for cfg in [c for c in small if small_m.supports(rw, torch.float16, c) is None and (m == 1 or c["KERNEL"] == "tc")] + GEMM:
+            qmm._launch(rw, xm, torch.randn(n, device="cuda"), cfg, lowrank=(t, lr.up_t))
     wq = torch.randint(-127, 128, (n, k), dtype=torch.int8, device="cuda")
     for m in (1, 19, 300):
         w8a8_linear(torch.randn(m, k, device="cuda", dtype=torch.float16), wq, torch.rand(n, device="cuda") * 0.01)

@@ -4,7 +4,11 @@ target: at most 15%).
 Per shape and M: ``QuantLinear`` (int4 g64, fused kernel) against ``LowRankQuantLinear`` with the
 same residual format, a rank-``--rank`` 16-bit branch and unfused smoothing (as ``--method
 svdquant`` writes it), both in fp16, timed eagerly with the L2 flushed and as CUDA-graph replays
-(median, :class:`bitsmith.kernels.bench.Timer`). Prints a table, writes JSON.
+(median, :class:`bitsmith.kernels.bench.Timer`). The low-rank layer is timed twice: with the
+branch fused into the kernels (the default, :mod:`bitsmith.kernels.low_rank`) and with
+``fuse_low_rank = False`` (the branch as torch ops beside the 4-bit kernel); ``down us`` is the
+fused path's first launch alone (smoothing + down-projection), graph-replayed. Prints a table,
+writes JSON.
 
     python benchmarks/svdquant_overhead.py [--shapes 4096x4096,14336x4096] [--m 1,16] [--rank 32]
 """
@@ -23,6 +27,7 @@ from _common import write_result  # noqa: E402
 
 import bitsmith  # noqa: E402
 from bitsmith.kernels.bench import Timer  # noqa: E402
+from bitsmith.kernels.low_rank import down_project  # noqa: E402
 from bitsmith.methods.svdquant import svdquant  # noqa: E402
 from bitsmith.nn import LowRankQuantLinear, QuantLinear  # noqa: E402
 
@@ -54,7 +59,7 @@ def main() -> None:
     dev = torch.device("cuda")
     timer = Timer(dev, reps=args.reps)
     rows = []
-    print(f"{'N x K':>12} {'M':>4} {'int4 us':>9} {'+low-rank us':>13} {'overhead':>9} {'graph':>16}")
+    print(f"{'N x K':>12} {'M':>4} {'path':>8} {'int4 us':>9} {'+low-rank us':>13} {'overhead':>9} {'graph us':>17} {'overhead':>9} {'down us':>9}")
     for shape in args.shapes.split(","):
         n, k = (int(v) for v in shape.split("x"))
         plain, low = modules(n, k, args.rank, dev)
@@ -62,14 +67,19 @@ def main() -> None:
         for m in (int(v) for v in args.m.split(",")):
             x = torch.randn(m, k, device=dev, dtype=torch.float16)
             with torch.no_grad():
-                t_plain, t_low = timer.time_flushed(lambda: plain(x)), timer.time_flushed(lambda: low(x))
-                g_plain, g_low = timer.time_graph(lambda: plain(x)), timer.time_graph(lambda: low(x))
-            row = {"n": n, "k": k, "m": m, "rank": args.rank, "int4_us": t_plain, "low_rank_us": t_low,
-                   "overhead": t_low / t_plain - 1, "int4_graph_us": g_plain, "low_rank_graph_us": g_low,
-                   "overhead_graph": g_low / g_plain - 1}
-            rows.append(row)
-            print(f"{n:>6}x{k:<5} {m:>4} {t_plain:9.1f} {t_low:13.1f} {row['overhead']:8.0%} "
-                  f"{g_plain:7.1f}/{g_low:7.1f} {row['overhead_graph']:5.0%}", flush=True)
+                t_plain, g_plain = timer.time_flushed(lambda: plain(x)), timer.time_graph(lambda: plain(x))
+                for fused in (True, False):
+                    low.fuse_low_rank = fused
+                    t_low, g_low = timer.time_flushed(lambda: low(x)), timer.time_graph(lambda: low(x))
+                    lr = low._low_rank_runtime(x.dtype)
+                    g_down = timer.time_graph(lambda: down_project(x, lr)) if fused else None
+                    row = {"n": n, "k": k, "m": m, "rank": args.rank, "fused": fused, "int4_us": t_plain,
+                           "low_rank_us": t_low, "overhead": t_low / t_plain - 1, "int4_graph_us": g_plain,
+                           "low_rank_graph_us": g_low, "overhead_graph": g_low / g_plain - 1, "down_graph_us": g_down}
+                    rows.append(row)
+                    print(f"{n:>6}x{k:<5} {m:>4} {'fused' if fused else 'torch':>8} {t_plain:9.1f} {t_low:13.1f} "
+                          f"{row['overhead']:8.0%} {g_plain:8.1f}/{g_low:8.1f} {row['overhead_graph']:8.0%} "
+                          f"{'' if g_down is None else f'{g_down:9.1f}'}", flush=True)
         del plain, low
     write_result(args.name, {"device": torch.cuda.get_device_name(dev), "rows": rows,
                              "timing": "us per forward, eager with L2 flushed / CUDA-graph replay, median"})

@@ -129,6 +129,80 @@ def test_interp_kernels_equal_reference(name, m):
     _interp_case(name, m, 45, 200, torch.float16)
 
 
+def _low_rank_case(device, m, n, k, rank, smooth, shift, shifted_input, configs, dtype=torch.float16, fmt="int4_g64_int0"):
+    """SVDQuant's branch fused into the 4-bit kernels (kernels.low_rank) against the module's
+    formula in float64 (nn.low_rank.low_rank_linear on the reference dequantization), for each
+    launch config (``None``: quant_matmul's own choice)."""
+    from bitsmith.kernels import low_rank, qmm
+    from bitsmith.nn.low_rank import low_rank_linear
+
+    g = torch.Generator().manual_seed(hash((m, n, k, rank, smooth, shift, shifted_input)) % 2**31)
+    qt = _quantize(fmt, torch.randn(n, k, generator=g) * 0.05)
+    down = (torch.randn(rank, k, generator=g) * 0.05).to(dtype)
+    up = (torch.randn(n, rank, generator=g) * 0.05).to(dtype)
+    sm = torch.rand(k, generator=g) + 0.5 if smooth else None
+    sh = {None: None, "scalar": torch.tensor([0.3]), "channel": torch.randn(k, generator=g) * 0.2}[shift]
+    x = torch.randn(m, k, generator=g).to(dtype)
+    bias = torch.randn(n, generator=g)
+    ref = low_rank_linear(x.double(), qt.dequantize(torch.float64), down.double(), up.double(), bias.double(),
+                          smooth=sm, shift=sh, low_rank_input="shifted" if shifted_input else "unshifted")
+    dev = torch.device(device)
+    qt, x, bias, ref = qt.to(dev), x.to(dev), bias.to(dev), ref.to(dev)
+    rw = repack(qt)
+    lr = low_rank.prepare(down, up, sm, sh, divide=smooth, shifted_input=shifted_input, dtype=dtype, k=k, n=n, device=dev)
+    assert lr.down.shape[0] == low_rank.padded_rank(rank) >= 16
+    xm, t = low_rank.down_project(x, lr)
+    # the main branch's input is bit-identical to the torch path's float32 arithmetic
+    main = x.float()
+    if sm is not None:
+        main = main / sm.to(dev)
+    xl = main
+    if sh is not None:
+        main = main + (sh.to(dev) / sm.to(dev) if sm is not None else sh.to(dev))
+    assert torch.equal(xm, main.to(dtype))
+    xl = (main if shifted_input and sh is not None else xl).to(dtype).double()
+    t_ref = xl @ down.double().to(dev).t()
+    assert t.shape == (m, lr.down.shape[0]) and _rel(t[:, :rank], t_ref) < 1e-5 and not t[:, rank:].any()
+    tol = 2e-3 if dtype == torch.float16 else 1.6e-2
+    qmm.AUTOTUNE["enabled"] = False
+    for cfg in configs:
+        if cfg is None:
+            y = low_rank.low_rank_matmul(x, rw, lr, bias)
+        else:
+            y = qmm._launch(rw, xm, bias, cfg, lowrank=(t, lr.up_t))
+        assert y.dtype == dtype and y.shape == (m, n)
+        err = _rel(y, ref)
+        assert err < tol, (cfg, err)
+        # the branch matters: without it the error is the branch's whole size (7-15% of y here)
+        assert _rel(qmm._launch(rw, xm, bias, cfg) if cfg else qmm.quant_matmul(xm, rw, bias), ref) > 10 * err
+
+
+_LR_FMA = [{"KERNEL": "fma", "BLOCK_N": 32, "BLOCK_K": 64, "SPLIT": 1, "num_warps": 4},
+           {"KERNEL": "fma", "BLOCK_N": 64, "BLOCK_K": 64, "SPLIT": 3, "num_warps": 4}]
+_LR_TC = [{"KERNEL": "tc", "BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "SPLIT": 1, "num_warps": 4},
+          {"KERNEL": "tc", "BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 64, "SPLIT": 3, "num_warps": 4}]
+_LR_GEMM = [{"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "SPLIT_K": 1, "GROUP_M": 2, "UNIQUE": 0, "num_warps": 4, "num_stages": 2},
+            {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 64, "SPLIT_K": 3, "GROUP_M": 2, "UNIQUE": 1, "num_warps": 4, "num_stages": 2},
+            {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 64, "SPLIT_K": 1, "GROUP_M": 2, "UNIQUE": 0, "num_warps": 4, "num_stages": 2},
+            {"DEQUANT_MM": True}]
+
+
+@needs_interp
+@pytest.mark.parametrize("smooth, shift, shifted_input, every_kernel", [
+    (True, None, False, True), (True, "channel", True, True), (False, None, False, False),
+    (True, "channel", False, False), (False, "scalar", True, False)])
+def test_interp_low_rank_fused(smooth, shift, shifted_input, every_kernel):
+    """Every kernel (``every_kernel``): M = 1 on the CUDA-core and tensor-core small-M kernels
+    (split-K or not), M = 19 on the tensor-core GEMM (split-K with atomics, its first split
+    adding the branch) and on dequantize + matmul, and K in a single slice; else the default
+    launch at M = 1 and 19. Odd N and K, rank 20 padded to 32. The down-projection's counters
+    must be back at 0 after every launch, or the next launch's ``t`` is never written."""
+    _low_rank_case("cpu", 1, 70, 300, 20, smooth, shift, shifted_input, (_LR_FMA + _LR_TC if every_kernel else []) + [None])
+    _low_rank_case("cpu", 19, 70, 300, 20, smooth, shift, shifted_input, (_LR_GEMM + _LR_TC[:1] if every_kernel else []) + [None])
+    if every_kernel:  # K in one slice: the down-projection writes t directly (no ticket)
+        _low_rank_case("cpu", 2, 40, 48, 16, smooth, shift, shifted_input, [None], fmt="int4_g32")
+
+
 @needs_interp
 @pytest.mark.parametrize("name", ["int4_g64_int0", "nf4_g64_dq", "int3_g64"])
 def test_interp_bfloat16(name):
@@ -465,8 +539,24 @@ def test_cuda_first_call_inside_graph_capture():
 
 
 @needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("m", [1, 16, 300])
+def test_cuda_low_rank_fused(dtype, m):
+    """SVDQuant's fused branch at real sizes on the GPU: quant_matmul's own (tuned) choice and
+    explicit configs of every kernel, per-channel shift read by both branches."""
+    cfgs = [None]
+    if m == 1:
+        cfgs += [{**c, "BLOCK_K": 64} for c in _LR_FMA] + _LR_TC
+    elif m == 16:
+        cfgs += _LR_GEMM + _LR_TC
+    _low_rank_case("cuda", m, 1030, 2000, 32, True, "channel", True, cfgs, dtype)
+    _low_rank_case("cuda", m, 777, 1000, 20, True, None, False, [None], dtype)
+
+
+@needs_cuda
 def test_cuda_runtime_modules_capture_in_a_graph():
-    """QuantLinear (int4, NF4, int3) and W8A8Linear run their kernels inside a CUDA graph."""
+    """QuantLinear (int4, NF4, int3), W8A8Linear and LowRankQuantLinear (fused branch) run their
+    kernels inside a CUDA graph."""
     from torch import nn
 
     from bitsmith.nn import QuantLinear, W8A8Linear
@@ -477,6 +567,14 @@ def test_cuda_runtime_modules_capture_in_a_graph():
     from bitsmith.methods.smoothquant import int8_weight
 
     mods.append(W8A8Linear.from_float(nn.Linear(1030, 777), int8_weight).cuda())
+    from bitsmith.methods.svdquant import svdquant
+    from bitsmith.nn import LowRankQuantLinear
+
+    lin = nn.Linear(1030, 777)
+    res = svdquant(lin.weight.detach(), act_absmax=torch.rand(1030) + 0.5, bias=lin.bias.detach(), rank=32, group_size=64)
+    mods.append(LowRankQuantLinear(1030, 777, res.residual, res.lora_down.half(), res.lora_up.half(), res.bias,
+                                   smooth=res.smooth).cuda())
+    assert torch.float16 in mods[-1].__dict__["_low_rank_rt"]  # laid out at .cuda(): capturable on the fused path
     for mod in mods:
         with torch.no_grad():
             mod(x)
@@ -587,8 +685,9 @@ def test_cached_launch_taken_unless_a_launch_hook_is_set(monkeypatch):
 
 @needs_cuda
 def test_cuda_quant_matmul_builds_and_reuses_launch_plans():
-    """After the first call (tuned) the launch is a cached plan, and a plan call gives the same
-    output as the Triton launch that built it."""
+    """After the first call (tuned) the launch is a cached plan, and a plan call gives the
+    output of the Triton launch that built it (bit-equal but for the order of split-K's float
+    atomics at M > 1)."""
     from bitsmith.kernels import qmm
 
     torch.manual_seed(0)
@@ -598,7 +697,7 @@ def test_cuda_quant_matmul_builds_and_reuses_launch_plans():
             x = torch.randn(m, 512, device="cuda", dtype=torch.float16)
             first = qmm.quant_matmul(x, rw)
             assert len(rw.plans) >= 1, (fmt, m)
-            assert torch.equal(qmm.quant_matmul(x, rw), first)
+            assert _rel(qmm.quant_matmul(x, rw), first) < 1e-3  # equal up to split-K's float atomics order
 
 
 def test_quant_matmul_refuses_tensors_on_another_device():

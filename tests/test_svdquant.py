@@ -140,12 +140,17 @@ def test_module_matches_fake_quant_simulation(dtype, act_bits, act_group, shift,
     _module_vs_simulation(dtype, act_bits, act_group, shift, lr_input, "cpu")
 
 
+#: 16-bit activations with a shift: the fused branch's shift handling (kernels.low_rank), on CUDA
+CASES_FUSED = [(16, None, 0.171875, "unshifted"), (16, None, "vec", "shifted"), (16, None, 0.171875, "shifted")]
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (the fused kernels run the residual)")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("act_bits,act_group,shift,lr_input", CASES)
+@pytest.mark.parametrize("act_bits,act_group,shift,lr_input", CASES + CASES_FUSED)
 def test_cuda_module_on_kernels_matches_fake_quant_simulation(dtype, act_bits, act_group, shift, lr_input):
     mod = _module_vs_simulation(dtype, act_bits, act_group, shift, lr_input, "cuda")
     assert mod.__dict__.get("_runtime") is not None, mod.__dict__.get("kernel_skip_reason")
+    assert (dtype in mod.__dict__.get("_low_rank_rt", {})) == (act_bits == 16)  # 16-bit: the fused branch ran
 
 
 def test_module_says_why_its_kernels_do_not_run_on_cpu():

@@ -9,7 +9,7 @@ Kernels, by the number of rows M of ``x``:
 * M > 1: ``_gemm_kernel``: a ``BLOCK_K x BLOCK_N`` tile of codes is dequantized to the activation
   dtype in registers and fed to ``tl.dot`` (tensor cores), ``BLOCK_M`` 16..128. It splits ``K``
   over ``SPLIT_K`` programs when there are too few output tiles to fill the GPU; partial sums are
-  added with float32 atomics into a zeroed workspace, then cast (+ bias).
+  added with float32 atomics into a zeroed workspace (the first split adds the bias), then cast.
 * large M: ``_dequant_kernel`` writes ``W^T`` once in the activation dtype, then cuBLAS.
 
 Configs are tuned once per (kernel, shape, layout) on first use (not under CUDA-graph capture,
@@ -33,7 +33,7 @@ from . import small_m
 from .layout import RuntimeWeight
 
 if HAVE_TRITON:
-    from .small_m import code_float, word_code
+    from .small_m import code_float, epilogue, word_code
 
 TUNED: dict[tuple, dict] = {}  # (kernel, M bucket, N, K, layout key) -> launch config
 _SM_COUNT: dict[int, int] = {}
@@ -75,13 +75,15 @@ if HAVE_TRITON:
 
     @triton.jit
     def _gemm_kernel(
-        x_ptr, w_ptr, wh_ptr, s_ptr, z_ptr, t_ptr, b_ptr, out_ptr,
+        x_ptr, w_ptr, wh_ptr, s_ptr, z_ptr, t_ptr, b_ptr, out_ptr, lr_ptr, u_ptr,
         M, N, K, KW, K_PER, zconst, stride_xm, stride_om,
         BITS: tl.constexpr, PACK: tl.constexpr, GROUP: tl.constexpr,
         HAS_ZERO: tl.constexpr, INT_ZERO: tl.constexpr, CODEBOOK: tl.constexpr, HAS_BIAS: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-        ATOMIC: tl.constexpr, GROUP_M: tl.constexpr, UNIQUE: tl.constexpr,
+        ATOMIC: tl.constexpr, GROUP_M: tl.constexpr, UNIQUE: tl.constexpr, RANK: tl.constexpr,
     ):
+        """With ``ATOMIC`` (split-K) the first split adds the bias and the low-rank term
+        (:func:`bitsmith.kernels.small_m.epilogue`) to its partial sums."""
         pid_k = tl.program_id(1)
         pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -133,9 +135,10 @@ if HAVE_TRITON:
             acc = tl.dot(a, w.to(a.dtype), acc)
         out_off = offs_m[:, None] * stride_om + offs_n[None, :]
         o_mask = m_mask[:, None] & n_mask[None, :]
+        if pid_k == 0:
+            acc = epilogue(acc, offs_m, offs_n, m_mask, n_mask, b_ptr, lr_ptr, u_ptr, N,
+                           HAS_BIAS, RANK, BLOCK_M)
         if not ATOMIC:
-            if HAS_BIAS:
-                acc += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
             tl.store(out_ptr + out_off, acc.to(out_ptr.dtype.element_ty), mask=o_mask)
         else:
             tl.atomic_add(out_ptr + out_off, acc, mask=o_mask)
@@ -245,8 +248,9 @@ def _run(kernel, grid: tuple, args: tuple, consts: dict, options: dict):
 
 
 class _Plan:
-    """One (weight, M, dtype, bias, alignment) launch with everything but the activation, the
-    bias and the output fixed: the per-call host work is a list copy and the raw launch. Tensor
+    """One (weight, M, dtype, bias, low rank, alignment) launch with everything but the
+    activation, the bias, the output and the low-rank operands fixed (argument positions 0, 6,
+    7, 8, 9 of every kernel here): the per-call host work is a list copy and the raw launch. Tensor
     arguments are passed to Triton's launcher as raw device addresses (it takes an int as the
     pointer itself), which skips a ``data_ptr()`` call and a driver pointer query per tensor and
     launch; the plan holds the tensors themselves so the addresses stay valid."""
@@ -262,7 +266,8 @@ class _Plan:
         self.template = [a.data_ptr() if isinstance(a, torch.Tensor) else a for a in args] + list(const_vals)
         self.dummy_ptr = dummy.data_ptr()
 
-    def __call__(self, x2: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    def __call__(self, x2: torch.Tensor, bias: torch.Tensor | None,
+                 lowrank: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         m = x2.shape[0]
         if self.split == 1:
             out = torch.empty(m, self.n, dtype=x2.dtype, device=x2.device)
@@ -270,14 +275,12 @@ class _Plan:
             out = torch.zeros(m, self.n, dtype=torch.float32, device=x2.device)
         a = self.template.copy()
         a[0], a[6], a[7] = x2.data_ptr(), (bias.data_ptr() if bias is not None else self.dummy_ptr), out.data_ptr()
+        if lowrank is not None:
+            a[8], a[9] = lowrank[0].data_ptr(), lowrank[1].data_ptr()
         c, g = self.compiled, self.grid
         c.run(g[0], g[1], g[2], _raw_stream(self.dev), c.function, c.packed_metadata,
               None, None, None, *a)
-        if self.split > 1:
-            if bias is not None:
-                out += bias.to(torch.float32)
-            out = out.to(x2.dtype)
-        return out
+        return out if self.split == 1 else out.to(x2.dtype)
 
 
 def _sm_count(device: torch.device) -> int:
@@ -407,17 +410,20 @@ def _constexprs(rw: RuntimeWeight) -> dict:
 
 
 def _launch(rw: RuntimeWeight, x2: torch.Tensor, bias: torch.Tensor | None, cfg: dict,
-            plan_key: tuple | None = None) -> torch.Tensor:
+            plan_key: tuple | None = None, lowrank: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """One call with config ``cfg`` (``DEQUANT_MM``; ``KERNEL``: a small-M kernel; else the
     tensor-core kernel); with ``plan_key`` the launch is kept as ``rw.plans[plan_key]``."""
     m, k = x2.shape
     n = rw.n
     if cfg.get("DEQUANT_MM"):
         wt = dequantize_t(rw, x2.dtype)
-        return torch.mm(x2, wt) if bias is None else torch.addmm(bias.to(x2.dtype), x2, wt)
+        out = torch.mm(x2, wt) if bias is None else torch.addmm(bias.to(x2.dtype), x2, wt)
+        if lowrank is not None:
+            out = torch.addmm(out, lowrank[0].to(x2.dtype), lowrank[1])
+        return out
     if "KERNEL" in cfg:  # the small-M kernels: one launch, output written directly
         out = torch.empty(m, n, dtype=x2.dtype, device=x2.device)
-        kernel, grid, args, consts, options = small_m.launch_args(rw, x2, bias, cfg, out)
+        kernel, grid, args, consts, options = small_m.launch_args(rw, x2, bias, cfg, out, lowrank)
         hit = _run(kernel, grid, args, consts, options)
         if plan_key is not None and hit is not None:
             rw.plans[plan_key] = _Plan(hit[0], grid, args, hit[1], n, 1, rw.scale, x2.device.index)
@@ -429,13 +435,14 @@ def _launch(rw: RuntimeWeight, x2: torch.Tensor, bias: torch.Tensor | None, cfg:
     else:
         out = torch.zeros(m, n, dtype=torch.float32, device=x2.device)
     options = {kk: cfg[kk] for kk in ("num_warps", "num_stages") if kk in cfg}
-    consts = dict(**_constexprs(rw), HAS_BIAS=bias is not None and split == 1)
+    lr_t, lr_up = lowrank if lowrank is not None else (dummy, dummy)
+    consts = dict(**_constexprs(rw), HAS_BIAS=bias is not None, RANK=lr_t.shape[-1] if lowrank is not None else 0)
     consts.update({kk: v for kk, v in cfg.items() if kk.isupper() and kk != "SPLIT_K"})
     consts["ATOMIC"] = split > 1
     consts["UNIQUE"] = bool(cfg.get("UNIQUE", 0))
     ptrs = (x2, rw.words, rw.words_hi if rw.words_hi is not None else rw.words, rw.scale,
             rw.zero if rw.zero is not None else dummy, rw.table if rw.table is not None else dummy,
-            bias if bias is not None else dummy, out)
+            bias if bias is not None else dummy, out, lr_t, lr_up)
     kw = rw.words.shape[0]
     grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]), split)
     k_per = triton.cdiv(triton.cdiv(rw.kp, split), cfg["BLOCK_K"]) * cfg["BLOCK_K"]
@@ -443,11 +450,7 @@ def _launch(rw: RuntimeWeight, x2: torch.Tensor, bias: torch.Tensor | None, cfg:
     hit = _run(_gemm_kernel, grid, args, consts, options)
     if plan_key is not None and hit is not None:
         rw.plans[plan_key] = _Plan(hit[0], grid, args, hit[1], n, split, dummy, x2.device.index)
-    if split > 1:
-        if bias is not None:
-            out += bias.to(torch.float32)
-        out = out.to(x2.dtype)
-    return out
+    return out if split == 1 else out.to(x2.dtype)
 
 
 def dequantize_t(rw: RuntimeWeight, dtype: torch.dtype) -> torch.Tensor:
@@ -516,10 +519,16 @@ def _tune(key: tuple, rw: RuntimeWeight, x2: torch.Tensor, bias) -> dict:
 AUTOTUNE = {"enabled": True}  # tests turn tuning off (the interpreter runs a default config)
 
 
-def quant_matmul(x: torch.Tensor, rw: RuntimeWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
+def quant_matmul(x: torch.Tensor, rw: RuntimeWeight, bias: torch.Tensor | None = None,
+                 lowrank: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """``x @ W^T (+ bias)`` for ``x [..., K]`` (float16 / bfloat16 / float32) and ``W`` in runtime
     layout ``rw``; returns ``[..., N]`` in ``x``'s dtype. CUDA-graph capturable once tuned (no
-    host sync, no CPU tensors)."""
+    host sync, no CPU tensors).
+
+    ``lowrank = (t, U)`` adds ``t @ U`` in the kernels' epilogue: ``t`` float32 ``[M, R]`` (M the
+    rows of ``x`` flattened, ``R`` a power of two >= 16), ``U``
+    ``[R, N]`` contiguous in ``x``'s dtype (SVDQuant's up-projection; :mod:`bitsmith.kernels.low_rank`
+    computes ``t``)."""
     if not HAVE_TRITON:
         raise RuntimeError("quant_matmul needs triton")
     if x.device != rw.device or (bias is not None and bias.device != x.device):
@@ -534,10 +543,12 @@ def quant_matmul(x: torch.Tensor, rw: RuntimeWeight, bias: torch.Tensor | None =
     plan_key = None
     if x2.is_cuda and FAST_LAUNCH["enabled"]:
         plan_key = (m, x2.dtype, x2.stride(0), x2.data_ptr() % 16 == 0,
-                    None if bias is None else (bias.dtype, bias.data_ptr() % 16 == 0))
+                    None if bias is None else (bias.dtype, bias.data_ptr() % 16 == 0),
+                    None if lowrank is None else (tuple(lowrank[0].shape), lowrank[1].dtype,
+                                                  lowrank[0].data_ptr() % 16 == 0, lowrank[1].data_ptr() % 16 == 0))
         plan = rw.plans.get(plan_key)
         if plan is not None and not launch_hooks_set():
-            return plan(x2, bias).reshape(*lead, rw.n)
+            return plan(x2, bias, lowrank).reshape(*lead, rw.n)
     key = ("m1" if m == 1 else "gemm", _m_bucket(m), rw.n, rw.k, _layout_key(rw, x.dtype))
     cfg = TUNED.get(key)
     if cfg is None:
@@ -547,7 +558,7 @@ def quant_matmul(x: torch.Tensor, rw: RuntimeWeight, bias: torch.Tensor | None =
         else:
             cfg = _default_config(rw, m, x2.device, x2.dtype)
     final = cfg is TUNED.get(key) or not AUTOTUNE["enabled"]  # not an untuned stand-in under capture
-    out = _launch(rw, x2, bias, cfg, plan_key if final else None)
+    out = _launch(rw, x2, bias, cfg, plan_key if final else None, lowrank)
     return out.reshape(*lead, rw.n)
 
 

@@ -137,14 +137,35 @@ if HAVE_TRITON:
         return q
 
     @triton.jit
-    def _finish(acc, offs_m, offs_n, m_mask, n_mask, stride_om, out_ptr, b_ptr, ws_ptr, cnt_ptr, pid_t, pid_k,
-                M, N, SPLIT, IS_SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr):
-        """Write ``acc`` (+ bias) to ``out``; with ``SPLIT > 1`` the last program of the tile sums
-        the partials of all splits (see the module docstring)."""
+    def epilogue(acc, offs_m, offs_n, m_mask, n_mask, b_ptr, lr_ptr, u_ptr, N,
+                 HAS_BIAS: tl.constexpr, RANK: tl.constexpr, BLOCK_M: tl.constexpr):
+        """``acc`` (float32 ``[BLOCK_M, BLOCK_N]``) plus the bias and, with ``RANK > 0``, a low-rank
+        up-projection ``t @ U``: ``t`` float32 ``[M, RANK]`` at ``lr_ptr`` (the down-projection,
+        :mod:`bitsmith.kernels.low_rank`), ``U`` ``[RANK, N]`` in the activation dtype. Tiles of 16
+        rows or more multiply on tensor cores with ``t`` rounded to the activation dtype (as a
+        16-bit ``F.linear`` chain would); a single row in float32."""
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        if RANK > 0:
+            offs_r = tl.arange(0, RANK)
+            t = tl.load(lr_ptr + offs_m[:, None] * RANK + offs_r[None, :], mask=m_mask[:, None], other=0.0)
+            u = tl.load(u_ptr + offs_r[:, None] * N + offs_n[None, :], mask=n_mask[None, :], other=0.0)
+            if BLOCK_M >= 16:
+                acc = tl.dot(t.to(u.dtype), u, acc)
+            else:  # one row (the CUDA-core kernel): a [RANK, BLOCK_N] product summed over the rank
+                acc += tl.sum(tl.reshape(t, [RANK])[:, None] * u.to(tl.float32), axis=0)[None, :]
+        return acc
+
+    @triton.jit
+    def _finish(acc, offs_m, offs_n, m_mask, n_mask, stride_om, out_ptr, b_ptr, lr_ptr, u_ptr, ws_ptr, cnt_ptr,
+                pid_t, pid_k, M, N, SPLIT, IS_SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr,
+                RANK: tl.constexpr, BLOCK_M: tl.constexpr):
+        """Write ``acc`` (+ the :func:`epilogue`) to ``out``; with ``SPLIT > 1`` the last program
+        of the tile sums the partials of all splits (see the module docstring)."""
         o_mask = m_mask[:, None] & n_mask[None, :]
         if not IS_SPLIT:
-            if HAS_BIAS:
-                acc += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+            acc = epilogue(acc, offs_m, offs_n, m_mask, n_mask, b_ptr, lr_ptr, u_ptr, N,
+                           HAS_BIAS, RANK, BLOCK_M)
             tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], acc.to(out_ptr.dtype.element_ty),
                      mask=o_mask)
         else:
@@ -157,21 +178,21 @@ if HAVE_TRITON:
                 tot = tl.zeros([BLOCK_M, acc.shape[1]], dtype=tl.float32)
                 for i in range(0, SPLIT):
                     tot += tl.load(ws_ptr + i * M * N + ws_off, mask=o_mask, other=0.0, cache_modifier=".cg")
-                if HAS_BIAS:
-                    tot += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+                tot = epilogue(tot, offs_m, offs_n, m_mask, n_mask, b_ptr, lr_ptr, u_ptr, N,
+                               HAS_BIAS, RANK, BLOCK_M)
                 tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], tot.to(out_ptr.dtype.element_ty),
                          mask=o_mask)
                 tl.atomic_xchg(cnt_ptr + pid_t, 0)
 
     @triton.jit
     def _tc_kernel(
-        x_ptr, w_ptr, wh_ptr, s_ptr, z_ptr, t_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr,
+        x_ptr, w_ptr, wh_ptr, s_ptr, z_ptr, t_ptr, b_ptr, out_ptr, lr_ptr, u_ptr, ws_ptr, cnt_ptr,
         M, N, K, KW, G_PER, NG, SPLIT, zconst, stride_xm, stride_om, fmagic,
         BITS: tl.constexpr, PACK: tl.constexpr, GSTEP: tl.constexpr, PER_CHANNEL: tl.constexpr,
         HAS_ZERO: tl.constexpr, CODEBOOK: tl.constexpr, HAS_BIAS: tl.constexpr,
         MAGIC: tl.constexpr, MAGIC_BITS: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IS_SPLIT: tl.constexpr,
-        EVEN_K: tl.constexpr,
+        EVEN_K: tl.constexpr, RANK: tl.constexpr,
     ):
         """``GSTEP``: k per scale step (the group size, or ``BLOCK_K`` for per-channel weights);
         ``NG``: scale steps in the padded K; ``G_PER``: steps per split. ``fmagic`` and ``EVEN_K``
@@ -210,8 +231,8 @@ if HAVE_TRITON:
             sc, z = _group_meta(s_ptr, z_ptr, s_row, N, offs_n, n_mask, HAS_ZERO)
             acc = _add_group(acc, part, xs, sc, z, zconst, HAS_ZERO, CODEBOOK, MAGIC)
         pid_t = pid_m * tl.num_programs(0) + pid_n
-        _finish(acc, offs_m, offs_n, m_mask, n_mask, stride_om, out_ptr, b_ptr, ws_ptr, cnt_ptr, pid_t, pid_k,
-                M, N, SPLIT, IS_SPLIT, HAS_BIAS, BLOCK_M)
+        _finish(acc, offs_m, offs_n, m_mask, n_mask, stride_om, out_ptr, b_ptr, lr_ptr, u_ptr, ws_ptr, cnt_ptr,
+                pid_t, pid_k, M, N, SPLIT, IS_SPLIT, HAS_BIAS, RANK, BLOCK_M)
 
     @triton.jit
     def _load_step(w_ptr, wh_ptr, s_ptr, z_ptr, g, g_hi, KW, N, offs_n, n_mask,
@@ -317,13 +338,13 @@ if HAVE_TRITON:
 
     @triton.jit
     def _fma_kernel(
-        x_ptr, w_ptr, wh_ptr, s_ptr, z_ptr, t_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr,
+        x_ptr, w_ptr, wh_ptr, s_ptr, z_ptr, t_ptr, b_ptr, out_ptr, lr_ptr, u_ptr, ws_ptr, cnt_ptr,
         M, N, K, KW, G_PER, NG, SPLIT, zconst, stride_xm, stride_om, fmagic,
         BITS: tl.constexpr, PACK: tl.constexpr, GSTEP: tl.constexpr, PER_CHANNEL: tl.constexpr,
         HAS_ZERO: tl.constexpr, CODEBOOK: tl.constexpr, HAS_BIAS: tl.constexpr,
         MAGIC: tl.constexpr, MAGIC_BITS: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IS_SPLIT: tl.constexpr,
-        EVEN_K: tl.constexpr,
+        EVEN_K: tl.constexpr, RANK: tl.constexpr,
     ):
         """M = 1 on CUDA cores. One step = one group (``BLOCK_K == GSTEP``; per-channel weights:
         any ``BLOCK_K``): a ``[BLOCK_K // PACK, BLOCK_N]`` tile of words, codes taken one
@@ -355,8 +376,8 @@ if HAVE_TRITON:
             y = y * 1099511627776.0  # 2**40: the subnormal code sums' unit (_word_sums_inplace)
         offs_m = tl.arange(0, 1)
         pid_t = pid_n
-        _finish(y, offs_m, offs_n, offs_m < M, n_mask, stride_om, out_ptr, b_ptr, ws_ptr, cnt_ptr, pid_t, pid_k,
-                M, N, SPLIT, IS_SPLIT, HAS_BIAS, 1)
+        _finish(y, offs_m, offs_n, offs_m < M, n_mask, stride_om, out_ptr, b_ptr, lr_ptr, u_ptr, ws_ptr, cnt_ptr,
+                pid_t, pid_k, M, N, SPLIT, IS_SPLIT, HAS_BIAS, RANK, 1)
 
 
 def compile_offline(bits: int, group: int, block_n: int = 128, num_warps: int = 4, codebook: bool = False,
@@ -371,10 +392,10 @@ def compile_offline(bits: int, group: int, block_n: int = 128, num_warps: int = 
 
     kernel = kernel or _fma_kernel
     ptr_types = {"x_ptr": act, "b_ptr": act, "out_ptr": act, "w_ptr": "i32", "wh_ptr": "i32", "s_ptr": "fp16",
-                 "z_ptr": "fp16", "t_ptr": "fp32", "ws_ptr": "fp32", "cnt_ptr": "i32"}
+                 "z_ptr": "fp16", "t_ptr": "fp32", "ws_ptr": "fp32", "cnt_ptr": "i32", "lr_ptr": "fp32", "u_ptr": act}
     consts = {"BITS": bits, "PACK": 16 if bits == 3 else 32 // bits, "GSTEP": group, "PER_CHANNEL": False,
               "HAS_ZERO": not codebook, "CODEBOOK": codebook, "HAS_BIAS": False, "MAGIC": 0.0, "MAGIC_BITS": 0,
-              "BLOCK_M": 1, "BLOCK_N": block_n, "BLOCK_K": group, "IS_SPLIT": True, "EVEN_K": True}
+              "BLOCK_M": 1, "BLOCK_N": block_n, "BLOCK_K": group, "IS_SPLIT": True, "EVEN_K": True, "RANK": 0}
     names = kernel.arg_names
     sig = {a: "constexpr" if a in consts else f"*{ptr_types[a]}" if a in ptr_types else
            "fp32" if a == "zconst" else "i32" for a in names}
@@ -419,11 +440,13 @@ def supports(rw: RuntimeWeight, dtype: torch.dtype, cfg: dict) -> str | None:
     return None
 
 
-def launch_args(rw: RuntimeWeight, x2: torch.Tensor, bias: torch.Tensor | None, cfg: dict, out: torch.Tensor):
+def launch_args(rw: RuntimeWeight, x2: torch.Tensor, bias: torch.Tensor | None, cfg: dict, out: torch.Tensor,
+                lowrank: tuple[torch.Tensor, torch.Tensor] | None = None):
     """``(kernel, grid, args, constexprs, options)`` of one small-M launch ``x2 [M, K] @ W^T
-    (+ bias) -> out [M, N]`` (``cfg``: KERNEL "tc" or "fma", BLOCK_M/N/K, SPLIT, num_warps,
-    num_stages). The positions of ``x``, ``bias`` and ``out`` in ``args`` (0, 6, 7) are the
-    launch plans' contract (:class:`bitsmith.kernels.qmm._Plan`)."""
+    (+ bias) (+ t @ U) -> out [M, N]`` (``cfg``: KERNEL "tc" or "fma", BLOCK_M/N/K, SPLIT,
+    num_warps, num_stages; ``lowrank``: ``(t [M, R] float32, U [R, N])``, see
+    :func:`epilogue`). The positions of ``x``, ``bias``, ``out``, ``t`` and ``U`` in ``args``
+    (0, 6, 7, 8, 9) are the launch plans' contract (:class:`bitsmith.kernels.qmm._Plan`)."""
     m, k = x2.shape
     n = rw.n
     bk, bn, split = cfg["BLOCK_K"], cfg["BLOCK_N"], cfg["SPLIT"]
@@ -439,23 +462,25 @@ def launch_args(rw: RuntimeWeight, x2: torch.Tensor, bias: torch.Tensor | None, 
     dummy = rw.scale
     magic, magic_bits = magic_for(x2.dtype, rw.rbits) if cfg["KERNEL"] == "tc" else (0.0, 0)
     kernel = _tc_kernel if cfg["KERNEL"] == "tc" else _fma_kernel
+    lr_t, lr_up = lowrank if lowrank is not None else (dummy, dummy)
     args = (x2, rw.words, rw.words_hi if rw.words_hi is not None else rw.words, rw.scale,
             rw.zero if rw.zero is not None else dummy, rw.table if rw.table is not None else dummy,
-            bias if bias is not None else dummy, out, ws, cnt,
+            bias if bias is not None else dummy, out, lr_t, lr_up, ws, cnt,
             m, n, k, rw.words.shape[0], g_per, ng, split, float(rw.zconst), x2.stride(0), out.stride(0), FMAGIC_BITS)
     consts = {"BITS": rw.rbits, "PACK": rw.pack, "GSTEP": gstep, "PER_CHANNEL": rw.group == 0,
               "HAS_ZERO": rw.zero is not None, "CODEBOOK": rw.kind == "codebook", "HAS_BIAS": bias is not None,
               "MAGIC": magic, "MAGIC_BITS": magic_bits, "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk,
-              "IS_SPLIT": split > 1, "EVEN_K": k % gstep == 0}
+              "IS_SPLIT": split > 1, "EVEN_K": k % gstep == 0, "RANK": lr_t.shape[-1] if lowrank is not None else 0}
     options = {"num_warps": cfg.get("num_warps", 4), "num_stages": cfg.get("num_stages", 2)}
     return kernel, grid, args, consts, options
 
 
-def launch(rw: RuntimeWeight, x2: torch.Tensor, bias: torch.Tensor | None, cfg: dict) -> torch.Tensor:
-    """``x2 [M, K] @ W^T (+ bias)`` with the small-M kernel of ``cfg`` (a plain Triton launch;
-    :func:`bitsmith.kernels.qmm.quant_matmul` launches the same through its cached plans)."""
+def launch(rw: RuntimeWeight, x2: torch.Tensor, bias: torch.Tensor | None, cfg: dict,
+           lowrank: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """``x2 [M, K] @ W^T (+ bias) (+ t @ U)`` with the small-M kernel of ``cfg`` (a plain Triton
+    launch; :func:`bitsmith.kernels.qmm.quant_matmul` launches the same through its cached plans)."""
     out = torch.empty(x2.shape[0], rw.n, dtype=x2.dtype, device=x2.device)
-    kernel, grid, args, consts, options = launch_args(rw, x2, bias, cfg, out)
+    kernel, grid, args, consts, options = launch_args(rw, x2, bias, cfg, out, lowrank)
     kernel[grid](*args, **consts, **options)
     return out
 

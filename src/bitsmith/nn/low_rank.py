@@ -42,6 +42,7 @@ from torch import nn
 from ..errors import CheckpointError, QuantizationError
 from ..formats import QTensor
 from ..kernels import quant_matmul
+from ..kernels.low_rank import LowRankRuntime, low_rank_matmul, prepare
 from .quant_linear import KernelWeightMixin
 from .quant_module import QuantWeightMixin
 from .registry import register_runtime_module
@@ -183,8 +184,12 @@ class LowRankQuantLinear(LowRankCheckpointMixin, KernelWeightMixin, QuantWeightM
     """SVDQuant's linear layer (formula and the bias table in the module docstring).
 
     On CUDA with float16/bfloat16 inputs the residual's matmul runs on the fused kernels (as
-    :class:`~bitsmith.nn.QuantLinear`'s does; ``use_kernels = False`` keeps the reference path);
-    the activation path and the two 16-bit low-rank matmuls stay torch ops.
+    :class:`~bitsmith.nn.QuantLinear`'s does; ``use_kernels = False`` keeps the reference path).
+    With 16-bit activations (``act_bits=16``, the deployable case) the whole layer is two
+    launches (:mod:`bitsmith.kernels.low_rank`: smoothing, shift and the down-projection in one,
+    the 4-bit matmul with the up-projection and bias in its epilogue); the factors are laid out
+    for it once per activation dtype, at ``.to(cuda)`` for their own dtype. With simulated 4/8-bit
+    activations the activation path and the two low-rank matmuls stay torch ops.
 
     Buffers: the residual's packed tensors (``codes``, ``scale``, ``zero``, ...), ``lora_down``
     ``[r, K]`` and ``lora_up`` ``[N, r]`` (16-bit; absent for rank 0), ``smooth`` float32 ``[K]``
@@ -245,13 +250,43 @@ class LowRankQuantLinear(LowRankCheckpointMixin, KernelWeightMixin, QuantWeightM
 
     kind = "low_rank_linear"
     float_type = nn.Linear
+    fuse_low_rank: bool = True  # False on an instance: the kernels run the residual only (for comparison)
 
     @classmethod
     def _from_float(cls, module: nn.Linear, residual: QTensor, lora_down, lora_up, bias, **kwargs) -> "LowRankQuantLinear":
         return cls(module.in_features, module.out_features, residual, lora_down, lora_up, bias, **kwargs)
 
+    def _apply(self, fn, recurse=True):  # type: ignore[override]
+        self.__dict__["_low_rank_rt"] = {}  # factors, smoothing or shift may have changed
+        out = super()._apply(fn, recurse)
+        if self.__dict__.get("_runtime") is not None and self.act_bits == 16:
+            dtype = self.lora_down.dtype if self.lora_down is not None else torch.float16
+            if dtype in (torch.float16, torch.bfloat16):
+                self._low_rank_runtime(dtype)  # at .to(cuda): a CUDA graph can then capture forward
+        return out
+
+    def _load_from_state_dict(self, *args, **kwargs):  # type: ignore[override]
+        super()._load_from_state_dict(*args, **kwargs)
+        self.__dict__["_low_rank_rt"] = {}
+
+    def _low_rank_runtime(self, dtype: torch.dtype) -> LowRankRuntime | None:
+        """The branch laid out for the kernels in ``dtype`` (built once; ``None`` under CUDA-graph
+        capture when not built yet: the torch path runs)."""
+        cache = self.__dict__.setdefault("_low_rank_rt", {})
+        lr = cache.get(dtype)
+        if lr is None and not torch.cuda.is_current_stream_capturing():
+            lr = cache[dtype] = prepare(
+                self.lora_down, self.lora_up, self.smooth, self.shift,
+                divide=self.smooth is not None and not self.smooth_fused, shifted_input=self.low_rank_input == "shifted",
+                dtype=dtype, k=self.in_features, n=self.out_features, device=self.qweight.device)
+        return lr
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rw = self._kernel_weight(x)
+        if rw is not None and self.act_bits == 16 and self.fuse_low_rank:
+            lr = self._low_rank_runtime(x.dtype)
+            if lr is not None:
+                return low_rank_matmul(x, rw, lr, self.bias)
         residual = self.dequantize(x.dtype) if rw is None else (lambda xm: quant_matmul(xm, rw))
         return low_rank_linear(
             x, residual, self.lora_down, self.lora_up, self.bias,
