@@ -163,6 +163,9 @@ def _low_rank_case(device, m, n, k, rank, smooth, shift, shifted_input, configs,
     xl = (main if shifted_input and sh is not None else xl).to(dtype).double()
     t_ref = xl @ down.double().to(dev).t()
     assert t.shape == (m, lr.down.shape[0]) and _rel(t[:, :rank], t_ref) < 1e-5 and not t[:, rank:].any()
+    xm2, t2 = low_rank.down_project(x, lr)  # on CUDA, up to 16 rows: the cached launch plan
+    assert torch.equal(xm2, xm) and torch.equal(t2, t)  # deterministic: partials added in slice order
+    assert bool(lr.plans) == (dev.type == "cuda" and m <= low_rank.MAX_ROWS)
     tol = 2e-3 if dtype == torch.float16 else 1.6e-2
     qmm.AUTOTUNE["enabled"] = False
     for cfg in configs:
@@ -698,6 +701,39 @@ def test_cuda_quant_matmul_builds_and_reuses_launch_plans():
             first = qmm.quant_matmul(x, rw)
             assert len(rw.plans) >= 1, (fmt, m)
             assert _rel(qmm.quant_matmul(x, rw), first) < 1e-3  # equal up to split-K's float atomics order
+
+
+def test_down_projection_plan_passes_addresses_and_fresh_outputs(monkeypatch):
+    """SVDQuant's down-projection plan (kernels.low_rank._DownPlan) hands the launcher the
+    activation, a fresh x_main, partials and t at positions 0, 4, 5, 6, the fixed tensors'
+    addresses elsewhere and the constexprs last; x itself stands in for x_main when nothing
+    changes it, and t for the partials with one slice. Checked with a recording stand-in."""
+    from bitsmith.kernels import low_rank, qmm
+
+    calls = []
+
+    class Compiled:
+        function, packed_metadata = "fn", "meta"
+
+        def run(self, *a):
+            calls.append(a)
+
+    monkeypatch.setattr(qmm, "_raw_stream", lambda dev: 77)
+    s, d, down, cnt = torch.ones(8), torch.zeros(8), torch.zeros(16, 8), torch.zeros(16, dtype=torch.int32)
+    args = (torch.zeros(2, 8), s, d, down, torch.zeros(2, 8), torch.zeros(3, 2, 16), torch.zeros(2, 16), cnt, 2, 8, 8)
+    x = torch.randn(2, 8)
+    for write_main, slices in ((True, 3), (False, 1)):
+        plan = low_rank._DownPlan(Compiled(), (slices, 2), args, (True, 16), None, 16, slices, write_main)
+        xm, t = plan(x)
+        got = calls[-1]
+        assert got[:9] == (slices, 2, 1, 77, "fn", "meta", None, None, None)
+        a = got[9:]
+        assert a[0] == x.data_ptr() and a[6] == t.data_ptr() and t.shape == (2, 16) and t.dtype == torch.float32
+        assert (a[4] == xm.data_ptr() != x.data_ptr()) if write_main else (xm is x and a[4] == x.data_ptr())
+        assert (a[5] != t.data_ptr()) if slices > 1 else (a[5] == t.data_ptr())
+        assert a[1:4] == (s.data_ptr(), d.data_ptr(), down.data_ptr()) and a[7] == cnt.data_ptr()
+        assert a[8:] == (2, 8, 8, True, 16)
+    assert plan(x)[1].data_ptr() != t.data_ptr()  # fresh outputs per call
 
 
 def test_quant_matmul_refuses_tensors_on_another_device():

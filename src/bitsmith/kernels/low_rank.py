@@ -26,12 +26,13 @@ as ``L_down`` ``[R, K]`` and ``L_up^T`` ``[R, N]`` in the activation dtype (:fun
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
 
 from .layout import RuntimeWeight
-from .qmm import HAVE_TRITON, _run, quant_matmul
+from .qmm import FAST_LAUNCH, HAVE_TRITON, _run, launch_hooks_set, quant_matmul, raw_launch
 
 if HAVE_TRITON:
     import triton
@@ -110,6 +111,8 @@ class LowRankRuntime:
     shift: torch.Tensor | None
     shifted_input: bool
     rank: int
+    plans: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)  # down-projection launches
+
 
     @property
     def dtype(self) -> torch.dtype:
@@ -162,6 +165,31 @@ def slice_len(k: int) -> int:
     return CHUNK * -(-k // (CHUNK * MAX_SLICES))
 
 
+class _DownPlan:
+    """One down-projection launch (M, dtype, row stride, alignment) with the fixed tensors'
+    addresses kept, as :class:`bitsmith.kernels.qmm._Plan` does for the matmuls: per call, the
+    output allocations and the raw launch. Per-call argument positions: ``x`` 0, ``x_main`` 4,
+    the partials 5, ``t`` 6."""
+
+    __slots__ = ("compiled", "grid", "template", "tensors", "dev", "rank", "slices", "write_main")
+
+    def __init__(self, compiled, grid, args, const_vals, dev, rank, slices, write_main):
+        self.compiled, self.dev, self.rank, self.slices, self.write_main = compiled, dev, rank, slices, write_main
+        self.grid = tuple(grid) + (1,) * (3 - len(grid))
+        self.tensors = [a for a in args if isinstance(a, torch.Tensor)]
+        self.template = [a.data_ptr() if isinstance(a, torch.Tensor) else a for a in args] + list(const_vals)
+
+    def __call__(self, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        m = x2.shape[0]
+        xm = torch.empty_like(x2) if self.write_main else x2
+        t = torch.empty(m, self.rank, dtype=torch.float32, device=x2.device)
+        parts = torch.empty(self.slices, m, self.rank, dtype=torch.float32, device=x2.device) if self.slices > 1 else t
+        a = self.template.copy()
+        a[0], a[4], a[5], a[6] = x2.data_ptr(), xm.data_ptr(), parts.data_ptr(), t.data_ptr()
+        raw_launch(self.compiled, self.grid, self.dev, a)
+        return xm, t
+
+
 def down_project(x2: torch.Tensor, lr: LowRankRuntime) -> tuple[torch.Tensor, torch.Tensor]:
     """``(x_main [M, K] in x's dtype, t [M, R] float32)`` for ``x2 [M, K]`` (contiguous rows).
     Up to ``MAX_ROWS`` rows: one launch (``_down_kernel``); above, where the matmul dwarfs it,
@@ -176,6 +204,12 @@ def down_project(x2: torch.Tensor, lr: LowRankRuntime) -> tuple[torch.Tensor, to
         xl = xm if lr.shifted_input else xs
         t = torch.mm(xl.to(x2.dtype).float(), lr.down.float().t())  # float32 sums, as the kernel's
         return (xm.to(x2.dtype) if write_main else x2), t
+    plan_key = None
+    if x2.is_cuda and FAST_LAUNCH["enabled"] and not launch_hooks_set():
+        plan_key = (m, x2.dtype, x2.stride(0), x2.data_ptr() % 16 == 0)
+        plan = lr.plans.get(plan_key)
+        if plan is not None:
+            return plan(x2)
     sl = slice_len(k)
     slices = -(-k // sl)
     xm = torch.empty_like(x2) if write_main else x2
@@ -188,7 +222,9 @@ def down_project(x2: torch.Tensor, lr: LowRankRuntime) -> tuple[torch.Tensor, to
               "SHIFT_PER_CHANNEL": lr.shift is not None and lr.shift.numel() > 1,
               "SHIFTED_INPUT": lr.shifted_input, "WRITE_MAIN": write_main, "RANK": rp, "SLICE": sl, "CHUNK": CHUNK,
               "SLICES": slices, "SLICES_P": 1 << (slices - 1).bit_length()}
-    _run(_down_kernel, (slices, m), args, consts, {"num_warps": 2})
+    hit = _run(_down_kernel, (slices, m), args, consts, {"num_warps": 2})
+    if plan_key is not None and hit is not None:
+        lr.plans[plan_key] = _DownPlan(hit[0], (slices, m), args, hit[1], x2.device.index, rp, slices, write_main)
     return xm, t
 
 

@@ -223,6 +223,14 @@ def launch_hooks_set() -> bool:
     return False
 
 
+def raw_launch(compiled, grid3: tuple, dev: int | None, args: list) -> None:
+    """Launch a compiled Triton kernel on the current stream of device ``dev`` with its full
+    argument list ``args`` (tensors as raw device addresses, then the constexpr values), without
+    Triton's binder or launch hooks (see :func:`launch_hooks_set`)."""
+    compiled.run(grid3[0], grid3[1], grid3[2], _raw_stream(dev), compiled.function, compiled.packed_metadata,
+                 None, None, None, *args)
+
+
 def _run(kernel, grid: tuple, args: tuple, consts: dict, options: dict):
     """Launch ``kernel[grid](*args, **consts, **options)``; on CUDA the compiled binary is cached
     per (kernel, argument specialization, constexprs, options) and launched directly, skipping
@@ -239,11 +247,8 @@ def _run(kernel, grid: tuple, args: tuple, consts: dict, options: dict):
         hit = _FAST[key] = (compiled, tuple(consts[n] for n in names))
         return hit
     compiled, const_vals = hit
-    g = tuple(grid) + (1,) * (3 - len(grid))
-    stream = _raw_stream(args[0].device.index)
     ptrs = [a.data_ptr() if isinstance(a, torch.Tensor) else a for a in args]  # see _Plan: addresses
-    compiled.run(g[0], g[1], g[2], stream, compiled.function, compiled.packed_metadata, None, None, None,
-                 *ptrs, *const_vals)
+    raw_launch(compiled, tuple(grid) + (1,) * (3 - len(grid)), args[0].device.index, [*ptrs, *const_vals])
     return hit
 
 
@@ -277,9 +282,7 @@ class _Plan:
         a[0], a[6], a[7] = x2.data_ptr(), (bias.data_ptr() if bias is not None else self.dummy_ptr), out.data_ptr()
         if lowrank is not None:
             a[8], a[9] = lowrank[0].data_ptr(), lowrank[1].data_ptr()
-        c, g = self.compiled, self.grid
-        c.run(g[0], g[1], g[2], _raw_stream(self.dev), c.function, c.packed_metadata,
-              None, None, None, *a)
+        raw_launch(self.compiled, self.grid, self.dev, a)
         return out if self.split == 1 else out.to(x2.dtype)
 
 
