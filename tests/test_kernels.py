@@ -604,6 +604,19 @@ def test_bench_cli_says_why_without_a_gpu(capsys):
     assert main(["bench", "kernels", "--formats", "int9"]) == 2
 
 
+def _recording_kernel(calls: list):
+    """A stand-in for a compiled Triton kernel whose launches append their arguments to ``calls``
+    (the raw launcher itself needs a GPU)."""
+
+    class Compiled:
+        function, packed_metadata = "fn", "meta"
+
+        def run(self, *a):
+            calls.append(a)
+
+    return Compiled
+
+
 def test_launch_plan_passes_addresses_and_fresh_outputs(monkeypatch):
     """A cached launch plan (the per-call fast path on CUDA) hands Triton's launcher the device
     addresses of the activation, the bias (or the dummy) and a fresh output at their argument
@@ -612,13 +625,7 @@ def test_launch_plan_passes_addresses_and_fresh_outputs(monkeypatch):
     from bitsmith.kernels import qmm
 
     calls = []
-
-    class Compiled:
-        function, packed_metadata = "fn", "meta"
-
-        def run(self, *a):
-            calls.append(a)
-
+    Compiled = _recording_kernel(calls)
     monkeypatch.setattr(qmm, "_raw_stream", lambda dev: 1234)
     w, s, dummy = torch.zeros(4, 3, dtype=torch.int32), torch.ones(2, 3), torch.zeros(1)
     args = (torch.zeros(1, 8), w, w, s, s, dummy, dummy, torch.zeros(1, 3), 3, 8, 0.5)
@@ -711,13 +718,7 @@ def test_down_projection_plan_passes_addresses_and_fresh_outputs(monkeypatch):
     from bitsmith.kernels import low_rank, qmm
 
     calls = []
-
-    class Compiled:
-        function, packed_metadata = "fn", "meta"
-
-        def run(self, *a):
-            calls.append(a)
-
+    Compiled = _recording_kernel(calls)
     monkeypatch.setattr(qmm, "_raw_stream", lambda dev: 77)
     s, d, down, cnt = torch.ones(8), torch.zeros(8), torch.zeros(16, 8), torch.zeros(16, dtype=torch.int32)
     args = (torch.zeros(2, 8), s, d, down, torch.zeros(2, 8), torch.zeros(3, 2, 16), torch.zeros(2, 16), cnt, 2, 8, 8)
