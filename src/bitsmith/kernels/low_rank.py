@@ -113,7 +113,6 @@ class LowRankRuntime:
     rank: int
     plans: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)  # down-projection launches
 
-
     @property
     def dtype(self) -> torch.dtype:
         return self.down.dtype
@@ -193,8 +192,8 @@ class _DownPlan:
 def down_project(x2: torch.Tensor, lr: LowRankRuntime) -> tuple[torch.Tensor, torch.Tensor]:
     """``(x_main [M, K] in x's dtype, t [M, R] float32)`` for ``x2 [M, K]`` (contiguous rows).
     Up to ``MAX_ROWS`` rows: one launch (``_down_kernel``); above, where the matmul dwarfs it,
-    torch ops (the same float32 arithmetic). ``x_main`` is
-    ``x2`` itself when there is neither smoothing nor shift."""
+    torch ops (the same float32 arithmetic). ``x_main`` is ``x2`` itself when there is neither
+    smoothing nor shift."""
     m, k = x2.shape
     rp = lr.down.shape[0]
     write_main = lr.smooth is not None or lr.shift is not None
