@@ -2,7 +2,7 @@
 # The GPU session for issue #8 (fused kernels), as run on the lent H100 (one call, ~10 min):
 # CUDA tests, the kernel benchmark, the end-to-end decode benchmark and compute-sanitizer.
 # Usage: OUT=/some/dir bash benchmarks/kernels_gpu_run.sh   (logs and JSON copied to $OUT)
-# Environment: SKIP_TESTS=1 (no CUDA tests), BENCH_ARGS (kernels_bench.py's arguments, default
+# Environment: SKIP_TESTS=1 (no CUDA tests), T_WARM/T_SAN (benchmarks/kernels_sanitize.sh), BENCH_ARGS (kernels_bench.py's arguments, default
 # "--reps 30", every M), BENCH_NAME (its JSON name, default kernels_h100), T_* (time limits, s).
 set -u
 export PYTHONPATH=src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
@@ -20,6 +20,4 @@ cp "benchmarks/results/$BENCH_NAME.json" "$OUT/" 2>/dev/null
 echo "== python3 benchmarks/decode_e2e.py --reps 30" | tee "$OUT/decode_e2e.txt"
 timeout "${T_E2E:-170}" python3 benchmarks/decode_e2e.py --reps 30 2>&1 | grep -v Warning | tee -a "$OUT/decode_e2e.txt"
 cp benchmarks/results/decode_e2e.json "$OUT/" 2>/dev/null
-echo "== compute-sanitizer --tool memcheck --error-exitcode 1 python3 benchmarks/kernels_sanitize.py" | tee "$OUT/sanitizer.txt"
-timeout "${T_SAN:-60}" compute-sanitizer --tool memcheck --error-exitcode 1 python3 benchmarks/kernels_sanitize.py 2>&1 | tail -6 | tee -a "$OUT/sanitizer.txt"
-echo "sanitizer exit: ${PIPESTATUS[0]}" | tee -a "$OUT/sanitizer.txt"
+OUT="$OUT" bash benchmarks/kernels_sanitize.sh

@@ -49,11 +49,8 @@ fused)
     cp benchmarks/results/kernels_h100_m1v3.json "$OUT/" 2>/dev/null
   fi
   ;;
-sanitize)  # compute-sanitizer memcheck over every kernel (a plain run first fills Triton's cache)
-  { echo "== warm-up (fills the Triton cache)"; timeout "${T_WARM:-150}" python3 benchmarks/kernels_sanitize.py
-    echo "== compute-sanitizer --tool memcheck --error-exitcode 1 python3 benchmarks/kernels_sanitize.py"
-    timeout "${T_SAN:-380}" compute-sanitizer --tool memcheck --error-exitcode 1 python3 benchmarks/kernels_sanitize.py 2>&1 | tail -8
-    echo "sanitizer exit: ${PIPESTATUS[0]}"; } 2>&1 | tee "$OUT/sanitizer.txt"
+sanitize)  # compute-sanitizer memcheck over every kernel
+  OUT="$OUT" bash benchmarks/kernels_sanitize.sh
   ;;
 bench)
   SKIP_TESTS=1 BENCH_ARGS="--m 1,16 --reps 20" BENCH_NAME=kernels_h100_m1v2 T_BENCH=${T_BENCH:-300} bash benchmarks/kernels_gpu_run.sh
