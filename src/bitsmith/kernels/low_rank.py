@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import torch
 
 from .layout import RuntimeWeight
-from .qmm import FAST_LAUNCH, HAVE_TRITON, _run, launch_hooks_set, quant_matmul, raw_launch
+from .qmm import FAST_LAUNCH, HAVE_TRITON, LaunchTemplate, _run, launch_hooks_set, quant_matmul, raw_launch
 
 if HAVE_TRITON:
     import triton
@@ -164,19 +164,17 @@ def slice_len(k: int) -> int:
     return CHUNK * -(-k // (CHUNK * MAX_SLICES))
 
 
-class _DownPlan:
+class _DownPlan(LaunchTemplate):
     """One down-projection launch (M, dtype, row stride, alignment) with the fixed tensors'
     addresses kept, as :class:`bitsmith.kernels.qmm._Plan` does for the matmuls: per call, the
     output allocations and the raw launch. Per-call argument positions: ``x`` 0, ``x_main`` 4,
     the partials 5, ``t`` 6."""
 
-    __slots__ = ("compiled", "grid", "template", "tensors", "dev", "rank", "slices", "write_main")
+    __slots__ = ("rank", "slices", "write_main")
 
     def __init__(self, compiled, grid, args, const_vals, dev, rank, slices, write_main):
-        self.compiled, self.dev, self.rank, self.slices, self.write_main = compiled, dev, rank, slices, write_main
-        self.grid = tuple(grid) + (1,) * (3 - len(grid))
-        self.tensors = [a for a in args if isinstance(a, torch.Tensor)]
-        self.template = [a.data_ptr() if isinstance(a, torch.Tensor) else a for a in args] + list(const_vals)
+        super().__init__(compiled, grid, args, const_vals, dev)
+        self.rank, self.slices, self.write_main = rank, slices, write_main
 
     def __call__(self, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         m = x2.shape[0]

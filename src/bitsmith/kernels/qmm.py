@@ -247,12 +247,30 @@ def _run(kernel, grid: tuple, args: tuple, consts: dict, options: dict):
         hit = _FAST[key] = (compiled, tuple(consts[n] for n in names))
         return hit
     compiled, const_vals = hit
-    ptrs = [a.data_ptr() if isinstance(a, torch.Tensor) else a for a in args]  # see _Plan: addresses
-    raw_launch(compiled, tuple(grid) + (1,) * (3 - len(grid)), args[0].device.index, [*ptrs, *const_vals])
+    raw_launch(compiled, tuple(grid) + (1,) * (3 - len(grid)), args[0].device.index, _addresses(args, const_vals))
     return hit
 
 
-class _Plan:
+def _addresses(args: tuple, const_vals: tuple) -> list:
+    """A launch's full argument list with tensors as raw device addresses (see :class:`LaunchTemplate`)."""
+    return [a.data_ptr() if isinstance(a, torch.Tensor) else a for a in args] + list(const_vals)
+
+
+class LaunchTemplate:
+    """A compiled kernel with one launch's arguments kept as raw addresses (``template``) and
+    the tensors behind them held (``tensors``) so the addresses stay valid; a subclass swaps the
+    per-call tensors' addresses into a copy of the template and calls :func:`raw_launch`."""
+
+    __slots__ = ("compiled", "grid", "template", "tensors", "dev")
+
+    def __init__(self, compiled, grid, args, const_vals, dev):
+        self.compiled, self.dev = compiled, dev
+        self.grid = tuple(grid) + (1,) * (3 - len(grid))
+        self.tensors = [a for a in args if isinstance(a, torch.Tensor)]
+        self.template = _addresses(args, const_vals)
+
+
+class _Plan(LaunchTemplate):
     """One (weight, M, dtype, bias, low rank, alignment) launch with everything but the
     activation, the bias, the output and the low-rank operands fixed (argument positions 0, 6,
     7, 8, 9 of every kernel here): the per-call host work is a list copy and the raw launch. Tensor
@@ -260,15 +278,14 @@ class _Plan:
     pointer itself), which skips a ``data_ptr()`` call and a driver pointer query per tensor and
     launch; the plan holds the tensors themselves so the addresses stay valid."""
 
-    __slots__ = ("compiled", "grid", "template", "tensors", "n", "split", "dummy_ptr", "dev")
+    __slots__ = ("n", "split", "dummy_ptr")
 
     def __init__(self, compiled, grid, args, const_vals, n, split, dummy, dev):
         """``split``: the atomic split-K count of the tensor-core kernel (> 1: a zeroed float32
         output, then a cast); 1 for every launch that writes its output directly."""
-        self.compiled, self.n, self.split, self.dev = compiled, n, split, dev
-        self.grid = tuple(grid) + (1,) * (3 - len(grid))
-        self.tensors = [a for a in args if isinstance(a, torch.Tensor)] + [dummy]
-        self.template = [a.data_ptr() if isinstance(a, torch.Tensor) else a for a in args] + list(const_vals)
+        super().__init__(compiled, grid, args, const_vals, dev)
+        self.n, self.split = n, split
+        self.tensors.append(dummy)
         self.dummy_ptr = dummy.data_ptr()
 
     def __call__(self, x2: torch.Tensor, bias: torch.Tensor | None,
