@@ -17,7 +17,7 @@ cuda_tests() {  # CUDA tests of the kernels and SVDQuant's module; exit status 0
   XDIST=$(python3 -c "import xdist" 2>/dev/null && echo "-n 14")
   TEST_K=${TEST_K:-cuda}
   echo "== pytest tests/test_kernels.py tests/test_svdquant.py -k '$TEST_K' $XDIST" | tee "$OUT/gpu_tests.txt"
-  timeout "${T_TESTS:-200}" python3 -m pytest -q -p no:cacheprovider $XDIST tests/test_kernels.py tests/test_svdquant.py -k "$TEST_K" 2>&1 \
+  timeout "${T_TESTS:-200}" python3 -m pytest -p no:cacheprovider -rfE $XDIST tests/test_kernels.py tests/test_svdquant.py -k "$TEST_K" 2>&1 \
     | tail -40 | tee -a "$OUT/gpu_tests.txt" | tail -3
   return "${PIPESTATUS[0]}"
 }

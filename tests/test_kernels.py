@@ -293,6 +293,91 @@ def test_interp_fma_extreme_activations():
     _extreme_activation_case(torch.device("cpu"))
 
 
+if HAVE_TRITON:
+    import triton
+    import triton.language as tl
+
+    from bitsmith.kernels import small_m as _small_m
+
+    @triton.jit
+    def _planes_probe(t_ptr, out_ptr):
+        """Stores the 8 byte planes ``_table_planes`` builds from the table at ``t_ptr``."""
+        planes = _small_m._table_planes(t_ptr)
+        for i in tl.static_range(8):
+            tl.store(out_ptr + i, planes[i])
+
+
+def _run_ptx(ptx: str, regs: dict) -> dict:
+    """A small interpreter for the PTX that :func:`bitsmith.kernels.small_m._lut8_ptx` writes
+    (``shr``/``and``/``or``/``prmt`` ``.b32`` in prmt's default mode, ``mov.b32 {a, b}``,
+    ``cvt.f32.f16``), from the PTX manual's definitions: an independent reading of the program
+    for CI, where no GPU runs it. ``regs``: register name -> value (``$8`` the word, ``$9..$16``
+    the planes); returns every register afterwards (``$0..$7`` float32)."""
+    import numpy as np
+
+    def val(tok):
+        tok = tok.strip()
+        return regs[tok] if tok in regs else int(tok, 0)
+
+    for line in ptx.splitlines():
+        line = line.strip().rstrip(";")
+        if not line or line in "{}" or line.startswith(".reg"):
+            continue
+        op, rest = line.split(None, 1)
+        if op == "mov.b32":
+            dst, src = rest.split("},")
+            lo, hi = (t.strip() for t in dst.strip(" {").split(","))
+            regs[lo], regs[hi] = val(src) & 0xFFFF, val(src) >> 16
+            continue
+        dst, *srcs = (t.strip() for t in rest.split(","))
+        if op == "shr.b32":
+            regs[dst] = val(srcs[0]) >> val(srcs[1])
+        elif op == "and.b32":
+            regs[dst] = val(srcs[0]) & val(srcs[1])
+        elif op == "or.b32":
+            regs[dst] = val(srcs[0]) | val(srcs[1])
+        elif op == "prmt.b32":
+            src8 = [(val(srcs[0]) >> (8 * i)) & 0xFF for i in range(4)] + [(val(srcs[1]) >> (8 * i)) & 0xFF for i in range(4)]
+            out = 0
+            for j in range(4):
+                sel = (val(srcs[2]) >> (4 * j)) & 0xF
+                byte = src8[sel & 7] if sel < 8 else (0xFF if src8[sel & 7] & 0x80 else 0)  # msb set: sign replication
+                out |= byte << (8 * j)
+            regs[dst] = out
+        elif op == "cvt.f32.f16":
+            regs[dst] = float(np.array([val(srcs[0])], dtype=np.uint16).view(np.float16)[0])
+        else:
+            raise AssertionError(f"unknown PTX instruction {op}")
+    return regs
+
+
+@needs_interp
+@pytest.mark.parametrize("table", ["nf4", "random"])
+def test_interp_lut8_program_looks_up_every_code(table):
+    """The CUDA-core kernel's register table lookup for 4-bit codebooks (``_lut8``: inline PTX,
+    which only a GPU runs): the byte planes come from the kernel's own ``_table_planes`` (run
+    here on the interpreter), the PTX program from an emulator of its instructions; every code of
+    random words must read ``table[code]`` rounded to float16, in word order."""
+    from bitsmith.formats.codebook import _codebook
+    from bitsmith.kernels import small_m
+
+    g = torch.Generator().manual_seed(3)
+    levels = (_codebook("nf", 16).levels32 if table == "nf4"
+              else torch.randn(16, generator=g).clamp(-3, 3))  # any 16 levels: signs, both byte halves
+    planes = torch.zeros(8, dtype=torch.int32)
+    _planes_probe[(1,)](levels.float(), planes)
+    codes = torch.randint(0, 16, (64, 8), generator=g)
+    codes[0] = torch.arange(8)
+    codes[1] = torch.arange(8, 16)
+    want = levels.half().float()[codes]
+    for w, row in enumerate(codes.tolist()):
+        word = sum(q << (4 * j) for j, q in enumerate(row))
+        regs = {"$8": word, **{f"${9 + i}": int(p) & 0xFFFFFFFF for i, p in enumerate(planes)}}
+        regs = _run_ptx(small_m._lut8_ptx(), regs)
+        got = torch.tensor([regs[f"${j}"] for j in range(8)], dtype=torch.float32)
+        assert torch.equal(got, want[w]), (w, row, got, want[w])
+
+
 @pytest.mark.skipif(not HAVE_TRITON, reason="triton is not installed")
 def test_m1_candidates_by_format():
     """The M = 1 tuner's candidates: affine weights only the CUDA-core kernel; codebooks (a table

@@ -71,7 +71,28 @@ def magic_for(dtype: torch.dtype, rbits: int) -> tuple[float, int]:
         return 128.0, 0x4300
     return 0.0, 0
 
+def _lut8_ptx() -> str:
+    """PTX of :func:`_lut8`: outputs ``$0..$7`` (code ``j`` of word ``$8`` as float32), the byte
+    planes in ``$9..$16`` (``L0..L3``, ``H0..H3``). For four codes whose nibbles sit in the low 16
+    bits of ``w``: selector ``c = w & 0x7777`` (bit 3 of a selector nibble would switch ``prmt``
+    to sign replication), bank selector ``s = 0x3210 | ((w >> 1) & 0x4444)`` (byte ``j`` from the
+    first source, or from the second when code ``j`` is 8 or more)."""
+    lines = ["{", ".reg .b32 w, c, s, la, lb, ha, hb, lo, hi, p0, p1;", ".reg .b16 u0, u1;"]
+    for half in range(2):
+        lines += [f"shr.b32 w, $8, {16 * half};", "and.b32 c, w, 0x7777;", "shr.b32 s, w, 1;",
+                  "and.b32 s, s, 0x4444;", "or.b32 s, s, 0x3210;",
+                  "prmt.b32 la, $9, $10, c;", "prmt.b32 lb, $11, $12, c;",
+                  "prmt.b32 ha, $13, $14, c;", "prmt.b32 hb, $15, $16, c;",
+                  "prmt.b32 lo, la, lb, s;", "prmt.b32 hi, ha, hb, s;",
+                  "prmt.b32 p0, lo, hi, 0x5140;", "prmt.b32 p1, lo, hi, 0x7362;"]
+        o = 4 * half
+        lines += ["mov.b32 {u0, u1}, p0;", f"cvt.f32.f16 ${o}, u0;", f"cvt.f32.f16 ${o + 1}, u1;",
+                  "mov.b32 {u0, u1}, p1;", f"cvt.f32.f16 ${o + 2}, u0;", f"cvt.f32.f16 ${o + 3}, u1;"]
+    return "\n".join(lines + ["}"])
+
+
 if HAVE_TRITON:
+    _LUT8_PTX = tl.constexpr(_lut8_ptx())
 
     @triton.jit
     def word_code(words, hi, hshift, j: tl.constexpr, BITS: tl.constexpr):
@@ -192,10 +213,10 @@ if HAVE_TRITON:
         HAS_ZERO: tl.constexpr, CODEBOOK: tl.constexpr, HAS_BIAS: tl.constexpr,
         MAGIC: tl.constexpr, MAGIC_BITS: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IS_SPLIT: tl.constexpr,
-        EVEN_K: tl.constexpr, RANK: tl.constexpr,
+        EVEN_K: tl.constexpr, RANK: tl.constexpr, LUT_ASM: tl.constexpr,
     ):
         """``GSTEP``: k per scale step (the group size, or ``BLOCK_K`` for per-channel weights);
-        ``NG``: scale steps in the padded K; ``G_PER``: steps per split. ``fmagic`` and ``EVEN_K``
+        ``NG``: scale steps in the padded K; ``G_PER``: steps per split. ``fmagic``, ``EVEN_K`` and ``LUT_ASM``
         are the CUDA-core kernel's (the two kernels share one argument list, :func:`launch_args`)."""
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
@@ -260,20 +281,64 @@ if HAVE_TRITON:
         return words, hiw, s, z
 
     @triton.jit
-    def _codebook_sums(x_ptr, t_ptr, words, hiw, offs_w, K, BITS: tl.constexpr, PACK: tl.constexpr,
-                       WROWS: tl.constexpr, BLOCK_N: tl.constexpr):
-        """Per word row and column: ``sum_j x[k_j] * table[code j]`` (``[WROWS, BLOCK_N]``), codes
-        extracted one slot at a time and looked up in the level table."""
+    def _codebook_sums(x_ptr, t_ptr, words, hiw, offs_w, K, planes, BITS: tl.constexpr, PACK: tl.constexpr,
+                       WROWS: tl.constexpr, BLOCK_N: tl.constexpr, LUT_ASM: tl.constexpr):
+        """Per word row and column: ``sum_j x[k_j] * table[code j]`` (``[WROWS, BLOCK_N]``). With
+        ``LUT_ASM`` (4-bit codes, CUDA) the eight codes of a word are looked up in registers
+        (:func:`_lut8`, ``planes`` from :func:`_table_planes`); otherwise codes are extracted one
+        slot at a time and loaded from the level table (a gather per code)."""
         part = tl.zeros([WROWS, BLOCK_N], dtype=tl.float32)
-        if BITS == 3:
-            hshift = ((offs_w % 2) * 16)[:, None]
+        if LUT_ASM:
+            v = _lut8(words, planes)
+            for j in tl.static_range(8):
+                kj = offs_w * 8 + j
+                xj = tl.load(x_ptr + kj, mask=kj < K, other=0.0).to(tl.float32)
+                part += v[j] * xj[:, None]
         else:
-            hshift = 0
-        for j in tl.static_range(PACK):
-            kj = offs_w * PACK + j
-            xj = tl.load(x_ptr + kj, mask=kj < K, other=0.0).to(tl.float32)
-            part += tl.load(t_ptr + word_code(words, hiw, hshift, j, BITS)) * xj[:, None]
+            if BITS == 3:
+                hshift = ((offs_w % 2) * 16)[:, None]
+            else:
+                hshift = 0
+            for j in tl.static_range(PACK):
+                kj = offs_w * PACK + j
+                xj = tl.load(x_ptr + kj, mask=kj < K, other=0.0).to(tl.float32)
+                part += tl.load(t_ptr + word_code(words, hiw, hshift, j, BITS)) * xj[:, None]
         return part
+
+    @triton.jit
+    def _table_planes(t_ptr):
+        """The 16-level table (float32 at ``t_ptr``) rounded to float16 and split into byte
+        planes for :func:`_lut8`: ``(L0, L1, L2, L3, H0, H1, H2, H3)``, int32 scalars, byte ``i``
+        of ``L{b}`` (``H{b}``) the low (high) byte of level ``4 b + i``. Once per program."""
+        idx = tl.arange(0, 16)
+        h = tl.load(t_ptr + idx).to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+        sh = (idx % 4) * 8
+        bank = idx // 4
+        lo = (h & 0xFF) << sh
+        hi = (h >> 8) << sh
+        return (tl.sum(tl.where(bank == 0, lo, 0)), tl.sum(tl.where(bank == 1, lo, 0)),
+                tl.sum(tl.where(bank == 2, lo, 0)), tl.sum(tl.where(bank == 3, lo, 0)),
+                tl.sum(tl.where(bank == 0, hi, 0)), tl.sum(tl.where(bank == 1, hi, 0)),
+                tl.sum(tl.where(bank == 2, hi, 0)), tl.sum(tl.where(bank == 3, hi, 0)))
+
+    @triton.jit
+    def _lut8(words, planes):
+        """The eight 4-bit codes of each int32 word (code ``j`` in bits ``[4j, 4j + 4)``) looked up
+        in a 16-level float16 table held in eight registers, as eight float32 tensors.
+
+        PTX ``prmt`` picks any four bytes out of two registers (a 3-bit selector per byte), so
+        for four codes at a time: the low 3 bits index the byte planes of levels 0-7 and of
+        levels 8-15 (four ``prmt``), a fifth and sixth keep per byte the plane the code's top
+        bit names, two interleave low and high bytes into float16 pairs, and each half is
+        widened to float32. About 4 instructions a code, no memory access; the table load it
+        replaces cost about 10 (benchmarks/results/kernels_sass.json). GPU only: the
+        interpreter cannot run PTX."""
+        return tl.inline_asm_elementwise(
+            asm=_LUT8_PTX,
+            constraints="=r,=r,=r,=r,=r,=r,=r,=r,r,r,r,r,r,r,r,r,r",
+            args=[words, planes[0], planes[1], planes[2], planes[3], planes[4], planes[5], planes[6], planes[7]],
+            dtype=(tl.float32, tl.float32, tl.float32, tl.float32, tl.float32, tl.float32, tl.float32, tl.float32),
+            is_pure=True, pack=1)
 
     @triton.jit
     def _slot(words, fmagic, pos: tl.constexpr, BITS: tl.constexpr, SUBNORMAL: tl.constexpr):
@@ -344,7 +409,7 @@ if HAVE_TRITON:
         HAS_ZERO: tl.constexpr, CODEBOOK: tl.constexpr, HAS_BIAS: tl.constexpr,
         MAGIC: tl.constexpr, MAGIC_BITS: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IS_SPLIT: tl.constexpr,
-        EVEN_K: tl.constexpr, RANK: tl.constexpr,
+        EVEN_K: tl.constexpr, RANK: tl.constexpr, LUT_ASM: tl.constexpr,
     ):
         """M = 1 on CUDA cores. One step = one group (``BLOCK_K == GSTEP``; per-channel weights:
         any ``BLOCK_K``): a ``[BLOCK_K // PACK, BLOCK_N]`` tile of words, codes taken one
@@ -361,12 +426,17 @@ if HAVE_TRITON:
         g_hi = tl.minimum(g_lo + G_PER, NG)
         words, hiw, s, z = _load_step(w_ptr, wh_ptr, s_ptr, z_ptr, g_lo, g_hi, KW, N, offs_n, n_mask,
                                       BITS, PACK, PER_CHANNEL, HAS_ZERO, BLOCK_K)
+        if LUT_ASM:
+            planes = _table_planes(t_ptr)
+        else:
+            planes = (0, 0, 0, 0, 0, 0, 0, 0)
         for g in range(g_lo, g_hi):
             nwords, nhiw, ns, nz = _load_step(w_ptr, wh_ptr, s_ptr, z_ptr, g + 1, g_hi, KW, N, offs_n, n_mask,
                                               BITS, PACK, PER_CHANNEL, HAS_ZERO, BLOCK_K)
             offs_w = g * WROWS + tl.arange(0, WROWS)
             if CODEBOOK:
-                acc += _codebook_sums(x_ptr, t_ptr, words, hiw, offs_w, K, BITS, PACK, WROWS, BLOCK_N) * s
+                acc += _codebook_sums(x_ptr, t_ptr, words, hiw, offs_w, K, planes, BITS, PACK, WROWS, BLOCK_N,
+                                      LUT_ASM) * s
             else:
                 part, xs = _word_sums_inplace(x_ptr, words, hiw, fmagic, offs_w, K, BITS, PACK, WROWS, BLOCK_N, EVEN_K)
                 acc = _add_group_tile(acc, part, xs, s, z, zconst, HAS_ZERO)
@@ -395,7 +465,8 @@ def compile_offline(bits: int, group: int, block_n: int = 128, num_warps: int = 
                  "z_ptr": "fp16", "t_ptr": "fp32", "ws_ptr": "fp32", "cnt_ptr": "i32", "lr_ptr": "fp32", "u_ptr": act}
     consts = {"BITS": bits, "PACK": 16 if bits == 3 else 32 // bits, "GSTEP": group, "PER_CHANNEL": False,
               "HAS_ZERO": not codebook, "CODEBOOK": codebook, "HAS_BIAS": False, "MAGIC": 0.0, "MAGIC_BITS": 0,
-              "BLOCK_M": 1, "BLOCK_N": block_n, "BLOCK_K": group, "IS_SPLIT": True, "EVEN_K": True, "RANK": 0}
+              "BLOCK_M": 1, "BLOCK_N": block_n, "BLOCK_K": group, "IS_SPLIT": True, "EVEN_K": True, "RANK": 0,
+              "LUT_ASM": codebook and bits == 4}
     names = kernel.arg_names
     sig = {a: "constexpr" if a in consts else f"*{ptr_types[a]}" if a in ptr_types else
            "fp32" if a == "zconst" else "i32" for a in names}
@@ -470,7 +541,8 @@ def launch_args(rw: RuntimeWeight, x2: torch.Tensor, bias: torch.Tensor | None, 
     consts = {"BITS": rw.rbits, "PACK": rw.pack, "GSTEP": gstep, "PER_CHANNEL": rw.group == 0,
               "HAS_ZERO": rw.zero is not None, "CODEBOOK": rw.kind == "codebook", "HAS_BIAS": bias is not None,
               "MAGIC": magic, "MAGIC_BITS": magic_bits, "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk,
-              "IS_SPLIT": split > 1, "EVEN_K": k % gstep == 0, "RANK": lr_t.shape[-1] if lowrank is not None else 0}
+              "IS_SPLIT": split > 1, "EVEN_K": k % gstep == 0, "RANK": lr_t.shape[-1] if lowrank is not None else 0,
+              "LUT_ASM": cfg["KERNEL"] == "fma" and rw.kind == "codebook" and rw.rbits == 4 and x2.is_cuda}
     options = {"num_warps": cfg.get("num_warps", 4), "num_stages": cfg.get("num_stages", 2)}
     return kernel, grid, args, consts, options
 
