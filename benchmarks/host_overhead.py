@@ -1,5 +1,6 @@
 """Where the host time of one eager M = 1 call goes (CUDA): microseconds per call of each layer of
-``quant_matmul``, from the raw Triton launch up to ``QuantLinear.forward``, beside fp16 ``F.linear``.
+``quant_matmul``, from the raw Triton launch up to ``QuantLinear.forward``, beside fp16 ``F.linear``,
+and W8A8 (two launches) with and without its launch plan.
 
 Each row is a loop of calls without synchronisation (the CPU cost only), median of 5 loops. A
 cProfile of the full call follows, so a slow layer shows by name.
@@ -74,6 +75,14 @@ def main() -> None:
         ("quant_matmul", lambda: qmm.quant_matmul(x, rw)),
     ]
     rows.append(("QuantLinear.forward", lambda: qlin(x)))
+    from bitsmith.kernels.w8a8 import w8a8_linear
+
+    sq = w16.float().abs().amax(1) / 127
+    wq = (w16.float() / sq[:, None]).round().clamp(-127, 127).to(torch.int8)
+    w8_plans: dict = {}
+    w8a8_linear(x, wq, sq, plans=w8_plans)  # tunes, builds the plan
+    rows.append(("w8a8_linear, no plan", lambda: w8a8_linear(x, wq, sq)))
+    rows.append(("w8a8_linear, launch plan", lambda: w8a8_linear(x, wq, sq, plans=w8_plans)))
     res = []
     print(f"{'layer':<34} {'host us/call':>12}")
     for name, f in rows:

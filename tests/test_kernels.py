@@ -595,6 +595,30 @@ def test_cuda_w8a8_equals_torch_path(m, dtype):
 
 
 @needs_cuda
+def test_cuda_w8a8_module_builds_and_reuses_launch_plans():
+    """W8A8Linear keeps its tuned launches as plans after the first call of a shape; a plan call
+    equals that first call bit for bit (dynamic and static activation scales), and moving the
+    module drops them."""
+    from bitsmith.methods.smoothquant import int8_weight
+    from bitsmith.nn import W8A8Linear
+
+    torch.manual_seed(0)
+    for static in (False, True):
+        lin = torch.nn.Linear(512, 384)
+        x = torch.randn(3, 5, 512, device="cuda", dtype=torch.float16)
+        mod = W8A8Linear.from_float(lin, int8_weight, input_scale=x.abs().max().float().cpu() / 127 if static else None)
+        mod = mod.to("cuda", torch.float16)
+        assert mod.act_quant == ("per_tensor_static" if static else "per_token")
+        with torch.no_grad():
+            first = mod(x)
+            plans = mod.__dict__["_w8a8_plans"]
+            assert len(plans) == 1
+            assert torch.equal(mod(x), first) and torch.equal(mod(x.clone()), first)
+        mod.to("cuda", torch.float16)
+        assert mod.__dict__["_w8a8_plans"] == {}
+
+
+@needs_cuda
 def test_cuda_first_call_inside_graph_capture():
     """A QuantLinear moved to the GPU and called for the first time inside CUDA-graph capture:
     the split-K workspace was sized at load (reserve_workspace), so the untuned default launch
@@ -729,6 +753,42 @@ def test_launch_plan_passes_addresses_and_fresh_outputs(monkeypatch):
     first, second = plan(x, None), plan(x, None)  # a fresh output per call, never a shared buffer
     assert first.data_ptr() != second.data_ptr()
     assert all(isinstance(v, int) for v in launched[:8])
+
+
+@pytest.mark.skipif(not HAVE_TRITON, reason="triton is not installed")
+@pytest.mark.parametrize("static", [False, True])
+def test_w8a8_plan_passes_addresses_and_fresh_outputs(monkeypatch, static):
+    """W8A8's launch plan (both launches of a call, the eager fast path on CUDA): the activation,
+    the int8 codes, the row scales and the output are fresh per call and reach every argument
+    position that held them when the plan was built (the row scales twice in the quantize
+    launch when there is no static scale); weights, scales, bias, static scale and migration
+    keep their addresses. Checked with a recording stand-in for the compiled kernels."""
+    from bitsmith.kernels import qmm, w8a8
+
+    calls = []
+    Compiled = _recording_kernel(calls)
+    monkeypatch.setattr(qmm, "_raw_stream", lambda dev: 99)
+    m, k, n = 2, 8, 3
+    x, q, sx = torch.randn(m, k), torch.zeros(m, k, dtype=torch.int8), torch.zeros(m)
+    out = torch.zeros(m, n)
+    w, sw, bias, mig, act = torch.zeros(n, k, dtype=torch.int8), torch.ones(n), torch.zeros(n), torch.ones(k), torch.ones(1)
+    qargs = (x, q, sx, act if static else sx, mig, k, k, k)
+    gargs = (q, w, sx, sw, bias, out, m, n, k, k, k, n)
+    plan = w8a8._W8A8Plan(((Compiled(), (static, 8)), (m,), qargs), ((Compiled(), (16, 8)), (4,), gargs), x, q, sx, out)
+    x2 = torch.randn(m, k)
+    first = plan(x2)
+    (qcall, gcall), second = calls[-2:], plan(x2)
+    assert first.shape == (m, n) and first.dtype == x2.dtype and first.data_ptr() != second.data_ptr()
+    assert qcall[:9] == (m, 1, 1, 99, "fn", "meta", None, None, None)
+    assert gcall[:9] == (4, 1, 1, 99, "fn", "meta", None, None, None)
+    qa, ga = qcall[9:], gcall[9:]
+    assert qa[0] == x2.data_ptr() and ga[5] == first.data_ptr()
+    assert qa[1] == ga[0] != q.data_ptr()  # the fresh codes: written by one launch, read by the next
+    assert qa[2] == ga[2] != sx.data_ptr()  # the fresh row scales
+    assert qa[3] == (act.data_ptr() if static else qa[2])
+    assert qa[4] == mig.data_ptr() and qa[5:] == (k, k, k, static, 8)
+    assert ga[1] == w.data_ptr() and ga[3] == sw.data_ptr() and ga[4] == bias.data_ptr()
+    assert ga[6:] == (m, n, k, k, k, n, 16, 8)
 
 
 @pytest.mark.skipif(not HAVE_TRITON, reason="triton is not installed")

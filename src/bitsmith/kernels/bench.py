@@ -218,6 +218,7 @@ def run_bench(
 
             sq = w16.float().abs().amax(1).clamp(min=1e-8) / 127
             wq = (w16.float() / sq[:, None]).round().clamp(-127, 127).to(torch.int8)
+            w8_plans: dict = {}  # launch plans, as W8A8Linear keeps them
         for m in ms:
             say(f"shape {n}x{k} M={m}")
             x = torch.randn(m, k, device=dev, dtype=torch.float16)
@@ -233,7 +234,8 @@ def run_bench(
             for fmt, rw in rws.items():
                 cases.append((fmt, (lambda rw=rw: quant_matmul(x, rw)), rw.nbytes + io, ""))
             if w8a8:
-                cases.append(("w8a8", lambda: w8a8_linear(x, wq, sq), n * k + n * 4 + io + m * k, "dynamic per-token"))
+                cases.append(("w8a8", lambda: w8a8_linear(x, wq, sq, plans=w8_plans), n * k + n * 4 + io + m * k,
+                              "dynamic per-token"))
                 if m > 16 and k % 8 == 0 and n % 8 == 0:
                     cases.append(("w8a8_int_mm", lambda: w8a8_linear(x, wq, sq, backend="int_mm"), n * k + n * 4 + io + m * k,
                                   "torch._int_mm + torch-op rescale"))

@@ -33,6 +33,7 @@ from torch import nn
 from ..errors import CheckpointError, QuantizationError
 from ..formats import QTensor
 from ..kernels import HAVE_TRITON
+from ..kernels.ops import compiling, fused_linear, handle_of
 from ..kernels.w8a8 import w8a8_linear as fused_w8a8_linear
 from .quant_module import QuantWeightMixin, Quantizer
 from .registry import register_runtime_module
@@ -199,14 +200,33 @@ class W8A8Linear(QuantWeightMixin, nn.Module):
 
     # --- running ----------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and HAVE_TRITON and not (x.requires_grad and torch.is_grad_enabled()):
+        if compiling() and self._fused_when_compiled(x):
+            return fused_linear(x, handle_of(self))  # opaque to torch.compile (bitsmith.kernels.ops)
+        return self.eager_forward(x)
+
+    @staticmethod
+    def _fused(x: torch.Tensor) -> bool:
+        """Whether ``x`` takes the fused Triton path."""
+        return x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and HAVE_TRITON and not (
+            x.requires_grad and torch.is_grad_enabled())
+
+    def _fused_when_compiled(self, x: torch.Tensor) -> bool:
+        """Under ``torch.compile``: emit the opaque ``bitsmith::fused_linear`` op (the fused path)."""
+        return self._fused(x)
+
+    def eager_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The forward pass outside ``torch.compile``."""
+        if self._fused(x):
             # fused Triton path (bitsmith.kernels.w8a8): same codes and int32 sums, fused rescale
             return fused_w8a8_linear(x, self.codes, self.scale, self.bias, act_scale=self.input_scale,
-                                     migration_scale=self.migration_scale)
+                                     migration_scale=self.migration_scale,
+                                     plans=self.__dict__.setdefault("_w8a8_plans", {}))
         return w8a8_linear(x, self.codes, self.scale, self.bias, self.migration_scale, self.input_scale)
 
     def _apply(self, fn, recurse=True):  # type: ignore[override]
-        """Like the packed weight, the float32 scales keep their dtype under ``model.half()``."""
+        """Like the packed weight, the float32 scales keep their dtype under ``model.half()``.
+        The fused path's launch plans hold the old tensors' addresses: dropped."""
+        self.__dict__["_w8a8_plans"] = {}
         saved = {n: self._buffers[n] for n in EXTRA_BUFFERS if self._buffers.get(n) is not None}
         super()._apply(fn, recurse)
         for n, old in saved.items():
@@ -214,6 +234,10 @@ class W8A8Linear(QuantWeightMixin, nn.Module):
             if new.dtype != old.dtype:
                 self._buffers[n] = old.to(new.device)
         return self
+
+    def _load_from_state_dict(self, *args, **kwargs):  # type: ignore[override]
+        super()._load_from_state_dict(*args, **kwargs)
+        self.__dict__["_w8a8_plans"] = {}  # tensors may have been replaced (assign=True)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
