@@ -5,6 +5,8 @@
 #   OUT=/some/dir bash benchmarks/kernels_gpu_session.sh bench   # kernel table (M = 1, 16), end-to-end decode, compute-sanitizer
 #   OUT=/some/dir bash benchmarks/kernels_gpu_session.sh fused   # CUDA tests, host overhead by layer, SVDQuant's fused branch, M = 1 table
 #   OUT=/some/dir bash benchmarks/kernels_gpu_session.sh sanitize   # compute-sanitizer memcheck of every kernel
+#   OUT=/some/dir bash benchmarks/kernels_gpu_session.sh lut        # CUDA tests (+ torch.compile), host overhead (W8A8 plans), M = 1 table int4 vs NF4
+#   OUT=/some/dir bash benchmarks/kernels_gpu_session.sh e2e        # end-to-end decode, uncompiled and torch.compile'd (E2E_FORMATS)
 # The CUDA tests run with pytest-xdist when it is importable (carried as wheels: .whl/, see the device notes).
 set -u
 export PYTHONPATH=src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
@@ -16,8 +18,8 @@ cuda_tests() {  # CUDA tests of the kernels and SVDQuant's module; exit status 0
   fi
   XDIST=$(python3 -c "import xdist" 2>/dev/null && echo "-n 14")
   TEST_K=${TEST_K:-cuda}
-  echo "== pytest tests/test_kernels.py tests/test_svdquant.py -k '$TEST_K' $XDIST" | tee "$OUT/gpu_tests.txt"
-  timeout "${T_TESTS:-200}" python3 -m pytest -p no:cacheprovider -rfE $XDIST tests/test_kernels.py tests/test_svdquant.py -k "$TEST_K" 2>&1 \
+  echo "== pytest ${TEST_FILES:-tests/test_kernels.py tests/test_svdquant.py} -k '$TEST_K' $XDIST" | tee "$OUT/gpu_tests.txt"
+  timeout "${T_TESTS:-200}" python3 -m pytest -p no:cacheprovider -rfE $XDIST ${TEST_FILES:-tests/test_kernels.py tests/test_svdquant.py} -k "$TEST_K" 2>&1 \
     | tail -40 | tee -a "$OUT/gpu_tests.txt" | tail -3
   return "${PIPESTATUS[0]}"
 }
@@ -48,6 +50,25 @@ fused)
     timeout "${T_BENCH:-200}" python3 benchmarks/kernels_bench.py --m 1 --reps 20 --name kernels_h100_m1v3 2>/dev/null | tee -a "$OUT/kernels_bench.txt"
     cp benchmarks/results/kernels_h100_m1v3.json "$OUT/" 2>/dev/null
   fi
+  ;;
+lut)
+  TEST_FILES="tests/test_kernels.py tests/test_svdquant.py tests/test_compile.py" cuda_tests
+  echo "== python3 benchmarks/host_overhead.py" | tee "$OUT/host_overhead.txt"
+  timeout "${T_HOST:-90}" python3 benchmarks/host_overhead.py 2>&1 | tee -a "$OUT/host_overhead.txt" | head -12
+  cp benchmarks/results/host_overhead_h100.json "$OUT/" 2>/dev/null
+  echo "== python3 benchmarks/kernels_bench.py --m 1 --formats int4_g64,nf4_g64 --reps 20 --name kernels_m1_lut" | tee "$OUT/kernels_bench.txt"
+  timeout "${T_BENCH:-240}" python3 benchmarks/kernels_bench.py --m 1 --formats int4_g64,nf4_g64 --reps 20 --name kernels_m1_lut 2>/dev/null \
+    | tee -a "$OUT/kernels_bench.txt"
+  cp benchmarks/results/kernels_m1_lut.json "$OUT/" 2>/dev/null
+  ;;
+e2e)
+  for c in "" "--compile"; do
+    name=decode_e2e${c:+_compiled}
+    echo "== python3 benchmarks/decode_e2e.py --batch 1 --formats ${E2E_FORMATS:-fp16,int4_g64,nf4_g64} --reps 30 $c --name $name" | tee -a "$OUT/decode_e2e.txt"
+    timeout "${T_E2E:-280}" python3 benchmarks/decode_e2e.py --batch 1 --formats "${E2E_FORMATS:-fp16,int4_g64,nf4_g64}" --reps 30 $c \
+      --name $name 2>&1 | grep -v -i warn | tee -a "$OUT/decode_e2e.txt"
+    cp benchmarks/results/$name.json "$OUT/" 2>/dev/null
+  done
   ;;
 sanitize)  # compute-sanitizer memcheck over every kernel
   OUT="$OUT" bash benchmarks/kernels_sanitize.sh

@@ -281,7 +281,8 @@ class LowRankQuantLinear(LowRankCheckpointMixin, KernelWeightMixin, QuantWeightM
                 dtype=dtype, k=self.in_features, n=self.out_features, device=self.qweight.device)
         return lr
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def eager_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The forward pass outside ``torch.compile`` (see :class:`KernelWeightMixin`'s ``forward``)."""
         rw = self._kernel_weight(x)
         if rw is not None and self.act_bits == 16 and self.fuse_low_rank:
             lr = self._low_rank_runtime(x.dtype)

@@ -8,6 +8,7 @@ from torch import nn
 from ..errors import QuantizationError
 from ..formats import QTensor
 from ..kernels import HAVE_TRITON, RuntimeWeight, quant_matmul, repack, reserve_workspace, unsupported_reason
+from ..kernels.ops import compiling, fused_linear, handle_of
 from .quant_module import QuantWeightMixin, Quantizer
 
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16)
@@ -17,7 +18,9 @@ class KernelWeightMixin:
     """Fused-kernel dispatch for a module whose packed weight is ``self.qweight`` (QuantLinear,
     LowRankQuantLinear's residual): the runtime layout is repacked once (at ``.to(cuda)`` or the
     first CUDA forward), cached in ``__dict__`` (never a buffer, never saved) and dropped when
-    the buffers change. ``use_kernels = False`` on an instance keeps the reference path."""
+    the buffers change. ``use_kernels = False`` on an instance keeps the reference path.
+    ``forward`` is :meth:`eager_forward`, which the module defines; under ``torch.compile`` the
+    fused path is emitted as one opaque op instead (:mod:`bitsmith.kernels.ops`)."""
 
     use_kernels: bool = True
 
@@ -35,6 +38,19 @@ class KernelWeightMixin:
             self.__dict__["_runtime"] = repack(qt)
             reserve_workspace(self.__dict__["_runtime"])
         return self.__dict__["_runtime"]
+
+    def _fused_when_compiled(self, x: torch.Tensor) -> bool:
+        """Under ``torch.compile``: whether ``forward`` runs the fused kernels, so is emitted as
+        the opaque ``bitsmith::fused_linear`` op (:mod:`bitsmith.kernels.ops`); the same test
+        as :meth:`_kernel_weight`, without its side effects."""
+        return (self.use_kernels and HAVE_TRITON and x.is_cuda and x.dtype in _KERNEL_DTYPES
+                and not (x.requires_grad and torch.is_grad_enabled())
+                and self.__dict__.get("kernel_skip_reason") is None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if compiling() and self._fused_when_compiled(x):
+            return fused_linear(x, handle_of(self))
+        return self.eager_forward(x)
 
     def _kernel_weight(self, x: torch.Tensor) -> RuntimeWeight | None:
         if not (self.use_kernels and x.is_cuda and x.dtype in _KERNEL_DTYPES and HAVE_TRITON):
@@ -96,7 +112,9 @@ class QuantLinear(KernelWeightMixin, QuantWeightMixin, nn.Module):
         bias = None if module.bias is None else module.bias.detach().clone()
         return cls(module.in_features, module.out_features, qt, bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def eager_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The forward pass outside ``torch.compile`` (inside it, ``forward`` wraps this in
+        :mod:`bitsmith.kernels.ops`' custom op when the kernels run)."""
         rw = self._kernel_weight(x)
         if rw is not None:
             return quant_matmul(x, rw, self.bias)

@@ -1,0 +1,64 @@
+"""``torch.compile`` support: the fused layers as one opaque custom op, ``bitsmith::fused_linear``.
+
+Dynamo cannot trace the kernels' host code (cached launch plans, raw device addresses, Triton
+launchers), so a compiled model that reached it would break its graph at every quantized layer or
+fail. Under compilation the runtime modules (:class:`bitsmith.nn.QuantLinear`,
+:class:`bitsmith.nn.LowRankQuantLinear`, :class:`bitsmith.nn.W8A8Linear`) instead emit
+``torch.ops.bitsmith.fused_linear(x, handle)``: Inductor fuses everything around it (norms,
+rotary, residual adds, activations) and calls the op, whose implementation is the module's
+ordinary eager forward, so the kernels, their launch plans and the CUDA-graph capture work as
+they do uncompiled. ``handle`` is a small integer naming the module in a weak registry (the op's
+schema takes tensors and numbers, not modules); the graph keeps it as a constant, and a module
+that is deleted leaves the registry by itself.
+
+Only the fused-kernel path goes through the op (CUDA, float16 / bfloat16 input, no autograd
+through the input); every other case traces the modules' torch reference path as before.
+"""
+from __future__ import annotations
+
+import itertools
+import weakref
+
+import torch
+
+_MODULES: "weakref.WeakValueDictionary[int, torch.nn.Module]" = weakref.WeakValueDictionary()
+_NEXT = itertools.count(1)
+
+
+@torch.compiler.assume_constant_result
+def handle_of(module: torch.nn.Module) -> int:
+    """The module's handle in the registry (assigned on first use; a copied module gets its own).
+    Runs eagerly while Dynamo traces: the compiled graph sees a constant."""
+    h = module.__dict__.get("_op_handle")
+    if h is None or _MODULES.get(h) is not module:
+        h = next(_NEXT)
+        module.__dict__["_op_handle"] = h
+        _MODULES[h] = module
+    return h
+
+
+def _module(handle: int) -> torch.nn.Module:
+    module = _MODULES.get(handle)
+    if module is None:
+        raise RuntimeError(f"bitsmith::fused_linear: module handle {handle} is gone (the module was deleted "
+                           "while a compiled graph that calls it is still in use)")
+    return module
+
+
+@torch.library.custom_op("bitsmith::fused_linear", mutates_args=())
+def fused_linear(x: torch.Tensor, handle: int) -> torch.Tensor:
+    """The registered module's eager forward on ``x`` (a new tensor ``[..., out_features]``)."""
+    return _module(handle).eager_forward(x)
+
+
+@fused_linear.register_fake
+def _fused_linear_fake(x: torch.Tensor, handle: int) -> torch.Tensor:
+    return x.new_empty(*x.shape[:-1], _module(handle).out_features)
+
+
+def compiling() -> bool:
+    """Whether Dynamo is tracing the caller (the modules then emit :func:`fused_linear`)."""
+    return torch.compiler.is_compiling()
+
+
+__all__ = ["fused_linear", "handle_of", "compiling"]
