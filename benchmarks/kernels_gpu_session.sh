@@ -62,10 +62,10 @@ lut)
   cp benchmarks/results/kernels_m1_lut.json "$OUT/" 2>/dev/null
   ;;
 e2e)
-  for c in "" "--compile"; do
-    name=decode_e2e${c:+_compiled}
+  for c in "--compile" ""; do  # compiled first: the new measurement
+    name=decode_e2e_b1${c:+_compiled}
     echo "== python3 benchmarks/decode_e2e.py --batch 1 --formats ${E2E_FORMATS:-fp16,int4_g64,nf4_g64} --reps 30 $c --name $name" | tee -a "$OUT/decode_e2e.txt"
-    timeout "${T_E2E:-280}" python3 benchmarks/decode_e2e.py --batch 1 --formats "${E2E_FORMATS:-fp16,int4_g64,nf4_g64}" --reps 30 $c \
+    timeout "${T_E2E:-290}" python3 benchmarks/decode_e2e.py --batch 1 --formats "${E2E_FORMATS:-fp16,int4_g64,nf4_g64}" --reps 30 $c \
       --name $name 2>&1 | grep -v -i warn | tee -a "$OUT/decode_e2e.txt"
     cp benchmarks/results/$name.json "$OUT/" 2>/dev/null
   done
