@@ -73,14 +73,17 @@ def magic_for(dtype: torch.dtype, rbits: int) -> tuple[float, int]:
 
 def _lut8_ptx() -> str:
     """PTX of :func:`_lut8`: outputs ``$0..$7`` (code ``j`` of word ``$8`` as float32), the byte
-    planes in ``$9..$16`` (``L0..L3``, ``H0..H3``). For four codes whose nibbles sit in the low 16
-    bits of ``w``: selector ``c = w & 0x7777`` (bit 3 of a selector nibble would switch ``prmt``
-    to sign replication), bank selector ``s = 0x3210 | ((w >> 1) & 0x4444)`` (byte ``j`` from the
-    first source, or from the second when code ``j`` is 8 or more)."""
-    lines = ["{", ".reg .b32 w, c, s, la, lb, ha, hb, lo, hi, p0, p1;", ".reg .b16 u0, u1;"]
+    planes in ``$9..$16`` (``L0..L3``, ``H0..H3``). ``prmt`` reads its selector from the low 16
+    bits, so for the four codes there: selector ``c = w & 0x7777`` (bit 3 of a selector nibble
+    would switch ``prmt`` to sign replication), bank selector ``s = 0x3210 | ((w >> 1) & 0x4444)``
+    (byte ``j`` from the first source, or from the second when code ``j`` is 8 or more); both
+    are computed for the whole word once and shifted down by 16 for the upper four codes."""
+    lines = ["{", ".reg .b32 cw, sw, c, s, la, lb, ha, hb, lo, hi, p0, p1;", ".reg .b16 u0, u1;",
+             # both halves' selectors at once; the upper half's are shifted down after
+             "and.b32 cw, $8, 0x77777777;", "shr.b32 sw, $8, 1;", "and.b32 sw, sw, 0x44444444;",
+             "or.b32 sw, sw, 0x32103210;"]
     for half in range(2):
-        lines += [f"shr.b32 w, $8, {16 * half};", "and.b32 c, w, 0x7777;", "shr.b32 s, w, 1;",
-                  "and.b32 s, s, 0x4444;", "or.b32 s, s, 0x3210;",
+        lines += [f"shr.b32 c, cw, {16 * half};", f"shr.b32 s, sw, {16 * half};",
                   "prmt.b32 la, $9, $10, c;", "prmt.b32 lb, $11, $12, c;",
                   "prmt.b32 ha, $13, $14, c;", "prmt.b32 hb, $15, $16, c;",
                   "prmt.b32 lo, la, lb, s;", "prmt.b32 hi, ha, hb, s;",
