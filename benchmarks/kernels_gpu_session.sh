@@ -7,6 +7,8 @@
 #   OUT=/some/dir bash benchmarks/kernels_gpu_session.sh sanitize   # compute-sanitizer memcheck of every kernel
 #   OUT=/some/dir bash benchmarks/kernels_gpu_session.sh lut        # CUDA tests (+ torch.compile), host overhead (W8A8 plans), M = 1 table int4 vs NF4
 #   OUT=/some/dir bash benchmarks/kernels_gpu_session.sh e2e        # end-to-end decode, uncompiled and torch.compile'd (E2E_FORMATS)
+#   OUT=/some/dir bash benchmarks/kernels_gpu_session.sh one        # one call for all of it when device time is short:
+#       CUDA tests, M = 1 table int4 vs NF4, compiled end-to-end decode, host overhead
 # The CUDA tests run with pytest-xdist when it is importable (carried as wheels: .whl/, see the device notes).
 set -u
 export PYTHONPATH=src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
@@ -69,6 +71,20 @@ e2e)
       --name $name 2>&1 | grep -v -i warn | tee -a "$OUT/decode_e2e.txt"
     cp benchmarks/results/$name.json "$OUT/" 2>/dev/null
   done
+  ;;
+one)
+  TEST_FILES="tests/test_kernels.py tests/test_svdquant.py tests/test_compile.py" T_TESTS=${T_TESTS:-140} cuda_tests
+  echo "== python3 benchmarks/kernels_bench.py --m 1 --formats int4_g64,nf4_g64 --reps 20 --name kernels_m1_lut" | tee "$OUT/kernels_bench.txt"
+  timeout "${T_BENCH:-160}" python3 benchmarks/kernels_bench.py --m 1 --formats int4_g64,nf4_g64 --reps 20 --name kernels_m1_lut 2>/dev/null \
+    | tee -a "$OUT/kernels_bench.txt" | tail -14
+  cp benchmarks/results/kernels_m1_lut.json "$OUT/" 2>/dev/null
+  echo "== python3 benchmarks/decode_e2e.py --batch 1 --formats fp16,int4_g64,nf4_g64 --reps 30 --compile --name decode_e2e_b1_compiled" | tee "$OUT/decode_e2e.txt"
+  timeout "${T_E2E:-220}" python3 benchmarks/decode_e2e.py --batch 1 --formats fp16,int4_g64,nf4_g64 --reps 30 --compile \
+    --name decode_e2e_b1_compiled 2>&1 | grep -v -i warn | tee -a "$OUT/decode_e2e.txt" | tail -8
+  cp benchmarks/results/decode_e2e_b1_compiled.json "$OUT/" 2>/dev/null
+  echo "== python3 benchmarks/host_overhead.py" | tee "$OUT/host_overhead.txt"
+  timeout "${T_HOST:-40}" python3 benchmarks/host_overhead.py 2>&1 | tee -a "$OUT/host_overhead.txt" | head -10
+  cp benchmarks/results/host_overhead_h100.json "$OUT/" 2>/dev/null
   ;;
 sanitize)  # compute-sanitizer memcheck over every kernel
   OUT="$OUT" bash benchmarks/kernels_sanitize.sh
