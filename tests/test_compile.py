@@ -80,27 +80,60 @@ def test_the_op_fake_gives_the_output_shape():
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     layer = QuantLinear.from_float(nn.Linear(64, 96), _int4)
-    h = ops.handle_of(layer)
     with FakeTensorMode() as mode:
         x = mode.from_tensor(torch.randn(2, 7, 64, dtype=torch.float16))
-        y = torch.ops.bitsmith.fused_linear(x, h)
+        y = torch.ops.bitsmith.fused_linear(x, layer._op_handle)
     assert y.shape == (2, 7, 96) and y.dtype == torch.float16
 
 
-def test_handles_follow_modules():
-    """One handle per module: stable for the module, a new one for a copy (which would otherwise
-    run the original's weights), and a deleted module leaves the registry."""
-    layer = QuantLinear.from_float(nn.Linear(64, 96), _int4)
-    h = ops.handle_of(layer)
-    assert ops.handle_of(layer) == h and ops._MODULES[h] is layer
-    twin = copy.deepcopy(layer)
-    h2 = ops.handle_of(twin)
-    assert h2 != h and ops._MODULES[h2] is twin and ops._MODULES[h] is layer
-    del layer
+@pytest.mark.parametrize("clone", ["deepcopy", "pickle"])
+def test_handles_follow_modules(clone):
+    """One handle per module from construction: a copy or an unpickled module gets its own
+    (with the original's it would run the original's weights), and a deleted module leaves the
+    registry."""
+    import io
+
+    layers = _layers()
+    for layer in layers:
+        h = layer._op_handle
+        assert ops._MODULES[h] is layer
+        if clone == "deepcopy":
+            twin = copy.deepcopy(layer)
+        else:
+            buf = io.BytesIO()
+            torch.save(layer, buf)
+            buf.seek(0)
+            twin = torch.load(buf, weights_only=False)
+        assert twin._op_handle != h and ops._MODULES[twin._op_handle] is twin and ops._MODULES[h] is layer
+    h = layers[0]._op_handle
+    del layers, layer
     gc.collect()
     assert h not in ops._MODULES
     with pytest.raises(RuntimeError, match=f"handle {h} is gone"):
         ops.fused_linear(torch.randn(1, 64), h)
+
+
+def test_compiled_layers_inside_a_module_with_inlined_children(fused_on_cpu):
+    """The modules as Dynamo meets them in a real model (attributes of a parent module whose
+    forward is traced, the way transformers' decoder layers hold their projections): each
+    projection is one op call and the graph has no break."""
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.c = _layers()
+
+        def forward(self, x):
+            return self.c(torch.relu(self.b(torch.relu(self.a(x))))) + x[..., :48]
+
+    block = Block()
+    x = torch.randn(2, 64)
+    with torch.no_grad():
+        eager = block(x)
+        fused_on_cpu.clear()
+        got = torch.compile(block, fullgraph=True, backend="aot_eager")(x)
+    assert fused_on_cpu == {"QuantLinear": 1, "LowRankQuantLinear": 1, "W8A8Linear": 1}
+    assert torch.equal(got, eager)
 
 
 def test_without_the_switch_compile_traces_the_reference_path():

@@ -608,7 +608,7 @@ def test_cuda_w8a8_module_builds_and_reuses_launch_plans():
         x = torch.randn(3, 5, 512, device="cuda", dtype=torch.float16)
         mod = W8A8Linear.from_float(lin, int8_weight, input_scale=x.abs().max().float().cpu() / 127 if static else None)
         mod = mod.to("cuda", torch.float16)
-        assert mod.act_quant == ("per_tensor_static" if static else "per_token")
+        assert mod.act_quant == ("per_tensor_static" if static else "per_token_dynamic")
         with torch.no_grad():
             first = mod(x)
             plans = mod.__dict__["_w8a8_plans"]

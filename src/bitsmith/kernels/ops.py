@@ -8,8 +8,8 @@ fail. Under compilation the runtime modules (:class:`bitsmith.nn.QuantLinear`,
 rotary, residual adds, activations) and calls the op, whose implementation is the module's
 ordinary eager forward, so the kernels, their launch plans and the CUDA-graph capture work as
 they do uncompiled. ``handle`` is a small integer naming the module in a weak registry (the op's
-schema takes tensors and numbers, not modules); the graph keeps it as a constant, and a module
-that is deleted leaves the registry by itself.
+schema takes tensors and numbers, not modules), given at construction (:class:`FusedOpMixin`);
+the graph keeps it as a constant, and a module that is deleted leaves the registry by itself.
 
 Only the fused-kernel path goes through the op (CUDA, float16 / bfloat16 input, no autograd
 through the input); every other case traces the modules' torch reference path as before.
@@ -25,16 +25,26 @@ _MODULES: "weakref.WeakValueDictionary[int, torch.nn.Module]" = weakref.WeakValu
 _NEXT = itertools.count(1)
 
 
-@torch.compiler.assume_constant_result
-def handle_of(module: torch.nn.Module) -> int:
-    """The module's handle in the registry (assigned on first use; a copied module gets its own).
-    Runs eagerly while Dynamo traces: the compiled graph sees a constant."""
-    h = module.__dict__.get("_op_handle")
-    if h is None or _MODULES.get(h) is not module:
-        h = next(_NEXT)
-        module.__dict__["_op_handle"] = h
-        _MODULES[h] = module
+def register(module: torch.nn.Module) -> int:
+    """Give ``module`` a fresh handle (``module._op_handle``) in the registry; returns it."""
+    h = next(_NEXT)
+    module.__dict__["_op_handle"] = h
+    _MODULES[h] = module
     return h
+
+
+class FusedOpMixin:
+    """For the runtime modules: a handle from construction on, and a fresh one for a copy or an
+    unpickled module (which would otherwise name the original and run its weights). The handle
+    is a plain int attribute, which Dynamo reads as a constant while tracing ``forward``."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        register(self)
+
+    def __setstate__(self, state):  # copy.deepcopy and pickle come through here
+        super().__setstate__(state)
+        register(self)
 
 
 def _module(handle: int) -> torch.nn.Module:
@@ -61,4 +71,4 @@ def compiling() -> bool:
     return torch.compiler.is_compiling()
 
 
-__all__ = ["fused_linear", "handle_of", "compiling"]
+__all__ = ["fused_linear", "register", "FusedOpMixin", "compiling"]

@@ -8,13 +8,13 @@ from torch import nn
 from ..errors import QuantizationError
 from ..formats import QTensor
 from ..kernels import HAVE_TRITON, RuntimeWeight, quant_matmul, repack, reserve_workspace, unsupported_reason
-from ..kernels.ops import compiling, fused_linear, handle_of
+from ..kernels.ops import FusedOpMixin, compiling, fused_linear
 from .quant_module import QuantWeightMixin, Quantizer
 
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16)
 
 
-class KernelWeightMixin:
+class KernelWeightMixin(FusedOpMixin):
     """Fused-kernel dispatch for a module whose packed weight is ``self.qweight`` (QuantLinear,
     LowRankQuantLinear's residual): the runtime layout is repacked once (at ``.to(cuda)`` or the
     first CUDA forward), cached in ``__dict__`` (never a buffer, never saved) and dropped when
@@ -49,7 +49,7 @@ class KernelWeightMixin:
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if compiling() and self._fused_when_compiled(x):
-            return fused_linear(x, handle_of(self))
+            return fused_linear(x, self._op_handle)
         return self.eager_forward(x)
 
     def _kernel_weight(self, x: torch.Tensor) -> RuntimeWeight | None:
