@@ -586,6 +586,23 @@ def test_interp_w8a8_equals_torch_path(static, migration):
     _w8a8_case(37, 45, 200, torch.float16, "cpu", static, migration)
 
 
+@needs_interp
+def test_interp_w8a8_static_scale_as_a_number():
+    """A static activation scale given as a Python number runs like the same one-value tensor;
+    a scale of several values is refused, saying what was expected."""
+    from bitsmith.kernels.w8a8 import quantize_per_token, w8a8_linear
+
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(3, 40, generator=g).half()
+    w = torch.randint(-127, 128, (24, 40), generator=g, dtype=torch.int8)
+    sw = torch.rand(24, generator=g) * 0.01 + 1e-3
+    as_tensor = w8a8_linear(x, w, sw, act_scale=torch.tensor([0.03]))
+    assert torch.equal(w8a8_linear(x, w, sw, act_scale=0.03), as_tensor)
+    assert torch.equal(quantize_per_token(x, 0.03)[0], quantize_per_token(x, torch.tensor([0.03]))[0])
+    with pytest.raises(ValueError, match="one value"):
+        w8a8_linear(x, w, sw, act_scale=torch.tensor([0.03, 0.04]))
+
+
 @needs_cuda
 @pytest.mark.parametrize("m", [1, 17, 300])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

@@ -90,18 +90,22 @@ def quantize_per_token(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``x [M, K]`` float -> (int8 ``[M, K]``, float32 ``[M]`` scales); see the module docstring.
     ``migration_scale`` ``[K]`` (SmoothQuant, unfused) divides ``x`` first."""
-    m, k = x.shape
     if x.stride(-1) != 1:
         x = x.contiguous()
-    q = torch.empty(m, k, dtype=torch.int8, device=x.device)
-    s = torch.empty(m, dtype=torch.float32, device=x.device)
-    static = act_scale is not None
-    if static and not isinstance(act_scale, torch.Tensor):
-        act_scale = torch.full((1,), float(act_scale), dtype=torch.float32, device=x.device)
-    if static and act_scale.numel() != 1:
-        raise ValueError(f"act_scale must hold one value (a static per-tensor scale), got {act_scale.numel()}")
-    q, s, _ = _quantize_launch(x, act_scale if static else None, migration_scale)
+    q, s, _ = _quantize_launch(x, _static_scale(act_scale, x.device), migration_scale)
     return q, s
+
+
+def _static_scale(act_scale: torch.Tensor | float | None, device: torch.device) -> torch.Tensor | None:
+    """A static activation scale as the one-value device tensor the kernel reads (a Python
+    number becomes a new tensor); ``None`` stays ``None`` (dynamic per-token scales)."""
+    if act_scale is None:
+        return None
+    if not isinstance(act_scale, torch.Tensor):
+        act_scale = torch.full((1,), float(act_scale), dtype=torch.float32, device=device)
+    if act_scale.numel() != 1:
+        raise ValueError(f"act_scale must hold one value (a static per-tensor scale), got {act_scale.numel()}")
+    return act_scale
 
 
 def _quantize_launch(x: torch.Tensor, act_scale: torch.Tensor | None, migration_scale: torch.Tensor | None):
@@ -235,11 +239,8 @@ def w8a8_linear(
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     if act_scale is not None and not isinstance(act_scale, torch.Tensor):
-        act_scale = torch.full((1,), float(act_scale), dtype=torch.float32, device=x.device)
         plan_key = None  # a new tensor each call: nothing fixed to keep
-    if act_scale is not None and act_scale.numel() != 1:
-        raise ValueError(f"act_scale must hold one value (a static per-tensor scale), got {act_scale.numel()}")
-    xq, sx, quant_launch = _quantize_launch(x2, act_scale, migration_scale)
+    xq, sx, quant_launch = _quantize_launch(x2, _static_scale(act_scale, x.device), migration_scale)
     sw = w_scale if w_scale.dtype == torch.float32 else w_scale.float()
     if sw is not w_scale:
         plan_key = None  # converted per call
