@@ -39,13 +39,17 @@ class KernelWeightMixin(FusedOpMixin):
             reserve_workspace(self.__dict__["_runtime"])
         return self.__dict__["_runtime"]
 
+    def _kernel_input(self, x: torch.Tensor) -> bool:
+        """Whether ``x`` may take the fused kernels: CUDA, float16 / bfloat16, no gradient to
+        the input (the kernels have no backward), kernels on."""
+        return (self.use_kernels and HAVE_TRITON and x.is_cuda and x.dtype in _KERNEL_DTYPES
+                and not (x.requires_grad and torch.is_grad_enabled()))
+
     def _fused_when_compiled(self, x: torch.Tensor) -> bool:
         """Under ``torch.compile``: whether ``forward`` runs the fused kernels, so is emitted as
-        the opaque ``bitsmith::fused_linear`` op (:mod:`bitsmith.kernels.ops`); the same test
-        as :meth:`_kernel_weight`, without its side effects."""
-        return (self.use_kernels and HAVE_TRITON and x.is_cuda and x.dtype in _KERNEL_DTYPES
-                and not (x.requires_grad and torch.is_grad_enabled())
-                and self.__dict__.get("kernel_skip_reason") is None)
+        the opaque ``bitsmith::fused_linear`` op (:mod:`bitsmith.kernels.ops`); the test of
+        :meth:`_kernel_weight` without its side effects (no repacking while tracing)."""
+        return self._kernel_input(x) and self.__dict__.get("kernel_skip_reason") is None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if compiling() and self._fused_when_compiled(x):
@@ -53,10 +57,8 @@ class KernelWeightMixin(FusedOpMixin):
         return self.eager_forward(x)
 
     def _kernel_weight(self, x: torch.Tensor) -> RuntimeWeight | None:
-        if not (self.use_kernels and x.is_cuda and x.dtype in _KERNEL_DTYPES and HAVE_TRITON):
+        if not self._kernel_input(x):
             return None
-        if x.requires_grad and torch.is_grad_enabled():
-            return None  # the kernels have no backward
         rw = self.__dict__.get("_runtime")
         if rw is not None and rw.device == x.device:
             return rw
