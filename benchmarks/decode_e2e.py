@@ -13,7 +13,7 @@ bandwidth) and the eager (uncaptured) step time. Writes benchmarks/results/decod
 
 ``--compile``: the decode step is ``torch.compile``d first (Inductor, default mode, static
 shapes: it fuses the norms, rotary embedding, residual adds and activations; the quantized
-layers stay our kernels through the ``bitsmith::fused_linear`` op, bitsmith.kernels.ops), then
+layers stay our kernels through the ``bitsmith::quant_linear`` op, bitsmith.kernels.ops), then
 captured in the CUDA graph the same way, for fp16 and every format alike; compile seconds are
 reported. The prefill runs uncompiled.
 """

@@ -1,12 +1,12 @@
-"""``torch.compile`` and the runtime modules (bitsmith.kernels.ops): under compilation the fused
-path is one opaque custom op, ``bitsmith::fused_linear``, whose implementation is the module's
-eager forward.
+"""``torch.compile`` and the runtime modules (bitsmith.kernels.ops): under compilation each
+quantized linear layer is one opaque custom op, ``bitsmith::quant_linear``, whose implementation
+is the module's eager forward (the fused kernels on CUDA, the torch reference path here).
 
-The fused path itself needs CUDA; here the modules' compile-time switch is forced on for CPU
-inputs, so the op runs their torch reference path: what is checked is the wiring (a graph
-without breaks, one op call per layer, the fake implementation's shapes, handles), with
-``backend="aot_eager"`` (no C++ compiler). On the GPU, benchmarks/decode_e2e.py --compile runs
-the real thing through Inductor and CUDA graphs.
+On CPU this checks the wiring: a graph without breaks (``fullgraph=True``), one op call per layer,
+results equal to eager, the fake implementation's shapes, handles, and the traced fallback when
+the input needs a gradient. Most use ``backend="aot_eager"`` (no C++ compiler needed); one runs
+Inductor itself. On the GPU, the CUDA test and benchmarks/decode_e2e.py --compile run the kernels
+through Inductor and CUDA graphs.
 """
 from __future__ import annotations
 
@@ -41,12 +41,10 @@ def _layers():
 
 
 @pytest.fixture
-def fused_on_cpu(monkeypatch):
-    """Force the compile-time switch on (the op then runs the reference path on CPU) and count
-    the op's calls per module class."""
+def op_calls(monkeypatch):
+    """Count the op's real calls (its implementation runs each module's ``eager_forward``)."""
     calls: dict = {}
     for cls in (QuantLinear, LowRankQuantLinear, W8A8Linear):
-        monkeypatch.setattr(cls, "_fused_when_compiled", lambda self, x: True)
         orig = cls.eager_forward
 
         def counted(self, x, orig=orig, name=cls.__name__):
@@ -59,19 +57,81 @@ def fused_on_cpu(monkeypatch):
     torch._dynamo.reset()
 
 
-def test_compiled_model_calls_each_fused_layer_as_one_op(fused_on_cpu):
-    model = nn.Sequential(*[m for layer in _layers() for m in (layer, nn.GELU())])
+def _model():
+    return nn.Sequential(*[m for layer in _layers() for m in (layer, nn.GELU())])
+
+
+ONE_EACH = {"QuantLinear": 1, "LowRankQuantLinear": 1, "W8A8Linear": 1}
+
+
+def test_compiled_model_calls_each_layer_as_one_op(op_calls):
+    model = _model()
     x = torch.randn(3, 5, 64)
     with torch.no_grad():
         eager = model(x)
-        fused_on_cpu.clear()
+        op_calls.clear()
         compiled = torch.compile(model, fullgraph=True, backend="aot_eager")  # fullgraph: a break fails
         got = compiled(x)
-        assert fused_on_cpu == {"QuantLinear": 1, "LowRankQuantLinear": 1, "W8A8Linear": 1}  # the op's real calls
+        assert op_calls == ONE_EACH  # the op's real calls, once per layer
         got2 = compiled(x * 2)
     assert got.shape == eager.shape == (3, 5, 48)
     assert torch.equal(got, eager)
     assert torch.equal(got2, model(x * 2))
+
+
+def test_inductor_compiles_around_the_op(op_calls):
+    """Inductor itself (C++ code for the GELUs on CPU) with the op as an external call."""
+    model = _model()
+    x = torch.randn(2, 64)
+    with torch.no_grad():
+        eager = model(x)
+        op_calls.clear()
+        got = torch.compile(model, fullgraph=True)(x)
+    assert op_calls == ONE_EACH
+    torch.testing.assert_close(got, eager, rtol=1e-5, atol=1e-5)  # Inductor's GELU may round differently
+
+
+def test_an_input_that_needs_a_gradient_is_traced_instead():
+    """The op has no backward: with a gradient flowing to the input the layer is traced as
+    before (with graph breaks): no captured graph holds the op, and the gradient equals
+    eager's. Without a gradient the captured graph holds it."""
+    layer = _layers()[0]
+    targets: list = []
+
+    def recording(gm, example_inputs):  # a backend that keeps what each captured graph calls
+        targets.extend(node.target for node in gm.graph.nodes if node.op == "call_function")
+        return gm.forward
+
+    x = torch.randn(4, 64, requires_grad=True)
+    layer(x).square().sum().backward()
+    want = x.grad.clone()
+    x.grad = None
+    torch._dynamo.reset()
+    torch.compile(layer, backend=recording)(x).square().sum().backward()
+    torch.testing.assert_close(x.grad, want)
+    assert torch.ops.bitsmith.quant_linear.default not in targets
+    with torch.no_grad():
+        torch.compile(layer, backend=recording)(x)
+    assert torch.ops.bitsmith.quant_linear.default in targets
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("which", ["bias", "factor"])
+def test_a_module_tensor_that_needs_a_gradient_is_traced_instead(which):
+    """An unfrozen bias (a parameter) or SVDQuant's up factor being fine-tuned (a buffer): the
+    op would hide it from autograd, so the layer is traced and its gradient equals eager's."""
+    layers = _layers()
+    layer, name = (layers[0], "bias") if which == "bias" else (layers[1], "lora_up")
+    tensor = getattr(layer, name)
+    tensor.requires_grad_(True)
+    x = torch.randn(4, layer.in_features)
+    layer(x).square().sum().backward()
+    want = tensor.grad.clone()
+    tensor.grad = None
+    torch._dynamo.reset()
+    torch.compile(layer, backend="aot_eager")(x).square().sum().backward()
+    torch.testing.assert_close(tensor.grad, want)
+    torch._dynamo.reset()
 
 
 def test_the_op_fake_gives_the_output_shape():
@@ -82,7 +142,7 @@ def test_the_op_fake_gives_the_output_shape():
     layer = QuantLinear.from_float(nn.Linear(64, 96), _int4)
     with FakeTensorMode() as mode:
         x = mode.from_tensor(torch.randn(2, 7, 64, dtype=torch.float16))
-        y = torch.ops.bitsmith.fused_linear(x, layer._op_handle)
+        y = torch.ops.bitsmith.quant_linear(x, layer._op_handle)
     assert y.shape == (2, 7, 96) and y.dtype == torch.float16
 
 
@@ -110,10 +170,10 @@ def test_handles_follow_modules(clone):
     gc.collect()
     assert h not in ops._MODULES
     with pytest.raises(RuntimeError, match=f"handle {h} is gone"):
-        ops.fused_linear(torch.randn(1, 64), h)
+        ops.quant_linear(torch.randn(1, 64), h)
 
 
-def test_compiled_layers_inside_a_module_with_inlined_children(fused_on_cpu):
+def test_compiled_layers_inside_a_module_with_inlined_children(op_calls):
     """The modules as Dynamo meets them in a real model (attributes of a parent module whose
     forward is traced, the way transformers' decoder layers hold their projections): each
     projection is one op call and the graph has no break."""
@@ -130,21 +190,10 @@ def test_compiled_layers_inside_a_module_with_inlined_children(fused_on_cpu):
     x = torch.randn(2, 64)
     with torch.no_grad():
         eager = block(x)
-        fused_on_cpu.clear()
+        op_calls.clear()
         got = torch.compile(block, fullgraph=True, backend="aot_eager")(x)
-    assert fused_on_cpu == {"QuantLinear": 1, "LowRankQuantLinear": 1, "W8A8Linear": 1}
+    assert op_calls == ONE_EACH
     assert torch.equal(got, eager)
-
-
-def test_without_the_switch_compile_traces_the_reference_path():
-    """On CPU (no fused kernels, the switch off) compile traces QuantLinear's torch reference
-    path (with graph breaks, so not ``fullgraph``); the result is the eager one."""
-    torch._dynamo.reset()
-    layer = QuantLinear.from_float(nn.Linear(64, 96), _int4)
-    x = torch.randn(4, 64)
-    with torch.no_grad():
-        got = torch.compile(layer, backend="aot_eager")(x)
-        assert torch.equal(got, layer(x))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (the fused kernels)")

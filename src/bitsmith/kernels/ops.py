@@ -1,18 +1,21 @@
-"""``torch.compile`` support: the fused layers as one opaque custom op, ``bitsmith::fused_linear``.
+"""``torch.compile`` support: each quantized linear layer as one opaque custom op,
+``bitsmith::quant_linear``.
 
 Dynamo cannot trace the kernels' host code (cached launch plans, raw device addresses, Triton
-launchers), so a compiled model that reached it would break its graph at every quantized layer or
-fail. Under compilation the runtime modules (:class:`bitsmith.nn.QuantLinear`,
+launchers), and the torch reference path's unpacking (chunked, in-place, sized by the thread
+count) breaks its graph, so a compiled model that reached either would break at every quantized
+layer or fail. Under compilation the runtime modules (:class:`bitsmith.nn.QuantLinear`,
 :class:`bitsmith.nn.LowRankQuantLinear`, :class:`bitsmith.nn.W8A8Linear`) instead emit
-``torch.ops.bitsmith.fused_linear(x, handle)``: Inductor fuses everything around it (norms,
+``torch.ops.bitsmith.quant_linear(x, handle)``: Inductor fuses everything around it (norms,
 rotary, residual adds, activations) and calls the op, whose implementation is the module's
-ordinary eager forward, so the kernels, their launch plans and the CUDA-graph capture work as
-they do uncompiled. ``handle`` is a small integer naming the module in a weak registry (the op's
-schema takes tensors and numbers, not modules), given at construction (:class:`FusedOpMixin`);
-the graph keeps it as a constant, and a module that is deleted leaves the registry by itself.
+ordinary eager forward: the fused kernels with their launch plans on CUDA (capturable in a CUDA
+graph as uncompiled), the reference path elsewhere. ``handle`` is a small integer naming the
+module in a weak registry (the op's schema takes tensors and numbers, not modules), given at
+construction (:class:`FusedOpMixin`); the graph keeps it as a constant, and a module that is
+deleted leaves the registry by itself.
 
-Only the fused-kernel path goes through the op (CUDA, float16 / bfloat16 input, no autograd
-through the input); every other case traces the modules' torch reference path as before.
+The op has no backward, so a call that needs a gradient, for its input (adapters trained through
+the layer, say) or for a tensor of the module, is traced as before instead (:func:`opaque`).
 """
 from __future__ import annotations
 
@@ -50,17 +53,17 @@ class FusedOpMixin:
 def _module(handle: int) -> torch.nn.Module:
     module = _MODULES.get(handle)
     if module is None:
-        raise RuntimeError(f"bitsmith::fused_linear: module handle {handle} is gone (the module was deleted "
+        raise RuntimeError(f"bitsmith::quant_linear: module handle {handle} is gone (the module was deleted "
                            "while a compiled graph that calls it is still in use)")
     return module
 
 
-def _fused_linear_impl(x: torch.Tensor, handle: int) -> torch.Tensor:
+def _quant_linear_impl(x: torch.Tensor, handle: int) -> torch.Tensor:
     """The registered module's eager forward on ``x`` (a new tensor ``[..., out_features]``)."""
     return _module(handle).eager_forward(x)
 
 
-def _fused_linear_fake(x: torch.Tensor, handle: int) -> torch.Tensor:
+def _quant_linear_fake(x: torch.Tensor, handle: int) -> torch.Tensor:
     return x.new_empty(*x.shape[:-1], _module(handle).out_features)
 
 
@@ -69,15 +72,21 @@ def _fused_linear_fake(x: torch.Tensor, handle: int) -> torch.Tensor:
 # aliasing checks per call), which an uncaptured compiled model pays once per layer. The op has
 # no backward: the modules emit it only when no gradient flows to the input.
 _LIB = torch.library.Library("bitsmith", "DEF")
-_LIB.define("fused_linear(Tensor x, int handle) -> Tensor")
-_LIB.impl("fused_linear", _fused_linear_impl, "CompositeExplicitAutograd")
-torch.library.register_fake("bitsmith::fused_linear", _fused_linear_fake, lib=_LIB)
-fused_linear = torch.ops.bitsmith.fused_linear.default
+_LIB.define("quant_linear(Tensor x, int handle) -> Tensor")
+_LIB.impl("quant_linear", _quant_linear_impl, "CompositeExplicitAutograd")
+torch.library.register_fake("bitsmith::quant_linear", _quant_linear_fake, lib=_LIB)
+quant_linear = torch.ops.bitsmith.quant_linear.default
 
 
-def compiling() -> bool:
-    """Whether Dynamo is tracing the caller (the modules then emit :func:`fused_linear`)."""
-    return torch.compiler.is_compiling()
+def opaque(module: torch.nn.Module, x: torch.Tensor) -> bool:
+    """Whether ``module``'s ``forward`` on ``x`` emits :data:`quant_linear`: Dynamo is tracing
+    it and no gradient is wanted, neither for ``x`` nor for a tensor of the module (an unfrozen
+    bias, SVDQuant's factors being fine-tuned), since the op would hide it from autograd."""
+    if not torch.compiler.is_compiling():
+        return False
+    if not torch.is_grad_enabled():
+        return True
+    return not (x.requires_grad or any(t.requires_grad for t in itertools.chain(module.parameters(), module.buffers())))
 
 
-__all__ = ["fused_linear", "register", "FusedOpMixin", "compiling"]
+__all__ = ["quant_linear", "register", "FusedOpMixin", "opaque"]

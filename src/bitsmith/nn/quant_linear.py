@@ -8,7 +8,7 @@ from torch import nn
 from ..errors import QuantizationError
 from ..formats import QTensor
 from ..kernels import HAVE_TRITON, RuntimeWeight, quant_matmul, repack, reserve_workspace, unsupported_reason
-from ..kernels.ops import FusedOpMixin, compiling, fused_linear
+from ..kernels.ops import FusedOpMixin, opaque, quant_linear
 from .quant_module import QuantWeightMixin, Quantizer
 
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16)
@@ -19,8 +19,8 @@ class KernelWeightMixin(FusedOpMixin):
     LowRankQuantLinear's residual): the runtime layout is repacked once (at ``.to(cuda)`` or the
     first CUDA forward), cached in ``__dict__`` (never a buffer, never saved) and dropped when
     the buffers change. ``use_kernels = False`` on an instance keeps the reference path.
-    ``forward`` is :meth:`eager_forward`, which the module defines; under ``torch.compile`` the
-    fused path is emitted as one opaque op instead (:mod:`bitsmith.kernels.ops`)."""
+    ``forward`` is :meth:`eager_forward`, which the module defines; under ``torch.compile`` it
+    is emitted as one opaque op instead (:mod:`bitsmith.kernels.ops`)."""
 
     use_kernels: bool = True
 
@@ -45,15 +45,9 @@ class KernelWeightMixin(FusedOpMixin):
         return (self.use_kernels and HAVE_TRITON and x.is_cuda and x.dtype in _KERNEL_DTYPES
                 and not (x.requires_grad and torch.is_grad_enabled()))
 
-    def _fused_when_compiled(self, x: torch.Tensor) -> bool:
-        """Under ``torch.compile``: whether ``forward`` runs the fused kernels, so is emitted as
-        the opaque ``bitsmith::fused_linear`` op (:mod:`bitsmith.kernels.ops`); the test of
-        :meth:`_kernel_weight` without its side effects (no repacking while tracing)."""
-        return self._kernel_input(x) and self.__dict__.get("kernel_skip_reason") is None
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if compiling() and self._fused_when_compiled(x):
-            return fused_linear(x, self._op_handle)
+        if opaque(self, x):  # under torch.compile: the whole layer as one op (bitsmith.kernels.ops)
+            return quant_linear(x, self._op_handle)
         return self.eager_forward(x)
 
     def _kernel_weight(self, x: torch.Tensor) -> RuntimeWeight | None:
@@ -116,7 +110,7 @@ class QuantLinear(KernelWeightMixin, QuantWeightMixin, nn.Module):
 
     def eager_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The forward pass outside ``torch.compile`` (inside it, ``forward`` wraps this in
-        :mod:`bitsmith.kernels.ops`' custom op when the kernels run)."""
+        :mod:`bitsmith.kernels.ops`' custom op)."""
         rw = self._kernel_weight(x)
         if rw is not None:
             return quant_matmul(x, rw, self.bias)

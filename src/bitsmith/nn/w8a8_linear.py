@@ -33,7 +33,7 @@ from torch import nn
 from ..errors import CheckpointError, QuantizationError
 from ..formats import QTensor
 from ..kernels import HAVE_TRITON
-from ..kernels.ops import FusedOpMixin, compiling, fused_linear
+from ..kernels.ops import FusedOpMixin, opaque, quant_linear
 from ..kernels.w8a8 import w8a8_linear as fused_w8a8_linear
 from .quant_module import QuantWeightMixin, Quantizer
 from .registry import register_runtime_module
@@ -200,23 +200,14 @@ class W8A8Linear(FusedOpMixin, QuantWeightMixin, nn.Module):
 
     # --- running ----------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if compiling() and self._fused_when_compiled(x):
-            return fused_linear(x, self._op_handle)  # opaque to torch.compile (bitsmith.kernels.ops)
+        if opaque(self, x):  # under torch.compile: the whole layer as one op (bitsmith.kernels.ops)
+            return quant_linear(x, self._op_handle)
         return self.eager_forward(x)
-
-    @staticmethod
-    def _fused(x: torch.Tensor) -> bool:
-        """Whether ``x`` takes the fused Triton path."""
-        return x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and HAVE_TRITON and not (
-            x.requires_grad and torch.is_grad_enabled())
-
-    def _fused_when_compiled(self, x: torch.Tensor) -> bool:
-        """Under ``torch.compile``: emit the opaque ``bitsmith::fused_linear`` op (the fused path)."""
-        return self._fused(x)
 
     def eager_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The forward pass outside ``torch.compile``."""
-        if self._fused(x):
+        if x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and HAVE_TRITON and not (
+                x.requires_grad and torch.is_grad_enabled()):
             # fused Triton path (bitsmith.kernels.w8a8): same codes and int32 sums, fused rescale
             return fused_w8a8_linear(x, self.codes, self.scale, self.bias, act_scale=self.input_scale,
                                      migration_scale=self.migration_scale,
