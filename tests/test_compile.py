@@ -92,9 +92,9 @@ def test_inductor_compiles_around_the_op(op_calls):
 
 
 def test_an_input_that_needs_a_gradient_is_traced_instead():
-    """The op has no backward: with a gradient flowing to the input the layer is traced as
-    before (with graph breaks): no captured graph holds the op, and the gradient equals
-    eager's. Without a gradient the captured graph holds it."""
+    """The op has no backward: with a gradient flowing to the input the layer is traced, with
+    only the weight's dequantization as an op (no graph break), and the gradient equals
+    eager's. Without a gradient the captured graph holds the whole layer as one op."""
     layer = _layers()[0]
     targets: list = []
 
@@ -107,9 +107,10 @@ def test_an_input_that_needs_a_gradient_is_traced_instead():
     want = x.grad.clone()
     x.grad = None
     torch._dynamo.reset()
-    torch.compile(layer, backend=recording)(x).square().sum().backward()
+    torch.compile(layer, fullgraph=True, backend=recording)(x).square().sum().backward()  # no break either
     torch.testing.assert_close(x.grad, want)
     assert torch.ops.bitsmith.quant_linear.default not in targets
+    assert torch.ops.bitsmith.dequantize.default in targets  # the weight alone is the op
     with torch.no_grad():
         torch.compile(layer, backend=recording)(x)
     assert torch.ops.bitsmith.quant_linear.default in targets
@@ -129,8 +130,33 @@ def test_a_module_tensor_that_needs_a_gradient_is_traced_instead(which):
     want = tensor.grad.clone()
     tensor.grad = None
     torch._dynamo.reset()
-    torch.compile(layer, backend="aot_eager")(x).square().sum().backward()
+    torch.compile(layer, fullgraph=True, backend="aot_eager")(x).square().sum().backward()
     torch.testing.assert_close(tensor.grad, want)
+    torch._dynamo.reset()
+
+
+def test_quantized_convolutions_compile_without_a_break():
+    """QuantConv2d and LowRankQuantConv2d (diffusion U-Nets): the packed weight's
+    dequantization is one op and the convolution around it is traced, so a model of them
+    compiles with ``fullgraph=True`` and gives the eager result, with and without a gradient
+    to the input."""
+    from bitsmith.nn import LowRankQuantConv2d, QuantConv2d
+
+    torch.manual_seed(1)
+    conv_a, conv_b = nn.Conv2d(8, 16, 3, padding=1), nn.Conv2d(16, 12, 3, stride=2, padding=1, padding_mode="reflect")
+    quant = functools.partial(bitsmith.quantize_tensor, method="rtn", bits=4, group_size=24)
+    model = nn.Sequential(QuantConv2d.from_float(conv_a, quant), nn.SiLU(),
+                          LowRankQuantConv2d.like(conv_b, quant(conv_b.weight.detach()), None, None, conv_b.bias.detach()))
+    x = torch.randn(2, 8, 10, 10)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        assert torch.equal(torch.compile(model, fullgraph=True, backend="aot_eager")(x), model(x))
+    xg = x.clone().requires_grad_(True)
+    model(xg).sum().backward()
+    want = xg.grad.clone()
+    xg.grad = None
+    torch.compile(model, fullgraph=True, backend="aot_eager")(xg).sum().backward()
+    torch.testing.assert_close(xg.grad, want)
     torch._dynamo.reset()
 
 

@@ -15,7 +15,10 @@ construction (:class:`FusedOpMixin`); the graph keeps it as a constant, and a mo
 deleted leaves the registry by itself.
 
 The op has no backward, so a call that needs a gradient, for its input (adapters trained through
-the layer, say) or for a tensor of the module, is traced as before instead (:func:`opaque`).
+the layer, say) or for a tensor of the module, is traced instead (:func:`opaque`); there, and in
+the quantized convolutions, the packed weight's dequantization is itself one op,
+``bitsmith::dequantize`` (the float weight of a packed module needs no gradient), and the
+``F.linear`` / ``F.conv2d`` around it is traced, so neither breaks the graph.
 """
 from __future__ import annotations
 
@@ -37,7 +40,7 @@ def register(module: torch.nn.Module) -> int:
 
 
 class FusedOpMixin:
-    """For the runtime modules: a handle from construction on, and a fresh one for a copy or an
+    """For every quantized module (through ``QuantWeightMixin``): a handle from construction on, and a fresh one for a copy or an
     unpickled module (which would otherwise name the original and run its weights). The handle
     is a plain int attribute, which Dynamo reads as a constant while tracing ``forward``."""
 
@@ -78,6 +81,25 @@ torch.library.register_fake("bitsmith::quant_linear", _quant_linear_fake, lib=_L
 quant_linear = torch.ops.bitsmith.quant_linear.default
 
 
+def _dequantize_impl(anchor: torch.Tensor, handle: int, dtype: torch.dtype | None) -> torch.Tensor:
+    """The registered module's packed weight dequantized (its torch reference path)."""
+    return _module(handle).qweight.dequantize(dtype)
+
+
+def _dequantize_fake(anchor: torch.Tensor, handle: int, dtype: torch.dtype | None) -> torch.Tensor:
+    module = _module(handle)
+    return torch.empty(module.weight_shape, dtype=dtype or module.weight_dtype, device=anchor.device)
+
+
+# The weight alone, for what is traced around it (a convolution, or a linear layer whose input
+# needs a gradient): the float weight of a packed module carries no gradient, so this op needs
+# no backward either. ``anchor`` is one of the module's packed buffers (it gives the device).
+_LIB.define("dequantize(Tensor anchor, int handle, ScalarType? dtype) -> Tensor")
+_LIB.impl("dequantize", _dequantize_impl, "CompositeExplicitAutograd")
+torch.library.register_fake("bitsmith::dequantize", _dequantize_fake, lib=_LIB)
+dequantize = torch.ops.bitsmith.dequantize.default
+
+
 def opaque(module: torch.nn.Module, x: torch.Tensor) -> bool:
     """Whether ``module``'s ``forward`` on ``x`` emits :data:`quant_linear`: Dynamo is tracing
     it and no gradient is wanted, neither for ``x`` nor for a tensor of the module (an unfrozen
@@ -89,4 +111,4 @@ def opaque(module: torch.nn.Module, x: torch.Tensor) -> bool:
     return not (x.requires_grad or any(t.requires_grad for t in itertools.chain(module.parameters(), module.buffers())))
 
 
-__all__ = ["quant_linear", "register", "FusedOpMixin", "opaque"]
+__all__ = ["quant_linear", "dequantize", "register", "FusedOpMixin", "opaque"]

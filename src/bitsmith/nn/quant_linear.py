@@ -8,13 +8,13 @@ from torch import nn
 from ..errors import QuantizationError
 from ..formats import QTensor
 from ..kernels import HAVE_TRITON, RuntimeWeight, quant_matmul, repack, reserve_workspace, unsupported_reason
-from ..kernels.ops import FusedOpMixin, opaque, quant_linear
+from ..kernels.ops import opaque, quant_linear
 from .quant_module import QuantWeightMixin, Quantizer
 
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16)
 
 
-class KernelWeightMixin(FusedOpMixin):
+class KernelWeightMixin:
     """Fused-kernel dispatch for a module whose packed weight is ``self.qweight`` (QuantLinear,
     LowRankQuantLinear's residual): the runtime layout is repacked once (at ``.to(cuda)`` or the
     first CUDA forward), cached in ``__dict__`` (never a buffer, never saved) and dropped when

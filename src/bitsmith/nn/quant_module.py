@@ -7,14 +7,16 @@ import torch
 from torch import nn
 
 from ..formats import QTensor
+from ..kernels import ops
 
 Quantizer = Callable[[torch.Tensor], QTensor]
 
 
-class QuantWeightMixin:
+class QuantWeightMixin(ops.FusedOpMixin):
     """Keeps the packed weight as persistent buffers named by the codec's fields (``codes``,
     ``scale``, ...), plus the codec name, params and original shape/dtype as attributes.
-    ``.to(device)`` moves the packed buffers like any buffer."""
+    ``.to(device)`` moves the packed buffers like any buffer. Under ``torch.compile``,
+    :meth:`dequantize` is one opaque op (:mod:`bitsmith.kernels.ops`)."""
 
     codec: str
     qparams: Any
@@ -48,6 +50,8 @@ class QuantWeightMixin:
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The float weight (torch reference path), in ``dtype`` (default: original)."""
+        if torch.compiler.is_compiling():  # the unpacking is not traceable: one op instead
+            return ops.dequantize(getattr(self, self._qfields[0]), self._op_handle, dtype)
         return self.qweight.dequantize(dtype)
 
     def _apply(self, fn, recurse=True):  # type: ignore[override]

@@ -33,7 +33,7 @@ from torch import nn
 from ..errors import CheckpointError, QuantizationError
 from ..formats import QTensor
 from ..kernels import HAVE_TRITON
-from ..kernels.ops import FusedOpMixin, opaque, quant_linear
+from ..kernels.ops import opaque, quant_linear
 from ..kernels.w8a8 import w8a8_linear as fused_w8a8_linear
 from .quant_module import QuantWeightMixin, Quantizer
 from .registry import register_runtime_module
@@ -121,7 +121,7 @@ def w8a8_linear(
 # the module
 # --------------------------------------------------------------------------------------------
 @register_runtime_module
-class W8A8Linear(FusedOpMixin, QuantWeightMixin, nn.Module):
+class W8A8Linear(QuantWeightMixin, nn.Module):
     """A Linear running int8 x int8 (see the module docstring). Buffers: the ``int8`` codec's
     ``codes`` ``[N, K]`` and ``scale`` ``[N]``; optional ``migration_scale`` float ``[K]``
     (unfused SmoothQuant: the input is divided by it) and ``input_scale`` float ``[]`` (static
