@@ -11,7 +11,7 @@ rotary, residual adds, activations) and calls the op, whose implementation is th
 ordinary eager forward: the fused kernels with their launch plans on CUDA (capturable in a CUDA
 graph as uncompiled), the reference path elsewhere. ``handle`` is a small integer naming the
 module in a weak registry (the op's schema takes tensors and numbers, not modules), given at
-construction (:class:`FusedOpMixin`); the graph keeps it as a constant, and a module that is
+construction (:class:`OpHandleMixin`); the graph keeps it as a constant, and a module that is
 deleted leaves the registry by itself.
 
 The op has no backward, so a call that needs a gradient, for its input (adapters trained through
@@ -39,7 +39,7 @@ def register(module: torch.nn.Module) -> int:
     return h
 
 
-class FusedOpMixin:
+class OpHandleMixin:
     """For every quantized module (through ``QuantWeightMixin``): a handle from construction on, and a fresh one for a copy or an
     unpickled module (which would otherwise name the original and run its weights). The handle
     is a plain int attribute, which Dynamo reads as a constant while tracing ``forward``."""
@@ -111,4 +111,4 @@ def opaque(module: torch.nn.Module, x: torch.Tensor) -> bool:
     return not (x.requires_grad or any(t.requires_grad for t in itertools.chain(module.parameters(), module.buffers())))
 
 
-__all__ = ["quant_linear", "dequantize", "register", "FusedOpMixin", "opaque"]
+__all__ = ["quant_linear", "dequantize", "register", "OpHandleMixin", "opaque"]

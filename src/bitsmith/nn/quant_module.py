@@ -12,7 +12,7 @@ from ..kernels import ops
 Quantizer = Callable[[torch.Tensor], QTensor]
 
 
-class QuantWeightMixin(ops.FusedOpMixin):
+class QuantWeightMixin(ops.OpHandleMixin):
     """Keeps the packed weight as persistent buffers named by the codec's fields (``codes``,
     ``scale``, ...), plus the codec name, params and original shape/dtype as attributes.
     ``.to(device)`` moves the packed buffers like any buffer. Under ``torch.compile``,
