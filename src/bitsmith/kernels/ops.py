@@ -40,9 +40,10 @@ def register(module: torch.nn.Module) -> int:
 
 
 class OpHandleMixin:
-    """For every quantized module (through ``QuantWeightMixin``): a handle from construction on, and a fresh one for a copy or an
-    unpickled module (which would otherwise name the original and run its weights). The handle
-    is a plain int attribute, which Dynamo reads as a constant while tracing ``forward``."""
+    """For every quantized module (through ``QuantWeightMixin``): a handle from construction
+    on, and a fresh one for a copy or an unpickled module (which would otherwise name the
+    original and run its weights). The handle is a plain int attribute, which Dynamo reads as a
+    constant while tracing ``forward``."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -56,7 +57,7 @@ class OpHandleMixin:
 def _module(handle: int) -> torch.nn.Module:
     module = _MODULES.get(handle)
     if module is None:
-        raise RuntimeError(f"bitsmith::quant_linear: module handle {handle} is gone (the module was deleted "
+        raise RuntimeError(f"bitsmith ops: module handle {handle} is gone (the module was deleted "
                            "while a compiled graph that calls it is still in use)")
     return module
 
@@ -73,7 +74,7 @@ def _quant_linear_fake(x: torch.Tensor, handle: int) -> torch.Tensor:
 # Registered through torch.library.Library rather than the custom_op decorator: a call costs
 # ~6 us of dispatch on this CI machine against ~19 us (the decorator adds autograd and
 # aliasing checks per call), which an uncaptured compiled model pays once per layer. The op has
-# no backward: the modules emit it only when no gradient flows to the input.
+# no backward: the modules emit it only when no gradient is wanted (:func:`opaque`).
 _LIB = torch.library.Library("bitsmith", "DEF")
 _LIB.define("quant_linear(Tensor x, int handle) -> Tensor")
 _LIB.impl("quant_linear", _quant_linear_impl, "CompositeExplicitAutograd")
@@ -111,4 +112,14 @@ def opaque(module: torch.nn.Module, x: torch.Tensor) -> bool:
     return not (x.requires_grad or any(t.requires_grad for t in itertools.chain(module.parameters(), module.buffers())))
 
 
-__all__ = ["quant_linear", "dequantize", "register", "OpHandleMixin", "opaque"]
+class OpaqueLinearMixin:
+    """``forward`` of the quantized linear modules: the module's ``eager_forward``, emitted as
+    the one op :data:`quant_linear` under ``torch.compile`` when :func:`opaque` says so."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if opaque(self, x):
+            return quant_linear(x, self._op_handle)
+        return self.eager_forward(x)
+
+
+__all__ = ["quant_linear", "dequantize", "register", "OpHandleMixin", "OpaqueLinearMixin", "opaque"]

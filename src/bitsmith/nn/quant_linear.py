@@ -8,13 +8,13 @@ from torch import nn
 from ..errors import QuantizationError
 from ..formats import QTensor
 from ..kernels import HAVE_TRITON, RuntimeWeight, quant_matmul, repack, reserve_workspace, unsupported_reason
-from ..kernels.ops import opaque, quant_linear
+from ..kernels.ops import OpaqueLinearMixin
 from .quant_module import QuantWeightMixin, Quantizer
 
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16)
 
 
-class KernelWeightMixin:
+class KernelWeightMixin(OpaqueLinearMixin):
     """Fused-kernel dispatch for a module whose packed weight is ``self.qweight`` (QuantLinear,
     LowRankQuantLinear's residual): the runtime layout is repacked once (at ``.to(cuda)`` or the
     first CUDA forward), cached in ``__dict__`` (never a buffer, never saved) and dropped when
@@ -44,11 +44,6 @@ class KernelWeightMixin:
         the input (the kernels have no backward), kernels on."""
         return (self.use_kernels and HAVE_TRITON and x.is_cuda and x.dtype in _KERNEL_DTYPES
                 and not (x.requires_grad and torch.is_grad_enabled()))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if opaque(self, x):  # under torch.compile: the whole layer as one op (bitsmith.kernels.ops)
-            return quant_linear(x, self._op_handle)
-        return self.eager_forward(x)
 
     def _kernel_weight(self, x: torch.Tensor) -> RuntimeWeight | None:
         if not self._kernel_input(x):

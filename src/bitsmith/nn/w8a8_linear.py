@@ -33,7 +33,7 @@ from torch import nn
 from ..errors import CheckpointError, QuantizationError
 from ..formats import QTensor
 from ..kernels import HAVE_TRITON
-from ..kernels.ops import opaque, quant_linear
+from ..kernels.ops import OpaqueLinearMixin
 from ..kernels.w8a8 import w8a8_linear as fused_w8a8_linear
 from .quant_module import QuantWeightMixin, Quantizer
 from .registry import register_runtime_module
@@ -121,7 +121,7 @@ def w8a8_linear(
 # the module
 # --------------------------------------------------------------------------------------------
 @register_runtime_module
-class W8A8Linear(QuantWeightMixin, nn.Module):
+class W8A8Linear(OpaqueLinearMixin, QuantWeightMixin, nn.Module):
     """A Linear running int8 x int8 (see the module docstring). Buffers: the ``int8`` codec's
     ``codes`` ``[N, K]`` and ``scale`` ``[N]``; optional ``migration_scale`` float ``[K]``
     (unfused SmoothQuant: the input is divided by it) and ``input_scale`` float ``[]`` (static
@@ -199,13 +199,8 @@ class W8A8Linear(QuantWeightMixin, nn.Module):
         return {"kind": self.kind, "tensors": list(extra), "act_quant": self.act_quant}, extra
 
     # --- running ----------------------------------------------------------------------------
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if opaque(self, x):  # under torch.compile: the whole layer as one op (bitsmith.kernels.ops)
-            return quant_linear(x, self._op_handle)
-        return self.eager_forward(x)
-
     def eager_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The forward pass outside ``torch.compile``."""
+        """The forward pass outside ``torch.compile`` (``forward``: :class:`OpaqueLinearMixin`)."""
         if x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and HAVE_TRITON and not (
                 x.requires_grad and torch.is_grad_enabled()):
             # fused Triton path (bitsmith.kernels.w8a8): same codes and int32 sums, fused rescale
