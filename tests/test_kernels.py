@@ -236,10 +236,13 @@ def test_interp_small_m_kernels(name):
     bk = rw.group or 64
     fma = [{"KERNEL": "fma", "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT": s, "num_warps": 4} for bn, s in ((32, 1), (64, 3))]
     tc = [{"KERNEL": "tc", "BLOCK_M": 16, "BLOCK_N": bn, "BLOCK_K": b, "SPLIT": s, "num_warps": 4}
-          for bn, b, s in ((32, 32, 1), (64, 32, 3), (32, 64, 2))]
+          for bn, b, s in ((32, 32, 1), (64, 32, 3), (32, 64, 2), (32, 128, 2))]
     fma = [c for c in fma if small_m.supports(rw, torch.float16, c) is None]
     tc = [c for c in tc if small_m.supports(rw, torch.float16, c) is None]
     assert tc, "every test format has a tensor-core config"
+    half = [c for c in tc if small_m.half_steps(rw, c["BLOCK_K"])]
+    if rw.kind == "affine" and rw.rbits in (4, 8) and rw.group != 32:
+        assert half, "2/4/8-bit affine codes in groups of 64+ take the half-word steps"
     if rw.group in (0, 32, 64, 128) and not (rw.rbits == 3 and rw.group == 32):
         assert fma, "the CUDA-core kernel takes one group per step"
     _interp_case(name, 1, 70, 300, torch.float16, fma + tc)
@@ -308,9 +311,9 @@ if HAVE_TRITON:
 
 
 def _run_ptx(ptx: str, regs: dict) -> dict:
-    """A small interpreter for the PTX that :func:`bitsmith.kernels.small_m._lut8_ptx` writes
-    (``shr``/``and``/``or``/``prmt`` ``.b32`` in prmt's default mode, ``mov.b32 {a, b}``,
-    ``cvt.f32.f16``), from the PTX manual's definitions: an independent reading of the program
+    """A small interpreter for the PTX that :func:`bitsmith.kernels.small_m._lut8_ptx` and
+    ``_magic_pair_ptx`` write (``shr``/``and``/``or``/``prmt`` ``.b32`` in prmt's default mode,
+    ``lop3.b32``, ``mov.b32 {a, b}``, ``cvt.f32.f16``), from the PTX manual's definitions: an independent reading of the program
     for CI, where no GPU runs it. ``regs``: register name -> value (``$8`` the word, ``$9..$16``
     the planes); returns every register afterwards (``$0..$7`` float32)."""
     import numpy as np
@@ -344,11 +347,39 @@ def _run_ptx(ptx: str, regs: dict) -> dict:
                 byte = src8[sel & 7] if sel < 8 else (0xFF if src8[sel & 7] & 0x80 else 0)  # msb set: sign replication
                 out |= byte << (8 * j)
             regs[dst] = out
+        elif op == "lop3.b32":  # bit i of the result: bit (a_i b_i c_i) of the lookup table
+            a, b, c, lut = (val(t) for t in srcs)
+            regs[dst] = sum(((lut >> ((((a >> i) & 1) << 2) | (((b >> i) & 1) << 1) | ((c >> i) & 1))) & 1) << i
+                            for i in range(32))
         elif op == "cvt.f32.f16":
             regs[dst] = float(np.array([val(srcs[0])], dtype=np.uint16).view(np.float16)[0])
         else:
             raise AssertionError(f"unknown PTX instruction {op}")
     return regs
+
+
+@pytest.mark.parametrize("bits,act", [(2, torch.float16), (4, torch.float16), (8, torch.float16),
+                                      (2, torch.bfloat16), (4, torch.bfloat16)])  # bf16 8-bit: a plain cast
+def test_magic_pair_ptx_turns_both_halves_codes_into_floats(bits, act):
+    """The half-word steps' operand PTX (two 16-bit halves per 32-bit register, inline asm with
+    pack=2), run through the PTX emulator on random words: for every code slot ``j``, each half
+    must hold the 16-bit float ``MAGIC + code``, the code read from that half alone."""
+    import numpy as np
+
+    from bitsmith.kernels import small_m
+
+    magic, magic_bits = small_m.magic_for(act, bits)
+    rng = np.random.default_rng(bits)
+    words = [int(w) for w in rng.integers(0, 2**32, size=64, dtype=np.uint64)] + [0xFFFFFFFF, 0]
+    for j in range(16 // bits):
+        ptx = small_m._MAGIC_PAIRS[(bits * 2 + (magic_bits != 0x6400)) * 8 + j]
+        assert ptx and ptx == small_m._magic_pair_ptx(bits, magic_bits, j)
+        for w in words:
+            out = _run_ptx(ptx, {"$1": w})["$0"]
+            for half in range(2):
+                code = ((w >> (16 * half)) & 0xFFFF) >> (j * bits) & ((1 << bits) - 1)
+                got = torch.tensor([(out >> (16 * half)) & 0xFFFF], dtype=torch.int32).to(torch.int16).view(act)
+                assert float(got) == magic + code, (j, hex(w), half)
 
 
 @needs_interp
@@ -772,6 +803,66 @@ def test_launch_plan_passes_addresses_and_fresh_outputs(monkeypatch):
     assert all(isinstance(v, int) for v in launched[:8])
 
 
+@pytest.mark.parametrize("rbits,block_k,k", [(4, 64, 130), (8, 32, 64), (2, 128, 200)])
+def test_half_inputs_permute_each_step_by_code_slot(rbits, block_k, k):
+    """The small-M tensor-core kernel's half-word steps read ``x`` permuted per step: product
+    ``j`` (code ``j`` of each 16-bit half, ``k = C*r + j``) at columns ``step*BK + j*R + r``,
+    zeros past K, and each step's row sums in float32. Checked entry by entry against the index
+    map written out with Python integers."""
+    from bitsmith.kernels import small_m
+
+    m, c = 3, 16 // rbits
+    r_per = block_k // c
+    steps = -(-k // block_k)
+    x = torch.randn(m, k, dtype=torch.float16)
+    xp, xs = small_m.half_inputs(x, steps, block_k, rbits)
+    assert xp.shape == (m, steps * block_k) and xp.dtype == x.dtype and xs.shape == (m, steps) and xs.dtype == torch.float32
+    for step in range(steps):
+        for j in range(c):
+            for r in range(r_per):
+                src = step * block_k + c * r + j
+                want = x[:, src] if src < k else torch.zeros(m, dtype=x.dtype)
+                assert torch.equal(xp[:, step * block_k + j * r_per + r], want), (step, j, r)
+        cols = [kk for kk in range(step * block_k, (step + 1) * block_k) if kk < k]
+        torch.testing.assert_close(xs[:, step], x[:, cols].double().sum(1).float(), rtol=1e-6, atol=1e-5)
+
+
+@pytest.mark.skipif(not HAVE_TRITON, reason="triton is not installed")
+def test_launch_plan_runs_the_input_prep_of_half_word_steps(monkeypatch):
+    """A plan of the small-M tensor-core kernel's half-word steps permutes the activation per call
+    (:func:`bitsmith.kernels.small_m.half_inputs`) and hands the launcher the permuted copy at
+    position 0 and its row sums at position 12, fresh per call; checked with a recording stand-in."""
+    from bitsmith.kernels import qmm, small_m
+
+    calls = []
+    Compiled = _recording_kernel(calls)
+    monkeypatch.setattr(qmm, "_raw_stream", lambda dev: 5)
+    rw = repack(_quantize("int4_g64_int0", torch.randn(8, 128)))
+    cfg = {"KERNEL": "tc", "BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 64, "SPLIT": 1}
+    prep = small_m.input_prep(rw, cfg)
+    assert prep is not None and small_m.input_prep(rw, {**cfg, "BLOCK_K": 32}) is None
+    x0 = torch.randn(2, 128, dtype=torch.float16)
+    out0 = torch.empty(2, 8, dtype=torch.float16)
+    kernel, grid, args, consts, options = small_m.launch_args(rw, x0, None, cfg, out0)
+    assert consts["HALF"] and args[0].shape == (2, 128) and args[12].shape == (2, 2)
+    made = []
+
+    def recorded_prep(x2):
+        made.append(prep(x2))
+        return made[-1]
+
+    plan = qmm._Plan(Compiled(), grid, args, (), 8, 1, rw.scale, None, recorded_prep)
+    for _ in range(2):
+        x = torch.randn(2, 128, dtype=torch.float16)
+        plan(x, None)
+        launched = calls[-1][9:]
+        xp, xs = made[-1]
+        assert launched[0] == xp.data_ptr() != x.data_ptr() and launched[12] == xs.data_ptr()
+        want_xp, want_xs = small_m.half_inputs(x, 2, 64, 4)
+        assert torch.equal(xp, want_xp) and torch.equal(xs, want_xs)
+        assert launched[1:6] == tuple(a.data_ptr() for a in args[1:6]) and launched[13:16] == (2, 8, 128)
+
+
 @pytest.mark.skipif(not HAVE_TRITON, reason="triton is not installed")
 @pytest.mark.parametrize("static", [False, True])
 def test_w8a8_plan_passes_addresses_and_fresh_outputs(monkeypatch, static):
@@ -870,6 +961,34 @@ def test_cuda_quant_matmul_builds_and_reuses_launch_plans():
             first = qmm.quant_matmul(x, rw)
             assert len(rw.plans) >= 1, (fmt, m)
             assert _rel(qmm.quant_matmul(x, rw), first) < 1e-3  # equal up to split-K's float atomics order
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cuda_half_word_steps_through_quant_matmul_plans(dtype):
+    """The small-M tensor-core kernel's half-word steps picked by the tuner (forced here) run
+    through quant_matmul's launch plan, per-call activation permutation included: the first
+    (Triton) call and the plan calls equal float64 ``x @ W^T``, with odd M, N and K and bias."""
+    from bitsmith.kernels import qmm
+
+    torch.manual_seed(0)
+    for fmt, bk in (("int4_g64_int0", 64), ("int8_g128", 128), ("int4_channel", 64)):
+        qt = _quantize(fmt, (torch.randn(333, 1000) * 0.02).cuda())
+        rw, w64 = repack(qt), qt.dequantize(torch.float32).double()
+        for m in (7, 16, 40):
+            key = ("gemm", qmm._m_bucket(m), rw.n, rw.k, qmm._layout_key(rw, dtype))
+            qmm.TUNED[key] = {"KERNEL": "tc", "BLOCK_M": 16 if m <= 16 else 64, "BLOCK_N": 64, "BLOCK_K": bk,
+                              "SPLIT": 3, "num_warps": 4, "num_stages": 3}
+            try:
+                x = torch.randn(m, 1000, device="cuda").to(dtype)
+                bias = torch.randn(333, device="cuda").to(dtype)
+                ref = x.double() @ w64.t() + bias.double()
+                tol = 2e-3 if dtype == torch.float16 else 1.6e-2
+                for _ in range(3):
+                    assert _rel(qmm.quant_matmul(x, rw, bias), ref) < tol, (fmt, m)
+                assert any(p.prep is not None for p in rw.plans.values()), (fmt, m)
+            finally:
+                qmm.TUNED.pop(key, None)
 
 
 def test_down_projection_plan_passes_addresses_and_fresh_outputs(monkeypatch):

@@ -31,9 +31,19 @@ below the activation dtype's rounding. The CUDA-core kernel never adds a magic i
 Measured on the H100 before that change (benchmarks/results/kernels_h100_small_m.json,
 kernels_small_m_h100.json): ``_fma_kernel`` is the tuner's M = 1 kernel (1.45-2.25x fp16 for int4,
 eager, L2 flushed).
-``_tc_kernel`` was slower than :mod:`bitsmith.kernels.qmm`'s tensor-core kernel at M = 16 on
-every shape (Nsight Compute: 11% of DRAM bandwidth, L1 56%: the tile reshape into the dot
-operand layout), so the tuner does not offer it; it stays tested for the next attempt.
+
+``_tc_kernel`` with whole ``[BLOCK_K, BLOCK_N]`` code tiles was slower than
+:mod:`bitsmith.kernels.qmm`'s tensor-core kernel at M = 16 on every shape (Nsight Compute: 11% of
+DRAM bandwidth, L1 56%: the tile reshape into the dot operand layout goes through shared memory).
+For 2/4/8-bit affine codes it now takes **half-word steps** (:func:`_half_steps`): ``C`` products
+per group over strided K, whose weight operands are elementwise in 16-bit halves of the words, so
+Triton loads them from its pipelined shared-memory copy straight into the tensor-core operand
+layout; ``x`` comes pre-permuted to match (:func:`half_inputs`). Compiled for sm_90 (int4 g64,
+16x128 tile, one group a step): 275 instructions a step instead of 439, no shared-memory stores
+(69 before) and 4 barriers instead of 9. The
+tuner offers it next to ``qmm``'s kernel (:func:`bitsmith.kernels.qmm.small_tc_configs`); on the H100
+it wins at M = 16 on 4096x14336 and 28672x8192 (int4 g64), by 5-10%
+(benchmarks/results/kernels_configs_m16_h100.json).
 
 Split-K without extra launches: when the column tiles alone cannot fill the GPU, ``SPLIT`` programs
 share a column tile; each writes its float32 partial sums to a workspace, then takes a ticket from
@@ -94,8 +104,25 @@ def _lut8_ptx() -> str:
     return "\n".join(lines + ["}"])
 
 
+def _magic_pair_ptx(bits: int, magic_bits: int, j: int) -> str:
+    """PTX of :func:`_half_steps`' operand for code ``j`` of two 16-bit halves in one 32-bit
+    register (``$1``): each half's code ``j`` (``bits`` wide at bit ``j * bits``) ORed into the
+    16-bit float ``magic_bits`` (``$0``). A shift (none for ``j = 0``) and one LOP3 per pair;
+    bits the shift carries across the halves' boundary land above the mask."""
+    mask = (1 << bits) - 1
+    lop = f"lop3.b32 $0, %s, {mask | mask << 16:#010x}, {magic_bits | magic_bits << 16:#010x}, 0xea;"  # (a & b) | c
+    if j == 0:
+        return lop % "$1"
+    return "{\n.reg .b32 t;\nshr.b32 t, $1, %d;\n%s\n}" % (j * bits, lop % "t")
+
+
+# flat (Triton's constexpr tuples do not nest): entry (bits * 2 + [float16, bfloat16].index) * 8 + j
+_MAGIC_PAIRS = tuple(_magic_pair_ptx(b, m, j) if b in (2, 4, 8) and j < 16 // b else ""
+                     for b in range(9) for m in (0x6400, 0x4300) for j in range(8))
+
 if HAVE_TRITON:
     _LUT8_PTX = tl.constexpr(_lut8_ptx())
+    _MAGIC_PAIR_PTX = tl.constexpr(_MAGIC_PAIRS)
 
     @triton.jit
     def word_code(words, hi, hshift, j: tl.constexpr, BITS: tl.constexpr):
@@ -209,14 +236,109 @@ if HAVE_TRITON:
                 tl.atomic_xchg(cnt_ptr + pid_t, 0)
 
     @triton.jit
+    def _step_meta(s_ptr, z_ptr, xs_ptr, g, g_hi, NG, N, offs_m, m_mask, offs_n, n_mask,
+                   PER_CHANNEL: tl.constexpr, HAS_ZERO: tl.constexpr):
+        """Step ``g``'s scale and zero (float16 as stored; the zero is the scale without stored
+        zeros) and row sums ``xs[:, g]``; zeros when ``g >= g_hi`` (a prefetch past the end)."""
+        live = g < g_hi
+        s_row = 0 if PER_CHANNEL else g
+        sc = tl.load(s_ptr + s_row * N + offs_n, mask=n_mask & live, other=0.0)
+        if HAS_ZERO:
+            z = tl.load(z_ptr + s_row * N + offs_n, mask=n_mask & live, other=0.0)
+        else:
+            z = sc
+        xs = tl.load(xs_ptr + offs_m * NG + g, mask=m_mask & live, other=0.0)
+        return sc, z, xs
+
+    @triton.jit
+    def _half_steps(x_ptr, w_ptr, s_ptr, z_ptr, xs_ptr, acc, g_lo, g_hi, NG, KW, N, zconst, stride_xm,
+                    offs_m, m_mask, offs_n, n_mask, BITS: tl.constexpr, PER_CHANNEL: tl.constexpr,
+                    HAS_ZERO: tl.constexpr, MAGIC: tl.constexpr, MAGIC_BITS: tl.constexpr, BLOCK_K: tl.constexpr,
+                    PTX: tl.constexpr):
+        """The tensor-core kernel's steps for 2/4/8-bit affine codes (:func:`half_steps`), one
+        group (``BLOCK_K`` k) a step, with no shared-memory round trip for the weight tile and no
+        per-product layout conversion:
+
+        * the words are read as 16-bit halves (``C = 16 // BITS`` codes each; half row ``r`` holds
+          ``k = C*r .. C*r + C-1``) and a step is ``C`` products over ``R = BLOCK_K // C`` k:
+          product ``j`` pairs code ``j`` of every half with ``x[:, k0 + C*r + j]``;
+        * each product's weight operand is elementwise in the loaded halves (shift, AND, OR,
+          bitcast, all 16-bit), which Triton turns into a load from the pipelined shared-memory
+          copy straight into the tensor-core operand layout (its dot-operand hoisting);
+        * ``x`` comes pre-permuted (:func:`half_inputs`: product ``j``'s columns contiguous at
+          ``k0 + j*R``), so its tiles are plain pipelined loads too, and each step's row sums
+          ``sum_k x`` (the zero and magic correction) come precomputed at ``xs_ptr`` (``[M, NG]``
+          float32)."""
+        C: tl.constexpr = 16 // BITS
+        R: tl.constexpr = BLOCK_K // C
+        h_ptr = w_ptr.to(tl.pointer_type(tl.int16))
+        offs_c = tl.arange(0, R)
+        nxt = _step_meta(s_ptr, z_ptr, xs_ptr, g_lo, g_hi, NG, N, offs_m, m_mask, offs_n, n_mask, PER_CHANNEL, HAS_ZERO)
+        for g in range(g_lo, g_hi):
+            # this step's scale, zero and row sums were loaded one step ahead (Triton's pipeliner
+            # takes only the loads that feed the products): their latency overlaps a step
+            sc, z, xs = nxt
+            nxt = _step_meta(s_ptr, z_ptr, xs_ptr, g + 1, g_hi, NG, N, offs_m, m_mask, offs_n, n_mask,
+                             PER_CHANNEL, HAS_ZERO)
+            offs_r = g * R + offs_c  # half r of word r // 2 is int16 2 * (word index) + r % 2
+            h = tl.load(h_ptr + ((offs_r // 2) * (2 * N) + offs_r % 2)[:, None] + 2 * offs_n[None, :],
+                        mask=(offs_r < 2 * KW)[:, None] & n_mask[None, :], other=0)
+            part = tl.zeros(acc.shape, dtype=tl.float32)
+            for j in tl.static_range(C):
+                a = tl.load(x_ptr + offs_m[:, None] * stride_xm + (g * BLOCK_K + j * R + offs_c)[None, :],
+                            mask=m_mask[:, None], other=0.0)
+                if MAGIC_BITS == 0:
+                    v = ((h >> (j * BITS)) & ((1 << BITS) - 1)).to(a.dtype)
+                elif PTX:  # two halves per 32-bit register: a shift and one LOP3 per pair of codes
+                    v = tl.inline_asm_elementwise(_MAGIC_PAIR_PTX[(BITS * 2 + (MAGIC_BITS != 0x6400)) * 8 + j], "=r,r", [h],
+                                                  dtype=a.dtype, is_pure=True, pack=2)
+                else:
+                    v = (((h >> (j * BITS)) & ((1 << BITS) - 1)) | MAGIC_BITS).to(a.dtype, bitcast=True)
+                part = tl.dot(a, v, part)
+            acc = _add_group(acc, part, xs, sc.to(tl.float32), z.to(tl.float32), zconst, HAS_ZERO, False, MAGIC)
+        return acc
+
+    @triton.jit
+    def _tile_steps(x_ptr, w_ptr, wh_ptr, s_ptr, z_ptr, t_ptr, acc, g_lo, g_hi, K, KW, N, zconst, stride_xm,
+                    offs_m, m_mask, offs_n, n_mask, BITS: tl.constexpr, PACK: tl.constexpr, GSTEP: tl.constexpr,
+                    PER_CHANNEL: tl.constexpr, HAS_ZERO: tl.constexpr, CODEBOOK: tl.constexpr,
+                    MAGIC: tl.constexpr, MAGIC_BITS: tl.constexpr, BLOCK_K: tl.constexpr):
+        """The tensor-core kernel's steps for every format: a ``[BLOCK_K, BLOCK_N]`` code tile
+        (:func:`_tile_q`), ``GSTEP // BLOCK_K`` products per scale step."""
+        s_row = 0
+        for g in range(g_lo, g_hi):
+            part = tl.zeros(acc.shape, dtype=tl.float32)
+            xs = tl.zeros([acc.shape[0]], dtype=tl.float32)
+            for kk in tl.static_range(0, GSTEP, BLOCK_K):
+                k0 = g * GSTEP + kk
+                offs_k = k0 + tl.arange(0, BLOCK_K)
+                a = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
+                            mask=m_mask[:, None] & (offs_k < K)[None, :], other=0.0)
+                q = _tile_q(w_ptr, wh_ptr, k0 // PACK, KW, N, offs_n, n_mask, BITS, PACK, BLOCK_K, acc.shape[1])
+                if CODEBOOK:
+                    v = tl.load(t_ptr + q).to(a.dtype)
+                elif MAGIC_BITS == 0:  # codes that MAGIC cannot hold exactly (bfloat16, 8 bits)
+                    v = q.to(a.dtype)
+                else:
+                    v = (q | MAGIC_BITS).to(tl.int16).to(a.dtype, bitcast=True)
+                part = tl.dot(a, v, part)
+                if not CODEBOOK:
+                    xs += tl.sum(a.to(tl.float32), axis=1)
+            if not PER_CHANNEL:
+                s_row = g
+            sc, z = _group_meta(s_ptr, z_ptr, s_row, N, offs_n, n_mask, HAS_ZERO)
+            acc = _add_group(acc, part, xs, sc, z, zconst, HAS_ZERO, CODEBOOK, MAGIC)
+        return acc
+
+    @triton.jit
     def _tc_kernel(
-        x_ptr, w_ptr, wh_ptr, s_ptr, z_ptr, t_ptr, b_ptr, out_ptr, lr_ptr, u_ptr, ws_ptr, cnt_ptr,
+        x_ptr, w_ptr, wh_ptr, s_ptr, z_ptr, t_ptr, b_ptr, out_ptr, lr_ptr, u_ptr, ws_ptr, cnt_ptr, xs_ptr,
         M, N, K, KW, G_PER, NG, SPLIT, zconst, stride_xm, stride_om, fmagic,
         BITS: tl.constexpr, PACK: tl.constexpr, GSTEP: tl.constexpr, PER_CHANNEL: tl.constexpr,
         HAS_ZERO: tl.constexpr, CODEBOOK: tl.constexpr, HAS_BIAS: tl.constexpr,
         MAGIC: tl.constexpr, MAGIC_BITS: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IS_SPLIT: tl.constexpr,
-        EVEN_K: tl.constexpr, RANK: tl.constexpr, LUT_ASM: tl.constexpr,
+        EVEN_K: tl.constexpr, RANK: tl.constexpr, LUT_ASM: tl.constexpr, HALF: tl.constexpr,
     ):
         """``GSTEP``: k per scale step (the group size, or ``BLOCK_K`` for per-channel weights);
         ``NG``: scale steps in the padded K; ``G_PER``: steps per split. ``fmagic``, ``EVEN_K`` and ``LUT_ASM``
@@ -231,29 +353,14 @@ if HAVE_TRITON:
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         g_lo = pid_k * G_PER
         g_hi = tl.minimum(g_lo + G_PER, NG)
-        s_row = 0
-        for g in range(g_lo, g_hi):
-            part = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-            xs = tl.zeros([BLOCK_M], dtype=tl.float32)
-            for kk in tl.static_range(0, GSTEP, BLOCK_K):
-                k0 = g * GSTEP + kk
-                offs_k = k0 + tl.arange(0, BLOCK_K)
-                a = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
-                            mask=m_mask[:, None] & (offs_k < K)[None, :], other=0.0)
-                q = _tile_q(w_ptr, wh_ptr, k0 // PACK, KW, N, offs_n, n_mask, BITS, PACK, BLOCK_K, BLOCK_N)
-                if CODEBOOK:
-                    v = tl.load(t_ptr + q).to(a.dtype)
-                elif MAGIC_BITS == 0:  # codes that MAGIC cannot hold exactly (bfloat16, 8 bits)
-                    v = q.to(a.dtype)
-                else:
-                    v = (q | MAGIC_BITS).to(tl.int16).to(a.dtype, bitcast=True)
-                part = tl.dot(a, v, part)
-                if not CODEBOOK:
-                    xs += tl.sum(a.to(tl.float32), axis=1)
-            if not PER_CHANNEL:
-                s_row = g
-            sc, z = _group_meta(s_ptr, z_ptr, s_row, N, offs_n, n_mask, HAS_ZERO)
-            acc = _add_group(acc, part, xs, sc, z, zconst, HAS_ZERO, CODEBOOK, MAGIC)
+        if HALF:
+            acc = _half_steps(x_ptr, w_ptr, s_ptr, z_ptr, xs_ptr, acc, g_lo, g_hi, NG, KW, N, zconst, stride_xm,
+                              offs_m, m_mask, offs_n, n_mask, BITS, PER_CHANNEL, HAS_ZERO, MAGIC, MAGIC_BITS, BLOCK_K,
+                              HALF == 2)
+        else:
+            acc = _tile_steps(x_ptr, w_ptr, wh_ptr, s_ptr, z_ptr, t_ptr, acc, g_lo, g_hi, K, KW, N, zconst, stride_xm,
+                              offs_m, m_mask, offs_n, n_mask, BITS, PACK, GSTEP, PER_CHANNEL, HAS_ZERO, CODEBOOK,
+                              MAGIC, MAGIC_BITS, BLOCK_K)
         pid_t = pid_m * tl.num_programs(0) + pid_n
         _finish(acc, offs_m, offs_n, m_mask, n_mask, stride_om, out_ptr, b_ptr, lr_ptr, u_ptr, ws_ptr, cnt_ptr,
                 pid_t, pid_k, M, N, SPLIT, IS_SPLIT, HAS_BIAS, RANK, BLOCK_M)
@@ -406,13 +513,13 @@ if HAVE_TRITON:
 
     @triton.jit
     def _fma_kernel(
-        x_ptr, w_ptr, wh_ptr, s_ptr, z_ptr, t_ptr, b_ptr, out_ptr, lr_ptr, u_ptr, ws_ptr, cnt_ptr,
+        x_ptr, w_ptr, wh_ptr, s_ptr, z_ptr, t_ptr, b_ptr, out_ptr, lr_ptr, u_ptr, ws_ptr, cnt_ptr, xs_ptr,
         M, N, K, KW, G_PER, NG, SPLIT, zconst, stride_xm, stride_om, fmagic,
         BITS: tl.constexpr, PACK: tl.constexpr, GSTEP: tl.constexpr, PER_CHANNEL: tl.constexpr,
         HAS_ZERO: tl.constexpr, CODEBOOK: tl.constexpr, HAS_BIAS: tl.constexpr,
         MAGIC: tl.constexpr, MAGIC_BITS: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IS_SPLIT: tl.constexpr,
-        EVEN_K: tl.constexpr, RANK: tl.constexpr, LUT_ASM: tl.constexpr,
+        EVEN_K: tl.constexpr, RANK: tl.constexpr, LUT_ASM: tl.constexpr, HALF: tl.constexpr,
     ):
         """M = 1 on CUDA cores. One step = one group (``BLOCK_K == GSTEP``; per-channel weights:
         any ``BLOCK_K``): a ``[BLOCK_K // PACK, BLOCK_N]`` tile of words, codes taken one
@@ -465,11 +572,12 @@ def compile_offline(bits: int, group: int, block_n: int = 128, num_warps: int = 
 
     kernel = kernel or _fma_kernel
     ptr_types = {"x_ptr": act, "b_ptr": act, "out_ptr": act, "w_ptr": "i32", "wh_ptr": "i32", "s_ptr": "fp16",
-                 "z_ptr": "fp16", "t_ptr": "fp32", "ws_ptr": "fp32", "cnt_ptr": "i32", "lr_ptr": "fp32", "u_ptr": act}
+                 "z_ptr": "fp16", "t_ptr": "fp32", "ws_ptr": "fp32", "cnt_ptr": "i32", "xs_ptr": "fp32", "lr_ptr": "fp32",
+                 "u_ptr": act}
     consts = {"BITS": bits, "PACK": 16 if bits == 3 else 32 // bits, "GSTEP": group, "PER_CHANNEL": False,
               "HAS_ZERO": not codebook, "CODEBOOK": codebook, "HAS_BIAS": False, "MAGIC": 0.0, "MAGIC_BITS": 0,
               "BLOCK_M": 1, "BLOCK_N": block_n, "BLOCK_K": group, "IS_SPLIT": True, "EVEN_K": True, "RANK": 0,
-              "LUT_ASM": codebook and bits == 4}
+              "LUT_ASM": codebook and bits == 4, "HALF": False}
     names = kernel.arg_names
     sig = {a: "constexpr" if a in consts else f"*{ptr_types[a]}" if a in ptr_types else
            "fp32" if a == "zconst" else "i32" for a in names}
@@ -514,13 +622,46 @@ def supports(rw: RuntimeWeight, dtype: torch.dtype, cfg: dict) -> str | None:
     return None
 
 
+def half_steps(rw: RuntimeWeight, block_k: int) -> bool:
+    """Whether the tensor-core kernel takes ``rw`` in ``block_k`` steps through
+    :func:`_half_steps`: affine 2/4/8-bit codes, one scale step a step (``block_k`` = the group,
+    any ``block_k`` per channel), and at least 16 half rows a step (a product's K)."""
+    return (rw.kind == "affine" and rw.rbits in (2, 4, 8) and rw.group in (0, block_k)
+            and block_k // (16 // rw.rbits) >= 16)
+
+
+def half_inputs(x2: torch.Tensor, steps: int, block_k: int, rbits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The activations as :func:`_half_steps` reads them: ``xp [M, steps * block_k]`` (zero-padded
+    past K) with each step's columns permuted so that product ``j`` (code ``j`` of every 16-bit
+    half, ``k = C*r + j``) reads ``block_k // C`` contiguous columns, and the steps' row sums
+    ``xs [M, steps]`` in float32. Two small torch kernels per call (``M * K`` elements)."""
+    m, k = x2.shape
+    c = 16 // rbits
+    kp = steps * block_k
+    xpad = torch.nn.functional.pad(x2, (0, kp - k)) if kp != k else x2
+    xp = xpad.view(m, steps, block_k // c, c).transpose(2, 3).reshape(m, kp)
+    xs = xpad.view(m, steps, block_k).sum(-1, dtype=torch.float32)
+    return xp, xs
+
+
+def input_prep(rw: RuntimeWeight, cfg: dict):
+    """``x2 -> (xp, xs)`` of :func:`half_inputs` for a launch of ``cfg`` on ``rw`` that takes
+    the half-word steps, else ``None``."""
+    bk = cfg["BLOCK_K"]
+    if cfg["KERNEL"] != "tc" or not half_steps(rw, bk):
+        return None
+    steps, rbits = -(-rw.kp // bk), rw.rbits
+    return lambda x2: half_inputs(x2, steps, bk, rbits)
+
+
 def launch_args(rw: RuntimeWeight, x2: torch.Tensor, bias: torch.Tensor | None, cfg: dict, out: torch.Tensor,
                 lowrank: tuple[torch.Tensor, torch.Tensor] | None = None):
     """``(kernel, grid, args, constexprs, options)`` of one small-M launch ``x2 [M, K] @ W^T
     (+ bias) (+ t @ U) -> out [M, N]`` (``cfg``: KERNEL "tc" or "fma", BLOCK_M/N/K, SPLIT,
     num_warps, num_stages; ``lowrank``: ``(t [M, R] float32, U [R, N])``, see
     :func:`epilogue`). The positions of ``x``, ``bias``, ``out``, ``t`` and ``U`` in ``args``
-    (0, 6, 7, 8, 9) are the launch plans' contract (:class:`bitsmith.kernels.qmm._Plan`)."""
+    (0, 6, 7, 8, 9; 12 for the row sums of :func:`half_inputs`) are the launch plans' contract
+    (:class:`bitsmith.kernels.qmm._Plan`)."""
     m, k = x2.shape
     n = rw.n
     bk, bn, split = cfg["BLOCK_K"], cfg["BLOCK_N"], cfg["SPLIT"]
@@ -534,18 +675,21 @@ def launch_args(rw: RuntimeWeight, x2: torch.Tensor, bias: torch.Tensor | None, 
     else:
         ws, cnt = rw.scale, rw.words
     dummy = rw.scale
+    prep = input_prep(rw, cfg)
+    x_arg, xs = prep(x2) if prep is not None else (x2, dummy)
     magic, magic_bits = magic_for(x2.dtype, rw.rbits) if cfg["KERNEL"] == "tc" else (0.0, 0)
     kernel = _tc_kernel if cfg["KERNEL"] == "tc" else _fma_kernel
     lr_t, lr_up = lowrank if lowrank is not None else (dummy, dummy)
-    args = (x2, rw.words, rw.words_hi if rw.words_hi is not None else rw.words, rw.scale,
+    args = (x_arg, rw.words, rw.words_hi if rw.words_hi is not None else rw.words, rw.scale,
             rw.zero if rw.zero is not None else dummy, rw.table if rw.table is not None else dummy,
-            bias if bias is not None else dummy, out, lr_t, lr_up, ws, cnt,
-            m, n, k, rw.words.shape[0], g_per, ng, split, float(rw.zconst), x2.stride(0), out.stride(0), FMAGIC_BITS)
+            bias if bias is not None else dummy, out, lr_t, lr_up, ws, cnt, xs,
+            m, n, k, rw.words.shape[0], g_per, ng, split, float(rw.zconst), x_arg.stride(0), out.stride(0), FMAGIC_BITS)
     consts = {"BITS": rw.rbits, "PACK": rw.pack, "GSTEP": gstep, "PER_CHANNEL": rw.group == 0,
               "HAS_ZERO": rw.zero is not None, "CODEBOOK": rw.kind == "codebook", "HAS_BIAS": bias is not None,
               "MAGIC": magic, "MAGIC_BITS": magic_bits, "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk,
               "IS_SPLIT": split > 1, "EVEN_K": k % gstep == 0, "RANK": lr_t.shape[-1] if lowrank is not None else 0,
-              "LUT_ASM": cfg["KERNEL"] == "fma" and rw.kind == "codebook" and rw.rbits == 4 and x2.is_cuda}
+              "LUT_ASM": cfg["KERNEL"] == "fma" and rw.kind == "codebook" and rw.rbits == 4 and x2.is_cuda,
+              "HALF": 0 if prep is None else 2 if x2.is_cuda else 1}
     options = {"num_warps": cfg.get("num_warps", 4), "num_stages": cfg.get("num_stages", 2)}
     return kernel, grid, args, consts, options
 
