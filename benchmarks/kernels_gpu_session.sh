@@ -7,6 +7,9 @@
 #   OUT=/some/dir bash benchmarks/kernels_gpu_session.sh sanitize   # compute-sanitizer memcheck of every kernel
 #   OUT=/some/dir bash benchmarks/kernels_gpu_session.sh lut        # CUDA tests (+ torch.compile), host overhead (W8A8 plans), M = 1 table int4 vs NF4
 #   OUT=/some/dir bash benchmarks/kernels_gpu_session.sh e2e        # end-to-end decode, uncompiled and torch.compile'd (E2E_FORMATS)
+#   OUT=/some/dir bash benchmarks/kernels_gpu_session.sh configs    # CUDA tests (TESTS=0: none), then every tuner candidate
+#       timed per case (CFG_ARGS: kernels_configs.py arguments)
+#   OUT=/some/dir bash benchmarks/kernels_gpu_session.sh m16        # CUDA tests, every M = 16 candidate, the M = 16 table
 #   OUT=/some/dir bash benchmarks/kernels_gpu_session.sh one        # one call for all of it when device time is short:
 #       CUDA tests, M = 1 table int4 vs NF4, compiled end-to-end decode, host overhead
 # The CUDA tests run with pytest-xdist when it is importable (carried as wheels: .whl/, see the device notes).
@@ -85,6 +88,26 @@ one)
   echo "== python3 benchmarks/host_overhead.py" | tee "$OUT/host_overhead.txt"
   timeout "${T_HOST:-40}" python3 benchmarks/host_overhead.py 2>&1 | tee -a "$OUT/host_overhead.txt" | head -10
   cp benchmarks/results/host_overhead_h100.json "$OUT/" 2>/dev/null
+  ;;
+configs)
+  if [ "${TESTS:-1}" = 1 ]; then
+    TEST_FILES=${TEST_FILES:-"tests/test_kernels.py tests/test_svdquant.py tests/test_compile.py tests/test_cuda.py tests/test_w8a8.py"} cuda_tests
+  fi
+  CFG_ARGS=${CFG_ARGS:---m 16 --formats int4_g64}
+  echo "== python3 benchmarks/kernels_configs.py $CFG_ARGS" | tee -a "$OUT/configs.txt"
+  timeout "${T_CFG:-300}" python3 benchmarks/kernels_configs.py $CFG_ARGS 2>&1 | grep -v -i warn | tee -a "$OUT/configs.txt" | tail -40
+  cp benchmarks/results/kernels_configs*.json "$OUT/" 2>/dev/null
+  ;;
+m16)  # CUDA tests of the kernels, every M = 16 candidate timed, then the M = 16 table
+  TEST_FILES=${TEST_FILES:-tests/test_kernels.py} T_TESTS=${T_TESTS:-150} cuda_tests
+  echo "== python3 benchmarks/kernels_configs.py --m 16 --formats int4_g64,int4_g128 --reps 10 --top 4 --name kernels_configs_m16" | tee "$OUT/configs.txt"
+  timeout "${T_CFG:-260}" python3 benchmarks/kernels_configs.py --m 16 --formats int4_g64,int4_g128 --reps 10 --top 4 \
+    --name kernels_configs_m16 2>&1 | grep -v -i warn | tee -a "$OUT/configs.txt" | grep -v "^  "
+  cp benchmarks/results/kernels_configs_m16.json "$OUT/" 2>/dev/null
+  echo "== python3 benchmarks/kernels_bench.py --m 16 --formats int4_g64,int4_g128,nf4_g64,int3_g64 --reps 20 --name kernels_m16" | tee "$OUT/kernels_bench.txt"
+  timeout "${T_BENCH:-150}" python3 benchmarks/kernels_bench.py --m 16 --formats int4_g64,int4_g128,nf4_g64,int3_g64 --reps 20 \
+    --name kernels_m16 2>/dev/null | tee -a "$OUT/kernels_bench.txt" | tail -30
+  cp benchmarks/results/kernels_m16.json "$OUT/" 2>/dev/null
   ;;
 sanitize)  # compute-sanitizer memcheck over every kernel
   OUT="$OUT" bash benchmarks/kernels_sanitize.sh

@@ -1,5 +1,6 @@
 """Exercise every fused kernel once at odd sizes (for ``compute-sanitizer --tool memcheck``):
-the M = 1 kernels with and without split-K, the tensor-core kernels with split-K, the dequantize
+the M = 1 kernels with and without split-K, the tensor-core kernels with split-K (the small-M one
+with whole tiles and with half-word steps), the dequantize
 kernel, SVDQuant's down-projection and each kernel's low-rank epilogue, and the two W8A8
 kernels, over int4/int3/int2/int8 and NF4 layouts.
 
@@ -22,7 +23,9 @@ GEMM = [{"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 64, "SPLIT_K": 3, "GROUP_M": 8
         {"DEQUANT_MM": True}]
 #: the small-M kernels (BLOCK_K of the CUDA-core one = the weight's group, filled in per case)
 SMALL_M = [{"KERNEL": "fma", "BLOCK_N": 128, "SPLIT": 1, "num_warps": 4}, {"KERNEL": "fma", "BLOCK_N": 64, "SPLIT": 5, "num_warps": 2},
-           {"KERNEL": "tc", "BLOCK_M": 16, "BLOCK_N": 128, "BLOCK_K": 32, "SPLIT": 3, "num_warps": 4, "num_stages": 3}]
+           {"KERNEL": "tc", "BLOCK_M": 16, "BLOCK_N": 128, "BLOCK_K": 32, "SPLIT": 3, "num_warps": 4, "num_stages": 3},
+           # BLOCK_K = the group: the half-word steps for 4- and 8-bit codes (small_m.half_steps)
+           {"KERNEL": "tc", "BLOCK_M": 16, "BLOCK_N": 64, "SPLIT": 3, "num_warps": 4, "num_stages": 5}]
 
 
 def main() -> None:

@@ -10,7 +10,15 @@ Kernels, by the number of rows M of ``x``:
   dtype in registers and fed to ``tl.dot`` (tensor cores), ``BLOCK_M`` 16..128. It splits ``K``
   over ``SPLIT_K`` programs when there are too few output tiles to fill the GPU; partial sums are
   added with float32 atomics into a zeroed workspace (the first split adds the bias), then cast.
-* large M: ``_dequant_kernel`` writes ``W^T`` once in the activation dtype, then cuBLAS.
+  When one scale row covers a tile, the next tile's row is loaded a tile ahead (its latency hidden
+  behind a tile's work: at M = 16 on the H100, 4096x14336 int4 went from 51 to 46 us).
+* M = 2..64, 2/4/8-bit affine codes: also the small-M tensor-core kernel's half-word steps
+  (:mod:`bitsmith.kernels.small_m`); the tuner picks per shape.
+* large M: ``_dequant_kernel`` writes ``W^T`` once in the activation dtype, then cuBLAS. At
+  M = 2048 that beat every fused tile by 2x or more on the H100 (0.84x fp16 against 0.30-0.42x,
+  benchmarks/results/kernels_configs_m2048_h100.json, before the scale-row prefetch): the
+  dequantization in the main loop and the tile's trip through shared memory cost more than the
+  ``W^T`` write and read.
 
 Configs are tuned once per (kernel, shape, layout) on first use (not under CUDA-graph capture,
 where a default is taken) and cached in :data:`TUNED`.
@@ -74,6 +82,19 @@ if HAVE_TRITON:
         return q
 
     @triton.jit
+    def _tile_meta(s_ptr, z_ptr, k0, k_end, N, offs_n, n_mask, zconst, GROUP: tl.constexpr, HAS_ZERO: tl.constexpr):
+        """Scale and zero (float32 ``[1, BLOCK_N]``; the zero a number without stored zeros) of the
+        tile at ``k0`` when one scale row covers it; zeros past ``k_end`` (a prefetch past the end)."""
+        g0 = 0 if GROUP == 0 else k0 // GROUP
+        live = n_mask & (k0 < k_end)
+        s = tl.load(s_ptr + g0 * N + offs_n, mask=live, other=0.0).to(tl.float32)[None, :]
+        if HAS_ZERO:
+            z = tl.load(z_ptr + g0 * N + offs_n, mask=live, other=0.0).to(tl.float32)[None, :]
+        else:
+            z = zconst + tl.zeros_like(s)
+        return s, z
+
+    @triton.jit
     def _gemm_kernel(
         x_ptr, w_ptr, wh_ptr, s_ptr, z_ptr, t_ptr, b_ptr, out_ptr, lr_ptr, u_ptr,
         M, N, K, KW, K_PER, zconst, stride_xm, stride_om,
@@ -95,6 +116,8 @@ if HAVE_TRITON:
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         SCALAR_GROUP: tl.constexpr = (GROUP == 0) or (GROUP % BLOCK_K == 0)
         k_end = tl.minimum(k_lo + K_PER, kp)  # no tile starts past the padded K (the scale rows end there)
+        if SCALAR_GROUP:  # one scale row a tile: loaded a tile ahead, so its latency overlaps a tile's work
+            s_nxt, z_nxt = _tile_meta(s_ptr, z_ptr, k_lo, k_end, N, offs_n, n_mask, zconst, GROUP, HAS_ZERO)
         for k0 in range(k_lo, k_end, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
             a = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
@@ -112,15 +135,8 @@ if HAVE_TRITON:
                 else:
                     q = (words >> ((offs_k % PACK) * BITS)[:, None]) & ((1 << BITS) - 1)
             if SCALAR_GROUP:
-                if GROUP == 0:
-                    g0 = 0
-                else:
-                    g0 = k0 // GROUP
-                s = tl.load(s_ptr + g0 * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-                if HAS_ZERO:
-                    z = tl.load(z_ptr + g0 * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-                else:
-                    z = zconst
+                s, z = s_nxt, z_nxt
+                s_nxt, z_nxt = _tile_meta(s_ptr, z_ptr, k0 + BLOCK_K, k_end, N, offs_n, n_mask, zconst, GROUP, HAS_ZERO)
             else:
                 sz_off = (offs_k // GROUP)[:, None] * N + offs_n[None, :]
                 s = tl.load(s_ptr + sz_off, mask=m2, other=0.0).to(tl.float32)
@@ -278,13 +294,16 @@ class _Plan(LaunchTemplate):
     pointer itself), which skips a ``data_ptr()`` call and a driver pointer query per tensor and
     launch; the plan holds the tensors themselves so the addresses stay valid."""
 
-    __slots__ = ("n", "split", "dummy_ptr")
+    __slots__ = ("n", "split", "dummy_ptr", "prep")
 
-    def __init__(self, compiled, grid, args, const_vals, n, split, dummy, dev):
+    def __init__(self, compiled, grid, args, const_vals, n, split, dummy, dev, prep=None):
         """``split``: the atomic split-K count of the tensor-core kernel (> 1: a zeroed float32
-        output, then a cast); 1 for every launch that writes its output directly."""
+        output, then a cast); 1 for every launch that writes its output directly. ``prep``: for
+        the small-M tensor-core kernel's half-word steps, ``x2 -> (xp, xs)``
+        (:func:`bitsmith.kernels.small_m.half_inputs`), run per call: the kernel reads ``xp`` in
+        place of ``x`` and the row sums ``xs`` at argument 12."""
         super().__init__(compiled, grid, args, const_vals, dev)
-        self.n, self.split = n, split
+        self.n, self.split, self.prep = n, split, prep
         self.tensors.append(dummy)
         self.dummy_ptr = dummy.data_ptr()
 
@@ -296,6 +315,9 @@ class _Plan(LaunchTemplate):
         else:
             out = torch.zeros(m, self.n, dtype=torch.float32, device=x2.device)
         a = self.template.copy()
+        if self.prep is not None:
+            x2, xs = self.prep(x2)
+            a[12] = xs.data_ptr()
         a[0], a[6], a[7] = x2.data_ptr(), (bias.data_ptr() if bias is not None else self.dummy_ptr), out.data_ptr()
         if lowrank is not None:
             a[8], a[9] = lowrank[0].data_ptr(), lowrank[1].data_ptr()
@@ -380,11 +402,31 @@ def default_m1_config(rw: RuntimeWeight, device: torch.device, dtype: torch.dtyp
     return default_fma_config(rw, dtype, device) or default_gemm_config(rw, 1, device)
 
 
-def gemm_configs(rw: RuntimeWeight, m: int, dtype: torch.dtype = torch.float16) -> list[dict]:
-    """Candidate configs for the tensor-core kernel at M rows (split-K only while M <= 64). The
-    small-M tensor-core kernel (:mod:`bitsmith.kernels.small_m`) is not a candidate: it measured
-    slower than this one at M = 16 on every benchmark shape (benchmarks/results/kernels_small_m_h100.json)."""
+def small_tc_configs(rw: RuntimeWeight, m: int, dtype: torch.dtype) -> list[dict]:
+    """Candidate configs of the small-M tensor-core kernel (:mod:`bitsmith.kernels.small_m`) at
+    ``m`` rows, only where it takes half-word steps (:func:`bitsmith.kernels.small_m.half_steps`):
+    its older whole-tile path measured slower than ``_gemm_kernel`` at M = 16 on every benchmark
+    shape (benchmarks/results/kernels_small_m_h100.json). Split-K is a runtime argument (few binaries)."""
+    if m > 64 or dtype not in (torch.float16, torch.bfloat16):
+        return []
+    bm = 16 if m <= 16 else 32 if m <= 32 else 64
     out = []
+    for bn, bk, stages in ((64, 64, 3), (64, 64, 5), (128, 64, 3), (128, 64, 5), (64, 128, 3), (64, 128, 4),
+                           (128, 128, 3)):
+        if not small_m.half_steps(rw, bk):
+            continue
+        for split in (1, 2, 4, 8, 16):
+            cfg = {"KERNEL": "tc", "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT": split,
+                   "num_warps": 4, "num_stages": stages}
+            if small_m.supports(rw, dtype, cfg) is None and split <= -(-rw.kp // bk):
+                out.append(cfg)
+    return out
+
+
+def gemm_configs(rw: RuntimeWeight, m: int, dtype: torch.dtype = torch.float16) -> list[dict]:
+    """Candidate configs for the tensor-core kernels at M rows (split-K only while M <= 64):
+    ``_gemm_kernel``'s, and up to 64 rows the small-M tensor-core kernel's (:func:`small_tc_configs`)."""
+    out = small_tc_configs(rw, m, dtype)
     if m <= 64:
         bm = 16 if m <= 16 else 32 if m <= 32 else 64
         for bn, bk, unique in ((64, 64, 0), (128, 64, 0), (64, 128, 0), (64, 64, 1), (128, 64, 1), (64, 128, 1)):
@@ -397,12 +439,14 @@ def gemm_configs(rw: RuntimeWeight, m: int, dtype: torch.dtype = torch.float16) 
             out.append({"DEQUANT_MM": True})
         return out
     out.append({"DEQUANT_MM": True})  # dequantize W once, then cuBLAS: wins when M amortizes the write
-    for bm, bn, bk, warps, stages in ((128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (64, 128, 64, 4, 4),
-                                       (128, 128, 32, 4, 4), (64, 256, 64, 8, 3)):
+    # one word load per code tile (UNIQUE) measured 1.3-1.4x faster than a load per code at
+    # M = 2048, but both far behind dequantize + cuBLAS there (kernels_configs_m2048_h100.json)
+    for bm, bn, bk, warps, stages, unique in ((128, 128, 64, 8, 3, 0), (128, 256, 64, 8, 3, 0), (64, 128, 64, 4, 4, 0),
+                                               (128, 128, 32, 4, 4, 0), (64, 256, 64, 8, 3, 0), (128, 128, 64, 8, 3, 1)):
         if m <= 128 and bm == 128 and bn == 256:
             continue
         out.append({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": 1, "GROUP_M": 8,
-                    "UNIQUE": 0, "num_warps": warps, "num_stages": stages})
+                    "UNIQUE": unique, "num_warps": warps, "num_stages": stages})
     return out
 
 
@@ -446,7 +490,8 @@ def _launch(rw: RuntimeWeight, x2: torch.Tensor, bias: torch.Tensor | None, cfg:
         kernel, grid, args, consts, options = small_m.launch_args(rw, x2, bias, cfg, out, lowrank)
         hit = _run(kernel, grid, args, consts, options)
         if plan_key is not None and hit is not None:
-            rw.plans[plan_key] = _Plan(hit[0], grid, args, hit[1], n, 1, rw.scale, x2.device.index)
+            rw.plans[plan_key] = _Plan(hit[0], grid, args, hit[1], n, 1, rw.scale, x2.device.index,
+                                       small_m.input_prep(rw, cfg))
         return out
     split = cfg["SPLIT_K"]
     dummy = rw.scale

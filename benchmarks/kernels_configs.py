@@ -1,0 +1,86 @@
+"""Every config the tuner weighs, timed one by one on one CUDA GPU: per (shape, M, format), each
+candidate of :func:`bitsmith.kernels.qmm.gemm_configs` / ``m1_configs`` (the small-M kernels,
+``_gemm_kernel``'s tiles, dequantize + cuBLAS) is checked against float64 ``x @ W^T`` of the
+reference dequantization and timed as a CUDA-graph replay with the L2 flushed (median of
+``--reps``), next to fp16 ``F.linear``. Shows which kernel wins where, and by how much; prints the
+best ``--top`` per case, writes every timing to JSON.
+
+    python benchmarks/kernels_configs.py [--shapes 14336x4096,...] [--m 16,2048] [--formats int4_g64,...] [--name NAME]
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import write_result  # noqa: E402
+
+from bitsmith.kernels import qmm  # noqa: E402
+from bitsmith.kernels.bench import Timer, copy_bandwidth, make_qtensor  # noqa: E402
+from bitsmith.kernels.layout import repack  # noqa: E402
+
+
+def describe(cfg: dict) -> str:
+    """A config in a few characters: kernel, tile, split, warps, stages."""
+    if cfg.get("DEQUANT_MM"):
+        return "dequant+cuBLAS"
+    kernel = cfg.get("KERNEL", "gemm" + ("-unique" if cfg.get("UNIQUE") else ""))
+    split = cfg.get("SPLIT", cfg.get("SPLIT_K", 1))
+    return (f"{kernel} {cfg.get('BLOCK_M', 1)}x{cfg['BLOCK_N']}x{cfg['BLOCK_K']} s{split} "
+            f"w{cfg.get('num_warps')} st{cfg.get('num_stages', 1)}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shapes", default="4096x4096,14336x4096,4096x14336,28672x8192")
+    ap.add_argument("--m", default="16")
+    ap.add_argument("--formats", default="int4_g64,int4_g128")
+    ap.add_argument("--reps", type=int, default=15)
+    ap.add_argument("--top", type=int, default=4)
+    ap.add_argument("--name", default="kernels_configs_h100")
+    args = ap.parse_args()
+    dev = torch.device("cuda")
+    torch.manual_seed(0)
+    timer = Timer(dev, reps=args.reps, warmup=2)
+    rows = []
+    print(f"device {torch.cuda.get_device_name(dev)}; copy {copy_bandwidth(dev) / 1e9:.0f} GB/s", flush=True)
+    for shape in args.shapes.split(","):
+        n, k = (int(v) for v in shape.split("x"))
+        w16 = (torch.randn(n, k, device=dev) * 0.02).to(torch.float16)
+        for m in (int(v) for v in args.m.split(",")):
+            x = torch.randn(m, k, device=dev, dtype=torch.float16)
+            fp16 = timer.time_graph(lambda: F.linear(x, w16))
+            for fmt in args.formats.split(","):
+                qt = make_qtensor(fmt, w16)
+                rw = repack(qt)
+                ref = x.double() @ qt.dequantize(torch.float64).t()
+                timed = []
+                for cfg in qmm._configs(rw, m, x.dtype):
+                    try:
+                        err = float((qmm._launch(rw, x, None, cfg).double() - ref).norm() / ref.norm())
+                        if not err < 3e-3:
+                            print(f"  WRONG {describe(cfg)}: rel err {err:.1e}", flush=True)
+                            continue
+                        timed.append((timer.time_graph(lambda: qmm._launch(rw, x, None, cfg)), cfg, err))
+                    except Exception as e:  # noqa: BLE001 - a config that does not compile is skipped
+                        print(f"  fail {describe(cfg)}: {str(e).splitlines()[0][:100]}", flush=True)
+                timed.sort(key=lambda t: t[0])
+                for us, cfg, err in timed:
+                    rows.append({"n": n, "k": k, "m": m, "format": fmt, "fp16_graph_us": fp16, "us": us,
+                                 "speedup": fp16 / us, "config": cfg, "describe": describe(cfg), "rel_err": err})
+                print(f"{n}x{k} M={m} {fmt}: fp16 {fp16:.1f} us, {len(timed)} configs", flush=True)
+                for us, cfg, _ in timed[:args.top]:
+                    print(f"    {us:8.1f} us  x{fp16 / us:5.2f}  {describe(cfg)}", flush=True)
+                del qt, rw
+        del w16
+        torch.cuda.empty_cache()
+    write_result(args.name, {"device": torch.cuda.get_device_name(dev), "rows": rows,
+                             "timing": "us per call, CUDA-graph replay with the L2 flushed, median"})
+
+
+if __name__ == "__main__":
+    main()
