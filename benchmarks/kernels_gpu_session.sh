@@ -10,6 +10,7 @@
 #   OUT=/some/dir bash benchmarks/kernels_gpu_session.sh configs    # CUDA tests (TESTS=0: none), then every tuner candidate
 #       timed per case (CFG_ARGS: kernels_configs.py arguments)
 #   OUT=/some/dir bash benchmarks/kernels_gpu_session.sh m16        # CUDA tests, every M = 16 candidate, the M = 16 table
+#   OUT=/some/dir bash benchmarks/kernels_gpu_session.sh nf16       # the same for NF4's half-word steps, + sanitizer, batch-16 decode
 #   OUT=/some/dir bash benchmarks/kernels_gpu_session.sh one        # one call for all of it when device time is short:
 #       CUDA tests, M = 1 table int4 vs NF4, compiled end-to-end decode, host overhead
 # The CUDA tests run with pytest-xdist when it is importable (carried as wheels: .whl/, see the device notes).
@@ -108,6 +109,22 @@ m16)  # CUDA tests of the kernels, every M = 16 candidate timed, then the M = 16
   timeout "${T_BENCH:-150}" python3 benchmarks/kernels_bench.py --m 16 --formats int4_g64,int4_g128,nf4_g64,int3_g64 --reps 20 \
     --name kernels_m16 2>/dev/null | tee -a "$OUT/kernels_bench.txt" | tail -30
   cp benchmarks/results/kernels_m16.json "$OUT/" 2>/dev/null
+  ;;
+nf16)  # CUDA tests, every M = 16 NF4 candidate, the M = 16 table (NF4, int4), compute-sanitizer, batch-16 decode
+  TEST_FILES=${TEST_FILES:-tests/test_kernels.py} T_TESTS=${T_TESTS:-150} cuda_tests
+  echo "== python3 benchmarks/kernels_configs.py --m 16 --formats nf4_g64 --reps 10 --top 4 --name kernels_configs_nf4_m16" | tee "$OUT/configs.txt"
+  timeout "${T_CFG:-150}" python3 benchmarks/kernels_configs.py --m 16 --formats nf4_g64 --reps 10 --top 4 \
+    --name kernels_configs_nf4_m16 2>&1 | grep -v -i warn | tee -a "$OUT/configs.txt" | grep -v "^  "
+  cp benchmarks/results/kernels_configs_nf4_m16.json "$OUT/" 2>/dev/null
+  echo "== python3 benchmarks/kernels_bench.py --m 16 --formats int4_g64,nf4_g64 --no-w8a8 --reps 20 --name kernels_m16_nf4" | tee "$OUT/kernels_bench.txt"
+  timeout "${T_BENCH:-120}" python3 benchmarks/kernels_bench.py --m 16 --formats int4_g64,nf4_g64 --no-w8a8 --reps 20 \
+    --name kernels_m16_nf4 2>/dev/null | tee -a "$OUT/kernels_bench.txt" | tail -16
+  cp benchmarks/results/kernels_m16_nf4.json "$OUT/" 2>/dev/null
+  OUT="$OUT" T_WARM=100 T_SAN=200 bash benchmarks/kernels_sanitize.sh | tail -4
+  echo "== python3 benchmarks/decode_e2e.py --batch 16 --formats fp16,nf4_g64 --reps 20 --name decode_e2e_b16_nf4" | tee "$OUT/decode_e2e.txt"
+  timeout "${T_E2E:-150}" python3 benchmarks/decode_e2e.py --batch 16 --formats fp16,nf4_g64 --reps 20 --name decode_e2e_b16_nf4 \
+    2>&1 | grep -v -i warn | tee -a "$OUT/decode_e2e.txt" | tail -5
+  cp benchmarks/results/decode_e2e_b16_nf4.json "$OUT/" 2>/dev/null
   ;;
 sanitize)  # compute-sanitizer memcheck over every kernel
   OUT="$OUT" bash benchmarks/kernels_sanitize.sh

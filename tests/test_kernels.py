@@ -241,8 +241,8 @@ def test_interp_small_m_kernels(name):
     tc = [c for c in tc if small_m.supports(rw, torch.float16, c) is None]
     assert tc, "every test format has a tensor-core config"
     half = [c for c in tc if small_m.half_steps(rw, c["BLOCK_K"])]
-    if rw.kind == "affine" and rw.rbits in (4, 8) and rw.group != 32:
-        assert half, "2/4/8-bit affine codes in groups of 64+ take the half-word steps"
+    if (rw.rbits in (4, 8) if rw.kind == "affine" else rw.rbits == 4) and rw.group != 32:
+        assert half, "4/8-bit affine codes and 4-bit codebooks in groups of 64+ take the half-word steps"
     if rw.group in (0, 32, 64, 128) and not (rw.rbits == 3 and rw.group == 32):
         assert fma, "the CUDA-core kernel takes one group per step"
     _interp_case(name, 1, 70, 300, torch.float16, fma + tc)
@@ -311,9 +311,9 @@ if HAVE_TRITON:
 
 
 def _run_ptx(ptx: str, regs: dict) -> dict:
-    """A small interpreter for the PTX that :func:`bitsmith.kernels.small_m._lut8_ptx` and
-    ``_magic_pair_ptx`` write (``shr``/``and``/``or``/``prmt`` ``.b32`` in prmt's default mode,
-    ``lop3.b32``, ``mov.b32 {a, b}``, ``cvt.f32.f16``), from the PTX manual's definitions: an independent reading of the program
+    """A small interpreter for the PTX that :func:`bitsmith.kernels.small_m._lut8_ptx`,
+    ``_magic_pair_ptx`` and ``lut_pair_ptx`` write (``shr``/``and``/``or``/``prmt`` ``.b32`` in
+    prmt's default mode, ``lop3.b32``, ``mov.b32`` of a value and ``{a, b}``, ``cvt.f32.f16``), from the PTX manual's definitions: an independent reading of the program
     for CI, where no GPU runs it. ``regs``: register name -> value (``$8`` the word, ``$9..$16``
     the planes); returns every register afterwards (``$0..$7`` float32)."""
     import numpy as np
@@ -327,6 +327,10 @@ def _run_ptx(ptx: str, regs: dict) -> dict:
         if not line or line in "{}" or line.startswith(".reg"):
             continue
         op, rest = line.split(None, 1)
+        if op == "mov.b32" and not rest.startswith("{"):
+            dst, src = (t.strip() for t in rest.split(","))
+            regs[dst] = val(src)
+            continue
         if op == "mov.b32":
             dst, src = rest.split("},")
             lo, hi = (t.strip() for t in dst.strip(" {").split(","))
@@ -380,6 +384,39 @@ def test_magic_pair_ptx_turns_both_halves_codes_into_floats(bits, act):
                 code = ((w >> (16 * half)) & 0xFFFF) >> (j * bits) & ((1 << bits) - 1)
                 got = torch.tensor([(out >> (16 * half)) & 0xFFFF], dtype=torch.int32).to(torch.int16).view(act)
                 assert float(got) == magic + code, (j, hex(w), half)
+
+
+@pytest.mark.parametrize("table", ["nf4_fp16", "nf4_bf16", "random"])
+def test_lut_pair_ptx_looks_up_both_halves_codes(table):
+    """The half-word steps' codebook operand (two 16-bit halves per 32-bit register, the code
+    slot shifted down by the head, the 16 levels built into the PTX), run through the PTX
+    emulator for every slot of random words and of words holding every code: each half must read
+    the table's 16-bit pattern of its own code."""
+    import numpy as np
+
+    import bitsmith
+    from bitsmith.kernels import small_m
+
+    if table == "random":
+        rng = np.random.default_rng(0)
+        bits = tuple(int(b) for b in rng.integers(0, 2**16, size=16))
+    else:
+        rw = repack(bitsmith.quantize_tensor(torch.randn(4, 64), "nf", levels=16, block_size=64))
+        dt = torch.float16 if table == "nf4_fp16" else torch.bfloat16
+        bits = rw.table_bits[dt]
+        want = torch.tensor([b - (1 << 16) if b >= 1 << 15 else b for b in bits], dtype=torch.int16).view(dt)
+        assert torch.equal(want.float(), rw.table.cpu().to(dt).float())  # the patterns are the table's levels
+    body = small_m.lut_pair_ptx(bits)
+    rng = np.random.default_rng(1)
+    words = [int(w) for w in rng.integers(0, 2**32, size=48, dtype=np.uint64)]
+    words += [sum(((c + d) % 16) << (4 * d) for d in range(8)) for c in range(16)]  # every code in every slot
+    for j in range(4):
+        ptx = small_m._PAIR_HEADS[j] + body + "\n}"
+        for w in words:
+            out = _run_ptx(ptx, {"$1": w})["$0"]
+            for half in range(2):
+                code = (w >> (16 * half + 4 * j)) & 15
+                assert (out >> (16 * half)) & 0xFFFF == bits[code], (j, hex(w), half)
 
 
 @needs_interp
@@ -972,7 +1009,7 @@ def test_cuda_half_word_steps_through_quant_matmul_plans(dtype):
     from bitsmith.kernels import qmm
 
     torch.manual_seed(0)
-    for fmt, bk in (("int4_g64_int0", 64), ("int8_g128", 128), ("int4_channel", 64)):
+    for fmt, bk in (("int4_g64_int0", 64), ("int8_g128", 128), ("int4_channel", 64), ("nf4_g64_dq", 64)):
         qt = _quantize(fmt, (torch.randn(333, 1000) * 0.02).cuda())
         rw, w64 = repack(qt), qt.dequantize(torch.float32).double()
         for m in (7, 16, 40):

@@ -63,6 +63,9 @@ class RuntimeWeight:
     zconst: float
     table: torch.Tensor | None
     int_zero: bool = False  # affine zero points are integers (uint8 zero, or a symmetric integer constant)
+    # codebook levels as 16-bit float bit patterns, kept on the host for kernels that build the
+    # table into their code: {torch.float16: (...), torch.bfloat16: (...)}
+    table_bits: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)
     repack_seconds: float = 0.0
     plans: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)  # launch plans (qmm)
 
@@ -171,7 +174,7 @@ def repack(qt: QTensor) -> RuntimeWeight:
         scale = _group_meta(s_val, ng, ngp, sdt)
         zero = None if p.zero == "none" else _group_meta(z_val, ng, ngp, sdt)
         zconst = p.symmetric_zero if p.zero == "none" else 0.0
-        table = None
+        table, table_bits = None, {}
         kind = "affine"
     else:
         assert isinstance(p, CodebookParams)
@@ -192,12 +195,15 @@ def repack(qt: QTensor) -> RuntimeWeight:
         levels = _codebook(p.table, p.levels).levels32
         table = torch.zeros(1 << rbits, dtype=torch.float32)
         table[: p.levels] = levels
+        table_bits = {dt: tuple(int(b) & 0xFFFF for b in table.to(dt).view(torch.int16).tolist())
+                      for dt in (torch.float16, torch.bfloat16)}
         table = table.to(codes.device)
         kind = "codebook"
     codes = _pad_cols(codes.to(torch.uint8), kp)
     words, words_hi = _codes_words(codes, rbits)
     int_zero = kind == "affine" and (p.zero == "int" or (p.zero == "none" and float(zconst).is_integer()))
-    rw = RuntimeWeight(kind, n, k, kp, rbits, group, words, words_hi, scale, zero, zconst, table, int_zero)
+    rw = RuntimeWeight(kind, n, k, kp, rbits, group, words, words_hi, scale, zero, zconst, table, int_zero,
+                       table_bits)
     if words.is_cuda:
         torch.cuda.synchronize(words.device)
     rw.repack_seconds = time.perf_counter() - t0

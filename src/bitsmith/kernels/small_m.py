@@ -116,6 +116,37 @@ def _magic_pair_ptx(bits: int, magic_bits: int, j: int) -> str:
     return "{\n.reg .b32 t;\nshr.b32 t, $1, %d;\n%s\n}" % (j * bits, lop % "t")
 
 
+def lut_pair_ptx(table_bits: tuple[int, ...]) -> str:
+    """PTX body of :func:`_half_steps`' codebook operand: register ``t`` holds two 4-bit codes,
+    in bits 0-3 and 16-19 (the code slot already shifted down, see :data:`_PAIR_HEAD`); ``$0``
+    becomes their levels as two 16-bit floats. The 16 levels (``table_bits``, 16-bit patterns)
+    are immediates split into byte planes (``L{b}`` byte ``i``: the low byte of level ``4b + i``;
+    ``H{b}`` the high bytes). ``prmt`` looks up both codes' bytes in levels 0-7 and 8-15 (its
+    selector nibbles must stay below 8: bit 3 would switch to sign replication), a second ``prmt``
+    picks the bank by each code's top bit, a third interleaves low and high bytes."""
+    if len(table_bits) != 16:
+        raise ValueError(f"the pair lookup takes a 16-level table, got {len(table_bits)}")
+    planes = [sum(((table_bits[4 * b + i] >> (8 * hi)) & 0xFF) << (8 * i) for i in range(4))
+              for hi in (0, 1) for b in range(4)]
+    lines = [".reg .b32 u, v, sl, sb, la, lb, ha, hb, lo, hi, p0, p2, q0, q2;"]
+    # the first source of a prmt is a register, the second may be an immediate
+    lines += [f"mov.b32 {r}, {planes[i]:#010x};" for r, i in (("p0", 0), ("p2", 2), ("q0", 4), ("q2", 6))]
+    lines += [
+        # selector: nibble 0 = low code & 7, nibble 1 = high code & 7
+        "shr.b32 u, t, 12;", "and.b32 u, u, 0x70;", "lop3.b32 sl, t, 0x7, u, 0xea;",
+        # bank: nibble 0 = 0 or 4 (low code >= 8), nibble 1 = 1 or 5 (high code >= 8)
+        "shr.b32 u, t, 1;", "shr.b32 v, t, 13;", "and.b32 v, v, 0x40;", "lop3.b32 sb, u, 0x4, v, 0xea;",
+        "or.b32 sb, sb, 0x10;",
+        f"prmt.b32 la, p0, {planes[1]:#010x}, sl;", f"prmt.b32 lb, p2, {planes[3]:#010x}, sl;",
+        f"prmt.b32 ha, q0, {planes[5]:#010x}, sl;", f"prmt.b32 hb, q2, {planes[7]:#010x}, sl;",
+        "prmt.b32 lo, la, lb, sb;", "prmt.b32 hi, ha, hb, sb;", "prmt.b32 $0, lo, hi, 0x5140;"]
+    return "\n".join(lines)
+
+
+# the code-slot shift in front of lut_pair_ptx's body, per slot j (4-bit codes)
+_PAIR_HEADS = tuple("{\n.reg .b32 t;\n" + ("mov.b32 t, $1;" if j == 0 else f"shr.b32 t, $1, {4 * j};") + "\n"
+                    for j in range(4))
+
 # flat (Triton's constexpr tuples do not nest): entry (bits * 2 + [float16, bfloat16].index) * 8 + j
 _MAGIC_PAIRS = tuple(_magic_pair_ptx(b, m, j) if b in (2, 4, 8) and j < 16 // b else ""
                      for b in range(9) for m in (0x6400, 0x4300) for j in range(8))
@@ -123,6 +154,7 @@ _MAGIC_PAIRS = tuple(_magic_pair_ptx(b, m, j) if b in (2, 4, 8) and j < 16 // b 
 if HAVE_TRITON:
     _LUT8_PTX = tl.constexpr(_lut8_ptx())
     _MAGIC_PAIR_PTX = tl.constexpr(_MAGIC_PAIRS)
+    _PAIR_HEAD = tl.constexpr(_PAIR_HEADS)
 
     @triton.jit
     def word_code(words, hi, hshift, j: tl.constexpr, BITS: tl.constexpr):
@@ -251,10 +283,10 @@ if HAVE_TRITON:
         return sc, z, xs
 
     @triton.jit
-    def _half_steps(x_ptr, w_ptr, s_ptr, z_ptr, xs_ptr, acc, g_lo, g_hi, NG, KW, N, zconst, stride_xm,
+    def _half_steps(x_ptr, w_ptr, s_ptr, z_ptr, t_ptr, xs_ptr, acc, g_lo, g_hi, NG, KW, N, zconst, stride_xm,
                     offs_m, m_mask, offs_n, n_mask, BITS: tl.constexpr, PER_CHANNEL: tl.constexpr,
-                    HAS_ZERO: tl.constexpr, MAGIC: tl.constexpr, MAGIC_BITS: tl.constexpr, BLOCK_K: tl.constexpr,
-                    PTX: tl.constexpr):
+                    HAS_ZERO: tl.constexpr, CODEBOOK: tl.constexpr, MAGIC: tl.constexpr, MAGIC_BITS: tl.constexpr,
+                    BLOCK_K: tl.constexpr, PTX: tl.constexpr, LUT_PAIR: tl.constexpr):
         """The tensor-core kernel's steps for 2/4/8-bit affine codes (:func:`half_steps`), one
         group (``BLOCK_K`` k) a step, with no shared-memory round trip for the weight tile and no
         per-product layout conversion:
@@ -287,7 +319,13 @@ if HAVE_TRITON:
             for j in tl.static_range(C):
                 a = tl.load(x_ptr + offs_m[:, None] * stride_xm + (g * BLOCK_K + j * R + offs_c)[None, :],
                             mask=m_mask[:, None], other=0.0)
-                if MAGIC_BITS == 0:
+                if CODEBOOK:  # 4-bit codes: the levels, built into the code as immediates (lut_pair_ptx)
+                    if PTX:
+                        v = tl.inline_asm_elementwise(_PAIR_HEAD[j] + LUT_PAIR + "\n}", "=r,r", [h], dtype=a.dtype,
+                                                      is_pure=True, pack=2)
+                    else:  # the interpreter: a table load (no hoisting to lose there)
+                        v = tl.load(t_ptr + ((h >> (j * BITS)) & ((1 << BITS) - 1))).to(a.dtype)
+                elif MAGIC_BITS == 0:
                     v = ((h >> (j * BITS)) & ((1 << BITS) - 1)).to(a.dtype)
                 elif PTX:  # two halves per 32-bit register: a shift and one LOP3 per pair of codes
                     v = tl.inline_asm_elementwise(_MAGIC_PAIR_PTX[(BITS * 2 + (MAGIC_BITS != 0x6400)) * 8 + j], "=r,r", [h],
@@ -295,7 +333,7 @@ if HAVE_TRITON:
                 else:
                     v = (((h >> (j * BITS)) & ((1 << BITS) - 1)) | MAGIC_BITS).to(a.dtype, bitcast=True)
                 part = tl.dot(a, v, part)
-            acc = _add_group(acc, part, xs, sc.to(tl.float32), z.to(tl.float32), zconst, HAS_ZERO, False, MAGIC)
+            acc = _add_group(acc, part, xs, sc.to(tl.float32), z.to(tl.float32), zconst, HAS_ZERO, CODEBOOK, MAGIC)
         return acc
 
     @triton.jit
@@ -339,6 +377,7 @@ if HAVE_TRITON:
         MAGIC: tl.constexpr, MAGIC_BITS: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IS_SPLIT: tl.constexpr,
         EVEN_K: tl.constexpr, RANK: tl.constexpr, LUT_ASM: tl.constexpr, HALF: tl.constexpr,
+        LUT_PAIR: tl.constexpr,
     ):
         """``GSTEP``: k per scale step (the group size, or ``BLOCK_K`` for per-channel weights);
         ``NG``: scale steps in the padded K; ``G_PER``: steps per split. ``fmagic``, ``EVEN_K`` and ``LUT_ASM``
@@ -354,9 +393,9 @@ if HAVE_TRITON:
         g_lo = pid_k * G_PER
         g_hi = tl.minimum(g_lo + G_PER, NG)
         if HALF:
-            acc = _half_steps(x_ptr, w_ptr, s_ptr, z_ptr, xs_ptr, acc, g_lo, g_hi, NG, KW, N, zconst, stride_xm,
-                              offs_m, m_mask, offs_n, n_mask, BITS, PER_CHANNEL, HAS_ZERO, MAGIC, MAGIC_BITS, BLOCK_K,
-                              HALF == 2)
+            acc = _half_steps(x_ptr, w_ptr, s_ptr, z_ptr, t_ptr, xs_ptr, acc, g_lo, g_hi, NG, KW, N, zconst, stride_xm,
+                              offs_m, m_mask, offs_n, n_mask, BITS, PER_CHANNEL, HAS_ZERO, CODEBOOK, MAGIC, MAGIC_BITS,
+                              BLOCK_K, HALF == 2, LUT_PAIR)
         else:
             acc = _tile_steps(x_ptr, w_ptr, wh_ptr, s_ptr, z_ptr, t_ptr, acc, g_lo, g_hi, K, KW, N, zconst, stride_xm,
                               offs_m, m_mask, offs_n, n_mask, BITS, PACK, GSTEP, PER_CHANNEL, HAS_ZERO, CODEBOOK,
@@ -520,6 +559,7 @@ if HAVE_TRITON:
         MAGIC: tl.constexpr, MAGIC_BITS: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IS_SPLIT: tl.constexpr,
         EVEN_K: tl.constexpr, RANK: tl.constexpr, LUT_ASM: tl.constexpr, HALF: tl.constexpr,
+        LUT_PAIR: tl.constexpr,
     ):
         """M = 1 on CUDA cores. One step = one group (``BLOCK_K == GSTEP``; per-channel weights:
         any ``BLOCK_K``): a ``[BLOCK_K // PACK, BLOCK_N]`` tile of words, codes taken one
@@ -577,7 +617,7 @@ def compile_offline(bits: int, group: int, block_n: int = 128, num_warps: int = 
     consts = {"BITS": bits, "PACK": 16 if bits == 3 else 32 // bits, "GSTEP": group, "PER_CHANNEL": False,
               "HAS_ZERO": not codebook, "CODEBOOK": codebook, "HAS_BIAS": False, "MAGIC": 0.0, "MAGIC_BITS": 0,
               "BLOCK_M": 1, "BLOCK_N": block_n, "BLOCK_K": group, "IS_SPLIT": True, "EVEN_K": True, "RANK": 0,
-              "LUT_ASM": codebook and bits == 4, "HALF": False}
+              "LUT_ASM": codebook and bits == 4, "HALF": 0, "LUT_PAIR": ""}
     names = kernel.arg_names
     sig = {a: "constexpr" if a in consts else f"*{ptr_types[a]}" if a in ptr_types else
            "fp32" if a == "zconst" else "i32" for a in names}
@@ -624,10 +664,10 @@ def supports(rw: RuntimeWeight, dtype: torch.dtype, cfg: dict) -> str | None:
 
 def half_steps(rw: RuntimeWeight, block_k: int) -> bool:
     """Whether the tensor-core kernel takes ``rw`` in ``block_k`` steps through
-    :func:`_half_steps`: affine 2/4/8-bit codes, one scale step a step (``block_k`` = the group,
+    :func:`_half_steps`: affine 2/4/8-bit codes or 4-bit codebooks, one scale step a step (``block_k`` = the group,
     any ``block_k`` per channel), and at least 16 half rows a step (a product's K)."""
-    return (rw.kind == "affine" and rw.rbits in (2, 4, 8) and rw.group in (0, block_k)
-            and block_k // (16 // rw.rbits) >= 16)
+    codes_ok = (rw.kind == "affine" and rw.rbits in (2, 4, 8)) or (rw.kind == "codebook" and rw.rbits == 4)
+    return codes_ok and rw.group in (0, block_k) and block_k // (16 // rw.rbits) >= 16
 
 
 def half_inputs(x2: torch.Tensor, steps: int, block_k: int, rbits: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -689,7 +729,9 @@ def launch_args(rw: RuntimeWeight, x2: torch.Tensor, bias: torch.Tensor | None, 
               "MAGIC": magic, "MAGIC_BITS": magic_bits, "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk,
               "IS_SPLIT": split > 1, "EVEN_K": k % gstep == 0, "RANK": lr_t.shape[-1] if lowrank is not None else 0,
               "LUT_ASM": cfg["KERNEL"] == "fma" and rw.kind == "codebook" and rw.rbits == 4 and x2.is_cuda,
-              "HALF": 0 if prep is None else 2 if x2.is_cuda else 1}
+              "HALF": 0 if prep is None else 2 if x2.is_cuda else 1,
+              "LUT_PAIR": lut_pair_ptx(rw.table_bits[x2.dtype]) if prep is not None and x2.is_cuda and rw.kind == "codebook"
+              else ""}
     options = {"num_warps": cfg.get("num_warps", 4), "num_stages": cfg.get("num_stages", 2)}
     return kernel, grid, args, consts, options
 
