@@ -103,7 +103,7 @@ m16)  # CUDA tests of the kernels, every M = 16 candidate timed, then the M = 16
   TEST_FILES=${TEST_FILES:-tests/test_kernels.py} T_TESTS=${T_TESTS:-150} cuda_tests
   echo "== python3 benchmarks/kernels_configs.py --m 16 --formats int4_g64,int4_g128 --reps 10 --top 4 --name kernels_configs_m16" | tee "$OUT/configs.txt"
   timeout "${T_CFG:-260}" python3 benchmarks/kernels_configs.py --m 16 --formats int4_g64,int4_g128 --reps 10 --top 4 \
-    --name kernels_configs_m16 2>&1 | grep -v -i warn | tee -a "$OUT/configs.txt" | grep -v "^  "
+    --name kernels_configs_m16 2>&1 | grep -v -i warn | tee -a "$OUT/configs.txt" | tail -40
   cp benchmarks/results/kernels_configs_m16.json "$OUT/" 2>/dev/null
   echo "== python3 benchmarks/kernels_bench.py --m 16 --formats int4_g64,int4_g128,nf4_g64,int3_g64 --reps 20 --name kernels_m16" | tee "$OUT/kernels_bench.txt"
   timeout "${T_BENCH:-150}" python3 benchmarks/kernels_bench.py --m 16 --formats int4_g64,int4_g128,nf4_g64,int3_g64 --reps 20 \
@@ -114,7 +114,7 @@ nf16)  # CUDA tests, every M = 16 NF4 candidate, the M = 16 table (NF4, int4), c
   TEST_FILES=${TEST_FILES:-tests/test_kernels.py} T_TESTS=${T_TESTS:-150} cuda_tests
   echo "== python3 benchmarks/kernels_configs.py --m 16 --formats nf4_g64 --reps 10 --top 4 --name kernels_configs_nf4_m16" | tee "$OUT/configs.txt"
   timeout "${T_CFG:-150}" python3 benchmarks/kernels_configs.py --m 16 --formats nf4_g64 --reps 10 --top 4 \
-    --name kernels_configs_nf4_m16 2>&1 | grep -v -i warn | tee -a "$OUT/configs.txt" | grep -v "^  "
+    --name kernels_configs_nf4_m16 2>&1 | grep -v -i warn | tee -a "$OUT/configs.txt" | tail -40
   cp benchmarks/results/kernels_configs_nf4_m16.json "$OUT/" 2>/dev/null
   echo "== python3 benchmarks/kernels_bench.py --m 16 --formats int4_g64,nf4_g64 --no-w8a8 --reps 20 --name kernels_m16_nf4" | tee "$OUT/kernels_bench.txt"
   timeout "${T_BENCH:-120}" python3 benchmarks/kernels_bench.py --m 16 --formats int4_g64,nf4_g64 --no-w8a8 --reps 20 \

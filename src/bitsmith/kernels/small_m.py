@@ -41,9 +41,11 @@ Triton loads them from its pipelined shared-memory copy straight into the tensor
 layout; ``x`` comes pre-permuted to match (:func:`half_inputs`). Compiled for sm_90 (int4 g64,
 16x128 tile, one group a step): 275 instructions a step instead of 439, no shared-memory stores
 (69 before) and 4 barriers instead of 9. The
-tuner offers it next to ``qmm``'s kernel (:func:`bitsmith.kernels.qmm.small_tc_configs`); on the H100
-it wins at M = 16 on 4096x14336 and 28672x8192 (int4 g64), by 5-10%
-(benchmarks/results/kernels_configs_m16_h100.json).
+tuner offers it next to ``qmm``'s kernel (:func:`bitsmith.kernels.qmm.small_tc_configs`). On the
+H100 at M = 16 it wins for int4 g64 on 4096x14336 and 28672x8192 by 3-5%
+(benchmarks/results/kernels_configs_m16_h100.json), and for NF4 on every shape: 4-bit codebooks
+take the same steps with the 16 levels built into the PTX (:func:`lut_pair_ptx`), 1.4-2.2x
+faster than the table load per code replayed (kernels_m16_nf4_h100.json against kernels_m16_h100.json).
 
 Split-K without extra launches: when the column tiles alone cannot fill the GPU, ``SPLIT`` programs
 share a column tile; each writes its float32 partial sums to a workspace, then takes a ticket from
