@@ -864,6 +864,38 @@ def test_half_inputs_permute_each_step_by_code_slot(rbits, block_k, k):
         torch.testing.assert_close(xs[:, step], x[:, cols].double().sum(1).float(), rtol=1e-6, atol=1e-5)
 
 
+@needs_interp
+def test_interp_half_prep_kernel_matches_the_torch_permutation():
+    """The one-launch activation prep of the half-word steps (``_half_prep_kernel``, used on
+    CUDA) writes what the torch ops write (checked entry by entry above): the permuted copy
+    exactly, the row sums to float32 rounding; odd K (a padded last step), two code widths."""
+    from bitsmith.kernels import small_m
+
+    for rbits, block_k, k in ((4, 64, 130), (8, 32, 64)):
+        m, steps, c = 3, -(-k // block_k), 16 // rbits
+        x = torch.randn(m, k, dtype=torch.float16)
+        xp = torch.full((m, steps * block_k), 7.0, dtype=torch.float16)
+        xs = torch.zeros(m, steps)
+        small_m._half_prep_kernel[(m, steps)](x, xp, xs, k, x.stride(0), steps * block_k, steps,
+                                              C=c, R=block_k // c, num_warps=1)
+        want_xp, want_xs = small_m.half_inputs_torch(x, steps, block_k, rbits)
+        assert torch.equal(xp, want_xp)
+        torch.testing.assert_close(xs, want_xs, rtol=1e-6, atol=1e-5)
+
+
+@needs_cuda
+def test_cuda_half_inputs_kernel_matches_the_torch_permutation():
+    from bitsmith.kernels import small_m
+
+    x = torch.randn(5, 1000, device="cuda", dtype=torch.bfloat16)
+    for rbits, block_k in ((4, 64), (8, 128), (2, 128)):
+        steps = -(-1000 // block_k)
+        xp, xs = small_m.half_inputs(x, steps, block_k, rbits)
+        want_xp, want_xs = small_m.half_inputs_torch(x, steps, block_k, rbits)
+        assert torch.equal(xp, want_xp)
+        torch.testing.assert_close(xs, want_xs, rtol=1e-5, atol=1e-4)
+
+
 @pytest.mark.skipif(not HAVE_TRITON, reason="triton is not installed")
 def test_launch_plan_runs_the_input_prep_of_half_word_steps(monkeypatch):
     """A plan of the small-M tensor-core kernel's half-word steps permutes the activation per call

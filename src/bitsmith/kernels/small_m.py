@@ -270,6 +270,19 @@ if HAVE_TRITON:
                 tl.atomic_xchg(cnt_ptr + pid_t, 0)
 
     @triton.jit
+    def _half_prep_kernel(x_ptr, xp_ptr, xs_ptr, K, stride_xm, KP, NG, C: tl.constexpr, R: tl.constexpr):
+        """One (row, step) of :func:`half_inputs`: ``xp[m, s*BK + j*R + r] = x[m, s*BK + C*r + j]``
+        (zeros past K) and ``xs[m, s]`` = the step's sum in float32, ``BK = C * R``."""
+        m = tl.program_id(0)
+        step = tl.program_id(1)
+        offs_j = tl.arange(0, C)[:, None]
+        offs_r = tl.arange(0, R)[None, :]
+        src = step * (C * R) + C * offs_r + offs_j
+        v = tl.load(x_ptr + m * stride_xm + src, mask=src < K, other=0.0)
+        tl.store(xp_ptr + m * KP + step * (C * R) + offs_j * R + offs_r, v)
+        tl.store(xs_ptr + m * NG + step, tl.sum(tl.sum(v.to(tl.float32), axis=1), axis=0))
+
+    @triton.jit
     def _step_meta(s_ptr, z_ptr, xs_ptr, g, g_hi, NG, N, offs_m, m_mask, offs_n, n_mask,
                    PER_CHANNEL: tl.constexpr, HAS_ZERO: tl.constexpr):
         """Step ``g``'s scale and zero (float16 as stored; the zero is the scale without stored
@@ -676,7 +689,25 @@ def half_inputs(x2: torch.Tensor, steps: int, block_k: int, rbits: int) -> tuple
     """The activations as :func:`_half_steps` reads them: ``xp [M, steps * block_k]`` (zero-padded
     past K) with each step's columns permuted so that product ``j`` (code ``j`` of every 16-bit
     half, ``k = C*r + j``) reads ``block_k // C`` contiguous columns, and the steps' row sums
-    ``xs [M, steps]`` in float32. Two small torch kernels per call (``M * K`` elements)."""
+    ``xs [M, steps]`` in float32. On CUDA one launch of :func:`_half_prep_kernel` through the
+    cached-binary path (a few microseconds of host time); elsewhere torch ops
+    (:func:`half_inputs_torch`)."""
+    if not (x2.is_cuda and HAVE_TRITON):
+        return half_inputs_torch(x2, steps, block_k, rbits)
+    from .qmm import _run  # qmm imports this module
+
+    m, k = x2.shape
+    kp = steps * block_k
+    xp = torch.empty(m, kp, dtype=x2.dtype, device=x2.device)
+    xs = torch.empty(m, steps, dtype=torch.float32, device=x2.device)
+    c = 16 // rbits
+    _run(_half_prep_kernel, (m, steps), (x2, xp, xs, k, x2.stride(0), kp, steps), {"C": c, "R": block_k // c},
+         {"num_warps": 1})
+    return xp, xs
+
+
+def half_inputs_torch(x2: torch.Tensor, steps: int, block_k: int, rbits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`half_inputs` as torch ops (pad, permuting copy, row sums)."""
     m, k = x2.shape
     c = 16 // rbits
     kp = steps * block_k
