@@ -1,5 +1,5 @@
 """Machine code of the M = 1 CUDA-core kernel (:mod:`bitsmith.kernels.small_m`) for the H100
-(sm_90), compiled on any machine, no GPU needed (Triton's bundled ptxas and cuobjdump): per format
+(sm_90), and of the small-M tensor-core kernel's two step kinds, compiled on any machine, no GPU needed (Triton's bundled ptxas and cuobjdump): per format
 and tile, the instructions of the main loop (one quantization group per iteration), the codes one
 thread handles per iteration, instructions per code and registers. At M = 1 the kernel has to
 issue a few instructions per 4-bit code while reading 0.5 bytes, so instructions per code is what
@@ -85,8 +85,38 @@ def main() -> None:
         top = " ".join(f"{k}:{v}" for k, v in ops.most_common(5))
         print(f"{fmt:<12} {act:<5} {bn:>7} {warps:>5} {total:>10} {codes:>12.0f} {total / codes:>10.2f} "
               f"{regs:>5}  {top}", flush=True)
+    tc_rows = [] if args.prev else tensor_core_rows(tmp)
     write_result(args.name, {"target": "sm_90 (compiled offline, triton " + triton.__version__ + ")",
-                             "kernel": args.prev or "bitsmith.kernels.small_m", "rows": rows})
+                             "kernel": args.prev or "bitsmith.kernels.small_m", "rows": rows, "tc_rows": tc_rows})
+
+
+def tensor_core_rows(tmp: Path) -> list[dict]:
+    """The small-M tensor-core kernel (16 rows, one group of 64 a step) with whole code tiles
+    against the half-word steps: main-loop instructions, shared-memory stores and barriers."""
+    import torch
+
+    import bitsmith
+    from bitsmith.kernels import repack
+
+    nf4 = repack(bitsmith.quantize_tensor(torch.randn(8, 64), "nf", levels=16, block_size=64))
+    lut = small_m.lut_pair_ptx(nf4.table_bits[torch.float16])
+    print(f"\nsmall-M tensor-core kernel, M tile 16, group 64, fp16: {'format':<8} {'steps':<10} {'BLOCK_N':>7} "
+          f"{'loop instr':>10} {'instr/code':>10} {'STS':>4} {'BAR':>4} {'regs':>5}")
+    out = []
+    for codebook, bn, half in ((c, b, h) for c in (False, True) for b in (64, 128) for h in (0, 2)):
+        ck = small_m.compile_offline_tc(4, 64, bn, half, codebook, lut if codebook and half else "")
+        ops = main_loop(sass_of(ck.asm["cubin"], tmp))
+        total = sum(ops.values())
+        codes = 64 * bn / 128
+        sts = sum(v for k, v in ops.items() if k.startswith("STS"))
+        bars = sum(v for k, v in ops.items() if k.startswith("BAR.SYNC"))
+        fmt, steps = ("nf4_g64" if codebook else "int4_g64"), ("half-word" if half else "tiles")
+        out.append({"format": fmt, "steps": steps, "block_n": bn, "loop_instructions": total,
+                    "instructions_per_code": total / codes, "shared_stores": sts, "barriers": bars,
+                    "registers": registers(ck.asm["cubin"], tmp), "opcodes": dict(ops.most_common())})
+        print(f"{'':<54} {fmt:<8} {steps:<10} {bn:>7} {total:>10} {total / codes:>10.2f} {sts:>4} {bars:>4} "
+              f"{out[-1]['registers']:>5}", flush=True)
+    return out
 
 
 if __name__ == "__main__":

@@ -39,8 +39,8 @@ For 2/4/8-bit affine codes it now takes **half-word steps** (:func:`_half_steps`
 per group over strided K, whose weight operands are elementwise in 16-bit halves of the words, so
 Triton loads them from its pipelined shared-memory copy straight into the tensor-core operand
 layout; ``x`` comes pre-permuted to match (:func:`half_inputs`). Compiled for sm_90 (int4 g64,
-16x128 tile, one group a step): 275 instructions a step instead of 439, no shared-memory stores
-(69 before) and 4 barriers instead of 9. The
+16x128 tile, one group a step): 275 instructions a step instead of 439, 2 shared-memory stores
+instead of 69 and 4 barriers instead of 9 (benchmarks/kernels_sass.py, ``tc_rows``). The
 tuner offers it next to ``qmm``'s kernel (:func:`bitsmith.kernels.qmm.small_tc_configs`). On the
 H100 at M = 16 it wins for int4 g64 on 4096x14336 and 28672x8192 by 3-5%
 (benchmarks/results/kernels_configs_m16_h100.json), and for NF4 on every shape: 4-bit codebooks
@@ -622,24 +622,41 @@ def compile_offline(bits: int, group: int, block_n: int = 128, num_warps: int = 
     bundled compiler and ptxas), for inspecting its PTX and machine code
     (benchmarks/kernels_sass.py, and a test that the PTX never flushes subnormals). Split-K on, no
     bias, K a multiple of the group, tensors and sizes aligned as the launcher sees them."""
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    kernel = kernel or _fma_kernel
-    ptr_types = {"x_ptr": act, "b_ptr": act, "out_ptr": act, "w_ptr": "i32", "wh_ptr": "i32", "s_ptr": "fp16",
-                 "z_ptr": "fp16", "t_ptr": "fp32", "ws_ptr": "fp32", "cnt_ptr": "i32", "xs_ptr": "fp32", "lr_ptr": "fp32",
-                 "u_ptr": act}
     consts = {"BITS": bits, "PACK": 16 if bits == 3 else 32 // bits, "GSTEP": group, "PER_CHANNEL": False,
               "HAS_ZERO": not codebook, "CODEBOOK": codebook, "HAS_BIAS": False, "MAGIC": 0.0, "MAGIC_BITS": 0,
               "BLOCK_M": 1, "BLOCK_N": block_n, "BLOCK_K": group, "IS_SPLIT": True, "EVEN_K": True, "RANK": 0,
               "LUT_ASM": codebook and bits == 4, "HALF": 0, "LUT_PAIR": ""}
+    return _compile_offline(kernel or _fma_kernel, consts, act, num_warps, 1, arch)
+
+
+def compile_offline_tc(bits: int, group: int, block_n: int = 128, half: int = 0, codebook: bool = False,
+                       lut_pair: str = "", act: str = "fp16", num_warps: int = 4, num_stages: int = 3, arch: int = 90):
+    """The small-M tensor-core kernel (16-row tiles, one group a step) compiled like
+    :func:`compile_offline`: whole code tiles (``half=0``) or the half-word steps as on CUDA
+    (``half=2``; 4-bit codebooks take their :func:`lut_pair_ptx` body in ``lut_pair``)."""
+    magic, magic_bits = magic_for(torch.float16 if act == "fp16" else torch.bfloat16, bits)
+    consts = {"BITS": bits, "PACK": 16 if bits == 3 else 32 // bits, "GSTEP": group, "PER_CHANNEL": False,
+              "HAS_ZERO": not codebook, "CODEBOOK": codebook, "HAS_BIAS": False, "MAGIC": magic, "MAGIC_BITS": magic_bits,
+              "BLOCK_M": 16, "BLOCK_N": block_n, "BLOCK_K": group, "IS_SPLIT": True, "EVEN_K": True, "RANK": 0,
+              "LUT_ASM": False, "HALF": half, "LUT_PAIR": lut_pair}
+    return _compile_offline(_tc_kernel, consts, act, num_warps, num_stages, arch)
+
+
+def _compile_offline(kernel, consts: dict, act: str, num_warps: int, num_stages: int, arch: int):
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    ptr_types = {"x_ptr": act, "b_ptr": act, "out_ptr": act, "w_ptr": "i32", "wh_ptr": "i32", "s_ptr": "fp16",
+                 "z_ptr": "fp16", "t_ptr": "fp32", "ws_ptr": "fp32", "cnt_ptr": "i32", "xs_ptr": "fp32", "lr_ptr": "fp32",
+                 "u_ptr": act}
     names = kernel.arg_names
     sig = {a: "constexpr" if a in consts else f"*{ptr_types[a]}" if a in ptr_types else
            "fp32" if a == "zconst" else "i32" for a in names}
-    aligned = {(names.index(a),): [["tt.divisibility", 16]] for a in names if a in ptr_types or a in ("N", "K", "KW")}
+    aligned = {(names.index(a),): [["tt.divisibility", 16]] for a in names
+               if a in ptr_types or a in ("N", "K", "KW", "stride_xm", "stride_om")}
     src = ASTSource(fn=kernel, signature=sig, attrs=aligned,
                     constexprs={(names.index(c),): v for c, v in consts.items() if c in names})
-    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps, "num_stages": 1})
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps, "num_stages": num_stages})
 
 
 # --- launch -------------------------------------------------------------------------------------
