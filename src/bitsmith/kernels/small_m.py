@@ -302,16 +302,18 @@ if HAVE_TRITON:
                     offs_m, m_mask, offs_n, n_mask, BITS: tl.constexpr, PER_CHANNEL: tl.constexpr,
                     HAS_ZERO: tl.constexpr, CODEBOOK: tl.constexpr, MAGIC: tl.constexpr, MAGIC_BITS: tl.constexpr,
                     BLOCK_K: tl.constexpr, PTX: tl.constexpr, LUT_PAIR: tl.constexpr):
-        """The tensor-core kernel's steps for 2/4/8-bit affine codes (:func:`half_steps`), one
-        group (``BLOCK_K`` k) a step, with no shared-memory round trip for the weight tile and no
-        per-product layout conversion:
+        """The tensor-core kernel's steps for 2/4/8-bit affine codes and 4-bit codebooks
+        (:func:`half_steps`), one group (``BLOCK_K`` k) a step, with no shared-memory round trip
+        for the weight tile and no per-product layout conversion:
 
         * the words are read as 16-bit halves (``C = 16 // BITS`` codes each; half row ``r`` holds
           ``k = C*r .. C*r + C-1``) and a step is ``C`` products over ``R = BLOCK_K // C`` k:
           product ``j`` pairs code ``j`` of every half with ``x[:, k0 + C*r + j]``;
-        * each product's weight operand is elementwise in the loaded halves (shift, AND, OR,
-          bitcast, all 16-bit), which Triton turns into a load from the pipelined shared-memory
-          copy straight into the tensor-core operand layout (its dot-operand hoisting);
+        * each product's weight operand is elementwise in the loaded halves (``PTX``: one inline
+          PTX op per pair of halves, :func:`_magic_pair_ptx` or, for codebooks, the levels built
+          in as immediates, ``LUT_PAIR`` from :func:`lut_pair_ptx`; the interpreter: shift, AND,
+          OR, bitcast, or a table load), which Triton turns into a load from the pipelined
+          shared-memory copy straight into the tensor-core operand layout (its dot-operand hoisting);
         * ``x`` comes pre-permuted (:func:`half_inputs`: product ``j``'s columns contiguous at
           ``k0 + j*R``), so its tiles are plain pipelined loads too, and each step's row sums
           ``sum_k x`` (the zero and magic correction) come precomputed at ``xs_ptr`` (``[M, NG]``
@@ -395,8 +397,11 @@ if HAVE_TRITON:
         LUT_PAIR: tl.constexpr,
     ):
         """``GSTEP``: k per scale step (the group size, or ``BLOCK_K`` for per-channel weights);
-        ``NG``: scale steps in the padded K; ``G_PER``: steps per split. ``fmagic``, ``EVEN_K`` and ``LUT_ASM``
-        are the CUDA-core kernel's (the two kernels share one argument list, :func:`launch_args`)."""
+        ``NG``: scale steps in the padded K; ``G_PER``: steps per split. ``HALF``: 0 whole code
+        tiles (:func:`_tile_steps`), 1 half-word steps with Triton ops (the interpreter), 2 with
+        inline PTX (CUDA); with half-word steps ``x`` is :func:`half_inputs`' permuted copy and
+        ``xs_ptr`` its row sums. ``fmagic``, ``EVEN_K`` and ``LUT_ASM`` are the CUDA-core
+        kernel's (the two kernels share one argument list, :func:`launch_args`)."""
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
         pid_m = tl.program_id(2)
@@ -580,7 +585,8 @@ if HAVE_TRITON:
         any ``BLOCK_K``): a ``[BLOCK_K // PACK, BLOCK_N]`` tile of words, codes taken one
         word-slot at a time (float32 magic 2**23, subtracted per code), the scale applied once.
         The next step's words, scale and zero are loaded before this step's math (a register
-        double buffer), so a program always has a load in flight."""
+        double buffer), so a program always has a load in flight. ``xs_ptr``, ``HALF`` and
+        ``LUT_PAIR`` are the tensor-core kernel's (unused here)."""
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
