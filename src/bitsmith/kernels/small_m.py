@@ -708,24 +708,26 @@ def half_steps(rw: RuntimeWeight, block_k: int) -> bool:
     return codes_ok and rw.group in (0, block_k) and block_k // (16 // rw.rbits) >= 16
 
 
-def half_inputs(x2: torch.Tensor, steps: int, block_k: int, rbits: int) -> tuple[torch.Tensor, torch.Tensor]:
+def half_inputs(x2: torch.Tensor, steps: int, block_k: int, rbits: int, run=None) -> tuple[torch.Tensor, torch.Tensor]:
     """The activations as :func:`_half_steps` reads them: ``xp [M, steps * block_k]`` (zero-padded
     past K) with each step's columns permuted so that product ``j`` (code ``j`` of every 16-bit
     half, ``k = C*r + j``) reads ``block_k // C`` contiguous columns, and the steps' row sums
     ``xs [M, steps]`` in float32. On CUDA one launch of :func:`_half_prep_kernel` through the
-    cached-binary path (a few microseconds of host time); elsewhere torch ops
-    (:func:`half_inputs_torch`)."""
+    cached-binary path (``run``: :func:`bitsmith.kernels.qmm._run`, passed in by
+    :func:`input_prep` so the per-call path imports nothing; a few microseconds of host time);
+    elsewhere torch ops (:func:`half_inputs_torch`)."""
     if not (x2.is_cuda and HAVE_TRITON):
         return half_inputs_torch(x2, steps, block_k, rbits)
-    from .qmm import _run  # qmm imports this module
+    if run is None:
+        from .qmm import _run as run  # qmm imports this module
 
     m, k = x2.shape
     kp = steps * block_k
     xp = torch.empty(m, kp, dtype=x2.dtype, device=x2.device)
     xs = torch.empty(m, steps, dtype=torch.float32, device=x2.device)
     c = 16 // rbits
-    _run(_half_prep_kernel, (m, steps), (x2, xp, xs, k, x2.stride(0), kp, steps), {"C": c, "R": block_k // c},
-         {"num_warps": 1})
+    run(_half_prep_kernel, (m, steps), (x2, xp, xs, k, x2.stride(0), kp, steps), {"C": c, "R": block_k // c},
+        {"num_warps": 1})
     return xp, xs
 
 
@@ -746,8 +748,10 @@ def input_prep(rw: RuntimeWeight, cfg: dict):
     bk = cfg["BLOCK_K"]
     if cfg["KERNEL"] != "tc" or not half_steps(rw, bk):
         return None
+    from .qmm import _run  # qmm imports this module
+
     steps, rbits = -(-rw.kp // bk), rw.rbits
-    return lambda x2: half_inputs(x2, steps, bk, rbits)
+    return lambda x2: half_inputs(x2, steps, bk, rbits, _run)
 
 
 def launch_args(rw: RuntimeWeight, x2: torch.Tensor, bias: torch.Tensor | None, cfg: dict, out: torch.Tensor,
