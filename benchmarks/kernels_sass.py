@@ -1,7 +1,8 @@
 """Machine code of the M = 1 CUDA-core kernel (:mod:`bitsmith.kernels.small_m`) for the H100
-(sm_90), and of the small-M tensor-core kernel's two step kinds, compiled on any machine, no GPU needed (Triton's bundled ptxas and cuobjdump): per format
-and tile, the instructions of the main loop (one quantization group per iteration), the codes one
-thread handles per iteration, instructions per code and registers. At M = 1 the kernel has to
+(sm_90), and of the small-M tensor-core kernel's two step kinds, compiled on any machine, no GPU
+needed (Triton's bundled ptxas and cuobjdump): per format and tile, the instructions of the main
+loop (one quantization group per iteration), the codes one thread handles per iteration,
+instructions per code and registers. At M = 1 the kernel has to
 issue a few instructions per 4-bit code while reading 0.5 bytes, so instructions per code is what
 caps its bandwidth (about 30e12 thread-instructions/s on an H100 SXM against 3.35e12 bytes/s).
 

@@ -12,8 +12,8 @@ Kernels, by the number of rows M of ``x``:
   added with float32 atomics into a zeroed workspace (the first split adds the bias), then cast.
   When one scale row covers a tile, the next tile's row is loaded a tile ahead (its latency hidden
   behind a tile's work: at M = 16 on the H100, 4096x14336 int4 went from 51 to 46 us).
-* M = 2..64, 2/4/8-bit affine codes: also the small-M tensor-core kernel's half-word steps
-  (:mod:`bitsmith.kernels.small_m`); the tuner picks per shape.
+* M = 2..64, 2/4/8-bit affine codes and 4-bit codebooks: also the small-M tensor-core kernel's
+  half-word steps (:mod:`bitsmith.kernels.small_m`); the tuner picks per shape.
 * large M: ``_dequant_kernel`` writes ``W^T`` once in the activation dtype, then cuBLAS. At
   M = 2048 that beat every fused tile by 2x or more on the H100 (0.84x fp16 against 0.30-0.42x,
   benchmarks/results/kernels_configs_m2048_h100.json, before the scale-row prefetch): the
@@ -41,7 +41,7 @@ from . import small_m
 from .layout import RuntimeWeight
 
 if HAVE_TRITON:
-    from .small_m import code_float, epilogue, word_code
+    from .small_m import _group_meta, code_float, epilogue, word_code
 
 TUNED: dict[tuple, dict] = {}  # (kernel, M bucket, N, K, layout key) -> launch config
 _SM_COUNT: dict[int, int] = {}
@@ -85,14 +85,10 @@ if HAVE_TRITON:
     def _tile_meta(s_ptr, z_ptr, k0, k_end, N, offs_n, n_mask, zconst, GROUP: tl.constexpr, HAS_ZERO: tl.constexpr):
         """Scale and zero (float32 ``[1, BLOCK_N]``; the zero a number without stored zeros) of the
         tile at ``k0`` when one scale row covers it; zeros past ``k_end`` (a prefetch past the end)."""
-        g0 = 0 if GROUP == 0 else k0 // GROUP
-        live = n_mask & (k0 < k_end)
-        s = tl.load(s_ptr + g0 * N + offs_n, mask=live, other=0.0).to(tl.float32)[None, :]
-        if HAS_ZERO:
-            z = tl.load(z_ptr + g0 * N + offs_n, mask=live, other=0.0).to(tl.float32)[None, :]
-        else:
+        s, z = _group_meta(s_ptr, z_ptr, 0 if GROUP == 0 else k0 // GROUP, N, offs_n, n_mask & (k0 < k_end), HAS_ZERO)
+        if not HAS_ZERO:
             z = zconst + tl.zeros_like(s)
-        return s, z
+        return s[None, :], z[None, :]
 
     @triton.jit
     def _gemm_kernel(

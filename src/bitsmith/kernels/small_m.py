@@ -35,7 +35,7 @@ eager, L2 flushed).
 ``_tc_kernel`` with whole ``[BLOCK_K, BLOCK_N]`` code tiles was slower than
 :mod:`bitsmith.kernels.qmm`'s tensor-core kernel at M = 16 on every shape (Nsight Compute: 11% of
 DRAM bandwidth, L1 56%: the tile reshape into the dot operand layout goes through shared memory).
-For 2/4/8-bit affine codes it now takes **half-word steps** (:func:`_half_steps`): ``C`` products
+For 2/4/8-bit affine codes and 4-bit codebooks it now takes **half-word steps** (:func:`_half_steps`): ``C`` products
 per group over strided K, whose weight operands are elementwise in 16-bit halves of the words, so
 Triton loads them from its pipelined shared-memory copy straight into the tensor-core operand
 layout; ``x`` comes pre-permuted to match (:func:`half_inputs`). Compiled for sm_90 (int4 g64,
@@ -285,8 +285,9 @@ if HAVE_TRITON:
     @triton.jit
     def _step_meta(s_ptr, z_ptr, xs_ptr, g, g_hi, NG, N, offs_m, m_mask, offs_n, n_mask,
                    PER_CHANNEL: tl.constexpr, HAS_ZERO: tl.constexpr):
-        """Step ``g``'s scale and zero (float16 as stored; the zero is the scale without stored
-        zeros) and row sums ``xs[:, g]``; zeros when ``g >= g_hi`` (a prefetch past the end)."""
+        """Step ``g``'s scale and zero (in their stored dtype, carried so across the step and
+        widened at use; the zero is the scale without stored zeros) and row sums ``xs[:, g]``;
+        zeros when ``g >= g_hi`` (a prefetch past the end)."""
         live = g < g_hi
         s_row = 0 if PER_CHANNEL else g
         sc = tl.load(s_ptr + s_row * N + offs_n, mask=n_mask & live, other=0.0)
@@ -702,8 +703,9 @@ def supports(rw: RuntimeWeight, dtype: torch.dtype, cfg: dict) -> str | None:
 
 def half_steps(rw: RuntimeWeight, block_k: int) -> bool:
     """Whether the tensor-core kernel takes ``rw`` in ``block_k`` steps through
-    :func:`_half_steps`: affine 2/4/8-bit codes or 4-bit codebooks, one scale step a step (``block_k`` = the group,
-    any ``block_k`` per channel), and at least 16 half rows a step (a product's K)."""
+    :func:`_half_steps`: affine 2/4/8-bit codes or 4-bit codebooks, one scale step a step
+    (``block_k`` = the group, any ``block_k`` per channel), and at least 16 half rows a step (a
+    product's K)."""
     codes_ok = (rw.kind == "affine" and rw.rbits in (2, 4, 8)) or (rw.kind == "codebook" and rw.rbits == 4)
     return codes_ok and rw.group in (0, block_k) and block_k // (16 // rw.rbits) >= 16
 
