@@ -11,6 +11,10 @@ prefilled into a ``StaticCache`` and one decode step (batch B, position fixed) i
 (B / step), the weight-read floor (bytes of every weight the step reads / the measured copy
 bandwidth) and the eager (uncaptured) step time. Writes benchmarks/results/decode_e2e.json.
 
+``--no-pdl``: the small-M kernels launched without programmatic dependent launch (to compare).
+``--profile STEPS``: GPU time per kernel name over that many eager steps (torch.profiler), to see
+where a step's time goes.
+
 ``--compile``: the decode step is ``torch.compile``d first (Inductor, default mode, static
 shapes: it fuses the norms, rotary embedding, residual adds and activations; the quantized
 layers stay our kernels through the ``bitsmith::quant_linear`` op, bitsmith.kernels.ops), then
@@ -96,7 +100,32 @@ def weight_bytes(model: nn.Module) -> int:
     return total
 
 
-def time_decode(model, cfg, batch: int, prompt: int, cache_len: int, reps: int, compile_step: bool = False) -> dict:
+def kernel_profile(step, steps: int, top: int = 25) -> list[dict]:
+    """GPU time per kernel name over ``steps`` eager decode steps (torch.profiler, CUPTI), the
+    largest ``top``: where a step's time goes, summed by kernel (shapes are not told apart)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+    totals: dict = {}
+    for ev in prof.events():
+        if ev.device_type == torch.autograd.DeviceType.CUDA:
+            t = totals.setdefault(ev.name, [0, 0.0])
+            t[0] += 1
+            t[1] += ev.device_time
+    rows = [{"kernel": k[:120], "calls_per_step": c / steps, "us_per_step": us / steps}
+            for k, (c, us) in sorted(totals.items(), key=lambda kv: -kv[1][1])]
+    for r in rows[:top]:
+        print(f"    {r['us_per_step']:9.1f} us/step {r['calls_per_step']:6.1f} calls  {r['kernel'][:90]}", flush=True)
+    print(f"    {sum(r['us_per_step'] for r in rows):9.1f} us/step in all kernels", flush=True)
+    return rows[:top]
+
+
+def time_decode(model, cfg, batch: int, prompt: int, cache_len: int, reps: int, compile_step: bool = False,
+                profile: int = 0) -> dict:
     from transformers import StaticCache
 
     dev = torch.device("cuda")
@@ -132,6 +161,8 @@ def time_decode(model, cfg, batch: int, prompt: int, cache_len: int, reps: int, 
 
         eager_ms = median_ms(step, max(5, reps // 4))
         out = {"eager_ms": eager_ms, "compiled": compile_step, "warmup_s": warm_s}
+        if profile:
+            out["profile"] = kernel_profile(step, profile)
         try:
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
@@ -163,8 +194,15 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=50)
     ap.add_argument("--name", default="decode_e2e")
     ap.add_argument("--compile", action="store_true", help="torch.compile the decode step before capturing it")
+    ap.add_argument("--no-pdl", action="store_true", help="small-M launches without programmatic dependent launch")
+    ap.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                    help="also print (and keep in the JSON) GPU time per kernel over STEPS eager decode steps")
     args = ap.parse_args()
     dev = torch.device("cuda")
+    if args.no_pdl:
+        from bitsmith.kernels import small_m
+
+        small_m.PDL["enabled"] = False
     cfg = llama3_8b_config(args.layers)
     bw = copy_bandwidth(dev)
     batches = [int(b) for b in args.batch.split(",")]
@@ -177,7 +215,7 @@ def main() -> None:
         torch.cuda.empty_cache()
         wbytes = weight_bytes(model)
         for b in batches:
-            r = time_decode(model, cfg, b, args.prompt, args.cache_len, args.reps, args.compile)
+            r = time_decode(model, cfg, b, args.prompt, args.cache_len, args.reps, args.compile, args.profile)
             step_ms = r.get("graph_ms", r["eager_ms"])
             row = {"format": fmt, "batch": b, **r, "tokens_per_s": b / (step_ms / 1e3), "weight_bytes": wbytes,
                    "floor_ms": wbytes / bw * 1e3, "quantize_and_repack_s": quant_s}
@@ -202,7 +240,8 @@ def save(args, cfg, bw, rows) -> None:
         print(f"{r['format']:>10} {r['batch']:>3} {ms:8.2f} {r['floor_ms']:8.2f} {r['tokens_per_s']:8.1f} {sp if sp else float('nan'):7.2f}")
     write_result(args.name, {"config": {"layers": args.layers, "hidden": 4096, "intermediate": 14336, "heads": 32, "kv_heads": 8,
                                         "vocab": 128256, "prompt": args.prompt, "cache_len": args.cache_len,
-                                        "lm_head_and_embeddings": "fp16", "compiled_step": args.compile},
+                                        "lm_head_and_embeddings": "fp16", "compiled_step": args.compile,
+                                        "pdl": not args.no_pdl},
                              "copy_gbps": bw / 1e9, "rows": rows})
 
 

@@ -6,6 +6,7 @@ reference dequantization and timed as a CUDA-graph replay with the L2 flushed (m
 best ``--top`` per case, writes every timing to JSON.
 
     python benchmarks/kernels_configs.py [--shapes 14336x4096,...] [--m 16,2048] [--formats int4_g64,...] [--name NAME]
+    python benchmarks/kernels_configs.py --m 1 --m1-sweep ...   # the M = 1 kernel's wider search
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import write_result  # noqa: E402
 
-from bitsmith.kernels import qmm  # noqa: E402
+from bitsmith.kernels import qmm, small_m  # noqa: E402
 from bitsmith.kernels.bench import Timer, copy_bandwidth, make_qtensor  # noqa: E402
 from bitsmith.kernels.layout import repack  # noqa: E402
 
@@ -31,7 +32,23 @@ def describe(cfg: dict) -> str:
     kernel = cfg.get("KERNEL", "gemm" + ("-unique" if cfg.get("UNIQUE") else ""))
     split = cfg.get("SPLIT", cfg.get("SPLIT_K", 1))
     return (f"{kernel} {cfg.get('BLOCK_M', 1)}x{cfg['BLOCK_N']}x{cfg['BLOCK_K']} s{split} "
-            f"w{cfg.get('num_warps')} st{cfg.get('num_stages', 1)}")
+            f"w{cfg.get('num_warps')} st{cfg.get('num_stages', 1)}" + (f" d{cfg['DEPTH']}" if "DEPTH" in cfg else ""))
+
+
+def m1_sweep(rw, dtype) -> list[dict]:
+    """A wider M = 1 search than the tuner's (``--m1-sweep``): the CUDA-core kernel's column tiles
+    x warps x split-K x prefetch depth (1: the next step in flight, 2: the next two)."""
+    out = []
+    bk = rw.group or 64
+    steps = -(-rw.kp // bk)
+    for bn, warps in ((32, 1), (64, 1), (64, 2), (128, 2), (128, 4), (256, 4), (256, 2)):
+        for split in (2, 4, 8, 16, 32, 64):
+            for depth in (1, 2):
+                cfg = {"KERNEL": "fma", "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT": split, "num_warps": warps,
+                       "num_stages": 1, "DEPTH": depth}
+                if small_m.supports(rw, dtype, cfg) is None and split <= steps:
+                    out.append(cfg)
+    return out
 
 
 def main() -> None:
@@ -42,6 +59,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=15)
     ap.add_argument("--top", type=int, default=4)
     ap.add_argument("--name", default="kernels_configs_h100")
+    ap.add_argument("--m1-sweep", action="store_true", help="at M = 1, a wider search of the CUDA-core kernel (m1_sweep)")
     args = ap.parse_args()
     dev = torch.device("cuda")
     torch.manual_seed(0)
@@ -59,7 +77,8 @@ def main() -> None:
                 rw = repack(qt)
                 ref = x.double() @ qt.dequantize(torch.float64).t()
                 timed = []
-                for cfg in qmm._configs(rw, m, x.dtype):
+                cands = m1_sweep(rw, x.dtype) if args.m1_sweep and m == 1 else qmm._configs(rw, m, x.dtype)
+                for cfg in cands:
                     try:
                         err = float((qmm._launch(rw, x, None, cfg).double() - ref).norm() / ref.norm())
                         if not err < 3e-3:

@@ -11,6 +11,8 @@
 #       timed per case (CFG_ARGS: kernels_configs.py arguments)
 #   OUT=/some/dir bash benchmarks/kernels_gpu_session.sh m16        # CUDA tests, every M = 16 candidate, the M = 16 table
 #   OUT=/some/dir bash benchmarks/kernels_gpu_session.sh nf16       # the same for NF4's half-word steps, + sanitizer, batch-16 decode
+#   OUT=/some/dir bash benchmarks/kernels_gpu_session.sh m1         # the M = 1 kernel's wider search (M1_SHAPES), a profiled decode step
+#   OUT=/some/dir bash benchmarks/kernels_gpu_session.sh pdl        # CUDA tests, linears back to back and compiled decode, PDL on / off
 #   OUT=/some/dir bash benchmarks/kernels_gpu_session.sh one        # one call for all of it when device time is short:
 #       CUDA tests, M = 1 table int4 vs NF4, compiled end-to-end decode, host overhead
 # The CUDA tests run with pytest-xdist when it is importable (carried as wheels: .whl/, see the device notes).
@@ -125,6 +127,36 @@ nf16)  # CUDA tests, every M = 16 NF4 candidate, the M = 16 table (NF4, int4), c
   timeout "${T_E2E:-150}" python3 benchmarks/decode_e2e.py --batch 16 --formats fp16,nf4_g64 --reps 20 --name decode_e2e_b16_nf4 \
     2>&1 | grep -v -i warn | tee -a "$OUT/decode_e2e.txt" | tail -5
   cp benchmarks/results/decode_e2e_b16_nf4.json "$OUT/" 2>/dev/null
+  ;;
+m1)  # the M = 1 kernel's wider search (prefetch depth, tiles) on the Llama shapes, then where a decode step's time goes
+  echo "== ncu: $(command -v ncu || echo none)" | tee "$OUT/m1.txt"
+  M1_SHAPES=${M1_SHAPES:-1024x4096,4096x4096,6144x4096,14336x4096,28672x4096,4096x14336,28672x8192}
+  echo "== python3 benchmarks/kernels_configs.py --m 1 --m1-sweep --formats int4_g64 --shapes $M1_SHAPES --reps 10 --top 6 --name kernels_configs_m1" | tee -a "$OUT/m1.txt"
+  timeout "${T_CFG:-240}" python3 benchmarks/kernels_configs.py --m 1 --m1-sweep --formats int4_g64 --shapes "$M1_SHAPES" --reps 10 --top 6 \
+    --name kernels_configs_m1 2>&1 | grep -v -i warn | tee -a "$OUT/m1.txt" | tail -60
+  echo "== python3 benchmarks/kernels_configs.py --m 1 --m1-sweep --formats int3_g64,nf4_g64,int4_g128 --shapes 14336x4096,4096x14336 --reps 10 --top 4 --name kernels_configs_m1_more" | tee -a "$OUT/m1.txt"
+  timeout "${T_CFG2:-120}" python3 benchmarks/kernels_configs.py --m 1 --m1-sweep --formats int3_g64,nf4_g64,int4_g128 --shapes 14336x4096,4096x14336 \
+    --reps 10 --top 4 --name kernels_configs_m1_more 2>&1 | grep -v -i warn | tee -a "$OUT/m1.txt" | tail -30
+  cp benchmarks/results/kernels_configs_m1*.json "$OUT/" 2>/dev/null
+  echo "== python3 benchmarks/decode_e2e.py --batch 1 --formats fp16,int4_g64 --reps 20 --compile --profile 5 --name decode_e2e_b1_profile" | tee "$OUT/decode_e2e.txt"
+  timeout "${T_E2E:-200}" python3 benchmarks/decode_e2e.py --batch 1 --formats fp16,int4_g64 --reps 20 --compile --profile 5 \
+    --name decode_e2e_b1_profile 2>&1 | grep -v -i warn | tee -a "$OUT/decode_e2e.txt" | tail -70
+  cp benchmarks/results/decode_e2e_b1_profile.json "$OUT/" 2>/dev/null
+  ;;
+pdl)  # CUDA tests, the decoder's linears back to back with and without PDL, compiled batch-1 decode with and without
+  TEST_FILES=${TEST_FILES:-"tests/test_kernels.py tests/test_compile.py"} T_TESTS=${T_TESTS:-150} cuda_tests
+  echo "== python3 benchmarks/kernels_chain.py --m 1 --layers 8 --formats int4_g64,nf4_g64,int3_g64 --name kernels_chain_m1" | tee "$OUT/chain.txt"
+  timeout "${T_CHAIN:-100}" python3 benchmarks/kernels_chain.py --m 1 --layers 8 --formats int4_g64,nf4_g64,int3_g64 \
+    --name kernels_chain_m1 2>&1 | grep -v -i warn | tee -a "$OUT/chain.txt" | tail -10
+  cp benchmarks/results/kernels_chain_m1.json "$OUT/" 2>/dev/null
+  for p in "" "--no-pdl"; do
+    name=decode_e2e_b1_compiled${p:+_nopdl}
+    fmts=fp16,int4_g64; [ -n "$p" ] && fmts=int4_g64
+    echo "== python3 benchmarks/decode_e2e.py --batch 1 --formats $fmts --reps 30 --compile $p --name $name" | tee -a "$OUT/decode_e2e.txt"
+    timeout "${T_E2E:-150}" python3 benchmarks/decode_e2e.py --batch 1 --formats $fmts --reps 30 --compile $p --name $name 2>&1 \
+      | grep -v -i warn | tee -a "$OUT/decode_e2e.txt" | tail -4
+    cp benchmarks/results/$name.json "$OUT/" 2>/dev/null
+  done
   ;;
 sanitize)  # compute-sanitizer memcheck over every kernel
   OUT="$OUT" bash benchmarks/kernels_sanitize.sh
