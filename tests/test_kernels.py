@@ -266,6 +266,29 @@ def test_fma_kernel_ptx_keeps_subnormals(act):
     assert "fma.rn.f32" in ptx and "cvt.rn.f32.s32" not in ptx and "cvt.rn.f32.u32" not in ptx
 
 
+@pytest.mark.skipif(INTERPRETED or not HAVE_TRITON, reason="compiles for sm_90 (not under the interpreter)")
+@pytest.mark.parametrize("bits,codebook", [(4, False), (3, False), (4, True)])
+def test_fma_kernel_pdl_reads_only_weights_before_the_wait(bits, codebook):
+    """With programmatic dependent launch the M = 1 kernel may run while the previous kernel
+    still writes: compiled for sm_90 (no GPU needed), its PTX must signal the next launch, load
+    the first step's weights, then wait (``griddepcontrol.wait``) before any activation load
+    (16-bit), store or atomic; without PDL there is no grid dependency instruction at all."""
+    from bitsmith.kernels import small_m
+
+    ptx = small_m.compile_offline(bits, 64, 64, 2, codebook=codebook, pdl=True).asm["ptx"].splitlines()
+    at = {key: [i for i, line in enumerate(ptx) if key in line]
+          for key in ("griddepcontrol.launch_dependents", "griddepcontrol.wait", "ld.global.b32", "ld.global.v",
+                      "ld.global.b16", "st.global", "atom.")}
+    assert len(at["griddepcontrol.launch_dependents"]) == 1 and len(at["griddepcontrol.wait"]) == 1
+    signal, wait = at["griddepcontrol.launch_dependents"][0], at["griddepcontrol.wait"][0]
+    weight_loads = [i for i in at["ld.global.b32"] + at["ld.global.v"] if i < wait]
+    assert weight_loads and signal < min(weight_loads), "the first step's weights load between signal and wait"
+    after = at["ld.global.b16"] + at["st.global"] + at["atom."]
+    assert after and min(after) > wait, "activations, stores and atomics only after the wait"
+    plain = small_m.compile_offline(bits, 64, 64, 2, codebook=codebook).asm["ptx"]
+    assert "griddepcontrol" not in plain
+
+
 def _extreme_activation_case(device):
     """The M = 1 CUDA-core kernel with float16 activations at both ends of float16's range: it
     reads codes as subnormal float32s and scales ``x`` by up to ``2**111`` (small_m's

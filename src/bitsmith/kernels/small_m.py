@@ -71,6 +71,11 @@ except ImportError:  # pragma: no cover - depends on the environment
 
 from .layout import RuntimeWeight
 
+try:  # grid dependency control (Triton 3.3+): programmatic dependent launch, see pdl_ok
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+except ImportError:  # pragma: no cover - depends on the environment
+    gdc_launch_dependents = gdc_wait = None
+
 FMAGIC_BITS = 0x4B000000  # float32 2**23, a kernel argument (see _slot)
 
 
@@ -395,14 +400,19 @@ if HAVE_TRITON:
         MAGIC: tl.constexpr, MAGIC_BITS: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IS_SPLIT: tl.constexpr,
         EVEN_K: tl.constexpr, RANK: tl.constexpr, LUT_ASM: tl.constexpr, HALF: tl.constexpr,
-        LUT_PAIR: tl.constexpr,
+        LUT_PAIR: tl.constexpr, PDL: tl.constexpr,
     ):
         """``GSTEP``: k per scale step (the group size, or ``BLOCK_K`` for per-channel weights);
         ``NG``: scale steps in the padded K; ``G_PER``: steps per split. ``HALF``: 0 whole code
         tiles (:func:`_tile_steps`), 1 half-word steps with Triton ops (the interpreter), 2 with
         inline PTX (CUDA); with half-word steps ``x`` is :func:`half_inputs`' permuted copy and
-        ``xs_ptr`` its row sums. ``fmagic``, ``EVEN_K`` and ``LUT_ASM`` are the CUDA-core
-        kernel's (the two kernels share one argument list, :func:`launch_args`)."""
+        ``xs_ptr`` its row sums. ``PDL``: launched as a programmatic dependent (see
+        :func:`pdl_ok`); the next launch may start at once, and this one waits for the previous
+        kernel's writes before it loads anything. ``fmagic``, ``EVEN_K`` and ``LUT_ASM`` are the
+        CUDA-core kernel's (the two kernels share one argument list, :func:`launch_args`)."""
+        if PDL:
+            gdc_launch_dependents()
+            gdc_wait()
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
         pid_m = tl.program_id(2)
@@ -580,14 +590,17 @@ if HAVE_TRITON:
         MAGIC: tl.constexpr, MAGIC_BITS: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IS_SPLIT: tl.constexpr,
         EVEN_K: tl.constexpr, RANK: tl.constexpr, LUT_ASM: tl.constexpr, HALF: tl.constexpr,
-        LUT_PAIR: tl.constexpr,
+        LUT_PAIR: tl.constexpr, PDL: tl.constexpr,
     ):
         """M = 1 on CUDA cores. One step = one group (``BLOCK_K == GSTEP``; per-channel weights:
         any ``BLOCK_K``): a ``[BLOCK_K // PACK, BLOCK_N]`` tile of words, codes taken one
         word-slot at a time (float32 magic 2**23, subtracted per code), the scale applied once.
         The next step's words, scale and zero are loaded before this step's math (a register
-        double buffer), so a program always has a load in flight. ``xs_ptr``, ``HALF`` and
-        ``LUT_PAIR`` are the tensor-core kernel's (unused here)."""
+        double buffer), so a program always has a load in flight. With ``PDL`` (a programmatic
+        dependent launch, :func:`pdl_ok`) the first step's weights are loaded before the wait
+        for the previous kernel, so a layer's weight stream overlaps the previous layer's tail;
+        every program waits (a later kernel's wait on this one then covers the earlier ones too).
+        ``xs_ptr``, ``HALF`` and ``LUT_PAIR`` are the tensor-core kernel's (unused here)."""
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -596,12 +609,16 @@ if HAVE_TRITON:
         acc = tl.zeros([WROWS, BLOCK_N], dtype=tl.float32)
         g_lo = pid_k * G_PER
         g_hi = tl.minimum(g_lo + G_PER, NG)
+        if PDL:  # the next launch may start now: it too only loads weights until its gdc_wait
+            gdc_launch_dependents()
         words, hiw, s, z = _load_step(w_ptr, wh_ptr, s_ptr, z_ptr, g_lo, g_hi, KW, N, offs_n, n_mask,
                                       BITS, PACK, PER_CHANNEL, HAS_ZERO, BLOCK_K)
         if LUT_ASM:
             planes = _table_planes(t_ptr)
         else:
             planes = (0, 0, 0, 0, 0, 0, 0, 0)
+        if PDL:  # the weights above never change; x, the workspace and the output wait for the previous kernel
+            gdc_wait()
         for g in range(g_lo, g_hi):
             nwords, nhiw, ns, nz = _load_step(w_ptr, wh_ptr, s_ptr, z_ptr, g + 1, g_hi, KW, N, offs_n, n_mask,
                                               BITS, PACK, PER_CHANNEL, HAS_ZERO, BLOCK_K)
@@ -623,7 +640,7 @@ if HAVE_TRITON:
 
 
 def compile_offline(bits: int, group: int, block_n: int = 128, num_warps: int = 4, codebook: bool = False,
-                    act: str = "fp16", arch: int = 90, kernel=None):
+                    act: str = "fp16", arch: int = 90, kernel=None, pdl: bool = False):
     """``kernel`` (default ``_fma_kernel``; an earlier version's works too: the signature is read
     from its parameters) compiled for NVIDIA ``sm_<arch>`` on any machine, no GPU needed (Triton's
     bundled compiler and ptxas), for inspecting its PTX and machine code
@@ -632,7 +649,7 @@ def compile_offline(bits: int, group: int, block_n: int = 128, num_warps: int = 
     consts = {"BITS": bits, "PACK": 16 if bits == 3 else 32 // bits, "GSTEP": group, "PER_CHANNEL": False,
               "HAS_ZERO": not codebook, "CODEBOOK": codebook, "HAS_BIAS": False, "MAGIC": 0.0, "MAGIC_BITS": 0,
               "BLOCK_M": 1, "BLOCK_N": block_n, "BLOCK_K": group, "IS_SPLIT": True, "EVEN_K": True, "RANK": 0,
-              "LUT_ASM": codebook and bits == 4, "HALF": 0, "LUT_PAIR": ""}
+              "LUT_ASM": codebook and bits == 4, "HALF": 0, "LUT_PAIR": "", "PDL": pdl}
     return _compile_offline(kernel or _fma_kernel, consts, act, num_warps, 1, arch)
 
 
@@ -645,7 +662,7 @@ def compile_offline_tc(bits: int, group: int, block_n: int = 128, half: int = 0,
     consts = {"BITS": bits, "PACK": 16 if bits == 3 else 32 // bits, "GSTEP": group, "PER_CHANNEL": False,
               "HAS_ZERO": not codebook, "CODEBOOK": codebook, "HAS_BIAS": False, "MAGIC": magic, "MAGIC_BITS": magic_bits,
               "BLOCK_M": 16, "BLOCK_N": block_n, "BLOCK_K": group, "IS_SPLIT": True, "EVEN_K": True, "RANK": 0,
-              "LUT_ASM": False, "HALF": half, "LUT_PAIR": lut_pair}
+              "LUT_ASM": False, "HALF": half, "LUT_PAIR": lut_pair, "PDL": False}
     return _compile_offline(_tc_kernel, consts, act, num_warps, num_stages, arch)
 
 
@@ -685,6 +702,27 @@ def workspace(device: torch.device, partials: int, tiles: int) -> tuple[torch.Te
         cnt = torch.zeros(max(tiles, 0 if cnt is None else cnt.numel(), 4096), dtype=torch.int32, device=device)
         _WORKSPACE[key] = (ws, cnt)
     return ws, cnt
+
+
+PDL = {"enabled": True}  # programmatic dependent launch on sm_90+ (benchmarks turn it off to compare)
+_CAPABILITY: dict = {}
+
+
+def pdl_ok(device: torch.device) -> bool:
+    """Whether small-M launches on ``device`` are programmatic dependent launches (PDL: CUDA,
+    compute capability 9.0 or later, :data:`PDL` on). Such a launch may start while the kernel
+    before it on the stream still runs, once that kernel's programs have all started (ours
+    signal at once) or finished; each program loads only weights, which no kernel writes, until
+    ``griddepcontrol.wait`` returns (the previous kernel complete, its writes visible). At batch 1
+    a decoder's linear layers are separate launches of a few microseconds each, so the next
+    layer's weight stream starting under the previous kernel's tail is most of what PDL buys.
+    Captured in CUDA graphs as programmatic edges."""
+    if device.type != "cuda" or not PDL["enabled"] or gdc_wait is None:
+        return False
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _CAPABILITY:
+        _CAPABILITY[index] = torch.cuda.get_device_capability(index)
+    return _CAPABILITY[index] >= (9, 0)
 
 
 def supports(rw: RuntimeWeight, dtype: torch.dtype, cfg: dict) -> str | None:
@@ -781,6 +819,7 @@ def launch_args(rw: RuntimeWeight, x2: torch.Tensor, bias: torch.Tensor | None, 
     x_arg, xs = prep(x2) if prep is not None else (x2, dummy)
     magic, magic_bits = magic_for(x2.dtype, rw.rbits) if cfg["KERNEL"] == "tc" else (0.0, 0)
     kernel = _tc_kernel if cfg["KERNEL"] == "tc" else _fma_kernel
+    pdl = pdl_ok(x2.device)
     lr_t, lr_up = lowrank if lowrank is not None else (dummy, dummy)
     args = (x_arg, rw.words, rw.words_hi if rw.words_hi is not None else rw.words, rw.scale,
             rw.zero if rw.zero is not None else dummy, rw.table if rw.table is not None else dummy,
@@ -793,8 +832,11 @@ def launch_args(rw: RuntimeWeight, x2: torch.Tensor, bias: torch.Tensor | None, 
               "LUT_ASM": cfg["KERNEL"] == "fma" and rw.kind == "codebook" and rw.rbits == 4 and x2.is_cuda,
               "HALF": 0 if prep is None else 2 if x2.is_cuda else 1,
               "LUT_PAIR": lut_pair_ptx(rw.table_bits[x2.dtype]) if prep is not None and x2.is_cuda and rw.kind == "codebook"
-              else ""}
+              else "",
+              "PDL": pdl}
     options = {"num_warps": cfg.get("num_warps", 4), "num_stages": cfg.get("num_stages", 2)}
+    if pdl:
+        options["launch_pdl"] = True
     return kernel, grid, args, consts, options
 
 
