@@ -13,6 +13,7 @@
 #   OUT=/some/dir bash benchmarks/kernels_gpu_session.sh nf16       # the same for NF4's half-word steps, + sanitizer, batch-16 decode
 #   OUT=/some/dir bash benchmarks/kernels_gpu_session.sh m1         # the M = 1 kernel's wider search (M1_SHAPES), a profiled decode step
 #   OUT=/some/dir bash benchmarks/kernels_gpu_session.sh pdl        # CUDA tests, linears back to back and compiled decode, PDL on / off
+#   OUT=/some/dir bash benchmarks/kernels_gpu_session.sh svd        # CUDA tests, SVDQuant's branch overhead, ncu on the small-M kernels
 #   OUT=/some/dir bash benchmarks/kernels_gpu_session.sh one        # one call for all of it when device time is short:
 #       CUDA tests, M = 1 table int4 vs NF4, compiled end-to-end decode, host overhead
 # The CUDA tests run with pytest-xdist when it is importable (carried as wheels: .whl/, see the device notes).
@@ -148,15 +149,30 @@ pdl)  # CUDA tests, the decoder's linears back to back with and without PDL, com
   echo "== python3 benchmarks/kernels_chain.py --m 1 --layers 8 --formats int4_g64,nf4_g64,int3_g64 --name kernels_chain_m1" | tee "$OUT/chain.txt"
   timeout "${T_CHAIN:-100}" python3 benchmarks/kernels_chain.py --m 1 --layers 8 --formats int4_g64,nf4_g64,int3_g64 \
     --name kernels_chain_m1 2>&1 | grep -v -i warn | tee -a "$OUT/chain.txt" | tail -10
-  cp benchmarks/results/kernels_chain_m1.json "$OUT/" 2>/dev/null
+  echo "== python3 benchmarks/kernels_chain.py --m 16 --layers 8 --formats int4_g64,nf4_g64 --name kernels_chain_m16" | tee -a "$OUT/chain.txt"
+  timeout "${T_CHAIN:-100}" python3 benchmarks/kernels_chain.py --m 16 --layers 8 --formats int4_g64,nf4_g64 \
+    --name kernels_chain_m16 2>&1 | grep -v -i warn | tee -a "$OUT/chain.txt" | tail -6
+  echo "== python3 benchmarks/svdquant_overhead.py --reps 10" | tee "$OUT/svdquant_overhead.txt"
+  timeout "${T_SVD:-90}" python3 benchmarks/svdquant_overhead.py --reps 10 2>&1 | tee -a "$OUT/svdquant_overhead.txt" | tail -12
   for p in "" "--no-pdl"; do
     name=decode_e2e_b1_compiled${p:+_nopdl}
     fmts=fp16,int4_g64; [ -n "$p" ] && fmts=int4_g64
     echo "== python3 benchmarks/decode_e2e.py --batch 1 --formats $fmts --reps 30 --compile $p --name $name" | tee -a "$OUT/decode_e2e.txt"
     timeout "${T_E2E:-150}" python3 benchmarks/decode_e2e.py --batch 1 --formats $fmts --reps 30 --compile $p --name $name 2>&1 \
       | grep -v -i warn | tee -a "$OUT/decode_e2e.txt" | tail -4
-    cp benchmarks/results/$name.json "$OUT/" 2>/dev/null
   done
+  tar cf "$OUT/results.tar" -C benchmarks/results kernels_chain_m1.json kernels_chain_m16.json svdquant_overhead_h100.json \
+    decode_e2e_b1_compiled.json decode_e2e_b1_compiled_nopdl.json 2>/dev/null
+  ;;
+svd)  # CUDA tests, SVDQuant's branch overhead, Nsight Compute on the small-M kernels
+  TEST_FILES=${TEST_FILES:-"tests/test_svdquant.py tests/test_kernels.py"} T_TESTS=${T_TESTS:-130} cuda_tests
+  echo "== python3 benchmarks/svdquant_overhead.py --reps 10" | tee "$OUT/svdquant_overhead.txt"
+  timeout "${T_SVD:-100}" python3 benchmarks/svdquant_overhead.py --reps 10 2>&1 | tee -a "$OUT/svdquant_overhead.txt" | tail -13
+  cp benchmarks/results/svdquant_overhead_h100.json "$OUT/" 2>/dev/null
+  echo "== ncu --section SpeedOfLight --section WarpStateStats --section SchedulerStats --section Occupancy --section LaunchStats -k regex:'_tc_kernel|_fma_kernel' python3 benchmarks/kernels_ncu_probe.py --m16" > "$OUT/ncu.txt"
+  timeout "${T_NCU:-150}" ncu --section SpeedOfLight --section WarpStateStats --section SchedulerStats --section Occupancy \
+    --section LaunchStats -k regex:"_tc_kernel|_fma_kernel" python3 benchmarks/kernels_ncu_probe.py --m16 2>&1 | grep -v "^==PROF==" >> "$OUT/ncu.txt"
+  grep -E "_kernel|Duration|Memory Throughput|DRAM Throughput|Issue Slots|Warp Cycles Per Issued|No Eligible|Achieved Occupancy|Registers Per|Waves" "$OUT/ncu.txt" | head -60
   ;;
 sanitize)  # compute-sanitizer memcheck over every kernel
   OUT="$OUT" bash benchmarks/kernels_sanitize.sh
