@@ -33,6 +33,7 @@ import torch
 
 from .layout import RuntimeWeight
 from .qmm import FAST_LAUNCH, HAVE_TRITON, LaunchTemplate, _run, launch_hooks_set, quant_matmul, raw_launch
+from .small_m import gdc_launch_dependents, gdc_wait, pdl_ok
 
 if HAVE_TRITON:
     import triton
@@ -45,13 +46,20 @@ if HAVE_TRITON:
         HAS_SMOOTH: tl.constexpr, HAS_SHIFT: tl.constexpr, SHIFT_PER_CHANNEL: tl.constexpr,
         SHIFTED_INPUT: tl.constexpr, WRITE_MAIN: tl.constexpr, RANK: tl.constexpr,
         SLICE: tl.constexpr, CHUNK: tl.constexpr, SLICES: tl.constexpr, SLICES_P: tl.constexpr,
+        PDL: tl.constexpr,
     ):
         """Program ``(k slice, row)``: over the slice's ``SLICE`` channels, ``CHUNK`` at a time,
         ``x_main`` (``WRITE_MAIN``) and the float32 down-projection ``[RANK]`` of the slice, into
         ``part[slice, row]``; then a ticket from the row's counter, and the program that draws
         the last one sums the ``SLICES`` partials in slice order (deterministic; one load) into
         ``t[row]`` and resets the counter. Small tiles on CUDA cores: a 16-row tensor-core tile
-        needed 255 registers and spilled at longer slices (sm_90)."""
+        needed 255 registers and spilled at longer slices (sm_90). ``PDL`` (a programmatic
+        dependent launch, :func:`bitsmith.kernels.small_m.pdl_ok`): the 4-bit matmul launched
+        after this may start at once (its programs load their first weights and wait for this
+        kernel), and this one waits for the kernel before it before loading ``x``."""
+        if PDL:
+            gdc_launch_dependents()
+            gdc_wait()
         pid_k = tl.program_id(0)
         row = tl.program_id(1)
         offs_r = tl.arange(0, RANK)
@@ -218,8 +226,9 @@ def down_project(x2: torch.Tensor, lr: LowRankRuntime) -> tuple[torch.Tensor, to
     consts = {"HAS_SMOOTH": lr.smooth is not None, "HAS_SHIFT": lr.shift is not None,
               "SHIFT_PER_CHANNEL": lr.shift is not None and lr.shift.numel() > 1,
               "SHIFTED_INPUT": lr.shifted_input, "WRITE_MAIN": write_main, "RANK": rp, "SLICE": sl, "CHUNK": CHUNK,
-              "SLICES": slices, "SLICES_P": 1 << (slices - 1).bit_length()}
-    hit = _run(_down_kernel, (slices, m), args, consts, {"num_warps": 2})
+              "SLICES": slices, "SLICES_P": 1 << (slices - 1).bit_length(), "PDL": pdl_ok(x2.device)}
+    options = {"num_warps": 2, "launch_pdl": True} if consts["PDL"] else {"num_warps": 2}
+    hit = _run(_down_kernel, (slices, m), args, consts, options)
     if plan_key is not None and hit is not None:
         lr.plans[plan_key] = _DownPlan(hit[0], (slices, m), args, hit[1], x2.device.index, rp, slices, write_main)
     return xm, t
