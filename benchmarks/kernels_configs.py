@@ -7,6 +7,7 @@ best ``--top`` per case, writes every timing to JSON.
 
     python benchmarks/kernels_configs.py [--shapes 14336x4096,...] [--m 16,2048] [--formats int4_g64,...] [--name NAME]
     python benchmarks/kernels_configs.py --m 1 --m1-sweep ...   # the M = 1 kernel's wider search
+    python benchmarks/kernels_configs.py --m 16 --tc-sweep ...  # the tensor-core kernel's wider search
 """
 from __future__ import annotations
 
@@ -32,7 +33,27 @@ def describe(cfg: dict) -> str:
     kernel = cfg.get("KERNEL", "gemm" + ("-unique" if cfg.get("UNIQUE") else ""))
     split = cfg.get("SPLIT", cfg.get("SPLIT_K", 1))
     return (f"{kernel} {cfg.get('BLOCK_M', 1)}x{cfg['BLOCK_N']}x{cfg['BLOCK_K']} s{split} "
-            f"w{cfg.get('num_warps')} st{cfg.get('num_stages', 1)}" + (f" d{cfg['DEPTH']}" if "DEPTH" in cfg else ""))
+            f"w{cfg.get('num_warps')} st{cfg.get('num_stages', 1)}" + (f" r{cfg['maxnreg']}" if cfg.get("maxnreg") else ""))
+
+
+def tc_sweep(rw, m: int, dtype) -> list[dict]:
+    """A wider small-M search than the tuner's (``--tc-sweep``): the tensor-core kernel's
+    half-word steps with 4 or 8 warps, column tiles 64-256, 3 or 4 stages, split-K 1-8, and a
+    register cap of 96 (more programs per SM), next to the tuner's own candidates."""
+    out = list(qmm._configs(rw, m, dtype))
+    bm = 16 if m <= 16 else 32 if m <= 32 else 64
+    bk = rw.group or 64
+    if not small_m.half_steps(rw, bk):
+        return out
+    for bn, warps in ((64, 4), (128, 4), (128, 8), (256, 8)):
+        for stages in (3, 4):
+            for split in (1, 2, 4, 8):
+                for maxnreg in (0, 96):
+                    cfg = {"KERNEL": "tc", "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT": split,
+                           "num_warps": warps, "num_stages": stages, "maxnreg": maxnreg}
+                    if small_m.supports(rw, dtype, cfg) is None and split <= -(-rw.kp // bk):
+                        out.append(cfg)
+    return out
 
 
 def m1_sweep(rw, dtype) -> list[dict]:
@@ -59,6 +80,7 @@ def main() -> None:
     ap.add_argument("--top", type=int, default=4)
     ap.add_argument("--name", default="kernels_configs_h100")
     ap.add_argument("--m1-sweep", action="store_true", help="at M = 1, a wider search of the CUDA-core kernel (m1_sweep)")
+    ap.add_argument("--tc-sweep", action="store_true", help="at M = 2..64, a wider search of the tensor-core kernel (tc_sweep)")
     args = ap.parse_args()
     dev = torch.device("cuda")
     torch.manual_seed(0)
@@ -76,7 +98,12 @@ def main() -> None:
                 rw = repack(qt)
                 ref = x.double() @ qt.dequantize(torch.float64).t()
                 timed = []
-                cands = m1_sweep(rw, x.dtype) if args.m1_sweep and m == 1 else qmm._configs(rw, m, x.dtype)
+                if args.m1_sweep and m == 1:
+                    cands = m1_sweep(rw, x.dtype)
+                elif args.tc_sweep and 1 < m <= 64:
+                    cands = tc_sweep(rw, m, x.dtype)
+                else:
+                    cands = qmm._configs(rw, m, x.dtype)
                 for cfg in cands:
                     try:
                         err = float((qmm._launch(rw, x, None, cfg).double() - ref).norm() / ref.norm())

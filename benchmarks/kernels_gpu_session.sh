@@ -14,6 +14,7 @@
 #   OUT=/some/dir bash benchmarks/kernels_gpu_session.sh m1         # the M = 1 kernel's wider search (M1_SHAPES), a profiled decode step
 #   OUT=/some/dir bash benchmarks/kernels_gpu_session.sh pdl        # CUDA tests, linears back to back and compiled decode, PDL on / off
 #   OUT=/some/dir bash benchmarks/kernels_gpu_session.sh svd        # CUDA tests, SVDQuant's branch overhead, ncu on the small-M kernels
+#   OUT=/some/dir bash benchmarks/kernels_gpu_session.sh tc         # the tensor-core kernel's wider search at M = 16
 #   OUT=/some/dir bash benchmarks/kernels_gpu_session.sh one        # one call for all of it when device time is short:
 #       CUDA tests, M = 1 table int4 vs NF4, compiled end-to-end decode, host overhead
 # The CUDA tests run with pytest-xdist when it is importable (carried as wheels: .whl/, see the device notes).
@@ -173,6 +174,12 @@ svd)  # CUDA tests, SVDQuant's branch overhead, Nsight Compute on the small-M ke
   timeout "${T_NCU:-150}" ncu --section SpeedOfLight --section WarpStateStats --section SchedulerStats --section Occupancy \
     --section LaunchStats -k regex:"_tc_kernel|_fma_kernel" python3 benchmarks/kernels_ncu_probe.py --m16 2>&1 | grep -v "^==PROF==" >> "$OUT/ncu.txt"
   grep -E "_kernel|Duration|Memory Throughput|DRAM Throughput|Issue Slots|Warp Cycles Per Issued|No Eligible|Achieved Occupancy|Registers Per|Waves" "$OUT/ncu.txt" | head -60
+  ;;
+tc)  # the tensor-core kernel's wider search at M = 16 (warps, tiles, stages, register cap)
+  echo "== python3 benchmarks/kernels_configs.py --m 16 --tc-sweep --formats int4_g64,nf4_g64 --reps 10 --top 5 --name kernels_configs_tc_m16" | tee "$OUT/tc.txt"
+  timeout "${T_CFG:-330}" python3 benchmarks/kernels_configs.py --m 16 --tc-sweep --formats int4_g64,nf4_g64 --reps 10 --top 5 \
+    --name kernels_configs_tc_m16 2>&1 | grep -v -i warn | tee -a "$OUT/tc.txt" | grep -v "^  fail" | tail -60
+  cp benchmarks/results/kernels_configs_tc_m16.json "$OUT/" 2>/dev/null
   ;;
 sanitize)  # compute-sanitizer memcheck over every kernel
   OUT="$OUT" bash benchmarks/kernels_sanitize.sh

@@ -798,7 +798,7 @@ def launch_args(rw: RuntimeWeight, x2: torch.Tensor, bias: torch.Tensor | None, 
                 lowrank: tuple[torch.Tensor, torch.Tensor] | None = None):
     """``(kernel, grid, args, constexprs, options)`` of one small-M launch ``x2 [M, K] @ W^T
     (+ bias) (+ t @ U) -> out [M, N]`` (``cfg``: KERNEL "tc" or "fma", BLOCK_M/N/K, SPLIT,
-    num_warps, num_stages; ``lowrank``: ``(t [M, R] float32, U [R, N])``, see
+    num_warps, num_stages, optionally ``maxnreg`` (a register cap, benchmarks only); ``lowrank``: ``(t [M, R] float32, U [R, N])``, see
     :func:`epilogue`). The positions of ``x``, ``bias``, ``out``, ``t`` and ``U`` in ``args``
     (0, 6, 7, 8, 9; 12 for the row sums of :func:`half_inputs`) are the launch plans' contract
     (:class:`bitsmith.kernels.qmm._Plan`)."""
@@ -837,6 +837,8 @@ def launch_args(rw: RuntimeWeight, x2: torch.Tensor, bias: torch.Tensor | None, 
     options = {"num_warps": cfg.get("num_warps", 4), "num_stages": cfg.get("num_stages", 2)}
     if pdl:
         options["launch_pdl"] = True
+    if cfg.get("maxnreg"):
+        options["maxnreg"] = cfg["maxnreg"]
     return kernel, grid, args, consts, options
 
 
