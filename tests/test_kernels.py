@@ -289,6 +289,21 @@ def test_fma_kernel_pdl_reads_only_weights_before_the_wait(bits, codebook):
     assert "griddepcontrol" not in plain
 
 
+@pytest.mark.skipif(INTERPRETED or not HAVE_TRITON, reason="compiles for sm_90 (not under the interpreter)")
+@pytest.mark.parametrize("half", [0, 2])
+def test_tc_kernel_pdl_waits_before_any_load(half):
+    """The small-M tensor-core kernel as a programmatic dependent: its pipelined loads mix
+    activations and weights, so it signals and waits before loading anything (sm_90 PTX)."""
+    from bitsmith.kernels import small_m
+
+    ptx = small_m.compile_offline_tc(4, 64, 64, half, pdl=True).asm["ptx"].splitlines()
+    wait = [i for i, line in enumerate(ptx) if "griddepcontrol.wait" in line]
+    signal = [i for i, line in enumerate(ptx) if "griddepcontrol.launch_dependents" in line]
+    loads = [i for i, line in enumerate(ptx) if "ld.global" in line or "cp.async" in line]
+    assert len(wait) == 1 and len(signal) == 1 and loads
+    assert signal[0] < wait[0] < min(loads)
+
+
 def _extreme_activation_case(device):
     """The M = 1 CUDA-core kernel with float16 activations at both ends of float16's range: it
     reads codes as subnormal float32s and scales ``x`` by up to ``2**111`` (small_m's

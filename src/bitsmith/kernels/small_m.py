@@ -654,7 +654,8 @@ def compile_offline(bits: int, group: int, block_n: int = 128, num_warps: int = 
 
 
 def compile_offline_tc(bits: int, group: int, block_n: int = 128, half: int = 0, codebook: bool = False,
-                       lut_pair: str = "", act: str = "fp16", num_warps: int = 4, num_stages: int = 3, arch: int = 90):
+                       lut_pair: str = "", act: str = "fp16", num_warps: int = 4, num_stages: int = 3, arch: int = 90,
+                       pdl: bool = False):
     """The small-M tensor-core kernel (16-row tiles, one group a step) compiled like
     :func:`compile_offline`: whole code tiles (``half=0``) or the half-word steps as on CUDA
     (``half=2``; 4-bit codebooks take their :func:`lut_pair_ptx` body in ``lut_pair``)."""
@@ -662,7 +663,7 @@ def compile_offline_tc(bits: int, group: int, block_n: int = 128, half: int = 0,
     consts = {"BITS": bits, "PACK": 16 if bits == 3 else 32 // bits, "GSTEP": group, "PER_CHANNEL": False,
               "HAS_ZERO": not codebook, "CODEBOOK": codebook, "HAS_BIAS": False, "MAGIC": magic, "MAGIC_BITS": magic_bits,
               "BLOCK_M": 16, "BLOCK_N": block_n, "BLOCK_K": group, "IS_SPLIT": True, "EVEN_K": True, "RANK": 0,
-              "LUT_ASM": False, "HALF": half, "LUT_PAIR": lut_pair, "PDL": False}
+              "LUT_ASM": False, "HALF": half, "LUT_PAIR": lut_pair, "PDL": pdl}
     return _compile_offline(_tc_kernel, consts, act, num_warps, num_stages, arch)
 
 
