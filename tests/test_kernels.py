@@ -304,6 +304,22 @@ def test_tc_kernel_pdl_waits_before_any_load(half):
     assert signal[0] < wait[0] < min(loads)
 
 
+def test_pdl_gate(monkeypatch):
+    """Programmatic dependent launch only where it can work: never on the CPU, never with
+    ``PDL`` off (what ``BITSMITH_PDL=0`` sets), never with a CUDA runtime older than 12.4."""
+    from bitsmith.kernels import small_m
+
+    assert not small_m.pdl_ok(torch.device("cpu"))
+    monkeypatch.setattr(torch.version, "cuda", "12.1")
+    assert not small_m._cuda_runtime_at_least(12, 4)
+    monkeypatch.setattr(torch.version, "cuda", "12.4")
+    assert small_m._cuda_runtime_at_least(12, 4)
+    monkeypatch.setattr(torch.version, "cuda", None)
+    assert not small_m._cuda_runtime_at_least(12, 4)
+    monkeypatch.setitem(small_m.PDL, "enabled", False)
+    assert not small_m.pdl_ok(torch.device("cuda", 0))
+
+
 def _extreme_activation_case(device):
     """The M = 1 CUDA-core kernel with float16 activations at both ends of float16's range: it
     reads codes as subnormal float32s and scales ``x`` by up to ``2**111`` (small_m's

@@ -57,6 +57,8 @@ every launch on it: launches must not run concurrently on two streams.
 """
 from __future__ import annotations
 
+import os
+
 import torch
 
 try:
@@ -705,8 +707,19 @@ def workspace(device: torch.device, partials: int, tiles: int) -> tuple[torch.Te
     return ws, cnt
 
 
-PDL = {"enabled": True}  # programmatic dependent launch on sm_90+ (benchmarks turn it off to compare)
+# programmatic dependent launch on sm_90+ (benchmarks turn it off to compare; BITSMITH_PDL=0 turns it off)
+PDL = {"enabled": os.environ.get("BITSMITH_PDL", "1") != "0"}
 _CAPABILITY: dict = {}
+
+
+def _cuda_runtime_at_least(major: int, minor: int) -> bool:
+    """Whether torch's CUDA runtime is at least ``major.minor`` (capturing programmatic launches
+    in CUDA graphs needs 12.3; we ask for 12.4)."""
+    try:
+        have = tuple(int(v) for v in (torch.version.cuda or "0.0").split(".")[:2])
+    except ValueError:
+        return False
+    return have >= (major, minor)
 
 
 def pdl_ok(device: torch.device) -> bool:
@@ -717,8 +730,9 @@ def pdl_ok(device: torch.device) -> bool:
     ``griddepcontrol.wait`` returns (the previous kernel complete, its writes visible). At batch 1
     a decoder's linear layers are separate launches of a few microseconds each, so the next
     layer's weight stream starting under the previous kernel's tail is most of what PDL buys.
-    Captured in CUDA graphs as programmatic edges."""
-    if device.type != "cuda" or not PDL["enabled"] or gdc_wait is None:
+    Captured in CUDA graphs as programmatic edges (CUDA 12.4+ runtime asked for; ``BITSMITH_PDL=0``
+    in the environment turns it off)."""
+    if device.type != "cuda" or not PDL["enabled"] or gdc_wait is None or not _cuda_runtime_at_least(12, 4):
         return False
     index = device.index if device.index is not None else torch.cuda.current_device()
     if index not in _CAPABILITY:
