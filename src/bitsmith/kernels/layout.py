@@ -205,6 +205,9 @@ def repack(qt: QTensor) -> RuntimeWeight:
     rw = RuntimeWeight(kind, n, k, kp, rbits, group, words, words_hi, scale, zero, zconst, table, int_zero,
                        table_bits)
     if words.is_cuda:
+        # also required, not only for the timing: the small-M kernels launch as programmatic
+        # dependents and load their first weights before waiting for the kernel before them
+        # (small_m.pdl_ok), so no kernel that writes a runtime weight may still be in flight
         torch.cuda.synchronize(words.device)
     rw.repack_seconds = time.perf_counter() - t0
     return rw

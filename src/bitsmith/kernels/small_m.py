@@ -726,8 +726,10 @@ def pdl_ok(device: torch.device) -> bool:
     """Whether small-M launches on ``device`` are programmatic dependent launches (PDL: CUDA,
     compute capability 9.0 or later, :data:`PDL` on). Such a launch may start while the kernel
     before it on the stream still runs, once that kernel's programs have all started (ours
-    signal at once) or finished; each program loads only weights, which no kernel writes, until
-    ``griddepcontrol.wait`` returns (the previous kernel complete, its writes visible). At batch 1
+    signal at once) or finished; each program loads only weights until ``griddepcontrol.wait``
+    returns (the previous kernel complete, its writes visible). That is safe because no kernel
+    writes a runtime weight after :func:`bitsmith.kernels.layout.repack`, which synchronizes the
+    device before it returns (a launch chained through other dependents cannot overtake it). At batch 1
     a decoder's linear layers are separate launches of a few microseconds each, so the next
     layer's weight stream starting under the previous kernel's tail is most of what PDL buys.
     Captured in CUDA graphs as programmatic edges (CUDA 12.4+ runtime asked for; ``BITSMITH_PDL=0``
