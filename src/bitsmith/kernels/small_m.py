@@ -709,7 +709,7 @@ def workspace(device: torch.device, partials: int, tiles: int) -> tuple[torch.Te
 
 # programmatic dependent launch on sm_90+ (benchmarks turn it off to compare; BITSMITH_PDL=0 turns it off)
 PDL = {"enabled": os.environ.get("BITSMITH_PDL", "1") != "0"}
-_CAPABILITY: dict = {}
+_PDL_DEVICE: dict = {}  # device index -> whether that GPU and this CUDA runtime take PDL (asked once)
 
 
 def _cuda_runtime_at_least(major: int, minor: int) -> bool:
@@ -734,12 +734,14 @@ def pdl_ok(device: torch.device) -> bool:
     layer's weight stream starting under the previous kernel's tail is most of what PDL buys.
     Captured in CUDA graphs as programmatic edges (CUDA 12.4+ runtime asked for; ``BITSMITH_PDL=0``
     in the environment turns it off)."""
-    if device.type != "cuda" or not PDL["enabled"] or gdc_wait is None or not _cuda_runtime_at_least(12, 4):
+    if device.type != "cuda" or not PDL["enabled"]:
         return False
     index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _CAPABILITY:
-        _CAPABILITY[index] = torch.cuda.get_device_capability(index)
-    return _CAPABILITY[index] >= (9, 0)
+    ok = _PDL_DEVICE.get(index)
+    if ok is None:
+        ok = _PDL_DEVICE[index] = (gdc_wait is not None and _cuda_runtime_at_least(12, 4)
+                                   and torch.cuda.get_device_capability(index) >= (9, 0))
+    return ok
 
 
 def supports(rw: RuntimeWeight, dtype: torch.dtype, cfg: dict) -> str | None:
