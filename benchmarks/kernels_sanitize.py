@@ -59,6 +59,7 @@ def main() -> None:
         small = [{**c, "BLOCK_K": rw.group} for c in SMALL_M]
         for cfg in [c for c in small if small_m.supports(rw, torch.float16, c) is None and (m == 1 or c["KERNEL"] == "tc")] + GEMM:
             qmm._launch(rw, xm, torch.randn(n, device="cuda"), cfg, lowrank=(t, lr.up_t))
+        low_rank.low_rank_matmul(x, rw, lr, None)  # with PDL: x_main, then t beside the matmul
     wq = torch.randint(-127, 128, (n, k), dtype=torch.int8, device="cuda")
     for m in (1, 19, 300):
         w8a8_linear(torch.randn(m, k, device="cuda", dtype=torch.float16), wq, torch.rand(n, device="cuda") * 0.01)

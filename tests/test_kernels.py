@@ -133,7 +133,7 @@ def _low_rank_case(device, m, n, k, rank, smooth, shift, shifted_input, configs,
     """SVDQuant's branch fused into the 4-bit kernels (kernels.low_rank) against the module's
     formula in float64 (nn.low_rank.low_rank_linear on the reference dequantization), for each
     launch config (``None``: quant_matmul's own choice)."""
-    from bitsmith.kernels import low_rank, qmm
+    from bitsmith.kernels import low_rank, qmm, small_m
     from bitsmith.nn.low_rank import low_rank_linear
 
     g = torch.Generator().manual_seed(hash((m, n, k, rank, smooth, shift, shifted_input)) % 2**31)
@@ -178,6 +178,20 @@ def _low_rank_case(device, m, n, k, rank, smooth, shift, shifted_input, configs,
         assert err < tol, (cfg, err)
         # the branch matters: without it the error is the branch's whole size (7-15% of y here)
         assert _rel(qmm._launch(rw, xm, bias, cfg) if cfg else qmm.quant_matmul(xm, rw, bias), ref) > 10 * err
+        if cfg is not None:
+            # x_main and t in two launches, t's made inside the matmul call (with PDL the matmul
+            # overlaps it and waits only before its epilogue): the same x_main and t, so the
+            # same output bit for bit
+            fills = []
+
+            def fill():
+                fills.append(1)
+                return low_rank.project_overlapped(x, lr)
+
+            xm_alone = low_rank.main_input(x, lr)
+            assert torch.equal(xm_alone, xm) and (xm_alone is x) == (sm is None and sh is None)
+            y2 = qmm._launch(rw, xm_alone, bias, cfg, lowrank=small_m.LowRankFill(fill, lr.up_t))
+            assert fills == [1] and torch.equal(y2, y), cfg
 
 
 _LR_FMA = [{"KERNEL": "fma", "BLOCK_N": 32, "BLOCK_K": 64, "SPLIT": 1, "num_warps": 4},
@@ -192,7 +206,7 @@ _LR_GEMM = [{"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "SPLIT_K": 1, "GROUP_M
 
 @needs_interp
 @pytest.mark.parametrize("smooth, shift, shifted_input, every_kernel", [
-    (True, None, False, True), (True, "channel", True, True), (False, None, False, False),
+    (True, None, False, True), (True, "channel", True, True), (False, None, False, True),
     (True, "channel", False, False), (False, "scalar", True, False)])
 def test_interp_low_rank_fused(smooth, shift, shifted_input, every_kernel):
     """Every kernel (``every_kernel``): M = 1 on the CUDA-core and tensor-core small-M kernels
@@ -234,7 +248,8 @@ def test_interp_small_m_kernels(name):
 
     rw = repack(_quantize(name, torch.randn(8, 300)))
     bk = rw.group or 64
-    fma = [{"KERNEL": "fma", "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT": s, "num_warps": 4} for bn, s in ((32, 1), (64, 3))]
+    fma = [{"KERNEL": "fma", "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT": s, "num_warps": 4, "PIPE": p}
+           for bn, s, p in ((32, 1, 0), (64, 3, 0), (64, 3, 3))]
     tc = [{"KERNEL": "tc", "BLOCK_M": 16, "BLOCK_N": bn, "BLOCK_K": b, "SPLIT": s, "num_warps": 4}
           for bn, b, s in ((32, 32, 1), (64, 32, 3), (32, 64, 2), (32, 128, 2))]
     fma = [c for c in fma if small_m.supports(rw, torch.float16, c) is None]
@@ -290,6 +305,22 @@ def test_fma_kernel_pdl_reads_only_weights_before_the_wait(bits, codebook):
 
 
 @pytest.mark.skipif(INTERPRETED or not HAVE_TRITON, reason="compiles for sm_90 (not under the interpreter)")
+@pytest.mark.parametrize("bits,codebook", [(4, False), (3, False), (4, True)])
+def test_pipelined_fma_kernel_copies_weights_asynchronously_after_the_wait(bits, codebook):
+    """The M = 1 kernel with Triton's pipeliner (``PIPE`` 3): its weight words go to shared memory
+    as asynchronous copies (``cp.async``), with fewer registers than the register double buffer;
+    with PDL it waits before the pipeline's first copy (the prologue is Triton's, so no weight
+    loads ahead of the wait) and before any activation load, store or atomic."""
+    from bitsmith.kernels import small_m
+
+    ptx = small_m.compile_offline(bits, 64, 64, 2, codebook=codebook, pdl=1, pipe=3).asm["ptx"].splitlines()
+    wait = [i for i, line in enumerate(ptx) if "griddepcontrol.wait" in line]
+    copies = [i for i, line in enumerate(ptx) if "cp.async.cg" in line]
+    after = [i for i, line in enumerate(ptx) if "ld.global.b16" in line or "st.global" in line or "atom." in line]
+    assert len(wait) == 1 and copies and after and wait[0] < min(copies + after)
+
+
+@pytest.mark.skipif(INTERPRETED or not HAVE_TRITON, reason="compiles for sm_90 (not under the interpreter)")
 @pytest.mark.parametrize("half", [0, 2])
 def test_tc_kernel_pdl_waits_before_any_load(half):
     """The small-M tensor-core kernel as a programmatic dependent: its pipelined loads mix
@@ -302,6 +333,61 @@ def test_tc_kernel_pdl_waits_before_any_load(half):
     loads = [i for i, line in enumerate(ptx) if "ld.global" in line or "cp.async" in line]
     assert len(wait) == 1 and len(signal) == 1 and loads
     assert signal[0] < wait[0] < min(loads)
+
+
+@pytest.mark.skipif(INTERPRETED or not HAVE_TRITON, reason="compiles for sm_90 (not under the interpreter)")
+@pytest.mark.parametrize("kernel", ["fma", "tc"])
+def test_matmul_overlapping_the_down_projection_waits_only_before_its_epilogue(kernel):
+    """``PDL == 2`` (a :class:`LowRankFill`: the launch before writes only ``t``): compiled for
+    sm_90, the matmul signals before any load, runs its whole main loop (activations included)
+    before ``griddepcontrol.wait``, and stores, takes tickets and reads ``t`` only after it."""
+    from bitsmith.kernels import small_m
+
+    if kernel == "fma":
+        ptx = small_m.compile_offline(4, 64, 64, 2, pdl=2, rank=32).asm["ptx"].splitlines()
+        main_loads = [i for i, line in enumerate(ptx) if "ld.global.b16" in line]  # x, one code slot at a time
+    else:
+        ptx = small_m.compile_offline_tc(4, 64, 64, 2, pdl=2, rank=32).asm["ptx"].splitlines()
+        main_loads = [i for i, line in enumerate(ptx) if "cp.async" in line]  # the pipelined x and weight tiles
+    signal = [i for i, line in enumerate(ptx) if "griddepcontrol.launch_dependents" in line]
+    wait = [i for i, line in enumerate(ptx) if "griddepcontrol.wait" in line]
+    loads = [i for i, line in enumerate(ptx) if "ld.global" in line or "cp.async" in line]
+    writes = [i for i, line in enumerate(ptx) if "st.global" in line or "atom." in line]
+    assert len(signal) == 1 and len(wait) == 1 and main_loads and writes
+    assert signal[0] < min(loads) and max(main_loads) < wait[0] < min(writes)
+    labels = {line.strip().split(":")[0]: i for i, line in enumerate(ptx) if line.startswith("$L__")}
+    back_edges = [i for i, line in enumerate(ptx) if " bra" in line and i < min(writes)
+                  and labels.get(line.split()[-1].rstrip(";"), i) < i]  # a branch to a label above it
+    assert back_edges and max(back_edges) < wait[0], "the main loop ends before the wait"
+
+
+@pytest.mark.skipif(INTERPRETED or not HAVE_TRITON, reason="compiles for sm_90 (not under the interpreter)")
+@pytest.mark.parametrize("pdl", [1, 2])
+def test_down_projection_signals_after_its_wait_when_overlapped(pdl):
+    """The down-projection that a matmul overlaps (``PDL == 2``) lets the matmul start only after
+    its own ``griddepcontrol.wait`` (then the kernel before it is complete, and the matmul may
+    read ``x`` at once); otherwise (1) it signals first. Either way it loads nothing before the
+    wait (sm_90 PTX, no GPU needed)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from bitsmith.kernels import low_rank
+
+    kern = low_rank._down_kernel
+    names = kern.arg_names
+    consts = {"HAS_SMOOTH": False, "HAS_SHIFT": False, "SHIFT_PER_CHANNEL": False, "SHIFTED_INPUT": False,
+              "WRITE_MAIN": False, "PROJECT": True, "RANK": 32, "SLICE": 128, "CHUNK": 64, "SLICES": 32, "SLICES_P": 32, "PDL": pdl}
+    ptrs = {"x_ptr": "*fp16", "s_ptr": "*fp32", "d_ptr": "*fp32", "l_ptr": "*fp16", "xm_ptr": "*fp16",
+            "part_ptr": "*fp32", "t_ptr": "*fp32", "cnt_ptr": "*i32"}
+    sig = {a: "constexpr" if a in consts else ptrs.get(a, "i32") for a in names}
+    src = ASTSource(fn=kern, signature=sig, constexprs={(names.index(c),): v for c, v in consts.items()})
+    ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 2}).asm["ptx"].splitlines()
+    signal = [i for i, line in enumerate(ptx) if "griddepcontrol.launch_dependents" in line]
+    wait = [i for i, line in enumerate(ptx) if "griddepcontrol.wait" in line]
+    loads = [i for i, line in enumerate(ptx) if "ld.global" in line]
+    assert len(signal) == 1 and len(wait) == 1 and loads and wait[0] < min(loads)
+    assert (signal[0] > wait[0]) == (pdl == 2)
 
 
 def test_pdl_gate(monkeypatch):
@@ -802,6 +888,8 @@ def test_cuda_low_rank_fused(dtype, m):
         cfgs += _LR_GEMM + _LR_TC
     _low_rank_case("cuda", m, 1030, 2000, 32, True, "channel", True, cfgs, dtype)
     _low_rank_case("cuda", m, 777, 1000, 20, True, None, False, [None], dtype)
+    # smoothing fused upstream: the matmul overlaps the down-projection (PDL 2 on sm_90)
+    _low_rank_case("cuda", m, 1030, 2000, 32, False, None, False, cfgs, dtype)
 
 
 @needs_cuda
@@ -1153,18 +1241,22 @@ def test_down_projection_plan_passes_addresses_and_fresh_outputs(monkeypatch):
     s, d, down, cnt = torch.ones(8), torch.zeros(8), torch.zeros(16, 8), torch.zeros(16, dtype=torch.int32)
     args = (torch.zeros(2, 8), s, d, down, torch.zeros(2, 8), torch.zeros(3, 2, 16), torch.zeros(2, 16), cnt, 2, 8, 8)
     x = torch.randn(2, 8)
-    for write_main, slices in ((True, 3), (False, 1)):
-        plan = low_rank._DownPlan(Compiled(), (slices, 2), args, (True, 16), None, 16, slices, write_main)
+    for write_main, slices, project in ((True, 3, True), (False, 1, True), (True, 3, False)):
+        plan = low_rank._DownPlan(Compiled(), (slices, 2), args, (True, 16), None, 16, slices, write_main, project)
         xm, t = plan(x)
         got = calls[-1]
         assert got[:9] == (slices, 2, 1, 77, "fn", "meta", None, None, None)
         a = got[9:]
-        assert a[0] == x.data_ptr() and a[6] == t.data_ptr() and t.shape == (2, 16) and t.dtype == torch.float32
+        assert a[0] == x.data_ptr()
         assert (a[4] == xm.data_ptr() != x.data_ptr()) if write_main else (xm is x and a[4] == x.data_ptr())
-        assert (a[5] != t.data_ptr()) if slices > 1 else (a[5] == t.data_ptr())
+        if project:
+            assert a[6] == t.data_ptr() and t.shape == (2, 16) and t.dtype == torch.float32
+            assert (a[5] != t.data_ptr()) if slices > 1 else (a[5] == t.data_ptr())
+            assert plan(x)[1].data_ptr() != t.data_ptr()  # fresh outputs per call
+        else:  # x_main alone (main_input): no t, the template's partials and t addresses untouched
+            assert t is None and a[5:7] == (args[5].data_ptr(), args[6].data_ptr())
         assert a[1:4] == (s.data_ptr(), d.data_ptr(), down.data_ptr()) and a[7] == cnt.data_ptr()
         assert a[8:] == (2, 8, 8, True, 16)
-    assert plan(x)[1].data_ptr() != t.data_ptr()  # fresh outputs per call
 
 
 def test_quant_matmul_refuses_tensors_on_another_device():

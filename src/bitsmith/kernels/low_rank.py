@@ -33,7 +33,7 @@ import torch
 
 from .layout import RuntimeWeight
 from .qmm import FAST_LAUNCH, HAVE_TRITON, LaunchTemplate, _run, launch_hooks_set, quant_matmul, raw_launch
-from .small_m import gdc_launch_dependents, gdc_wait, pdl_ok
+from .small_m import LowRankFill, gdc_launch_dependents, gdc_wait, pdl_ok
 
 if HAVE_TRITON:
     import triton
@@ -44,22 +44,27 @@ if HAVE_TRITON:
         x_ptr, s_ptr, d_ptr, l_ptr, xm_ptr, part_ptr, t_ptr, cnt_ptr,
         M, K, stride_xm,
         HAS_SMOOTH: tl.constexpr, HAS_SHIFT: tl.constexpr, SHIFT_PER_CHANNEL: tl.constexpr,
-        SHIFTED_INPUT: tl.constexpr, WRITE_MAIN: tl.constexpr, RANK: tl.constexpr,
+        SHIFTED_INPUT: tl.constexpr, WRITE_MAIN: tl.constexpr, PROJECT: tl.constexpr, RANK: tl.constexpr,
         SLICE: tl.constexpr, CHUNK: tl.constexpr, SLICES: tl.constexpr, SLICES_P: tl.constexpr,
         PDL: tl.constexpr,
     ):
         """Program ``(k slice, row)``: over the slice's ``SLICE`` channels, ``CHUNK`` at a time,
-        ``x_main`` (``WRITE_MAIN``) and the float32 down-projection ``[RANK]`` of the slice, into
-        ``part[slice, row]``; then a ticket from the row's counter, and the program that draws
+        ``x_main`` (``WRITE_MAIN``) and (``PROJECT``) the float32 down-projection ``[RANK]`` of
+        the slice, into ``part[slice, row]``; then a ticket from the row's counter, and the program that draws
         the last one sums the ``SLICES`` partials in slice order (deterministic; one load) into
         ``t[row]`` and resets the counter. Small tiles on CUDA cores: a 16-row tensor-core tile
         needed 255 registers and spilled at longer slices (sm_90). ``PDL`` (a programmatic
-        dependent launch, :func:`bitsmith.kernels.small_m.pdl_ok`): the 4-bit matmul launched
-        after this may start at once (its programs load their first weights and wait for this
-        kernel), and this one waits for the kernel before it before loading ``x``."""
-        if PDL:
+        dependent launch, :func:`bitsmith.kernels.small_m.pdl_ok`): this kernel waits for the
+        kernel before it before loading ``x``; the 4-bit matmul launched after it may start at
+        once (1: its programs load their first weights, then wait for this kernel to finish) or
+        once every program here has passed that wait (2: the matmul reads ``x`` itself and waits
+        for this kernel only before its epilogue, :class:`bitsmith.kernels.small_m.LowRankFill`)."""
+        if PDL == 1:
             gdc_launch_dependents()
+        if PDL:
             gdc_wait()
+        if PDL == 2:  # whatever the kernel before this one wrote is complete once every program is here
+            gdc_launch_dependents()
         pid_k = tl.program_id(0)
         row = tl.program_id(1)
         offs_r = tl.arange(0, RANK)
@@ -79,14 +84,17 @@ if HAVE_TRITON:
                     xm = xs + tl.load(d_ptr)
             if WRITE_MAIN:
                 tl.store(xm_ptr + row * K + offs_k, xm.to(x.dtype), mask=k_mask)
-            if SHIFTED_INPUT:
-                xl = xm.to(x.dtype).to(tl.float32)
-            else:
-                xl = xs.to(x.dtype).to(tl.float32)  # rounded to the activation dtype, as F.linear's input
-            ld = tl.load(l_ptr + offs_r[:, None] * K + offs_k[None, :], mask=k_mask[None, :], other=0.0)
-            acc += ld.to(tl.float32) * xl[None, :]
+            if PROJECT:
+                if SHIFTED_INPUT:
+                    xl = xm.to(x.dtype).to(tl.float32)
+                else:
+                    xl = xs.to(x.dtype).to(tl.float32)  # rounded to the activation dtype, as F.linear's input
+                ld = tl.load(l_ptr + offs_r[:, None] * K + offs_k[None, :], mask=k_mask[None, :], other=0.0)
+                acc += ld.to(tl.float32) * xl[None, :]
         part = tl.sum(acc, axis=1)
-        if SLICES == 1:
+        if not PROJECT:
+            pass
+        elif SLICES == 1:
             tl.store(t_ptr + row * RANK + offs_r, part)
         else:
             tl.store(part_ptr + (pid_k * M + row) * RANK + offs_r, part)
@@ -149,7 +157,10 @@ def prepare(lora_down: torch.Tensor | None, lora_up: torch.Tensor | None, smooth
     return LowRankRuntime(down, up_t, sm, sh, bool(shifted_input and shift is not None), rank)
 
 
-MAX_SLICES = 32  # K slices of the down-projection (programs per row; their partials are summed in one load)
+# K slices of the down-projection (programs per row; their partials are summed in one load): many
+# short programs, each one round trip to memory, because the matmul that overlaps it (LowRankFill)
+# waits for the slowest, and beside a matmul streaming weights every round trip is slow
+MAX_SLICES = 128
 CHUNK = 64  # channels per step inside a slice
 MAX_ROWS = 16  # rows up to which the down-projection runs in the kernel (one program per row and slice)
 _COUNTERS: dict = {}  # device -> int32 ticket counters, one per row (0 between launches)
@@ -173,78 +184,127 @@ def slice_len(k: int) -> int:
 
 
 class _DownPlan(LaunchTemplate):
-    """One down-projection launch (M, dtype, row stride, alignment) with the fixed tensors'
-    addresses kept, as :class:`bitsmith.kernels.qmm._Plan` does for the matmuls: per call, the
-    output allocations and the raw launch. Per-call argument positions: ``x`` 0, ``x_main`` 4,
-    the partials 5, ``t`` 6."""
+    """One down-projection launch (M, dtype, row stride, alignment, outputs, PDL mode) with the
+    fixed tensors' addresses kept, as :class:`bitsmith.kernels.qmm._Plan` does for the matmuls:
+    per call, the output allocations and the raw launch. Per-call argument positions: ``x`` 0,
+    ``x_main`` 4, the partials 5, ``t`` 6."""
 
-    __slots__ = ("rank", "slices", "write_main")
+    __slots__ = ("rank", "slices", "write_main", "project")
 
-    def __init__(self, compiled, grid, args, const_vals, dev, rank, slices, write_main):
+    def __init__(self, compiled, grid, args, const_vals, dev, rank, slices, write_main, project):
         super().__init__(compiled, grid, args, const_vals, dev)
-        self.rank, self.slices, self.write_main = rank, slices, write_main
+        self.rank, self.slices, self.write_main, self.project = rank, slices, write_main, project
 
-    def __call__(self, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        m = x2.shape[0]
-        xm = torch.empty_like(x2) if self.write_main else x2
-        t = torch.empty(m, self.rank, dtype=torch.float32, device=x2.device)
-        parts = torch.empty(self.slices, m, self.rank, dtype=torch.float32, device=x2.device) if self.slices > 1 else t
+    def __call__(self, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        xm, parts, t = _outputs(x2, self.rank, self.slices, self.write_main, self.project)
         a = self.template.copy()
-        a[0], a[4], a[5], a[6] = x2.data_ptr(), xm.data_ptr(), parts.data_ptr(), t.data_ptr()
+        a[0], a[4] = x2.data_ptr(), xm.data_ptr()
+        if t is not None:
+            a[5], a[6] = parts.data_ptr(), t.data_ptr()
         raw_launch(self.compiled, self.grid, self.dev, a)
         return xm, t
 
 
-def down_project(x2: torch.Tensor, lr: LowRankRuntime) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(x_main [M, K] in x's dtype, t [M, R] float32)`` for ``x2 [M, K]`` (contiguous rows).
-    Up to ``MAX_ROWS`` rows: one launch (``_down_kernel``); above, where the matmul dwarfs it,
-    torch ops (the same float32 arithmetic). ``x_main`` is ``x2`` itself when there is neither
-    smoothing nor shift."""
+def _outputs(x2: torch.Tensor, rank: int, slices: int, write_main: bool, project: bool):
+    """``(x_main, partials, t)`` buffers of one launch (``x2`` itself as ``x_main`` when it is not
+    written; no ``t`` without the projection; ``t`` itself as the partials of a single slice)."""
+    m = x2.shape[0]
+    xm = torch.empty_like(x2) if write_main else x2
+    if not project:
+        return xm, None, None
+    t = torch.empty(m, rank, dtype=torch.float32, device=x2.device)
+    parts = torch.empty(slices, m, rank, dtype=torch.float32, device=x2.device) if slices > 1 else t
+    return xm, parts, t
+
+
+def _down_torch(x2: torch.Tensor, lr: LowRankRuntime, write_main: bool, project: bool):
+    """:func:`_down` as torch ops (the same float32 arithmetic), above ``MAX_ROWS`` rows."""
+    xs = x2.float() / lr.smooth if lr.smooth is not None else x2.float()
+    xm = xs + lr.shift if lr.shift is not None else xs
+    xl = xm if lr.shifted_input else xs
+    t = torch.mm(xl.to(x2.dtype).float(), lr.down.float().t()) if project else None  # float32 sums, as the kernel's
+    return (xm.to(x2.dtype) if write_main else x2), t
+
+
+def _down(x2: torch.Tensor, lr: LowRankRuntime, write_main: bool, project: bool, pdl_mode: int):
+    """One ``_down_kernel`` launch (through a cached plan on CUDA) writing ``x_main`` and/or
+    ``t``; ``pdl_mode`` its ``PDL`` where programmatic dependent launch is on."""
     m, k = x2.shape
     rp = lr.down.shape[0]
-    write_main = lr.smooth is not None or lr.shift is not None
     if m > MAX_ROWS:
-        xs = x2.float() / lr.smooth if lr.smooth is not None else x2.float()
-        xm = xs + lr.shift if lr.shift is not None else xs
-        xl = xm if lr.shifted_input else xs
-        t = torch.mm(xl.to(x2.dtype).float(), lr.down.float().t())  # float32 sums, as the kernel's
-        return (xm.to(x2.dtype) if write_main else x2), t
+        return _down_torch(x2, lr, write_main, project)
+    pdl = pdl_mode if pdl_ok(x2.device) else 0
     plan_key = None
     if x2.is_cuda and FAST_LAUNCH["enabled"] and not launch_hooks_set():
-        plan_key = (m, x2.dtype, x2.stride(0), x2.data_ptr() % 16 == 0)
+        plan_key = (m, x2.dtype, x2.stride(0), x2.data_ptr() % 16 == 0, write_main, project, pdl)
         plan = lr.plans.get(plan_key)
         if plan is not None:
             return plan(x2)
     sl = slice_len(k)
     slices = -(-k // sl)
-    xm = torch.empty_like(x2) if write_main else x2
-    t = torch.empty(m, rp, dtype=torch.float32, device=x2.device)
-    parts = torch.empty(slices, m, rp, dtype=torch.float32, device=x2.device) if slices > 1 else t
+    xm, parts, t = _outputs(x2, rp, slices, write_main, project)
     dummy = lr.down
     args = (x2, lr.smooth if lr.smooth is not None else dummy, lr.shift if lr.shift is not None else dummy,
-            lr.down, xm, parts, t, _counters(x2.device), m, k, x2.stride(0))
+            lr.down, xm, parts if t is not None else dummy, t if t is not None else dummy, _counters(x2.device),
+            m, k, x2.stride(0))
     consts = {"HAS_SMOOTH": lr.smooth is not None, "HAS_SHIFT": lr.shift is not None,
               "SHIFT_PER_CHANNEL": lr.shift is not None and lr.shift.numel() > 1,
-              "SHIFTED_INPUT": lr.shifted_input, "WRITE_MAIN": write_main, "RANK": rp, "SLICE": sl, "CHUNK": CHUNK,
-              "SLICES": slices, "SLICES_P": 1 << (slices - 1).bit_length(), "PDL": pdl_ok(x2.device)}
-    options = {"num_warps": 2, "launch_pdl": True} if consts["PDL"] else {"num_warps": 2}
+              "SHIFTED_INPUT": lr.shifted_input, "WRITE_MAIN": write_main, "PROJECT": project, "RANK": rp,
+              "SLICE": sl, "CHUNK": CHUNK, "SLICES": slices, "SLICES_P": 1 << (slices - 1).bit_length(), "PDL": pdl}
+    options = {"num_warps": 2, "launch_pdl": True} if pdl else {"num_warps": 2}
     hit = _run(_down_kernel, (slices, m), args, consts, options)
     if plan_key is not None and hit is not None:
-        lr.plans[plan_key] = _DownPlan(hit[0], (slices, m), args, hit[1], x2.device.index, rp, slices, write_main)
+        lr.plans[plan_key] = _DownPlan(hit[0], (slices, m), args, hit[1], x2.device.index, rp, slices, write_main,
+                                       project)
     return xm, t
+
+
+def _writes_main(lr: LowRankRuntime) -> bool:
+    return lr.smooth is not None or lr.shift is not None
+
+
+def down_project(x2: torch.Tensor, lr: LowRankRuntime) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x_main [M, K] in x's dtype, t [M, R] float32)`` for ``x2 [M, K]`` (contiguous rows),
+    in one launch that the matmul after it waits for. Up to ``MAX_ROWS`` rows ``_down_kernel``;
+    above, where the matmul dwarfs it, torch ops (the same float32 arithmetic). ``x_main`` is
+    ``x2`` itself when there is neither smoothing nor shift."""
+    return _down(x2, lr, _writes_main(lr), True, 1)
+
+
+def main_input(x2: torch.Tensor, lr: LowRankRuntime) -> torch.Tensor:
+    """``x_main`` alone (smoothed and shifted, as :func:`down_project` writes it), one launch
+    that lets the next one start at once; ``x2`` itself without smoothing or shift."""
+    if not _writes_main(lr):
+        return x2
+    return _down(x2, lr, True, False, 1)[0]
+
+
+def project_overlapped(x2: torch.Tensor, lr: LowRankRuntime) -> torch.Tensor:
+    """``t`` alone, from ``x2`` (smoothing and shift recomputed as :func:`down_project` does), as
+    the launch of a :class:`~bitsmith.kernels.small_m.LowRankFill`: it waits for the kernel
+    before it, then lets the matmul start, which overlaps it up to its epilogue (``PDL`` 2)."""
+    return _down(x2, lr, False, True, 2)[1]
 
 
 def low_rank_matmul(x: torch.Tensor, rw: RuntimeWeight, lr: LowRankRuntime, bias: torch.Tensor | None) -> torch.Tensor:
     """SVDQuant's layer on the kernels: ``Q(R) . x_main + L_up . L_down . x_lr + bias`` for ``x
-    [..., K]`` in ``lr``'s dtype; two launches (module docstring)."""
+    [..., K]`` in ``lr``'s dtype; two launches (module docstring). Without smoothing or shift
+    (smoothing fused upstream) the matmul reads ``x`` itself, so it takes ``t`` as a
+    :class:`~bitsmith.kernels.small_m.LowRankFill`: the down-projection launches inside the
+    matmul call, after its input preparation, and with programmatic dependent launch the
+    matmul's main loop runs beside it (the branch then costs its epilogue, not a launch)."""
     if x.dtype != lr.dtype:
         raise RuntimeError(f"low_rank_matmul: activation is {x.dtype}, the low-rank factors were prepared for {lr.dtype}")
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     if not x2.is_contiguous():
         x2 = x2.contiguous()
-    xm, t = down_project(x2, lr)
-    return quant_matmul(xm, rw, bias, lowrank=(t, lr.up_t)).reshape(*lead, rw.n)
+    if _writes_main(lr) and not pdl_ok(x2.device):
+        xm, t = down_project(x2, lr)  # one launch: without PDL two would only add a launch
+        return quant_matmul(xm, rw, bias, lowrank=(t, lr.up_t)).reshape(*lead, rw.n)
+    xm = main_input(x2, lr)
+    fill = LowRankFill(lambda: project_overlapped(x2, lr), lr.up_t)
+    return quant_matmul(xm, rw, bias, lowrank=fill).reshape(*lead, rw.n)
 
 
-__all__ = ["LowRankRuntime", "prepare", "down_project", "low_rank_matmul", "padded_rank"]
+__all__ = ["LowRankRuntime", "prepare", "down_project", "main_input", "project_overlapped", "low_rank_matmul", "padded_rank"]

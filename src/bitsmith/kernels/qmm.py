@@ -304,7 +304,7 @@ class _Plan(LaunchTemplate):
         self.dummy_ptr = dummy.data_ptr()
 
     def __call__(self, x2: torch.Tensor, bias: torch.Tensor | None,
-                 lowrank: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                 lowrank: tuple[torch.Tensor, torch.Tensor] | small_m.LowRankFill | None = None) -> torch.Tensor:
         m = x2.shape[0]
         if self.split == 1:
             out = torch.empty(m, self.n, dtype=x2.dtype, device=x2.device)
@@ -315,10 +315,21 @@ class _Plan(LaunchTemplate):
             x2, xs = self.prep(x2)
             a[12] = xs.data_ptr()
         a[0], a[6], a[7] = x2.data_ptr(), (bias.data_ptr() if bias is not None else self.dummy_ptr), out.data_ptr()
-        if lowrank is not None:
-            a[8], a[9] = lowrank[0].data_ptr(), lowrank[1].data_ptr()
+        if lowrank is not None:  # a LowRankFill launches t's kernel here: after the preparation, before the matmul
+            t = lowrank.fill() if isinstance(lowrank, small_m.LowRankFill) else lowrank[0]
+            a[8], a[9] = t.data_ptr(), lowrank[1].data_ptr()
         raw_launch(self.compiled, self.grid, self.dev, a)
         return out if self.split == 1 else out.to(x2.dtype)
+
+
+def _lowrank_key(lowrank: tuple[torch.Tensor, torch.Tensor] | small_m.LowRankFill, m: int) -> tuple:
+    """A low-rank epilogue's part of a launch plan's key: ``t``'s shape (a fill's ``t`` is
+    ``[M, R]``, freshly allocated, so aligned), ``U``'s dtype, both alignments, filled or given."""
+    up = lowrank[1]
+    if isinstance(lowrank, small_m.LowRankFill):
+        return ("fill", (m, up.shape[0]), up.dtype, True, up.data_ptr() % 16 == 0)
+    t = lowrank[0]
+    return ("given", tuple(t.shape), up.dtype, t.data_ptr() % 16 == 0, up.data_ptr() % 16 == 0)
 
 
 def _sm_count(device: torch.device) -> int:
@@ -343,14 +354,18 @@ def _m_bucket(m: int) -> int:
 
 def fma_configs(rw: RuntimeWeight, dtype: torch.dtype) -> list[dict]:
     """Candidate configs of the small-M CUDA-core kernel (:mod:`bitsmith.kernels.small_m`) at
-    M = 1: columns x warps x split-K (a runtime argument: few binaries)."""
+    M = 1: columns x warps x split-K (a runtime argument: few binaries) x how the next steps'
+    words are fetched (``PIPE`` 0: a register double buffer; 3: Triton's pipeliner, two steps
+    in flight as asynchronous copies to shared memory)."""
     bk = rw.group or 64
     out = []
-    for bn, warps in ((MIN_BLOCK_N, 2), (128, 4), (256, 4)):
-        for split in (4, 8, 16, 32, MAX_SPLIT):
-            cfg = {"KERNEL": "fma", "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT": split, "num_warps": warps, "num_stages": 1}
-            if small_m.supports(rw, dtype, cfg) is None and split <= -(-rw.kp // bk):
-                out.append(cfg)
+    for pipe in (0, 3):
+        for bn, warps in ((MIN_BLOCK_N, 2), (128, 4), (256, 4)):
+            for split in (4, 8, 16, 32, MAX_SPLIT):
+                cfg = {"KERNEL": "fma", "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT": split, "num_warps": warps,
+                       "num_stages": max(1, pipe), "PIPE": pipe}
+                if small_m.supports(rw, dtype, cfg) is None and split <= -(-rw.kp // bk):
+                    out.append(cfg)
     return out
 
 
@@ -470,11 +485,16 @@ def _constexprs(rw: RuntimeWeight) -> dict:
 
 
 def _launch(rw: RuntimeWeight, x2: torch.Tensor, bias: torch.Tensor | None, cfg: dict,
-            plan_key: tuple | None = None, lowrank: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+            plan_key: tuple | None = None,
+            lowrank: tuple[torch.Tensor, torch.Tensor] | small_m.LowRankFill | None = None) -> torch.Tensor:
     """One call with config ``cfg`` (``DEQUANT_MM``; ``KERNEL``: a small-M kernel; else the
-    tensor-core kernel); with ``plan_key`` the launch is kept as ``rw.plans[plan_key]``."""
+    tensor-core kernel); with ``plan_key`` the launch is kept as ``rw.plans[plan_key]``. A
+    :class:`~bitsmith.kernels.small_m.LowRankFill` is filled inside the small-M launch (after its
+    input preparation) and first thing elsewhere (plain stream order)."""
     m, k = x2.shape
     n = rw.n
+    if isinstance(lowrank, small_m.LowRankFill) and "KERNEL" not in cfg:
+        lowrank = (lowrank.fill(), lowrank.up)
     if cfg.get("DEQUANT_MM"):
         wt = dequantize_t(rw, x2.dtype)
         out = torch.mm(x2, wt) if bias is None else torch.addmm(bias.to(x2.dtype), x2, wt)
@@ -581,7 +601,7 @@ AUTOTUNE = {"enabled": True}  # tests turn tuning off (the interpreter runs a de
 
 
 def quant_matmul(x: torch.Tensor, rw: RuntimeWeight, bias: torch.Tensor | None = None,
-                 lowrank: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                 lowrank: tuple[torch.Tensor, torch.Tensor] | small_m.LowRankFill | None = None) -> torch.Tensor:
     """``x @ W^T (+ bias)`` for ``x [..., K]`` (float16 / bfloat16 / float32) and ``W`` in runtime
     layout ``rw``; returns ``[..., N]`` in ``x``'s dtype. CUDA-graph capturable once tuned (no
     host sync, no CPU tensors).
@@ -589,7 +609,9 @@ def quant_matmul(x: torch.Tensor, rw: RuntimeWeight, bias: torch.Tensor | None =
     ``lowrank = (t, U)`` adds ``t @ U`` in the kernels' epilogue: ``t`` float32 ``[M, R]`` (M the
     rows of ``x`` flattened, ``R`` a power of two >= 16), ``U``
     ``[R, N]`` contiguous in ``x``'s dtype (SVDQuant's up-projection; :mod:`bitsmith.kernels.low_rank`
-    computes ``t``)."""
+    computes ``t``). ``lowrank`` may instead be a :class:`~bitsmith.kernels.small_m.LowRankFill`
+    (``t`` written by a launch made in this call; with programmatic dependent launch the small-M
+    kernels then run their main loop beside it)."""
     if not HAVE_TRITON:
         raise RuntimeError("quant_matmul needs triton")
     if x.device != rw.device or (bias is not None and bias.device != x.device):
@@ -605,8 +627,7 @@ def quant_matmul(x: torch.Tensor, rw: RuntimeWeight, bias: torch.Tensor | None =
     if x2.is_cuda and FAST_LAUNCH["enabled"]:
         plan_key = (m, x2.dtype, x2.stride(0), x2.data_ptr() % 16 == 0,
                     None if bias is None else (bias.dtype, bias.data_ptr() % 16 == 0),
-                    None if lowrank is None else (tuple(lowrank[0].shape), lowrank[1].dtype,
-                                                  lowrank[0].data_ptr() % 16 == 0, lowrank[1].data_ptr() % 16 == 0))
+                    None if lowrank is None else _lowrank_key(lowrank, m))
         plan = rw.plans.get(plan_key)
         if plan is not None and not launch_hooks_set():
             return plan(x2, bias, lowrank).reshape(*lead, rw.n)

@@ -58,6 +58,7 @@ every launch on it: launches must not run concurrently on two streams.
 from __future__ import annotations
 
 import os
+from typing import Callable, NamedTuple
 
 import torch
 
@@ -253,7 +254,9 @@ if HAVE_TRITON:
                 pid_t, pid_k, M, N, SPLIT, IS_SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr,
                 RANK: tl.constexpr, BLOCK_M: tl.constexpr):
         """Write ``acc`` (+ the :func:`epilogue`) to ``out``; with ``SPLIT > 1`` the last program
-        of the tile sums the partials of all splits (see the module docstring)."""
+        of the tile sums the partials of all splits (see the module docstring). The low-rank
+        term goes into split 0's partial before its ticket, off the last program's chain of
+        dependent loads (which then adds the bias only)."""
         o_mask = m_mask[:, None] & n_mask[None, :]
         if not IS_SPLIT:
             acc = epilogue(acc, offs_m, offs_n, m_mask, n_mask, b_ptr, lr_ptr, u_ptr, N,
@@ -262,6 +265,10 @@ if HAVE_TRITON:
                      mask=o_mask)
         else:
             ws_off = offs_m[:, None] * N + offs_n[None, :]
+            if RANK > 0:
+                if pid_k == 0:
+                    acc = epilogue(acc, offs_m, offs_n, m_mask, n_mask, b_ptr, lr_ptr, u_ptr, N,
+                                   False, RANK, BLOCK_M)
             tl.store(ws_ptr + pid_k * M * N + ws_off, acc, mask=o_mask)
             tl.debug_barrier()  # every thread's partials are written before the ticket is taken
             ticket = tl.atomic_add(cnt_ptr + pid_t, 1, sem="acq_rel")
@@ -271,7 +278,7 @@ if HAVE_TRITON:
                 for i in range(0, SPLIT):
                     tot += tl.load(ws_ptr + i * M * N + ws_off, mask=o_mask, other=0.0, cache_modifier=".cg")
                 tot = epilogue(tot, offs_m, offs_n, m_mask, n_mask, b_ptr, lr_ptr, u_ptr, N,
-                               HAS_BIAS, RANK, BLOCK_M)
+                               HAS_BIAS, 0, BLOCK_M)
                 tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], tot.to(out_ptr.dtype.element_ty),
                          mask=o_mask)
                 tl.atomic_xchg(cnt_ptr + pid_t, 0)
@@ -402,7 +409,7 @@ if HAVE_TRITON:
         MAGIC: tl.constexpr, MAGIC_BITS: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IS_SPLIT: tl.constexpr,
         EVEN_K: tl.constexpr, RANK: tl.constexpr, LUT_ASM: tl.constexpr, HALF: tl.constexpr,
-        LUT_PAIR: tl.constexpr, PDL: tl.constexpr,
+        LUT_PAIR: tl.constexpr, PDL: tl.constexpr, PIPE: tl.constexpr,
     ):
         """``GSTEP``: k per scale step (the group size, or ``BLOCK_K`` for per-channel weights);
         ``NG``: scale steps in the padded K; ``G_PER``: steps per split. ``HALF``: 0 whole code
@@ -410,10 +417,13 @@ if HAVE_TRITON:
         inline PTX (CUDA); with half-word steps ``x`` is :func:`half_inputs`' permuted copy and
         ``xs_ptr`` its row sums. ``PDL``: launched as a programmatic dependent (see
         :func:`pdl_ok`); the next launch may start at once, and this one waits for the previous
-        kernel's writes before it loads anything. ``fmagic``, ``EVEN_K`` and ``LUT_ASM`` are the
-        CUDA-core kernel's (the two kernels share one argument list, :func:`launch_args`)."""
+        kernel's writes before it loads anything (1) or, when the previous launch writes only the
+        low-rank ``t`` (2, :class:`LowRankFill`), before its epilogue. ``fmagic``, ``EVEN_K`` and
+        ``LUT_ASM`` are the CUDA-core kernel's (the two kernels share one argument list,
+        :func:`launch_args`)."""
         if PDL:
             gdc_launch_dependents()
+        if PDL == 1:
             gdc_wait()
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
@@ -433,6 +443,8 @@ if HAVE_TRITON:
             acc = _tile_steps(x_ptr, w_ptr, wh_ptr, s_ptr, z_ptr, t_ptr, acc, g_lo, g_hi, K, KW, N, zconst, stride_xm,
                               offs_m, m_mask, offs_n, n_mask, BITS, PACK, GSTEP, PER_CHANNEL, HAS_ZERO, CODEBOOK,
                               MAGIC, MAGIC_BITS, BLOCK_K)
+        if PDL == 2:  # t, the workspace and the output: only after the previous launch is done
+            gdc_wait()
         pid_t = pid_m * tl.num_programs(0) + pid_n
         _finish(acc, offs_m, offs_n, m_mask, n_mask, stride_om, out_ptr, b_ptr, lr_ptr, u_ptr, ws_ptr, cnt_ptr,
                 pid_t, pid_k, M, N, SPLIT, IS_SPLIT, HAS_BIAS, RANK, BLOCK_M)
@@ -584,6 +596,20 @@ if HAVE_TRITON:
         return acc + (part - xs[:, None] * zconst) * sc
 
     @triton.jit
+    def _fma_step(acc, x_ptr, t_ptr, words, hiw, s, z, g, K, zconst, fmagic, planes, BITS: tl.constexpr,
+                  PACK: tl.constexpr, HAS_ZERO: tl.constexpr, CODEBOOK: tl.constexpr, WROWS: tl.constexpr,
+                  BLOCK_N: tl.constexpr, EVEN_K: tl.constexpr, LUT_ASM: tl.constexpr):
+        """One step of the M = 1 kernel: step ``g``'s loaded words, scale and zero into ``acc``."""
+        offs_w = g * WROWS + tl.arange(0, WROWS)
+        if CODEBOOK:
+            acc += _codebook_sums(x_ptr, t_ptr, words, hiw, offs_w, K, planes, BITS, PACK, WROWS, BLOCK_N,
+                                  LUT_ASM) * s
+        else:
+            part, xs = _word_sums_inplace(x_ptr, words, hiw, fmagic, offs_w, K, BITS, PACK, WROWS, BLOCK_N, EVEN_K)
+            acc = _add_group_tile(acc, part, xs, s, z, zconst, HAS_ZERO)
+        return acc
+
+    @triton.jit
     def _fma_kernel(
         x_ptr, w_ptr, wh_ptr, s_ptr, z_ptr, t_ptr, b_ptr, out_ptr, lr_ptr, u_ptr, ws_ptr, cnt_ptr, xs_ptr,
         M, N, K, KW, G_PER, NG, SPLIT, zconst, stride_xm, stride_om, fmagic,
@@ -592,7 +618,7 @@ if HAVE_TRITON:
         MAGIC: tl.constexpr, MAGIC_BITS: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IS_SPLIT: tl.constexpr,
         EVEN_K: tl.constexpr, RANK: tl.constexpr, LUT_ASM: tl.constexpr, HALF: tl.constexpr,
-        LUT_PAIR: tl.constexpr, PDL: tl.constexpr,
+        LUT_PAIR: tl.constexpr, PDL: tl.constexpr, PIPE: tl.constexpr,
     ):
         """M = 1 on CUDA cores. One step = one group (``BLOCK_K == GSTEP``; per-channel weights:
         any ``BLOCK_K``): a ``[BLOCK_K // PACK, BLOCK_N]`` tile of words, codes taken one
@@ -602,6 +628,8 @@ if HAVE_TRITON:
         dependent launch, :func:`pdl_ok`) the first step's weights are loaded before the wait
         for the previous kernel, so a layer's weight stream overlaps the previous layer's tail;
         every program waits (a later kernel's wait on this one then covers the earlier ones too).
+        ``PDL == 2``: the previous launch writes only the low-rank ``t`` (:class:`LowRankFill`),
+        so the whole main loop runs before the wait, which then guards the epilogue only.
         ``xs_ptr``, ``HALF`` and ``LUT_PAIR`` are the tensor-core kernel's (unused here)."""
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
@@ -613,28 +641,34 @@ if HAVE_TRITON:
         g_hi = tl.minimum(g_lo + G_PER, NG)
         if PDL:  # the next launch may start now: it too only loads weights until its gdc_wait
             gdc_launch_dependents()
-        words, hiw, s, z = _load_step(w_ptr, wh_ptr, s_ptr, z_ptr, g_lo, g_hi, KW, N, offs_n, n_mask,
-                                      BITS, PACK, PER_CHANNEL, HAS_ZERO, BLOCK_K)
         if LUT_ASM:
             planes = _table_planes(t_ptr)
         else:
             planes = (0, 0, 0, 0, 0, 0, 0, 0)
-        if PDL:  # the weights above never change; x, the workspace and the output wait for the previous kernel
-            gdc_wait()
-        for g in range(g_lo, g_hi):
-            nwords, nhiw, ns, nz = _load_step(w_ptr, wh_ptr, s_ptr, z_ptr, g + 1, g_hi, KW, N, offs_n, n_mask,
+        if PIPE:  # Triton's pipeliner: PIPE - 1 steps' words in flight as asynchronous copies to shared memory
+            if PDL == 1:
+                gdc_wait()
+            for g in tl.range(g_lo, g_hi, num_stages=PIPE):
+                words, hiw, s, z = _load_step(w_ptr, wh_ptr, s_ptr, z_ptr, g, g_hi, KW, N, offs_n, n_mask,
                                               BITS, PACK, PER_CHANNEL, HAS_ZERO, BLOCK_K)
-            offs_w = g * WROWS + tl.arange(0, WROWS)
-            if CODEBOOK:
-                acc += _codebook_sums(x_ptr, t_ptr, words, hiw, offs_w, K, planes, BITS, PACK, WROWS, BLOCK_N,
-                                      LUT_ASM) * s
-            else:
-                part, xs = _word_sums_inplace(x_ptr, words, hiw, fmagic, offs_w, K, BITS, PACK, WROWS, BLOCK_N, EVEN_K)
-                acc = _add_group_tile(acc, part, xs, s, z, zconst, HAS_ZERO)
-            words, hiw, s, z = nwords, nhiw, ns, nz
+                acc = _fma_step(acc, x_ptr, t_ptr, words, hiw, s, z, g, K, zconst, fmagic, planes, BITS, PACK,
+                                HAS_ZERO, CODEBOOK, WROWS, BLOCK_N, EVEN_K, LUT_ASM)
+        else:  # a register double buffer: the next step's words load during this step's math
+            words, hiw, s, z = _load_step(w_ptr, wh_ptr, s_ptr, z_ptr, g_lo, g_hi, KW, N, offs_n, n_mask,
+                                          BITS, PACK, PER_CHANNEL, HAS_ZERO, BLOCK_K)
+            if PDL == 1:  # the weights above never change; x, the workspace and the output wait for the previous kernel
+                gdc_wait()
+            for g in range(g_lo, g_hi):
+                nwords, nhiw, ns, nz = _load_step(w_ptr, wh_ptr, s_ptr, z_ptr, g + 1, g_hi, KW, N, offs_n, n_mask,
+                                                  BITS, PACK, PER_CHANNEL, HAS_ZERO, BLOCK_K)
+                acc = _fma_step(acc, x_ptr, t_ptr, words, hiw, s, z, g, K, zconst, fmagic, planes, BITS, PACK,
+                                HAS_ZERO, CODEBOOK, WROWS, BLOCK_N, EVEN_K, LUT_ASM)
+                words, hiw, s, z = nwords, nhiw, ns, nz
         y = tl.sum(acc, axis=0)[None, :]
         if not CODEBOOK and x_ptr.dtype.element_ty == tl.float16:
             y = y * 1099511627776.0  # 2**40: the subnormal code sums' unit (_word_sums_inplace)
+        if PDL == 2:  # t, the workspace and the output: only after the previous launch is done
+            gdc_wait()
         offs_m = tl.arange(0, 1)
         pid_t = pid_n
         _finish(y, offs_m, offs_n, offs_m < M, n_mask, stride_om, out_ptr, b_ptr, lr_ptr, u_ptr, ws_ptr, cnt_ptr,
@@ -642,30 +676,35 @@ if HAVE_TRITON:
 
 
 def compile_offline(bits: int, group: int, block_n: int = 128, num_warps: int = 4, codebook: bool = False,
-                    act: str = "fp16", arch: int = 90, kernel=None, pdl: bool = False):
+                    act: str = "fp16", arch: int = 90, kernel=None, pdl: int = 0, rank: int = 0,
+                    pipe: int = 0):
     """``kernel`` (default ``_fma_kernel``; an earlier version's works too: the signature is read
     from its parameters) compiled for NVIDIA ``sm_<arch>`` on any machine, no GPU needed (Triton's
     bundled compiler and ptxas), for inspecting its PTX and machine code
     (benchmarks/kernels_sass.py, and a test that the PTX never flushes subnormals). Split-K on, no
-    bias, K a multiple of the group, tensors and sizes aligned as the launcher sees them."""
+    bias, K a multiple of the group, tensors and sizes aligned as the launcher sees them; ``pdl``
+    the kernels' ``PDL`` (0, 1 or 2), ``rank`` a low-rank epilogue's, ``pipe`` the M = 1
+    kernel's ``PIPE``."""
     consts = {"BITS": bits, "PACK": 16 if bits == 3 else 32 // bits, "GSTEP": group, "PER_CHANNEL": False,
               "HAS_ZERO": not codebook, "CODEBOOK": codebook, "HAS_BIAS": False, "MAGIC": 0.0, "MAGIC_BITS": 0,
-              "BLOCK_M": 1, "BLOCK_N": block_n, "BLOCK_K": group, "IS_SPLIT": True, "EVEN_K": True, "RANK": 0,
-              "LUT_ASM": codebook and bits == 4, "HALF": 0, "LUT_PAIR": "", "PDL": pdl}
-    return _compile_offline(kernel or _fma_kernel, consts, act, num_warps, 1, arch)
+              "BLOCK_M": 1, "BLOCK_N": block_n, "BLOCK_K": group, "IS_SPLIT": True, "EVEN_K": True, "RANK": rank,
+              "LUT_ASM": codebook and bits == 4, "HALF": 0, "LUT_PAIR": "", "PDL": int(pdl), "PIPE": pipe}
+    if "PIPE" not in (kernel or _fma_kernel).arg_names:  # an earlier version's kernel
+        del consts["PIPE"]
+    return _compile_offline(kernel or _fma_kernel, consts, act, num_warps, max(1, pipe), arch)
 
 
 def compile_offline_tc(bits: int, group: int, block_n: int = 128, half: int = 0, codebook: bool = False,
                        lut_pair: str = "", act: str = "fp16", num_warps: int = 4, num_stages: int = 3, arch: int = 90,
-                       pdl: bool = False):
+                       pdl: int = 0, rank: int = 0):
     """The small-M tensor-core kernel (16-row tiles, one group a step) compiled like
     :func:`compile_offline`: whole code tiles (``half=0``) or the half-word steps as on CUDA
     (``half=2``; 4-bit codebooks take their :func:`lut_pair_ptx` body in ``lut_pair``)."""
     magic, magic_bits = magic_for(torch.float16 if act == "fp16" else torch.bfloat16, bits)
     consts = {"BITS": bits, "PACK": 16 if bits == 3 else 32 // bits, "GSTEP": group, "PER_CHANNEL": False,
               "HAS_ZERO": not codebook, "CODEBOOK": codebook, "HAS_BIAS": False, "MAGIC": magic, "MAGIC_BITS": magic_bits,
-              "BLOCK_M": 16, "BLOCK_N": block_n, "BLOCK_K": group, "IS_SPLIT": True, "EVEN_K": True, "RANK": 0,
-              "LUT_ASM": False, "HALF": half, "LUT_PAIR": lut_pair, "PDL": pdl}
+              "BLOCK_M": 16, "BLOCK_N": block_n, "BLOCK_K": group, "IS_SPLIT": True, "EVEN_K": True, "RANK": rank,
+              "LUT_ASM": False, "HALF": half, "LUT_PAIR": lut_pair, "PDL": int(pdl), "PIPE": 0}
     return _compile_offline(_tc_kernel, consts, act, num_warps, num_stages, arch)
 
 
@@ -813,12 +852,27 @@ def input_prep(rw: RuntimeWeight, cfg: dict):
     return lambda x2: half_inputs(x2, steps, bk, rbits, _run)
 
 
+class LowRankFill(NamedTuple):
+    """A low-rank epilogue's operands whose ``t`` a launch made inside the matmul call writes:
+    ``fill()`` launches it (after the matmul's input preparation, right before the matmul
+    kernel) and returns ``t`` float32 ``[M, R]``; ``up`` is ``U`` ``[R, N]``. The contract that
+    lets the matmul run its whole main loop beside that launch (``PDL == 2``): the launch writes
+    nothing the matmul reads but ``t``, and as a programmatic dependent launch it waits for the
+    kernel before it *before* letting the matmul start (so everything else the matmul reads was
+    complete before the matmul was launched, as in plain stream order); the matmul waits for it
+    only before its epilogue (:mod:`bitsmith.kernels.low_rank`)."""
+
+    fill: Callable[[], torch.Tensor]
+    up: torch.Tensor
+
+
 def launch_args(rw: RuntimeWeight, x2: torch.Tensor, bias: torch.Tensor | None, cfg: dict, out: torch.Tensor,
-                lowrank: tuple[torch.Tensor, torch.Tensor] | None = None):
+                lowrank: tuple[torch.Tensor, torch.Tensor] | LowRankFill | None = None):
     """``(kernel, grid, args, constexprs, options)`` of one small-M launch ``x2 [M, K] @ W^T
     (+ bias) (+ t @ U) -> out [M, N]`` (``cfg``: KERNEL "tc" or "fma", BLOCK_M/N/K, SPLIT,
     num_warps, num_stages, optionally ``maxnreg`` (a register cap, benchmarks only); ``lowrank``: ``(t [M, R] float32, U [R, N])``, see
-    :func:`epilogue`). The positions of ``x``, ``bias``, ``out``, ``t`` and ``U`` in ``args``
+    :func:`epilogue`), or a :class:`LowRankFill`, filled after the input preparation. The
+    positions of ``x``, ``bias``, ``out``, ``t`` and ``U`` in ``args``
     (0, 6, 7, 8, 9; 12 for the row sums of :func:`half_inputs`) are the launch plans' contract
     (:class:`bitsmith.kernels.qmm._Plan`)."""
     m, k = x2.shape
@@ -839,6 +893,9 @@ def launch_args(rw: RuntimeWeight, x2: torch.Tensor, bias: torch.Tensor | None, 
     magic, magic_bits = magic_for(x2.dtype, rw.rbits) if cfg["KERNEL"] == "tc" else (0.0, 0)
     kernel = _tc_kernel if cfg["KERNEL"] == "tc" else _fma_kernel
     pdl = pdl_ok(x2.device)
+    late = isinstance(lowrank, LowRankFill)
+    if late:
+        lowrank = (lowrank.fill(), lowrank.up)
     lr_t, lr_up = lowrank if lowrank is not None else (dummy, dummy)
     args = (x_arg, rw.words, rw.words_hi if rw.words_hi is not None else rw.words, rw.scale,
             rw.zero if rw.zero is not None else dummy, rw.table if rw.table is not None else dummy,
@@ -852,7 +909,7 @@ def launch_args(rw: RuntimeWeight, x2: torch.Tensor, bias: torch.Tensor | None, 
               "HALF": 0 if prep is None else 2 if x2.is_cuda else 1,
               "LUT_PAIR": lut_pair_ptx(rw.table_bits[x2.dtype]) if prep is not None and x2.is_cuda and rw.kind == "codebook"
               else "",
-              "PDL": pdl}
+              "PDL": (2 if late else 1) if pdl else 0, "PIPE": cfg.get("PIPE", 0)}
     options = {"num_warps": cfg.get("num_warps", 4), "num_stages": cfg.get("num_stages", 2)}
     if pdl:
         options["launch_pdl"] = True
@@ -871,4 +928,4 @@ def launch(rw: RuntimeWeight, x2: torch.Tensor, bias: torch.Tensor | None, cfg: 
     return out
 
 
-__all__ = ["launch", "launch_args", "supports", "workspace", "magic_for", "HAVE_TRITON"]
+__all__ = ["launch", "launch_args", "LowRankFill", "supports", "workspace", "magic_for", "HAVE_TRITON"]
