@@ -390,6 +390,29 @@ def test_down_projection_signals_after_its_wait_when_overlapped(pdl):
     assert (signal[0] > wait[0]) == (pdl == 2)
 
 
+@pytest.mark.skipif(INTERPRETED or not HAVE_TRITON, reason="compiles for sm_90 (not under the interpreter)")
+def test_half_prep_kernel_waits_before_loading():
+    """The activation prep of the half-word steps as a programmatic dependent: it signals (the
+    matmul after it may launch and wait) and waits for the kernel before it before any load."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from bitsmith.kernels import small_m
+
+    kern = small_m._half_prep_kernel
+    names = kern.arg_names
+    consts = {"C": 4, "R": 16, "PDL": True}
+    ptrs = {"x_ptr": "*fp16", "xp_ptr": "*fp16", "xs_ptr": "*fp32"}
+    sig = {a: "constexpr" if a in consts else ptrs.get(a, "i32") for a in names}
+    src = ASTSource(fn=kern, signature=sig, constexprs={(names.index(c),): v for c, v in consts.items()})
+    ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 1}).asm["ptx"].splitlines()
+    signal = [i for i, line in enumerate(ptx) if "griddepcontrol.launch_dependents" in line]
+    wait = [i for i, line in enumerate(ptx) if "griddepcontrol.wait" in line]
+    loads = [i for i, line in enumerate(ptx) if "ld.global" in line]
+    assert len(signal) == 1 and len(wait) == 1 and loads and signal[0] < wait[0] < min(loads)
+
+
 def test_pdl_gate(monkeypatch):
     """Programmatic dependent launch only where it can work: never on the CPU, never with
     ``PDL`` off (what ``BITSMITH_PDL=0`` sets), never with a CUDA runtime older than 12.4."""
@@ -1045,7 +1068,7 @@ def test_interp_half_prep_kernel_matches_the_torch_permutation():
         xp = torch.full((m, steps * block_k), 7.0, dtype=torch.float16)
         xs = torch.zeros(m, steps)
         small_m._half_prep_kernel[(m, steps)](x, xp, xs, k, x.stride(0), steps * block_k, steps,
-                                              C=c, R=block_k // c, num_warps=1)
+                                              C=c, R=block_k // c, PDL=False, num_warps=1)
         want_xp, want_xs = small_m.half_inputs_torch(x, steps, block_k, rbits)
         assert torch.equal(xp, want_xp)
         torch.testing.assert_close(xs, want_xs, rtol=1e-6, atol=1e-5)

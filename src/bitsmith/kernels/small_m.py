@@ -284,9 +284,15 @@ if HAVE_TRITON:
                 tl.atomic_xchg(cnt_ptr + pid_t, 0)
 
     @triton.jit
-    def _half_prep_kernel(x_ptr, xp_ptr, xs_ptr, K, stride_xm, KP, NG, C: tl.constexpr, R: tl.constexpr):
+    def _half_prep_kernel(x_ptr, xp_ptr, xs_ptr, K, stride_xm, KP, NG, C: tl.constexpr, R: tl.constexpr,
+                          PDL: tl.constexpr):
         """One (row, step) of :func:`half_inputs`: ``xp[m, s*BK + j*R + r] = x[m, s*BK + C*r + j]``
-        (zeros past K) and ``xs[m, s]`` = the step's sum in float32, ``BK = C * R``."""
+        (zeros past K) and ``xs[m, s]`` = the step's sum in float32, ``BK = C * R``. ``PDL``: a
+        programmatic dependent launch that lets the matmul after it launch at once (it waits
+        before loading anything) and waits for the kernel before it."""
+        if PDL:
+            gdc_launch_dependents()
+            gdc_wait()
         m = tl.program_id(0)
         step = tl.program_id(1)
         offs_j = tl.arange(0, C)[:, None]
@@ -824,8 +830,9 @@ def half_inputs(x2: torch.Tensor, steps: int, block_k: int, rbits: int, run=None
     xp = torch.empty(m, kp, dtype=x2.dtype, device=x2.device)
     xs = torch.empty(m, steps, dtype=torch.float32, device=x2.device)
     c = 16 // rbits
-    run(_half_prep_kernel, (m, steps), (x2, xp, xs, k, x2.stride(0), kp, steps), {"C": c, "R": block_k // c},
-        {"num_warps": 1})
+    pdl = pdl_ok(x2.device)
+    run(_half_prep_kernel, (m, steps), (x2, xp, xs, k, x2.stride(0), kp, steps), {"C": c, "R": block_k // c, "PDL": pdl},
+        {"num_warps": 1, "launch_pdl": True} if pdl else {"num_warps": 1})
     return xp, xs
 
 
