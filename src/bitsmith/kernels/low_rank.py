@@ -1,4 +1,4 @@
-"""SVDQuant's low-rank branch on the fused kernels: two launches for the whole layer.
+"""SVDQuant's low-rank branch on the fused kernels: the matmul runs beside the down-projection.
 
 :class:`bitsmith.nn.LowRankQuantLinear` computes (16-bit activations; the module docstring has
 the bias folding)::
@@ -8,18 +8,28 @@ the bias folding)::
 
 Unfused that is about ten kernels (casts, the division, the shift, two small GEMMs, two adds),
 which at M = 1 cost as much as the 4-bit matmul itself (benchmarks/results/svdquant_overhead_h100.json).
-Here it is two:
+Here:
 
-1. ``_down_kernel`` (this file), one program per row and K slice (at most 32 slices): the
-   smoothed and shifted activation ``x_main`` in ``x``'s dtype (the same float32 operations as
-   the torch path, division rounded to nearest, so the main branch sees bit-identical input) and
-   the down-projection's partial sums ``x_lr[slice] . L_down[:, slice]^T``; the last program of
-   each row to finish (a ticket counter, as the M = 1 kernel's split-K) adds the partials in
-   slice order into ``t`` float32 ``[M, R]``: deterministic, no zeroed buffer. Above 16 rows
-   (where the 4-bit matmul dwarfs it) the same math runs as torch ops;
+1. ``_down_kernel`` (this file), one program per row and K slice (up to 128 slices, one round
+   trip to memory each): the smoothed and shifted activation ``x_main`` in ``x``'s dtype (the
+   same float32 operations as the torch path, division rounded to nearest, so the main branch
+   sees bit-identical input) and/or the down-projection's partial sums ``x_lr[slice] .
+   L_down[:, slice]^T``; the last program of each row to finish (a ticket counter, as the M = 1
+   kernel's split-K) adds the partials in slice order into ``t`` float32 ``[M, R]``:
+   deterministic, no zeroed buffer. Above 16 rows (where the 4-bit matmul dwarfs it) the same
+   math runs as torch ops;
 2. the 4-bit matmul (:func:`bitsmith.kernels.qmm.quant_matmul` with ``lowrank=``), whose epilogue
    adds ``b' + t . L_up^T`` once per output tile with one load of ``t``
-   (:func:`bitsmith.kernels.small_m.epilogue`).
+   (:func:`bitsmith.kernels.small_m.epilogue`; split-K tiles add it in split 0's partial).
+
+With programmatic dependent launch (sm_90, :func:`bitsmith.kernels.small_m.pdl_ok`) the matmul
+does not wait for ``t`` to start: it takes a :class:`bitsmith.kernels.small_m.LowRankFill`, so
+``t``'s launch (:func:`project_overlapped`) is made inside the matmul call and the small-M
+kernels run their whole main loop beside it, waiting for it only before the epilogue. With the
+smoothing in the layer, ``x_main`` is first written by a launch of its own (:func:`main_input`)
+and the projection recomputes ``x_lr`` from ``x``: three launches instead of two, but only the
+elementwise one stands in front of the matmul. Without PDL it stays one launch writing both
+(:func:`down_project`), then the matmul.
 
 The rank is padded with zeros to a power of two >= 16 (tensor-core tiles); the factors are kept
 as ``L_down`` ``[R, K]`` and ``L_up^T`` ``[R, N]`` in the activation dtype (:func:`prepare`).
@@ -288,11 +298,11 @@ def project_overlapped(x2: torch.Tensor, lr: LowRankRuntime) -> torch.Tensor:
 
 def low_rank_matmul(x: torch.Tensor, rw: RuntimeWeight, lr: LowRankRuntime, bias: torch.Tensor | None) -> torch.Tensor:
     """SVDQuant's layer on the kernels: ``Q(R) . x_main + L_up . L_down . x_lr + bias`` for ``x
-    [..., K]`` in ``lr``'s dtype; two launches (module docstring). Without smoothing or shift
-    (smoothing fused upstream) the matmul reads ``x`` itself, so it takes ``t`` as a
-    :class:`~bitsmith.kernels.small_m.LowRankFill`: the down-projection launches inside the
-    matmul call, after its input preparation, and with programmatic dependent launch the
-    matmul's main loop runs beside it (the branch then costs its epilogue, not a launch)."""
+    [..., K]`` in ``lr``'s dtype (module docstring): ``x_main`` (itself ``x`` without smoothing or
+    shift), then the matmul with ``t`` as a :class:`~bitsmith.kernels.small_m.LowRankFill`, so
+    that ``t``'s launch is made inside the matmul call, after its input preparation, and with
+    programmatic dependent launch the matmul's main loop runs beside it. Without PDL and with
+    smoothing or shift: one launch for both, then the matmul."""
     if x.dtype != lr.dtype:
         raise RuntimeError(f"low_rank_matmul: activation is {x.dtype}, the low-rank factors were prepared for {lr.dtype}")
     lead = x.shape[:-1]
