@@ -724,9 +724,9 @@ def test_cuda_fma_extreme_activations():
 @pytest.mark.parametrize("name", sorted(FORMATS))
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_cuda_small_m_kernels(name, dtype):
-    """Every M = 1 config the tuner may pick and a spread of tensor-core small-M configs, on the
-    GPU (bfloat16 tensor-core tiles cannot be checked under the interpreter), M = 1, 7, 16, odd N
-    and K."""
+    """Every M = 1 config the tuner may pick (and the pipelined variant of three), and a spread
+    of tensor-core small-M configs, on the GPU (bfloat16 tensor-core tiles cannot be checked under
+    the interpreter), M = 1, 7, 16, odd N and K."""
     from bitsmith.kernels import qmm, small_m
 
     g = torch.Generator().manual_seed(11)
@@ -739,6 +739,7 @@ def test_cuda_small_m_kernels(name, dtype):
         bias = torch.randn(1000, generator=g).to(dtype).cuda()
         ref = x.double() @ w64.t() + bias.double()
         cfgs = [c for c in qmm.m1_configs(rw, dtype) if "KERNEL" in c] if m == 1 else []
+        cfgs += [{**c, "PIPE": p, "num_stages": p} for c in cfgs[:3] for p in (2, 3, 4)]  # the pipelined variant
         cfgs += [c for c in ({"KERNEL": "tc", "BLOCK_M": 16, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT": s, "num_warps": w,
                               "num_stages": 3} for bn, bk, s, w in ((128, 64, 4, 4), (256, 32, 16, 8), (64, 128, 1, 4)))
                  if small_m.supports(rw, dtype, c) is None]
@@ -901,9 +902,15 @@ def test_cuda_first_call_inside_graph_capture():
 @needs_cuda
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("m", [1, 16, 300])
-def test_cuda_low_rank_fused(dtype, m):
+@pytest.mark.parametrize("split_smoothing", [False, True], ids=["one-launch", "split"])
+def test_cuda_low_rank_fused(dtype, m, split_smoothing, monkeypatch):
     """SVDQuant's fused branch at real sizes on the GPU: quant_matmul's own (tuned) choice and
-    explicit configs of every kernel, per-channel shift read by both branches."""
+    explicit configs of every kernel, per-channel shift read by both branches; with smoothing in
+    the layer as one launch in front of the matmul and (``split``) as x_main alone, then t beside
+    the matmul."""
+    from bitsmith.kernels import low_rank
+
+    monkeypatch.setitem(low_rank.OVERLAP, "smoothed", split_smoothing)
     cfgs = [None]
     if m == 1:
         cfgs += [{**c, "BLOCK_K": 64} for c in _LR_FMA] + _LR_TC

@@ -10,10 +10,10 @@ Unfused that is about ten kernels (casts, the division, the shift, two small GEM
 which at M = 1 cost as much as the 4-bit matmul itself (benchmarks/results/svdquant_overhead_h100.json).
 Here:
 
-1. ``_down_kernel`` (this file), one program per row and K slice (up to 128 slices, one round
-   trip to memory each): the smoothed and shifted activation ``x_main`` in ``x``'s dtype (the
-   same float32 operations as the torch path, division rounded to nearest, so the main branch
-   sees bit-identical input) and/or the down-projection's partial sums ``x_lr[slice] .
+1. ``_down_kernel`` (this file), one program per row and K slice (up to 32 slices; up to 128
+   when the matmul overlaps it): the smoothed and shifted activation ``x_main`` in ``x``'s dtype
+   (the same float32 operations as the torch path, division rounded to nearest, so the main
+   branch sees bit-identical input) and/or the down-projection's partial sums ``x_lr[slice] .
    L_down[:, slice]^T``; the last program of each row to finish (a ticket counter, as the M = 1
    kernel's split-K) adds the partials in slice order into ``t`` float32 ``[M, R]``:
    deterministic, no zeroed buffer. Above 16 rows (where the 4-bit matmul dwarfs it) the same
@@ -26,10 +26,11 @@ With programmatic dependent launch (sm_90, :func:`bitsmith.kernels.small_m.pdl_o
 does not wait for ``t`` to start: it takes a :class:`bitsmith.kernels.small_m.LowRankFill`, so
 ``t``'s launch (:func:`project_overlapped`) is made inside the matmul call and the small-M
 kernels run their whole main loop beside it, waiting for it only before the epilogue. With the
-smoothing in the layer, ``x_main`` is first written by a launch of its own (:func:`main_input`)
-and the projection recomputes ``x_lr`` from ``x``: three launches instead of two, but only the
-elementwise one stands in front of the matmul. Without PDL it stays one launch writing both
-(:func:`down_project`), then the matmul.
+smoothing in the layer the matmul reads ``x_main``, so one launch writes both in front of it
+(:func:`down_project`); ``OVERLAP["smoothed"]`` instead writes ``x_main`` by a launch of its own
+(:func:`main_input`) and recomputes ``x_lr`` from ``x`` in the overlapped projection: three
+launches instead of two, but only the elementwise one in front of the matmul (not yet measured on
+the GPU, so off).
 
 The rank is padded with zeros to a power of two >= 16 (tensor-core tiles); the factors are kept
 as ``L_down`` ``[R, K]`` and ``L_up^T`` ``[R, N]`` in the activation dtype (:func:`prepare`).
@@ -167,10 +168,16 @@ def prepare(lora_down: torch.Tensor | None, lora_up: torch.Tensor | None, smooth
     return LowRankRuntime(down, up_t, sm, sh, bool(shifted_input and shift is not None), rank)
 
 
-# K slices of the down-projection (programs per row; their partials are summed in one load): many
-# short programs, each one round trip to memory, because the matmul that overlaps it (LowRankFill)
-# waits for the slowest, and beside a matmul streaming weights every round trip is slow
-MAX_SLICES = 128
+# K slices of the down-projection (programs per row; their partials are summed in one load). The
+# overlapped projection takes many short programs, each one round trip to memory: the matmul beside
+# it waits for the slowest, and beside a matmul streaming weights every round trip is slow (with
+# 32 slices of up to 7 round trips, 4096x14336 at M = 16 cost +50%, svdquant_overhead_h100.json)
+MAX_SLICES = 32
+MAX_SLICES_OVERLAPPED = 128
+# smoothing in the layer: x_main by its own launch, then t beside the matmul (main_input +
+# project_overlapped) instead of one launch for both in front of it. Off until measured on the GPU
+# (benchmarks/svdquant_overhead.py --split-smoothing); the pieces are tested on the CPU
+OVERLAP = {"smoothed": False}
 CHUNK = 64  # channels per step inside a slice
 MAX_ROWS = 16  # rows up to which the down-projection runs in the kernel (one program per row and slice)
 _COUNTERS: dict = {}  # device -> int32 ticket counters, one per row (0 between launches)
@@ -188,9 +195,9 @@ def _counters(device: torch.device) -> torch.Tensor:
     return cnt
 
 
-def slice_len(k: int) -> int:
-    """Channels per slice: a multiple of ``CHUNK``, at most ``MAX_SLICES`` slices."""
-    return CHUNK * -(-k // (CHUNK * MAX_SLICES))
+def slice_len(k: int, max_slices: int = MAX_SLICES) -> int:
+    """Channels per slice: a multiple of ``CHUNK``, at most ``max_slices`` slices."""
+    return CHUNK * -(-k // (CHUNK * max_slices))
 
 
 class _DownPlan(LaunchTemplate):
@@ -250,7 +257,7 @@ def _down(x2: torch.Tensor, lr: LowRankRuntime, write_main: bool, project: bool,
         plan = lr.plans.get(plan_key)
         if plan is not None:
             return plan(x2)
-    sl = slice_len(k)
+    sl = slice_len(k, MAX_SLICES_OVERLAPPED if pdl_mode == 2 else MAX_SLICES)
     slices = -(-k // sl)
     xm, parts, t = _outputs(x2, rp, slices, write_main, project)
     dummy = lr.down
@@ -301,15 +308,15 @@ def low_rank_matmul(x: torch.Tensor, rw: RuntimeWeight, lr: LowRankRuntime, bias
     [..., K]`` in ``lr``'s dtype (module docstring): ``x_main`` (itself ``x`` without smoothing or
     shift), then the matmul with ``t`` as a :class:`~bitsmith.kernels.small_m.LowRankFill`, so
     that ``t``'s launch is made inside the matmul call, after its input preparation, and with
-    programmatic dependent launch the matmul's main loop runs beside it. Without PDL and with
-    smoothing or shift: one launch for both, then the matmul."""
+    programmatic dependent launch the matmul's main loop runs beside it. With smoothing or shift,
+    unless ``OVERLAP["smoothed"]`` and PDL: one launch for both, then the matmul."""
     if x.dtype != lr.dtype:
         raise RuntimeError(f"low_rank_matmul: activation is {x.dtype}, the low-rank factors were prepared for {lr.dtype}")
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     if not x2.is_contiguous():
         x2 = x2.contiguous()
-    if _writes_main(lr) and not pdl_ok(x2.device):
+    if _writes_main(lr) and not (OVERLAP["smoothed"] and pdl_ok(x2.device)):
         xm, t = down_project(x2, lr)  # one launch: without PDL two would only add a launch
         return quant_matmul(xm, rw, bias, lowrank=(t, lr.up_t)).reshape(*lead, rw.n)
     xm = main_input(x2, lr)

@@ -354,18 +354,17 @@ def _m_bucket(m: int) -> int:
 
 def fma_configs(rw: RuntimeWeight, dtype: torch.dtype) -> list[dict]:
     """Candidate configs of the small-M CUDA-core kernel (:mod:`bitsmith.kernels.small_m`) at
-    M = 1: columns x warps x split-K (a runtime argument: few binaries) x how the next steps'
-    words are fetched (``PIPE`` 0: a register double buffer; 3: Triton's pipeliner, two steps
-    in flight as asynchronous copies to shared memory)."""
+    M = 1: columns x warps x split-K (a runtime argument: few binaries), the next step's words in
+    a register double buffer. (The kernel's ``PIPE`` variant, Triton's pipeliner with steps in
+    flight as asynchronous copies, is timed by ``benchmarks/kernels_configs.py --pipe-sweep``;
+    it joins these candidates once it has been measured on the GPU.)"""
     bk = rw.group or 64
     out = []
-    for pipe in (0, 3):
-        for bn, warps in ((MIN_BLOCK_N, 2), (128, 4), (256, 4)):
-            for split in (4, 8, 16, 32, MAX_SPLIT):
-                cfg = {"KERNEL": "fma", "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT": split, "num_warps": warps,
-                       "num_stages": max(1, pipe), "PIPE": pipe}
-                if small_m.supports(rw, dtype, cfg) is None and split <= -(-rw.kp // bk):
-                    out.append(cfg)
+    for bn, warps in ((MIN_BLOCK_N, 2), (128, 4), (256, 4)):
+        for split in (4, 8, 16, 32, MAX_SPLIT):
+            cfg = {"KERNEL": "fma", "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT": split, "num_warps": warps, "num_stages": 1}
+            if small_m.supports(rw, dtype, cfg) is None and split <= -(-rw.kp // bk):
+                out.append(cfg)
     return out
 
 
