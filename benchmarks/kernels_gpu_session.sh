@@ -16,6 +16,7 @@
 #   OUT=/some/dir bash benchmarks/kernels_gpu_session.sh svd        # CUDA tests, SVDQuant's branch overhead, ncu on the small-M kernels
 #   OUT=/some/dir bash benchmarks/kernels_gpu_session.sh tc         # the tensor-core kernel's wider search at M = 16
 #   OUT=/some/dir bash benchmarks/kernels_gpu_session.sh overlap    # CUDA tests, SVDQuant's overlapped branch, pipelined M = 1, M = 16 chain
+#   OUT=/some/dir bash benchmarks/kernels_gpu_session.sh fragment   # the Gluon fragment-layout experiment (benchmarks/gluon_fragment_probe.py)
 #   OUT=/some/dir bash benchmarks/kernels_gpu_session.sh one        # one call for all of it when device time is short:
 #       CUDA tests, M = 1 table int4 vs NF4, compiled end-to-end decode, host overhead
 # The CUDA tests run with pytest-xdist when it is importable (carried as wheels: .whl/, see the device notes).
@@ -187,6 +188,12 @@ overlap)  # CUDA tests; SVDQuant's branch beside the matmul (three smoothing mod
   timeout "${T_CHAIN:-80}" python3 benchmarks/kernels_chain.py --m 16 --layers 8 --formats int4_g64,nf4_g64 --name kernels_chain_m16_prep 2>&1 \
     | grep -v -i warn | tee -a "$OUT/chain.txt" | tail -8
   tar cf "$OUT/results.tar" -C benchmarks/results svdquant_overhead_h100.json kernels_configs_pipe_m1.json kernels_chain_m16_prep.json 2>/dev/null
+  ;;
+fragment)  # the fragment-layout experiment: its CUDA test, then against fp16 and bitsmith's small-M kernels
+  TEST_FILES="tests/test_gluon_fragment.py" TEST_K=cuda T_TESTS=${T_TESTS:-90} cuda_tests
+  echo "== python3 benchmarks/gluon_fragment_probe.py --reps 10" | tee "$OUT/fragment.txt"
+  timeout "${T_FRAG:-300}" python3 benchmarks/gluon_fragment_probe.py --reps 10 2>&1 | grep -v -i warn | tee -a "$OUT/fragment.txt" | grep -E "fp16|WRONG" 
+  cp benchmarks/results/gluon_fragment_probe.json "$OUT/" 2>/dev/null
   ;;
 tc)  # the tensor-core kernel's wider search at M = 16 (warps, tiles, stages, register cap)
   echo "== python3 benchmarks/kernels_configs.py --m 16 --tc-sweep --formats int4_g64,nf4_g64 --reps 10 --top 5 --name kernels_configs_tc_m16" | tee "$OUT/tc.txt"
