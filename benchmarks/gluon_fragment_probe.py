@@ -142,14 +142,15 @@ if HAVE_GLUON:
     @gluon.jit
     def _frag_kernel(x_ptr, w_ptr, s_ptr, z_ptr, xs_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, NG, G_PER, SPLIT,
                      stride_xm, W: gl.constexpr, RB: gl.constexpr, TOK: gl.constexpr, PREFETCH: gl.constexpr,
-                     IS_SPLIT: gl.constexpr):
+                     IS_SPLIT: gl.constexpr, GS: gl.constexpr):
         """``out[m, n] = sum over groups g`` of ``s[g, n] * (sum_k x[m, k] * (1024 + q[n, k]) -
         (z[g, n] + 1024) * xs[m, g])`` in ``x``'s dtype: program ``(row tile of 16 W RB, K split)``,
         warp ``w`` ``RB`` 16-row blocks (sharing the activations), ``TOK`` token columns (8 or 16).
         ``PREFETCH``: the next group's words load before this group's products (a register double
         buffer). Split-K as bitsmith's small-M kernels do it (``IS_SPLIT``): float32 partials to
         the workspace, a ticket from the tile's counter, and the last program adds them in split
-        order and writes ``out`` (one launch, no zeroed buffer)."""
+        order and writes ``out`` (one launch, no zeroed buffer). ``GS``: steps of 64 per scale
+        group (1: groups of 64, 2: of 128); ``s`` and ``z`` are ``[K / (64 GS), N]``."""
         pid_n = gl.program_id(0)
         pid_k = gl.program_id(1)
         BN: gl.constexpr = 16 * W * RB
@@ -180,8 +181,8 @@ if HAVE_GLUON:
             a = _a_operand(cur, W, RB, a_layout)
             b = _b_operand(x_ptr, g, M, stride_xm, W, TOK, b_layout)
             part = mma_v2(a, b, gl.zeros([BN, TOK], gl.float32, layout=mma))
-            sc = gl.load(s_ptr + g * N + rows).to(gl.float32)
-            zc = gl.load(z_ptr + g * N + rows).to(gl.float32) + 1024.0
+            sc = gl.load(s_ptr + (g // GS) * N + rows).to(gl.float32)
+            zc = gl.load(z_ptr + (g // GS) * N + rows).to(gl.float32) + 1024.0
             xs = gl.load(xs_ptr + toks * NG + g, mask=toks < M, other=0.0)
             acc += (part - zc[:, None] * xs[None, :]) * sc[:, None]
         o_off = toks[None, :] * N + rows[:, None]
@@ -204,8 +205,9 @@ if HAVE_GLUON:
 def launch(x: torch.Tensor, words: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, xs: torch.Tensor,
            n: int, w: int = 4, rb: int = 2, split: int = 8, prefetch: bool = False) -> torch.Tensor:
     """``x [M, K] @ W^T`` for ``W`` in the fragment layout (``words`` from :func:`fragment_pack`,
-    ``scale``/``zero`` ``[K / 64, N]`` float16, ``xs [M, K / 64]`` the groups' float32 activation
-    sums), M <= 16, N a multiple of ``16 w rb``; output in ``x``'s dtype."""
+    ``scale``/``zero`` ``[K / group, N]`` float16 for groups of 64 or 128, ``xs [M, K / 64]`` the
+    float32 activation sums of each 64 channels), M <= 16, N a multiple of ``16 w rb``; output in
+    ``x``'s dtype."""
     from bitsmith.kernels.small_m import workspace
 
     m, k = x.shape
@@ -216,7 +218,7 @@ def launch(x: torch.Tensor, words: torch.Tensor, scale: torch.Tensor, zero: torc
     ws, cnt = workspace(x.device, split * m * n, tiles) if split > 1 else (xs, words)
     _frag_kernel[(tiles, split)](x, words, scale, zero, xs, out, ws, cnt, m, n, k, ng, -(-ng // split), split,
                                  x.stride(0), W=w, RB=rb, TOK=8 if m <= 8 else 16, PREFETCH=prefetch,
-                                 IS_SPLIT=split > 1, num_warps=w)
+                                 IS_SPLIT=split > 1, GS=k // (GROUP * scale.shape[0]), num_warps=w)
     return out
 
 
@@ -227,7 +229,7 @@ def compile_sm90(w: int = 4, tok: int = 8, rb: int = 1, prefetch: bool = False):
     from triton.experimental.gluon._runtime import GluonASTSource
 
     names = _frag_kernel.arg_names
-    consts = {"W": w, "RB": rb, "TOK": tok, "PREFETCH": prefetch, "IS_SPLIT": True}
+    consts = {"W": w, "RB": rb, "TOK": tok, "PREFETCH": prefetch, "IS_SPLIT": True, "GS": 1}
     ptrs = {"x_ptr": "*fp16", "w_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*fp16", "xs_ptr": "*fp32", "out_ptr": "*fp16",
             "ws_ptr": "*fp32", "cnt_ptr": "*i32"}
     sig = {a: "constexpr" if a in consts else ptrs.get(a, "i32") for a in names}
@@ -268,10 +270,61 @@ def sass_report(w: int = 4, tok: int = 8, rb: int = 1, prefetch: bool = False) -
             "shared_or_shuffle": shared, "opcodes": dict(loop.most_common())}
 
 
+# probe configs: (warps, 16-row blocks a warp, split-K, prefetch)
+CONFIGS = ((4, 1, 8, 0), (4, 2, 4, 0), (4, 2, 8, 0), (4, 2, 16, 0), (4, 4, 8, 0), (4, 4, 16, 0),
+           (4, 1, 8, 1), (4, 2, 8, 1), (4, 2, 16, 1), (4, 4, 8, 1), (8, 2, 8, 1))
+
+
+def probe_weight(w16: torch.Tensor, group: int, ms: list[int], timer) -> list[dict]:
+    """One weight quantized to int4 in groups of ``group``: at each M every probe config checked
+    against float64 ``x @ W^T`` and timed, next to fp16 ``F.linear`` and bitsmith's own choice
+    (``quant_matmul``); one row per M with the best correct config."""
+    import torch.nn.functional as F
+
+    import bitsmith
+    from bitsmith.kernels import qmm
+    from bitsmith.kernels.layout import repack
+
+    n, k = w16.shape
+    qt = bitsmith.quantize_tensor(w16.float(), "rtn", bits=4, group_size=group)
+    rw = repack(qt)
+    words = fragment_pack(codes_of_runtime(rw).cpu()).to(w16.device)
+    ref_w = qt.dequantize(torch.float64)
+    ng = k // GROUP
+    rows = []
+    for m in ms:
+        x = torch.randn(m, k, device=w16.device, dtype=torch.float16)
+        xs = x.float().view(m, ng, GROUP).sum(-1).contiguous()
+        ref = x.double() @ ref_w.t()
+        best = None
+        for w, rb, split, pf in CONFIGS:
+            if n % (16 * w * rb):
+                continue
+
+            def run(w=w, rb=rb, split=split, pf=pf):
+                return launch(x, words, rw.scale, rw.zero, xs, n, w, rb, split, bool(pf))
+
+            err = float((run().double() - ref).norm() / ref.norm())
+            us = timer.time_graph(run)
+            print(f"{n}x{k} g{group} M={m} warps {w} row blocks {rb} split {split} prefetch {pf}: {us:7.1f} us  "
+                  f"rel err {err:.1e}", flush=True)
+            if err < 3e-3 and (best is None or us < best[0]):
+                best = (us, {"warps": w, "row_blocks": rb, "split": split, "prefetch": pf}, err)
+        fp16 = timer.time_graph(lambda: F.linear(x, w16))
+        ours = timer.time_graph(lambda: qmm.quant_matmul(x, rw))
+        rows.append({"n": n, "k": k, "group": group, "m": m, "fp16_us": fp16, "bitsmith_us": ours,
+                     "fragment_us": None if best is None else best[0], "fragment_cfg": None if best is None else best[1],
+                     "rel_err": None if best is None else best[2]})
+        print(f"  fp16 {fp16:.1f} us, bitsmith {ours:.1f} us ({fp16 / ours:.2f}x), fragment "
+              f"{'WRONG' if best is None else f'{best[0]:.1f} us ({fp16 / best[0]:.2f}x)'}", flush=True)
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shapes", default="4096x4096,14336x4096,4096x14336,28672x8192")
     ap.add_argument("--m", default="1,8,16")
+    ap.add_argument("--groups", default="64,128", help="int4 group sizes")
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--name", default="gluon_fragment_probe")
     ap.add_argument("--sass", action="store_true", help="sm_90 machine code only (no GPU needed)")
@@ -290,12 +343,7 @@ def main() -> None:
     if not torch.cuda.is_available():
         print("gluon_fragment_probe: needs a CUDA GPU (or --sass)", file=sys.stderr)
         raise SystemExit(2)
-    import torch.nn.functional as F
-
-    import bitsmith
-    from bitsmith.kernels import qmm
     from bitsmith.kernels.bench import Timer
-    from bitsmith.kernels.layout import repack
 
     dev = torch.device("cuda")
     timer = Timer(dev, reps=args.reps)
@@ -303,41 +351,8 @@ def main() -> None:
     for shape in args.shapes.split(","):
         n, k = (int(v) for v in shape.split("x"))
         w16 = (torch.randn(n, k, device=dev) * 0.02).to(torch.float16)
-        qt = bitsmith.quantize_tensor(w16.float(), "rtn", bits=4, group_size=GROUP)
-        rw = repack(qt)
-        words = fragment_pack(codes_of_runtime(rw).cpu()).to(dev)
-        scale = rw.scale.to(torch.float16).contiguous()
-        zero = rw.zero.to(torch.float16).contiguous()
-        ref_w = qt.dequantize(torch.float64)
-        ng = k // GROUP
-        for m in (int(v) for v in args.m.split(",")):
-            x = torch.randn(m, k, device=dev, dtype=torch.float16)
-            xs = x.float().view(m, ng, GROUP).sum(-1).contiguous()
-            ref = x.double() @ ref_w.t()
-            best = None
-            for w, rb, split, pf in ((4, 1, 8, 0), (4, 2, 4, 0), (4, 2, 8, 0), (4, 2, 16, 0), (4, 4, 8, 0), (4, 4, 16, 0),
-                                     (4, 1, 8, 1), (4, 2, 8, 1), (4, 2, 16, 1), (4, 4, 8, 1), (8, 2, 8, 1)):
-                if n % (16 * w * rb):
-                    continue
-
-                def run(w=w, rb=rb, split=split, pf=pf):
-                    return launch(x, words, scale, zero, xs, n, w, rb, split, bool(pf))
-
-                err = float((run().double() - ref).norm() / ref.norm())
-                us = timer.time_graph(run)
-                print(f"{n}x{k} M={m} warps {w} row blocks {rb} split {split} prefetch {pf}: {us:7.1f} us  "
-                      f"rel err {err:.1e}", flush=True)
-                if err < 3e-3 and (best is None or us < best[0]):
-                    best = (us, w, rb, split, err, pf)
-            fp16 = timer.time_graph(lambda: F.linear(x, w16))
-            ours = timer.time_graph(lambda: qmm.quant_matmul(x, rw))
-            rows.append({"n": n, "k": k, "m": m, "fp16_us": fp16, "bitsmith_us": ours,
-                         "fragment_us": None if best is None else best[0],
-                         "fragment_cfg": None if best is None else {"warps": best[1], "row_blocks": best[2], "split": best[3],
-                                                                    "prefetch": best[5]},
-                         "rel_err": None if best is None else best[4]})
-            print(f"  fp16 {fp16:.1f} us, bitsmith {ours:.1f} us, fragment "
-                  f"{'WRONG' if best is None else f'{best[0]:.1f} us'}", flush=True)
+        for group in (int(v) for v in args.groups.split(",")):
+            rows += probe_weight(w16, group, [int(v) for v in args.m.split(",")], timer)
     write_result(args.name, {"device": torch.cuda.get_device_name(dev), "rows": rows,
                              "timing": "CUDA-graph replay with the L2 flushed, median"})
 

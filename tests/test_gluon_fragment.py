@@ -83,12 +83,13 @@ def test_fragment_kernel_compiles_without_shared_memory(rb, tok):
 
 @pytest.mark.skipif(not (torch.cuda.is_available() and probe.HAVE_GLUON and not INTERPRETED), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("m", [1, 5, 16])
-def test_cuda_fragment_kernel_equals_reference(m):
+@pytest.mark.parametrize("group", [64, 128])
+def test_cuda_fragment_kernel_equals_reference(m, group):
     import bitsmith
     from bitsmith.kernels.layout import repack
 
     n, k = 512, 1024
-    qt = bitsmith.quantize_tensor(torch.randn(n, k, device="cuda") * 0.02, "rtn", bits=4, group_size=64)
+    qt = bitsmith.quantize_tensor(torch.randn(n, k, device="cuda") * 0.02, "rtn", bits=4, group_size=group)
     rw = repack(qt)
     words = probe.fragment_pack(probe.codes_of_runtime(rw).cpu()).cuda()
     x = torch.randn(m, k, device="cuda", dtype=torch.float16)
