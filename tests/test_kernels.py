@@ -335,6 +335,22 @@ def test_tc_kernel_pdl_waits_before_any_load(half):
     assert signal[0] < wait[0] < min(loads)
 
 
+def _sm90_ptx(kernel, consts: dict, ptr_types: dict, num_warps: int) -> list[str]:
+    """PTX lines of a Triton kernel compiled for sm_90 on any machine (other arguments int32)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    names = kernel.arg_names
+    sig = {a: "constexpr" if a in consts else ptr_types.get(a, "i32") for a in names}
+    src = ASTSource(fn=kernel, signature=sig, constexprs={(names.index(c),): v for c, v in consts.items()})
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps}).asm["ptx"].splitlines()
+
+
+def _lines_with(ptx: list[str], key: str) -> list[int]:
+    return [i for i, line in enumerate(ptx) if key in line]
+
+
 @pytest.mark.skipif(INTERPRETED or not HAVE_TRITON, reason="compiles for sm_90 (not under the interpreter)")
 @pytest.mark.parametrize("kernel", ["fma", "tc"])
 def test_matmul_overlapping_the_down_projection_waits_only_before_its_epilogue(kernel):
@@ -368,24 +384,14 @@ def test_down_projection_signals_after_its_wait_when_overlapped(pdl):
     its own ``griddepcontrol.wait`` (then the kernel before it is complete, and the matmul may
     read ``x`` at once); otherwise (1) it signals first. Either way it loads nothing before the
     wait (sm_90 PTX, no GPU needed)."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
     from bitsmith.kernels import low_rank
 
-    kern = low_rank._down_kernel
-    names = kern.arg_names
     consts = {"HAS_SMOOTH": False, "HAS_SHIFT": False, "SHIFT_PER_CHANNEL": False, "SHIFTED_INPUT": False,
               "WRITE_MAIN": False, "PROJECT": True, "RANK": 32, "SLICE": 128, "CHUNK": 64, "SLICES": 32, "SLICES_P": 32, "PDL": pdl}
     ptrs = {"x_ptr": "*fp16", "s_ptr": "*fp32", "d_ptr": "*fp32", "l_ptr": "*fp16", "xm_ptr": "*fp16",
             "part_ptr": "*fp32", "t_ptr": "*fp32", "cnt_ptr": "*i32"}
-    sig = {a: "constexpr" if a in consts else ptrs.get(a, "i32") for a in names}
-    src = ASTSource(fn=kern, signature=sig, constexprs={(names.index(c),): v for c, v in consts.items()})
-    ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 2}).asm["ptx"].splitlines()
-    signal = [i for i, line in enumerate(ptx) if "griddepcontrol.launch_dependents" in line]
-    wait = [i for i, line in enumerate(ptx) if "griddepcontrol.wait" in line]
-    loads = [i for i, line in enumerate(ptx) if "ld.global" in line]
+    ptx = _sm90_ptx(low_rank._down_kernel, consts, ptrs, 2)
+    signal, wait, loads = (_lines_with(ptx, key) for key in ("griddepcontrol.launch_dependents", "griddepcontrol.wait", "ld.global"))
     assert len(signal) == 1 and len(wait) == 1 and loads and wait[0] < min(loads)
     assert (signal[0] > wait[0]) == (pdl == 2)
 
@@ -394,22 +400,11 @@ def test_down_projection_signals_after_its_wait_when_overlapped(pdl):
 def test_half_prep_kernel_waits_before_loading():
     """The activation prep of the half-word steps as a programmatic dependent: it signals (the
     matmul after it may launch and wait) and waits for the kernel before it before any load."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
     from bitsmith.kernels import small_m
 
-    kern = small_m._half_prep_kernel
-    names = kern.arg_names
-    consts = {"C": 4, "R": 16, "PDL": True}
-    ptrs = {"x_ptr": "*fp16", "xp_ptr": "*fp16", "xs_ptr": "*fp32"}
-    sig = {a: "constexpr" if a in consts else ptrs.get(a, "i32") for a in names}
-    src = ASTSource(fn=kern, signature=sig, constexprs={(names.index(c),): v for c, v in consts.items()})
-    ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 1}).asm["ptx"].splitlines()
-    signal = [i for i, line in enumerate(ptx) if "griddepcontrol.launch_dependents" in line]
-    wait = [i for i, line in enumerate(ptx) if "griddepcontrol.wait" in line]
-    loads = [i for i, line in enumerate(ptx) if "ld.global" in line]
+    ptx = _sm90_ptx(small_m._half_prep_kernel, {"C": 4, "R": 16, "PDL": True},
+                    {"x_ptr": "*fp16", "xp_ptr": "*fp16", "xs_ptr": "*fp32"}, 1)
+    signal, wait, loads = (_lines_with(ptx, key) for key in ("griddepcontrol.launch_dependents", "griddepcontrol.wait", "ld.global"))
     assert len(signal) == 1 and len(wait) == 1 and loads and signal[0] < wait[0] < min(loads)
 
 

@@ -424,9 +424,9 @@ if HAVE_TRITON:
         ``xs_ptr`` its row sums. ``PDL``: launched as a programmatic dependent (see
         :func:`pdl_ok`); the next launch may start at once, and this one waits for the previous
         kernel's writes before it loads anything (1) or, when the previous launch writes only the
-        low-rank ``t`` (2, :class:`LowRankFill`), before its epilogue. ``fmagic``, ``EVEN_K`` and
-        ``LUT_ASM`` are the CUDA-core kernel's (the two kernels share one argument list,
-        :func:`launch_args`)."""
+        low-rank ``t`` (2, :class:`LowRankFill`), before its epilogue. ``fmagic``, ``EVEN_K``,
+        ``LUT_ASM`` and ``PIPE`` are the CUDA-core kernel's (the two kernels share one argument
+        list, :func:`launch_args`)."""
         if PDL:
             gdc_launch_dependents()
         if PDL == 1:
@@ -636,6 +636,9 @@ if HAVE_TRITON:
         every program waits (a later kernel's wait on this one then covers the earlier ones too).
         ``PDL == 2``: the previous launch writes only the low-rank ``t`` (:class:`LowRankFill`),
         so the whole main loop runs before the wait, which then guards the epilogue only.
+        ``PIPE`` (2 or more): the steps on Triton's pipeliner instead of the register double buffer
+        (``PIPE - 1`` steps' words in flight as asynchronous copies to shared memory, fewer
+        registers; with ``PDL == 1`` the wait then comes before the first copy).
         ``xs_ptr``, ``HALF`` and ``LUT_PAIR`` are the tensor-core kernel's (unused here)."""
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
