@@ -10,7 +10,9 @@ operand of ``mma.m16n8k16``, the tokens as its 8 columns), and each lane's word 
 its A fragment: code ``(row g + 8 rr, k 16 s + 8 rc + 2 t + h)`` of lane ``4 g + t`` at bits
 ``4 (2 rc + rr) + 16 h`` of word ``s``, so three shifts and four LOP3s turn a word into the four
 16-bit registers the product takes (``magic + q``, corrected with the group's activation sums as
-the tensor-core kernel does). A lane loads 16 bytes per group of 64 (four words, one per product).
+the tensor-core kernel does, the activation sums from a product with a tile of ones). A lane
+loads 16 bytes per group of 64 (four words, one per product) and its activations as 32 contiguous
+bytes (:func:`physical_k`): one launch, no input preparation.
 
 What is checked where:
 
@@ -140,11 +142,12 @@ if HAVE_GLUON:
         return gl.convert_layout(b, b_layout, assert_trivial=True)
 
     @gluon.jit
-    def _frag_kernel(x_ptr, w_ptr, s_ptr, z_ptr, xs_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, NG, G_PER, SPLIT,
+    def _frag_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, NG, G_PER, SPLIT,
                      stride_xm, W: gl.constexpr, RB: gl.constexpr, TOK: gl.constexpr, PREFETCH: gl.constexpr,
                      IS_SPLIT: gl.constexpr, GS: gl.constexpr):
         """``out[m, n] = sum over groups g`` of ``s[g, n] * (sum_k x[m, k] * (1024 + q[n, k]) -
-        (z[g, n] + 1024) * xs[m, g])`` in ``x``'s dtype: program ``(row tile of 16 W RB, K split)``,
+        (z[g, n] + 1024) * sum_k x[m, k])`` in ``x``'s dtype (both sums on the tensor cores, the
+        second against a tile of ones): program ``(row tile of 16 W RB, K split)``,
         warp ``w`` ``RB`` 16-row blocks (sharing the activations), ``TOK`` token columns (8 or 16).
         ``PREFETCH``: the next group's words load before this group's products (a register double
         buffer). Split-K as bitsmith's small-M kernels do it (``IS_SPLIT``): float32 partials to
@@ -168,6 +171,7 @@ if HAVE_GLUON:
         rows = pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(1, mma))
         toks = gl.arange(0, TOK, layout=gl.SliceLayout(0, mma))
         acc = gl.zeros([BN, TOK], gl.float32, layout=mma)
+        ones = gl.full([BN, 64], 1.0, gl.float16, layout=a_layout)
         g_lo = pid_k * G_PER
         g_hi = gl.minimum(g_lo + G_PER, NG)
         if PREFETCH:
@@ -183,8 +187,8 @@ if HAVE_GLUON:
             part = mma_v2(a, b, gl.zeros([BN, TOK], gl.float32, layout=mma))
             sc = gl.load(s_ptr + (g // GS) * N + rows).to(gl.float32)
             zc = gl.load(z_ptr + (g // GS) * N + rows).to(gl.float32) + 1024.0
-            xs = gl.load(xs_ptr + toks * NG + g, mask=toks < M, other=0.0)
-            acc += (part - zc[:, None] * xs[None, :]) * sc[:, None]
+            xs = mma_v2(ones, b, gl.zeros([BN, TOK], gl.float32, layout=mma))  # every row: the group's sum of x
+            acc += (part - zc[:, None] * xs) * sc[:, None]
         o_off = toks[None, :] * N + rows[:, None]
         o_mask = (toks < M)[None, :] & (rows >= 0)[:, None]
         if IS_SPLIT:
@@ -202,12 +206,11 @@ if HAVE_GLUON:
             gl.store(out_ptr + o_off, acc.to(out_ptr.dtype.element_ty), mask=o_mask)
 
 
-def launch(x: torch.Tensor, words: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, xs: torch.Tensor,
-           n: int, w: int = 4, rb: int = 2, split: int = 8, prefetch: bool = False) -> torch.Tensor:
+def launch(x: torch.Tensor, words: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, n: int, w: int = 4, rb: int = 2, split: int = 8, prefetch: bool = False) -> torch.Tensor:
     """``x [M, K] @ W^T`` for ``W`` in the fragment layout (``words`` from :func:`fragment_pack`,
-    ``scale``/``zero`` ``[K / group, N]`` float16 for groups of 64 or 128, ``xs [M, K / 64]`` the
-    float32 activation sums of each 64 channels), M <= 16, N a multiple of ``16 w rb``; output in
-    ``x``'s dtype."""
+    ``scale``/``zero`` ``[K / group, N]`` float16 for groups of 64 or 128), M <= 16, N a multiple
+    of ``16 w rb``; output in ``x``'s dtype. One launch: the groups' activation sums come from the
+    tensor cores too (a product with a tile of ones), so there is no input preparation."""
     from bitsmith.kernels.small_m import workspace
 
     m, k = x.shape
@@ -215,8 +218,8 @@ def launch(x: torch.Tensor, words: torch.Tensor, scale: torch.Tensor, zero: torc
     split = max(1, min(split, ng))
     tiles = n // (16 * w * rb)
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    ws, cnt = workspace(x.device, split * m * n, tiles) if split > 1 else (xs, words)
-    _frag_kernel[(tiles, split)](x, words, scale, zero, xs, out, ws, cnt, m, n, k, ng, -(-ng // split), split,
+    ws, cnt = workspace(x.device, split * m * n, tiles) if split > 1 else (scale, words)
+    _frag_kernel[(tiles, split)](x, words, scale, zero, out, ws, cnt, m, n, k, ng, -(-ng // split), split,
                                  x.stride(0), W=w, RB=rb, TOK=8 if m <= 8 else 16, PREFETCH=prefetch,
                                  IS_SPLIT=split > 1, GS=k // (GROUP * scale.shape[0]), num_warps=w)
     return out
@@ -230,7 +233,7 @@ def compile_sm90(w: int = 4, tok: int = 8, rb: int = 1, prefetch: bool = False):
 
     names = _frag_kernel.arg_names
     consts = {"W": w, "RB": rb, "TOK": tok, "PREFETCH": prefetch, "IS_SPLIT": True, "GS": 1}
-    ptrs = {"x_ptr": "*fp16", "w_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*fp16", "xs_ptr": "*fp32", "out_ptr": "*fp16",
+    ptrs = {"x_ptr": "*fp16", "w_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*fp16", "out_ptr": "*fp16",
             "ws_ptr": "*fp32", "cnt_ptr": "*i32"}
     sig = {a: "constexpr" if a in consts else ptrs.get(a, "i32") for a in names}
     attrs = {(names.index(a),): [["tt.divisibility", 16]] for a in names if a in ptrs or a in ("N", "K", "stride_xm")}
@@ -294,7 +297,6 @@ def probe_weight(w16: torch.Tensor, group: int, ms: list[int], timer) -> list[di
     rows = []
     for m in ms:
         x = torch.randn(m, k, device=w16.device, dtype=torch.float16)
-        xs = x.float().view(m, ng, GROUP).sum(-1).contiguous()
         ref = x.double() @ ref_w.t()
         best = None
         for w, rb, split, pf in CONFIGS:
@@ -302,7 +304,7 @@ def probe_weight(w16: torch.Tensor, group: int, ms: list[int], timer) -> list[di
                 continue
 
             def run(w=w, rb=rb, split=split, pf=pf):
-                return launch(x, words, rw.scale, rw.zero, xs, n, w, rb, split, bool(pf))
+                return launch(x, words, rw.scale, rw.zero, n, w, rb, split, bool(pf))
 
             err = float((run().double() - ref).norm() / ref.norm())
             us = timer.time_graph(run)

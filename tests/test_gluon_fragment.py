@@ -74,10 +74,11 @@ def test_fragment_kernel_compiles_without_shared_memory(rb, tok):
     """Compiled for sm_90: the word and activation tiles reach the tensor-core operand layouts
     without data movement (the kernel asserts it: ``convert_layout(..., assert_trivial=True)``),
     and the main loop has no shared-memory access, shuffle or barrier, one 16-byte weight load per
-    row block and ``4 * rb * tok / 8`` products a step."""
+    row block and ``4 * rb * tok / 8`` products a step with the weights, plus those with the tile
+    of ones for the activation sums (the same for every row block, so the compiler may share them)."""
     loop = probe.loop_opcodes(probe.compile_sm90(4, tok, rb).asm["cubin"])
     assert not [op for op in loop if op.startswith(("LDS", "STS", "SHFL", "BAR"))], loop
-    assert loop["HMMA.16816.F32"] == 4 * rb * tok // 8
+    assert 4 * (rb + 1) * tok // 8 <= loop["HMMA.16816.F32"] <= 8 * rb * tok // 8
     assert loop["LDG.E.128"] >= rb
 
 
@@ -93,10 +94,9 @@ def test_cuda_fragment_kernel_equals_reference(m, group):
     rw = repack(qt)
     words = probe.fragment_pack(probe.codes_of_runtime(rw).cpu()).cuda()
     x = torch.randn(m, k, device="cuda", dtype=torch.float16)
-    xs = x.float().view(m, k // 64, 64).sum(-1).contiguous()
     ref = x.double() @ qt.dequantize(torch.float64).t()
     for w, rb, split, prefetch in ((4, 1, 1, False), (4, 2, 4, True), (4, 4, 3, False), (4, 2, 16, True)):
         for _ in range(2):  # twice: the split-K counters were reset by the first launch
-            out = probe.launch(x, words, rw.scale, rw.zero, xs, n, w, rb, split, prefetch)
+            out = probe.launch(x, words, rw.scale, rw.zero, n, w, rb, split, prefetch)
             assert out.dtype == torch.float16
             assert float((out.double() - ref).norm() / ref.norm()) < 2e-3, (w, rb, split, prefetch)
