@@ -1,5 +1,5 @@
-"""An experiment toward issue #8's M = 1..16 targets (not wired into the dispatch): int4 weights in a
-*fragment layout* whose 32-bit words are exactly the A operand of one tensor-core product per lane,
+"""An experiment toward issue #8's M = 1..16 targets (not wired into the dispatch): int4 and NF4 weights
+in a *fragment layout* whose 32-bit words are exactly the A operand of one tensor-core product per lane,
 multiplied by a Gluon kernel (Triton 3.6's explicit-layout language) with no shared memory for the
 weights.
 
@@ -12,7 +12,10 @@ its A fragment: code ``(row g + 8 rr, k 16 s + 8 rc + 2 t + h)`` of lane ``4 g +
 16-bit registers the product takes (``magic + q``, corrected with the group's activation sums as
 the tensor-core kernel does, the activation sums from a product with a tile of ones). A lane
 loads 16 bytes per group of 64 (four words, one per product) and its activations as 32 contiguous
-bytes (:func:`physical_k`): one launch, no input preparation.
+bytes (:func:`physical_k`): one launch, no input preparation. NF4 (and any 16-level codebook)
+packs a register's two codes into one byte instead (:func:`code_bit`), so the byte-plane lookup of
+the M = 1 kernel (``prmt``, selectors computed once per word) yields the operand's 16-bit pairs
+directly (:func:`lut8_ptx`).
 
 What is checked where:
 
@@ -64,10 +67,18 @@ def physical_k(k_logical: int) -> int:
     return 16 * t + 4 * s + 2 * rc + h
 
 
-def fragment_pack(codes: torch.Tensor) -> torch.Tensor:
-    """int4 codes ``[N, K]`` (values 0..15, N a multiple of 16, K of 64) -> the fragment layout,
+def code_bit(reg: int, half: int, codebook: bool) -> int:
+    """Where half ``half`` of A register ``reg`` sits in a fragment word: bit ``4 reg + 16 half``
+    for affine codes (one LOP3 per register makes ``magic + q`` of both halves), bit ``8 reg + 4
+    half`` for codebooks (a register's two codes in one byte, as the byte-plane lookup of
+    :func:`lut8_ptx` pairs them)."""
+    return 8 * reg + 4 * half if codebook else 4 * reg + 16 * half
+
+
+def fragment_pack(codes: torch.Tensor, codebook: bool = False) -> torch.Tensor:
+    """4-bit codes ``[N, K]`` (values 0..15, N a multiple of 16, K of 64) -> the fragment layout,
     int32 ``[N / 16, K / 64, 32, 4]`` (row block, group, lane, product): register ``r``'s halves
-    ``h`` of lane ``l`` in product ``s`` sit at bits ``4 r + 16 h`` of word ``[.., l, s]``, holding
+    ``h`` of lane ``l`` in product ``s`` sit at :func:`code_bit` of word ``[.., l, s]``, holding
     the code of channel :func:`physical_k` of the fragment's logical ``k``."""
     n, k = codes.shape
     if n % 16 or k % GROUP:
@@ -79,7 +90,7 @@ def fragment_pack(codes: torch.Tensor) -> torch.Tensor:
             for reg in range(4):
                 for half in range(2):
                     row, kk = fragment_position(lane, reg, half, step)
-                    words[:, :, lane, step] |= blocks[:, :, row, physical_k(kk)] << (4 * reg + 16 * half)
+                    words[:, :, lane, step] |= blocks[:, :, row, physical_k(kk)] << code_bit(reg, half, codebook)
     return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
 
 
@@ -89,6 +100,34 @@ def codes_of_runtime(rw) -> torch.Tensor:
     w = rw.words.to(torch.int64) & 0xFFFFFFFF
     codes = torch.stack([(w >> (4 * j)) & 15 for j in range(8)], dim=1)  # [KW, 8, N]
     return codes.reshape(-1, rw.n)[: rw.k].t().contiguous().to(torch.uint8)
+
+
+def lut8_ptx() -> str:
+    """The fragment words' conversion for a 16-level codebook (packed with ``codebook=True``:
+    register ``r``'s codes in byte ``r``): the byte-plane lookup of
+    :func:`bitsmith.kernels.small_m._lut8` (levels 0-7 and 8-15 as float16 byte planes in
+    ``$9..$16``, ``L0..L3`` low bytes, ``H0..H3`` high bytes; ``prmt`` picks four codes' bytes at
+    a time, selectors computed once per word), ending in float16 pairs instead of float32s:
+    outputs ``$0..$7`` (half ``h`` of register ``r`` at ``2 r + h``)."""
+    lines = ["{", ".reg .b32 cw, sw, c, s, la, lb, ha, hb, lo, hi, p0, p1;",
+             "and.b32 cw, $8, 0x77777777;", "shr.b32 sw, $8, 1;", "and.b32 sw, sw, 0x44444444;",
+             "or.b32 sw, sw, 0x32103210;"]
+    for half in range(2):
+        lines += [f"shr.b32 c, cw, {16 * half};", f"shr.b32 s, sw, {16 * half};",
+                  "prmt.b32 la, $9, $10, c;", "prmt.b32 lb, $11, $12, c;",
+                  "prmt.b32 ha, $13, $14, c;", "prmt.b32 hb, $15, $16, c;",
+                  "prmt.b32 lo, la, lb, s;", "prmt.b32 hi, ha, hb, s;",
+                  "prmt.b32 p0, lo, hi, 0x5140;", "prmt.b32 p1, lo, hi, 0x7362;",
+                  f"mov.b32 {{${4 * half}, ${4 * half + 1}}}, p0;", f"mov.b32 {{${4 * half + 2}, ${4 * half + 3}}}, p1;"]
+    return "\n".join(lines + ["}"])
+
+
+def table_planes(table_bits: tuple[int, ...]) -> list[int]:
+    """The 16 float16 levels as :func:`lut8_ptx`'s byte planes (int32: ``L0..L3``, ``H0..H3``,
+    byte ``i`` of plane ``b`` the low / high byte of level ``4 b + i``)."""
+    planes = [sum(((table_bits[4 * b + i] >> (8 * hi)) & 0xFF) << (8 * i) for i in range(4))
+              for hi in (0, 1) for b in range(4)]
+    return [p - (1 << 32) if p >= 1 << 31 else p for p in planes]
 
 
 try:
@@ -108,12 +147,22 @@ if HAVE_GLUON:
            for i in (1, 2, 3)]
         + [f"mov.b32 {{${2 * i}, ${2 * i + 1}}}, r{i};" for i in range(4)] + ["}"]))
 
+    _LUT8_PTX = gl.constexpr(lut8_ptx())
+
     @gluon.jit
-    def _a_operand(words, W: gl.constexpr, RB: gl.constexpr, a_layout: gl.constexpr):
+    def _a_operand(words, planes, W: gl.constexpr, RB: gl.constexpr, a_layout: gl.constexpr,
+                   CODEBOOK: gl.constexpr):
         """``[RB, W, 32, 4]`` fragment words -> the ``[16 W RB, 64]`` float16 A operand (``1024 +
-        q``): row block ``rb W + w`` is warp ``w``'s ``rb``-th, as the MMA layout repeats rows."""
-        o = gl.inline_asm_elementwise(_CVT_PTX, "=h,=h,=h,=h,=h,=h,=h,=h,r", [words],
-                                      dtype=(gl.float16,) * 8, is_pure=True, pack=1)
+        q``, or with ``CODEBOOK`` the levels, looked up in the byte ``planes``): row block ``rb W +
+        w`` is warp ``w``'s ``rb``-th, as the MMA layout repeats rows."""
+        if CODEBOOK:
+            o = gl.inline_asm_elementwise(_LUT8_PTX, "=h,=h,=h,=h,=h,=h,=h,=h,r,r,r,r,r,r,r,r,r",
+                                          [words, planes[0], planes[1], planes[2], planes[3], planes[4], planes[5],
+                                           planes[6], planes[7]],
+                                          dtype=(gl.float16,) * 8, is_pure=True, pack=1)
+        else:
+            o = gl.inline_asm_elementwise(_CVT_PTX, "=h,=h,=h,=h,=h,=h,=h,=h,r", [words],
+                                          dtype=(gl.float16,) * 8, is_pure=True, pack=1)
         # o[2 r + h]: half h of register r; join h innermost, then rr = r % 2, then rc = r // 2
         p0 = gl.join(o[0], o[1])
         p1 = gl.join(o[2], o[3])
@@ -143,8 +192,9 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _frag_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, NG, G_PER, SPLIT,
+                     L0, L1, L2, L3, H0, H1, H2, H3,
                      stride_xm, W: gl.constexpr, RB: gl.constexpr, TOK: gl.constexpr, PREFETCH: gl.constexpr,
-                     IS_SPLIT: gl.constexpr, GS: gl.constexpr):
+                     IS_SPLIT: gl.constexpr, GS: gl.constexpr, CODEBOOK: gl.constexpr):
         """``out[m, n] = sum over groups g`` of ``s[g, n] * (sum_k x[m, k] * (1024 + q[n, k]) -
         (z[g, n] + 1024) * sum_k x[m, k])`` in ``x``'s dtype (both sums on the tensor cores, the
         second against a tile of ones): program ``(row tile of 16 W RB, K split)``,
@@ -153,7 +203,9 @@ if HAVE_GLUON:
         buffer). Split-K as bitsmith's small-M kernels do it (``IS_SPLIT``): float32 partials to
         the workspace, a ticket from the tile's counter, and the last program adds them in split
         order and writes ``out`` (one launch, no zeroed buffer). ``GS``: steps of 64 per scale
-        group (1: groups of 64, 2: of 128); ``s`` and ``z`` are ``[K / (64 GS), N]``."""
+        group (1: groups of 64, 2: of 128); ``s`` and ``z`` are ``[K / (64 GS), N]``. ``CODEBOOK``: a
+        16-level codebook whose float16 byte planes are ``L0..H3`` (:func:`table_planes`): ``s[g,
+        n] * sum_k x[m, k] * level(q[n, k])``, no zeros."""
         pid_n = gl.program_id(0)
         pid_k = gl.program_id(1)
         BN: gl.constexpr = 16 * W * RB
@@ -182,13 +234,16 @@ if HAVE_GLUON:
                 words = gl.load(w_ptr + blk + (g + 1) * 128, mask=(blk >= 0) & (g + 1 < g_hi), other=0)
             else:
                 cur = gl.load(w_ptr + blk + g * 128)
-            a = _a_operand(cur, W, RB, a_layout)
+            a = _a_operand(cur, (L0, L1, L2, L3, H0, H1, H2, H3), W, RB, a_layout, CODEBOOK)
             b = _b_operand(x_ptr, g, M, stride_xm, W, TOK, b_layout)
             part = mma_v2(a, b, gl.zeros([BN, TOK], gl.float32, layout=mma))
             sc = gl.load(s_ptr + (g // GS) * N + rows).to(gl.float32)
-            zc = gl.load(z_ptr + (g // GS) * N + rows).to(gl.float32) + 1024.0
-            xs = mma_v2(ones, b, gl.zeros([BN, TOK], gl.float32, layout=mma))  # every row: the group's sum of x
-            acc += (part - zc[:, None] * xs) * sc[:, None]
+            if not CODEBOOK:
+                zc = gl.load(z_ptr + (g // GS) * N + rows).to(gl.float32) + 1024.0
+                xs = mma_v2(ones, b, gl.zeros([BN, TOK], gl.float32, layout=mma))  # every row: the group's sum of x
+                acc += (part - zc[:, None] * xs) * sc[:, None]
+            else:
+                acc += part * sc[:, None]
         o_off = toks[None, :] * N + rows[:, None]
         o_mask = (toks < M)[None, :] & (rows >= 0)[:, None]
         if IS_SPLIT:
@@ -206,11 +261,15 @@ if HAVE_GLUON:
             gl.store(out_ptr + o_off, acc.to(out_ptr.dtype.element_ty), mask=o_mask)
 
 
-def launch(x: torch.Tensor, words: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, n: int, w: int = 4, rb: int = 2, split: int = 8, prefetch: bool = False) -> torch.Tensor:
+def launch(x: torch.Tensor, words: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, n: int,
+           w: int = 4, rb: int = 2, split: int = 8, prefetch: bool = False,
+           table_bits: tuple[int, ...] | None = None) -> torch.Tensor:
     """``x [M, K] @ W^T`` for ``W`` in the fragment layout (``words`` from :func:`fragment_pack`,
     ``scale``/``zero`` ``[K / group, N]`` float16 for groups of 64 or 128), M <= 16, N a multiple
     of ``16 w rb``; output in ``x``'s dtype. One launch: the groups' activation sums come from the
-    tensor cores too (a product with a tile of ones), so there is no input preparation."""
+    tensor cores too (a product with a tile of ones), so there is no input preparation.
+    ``table_bits``: a 16-level codebook's float16 levels (``words`` packed with ``codebook=True``;
+    ``zero`` unused)."""
     from bitsmith.kernels.small_m import workspace
 
     m, k = x.shape
@@ -219,20 +278,23 @@ def launch(x: torch.Tensor, words: torch.Tensor, scale: torch.Tensor, zero: torc
     tiles = n // (16 * w * rb)
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     ws, cnt = workspace(x.device, split * m * n, tiles) if split > 1 else (scale, words)
-    _frag_kernel[(tiles, split)](x, words, scale, zero, out, ws, cnt, m, n, k, ng, -(-ng // split), split,
+    planes = table_planes(table_bits) if table_bits is not None else [0] * 8
+    _frag_kernel[(tiles, split)](x, words, scale, zero if zero is not None else scale, out, ws, cnt, m, n, k, ng,
+                                 -(-ng // split), split, *planes,
                                  x.stride(0), W=w, RB=rb, TOK=8 if m <= 8 else 16, PREFETCH=prefetch,
-                                 IS_SPLIT=split > 1, GS=k // (GROUP * scale.shape[0]), num_warps=w)
+                                 IS_SPLIT=split > 1, GS=k // (GROUP * scale.shape[0]), CODEBOOK=table_bits is not None,
+                                 num_warps=w)
     return out
 
 
-def compile_sm90(w: int = 4, tok: int = 8, rb: int = 1, prefetch: bool = False):
+def compile_sm90(w: int = 4, tok: int = 8, rb: int = 1, prefetch: bool = False, codebook: bool = False):
     """The kernel compiled for sm_90 on any machine (Triton's bundled ptxas)."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import compile as tcompile
     from triton.experimental.gluon._runtime import GluonASTSource
 
     names = _frag_kernel.arg_names
-    consts = {"W": w, "RB": rb, "TOK": tok, "PREFETCH": prefetch, "IS_SPLIT": True, "GS": 1}
+    consts = {"W": w, "RB": rb, "TOK": tok, "PREFETCH": prefetch, "IS_SPLIT": True, "GS": 1, "CODEBOOK": codebook}
     ptrs = {"x_ptr": "*fp16", "w_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*fp16", "out_ptr": "*fp16",
             "ws_ptr": "*fp32", "cnt_ptr": "*i32"}
     sig = {a: "constexpr" if a in consts else ptrs.get(a, "i32") for a in names}
@@ -261,14 +323,14 @@ def registers(cubin: bytes) -> int:
         return kernels_sass.registers(cubin, Path(tmp))
 
 
-def sass_report(w: int = 4, tok: int = 8, rb: int = 1, prefetch: bool = False) -> dict:
+def sass_report(w: int = 4, tok: int = 8, rb: int = 1, prefetch: bool = False, codebook: bool = False) -> dict:
     """Instructions per code and the memory opcodes of the main loop (one group of 64 k per step:
     each lane handles 8 codes x 4 products = 32 codes of each of its ``rb`` 16-row blocks)."""
-    compiled = compile_sm90(w, tok, rb, prefetch)
+    compiled = compile_sm90(w, tok, rb, prefetch, codebook)
     loop = loop_opcodes(compiled.asm["cubin"])
     total = sum(loop.values())
     shared = {op: c for op, c in loop.items() if re.match(r"(LDS|STS|LDSM|SHFL|BAR)", op)}
-    return {"warps": w, "row_blocks": rb, "tokens": tok, "prefetch": prefetch, "registers": registers(compiled.asm["cubin"]),
+    return {"format": "nf4" if codebook else "int4", "warps": w, "row_blocks": rb, "tokens": tok, "prefetch": prefetch, "registers": registers(compiled.asm["cubin"]),
             "loop_instructions": total, "per_code": total / (32 * rb),
             "shared_or_shuffle": shared, "opcodes": dict(loop.most_common())}
 
@@ -278,10 +340,10 @@ CONFIGS = ((4, 1, 8, 0), (4, 2, 4, 0), (4, 2, 8, 0), (4, 2, 16, 0), (4, 4, 8, 0)
            (4, 1, 8, 1), (4, 2, 8, 1), (4, 2, 16, 1), (4, 4, 8, 1), (8, 2, 8, 1))
 
 
-def probe_weight(w16: torch.Tensor, group: int, ms: list[int], timer) -> list[dict]:
-    """One weight quantized to int4 in groups of ``group``: at each M every probe config checked
-    against float64 ``x @ W^T`` and timed, next to fp16 ``F.linear`` and bitsmith's own choice
-    (``quant_matmul``); one row per M with the best correct config."""
+def probe_weight(w16: torch.Tensor, fmt: str, ms: list[int], timer) -> list[dict]:
+    """One weight quantized to ``fmt`` (``int4_g64``, ``int4_g128``, ``nf4_g64``): at each M every
+    probe config checked against float64 ``x @ W^T`` and timed, next to fp16 ``F.linear`` and
+    bitsmith's own choice (``quant_matmul``); one row per M with the best correct config."""
     import torch.nn.functional as F
 
     import bitsmith
@@ -289,9 +351,12 @@ def probe_weight(w16: torch.Tensor, group: int, ms: list[int], timer) -> list[di
     from bitsmith.kernels.layout import repack
 
     n, k = w16.shape
-    qt = bitsmith.quantize_tensor(w16.float(), "rtn", bits=4, group_size=group)
+    codebook = fmt.startswith("nf")
+    qt = (bitsmith.quantize_tensor(w16.float(), "nf", levels=16, block_size=64) if codebook
+          else bitsmith.quantize_tensor(w16.float(), "rtn", bits=4, group_size=int(fmt.split("_g")[1])))
     rw = repack(qt)
-    words = fragment_pack(codes_of_runtime(rw).cpu()).to(w16.device)
+    words = fragment_pack(codes_of_runtime(rw).cpu(), codebook).to(w16.device)
+    table = rw.table_bits[torch.float16] if codebook else None
     ref_w = qt.dequantize(torch.float64)
     ng = k // GROUP
     rows = []
@@ -304,17 +369,17 @@ def probe_weight(w16: torch.Tensor, group: int, ms: list[int], timer) -> list[di
                 continue
 
             def run(w=w, rb=rb, split=split, pf=pf):
-                return launch(x, words, rw.scale, rw.zero, n, w, rb, split, bool(pf))
+                return launch(x, words, rw.scale, rw.zero, n, w, rb, split, bool(pf), table)
 
             err = float((run().double() - ref).norm() / ref.norm())
             us = timer.time_graph(run)
-            print(f"{n}x{k} g{group} M={m} warps {w} row blocks {rb} split {split} prefetch {pf}: {us:7.1f} us  "
+            print(f"{n}x{k} {fmt} M={m} warps {w} row blocks {rb} split {split} prefetch {pf}: {us:7.1f} us  "
                   f"rel err {err:.1e}", flush=True)
             if err < 3e-3 and (best is None or us < best[0]):
                 best = (us, {"warps": w, "row_blocks": rb, "split": split, "prefetch": pf}, err)
         fp16 = timer.time_graph(lambda: F.linear(x, w16))
         ours = timer.time_graph(lambda: qmm.quant_matmul(x, rw))
-        rows.append({"n": n, "k": k, "group": group, "m": m, "fp16_us": fp16, "bitsmith_us": ours,
+        rows.append({"n": n, "k": k, "format": fmt, "m": m, "fp16_us": fp16, "bitsmith_us": ours,
                      "fragment_us": None if best is None else best[0], "fragment_cfg": None if best is None else best[1],
                      "rel_err": None if best is None else best[2]})
         print(f"  fp16 {fp16:.1f} us, bitsmith {ours:.1f} us ({fp16 / ours:.2f}x), fragment "
@@ -326,7 +391,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shapes", default="4096x4096,14336x4096,4096x14336,28672x8192")
     ap.add_argument("--m", default="1,8,16")
-    ap.add_argument("--groups", default="64,128", help="int4 group sizes")
+    ap.add_argument("--formats", default="int4_g64,int4_g128,nf4_g64")
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--name", default="gluon_fragment_probe")
     ap.add_argument("--sass", action="store_true", help="sm_90 machine code only (no GPU needed)")
@@ -335,9 +400,10 @@ def main() -> None:
     from _common import write_result
 
     if args.sass:
-        rows = [sass_report(4, tok, rb, pf) for pf in (False, True) for rb in (1, 2, 4) for tok in (8, 16)]
+        rows = [sass_report(4, tok, rb, pf, cb) for cb in (False, True) for pf in (False, True) for rb in (1, 2, 4)
+                for tok in (8, 16)]
         for r in rows:
-            print(f"row blocks {r['row_blocks']} tokens {r['tokens']} prefetch {r['prefetch']:d}: {r['registers']} registers, "
+            print(f"{r['format']} row blocks {r['row_blocks']} tokens {r['tokens']} prefetch {r['prefetch']:d}: {r['registers']} registers, "
                   f"{r['loop_instructions']} instructions a step, "
                   f"{r['per_code']:.2f} a code, shared/shuffle {r['shared_or_shuffle'] or 'none'}")
         write_result(args.name + "_sass", {"rows": rows, "arch": "sm_90"})
@@ -353,8 +419,8 @@ def main() -> None:
     for shape in args.shapes.split(","):
         n, k = (int(v) for v in shape.split("x"))
         w16 = (torch.randn(n, k, device=dev) * 0.02).to(torch.float16)
-        for group in (int(v) for v in args.groups.split(",")):
-            rows += probe_weight(w16, group, [int(v) for v in args.m.split(",")], timer)
+        for fmt in args.formats.split(","):
+            rows += probe_weight(w16, fmt, [int(v) for v in args.m.split(",")], timer)
     write_result(args.name, {"device": torch.cuda.get_device_name(dev), "rows": rows,
                              "timing": "CUDA-graph replay with the L2 flushed, median"})
 
