@@ -191,8 +191,9 @@ overlap)  # CUDA tests; SVDQuant's branch beside the matmul (three smoothing mod
   ;;
 fragment)  # the fragment-layout experiment: its CUDA test, then against fp16 and bitsmith's small-M kernels
   TEST_FILES="tests/test_gluon_fragment.py" TEST_K=cuda T_TESTS=${T_TESTS:-90} cuda_tests
-  echo "== python3 benchmarks/gluon_fragment_probe.py --reps 10" | tee "$OUT/fragment.txt"
-  timeout "${T_FRAG:-300}" python3 benchmarks/gluon_fragment_probe.py --reps 10 2>&1 | grep -v -i warn | tee -a "$OUT/fragment.txt" | grep -E "fp16|WRONG" 
+  echo "== python3 benchmarks/gluon_fragment_probe.py --m 1,16 --reps 10" | tee "$OUT/fragment.txt"
+  timeout "${T_FRAG:-360}" python3 benchmarks/gluon_fragment_probe.py --m 1,16 --reps 10 2>&1 | grep -v -i warn \
+    | tee -a "$OUT/fragment.txt" | grep -E "fp16|WRONG"
   cp benchmarks/results/gluon_fragment_probe.json "$OUT/" 2>/dev/null
   ;;
 tc)  # the tensor-core kernel's wider search at M = 16 (warps, tiles, stages, register cap)
