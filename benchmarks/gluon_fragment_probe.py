@@ -106,20 +106,11 @@ def lut8_ptx() -> str:
     """The fragment words' conversion for a 16-level codebook (packed with ``codebook=True``:
     register ``r``'s codes in byte ``r``): the byte-plane lookup of
     :func:`bitsmith.kernels.small_m._lut8` (levels 0-7 and 8-15 as float16 byte planes in
-    ``$9..$16``, ``L0..L3`` low bytes, ``H0..H3`` high bytes; ``prmt`` picks four codes' bytes at
-    a time, selectors computed once per word), ending in float16 pairs instead of float32s:
-    outputs ``$0..$7`` (half ``h`` of register ``r`` at ``2 r + h``)."""
-    lines = ["{", ".reg .b32 cw, sw, c, s, la, lb, ha, hb, lo, hi, p0, p1;",
-             "and.b32 cw, $8, 0x77777777;", "shr.b32 sw, $8, 1;", "and.b32 sw, sw, 0x44444444;",
-             "or.b32 sw, sw, 0x32103210;"]
-    for half in range(2):
-        lines += [f"shr.b32 c, cw, {16 * half};", f"shr.b32 s, sw, {16 * half};",
-                  "prmt.b32 la, $9, $10, c;", "prmt.b32 lb, $11, $12, c;",
-                  "prmt.b32 ha, $13, $14, c;", "prmt.b32 hb, $15, $16, c;",
-                  "prmt.b32 lo, la, lb, s;", "prmt.b32 hi, ha, hb, s;",
-                  "prmt.b32 p0, lo, hi, 0x5140;", "prmt.b32 p1, lo, hi, 0x7362;",
-                  f"mov.b32 {{${4 * half}, ${4 * half + 1}}}, p0;", f"mov.b32 {{${4 * half + 2}, ${4 * half + 3}}}, p1;"]
-    return "\n".join(lines + ["}"])
+    ``$9..$16``; ``prmt`` picks four codes' bytes at a time, selectors computed once per word),
+    ending in the float16 pairs the product takes: half ``h`` of register ``r`` in ``$2r+h``."""
+    from bitsmith.kernels.small_m import _lut8_ptx
+
+    return _lut8_ptx(pairs=True)
 
 
 def table_planes(table_bits: tuple[int, ...]) -> list[int]:

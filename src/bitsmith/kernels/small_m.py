@@ -91,8 +91,10 @@ def magic_for(dtype: torch.dtype, rbits: int) -> tuple[float, int]:
         return 128.0, 0x4300
     return 0.0, 0
 
-def _lut8_ptx() -> str:
-    """PTX of :func:`_lut8`: outputs ``$0..$7`` (code ``j`` of word ``$8`` as float32), the byte
+def _lut8_ptx(pairs: bool = False) -> str:
+    """PTX of :func:`_lut8`: outputs ``$0..$7`` (code ``j`` of word ``$8`` as float32; with
+    ``pairs`` the float16 levels of codes ``2i, 2i + 1`` as the halves ``$2i, $2i+1`` of one 32-bit
+    register, as a tensor-core operand takes them), the byte
     planes in ``$9..$16`` (``L0..L3``, ``H0..H3``). ``prmt`` reads its selector from the low 16
     bits, so for the four codes there: selector ``c = w & 0x7777`` (bit 3 of a selector nibble
     would switch ``prmt`` to sign replication), bank selector ``s = 0x3210 | ((w >> 1) & 0x4444)``
@@ -109,8 +111,11 @@ def _lut8_ptx() -> str:
                   "prmt.b32 lo, la, lb, s;", "prmt.b32 hi, ha, hb, s;",
                   "prmt.b32 p0, lo, hi, 0x5140;", "prmt.b32 p1, lo, hi, 0x7362;"]
         o = 4 * half
-        lines += ["mov.b32 {u0, u1}, p0;", f"cvt.f32.f16 ${o}, u0;", f"cvt.f32.f16 ${o + 1}, u1;",
-                  "mov.b32 {u0, u1}, p1;", f"cvt.f32.f16 ${o + 2}, u0;", f"cvt.f32.f16 ${o + 3}, u1;"]
+        if pairs:
+            lines += [f"mov.b32 {{${o}, ${o + 1}}}, p0;", f"mov.b32 {{${o + 2}, ${o + 3}}}, p1;"]
+        else:
+            lines += ["mov.b32 {u0, u1}, p0;", f"cvt.f32.f16 ${o}, u0;", f"cvt.f32.f16 ${o + 1}, u1;",
+                      "mov.b32 {u0, u1}, p1;", f"cvt.f32.f16 ${o + 2}, u0;", f"cvt.f32.f16 ${o + 3}, u1;"]
     return "\n".join(lines + ["}"])
 
 
