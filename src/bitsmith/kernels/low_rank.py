@@ -102,22 +102,21 @@ if HAVE_TRITON:
                     xl = xs.to(x.dtype).to(tl.float32)  # rounded to the activation dtype, as F.linear's input
                 ld = tl.load(l_ptr + offs_r[:, None] * K + offs_k[None, :], mask=k_mask[None, :], other=0.0)
                 acc += ld.to(tl.float32) * xl[None, :]
-        part = tl.sum(acc, axis=1)
-        if not PROJECT:
-            pass
-        elif SLICES == 1:
-            tl.store(t_ptr + row * RANK + offs_r, part)
-        else:
-            tl.store(part_ptr + (pid_k * M + row) * RANK + offs_r, part)
-            tl.debug_barrier()  # every thread's partials are written before the ticket is taken
-            ticket = tl.atomic_add(cnt_ptr + row, 1, sem="acq_rel")
-            if ticket == SLICES - 1:
-                tl.debug_barrier()
-                offs_s = tl.arange(0, SLICES_P)
-                parts = tl.load(part_ptr + (offs_s[:, None] * M + row) * RANK + offs_r[None, :],
-                                mask=(offs_s < SLICES)[:, None], other=0.0, cache_modifier=".cg")
-                tl.store(t_ptr + row * RANK + offs_r, tl.sum(parts, axis=0))
-                tl.atomic_xchg(cnt_ptr + row, 0)
+        if PROJECT:
+            part = tl.sum(acc, axis=1)
+            if SLICES == 1:
+                tl.store(t_ptr + row * RANK + offs_r, part)
+            else:
+                tl.store(part_ptr + (pid_k * M + row) * RANK + offs_r, part)
+                tl.debug_barrier()  # every thread's partials are written before the ticket is taken
+                ticket = tl.atomic_add(cnt_ptr + row, 1, sem="acq_rel")
+                if ticket == SLICES - 1:
+                    tl.debug_barrier()
+                    offs_s = tl.arange(0, SLICES_P)
+                    parts = tl.load(part_ptr + (offs_s[:, None] * M + row) * RANK + offs_r[None, :],
+                                    mask=(offs_s < SLICES)[:, None], other=0.0, cache_modifier=".cg")
+                    tl.store(t_ptr + row * RANK + offs_r, tl.sum(parts, axis=0))
+                    tl.atomic_xchg(cnt_ptr + row, 0)
 
 
 def padded_rank(rank: int) -> int:
@@ -176,7 +175,7 @@ MAX_SLICES = 32
 MAX_SLICES_OVERLAPPED = 128
 # smoothing in the layer: x_main by its own launch, then t beside the matmul (main_input +
 # project_overlapped) instead of one launch for both in front of it. Off until measured on the GPU
-# (benchmarks/svdquant_overhead.py --split-smoothing); the pieces are tested on the CPU
+# (benchmarks/svdquant_overhead.py --smoothing divide-split); the pieces are tested on the CPU
 OVERLAP = {"smoothed": False}
 CHUNK = 64  # channels per step inside a slice
 MAX_ROWS = 16  # rows up to which the down-projection runs in the kernel (one program per row and slice)
