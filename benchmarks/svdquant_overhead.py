@@ -78,29 +78,31 @@ def main() -> None:
         n, k = (int(v) for v in shape.split("x"))
         plain, lows = modules(n, k, args.rank, dev, smoothing)
         assert plain.__dict__.get("_runtime") is not None
-        for m, (mode, low) in ((int(v), ml) for v in args.m.split(",") for ml in lows.items()):
-            assert low.__dict__.get("_runtime") is not None
-            low_rank.OVERLAP["smoothed"] = mode == "divide-split"
-            x = torch.randn(m, k, device=dev, dtype=torch.float16)
-            with torch.no_grad():
+        with torch.no_grad():  # forward timings only
+            for m in (int(v) for v in args.m.split(",")):
+                x = torch.randn(m, k, device=dev, dtype=torch.float16)
                 t_plain, g_plain = timer.time_flushed(lambda: plain(x)), timer.time_graph(lambda: plain(x))
-                for fused in (True, False):
-                    low.fuse_low_rank = fused
-                    t_low, g_low = timer.time_flushed(lambda: low(x)), timer.time_graph(lambda: low(x))
-                    lr = low._low_rank_runtime(x.dtype)
-                    if not fused:
-                        g_down = None
-                    elif mode == "divide":
-                        g_down = timer.time_graph(lambda: low_rank.down_project(x, lr))
-                    else:
-                        g_down = timer.time_graph(lambda: (low_rank.main_input(x, lr), low_rank.project_overlapped(x, lr)))
-                    row = {"n": n, "k": k, "m": m, "rank": args.rank, "smoothing": mode, "fused": fused, "int4_us": t_plain,
-                           "low_rank_us": t_low, "overhead": t_low / t_plain - 1, "int4_graph_us": g_plain,
-                           "low_rank_graph_us": g_low, "overhead_graph": g_low / g_plain - 1, "down_graph_us": g_down}
-                    rows.append(row)
-                    print(f"{n:>6}x{k:<5} {m:>4} {mode:>12} {'fused' if fused else 'torch':>8} {t_plain:9.1f} {t_low:13.1f} "
-                          f"{row['overhead']:8.0%} {g_plain:8.1f}/{g_low:8.1f} {row['overhead_graph']:8.0%} "
-                          f"{'' if g_down is None else f'{g_down:9.1f}'}", flush=True)
+                for mode, low in lows.items():
+                    assert low.__dict__.get("_runtime") is not None
+                    low_rank.OVERLAP["smoothed"] = mode == "divide-split"
+                    for fused in (True, False):
+                        low.fuse_low_rank = fused
+                        t_low, g_low = timer.time_flushed(lambda: low(x)), timer.time_graph(lambda: low(x))
+                        lr = low._low_rank_runtime(x.dtype)
+                        if not fused:
+                            g_down = None
+                        elif mode == "divide":
+                            g_down = timer.time_graph(lambda: low_rank.down_project(x, lr))
+                        else:
+                            g_down = timer.time_graph(lambda: (low_rank.main_input(x, lr),
+                                                               low_rank.project_overlapped(x, lr)))
+                        row = {"n": n, "k": k, "m": m, "rank": args.rank, "smoothing": mode, "fused": fused, "int4_us": t_plain,
+                               "low_rank_us": t_low, "overhead": t_low / t_plain - 1, "int4_graph_us": g_plain,
+                               "low_rank_graph_us": g_low, "overhead_graph": g_low / g_plain - 1, "down_graph_us": g_down}
+                        rows.append(row)
+                        print(f"{n:>6}x{k:<5} {m:>4} {mode:>12} {'fused' if fused else 'torch':>8} {t_plain:9.1f} {t_low:13.1f} "
+                              f"{row['overhead']:8.0%} {g_plain:8.1f}/{g_low:8.1f} {row['overhead_graph']:8.0%} "
+                              f"{'' if g_down is None else f'{g_down:9.1f}'}", flush=True)
         del plain, lows
     low_rank.OVERLAP["smoothed"] = False
     write_result(args.name, {"device": torch.cuda.get_device_name(dev), "rows": rows,
