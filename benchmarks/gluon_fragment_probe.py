@@ -115,10 +115,11 @@ def lut8_ptx() -> str:
 
 def table_planes(table_bits: tuple[int, ...]) -> list[int]:
     """The 16 float16 levels as :func:`lut8_ptx`'s byte planes (int32: ``L0..L3``, ``H0..H3``,
-    byte ``i`` of plane ``b`` the low / high byte of level ``4 b + i``)."""
-    planes = [sum(((table_bits[4 * b + i] >> (8 * hi)) & 0xFF) << (8 * i) for i in range(4))
-              for hi in (0, 1) for b in range(4)]
-    return [p - (1 << 32) if p >= 1 << 31 else p for p in planes]
+    byte ``i`` of plane ``b`` the low / high byte of level ``4 b + i``), signed for a kernel
+    argument."""
+    from bitsmith.kernels.small_m import byte_planes
+
+    return [p - (1 << 32) if p >= 1 << 31 else p for p in byte_planes(table_bits)]
 
 
 try:

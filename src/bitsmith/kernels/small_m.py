@@ -131,6 +131,13 @@ def _magic_pair_ptx(bits: int, magic_bits: int, j: int) -> str:
     return "{\n.reg .b32 t;\nshr.b32 t, $1, %d;\n%s\n}" % (j * bits, lop % "t")
 
 
+def byte_planes(table_bits: tuple[int, ...]) -> list[int]:
+    """16 levels (16-bit patterns) as eight 32-bit byte planes, ``L0..L3`` then ``H0..H3``: byte
+    ``i`` of ``L{b}`` (``H{b}``) is the low (high) byte of level ``4 b + i`` (unsigned)."""
+    return [sum(((table_bits[4 * b + i] >> (8 * hi)) & 0xFF) << (8 * i) for i in range(4))
+            for hi in (0, 1) for b in range(4)]
+
+
 def lut_pair_ptx(table_bits: tuple[int, ...]) -> str:
     """PTX body of :func:`_half_steps`' codebook operand: register ``t`` holds two 4-bit codes,
     in bits 0-3 and 16-19 (the code slot already shifted down, see :data:`_PAIR_HEAD`); ``$0``
@@ -141,8 +148,7 @@ def lut_pair_ptx(table_bits: tuple[int, ...]) -> str:
     picks the bank by each code's top bit, a third interleaves low and high bytes."""
     if len(table_bits) != 16:
         raise ValueError(f"the pair lookup takes a 16-level table, got {len(table_bits)}")
-    planes = [sum(((table_bits[4 * b + i] >> (8 * hi)) & 0xFF) << (8 * i) for i in range(4))
-              for hi in (0, 1) for b in range(4)]
+    planes = byte_planes(table_bits)
     lines = [".reg .b32 u, v, sl, sb, la, lb, ha, hb, lo, hi, p0, p2, q0, q2;"]
     # the first source of a prmt is a register, the second may be an immediate
     lines += [f"mov.b32 {r}, {planes[i]:#010x};" for r, i in (("p0", 0), ("p2", 2), ("q0", 4), ("q2", 6))]
