@@ -42,6 +42,7 @@ from pathlib import Path
 import torch
 
 GROUP = 64  # k per group: four products of k 16, one 16-byte load per lane
+FORMATS = {"int4": 0, "nf4": 1, "int3": 2}  # the kernel's FMT: which fragment words it reads
 MAGIC_BITS = 0x6400  # float16 1024: 1024 + q has the bit pattern 0x6400 | q
 
 
@@ -94,12 +95,58 @@ def fragment_pack(codes: torch.Tensor, codebook: bool = False) -> torch.Tensor:
     return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
 
 
+INT3_WORDS = 3  # words a lane holds per group of 64 in the int3 fragment layout (32 codes x 3 bits)
+
+
+def int3_code_bits(reg: int, step: int, half: int) -> list[tuple[int, int]]:
+    """Where the three bits (LSB first) of half ``half`` of A register ``reg`` in product ``step``
+    sit among a lane's :data:`INT3_WORDS` words of a group, as ``(word, bit)``. Registers ``i = 4
+    step + reg`` 0..14 fill five 3-bit slots a word, ``i`` in word ``i // 5``, slot ``u = i % 5``
+    at bits ``3 u + 16 half``, so one shift and one LOP3 make ``magic + q`` of both halves;
+    register 15 takes the bits every word leaves free, code bit ``b`` at bit ``15 + 16 half`` of
+    word ``b``."""
+    i = 4 * step + reg
+    if i < 15:
+        word, base = divmod(i, 5)
+        return [(word, 3 * base + 16 * half + b) for b in range(3)]
+    return [(b, 15 + 16 * half) for b in range(3)]
+
+
+def fragment_pack3(codes: torch.Tensor) -> torch.Tensor:
+    """3-bit codes ``[N, K]`` (values 0..7, N a multiple of 16, K of 64) -> the int3 fragment
+    layout, int32 ``[N / 16, K / 64, 3, 32]`` (row block, group, word, lane): exactly 3 bits a
+    weight, each word of the 32 lanes contiguous (one coalesced 4-byte load per word), the code of
+    half ``h`` of register ``r`` in product ``s`` at :func:`int3_code_bits` for the channel
+    :func:`physical_k` of its logical ``k``."""
+    n, k = codes.shape
+    if n % 16 or k % GROUP:
+        raise ValueError(f"fragment_pack3: N must be a multiple of 16 and K of {GROUP}, got {n}x{k}")
+    if int(codes.max()) > 7:
+        raise ValueError(f"fragment_pack3: codes reach {int(codes.max())}, 3 bits hold 0..7")
+    blocks = codes.to(torch.int64).reshape(n // 16, 16, k // GROUP, GROUP).permute(0, 2, 1, 3)  # [NB, KG, 16, 64]
+    words = torch.zeros(n // 16, k // GROUP, INT3_WORDS, 32, dtype=torch.int64)
+    for lane in range(32):
+        for step in range(4):
+            for reg in range(4):
+                for half in range(2):
+                    row, kk = fragment_position(lane, reg, half, step)
+                    code = blocks[:, :, row, physical_k(kk)]
+                    for b, (word, bit) in enumerate(int3_code_bits(reg, step, half)):
+                        words[:, :, word, lane] |= ((code >> b) & 1) << bit
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+
+
 def codes_of_runtime(rw) -> torch.Tensor:
-    """The int4 codes ``[N, K]`` of a runtime-layout weight (``rw.words [K / 8, N]``, code ``j`` of
-    a word at bits ``4 j``)."""
-    w = rw.words.to(torch.int64) & 0xFFFFFFFF
-    codes = torch.stack([(w >> (4 * j)) & 15 for j in range(8)], dim=1)  # [KW, 8, N]
-    return codes.reshape(-1, rw.n)[: rw.k].t().contiguous().to(torch.uint8)
+    """The codes ``[N, K]`` of a 4- or 3-bit runtime-layout weight (``rw.words [K / pack, N]``,
+    code ``j`` of a word at bits ``b j``; 3 bits: the low two bits so, the top bit in ``words_hi``
+    ``[K / 32, N]`` at bit ``j``)."""
+    def unpack(words: torch.Tensor, bits: int) -> torch.Tensor:
+        w = words.to(torch.int64) & 0xFFFFFFFF
+        codes = torch.stack([(w >> (bits * j)) & ((1 << bits) - 1) for j in range(32 // bits)], dim=1)
+        return codes.reshape(-1, rw.n)[: rw.k]  # [K, N]
+
+    codes = unpack(rw.words, 2) | (unpack(rw.words_hi, 1) << 2) if rw.rbits == 3 else unpack(rw.words, 4)
+    return codes.t().contiguous().to(torch.uint8)
 
 
 def lut8_ptx() -> str:
@@ -122,6 +169,27 @@ def table_planes(table_bits: tuple[int, ...]) -> list[int]:
     return [p - (1 << 32) if p >= 1 << 31 else p for p in byte_planes(table_bits)]
 
 
+def int3_cvt_ptx() -> str:
+    """A lane's three int3 fragment words (``$32..$34``) -> the 16 A registers of a group's four
+    products as float16 halves ``1024 + q`` (register ``i = 4 s + r``'s half ``h`` in ``$2i+h``):
+    one shift and one LOP3 per register of words' slots, three of each for register 15 (its bits
+    from the top of the three words, :func:`int3_code_bits`)."""
+    magic = f"{MAGIC_BITS * 0x10001:#010x}"
+    lines = ["{", ".reg .b32 r<16>, t;"]
+    for i in range(15):
+        word, slot = divmod(i, 5)
+        src = f"${32 + word}"
+        if slot:
+            lines.append(f"shr.b32 t, {src}, {3 * slot};")
+            src = "t"
+        lines.append(f"lop3.b32 r{i}, {src}, 0x00070007, {magic}, 0xea;")
+    for b in range(3):  # bit b of both halves: bit 15 (+ 16) of word b to bit b (+ 16)
+        lines.append(f"shr.b32 t, ${32 + b}, {15 - b};")
+        lines.append(f"lop3.b32 r15, t, {(1 << b) * 0x10001:#010x}, {magic if b == 0 else 'r15'}, 0xea;")
+    lines += [f"mov.b32 {{${2 * i}, ${2 * i + 1}}}, r{i};" for i in range(16)] + ["}"]
+    return "\n".join(lines)
+
+
 try:
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
@@ -140,6 +208,10 @@ if HAVE_GLUON:
         + [f"mov.b32 {{${2 * i}, ${2 * i + 1}}}, r{i};" for i in range(4)] + ["}"]))
 
     _LUT8_PTX = gl.constexpr(lut8_ptx())
+
+    _CVT3_PTX = gl.constexpr(int3_cvt_ptx())
+    _CVT3_CONSTRAINTS = gl.constexpr(",".join(["=h"] * 32 + ["r"] * INT3_WORDS))
+    _INT3_WORDS = gl.constexpr(INT3_WORDS)
 
     @gluon.jit
     def _a_operand(words, planes, W: gl.constexpr, RB: gl.constexpr, a_layout: gl.constexpr,
@@ -167,6 +239,30 @@ if HAVE_GLUON:
         return gl.convert_layout(a, a_layout, assert_trivial=True)
 
     @gluon.jit
+    def _product3(o, s: gl.constexpr):
+        """Product ``s``'s four registers of :func:`int3_cvt_ptx`'s halves as ``[.., h, rr, rc]``."""
+        p0 = gl.join(o[8 * s + 0], o[8 * s + 1])
+        p1 = gl.join(o[8 * s + 2], o[8 * s + 3])
+        p2 = gl.join(o[8 * s + 4], o[8 * s + 5])
+        p3 = gl.join(o[8 * s + 6], o[8 * s + 7])
+        return gl.join(gl.join(p0, p1), gl.join(p2, p3))
+
+    @gluon.jit
+    def _a_operand3(words, W: gl.constexpr, RB: gl.constexpr, a_layout: gl.constexpr):
+        """``[RB, W, 32, 4]`` int3 fragment words (the fourth unused) -> the ``[16 W RB, 64]``
+        float16 A operand ``1024 + q``, rows and ``k`` as :func:`_a_operand` orders them."""
+        even, odd = gl.split(gl.reshape(words, [RB, W, 32, 2, 2]))  # word 2 a + b: split takes b
+        w0, w2 = gl.split(even)
+        w1, w3 = gl.split(odd)
+        o = gl.inline_asm_elementwise(_CVT3_PTX, _CVT3_CONSTRAINTS, [w0, w1, w2],
+                                      dtype=(gl.float16,) * 32, is_pure=True, pack=1)
+        a = gl.join(gl.join(_product3(o, 0), _product3(o, 1)), gl.join(_product3(o, 2), _product3(o, 3)))
+        a = gl.reshape(a, [RB, W, 8, 4, 2, 2, 2, 2, 2])  # [RB, W, g, t, h, rr, rc, s % 2, s // 2]
+        a = gl.permute(a, [0, 1, 5, 2, 8, 7, 6, 3, 4])  # [RB, W, rr, g, s // 2, s % 2, rc, t, h]
+        a = gl.reshape(a, [16 * W * RB, 64])
+        return gl.convert_layout(a, a_layout, assert_trivial=True)
+
+    @gluon.jit
     def _b_operand(x_ptr, g, M, stride_xm, W: gl.constexpr, TOK: gl.constexpr, b_layout: gl.constexpr):
         """Group ``g``'s activations as the ``[64, TOK]`` B operand: lane ``4 g' + t`` loads the 16
         contiguous channels ``16 t ..`` of token ``g'`` (and ``g' + 8``), which
@@ -186,7 +282,7 @@ if HAVE_GLUON:
     def _frag_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, NG, G_PER, SPLIT,
                      L0, L1, L2, L3, H0, H1, H2, H3,
                      stride_xm, W: gl.constexpr, RB: gl.constexpr, TOK: gl.constexpr, PREFETCH: gl.constexpr,
-                     IS_SPLIT: gl.constexpr, GS: gl.constexpr, CODEBOOK: gl.constexpr):
+                     IS_SPLIT: gl.constexpr, GS: gl.constexpr, FMT: gl.constexpr):
         """``out[m, n] = sum over groups g`` of ``s[g, n] * (sum_k x[m, k] * (1024 + q[n, k]) -
         (z[g, n] + 1024) * sum_k x[m, k])`` in ``x``'s dtype (both sums on the tensor cores, the
         second against a tile of ones): program ``(row tile of 16 W RB, K split)``,
@@ -195,9 +291,11 @@ if HAVE_GLUON:
         buffer). Split-K as bitsmith's small-M kernels do it (``IS_SPLIT``): float32 partials to
         the workspace, a ticket from the tile's counter, and the last program adds them in split
         order and writes ``out`` (one launch, no zeroed buffer). ``GS``: steps of 64 per scale
-        group (1: groups of 64, 2: of 128); ``s`` and ``z`` are ``[K / (64 GS), N]``. ``CODEBOOK``: a
-        16-level codebook whose float16 byte planes are ``L0..H3`` (:func:`table_planes`): ``s[g,
-        n] * sum_k x[m, k] * level(q[n, k])``, no zeros."""
+        group (1: groups of 64, 2: of 128); ``s`` and ``z`` are ``[K / (64 GS), N]``. ``FMT``: the
+        words' format (:data:`FORMATS`): 0 int4 (:func:`fragment_pack`), 1 a 16-level codebook
+        (``codebook=True``) whose float16 byte planes are ``L0..H3`` (:func:`table_planes`):
+        ``s[g, n] * sum_k x[m, k] * level(q[n, k])``, no zeros; 2 int3 (:func:`fragment_pack3`,
+        three words a lane and group, loaded as a tile of four with the fourth masked)."""
         pid_n = gl.program_id(0)
         pid_k = gl.program_id(1)
         BN: gl.constexpr = 16 * W * RB
@@ -205,13 +303,20 @@ if HAVE_GLUON:
         a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
         b_layout: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=mma, k_width=2)
         w_layout: gl.constexpr = gl.BlockedLayout([1, 1, 1, 4], [1, 1, 32, 1], [1, W, 1, 1], [3, 2, 1, 0])
-        # word offsets of this tile's blocks: [repeat, warp, lane, product]
+        CODEBOOK: gl.constexpr = FMT == 1
+        WPG: gl.constexpr = 32 * _INT3_WORDS if FMT == 2 else 128  # words per 16-row block and group
+        # word offsets of this tile's blocks: [repeat, warp, lane, product] (int3: [.., lane, word])
         orb = gl.arange(0, RB, layout=gl.SliceLayout(1, gl.SliceLayout(2, gl.SliceLayout(3, w_layout))))
         ow = gl.arange(0, W, layout=gl.SliceLayout(0, gl.SliceLayout(2, gl.SliceLayout(3, w_layout))))
         ol = gl.arange(0, 32, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(3, w_layout))))
         os_ = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, w_layout))))
         rblock = pid_n * (W * RB) + orb[:, None] * W + ow[None, :]
-        blk = (rblock[:, :, None, None] * (NG * 128) + ol[None, None, :, None] * 4 + os_[None, None, None, :])
+        if FMT == 2:
+            blk = rblock[:, :, None, None] * (NG * WPG) + ol[None, None, :, None] + os_[None, None, None, :] * 32
+            in_group = (os_ < _INT3_WORDS)[None, None, None, :] & (blk >= 0)
+        else:
+            blk = rblock[:, :, None, None] * (NG * WPG) + ol[None, None, :, None] * 4 + os_[None, None, None, :]
+            in_group = blk >= 0
         rows = pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(1, mma))
         toks = gl.arange(0, TOK, layout=gl.SliceLayout(0, mma))
         acc = gl.zeros([BN, TOK], gl.float32, layout=mma)
@@ -219,14 +324,19 @@ if HAVE_GLUON:
         g_lo = pid_k * G_PER
         g_hi = gl.minimum(g_lo + G_PER, NG)
         if PREFETCH:
-            words = gl.load(w_ptr + blk + g_lo * 128)
+            words = gl.load(w_ptr + blk + g_lo * WPG, mask=in_group, other=0)
         for g in range(g_lo, g_hi):
             if PREFETCH:
                 cur = words
-                words = gl.load(w_ptr + blk + (g + 1) * 128, mask=(blk >= 0) & (g + 1 < g_hi), other=0)
+                words = gl.load(w_ptr + blk + (g + 1) * WPG, mask=in_group & (g + 1 < g_hi), other=0)
+            elif FMT == 2:
+                cur = gl.load(w_ptr + blk + g * WPG, mask=in_group, other=0)
             else:
-                cur = gl.load(w_ptr + blk + g * 128)
-            a = _a_operand(cur, (L0, L1, L2, L3, H0, H1, H2, H3), W, RB, a_layout, CODEBOOK)
+                cur = gl.load(w_ptr + blk + g * WPG)
+            if FMT == 2:
+                a = _a_operand3(cur, W, RB, a_layout)
+            else:
+                a = _a_operand(cur, (L0, L1, L2, L3, H0, H1, H2, H3), W, RB, a_layout, CODEBOOK)
             b = _b_operand(x_ptr, g, M, stride_xm, W, TOK, b_layout)
             part = mma_v2(a, b, gl.zeros([BN, TOK], gl.float32, layout=mma))
             sc = gl.load(s_ptr + (g // GS) * N + rows).to(gl.float32)
@@ -253,16 +363,27 @@ if HAVE_GLUON:
             gl.store(out_ptr + o_off, acc.to(out_ptr.dtype.element_ty), mask=o_mask)
 
 
+def fragment_words(rw, fmt: str) -> torch.Tensor:
+    """A runtime-layout weight's codes in the fragment layout of ``fmt`` (:data:`FORMATS`), on its
+    device."""
+    codes = codes_of_runtime(rw).cpu()
+    words = fragment_pack3(codes) if fmt == "int3" else fragment_pack(codes, codebook=fmt == "nf4")
+    return words.to(rw.device)
+
+
 def launch(x: torch.Tensor, words: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, n: int,
            w: int = 4, rb: int = 2, split: int = 8, prefetch: bool = False,
-           table_bits: tuple[int, ...] | None = None) -> torch.Tensor:
-    """``x [M, K] @ W^T`` for ``W`` in the fragment layout (``words`` from :func:`fragment_pack`,
-    ``scale``/``zero`` ``[K / group, N]`` float16 for groups of 64 or 128), M <= 16, N a multiple
-    of ``16 w rb``; output in ``x``'s dtype. One launch: the groups' activation sums come from the
-    tensor cores too (a product with a tile of ones), so there is no input preparation.
-    ``table_bits``: a 16-level codebook's float16 levels (``words`` packed with ``codebook=True``;
-    ``zero`` unused)."""
+           table_bits: tuple[int, ...] | None = None, fmt: str = "int4") -> torch.Tensor:
+    """``x [M, K] @ W^T`` for ``W`` in the fragment layout of ``fmt`` (``words`` from
+    :func:`fragment_words`, ``scale``/``zero`` ``[K / group, N]`` float16 for groups of 64 or
+    128), M <= 16, N a multiple of ``16 w rb``; output in ``x``'s dtype. One launch: the groups'
+    activation sums come from the tensor cores too (a product with a tile of ones), so there is
+    no input preparation. ``fmt="nf4"`` takes ``table_bits``, the 16-level codebook's float16
+    levels (``zero`` unused)."""
     from bitsmith.kernels.small_m import workspace
+
+    if (fmt == "nf4") != (table_bits is not None):
+        raise ValueError(f"launch: table_bits goes with fmt='nf4' and only with it (fmt={fmt!r})")
 
     m, k = x.shape
     ng = k // GROUP
@@ -274,19 +395,19 @@ def launch(x: torch.Tensor, words: torch.Tensor, scale: torch.Tensor, zero: torc
     _frag_kernel[(tiles, split)](x, words, scale, zero if zero is not None else scale, out, ws, cnt, m, n, k, ng,
                                  -(-ng // split), split, *planes,
                                  x.stride(0), W=w, RB=rb, TOK=8 if m <= 8 else 16, PREFETCH=prefetch,
-                                 IS_SPLIT=split > 1, GS=k // (GROUP * scale.shape[0]), CODEBOOK=table_bits is not None,
+                                 IS_SPLIT=split > 1, GS=k // (GROUP * scale.shape[0]), FMT=FORMATS[fmt],
                                  num_warps=w)
     return out
 
 
-def compile_sm90(w: int = 4, tok: int = 8, rb: int = 1, prefetch: bool = False, codebook: bool = False):
+def compile_sm90(w: int = 4, tok: int = 8, rb: int = 1, prefetch: bool = False, fmt: str = "int4"):
     """The kernel compiled for sm_90 on any machine (Triton's bundled ptxas)."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import compile as tcompile
     from triton.experimental.gluon._runtime import GluonASTSource
 
     names = _frag_kernel.arg_names
-    consts = {"W": w, "RB": rb, "TOK": tok, "PREFETCH": prefetch, "IS_SPLIT": True, "GS": 1, "CODEBOOK": codebook}
+    consts = {"W": w, "RB": rb, "TOK": tok, "PREFETCH": prefetch, "IS_SPLIT": True, "GS": 1, "FMT": FORMATS[fmt]}
     ptrs = {"x_ptr": "*fp16", "w_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*fp16", "out_ptr": "*fp16",
             "ws_ptr": "*fp32", "cnt_ptr": "*i32"}
     sig = {a: "constexpr" if a in consts else ptrs.get(a, "i32") for a in names}
@@ -315,14 +436,14 @@ def registers(cubin: bytes) -> int:
         return kernels_sass.registers(cubin, Path(tmp))
 
 
-def sass_report(w: int = 4, tok: int = 8, rb: int = 1, prefetch: bool = False, codebook: bool = False) -> dict:
+def sass_report(w: int = 4, tok: int = 8, rb: int = 1, prefetch: bool = False, fmt: str = "int4") -> dict:
     """Instructions per code and the memory opcodes of the main loop (one group of 64 k per step:
     each lane handles 8 codes x 4 products = 32 codes of each of its ``rb`` 16-row blocks)."""
-    compiled = compile_sm90(w, tok, rb, prefetch, codebook)
+    compiled = compile_sm90(w, tok, rb, prefetch, fmt)
     loop = loop_opcodes(compiled.asm["cubin"])
     total = sum(loop.values())
     shared = {op: c for op, c in loop.items() if re.match(r"(LDS|STS|LDSM|SHFL|BAR)", op)}
-    return {"format": "nf4" if codebook else "int4", "warps": w, "row_blocks": rb, "tokens": tok, "prefetch": prefetch, "registers": registers(compiled.asm["cubin"]),
+    return {"format": fmt, "warps": w, "row_blocks": rb, "tokens": tok, "prefetch": prefetch, "registers": registers(compiled.asm["cubin"]),
             "loop_instructions": total, "per_code": total / (32 * rb),
             "shared_or_shuffle": shared, "opcodes": dict(loop.most_common())}
 
@@ -333,7 +454,7 @@ CONFIGS = ((4, 1, 8, 0), (4, 2, 4, 0), (4, 2, 8, 0), (4, 2, 16, 0), (4, 4, 8, 0)
 
 
 def probe_weight(w16: torch.Tensor, fmt: str, ms: list[int], timer) -> list[dict]:
-    """One weight quantized to ``fmt`` (``int4_g64``, ``int4_g128``, ``nf4_g64``): at each M every
+    """One weight quantized to ``fmt`` (``int4_g64``, ``int4_g128``, ``nf4_g64``, ``int3_g64``): at each M every
     probe config checked against float64 ``x @ W^T`` and timed, next to fp16 ``F.linear`` and
     bitsmith's own choice (``quant_matmul``); one row per M with the best correct config."""
     import torch.nn.functional as F
@@ -343,12 +464,12 @@ def probe_weight(w16: torch.Tensor, fmt: str, ms: list[int], timer) -> list[dict
     from bitsmith.kernels.layout import repack
 
     n, k = w16.shape
-    codebook = fmt.startswith("nf")
-    qt = (bitsmith.quantize_tensor(w16.float(), "nf", levels=16, block_size=64) if codebook
-          else bitsmith.quantize_tensor(w16.float(), "rtn", bits=4, group_size=int(fmt.split("_g")[1])))
+    kind = fmt.split("_g")[0]
+    qt = (bitsmith.quantize_tensor(w16.float(), "nf", levels=16, block_size=64) if kind == "nf4"
+          else bitsmith.quantize_tensor(w16.float(), "rtn", bits=int(kind[3:]), group_size=int(fmt.split("_g")[1])))
     rw = repack(qt)
-    words = fragment_pack(codes_of_runtime(rw).cpu(), codebook).to(w16.device)
-    table = rw.table_bits[torch.float16] if codebook else None
+    words = fragment_words(rw, kind)
+    table = rw.table_bits[torch.float16] if kind == "nf4" else None
     ref_w = qt.dequantize(torch.float64)
     ng = k // GROUP
     rows = []
@@ -361,7 +482,7 @@ def probe_weight(w16: torch.Tensor, fmt: str, ms: list[int], timer) -> list[dict
                 continue
 
             def run(w=w, rb=rb, split=split, pf=pf):
-                return launch(x, words, rw.scale, rw.zero, n, w, rb, split, bool(pf), table)
+                return launch(x, words, rw.scale, rw.zero, n, w, rb, split, bool(pf), table, kind)
 
             err = float((run().double() - ref).norm() / ref.norm())
             us = timer.time_graph(run)
@@ -383,7 +504,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shapes", default="4096x4096,14336x4096,4096x14336,28672x8192")
     ap.add_argument("--m", default="1,8,16")
-    ap.add_argument("--formats", default="int4_g64,int4_g128,nf4_g64")
+    ap.add_argument("--formats", default="int4_g64,int4_g128,nf4_g64,int3_g64")
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--name", default="gluon_fragment_probe")
     ap.add_argument("--sass", action="store_true", help="sm_90 machine code only (no GPU needed)")
@@ -392,7 +513,7 @@ def main() -> None:
     from _common import write_result
 
     if args.sass:
-        rows = [sass_report(4, tok, rb, pf, cb) for cb in (False, True) for pf in (False, True) for rb in (1, 2, 4)
+        rows = [sass_report(4, tok, rb, pf, fmt) for fmt in FORMATS for pf in (False, True) for rb in (1, 2, 4)
                 for tok in (8, 16)]
         for r in rows:
             print(f"{r['format']} row blocks {r['row_blocks']} tokens {r['tokens']} prefetch {r['prefetch']:d}: {r['registers']} registers, "
@@ -413,8 +534,9 @@ def main() -> None:
         w16 = (torch.randn(n, k, device=dev) * 0.02).to(torch.float16)
         for fmt in args.formats.split(","):
             rows += probe_weight(w16, fmt, [int(v) for v in args.m.split(",")], timer)
-    write_result(args.name, {"device": torch.cuda.get_device_name(dev), "rows": rows,
-                             "timing": "CUDA-graph replay with the L2 flushed, median"})
+            # after every weight: a run cut short by a time limit keeps what it measured
+            write_result(args.name, {"device": torch.cuda.get_device_name(dev), "rows": rows,
+                                     "timing": "CUDA-graph replay with the L2 flushed, median"})
 
 
 if __name__ == "__main__":
