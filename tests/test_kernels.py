@@ -14,8 +14,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -24,6 +22,7 @@ import torch.nn.functional as F
 
 import bitsmith
 from bitsmith.kernels import HAVE_TRITON, dequantize_runtime, repack, unsupported_reason
+from conftest import run_interpreter_tests
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 CUDA = torch.cuda.is_available()
@@ -86,16 +85,7 @@ def test_unsupported_weights_say_why():
 @pytest.mark.skipif(INTERPRETED or not HAVE_TRITON, reason="the subprocess itself" if INTERPRETED else "triton is not installed")
 def test_interpreter_suite():
     """Run this file's interpreter tests in a subprocess with TRITON_INTERPRET=1."""
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    src = str(Path(__file__).resolve().parents[1] / "src")
-    env["PYTHONPATH"] = src + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "-o", "addopts=", "-q", "-x", "-p", "no:cacheprovider", __file__, "-k", "interp_"],
-        env=env, capture_output=True, text=True, timeout=600,
-    )
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
-    summary = proc.stdout.strip().splitlines()[-1]
-    assert " passed" in summary and "skipped" not in summary and "failed" not in summary, summary
+    run_interpreter_tests(__file__)
 
 
 def _interp_case(name, m, n, k, dtype, configs=None):

@@ -26,12 +26,20 @@ Runtime layout of a weight ``W [N, K]`` (``N`` output features, ``K`` input feat
   exact there); symmetric: absent, the kernel subtracts the constant ``zconst``.
 * ``table``: codebook levels, float32 ``[2**rbits]`` (unused entries 0).
 
+A second runtime layout, ``fragment`` (:mod:`bitsmith.kernels.fragment`), keeps int4, int3 and
+16-level codebook codes as the tensor cores' operand fragments (``words [NB, KG, WPG]``, no
+``words_hi``, ``Kp`` a multiple of 64) with the same ``scale``, ``zero`` and ``table``. Its
+kernels (:mod:`bitsmith.kernels.fragment_mma`) have not run on a GPU yet, so :func:`repack`
+builds it only when asked: ``layout="fragment"``, or ``BITSMITH_FRAGMENT=1`` in the environment
+(:data:`FRAGMENT`) for every weight it can hold on a CUDA GPU of compute capability 8.0 or newer.
+
 Dequantization in the kernels: affine ``(q - zero) * scale``, codebook ``table[q] * absmax``, in
 float32 as the reference does, then rounded once to the activation dtype.
 """
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 from typing import Mapping
 
@@ -41,9 +49,13 @@ from ..errors import QuantizationError
 from ..formats import QTensor
 from ..formats.affine import AffineCodec, AffineParams, group_layout
 from ..formats.codebook import CodebookParams, _codebook, dq_absmax
+from . import fragment
 
 K_ALIGN = 32  # runtime K padding (the 3-bit high plane holds 32 codes a word)
 RUNTIME_BITS = (2, 3, 4, 8)
+LAYOUTS = ("rows", "fragment")
+# whether repack builds the fragment layout where it can (its kernels await a GPU measurement)
+FRAGMENT = {"enabled": os.environ.get("BITSMITH_FRAGMENT", "0") == "1"}
 
 
 @dataclasses.dataclass
@@ -68,10 +80,19 @@ class RuntimeWeight:
     table_bits: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)
     repack_seconds: float = 0.0
     plans: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)  # launch plans (qmm)
+    layout: str = "rows"  # "rows" (module docstring) or "fragment" (bitsmith.kernels.fragment)
 
     @property
     def pack(self) -> int:
         return 16 if self.rbits == 3 else 32 // self.rbits
+
+    @property
+    def fragment_format(self) -> str | None:
+        """The :mod:`~bitsmith.kernels.fragment` format ("int4", "nf4", "int3") of a weight in
+        the fragment layout, else ``None``."""
+        if self.layout != "fragment":
+            return None
+        return fragment.fragment_format(self.kind, self.rbits, self.group)
 
     @property
     def device(self) -> torch.device:
@@ -148,22 +169,34 @@ def _group_meta(t: torch.Tensor, ng: int, ngp: int, dtype: torch.dtype) -> torch
     return _pad_cols(t.reshape(t.shape[0], ng).to(dtype), ngp).t().contiguous()
 
 
-def repack(qt: QTensor) -> RuntimeWeight:
-    """Build the runtime layout of a 2-D QTensor on its own device. Raises
-    :class:`~bitsmith.errors.QuantizationError` naming why when the kernels cannot take it."""
+def _fragment_device(device: torch.device) -> bool:
+    """Whether the fragment layout's kernels can run on ``device`` (a CUDA GPU with ``mma.sync``
+    for float16 and bfloat16, compute capability 8.0+, and Triton's Gluon)."""
+    if device.type != "cuda" or torch.cuda.get_device_capability(device)[0] < 8:
+        return False
+    from .fragment_mma import HAVE_GLUON
+
+    return HAVE_GLUON
+
+
+def repack(qt: QTensor, layout: str | None = None) -> RuntimeWeight:
+    """Build the runtime layout of a 2-D QTensor on its own device: ``layout`` "rows" or
+    "fragment"; ``None`` picks "fragment" where :data:`FRAGMENT` is on and the weight and device
+    can take it, else "rows". Raises :class:`~bitsmith.errors.QuantizationError` naming why when
+    the kernels cannot take the weight (or the fragment layout was asked for and cannot hold it)."""
     reason = unsupported_reason(qt)
     if reason is not None:
         raise QuantizationError(f"no fused kernel for this weight: {reason}")
+    if layout not in (None, *LAYOUTS):
+        raise QuantizationError(f"runtime layout {layout!r} is not one of {LAYOUTS}")
     t0 = time.perf_counter()
     n, k = qt.shape
-    kp = -(-k // K_ALIGN) * K_ALIGN
     p = qt.params
     if isinstance(p, AffineParams):
         rows, cols, ng = group_layout(qt.shape, p.group_size)
         codes = AffineCodec.unpack_codes(p, qt.tensors, qt.shape).reshape(n, ng * p.group_size)[:, :k]
         rbits = _runtime_bits(p.bits)
         group = 0 if ng == 1 else p.group_size
-        ngp = 1 if group == 0 else -(-kp // group)
         if getattr(p, "scale_quant", None) is not None or getattr(p, "zero_quant", None) is not None:
             # quantized metadata: dequantized once here, kept as float32 (what the reader sees)
             s_val, z_val = AffineCodec.meta_values(p, qt.tensors, qt.shape)
@@ -171,27 +204,24 @@ def repack(qt: QTensor) -> RuntimeWeight:
         else:
             s_val, z_val = qt.tensors["scale"], qt.tensors.get("zero")
             sdt = p.torch_scale_dtype
-        scale = _group_meta(s_val, ng, ngp, sdt)
-        zero = None if p.zero == "none" else _group_meta(z_val, ng, ngp, sdt)
         zconst = p.symmetric_zero if p.zero == "none" else 0.0
         table, table_bits = None, {}
         kind = "affine"
     else:
         assert isinstance(p, CodebookParams)
-        nb = -(-k // p.block_size)
-        width = nb * p.block_size
+        ng = -(-k // p.block_size)
+        width = ng * p.block_size
         codes = p.packing.unpack(qt.tensors["codes"], n * width).view(n, width)[:, :k]
         if int(codes.max()) >= p.levels:
             raise QuantizationError(f"codebook codes reach {int(codes.max())}, the table has {p.levels} levels")
         rbits = _runtime_bits(max(2, (p.levels - 1).bit_length()))
         if p.double_quant:
-            absmax = dq_absmax(qt.tensors["absmax_codes"], qt.tensors["absmax_scale"], p.dq_block).view(n, nb)
+            s_val = dq_absmax(qt.tensors["absmax_codes"], qt.tensors["absmax_scale"], p.dq_block).view(n, ng)
         else:
-            absmax = qt.tensors["absmax"]
-        group = 0 if nb == 1 else p.block_size
-        ngp = 1 if group == 0 else -(-kp // group)
-        scale = _group_meta(absmax, nb, ngp, torch.float32)
-        zero, zconst = None, 0.0
+            s_val = qt.tensors["absmax"]
+        z_val, sdt = None, torch.float32
+        group = 0 if ng == 1 else p.block_size
+        zconst = 0.0
         levels = _codebook(p.table, p.levels).levels32
         table = torch.zeros(1 << rbits, dtype=torch.float32)
         table[: p.levels] = levels
@@ -199,11 +229,26 @@ def repack(qt: QTensor) -> RuntimeWeight:
                       for dt in (torch.float16, torch.bfloat16)}
         table = table.to(codes.device)
         kind = "codebook"
-    codes = _pad_cols(codes.to(torch.uint8), kp)
-    words, words_hi = _codes_words(codes, rbits)
+    frag = fragment.fragment_format(kind, rbits, group)
+    if layout is None:
+        layout = "fragment" if FRAGMENT["enabled"] and frag is not None and _fragment_device(codes.device) else "rows"
+    if layout == "fragment" and frag is None:
+        raise QuantizationError(f"the fragment layout holds int4/int3 and 16-level codebook codes in groups of a "
+                                f"multiple of {fragment.GROUP} (or one a row); this weight has {kind} "
+                                f"{rbits}-bit codes in groups of {group or k}")
+    align = fragment.GROUP if layout == "fragment" else K_ALIGN
+    kp = -(-k // align) * align
+    ngp = 1 if group == 0 else -(-kp // group)
+    scale = _group_meta(s_val, ng, ngp, sdt)
+    zero = None if z_val is None or (kind == "affine" and p.zero == "none") else _group_meta(z_val, ng, ngp, sdt)
+    codes = codes.to(torch.uint8)
+    if layout == "fragment":
+        words, words_hi = fragment.pack(codes, frag), None
+    else:
+        words, words_hi = _codes_words(_pad_cols(codes, kp), rbits)
     int_zero = kind == "affine" and (p.zero == "int" or (p.zero == "none" and float(zconst).is_integer()))
     rw = RuntimeWeight(kind, n, k, kp, rbits, group, words, words_hi, scale, zero, zconst, table, int_zero,
-                       table_bits)
+                       table_bits, layout=layout)
     if words.is_cuda:
         # also required, not only for the timing: the small-M kernels launch as programmatic
         # dependents and load their first weights before waiting for the kernel before them
@@ -213,24 +258,30 @@ def repack(qt: QTensor) -> RuntimeWeight:
     return rw
 
 
+def runtime_codes(rw: RuntimeWeight) -> torch.Tensor:
+    """The codes ``[N, K]`` (uint8) of a runtime weight, read back from either layout."""
+    if rw.layout == "fragment":
+        return fragment.unpack(rw.words, rw.n, rw.k, rw.fragment_format)
+    if rw.rbits == 3:
+        q = _unpack_words(rw.words, 2, rw.kp) | (_unpack_words(rw.words_hi, 1, rw.kp) << 2)
+    else:
+        q = _unpack_words(rw.words, rw.rbits, rw.kp)
+    return q[:, : rw.k].to(torch.uint8)
+
+
 def dequantize_runtime(rw: RuntimeWeight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The weight ``[N, K]`` read back from the runtime layout with torch ops (float32 math, as
     the kernels do); tests compare it with the storage layout's own dequantization."""
-    kp, n = rw.kp, rw.n
-    if rw.rbits == 3:
-        lo = _unpack_words(rw.words, 2, kp)
-        hi = _unpack_words(rw.words_hi, 1, kp)
-        q = lo | (hi << 2)
-    else:
-        q = _unpack_words(rw.words, rw.rbits, kp)
-    grp = torch.zeros(kp, dtype=torch.int64, device=q.device) if rw.group == 0 else torch.arange(kp, device=q.device) // rw.group
-    s = rw.scale.to(torch.float32)[grp].t()  # [N, Kp]
+    q = runtime_codes(rw)
+    k = rw.k
+    grp = torch.zeros(k, dtype=torch.int64, device=q.device) if rw.group == 0 else torch.arange(k, device=q.device) // rw.group
+    s = rw.scale.to(torch.float32)[grp].t()  # [N, K]
     if rw.kind == "codebook":
         w = rw.table[q.long()] * s
     else:
         z = rw.zero.to(torch.float32)[grp].t() if rw.zero is not None else rw.zconst
         w = (q.to(torch.float32) - z) * s
-    return w[:, : rw.k].to(dtype)
+    return w.to(dtype)
 
 
 def _unpack_words(words: torch.Tensor, bits: int, kp: int) -> torch.Tensor:
@@ -241,4 +292,5 @@ def _unpack_words(words: torch.Tensor, bits: int, kp: int) -> torch.Tensor:
     return q.reshape(words.shape[1], -1)[:, :kp]
 
 
-__all__ = ["RuntimeWeight", "repack", "unsupported_reason", "dequantize_runtime", "pack_words", "K_ALIGN"]
+__all__ = ["RuntimeWeight", "repack", "unsupported_reason", "dequantize_runtime", "runtime_codes", "pack_words", "K_ALIGN",
+           "FRAGMENT", "LAYOUTS"]

@@ -37,7 +37,7 @@ except ImportError:  # pragma: no cover - depends on the environment
     tl = None
     HAVE_TRITON = False
 
-from . import small_m
+from . import fragment_mma, small_m
 from .layout import RuntimeWeight
 
 if HAVE_TRITON:
@@ -342,7 +342,7 @@ def _sm_count(device: torch.device) -> int:
 
 
 def _layout_key(rw: RuntimeWeight, dtype: torch.dtype) -> tuple:
-    return (rw.kind, rw.rbits, rw.group, rw.zero is not None, dtype)
+    return (rw.layout, rw.kind, rw.rbits, rw.group, rw.zero is not None, dtype)
 
 
 def _m_bucket(m: int) -> int:
@@ -392,7 +392,10 @@ def reserve_workspace(rw: RuntimeWeight) -> None:
     """Size the device's split-K workspace for every M = 1 config of ``rw`` (at load, so that a
     first call inside CUDA-graph capture needs no allocation)."""
     if rw.device.type == "cuda" and HAVE_TRITON:
-        small_m.workspace(rw.device, MAX_SPLIT * rw.n, -(-rw.n // MIN_BLOCK_N))
+        if rw.layout == "fragment":  # up to MAX_PARTIALS partials a column, a counter per 64-row tile
+            small_m.workspace(rw.device, fragment_mma.MAX_PARTIALS * rw.n, -(-rw.words.shape[0] // 4))
+        else:
+            small_m.workspace(rw.device, MAX_SPLIT * rw.n, -(-rw.n // MIN_BLOCK_N))
 
 
 def m1_configs(rw: RuntimeWeight, dtype: torch.dtype) -> list[dict]:
@@ -494,6 +497,16 @@ def _launch(rw: RuntimeWeight, x2: torch.Tensor, bias: torch.Tensor | None, cfg:
     n = rw.n
     if isinstance(lowrank, small_m.LowRankFill) and "KERNEL" not in cfg:
         lowrank = (lowrank.fill(), lowrank.up)
+    if cfg.get("KERNEL") == "fragment":  # no low-rank epilogue: a given branch is added after
+        out = torch.empty(m, n, dtype=x2.dtype, device=x2.device)
+        kernel, grid, args, consts, options = fragment_mma.launch_args(rw, x2, bias, cfg, out)
+        hit = _run(kernel, grid, args, consts, options)
+        if lowrank is not None:
+            t = lowrank.fill() if isinstance(lowrank, small_m.LowRankFill) else lowrank[0]
+            return out.addmm_(t.to(x2.dtype), lowrank[1])
+        if plan_key is not None and hit is not None:
+            rw.plans[plan_key] = _Plan(hit[0], grid, args, hit[1], n, 1, rw.scale, x2.device.index)
+        return out
     if cfg.get("DEQUANT_MM"):
         wt = dequantize_t(rw, x2.dtype)
         out = torch.mm(x2, wt) if bias is None else torch.addmm(bias.to(x2.dtype), x2, wt)
@@ -535,6 +548,8 @@ def _launch(rw: RuntimeWeight, x2: torch.Tensor, bias: torch.Tensor | None, cfg:
 
 def dequantize_t(rw: RuntimeWeight, dtype: torch.dtype) -> torch.Tensor:
     """``W^T [K, N]`` in ``dtype`` from the runtime layout (one memory-bound kernel)."""
+    if rw.layout == "fragment":
+        return fragment_mma.dequantize_t(rw, dtype, _run)
     out = torch.empty(rw.k, rw.n, dtype=dtype, device=rw.device)
     bn, bkw = 128, 8
     grid = (triton.cdiv(rw.n, bn), triton.cdiv(rw.words.shape[0], bkw))
@@ -572,10 +587,16 @@ def gpu_time(fn, calls: int = 20) -> float:
 
 
 def _configs(rw: RuntimeWeight, m: int, dtype: torch.dtype) -> list[dict]:
+    if rw.layout == "fragment":  # its tensor-core kernel up to 16 rows, else dequantize + cuBLAS
+        return fragment_mma.configs(rw, m, dtype, _sm_count(rw.device)) or [{"DEQUANT_MM": True}]
     return m1_configs(rw, dtype) if m == 1 else gemm_configs(rw, m, dtype)
 
 
 def _default_config(rw: RuntimeWeight, m: int, device: torch.device, dtype: torch.dtype) -> dict:
+    if rw.layout == "fragment":
+        if m <= 16 and fragment_mma.supports(rw, dtype) is None:
+            return fragment_mma.default_config(rw, m, _sm_count(device))
+        return {"DEQUANT_MM": True}
     return default_m1_config(rw, device, dtype) if m == 1 else default_gemm_config(rw, m, device)
 
 

@@ -1,0 +1,430 @@
+"""Kernels for the fragment runtime layout (:mod:`bitsmith.kernels.fragment`): int4, int3 and
+16-level codebook weights times float16 / bfloat16 activations.
+
+* ``_frag_kernel`` (M = 1..16, Gluon: Triton's explicit-layout language, so the words' registers
+  *are* the tensor-core operand, ``convert_layout(..., assert_trivial=True)`` proves it at compile
+  time): a program owns ``16 W RB`` rows (warp ``w``, ``RB`` row blocks each) and a slice of the
+  groups (split-K). Per group a lane loads its words (one 16-byte load, int3 three 4-byte loads),
+  turns them into the A operand (:func:`cvt4_ptx`, :func:`cvt3_ptx`, or the byte-plane lookup
+  :func:`bitsmith.kernels.small_m._lut8_ptx` for codebooks), loads its 16 activations per token
+  as 32 contiguous bytes (the B operand, shared by the warps), and issues ``mma.m16n8k16``;
+  affine groups take their activation sums from a product with a tile of ones, so there is no
+  input preparation launch::
+
+      y[m, n] = sum_g s[g, n] * (sum_k x[m, k] (MAGIC + q[n, k]) - (z[g, n] + MAGIC) sum_k x[m, k])
+
+  Split-K is reduced inside the launch as the small-M kernels do it (:mod:`bitsmith.kernels.small_m`:
+  float32 partials, a ticket per tile, the last program sums in split order, adds the bias,
+  writes ``y`` and resets the counter).
+* ``_dequant_kernel`` (Triton, any M): ``W^T`` in the activation dtype, for cuBLAS when M is large
+  (the ``rows`` layout does the same there, :func:`bitsmith.kernels.qmm.dequantize_t`).
+
+Status (issue #8): compiled for sm_90 and checked on the CPU (machine code, conversion PTX by
+emulation); the CUDA tests and timings wait for a GPU session, so :func:`bitsmith.kernels.layout.repack`
+only builds this layout when asked (``BITSMITH_FRAGMENT=1``, :data:`bitsmith.kernels.layout.FRAGMENT`).
+"""
+from __future__ import annotations
+
+import torch
+
+from . import fragment
+from .layout import RuntimeWeight
+
+try:
+    import triton
+    import triton.language as tl
+
+    HAVE_TRITON = True
+except ImportError:  # pragma: no cover - depends on the environment
+    triton = tl = None
+    HAVE_TRITON = False
+
+try:
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.ampere import mma_v2
+
+    HAVE_GLUON = True
+except ImportError:  # pragma: no cover - depends on the environment
+    gluon = gl = mma_v2 = None
+    HAVE_GLUON = False
+
+# 16-bit float bit pattern and value of MAGIC (``MAGIC + q`` is ``MAGIC_BITS | q``, exact for q < 128)
+MAGIC = {torch.float16: (0x6400, 1024.0), torch.bfloat16: (0x4300, 128.0)}
+FMT_IDS = {fmt: i for i, fmt in enumerate(fragment.FORMATS)}  # the kernels' FMT constexpr
+MAX_PARTIALS = 256  # split-K x M per output column: the workspace reserved per weight (reserve_workspace)
+
+
+def cvt4_ptx(magic_bits: int) -> str:
+    """int4 fragment word ``$8`` -> its product's four A registers as 16-bit halves ``magic +
+    q`` (register ``r``'s half ``h`` in ``$2r+h``): register ``r``'s codes sit at bits ``4 r`` and
+    ``16 + 4 r``, so a shift (none for ``r = 0``) and one LOP3 ``(a & b) | c`` make each register."""
+    magic = f"{magic_bits * 0x10001:#010x}"
+    lines = ["{", ".reg .b32 r0, r1, r2, r3, t;", f"lop3.b32 r0, $8, 0x000F000F, {magic}, 0xea;"]
+    for r in (1, 2, 3):
+        lines += [f"shr.b32 t, $8, {4 * r};", f"lop3.b32 r{r}, t, 0x000F000F, {magic}, 0xea;"]
+    return "\n".join(lines + [f"mov.b32 {{${2 * r}, ${2 * r + 1}}}, r{r};" for r in range(4)] + ["}"])
+
+
+def cvt3_ptx(magic_bits: int) -> str:
+    """A lane's three int3 fragment words (``$32..$34``) -> the 16 A registers of a group's four
+    products as 16-bit halves ``magic + q`` (register ``i = 4 s + r``'s half ``h`` in ``$2i+h``):
+    a shift and a LOP3 per register of a word's five slots; register 15 gathers its bits from the
+    top of each word (bit ``15 + 16 h`` of word ``b`` is its code bit ``b``)."""
+    magic = f"{magic_bits * 0x10001:#010x}"
+    lines = ["{", ".reg .b32 r<16>, t;"]
+    for i in range(15):
+        word, slot = divmod(i, 5)
+        src = f"${32 + word}"
+        if slot:
+            lines.append(f"shr.b32 t, {src}, {3 * slot};")
+            src = "t"
+        lines.append(f"lop3.b32 r{i}, {src}, 0x00070007, {magic}, 0xea;")
+    for b in range(3):
+        lines.append(f"shr.b32 t, ${32 + b}, {15 - b};")
+        lines.append(f"lop3.b32 r15, t, {(1 << b) * 0x10001:#010x}, {magic if b == 0 else 'r15'}, 0xea;")
+    return "\n".join(lines + [f"mov.b32 {{${2 * i}, ${2 * i + 1}}}, r{i};" for i in range(16)] + ["}"])
+
+
+def lut8_ptx() -> str:
+    """A codebook fragment word (``$8``, register ``r``'s two codes in byte ``r``) -> the float
+    levels of its product's A registers through the byte planes ``$9..$16``: the M = 1 kernel's
+    lookup (:func:`bitsmith.kernels.small_m._lut8_ptx`) ending in 16-bit pairs."""
+    from .small_m import _lut8_ptx
+
+    return _lut8_ptx(pairs=True)
+
+
+def table_planes(rw: RuntimeWeight, dtype: torch.dtype) -> list[int]:
+    """The codebook's levels in ``dtype`` as :func:`lut8_ptx`'s eight byte planes (signed int32
+    kernel arguments); eight zeros for an affine weight."""
+    if rw.kind != "codebook":
+        return [0] * 8
+    from .small_m import byte_planes
+
+    return [p - (1 << 32) if p >= 1 << 31 else p for p in byte_planes(rw.table_bits[dtype])]
+
+
+if HAVE_GLUON:
+    _CVT4_F16 = gl.constexpr(cvt4_ptx(MAGIC[torch.float16][0]))
+    _CVT4_BF16 = gl.constexpr(cvt4_ptx(MAGIC[torch.bfloat16][0]))
+    _CVT3_F16 = gl.constexpr(cvt3_ptx(MAGIC[torch.float16][0]))
+    _CVT3_BF16 = gl.constexpr(cvt3_ptx(MAGIC[torch.bfloat16][0]))
+    _LUT8 = gl.constexpr(lut8_ptx())
+    _CVT3_CONSTRAINTS = gl.constexpr(",".join(["=h"] * 32 + ["r"] * fragment.INT3_WORDS))
+    _INT3_WORDS = gl.constexpr(fragment.INT3_WORDS)
+
+    @gluon.jit
+    def _fragment_tile(o, W: gl.constexpr, RB: gl.constexpr, a_layout: gl.constexpr):
+        """Eight 16-bit tensors ``[RB, W, 32, 4]`` (register ``r``'s half ``h`` at ``2 r + h`` of
+        a lane's product ``s``) -> the ``[16 W RB, 64]`` A operand: row ``16 (rb W + w) + 8 rr + g``
+        (``r = rr + 2 rc``), logical ``k = 16 s + 8 rc + 2 t + h`` of lane ``4 g + t``."""
+        p0 = gl.join(o[0], o[1])
+        p1 = gl.join(o[2], o[3])
+        p2 = gl.join(o[4], o[5])
+        p3 = gl.join(o[6], o[7])
+        a = gl.join(gl.join(p0, p1), gl.join(p2, p3))  # [RB, W, 32, s, h, rr, rc]
+        a = gl.reshape(a, [RB, W, 8, 4, 4, 2, 2, 2])
+        a = gl.permute(a, [0, 1, 6, 2, 4, 7, 3, 5])  # [RB, W, rr, g, s, rc, t, h]
+        a = gl.reshape(a, [16 * W * RB, 64])
+        return gl.convert_layout(a, a_layout, assert_trivial=True)
+
+    @gluon.jit
+    def _product3(o, s: gl.constexpr):
+        """Product ``s``'s four registers of :func:`cvt3_ptx`'s halves as ``[.., h, rr, rc]``."""
+        p0 = gl.join(o[8 * s + 0], o[8 * s + 1])
+        p1 = gl.join(o[8 * s + 2], o[8 * s + 3])
+        p2 = gl.join(o[8 * s + 4], o[8 * s + 5])
+        p3 = gl.join(o[8 * s + 6], o[8 * s + 7])
+        return gl.join(gl.join(p0, p1), gl.join(p2, p3))
+
+    @gluon.jit
+    def _a_operand(words, planes, W: gl.constexpr, RB: gl.constexpr, a_layout: gl.constexpr,
+                   FMT: gl.constexpr, BF16: gl.constexpr):
+        """A lane's words of one group (``[RB, W, 32, 4]``; int3: the fourth unused) -> the A
+        operand ``[16 W RB, 64]`` in the activation dtype (``BF16``: bfloat16, else float16):
+        ``MAGIC + q``, or a codebook's levels."""
+        if BF16:
+            dts8: gl.constexpr = (gl.bfloat16,) * 8
+            dts32: gl.constexpr = (gl.bfloat16,) * 32
+            cvt3: gl.constexpr = _CVT3_BF16
+            cvt4: gl.constexpr = _CVT4_BF16
+        else:
+            dts8: gl.constexpr = (gl.float16,) * 8
+            dts32: gl.constexpr = (gl.float16,) * 32
+            cvt3: gl.constexpr = _CVT3_F16
+            cvt4: gl.constexpr = _CVT4_F16
+        if FMT == 2:
+            even, odd = gl.split(gl.reshape(words, [RB, W, 32, 2, 2]))  # word 2 a + b: split takes b
+            w0, w2 = gl.split(even)
+            w1, w3 = gl.split(odd)
+            o = gl.inline_asm_elementwise(cvt3, _CVT3_CONSTRAINTS, [w0, w1, w2], dtype=dts32, is_pure=True, pack=1)
+            a = gl.join(gl.join(_product3(o, 0), _product3(o, 1)), gl.join(_product3(o, 2), _product3(o, 3)))
+            a = gl.reshape(a, [RB, W, 8, 4, 2, 2, 2, 2, 2])  # [RB, W, g, t, h, rr, rc, s % 2, s // 2]
+            a = gl.permute(a, [0, 1, 5, 2, 8, 7, 6, 3, 4])  # [RB, W, rr, g, s // 2, s % 2, rc, t, h]
+            a = gl.reshape(a, [16 * W * RB, 64])
+            return gl.convert_layout(a, a_layout, assert_trivial=True)
+        elif FMT == 1:
+            o = gl.inline_asm_elementwise(_LUT8, "=h,=h,=h,=h,=h,=h,=h,=h,r,r,r,r,r,r,r,r,r",
+                                          [words, planes[0], planes[1], planes[2], planes[3], planes[4], planes[5],
+                                           planes[6], planes[7]], dtype=dts8, is_pure=True, pack=1)
+            return _fragment_tile(o, W, RB, a_layout)
+        else:
+            o = gl.inline_asm_elementwise(cvt4, "=h,=h,=h,=h,=h,=h,=h,=h,r", [words], dtype=dts8, is_pure=True, pack=1)
+            return _fragment_tile(o, W, RB, a_layout)
+
+    @gluon.jit
+    def _b_operand(x_ptr, g, M, K, stride_xm, W: gl.constexpr, TOK: gl.constexpr, b_layout: gl.constexpr,
+                   TAIL: gl.constexpr):
+        """Group ``g``'s activations as the ``[64, TOK]`` B operand: lane ``4 g' + t`` loads the 16
+        contiguous channels ``16 t ..`` of token ``g'`` (and ``g' + 8``), exactly its fragment
+        (:func:`bitsmith.kernels.fragment.physical_k`); the warps load the same (broadcast).
+        Tokens past ``M`` and (``TAIL``) channels past ``K`` read 0."""
+        x_layout: gl.constexpr = gl.BlockedLayout([1, 1, 16], [8, 4, 1], [1, 1, W], [2, 1, 0])
+        otok = gl.arange(0, TOK, layout=gl.SliceLayout(1, gl.SliceLayout(2, x_layout)))
+        ot = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(2, x_layout)))
+        oj = gl.arange(0, 16, layout=gl.SliceLayout(0, gl.SliceLayout(1, x_layout)))
+        chan = (g * 64 + ot * 16)[None, :, None] + oj[None, None, :]
+        if TAIL:
+            x_mask = (otok < M)[:, None, None] & (chan < K)
+        else:
+            x_mask = (otok < M)[:, None, None] & (chan >= 0)
+        xv = gl.load(x_ptr + otok[:, None, None] * stride_xm + chan, mask=x_mask, other=0.0)
+        b = gl.reshape(xv, [TOK, 4, 4, 2, 2])  # [token, t, s, rc, h]
+        b = gl.permute(b, [2, 3, 1, 4, 0])  # [s, rc, t, h, token]
+        b = gl.reshape(b, [64, TOK])
+        return gl.convert_layout(b, b_layout, assert_trivial=True)
+
+    @gluon.jit
+    def _frag_kernel(x_ptr, w_ptr, ws_ptr, s_ptr, z_ptr, cnt_ptr, b_ptr, out_ptr,
+                     M, N, K, NB, NG, G_PER, SPLIT, L0, L1, L2, L3, H0, H1, H2, H3, zconst, stride_xm,
+                     W: gl.constexpr, RB: gl.constexpr, TOK: gl.constexpr, PREFETCH: gl.constexpr,
+                     IS_SPLIT: gl.constexpr, SG: gl.constexpr, FMT: gl.constexpr, HAS_ZERO: gl.constexpr,
+                     HAS_BIAS: gl.constexpr, TAIL: gl.constexpr, BF16: gl.constexpr):
+        """See the module docstring. Program ``(row tile, K split)``; ``SG``: groups of 64 per
+        scale group (0: one scale a row); ``FMT``: :data:`FMT_IDS`; ``L0..H3``: a codebook's byte
+        planes; ``zconst``: the symmetric zero when ``HAS_ZERO`` is off; ``TAIL``: ``N`` is not a
+        multiple of the tile or ``K`` of 64 (loads are masked); ``BF16``: the activations are bfloat16 (else float16)."""
+        DT: gl.constexpr = x_ptr.dtype.element_ty
+        MAGIC_F: gl.constexpr = 128.0 if BF16 else 1024.0
+        pid_n = gl.program_id(0)
+        pid_k = gl.program_id(1)
+        BN: gl.constexpr = 16 * W * RB
+        WPG: gl.constexpr = 32 * _INT3_WORDS if FMT == 2 else 128
+        mma: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[W, 1], instr_shape=[16, 8])
+        a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
+        b_layout: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=mma, k_width=2)
+        w_layout: gl.constexpr = gl.BlockedLayout([1, 1, 1, 4], [1, 1, 32, 1], [1, W, 1, 1], [3, 2, 1, 0])
+        orb = gl.arange(0, RB, layout=gl.SliceLayout(1, gl.SliceLayout(2, gl.SliceLayout(3, w_layout))))
+        ow = gl.arange(0, W, layout=gl.SliceLayout(0, gl.SliceLayout(2, gl.SliceLayout(3, w_layout))))
+        ol = gl.arange(0, 32, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(3, w_layout))))
+        os_ = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, w_layout))))
+        rblock = pid_n * (W * RB) + orb[:, None] * W + ow[None, :]
+        if FMT == 2:  # [.., lane, word]: words of the 32 lanes contiguous
+            blk = rblock[:, :, None, None] * (NG * WPG) + ol[None, None, :, None] + os_[None, None, None, :] * 32
+            w_mask = (os_ < _INT3_WORDS)[None, None, None, :] & (blk >= 0)
+            if TAIL:
+                w_mask = w_mask & (rblock < NB)[:, :, None, None]
+        else:  # [.., lane, product]: one 16-byte load a lane
+            blk = rblock[:, :, None, None] * (NG * WPG) + ol[None, None, :, None] * 4 + os_[None, None, None, :]
+            w_mask = (rblock < NB)[:, :, None, None] & (blk >= 0)
+        rows = pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(1, mma))
+        toks = gl.arange(0, TOK, layout=gl.SliceLayout(0, mma))
+        row_ok = rows < N
+        acc = gl.zeros([BN, TOK], gl.float32, layout=mma)
+        ones = gl.full([BN, 64], 1.0, DT, layout=a_layout)
+        g_lo = pid_k * G_PER
+        g_hi = gl.minimum(g_lo + G_PER, NG)
+        if PREFETCH:
+            words = gl.load(w_ptr + blk + g_lo * WPG, mask=w_mask & (g_lo < g_hi), other=0)
+        for g in range(g_lo, g_hi):
+            if PREFETCH:
+                cur = words
+                words = gl.load(w_ptr + blk + (g + 1) * WPG, mask=w_mask & (g + 1 < g_hi), other=0)
+            elif FMT == 2 or TAIL:
+                cur = gl.load(w_ptr + blk + g * WPG, mask=w_mask, other=0)
+            else:
+                cur = gl.load(w_ptr + blk + g * WPG)
+            a = _a_operand(cur, (L0, L1, L2, L3, H0, H1, H2, H3), W, RB, a_layout, FMT, BF16)
+            b = _b_operand(x_ptr, g, M, K, stride_xm, W, TOK, b_layout, TAIL)
+            part = mma_v2(a, b, gl.zeros([BN, TOK], gl.float32, layout=mma))
+            if SG == 0:
+                s_off = rows
+            else:
+                s_off = (g // SG) * N + rows
+            if TAIL:
+                sc = gl.load(s_ptr + s_off, mask=row_ok, other=0.0).to(gl.float32)
+            else:
+                sc = gl.load(s_ptr + s_off).to(gl.float32)
+            if FMT == 1:
+                acc += part * sc[:, None]
+            else:
+                if HAS_ZERO:
+                    if TAIL:
+                        zc = gl.load(z_ptr + s_off, mask=row_ok, other=0.0).to(gl.float32) + MAGIC_F
+                    else:
+                        zc = gl.load(z_ptr + s_off).to(gl.float32) + MAGIC_F
+                else:
+                    zc = gl.full([BN], 0.0, gl.float32, layout=gl.SliceLayout(1, mma)) + (zconst + MAGIC_F)
+                xs = mma_v2(ones, b, gl.zeros([BN, TOK], gl.float32, layout=mma))  # every row: the group's sum of x
+                acc += (part - zc[:, None] * xs) * sc[:, None]
+        o_off = toks[None, :] * N + rows[:, None]
+        o_mask = (toks < M)[None, :] & row_ok[:, None]
+        if IS_SPLIT:
+            gl.store(ws_ptr + pid_k * M * N + o_off, acc, mask=o_mask)
+            gl.thread_barrier()  # every thread's partials are written before the ticket is taken
+            ticket = gl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel")
+            if ticket == SPLIT - 1:
+                gl.thread_barrier()
+                tot = gl.zeros([BN, TOK], gl.float32, layout=mma)
+                for i in range(0, SPLIT):
+                    tot += gl.load(ws_ptr + i * M * N + o_off, mask=o_mask, other=0.0, cache_modifier=".cg")
+                if HAS_BIAS:
+                    tot += gl.load(b_ptr + rows, mask=row_ok, other=0.0).to(gl.float32)[:, None]
+                gl.store(out_ptr + o_off, tot.to(DT), mask=o_mask)
+                gl.atomic_xchg(cnt_ptr + pid_n, 0)
+        else:
+            if HAS_BIAS:
+                acc += gl.load(b_ptr + rows, mask=row_ok, other=0.0).to(gl.float32)[:, None]
+            gl.store(out_ptr + o_off, acc.to(DT), mask=o_mask)
+
+
+if HAVE_TRITON:
+
+    @triton.jit
+    def _dequant_kernel(w_ptr, s_ptr, z_ptr, t_ptr, out_ptr, N, K, NB, NG, zconst,
+                        FMT: tl.constexpr, SG: tl.constexpr, HAS_ZERO: tl.constexpr, RBS: tl.constexpr):
+        """``W^T [K, N]`` in ``out``'s dtype from fragment words: program ``(RBS row blocks,
+        group)``, each element's word and bits found from the fragment assignment (the inverse
+        of :func:`bitsmith.kernels.fragment.pack`)."""
+        pid_r = tl.program_id(0)
+        g = tl.program_id(1)
+        WPG: tl.constexpr = 96 if FMT == 2 else 128
+        c = tl.arange(0, 64)[:, None]  # channel in the group
+        j = tl.arange(0, RBS * 16)[None, :]
+        rblock = pid_r * RBS + j // 16
+        row = j % 16
+        n = rblock * 16 + row
+        ok = (rblock < NB) & (g * 64 + c < K) & (n < N)
+        lane = 4 * (row % 8) + c // 16
+        s = (c // 4) % 4
+        r = row // 8 + 2 * ((c // 2) % 2)
+        h = c % 2
+        base = w_ptr + (rblock * NG + g) * WPG
+        if FMT == 2:
+            i = 4 * s + r
+            main = i < 15
+            wv = tl.load(base + tl.where(main, (i // 5) * 32, 0) + lane, mask=ok, other=0)
+            q_main = (wv >> (3 * (i % 5) + 16 * h)) & 7
+            top = 15 + 16 * h
+            w1 = tl.load(base + 32 + lane, mask=ok & (i == 15), other=0)
+            w2 = tl.load(base + 64 + lane, mask=ok & (i == 15), other=0)
+            q_left = ((wv >> top) & 1) | (((w1 >> top) & 1) << 1) | (((w2 >> top) & 1) << 2)
+            q = tl.where(main, q_main, q_left)
+        else:
+            wv = tl.load(base + lane * 4 + s, mask=ok, other=0)
+            if FMT == 1:
+                q = (wv >> (8 * r + 4 * h)) & 15
+            else:
+                q = (wv >> (4 * r + 16 * h)) & 15
+        if SG == 0:
+            s_off = n
+        else:
+            s_off = (g // SG) * N + n
+        sc = tl.load(s_ptr + s_off, mask=n < N, other=0.0).to(tl.float32)
+        if FMT == 1:
+            w = tl.load(t_ptr + q, mask=ok, other=0.0) * sc
+        else:
+            if HAS_ZERO:
+                z = tl.load(z_ptr + s_off, mask=n < N, other=0.0).to(tl.float32)
+            else:
+                z = zconst
+            w = (q.to(tl.float32) - z) * sc
+        tl.store(out_ptr + (g * 64 + c) * N + n, w.to(out_ptr.dtype.element_ty), mask=ok)
+
+
+def _scale_steps(rw: RuntimeWeight) -> int:
+    """Groups of 64 per scale group (0: one scale a row)."""
+    return rw.group // fragment.GROUP
+
+
+def supports(rw: RuntimeWeight, dtype: torch.dtype) -> str | None:
+    """Why ``_frag_kernel`` cannot take ``rw`` with ``dtype`` activations (``None`` when it can)."""
+    if not HAVE_GLUON:
+        return "triton's Gluon language is not available"
+    if rw.layout != "fragment":
+        return f"weight in the {rw.layout!r} layout"
+    if dtype not in MAGIC:
+        return f"activations in {dtype} (the tensor-core path takes float16 and bfloat16)"
+    return None
+
+
+def _tiles(rw: RuntimeWeight, w: int, rb: int) -> int:
+    return -(-rw.words.shape[0] // (w * rb))
+
+
+def configs(rw: RuntimeWeight, m: int, dtype: torch.dtype, sms: int) -> list[dict]:
+    """Candidate configs of ``_frag_kernel`` at ``m <= 16`` rows on a GPU of ``sms``
+    multiprocessors: row blocks a warp x split-K (between half a program and 16 programs an SM,
+    within :data:`MAX_PARTIALS`) x the next group's words in a register double buffer."""
+    if m > 16 or supports(rw, dtype) is not None:
+        return []
+    ng = rw.words.shape[1]
+    out = []
+    for rb in (1, 2, 4):
+        programs = _tiles(rw, 4, rb)
+        for split in (1, 2, 4, 8, 16, 32):
+            if split > ng or split * m > MAX_PARTIALS or not (split == 1 or sms // 2 <= programs * split <= 16 * sms):
+                continue
+            for prefetch in (False, True):
+                out.append({"KERNEL": "fragment", "W": 4, "RB": rb, "SPLIT": split, "PREFETCH": prefetch,
+                            "num_warps": 4})
+    return out
+
+
+def default_config(rw: RuntimeWeight, m: int, sms: int) -> dict:
+    """Two row blocks a warp, split-K until about four programs an SM."""
+    ng = rw.words.shape[1]
+    tiles = _tiles(rw, 4, 2)
+    split = 1
+    while tiles * split < 4 * sms and split * 2 <= min(ng, 32) and split * 2 * m <= MAX_PARTIALS:
+        split *= 2
+    return {"KERNEL": "fragment", "W": 4, "RB": 2, "SPLIT": split, "PREFETCH": False, "num_warps": 4}
+
+
+def launch_args(rw: RuntimeWeight, x2: torch.Tensor, bias: torch.Tensor | None, cfg: dict, out: torch.Tensor):
+    """``(kernel, grid, args, constexprs, options)`` of one ``_frag_kernel`` launch writing ``out``
+    (argument positions 0, 6 and 7 are the activation, bias and output, as every launch plan of
+    :mod:`bitsmith.kernels.qmm` expects)."""
+    from .small_m import workspace
+
+    m, k = x2.shape
+    w, rb, split = cfg["W"], cfg["RB"], cfg["SPLIT"]
+    nb, ng = rw.words.shape[0], rw.words.shape[1]
+    tiles = _tiles(rw, w, rb)
+    dummy = rw.scale
+    ws, cnt = workspace(x2.device, split * m * rw.n, tiles) if split > 1 else (dummy, rw.words)
+    args = (x2, rw.words, ws, rw.scale, rw.zero if rw.zero is not None else dummy, cnt,
+            bias if bias is not None else dummy, out,
+            m, rw.n, k, nb, ng, -(-ng // split), split, *table_planes(rw, x2.dtype), float(rw.zconst), x2.stride(0))
+    consts = {"W": w, "RB": rb, "TOK": 8 if m <= 8 else 16, "PREFETCH": bool(cfg["PREFETCH"]), "IS_SPLIT": split > 1,
+              "SG": _scale_steps(rw), "FMT": FMT_IDS[rw.fragment_format], "HAS_ZERO": rw.zero is not None,
+              "HAS_BIAS": bias is not None, "TAIL": rw.n % (16 * w * rb) != 0 or k % 64 != 0, "BF16": x2.dtype == torch.bfloat16}
+    return _frag_kernel, (tiles, split), args, consts, {"num_warps": cfg["num_warps"]}
+
+
+def dequantize_t(rw: RuntimeWeight, dtype: torch.dtype, run) -> torch.Tensor:
+    """``W^T [K, N]`` in ``dtype`` from the fragment layout (one memory-bound kernel); ``run`` is
+    the launcher (:func:`bitsmith.kernels.qmm._run`)."""
+    out = torch.empty(rw.k, rw.n, dtype=dtype, device=rw.device)
+    nb, ng = rw.words.shape[0], rw.words.shape[1]
+    rbs = 4
+    dummy = rw.scale
+    args = (rw.words, rw.scale, rw.zero if rw.zero is not None else dummy, rw.table if rw.table is not None else dummy,
+            out, rw.n, rw.k, nb, ng, float(rw.zconst))
+    consts = {"FMT": FMT_IDS[rw.fragment_format], "SG": _scale_steps(rw), "HAS_ZERO": rw.zero is not None, "RBS": rbs}
+    run(_dequant_kernel, (-(-nb // rbs), ng), args, consts, {"num_warps": 4})
+    return out
+
+
+__all__ = ["HAVE_GLUON", "configs", "default_config", "launch_args", "dequantize_t", "supports", "cvt4_ptx", "cvt3_ptx"]

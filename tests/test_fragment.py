@@ -1,0 +1,374 @@
+"""The fragment runtime layout (bitsmith.kernels.fragment) and its kernels (fragment_mma), issue #8.
+
+* Packing against the PTX ISA's fragment assignment of ``mma.m16n8k16`` (an independent decoder
+  written from the ISA's table, not from the packer's helpers); the conversion PTX run by a small
+  emulator, so the bits the kernel's inline assembly reads are checked too.
+* The layout reads back the storage layout exactly (torch), for every format it holds, and says
+  why it refuses the rest.
+* Under Triton's interpreter (a subprocess, as in test_kernels.py): the dequantization kernel
+  and ``quant_matmul`` above 16 rows.
+* The Gluon kernel compiled for sm_90 on this CPU: its operand conversions are trivial (no data
+  movement, asserted at compile time) and its main loop has no shared memory, shuffle or barrier.
+* On a CUDA GPU: the kernel against float64 for every config, format, dtype and odd sizes, and
+  QuantLinear with the layout switched on (skipped without CUDA).
+"""
+from __future__ import annotations
+
+import os
+import re
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import bitsmith
+from bitsmith.errors import QuantizationError
+from bitsmith.kernels import HAVE_TRITON, dequantize_runtime, fragment, fragment_mma, repack
+from bitsmith.kernels.layout import runtime_codes
+from conftest import run_interpreter_tests
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import gluon_fragment_probe as probe  # noqa: E402  (sm_90 compile and machine-code helpers)
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+CUDA = torch.cuda.is_available()
+needs_interp = pytest.mark.skipif(not (HAVE_TRITON and INTERPRETED),
+                                  reason="Triton interpreter tests run in a subprocess (test_interpreter_suite)")
+needs_gluon = pytest.mark.skipif(not fragment_mma.HAVE_GLUON or INTERPRETED,
+                                 reason="needs triton's Gluon compiler (not under the interpreter)")
+needs_cuda = pytest.mark.skipif(not (CUDA and fragment_mma.HAVE_GLUON and not INTERPRETED), reason="needs a CUDA GPU")
+
+FORMATS = {  # name: (method, options, fragment format)
+    "int4_g64": ("rtn", {"bits": 4, "group_size": 64}, "int4"),
+    "int4_g64_float0": ("rtn", {"bits": 4, "group_size": 64, "zero": "float"}, "int4"),
+    "int4_g128_sym": ("rtn", {"bits": 4, "group_size": 128, "symmetric": True}, "int4"),
+    "int4_channel": ("rtn", {"bits": 4, "group_size": None}, "int4"),
+    "int3_g64": ("rtn", {"bits": 3, "group_size": 64}, "int3"),
+    "int3_g128_sym": ("rtn", {"bits": 3, "group_size": 128, "symmetric": True}, "int3"),
+    "nf4_g64_dq": ("nf", {"levels": 16, "block_size": 64, "double_quant": True}, "nf4"),
+    "nf4_g128": ("nf", {"levels": 16, "block_size": 128}, "nf4"),
+}
+
+
+def _quantize(name: str, w: torch.Tensor):
+    method, opts, _ = FORMATS[name]
+    return bitsmith.quantize_tensor(w, method, **opts)
+
+
+def _spec_a_element(lane: int, i: int) -> tuple[int, int]:
+    """PTX ISA, mma.m16n8k16 (.f16/.bf16 A, row-major): element ``a_i`` of lane ``lane`` is at
+    row ``groupID`` for a0, a1, a4, a5 and ``groupID + 8`` for a2, a3, a6, a7, column
+    ``threadID_in_group * 2 + (i & 1)``, plus 8 for a4..a7; a_{2r}, a_{2r+1} are the low and
+    high halves of 32-bit register r."""
+    group, tid = divmod(lane, 4)
+    row = group + (8 if i in (2, 3, 6, 7) else 0)
+    col = tid * 2 + (i & 1) + (8 if i >= 4 else 0)
+    return row, col
+
+
+def _channel_of_logical_k() -> torch.Tensor:
+    """Which input channel each logical k of a group stands for, derived from how the kernel
+    loads the activations: lane t reads channels 16 t .. 16 t + 15 as ``[t, 16]``, viewed as
+    ``[t, s, rc, h]`` and laid out ``[s, rc, t, h]`` along k."""
+    chan = torch.arange(64).view(4, 16).view(4, 4, 2, 2)  # [t, s, rc, h]
+    return chan.permute(1, 2, 0, 3).reshape(64)
+
+
+def _run_ptx(ptx: str, inputs: dict[int, int]) -> dict[int, int]:
+    """A small PTX interpreter for the conversions' instruction set (``shr.b32`` by an immediate,
+    ``lop3.b32`` with any truth table, ``mov.b32 {lo, hi}``): 32-bit inputs by operand number ->
+    the 16-bit outputs by operand number."""
+    regs: dict[str, int] = {f"${i}": v & 0xFFFFFFFF for i, v in inputs.items()}
+    out: dict[int, int] = {}
+
+    def val(tok: str) -> int:
+        return int(tok, 0) & 0xFFFFFFFF if tok[0].isdigit() else regs[tok]
+
+    for line in ptx.splitlines():
+        ops = [t for t in re.split(r"[\s,{};]+", line) if t]
+        if not ops or ops[0].startswith(".reg"):
+            continue
+        if ops[0] == "shr.b32":
+            regs[ops[1]] = val(ops[2]) >> int(ops[3])
+        elif ops[0] == "lop3.b32":
+            a, b, c, lut = val(ops[2]), val(ops[3]), val(ops[4]), int(ops[5], 0)
+            regs[ops[1]] = sum(((lut >> (((a >> i & 1) << 2) | ((b >> i & 1) << 1) | (c >> i & 1))) & 1) << i
+                               for i in range(32))
+        elif ops[0] == "mov.b32":
+            lo, hi, src = ops[1], ops[2], val(ops[3])
+            out[int(lo[1:])], out[int(hi[1:])] = src & 0xFFFF, src >> 16
+        else:
+            raise AssertionError(f"instruction the emulator does not know: {line!r}")
+    return out
+
+
+def _group_products_equal_w_dot_x(codes: torch.Tensor, tile_of) -> None:
+    """For every row block and group: the A tile that ``tile_of(rb, grp)`` decodes (``[16, 64]``
+    by logical k), times the activations as the kernel loads them, equals ``W . x`` exactly."""
+    g = torch.Generator().manual_seed(11)
+    n, k = codes.shape
+    x = torch.randint(-8, 8, (4, k), generator=g).double()  # integers: every sum is exact
+    chan = _channel_of_logical_k()
+    for rb in range(n // 16):
+        for grp in range(k // 64):
+            a = tile_of(rb, grp)
+            assert (a >= 0).all(), "every element of every product is in exactly one lane's word"
+            want = codes[16 * rb:16 * rb + 16, grp * 64:grp * 64 + 64].double() @ x[:, grp * 64:grp * 64 + 64].t()
+            assert torch.equal(a @ x[:, grp * 64 + chan].t(), want)
+
+
+@pytest.mark.parametrize("fmt", ["int4", "nf4"])
+def test_4bit_fragment_words_hold_each_products_weights(fmt):
+    """int4 and codebooks: decode the packed words as the tensor cores read them (register r's
+    halves at bits 4r and 16 + 4r for affine codes, 8r and 8r + 4 for codebooks, one word a
+    product) and each group's products equal ``W . x``; the int4 conversion PTX, emulated, gives
+    the same codes as ``1024 + q`` (float16) and ``128 + q`` (bfloat16)."""
+    g = torch.Generator().manual_seed(3)
+    codes = torch.randint(0, 16, (32, 128), generator=g, dtype=torch.uint8)
+    words = fragment.pack(codes, fmt).to(torch.int64) & 0xFFFFFFFF  # [NB, KG, 128]: lane * 4 + product
+    assert words.shape == (2, 2, 128)
+
+    def tile_of(rb, grp):
+        a = torch.full((16, 64), -1.0, dtype=torch.float64)
+        for lane in range(32):
+            for step in range(4):
+                word = int(words[rb, grp, lane * 4 + step])
+                for i in range(8):
+                    row, col = _spec_a_element(lane, i)
+                    bit = 8 * (i // 2) + 4 * (i % 2) if fmt == "nf4" else 4 * (i // 2) + 16 * (i % 2)
+                    a[row, 16 * step + col] = (word >> bit) & 15
+        return a
+
+    _group_products_equal_w_dot_x(codes, tile_of)
+    if fmt == "int4":
+        for magic, value in ((0x6400, 1024), (0x4300, 128)):
+            ptx = fragment_mma.cvt4_ptx(magic)
+            for word in (int(words[0, 0, 0]), int(words[1, 1, 77]), 0xFFFFFFFF, 0x12345678):
+                halves = _run_ptx(ptx, {8: word})
+                for i in range(8):
+                    bit = 4 * (i // 2) + 16 * (i % 2)
+                    assert halves[i] & ~15 == magic and halves[i] & 15 == (word >> bit) & 15, (hex(word), i)
+            assert value + 15 < 2 * value  # q stays in the magic's mantissa
+
+
+@pytest.mark.parametrize("magic", [0x6400, 0x4300], ids=["float16", "bfloat16"])
+def test_int3_fragment_words_convert_to_each_products_weights(magic):
+    """int3: the packed words run through the kernel's conversion PTX (emulated) give ``magic | q``
+    halves; placed by the ISA's fragment assignment (register ``i = 4 s + r`` of product ``s``:
+    elements ``a_{2r}``, ``a_{2r+1}``), each group's products equal ``W . x``; 3 bits a weight."""
+    g = torch.Generator().manual_seed(5)
+    codes = torch.randint(0, 8, (32, 128), generator=g, dtype=torch.uint8)
+    codes[0, :64] = 7  # every bit set somewhere, the top code in every slot of a block
+    words = fragment.pack(codes, "int3").to(torch.int64) & 0xFFFFFFFF  # [NB, KG, 96]: word * 32 + lane
+    assert words.numel() * 32 == codes.numel() * 3
+    ptx = fragment_mma.cvt3_ptx(magic)
+
+    def tile_of(rb, grp):
+        a = torch.full((16, 64), -1.0, dtype=torch.float64)
+        for lane in range(32):
+            halves = _run_ptx(ptx, {32 + j: int(words[rb, grp, j * 32 + lane]) for j in range(3)})
+            assert sorted(halves) == list(range(32))
+            for step in range(4):
+                for i in range(8):
+                    row, col = _spec_a_element(lane, i)
+                    h16 = halves[2 * (4 * step + i // 2) + i % 2]
+                    assert h16 & ~7 == magic, hex(h16)
+                    a[row, 16 * step + col] = h16 & 7
+        return a
+
+    _group_products_equal_w_dot_x(codes, tile_of)
+
+
+@pytest.mark.parametrize("fmt", fragment.FORMATS)
+@pytest.mark.parametrize("shape", [(37, 100), (16, 64), (5, 200)])
+def test_pack_unpack_round_trip_with_padding(fmt, shape):
+    g = torch.Generator().manual_seed(hash((fmt, shape)) % 2**31)
+    codes = torch.randint(0, 1 << fragment.CODE_BITS[fmt], shape, generator=g, dtype=torch.uint8)
+    words = fragment.pack(codes, fmt)
+    assert words.shape == (-(-shape[0] // 16), -(-shape[1] // 64), fragment.WORDS_PER_GROUP[fmt])
+    assert torch.equal(fragment.unpack(words, *shape, fmt), codes)
+    assert torch.equal(fragment.unpack(words, words.shape[0] * 16, words.shape[1] * 64, fmt)[shape[0]:],
+                       torch.zeros(words.shape[0] * 16 - shape[0], words.shape[1] * 64, dtype=torch.uint8))
+
+
+def test_pack_refuses_what_it_cannot_hold():
+    with pytest.raises(ValueError, match="int3 codes reach 8"):
+        fragment.pack(torch.full((16, 64), 8, dtype=torch.uint8), "int3")
+    with pytest.raises(ValueError, match="not one of"):
+        fragment.pack(torch.zeros(16, 64, dtype=torch.uint8), "int2")
+    with pytest.raises(ValueError, match="2-D"):
+        fragment.pack(torch.zeros(16, 64, 2, dtype=torch.uint8), "int4")
+    with pytest.raises(ValueError, match="do not hold"):
+        fragment.unpack(torch.zeros(1, 1, 96, dtype=torch.int32), 16, 64, "int4")
+
+
+@pytest.mark.parametrize("name", sorted(FORMATS))
+@pytest.mark.parametrize("shape", [(37, 100), (64, 576), (5, 31)])
+def test_fragment_layout_reads_back_the_storage_layout(name, shape):
+    g = torch.Generator().manual_seed(hash((name, shape)) % 2**31)
+    w = torch.randn(shape, generator=g) * 0.05
+    qt = _quantize(name, w)
+    rw = repack(qt, layout="fragment")
+    assert rw.layout == "fragment" and rw.fragment_format == FORMATS[name][2] and rw.words_hi is None
+    assert rw.kp % 64 == 0 and rw.kp >= shape[1]
+    assert torch.equal(dequantize_runtime(rw), qt.dequantize(torch.float32))
+    assert torch.equal(runtime_codes(rw), runtime_codes(repack(qt, layout="rows")))
+
+
+def test_fragment_layout_refusals_name_the_reason():
+    w = torch.randn(32, 128) * 0.05
+    for method, opts, what in (("rtn", {"bits": 4, "group_size": 32}, "groups of 32"),
+                               ("rtn", {"bits": 2, "group_size": 64}, "2-bit"),
+                               ("rtn", {"bits": 8, "group_size": 64}, "8-bit"),
+                               ("nf", {"levels": 8, "block_size": 64}, "codebook 3-bit")):
+        with pytest.raises(QuantizationError, match=what):
+            repack(bitsmith.quantize_tensor(w, method, **opts), layout="fragment")
+    with pytest.raises(QuantizationError, match="not one of"):
+        repack(bitsmith.quantize_tensor(w, "rtn", bits=4, group_size=64), layout="columns")
+
+
+def test_fragment_layout_is_only_chosen_when_switched_on_and_on_a_gpu(monkeypatch):
+    from bitsmith.kernels import layout
+
+    qt = bitsmith.quantize_tensor(torch.randn(32, 128) * 0.05, "rtn", bits=4, group_size=64)
+    monkeypatch.setitem(layout.FRAGMENT, "enabled", False)
+    assert repack(qt).layout == "rows"
+    monkeypatch.setitem(layout.FRAGMENT, "enabled", True)
+    assert repack(qt).layout == "rows"  # a CPU weight: no kernel would read it
+
+
+# --- Triton's interpreter ---------------------------------------------------------------------------
+@pytest.mark.skipif(INTERPRETED or not HAVE_TRITON, reason="the subprocess itself" if INTERPRETED else "triton is not installed")
+def test_interpreter_suite():
+    run_interpreter_tests(__file__)
+
+
+@needs_interp
+@pytest.mark.parametrize("name", sorted(FORMATS))
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_interp_dequantize_kernel_equals_the_layout(name, dtype):
+    from bitsmith.kernels import qmm
+
+    g = torch.Generator().manual_seed(hash(name) % 2**31)
+    qt = _quantize(name, torch.randn(45, 200, generator=g) * 0.05)
+    rw = repack(qt, layout="fragment")
+    wt = qmm.dequantize_t(rw, dtype)
+    assert wt.shape == (200, 45) and wt.dtype == dtype
+    assert torch.equal(wt, dequantize_runtime(rw, torch.float32).to(dtype).t())
+
+
+@needs_interp
+def test_interp_quant_matmul_above_16_rows_dequantizes():
+    from bitsmith.kernels import qmm
+
+    g = torch.Generator().manual_seed(7)
+    qt = _quantize("int3_g64", torch.randn(45, 200, generator=g) * 0.05)
+    rw = repack(qt, layout="fragment")
+    x = torch.randn(33, 200, generator=g)
+    bias = torch.randn(45, generator=g)
+    qmm.AUTOTUNE["enabled"] = False
+    out = qmm.quant_matmul(x, rw, bias)
+    ref = F.linear(x.double(), qt.dequantize(torch.float64), bias.double())
+    assert float((out.double() - ref).norm() / ref.norm()) < 1e-5
+
+
+# --- compiled for sm_90 on this CPU -----------------------------------------------------------------
+@needs_gluon
+@pytest.mark.parametrize("rb,tok,fmt,dtype", [(1, 8, "int4", "fp16"), (2, 16, "int4", "bf16"), (2, 8, "nf4", "fp16"),
+                                              (2, 8, "int3", "fp16"), (1, 16, "int3", "bf16")])
+def test_fragment_kernel_compiles_without_shared_memory(rb, tok, fmt, dtype):
+    """The word and activation tiles reach the tensor-core operand layouts without data movement
+    (the kernel asserts it: ``convert_layout(..., assert_trivial=True)``), and the main loop has
+    no shared-memory access, shuffle or barrier; one 16-byte weight load per row block (int3:
+    three 4-byte loads, the tile's fourth word masked off at compile time), ``4 * rb * tok / 8``
+    products a step with the weights, plus those with the tile of ones for the activation sums
+    (the same for every row block, so the compiler may share them; a codebook has no zeros, so
+    none, and its lookup is 16 ``prmt`` a word)."""
+    loop = probe.loop_opcodes(probe.compile_sm90(4, tok, rb, fmt=fmt, dtype=dtype).asm["cubin"])
+    assert not [op for op in loop if op.startswith(("LDS", "STS", "SHFL", "BAR"))], loop
+    mma = [op for op in loop if op.startswith("HMMA.16816.F32")]
+    assert len(mma) == 1, loop
+    if fmt == "nf4":
+        assert loop[mma[0]] == 4 * rb * tok // 8 and loop["PRMT"] == 16 * 4 * rb
+    else:
+        assert 4 * (rb + 1) * tok // 8 <= loop[mma[0]] <= 8 * rb * tok // 8
+    if fmt == "int3":
+        assert loop["LDG.E"] == 3 * rb, loop
+    else:
+        assert loop["LDG.E.128"] >= rb
+
+
+@needs_gluon
+def test_fragment_kernel_tails_compile():
+    """Rows past the tile, channels past a group, per-row scales, a symmetric zero and a bias."""
+    loop = probe.loop_opcodes(probe.compile_sm90(4, 8, 2, True, "int4", TAIL=True, SG=0, HAS_ZERO=False,
+                                                 HAS_BIAS=True).asm["cubin"])
+    assert not [op for op in loop if op.startswith(("LDS", "STS", "SHFL", "BAR"))], loop
+
+
+# --- on a CUDA GPU ----------------------------------------------------------------------------------
+def _cuda_case(name, m, n, k, dtype, bias=True):
+    from bitsmith.kernels import qmm
+
+    g = torch.Generator().manual_seed(hash((name, m, n, k)) % 2**31)
+    qt = _quantize(name, (torch.randn(n, k, generator=g) * 0.05).cuda())
+    rw = repack(qt, layout="fragment")
+    qmm.reserve_workspace(rw)
+    x = torch.randn(m, k, generator=g).to("cuda", dtype)
+    b = torch.randn(n, generator=g).to("cuda", dtype) if bias else None
+    ref = F.linear(x.double(), qt.dequantize(torch.float64), None if b is None else b.double())
+    return qmm, rw, x, b, ref
+
+
+@needs_cuda
+@pytest.mark.parametrize("name", sorted(FORMATS))
+@pytest.mark.parametrize("m", [1, 5, 16])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cuda_every_config_equals_reference(name, m, dtype):
+    qmm, rw, x, b, ref = _cuda_case(name, m, 200, 576, dtype)
+    tol = 2e-3 if dtype == torch.float16 else 1.6e-2
+    cfgs = fragment_mma.configs(rw, m, dtype, qmm._sm_count(x.device))
+    assert cfgs
+    for cfg in cfgs:
+        for _ in range(2):  # twice: the split-K counters were reset by the first launch
+            out = qmm._launch(rw, x, b, cfg)
+            assert out.dtype == dtype and out.shape == (m, 200)
+            assert float((out.double() - ref).norm() / ref.norm()) < tol, cfg
+
+
+@needs_cuda
+@pytest.mark.parametrize("name", ["int4_g64", "int3_g64", "nf4_g64_dq"])
+@pytest.mark.parametrize("m,n,k", [(1, 4096, 4096), (16, 1024, 14336), (33, 512, 1000), (3, 45, 200)])
+def test_cuda_quant_matmul_tuned_and_planned(name, m, n, k):
+    qmm, rw, x, b, ref = _cuda_case(name, m, n, k, torch.float16)
+    first = qmm.quant_matmul(x, rw, b)
+    again = qmm.quant_matmul(x, rw, b)  # through the launch plan
+    for out in (first, again):
+        assert float((out.double() - ref).norm() / ref.norm()) < 2e-3
+    assert torch.equal(first, again)
+
+
+@needs_cuda
+def test_cuda_quantlinear_uses_the_fragment_layout_and_captures(monkeypatch):
+    import functools
+
+    from bitsmith.kernels import layout
+    from bitsmith.nn import QuantLinear
+
+    monkeypatch.setitem(layout.FRAGMENT, "enabled", True)
+    q = functools.partial(bitsmith.quantize_tensor, method="rtn", bits=4, group_size=64)
+    lin = QuantLinear.from_float(torch.nn.Linear(512, 384), q).cuda()
+    rw = lin.__dict__["_runtime"]
+    assert rw is not None and rw.layout == "fragment", lin.__dict__.get("kernel_skip_reason")
+    x = torch.randn(1, 512, device="cuda", dtype=torch.float16)
+    ref = F.linear(x.double(), lin.dequantize(torch.float64), lin.bias.double())
+    y = lin(x)
+    assert float((y.double() - ref).norm() / ref.norm()) < 2e-3
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        yg = lin(x)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(yg, y)
