@@ -16,7 +16,8 @@
 #   OUT=/some/dir bash benchmarks/kernels_gpu_session.sh svd        # CUDA tests, SVDQuant's branch overhead, ncu on the small-M kernels
 #   OUT=/some/dir bash benchmarks/kernels_gpu_session.sh tc         # the tensor-core kernel's wider search at M = 16
 #   OUT=/some/dir bash benchmarks/kernels_gpu_session.sh overlap    # CUDA tests, SVDQuant's overlapped branch, pipelined M = 1, M = 16 chain
-#   OUT=/some/dir bash benchmarks/kernels_gpu_session.sh fragment   # the Gluon fragment-layout experiment (benchmarks/gluon_fragment_probe.py)
+#   OUT=/some/dir bash benchmarks/kernels_gpu_session.sh fragment   # the fragment layout's CUDA tests and every config timed (gluon_fragment_probe.py)
+#   OUT=/some/dir bash benchmarks/kernels_gpu_session.sh fragment_on   # BITSMITH_FRAGMENT=1: kernel table (M = 1, 16) and compiled decode
 #   OUT=/some/dir bash benchmarks/kernels_gpu_session.sh one        # one call for all of it when device time is short:
 #       CUDA tests, M = 1 table int4 vs NF4, compiled end-to-end decode, host overhead
 # The CUDA tests run with pytest-xdist when it is importable (carried as wheels: .whl/, see the device notes).
@@ -189,12 +190,23 @@ overlap)  # CUDA tests; SVDQuant's branch beside the matmul (three smoothing mod
     | grep -v -i warn | tee -a "$OUT/chain.txt" | tail -8
   tar cf "$OUT/results.tar" -C benchmarks/results svdquant_overhead_h100.json kernels_configs_pipe_m1.json kernels_chain_m16_prep.json 2>/dev/null
   ;;
-fragment)  # the fragment-layout experiment: its CUDA test, then against fp16 and bitsmith's small-M kernels
-  TEST_FILES="tests/test_gluon_fragment.py" TEST_K=cuda T_TESTS=${T_TESTS:-90} cuda_tests
-  echo "== python3 benchmarks/gluon_fragment_probe.py --m 1,16 --reps 10" | tee "$OUT/fragment.txt"
-  timeout "${T_FRAG:-360}" python3 benchmarks/gluon_fragment_probe.py --m 1,16 --reps 10 2>&1 | grep -v -i warn \
+fragment)  # the fragment layout (opt-in): its CUDA tests, then every config of its kernel against fp16 and the rows layout
+  TEST_FILES="tests/test_fragment.py" TEST_K=cuda T_TESTS=${T_TESTS:-150} cuda_tests || { echo "CUDA tests failed: no benchmarks"; exit 1; }
+  FRAG_SHAPES=${FRAG_SHAPES:-14336x4096,4096x14336}
+  echo "== python3 benchmarks/gluon_fragment_probe.py --shapes $FRAG_SHAPES --m 1,16 --reps 10" | tee "$OUT/fragment.txt"
+  timeout "${T_FRAG:-330}" python3 benchmarks/gluon_fragment_probe.py --shapes "$FRAG_SHAPES" --m 1,16 --reps 10 2>&1 | grep -v -i warn \
     | tee -a "$OUT/fragment.txt" | grep -E "fp16|WRONG"
   cp benchmarks/results/gluon_fragment_probe.json "$OUT/" 2>/dev/null
+  ;;
+fragment_on)  # the library with BITSMITH_FRAGMENT=1: the kernel table at M = 1 and 16, and the compiled decode step
+  export BITSMITH_FRAGMENT=1
+  echo "== BITSMITH_FRAGMENT=1 python3 benchmarks/kernels_bench.py --m 1,16 --formats int4_g64,int4_g128,nf4_g64,int3_g64 --no-w8a8 --reps 20 --name kernels_fragment" | tee "$OUT/kernels_bench.txt"
+  timeout "${T_BENCH:-250}" python3 benchmarks/kernels_bench.py --m 1,16 --formats int4_g64,int4_g128,nf4_g64,int3_g64 --no-w8a8 --reps 20 \
+    --name kernels_fragment 2>/dev/null | tee -a "$OUT/kernels_bench.txt" | tail -24
+  echo "== BITSMITH_FRAGMENT=1 python3 benchmarks/decode_e2e.py --batch 1 --formats fp16,int4_g64,nf4_g64,int3_g64 --reps 30 --compile --name decode_e2e_b1_fragment" | tee "$OUT/decode_e2e.txt"
+  timeout "${T_E2E:-300}" python3 benchmarks/decode_e2e.py --batch 1 --formats fp16,int4_g64,nf4_g64,int3_g64 --reps 30 --compile \
+    --name decode_e2e_b1_fragment 2>&1 | grep -v -i warn | tee -a "$OUT/decode_e2e.txt" | tail -8
+  tar cf "$OUT/results.tar" -C benchmarks/results kernels_fragment.json decode_e2e_b1_fragment.json 2>/dev/null
   ;;
 tc)  # the tensor-core kernel's wider search at M = 16 (warps, tiles, stages, register cap)
   echo "== python3 benchmarks/kernels_configs.py --m 16 --tc-sweep --formats int4_g64,nf4_g64 --reps 10 --top 5 --name kernels_configs_tc_m16" | tee "$OUT/tc.txt"
