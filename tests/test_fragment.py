@@ -260,13 +260,17 @@ def test_interp_dequantize_kernel_equals_the_layout(name, dtype):
 
 
 @needs_interp
-def test_interp_quant_matmul_above_16_rows_dequantizes():
+@pytest.mark.parametrize("m", [1, 33])
+def test_interp_quant_matmul_off_the_gpu_dequantizes(m):
+    """Off a CUDA GPU (here: the interpreter) and above 16 rows the layout is read by the
+    dequantization kernel and the product is torch's."""
     from bitsmith.kernels import qmm
 
     g = torch.Generator().manual_seed(7)
     qt = _quantize("int3_g64", torch.randn(45, 200, generator=g) * 0.05)
     rw = repack(qt, layout="fragment")
-    x = torch.randn(33, 200, generator=g)
+    assert "CUDA" in fragment_mma.supports(rw, torch.float16)
+    x = torch.randn(m, 200, generator=g)
     bias = torch.randn(45, generator=g)
     qmm.AUTOTUNE["enabled"] = False
     out = qmm.quant_matmul(x, rw, bias)

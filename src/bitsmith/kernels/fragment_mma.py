@@ -292,55 +292,71 @@ if HAVE_GLUON:
 if HAVE_TRITON:
 
     @triton.jit
+    def _dequant_value(q, sc, z, t_ptr, FMT: tl.constexpr):
+        """Codes ``q`` -> float32 weights: ``table[q] * absmax`` for a codebook, else ``(q - z) * s``."""
+        if FMT == 1:
+            return tl.load(t_ptr + q) * sc
+        return (q.to(tl.float32) - z) * sc
+
+    @triton.jit
     def _dequant_kernel(w_ptr, s_ptr, z_ptr, t_ptr, out_ptr, N, K, NB, NG, zconst,
                         FMT: tl.constexpr, SG: tl.constexpr, HAS_ZERO: tl.constexpr, RBS: tl.constexpr):
         """``W^T [K, N]`` in ``out``'s dtype from fragment words: program ``(RBS row blocks,
-        group)``, each element's word and bits found from the fragment assignment (the inverse
-        of :func:`bitsmith.kernels.fragment.pack`)."""
+        group)``. Each lane's words are loaded once (coalesced) and every code is stored where
+        the fragment assignment puts it: for one register half, the 32 lanes' codes are 8
+        consecutive rows (``n``) of 4 channels (``k``), 16-byte runs of ``W^T``."""
         pid_r = tl.program_id(0)
         g = tl.program_id(1)
         WPG: tl.constexpr = 96 if FMT == 2 else 128
-        c = tl.arange(0, 64)[:, None]  # channel in the group
-        j = tl.arange(0, RBS * 16)[None, :]
-        rblock = pid_r * RBS + j // 16
-        row = j % 16
-        n = rblock * 16 + row
-        ok = (rblock < NB) & (g * 64 + c < K) & (n < N)
-        lane = 4 * (row % 8) + c // 16
-        s = (c // 4) % 4
-        r = row // 8 + 2 * ((c // 2) % 2)
-        h = c % 2
-        base = w_ptr + (rblock * NG + g) * WPG
-        if FMT == 2:
-            i = 4 * s + r
-            main = i < 15
-            wv = tl.load(base + tl.where(main, (i // 5) * 32, 0) + lane, mask=ok, other=0)
-            q_main = (wv >> (3 * (i % 5) + 16 * h)) & 7
-            top = 15 + 16 * h
-            w1 = tl.load(base + 32 + lane, mask=ok & (i == 15), other=0)
-            w2 = tl.load(base + 64 + lane, mask=ok & (i == 15), other=0)
-            q_left = ((wv >> top) & 1) | (((w1 >> top) & 1) << 1) | (((w2 >> top) & 1) << 2)
-            q = tl.where(main, q_main, q_left)
-        else:
-            wv = tl.load(base + lane * 4 + s, mask=ok, other=0)
-            if FMT == 1:
-                q = (wv >> (8 * r + 4 * h)) & 15
-            else:
-                q = (wv >> (4 * r + 16 * h)) & 15
+        rb = pid_r * RBS + tl.arange(0, RBS)[:, None]  # [RBS, 1]
+        lane = tl.arange(0, 32)[None, :]  # [1, 32]
+        n0 = rb * 16 + lane // 4  # rows g of the lanes; g + 8 for odd registers
+        t = lane % 4
+        ok_rb = rb < NB
+        base = w_ptr + (rb * NG + g) * WPG
         if SG == 0:
-            s_off = n
+            s_row = 0
         else:
-            s_off = (g // SG) * N + n
-        sc = tl.load(s_ptr + s_off, mask=n < N, other=0.0).to(tl.float32)
-        if FMT == 1:
-            w = tl.load(t_ptr + q, mask=ok, other=0.0) * sc
+            s_row = (g // SG) * N
+        sc0 = tl.load(s_ptr + s_row + n0, mask=n0 < N, other=0.0).to(tl.float32)
+        sc1 = tl.load(s_ptr + s_row + n0 + 8, mask=n0 + 8 < N, other=0.0).to(tl.float32)
+        if HAS_ZERO:
+            z0 = tl.load(z_ptr + s_row + n0, mask=n0 < N, other=0.0).to(tl.float32)
+            z1 = tl.load(z_ptr + s_row + n0 + 8, mask=n0 + 8 < N, other=0.0).to(tl.float32)
         else:
-            if HAS_ZERO:
-                z = tl.load(z_ptr + s_off, mask=n < N, other=0.0).to(tl.float32)
-            else:
-                z = zconst
-            w = (q.to(tl.float32) - z) * sc
-        tl.store(out_ptr + (g * 64 + c) * N + n, w.to(out_ptr.dtype.element_ty), mask=ok)
+            z0 = zconst
+            z1 = zconst
+        if FMT == 2:
+            w0 = tl.load(base + lane, mask=ok_rb, other=0)
+            w1 = tl.load(base + 32 + lane, mask=ok_rb, other=0)
+            w2 = tl.load(base + 64 + lane, mask=ok_rb, other=0)
+        for s in tl.static_range(4):
+            if FMT != 2:
+                wv = tl.load(base + lane * 4 + s, mask=ok_rb, other=0)
+            for r in tl.static_range(4):
+                for h in tl.static_range(2):
+                    if FMT == 2:  # register 4 s + r: word (4 s + r) // 5, or the words' top bits for 15
+                        if 4 * s + r == 15:
+                            q = (((w0 >> (15 + 16 * h)) & 1) | (((w1 >> (15 + 16 * h)) & 1) << 1)
+                                 | (((w2 >> (15 + 16 * h)) & 1) << 2))
+                        elif 4 * s + r < 5:
+                            q = (w0 >> (3 * (4 * s + r) + 16 * h)) & 7
+                        elif 4 * s + r < 10:
+                            q = (w1 >> (3 * (4 * s + r - 5) + 16 * h)) & 7
+                        else:
+                            q = (w2 >> (3 * (4 * s + r - 10) + 16 * h)) & 7
+                    elif FMT == 1:
+                        q = (wv >> (8 * r + 4 * h)) & 15
+                    else:
+                        q = (wv >> (4 * r + 16 * h)) & 15
+                    if r % 2 == 0:
+                        n = n0
+                        w = _dequant_value(q, sc0, z0, t_ptr, FMT)
+                    else:
+                        n = n0 + 8
+                        w = _dequant_value(q, sc1, z1, t_ptr, FMT)
+                    k = g * 64 + 16 * t + 4 * s + 2 * (r // 2) + h
+                    tl.store(out_ptr + k * N + n, w.to(out_ptr.dtype.element_ty), mask=ok_rb & (n < N) & (k < K))
 
 
 def _scale_steps(rw: RuntimeWeight) -> int:
@@ -354,6 +370,8 @@ def supports(rw: RuntimeWeight, dtype: torch.dtype) -> str | None:
         return "triton's Gluon language is not available"
     if rw.layout != "fragment":
         return f"weight in the {rw.layout!r} layout"
+    if rw.device.type != "cuda":
+        return f"weight on {rw.device.type} (Gluon kernels run on CUDA GPUs only, not under Triton's interpreter)"
     if dtype not in MAGIC:
         return f"activations in {dtype} (the tensor-core path takes float16 and bfloat16)"
     return None
@@ -418,7 +436,7 @@ def dequantize_t(rw: RuntimeWeight, dtype: torch.dtype, run) -> torch.Tensor:
     the launcher (:func:`bitsmith.kernels.qmm._run`)."""
     out = torch.empty(rw.k, rw.n, dtype=dtype, device=rw.device)
     nb, ng = rw.words.shape[0], rw.words.shape[1]
-    rbs = 4
+    rbs = 8
     dummy = rw.scale
     args = (rw.words, rw.scale, rw.zero if rw.zero is not None else dummy, rw.table if rw.table is not None else dummy,
             out, rw.n, rw.k, nb, ng, float(rw.zconst))
