@@ -26,29 +26,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # kernels_sass, _common
 
 
-def compile_sm90(w: int = 4, tok: int = 8, rb: int = 1, prefetch: bool = False, fmt: str = "int4",
-                 dtype: str = "fp16", **consts):
-    """``_frag_kernel`` compiled for sm_90 on any machine (Triton's bundled ptxas), split-K on,
-    groups of 64 with zeros, no bias, no tails unless ``consts`` says otherwise."""
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import compile as tcompile
-    from triton.experimental.gluon._runtime import GluonASTSource
-
-    from bitsmith.kernels import fragment_mma
-
-    kernel = fragment_mma._frag_kernel
-    names = kernel.arg_names
-    cx = {"W": w, "RB": rb, "TOK": tok, "PREFETCH": prefetch, "IS_SPLIT": True, "SG": 1,
-          "FMT": fragment_mma.FMT_IDS[fmt], "HAS_ZERO": fmt != "nf4", "HAS_BIAS": False, "TAIL": False,
-          "BF16": dtype == "bf16", **consts}
-    ptrs = {"x_ptr": f"*{dtype}", "w_ptr": "*i32", "ws_ptr": "*fp32", "s_ptr": "*fp16", "z_ptr": "*fp16",
-            "cnt_ptr": "*i32", "b_ptr": f"*{dtype}", "out_ptr": f"*{dtype}"}
-    sig = {a: "constexpr" if a in cx else ptrs.get(a, "fp32" if a == "zconst" else "i32") for a in names}
-    attrs = {(names.index(a),): [["tt.divisibility", 16]] for a in names if a in ptrs or a in ("N", "K", "stride_xm")}
-    src = GluonASTSource(fn=kernel, signature=sig, attrs=attrs, constexprs={(names.index(c),): v for c, v in cx.items()})
-    return tcompile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": w})
-
-
 def loop_opcodes(cubin: bytes) -> collections.Counter:
     """Opcode counts of the compiled kernel's main loop (the longest backward branch)."""
     import kernels_sass
@@ -69,7 +46,9 @@ def registers(cubin: bytes) -> int:
 def sass_report(w: int = 4, tok: int = 8, rb: int = 1, prefetch: bool = False, fmt: str = "int4") -> dict:
     """Instructions per code and the memory opcodes of the main loop (one group of 64 k per step:
     each lane handles 8 codes x 4 products = 32 codes of each of its ``rb`` 16-row blocks)."""
-    compiled = compile_sm90(w, tok, rb, prefetch, fmt)
+    from bitsmith.kernels.fragment_mma import compile_offline
+
+    compiled = compile_offline(fmt, rb, tok, prefetch, W=w)
     loop = loop_opcodes(compiled.asm["cubin"])
     total = sum(loop.values())
     shared = {op: c for op, c in loop.items() if re.match(r"(LDS|STS|LDSM|SHFL|BAR)", op)}

@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import re
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -30,7 +31,8 @@ from bitsmith.kernels.layout import runtime_codes
 from conftest import run_interpreter_tests
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-import gluon_fragment_probe as probe  # noqa: E402  (sm_90 compile and machine-code helpers)
+import gluon_fragment_probe as probe  # noqa: E402  (machine-code helpers)
+import kernels_sass  # noqa: E402
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 CUDA = torch.cuda.is_available()
@@ -290,7 +292,7 @@ def test_fragment_kernel_compiles_without_shared_memory(rb, tok, fmt, dtype):
     products a step with the weights, plus those with the tile of ones for the activation sums
     (the same for every row block, so the compiler may share them; a codebook has no zeros, so
     none, and its lookup is 16 ``prmt`` a word)."""
-    loop = probe.loop_opcodes(probe.compile_sm90(4, tok, rb, fmt=fmt, dtype=dtype).asm["cubin"])
+    loop = probe.loop_opcodes(fragment_mma.compile_offline(fmt, rb, tok, act=dtype).asm["cubin"])
     assert not [op for op in loop if op.startswith(("LDS", "STS", "SHFL", "BAR"))], loop
     mma = [op for op in loop if op.startswith("HMMA.16816.F32")]
     assert len(mma) == 1, loop
@@ -307,9 +309,27 @@ def test_fragment_kernel_compiles_without_shared_memory(rb, tok, fmt, dtype):
 @needs_gluon
 def test_fragment_kernel_tails_compile():
     """Rows past the tile, channels past a group, per-row scales, a symmetric zero and a bias."""
-    loop = probe.loop_opcodes(probe.compile_sm90(4, 8, 2, True, "int4", TAIL=True, SG=0, HAS_ZERO=False,
-                                                 HAS_BIAS=True).asm["cubin"])
+    loop = probe.loop_opcodes(fragment_mma.compile_offline("int4", 2, 8, True, TAIL=True, SG=0, HAS_ZERO=False,
+                                                           HAS_BIAS=True).asm["cubin"])
     assert not [op for op in loop if op.startswith(("LDS", "STS", "SHFL", "BAR"))], loop
+
+
+@pytest.mark.skipif(not HAVE_TRITON or INTERPRETED, reason="needs triton's compiler (not under the interpreter)")
+@pytest.mark.parametrize("fmt", fragment.FORMATS)
+def test_dequantize_kernel_compiles_with_whole_word_loads(fmt):
+    """The interpreter runs what the compiler may refuse, so the dequantization kernel is also
+    compiled for sm_90: each lane's words are loaded once (int4/NF4: four 4-byte words a lane,
+    int3: three; eight row blocks over four warps make two lanes' worth a thread), and each of
+    its 64 codes is one 2-byte store (NF4: and one 4-byte table load)."""
+    import collections
+
+    with tempfile.TemporaryDirectory() as tmp:
+        ins = kernels_sass.sass_of(fragment_mma.compile_dequant_offline(fmt).asm["cubin"], Path(tmp))
+    ops = collections.Counter(re.sub(r"^@!?U?P\w+\s+", "", t).split()[0] for _, t in ins)
+    assert ops["STG.E.U16"] == 64, ops
+    words = sum(c * {"LDG.E": 1, "LDG.E.64": 2, "LDG.E.128": 4}.get(op, 0) for op, c in ops.items())
+    table_loads = 64 if fmt == "nf4" else 0
+    assert words - table_loads == (3 if fmt == "int3" else 4) * 2, ops
 
 
 # --- on a CUDA GPU ----------------------------------------------------------------------------------

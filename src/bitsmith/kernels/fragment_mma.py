@@ -445,4 +445,25 @@ def dequantize_t(rw: RuntimeWeight, dtype: torch.dtype, run) -> torch.Tensor:
     return out
 
 
+def compile_offline(fmt: str = "int4", rb: int = 1, tok: int = 8, prefetch: bool = False, act: str = "fp16",
+                    arch: int = 90, **consts):
+    """``_frag_kernel`` compiled for NVIDIA ``sm_<arch>`` on any machine (Triton's bundled ptxas),
+    for its machine code (benchmarks/gluon_fragment_probe.py ``--sass``) and compile checks in CI:
+    four warps, split-K on, groups of 64 with zeros (codebooks: none), no bias, no tails, unless
+    ``consts`` says otherwise."""
+    from .small_m import _compile_offline
+
+    cx = {"W": 4, "RB": rb, "TOK": tok, "PREFETCH": prefetch, "IS_SPLIT": True, "SG": 1, "FMT": FMT_IDS[fmt],
+          "HAS_ZERO": fmt != "nf4", "HAS_BIAS": False, "TAIL": False, "BF16": act == "bf16", **consts}
+    return _compile_offline(_frag_kernel, cx, act, cx["W"], 1, arch, gluon=True)
+
+
+def compile_dequant_offline(fmt: str = "int4", act: str = "fp16", arch: int = 90):
+    """``_dequant_kernel`` compiled like :func:`compile_offline` (groups of 64, zeros for affine)."""
+    from .small_m import _compile_offline
+
+    cx = {"FMT": FMT_IDS[fmt], "SG": 1, "HAS_ZERO": fmt != "nf4", "RBS": 8}
+    return _compile_offline(_dequant_kernel, cx, act, 4, 1, arch)
+
+
 __all__ = ["HAVE_GLUON", "configs", "default_config", "launch_args", "dequantize_t", "supports", "cvt4_ptx", "cvt3_ptx"]

@@ -728,9 +728,13 @@ def compile_offline_tc(bits: int, group: int, block_n: int = 128, half: int = 0,
     return _compile_offline(_tc_kernel, consts, act, num_warps, num_stages, arch)
 
 
-def _compile_offline(kernel, consts: dict, act: str, num_warps: int, num_stages: int, arch: int):
+def _compile_offline(kernel, consts: dict, act: str, num_warps: int, num_stages: int, arch: int, gluon: bool = False):
+    """``kernel`` with constexprs ``consts`` compiled for ``sm_<arch>``; ``gluon``: a Gluon kernel."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
+
+    if gluon:
+        from triton.experimental.gluon._runtime import GluonASTSource as ASTSource  # noqa: N814
 
     ptr_types = {"x_ptr": act, "b_ptr": act, "out_ptr": act, "w_ptr": "i32", "wh_ptr": "i32", "s_ptr": "fp16",
                  "z_ptr": "fp16", "t_ptr": "fp32", "ws_ptr": "fp32", "cnt_ptr": "i32", "xs_ptr": "fp32", "lr_ptr": "fp32",
