@@ -232,7 +232,8 @@ def run_bench(
                 else:
                     cases.append(("tinygemm_int4_g64", None, 0, f"unavailable: {tg[0]}"))
             for fmt, rw in rws.items():
-                cases.append((fmt, (lambda rw=rw: quant_matmul(x, rw)), rw.nbytes + io, ""))
+                cases.append((fmt, (lambda rw=rw: quant_matmul(x, rw)), rw.nbytes + io,
+                              "fragment layout" if rw.layout == "fragment" else ""))
             if w8a8:
                 cases.append(("w8a8", lambda: w8a8_linear(x, wq, sq, plans=w8_plans), n * k + n * 4 + io + m * k,
                               "dynamic per-token"))
