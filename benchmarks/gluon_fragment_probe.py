@@ -121,7 +121,7 @@ def main() -> None:
     if args.sass:
         from bitsmith.kernels.fragment import FORMATS
 
-        rows = [sass_report(4, tok, rb, pf, fmt) for fmt in FORMATS for pf in (False, True) for rb in (1, 2, 4)
+        rows = [sass_report(4, tok, rb, pf, fmt) for fmt in FORMATS for pf in (0, 1, 2) for rb in (1, 2, 4)
                 for tok in (8, 16)]
         for r in rows:
             print(f"{r['format']} row blocks {r['row_blocks']} tokens {r['tokens']} prefetch {r['prefetch']:d}: {r['registers']} registers, "

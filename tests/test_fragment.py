@@ -346,20 +346,35 @@ def _cuda_case(name, m, n, k, dtype, bias=True):
     return qmm, rw, x, b, ref
 
 
-@needs_cuda
-@pytest.mark.parametrize("name", sorted(FORMATS))
-@pytest.mark.parametrize("m", [1, 5, 16])
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_cuda_every_config_equals_reference(name, m, dtype):
+def _check_configs(name, m, dtype, prefetch=(0, 1, 2), splits=(1, 4, 9)):
+    """Every row-block count x ``prefetch`` x ``splits`` (9 = one group a program; 4 leaves the
+    last program of a tile without groups), and the tuner's candidates and default."""
     qmm, rw, x, b, ref = _cuda_case(name, m, 200, 576, dtype)
     tol = 2e-3 if dtype == torch.float16 else 1.6e-2
-    cfgs = fragment_mma.configs(rw, m, dtype, qmm._sm_count(x.device))
-    assert cfgs
+    sms = qmm._sm_count(x.device)
+    cfgs = [{"KERNEL": "fragment", "W": 4, "RB": rb, "SPLIT": split, "PREFETCH": pf, "num_warps": 4}
+            for rb in (1, 2, 4) for pf in prefetch for split in splits]
+    cfgs += fragment_mma.configs(rw, m, dtype, sms) + [fragment_mma.default_config(rw, m, sms)]
     for cfg in cfgs:
         for _ in range(2):  # twice: the split-K counters were reset by the first launch
             out = qmm._launch(rw, x, b, cfg)
             assert out.dtype == dtype and out.shape == (m, 200)
             assert float((out.double() - ref).norm() / ref.norm()) < tol, cfg
+
+
+@needs_cuda
+@pytest.mark.parametrize("name", sorted(FORMATS))
+@pytest.mark.parametrize("m", [1, 16])
+def test_cuda_every_config_equals_reference(name, m):
+    """float16, N = 200 and K = 576 (a row tail), a bias."""
+    _check_configs(name, m, torch.float16)
+
+
+@needs_cuda
+@pytest.mark.parametrize("name", sorted(FORMATS))
+def test_cuda_bfloat16_and_odd_m(name):
+    """bfloat16 (magic 128) at M = 5."""
+    _check_configs(name, 5, torch.bfloat16, prefetch=(0, 2), splits=(1, 4))
 
 
 @needs_cuda

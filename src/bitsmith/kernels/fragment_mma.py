@@ -235,10 +235,16 @@ if HAVE_GLUON:
         ones = gl.full([BN, 64], 1.0, DT, layout=a_layout)
         g_lo = pid_k * G_PER
         g_hi = gl.minimum(g_lo + G_PER, NG)
-        if PREFETCH:
+        if PREFETCH >= 1:
             words = gl.load(w_ptr + blk + g_lo * WPG, mask=w_mask & (g_lo < g_hi), other=0)
+        if PREFETCH == 2:
+            words2 = gl.load(w_ptr + blk + (g_lo + 1) * WPG, mask=w_mask & (g_lo + 1 < g_hi), other=0)
         for g in range(g_lo, g_hi):
-            if PREFETCH:
+            if PREFETCH == 2:  # two groups' words in flight beside this one's products
+                cur = words
+                words = words2
+                words2 = gl.load(w_ptr + blk + (g + 2) * WPG, mask=w_mask & (g + 2 < g_hi), other=0)
+            elif PREFETCH == 1:
                 cur = words
                 words = gl.load(w_ptr + blk + (g + 1) * WPG, mask=w_mask & (g + 1 < g_hi), other=0)
             elif FMT == 2 or TAIL:
@@ -384,7 +390,8 @@ def _tiles(rw: RuntimeWeight, w: int, rb: int) -> int:
 def configs(rw: RuntimeWeight, m: int, dtype: torch.dtype, sms: int) -> list[dict]:
     """Candidate configs of ``_frag_kernel`` at ``m <= 16`` rows on a GPU of ``sms``
     multiprocessors: row blocks a warp x split-K (between half a program and 16 programs an SM,
-    within :data:`MAX_PARTIALS`) x the next group's words in a register double buffer."""
+    within :data:`MAX_PARTIALS`) x the next one or two groups' words loaded ahead in registers
+    (``PREFETCH`` 0, 1, 2)."""
     if m > 16 or supports(rw, dtype) is not None:
         return []
     ng = rw.words.shape[1]
@@ -394,7 +401,7 @@ def configs(rw: RuntimeWeight, m: int, dtype: torch.dtype, sms: int) -> list[dic
         for split in (1, 2, 4, 8, 16, 32):
             if split > ng or split * m > MAX_PARTIALS or not (split == 1 or sms // 2 <= programs * split <= 16 * sms):
                 continue
-            for prefetch in (False, True):
+            for prefetch in (0, 1, 2):
                 out.append({"KERNEL": "fragment", "W": 4, "RB": rb, "SPLIT": split, "PREFETCH": prefetch,
                             "num_warps": 4})
     return out
@@ -407,7 +414,7 @@ def default_config(rw: RuntimeWeight, m: int, sms: int) -> dict:
     split = 1
     while tiles * split < 4 * sms and split * 2 <= min(ng, 32) and split * 2 * m <= MAX_PARTIALS:
         split *= 2
-    return {"KERNEL": "fragment", "W": 4, "RB": 2, "SPLIT": split, "PREFETCH": False, "num_warps": 4}
+    return {"KERNEL": "fragment", "W": 4, "RB": 2, "SPLIT": split, "PREFETCH": 0, "num_warps": 4}
 
 
 def launch_args(rw: RuntimeWeight, x2: torch.Tensor, bias: torch.Tensor | None, cfg: dict, out: torch.Tensor):
@@ -425,7 +432,7 @@ def launch_args(rw: RuntimeWeight, x2: torch.Tensor, bias: torch.Tensor | None, 
     args = (x2, rw.words, ws, rw.scale, rw.zero if rw.zero is not None else dummy, cnt,
             bias if bias is not None else dummy, out,
             m, rw.n, k, nb, ng, -(-ng // split), split, *table_planes(rw, x2.dtype), float(rw.zconst), x2.stride(0))
-    consts = {"W": w, "RB": rb, "TOK": 8 if m <= 8 else 16, "PREFETCH": bool(cfg["PREFETCH"]), "IS_SPLIT": split > 1,
+    consts = {"W": w, "RB": rb, "TOK": 8 if m <= 8 else 16, "PREFETCH": int(cfg["PREFETCH"]), "IS_SPLIT": split > 1,
               "SG": _scale_steps(rw), "FMT": FMT_IDS[rw.fragment_format], "HAS_ZERO": rw.zero is not None,
               "HAS_BIAS": bias is not None, "TAIL": rw.n % (16 * w * rb) != 0 or k % 64 != 0, "BF16": x2.dtype == torch.bfloat16}
     return _frag_kernel, (tiles, split), args, consts, {"num_warps": cfg["num_warps"]}
@@ -445,7 +452,7 @@ def dequantize_t(rw: RuntimeWeight, dtype: torch.dtype, run) -> torch.Tensor:
     return out
 
 
-def compile_offline(fmt: str = "int4", rb: int = 1, tok: int = 8, prefetch: bool = False, act: str = "fp16",
+def compile_offline(fmt: str = "int4", rb: int = 1, tok: int = 8, prefetch: int = 0, act: str = "fp16",
                     arch: int = 90, **consts):
     """``_frag_kernel`` compiled for NVIDIA ``sm_<arch>`` on any machine (Triton's bundled ptxas),
     for its machine code (benchmarks/gluon_fragment_probe.py ``--sass``) and compile checks in CI:
@@ -453,7 +460,7 @@ def compile_offline(fmt: str = "int4", rb: int = 1, tok: int = 8, prefetch: bool
     ``consts`` says otherwise."""
     from .small_m import _compile_offline
 
-    cx = {"W": 4, "RB": rb, "TOK": tok, "PREFETCH": prefetch, "IS_SPLIT": True, "SG": 1, "FMT": FMT_IDS[fmt],
+    cx = {"W": 4, "RB": rb, "TOK": tok, "PREFETCH": int(prefetch), "IS_SPLIT": True, "SG": 1, "FMT": FMT_IDS[fmt],
           "HAS_ZERO": fmt != "nf4", "HAS_BIAS": False, "TAIL": False, "BF16": act == "bf16", **consts}
     return _compile_offline(_frag_kernel, cx, act, cx["W"], 1, arch, gluon=True)
 
