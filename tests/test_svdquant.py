@@ -153,6 +153,18 @@ def test_cuda_module_on_kernels_matches_fake_quant_simulation(dtype, act_bits, a
     assert (dtype in mod.__dict__.get("_low_rank_rt", {})) == (act_bits == 16)  # 16-bit: the fused branch ran
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (the fused kernels run the residual)")
+def test_cuda_module_keeps_the_rows_layout_when_the_fragment_layout_is_on(monkeypatch):
+    """Its low-rank epilogue lives in the rows layout's kernels, so BITSMITH_FRAGMENT does not move it."""
+    from bitsmith.kernels import layout
+
+    monkeypatch.setitem(layout.FRAGMENT, "enabled", True)
+    w, b, x, absmax = _layer_inputs(torch.float16)
+    res = svdquant(w, act_absmax=absmax, bias=b, rank=RANK, group_size=64)
+    mod = LowRankQuantLinear(K, N, res.residual, res.lora_down, res.lora_up, res.bias, smooth=res.smooth).cuda()
+    assert mod.__dict__["_runtime"].layout == "rows"
+
+
 def test_module_says_why_its_kernels_do_not_run_on_cpu():
     w, b, x, absmax = _layer_inputs(torch.float32)
     res = svdquant(w, act_absmax=absmax, bias=b, rank=RANK, group_size=32)

@@ -196,6 +196,8 @@ class LowRankQuantLinear(LowRankCheckpointMixin, KernelWeightMixin, QuantWeightM
     (absent when there is no smoothing), ``shift`` float32 ``[K]`` or ``[1]`` (absent when there
     is no shift); ``bias`` is a float32 parameter holding the folded ``b'``."""
 
+    kernel_layout = "rows"  # the low-rank epilogue and the overlapped branch live in the rows layout's kernels
+
     def __init__(
         self,
         in_features: int,

@@ -23,6 +23,10 @@ class KernelWeightMixin(OpaqueLinearMixin):
     is emitted as one opaque op instead (:mod:`bitsmith.kernels.ops`)."""
 
     use_kernels: bool = True
+    # runtime layout (bitsmith.kernels.layout.repack): None lets repack choose (the fragment
+    # layout where BITSMITH_FRAGMENT=1 and the weight takes it); a module whose kernels need the
+    # rows layout names it
+    kernel_layout: str | None = None
 
     def prepare_kernels(self) -> RuntimeWeight | None:
         """Repack the weight into the kernels' runtime layout on its current device (CUDA only);
@@ -35,7 +39,7 @@ class KernelWeightMixin(OpaqueLinearMixin):
         reason = reason or unsupported_reason(qt)
         self.__dict__["kernel_skip_reason"] = reason
         if reason is None:
-            self.__dict__["_runtime"] = repack(qt)
+            self.__dict__["_runtime"] = repack(qt, layout=self.kernel_layout)
             reserve_workspace(self.__dict__["_runtime"])
         return self.__dict__["_runtime"]
 
