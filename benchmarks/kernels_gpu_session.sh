@@ -211,9 +211,9 @@ fragment_on)  # the library with BITSMITH_FRAGMENT=1: the kernel table at M = 1 
   ;;
 layouts)  # rows vs fragment layout, both tuned with a cold L2: kernel table (M = 1, 16) and compiled decode, one H100
   for f in 0 1; do
-    echo "== BITSMITH_FRAGMENT=$f python3 benchmarks/kernels_bench.py --m 1,16 --formats int4_g64,nf4_g64,int3_g64 --no-w8a8 --reps 20 --name kernels_layout$f" | tee -a "$OUT/kernels_bench.txt"
+    echo "== BITSMITH_FRAGMENT=$f python3 benchmarks/kernels_bench.py --m 1,16,2048 --formats int4_g64,nf4_g64,int3_g64 --no-w8a8 --reps 20 --name kernels_layout$f" | tee -a "$OUT/kernels_bench.txt"
     BITSMITH_FRAGMENT=$f timeout "${T_BENCH:-130}" python3 benchmarks/kernels_bench.py --m 1,16 --formats int4_g64,nf4_g64,int3_g64 --no-w8a8 --reps 20 \
-      --name kernels_layout$f 2>/dev/null | tee -a "$OUT/kernels_bench.txt" | grep -v tinygemm | tail -17
+      --name kernels_layout$f 2>/dev/null | tee -a "$OUT/kernels_bench.txt" | grep -v tinygemm | tail -25
   done
   for f in 0 1; do
     echo "== BITSMITH_FRAGMENT=$f python3 benchmarks/decode_e2e.py --batch 1 --formats ${E2E_FORMATS:-fp16,int4_g64,nf4_g64,int3_g64} --reps 30 --compile --name decode_e2e_b1_layout$f" | tee -a "$OUT/decode_e2e.txt"
