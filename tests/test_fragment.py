@@ -235,10 +235,21 @@ def test_fragment_layout_is_only_chosen_when_switched_on_and_on_a_gpu(monkeypatc
     from bitsmith.kernels import layout
 
     qt = bitsmith.quantize_tensor(torch.randn(32, 128) * 0.05, "rtn", bits=4, group_size=64)
-    monkeypatch.setitem(layout.FRAGMENT, "enabled", False)
+    monkeypatch.setitem(layout.FRAGMENT, "formats", frozenset())
     assert repack(qt).layout == "rows"
-    monkeypatch.setitem(layout.FRAGMENT, "enabled", True)
+    monkeypatch.setitem(layout.FRAGMENT, "formats", frozenset({"int4", "nf4", "int3"}))
     assert repack(qt).layout == "rows"  # a CPU weight: no kernel would read it
+
+
+def test_fragment_setting_parses_and_names_unknown_formats():
+    from bitsmith.kernels.layout import DEFAULT_FRAGMENT_FORMATS, fragment_formats
+
+    assert fragment_formats(None) == fragment_formats("") == DEFAULT_FRAGMENT_FORMATS
+    assert fragment_formats("1") == fragment_formats("all") == frozenset(fragment.FORMATS)
+    assert fragment_formats("0") == fragment_formats("none") == frozenset()
+    assert fragment_formats(" int3, NF4 ") == frozenset({"int3", "nf4"})
+    with pytest.raises(ValueError, match=r"\['int2'\] not among"):
+        fragment_formats("int3,int2")
 
 
 # --- Triton's interpreter ---------------------------------------------------------------------------
@@ -396,7 +407,7 @@ def test_cuda_quantlinear_uses_the_fragment_layout_and_captures(monkeypatch):
     from bitsmith.kernels import layout
     from bitsmith.nn import QuantLinear
 
-    monkeypatch.setitem(layout.FRAGMENT, "enabled", True)
+    monkeypatch.setitem(layout.FRAGMENT, "formats", frozenset({"int4", "nf4", "int3"}))
     q = functools.partial(bitsmith.quantize_tensor, method="rtn", bits=4, group_size=64)
     lin = QuantLinear.from_float(torch.nn.Linear(512, 384), q).cuda()
     rw = lin.__dict__["_runtime"]

@@ -158,7 +158,7 @@ def test_cuda_module_keeps_the_rows_layout_when_the_fragment_layout_is_on(monkey
     """Its low-rank epilogue lives in the rows layout's kernels, so BITSMITH_FRAGMENT does not move it."""
     from bitsmith.kernels import layout
 
-    monkeypatch.setitem(layout.FRAGMENT, "enabled", True)
+    monkeypatch.setitem(layout.FRAGMENT, "formats", frozenset({"int4", "nf4", "int3"}))
     w, b, x, absmax = _layer_inputs(torch.float16)
     res = svdquant(w, act_absmax=absmax, bias=b, rank=RANK, group_size=64)
     mod = LowRankQuantLinear(K, N, res.residual, res.lora_down, res.lora_up, res.bias, smooth=res.smooth).cuda()

@@ -29,9 +29,10 @@ Runtime layout of a weight ``W [N, K]`` (``N`` output features, ``K`` input feat
 A second runtime layout, ``fragment`` (:mod:`bitsmith.kernels.fragment`), keeps int4, int3 and
 16-level codebook codes as the tensor cores' operand fragments (``words [NB, KG, WPG]``, no
 ``words_hi``, ``Kp`` a multiple of 64) with the same ``scale``, ``zero`` and ``table``. Its
-kernels (:mod:`bitsmith.kernels.fragment_mma`) have not run on a GPU yet, so :func:`repack`
-builds it only when asked: ``layout="fragment"``, or ``BITSMITH_FRAGMENT=1`` in the environment
-(:data:`FRAGMENT`) for every weight it can hold on a CUDA GPU of compute capability 8.0 or newer.
+kernels are in :mod:`bitsmith.kernels.fragment_mma`. :func:`repack` builds it when asked
+(``layout="fragment"``) and, on a CUDA GPU of compute capability 8.0 or newer, for the formats
+:data:`FRAGMENT` names: ``BITSMITH_FRAGMENT`` in the environment (:func:`fragment_formats`: 1 or
+all, 0 or none, or a list such as ``int3,nf4``), else :data:`DEFAULT_FRAGMENT_FORMATS`.
 
 Dequantization in the kernels: affine ``(q - zero) * scale``, codebook ``table[q] * absmax``, in
 float32 as the reference does, then rounded once to the activation dtype.
@@ -54,8 +55,30 @@ from . import fragment
 K_ALIGN = 32  # runtime K padding (the 3-bit high plane holds 32 codes a word)
 RUNTIME_BITS = (2, 3, 4, 8)
 LAYOUTS = ("rows", "fragment")
-# whether repack builds the fragment layout where it can (its kernels await a GPU measurement)
-FRAGMENT = {"enabled": os.environ.get("BITSMITH_FRAGMENT", "0") == "1"}
+# fragment formats repack builds the fragment layout for when it can, unless told (module docstring)
+DEFAULT_FRAGMENT_FORMATS: frozenset[str] = frozenset()
+
+
+def fragment_formats(setting: str | None) -> frozenset[str]:
+    """The formats ``BITSMITH_FRAGMENT=setting`` puts in the fragment layout: "1" or "all" every
+    one it holds, "0" or "none" none, a comma list some ("int3,nf4"), unset the default
+    (:data:`DEFAULT_FRAGMENT_FORMATS`). Raises ``ValueError`` naming an unknown format."""
+    if setting is None or setting.strip() == "":
+        return DEFAULT_FRAGMENT_FORMATS
+    value = setting.strip().lower()
+    if value in ("1", "all"):
+        return frozenset(fragment.FORMATS)
+    if value in ("0", "none"):
+        return frozenset()
+    names = frozenset(v.strip() for v in value.split(",") if v.strip())
+    unknown = sorted(names - set(fragment.FORMATS))
+    if unknown:
+        raise ValueError(f"BITSMITH_FRAGMENT={setting!r}: {unknown} not among the fragment formats {fragment.FORMATS} "
+                         "(or 1/all, 0/none)")
+    return names
+
+
+FRAGMENT = {"formats": fragment_formats(os.environ.get("BITSMITH_FRAGMENT"))}
 
 
 @dataclasses.dataclass
@@ -181,7 +204,7 @@ def _fragment_device(device: torch.device) -> bool:
 
 def repack(qt: QTensor, layout: str | None = None) -> RuntimeWeight:
     """Build the runtime layout of a 2-D QTensor on its own device: ``layout`` "rows" or
-    "fragment"; ``None`` picks "fragment" where :data:`FRAGMENT` is on and the weight and device
+    "fragment"; ``None`` picks "fragment" where :data:`FRAGMENT` names the weight's format and the device
     can take it, else "rows". Raises :class:`~bitsmith.errors.QuantizationError` naming why when
     the kernels cannot take the weight (or the fragment layout was asked for and cannot hold it)."""
     reason = unsupported_reason(qt)
@@ -231,7 +254,7 @@ def repack(qt: QTensor, layout: str | None = None) -> RuntimeWeight:
         kind = "codebook"
     frag = fragment.fragment_format(kind, rbits, group)
     if layout is None:
-        layout = "fragment" if FRAGMENT["enabled"] and frag is not None and _fragment_device(codes.device) else "rows"
+        layout = "fragment" if frag in FRAGMENT["formats"] and _fragment_device(codes.device) else "rows"
     if layout == "fragment" and frag is None:
         raise QuantizationError(f"the fragment layout holds int4/int3 and 16-level codebook codes in groups of a "
                                 f"multiple of {fragment.GROUP} (or one a row); this weight has {kind} "
