@@ -27,12 +27,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # kernels_sass, _commo
 
 
 def loop_opcodes(cubin: bytes) -> collections.Counter:
-    """Opcode counts of the compiled kernel's main loop (the longest backward branch)."""
+    """Opcode counts of the compiled kernel's main loop (the longest loop with tensor-core products)."""
     import kernels_sass
 
     with tempfile.TemporaryDirectory() as tmp:
         ins = kernels_sass.sass_of(cubin, Path(tmp))
-    return kernels_sass.main_loop(ins)
+    return kernels_sass.main_loop(ins, holding="HMMA")
 
 
 def registers(cubin: bytes) -> int:

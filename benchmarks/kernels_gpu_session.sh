@@ -209,7 +209,8 @@ fragment_on)  # the library with BITSMITH_FRAGMENT=1: the kernel table at M = 1 
     --name decode_e2e_b1_fragment 2>&1 | grep -v -i warn | tee -a "$OUT/decode_e2e.txt" | tail -8
   tar cf "$OUT/results.tar" -C benchmarks/results kernels_fragment.json decode_e2e_b1_fragment.json 2>/dev/null
   ;;
-layouts)  # rows vs fragment layout, both tuned with a cold L2: kernel table (M = 1, 16, 2048) and compiled decode, one H100
+layouts)  # fragment CUDA tests; rows vs fragment layout, both tuned with a cold L2: kernel table (M = 1, 16, 2048) and compiled decode
+  TEST_FILES="tests/test_fragment.py tests/test_svdquant.py" TEST_K=cuda T_TESTS=${T_TESTS:-90} cuda_tests || { echo "CUDA tests failed: no benchmarks"; exit 1; }
   for f in 0 1; do
     echo "== BITSMITH_FRAGMENT=$f python3 benchmarks/kernels_bench.py --m 1,16,2048 --formats int4_g64,nf4_g64,int3_g64 --no-w8a8 --reps 20 --name kernels_layout$f" | tee -a "$OUT/kernels_bench.txt"
     BITSMITH_FRAGMENT=$f timeout "${T_BENCH:-130}" python3 benchmarks/kernels_bench.py --m 1,16,2048 --formats int4_g64,nf4_g64,int3_g64 --no-w8a8 --reps 20 \

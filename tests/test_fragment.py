@@ -29,6 +29,7 @@ from bitsmith.errors import QuantizationError
 from bitsmith.kernels import HAVE_TRITON, dequantize_runtime, fragment, fragment_mma, repack
 from bitsmith.kernels.layout import runtime_codes
 from conftest import run_interpreter_tests
+from ptx_emulator import run_ptx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import gluon_fragment_probe as probe  # noqa: E402  (machine-code helpers)
@@ -78,34 +79,6 @@ def _channel_of_logical_k() -> torch.Tensor:
     return chan.permute(1, 2, 0, 3).reshape(64)
 
 
-def _run_ptx(ptx: str, inputs: dict[int, int]) -> dict[int, int]:
-    """A small PTX interpreter for the conversions' instruction set (``shr.b32`` by an immediate,
-    ``lop3.b32`` with any truth table, ``mov.b32 {lo, hi}``): 32-bit inputs by operand number ->
-    the 16-bit outputs by operand number."""
-    regs: dict[str, int] = {f"${i}": v & 0xFFFFFFFF for i, v in inputs.items()}
-    out: dict[int, int] = {}
-
-    def val(tok: str) -> int:
-        return int(tok, 0) & 0xFFFFFFFF if tok[0].isdigit() else regs[tok]
-
-    for line in ptx.splitlines():
-        ops = [t for t in re.split(r"[\s,{};]+", line) if t]
-        if not ops or ops[0].startswith(".reg"):
-            continue
-        if ops[0] == "shr.b32":
-            regs[ops[1]] = val(ops[2]) >> int(ops[3])
-        elif ops[0] == "lop3.b32":
-            a, b, c, lut = val(ops[2]), val(ops[3]), val(ops[4]), int(ops[5], 0)
-            regs[ops[1]] = sum(((lut >> (((a >> i & 1) << 2) | ((b >> i & 1) << 1) | (c >> i & 1))) & 1) << i
-                               for i in range(32))
-        elif ops[0] == "mov.b32":
-            lo, hi, src = ops[1], ops[2], val(ops[3])
-            out[int(lo[1:])], out[int(hi[1:])] = src & 0xFFFF, src >> 16
-        else:
-            raise AssertionError(f"instruction the emulator does not know: {line!r}")
-    return out
-
-
 def _group_products_equal_w_dot_x(codes: torch.Tensor, tile_of) -> None:
     """For every row block and group: the A tile that ``tile_of(rb, grp)`` decodes (``[16, 64]``
     by logical k), times the activations as the kernel loads them, equals ``W . x`` exactly."""
@@ -125,8 +98,7 @@ def _group_products_equal_w_dot_x(codes: torch.Tensor, tile_of) -> None:
 def test_4bit_fragment_words_hold_each_products_weights(fmt):
     """int4 and codebooks: decode the packed words as the tensor cores read them (register r's
     halves at bits 4r and 16 + 4r for affine codes, 8r and 8r + 4 for codebooks, one word a
-    product) and each group's products equal ``W . x``; the int4 conversion PTX, emulated, gives
-    the same codes as ``1024 + q`` (float16) and ``128 + q`` (bfloat16)."""
+    product) and each group's products equal ``W . x``."""
     g = torch.Generator().manual_seed(3)
     codes = torch.randint(0, 16, (32, 128), generator=g, dtype=torch.uint8)
     words = fragment.pack(codes, fmt).to(torch.int64) & 0xFFFFFFFF  # [NB, KG, 128]: lane * 4 + product
@@ -144,21 +116,58 @@ def test_4bit_fragment_words_hold_each_products_weights(fmt):
         return a
 
     _group_products_equal_w_dot_x(codes, tile_of)
-    if fmt == "int4":
-        for magic, value in ((0x6400, 1024), (0x4300, 128)):
-            ptx = fragment_mma.cvt4_ptx(magic)
-            for word in (int(words[0, 0, 0]), int(words[1, 1, 77]), 0xFFFFFFFF, 0x12345678):
-                halves = _run_ptx(ptx, {8: word})
-                for i in range(8):
-                    bit = 4 * (i // 2) + 16 * (i % 2)
-                    assert halves[i] & ~15 == magic and halves[i] & 15 == (word >> bit) & 15, (hex(word), i)
-            assert value + 15 < 2 * value  # q stays in the magic's mantissa
+
+
+@pytest.mark.parametrize("magic", [0x6400, 0x4300], ids=["float16", "bfloat16"])
+def test_int4_conversion_writes_each_register_whole(magic):
+    """The int4 conversion PTX (operands as Triton numbers them with ``pack=2``: the word in
+    ``$4`` and again in ``$5``), emulated: register ``r`` (``$r``) holds ``magic | q`` of the codes
+    at bits ``4 r`` (low half) and ``16 + 4 r`` (high half), whatever the other bits hold."""
+    g = torch.Generator().manual_seed(9)
+    ptx = fragment_mma.cvt4_ptx(magic)
+    for word in torch.randint(0, 2**32, (64,), generator=g, dtype=torch.int64).tolist() + [0xFFFFFFFF, 0]:
+        regs = run_ptx(ptx, {"$4": word, "$5": word})
+        for r in range(4):
+            for h in range(2):
+                half = (regs[f"${r}"] >> (16 * h)) & 0xFFFF
+                assert half == magic | (word >> (4 * r + 16 * h)) & 15, (hex(word), r, h)
+
+
+def test_codebook_lookup_writes_each_register_whole():
+    """NF4: the byte-plane lookup with whole-register outputs (``small_m._lut8_ptx(pairs=True)``,
+    ``pack=2`` operands: the word in ``$4``, plane ``p`` in ``$6 + 2 p``), emulated on packed
+    fragment words: register ``r`` of each product holds the float16 levels of the codes the ISA's
+    fragment assignment puts there (the packer's ``8 r + 4 h`` bits)."""
+    import numpy as np
+
+    from bitsmith.formats.codebook import _codebook
+    from bitsmith.kernels.small_m import _lut8_ptx
+
+    levels = _codebook("nf", 16).levels32.half()
+    bits = levels.view(torch.int16).to(torch.int64) & 0xFFFF
+    planes = fragment_mma.table_planes(type("RW", (), {"kind": "codebook", "table_bits": {torch.float16: tuple(bits.tolist())}})(),
+                                       torch.float16)
+    g = torch.Generator().manual_seed(4)
+    codes = torch.randint(0, 16, (16, 64), generator=g, dtype=torch.uint8)
+    words = fragment.pack(codes, "nf4").to(torch.int64) & 0xFFFFFFFF
+    ptx = _lut8_ptx(pairs=True)
+    for lane in range(32):
+        for step in range(4):
+            word = int(words[0, 0, lane * 4 + step])
+            regs = run_ptx(ptx, {"$4": word, "$5": word, **{f"${6 + 2 * p}": v & 0xFFFFFFFF for p, v in enumerate(planes)},
+                                 **{f"${7 + 2 * p}": v & 0xFFFFFFFF for p, v in enumerate(planes)}})
+            for i in range(8):
+                row, col = _spec_a_element(lane, i)
+                half = (regs[f"${i // 2}"] >> (16 * (i % 2))) & 0xFFFF
+                q = int(codes[row, _channel_of_logical_k()[16 * step + col]])
+                assert np.uint16(half).view(np.float16) == levels[q].numpy(), (lane, step, i)
 
 
 @pytest.mark.parametrize("magic", [0x6400, 0x4300], ids=["float16", "bfloat16"])
 def test_int3_fragment_words_convert_to_each_products_weights(magic):
-    """int3: the packed words run through the kernel's conversion PTX (emulated) give ``magic | q``
-    halves; placed by the ISA's fragment assignment (register ``i = 4 s + r`` of product ``s``:
+    """int3: the packed words run through the kernel's conversion PTX (emulated; ``pack=2``
+    operands, word ``b`` in ``$16 + 2 b``, register ``i`` written whole to ``$i``) give ``magic |
+    q`` halves; placed by the ISA's fragment assignment (register ``i = 4 s + r`` of product ``s``:
     elements ``a_{2r}``, ``a_{2r+1}``), each group's products equal ``W . x``; 3 bits a weight."""
     g = torch.Generator().manual_seed(5)
     codes = torch.randint(0, 8, (32, 128), generator=g, dtype=torch.uint8)
@@ -170,12 +179,12 @@ def test_int3_fragment_words_convert_to_each_products_weights(magic):
     def tile_of(rb, grp):
         a = torch.full((16, 64), -1.0, dtype=torch.float64)
         for lane in range(32):
-            halves = _run_ptx(ptx, {32 + j: int(words[rb, grp, j * 32 + lane]) for j in range(3)})
-            assert sorted(halves) == list(range(32))
+            ws = [int(words[rb, grp, j * 32 + lane]) for j in range(3)]
+            regs = run_ptx(ptx, {f"${16 + 2 * j + c}": ws[j] for j in range(3) for c in range(2)})  # pack=2: twice
             for step in range(4):
                 for i in range(8):
                     row, col = _spec_a_element(lane, i)
-                    h16 = halves[2 * (4 * step + i // 2) + i % 2]
+                    h16 = (regs[f"${4 * step + i // 2}"] >> (16 * (i % 2))) & 0xFFFF
                     assert h16 & ~7 == magic, hex(h16)
                     a[row, 16 * step + col] = h16 & 7
         return a

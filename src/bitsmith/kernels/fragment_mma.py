@@ -56,40 +56,43 @@ MAX_PARTIALS = 256  # split-K x M per output column: the workspace reserved per 
 
 
 def cvt4_ptx(magic_bits: int) -> str:
-    """int4 fragment word ``$8`` -> its product's four A registers as 16-bit halves ``magic +
-    q`` (register ``r``'s half ``h`` in ``$2r+h``): register ``r``'s codes sit at bits ``4 r`` and
-    ``16 + 4 r``, so a shift (none for ``r = 0``) and one LOP3 ``(a & b) | c`` make each register."""
+    """int4 fragment word -> its product's four A registers, each whole: ``$r`` holds register
+    ``r``'s halves ``magic + q`` (codes at bits ``4 r`` and ``16 + 4 r``, so a shift, none for ``r
+    = 0``, and one LOP3 ``(a & b) | c`` make it). Operands as Triton numbers them with ``pack=2``
+    (two elements a call: every input twice): the word in ``$4`` (and ``$5``)."""
     magic = f"{magic_bits * 0x10001:#010x}"
-    lines = ["{", ".reg .b32 r0, r1, r2, r3, t;", f"lop3.b32 r0, $8, 0x000F000F, {magic}, 0xea;"]
+    lines = ["{", ".reg .b32 t;", f"lop3.b32 $0, $4, 0x000F000F, {magic}, 0xea;"]
     for r in (1, 2, 3):
-        lines += [f"shr.b32 t, $8, {4 * r};", f"lop3.b32 r{r}, t, 0x000F000F, {magic}, 0xea;"]
-    return "\n".join(lines + [f"mov.b32 {{${2 * r}, ${2 * r + 1}}}, r{r};" for r in range(4)] + ["}"])
+        lines += [f"shr.b32 t, $4, {4 * r};", f"lop3.b32 ${r}, t, 0x000F000F, {magic}, 0xea;"]
+    return "\n".join(lines + ["}"])
 
 
 def cvt3_ptx(magic_bits: int) -> str:
-    """A lane's three int3 fragment words (``$32..$34``) -> the 16 A registers of a group's four
-    products as 16-bit halves ``magic + q`` (register ``i = 4 s + r``'s half ``h`` in ``$2i+h``):
-    a shift and a LOP3 per register of a word's five slots; register 15 gathers its bits from the
-    top of each word (bit ``15 + 16 h`` of word ``b`` is its code bit ``b``)."""
+    """A lane's three int3 fragment words -> the 16 A registers of a group's four products, each
+    whole (``$i`` holds register ``i = 4 s + r``'s halves ``magic + q``): a shift and a LOP3 per
+    register of a word's five slots; register 15 gathers its bits from the top of each word (bit
+    ``15 + 16 h`` of word ``b`` is its code bit ``b``). ``pack=2`` operands: word ``b`` in ``$16 +
+    2 b``."""
     magic = f"{magic_bits * 0x10001:#010x}"
-    lines = ["{", ".reg .b32 r<16>, t;"]
+    word = [f"${16 + 2 * b}" for b in range(fragment.INT3_WORDS)]
+    lines = ["{", ".reg .b32 t;"]
     for i in range(15):
-        word, slot = divmod(i, 5)
-        src = f"${32 + word}"
+        w, slot = divmod(i, 5)
+        src = word[w]
         if slot:
             lines.append(f"shr.b32 t, {src}, {3 * slot};")
             src = "t"
-        lines.append(f"lop3.b32 r{i}, {src}, 0x00070007, {magic}, 0xea;")
+        lines.append(f"lop3.b32 ${i}, {src}, 0x00070007, {magic}, 0xea;")
     for b in range(3):
-        lines.append(f"shr.b32 t, ${32 + b}, {15 - b};")
-        lines.append(f"lop3.b32 r15, t, {(1 << b) * 0x10001:#010x}, {magic if b == 0 else 'r15'}, 0xea;")
-    return "\n".join(lines + [f"mov.b32 {{${2 * i}, ${2 * i + 1}}}, r{i};" for i in range(16)] + ["}"])
+        lines.append(f"shr.b32 t, {word[b]}, {15 - b};")
+        lines.append(f"lop3.b32 $15, t, {(1 << b) * 0x10001:#010x}, {magic if b == 0 else '$15'}, 0xea;")
+    return "\n".join(lines + ["}"])
 
 
 def lut8_ptx() -> str:
-    """A codebook fragment word (``$8``, register ``r``'s two codes in byte ``r``) -> the float
-    levels of its product's A registers through the byte planes ``$9..$16``: the M = 1 kernel's
-    lookup (:func:`bitsmith.kernels.small_m._lut8_ptx`) ending in 16-bit pairs."""
+    """A codebook fragment word (register ``r``'s two codes in byte ``r``) -> the 16-bit levels
+    of its product's A registers, whole (``$r``), through the byte planes: the M = 1 kernel's
+    lookup (:func:`bitsmith.kernels.small_m._lut8_ptx`), ``pack=2`` operands."""
     from .small_m import _lut8_ptx
 
     return _lut8_ptx(pairs=True)
@@ -111,19 +114,16 @@ if HAVE_GLUON:
     _CVT3_F16 = gl.constexpr(cvt3_ptx(MAGIC[torch.float16][0]))
     _CVT3_BF16 = gl.constexpr(cvt3_ptx(MAGIC[torch.bfloat16][0]))
     _LUT8 = gl.constexpr(lut8_ptx())
-    _CVT3_CONSTRAINTS = gl.constexpr(",".join(["=h"] * 32 + ["r"] * fragment.INT3_WORDS))
+    _CVT3_CONSTRAINTS = gl.constexpr(",".join(["=r"] * 16 + ["r"] * (2 * fragment.INT3_WORDS)))
+    _LUT8_CONSTRAINTS = gl.constexpr(",".join(["=r"] * 4 + ["r"] * 18))
     _INT3_WORDS = gl.constexpr(fragment.INT3_WORDS)
 
     @gluon.jit
     def _fragment_tile(o, W: gl.constexpr, RB: gl.constexpr, a_layout: gl.constexpr):
-        """Eight 16-bit tensors ``[RB, W, 32, 4]`` (register ``r``'s half ``h`` at ``2 r + h`` of
-        a lane's product ``s``) -> the ``[16 W RB, 64]`` A operand: row ``16 (rb W + w) + 8 rr + g``
+        """Four 16-bit tensors ``[RB, W, 32, 4, 2]`` (A register ``r`` of a lane's product ``s``,
+        halves ``h`` last) -> the ``[16 W RB, 64]`` A operand: row ``16 (rb W + w) + 8 rr + g``
         (``r = rr + 2 rc``), logical ``k = 16 s + 8 rc + 2 t + h`` of lane ``4 g + t``."""
-        p0 = gl.join(o[0], o[1])
-        p1 = gl.join(o[2], o[3])
-        p2 = gl.join(o[4], o[5])
-        p3 = gl.join(o[6], o[7])
-        a = gl.join(gl.join(p0, p1), gl.join(p2, p3))  # [RB, W, 32, s, h, rr, rc]
+        a = gl.join(gl.join(o[0], o[1]), gl.join(o[2], o[3]))  # [RB, W, 32, s, h, rr, rc]
         a = gl.reshape(a, [RB, W, 8, 4, 4, 2, 2, 2])
         a = gl.permute(a, [0, 1, 6, 2, 4, 7, 3, 5])  # [RB, W, rr, g, s, rc, t, h]
         a = gl.reshape(a, [16 * W * RB, 64])
@@ -131,46 +131,54 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _product3(o, s: gl.constexpr):
-        """Product ``s``'s four registers of :func:`cvt3_ptx`'s halves as ``[.., h, rr, rc]``."""
-        p0 = gl.join(o[8 * s + 0], o[8 * s + 1])
-        p1 = gl.join(o[8 * s + 2], o[8 * s + 3])
-        p2 = gl.join(o[8 * s + 4], o[8 * s + 5])
-        p3 = gl.join(o[8 * s + 6], o[8 * s + 7])
-        return gl.join(gl.join(p0, p1), gl.join(p2, p3))
+        """Product ``s``'s four registers of :func:`cvt3_ptx` (``[.., h]`` each) as ``[.., h, rr, rc]``."""
+        return gl.join(gl.join(o[4 * s + 0], o[4 * s + 1]), gl.join(o[4 * s + 2], o[4 * s + 3]))
 
     @gluon.jit
     def _a_operand(words, planes, W: gl.constexpr, RB: gl.constexpr, a_layout: gl.constexpr,
                    FMT: gl.constexpr, BF16: gl.constexpr):
         """A lane's words of one group (``[RB, W, 32, 4]``; int3: the fourth unused) -> the A
         operand ``[16 W RB, 64]`` in the activation dtype (``BF16``: bfloat16, else float16):
-        ``MAGIC + q``, or a codebook's levels."""
+        ``MAGIC + q``, or a codebook's levels. Each input is joined with itself (``[.., 2]``, the
+        two halves of a register) and the assembly runs with ``pack=2``, so it writes every A
+        register whole, with no 16-bit moves to pair the halves afterwards."""
         if BF16:
-            dts8: gl.constexpr = (gl.bfloat16,) * 8
-            dts32: gl.constexpr = (gl.bfloat16,) * 32
+            dts4: gl.constexpr = (gl.bfloat16,) * 4
+            dts16: gl.constexpr = (gl.bfloat16,) * 16
             cvt3: gl.constexpr = _CVT3_BF16
             cvt4: gl.constexpr = _CVT4_BF16
         else:
-            dts8: gl.constexpr = (gl.float16,) * 8
-            dts32: gl.constexpr = (gl.float16,) * 32
+            dts4: gl.constexpr = (gl.float16,) * 4
+            dts16: gl.constexpr = (gl.float16,) * 16
             cvt3: gl.constexpr = _CVT3_F16
             cvt4: gl.constexpr = _CVT4_F16
         if FMT == 2:
             even, odd = gl.split(gl.reshape(words, [RB, W, 32, 2, 2]))  # word 2 a + b: split takes b
             w0, w2 = gl.split(even)
             w1, w3 = gl.split(odd)
-            o = gl.inline_asm_elementwise(cvt3, _CVT3_CONSTRAINTS, [w0, w1, w2], dtype=dts32, is_pure=True, pack=1)
+            o = gl.inline_asm_elementwise(cvt3, _CVT3_CONSTRAINTS, [gl.join(w0, w0), gl.join(w1, w1), gl.join(w2, w2)],
+                                          dtype=dts16, is_pure=True, pack=2)
             a = gl.join(gl.join(_product3(o, 0), _product3(o, 1)), gl.join(_product3(o, 2), _product3(o, 3)))
             a = gl.reshape(a, [RB, W, 8, 4, 2, 2, 2, 2, 2])  # [RB, W, g, t, h, rr, rc, s % 2, s // 2]
             a = gl.permute(a, [0, 1, 5, 2, 8, 7, 6, 3, 4])  # [RB, W, rr, g, s // 2, s % 2, rc, t, h]
             a = gl.reshape(a, [16 * W * RB, 64])
             return gl.convert_layout(a, a_layout, assert_trivial=True)
         elif FMT == 1:
-            o = gl.inline_asm_elementwise(_LUT8, "=h,=h,=h,=h,=h,=h,=h,=h,r,r,r,r,r,r,r,r,r",
-                                          [words, planes[0], planes[1], planes[2], planes[3], planes[4], planes[5],
-                                           planes[6], planes[7]], dtype=dts8, is_pure=True, pack=1)
+            w2 = gl.join(words, words)
+            o = gl.inline_asm_elementwise(_LUT8, _LUT8_CONSTRAINTS,
+                                          [w2, gl.full(w2.shape, planes[0], gl.int32, w2.type.layout),
+                                           gl.full(w2.shape, planes[1], gl.int32, w2.type.layout),
+                                           gl.full(w2.shape, planes[2], gl.int32, w2.type.layout),
+                                           gl.full(w2.shape, planes[3], gl.int32, w2.type.layout),
+                                           gl.full(w2.shape, planes[4], gl.int32, w2.type.layout),
+                                           gl.full(w2.shape, planes[5], gl.int32, w2.type.layout),
+                                           gl.full(w2.shape, planes[6], gl.int32, w2.type.layout),
+                                           gl.full(w2.shape, planes[7], gl.int32, w2.type.layout)],
+                                          dtype=dts4, is_pure=True, pack=2)
             return _fragment_tile(o, W, RB, a_layout)
         else:
-            o = gl.inline_asm_elementwise(cvt4, "=h,=h,=h,=h,=h,=h,=h,=h,r", [words], dtype=dts8, is_pure=True, pack=1)
+            o = gl.inline_asm_elementwise(cvt4, "=r,=r,=r,=r,r,r", [gl.join(words, words)], dtype=dts4, is_pure=True,
+                                          pack=2)
             return _fragment_tile(o, W, RB, a_layout)
 
     @gluon.jit

@@ -92,29 +92,31 @@ def magic_for(dtype: torch.dtype, rbits: int) -> tuple[float, int]:
     return 0.0, 0
 
 def _lut8_ptx(pairs: bool = False) -> str:
-    """PTX of :func:`_lut8`: outputs ``$0..$7`` (code ``j`` of word ``$8`` as float32; with
-    ``pairs`` the float16 levels of codes ``2i, 2i + 1`` as the halves ``$2i, $2i+1`` of one 32-bit
-    register, as a tensor-core operand takes them), the byte
-    planes in ``$9..$16`` (``L0..L3``, ``H0..H3``). ``prmt`` reads its selector from the low 16
+    """PTX of :func:`_lut8`: outputs ``$0..$7`` (code ``j`` of word ``$8`` as float32), the byte
+    planes in ``$9..$16`` (``L0..L3``, ``H0..H3``). With ``pairs`` the float16 levels of codes
+    ``2i, 2i + 1`` as the halves of one whole 32-bit register ``$i`` (``i < 4``), as a
+    tensor-core operand takes them, for Triton's ``pack=2`` operand numbering: every input twice,
+    the word in ``$4`` and plane ``p`` in ``$6 + 2p``. ``prmt`` reads its selector from the low 16
     bits, so for the four codes there: selector ``c = w & 0x7777`` (bit 3 of a selector nibble
     would switch ``prmt`` to sign replication), bank selector ``s = 0x3210 | ((w >> 1) & 0x4444)``
     (byte ``j`` from the first source, or from the second when code ``j`` is 8 or more); both
     are computed for the whole word once and shifted down by 16 for the upper four codes."""
+    word, planes = ("$4", [f"${6 + 2 * i}" for i in range(8)]) if pairs else ("$8", [f"${9 + i}" for i in range(8)])
     lines = ["{", ".reg .b32 cw, sw, c, s, la, lb, ha, hb, lo, hi, p0, p1;", ".reg .b16 u0, u1;",
              # both halves' selectors at once; the upper half's are shifted down after
-             "and.b32 cw, $8, 0x77777777;", "shr.b32 sw, $8, 1;", "and.b32 sw, sw, 0x44444444;",
+             f"and.b32 cw, {word}, 0x77777777;", f"shr.b32 sw, {word}, 1;", "and.b32 sw, sw, 0x44444444;",
              "or.b32 sw, sw, 0x32103210;"]
     for half in range(2):
         lines += [f"shr.b32 c, cw, {16 * half};", f"shr.b32 s, sw, {16 * half};",
-                  "prmt.b32 la, $9, $10, c;", "prmt.b32 lb, $11, $12, c;",
-                  "prmt.b32 ha, $13, $14, c;", "prmt.b32 hb, $15, $16, c;",
-                  "prmt.b32 lo, la, lb, s;", "prmt.b32 hi, ha, hb, s;",
-                  "prmt.b32 p0, lo, hi, 0x5140;", "prmt.b32 p1, lo, hi, 0x7362;"]
-        o = 4 * half
+                  f"prmt.b32 la, {planes[0]}, {planes[1]}, c;", f"prmt.b32 lb, {planes[2]}, {planes[3]}, c;",
+                  f"prmt.b32 ha, {planes[4]}, {planes[5]}, c;", f"prmt.b32 hb, {planes[6]}, {planes[7]}, c;",
+                  "prmt.b32 lo, la, lb, s;", "prmt.b32 hi, ha, hb, s;"]
         if pairs:
-            lines += [f"mov.b32 {{${o}, ${o + 1}}}, p0;", f"mov.b32 {{${o + 2}, ${o + 3}}}, p1;"]
+            lines += [f"prmt.b32 ${2 * half}, lo, hi, 0x5140;", f"prmt.b32 ${2 * half + 1}, lo, hi, 0x7362;"]
         else:
-            lines += ["mov.b32 {u0, u1}, p0;", f"cvt.f32.f16 ${o}, u0;", f"cvt.f32.f16 ${o + 1}, u1;",
+            o = 4 * half
+            lines += ["prmt.b32 p0, lo, hi, 0x5140;", "prmt.b32 p1, lo, hi, 0x7362;",
+                      "mov.b32 {u0, u1}, p0;", f"cvt.f32.f16 ${o}, u0;", f"cvt.f32.f16 ${o + 1}, u1;",
                       "mov.b32 {u0, u1}, p1;", f"cvt.f32.f16 ${o + 2}, u0;", f"cvt.f32.f16 ${o + 3}, u1;"]
     return "\n".join(lines + ["}"])
 
