@@ -21,7 +21,8 @@ import torch
 import torch.nn.functional as F
 
 import bitsmith
-from bitsmith.kernels import HAVE_TRITON, dequantize_runtime, repack, unsupported_reason
+from bitsmith.kernels import HAVE_TRITON, dequantize_runtime, unsupported_reason
+from bitsmith.kernels import repack as _repack
 from conftest import run_interpreter_tests
 from ptx_emulator import run_ptx as _run_ptx
 
@@ -51,6 +52,12 @@ FORMATS = {
     "nf3_g64": ("nf", {"levels": 8, "block_size": 64}),
     "nf7_g32": ("nf", {"levels": 7, "block_size": 32}),
 }
+
+
+def repack(qt):
+    """The rows layout, whatever BITSMITH_FRAGMENT says: this file tests its kernels (the fragment
+    layout's are in test_fragment.py)."""
+    return _repack(qt, layout="rows")
 
 
 def _quantize(name: str, w: torch.Tensor):
