@@ -212,8 +212,9 @@ fragment_on)  # the library with BITSMITH_FRAGMENT=1: the kernel table at M = 1 
 layouts)  # fragment CUDA tests; rows vs fragment layout, both tuned with a cold L2: kernel table (M = 1, 16, 2048) and compiled decode
   TEST_FILES="tests/test_fragment.py tests/test_svdquant.py" TEST_K=cuda T_TESTS=${T_TESTS:-90} cuda_tests || { echo "CUDA tests failed: no benchmarks"; exit 1; }
   for f in 0 1; do
-    echo "== BITSMITH_FRAGMENT=$f python3 benchmarks/kernels_bench.py --m 1,16,2048 --formats int4_g64,nf4_g64,int3_g64 --no-w8a8 --reps 20 --name kernels_layout$f" | tee -a "$OUT/kernels_bench.txt"
-    BITSMITH_FRAGMENT=$f timeout "${T_BENCH:-130}" python3 benchmarks/kernels_bench.py --m 1,16,2048 --formats int4_g64,nf4_g64,int3_g64 --no-w8a8 --reps 20 \
+    echo "== BITSMITH_FRAGMENT=$f python3 benchmarks/kernels_bench.py --shapes ${LAYOUT_SHAPES:-4096x4096,14336x4096,4096x14336,28672x8192} --m 1,16,2048 --formats int4_g64,nf4_g64,int3_g64 --no-w8a8 --reps 20 --name kernels_layout$f" | tee -a "$OUT/kernels_bench.txt"
+    BITSMITH_FRAGMENT=$f timeout "${T_BENCH:-130}" python3 benchmarks/kernels_bench.py --shapes "${LAYOUT_SHAPES:-4096x4096,14336x4096,4096x14336,28672x8192}" \
+      --m 1,16,2048 --formats int4_g64,nf4_g64,int3_g64 --no-w8a8 --reps 20 \
       --name kernels_layout$f 2>/dev/null | tee -a "$OUT/kernels_bench.txt" | grep -v tinygemm | tail -25
   done
   for f in 0 1; do
