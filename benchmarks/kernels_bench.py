@@ -25,10 +25,17 @@ def main() -> None:
     ap.add_argument("--name", default="kernels_h100")
     args = ap.parse_args()
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
-    res = bench.run_bench(shapes, [int(m) for m in args.m.split(",")], args.formats.split(","), w8a8=not args.no_w8a8,
-                          reps=args.reps, progress=lambda s: print(s, file=sys.stderr, flush=True))
-    print(bench.render_rows(res))
-    write_result(args.name, {**res.to_json(), "tuned": bench.tuned_configs()})
+    res = None
+    for shape in shapes:  # one shape at a time: a run cut short by a time limit keeps what it measured
+        part = bench.run_bench([shape], [int(m) for m in args.m.split(",")], args.formats.split(","),
+                               w8a8=not args.no_w8a8, reps=args.reps,
+                               progress=lambda s: print(s, file=sys.stderr, flush=True))
+        print("\n".join(bench.render_rows(part).splitlines()[0 if res is None else 2:]), flush=True)
+        if res is None:
+            res = part
+        else:
+            res.rows += part.rows
+        write_result(args.name, {**res.to_json(), "tuned": bench.tuned_configs()})
 
 
 if __name__ == "__main__":

@@ -215,7 +215,7 @@ layouts)  # fragment CUDA tests; rows vs fragment layout, both tuned with a cold
     echo "== BITSMITH_FRAGMENT=$f python3 benchmarks/kernels_bench.py --shapes ${LAYOUT_SHAPES:-4096x4096,14336x4096,4096x14336,28672x8192} --m 1,16,2048 --formats int4_g64,nf4_g64,int3_g64 --no-w8a8 --reps 20 --name kernels_layout$f" | tee -a "$OUT/kernels_bench.txt"
     BITSMITH_FRAGMENT=$f timeout "${T_BENCH:-130}" python3 benchmarks/kernels_bench.py --shapes "${LAYOUT_SHAPES:-4096x4096,14336x4096,4096x14336,28672x8192}" \
       --m 1,16,2048 --formats int4_g64,nf4_g64,int3_g64 --no-w8a8 --reps 20 \
-      --name kernels_layout$f 2>/dev/null | tee -a "$OUT/kernels_bench.txt" | grep -v tinygemm | tail -25
+      --name kernels_layout$f 2>"$OUT/kernels_bench_progress$f.txt" | tee -a "$OUT/kernels_bench.txt" | grep -v tinygemm | tail -25
   done
   for f in 0 1; do
     echo "== BITSMITH_FRAGMENT=$f python3 benchmarks/decode_e2e.py --batch 1 --formats ${E2E_FORMATS:-fp16,int4_g64,nf4_g64,int3_g64} --reps 30 --compile --name decode_e2e_b1_layout$f" | tee -a "$OUT/decode_e2e.txt"
