@@ -19,9 +19,13 @@
 * ``_dequant_kernel`` (Triton, any M): ``W^T`` in the activation dtype, for cuBLAS when M is large
   (the ``rows`` layout does the same there, :func:`bitsmith.kernels.qmm.dequantize_t`).
 
-Status (issue #8): compiled for sm_90 and checked on the CPU (machine code, conversion PTX by
-emulation); the CUDA tests and timings wait for a GPU session, so :func:`bitsmith.kernels.layout.repack`
-only builds this layout when asked (``BITSMITH_FRAGMENT=1``, :data:`bitsmith.kernels.layout.FRAGMENT`).
+Status (issue #8): the CUDA tests pass on an H100 and an H200 (benchmarks/results/
+fragment_gpu_tests_h100.txt, fragment_gpu_tests_v2_h200.txt). On the H100 it beat the rows layout
+at M = 16 on every measured shape and format, and for int3 and NF4 at M = 1
+(gluon_fragment_probe_h100.json, kernels_fragment_h100.json). int4 at M = 1, M = 2048 (the
+dequantization path) and the decode step with the cold-L2 tuner are not yet compared, so
+:func:`bitsmith.kernels.layout.repack` builds this layout only for the formats
+``BITSMITH_FRAGMENT`` names (:data:`bitsmith.kernels.layout.FRAGMENT`; none by default).
 """
 from __future__ import annotations
 
@@ -212,7 +216,9 @@ if HAVE_GLUON:
         """See the module docstring. Program ``(row tile, K split)``; ``SG``: groups of 64 per
         scale group (0: one scale a row); ``FMT``: :data:`FMT_IDS`; ``L0..H3``: a codebook's byte
         planes; ``zconst``: the symmetric zero when ``HAS_ZERO`` is off; ``TAIL``: ``N`` is not a
-        multiple of the tile or ``K`` of 64 (loads are masked); ``BF16``: the activations are bfloat16 (else float16)."""
+        multiple of the tile or ``K`` of 64 (loads are masked); ``BF16``: the activations are
+        bfloat16 (else float16); ``PREFETCH``: how many later groups' words are loaded ahead into
+        registers (0, 1 or 2)."""
         DT: gl.constexpr = x_ptr.dtype.element_ty
         MAGIC_F: gl.constexpr = 128.0 if BF16 else 1024.0
         pid_n = gl.program_id(0)
