@@ -18,7 +18,8 @@
 #   OUT=/some/dir bash benchmarks/kernels_gpu_session.sh overlap    # CUDA tests, SVDQuant's overlapped branch, pipelined M = 1, M = 16 chain
 #   OUT=/some/dir bash benchmarks/kernels_gpu_session.sh fragment   # the fragment layout's CUDA tests and every config timed (gluon_fragment_probe.py)
 #   OUT=/some/dir bash benchmarks/kernels_gpu_session.sh fragment_on   # BITSMITH_FRAGMENT=1: kernel table (M = 1, 16) and compiled decode
-#   OUT=/some/dir bash benchmarks/kernels_gpu_session.sh layouts   # rows vs fragment, kernel table and compiled decode, in one call
+#   OUT=/some/dir bash benchmarks/kernels_gpu_session.sh layouts   # fragment CUDA tests, rows vs fragment kernel table (M = 1, 16, 2048)
+#   OUT=/some/dir bash benchmarks/kernels_gpu_session.sh layouts_e2e   # rows vs fragment, compiled decode at batch 1
 #   OUT=/some/dir bash benchmarks/kernels_gpu_session.sh one        # one call for all of it when device time is short:
 #       CUDA tests, M = 1 table int4 vs NF4, compiled end-to-end decode, host overhead
 # The CUDA tests run with pytest-xdist when it is importable (carried as wheels: .whl/, see the device notes).
@@ -209,20 +210,23 @@ fragment_on)  # the library with BITSMITH_FRAGMENT=1: the kernel table at M = 1 
     --name decode_e2e_b1_fragment 2>&1 | grep -v -i warn | tee -a "$OUT/decode_e2e.txt" | tail -8
   tar cf "$OUT/results.tar" -C benchmarks/results kernels_fragment.json decode_e2e_b1_fragment.json 2>/dev/null
   ;;
-layouts)  # fragment CUDA tests; rows vs fragment layout, both tuned with a cold L2: kernel table (M = 1, 16, 2048) and compiled decode
+layouts)  # fragment CUDA tests; rows vs fragment layout, both tuned with a cold L2: kernel table (M = 1, 16, 2048)
   TEST_FILES="tests/test_fragment.py tests/test_svdquant.py" TEST_K=cuda T_TESTS=${T_TESTS:-90} cuda_tests || { echo "CUDA tests failed: no benchmarks"; exit 1; }
   for f in 0 1; do
     echo "== BITSMITH_FRAGMENT=$f python3 benchmarks/kernels_bench.py --shapes ${LAYOUT_SHAPES:-4096x4096,14336x4096,4096x14336,28672x8192} --m 1,16,2048 --formats int4_g64,nf4_g64,int3_g64 --no-w8a8 --reps 20 --name kernels_layout$f" | tee -a "$OUT/kernels_bench.txt"
-    BITSMITH_FRAGMENT=$f timeout "${T_BENCH:-130}" python3 benchmarks/kernels_bench.py --shapes "${LAYOUT_SHAPES:-4096x4096,14336x4096,4096x14336,28672x8192}" \
+    BITSMITH_FRAGMENT=$f timeout "${T_BENCH:-220}" python3 benchmarks/kernels_bench.py --shapes "${LAYOUT_SHAPES:-4096x4096,14336x4096,4096x14336,28672x8192}" \
       --m 1,16,2048 --formats int4_g64,nf4_g64,int3_g64 --no-w8a8 --reps 20 \
       --name kernels_layout$f 2>"$OUT/kernels_bench_progress$f.txt" | tee -a "$OUT/kernels_bench.txt" | grep -v tinygemm | tail -25
   done
+  tar cf "$OUT/results.tar" -C benchmarks/results kernels_layout0.json kernels_layout1.json 2>/dev/null
+  ;;
+layouts_e2e)  # the compiled decode step at batch 1 in both layouts (after 'layouts'; its own call)
   for f in 0 1; do
     echo "== BITSMITH_FRAGMENT=$f python3 benchmarks/decode_e2e.py --batch 1 --formats ${E2E_FORMATS:-fp16,int4_g64,nf4_g64,int3_g64} --reps 30 --compile --name decode_e2e_b1_layout$f" | tee -a "$OUT/decode_e2e.txt"
-    BITSMITH_FRAGMENT=$f timeout "${T_E2E:-100}" python3 benchmarks/decode_e2e.py --batch 1 --formats "${E2E_FORMATS:-fp16,int4_g64,nf4_g64,int3_g64}" --reps 30 --compile \
+    BITSMITH_FRAGMENT=$f timeout "${T_E2E:-270}" python3 benchmarks/decode_e2e.py --batch 1 --formats "${E2E_FORMATS:-fp16,int4_g64,nf4_g64,int3_g64}" --reps 30 --compile \
       --name decode_e2e_b1_layout$f 2>&1 | grep -v -i warn | tee -a "$OUT/decode_e2e.txt" | tail -6
   done
-  tar cf "$OUT/results.tar" -C benchmarks/results kernels_layout0.json kernels_layout1.json decode_e2e_b1_layout0.json decode_e2e_b1_layout1.json 2>/dev/null
+  tar cf "$OUT/results.tar" -C benchmarks/results decode_e2e_b1_layout0.json decode_e2e_b1_layout1.json 2>/dev/null
   ;;
 tc)  # the tensor-core kernel's wider search at M = 16 (warps, tiles, stages, register cap)
   echo "== python3 benchmarks/kernels_configs.py --m 16 --tc-sweep --formats int4_g64,nf4_g64 --reps 10 --top 5 --name kernels_configs_tc_m16" | tee "$OUT/tc.txt"
