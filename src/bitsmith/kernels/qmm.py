@@ -491,19 +491,18 @@ def _launch(rw: RuntimeWeight, x2: torch.Tensor, bias: torch.Tensor | None, cfg:
             lowrank: tuple[torch.Tensor, torch.Tensor] | small_m.LowRankFill | None = None) -> torch.Tensor:
     """One call with config ``cfg`` (``DEQUANT_MM``; ``KERNEL``: a small-M kernel; else the
     tensor-core kernel); with ``plan_key`` the launch is kept as ``rw.plans[plan_key]``. A
-    :class:`~bitsmith.kernels.small_m.LowRankFill` is filled inside the small-M launch (after its
-    input preparation) and first thing elsewhere (plain stream order)."""
+    :class:`~bitsmith.kernels.small_m.LowRankFill` is filled inside the rows layout's small-M
+    launch (after its input preparation) and first thing elsewhere (plain stream order)."""
     m, k = x2.shape
     n = rw.n
-    if isinstance(lowrank, small_m.LowRankFill) and "KERNEL" not in cfg:
+    if isinstance(lowrank, small_m.LowRankFill) and cfg.get("KERNEL") in (None, "fragment"):
         lowrank = (lowrank.fill(), lowrank.up)
     if cfg.get("KERNEL") == "fragment":  # no low-rank epilogue: a given branch is added after
         out = torch.empty(m, n, dtype=x2.dtype, device=x2.device)
         kernel, grid, args, consts, options = fragment_mma.launch_args(rw, x2, bias, cfg, out)
         hit = _run(kernel, grid, args, consts, options)
         if lowrank is not None:
-            t = lowrank.fill() if isinstance(lowrank, small_m.LowRankFill) else lowrank[0]
-            return out.addmm_(t.to(x2.dtype), lowrank[1])
+            return out.addmm_(lowrank[0].to(x2.dtype), lowrank[1])
         if plan_key is not None and hit is not None:
             rw.plans[plan_key] = _Plan(hit[0], grid, args, hit[1], n, 1, rw.scale, x2.device.index)
         return out
