@@ -27,7 +27,7 @@ from ..formats.affine import AffineParams, encode_affine, pad_groups
 from ..formats.codebook import CodebookParams, quantize_codebook
 from ..formats.qtensor import QTensor
 from .layout import repack
-from .qmm import HAVE_TRITON, TUNED, quant_matmul
+from .qmm import HAVE_TRITON, TUNED, flushed_times_ms, quant_matmul
 
 FLUSH_BYTES = 256 << 20
 
@@ -73,15 +73,7 @@ class Timer:
         self.reps, self.warmup = reps, warmup
 
     def _events(self, call: Callable[[], object]) -> float:
-        starts = [torch.cuda.Event(enable_timing=True) for _ in range(self.reps)]
-        ends = [torch.cuda.Event(enable_timing=True) for _ in range(self.reps)]
-        for i in range(self.reps):
-            self.flush_buf.zero_()
-            starts[i].record()
-            call()
-            ends[i].record()
-        torch.cuda.synchronize()
-        return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends)) * 1e3  # us
+        return statistics.median(flushed_times_ms(call, self.flush_buf, self.reps)) * 1e3  # us
 
     def time_flushed(self, fn: Callable[[], object]) -> float:
         """Median microseconds of one eager call, L2 flushed."""

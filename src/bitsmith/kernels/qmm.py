@@ -25,6 +25,8 @@ where a default is taken) and cached in :data:`TUNED`.
 """
 from __future__ import annotations
 
+import statistics
+
 import torch
 
 try:  # Triton is optional: without it the torch reference path runs
@@ -578,16 +580,23 @@ def gpu_time(fn, calls: int = 20) -> float:
     graph.replay()
     dev = torch.cuda.current_device()
     flush = torch.empty(2 * torch.cuda.get_device_properties(dev).L2_cache_size, dtype=torch.int8, device="cuda")
-    starts = [torch.cuda.Event(enable_timing=True) for _ in range(calls)]
-    ends = [torch.cuda.Event(enable_timing=True) for _ in range(calls)]
-    for i in range(calls):
+    ms = statistics.median(flushed_times_ms(graph.replay, flush, calls))
+    del graph, flush
+    return ms
+
+
+def flushed_times_ms(call, flush: torch.Tensor, reps: int) -> list[float]:
+    """Milliseconds of each of ``reps`` calls of ``call``, timed by CUDA events, each after
+    ``flush.zero_()`` outside the timed span (an L2 flush when ``flush`` is larger than the L2)."""
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    for i in range(reps):
         flush.zero_()
         starts[i].record()
-        graph.replay()
+        call()
         ends[i].record()
     torch.cuda.synchronize()
-    del graph, flush
-    return sorted(s.elapsed_time(e) for s, e in zip(starts, ends))[calls // 2]
+    return [s.elapsed_time(e) for s, e in zip(starts, ends)]
 
 
 def _configs(rw: RuntimeWeight, m: int, dtype: torch.dtype) -> list[dict]:
