@@ -57,27 +57,19 @@ def sass_report(w: int = 4, tok: int = 8, rb: int = 1, prefetch: bool = False, f
             "shared_or_shuffle": shared, "opcodes": dict(loop.most_common())}
 
 
-def quantize(w16: torch.Tensor, fmt: str):
-    """``w16`` quantized to ``fmt`` (``int4_g64``, ``int4_g128``, ``nf4_g64``, ``int3_g64``, ...)."""
-    import bitsmith
-
-    kind, group = fmt.split("_g")
-    if kind == "nf4":
-        return bitsmith.quantize_tensor(w16.float(), "nf", levels=16, block_size=int(group))
-    return bitsmith.quantize_tensor(w16.float(), "rtn", bits=int(kind[3:]), group_size=int(group))
-
-
 def probe_weight(w16: torch.Tensor, fmt: str, ms: list[int], timer) -> list[dict]:
-    """One weight quantized to ``fmt``: at each M every fragment-kernel config checked against
+    """One weight quantized to ``fmt`` as the kernel table quantizes it
+    (:func:`bitsmith.kernels.bench.make_qtensor`): at each M every fragment-kernel config checked against
     float64 ``x @ W^T`` and timed, next to fp16 ``F.linear`` and the ``rows`` layout's tuned
     kernels (``quant_matmul``); one row per M with the best correct config."""
     import torch.nn.functional as F
 
     from bitsmith.kernels import fragment_mma, qmm
+    from bitsmith.kernels.bench import make_qtensor
     from bitsmith.kernels.layout import repack
 
     n, k = w16.shape
-    qt = quantize(w16, fmt)
+    qt = make_qtensor(fmt, w16)
     rows_rw, frag_rw = repack(qt, layout="rows"), repack(qt, layout="fragment")
     qmm.reserve_workspace(frag_rw)
     ref_w = qt.dequantize(torch.float64)
