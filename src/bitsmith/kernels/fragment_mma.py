@@ -57,6 +57,7 @@ except ImportError:  # pragma: no cover - depends on the environment
 MAGIC = {torch.float16: (0x6400, 1024.0), torch.bfloat16: (0x4300, 128.0)}
 FMT_IDS = {fmt: i for i, fmt in enumerate(fragment.FORMATS)}  # the kernels' FMT constexpr
 MAX_PARTIALS = 256  # split-K x M per output column: the workspace reserved per weight (reserve_workspace)
+DEQUANT_ROW_BLOCKS = 8  # row blocks a program of the dequantization kernel
 
 
 def cvt4_ptx(magic_bits: int) -> str:
@@ -457,7 +458,7 @@ def dequantize_t(rw: RuntimeWeight, dtype: torch.dtype, run) -> torch.Tensor:
     the launcher (:func:`bitsmith.kernels.qmm._run`)."""
     out = torch.empty(rw.k, rw.n, dtype=dtype, device=rw.device)
     nb, ng = rw.words.shape[0], rw.words.shape[1]
-    rbs = 8
+    rbs = DEQUANT_ROW_BLOCKS
     dummy = rw.scale
     args = (rw.words, rw.scale, rw.zero if rw.zero is not None else dummy, rw.table if rw.table is not None else dummy,
             out, rw.n, rw.k, nb, ng, float(rw.zconst))
@@ -483,7 +484,7 @@ def compile_dequant_offline(fmt: str = "int4", act: str = "fp16", arch: int = 90
     """``_dequant_kernel`` compiled like :func:`compile_offline` (groups of 64, zeros for affine)."""
     from .small_m import _compile_offline
 
-    cx = {"FMT": FMT_IDS[fmt], "SG": 1, "HAS_ZERO": fmt != "nf4", "RBS": 8}
+    cx = {"FMT": FMT_IDS[fmt], "SG": 1, "HAS_ZERO": fmt != "nf4", "RBS": DEQUANT_ROW_BLOCKS}
     return _compile_offline(_dequant_kernel, cx, act, 4, 1, arch)
 
 
