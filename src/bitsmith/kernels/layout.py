@@ -42,7 +42,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import torch
 
@@ -202,17 +202,46 @@ def _fragment_device(device: torch.device) -> bool:
     return HAVE_GLUON
 
 
-def repack(qt: QTensor, layout: str | None = None) -> RuntimeWeight:
-    """Build the runtime layout of a 2-D QTensor on its own device: ``layout`` "rows" or
-    "fragment"; ``None`` picks "fragment" where :data:`FRAGMENT` names the weight's format and the device
-    can take it, else "rows". Raises :class:`~bitsmith.errors.QuantizationError` naming why when
-    the kernels cannot take the weight (or the fragment layout was asked for and cannot hold it)."""
+@dataclasses.dataclass
+class _Codes:
+    """One weight's codes and per-group metadata before packing (what :func:`repack_stacked`
+    stacks): ``codes`` uint8 ``[N, K]``, ``scale`` / ``zero`` ``[N, ng]``."""
+
+    kind: str
+    rbits: int
+    group: int
+    ng: int
+    codes: torch.Tensor
+    scale: torch.Tensor
+    zero: torch.Tensor | None
+    meta_dtype: torch.dtype
+    zconst: float
+    int_zero: bool
+    table: torch.Tensor | None
+    table_bits: dict
+
+    def compatible(self, other: "_Codes") -> str | None:
+        """Why ``other`` cannot be stacked under this one (``None`` when it can)."""
+        mine = (self.kind, self.rbits, self.group, self.ng, self.codes.shape[1], self.meta_dtype, self.zconst,
+                self.zero is None, self.int_zero)
+        theirs = (other.kind, other.rbits, other.group, other.ng, other.codes.shape[1], other.meta_dtype, other.zconst,
+                  other.zero is None, other.int_zero)
+        names = ("kind", "runtime bits", "group", "groups a row", "in_features", "metadata dtype", "symmetric zero",
+                 "no zero tensor", "integer zeros")
+        for name, a, b in zip(names, mine, theirs):
+            if a != b:
+                return f"{name} {b} against {a}"
+        if self.table is not None and not torch.equal(self.table, other.table):
+            return "a different codebook"
+        return None
+
+
+def _weight_codes(qt: QTensor) -> _Codes:
+    """Unpack one 2-D QTensor's codes and group metadata (raises naming why the kernels cannot
+    take it)."""
     reason = unsupported_reason(qt)
     if reason is not None:
         raise QuantizationError(f"no fused kernel for this weight: {reason}")
-    if layout not in (None, *LAYOUTS):
-        raise QuantizationError(f"runtime layout {layout!r} is not one of {LAYOUTS}")
-    t0 = time.perf_counter()
     n, k = qt.shape
     p = qt.params
     if isinstance(p, AffineParams):
@@ -228,30 +257,61 @@ def repack(qt: QTensor, layout: str | None = None) -> RuntimeWeight:
             s_val, z_val = qt.tensors["scale"], qt.tensors.get("zero")
             sdt = p.torch_scale_dtype
         zconst = p.symmetric_zero if p.zero == "none" else 0.0
-        table, table_bits = None, {}
-        kind = "affine"
+        if p.zero == "none":
+            z_val = None
+        int_zero = p.zero == "int" or (p.zero == "none" and float(zconst).is_integer())
+        return _Codes("affine", rbits, group, ng, codes.to(torch.uint8), s_val.reshape(n, ng),
+                      None if z_val is None else z_val.reshape(n, ng), sdt, zconst, int_zero, None, {})
+    assert isinstance(p, CodebookParams)
+    ng = -(-k // p.block_size)
+    width = ng * p.block_size
+    codes = p.packing.unpack(qt.tensors["codes"], n * width).view(n, width)[:, :k]
+    if int(codes.max()) >= p.levels:
+        raise QuantizationError(f"codebook codes reach {int(codes.max())}, the table has {p.levels} levels")
+    rbits = _runtime_bits(max(2, (p.levels - 1).bit_length()))
+    if p.double_quant:
+        s_val = dq_absmax(qt.tensors["absmax_codes"], qt.tensors["absmax_scale"], p.dq_block).view(n, ng)
     else:
-        assert isinstance(p, CodebookParams)
-        ng = -(-k // p.block_size)
-        width = ng * p.block_size
-        codes = p.packing.unpack(qt.tensors["codes"], n * width).view(n, width)[:, :k]
-        if int(codes.max()) >= p.levels:
-            raise QuantizationError(f"codebook codes reach {int(codes.max())}, the table has {p.levels} levels")
-        rbits = _runtime_bits(max(2, (p.levels - 1).bit_length()))
-        if p.double_quant:
-            s_val = dq_absmax(qt.tensors["absmax_codes"], qt.tensors["absmax_scale"], p.dq_block).view(n, ng)
-        else:
-            s_val = qt.tensors["absmax"]
-        z_val, sdt = None, torch.float32
-        group = 0 if ng == 1 else p.block_size
-        zconst = 0.0
-        levels = _codebook(p.table, p.levels).levels32
-        table = torch.zeros(1 << rbits, dtype=torch.float32)
-        table[: p.levels] = levels
-        table_bits = {dt: tuple(int(b) & 0xFFFF for b in table.to(dt).view(torch.int16).tolist())
-                      for dt in (torch.float16, torch.bfloat16)}
-        table = table.to(codes.device)
-        kind = "codebook"
+        s_val = qt.tensors["absmax"].reshape(n, ng)
+    levels = _codebook(p.table, p.levels).levels32
+    table = torch.zeros(1 << rbits, dtype=torch.float32)
+    table[: p.levels] = levels
+    table_bits = {dt: tuple(int(b) & 0xFFFF for b in table.to(dt).view(torch.int16).tolist())
+                  for dt in (torch.float16, torch.bfloat16)}
+    return _Codes("codebook", rbits, 0 if ng == 1 else p.block_size, ng, codes.to(torch.uint8), s_val, None,
+                  torch.float32, 0.0, False, table.to(codes.device), table_bits)
+
+
+def repack(qt: QTensor, layout: str | None = None) -> RuntimeWeight:
+    """Build the runtime layout of a 2-D QTensor on its own device: ``layout`` "rows" or
+    "fragment"; ``None`` picks "fragment" where :data:`FRAGMENT` names the weight's format and the device
+    can take it, else "rows". Raises :class:`~bitsmith.errors.QuantizationError` naming why when
+    the kernels cannot take the weight (or the fragment layout was asked for and cannot hold it)."""
+    return repack_stacked([qt], layout)
+
+
+def repack_stacked(qts: Sequence[QTensor], layout: str | None = None) -> RuntimeWeight:
+    """One runtime weight of ``qts`` stacked along N (output features, in order): the fused
+    projection of layers that read the same input (q/k/v, gate/up). Groups run along K, so the
+    stacked weight dequantizes to exactly the weights' concatenation. Every weight needs the same
+    format, group size and in_features (a :class:`~bitsmith.errors.QuantizationError` names
+    the first that differs); ``layout`` as in :func:`repack`."""
+    if not qts:
+        raise QuantizationError("repack_stacked: no weights given")
+    if layout not in (None, *LAYOUTS):
+        raise QuantizationError(f"runtime layout {layout!r} is not one of {LAYOUTS}")
+    t0 = time.perf_counter()
+    parts = [_weight_codes(qt) for qt in qts]
+    first = parts[0]
+    for i, other in enumerate(parts[1:], 1):
+        reason = first.compatible(other)
+        if reason is not None:
+            raise QuantizationError(f"cannot stack weight {i} under weight 0: {reason}")
+    kind, rbits, group, ng = first.kind, first.rbits, first.group, first.ng
+    codes = parts[0].codes if len(parts) == 1 else torch.cat([c.codes for c in parts])
+    s_val = parts[0].scale if len(parts) == 1 else torch.cat([c.scale for c in parts])
+    z_val = None if first.zero is None else torch.cat([c.zero for c in parts])
+    n, k = codes.shape
     frag = fragment.fragment_format(kind, rbits, group)
     if layout is None:
         layout = "fragment" if frag in FRAGMENT["formats"] and _fragment_device(codes.device) else "rows"
@@ -262,16 +322,14 @@ def repack(qt: QTensor, layout: str | None = None) -> RuntimeWeight:
     align = fragment.GROUP if layout == "fragment" else K_ALIGN
     kp = -(-k // align) * align
     ngp = 1 if group == 0 else -(-kp // group)
-    scale = _group_meta(s_val, ng, ngp, sdt)
-    zero = None if z_val is None or (kind == "affine" and p.zero == "none") else _group_meta(z_val, ng, ngp, sdt)
-    codes = codes.to(torch.uint8)
+    scale = _group_meta(s_val, ng, ngp, first.meta_dtype)
+    zero = None if z_val is None else _group_meta(z_val, ng, ngp, first.meta_dtype)
     if layout == "fragment":
         words, words_hi = fragment.pack(codes, frag), None
     else:
         words, words_hi = _codes_words(_pad_cols(codes, kp), rbits)
-    int_zero = kind == "affine" and (p.zero == "int" or (p.zero == "none" and float(zconst).is_integer()))
-    rw = RuntimeWeight(kind, n, k, kp, rbits, group, words, words_hi, scale, zero, zconst, table, int_zero,
-                       table_bits, layout=layout)
+    rw = RuntimeWeight(kind, n, k, kp, rbits, group, words, words_hi, scale, zero, first.zconst, first.table,
+                       first.int_zero, first.table_bits, layout=layout)
     if words.is_cuda:
         # also required, not only for the timing: the small-M kernels launch as programmatic
         # dependents and load their first weights before waiting for the kernel before them
@@ -315,5 +373,5 @@ def _unpack_words(words: torch.Tensor, bits: int, kp: int) -> torch.Tensor:
     return q.reshape(words.shape[1], -1)[:, :kp]
 
 
-__all__ = ["RuntimeWeight", "repack", "unsupported_reason", "dequantize_runtime", "runtime_codes", "pack_words", "K_ALIGN",
+__all__ = ["RuntimeWeight", "repack", "repack_stacked", "unsupported_reason", "dequantize_runtime", "runtime_codes", "pack_words", "K_ALIGN",
            "FRAGMENT", "LAYOUTS"]
