@@ -11,6 +11,10 @@ prefilled into a ``StaticCache`` and one decode step (batch B, position fixed) i
 (B / step), the weight-read floor (bytes of every weight the step reads / the measured copy
 bandwidth) and the eager (uncaptured) step time. Writes benchmarks/results/decode_e2e.json.
 
+A format ending in ``+fused`` (``int4_g64+fused``) also stacks each layer's q/k/v and gate/up
+projections into one matmul each (``bitsmith.models.siblings.fuse_siblings``); fp16 stays
+transformers' unfused model, the baseline of issue 8.
+
 ``--no-pdl``: the small-M kernels launched without programmatic dependent launch (to compare).
 ``--profile STEPS``: GPU time per kernel name over that many eager steps (torch.profiler), to see
 where a step's time goes.
@@ -86,9 +90,16 @@ def quantize_decoder(model: nn.Module, fmt: str) -> float:
 
 def weight_bytes(model: nn.Module) -> int:
     """Bytes of every weight a decode step reads (embedding: one row per token, ignored)."""
-    total = 0
+    from bitsmith.nn.siblings import sibling_group
+
+    total, groups = 0, set()
     for name, mod in model.named_modules():
         if isinstance(mod, QuantLinear):
+            group = sibling_group(mod)
+            if group is not None:  # the stacked weight, counted once for its members
+                total += 0 if id(group) in groups else group.runtime.nbytes
+                groups.add(id(group))
+                continue
             rw = mod.__dict__.get("_runtime")
             total += rw.nbytes if rw is not None else mod.qweight.nbytes
         elif hasattr(mod, "qweight") and hasattr(mod, "codes"):  # W8A8Linear
@@ -210,7 +221,19 @@ def main() -> None:
     for fmt in args.formats.split(","):
         torch._dynamo.reset()  # each format compiles afresh (--compile)
         model = build_model(cfg, dev)
-        quant_s = 0.0 if fmt == "fp16" else quantize_decoder(model, fmt)
+        base_fmt, _, extra = fmt.partition("+")
+        if extra not in ("", "fused") or (extra and base_fmt in ("fp16", "w8a8")):
+            raise SystemExit(f"format {fmt!r}: '+fused' goes after a QuantLinear format (int4_g64+fused)")
+        quant_s = 0.0 if base_fmt == "fp16" else quantize_decoder(model, base_fmt)
+        if extra == "fused":
+            from bitsmith.models.siblings import fuse_siblings
+
+            t0 = time.perf_counter()
+            not_fused = [r for r in fuse_siblings(model) if not r.fused]
+            if not_fused:
+                raise SystemExit(f"{fmt}: {len(not_fused)} groups not fused, first: {not_fused[0]}")
+            torch.cuda.synchronize()
+            quant_s += time.perf_counter() - t0
         gc.collect()
         torch.cuda.empty_cache()
         wbytes = weight_bytes(model)

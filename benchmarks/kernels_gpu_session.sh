@@ -20,6 +20,8 @@
 #   OUT=/some/dir bash benchmarks/kernels_gpu_session.sh fragment_on   # BITSMITH_FRAGMENT=1: kernel table (M = 1, 16) and compiled decode
 #   OUT=/some/dir bash benchmarks/kernels_gpu_session.sh layouts   # fragment CUDA tests, rows vs fragment kernel table (M = 1, 16, 2048)
 #   OUT=/some/dir bash benchmarks/kernels_gpu_session.sh layouts_e2e   # rows vs fragment, compiled decode at batch 1
+#   OUT=/some/dir bash benchmarks/kernels_gpu_session.sh siblings   # sibling-group and fragment CUDA tests, compiled decode with
+#       q/k/v and gate/up stacked (SIB_FORMATS; BITSMITH_FRAGMENT as set)
 #   OUT=/some/dir bash benchmarks/kernels_gpu_session.sh one        # one call for all of it when device time is short:
 #       CUDA tests, M = 1 table int4 vs NF4, compiled end-to-end decode, host overhead
 # The CUDA tests run with pytest-xdist when it is importable (carried as wheels: .whl/, see the device notes).
@@ -227,6 +229,15 @@ layouts_e2e)  # the compiled decode step at batch 1 in both layouts (after 'layo
       --name decode_e2e_b1_layout$f 2>&1 | grep -v -i warn | tee -a "$OUT/decode_e2e.txt" | tail -6
   done
   tar cf "$OUT/results.tar" -C benchmarks/results decode_e2e_b1_layout0.json decode_e2e_b1_layout1.json 2>/dev/null
+  ;;
+siblings)  # CUDA tests of the sibling groups and the fragment layout; compiled batch-1 decode, stacked projections
+  TEST_FILES="tests/test_siblings.py tests/test_fragment.py" TEST_K=cuda T_TESTS=${T_TESTS:-100} cuda_tests || { echo "CUDA tests failed: no benchmarks"; exit 1; }
+  name=${SIB_NAME:-decode_e2e_b1_siblings}
+  fmts=${SIB_FORMATS:-fp16,int4_g64,int4_g64+fused,nf4_g64+fused,int3_g64+fused}
+  echo "== BITSMITH_FRAGMENT=${BITSMITH_FRAGMENT:-} python3 benchmarks/decode_e2e.py --batch 1 --formats $fmts --reps 30 --compile --name $name" | tee -a "$OUT/decode_e2e.txt"
+  timeout "${T_E2E:-400}" python3 benchmarks/decode_e2e.py --batch 1 --formats "$fmts" --reps 30 --compile --name "$name" 2>&1 \
+    | grep -v -i warn | tee -a "$OUT/decode_e2e.txt" | tail -8
+  tar cf "$OUT/results.tar" -C benchmarks/results "$name.json" 2>/dev/null
   ;;
 tc)  # the tensor-core kernel's wider search at M = 16 (warps, tiles, stages, register cap)
   echo "== python3 benchmarks/kernels_configs.py --m 16 --tc-sweep --formats int4_g64,nf4_g64 --reps 10 --top 5 --name kernels_configs_tc_m16" | tee "$OUT/tc.txt"

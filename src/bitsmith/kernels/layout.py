@@ -282,6 +282,20 @@ def _weight_codes(qt: QTensor) -> _Codes:
                   torch.float32, 0.0, False, table.to(codes.device), table_bits)
 
 
+def stack_reason(qts: Sequence[QTensor]) -> str | None:
+    """Why :func:`repack_stacked` cannot stack ``qts`` (``None`` when it can), from the specs
+    alone: every weight 2-D, taken by the kernels, and of the first one's codec, parameters and
+    in_features."""
+    for i, qt in enumerate(qts):
+        reason = unsupported_reason(qt)
+        if reason is not None:
+            return f"weight {i}: {reason}"
+        if (qt.codec, qt.params, qt.shape[1]) != (qts[0].codec, qts[0].params, qts[0].shape[1]):
+            return (f"weight {i} is {qt.codec} {qt.params} with in_features {qt.shape[1]}, weight 0 "
+                    f"{qts[0].codec} {qts[0].params} with {qts[0].shape[1]}")
+    return None
+
+
 def repack(qt: QTensor, layout: str | None = None) -> RuntimeWeight:
     """Build the runtime layout of a 2-D QTensor on its own device: ``layout`` "rows" or
     "fragment"; ``None`` picks "fragment" where :data:`FRAGMENT` names the weight's format and the device
@@ -373,5 +387,5 @@ def _unpack_words(words: torch.Tensor, bits: int, kp: int) -> torch.Tensor:
     return q.reshape(words.shape[1], -1)[:, :kp]
 
 
-__all__ = ["RuntimeWeight", "repack", "repack_stacked", "unsupported_reason", "dequantize_runtime", "runtime_codes", "pack_words", "K_ALIGN",
+__all__ = ["RuntimeWeight", "repack", "repack_stacked", "stack_reason", "unsupported_reason", "dequantize_runtime", "runtime_codes", "pack_words", "K_ALIGN",
            "FRAGMENT", "LAYOUTS"]

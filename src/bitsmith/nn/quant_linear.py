@@ -32,6 +32,11 @@ class KernelWeightMixin(OpaqueLinearMixin):
         """Repack the weight into the kernels' runtime layout on its current device (CUDA only);
         returns it, or ``None`` (reason in ``self.kernel_skip_reason``)."""
         self.__dict__["_runtime"] = None
+        group = self.__dict__.get("_sibling_group")
+        if group is not None:  # the group's stacked weight serves this module (nn.siblings)
+            self.__dict__["kernel_skip_reason"] = "runs in its sibling group's stacked weight"
+            group.prepare()
+            return None
         qt = self.qweight
         reason = None if HAVE_TRITON else "triton is not installed"
         if reason is None and qt.device.type != "cuda":
@@ -74,6 +79,10 @@ class KernelWeightMixin(OpaqueLinearMixin):
     def _load_from_state_dict(self, *args, **kwargs):  # type: ignore[override]
         super()._load_from_state_dict(*args, **kwargs)  # buffers changed in place: repack lazily
         self.__dict__["_runtime"] = None
+        group = self.__dict__.get("_sibling_group")
+        if group is not None:
+            group.invalidate()
+            return  # the member stays without a runtime weight of its own
         self.__dict__.pop("kernel_skip_reason", None)
 
 
@@ -110,12 +119,23 @@ class QuantLinear(KernelWeightMixin, QuantWeightMixin, nn.Module):
     def eager_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The forward pass outside ``torch.compile`` (inside it, ``forward`` wraps this in
         :mod:`bitsmith.kernels.ops`' custom op)."""
+        group = self.__dict__.get("_sibling_group")
+        if group is not None and group.takes(self, x):
+            return group.output(self, x)
         rw = self._kernel_weight(x)
         if rw is not None:
             return quant_matmul(x, rw, self.bias)
         w = self.dequantize(x.dtype)
         b = None if self.bias is None else self.bias.to(x.dtype)
         return F.linear(x, w, b)
+
+    def fake_output(self, x: torch.Tensor) -> torch.Tensor:
+        """An empty output with the shape and strides :meth:`eager_forward` gives ``x`` (what
+        ``torch.compile`` is told about the opaque op: a sibling group's slice is strided)."""
+        group = self.__dict__.get("_sibling_group")
+        if group is not None and group.takes(self, x):
+            return group.fake_output(self, x)
+        return x.new_empty(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, {self._qrepr()}"
