@@ -298,3 +298,21 @@ def test_cuda_fused_llama_equals_unfused_and_captures(fmt):
         graph.replay()
         expect = model(static).logits
         assert float((out - expect).abs().max() / expect.abs().max()) < 2e-3
+
+
+@needs_interp
+def test_interp_load_state_dict_restacks(cpu_kernels):
+    """New buffers through load_state_dict: the group drops its stacked copy and the next call
+    computes with the loaded weights."""
+    from bitsmith.nn.siblings import fuse
+
+    members = [QuantLinear(64, 16, _qt("int4_g32", 16, 64, i)) for i in range(2)]
+    group = fuse(members, ["a", "b"])
+    x = torch.randn(2, 64, generator=torch.Generator().manual_seed(4)).half()
+    before = members[1](x)
+    members[1].load_state_dict(QuantLinear(64, 16, _qt("int4_g32", 16, 64, 9)).state_dict())
+    assert group.runtime is None
+    after = members[1](x)
+    expect = x.double() @ members[1].qweight.dequantize(torch.float64).t()
+    assert float((after.double() - expect).abs().max() / expect.abs().max()) < 5e-3
+    assert not torch.allclose(before, after)

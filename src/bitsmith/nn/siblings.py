@@ -100,7 +100,8 @@ class SiblingGroup:
         the stacked weight is on ``x``'s device (prepared now if it can be, outside a capture)."""
         if not member._kernel_input(x):
             return False
-        if self.runtime is None and not torch.compiler.is_compiling() and not torch.cuda.is_current_stream_capturing():
+        if self.runtime is None and not torch.compiler.is_compiling() and not (
+                x.is_cuda and torch.cuda.is_current_stream_capturing()):
             self.prepare()
         return self.runtime is not None and self.runtime.device == x.device
 
