@@ -11,7 +11,8 @@ prefilled into a ``StaticCache`` and one decode step (batch B, position fixed) i
 (B / step), the weight-read floor (bytes of every weight the step reads / the measured copy
 bandwidth) and the eager (uncaptured) step time. Writes benchmarks/results/decode_e2e.json.
 
-A format ending in ``+fused`` (``int4_g64+fused``) also stacks each layer's q/k/v and gate/up
+A format ending in ``+head`` also quantizes the LM head (to the same format). A format ending in
+``+fused`` (``int4_g64+fused``) also stacks each layer's q/k/v and gate/up
 projections into one matmul each (``bitsmith.models.siblings.fuse_siblings``); fp16 stays
 transformers' unfused model, the baseline of issue 8.
 
@@ -64,10 +65,10 @@ def build_model(cfg, device):
     return model.eval()
 
 
-def quantize_decoder(model: nn.Module, fmt: str) -> float:
-    """Replace every nn.Linear inside the decoder layers by a QuantLinear of ``fmt`` (or a
-    W8A8Linear for ``w8a8``: int8 per-channel weights, dynamic per-token activations); returns
-    the seconds spent (quantization + repack)."""
+def quantize_decoder(model: nn.Module, fmt: str, head: bool = False) -> float:
+    """Replace every nn.Linear inside the decoder layers (and the LM head when ``head``) by a
+    QuantLinear of ``fmt`` (or a W8A8Linear for ``w8a8``: int8 per-channel weights, dynamic
+    per-token activations); returns the seconds spent (quantization + repack)."""
     from bitsmith.methods.smoothquant import int8_weight
     from bitsmith.nn import W8A8Linear
 
@@ -84,6 +85,9 @@ def quantize_decoder(model: nn.Module, fmt: str) -> float:
                         ql.prepare_kernels()
                     setattr(parent, name, ql)
                     del child
+    if head:
+        model.lm_head = QuantLinear.from_float(model.lm_head, q)
+        model.lm_head.prepare_kernels()
     torch.cuda.synchronize()
     return time.perf_counter() - t0
 
@@ -221,11 +225,11 @@ def main() -> None:
     for fmt in args.formats.split(","):
         torch._dynamo.reset()  # each format compiles afresh (--compile)
         model = build_model(cfg, dev)
-        base_fmt, _, extra = fmt.partition("+")
-        if extra not in ("", "fused") or (extra and base_fmt in ("fp16", "w8a8")):
-            raise SystemExit(f"format {fmt!r}: '+fused' goes after a QuantLinear format (int4_g64+fused)")
-        quant_s = 0.0 if base_fmt == "fp16" else quantize_decoder(model, base_fmt)
-        if extra == "fused":
+        base_fmt, *extras = fmt.split("+")
+        if set(extras) - {"fused", "head"} or (extras and base_fmt in ("fp16", "w8a8")):
+            raise SystemExit(f"format {fmt!r}: '+fused' and '+head' go after a QuantLinear format (int4_g64+fused)")
+        quant_s = 0.0 if base_fmt == "fp16" else quantize_decoder(model, base_fmt, head="head" in extras)
+        if "fused" in extras:
             from bitsmith.models.siblings import fuse_siblings
 
             t0 = time.perf_counter()
@@ -263,7 +267,8 @@ def save(args, cfg, bw, rows) -> None:
         print(f"{r['format']:>10} {r['batch']:>3} {ms:8.2f} {r['floor_ms']:8.2f} {r['tokens_per_s']:8.1f} {sp if sp else float('nan'):7.2f}")
     write_result(args.name, {"config": {"layers": args.layers, "hidden": 4096, "intermediate": 14336, "heads": 32, "kv_heads": 8,
                                         "vocab": 128256, "prompt": args.prompt, "cache_len": args.cache_len,
-                                        "lm_head_and_embeddings": "fp16", "compiled_step": args.compile,
+                                        "lm_head_and_embeddings": "fp16 (the LM head quantized in '+head' formats)",
+                                        "compiled_step": args.compile,
                                         "pdl": not args.no_pdl},
                              "copy_gbps": bw / 1e9, "rows": rows})
 
