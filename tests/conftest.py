@@ -8,6 +8,24 @@ import torch
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
+# markers of the kernel tests (test_kernels, test_fragment, test_siblings)
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+CUDA = torch.cuda.is_available()
+
+
+def _have_triton() -> bool:
+    from bitsmith.kernels import HAVE_TRITON
+
+    return HAVE_TRITON
+
+
+needs_interp = pytest.mark.skipif(
+    not (_have_triton() and INTERPRETED),
+    reason="Triton interpreter tests run in a subprocess with TRITON_INTERPRET=1 (test_interpreter_suite)"
+    if _have_triton() else "triton is not installed",
+)
+needs_cuda = pytest.mark.skipif(not (CUDA and _have_triton() and not INTERPRETED), reason="needs a CUDA device and triton")
+
 
 @pytest.fixture(scope="session")
 def smollm2_dir():

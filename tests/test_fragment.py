@@ -14,7 +14,6 @@
 """
 from __future__ import annotations
 
-import os
 import re
 import sys
 import tempfile
@@ -28,17 +27,13 @@ import bitsmith
 from bitsmith.errors import QuantizationError
 from bitsmith.kernels import HAVE_TRITON, dequantize_runtime, fragment, fragment_mma, repack
 from bitsmith.kernels.layout import runtime_codes
-from conftest import run_interpreter_tests
+from conftest import CUDA, INTERPRETED, needs_interp, run_interpreter_tests
 from ptx_emulator import run_ptx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import gluon_fragment_probe as probe  # noqa: E402  (machine-code helpers)
 import kernels_sass  # noqa: E402
 
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
-CUDA = torch.cuda.is_available()
-needs_interp = pytest.mark.skipif(not (HAVE_TRITON and INTERPRETED),
-                                  reason="Triton interpreter tests run in a subprocess (test_interpreter_suite)")
 needs_gluon = pytest.mark.skipif(not fragment_mma.HAVE_GLUON or INTERPRETED,
                                  reason="needs triton's Gluon compiler (not under the interpreter)")
 needs_cuda = pytest.mark.skipif(not (CUDA and fragment_mma.HAVE_GLUON and not INTERPRETED), reason="needs a CUDA GPU")

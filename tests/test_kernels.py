@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 from pathlib import Path
 
 import pytest
@@ -23,17 +22,8 @@ import torch.nn.functional as F
 import bitsmith
 from bitsmith.kernels import HAVE_TRITON, dequantize_runtime, unsupported_reason
 from bitsmith.kernels import repack as _repack
-from conftest import run_interpreter_tests
+from conftest import CUDA, INTERPRETED, needs_cuda, needs_interp, run_interpreter_tests
 from ptx_emulator import run_ptx as _run_ptx
-
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
-CUDA = torch.cuda.is_available()
-needs_interp = pytest.mark.skipif(
-    not (HAVE_TRITON and INTERPRETED),
-    reason="Triton interpreter tests run in a subprocess with TRITON_INTERPRET=1 (test_interpreter_suite)"
-    if HAVE_TRITON else "triton is not installed",
-)
-needs_cuda = pytest.mark.skipif(not (CUDA and HAVE_TRITON and not INTERPRETED), reason="needs a CUDA device and triton")
 
 FORMATS = {
     "int4_g32": ("rtn", {"bits": 4, "group_size": 32}),

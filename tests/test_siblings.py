@@ -11,7 +11,6 @@ kernels.layout.repack_stacked).
 from __future__ import annotations
 
 import functools
-import os
 
 import pytest
 import torch
@@ -21,16 +20,7 @@ from bitsmith.errors import QuantizationError
 from bitsmith.kernels import HAVE_TRITON, dequantize_runtime
 from bitsmith.kernels.layout import repack_stacked, stack_reason
 from bitsmith.nn import QuantLinear
-from conftest import run_interpreter_tests
-
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
-CUDA = torch.cuda.is_available()
-needs_interp = pytest.mark.skipif(
-    not (HAVE_TRITON and INTERPRETED),
-    reason="Triton interpreter tests run in a subprocess with TRITON_INTERPRET=1 (test_interpreter_suite)"
-    if HAVE_TRITON else "triton is not installed",
-)
-needs_cuda = pytest.mark.skipif(not (CUDA and HAVE_TRITON and not INTERPRETED), reason="needs a CUDA device and triton")
+from conftest import INTERPRETED, needs_cuda, needs_interp, run_interpreter_tests
 
 FORMATS = {
     "int4_g32": dict(method="rtn", bits=4, group_size=32),
