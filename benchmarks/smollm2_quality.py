@@ -8,6 +8,10 @@ non-overlapping 512-token windows, exp(mean NLL). Every Linear of the decoder is
 configuration is deliberately not in this table.
 
     python benchmarks/smollm2_quality.py [--max-tokens 16384]
+
+``--head`` also quantizes the LM head (untied from the embedding, which stays fp32) with each
+configuration, to see what the decode benchmark's ``+head`` formats cost in quality; ``--configs``
+picks rows by label substrings separated by ``|`` (``--configs "fp32|int4 g64 (rtn, int|NF4"``).
 """
 from __future__ import annotations
 
@@ -44,7 +48,12 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--max-tokens", type=int, default=16384)
     ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--head", action="store_true", help="quantize the (untied) LM head too")
+    ap.add_argument("--configs", default="", help="label substrings separated by | (default: every row)")
+    ap.add_argument("--name", default="smollm2_quality")
     args = ap.parse_args()
+    wanted = [c for c in args.configs.split("|") if c]
+    configs = [c for c in CONFIGS if not wanted or any(w in c[0] for w in wanted)]
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     src = smollm2_path()
@@ -52,24 +61,28 @@ def main() -> None:
     ids = tokenize(tok, wiki_text(), args.max_tokens)
     rows, data = [], []
     base = None
-    for label, method, options in CONFIGS:
+    for label, method, options in configs:
         model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
         bpw, secs = 32.0, 0.0
         if method is not None:
+            recipe = bitsmith.Recipe(method, dict(options))
+            if args.head:  # its own copy of the tied weight: a tied head stays float
+                model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())
             t0 = time.perf_counter()
-            reports = bitsmith.quantize_model(model, bitsmith.Recipe(method, dict(options)))
+            reports = bitsmith.quantize_model(model, recipe)
             secs = time.perf_counter() - t0
             n = sum(torch.Size(r.shape).numel() for r in reports)
             bpw = sum(r.bits_per_weight * torch.Size(r.shape).numel() for r in reports) / n
         res = perplexity(model, ids, seq_len=args.seq_len)
         base = base or res.perplexity
         rows.append((label, f"{bpw:.3f}", f"{res.perplexity:.2f}", f"{(res.perplexity / base - 1) * 100:+.1f}%", f"{secs:.1f}"))
-        data.append({"config": label, "method": method, "options": options, "bits_per_weight_linears": bpw,
+        data.append({"config": label, "method": method, "options": options, "lm_head_quantized": args.head and method is not None,
+                     "bits_per_weight_linears": bpw,
                      "perplexity": res.perplexity, "quantize_seconds": secs})
         print(rows[-1], flush=True)
     print(f"\nSmolLM2-135M-Instruct, wiki text: {res.protocol}")
     print(render(["config", "bits/weight (linears)", "perplexity", "vs fp32", "quantize s"], rows, align="lrrrr"))
-    write_result("smollm2_quality", {"protocol": res.to_json(), "rows": data})
+    write_result(args.name, {"protocol": res.to_json(), "rows": data})
 
 
 if __name__ == "__main__":
