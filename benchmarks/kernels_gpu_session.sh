@@ -233,10 +233,10 @@ layouts_e2e)  # the compiled decode step at batch 1 in both layouts (after 'layo
 siblings)  # CUDA tests of the sibling groups and the fragment layout; compiled batch-1 decode, stacked projections
   TEST_FILES="tests/test_siblings.py tests/test_fragment.py" TEST_K=cuda T_TESTS=${T_TESTS:-100} cuda_tests || { echo "CUDA tests failed: no benchmarks"; exit 1; }
   name=${SIB_NAME:-decode_e2e_b1_siblings}
-  fmts=${SIB_FORMATS:-fp16,int4_g64,int4_g64+fused,int4_g64+fused+head,int3_g64+fused}
+  fmts=${SIB_FORMATS:-fp16,int4_g64+fused,int4_g64,int4_g64+fused+head,int3_g64+fused}
   echo "== BITSMITH_FRAGMENT=${BITSMITH_FRAGMENT:-} python3 benchmarks/decode_e2e.py --batch 1 --formats $fmts --reps 30 --compile --name $name" | tee -a "$OUT/decode_e2e.txt"
   timeout "${T_E2E:-400}" python3 benchmarks/decode_e2e.py --batch 1 --formats "$fmts" --reps 30 --compile --name "$name" 2>&1 \
-    | grep -v -i warn | tee -a "$OUT/decode_e2e.txt" | tail -8
+    | grep -v -i warn | tee -a "$OUT/decode_e2e.txt" | grep -E "B=|x fp16|^ *(fp16|int|nf)"  # rows as they come
   tar cf "$OUT/results.tar" -C benchmarks/results "$name.json" 2>/dev/null
   ;;
 tc)  # the tensor-core kernel's wider search at M = 16 (warps, tiles, stages, register cap)
