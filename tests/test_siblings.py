@@ -113,7 +113,7 @@ def _count_matmuls(monkeypatch):
 def cpu_kernels(monkeypatch):
     """The fused kernels on this CPU under the interpreter: QuantLinear takes float16 CPU inputs
     and sibling groups stack their weights on the CPU."""
-    from bitsmith.nn.siblings import SiblingGroup
+    from bitsmith.nn.siblings import SiblingGroup, sibling_group
 
     def kernel_input(self, x):
         return self.use_kernels and x.dtype in (torch.float16, torch.bfloat16) and not (
@@ -123,7 +123,7 @@ def cpu_kernels(monkeypatch):
     monkeypatch.setattr(SiblingGroup, "device_types", ("cuda", "cpu"))
 
     def own_weight(self, x):  # the members' own runtime weight, as on CUDA (prepare_kernels needs CUDA)
-        if not self._kernel_input(x) or self.__dict__.get("_sibling_group") is not None:
+        if not self._kernel_input(x) or sibling_group(self) is not None:
             return None
         if self.__dict__.get("_runtime") is None:
             self.__dict__["_runtime"] = bitsmith.kernels.repack(self.qweight)

@@ -10,6 +10,7 @@ from ..formats import QTensor
 from ..kernels import HAVE_TRITON, RuntimeWeight, quant_matmul, repack, reserve_workspace, unsupported_reason
 from ..kernels.ops import OpaqueLinearMixin
 from .quant_module import QuantWeightMixin, Quantizer
+from .siblings import sibling_group
 
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16)
 
@@ -32,7 +33,7 @@ class KernelWeightMixin(OpaqueLinearMixin):
         """Repack the weight into the kernels' runtime layout on its current device (CUDA only);
         returns it, or ``None`` (reason in ``self.kernel_skip_reason``)."""
         self.__dict__["_runtime"] = None
-        group = self.__dict__.get("_sibling_group")
+        group = sibling_group(self)
         if group is not None:  # the group's stacked weight serves this module (nn.siblings)
             self.__dict__["kernel_skip_reason"] = "runs in its sibling group's stacked weight"
             group.prepare()
@@ -79,7 +80,7 @@ class KernelWeightMixin(OpaqueLinearMixin):
     def _load_from_state_dict(self, *args, **kwargs):  # type: ignore[override]
         super()._load_from_state_dict(*args, **kwargs)  # buffers changed in place: repack lazily
         self.__dict__["_runtime"] = None
-        group = self.__dict__.get("_sibling_group")
+        group = sibling_group(self)
         if group is not None:
             group.invalidate()
             return  # the member stays without a runtime weight of its own
@@ -119,7 +120,7 @@ class QuantLinear(KernelWeightMixin, QuantWeightMixin, nn.Module):
     def eager_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The forward pass outside ``torch.compile`` (inside it, ``forward`` wraps this in
         :mod:`bitsmith.kernels.ops`' custom op)."""
-        group = self.__dict__.get("_sibling_group")
+        group = sibling_group(self)
         if group is not None and group.takes(self, x):
             return group.output(self, x)
         rw = self._kernel_weight(x)
@@ -132,7 +133,7 @@ class QuantLinear(KernelWeightMixin, QuantWeightMixin, nn.Module):
     def fake_output(self, x: torch.Tensor) -> torch.Tensor:
         """An empty output with the shape and strides :meth:`eager_forward` gives ``x`` (what
         ``torch.compile`` is told about the opaque op: a sibling group's slice is strided)."""
-        group = self.__dict__.get("_sibling_group")
+        group = sibling_group(self)
         if group is not None and group.takes(self, x):
             return group.fake_output(self, x)
         return x.new_empty(*x.shape[:-1], self.out_features)

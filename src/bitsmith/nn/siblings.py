@@ -62,6 +62,9 @@ class SiblingGroup:
         self.bias: torch.Tensor | None = None
         self._pending: _Pending | None = None
 
+    def __repr__(self) -> str:
+        return f"SiblingGroup({', '.join(self.names)}; {self.out_features} outputs)"
+
     def index(self, member) -> int:
         return next(i for i, m in enumerate(self.members) if m is member)
 
