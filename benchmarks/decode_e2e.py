@@ -191,7 +191,13 @@ def time_decode(model, cfg, batch: int, prompt: int, cache_len: int, reps: int, 
             graph.replay()
             torch.cuda.synchronize()
             ref = step()
+            again = step()
+            # max |graph - eager| over the logits, next to their scale and to two eager steps'
+            # own difference (cuBLAS may pick other algorithms under capture; random weights
+            # amplify rounding over 32 layers): a graph that computed something else shows here
             out["graph_matches_eager"] = float((logits.float() - ref.float()).abs().max())
+            out["eager_vs_eager"] = float((again.float() - ref.float()).abs().max())
+            out["logits_absmax"] = float(ref.float().abs().max())
             out["graph_ms"] = median_ms(graph.replay, reps)
         except Exception as e:  # noqa: BLE001 - reported
             out["graph_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
