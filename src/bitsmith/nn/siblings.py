@@ -74,16 +74,15 @@ class SiblingGroup:
         ``None``."""
         devices = {m.qweight.device for m in self.members}
         if len(devices) != 1 or next(iter(devices)).type not in self.device_types:
-            self.runtime, self.bias, self._pending = None, None, None
+            self.invalidate()
             return None
         device = next(iter(devices))
         if self.runtime is not None and self.runtime.device == device:
             return self.runtime
-        self.runtime = None  # the old device's copy goes before the new one is built
+        self.invalidate()  # the old device's copy goes before the new one is built
         self.runtime = repack_stacked([m.qweight for m in self.members], layout=self.members[0].kernel_layout)
         reserve_workspace(self.runtime)
         self.bias = self._stacked_bias(device)
-        self._pending = None
         return self.runtime
 
     def invalidate(self) -> None:
@@ -117,8 +116,7 @@ class SiblingGroup:
             if all(o is None for o in pending.outputs):
                 self._pending = None
             return y
-        bias = None if self.bias is None else self.bias.to(x.dtype)
-        outputs: list[torch.Tensor | None] = list(quant_matmul(x, self.runtime, bias).split(self.sizes, dim=-1))
+        outputs: list[torch.Tensor | None] = list(quant_matmul(x, self.runtime, self.bias).split(self.sizes, dim=-1))
         y, outputs[i] = outputs[i], None
         self._pending = _Pending(x, x._version, outputs)
         return y
