@@ -322,9 +322,13 @@ def repack_stacked(qts: Sequence[QTensor], layout: str | None = None) -> Runtime
         if reason is not None:
             raise QuantizationError(f"cannot stack weight {i} under weight 0: {reason}")
     kind, rbits, group, ng = first.kind, first.rbits, first.group, first.ng
-    codes = parts[0].codes if len(parts) == 1 else torch.cat([c.codes for c in parts])
-    s_val = parts[0].scale if len(parts) == 1 else torch.cat([c.scale for c in parts])
-    z_val = None if first.zero is None else torch.cat([c.zero for c in parts])
+
+    def stacked(ts: list[torch.Tensor]) -> torch.Tensor:  # one weight (repack) is not copied
+        return ts[0] if len(ts) == 1 else torch.cat(ts)
+
+    codes = stacked([c.codes for c in parts])
+    s_val = stacked([c.scale for c in parts])
+    z_val = None if first.zero is None else stacked([c.zero for c in parts])
     n, k = codes.shape
     frag = fragment.fragment_format(kind, rbits, group)
     if layout is None:
