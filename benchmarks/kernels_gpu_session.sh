@@ -21,7 +21,7 @@
 #   OUT=/some/dir bash benchmarks/kernels_gpu_session.sh layouts   # fragment CUDA tests, rows vs fragment kernel table (M = 1, 16, 2048)
 #   OUT=/some/dir bash benchmarks/kernels_gpu_session.sh layouts_e2e   # rows vs fragment, compiled decode at batch 1
 #   OUT=/some/dir bash benchmarks/kernels_gpu_session.sh siblings   # sibling-group and fragment CUDA tests, compiled decode with
-#       q/k/v and gate/up stacked (SIB_FORMATS; BITSMITH_FRAGMENT as set)
+#       q/k/v and gate/up stacked (SIB_FORMATS, SIB_NAME; BITSMITH_FRAGMENT as set; TESTS=0: no tests)
 #   OUT=/some/dir bash benchmarks/kernels_gpu_session.sh one        # one call for all of it when device time is short:
 #       CUDA tests, M = 1 table int4 vs NF4, compiled end-to-end decode, host overhead
 # The CUDA tests run with pytest-xdist when it is importable (carried as wheels: .whl/, see the device notes).
@@ -231,7 +231,9 @@ layouts_e2e)  # the compiled decode step at batch 1 in both layouts (after 'layo
   tar cf "$OUT/results.tar" -C benchmarks/results decode_e2e_b1_layout0.json decode_e2e_b1_layout1.json 2>/dev/null
   ;;
 siblings)  # CUDA tests of the sibling groups and the fragment layout; compiled batch-1 decode, stacked projections
-  TEST_FILES="tests/test_siblings.py tests/test_fragment.py" TEST_K=cuda T_TESTS=${T_TESTS:-100} cuda_tests || { echo "CUDA tests failed: no benchmarks"; exit 1; }
+  if [ "${TESTS:-1}" = 1 ]; then
+    TEST_FILES="tests/test_siblings.py tests/test_fragment.py" TEST_K=cuda T_TESTS=${T_TESTS:-100} cuda_tests || { echo "CUDA tests failed: no benchmarks"; exit 1; }
+  fi
   name=${SIB_NAME:-decode_e2e_b1_siblings}
   fmts=${SIB_FORMATS:-fp16,int4_g64+fused,int4_g64,int4_g64+fused+head,int3_g64+fused}
   echo "== BITSMITH_FRAGMENT=${BITSMITH_FRAGMENT:-} python3 benchmarks/decode_e2e.py --batch 1 --formats $fmts --reps 30 --compile --name $name" | tee -a "$OUT/decode_e2e.txt"
