@@ -901,6 +901,23 @@ def test_bench_cli_says_why_without_a_gpu(capsys):
     assert main(["bench", "kernels", "--formats", "int9"]) == 2
 
 
+def test_bench_table_shows_both_flushes_and_blanks_what_was_not_timed():
+    from bitsmith.kernels.bench import BenchResult, BenchRow, render_rows
+
+    res = BenchResult("GPU", 3000.0, [
+        BenchRow(4096, 4096, 1, "fp16", 23.0, 24.0, 15.0, 33554432, 1459.0, 48.6, 1.0, 1.0, clean_us=12.5, speedup_clean=1.0),
+        BenchRow(4096, 4096, 16, "int4_g64", 18.5, None, None, 9437184, 510.0, 17.0, 1.24, None, clean_us=None,
+                 note="fragment layout"),
+    ])
+    head, *rows = render_rows(res).splitlines()[1:]
+    cols = head.split()
+    assert cols[-5:] == ["clean", "us", "x", "clean", "note"]
+    first = rows[0].split()
+    assert first[-2:] == ["12.5", "1.00"]
+    second = rows[1].split()
+    assert second[-4:] == ["-", "-", "fragment", "layout"]  # the clean columns blank, the note kept
+
+
 def _recording_kernel(calls: list):
     """A stand-in for a compiled Triton kernel whose launches append their arguments to ``calls``
     (the raw launcher itself needs a GPU)."""

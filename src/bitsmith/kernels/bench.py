@@ -2,7 +2,11 @@
 kernel (``torch.ops.aten._weight_int4pack_mm``, "tinygemm") in one run, on one CUDA device.
 
 Timing (:func:`time_flushed`): warm-up, then per repetition the L2 is flushed (a 256 MiB buffer
-zeroed) and the call is bracketed by CUDA events; the median is reported. The same with the call
+zeroed, as ``triton.testing.do_bench`` does) and the call is bracketed by CUDA events; the median
+is reported. That flush leaves the L2 full of dirty lines, whose write-back the timed call pays
+while it reads; ``clean us`` is the same call after a flush that reads the buffer instead (clean
+lines, dropped for free: what the other layers' weights leave in a model; see
+:func:`bitsmith.kernels.qmm.flushed_times_ms`). The same with the call
 replayed from a CUDA graph (:func:`time_graph`, launch overhead gone), and the host time of an eager
 call (:func:`host_overhead`: a loop of calls without synchronisation, so the CPU cost of the Python
 wrapper, the Triton launcher and any torch ops, not GPU time). Effective bandwidth counts the bytes
@@ -72,15 +76,15 @@ class Timer:
         self.flush_buf = torch.empty(FLUSH_BYTES, dtype=torch.int8, device=device)
         self.reps, self.warmup = reps, warmup
 
-    def _events(self, call: Callable[[], object]) -> float:
-        return statistics.median(flushed_times_ms(call, self.flush_buf, self.reps)) * 1e3  # us
+    def _events(self, call: Callable[[], object], clean: bool = False) -> float:
+        return statistics.median(flushed_times_ms(call, self.flush_buf, self.reps, clean=clean)) * 1e3  # us
 
-    def time_flushed(self, fn: Callable[[], object]) -> float:
-        """Median microseconds of one eager call, L2 flushed."""
+    def time_flushed(self, fn: Callable[[], object], clean: bool = False) -> float:
+        """Median microseconds of one eager call, L2 flushed (``clean``: by a read)."""
         for _ in range(self.warmup):
             fn()
         torch.cuda.synchronize()
-        return self._events(fn)
+        return self._events(fn, clean)
 
     def time_graph(self, fn: Callable[[], object]) -> float:
         """Median microseconds of one call replayed from a CUDA graph, L2 flushed."""
@@ -141,6 +145,8 @@ class BenchRow:
     pct_copy: float
     speedup: float | None = None  # vs fp16 F.linear, flushed
     speedup_graph: float | None = None
+    clean_us: float | None = None  # eager, after a flush that leaves clean lines
+    speedup_clean: float | None = None
     note: str = ""
     repack_ms: float | None = None
     rel_err: float | None = None  # vs float64 x @ W^T of the reference dequantization (quantized kernels)
@@ -232,13 +238,14 @@ def run_bench(
                 if m > 16 and k % 8 == 0 and n % 8 == 0:
                     cases.append(("w8a8_int_mm", lambda: w8a8_linear(x, wq, sq, backend="int_mm"), n * k + n * 4 + io + m * k,
                                   "torch._int_mm + torch-op rescale"))
-            base = base_g = None
+            base = base_g = base_c = None
             for name, fn, nbytes, note in cases:
                 if fn is None:
                     res.rows.append(BenchRow(n, k, m, name, math.nan, None, None, 0, math.nan, math.nan, note=note))
                     continue
                 try:
                     us = timer.time_flushed(fn)
+                    clean_us = timer.time_flushed(fn, clean=True)
                     g_us = timer.time_graph(fn) if m in graph_ms else None
                     host = timer.host_overhead(fn) if m == 1 else None
                 except Exception as e:  # noqa: BLE001 - one failing kernel must not hide the others
@@ -246,15 +253,17 @@ def run_bench(
                                              note=f"failed: {str(e).splitlines()[0][:160]}"))
                     continue
                 gbps = nbytes / (us * 1e-6) / 1e9
-                row = BenchRow(n, k, m, name, us, g_us, host, nbytes, gbps, 100 * gbps / res.copy_gbps, note=note)
+                row = BenchRow(n, k, m, name, us, g_us, host, nbytes, gbps, 100 * gbps / res.copy_gbps,
+                               clean_us=clean_us, note=note)
                 if name in rws:
                     row.repack_ms = rws[name].repack_seconds * 1e3
                     ref = x[:64].double() @ refw[name].double().t()
                     got = quant_matmul(x, rws[name])[:64].double()  # the tuned path of this M
                     row.rel_err = float((got - ref).norm() / ref.norm())
                 if name == "fp16":
-                    base, base_g = us, g_us
+                    base, base_g, base_c = us, g_us, clean_us
                 row.speedup = base / us if base else None
+                row.speedup_clean = base_c / clean_us if base_c else None
                 row.speedup_graph = base_g / g_us if (base_g and g_us) else None
                 res.rows.append(row)
                 say(f"  {name}: {us:.1f} us, graph {g_us if g_us is None else round(g_us, 1)} us, "
@@ -265,7 +274,8 @@ def run_bench(
 
 
 def render_rows(res: BenchResult) -> str:
-    head = f"{'N x K':>12} {'M':>5} {'kernel':<18} {'us':>9} {'graph us':>9} {'host us':>8} {'GB/s':>7} {'%copy':>6} {'x fp16':>7} {'x graph':>7}  note"
+    head = (f"{'N x K':>12} {'M':>5} {'kernel':<18} {'us':>9} {'graph us':>9} {'host us':>8} {'GB/s':>7} {'%copy':>6} "
+            f"{'x fp16':>7} {'x graph':>7} {'clean us':>9} {'x clean':>7}  note")
     lines = [f"device: {res.device}; measured copy bandwidth {res.copy_gbps:.0f} GB/s (read + write)", head]
 
     def f(v, fmt):
@@ -275,7 +285,8 @@ def render_rows(res: BenchResult) -> str:
         lines.append(
             f"{r.n:>6}x{r.k:<5} {r.m:>5} {r.kernel:<18} {f(r.us, '{:9.1f}'):>9} {f(r.graph_us, '{:9.1f}'):>9} "
             f"{f(r.host_us, '{:8.1f}'):>8} {f(r.gbps, '{:7.0f}'):>7} {f(r.pct_copy, '{:6.1f}'):>6} "
-            f"{f(r.speedup, '{:7.2f}'):>7} {f(r.speedup_graph, '{:7.2f}'):>7}  {r.note}"
+            f"{f(r.speedup, '{:7.2f}'):>7} {f(r.speedup_graph, '{:7.2f}'):>7} "
+            f"{f(r.clean_us, '{:9.1f}'):>9} {f(r.speedup_clean, '{:7.2f}'):>7}  {r.note}"
         )
     return "\n".join(lines)
 

@@ -25,6 +25,7 @@ where a default is taken) and cached in :data:`TUNED`.
 """
 from __future__ import annotations
 
+import os
 import statistics
 
 import torch
@@ -564,6 +565,10 @@ def dequantize_t(rw: RuntimeWeight, dtype: torch.dtype) -> torch.Tensor:
     return out
 
 
+#: how :func:`gpu_time` empties the L2 between timed calls: "clean" (read) or "dirty" (write)
+TUNE_FLUSH = os.environ.get("BITSMITH_TUNE_FLUSH", "clean")
+
+
 def gpu_time(fn, calls: int = 20) -> float:
     """Device milliseconds of one call of ``fn`` with a cold L2 (median of ``calls`` replays of a
     CUDA graph of one call, each after writing a buffer twice the L2's size; an eager call first
@@ -571,7 +576,10 @@ def gpu_time(fn, calls: int = 20) -> float:
     slow host measures the host), and the flush keeps the weights out of L2 as in a model, where
     every other layer's weights pass through it between two calls of this one: tuned with a warm
     L2, a 30 MB weight that fits the H100's 50 MB L2 picked configs 10-15% slower from memory
-    (benchmarks/results/kernels_fragment_h100.json against gluon_fragment_probe_h100.json)."""
+    (benchmarks/results/kernels_fragment_h100.json against gluon_fragment_probe_h100.json).
+    The flush reads the buffer (:data:`TUNE_FLUSH` ``"clean"``, the default), leaving clean lines as
+    those other weights do; ``BITSMITH_TUNE_FLUSH=dirty`` writes it instead, as before (see
+    :func:`flushed_times_ms`)."""
     fn()
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
@@ -580,18 +588,28 @@ def gpu_time(fn, calls: int = 20) -> float:
     graph.replay()
     dev = torch.cuda.current_device()
     flush = torch.empty(2 * torch.cuda.get_device_properties(dev).L2_cache_size, dtype=torch.int8, device="cuda")
-    ms = statistics.median(flushed_times_ms(graph.replay, flush, calls))
+    ms = statistics.median(flushed_times_ms(graph.replay, flush, calls, clean=TUNE_FLUSH != "dirty"))
     del graph, flush
     return ms
 
 
-def flushed_times_ms(call, flush: torch.Tensor, reps: int) -> list[float]:
-    """Milliseconds of each of ``reps`` calls of ``call``, timed by CUDA events, each after
-    ``flush.zero_()`` outside the timed span (an L2 flush when ``flush`` is larger than the L2)."""
+def flushed_times_ms(call, flush: torch.Tensor, reps: int, clean: bool = False) -> list[float]:
+    """Milliseconds of each of ``reps`` calls of ``call``, timed by CUDA events, each after an L2
+    flush outside the timed span (``flush`` larger than the L2). The flush writes ``flush``
+    (``zero_()``, as ``triton.testing.do_bench`` does): the L2 is then full of dirty lines, and the
+    timed call's first reads evict them to DRAM, up to an L2's worth of writes on top of its own
+    traffic. ``clean``: the flush reads ``flush`` instead (a sum into a preallocated scalar), so
+    what the L2 holds is clean and is dropped for free, as in a decode step, where the kernels
+    between two matmuls write kilobytes, not the L2."""
     starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
     ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    words = flush.view(-1)[: flush.numel() // 4 * 4].view(torch.float32) if clean else None
+    total = torch.empty((), dtype=torch.float32, device=flush.device) if clean else None
     for i in range(reps):
-        flush.zero_()
+        if clean:
+            torch.sum(words, dtype=torch.float32, out=total)
+        else:
+            flush.zero_()
         starts[i].record()
         call()
         ends[i].record()
