@@ -11,7 +11,8 @@ prefilled into a ``StaticCache`` and one decode step (batch B, position fixed) i
 (B / step), the weight-read floor (bytes of every weight the step reads / the measured copy
 bandwidth) and the eager (uncaptured) step time. Writes benchmarks/results/decode_e2e.json.
 
-A format ending in ``+head`` also quantizes the LM head (to the same format). A format ending in
+A format ending in ``+head`` also quantizes the LM head (to the same format), ``+head8`` to int8
+g64 (SmolLM2's perplexity barely moves: benchmarks/results/smollm2_quality_head8.json). A format ending in
 ``+fused`` (``int4_g64+fused``) also stacks each layer's q/k/v and gate/up
 projections into one matmul each (``bitsmith.models.siblings.fuse_siblings``); fp16 stays
 transformers' unfused model, the baseline of issue 8.
@@ -65,8 +66,8 @@ def build_model(cfg, device):
     return model.eval()
 
 
-def quantize_decoder(model: nn.Module, fmt: str, head: bool = False) -> float:
-    """Replace every nn.Linear inside the decoder layers (and the LM head when ``head``) by a
+def quantize_decoder(model: nn.Module, fmt: str, head: str | None = None) -> float:
+    """Replace every nn.Linear inside the decoder layers (and the LM head, in format ``head``, when given) by a
     QuantLinear of ``fmt`` (or a W8A8Linear for ``w8a8``: int8 per-channel weights, dynamic
     per-token activations); returns the seconds spent (quantization + repack)."""
     from bitsmith.methods.smoothquant import int8_weight
@@ -86,7 +87,7 @@ def quantize_decoder(model: nn.Module, fmt: str, head: bool = False) -> float:
                     setattr(parent, name, ql)
                     del child
     if head:
-        model.lm_head = QuantLinear.from_float(model.lm_head, q)
+        model.lm_head = QuantLinear.from_float(model.lm_head, functools.partial(make_qtensor, head))
         model.lm_head.prepare_kernels()
     torch.cuda.synchronize()
     return time.perf_counter() - t0
@@ -246,9 +247,10 @@ def main() -> None:
         torch._dynamo.reset()  # each format compiles afresh (--compile)
         model = build_model(cfg, dev)
         base_fmt, *extras = fmt.split("+")
-        if set(extras) - {"fused", "head"} or (extras and base_fmt in ("fp16", "w8a8")):
-            raise SystemExit(f"format {fmt!r}: '+fused' and '+head' go after a QuantLinear format (int4_g64+fused)")
-        quant_s = 0.0 if base_fmt == "fp16" else quantize_decoder(model, base_fmt, head="head" in extras)
+        if set(extras) - {"fused", "head", "head8"} or (extras and base_fmt in ("fp16", "w8a8")):
+            raise SystemExit(f"format {fmt!r}: '+fused', '+head' and '+head8' go after a QuantLinear format (int4_g64+fused)")
+        head = base_fmt if "head" in extras else "int8_g64" if "head8" in extras else None
+        quant_s = 0.0 if base_fmt == "fp16" else quantize_decoder(model, base_fmt, head=head)
         if "fused" in extras:
             from bitsmith.models.siblings import fuse_siblings
 
@@ -287,7 +289,7 @@ def save(args, cfg, bw, rows) -> None:
         print(f"{r['format']:>10} {r['batch']:>3} {ms:8.2f} {r['floor_ms']:8.2f} {r['tokens_per_s']:8.1f} {sp if sp else float('nan'):7.2f}")
     write_result(args.name, {"config": {"layers": args.layers, "hidden": 4096, "intermediate": 14336, "heads": 32, "kv_heads": 8,
                                         "vocab": 128256, "prompt": args.prompt, "cache_len": args.cache_len,
-                                        "lm_head_and_embeddings": "fp16 (the LM head quantized in '+head' formats)",
+                                        "lm_head_and_embeddings": "fp16 (the LM head quantized in '+head' formats, int8 g64 in '+head8')",
                                         "compiled_step": args.compile,
                                         "pdl": not args.no_pdl},
                              "copy_gbps": bw / 1e9, "rows": rows})

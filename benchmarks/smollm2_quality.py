@@ -12,6 +12,8 @@ configuration is deliberately not in this table.
 ``--head`` also quantizes the LM head (untied from the embedding, which stays fp32) with each
 configuration, to see what the decode benchmark's ``+head`` formats cost in quality; ``--configs``
 picks rows by label substrings separated by ``|`` (``--configs "fp32|int4 g64 (rtn, int|NF4"``).
+``--head-recipe int8`` (a short recipe name: int8, int4, nf4, ...) quantizes the LM head with that
+recipe instead of each row's own, as the decode benchmark's ``+head8`` formats do.
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ import bitsmith
 from bitsmith.cli.table import render
 from bitsmith.eval.perplexity import perplexity, tokenize
 from bitsmith.eval.text import wiki_text
+from bitsmith.methods.recipe import RECIPE_ALIASES, Override
 from bitsmith.models.zoo import smollm2_path
 
 from _common import write_result
@@ -49,6 +52,8 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=16384)
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--head", action="store_true", help="quantize the (untied) LM head too")
+    ap.add_argument("--head-recipe", default="", choices=["", *RECIPE_ALIASES],
+                    help="with --head: the LM head's recipe (default: the row's own)")
     ap.add_argument("--configs", default="", help="label substrings separated by | (default: every row)")
     ap.add_argument("--name", default="smollm2_quality")
     args = ap.parse_args()
@@ -65,7 +70,11 @@ def main() -> None:
         model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
         bpw, secs = 32.0, 0.0
         if method is not None:
-            recipe = bitsmith.Recipe(method, dict(options))
+            overrides = []
+            if args.head and args.head_recipe:
+                head_method, head_options = RECIPE_ALIASES[args.head_recipe]
+                overrides = [Override(r"(^|\.)lm_head(\.weight)?$", {"method": head_method, **head_options})]
+            recipe = bitsmith.Recipe(method, dict(options), overrides=overrides)
             if args.head:  # its own copy of the tied weight: a tied head stays float
                 model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())
             t0 = time.perf_counter()
@@ -77,6 +86,7 @@ def main() -> None:
         base = base or res.perplexity
         rows.append((label, f"{bpw:.3f}", f"{res.perplexity:.2f}", f"{(res.perplexity / base - 1) * 100:+.1f}%", f"{secs:.1f}"))
         data.append({"config": label, "method": method, "options": options, "lm_head_quantized": args.head and method is not None,
+                     "lm_head_recipe": (args.head_recipe or "the row's") if args.head and method is not None else None,
                      "bits_per_weight_linears": bpw,
                      "perplexity": res.perplexity, "quantize_seconds": secs})
         print(rows[-1], flush=True)

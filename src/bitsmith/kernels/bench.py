@@ -42,6 +42,7 @@ BENCH_FORMATS = {
     "nf4_g64": ("codebook", 16, 64),
     "int3_g64": ("affine", 3, 64),
     "int8_g128": ("affine", 8, 128),
+    "int8_g64": ("affine", 8, 64),
     "int2_g64": ("affine", 2, 64),
 }
 DEFAULT_FORMATS = ("int4_g64", "int4_g128", "nf4_g64", "int3_g64", "int8_g128")
