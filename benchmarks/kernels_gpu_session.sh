@@ -235,11 +235,11 @@ siblings)  # CUDA tests of the sibling groups and the fragment layout; compiled 
     TEST_FILES="tests/test_siblings.py tests/test_fragment.py" TEST_K=cuda T_TESTS=${T_TESTS:-100} cuda_tests || { echo "CUDA tests failed: no benchmarks"; exit 1; }
   fi
   name=${SIB_NAME:-decode_e2e_b1_siblings}
-  fmts=${SIB_FORMATS:-fp16,int4_g64+fused,int4_g64,int4_g64+fused+head,int3_g64+fused}
+  fmts=${SIB_FORMATS:-fp16,int4_g64+fused+head8,int4_g64+fused,nf4_g64+fused+head8,int3_g64+fused+head8}
   echo "== BITSMITH_FRAGMENT=${BITSMITH_FRAGMENT:-} python3 benchmarks/decode_e2e.py --batch 1 --formats $fmts --reps 30 --compile --name $name" | tee -a "$OUT/decode_e2e.txt"
   timeout "${T_E2E:-400}" python3 benchmarks/decode_e2e.py --batch 1 --formats "$fmts" --reps 30 --compile --name "$name" 2>&1 \
     | grep -v -i warn | tee -a "$OUT/decode_e2e.txt" | grep -E "B=|x fp16|^ *(fp16|int|nf)"  # rows as they come
-  tar cf "$OUT/results.tar" -C benchmarks/results "$name.json" 2>/dev/null
+  cp "benchmarks/results/$name.json" "$OUT/" 2>/dev/null  # by name: two runs in one call keep both
   ;;
 tc)  # the tensor-core kernel's wider search at M = 16 (warps, tiles, stages, register cap)
   echo "== python3 benchmarks/kernels_configs.py --m 16 --tc-sweep --formats int4_g64,nf4_g64 --reps 10 --top 5 --name kernels_configs_tc_m16" | tee "$OUT/tc.txt"
