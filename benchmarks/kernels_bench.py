@@ -35,7 +35,7 @@ def main() -> None:
             res = part
         else:
             res.rows += part.rows
-        write_result(args.name, {**res.to_json(), "tuned": bench.tuned_configs()})
+        write_result(args.name, {**res.to_json(), "tuned": bench.tuned_configs(), "tune_failures": bench.tune_failures()})
 
 
 if __name__ == "__main__":

@@ -918,6 +918,54 @@ def test_bench_table_shows_both_flushes_and_blanks_what_was_not_timed():
     assert second[-4:] == ["-", "-", "fragment", "layout"]  # the clean columns blank, the note kept
 
 
+def test_l2_flush_by_write_zeroes_the_buffer_and_by_read_leaves_it():
+    from bitsmith.kernels.qmm import l2_flusher
+
+    buf = torch.arange(4099, dtype=torch.int8)  # not a multiple of 4: the read takes whole float32 words
+    l2_flusher(buf, clean=True)()  # runs (the same torch call as on the GPU)
+    assert torch.equal(buf, torch.arange(4099, dtype=torch.int8))
+    l2_flusher(buf)()
+    assert int(buf.abs().sum()) == 0
+
+
+def test_tuning_where_every_candidate_fails_warns_and_is_recorded(monkeypatch):
+    from bitsmith.kernels import qmm
+
+    def broken_timer(fn, calls=20):
+        raise TypeError("sum() received an invalid combination of arguments")
+
+    monkeypatch.setattr(qmm, "gpu_time", broken_timer)
+    monkeypatch.setattr(qmm, "_configs", lambda rw, m, dtype: [{"A": 1}, {"A": 2}])
+    monkeypatch.setattr(qmm, "_default_config", lambda rw, m, device, dtype: {"DEFAULT": True})
+    monkeypatch.setattr(qmm, "TUNED", {})
+    monkeypatch.setattr(qmm, "TUNE_FAILURES", [])
+    key = ("fma", 1, 64, 64, "rows")
+    with pytest.warns(RuntimeWarning, match="all 2 candidate configs failed.*TypeError: sum"):
+        cfg = qmm._tune(key, object(), torch.zeros(1, 64), None)
+    assert cfg == {"DEFAULT": True} and qmm.TUNED[key] == cfg
+    assert qmm.TUNE_FAILURES == [{"key": "fma 1 64 64 rows", "candidates": 2,
+                                  "first_error": "TypeError: sum() received an invalid combination of arguments"}]
+
+
+def test_tuning_keeps_the_fastest_candidate_that_ran(monkeypatch):
+    from bitsmith.kernels import qmm
+
+    times = iter([RuntimeError("out of resources"), 3.0, 2.0])
+
+    def timer(fn, calls=20):
+        t = next(times)
+        if isinstance(t, Exception):
+            raise t
+        return t
+
+    monkeypatch.setattr(qmm, "gpu_time", timer)
+    monkeypatch.setattr(qmm, "_configs", lambda rw, m, dtype: [{"A": 1}, {"A": 2}, {"A": 3}])
+    monkeypatch.setattr(qmm, "TUNED", {})
+    monkeypatch.setattr(qmm, "TUNE_FAILURES", [])
+    assert qmm._tune(("fma", 1, 64, 64, "rows"), object(), torch.zeros(1, 64), None) == {"A": 3}
+    assert qmm.TUNE_FAILURES == []  # one failing config is a choice, not a failure
+
+
 def _recording_kernel(calls: list):
     """A stand-in for a compiled Triton kernel whose launches append their arguments to ``calls``
     (the raw launcher itself needs a GPU)."""

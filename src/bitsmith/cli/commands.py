@@ -304,7 +304,7 @@ def cmd_bench_kernels(args: Namespace) -> int:
         raise SpecError(str(e)) from None
     print(bench.render_rows(res))
     if args.json:
-        doc = {"command": "bitsmith " + " ".join(sys.argv[1:]), **res.to_json(), "tuned": bench.tuned_configs()}
+        doc = {"command": "bitsmith " + " ".join(sys.argv[1:]), **res.to_json(), "tuned": bench.tuned_configs(), "tune_failures": bench.tune_failures()}
         tmp = args.json.with_suffix(args.json.suffix + ".tmp")
         tmp.write_text(json.dumps(doc, indent=2))
         tmp.replace(args.json)

@@ -31,7 +31,7 @@ from ..formats.affine import AffineParams, encode_affine, pad_groups
 from ..formats.codebook import CodebookParams, quantize_codebook
 from ..formats.qtensor import QTensor
 from .layout import repack
-from .qmm import HAVE_TRITON, TUNED, flushed_times_ms, quant_matmul
+from .qmm import HAVE_TRITON, TUNE_FAILURES, TUNED, flushed_times_ms, quant_matmul
 
 FLUSH_BYTES = 256 << 20
 
@@ -297,5 +297,11 @@ def tuned_configs() -> dict:
     return {" ".join(map(str, key)): cfg for key, cfg in TUNED.items()}
 
 
+def tune_failures() -> list[dict]:
+    """The tunings of this process where every candidate failed and the default config ran."""
+    return list(TUNE_FAILURES)
+
+
 __all__ = ["run_bench", "render_rows", "BenchResult", "BenchRow", "Timer", "copy_bandwidth", "make_qtensor",
-           "BENCH_FORMATS", "DEFAULT_SHAPES", "DEFAULT_MS", "DEFAULT_FORMATS", "tuned_configs"]
+           "BENCH_FORMATS", "DEFAULT_SHAPES", "DEFAULT_MS", "DEFAULT_FORMATS", "tuned_configs",
+           "tune_failures"]

@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import os
 import statistics
+import warnings
+from typing import Callable
 
 import torch
 
@@ -47,6 +49,7 @@ if HAVE_TRITON:
     from .small_m import _group_meta, code_float, epilogue, word_code
 
 TUNED: dict[tuple, dict] = {}  # (kernel, M bucket, N, K, layout key) -> launch config
+TUNE_FAILURES: list[dict] = []  # tunings where every candidate failed (the default config ran instead)
 _SM_COUNT: dict[int, int] = {}
 
 if HAVE_TRITON:
@@ -593,23 +596,28 @@ def gpu_time(fn, calls: int = 20) -> float:
     return ms
 
 
+def l2_flusher(flush: torch.Tensor, clean: bool = False) -> Callable[[], None]:
+    """A function that empties the L2 through ``flush`` (a buffer larger than the L2). It writes
+    ``flush`` (``zero_()``, as ``triton.testing.do_bench`` does): the L2 is then full of dirty
+    lines, and the next kernel's first reads evict them to DRAM, up to an L2's worth of writes on
+    top of its own traffic. ``clean``: it reads ``flush`` instead (a sum into a preallocated
+    scalar; the buffer is left as it is), so what the L2 holds is clean and is dropped for free, as
+    in a decode step, where the kernels between two matmuls write kilobytes, not the L2."""
+    if not clean:
+        return flush.zero_
+    words = flush.view(-1)[: flush.numel() // 4 * 4].view(torch.float32)
+    total = torch.empty((), dtype=torch.float32, device=flush.device)
+    return lambda: torch.sum(words, 0, out=total)
+
+
 def flushed_times_ms(call, flush: torch.Tensor, reps: int, clean: bool = False) -> list[float]:
     """Milliseconds of each of ``reps`` calls of ``call``, timed by CUDA events, each after an L2
-    flush outside the timed span (``flush`` larger than the L2). The flush writes ``flush``
-    (``zero_()``, as ``triton.testing.do_bench`` does): the L2 is then full of dirty lines, and the
-    timed call's first reads evict them to DRAM, up to an L2's worth of writes on top of its own
-    traffic. ``clean``: the flush reads ``flush`` instead (a sum into a preallocated scalar), so
-    what the L2 holds is clean and is dropped for free, as in a decode step, where the kernels
-    between two matmuls write kilobytes, not the L2."""
+    flush (:func:`l2_flusher`) outside the timed span."""
     starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
     ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
-    words = flush.view(-1)[: flush.numel() // 4 * 4].view(torch.float32) if clean else None
-    total = torch.empty((), dtype=torch.float32, device=flush.device) if clean else None
+    empty_l2 = l2_flusher(flush, clean)
     for i in range(reps):
-        if clean:
-            torch.sum(words, dtype=torch.float32, out=total)
-        else:
-            flush.zero_()
+        empty_l2()
         starts[i].record()
         call()
         ends[i].record()
@@ -634,16 +642,24 @@ def _default_config(rw: RuntimeWeight, m: int, device: torch.device, dtype: torc
 def _tune(key: tuple, rw: RuntimeWeight, x2: torch.Tensor, bias) -> dict:
     m = x2.shape[0]
     cands = _configs(rw, m, x2.dtype)
-    best, best_t = None, float("inf")
+    best, best_t, first_error = None, float("inf"), None
     for cfg in cands:
         try:
             t = gpu_time(lambda: _launch(rw, x2, bias, cfg))
-        except Exception:  # noqa: BLE001 - a config that does not compile (resources) is skipped
+        except Exception as e:  # noqa: BLE001 - a config that does not compile (resources) is skipped
+            first_error = first_error or e
             continue
         if t < best_t:
             best, best_t = cfg, t
     if best is None:
         best = _default_config(rw, m, x2.device, x2.dtype)
+        if first_error is not None:
+            # one config may fail; all of them failing is a bug in the timing or the kernels, not a
+            # choice the tuner made, and it must not pass for a tuned run (benchmarks record these)
+            why = f"{type(first_error).__name__}: {str(first_error).splitlines()[0][:200]}"
+            TUNE_FAILURES.append({"key": " ".join(map(str, key)), "candidates": len(cands), "first_error": why})
+            warnings.warn(f"kernel tuning for {key}: all {len(cands)} candidate configs failed, the first with "
+                          f"{why}; using the default config", RuntimeWarning, stacklevel=2)
     TUNED[key] = best
     return best
 
@@ -695,4 +711,4 @@ def quant_matmul(x: torch.Tensor, rw: RuntimeWeight, bias: torch.Tensor | None =
     return out.reshape(*lead, rw.n)
 
 
-__all__ = ["quant_matmul", "reserve_workspace", "dequantize_t", "HAVE_TRITON", "TUNED", "AUTOTUNE", "FAST_LAUNCH", "m1_configs", "gemm_configs"]
+__all__ = ["quant_matmul", "reserve_workspace", "dequantize_t", "HAVE_TRITON", "TUNED", "TUNE_FAILURES", "AUTOTUNE", "FAST_LAUNCH", "m1_configs", "gemm_configs"]
