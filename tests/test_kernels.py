@@ -947,6 +947,14 @@ def test_tuning_where_every_candidate_fails_warns_and_is_recorded(monkeypatch):
                                   "first_error": "TypeError: sum() received an invalid combination of arguments"}]
 
 
+def test_tuning_refuses_an_unknown_flush_setting(monkeypatch):
+    from bitsmith.kernels import qmm
+
+    monkeypatch.setattr(qmm, "TUNE_FLUSH", "drity")
+    with pytest.raises(ValueError, match="BITSMITH_TUNE_FLUSH must be 'clean' or 'dirty', got 'drity'"):
+        qmm._tune(("fma", 1, 64, 64, "rows"), object(), torch.zeros(1, 64), None)
+
+
 def test_tuning_keeps_the_fastest_candidate_that_ran(monkeypatch):
     from bitsmith.kernels import qmm
 

@@ -6,7 +6,7 @@ zeroed, as ``triton.testing.do_bench`` does) and the call is bracketed by CUDA e
 is reported. That flush leaves the L2 full of dirty lines, whose write-back the timed call pays
 while it reads; ``clean us`` is the same call after a flush that reads the buffer instead (clean
 lines, dropped for free: what the other layers' weights leave in a model; see
-:func:`bitsmith.kernels.qmm.flushed_times_ms`). The same with the call
+:func:`bitsmith.kernels.qmm.l2_flusher`). The same with the call
 replayed from a CUDA graph (:func:`time_graph`, launch overhead gone), and the host time of an eager
 call (:func:`host_overhead`: a loop of calls without synchronisation, so the CPU cost of the Python
 wrapper, the Triton launcher and any torch ops, not GPU time). Effective bandwidth counts the bytes

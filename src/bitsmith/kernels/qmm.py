@@ -574,7 +574,7 @@ TUNE_FLUSH = os.environ.get("BITSMITH_TUNE_FLUSH", "clean")
 
 def gpu_time(fn, calls: int = 20) -> float:
     """Device milliseconds of one call of ``fn`` with a cold L2 (median of ``calls`` replays of a
-    CUDA graph of one call, each after writing a buffer twice the L2's size; an eager call first
+    CUDA graph of one call, each after an L2 flush through a buffer twice the L2's size; an eager call first
     compiles). Replays keep the host's launch overhead out of the comparison (an eager loop on a
     slow host measures the host), and the flush keeps the weights out of L2 as in a model, where
     every other layer's weights pass through it between two calls of this one: tuned with a warm
@@ -582,7 +582,7 @@ def gpu_time(fn, calls: int = 20) -> float:
     (benchmarks/results/kernels_fragment_h100.json against gluon_fragment_probe_h100.json).
     The flush reads the buffer (:data:`TUNE_FLUSH` ``"clean"``, the default), leaving clean lines as
     those other weights do; ``BITSMITH_TUNE_FLUSH=dirty`` writes it instead, as before (see
-    :func:`flushed_times_ms`)."""
+    :func:`l2_flusher`)."""
     fn()
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
@@ -591,7 +591,7 @@ def gpu_time(fn, calls: int = 20) -> float:
     graph.replay()
     dev = torch.cuda.current_device()
     flush = torch.empty(2 * torch.cuda.get_device_properties(dev).L2_cache_size, dtype=torch.int8, device="cuda")
-    ms = statistics.median(flushed_times_ms(graph.replay, flush, calls, clean=TUNE_FLUSH != "dirty"))
+    ms = statistics.median(flushed_times_ms(graph.replay, flush, calls, clean=TUNE_FLUSH == "clean"))
     del graph, flush
     return ms
 
@@ -640,6 +640,8 @@ def _default_config(rw: RuntimeWeight, m: int, device: torch.device, dtype: torc
 
 
 def _tune(key: tuple, rw: RuntimeWeight, x2: torch.Tensor, bias) -> dict:
+    if TUNE_FLUSH not in ("clean", "dirty"):  # here, not in gpu_time: its errors count as a failing config
+        raise ValueError(f"BITSMITH_TUNE_FLUSH must be 'clean' or 'dirty', got {TUNE_FLUSH!r}")
     m = x2.shape[0]
     cands = _configs(rw, m, x2.dtype)
     best, best_t, first_error = None, float("inf"), None
