@@ -333,18 +333,19 @@ def test_fragment_kernel_tails_compile():
 @pytest.mark.parametrize("fmt", fragment.FORMATS)
 def test_dequantize_kernel_compiles_with_whole_word_loads(fmt):
     """The interpreter runs what the compiler may refuse, so the dequantization kernel is also
-    compiled for sm_90: each lane's words are loaded once (int4/NF4: four 4-byte words a lane,
-    int3: three; eight row blocks over four warps make two lanes' worth a thread), and each of
-    its 64 codes is one 2-byte store (NF4: and one 4-byte table load)."""
+    compiled for sm_90: each word is loaded once, whole (eight row blocks of 128 words, int3 96,
+    over 128 threads), and ``W^T`` is written in 16-byte stores, eight a thread for the ``[64,
+    128]`` float16 tile (the first version stored a code at a time, 2 bytes, and was 5-8x
+    slower); NF4 adds one 4-byte table load a code."""
     import collections
 
     with tempfile.TemporaryDirectory() as tmp:
         ins = kernels_sass.sass_of(fragment_mma.compile_dequant_offline(fmt).asm["cubin"], Path(tmp))
     ops = collections.Counter(re.sub(r"^@!?U?P\w+\s+", "", t).split()[0] for _, t in ins)
-    assert ops["STG.E.U16"] == 64, ops
+    assert [op for op in ops if op.startswith("STG")] == ["STG.E.128"] and ops["STG.E.128"] == 8, ops
     words = sum(c * {"LDG.E": 1, "LDG.E.64": 2, "LDG.E.128": 4}.get(op, 0) for op, c in ops.items())
     table_loads = 64 if fmt == "nf4" else 0
-    assert words - table_loads == (3 if fmt == "int3" else 4) * 2, ops
+    assert words - table_loads == 8 * fragment.WORDS_PER_GROUP[fmt] // 128, ops
 
 
 # --- on a CUDA GPU ----------------------------------------------------------------------------------

@@ -313,71 +313,64 @@ if HAVE_GLUON:
 if HAVE_TRITON:
 
     @triton.jit
-    def _dequant_value(q, sc, z, t_ptr, FMT: tl.constexpr):
-        """Codes ``q`` -> float32 weights: ``table[q] * absmax`` for a codebook, else ``(q - z) * s``."""
-        if FMT == 1:
-            return tl.load(t_ptr + q) * sc
-        return (q.to(tl.float32) - z) * sc
-
-    @triton.jit
     def _dequant_kernel(w_ptr, s_ptr, z_ptr, t_ptr, out_ptr, N, K, NB, NG, zconst,
                         FMT: tl.constexpr, SG: tl.constexpr, HAS_ZERO: tl.constexpr, RBS: tl.constexpr):
         """``W^T [K, N]`` in ``out``'s dtype from fragment words: program ``(RBS row blocks,
-        group)``. Each lane's words are loaded once (coalesced) and every code is stored where
-        the fragment assignment puts it: for one register half, the 32 lanes' codes are 8
-        consecutive rows (``n``) of 4 channels (``k``), 16-byte runs of ``W^T``."""
+        group)`` writes the ``[64, 16 RBS]`` tile of ``W^T``. The row blocks' words are loaded
+        whole and coalesced, every code is cut out where the fragment assignment put it (codes
+        ``[row block, lane, product s, register r, half h]``), and the codes are then permuted
+        into ``[k, n]`` order, the lane ``4 g + t`` standing for row ``g + 8 (r % 2)`` and input
+        channel ``16 t + 4 s + 2 (r // 2) + h`` (:func:`bitsmith.kernels.fragment.physical_k`),
+        so the scales are read and the tile stored as rows of ``16 RBS`` contiguous values (the
+        compiler routes the permutation through shared memory; a store a code, scattered in
+        16-byte pieces, made the first version of this kernel 5-8x slower than writing ``W^T``
+        from the rows layout)."""
         pid_r = tl.program_id(0)
         g = tl.program_id(1)
         WPG: tl.constexpr = 96 if FMT == 2 else 128
-        rb = pid_r * RBS + tl.arange(0, RBS)[:, None]  # [RBS, 1]
-        lane = tl.arange(0, 32)[None, :]  # [1, 32]
-        n0 = rb * 16 + lane // 4  # rows g of the lanes; g + 8 for odd registers
-        t = lane % 4
-        ok_rb = rb < NB
-        base = w_ptr + (rb * NG + g) * WPG
+        BN: tl.constexpr = 16 * RBS
+        rb = pid_r * RBS + tl.arange(0, RBS)
+        ok_rb = (rb < NB)[:, None]
+        base = (rb * NG + g) * WPG
+        lane = tl.arange(0, 32)
+        if FMT == 2:  # three words a lane, [word, lane]; register i = 4 s + r: word i // 5, slot i % 5
+            i = tl.arange(0, 16)[None, None, :, None]
+            h16 = 16 * tl.arange(0, 2)[None, None, None, :]
+            w0 = tl.load(w_ptr + base[:, None] + lane[None, :], mask=ok_rb, other=0)[:, :, None, None]
+            w1 = tl.load(w_ptr + base[:, None] + 32 + lane[None, :], mask=ok_rb, other=0)[:, :, None, None]
+            w2 = tl.load(w_ptr + base[:, None] + 64 + lane[None, :], mask=ok_rb, other=0)[:, :, None, None]
+            word = tl.where(i < 5, w0, tl.where(i < 10, w1, w2))
+            q = (word >> (3 * (i % 5) + h16)) & 7
+            top = ((w0 >> (15 + h16)) & 1) | (((w1 >> (15 + h16)) & 1) << 1) | (((w2 >> (15 + h16)) & 1) << 2)
+            q = tl.where(i == 15, top, q)  # [RBS, 32, 16, 2]
+        else:  # four words a lane, [lane, product]
+            s = tl.arange(0, 4)
+            words = tl.load(w_ptr + base[:, None, None] + lane[None, :, None] * 4 + s[None, None, :],
+                            mask=ok_rb[:, :, None], other=0)
+            r = tl.arange(0, 4)[:, None]
+            h = tl.arange(0, 2)[None, :]
+            shift = 8 * r + 4 * h if FMT == 1 else 4 * r + 16 * h  # [4 r, 2 h]
+            q = (words[:, :, :, None, None] >> shift[None, None, None, :, :]) & 15  # [RBS, 32, 4, 4, 2]
+        # [RBS, lane = (g, t), s, r = (r // 2, r % 2), h] -> [k = (t, s, r // 2, h), n = (RBS, r % 2, g)]
+        q = tl.reshape(q.to(tl.int8), (RBS, 8, 4, 4, 2, 2, 2))
+        q = tl.reshape(tl.permute(q, (2, 3, 4, 6, 0, 5, 1)), (64, BN))
+        k = g * 64 + tl.arange(0, 64)[:, None]
+        n = pid_r * BN + tl.arange(0, BN)
+        n_ok = n < N
         if SG == 0:
             s_row = 0
         else:
             s_row = (g // SG) * N
-        sc0 = tl.load(s_ptr + s_row + n0, mask=n0 < N, other=0.0).to(tl.float32)
-        sc1 = tl.load(s_ptr + s_row + n0 + 8, mask=n0 + 8 < N, other=0.0).to(tl.float32)
-        if HAS_ZERO:
-            z0 = tl.load(z_ptr + s_row + n0, mask=n0 < N, other=0.0).to(tl.float32)
-            z1 = tl.load(z_ptr + s_row + n0 + 8, mask=n0 + 8 < N, other=0.0).to(tl.float32)
+        sc = tl.load(s_ptr + s_row + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        if FMT == 1:
+            w = tl.load(t_ptr + q.to(tl.int32)) * sc
         else:
-            z0 = zconst
-            z1 = zconst
-        if FMT == 2:
-            w0 = tl.load(base + lane, mask=ok_rb, other=0)
-            w1 = tl.load(base + 32 + lane, mask=ok_rb, other=0)
-            w2 = tl.load(base + 64 + lane, mask=ok_rb, other=0)
-        for s in tl.static_range(4):
-            if FMT != 2:
-                wv = tl.load(base + lane * 4 + s, mask=ok_rb, other=0)
-            for r in tl.static_range(4):
-                for h in tl.static_range(2):
-                    if FMT == 2:  # register 4 s + r: word (4 s + r) // 5, or the words' top bits for 15
-                        if 4 * s + r == 15:
-                            q = (((w0 >> (15 + 16 * h)) & 1) | (((w1 >> (15 + 16 * h)) & 1) << 1)
-                                 | (((w2 >> (15 + 16 * h)) & 1) << 2))
-                        elif 4 * s + r < 5:
-                            q = (w0 >> (3 * (4 * s + r) + 16 * h)) & 7
-                        elif 4 * s + r < 10:
-                            q = (w1 >> (3 * (4 * s + r - 5) + 16 * h)) & 7
-                        else:
-                            q = (w2 >> (3 * (4 * s + r - 10) + 16 * h)) & 7
-                    elif FMT == 1:
-                        q = (wv >> (8 * r + 4 * h)) & 15
-                    else:
-                        q = (wv >> (4 * r + 16 * h)) & 15
-                    if r % 2 == 0:
-                        n = n0
-                        w = _dequant_value(q, sc0, z0, t_ptr, FMT)
-                    else:
-                        n = n0 + 8
-                        w = _dequant_value(q, sc1, z1, t_ptr, FMT)
-                    k = g * 64 + 16 * t + 4 * s + 2 * (r // 2) + h
-                    tl.store(out_ptr + k * N + n, w.to(out_ptr.dtype.element_ty), mask=ok_rb & (n < N) & (k < K))
+            if HAS_ZERO:
+                z = tl.load(z_ptr + s_row + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+            else:
+                z = zconst
+            w = (q.to(tl.float32) - z) * sc
+        tl.store(out_ptr + k * N + n[None, :], w.to(out_ptr.dtype.element_ty), mask=(k < K) & n_ok[None, :])
 
 
 def _scale_steps(rw: RuntimeWeight) -> int:
