@@ -117,7 +117,7 @@ def main() -> None:
             fp16 = timer.time_graph(lambda: F.linear(x, w16))
             for fmt in args.formats.split(","):
                 qt = make_qtensor(fmt, w16)
-                rw = repack(qt)
+                rw = repack(qt, layout="rows")  # the rows layout's kernels and configs
                 ref = x.double() @ qt.dequantize(torch.float64).t()
                 timed = []
                 if args.pipe_sweep and m == 1:

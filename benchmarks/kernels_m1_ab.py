@@ -84,7 +84,7 @@ def main() -> None:
             tiny = (timer.time_flushed(lambda: tg[0](xb)), timer.time_graph(lambda: tg[0](xb)))
         for fmt in args.formats.split(","):
             qt = make_qtensor(fmt, w16)
-            rw = repack(qt)
+            rw = repack(qt, layout="rows")  # the rows layout's kernels and configs
             small_m.workspace(dev, qmm.MAX_SPLIT * n, -(-n // qmm.MIN_BLOCK_N))
             ref = x.double() @ qt.dequantize(torch.float64).t()
             cfgs = qmm.fma_configs(rw, x.dtype)

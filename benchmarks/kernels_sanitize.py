@@ -2,7 +2,9 @@
 the M = 1 kernels with and without split-K, the tensor-core kernels with split-K (the small-M one
 with whole tiles and with half-word steps), the dequantize
 kernel, SVDQuant's down-projection and each kernel's low-rank epilogue, and the two W8A8
-kernels, over int4/int3/int2/int8 and NF4 layouts.
+kernels, over int4/int3/int2/int8 and NF4 layouts; then the fragment layout's kernel (every
+prefetch depth, split-K on and off, 1 and 16 rows) and its dequantization kernel (above 16 rows)
+for int4, int3 and NF4, with rows and channels past the tiles.
 
     compute-sanitizer --tool memcheck --error-exitcode 1 python benchmarks/kernels_sanitize.py
 """
@@ -11,7 +13,7 @@ from __future__ import annotations
 import torch
 
 import bitsmith
-from bitsmith.kernels import qmm, repack, small_m
+from bitsmith.kernels import fragment_mma, qmm, repack, small_m
 from bitsmith.kernels.w8a8 import w8a8_linear
 
 CASES = [("rtn", {"bits": 4, "group_size": 64}), ("rtn", {"bits": 3, "group_size": 128, "symmetric": True}),
@@ -34,7 +36,7 @@ def main() -> None:
     # K = 1000: no group divides it (masked activation loads); 1024: every group does (unmasked)
     for (method, opts), (n, k) in ((c, s) for c in CASES for s in ((333, 1000), (333, 1024))):
         qt = bitsmith.quantize_tensor(torch.randn(n, k, device="cuda") * 0.02, method, **opts)
-        rw = repack(qt)
+        rw = repack(qt, layout="rows")  # the rows layout's kernels and configs
         w = qt.dequantize(torch.float32).double()
         small = [{**c, "BLOCK_K": c.get("BLOCK_K", rw.group or 64)} for c in SMALL_M]
         small = [c for c in small if small_m.supports(rw, torch.float16, c) is None]
@@ -50,7 +52,7 @@ def main() -> None:
 
     for (n, k), m in (((333, 1000), 1), ((333, 1000), 19), ((333, 48), 3)):
         qt = bitsmith.quantize_tensor(torch.randn(n, k, device="cuda") * 0.02, "rtn", bits=4, group_size=16 if k == 48 else 64)
-        rw = repack(qt)
+        rw = repack(qt, layout="rows")  # the rows layout's kernels and configs
         lr = low_rank.prepare(torch.randn(20, k) * 0.05, torch.randn(n, 20) * 0.05, torch.rand(k) + 0.5,
                               torch.randn(k) * 0.1, divide=True, shifted_input=True, dtype=torch.float16, k=k, n=n,
                               device=torch.device("cuda"))
@@ -63,8 +65,37 @@ def main() -> None:
     wq = torch.randint(-127, 128, (n, k), dtype=torch.int8, device="cuda")
     for m in (1, 19, 300):
         w8a8_linear(torch.randn(m, k, device="cuda", dtype=torch.float16), wq, torch.rand(n, device="cuda") * 0.01)
+    worst = max(worst, _fragment_cases())
     torch.cuda.synchronize()
     print(f"all kernels ran; worst relative error vs float64 reference {worst:.2e}")
+
+
+#: the fragment layout's formats: int4, int3 (per-row scales, symmetric) and NF4 (groups of 128)
+FRAGMENT_CASES = [("rtn", {"bits": 4, "group_size": 64}), ("rtn", {"bits": 3, "group_size": None, "symmetric": True}),
+                  ("nf", {"levels": 16, "block_size": 128})]
+
+
+def _fragment_cases() -> float:
+    """The fragment layout at N = 333 (a partial row block) and K = 1000 (a partial group):
+    its kernel at 1 and 16 rows (one and two row blocks a warp, split-K off and over 3 programs,
+    no prefetch and two groups ahead), and the dequantization path at 19 rows; worst relative
+    error against float64."""
+    worst = 0.0
+    for method, opts in FRAGMENT_CASES:
+        n, k = 333, 1000
+        qt = bitsmith.quantize_tensor(torch.randn(n, k, device="cuda") * 0.02, method, **opts)
+        rw = repack(qt, layout="fragment")
+        w = qt.dequantize(torch.float32).double()
+        for m in (1, 16, 19):
+            x = torch.randn(m, k, device="cuda", dtype=torch.float16)
+            bias = torch.randn(n, device="cuda", dtype=torch.float16)
+            ref = x.double() @ w.t() + bias.double()
+            cfgs = [{"KERNEL": "fragment", "W": 4, "RB": rb, "SPLIT": split, "PREFETCH": ahead, "num_warps": 4}
+                    for rb in (1, 2) for split in (1, 3) for ahead in (0, 2)] if m <= 16 else [{"DEQUANT_MM": True}]
+            for cfg in cfgs:
+                y = qmm._launch(rw, x, bias, cfg)
+                worst = max(worst, float((y.double() - ref).norm() / ref.norm()))
+    return worst
 
 
 if __name__ == "__main__":

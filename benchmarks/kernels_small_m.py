@@ -67,7 +67,7 @@ def main() -> None:
                 base["tinygemm"] = (timer.time_flushed(lambda: tg[0](xb)), timer.time_graph(lambda: tg[0](xb)))
             for fmt in args.formats.split(","):
                 qt = make_qtensor(fmt, w16)
-                rw = repack(qt)
+                rw = repack(qt, layout="rows")  # the rows layout's kernels and configs
                 ref = x.double() @ qt.dequantize(torch.float64).t()
                 old = (timer.time_flushed(lambda: quant_matmul(x, rw)), timer.time_graph(lambda: quant_matmul(x, rw)))
                 best = best_of(small_m, rw, x, ref, timer, candidates(m))

@@ -446,17 +446,18 @@ def launch_args(rw: RuntimeWeight, x2: torch.Tensor, bias: torch.Tensor | None, 
     return _frag_kernel, (tiles, split), args, consts, {"num_warps": cfg["num_warps"]}
 
 
-def dequantize_t(rw: RuntimeWeight, dtype: torch.dtype, run) -> torch.Tensor:
+def dequantize_t(rw: RuntimeWeight, dtype: torch.dtype, run, row_blocks: int = DEQUANT_ROW_BLOCKS,
+                 num_warps: int = 4) -> torch.Tensor:
     """``W^T [K, N]`` in ``dtype`` from the fragment layout (one memory-bound kernel); ``run`` is
-    the launcher (:func:`bitsmith.kernels.qmm._run`)."""
+    the launcher (:func:`bitsmith.kernels.qmm._run`); a program writes ``row_blocks`` row blocks
+    (a power of two) of one group (benchmarks/fragment_dequant_probe.py times the choices)."""
     out = torch.empty(rw.k, rw.n, dtype=dtype, device=rw.device)
     nb, ng = rw.words.shape[0], rw.words.shape[1]
-    rbs = DEQUANT_ROW_BLOCKS
     dummy = rw.scale
     args = (rw.words, rw.scale, rw.zero if rw.zero is not None else dummy, rw.table if rw.table is not None else dummy,
             out, rw.n, rw.k, nb, ng, float(rw.zconst))
-    consts = {"FMT": FMT_IDS[rw.fragment_format], "SG": _scale_steps(rw), "HAS_ZERO": rw.zero is not None, "RBS": rbs}
-    run(_dequant_kernel, (-(-nb // rbs), ng), args, consts, {"num_warps": 4})
+    consts = {"FMT": FMT_IDS[rw.fragment_format], "SG": _scale_steps(rw), "HAS_ZERO": rw.zero is not None, "RBS": row_blocks}
+    run(_dequant_kernel, (-(-nb // row_blocks), ng), args, consts, {"num_warps": num_warps})
     return out
 
 

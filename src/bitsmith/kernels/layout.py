@@ -55,8 +55,15 @@ from . import fragment
 K_ALIGN = 32  # runtime K padding (the 3-bit high plane holds 32 codes a word)
 RUNTIME_BITS = (2, 3, 4, 8)
 LAYOUTS = ("rows", "fragment")
-# fragment formats repack builds the fragment layout for when it can, unless told (module docstring)
-DEFAULT_FRAGMENT_FORMATS: frozenset[str] = frozenset()
+# fragment formats repack builds the fragment layout for when it can, unless told (module docstring).
+# int3 and NF4: on the H100, tuned, the fragment layout was as fast or faster at M = 1 (x fp16:
+# int3 1.83-2.74 against 1.71-2.66, NF4 1.60-2.24 against 1.62-2.17), far faster at M = 16 (int3
+# 1.36-2.30 against 0.95-1.20, NF4 1.27-1.97 against 0.99-1.04) and in the compiled batch-1 decode
+# step (int3 3.38 against 3.81 ms, NF4 3.89 against 4.26), and about as fast at M = 2048 (int3
+# 0.84-0.87 against 0.86-0.88, NF4 0.77-0.85 against 0.81-0.85; 28672x8192 is its worst case):
+# benchmarks/results/kernels_layout{0,1}{,_m2048}_h100.json, decode_e2e_b1_stack_tuned_{rows2,frag}_h100.json.
+# int4 stays in rows: as fast at M = 1 and in the decode step, slower at M = 2048 on 28672x8192.
+DEFAULT_FRAGMENT_FORMATS: frozenset[str] = frozenset({"int3", "nf4"})
 
 
 def fragment_formats(setting: str | None) -> frozenset[str]:
