@@ -20,12 +20,12 @@
   (the ``rows`` layout does the same there, :func:`bitsmith.kernels.qmm.dequantize_t`).
 
 Status (issue #8): the CUDA tests pass on an H100 and an H200 (benchmarks/results/
-fragment_gpu_tests_h100.txt, fragment_gpu_tests_v2_h200.txt). On the H100 it beat the rows layout
-at M = 16 on every measured shape and format, and for int3 and NF4 at M = 1
-(gluon_fragment_probe_h100.json, kernels_fragment_h100.json). int4 at M = 1, M = 2048 (the
-dequantization path) and the decode step with the cold-L2 tuner are not yet compared, so
-:func:`bitsmith.kernels.layout.repack` builds this layout only for the formats
-``BITSMITH_FRAGMENT`` names (:data:`bitsmith.kernels.layout.FRAGMENT`; none by default).
+fragment_gpu_tests_h100.txt, fragment_gpu_tests_v2_h200.txt), compute-sanitizer finds no errors
+(sanitizer_fragment_h100.txt). Tuned on the H100 it beat the rows layout at M = 16 on every
+measured shape and format, for int3 and NF4 at M = 1 and in the compiled decode step, and matched
+it at M = 2048 but on 28672x8192 (kernels_layout{0,1}{,_m2048}_h100.json), so
+:func:`bitsmith.kernels.layout.repack` builds it for the formats ``BITSMITH_FRAGMENT`` names, int3 and
+NF4 when it is unset (:data:`bitsmith.kernels.layout.DEFAULT_FRAGMENT_FORMATS`).
 """
 from __future__ import annotations
 
