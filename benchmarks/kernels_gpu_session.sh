@@ -194,7 +194,7 @@ overlap)  # CUDA tests; SVDQuant's branch beside the matmul (three smoothing mod
     | grep -v -i warn | tee -a "$OUT/chain.txt" | tail -8
   tar cf "$OUT/results.tar" -C benchmarks/results svdquant_overhead_h100.json kernels_configs_pipe_m1.json kernels_chain_m16_prep.json 2>/dev/null
   ;;
-fragment)  # the fragment layout (opt-in): its CUDA tests, then every config of its kernel against fp16 and the rows layout
+fragment)  # the fragment layout (default for int3 and NF4): its CUDA tests, then every config of its kernel against fp16 and the rows layout
   TEST_FILES="tests/test_fragment.py" TEST_K=cuda T_TESTS=${T_TESTS:-150} cuda_tests || { echo "CUDA tests failed: no benchmarks"; exit 1; }
   FRAG_SHAPES=${FRAG_SHAPES:-14336x4096,4096x14336}
   echo "== python3 benchmarks/gluon_fragment_probe.py --shapes $FRAG_SHAPES --m 1,16 --reps 10" | tee "$OUT/fragment.txt"
