@@ -1310,3 +1310,61 @@ def test_w8a8_refuses_tensors_on_another_device():
     w = torch.zeros(4, 8, dtype=torch.int8)
     with pytest.raises(ValueError, match="every tensor must be on cpu"):
         w8a8_linear(torch.randn(1, 8), w, torch.ones(4), bias=torch.zeros(4, device="meta"))
+
+
+# --- the read ceiling (benchmarks/kernels_chain.py --read-ceiling) ---------------------------------
+def _xor_blocks(words: torch.Tensor, block: int) -> torch.Tensor:
+    """Each block's XOR, in numpy (an independent reduction)."""
+    import numpy as np
+
+    a = words.cpu().numpy()
+    pad = np.zeros(-(-a.size // block) * block, dtype=np.int32)
+    pad[: a.size] = a
+    return torch.from_numpy(np.bitwise_xor.reduce(pad.reshape(-1, block), axis=1))
+
+
+@needs_interp
+@pytest.mark.parametrize("n,block", [(5000, 1024), (2048, 2048), (7, 256)])
+def test_interp_read_kernel_reads_every_word(n, block):
+    from bitsmith.kernels.read_ceiling import read_words
+
+    words = torch.randint(-2**31, 2**31 - 1, (n,), dtype=torch.int32, generator=torch.Generator().manual_seed(n))
+    out = read_words(words, block=block)
+    assert torch.equal(out, _xor_blocks(words, block))
+    words[n // 2] ^= 1  # one bit of one word changes its block's XOR
+    assert not torch.equal(read_words(words, block=block), out)
+
+
+@pytest.mark.skipif(INTERPRETED, reason="pure torch: runs once, without the interpreter")
+def test_read_kernel_refuses_what_it_cannot_read():
+    from bitsmith.kernels.read_ceiling import read_words
+
+    with pytest.raises(ValueError, match="contiguous int32 tensor, got torch.float32"):
+        read_words(torch.zeros(64))
+    with pytest.raises(ValueError, match="strided"):
+        read_words(torch.zeros(64, 2, dtype=torch.int32).t())
+    with pytest.raises(ValueError, match="power of two, got 100"):
+        read_words(torch.zeros(64, dtype=torch.int32), block=100)
+    with pytest.raises(ValueError, match="must hold 1 int32 values"):
+        read_words(torch.zeros(64, dtype=torch.int32), out=torch.zeros(2, dtype=torch.int32))
+
+
+@needs_cuda
+def test_cuda_read_kernel_reads_every_word():
+    from bitsmith.kernels.read_ceiling import read_out, read_words
+
+    words = torch.randint(-2**31, 2**31 - 1, (3_000_001,), dtype=torch.int32, device="cuda")
+    out = read_out(words)
+    read_words(words, out)
+    assert torch.equal(out.cpu(), _xor_blocks(words, 2048))
+
+
+@pytest.mark.skipif(not HAVE_TRITON or INTERPRETED, reason="needs triton's compiler (not under the interpreter)")
+def test_read_kernel_compiles_to_16_byte_loads():
+    """Compiled for sm_90, each of the 128 threads loads its sixteen words of a 2048-word block
+    as four 16-byte loads, the widest a thread can issue, and nothing else from global memory."""
+    from bitsmith.kernels.read_ceiling import compile_offline
+
+    ptx = compile_offline().asm["ptx"]
+    loads = [line for line in ptx.splitlines() if "ld.global" in line]
+    assert len(loads) == 4 and all(".v4.b32" in line for line in loads), loads
