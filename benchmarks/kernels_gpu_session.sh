@@ -22,6 +22,8 @@
 #   OUT=/some/dir bash benchmarks/kernels_gpu_session.sh layouts_e2e   # rows vs fragment, compiled decode at batch 1
 #   OUT=/some/dir bash benchmarks/kernels_gpu_session.sh siblings   # sibling-group and fragment CUDA tests, compiled decode with
 #       q/k/v and gate/up stacked (SIB_FORMATS, SIB_NAME; BITSMITH_FRAGMENT as set; TESTS=0: no tests)
+#   OUT=/some/dir bash benchmarks/kernels_gpu_session.sh ceiling    # CUDA test of the read-only kernel, then the stacked decoder's
+#       linears back to back beside a read-only kernel over the same bytes (how far M = 1 is from any one-pass reader)
 #   OUT=/some/dir bash benchmarks/kernels_gpu_session.sh one        # one call for all of it when device time is short:
 #       CUDA tests, M = 1 table int4 vs NF4, compiled end-to-end decode, host overhead
 # The CUDA tests run with pytest-xdist when it is importable (carried as wheels: .whl/, see the device notes).
@@ -240,6 +242,13 @@ siblings)  # CUDA tests of the sibling groups and the fragment layout; compiled 
   timeout "${T_E2E:-400}" python3 benchmarks/decode_e2e.py --batch 1 --formats "$fmts" --reps 30 --compile --name "$name" 2>&1 \
     | grep -v -i warn | tee -a "$OUT/decode_e2e.txt" | grep -E "B=|x fp16|^ *(fp16|int|nf)"  # rows as they come
   cp "benchmarks/results/$name.json" "$OUT/" 2>/dev/null  # by name: two runs in one call keep both
+  ;;
+ceiling)  # the read ceiling: the stacked layer's M = 1 matmuls vs a kernel that only reads the same bytes, one graph each
+  TEST_FILES=tests/test_kernels.py TEST_K=read_kernel T_TESTS=${T_TESTS:-60} cuda_tests || { echo "CUDA test failed: no benchmark"; exit 1; }
+  echo "== python3 benchmarks/kernels_chain.py --m 1 --layers 8 --stacked --read-ceiling --formats int4_g64,nf4_g64,int3_g64 --name kernels_chain_ceiling" | tee "$OUT/chain.txt"
+  timeout "${T_CHAIN:-200}" python3 benchmarks/kernels_chain.py --m 1 --layers 8 --stacked --read-ceiling --formats int4_g64,nf4_g64,int3_g64 \
+    --name kernels_chain_ceiling 2>&1 | grep -v -i warn | tee -a "$OUT/chain.txt" | tail -12
+  cp benchmarks/results/kernels_chain_ceiling.json "$OUT/" 2>/dev/null
   ;;
 tc)  # the tensor-core kernel's wider search at M = 16 (warps, tiles, stages, register cap)
   echo "== python3 benchmarks/kernels_configs.py --m 16 --tc-sweep --formats int4_g64,nf4_g64 --reps 10 --top 5 --name kernels_configs_tc_m16" | tee "$OUT/tc.txt"
