@@ -11,6 +11,9 @@ kernels_sass.json). In the fragment layout each lane's words are already its ten
 
     python benchmarks/gluon_fragment_probe.py [--shapes 4096x4096,...] [--m 1,8,16] [--formats ...] [--name NAME]
     python benchmarks/gluon_fragment_probe.py --sass      # sm_90 machine code only, any machine
+
+``BITSMITH_FRAGMENT_META_AHEAD=1`` adds the configs that load the scales and zeros a group
+ahead (:data:`bitsmith.kernels.fragment_mma.META_AHEAD_TUNED`).
 """
 from __future__ import annotations
 
@@ -84,10 +87,11 @@ def probe_weight(w16: torch.Tensor, fmt: str, ms: list[int], timer) -> list[dict
 
             err = float((run().double() - ref).norm() / ref.norm())
             us = timer.time_graph(run)
-            name = f"row blocks {cfg['RB']} split {cfg['SPLIT']} prefetch {cfg['PREFETCH']:d}"
+            name = (f"row blocks {cfg['RB']} split {cfg['SPLIT']} prefetch {cfg['PREFETCH']:d}"
+                    + (" scales ahead" if cfg.get("META_AHEAD") else ""))
             print(f"{n}x{k} {fmt} M={m} {name}: {us:7.1f} us  rel err {err:.1e}", flush=True)
             if err < 3e-3 and (best is None or us < best[0]):
-                best = (us, {kk: cfg[kk] for kk in ("W", "RB", "SPLIT", "PREFETCH")}, err)
+                best = (us, {kk: cfg.get(kk, 0) for kk in ("W", "RB", "SPLIT", "PREFETCH", "META_AHEAD")}, err)
         fp16 = timer.time_graph(lambda: F.linear(x, w16))
         ours = timer.time_graph(lambda: qmm.quant_matmul(x, rows_rw))
         out.append({"n": n, "k": k, "format": fmt, "m": m, "fp16_us": fp16, "rows_layout_us": ours,

@@ -322,6 +322,26 @@ def test_fragment_kernel_compiles_without_shared_memory(rb, tok, fmt, dtype):
 
 
 @needs_gluon
+@pytest.mark.parametrize("fmt", fragment.FORMATS)
+@pytest.mark.parametrize("case", ["groups of 64", "tails, groups of 128, symmetric", "one scale a row"])
+def test_scales_a_group_ahead_compile_and_load_as_often(fmt, case):
+    """``META_AHEAD`` moves a group's scale and zero loads one group earlier; the main loop still
+    loads them once a group (the same 16-bit loads as without it, masked: the next group may be
+    past the program's slice), still without shared memory. Per-row scales are loop-invariant,
+    so ``META_AHEAD`` leaves them as they were (the compiler hoists them or not: with a tail it
+    did, without one it did not)."""
+    extra = {"groups of 64": {}, "tails, groups of 128, symmetric": {"TAIL": True, "SG": 2, "HAS_ZERO": False},
+             "one scale a row": {"SG": 0}}[case]
+    loops = [probe.loop_opcodes(fragment_mma.compile_offline(fmt, 2, 8, 1, META_AHEAD=ahead, **extra).asm["cubin"])
+             for ahead in (False, True)]
+    for loop in loops:
+        assert not [op for op in loop if op.startswith(("LDS", "STS", "SHFL", "BAR"))], loop
+    assert loops[1]["LDG.E.U16"] == loops[0]["LDG.E.U16"], loops
+    if case != "one scale a row":
+        assert loops[1]["LDG.E.U16"] > 0, loops
+
+
+@needs_gluon
 def test_fragment_kernel_tails_compile():
     """Rows past the tile, channels past a group, per-row scales, a symmetric zero and a bias."""
     loop = probe.loop_opcodes(fragment_mma.compile_offline("int4", 2, 8, True, TAIL=True, SG=0, HAS_ZERO=False,
@@ -364,12 +384,13 @@ def _cuda_case(name, m, n, k, dtype, bias=True):
 
 def _check_configs(name, m, dtype, prefetch=(0, 1, 2), splits=(1, 4, 9)):
     """Every row-block count x ``prefetch`` x ``splits`` (9 = one group a program; 4 leaves the
-    last program of a tile without groups), and the tuner's candidates and default."""
+    last program of a tile without groups), with words loaded ahead also the scales a group ahead
+    (``META_AHEAD``), and the tuner's candidates and default."""
     qmm, rw, x, b, ref = _cuda_case(name, m, 200, 576, dtype)
     tol = 2e-3 if dtype == torch.float16 else 1.6e-2
     sms = qmm._sm_count(x.device)
-    cfgs = [{"KERNEL": "fragment", "W": 4, "RB": rb, "SPLIT": split, "PREFETCH": pf, "num_warps": 4}
-            for rb in (1, 2, 4) for pf in prefetch for split in splits]
+    cfgs = [{"KERNEL": "fragment", "W": 4, "RB": rb, "SPLIT": split, "PREFETCH": pf, "META_AHEAD": ahead, "num_warps": 4}
+            for rb in (1, 2, 4) for pf in prefetch for split in splits for ahead in ((0, 1) if pf else (0,))]
     cfgs += fragment_mma.configs(rw, m, dtype, sms) + [fragment_mma.default_config(rw, m, sms)]
     for cfg in cfgs:
         for _ in range(2):  # twice: the split-K counters were reset by the first launch

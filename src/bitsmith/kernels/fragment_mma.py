@@ -29,6 +29,8 @@ NF4 when it is unset (:data:`bitsmith.kernels.layout.DEFAULT_FRAGMENT_FORMATS`).
 """
 from __future__ import annotations
 
+import os
+
 import torch
 
 from . import fragment
@@ -58,6 +60,10 @@ MAGIC = {torch.float16: (0x6400, 1024.0), torch.bfloat16: (0x4300, 128.0)}
 FMT_IDS = {fmt: i for i, fmt in enumerate(fragment.FORMATS)}  # the kernels' FMT constexpr
 MAX_PARTIALS = 256  # split-K x M per output column: the workspace reserved per weight (reserve_workspace)
 DEQUANT_ROW_BLOCKS = 8  # row blocks a program of the dequantization kernel
+#: whether the tuner also tries ``META_AHEAD`` (scales and zeros a group ahead). Off until its
+#: CUDA tests have passed on a GPU (Gluon kernels do not run under Triton's interpreter, so CI
+#: only compiles it): ``BITSMITH_FRAGMENT_META_AHEAD=1`` turns it on.
+META_AHEAD_TUNED = {"enabled": os.environ.get("BITSMITH_FRAGMENT_META_AHEAD", "") == "1"}
 
 
 def cvt4_ptx(magic_bits: int) -> str:
@@ -209,17 +215,39 @@ if HAVE_GLUON:
         return gl.convert_layout(b, b_layout, assert_trivial=True)
 
     @gluon.jit
+    def _group_meta(s_ptr, z_ptr, g, ok, N, rows, row_ok, zconst, SG: gl.constexpr, FMT: gl.constexpr,
+                    HAS_ZERO: gl.constexpr, MAGIC_F: gl.constexpr):
+        """Group ``g``'s scales and (affine) zeros plus the magic of the tile's ``rows``, float32;
+        ``ok`` false (a group past the program's slice) reads zeros. A codebook's second value is
+        its scales again (it has no zeros)."""
+        if SG == 0:
+            s_off = rows
+        else:
+            s_off = (g // SG) * N + rows
+        m = row_ok & ok
+        sc = gl.load(s_ptr + s_off, mask=m, other=0.0).to(gl.float32)
+        if FMT == 1:
+            zc = sc
+        elif HAS_ZERO:
+            zc = gl.load(z_ptr + s_off, mask=m, other=0.0).to(gl.float32) + MAGIC_F
+        else:
+            zc = rows.to(gl.float32) * 0.0 + (zconst + MAGIC_F)
+        return sc, zc
+
+    @gluon.jit
     def _frag_kernel(x_ptr, w_ptr, ws_ptr, s_ptr, z_ptr, cnt_ptr, b_ptr, out_ptr,
                      M, N, K, NB, NG, G_PER, SPLIT, L0, L1, L2, L3, H0, H1, H2, H3, zconst, stride_xm,
                      W: gl.constexpr, RB: gl.constexpr, TOK: gl.constexpr, PREFETCH: gl.constexpr,
-                     IS_SPLIT: gl.constexpr, SG: gl.constexpr, FMT: gl.constexpr, HAS_ZERO: gl.constexpr,
+                     META_AHEAD: gl.constexpr, IS_SPLIT: gl.constexpr, SG: gl.constexpr, FMT: gl.constexpr, HAS_ZERO: gl.constexpr,
                      HAS_BIAS: gl.constexpr, TAIL: gl.constexpr, BF16: gl.constexpr):
         """See the module docstring. Program ``(row tile, K split)``; ``SG``: groups of 64 per
         scale group (0: one scale a row); ``FMT``: :data:`FMT_IDS`; ``L0..H3``: a codebook's byte
         planes; ``zconst``: the symmetric zero when ``HAS_ZERO`` is off; ``TAIL``: ``N`` is not a
         multiple of the tile or ``K`` of 64 (loads are masked); ``BF16``: the activations are
         bfloat16 (else float16); ``PREFETCH``: how many later groups' words are loaded ahead into
-        registers (0, 1 or 2)."""
+        registers (0, 1 or 2); ``META_AHEAD``: the next group's scales and zeros are loaded one
+        group ahead too (else each group waits for its own, a memory latency a step); per-row
+        scales (``SG = 0``) are loop-invariant and loaded once either way."""
         DT: gl.constexpr = x_ptr.dtype.element_ty
         MAGIC_F: gl.constexpr = 128.0 if BF16 else 1024.0
         pid_n = gl.program_id(0)
@@ -254,7 +282,16 @@ if HAVE_GLUON:
             words = gl.load(w_ptr + blk + g_lo * WPG, mask=w_mask & (g_lo < g_hi), other=0)
         if PREFETCH == 2:
             words2 = gl.load(w_ptr + blk + (g_lo + 1) * WPG, mask=w_mask & (g_lo + 1 < g_hi), other=0)
+        AHEAD: gl.constexpr = META_AHEAD and SG != 0
+        if AHEAD:
+            sc_next, zc_next = _group_meta(s_ptr, z_ptr, g_lo, g_lo < g_hi, N, rows, row_ok, zconst, SG, FMT, HAS_ZERO,
+                                           MAGIC_F)
         for g in range(g_lo, g_hi):
+            if AHEAD:  # this group's were loaded a step ago; the next group's go out now
+                sc = sc_next
+                zc = zc_next
+                sc_next, zc_next = _group_meta(s_ptr, z_ptr, g + 1, g + 1 < g_hi, N, rows, row_ok, zconst, SG, FMT,
+                                               HAS_ZERO, MAGIC_F)
             if PREFETCH == 2:  # two groups' words in flight beside this one's products
                 cur = words
                 words = words2
@@ -269,24 +306,26 @@ if HAVE_GLUON:
             a = _a_operand(cur, (L0, L1, L2, L3, H0, H1, H2, H3), W, RB, a_layout, FMT, BF16)
             b = _b_operand(x_ptr, g, M, K, stride_xm, W, TOK, b_layout, TAIL)
             part = mma_v2(a, b, gl.zeros([BN, TOK], gl.float32, layout=mma))
-            if SG == 0:
-                s_off = rows
-            else:
-                s_off = (g // SG) * N + rows
-            if TAIL:
-                sc = gl.load(s_ptr + s_off, mask=row_ok, other=0.0).to(gl.float32)
-            else:
-                sc = gl.load(s_ptr + s_off).to(gl.float32)
+            if not AHEAD:
+                if SG == 0:
+                    s_off = rows
+                else:
+                    s_off = (g // SG) * N + rows
+                if TAIL:
+                    sc = gl.load(s_ptr + s_off, mask=row_ok, other=0.0).to(gl.float32)
+                else:
+                    sc = gl.load(s_ptr + s_off).to(gl.float32)
+                if FMT != 1:
+                    if HAS_ZERO:
+                        if TAIL:
+                            zc = gl.load(z_ptr + s_off, mask=row_ok, other=0.0).to(gl.float32) + MAGIC_F
+                        else:
+                            zc = gl.load(z_ptr + s_off).to(gl.float32) + MAGIC_F
+                    else:
+                        zc = gl.full([BN], 0.0, gl.float32, layout=gl.SliceLayout(1, mma)) + (zconst + MAGIC_F)
             if FMT == 1:
                 acc += part * sc[:, None]
             else:
-                if HAS_ZERO:
-                    if TAIL:
-                        zc = gl.load(z_ptr + s_off, mask=row_ok, other=0.0).to(gl.float32) + MAGIC_F
-                    else:
-                        zc = gl.load(z_ptr + s_off).to(gl.float32) + MAGIC_F
-                else:
-                    zc = gl.full([BN], 0.0, gl.float32, layout=gl.SliceLayout(1, mma)) + (zconst + MAGIC_F)
                 xs = mma_v2(ones, b, gl.zeros([BN, TOK], gl.float32, layout=mma))  # every row: the group's sum of x
                 acc += (part - zc[:, None] * xs) * sc[:, None]
         o_off = toks[None, :] * N + rows[:, None]
@@ -399,7 +438,8 @@ def configs(rw: RuntimeWeight, m: int, dtype: torch.dtype, sms: int) -> list[dic
     """Candidate configs of ``_frag_kernel`` at ``m <= 16`` rows on a GPU of ``sms``
     multiprocessors: row blocks a warp x split-K (between half a program and 16 programs an SM,
     within :data:`MAX_PARTIALS`) x the next one or two groups' words loaded ahead in registers
-    (``PREFETCH`` 0, 1, 2)."""
+    (``PREFETCH`` 0, 1, 2) x, where :data:`META_AHEAD_TUNED` is on and words are loaded ahead,
+    the scales and zeros a group ahead too (``META_AHEAD``)."""
     if m > 16 or supports(rw, dtype) is not None:
         return []
     ng = rw.words.shape[1]
@@ -410,8 +450,9 @@ def configs(rw: RuntimeWeight, m: int, dtype: torch.dtype, sms: int) -> list[dic
             if split > ng or split * m > MAX_PARTIALS or not (split == 1 or sms // 2 <= programs * split <= 16 * sms):
                 continue
             for prefetch in (0, 1, 2):
-                out.append({"KERNEL": "fragment", "W": 4, "RB": rb, "SPLIT": split, "PREFETCH": prefetch,
-                            "num_warps": 4})
+                for ahead in (0, 1) if META_AHEAD_TUNED["enabled"] and prefetch else (0,):
+                    out.append({"KERNEL": "fragment", "W": 4, "RB": rb, "SPLIT": split, "PREFETCH": prefetch,
+                                "META_AHEAD": ahead, "num_warps": 4})
     return out
 
 
@@ -440,7 +481,8 @@ def launch_args(rw: RuntimeWeight, x2: torch.Tensor, bias: torch.Tensor | None, 
     args = (x2, rw.words, ws, rw.scale, rw.zero if rw.zero is not None else dummy, cnt,
             bias if bias is not None else dummy, out,
             m, rw.n, k, nb, ng, -(-ng // split), split, *table_planes(rw, x2.dtype), float(rw.zconst), x2.stride(0))
-    consts = {"W": w, "RB": rb, "TOK": 8 if m <= 8 else 16, "PREFETCH": int(cfg["PREFETCH"]), "IS_SPLIT": split > 1,
+    consts = {"W": w, "RB": rb, "TOK": 8 if m <= 8 else 16, "PREFETCH": int(cfg["PREFETCH"]),
+              "META_AHEAD": bool(cfg.get("META_AHEAD", 0)), "IS_SPLIT": split > 1,
               "SG": _scale_steps(rw), "FMT": FMT_IDS[rw.fragment_format], "HAS_ZERO": rw.zero is not None,
               "HAS_BIAS": bias is not None, "TAIL": rw.n % (16 * w * rb) != 0 or k % 64 != 0, "BF16": x2.dtype == torch.bfloat16}
     return _frag_kernel, (tiles, split), args, consts, {"num_warps": cfg["num_warps"]}
@@ -469,7 +511,7 @@ def compile_offline(fmt: str = "int4", rb: int = 1, tok: int = 8, prefetch: int 
     ``consts`` says otherwise."""
     from .small_m import _compile_offline
 
-    cx = {"W": 4, "RB": rb, "TOK": tok, "PREFETCH": int(prefetch), "IS_SPLIT": True, "SG": 1, "FMT": FMT_IDS[fmt],
+    cx = {"W": 4, "RB": rb, "TOK": tok, "PREFETCH": int(prefetch), "META_AHEAD": False, "IS_SPLIT": True, "SG": 1, "FMT": FMT_IDS[fmt],
           "HAS_ZERO": fmt != "nf4", "HAS_BIAS": False, "TAIL": False, "BF16": act == "bf16", **consts}
     return _compile_offline(_frag_kernel, cx, act, cx["W"], 1, arch, gluon=True)
 
