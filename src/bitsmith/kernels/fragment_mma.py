@@ -245,9 +245,9 @@ if HAVE_GLUON:
         planes; ``zconst``: the symmetric zero when ``HAS_ZERO`` is off; ``TAIL``: ``N`` is not a
         multiple of the tile or ``K`` of 64 (loads are masked); ``BF16``: the activations are
         bfloat16 (else float16); ``PREFETCH``: how many later groups' words are loaded ahead into
-        registers (0, 1 or 2); ``META_AHEAD``: the next group's scales and zeros are loaded one
-        group ahead too (else each group waits for its own, a memory latency a step); per-row
-        scales (``SG = 0``) are loop-invariant and loaded once either way."""
+        registers (0, 1 or 2); ``META_AHEAD``: the next group's scales, zeros and activations are
+        loaded one group ahead too (else each group waits for its own, a memory latency a step);
+        per-row scales (``SG = 0``) are loop-invariant and stay as they were."""
         DT: gl.constexpr = x_ptr.dtype.element_ty
         MAGIC_F: gl.constexpr = 128.0 if BF16 else 1024.0
         pid_n = gl.program_id(0)
@@ -283,10 +283,15 @@ if HAVE_GLUON:
         if PREFETCH == 2:
             words2 = gl.load(w_ptr + blk + (g_lo + 1) * WPG, mask=w_mask & (g_lo + 1 < g_hi), other=0)
         AHEAD: gl.constexpr = META_AHEAD and SG != 0
+        if META_AHEAD:  # a valid group even when the slice is empty (its products are never added)
+            b_next = _b_operand(x_ptr, gl.minimum(g_lo, NG - 1), M, K, stride_xm, W, TOK, b_layout, TAIL)
         if AHEAD:
             sc_next, zc_next = _group_meta(s_ptr, z_ptr, g_lo, g_lo < g_hi, N, rows, row_ok, zconst, SG, FMT, HAS_ZERO,
                                            MAGIC_F)
         for g in range(g_lo, g_hi):
+            if META_AHEAD:  # the activations too: the last step reloads its own group (never past K)
+                b = b_next
+                b_next = _b_operand(x_ptr, gl.minimum(g + 1, g_hi - 1), M, K, stride_xm, W, TOK, b_layout, TAIL)
             if AHEAD:  # this group's were loaded a step ago; the next group's go out now
                 sc = sc_next
                 zc = zc_next
@@ -304,7 +309,8 @@ if HAVE_GLUON:
             else:
                 cur = gl.load(w_ptr + blk + g * WPG)
             a = _a_operand(cur, (L0, L1, L2, L3, H0, H1, H2, H3), W, RB, a_layout, FMT, BF16)
-            b = _b_operand(x_ptr, g, M, K, stride_xm, W, TOK, b_layout, TAIL)
+            if not META_AHEAD:
+                b = _b_operand(x_ptr, g, M, K, stride_xm, W, TOK, b_layout, TAIL)
             part = mma_v2(a, b, gl.zeros([BN, TOK], gl.float32, layout=mma))
             if not AHEAD:
                 if SG == 0:
