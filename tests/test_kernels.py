@@ -1368,3 +1368,65 @@ def test_read_kernel_compiles_to_16_byte_loads():
     ptx = compile_offline().asm["ptx"]
     loads = [line for line in ptx.splitlines() if "ld.global" in line]
     assert len(loads) == 4 and all(".v4.b32" in line for line in loads), loads
+
+
+# --- the large-M kernel with the weight as the left operand (qmm._gemm_swap_kernel) -----------------
+SWAP = {"SWAP": True, "BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 4, "num_warps": 4, "num_stages": 2}
+
+
+@needs_interp
+@pytest.mark.parametrize("name", sorted(FORMATS))
+def test_interp_swapped_gemm_equals_reference(name):
+    """M, N and K off the tiles, a bias; K tiles of 64 and of 32 (int2 g32: a scale row a group
+    inside the tile; the rest: one a tile)."""
+    _interp_case(name, 67, 70, 300, torch.float16, [SWAP, {**SWAP, "BLOCK_K": 32}])
+
+
+@needs_interp
+def test_interp_swapped_gemm_adds_a_low_rank_branch_after():
+    from bitsmith.kernels import qmm
+
+    g = torch.Generator().manual_seed(3)
+    qt = _quantize("int4_g64_int0", torch.randn(70, 300, generator=g) * 0.05)
+    rw = repack(qt)
+    x = torch.randn(40, 300, generator=g).half()
+    t, up = torch.randn(40, 8, generator=g), (torch.randn(8, 70, generator=g) * 0.1).half()
+    ref = x.double() @ qt.dequantize(torch.float64).t() + t.half().double() @ up.double()
+    assert _rel(qmm._launch(rw, x, None, SWAP, lowrank=(t, up)), ref) < 2e-3
+
+
+@needs_cuda
+@pytest.mark.parametrize("name", ["int4_g64_int0", "int4_g128_sym", "int3_g64", "int2_g32", "int8_channel_sym", "nf4_g64_dq"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cuda_swapped_gemm_every_tile_equals_reference(name, dtype):
+    """Every tile the tuner may try (qmm.SWAP_TILES) at M = 300, N = 1000, K = 1541 (off every
+    tile), a bias (bfloat16: its 8-bit mantissa, looser)."""
+    from bitsmith.kernels import qmm
+
+    g = torch.Generator().manual_seed(11)
+    qt = _quantize(name, (torch.randn(1000, 1541, generator=g) * 0.02).cuda())
+    rw = repack(qt)
+    x = torch.randn(300, 1541, generator=g).to("cuda", dtype)
+    bias = torch.randn(1000, generator=g).to("cuda", dtype)
+    ref = F.linear(x.double(), qt.dequantize(torch.float32).double(), bias.double())
+    tol = 2e-3 if dtype == torch.float16 else 1.6e-2
+    for bm, bn, bk, warps, stages in qmm.SWAP_TILES:
+        cfg = {"SWAP": True, "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8, "num_warps": warps,
+               "num_stages": stages}
+        assert _rel(qmm._launch(rw, x, bias, cfg), ref) < tol, cfg
+
+
+@pytest.mark.skipif(not HAVE_TRITON or INTERPRETED, reason="needs triton's compiler (not under the interpreter)")
+@pytest.mark.parametrize("bits,codebook", [(4, False), (3, False), (4, True)])
+def test_swapped_gemm_keeps_the_weight_tile_in_registers(bits, codebook):
+    """Compiled for sm_90, every wgmma takes the dequantized weight tile from registers (its A
+    operand a register list, not a shared-memory descriptor); only x^T is staged in shared memory."""
+    import re
+
+    from bitsmith.kernels import qmm, small_m
+
+    consts = {"BITS": bits, "PACK": 16 if bits == 3 else 32 // bits, "GROUP": 64, "HAS_ZERO": not codebook,
+              "CODEBOOK": codebook, "HAS_BIAS": True, "BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}
+    ptx = small_m._compile_offline(qmm._gemm_swap_kernel, consts, "fp16", 8, 3, 90).asm["ptx"]
+    mmas = [line for line in ptx.splitlines() if "wgmma.mma_async" in line]
+    assert mmas and all(re.search(r"\{[^}]*\}, \{[^}]*\}, %rd\d+", line) for line in mmas), mmas[:2]
