@@ -81,24 +81,30 @@ if HAVE_TRITON:
 
     @triton.jit
     def _plane_codes(ptr, k0, N, rows, offs_n, n_mask, WBITS: tl.constexpr, WPACK: tl.constexpr,
-                     BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
-        """Codes ``[BLOCK_K, BLOCK_N]`` of one packed plane (``WPACK`` codes of ``WBITS`` a word)."""
+                     BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, ROWS_FIRST: tl.constexpr):
+        """Codes ``[BLOCK_K, BLOCK_N]`` of one packed plane (``WPACK`` codes of ``WBITS`` a word);
+        ``ROWS_FIRST``: ``[BLOCK_N, BLOCK_K]``, transposed at the load rather than after it."""
         offs_w = k0 // WPACK + tl.arange(0, BLOCK_K // WPACK)
-        mask = (offs_w < rows)[:, None] & n_mask[None, :]
-        words = tl.load(ptr + offs_w[:, None] * N + offs_n[None, :], mask=mask, other=0)
         shifts = tl.arange(0, WPACK) * WBITS
-        q3 = (words[:, None, :] >> shifts[None, :, None]) & ((1 << WBITS) - 1)
-        return tl.reshape(q3, [BLOCK_K, BLOCK_N])
+        if ROWS_FIRST:
+            mask = n_mask[:, None] & (offs_w < rows)[None, :]
+            words = tl.load(ptr + offs_w[None, :] * N + offs_n[:, None], mask=mask, other=0)
+            q = tl.reshape((words[:, :, None] >> shifts[None, None, :]) & ((1 << WBITS) - 1), [BLOCK_N, BLOCK_K])
+        else:
+            mask = (offs_w < rows)[:, None] & n_mask[None, :]
+            words = tl.load(ptr + offs_w[:, None] * N + offs_n[None, :], mask=mask, other=0)
+            q = tl.reshape((words[:, None, :] >> shifts[None, :, None]) & ((1 << WBITS) - 1), [BLOCK_K, BLOCK_N])
+        return q
 
     @triton.jit
     def _tile_codes(w_ptr, wh_ptr, k0, N, KW, offs_n, n_mask, BITS: tl.constexpr, PACK: tl.constexpr,
-                    BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+                    BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, ROWS_FIRST: tl.constexpr):
         if BITS == 3:
-            lo = _plane_codes(w_ptr, k0, N, KW, offs_n, n_mask, 2, 16, BLOCK_K, BLOCK_N)
-            hi = _plane_codes(wh_ptr, k0, N, KW // 2, offs_n, n_mask, 1, 32, BLOCK_K, BLOCK_N)
+            lo = _plane_codes(w_ptr, k0, N, KW, offs_n, n_mask, 2, 16, BLOCK_K, BLOCK_N, ROWS_FIRST)
+            hi = _plane_codes(wh_ptr, k0, N, KW // 2, offs_n, n_mask, 1, 32, BLOCK_K, BLOCK_N, ROWS_FIRST)
             q = lo | (hi << 2)
         else:
-            q = _plane_codes(w_ptr, k0, N, KW, offs_n, n_mask, BITS, PACK, BLOCK_K, BLOCK_N)
+            q = _plane_codes(w_ptr, k0, N, KW, offs_n, n_mask, BITS, PACK, BLOCK_K, BLOCK_N, ROWS_FIRST)
         return q
 
     @triton.jit
@@ -141,7 +147,7 @@ if HAVE_TRITON:
             kmask = offs_k < kp
             m2 = kmask[:, None] & n_mask[None, :]
             if UNIQUE:  # each word loaded once, its codes spread along a new axis, then merged into K
-                q = _tile_codes(w_ptr, wh_ptr, k0, N, KW, offs_n, n_mask, BITS, PACK, BLOCK_K, BLOCK_N)
+                q = _tile_codes(w_ptr, wh_ptr, k0, N, KW, offs_n, n_mask, BITS, PACK, BLOCK_K, BLOCK_N, False)
             else:  # a word loaded once per code it holds (the repeats hit L1)
                 kw = offs_k // PACK
                 words = tl.load(w_ptr + kw[:, None] * N + offs_n[None, :], mask=m2, other=0)
@@ -176,18 +182,6 @@ if HAVE_TRITON:
             tl.atomic_add(out_ptr + out_off, acc, mask=o_mask)
 
     @triton.jit
-    def _plane_codes_t(ptr, k0, N, rows, offs_n, n_mask, WBITS: tl.constexpr, WPACK: tl.constexpr,
-                       BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
-        """Codes ``[BLOCK_N, BLOCK_K]`` of one packed plane, weight rows first (:func:`_plane_codes`
-        transposed at the load, not after it)."""
-        offs_w = k0 // WPACK + tl.arange(0, BLOCK_K // WPACK)
-        mask = n_mask[:, None] & (offs_w < rows)[None, :]
-        words = tl.load(ptr + offs_w[None, :] * N + offs_n[:, None], mask=mask, other=0)
-        shifts = tl.arange(0, WPACK) * WBITS
-        q3 = (words[:, :, None] >> shifts[None, None, :]) & ((1 << WBITS) - 1)
-        return tl.reshape(q3, [BLOCK_N, BLOCK_K])
-
-    @triton.jit
     def _gemm_swap_kernel(
         x_ptr, w_ptr, wh_ptr, s_ptr, z_ptr, t_ptr, b_ptr, out_ptr,
         M, N, K, KW, zconst, stride_xm, stride_om,
@@ -210,12 +204,7 @@ if HAVE_TRITON:
         acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
         SCALAR_GROUP: tl.constexpr = (GROUP == 0) or (GROUP % BLOCK_K == 0)
         for k0 in range(0, kp, BLOCK_K):
-            if BITS == 3:
-                lo = _plane_codes_t(w_ptr, k0, N, KW, offs_n, n_mask, 2, 16, BLOCK_K, BLOCK_N)
-                hi = _plane_codes_t(wh_ptr, k0, N, KW // 2, offs_n, n_mask, 1, 32, BLOCK_K, BLOCK_N)
-                q = lo | (hi << 2)
-            else:
-                q = _plane_codes_t(w_ptr, k0, N, KW, offs_n, n_mask, BITS, PACK, BLOCK_K, BLOCK_N)
+            q = _tile_codes(w_ptr, wh_ptr, k0, N, KW, offs_n, n_mask, BITS, PACK, BLOCK_K, BLOCK_N, True)
             offs_k = k0 + tl.arange(0, BLOCK_K)
             if SCALAR_GROUP:
                 s, z = _group_meta(s_ptr, z_ptr, 0 if GROUP == 0 else k0 // GROUP, N, offs_n, n_mask, HAS_ZERO)
