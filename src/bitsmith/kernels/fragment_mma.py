@@ -216,22 +216,29 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _group_meta(s_ptr, z_ptr, g, ok, N, rows, row_ok, zconst, SG: gl.constexpr, FMT: gl.constexpr,
-                    HAS_ZERO: gl.constexpr, MAGIC_F: gl.constexpr):
-        """Group ``g``'s scales and (affine) zeros plus the magic of the tile's ``rows``, float32;
-        ``ok`` false (a group past the program's slice) reads zeros. A codebook's second value is
+                    HAS_ZERO: gl.constexpr, MAGIC_F: gl.constexpr, MASKED: gl.constexpr):
+        """Group ``g``'s scales and (affine) zeros plus the magic of the tile's ``rows``, float32.
+        ``MASKED``: rows past ``N`` (``row_ok``) and a group past the program's slice (``ok``
+        false) read zeros; else every load is in bounds and unmasked. A codebook's second value is
         its scales again (it has no zeros)."""
         if SG == 0:
             s_off = rows
         else:
             s_off = (g // SG) * N + rows
-        m = row_ok & ok
-        sc = gl.load(s_ptr + s_off, mask=m, other=0.0).to(gl.float32)
+        if MASKED:
+            m = row_ok & ok
+            sc = gl.load(s_ptr + s_off, mask=m, other=0.0).to(gl.float32)
+        else:
+            sc = gl.load(s_ptr + s_off).to(gl.float32)
         if FMT == 1:
             zc = sc
         elif HAS_ZERO:
-            zc = gl.load(z_ptr + s_off, mask=m, other=0.0).to(gl.float32) + MAGIC_F
+            if MASKED:
+                zc = gl.load(z_ptr + s_off, mask=m, other=0.0).to(gl.float32) + MAGIC_F
+            else:
+                zc = gl.load(z_ptr + s_off).to(gl.float32) + MAGIC_F
         else:
-            zc = rows.to(gl.float32) * 0.0 + (zconst + MAGIC_F)
+            zc = gl.full(rows.shape, 0.0, gl.float32, layout=rows.type.layout) + (zconst + MAGIC_F)
         return sc, zc
 
     @gluon.jit
@@ -287,7 +294,7 @@ if HAVE_GLUON:
             b_next = _b_operand(x_ptr, gl.minimum(g_lo, NG - 1), M, K, stride_xm, W, TOK, b_layout, TAIL)
         if AHEAD:
             sc_next, zc_next = _group_meta(s_ptr, z_ptr, g_lo, g_lo < g_hi, N, rows, row_ok, zconst, SG, FMT, HAS_ZERO,
-                                           MAGIC_F)
+                                           MAGIC_F, True)
         for g in range(g_lo, g_hi):
             if META_AHEAD:  # the activations too: the last step reloads its own group (never past K)
                 b = b_next
@@ -296,7 +303,7 @@ if HAVE_GLUON:
                 sc = sc_next
                 zc = zc_next
                 sc_next, zc_next = _group_meta(s_ptr, z_ptr, g + 1, g + 1 < g_hi, N, rows, row_ok, zconst, SG, FMT,
-                                               HAS_ZERO, MAGIC_F)
+                                               HAS_ZERO, MAGIC_F, True)
             if PREFETCH == 2:  # two groups' words in flight beside this one's products
                 cur = words
                 words = words2
@@ -312,23 +319,8 @@ if HAVE_GLUON:
             if not META_AHEAD:
                 b = _b_operand(x_ptr, g, M, K, stride_xm, W, TOK, b_layout, TAIL)
             part = mma_v2(a, b, gl.zeros([BN, TOK], gl.float32, layout=mma))
-            if not AHEAD:
-                if SG == 0:
-                    s_off = rows
-                else:
-                    s_off = (g // SG) * N + rows
-                if TAIL:
-                    sc = gl.load(s_ptr + s_off, mask=row_ok, other=0.0).to(gl.float32)
-                else:
-                    sc = gl.load(s_ptr + s_off).to(gl.float32)
-                if FMT != 1:
-                    if HAS_ZERO:
-                        if TAIL:
-                            zc = gl.load(z_ptr + s_off, mask=row_ok, other=0.0).to(gl.float32) + MAGIC_F
-                        else:
-                            zc = gl.load(z_ptr + s_off).to(gl.float32) + MAGIC_F
-                    else:
-                        zc = gl.full([BN], 0.0, gl.float32, layout=gl.SliceLayout(1, mma)) + (zconst + MAGIC_F)
+            if not AHEAD:  # this group's own, loaded now
+                sc, zc = _group_meta(s_ptr, z_ptr, g, True, N, rows, row_ok, zconst, SG, FMT, HAS_ZERO, MAGIC_F, TAIL)
             if FMT == 1:
                 acc += part * sc[:, None]
             else:
