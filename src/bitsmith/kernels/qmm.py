@@ -214,13 +214,14 @@ if HAVE_TRITON:
                 sz_off = offs_n[:, None] + (offs_k // GROUP)[None, :] * N
                 sz_mask = n_mask[:, None] & (offs_k < kp)[None, :]
                 s = tl.load(s_ptr + sz_off, mask=sz_mask, other=0.0).to(tl.float32)
-                z = tl.load(z_ptr + sz_off, mask=sz_mask, other=0.0).to(tl.float32) if HAS_ZERO else s
+                if HAS_ZERO:
+                    z = tl.load(z_ptr + sz_off, mask=sz_mask, other=0.0).to(tl.float32)
+            if not HAS_ZERO:
+                z = zconst
             if CODEBOOK:
                 w = tl.load(t_ptr + q) * s
-            elif HAS_ZERO:
-                w = (code_float(q) - z) * s
             else:
-                w = (code_float(q) - zconst) * s
+                w = (code_float(q) - z) * s
             xt = tl.load(x_ptr + offs_m[None, :] * stride_xm + offs_k[:, None],
                          mask=m_mask[None, :] & (offs_k < K)[:, None], other=0.0)
             acc = tl.dot(w.to(xt.dtype), xt, acc)
@@ -612,9 +613,7 @@ def _launch(rw: RuntimeWeight, x2: torch.Tensor, bias: torch.Tensor | None, cfg:
     consts.update({kk: v for kk, v in cfg.items() if kk.isupper() and kk != "SPLIT_K"})
     consts["ATOMIC"] = split > 1
     consts["UNIQUE"] = bool(cfg.get("UNIQUE", 0))
-    ptrs = (x2, rw.words, rw.words_hi if rw.words_hi is not None else rw.words, rw.scale,
-            rw.zero if rw.zero is not None else dummy, rw.table if rw.table is not None else dummy,
-            bias if bias is not None else dummy, out, lr_t, lr_up)
+    ptrs = (x2, *_weight_args(rw), bias if bias is not None else dummy, out, lr_t, lr_up)
     kw = rw.words.shape[0]
     grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]), split)
     k_per = triton.cdiv(triton.cdiv(rw.kp, split), cfg["BLOCK_K"]) * cfg["BLOCK_K"]
@@ -625,17 +624,24 @@ def _launch(rw: RuntimeWeight, x2: torch.Tensor, bias: torch.Tensor | None, cfg:
     return out if split == 1 else out.to(x2.dtype)
 
 
+def _weight_args(rw: RuntimeWeight) -> tuple:
+    """The rows layout's weight arguments of its Triton kernels, in their order: words, the 3-bit
+    high plane, scale, zero and codebook table (a tensor the kernel does not read stands in for
+    one it lacks)."""
+    dummy = rw.scale
+    return (rw.words, rw.words_hi if rw.words_hi is not None else rw.words, rw.scale,
+            rw.zero if rw.zero is not None else dummy, rw.table if rw.table is not None else dummy)
+
+
 def _launch_swap(rw: RuntimeWeight, x2: torch.Tensor, bias: torch.Tensor | None, cfg: dict) -> torch.Tensor:
     """One ``_gemm_swap_kernel`` launch (rows layout) with config ``cfg``."""
     m, k = x2.shape
     out = torch.empty(m, rw.n, dtype=x2.dtype, device=x2.device)
-    dummy = rw.scale
     consts = {kk: v for kk, v in _constexprs(rw).items() if kk != "INT_ZERO"}
     consts.update(HAS_BIAS=bias is not None, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
                   GROUP_M=cfg["GROUP_M"])
-    args = (x2, rw.words, rw.words_hi if rw.words_hi is not None else rw.words, rw.scale,
-            rw.zero if rw.zero is not None else dummy, rw.table if rw.table is not None else dummy,
-            bias if bias is not None else dummy, out, m, rw.n, k, rw.words.shape[0], float(rw.zconst),
+    args = (x2, *_weight_args(rw), bias if bias is not None else rw.scale, out, m, rw.n, k, rw.words.shape[0],
+            float(rw.zconst),
             x2.stride(0), out.stride(0))
     grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(rw.n, cfg["BLOCK_N"]),)
     _run(_gemm_swap_kernel, grid, args, consts, {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]})
@@ -651,10 +657,7 @@ def dequantize_t(rw: RuntimeWeight, dtype: torch.dtype) -> torch.Tensor:
     grid = (triton.cdiv(rw.n, bn), triton.cdiv(rw.words.shape[0], bkw))
     consts = {kk: v for kk, v in _constexprs(rw).items()}
     consts.update(BLOCK_N=bn, BLOCK_KW=bkw)
-    dummy = rw.scale
-    args = (rw.words, rw.words_hi if rw.words_hi is not None else rw.words, rw.scale,
-            rw.zero if rw.zero is not None else dummy, rw.table if rw.table is not None else dummy, out,
-            rw.n, rw.k, rw.words.shape[0], float(rw.zconst))
+    args = (*_weight_args(rw), out, rw.n, rw.k, rw.words.shape[0], float(rw.zconst))
     _run(_dequant_kernel, grid, args, consts, {"num_warps": 4})
     return out
 
