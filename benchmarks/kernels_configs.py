@@ -31,7 +31,7 @@ def describe(cfg: dict) -> str:
     """A config in a few characters: kernel, tile, split, warps, stages."""
     if cfg.get("DEQUANT_MM"):
         return "dequant+cuBLAS"
-    kernel = "swap" if cfg.get("SWAP") else cfg.get("KERNEL", "gemm" + ("-unique" if cfg.get("UNIQUE") else ""))
+    kernel = cfg.get("KERNEL", "gemm" + ("-unique" if cfg.get("UNIQUE") else ""))
     split = cfg.get("SPLIT", cfg.get("SPLIT_K", 1))
     return (f"{kernel} {cfg.get('BLOCK_M', 1)}x{cfg['BLOCK_N']}x{cfg['BLOCK_K']} s{split} "
             f"w{cfg.get('num_warps')} st{cfg.get('num_stages', 1)}" + (f" r{cfg['maxnreg']}" if cfg.get("maxnreg") else "")

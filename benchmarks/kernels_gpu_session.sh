@@ -26,8 +26,6 @@
 #       linears back to back beside a read-only kernel over the same bytes (how far M = 1 is from any one-pass reader)
 #   OUT=/some/dir bash benchmarks/kernels_gpu_session.sh ahead      # fragment CUDA tests (scales a group ahead among the
 #       configs), then every config with and without it timed (gluon_fragment_probe.py, BITSMITH_FRAGMENT_META_AHEAD=1)
-#   OUT=/some/dir bash benchmarks/kernels_gpu_session.sh swap       # CUDA tests of the large-M kernel with the weight on the
-#       left (wgmma A from registers), then every M = 2048 candidate with it (BITSMITH_GEMM_SWAP=1) timed
 #   OUT=/some/dir bash benchmarks/kernels_gpu_session.sh one        # one call for all of it when device time is short:
 #       CUDA tests, M = 1 table int4 vs NF4, compiled end-to-end decode, host overhead
 # The CUDA tests run with pytest-xdist when it is importable (carried as wheels: .whl/, see the device notes).
@@ -253,13 +251,6 @@ ahead)  # the fragment kernel with the scales and zeros a group ahead: its CUDA 
   BITSMITH_FRAGMENT_META_AHEAD=1 timeout "${T_FRAG:-330}" python3 benchmarks/gluon_fragment_probe.py --shapes "${FRAG_SHAPES:-14336x4096,4096x14336}" \
     --m 1,16 --reps 10 --name gluon_fragment_probe_ahead 2>&1 | grep -v -i warn | tee -a "$OUT/fragment.txt" | grep -E "fp16|WRONG|best"
   cp benchmarks/results/gluon_fragment_probe_ahead.json "$OUT/" 2>/dev/null
-  ;;
-swap)  # qmm._gemm_swap_kernel: its CUDA tests, then the M = 2048 candidates with it, checked and timed
-  TEST_FILES=tests/test_kernels.py TEST_K=swapped T_TESTS=${T_TESTS:-120} cuda_tests || { echo "CUDA tests failed: no benchmark"; exit 1; }
-  echo "== BITSMITH_GEMM_SWAP=1 python3 benchmarks/kernels_configs.py --m 2048 --formats int4_g64,nf4_g64 --shapes ${SWAP_SHAPES:-14336x4096,28672x8192} --reps 5 --top 8 --name kernels_configs_swap_m2048" | tee "$OUT/swap.txt"
-  BITSMITH_GEMM_SWAP=1 timeout "${T_CFG:-300}" python3 benchmarks/kernels_configs.py --m 2048 --formats int4_g64,nf4_g64 \
-    --shapes "${SWAP_SHAPES:-14336x4096,28672x8192}" --reps 5 --top 8 --name kernels_configs_swap_m2048 2>&1 | grep -v -i warn | tee -a "$OUT/swap.txt" | tail -30
-  cp benchmarks/results/kernels_configs_swap_m2048.json "$OUT/" 2>/dev/null
   ;;
 ceiling)  # the read ceiling: the stacked layer's M = 1 matmuls vs a kernel that only reads the same bytes, one graph each
   TEST_FILES=tests/test_kernels.py TEST_K=read_kernel T_TESTS=${T_TESTS:-60} cuda_tests || { echo "CUDA test failed: no benchmark"; exit 1; }

@@ -22,7 +22,6 @@ CASES = [("rtn", {"bits": 4, "group_size": 64}), ("rtn", {"bits": 3, "group_size
 GEMM = [{"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 64, "SPLIT_K": 3, "GROUP_M": 8, "num_warps": 4, "num_stages": 3},
         {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 64, "SPLIT_K": 3, "GROUP_M": 8, "UNIQUE": 1, "num_warps": 4, "num_stages": 3},
         {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "SPLIT_K": 1, "GROUP_M": 8, "num_warps": 4, "num_stages": 3},
-        {"SWAP": True, "BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 8, "num_stages": 3},
         {"DEQUANT_MM": True}]
 #: the small-M kernels (BLOCK_K of the CUDA-core one = the weight's group, filled in per case)
 SMALL_M = [{"KERNEL": "fma", "BLOCK_N": 128, "SPLIT": 1, "num_warps": 4}, {"KERNEL": "fma", "BLOCK_N": 64, "SPLIT": 5, "num_warps": 2},

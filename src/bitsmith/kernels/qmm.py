@@ -18,14 +18,9 @@ Kernels, by the number of rows M of ``x``:
   M = 2048 that beat every fused tile by 2x or more on the H100 (0.84x fp16 against 0.30-0.42x,
   benchmarks/results/kernels_configs_m2048_h100.json, before the scale-row prefetch): the
   dequantization in the main loop and the tile's trip through shared memory cost more than the
-  ``W^T`` write and read.
-
-* large M, opt-in (:data:`GEMM_SWAP`, ``BITSMITH_GEMM_SWAP=1``): ``_gemm_swap_kernel`` computes
-  ``y^T = W x^T`` with the dequantized weight tile as the left operand, which on sm_90 Triton
-  keeps in registers as ``wgmma``'s A operand (only ``x^T`` is staged in shared memory). The
-  dequantize-then-cuBLAS path pays a ``W^T`` write that holds it near 0.86x fp16 at M = 2048; a
-  fused kernel is the way past that. Tested under the interpreter and compiled for sm_90 in CI;
-  not yet run on a GPU, so the tuner leaves it out unless asked.
+  ``W^T`` write and read. A kernel computing ``y^T = W x^T``, with the dequantized tile kept in
+  registers as ``wgmma``'s left operand, did no better: 0.18-0.30x fp16 at M = 2048 on the H100
+  (benchmarks/results/kernels_configs_swap_m2048_h100.txt); it was removed.
 
 Configs are tuned once per (kernel, shape, layout) on first use (not under CUDA-graph capture,
 where a default is taken) and cached in :data:`TUNED`.
@@ -56,13 +51,6 @@ if HAVE_TRITON:
     from .small_m import _group_meta, code_float, epilogue, word_code
 
 TUNED: dict[tuple, dict] = {}  # (kernel, M bucket, N, K, layout key) -> launch config
-#: whether the tuner tries ``_gemm_swap_kernel`` above 64 rows. Off until its CUDA tests and a
-#: timing have run on a GPU (CI runs it under Triton's interpreter and compiles it for sm_90):
-#: ``BITSMITH_GEMM_SWAP=1`` turns it on.
-GEMM_SWAP = {"enabled": os.environ.get("BITSMITH_GEMM_SWAP", "") == "1"}
-#: ``_gemm_swap_kernel`` tiles: (rows of x, weight rows, K, warps, stages); weight rows are the
-#: wgmma M dimension (64 a warpgroup), x rows its N (up to 256)
-SWAP_TILES = ((128, 128, 64, 8, 3), (256, 128, 64, 8, 3), (128, 256, 64, 8, 3), (64, 128, 64, 4, 4), (128, 128, 64, 4, 4))
 TUNE_FAILURES: list[dict] = []  # tunings where every candidate failed (the default config ran instead)
 _SM_COUNT: dict[int, int] = {}
 
@@ -81,30 +69,24 @@ if HAVE_TRITON:
 
     @triton.jit
     def _plane_codes(ptr, k0, N, rows, offs_n, n_mask, WBITS: tl.constexpr, WPACK: tl.constexpr,
-                     BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, ROWS_FIRST: tl.constexpr):
-        """Codes ``[BLOCK_K, BLOCK_N]`` of one packed plane (``WPACK`` codes of ``WBITS`` a word);
-        ``ROWS_FIRST``: ``[BLOCK_N, BLOCK_K]``, transposed at the load rather than after it."""
+                     BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+        """Codes ``[BLOCK_K, BLOCK_N]`` of one packed plane (``WPACK`` codes of ``WBITS`` a word)."""
         offs_w = k0 // WPACK + tl.arange(0, BLOCK_K // WPACK)
+        mask = (offs_w < rows)[:, None] & n_mask[None, :]
+        words = tl.load(ptr + offs_w[:, None] * N + offs_n[None, :], mask=mask, other=0)
         shifts = tl.arange(0, WPACK) * WBITS
-        if ROWS_FIRST:
-            mask = n_mask[:, None] & (offs_w < rows)[None, :]
-            words = tl.load(ptr + offs_w[None, :] * N + offs_n[:, None], mask=mask, other=0)
-            q = tl.reshape((words[:, :, None] >> shifts[None, None, :]) & ((1 << WBITS) - 1), [BLOCK_N, BLOCK_K])
-        else:
-            mask = (offs_w < rows)[:, None] & n_mask[None, :]
-            words = tl.load(ptr + offs_w[:, None] * N + offs_n[None, :], mask=mask, other=0)
-            q = tl.reshape((words[:, None, :] >> shifts[None, :, None]) & ((1 << WBITS) - 1), [BLOCK_K, BLOCK_N])
-        return q
+        q3 = (words[:, None, :] >> shifts[None, :, None]) & ((1 << WBITS) - 1)
+        return tl.reshape(q3, [BLOCK_K, BLOCK_N])
 
     @triton.jit
     def _tile_codes(w_ptr, wh_ptr, k0, N, KW, offs_n, n_mask, BITS: tl.constexpr, PACK: tl.constexpr,
-                    BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, ROWS_FIRST: tl.constexpr):
+                    BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
         if BITS == 3:
-            lo = _plane_codes(w_ptr, k0, N, KW, offs_n, n_mask, 2, 16, BLOCK_K, BLOCK_N, ROWS_FIRST)
-            hi = _plane_codes(wh_ptr, k0, N, KW // 2, offs_n, n_mask, 1, 32, BLOCK_K, BLOCK_N, ROWS_FIRST)
+            lo = _plane_codes(w_ptr, k0, N, KW, offs_n, n_mask, 2, 16, BLOCK_K, BLOCK_N)
+            hi = _plane_codes(wh_ptr, k0, N, KW // 2, offs_n, n_mask, 1, 32, BLOCK_K, BLOCK_N)
             q = lo | (hi << 2)
         else:
-            q = _plane_codes(w_ptr, k0, N, KW, offs_n, n_mask, BITS, PACK, BLOCK_K, BLOCK_N, ROWS_FIRST)
+            q = _plane_codes(w_ptr, k0, N, KW, offs_n, n_mask, BITS, PACK, BLOCK_K, BLOCK_N)
         return q
 
     @triton.jit
@@ -147,7 +129,7 @@ if HAVE_TRITON:
             kmask = offs_k < kp
             m2 = kmask[:, None] & n_mask[None, :]
             if UNIQUE:  # each word loaded once, its codes spread along a new axis, then merged into K
-                q = _tile_codes(w_ptr, wh_ptr, k0, N, KW, offs_n, n_mask, BITS, PACK, BLOCK_K, BLOCK_N, False)
+                q = _tile_codes(w_ptr, wh_ptr, k0, N, KW, offs_n, n_mask, BITS, PACK, BLOCK_K, BLOCK_N)
             else:  # a word loaded once per code it holds (the repeats hit L1)
                 kw = offs_k // PACK
                 words = tl.load(w_ptr + kw[:, None] * N + offs_n[None, :], mask=m2, other=0)
@@ -180,55 +162,6 @@ if HAVE_TRITON:
             tl.store(out_ptr + out_off, acc.to(out_ptr.dtype.element_ty), mask=o_mask)
         else:
             tl.atomic_add(out_ptr + out_off, acc, mask=o_mask)
-
-    @triton.jit
-    def _gemm_swap_kernel(
-        x_ptr, w_ptr, wh_ptr, s_ptr, z_ptr, t_ptr, b_ptr, out_ptr,
-        M, N, K, KW, zconst, stride_xm, stride_om,
-        BITS: tl.constexpr, PACK: tl.constexpr, GROUP: tl.constexpr,
-        HAS_ZERO: tl.constexpr, CODEBOOK: tl.constexpr, HAS_BIAS: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    ):
-        """``y^T = W x^T`` a tile at a time, for large M: the dequantized ``[BLOCK_N, BLOCK_K]``
-        weight tile is the *left* operand, so on sm_90 it stays in registers as the A operand of
-        ``wgmma`` and only ``x^T`` goes through shared memory (``_gemm_kernel`` puts the weight
-        on the right, where the tensor cores read it from shared memory after the dequantization
-        has written it there). Codes, scales and zeros as in ``_gemm_kernel``; no split-K and no
-        low-rank epilogue (:func:`_launch` adds a given branch after)."""
-        pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        m_mask = offs_m < M
-        n_mask = offs_n < N
-        kp = KW * PACK
-        acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
-        SCALAR_GROUP: tl.constexpr = (GROUP == 0) or (GROUP % BLOCK_K == 0)
-        for k0 in range(0, kp, BLOCK_K):
-            q = _tile_codes(w_ptr, wh_ptr, k0, N, KW, offs_n, n_mask, BITS, PACK, BLOCK_K, BLOCK_N, True)
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            if SCALAR_GROUP:
-                s, z = _group_meta(s_ptr, z_ptr, 0 if GROUP == 0 else k0 // GROUP, N, offs_n, n_mask, HAS_ZERO)
-                s = s[:, None]
-                z = z[:, None]
-            else:
-                sz_off = offs_n[:, None] + (offs_k // GROUP)[None, :] * N
-                sz_mask = n_mask[:, None] & (offs_k < kp)[None, :]
-                s = tl.load(s_ptr + sz_off, mask=sz_mask, other=0.0).to(tl.float32)
-                if HAS_ZERO:
-                    z = tl.load(z_ptr + sz_off, mask=sz_mask, other=0.0).to(tl.float32)
-            if not HAS_ZERO:
-                z = zconst
-            if CODEBOOK:
-                w = tl.load(t_ptr + q) * s
-            else:
-                w = (code_float(q) - z) * s
-            xt = tl.load(x_ptr + offs_m[None, :] * stride_xm + offs_k[:, None],
-                         mask=m_mask[None, :] & (offs_k < K)[:, None], other=0.0)
-            acc = tl.dot(w.to(xt.dtype), xt, acc)
-        if HAS_BIAS:
-            acc += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[:, None]
-        tl.store(out_ptr + offs_m[None, :] * stride_om + offs_n[:, None], acc.to(out_ptr.dtype.element_ty),
-                 mask=m_mask[None, :] & n_mask[:, None])
 
     @triton.jit
     def _dequant_kernel(
@@ -527,9 +460,6 @@ def gemm_configs(rw: RuntimeWeight, m: int, dtype: torch.dtype = torch.float16) 
             out.append({"DEQUANT_MM": True})
         return out
     out.append({"DEQUANT_MM": True})  # dequantize W once, then cuBLAS: wins when M amortizes the write
-    if GEMM_SWAP["enabled"]:
-        out += [{"SWAP": True, "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8, "num_warps": warps,
-                 "num_stages": stages} for bm, bn, bk, warps, stages in SWAP_TILES if m > 128 or bm <= 128]
     # one word load per code tile (UNIQUE) measured 1.3-1.4x faster than a load per code at
     # M = 2048, but both far behind dequantize + cuBLAS there (kernels_configs_m2048_h100.json)
     for bm, bn, bk, warps, stages, unique in ((128, 128, 64, 8, 3, 0), (128, 256, 64, 8, 3, 0), (64, 128, 64, 4, 4, 0),
@@ -584,9 +514,6 @@ def _launch(rw: RuntimeWeight, x2: torch.Tensor, bias: torch.Tensor | None, cfg:
         if plan_key is not None and hit is not None:
             rw.plans[plan_key] = _Plan(hit[0], grid, args, hit[1], n, 1, rw.scale, x2.device.index)
         return out
-    if cfg.get("SWAP"):
-        out = _launch_swap(rw, x2, bias, cfg)
-        return out if lowrank is None else out.addmm_(lowrank[0].to(x2.dtype), lowrank[1])
     if cfg.get("DEQUANT_MM"):
         wt = dequantize_t(rw, x2.dtype)
         out = torch.mm(x2, wt) if bias is None else torch.addmm(bias.to(x2.dtype), x2, wt)
@@ -625,27 +552,13 @@ def _launch(rw: RuntimeWeight, x2: torch.Tensor, bias: torch.Tensor | None, cfg:
 
 
 def _weight_args(rw: RuntimeWeight) -> tuple:
-    """The rows layout's weight arguments of its Triton kernels, in their order: words, the 3-bit
+    """The rows layout's weight arguments of its Triton kernels (the tensor-core kernel's and the
+    dequantization's), in their order: words, the 3-bit
     high plane, scale, zero and codebook table (a tensor the kernel does not read stands in for
     one it lacks)."""
     dummy = rw.scale
     return (rw.words, rw.words_hi if rw.words_hi is not None else rw.words, rw.scale,
             rw.zero if rw.zero is not None else dummy, rw.table if rw.table is not None else dummy)
-
-
-def _launch_swap(rw: RuntimeWeight, x2: torch.Tensor, bias: torch.Tensor | None, cfg: dict) -> torch.Tensor:
-    """One ``_gemm_swap_kernel`` launch (rows layout) with config ``cfg``."""
-    m, k = x2.shape
-    out = torch.empty(m, rw.n, dtype=x2.dtype, device=x2.device)
-    consts = {kk: v for kk, v in _constexprs(rw).items() if kk != "INT_ZERO"}
-    consts.update(HAS_BIAS=bias is not None, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
-                  GROUP_M=cfg["GROUP_M"])
-    args = (x2, *_weight_args(rw), bias if bias is not None else rw.scale, out, m, rw.n, k, rw.words.shape[0],
-            float(rw.zconst),
-            x2.stride(0), out.stride(0))
-    grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(rw.n, cfg["BLOCK_N"]),)
-    _run(_gemm_swap_kernel, grid, args, consts, {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]})
-    return out
 
 
 def dequantize_t(rw: RuntimeWeight, dtype: torch.dtype) -> torch.Tensor:
