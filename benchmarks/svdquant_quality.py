@@ -5,7 +5,10 @@ Rows (every Linear of SmolLM2's decoder layers; lm_head / embeddings stay fp32):
 * W4A16 RTN int4 g64 (the baseline), and RTN at larger total budgets: int4 g32, int5 g64, int6 g64;
 * W4A16 SVDQuant rank 16 / 32 / 64: smoothing (alpha) -> rank-r 16-bit branch -> int4 g64 residual;
 * W4A8 and W4A4 (activations fake-quantized per group of 64, signed): plain RTN (no smoothing,
-  no low-rank), smoothing only (rank 0), and SVDQuant rank 32.
+  no low-rank), smoothing only (rank 0), and SVDQuant rank 32;
+* W4A16 and W4A4 SVDQuant rank 32 with the smoothing fused (``smooth="fused"``: one scale per group
+  of layers reading the same activation, folded into the norm / linear before them; no per-layer
+  error there, every layer's input changed).
 
 bits/weight counts everything stored for the quantized Linears: codes, fp16 scales, uint8 zeros and
 the 16-bit low-rank factors (``L1 [N, r]`` + ``L2 [r, K]``).
@@ -22,6 +25,7 @@ from the weights' names, run on a rendered text image (PIL) for calibration (one
 another for the error; every Conv2d reshaped to ``[out, in*kh*kw]``, per-layer output error as above.
 
     python benchmarks/svdquant_quality.py [--max-tokens 16384] [--calib-windows 16] [--only smollm2|craft]
+        [--rows LABEL_PART ... --name RESULTS_NAME]
 """
 from __future__ import annotations
 
@@ -68,7 +72,16 @@ ROWS = [  # in the order they run (most important comparisons first; partial res
     ("W4A4 smooth only (r0)", "svdquant", {"rank": 0, "alpha": ALPHA, "act_bits": 4}),
     ("W4A8 smooth only (r0)", "svdquant", {"rank": 0, "alpha": ALPHA, "act_bits": 8}),
     ("W6A16 RTN int6 g64", "rtn", {"bits": 6, "group_size": 64}),
+    # one scale per group of layers reading the same activation, folded into the norm / linear before
+    # them: no division at run time (what benchmarks/svdquant_overhead.py --smoothing fused times)
+    ("W4A16 SVDQuant r32 fused smoothing", "svdquant", {"rank": 32, "alpha": ALPHA, "act_bits": 16, "smooth": "fused"}),
+    ("W4A4 SVDQuant r32 fused smoothing", "svdquant", {"rank": 32, "alpha": ALPHA, "act_bits": 4, "smooth": "fused"}),
 ]
+
+
+def fmt(err: float | None) -> str:
+    """A layer error for the table ("-" where a fused smoothing left none to measure)."""
+    return "-" if err is None else f"{err:.4f}"
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -160,16 +173,17 @@ def run_smollm2(args) -> dict:
             bpw = apply_svdquant(model, stats, options)
         secs = time.perf_counter() - t0
         errs = []
-        with torch.no_grad():
-            for n in names:
+        with torch.no_grad():  # a fused smoothing changed every layer's input: no per-layer error on the float inputs
+            for n in names if options.get("smooth") != "fused" else []:
                 errs.append(rel(model.get_submodule(n)(inputs[n]), ref_out[n]))
         res = perplexity(model, ids, seq_len=512)
         rows.append({"config": label, "method": kind, "options": options, "bits_per_weight": bpw,
                      "perplexity": res.perplexity, "delta": res.perplexity / base.perplexity - 1,
-                     "layer_error_mean": sum(errs) / len(errs), "layer_error_max": max(errs), "quantize_seconds": secs})
+                     "layer_error_mean": sum(errs) / len(errs) if errs else None, "layer_error_max": max(errs, default=None),
+                     "quantize_seconds": secs})
         save_partial("smollm2" + "".join(f"_{r}" for r in args.rows), {"rows": rows, "partial": True})
-        print(f"SmolLM2 {label:28s} {bpw:6.3f} b/w  ppl {res.perplexity:8.3f}  layer err mean {rows[-1]['layer_error_mean']:.4f} "
-              f"max {rows[-1]['layer_error_max']:.4f}  quant {secs:5.1f} s", flush=True)
+        print(f"SmolLM2 {label:28s} {bpw:6.3f} b/w  ppl {res.perplexity:8.3f}  layer err mean {fmt(rows[-1]['layer_error_mean'])} "
+              f"max {fmt(rows[-1]['layer_error_max'])}  quant {secs:5.1f} s", flush=True)
         del model
     protocol = {"perplexity": base.to_json(), "text": "bitsmith.eval.text.wiki_text()", "fp32": fp32_note,
                 "calibration": f"{windows.shape[0]} windows x 512 tokens of the Lee corpus (absmax per input channel)",
@@ -331,6 +345,7 @@ def main() -> None:
     ap.add_argument("--calib-windows", type=int, default=16)
     ap.add_argument("--only", choices=["smollm2", "craft"])
     ap.add_argument("--rows", action="append", default=[], help="only rows whose label contains this (repeatable)")
+    ap.add_argument("--name", default="svdquant_quality_rows", help="results file of a --rows run (benchmarks/results/NAME.json)")
     ap.add_argument("--fp32-from-quality", action="store_true",
                     help="take the fp32 perplexity from benchmarks/results/quality.json instead of measuring it")
     args = ap.parse_args()
@@ -344,10 +359,10 @@ def main() -> None:
         out["smollm2"] = run_smollm2(args)
         print(render(["config", "bits/weight", "perplexity", "vs fp32", "layer err mean", "layer err max"],
                      [(r["config"], f"{r['bits_per_weight']:.3f}", f"{r['perplexity']:.3f}", f"{r['delta'] * 100:+.1f}%",
-                       f"{r['layer_error_mean']:.4f}", f"{r['layer_error_max']:.4f}") for r in out["smollm2"]["rows"]],
+                       fmt(r['layer_error_mean']), fmt(r['layer_error_max'])) for r in out["smollm2"]["rows"]],
                      align="lrrrrr"))
     if args.rows:
-        write_result("svdquant_quality_rows", out)
+        write_result(args.name, out)
         return
     # one results file; a run of one model (--only) keeps the other model's section from an earlier run
     previous = RESULTS / "svdquant_quality.json"

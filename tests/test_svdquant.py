@@ -348,3 +348,84 @@ def test_cli_svdquant_checkpoint_loads_and_matches(tmp_path, smollm2_dir):
     rc = main(["quantize", str(folder), "-o", str(bad), "--method", "svdquant", "--rank", "65", "--calib", str(calib),
                "--no-progress"])
     assert rc == 2 and not bad.exists()
+
+
+def _group_scale(model, stats, names: list[str], alpha: float = 0.5) -> torch.Tensor:
+    """SmoothQuant's shared scale of the layers ``names`` (the same input), from first principles
+    in float64: max over the layers of the calibration absmax and of |W| per input channel."""
+    act = torch.stack([stats[n].absmax.double() for n in names]).amax(0)
+    w = torch.cat([model.get_submodule(n).weight.detach().double().abs() for n in names]).amax(0)
+    return act.pow(alpha) / w.pow(1 - alpha)
+
+
+def test_fused_smoothing_folds_one_scale_per_group_and_no_layer_divides(tmp_path, smollm2_dir):
+    import copy
+
+    from bitsmith.calibration.collect import collect_stats
+    from bitsmith.calibration.stats import save_stats
+    from bitsmith.cli.main import main
+    from bitsmith.models.loading import load_model
+    from bitsmith.models.svdquant import svdquant_model
+
+    folder, model = _tiny_llama_folder(tmp_path, smollm2_dir)
+    ids = torch.randint(0, 49152, (2, 32), generator=torch.Generator().manual_seed(1))
+    stats = collect_stats(model, [ids], progress=False)
+    fused, unfused = copy.deepcopy(model), copy.deepcopy(model)
+    layers = svdquant_model(fused, stats, rank=8, smooth="fused")
+    svdquant_model(unfused, stats, rank=8)
+    assert len(layers) == 2 * 7 and {r.smoothing for r in layers} == {"fused"}
+    lr = [m for m in fused.modules() if isinstance(m, LowRankQuantLinear)]
+    assert len(lr) == 14 and all(m.smooth is None for m in lr)  # nothing divided at run time
+    assert all(m.smooth is not None for m in unfused.modules() if isinstance(m, LowRankQuantLinear))
+    # the norms before q/k/v and gate/up hold the original weight / the group's scale
+    for norm, group in (("input_layernorm", ("q_proj", "k_proj", "v_proj")),
+                        ("post_attention_layernorm", ("gate_proj", "up_proj"))):
+        part = "self_attn" if norm == "input_layernorm" else "mlp"
+        names = [f"model.layers.1.{part}.{g}" for g in group]
+        s = _group_scale(model, stats, names)
+        want = model.get_submodule(f"model.layers.1.{norm}").weight.double() / s
+        got = fused.get_submodule(f"model.layers.1.{norm}").weight.double()
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
+    # up_proj: its columns times the gate/up scale (a consumer), its rows divided by down_proj's
+    # (the producer of down's input): the residual + branch approximate exactly that weight
+    s_in = _group_scale(model, stats, ["model.layers.0.mlp.gate_proj", "model.layers.0.mlp.up_proj"])
+    s_out = _group_scale(model, stats, ["model.layers.0.mlp.down_proj"])
+    up = fused.get_submodule("model.layers.0.mlp.up_proj")
+    want = model.get_submodule("model.layers.0.mlp.up_proj").weight.detach().double() * s_in / s_out[:, None]
+    eff = up.qweight.dequantize(torch.float64) + up.lora_up.double() @ up.lora_down.double()
+    assert float((eff - want).norm() / want.norm()) < 0.1
+    with torch.no_grad():
+        ref = model(ids).logits.double()
+        err = {name: float((m(ids).logits.double() - ref).norm() / ref.norm()) for name, m in
+               (("fused", fused), ("unfused", unfused))}
+    # rank 8 of 64 on random weights: int4 error, not a wrong fold's (an unscaled norm is off by O(1))
+    assert err["fused"] < 0.15 and err["unfused"] < 0.15, err
+    # the CLI writes the same model, and it loads back bit for bit
+    calib = save_stats(tmp_path / "calib.safetensors", stats)
+    dst = tmp_path / "q"
+    assert main(["quantize", str(folder), "-o", str(dst), "--method", "svdquant", "--rank", "8", "--calib", str(calib),
+                 "--smooth", "fused", "--no-progress"]) == 0
+    loaded = load_model(dst)
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, fused(ids).logits)
+
+
+def test_fused_smoothing_refuses_what_it_cannot_fold(tmp_path, smollm2_dir):
+    from bitsmith.calibration.collect import collect_stats
+    from bitsmith.models.svdquant import svdquant_model
+
+    folder, model = _tiny_llama_folder(tmp_path, smollm2_dir)
+    ids = torch.randint(0, 49152, (1, 16), generator=torch.Generator().manual_seed(2))
+    stats = collect_stats(model, [ids], progress=False)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(QuantizationError, match=r"model\.layers\.0\.mlp\.down_proj.*shifted layer cannot"):
+        svdquant_model(model, stats, rank=4, smooth="fused", shift=1.0, shift_pattern=r"down_proj$")
+    with pytest.raises(QuantizationError, match="smooth must be one of unfused, fused, none"):
+        svdquant_model(model, stats, rank=4, smooth="folded")
+    with pytest.raises(QuantizationError, match="needs a migration strength"):
+        svdquant_model(model, stats, rank=4, smooth="fused", alpha=None)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # nothing changed
+    seq = torch.nn.Sequential(torch.nn.Linear(16, 8))
+    seq_stats = collect_stats(seq, [torch.randn(4, 16)], progress=False)
+    with pytest.raises(QuantizationError, match="no smoothing map for Sequential"):
+        svdquant_model(seq, seq_stats, rank=2, smooth="fused")

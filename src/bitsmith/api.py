@@ -762,14 +762,19 @@ def quantize_svdquant(
     act_group_size: int | None = 64,
     shift: str | float | None = None,
     convs: bool = True,
+    smooth: str = "unfused",
     overwrite: bool = False,
     progress: bool = False,
 ) -> dict:
     """SVDQuant the model at ``src`` (a HF folder) with calibration stats ``calib`` (a stats file
     from ``bitsmith calibrate`` or ``{module: ChannelStats}``) and write a checkpoint to ``dst``
     that :func:`load_model` rebuilds with LowRankQuantLinear layers (and LowRankQuantConv2d
-    layers unless ``convs=False``, which keeps every Conv2d as it is). Returns a JSON-able report
-    (one row per layer: rank, bits/weight with the 16-bit factors counted, weight error)."""
+    layers unless ``convs=False``, which keeps every Conv2d as it is). ``smooth``: ``unfused`` (each
+    layer divides by its own migration scale), ``fused`` (one scale per group of layers reading the
+    same activation, folded into the norm or linear before them: nothing to divide at run time;
+    Llama-family models) or ``none`` (see :mod:`bitsmith.models.svdquant`). Returns a JSON-able
+    report (one row per layer: rank, bits/weight with the 16-bit factors counted, weight error,
+    how it was smoothed)."""
     from .calibration import load_stats
     from .models.saving import save_model
     from .models.svdquant import model_config, parse_shift, svdquant_model
@@ -783,8 +788,10 @@ def quantize_svdquant(
         calib = load_stats(calib)
     t0 = time.perf_counter()
     model, _, _ = load_for_eval(src)
+    if smooth == "none":
+        alpha = None
     options = {"rank": rank, "bits": bits, "group_size": group_size, "symmetric": symmetric, "alpha": alpha, "act_bits": act_bits,
-               "act_group_size": act_group_size, "shift": parse_shift(shift)}
+               "act_group_size": act_group_size, "shift": parse_shift(shift), "smooth": smooth}
     kept_convs = [] if convs else [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
     try:
         layers = svdquant_model(model, calib, progress=progress, convs=convs, **options)

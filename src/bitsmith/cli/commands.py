@@ -136,7 +136,8 @@ def cmd_svdquant(args: Namespace) -> int:
     gs = 64 if args.group_size is None else int(args.group_size)
     rep = quantize_svdquant(args.src, args.dst, args.calib, rank=32 if args.rank is None else args.rank,
                             bits=args.bits or 4, group_size=gs, symmetric=args.symmetric, alpha=0.5 if args.alpha is None else args.alpha,
-                            act_bits=args.act_bits or 16, shift=args.shift, convs=not args.no_convs, overwrite=args.overwrite,
+                            act_bits=args.act_bits or 16, shift=args.shift, convs=not args.no_convs,
+                            smooth=args.smooth or "unfused", overwrite=args.overwrite,
                             progress=not args.no_progress)
     print(f"wrote {args.dst}")
     print(render_pairs([("recipe", json.dumps(rep["recipe"]["options"])), ("layers", str(len(rep["layers"]))),

@@ -50,8 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--shift", help="svdquant: auto, none or VALUE, added to the GELU -> fc2 input (default none)")
     q.add_argument("--alpha", type=float, help="svdquant, smoothquant: migration strength in [0, 1] (default 0.5)")
     q.add_argument("--smooth", choices=["fused", "unfused", "none"],
-                   help="smoothquant: fold the migration scales into the preceding norms/linears (fused, default), keep "
-                        "one per linear (unfused), or no smoothing")
+                   help="smoothquant, svdquant: fold the migration scales into the preceding norms/linears (fused; "
+                        "smoothquant's default), keep one per linear (unfused; svdquant's default), or no smoothing")
     q.add_argument("--variant", choices=["paper", "lmdeploy"], help="smoothquant: migration scale formula (default paper)")
     q.add_argument("--act-quant", choices=["dynamic", "static"],
                    help="smoothquant: per-token dynamic activation scales (default) or one static scale per layer from --calib")

@@ -13,7 +13,8 @@ tensor              dtype / shape                content
                                                  affine codes), tile/lane order below
 ``X.wscales``       fp16/bf16 ``[K'/64, N']``    the group scales, lane order below
 ``X.bias``          16-bit ``[N']``              ``b'`` of the Nunchaku layout (below), lane order
-``X.smooth``        16-bit ``[K']``              ``s`` (our smoothing is never fused), lane order
+``X.smooth``        16-bit ``[K']``              ``s`` (1 where ``--smooth fused`` folded it into the
+                                                 norm or linear before, copied with the rest), lane order
 ``X.smooth_orig``   16-bit ``[K']``              ``s``, lane order
 ``X.lora_down``     16-bit ``[K', R']``          ``L2 / s`` (the branch reads the unsmoothed input)
 ``X.lora_up``       16-bit ``[N', R']``          ``L1``

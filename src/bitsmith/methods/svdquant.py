@@ -251,6 +251,7 @@ def svdquant_recipe_entry(
     act_bits: int = 16,
     act_group_size: int | None = 64,
     shift: str | float | None = None,
+    smooth: str = "unfused",
 ) -> QTensor:
     """The recipe entry of ``svdquant`` (so a checkpoint's recipe names it and its options are
     validated like any method's). SVDQuant needs activation statistics and writes a

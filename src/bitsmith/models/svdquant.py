@@ -13,7 +13,17 @@ unaffected), every ``nn.Conv2d`` whose name does not match ``skip``, except
   (``r (N + C kh kw) >= N C kh kw``: image stems and heads with a few channels -- RGB or latent in,
   a few maps out): SVDQuant cannot save anything there, they stay 16/32-bit.
 
-Norms and embeddings stay as they are. Conv statistics are per input channel
+Smoothing (``smooth``): ``unfused`` (the default) gives every layer its own migration scale, which
+the layer divides its input by; ``fused`` (architectures with a smoothing map,
+:mod:`bitsmith.models.arch`: the Llama family) first smooths the float model as SmoothQuant's fused
+mode does -- one scale per group of layers that read the same activation, folded into the norm or
+the linear before them (:func:`bitsmith.transforms.smoothing.smooth`) -- then decomposes the
+smoothed weights without a smoothing of their own (``alpha=None``), so no layer divides at run
+time: the low-rank branch then costs what ``benchmarks/svdquant_overhead.py --smoothing fused``
+measures; ``none`` skips smoothing. A shifted layer cannot be in a fused group (its shift is in
+the unsmoothed input's domain): that is an error naming it.
+
+Norms and embeddings stay as they are (``fused`` smoothing rescales the norms it folds into). Conv statistics are per input channel
 (:mod:`bitsmith.calibration.collect` hooks Conv2d). Which layers are shifted: those matching
 ``shift_pattern`` (default: the second FFN projection after a GELU -- diffusers' ``ff.net.2``,
 ``fc2``, ``dense_4h_to_h``); a shift is exact only on a Linear or an unpadded 1x1 conv (a shifted
@@ -34,6 +44,8 @@ from ..errors import QuantizationError
 from ..methods.svdquant import auto_shift, svdquant
 from ..nn.low_rank import LowRankQuantLinear
 from ..nn.low_rank_conv import LowRankQuantConv2d
+from ..transforms.smoothing import smooth as smooth_groups
+from .arch import smoothing_groups
 from .surgery import set_submodule
 
 #: LM heads, embeddings (also diffusers' *_embedder / time_text_embed), norm modulation linears
@@ -52,6 +64,10 @@ class SVDQuantLayer:
     rel_error: float  # ||W - W_eff|| / ||W||, W_eff = (Q(R) + L1 L2) / s
     shifted: bool
     seconds: float
+    smoothing: str = "unfused"  # "unfused" (its own scale, divided in the layer), "fused" (folded upstream), "none"
+
+#: ``smooth`` choices of :func:`svdquant_model`
+SMOOTH_MODES = ("unfused", "fused", "none")
 
 
 def parse_shift(value: Any) -> str | float | None:
@@ -82,13 +98,21 @@ def svdquant_model(
     low_rank_input: str = "unshifted",
     skip: tuple[str, ...] = DEFAULT_SKIP,
     convs: bool = True,
+    smooth: str = "unfused",
     progress: bool = False,
 ) -> list[SVDQuantLayer]:
     """Replace every selected Linear of ``model`` (in place) by a LowRankQuantLinear and, with
     ``convs``, every selected Conv2d by a LowRankQuantConv2d (see the module docstring);
     ``stats`` maps module names to their input statistics (a missing one is an error naming the
-    layer, raised before any layer is touched)."""
+    layer, raised before any layer is touched). ``smooth``: ``unfused``, ``fused`` or ``none``
+    (the module docstring; ``none`` is ``alpha=None``)."""
     shift = parse_shift(shift)
+    if smooth not in SMOOTH_MODES:
+        raise QuantizationError(f"smooth must be one of {', '.join(SMOOTH_MODES)}, got {smooth!r}")
+    if smooth == "none":
+        alpha = None
+    elif alpha is None:
+        raise QuantizationError(f"smooth={smooth!r} needs a migration strength alpha (smooth='none' skips smoothing)")
     embedding_weights = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     targets = [(n, m) for n, m in model.named_modules()
                if (type(m) is nn.Linear and id(m.weight) not in embedding_weights or convs and is_conv_target(m, rank))
@@ -102,6 +126,9 @@ def svdquant_model(
                                 f"{' ...' if len(missing) > 8 else ''} (collect them with bitsmith calibrate)")
     if rank == 0 and act_bits == 4:
         warnings.warn("svdquant with rank 0 and 4-bit activations is plain (smoothed) W4A4", stacklevel=2)
+    fused = set() if smooth != "fused" else fuse_smoothing(model, [n for n, _ in targets], stats, alpha=alpha,
+                                                            shifted=[n for n, _ in targets if shift is not None
+                                                                     and re.search(shift_pattern, n)])
     iterator = targets
     if progress:
         from tqdm.auto import tqdm
@@ -117,8 +144,8 @@ def svdquant_model(
                 layer_shift = auto_shift(st.min) if shift == "auto" else shift
             t0 = time.perf_counter()
             res = svdquant(mod.weight.detach(), act_absmax=None if st is None else st.absmax,
-                           bias=None if mod.bias is None else mod.bias.detach(), rank=rank,
-                           bits=bits, group_size=group_size, symmetric=symmetric, alpha=alpha, act_bits=act_bits, act_group_size=act_group_size,
+                           bias=None if mod.bias is None else mod.bias.detach(), rank=rank, bits=bits, group_size=group_size,
+                           symmetric=symmetric, alpha=None if name in fused else alpha, act_bits=act_bits, act_group_size=act_group_size,
                            shift=layer_shift, low_rank_input=low_rank_input, name=name)
             options = dict(smooth=res.smooth, shift=res.shift, low_rank_input=low_rank_input, act_bits=act_bits,
                            act_group_size=act_group_size, act_unsigned=res.act_unsigned)
@@ -134,10 +161,27 @@ def svdquant_model(
                 raise QuantizationError(f"layer {name}: {e.message}") from None
             w = mod.weight.detach().double()
             err = float((res.effective_weight() - w).norm() / w.norm().clamp_min(1e-30))
-            out.append(SVDQuantLayer(name, tuple(w.shape), res.rank, res.bits_per_weight, err,
-                                     layer_shift is not None, time.perf_counter() - t0))
+            out.append(SVDQuantLayer(name, tuple(w.shape), res.rank, res.bits_per_weight, err, layer_shift is not None,
+                                     time.perf_counter() - t0, "fused" if name in fused else smooth))
             set_submodule(model, name, new.to(mod.weight.device))
     return out
+
+
+def fuse_smoothing(model: nn.Module, targets: list[str], stats: Mapping[str, ChannelStats], *, alpha: float,
+                   shifted: list[str]) -> set[str]:
+    """Smooth the float ``model`` in place, fused (the architecture's map; an error without one),
+    over the groups whose consumers are all in ``targets``; returns those consumers' names. A
+    consumer in ``shifted`` is an error (checked before anything changes)."""
+    groups, _ = smoothing_groups(model, fused=True)
+    wanted = set(targets)
+    groups = [g for g in groups if all(c in wanted for c in g.consumers)]
+    fused = {c for g in groups for c in g.consumers}
+    clash = [n for n in shifted if n in fused]
+    if clash:
+        raise QuantizationError(f"{', '.join(clash[:4])}: a shifted layer cannot take a fused smoothing (its shift is "
+                                "in the unsmoothed input's domain); use smooth='unfused' or no shift")
+    smooth_groups(model, groups, stats, alpha=alpha, mode="fused")
+    return fused
 
 
 def is_conv_target(module: nn.Module, rank: int) -> bool:
@@ -163,4 +207,4 @@ def model_config(model: nn.Module) -> dict | None:
     return out
 
 
-__all__ = ["svdquant_model", "is_conv_target", "model_config", "SVDQuantLayer", "parse_shift", "DEFAULT_SHIFT_PATTERN", "DEFAULT_SKIP"]
+__all__ = ["svdquant_model", "fuse_smoothing", "SMOOTH_MODES", "is_conv_target", "model_config", "SVDQuantLayer", "parse_shift", "DEFAULT_SHIFT_PATTERN", "DEFAULT_SKIP"]
