@@ -225,3 +225,41 @@ def test_diffusers_walk_quantizes_attention_and_ffn_and_reloads(tmp_path, flux_a
         y_float = base(**inputs)[0]
     assert torch.equal(y_loaded, y_mem)
     assert (y_mem - y_float).norm() / y_float.norm() < 0.25  # W4A4 with rank 16 on a random tiny model
+
+
+def test_export_of_a_fused_smoothing_llama_divides_by_nothing(tmp_path):
+    """``--smooth fused`` folds the scales into the norms: the file's ``smooth`` is all ones, the
+    rescaled norms are copied with the rest, and each layer computes what bitsmith's does from the
+    input the fused model gives it."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(3))
+    stats = collect_stats(model, [ids], progress=False)
+    norm_before = model.model.layers[0].input_layernorm.weight.detach().clone()
+    svdquant_model(model, stats, rank=8, symmetric=True, smooth="fused")
+    names = ("model.layers.0.self_attn.q_proj", "model.layers.0.mlp.down_proj")
+    captured = {}
+    hooks = [model.get_submodule(n).register_forward_pre_hook(
+        lambda mod, args, n=n: captured.__setitem__(n, args[0].detach().clone())) for n in names]
+    with torch.no_grad():
+        model(ids)
+    for h in hooks:
+        h.remove()
+    dst, out = tmp_path / "ckpt", tmp_path / "model.safetensors"
+    save_model(model, dst, recipe={"method": "svdquant"}, config=model_config(model))
+    export(dst, out, "nunchaku")
+    with safetensors.safe_open(str(out), framework="pt") as f:
+        norm = f.get_tensor("model.layers.0.input_layernorm.weight")
+        assert torch.equal(norm, model.model.layers[0].input_layernorm.weight.detach())
+        assert not torch.allclose(norm, norm_before)  # the scale is in the copied norm
+        for name in names:
+            mod = model.get_submodule(name)
+            assert mod.smooth is None and bool((unpack_lane(f.get_tensor(f"{name}.smooth")) == 1).all())
+            x = captured[name]
+            y_file = nunchaku_forward(f, name, x, False, mod.out_features, mod.in_features)
+            y_ours = low_rank_linear(x.double(), mod.dequantize(torch.float64), mod.lora_down.double(),
+                                     mod.lora_up.double(), None)
+            assert float((y_file - y_ours).norm() / y_ours.norm()) < 2e-3, name
