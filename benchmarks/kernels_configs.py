@@ -8,7 +8,6 @@ best ``--top`` per case, writes every timing to JSON.
     python benchmarks/kernels_configs.py [--shapes 14336x4096,...] [--m 16,2048] [--formats int4_g64,...] [--name NAME]
     python benchmarks/kernels_configs.py --m 1 --m1-sweep ...   # the M = 1 kernel's wider search
     python benchmarks/kernels_configs.py --m 16 --tc-sweep ...  # the tensor-core kernel's wider search
-    python benchmarks/kernels_configs.py --m 1 --pipe-sweep ... # the M = 1 kernel with 2-5 pipeline stages
 """
 from __future__ import annotations
 
@@ -34,8 +33,7 @@ def describe(cfg: dict) -> str:
     kernel = cfg.get("KERNEL", "gemm" + ("-unique" if cfg.get("UNIQUE") else ""))
     split = cfg.get("SPLIT", cfg.get("SPLIT_K", 1))
     return (f"{kernel} {cfg.get('BLOCK_M', 1)}x{cfg['BLOCK_N']}x{cfg['BLOCK_K']} s{split} "
-            f"w{cfg.get('num_warps')} st{cfg.get('num_stages', 1)}" + (f" r{cfg['maxnreg']}" if cfg.get("maxnreg") else "")
-            + (" pipelined" if cfg.get("PIPE") else ""))
+            f"w{cfg.get('num_warps')} st{cfg.get('num_stages', 1)}" + (f" r{cfg['maxnreg']}" if cfg.get("maxnreg") else ""))
 
 
 def tc_sweep(rw, m: int, dtype) -> list[dict]:
@@ -75,23 +73,6 @@ def m1_sweep(rw, dtype) -> list[dict]:
     return out
 
 
-def pipe_sweep(rw, dtype) -> list[dict]:
-    """The M = 1 kernel with Triton's pipeliner (``--pipe-sweep``): ``PIPE`` 2-5 stages (1-4 steps'
-    words in flight as asynchronous copies) against the register double buffer (``PIPE`` 0), on
-    the tiles the tuner offers and two more, every split-K."""
-    out = []
-    bk = rw.group or 64
-    steps = -(-rw.kp // bk)
-    for pipe in (0, 2, 3, 4, 5):
-        for bn, warps in ((64, 2), (128, 2), (128, 4), (256, 4)):
-            for split in (4, 8, 16, 32, 64):
-                cfg = {"KERNEL": "fma", "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT": split, "num_warps": warps,
-                       "num_stages": max(1, pipe), "PIPE": pipe}
-                if small_m.supports(rw, dtype, cfg) is None and split <= steps:
-                    out.append(cfg)
-    return out
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shapes", default="4096x4096,14336x4096,4096x14336,28672x8192")
@@ -102,7 +83,6 @@ def main() -> None:
     ap.add_argument("--name", default="kernels_configs_h100")
     ap.add_argument("--m1-sweep", action="store_true", help="at M = 1, a wider search of the CUDA-core kernel (m1_sweep)")
     ap.add_argument("--tc-sweep", action="store_true", help="at M = 2..64, a wider search of the tensor-core kernel (tc_sweep)")
-    ap.add_argument("--pipe-sweep", action="store_true", help="at M = 1, the CUDA-core kernel with 2-5 pipeline stages (pipe_sweep)")
     args = ap.parse_args()
     dev = torch.device("cuda")
     torch.manual_seed(0)
@@ -120,9 +100,7 @@ def main() -> None:
                 rw = repack(qt, layout="rows")  # the rows layout's kernels and configs
                 ref = x.double() @ qt.dequantize(torch.float64).t()
                 timed = []
-                if args.pipe_sweep and m == 1:
-                    cands = pipe_sweep(rw, x.dtype)
-                elif args.m1_sweep and m == 1:
+                if args.m1_sweep and m == 1:
                     cands = m1_sweep(rw, x.dtype)
                 elif args.tc_sweep and 1 < m <= 64:
                     cands = tc_sweep(rw, m, x.dtype)

@@ -15,7 +15,7 @@
 #   OUT=/some/dir bash benchmarks/kernels_gpu_session.sh pdl        # CUDA tests, linears back to back and compiled decode, PDL on / off
 #   OUT=/some/dir bash benchmarks/kernels_gpu_session.sh svd        # CUDA tests, SVDQuant's branch overhead, ncu on the small-M kernels
 #   OUT=/some/dir bash benchmarks/kernels_gpu_session.sh tc         # the tensor-core kernel's wider search at M = 16
-#   OUT=/some/dir bash benchmarks/kernels_gpu_session.sh overlap    # CUDA tests, SVDQuant's overlapped branch, pipelined M = 1, M = 16 chain
+#   OUT=/some/dir bash benchmarks/kernels_gpu_session.sh overlap    # CUDA tests, SVDQuant's overlapped branch, M = 16 chain
 #   OUT=/some/dir bash benchmarks/kernels_gpu_session.sh fragment   # the fragment layout's CUDA tests and every config timed (gluon_fragment_probe.py)
 #   OUT=/some/dir bash benchmarks/kernels_gpu_session.sh fragment_on   # BITSMITH_FRAGMENT=1: kernel table (M = 1, 16) and compiled decode
 #   OUT=/some/dir bash benchmarks/kernels_gpu_session.sh layouts   # fragment CUDA tests, rows vs fragment kernel table (M = 1, 16, 2048)
@@ -186,17 +186,14 @@ svd)  # CUDA tests, SVDQuant's branch overhead, Nsight Compute on the small-M ke
     --section LaunchStats -k regex:"_tc_kernel|_fma_kernel" python3 benchmarks/kernels_ncu_probe.py --m16 2>&1 | grep -v "^==PROF==" >> "$OUT/ncu.txt"
   grep -E "_kernel|Duration|Memory Throughput|DRAM Throughput|Issue Slots|Warp Cycles Per Issued|No Eligible|Achieved Occupancy|Registers Per|Waves" "$OUT/ncu.txt" | head -60
   ;;
-overlap)  # CUDA tests; SVDQuant's branch beside the matmul (three smoothing modes); the pipelined M = 1 kernel; M = 16 chain (prep as PDL)
+overlap)  # CUDA tests; SVDQuant's branch beside the matmul (three smoothing modes); M = 16 chain (prep as PDL)
   TEST_FILES="tests/test_kernels.py tests/test_svdquant.py" T_TESTS=${T_TESTS:-200} cuda_tests || { echo "CUDA tests failed: no benchmarks"; exit 1; }
   echo "== python3 benchmarks/svdquant_overhead.py --reps 10" | tee "$OUT/svdquant_overhead.txt"
   timeout "${T_SVD:-140}" python3 benchmarks/svdquant_overhead.py --reps 10 2>&1 | tee -a "$OUT/svdquant_overhead.txt" | tail -37
-  echo "== python3 benchmarks/kernels_configs.py --m 1 --pipe-sweep --formats int4_g64 --top 6 --name kernels_configs_pipe_m1" | tee "$OUT/pipe.txt"
-  timeout "${T_CFG:-170}" python3 benchmarks/kernels_configs.py --m 1 --pipe-sweep --formats int4_g64 --top 6 --name kernels_configs_pipe_m1 2>&1 \
-    | grep -v -i warn | tee -a "$OUT/pipe.txt" | grep -v "^  fail" | tail -30
   echo "== python3 benchmarks/kernels_chain.py --m 16 --layers 8 --formats int4_g64,nf4_g64 --name kernels_chain_m16_prep" | tee "$OUT/chain.txt"
   timeout "${T_CHAIN:-80}" python3 benchmarks/kernels_chain.py --m 16 --layers 8 --formats int4_g64,nf4_g64 --name kernels_chain_m16_prep 2>&1 \
     | grep -v -i warn | tee -a "$OUT/chain.txt" | tail -8
-  tar cf "$OUT/results.tar" -C benchmarks/results svdquant_overhead_h100.json kernels_configs_pipe_m1.json kernels_chain_m16_prep.json 2>/dev/null
+  tar cf "$OUT/results.tar" -C benchmarks/results svdquant_overhead_h100.json kernels_chain_m16_prep.json 2>/dev/null
   ;;
 fragment)  # the fragment layout (default for int3 and NF4): its CUDA tests, then every config of its kernel against fp16 and the rows layout
   TEST_FILES="tests/test_fragment.py" TEST_K=cuda T_TESTS=${T_TESTS:-150} cuda_tests || { echo "CUDA tests failed: no benchmarks"; exit 1; }

@@ -8,7 +8,6 @@ caps its bandwidth (about 30e12 thread-instructions/s on an H100 SXM against 3.3
 
     python benchmarks/kernels_sass.py [--name kernels_sass]
     python benchmarks/kernels_sass.py --prev OLD_small_m.py --name kernels_sass_prev   # an earlier kernel
-    python benchmarks/kernels_sass.py --pipe 3 --name kernels_sass_pipe   # also the PIPE variant, 64-column tiles too
 """
 from __future__ import annotations
 
@@ -69,8 +68,6 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--name", default="kernels_sass")
     ap.add_argument("--prev", help="an earlier small_m.py: compile its _fma_kernel instead")
-    ap.add_argument("--pipe", type=int, default=0,
-                    help="also compile the M = 1 kernel on Triton's pipeliner with this many stages (PIPE)")
     args = ap.parse_args()
     kernel = None
     if args.prev:
@@ -79,26 +76,24 @@ def main() -> None:
         kernel = load_prev(args.prev)._fma_kernel
     tmp = Path(os.environ.get("TMPDIR", "/tmp"))
     rows = []
-    print(f"{'format':<12} {'act':<5} {'BLOCK_N':>7} {'warps':>5} {'pipe':>4} {'loop instr':>10} {'codes/thread':>12} "
+    print(f"{'format':<12} {'act':<5} {'BLOCK_N':>7} {'warps':>5} {'loop instr':>10} {'codes/thread':>12} "
           f"{'instr/code':>10} {'regs':>5}  top opcodes")
     cases = [(4, 64, False), (4, 128, False), (3, 64, False), (2, 64, False), (8, 128, False), (4, 64, True)]
-    tiles = ((64, 2), (128, 4), (256, 4)) if args.pipe else ((128, 4), (256, 4))
-    pipes = (0, args.pipe) if args.pipe else (0,)
-    for (bits, group, codebook), act, (bn, warps), pipe in (
-            (c, a, t, p) for c in cases for a in ("fp16", "bf16") for t in tiles for p in pipes):
-        ck = small_m.compile_offline(bits, group, bn, warps, codebook, act, kernel=kernel, pipe=pipe)
+    for (bits, group, codebook), act, (bn, warps) in (
+            (c, a, t) for c in cases for a in ("fp16", "bf16") for t in ((128, 4), (256, 4))):
+        ck = small_m.compile_offline(bits, group, bn, warps, codebook, act, kernel=kernel)
         ops = main_loop(sass_of(ck.asm["cubin"], tmp))
         regs = registers(ck.asm["cubin"], tmp)
         total = sum(ops.values())
         codes = group * bn / (warps * 32)
         fmt = f"{'nf' if codebook else 'int'}{bits}_g{group}"
-        rows.append({"format": fmt, "act": act, "block_n": bn, "warps": warps, "pipe": pipe, "loop_instructions": total,
+        rows.append({"format": fmt, "act": act, "block_n": bn, "warps": warps, "loop_instructions": total,
                      "codes_per_thread": codes, "instructions_per_code": total / codes, "registers": regs,
                      "ftz_in_ptx": ".ftz" in ck.asm["ptx"], "opcodes": dict(ops.most_common())})
         top = " ".join(f"{k}:{v}" for k, v in ops.most_common(5))
-        print(f"{fmt:<12} {act:<5} {bn:>7} {warps:>5} {pipe:>4} {total:>10} {codes:>12.0f} {total / codes:>10.2f} "
+        print(f"{fmt:<12} {act:<5} {bn:>7} {warps:>5} {total:>10} {codes:>12.0f} {total / codes:>10.2f} "
               f"{regs:>5}  {top}", flush=True)
-    tc_rows = [] if args.prev or args.pipe else tensor_core_rows(tmp)
+    tc_rows = [] if args.prev else tensor_core_rows(tmp)
     write_result(args.name, {"target": "sm_90 (compiled offline, triton " + triton.__version__ + ")",
                              "kernel": args.prev or "bitsmith.kernels.small_m", "rows": rows, "tc_rows": tc_rows})
 

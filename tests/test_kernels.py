@@ -236,8 +236,7 @@ def test_interp_small_m_kernels(name):
 
     rw = repack(_quantize(name, torch.randn(8, 300)))
     bk = rw.group or 64
-    fma = [{"KERNEL": "fma", "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT": s, "num_warps": 4, "PIPE": p}
-           for bn, s, p in ((32, 1, 0), (64, 3, 0), (64, 3, 3))]
+    fma = [{"KERNEL": "fma", "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT": s, "num_warps": 4} for bn, s in ((32, 1), (64, 3))]
     tc = [{"KERNEL": "tc", "BLOCK_M": 16, "BLOCK_N": bn, "BLOCK_K": b, "SPLIT": s, "num_warps": 4}
           for bn, b, s in ((32, 32, 1), (64, 32, 3), (32, 64, 2), (32, 128, 2))]
     fma = [c for c in fma if small_m.supports(rw, torch.float16, c) is None]
@@ -290,22 +289,6 @@ def test_fma_kernel_pdl_reads_only_weights_before_the_wait(bits, codebook):
     assert after and min(after) > wait, "activations, stores and atomics only after the wait"
     plain = small_m.compile_offline(bits, 64, 64, 2, codebook=codebook).asm["ptx"]
     assert "griddepcontrol" not in plain
-
-
-@pytest.mark.skipif(INTERPRETED or not HAVE_TRITON, reason="compiles for sm_90 (not under the interpreter)")
-@pytest.mark.parametrize("bits,codebook", [(4, False), (3, False), (4, True)])
-def test_pipelined_fma_kernel_copies_weights_asynchronously_after_the_wait(bits, codebook):
-    """The M = 1 kernel with Triton's pipeliner (``PIPE`` 3): its weight words go to shared memory
-    as asynchronous copies (``cp.async``), with fewer registers than the register double buffer;
-    with PDL it waits before the pipeline's first copy (the prologue is Triton's, so no weight
-    loads ahead of the wait) and before any activation load, store or atomic."""
-    from bitsmith.kernels import small_m
-
-    ptx = small_m.compile_offline(bits, 64, 64, 2, codebook=codebook, pdl=1, pipe=3).asm["ptx"].splitlines()
-    wait = [i for i, line in enumerate(ptx) if "griddepcontrol.wait" in line]
-    copies = [i for i, line in enumerate(ptx) if "cp.async.cg" in line]
-    after = [i for i, line in enumerate(ptx) if "ld.global.b16" in line or "st.global" in line or "atom." in line]
-    assert len(wait) == 1 and copies and after and wait[0] < min(copies + after)
 
 
 @pytest.mark.skipif(INTERPRETED or not HAVE_TRITON, reason="compiles for sm_90 (not under the interpreter)")

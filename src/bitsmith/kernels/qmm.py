@@ -363,9 +363,7 @@ def _m_bucket(m: int) -> int:
 def fma_configs(rw: RuntimeWeight, dtype: torch.dtype) -> list[dict]:
     """Candidate configs of the small-M CUDA-core kernel (:mod:`bitsmith.kernels.small_m`) at
     M = 1: columns x warps x split-K (a runtime argument: few binaries), the next step's words in
-    a register double buffer. (The kernel's ``PIPE`` variant, Triton's pipeliner with steps in
-    flight as asynchronous copies, is timed by ``benchmarks/kernels_configs.py --pipe-sweep``;
-    it joins these candidates once it has been measured on the GPU.)"""
+    a register double buffer."""
     bk = rw.group or 64
     out = []
     for bn, warps in ((MIN_BLOCK_N, 2), (128, 4), (256, 4)):

@@ -428,7 +428,7 @@ if HAVE_TRITON:
         MAGIC: tl.constexpr, MAGIC_BITS: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IS_SPLIT: tl.constexpr,
         EVEN_K: tl.constexpr, RANK: tl.constexpr, LUT_ASM: tl.constexpr, HALF: tl.constexpr,
-        LUT_PAIR: tl.constexpr, PDL: tl.constexpr, PIPE: tl.constexpr,
+        LUT_PAIR: tl.constexpr, PDL: tl.constexpr,
     ):
         """``GSTEP``: k per scale step (the group size, or ``BLOCK_K`` for per-channel weights);
         ``NG``: scale steps in the padded K; ``G_PER``: steps per split. ``HALF``: 0 whole code
@@ -437,9 +437,9 @@ if HAVE_TRITON:
         ``xs_ptr`` its row sums. ``PDL``: launched as a programmatic dependent (see
         :func:`pdl_ok`); the next launch may start at once, and this one waits for the previous
         kernel's writes before it loads anything (1) or, when the previous launch writes only the
-        low-rank ``t`` (2, :class:`LowRankFill`), before its epilogue. ``fmagic``, ``EVEN_K``,
-        ``LUT_ASM`` and ``PIPE`` are the CUDA-core kernel's (the two kernels share one argument
-        list, :func:`launch_args`)."""
+        low-rank ``t`` (2, :class:`LowRankFill`), before its epilogue. ``fmagic``, ``EVEN_K`` and
+        ``LUT_ASM`` are the CUDA-core kernel's (the two kernels share one argument list,
+        :func:`launch_args`)."""
         if PDL:
             gdc_launch_dependents()
         if PDL == 1:
@@ -637,7 +637,7 @@ if HAVE_TRITON:
         MAGIC: tl.constexpr, MAGIC_BITS: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IS_SPLIT: tl.constexpr,
         EVEN_K: tl.constexpr, RANK: tl.constexpr, LUT_ASM: tl.constexpr, HALF: tl.constexpr,
-        LUT_PAIR: tl.constexpr, PDL: tl.constexpr, PIPE: tl.constexpr,
+        LUT_PAIR: tl.constexpr, PDL: tl.constexpr,
     ):
         """M = 1 on CUDA cores. One step = one group (``BLOCK_K == GSTEP``; per-channel weights:
         any ``BLOCK_K``): a ``[BLOCK_K // PACK, BLOCK_N]`` tile of words, codes taken one
@@ -649,9 +649,8 @@ if HAVE_TRITON:
         every program waits (a later kernel's wait on this one then covers the earlier ones too).
         ``PDL == 2``: the previous launch writes only the low-rank ``t`` (:class:`LowRankFill`),
         so the whole main loop runs before the wait, which then guards the epilogue only.
-        ``PIPE`` (2 or more): the steps on Triton's pipeliner instead of the register double buffer
-        (``PIPE - 1`` steps' words in flight as asynchronous copies to shared memory, fewer
-        registers; with ``PDL == 1`` the wait then comes before the first copy).
+        (Triton's pipeliner in place of the register double buffer, words as asynchronous copies
+        to shared memory, was 5-9% slower on the H100: kernels_configs_pipe_m1_h100.txt.)
         ``xs_ptr``, ``HALF`` and ``LUT_PAIR`` are the tensor-core kernel's (unused here)."""
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
@@ -667,25 +666,17 @@ if HAVE_TRITON:
             planes = _table_planes(t_ptr)
         else:
             planes = (0, 0, 0, 0, 0, 0, 0, 0)
-        if PIPE:  # Triton's pipeliner: PIPE - 1 steps' words in flight as asynchronous copies to shared memory
-            if PDL == 1:
-                gdc_wait()
-            for g in tl.range(g_lo, g_hi, num_stages=PIPE):
-                words, hiw, s, z = _load_step(w_ptr, wh_ptr, s_ptr, z_ptr, g, g_hi, KW, N, offs_n, n_mask,
+        # a register double buffer: the next step's words load during this step's math
+        words, hiw, s, z = _load_step(w_ptr, wh_ptr, s_ptr, z_ptr, g_lo, g_hi, KW, N, offs_n, n_mask,
+                                      BITS, PACK, PER_CHANNEL, HAS_ZERO, BLOCK_K)
+        if PDL == 1:  # the weights above never change; x, the workspace and the output wait for the previous kernel
+            gdc_wait()
+        for g in range(g_lo, g_hi):
+            nwords, nhiw, ns, nz = _load_step(w_ptr, wh_ptr, s_ptr, z_ptr, g + 1, g_hi, KW, N, offs_n, n_mask,
                                               BITS, PACK, PER_CHANNEL, HAS_ZERO, BLOCK_K)
-                acc = _fma_step(acc, x_ptr, t_ptr, words, hiw, s, z, g, K, zconst, fmagic, planes, BITS, PACK,
-                                HAS_ZERO, CODEBOOK, WROWS, BLOCK_N, EVEN_K, LUT_ASM)
-        else:  # a register double buffer: the next step's words load during this step's math
-            words, hiw, s, z = _load_step(w_ptr, wh_ptr, s_ptr, z_ptr, g_lo, g_hi, KW, N, offs_n, n_mask,
-                                          BITS, PACK, PER_CHANNEL, HAS_ZERO, BLOCK_K)
-            if PDL == 1:  # the weights above never change; x, the workspace and the output wait for the previous kernel
-                gdc_wait()
-            for g in range(g_lo, g_hi):
-                nwords, nhiw, ns, nz = _load_step(w_ptr, wh_ptr, s_ptr, z_ptr, g + 1, g_hi, KW, N, offs_n, n_mask,
-                                                  BITS, PACK, PER_CHANNEL, HAS_ZERO, BLOCK_K)
-                acc = _fma_step(acc, x_ptr, t_ptr, words, hiw, s, z, g, K, zconst, fmagic, planes, BITS, PACK,
-                                HAS_ZERO, CODEBOOK, WROWS, BLOCK_N, EVEN_K, LUT_ASM)
-                words, hiw, s, z = nwords, nhiw, ns, nz
+            acc = _fma_step(acc, x_ptr, t_ptr, words, hiw, s, z, g, K, zconst, fmagic, planes, BITS, PACK,
+                            HAS_ZERO, CODEBOOK, WROWS, BLOCK_N, EVEN_K, LUT_ASM)
+            words, hiw, s, z = nwords, nhiw, ns, nz
         y = tl.sum(acc, axis=0)[None, :]
         if not CODEBOOK and x_ptr.dtype.element_ty == tl.float16:
             y = y * 1099511627776.0  # 2**40: the subnormal code sums' unit (_word_sums_inplace)
@@ -698,22 +689,20 @@ if HAVE_TRITON:
 
 
 def compile_offline(bits: int, group: int, block_n: int = 128, num_warps: int = 4, codebook: bool = False,
-                    act: str = "fp16", arch: int = 90, kernel=None, pdl: int = 0, rank: int = 0,
-                    pipe: int = 0):
+                    act: str = "fp16", arch: int = 90, kernel=None, pdl: int = 0, rank: int = 0):
     """``kernel`` (default ``_fma_kernel``; an earlier version's works too: the signature is read
     from its parameters) compiled for NVIDIA ``sm_<arch>`` on any machine, no GPU needed (Triton's
     bundled compiler and ptxas), for inspecting its PTX and machine code
     (benchmarks/kernels_sass.py, and a test that the PTX never flushes subnormals). Split-K on, no
     bias, K a multiple of the group, tensors and sizes aligned as the launcher sees them; ``pdl``
-    the kernels' ``PDL`` (0, 1 or 2), ``rank`` a low-rank epilogue's, ``pipe`` the M = 1
-    kernel's ``PIPE``."""
+    the kernels' ``PDL`` (0, 1 or 2), ``rank`` a low-rank epilogue's."""
     consts = {"BITS": bits, "PACK": 16 if bits == 3 else 32 // bits, "GSTEP": group, "PER_CHANNEL": False,
               "HAS_ZERO": not codebook, "CODEBOOK": codebook, "HAS_BIAS": False, "MAGIC": 0.0, "MAGIC_BITS": 0,
               "BLOCK_M": 1, "BLOCK_N": block_n, "BLOCK_K": group, "IS_SPLIT": True, "EVEN_K": True, "RANK": rank,
-              "LUT_ASM": codebook and bits == 4, "HALF": 0, "LUT_PAIR": "", "PDL": int(pdl), "PIPE": pipe}
-    if "PIPE" not in (kernel or _fma_kernel).arg_names:  # an earlier version's kernel
-        del consts["PIPE"]
-    return _compile_offline(kernel or _fma_kernel, consts, act, num_warps, max(1, pipe), arch)
+              "LUT_ASM": codebook and bits == 4, "HALF": 0, "LUT_PAIR": "", "PDL": int(pdl)}
+    if "PIPE" in (kernel or _fma_kernel).arg_names:  # an earlier version's kernel, with the pipeliner variant
+        consts["PIPE"] = 0
+    return _compile_offline(kernel or _fma_kernel, consts, act, num_warps, 1, arch)
 
 
 def compile_offline_tc(bits: int, group: int, block_n: int = 128, half: int = 0, codebook: bool = False,
@@ -726,7 +715,7 @@ def compile_offline_tc(bits: int, group: int, block_n: int = 128, half: int = 0,
     consts = {"BITS": bits, "PACK": 16 if bits == 3 else 32 // bits, "GSTEP": group, "PER_CHANNEL": False,
               "HAS_ZERO": not codebook, "CODEBOOK": codebook, "HAS_BIAS": False, "MAGIC": magic, "MAGIC_BITS": magic_bits,
               "BLOCK_M": 16, "BLOCK_N": block_n, "BLOCK_K": group, "IS_SPLIT": True, "EVEN_K": True, "RANK": rank,
-              "LUT_ASM": False, "HALF": half, "LUT_PAIR": lut_pair, "PDL": int(pdl), "PIPE": 0}
+              "LUT_ASM": False, "HALF": half, "LUT_PAIR": lut_pair, "PDL": int(pdl)}
     return _compile_offline(_tc_kernel, consts, act, num_warps, num_stages, arch)
 
 
@@ -936,7 +925,7 @@ def launch_args(rw: RuntimeWeight, x2: torch.Tensor, bias: torch.Tensor | None, 
               "HALF": 0 if prep is None else 2 if x2.is_cuda else 1,
               "LUT_PAIR": lut_pair_ptx(rw.table_bits[x2.dtype]) if prep is not None and x2.is_cuda and rw.kind == "codebook"
               else "",
-              "PDL": (2 if late else 1) if pdl else 0, "PIPE": cfg.get("PIPE", 0)}
+              "PDL": (2 if late else 1) if pdl else 0}
     options = {"num_warps": cfg.get("num_warps", 4), "num_stages": cfg.get("num_stages", 2)}
     if pdl:
         options["launch_pdl"] = True
