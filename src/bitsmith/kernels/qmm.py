@@ -19,7 +19,7 @@ Kernels, by the number of rows M of ``x``:
   benchmarks/results/kernels_configs_m2048_h100.json, before the scale-row prefetch): the
   dequantization in the main loop and the tile's trip through shared memory cost more than the
   ``W^T`` write and read. A kernel computing ``y^T = W x^T``, with the dequantized tile kept in
-  registers as ``wgmma``'s left operand, did no better: 0.18-0.30x fp16 at M = 2048 on the H100
+  registers as ``wgmma``'s left operand, did no better: 0.26-0.30x fp16 with its best tile at M = 2048 on the H100
   (benchmarks/results/kernels_configs_swap_m2048_h100.txt); it was removed.
 
 Configs are tuned once per (kernel, shape, layout) on first use (not under CUDA-graph capture,
