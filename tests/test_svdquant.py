@@ -425,6 +425,13 @@ def test_fused_smoothing_refuses_what_it_cannot_fold(tmp_path, smollm2_dir):
     with pytest.raises(QuantizationError, match="needs a migration strength"):
         svdquant_model(model, stats, rank=4, smooth="fused", alpha=None)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # nothing changed
+    # a group with a skipped member is not fused: its other layers keep (and report) a scale of their own
+    from bitsmith.models.svdquant import DEFAULT_SKIP
+
+    layers = {r.name: r for r in svdquant_model(model, stats, rank=4, smooth="fused", skip=DEFAULT_SKIP + (r"k_proj",))}
+    q = "model.layers.0.self_attn.q_proj"
+    assert layers[q].smoothing == "unfused" and model.get_submodule(q).smooth is not None
+    assert layers["model.layers.0.mlp.up_proj"].smoothing == "fused"
     seq = torch.nn.Sequential(torch.nn.Linear(16, 8))
     seq_stats = collect_stats(seq, [torch.randn(4, 16)], progress=False)
     with pytest.raises(QuantizationError, match="no smoothing map for Sequential"):

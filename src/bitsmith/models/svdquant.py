@@ -126,9 +126,9 @@ def svdquant_model(
                                 f"{' ...' if len(missing) > 8 else ''} (collect them with bitsmith calibrate)")
     if rank == 0 and act_bits == 4:
         warnings.warn("svdquant with rank 0 and 4-bit activations is plain (smoothed) W4A4", stacklevel=2)
+    shifted = {n for n, _ in targets if shift is not None and re.search(shift_pattern, n)}
     fused = set() if smooth != "fused" else fuse_smoothing(model, [n for n, _ in targets], stats, alpha=alpha,
-                                                            shifted=[n for n, _ in targets if shift is not None
-                                                                     and re.search(shift_pattern, n)])
+                                                            shifted=shifted)
     iterator = targets
     if progress:
         from tqdm.auto import tqdm
@@ -140,7 +140,7 @@ def svdquant_model(
         for name, mod in iterator:
             st = stats.get(name)
             layer_shift = None
-            if shift is not None and re.search(shift_pattern, name):
+            if name in shifted:
                 layer_shift = auto_shift(st.min) if shift == "auto" else shift
             t0 = time.perf_counter()
             res = svdquant(mod.weight.detach(), act_absmax=None if st is None else st.absmax,
@@ -162,15 +162,17 @@ def svdquant_model(
             w = mod.weight.detach().double()
             err = float((res.effective_weight() - w).norm() / w.norm().clamp_min(1e-30))
             out.append(SVDQuantLayer(name, tuple(w.shape), res.rank, res.bits_per_weight, err, layer_shift is not None,
-                                     time.perf_counter() - t0, "fused" if name in fused else smooth))
+                                     time.perf_counter() - t0,
+                                     "fused" if name in fused else "none" if alpha is None else "unfused"))
             set_submodule(model, name, new.to(mod.weight.device))
     return out
 
 
 def fuse_smoothing(model: nn.Module, targets: list[str], stats: Mapping[str, ChannelStats], *, alpha: float,
-                   shifted: list[str]) -> set[str]:
+                   shifted: set[str]) -> set[str]:
     """Smooth the float ``model`` in place, fused (the architecture's map; an error without one),
-    over the groups whose consumers are all in ``targets``; returns those consumers' names. A
+    over the groups whose consumers are all in ``targets``; returns those consumers' names (a
+    target outside them, e.g. q_proj when k_proj is skipped, keeps a scale of its own). A
     consumer in ``shifted`` is an error (checked before anything changes)."""
     groups, _ = smoothing_groups(model, fused=True)
     wanted = set(targets)
