@@ -689,20 +689,20 @@ if HAVE_TRITON:
 
 
 def compile_offline(bits: int, group: int, block_n: int = 128, num_warps: int = 4, codebook: bool = False,
-                    act: str = "fp16", arch: int = 90, kernel=None, pdl: int = 0, rank: int = 0):
+                    act: str = "fp16", arch: int = 90, kernel=None, pdl: int = 0, rank: int = 0, maxnreg: int = 0):
     """``kernel`` (default ``_fma_kernel``; an earlier version's works too: the signature is read
     from its parameters) compiled for NVIDIA ``sm_<arch>`` on any machine, no GPU needed (Triton's
     bundled compiler and ptxas), for inspecting its PTX and machine code
     (benchmarks/kernels_sass.py, and a test that the PTX never flushes subnormals). Split-K on, no
     bias, K a multiple of the group, tensors and sizes aligned as the launcher sees them; ``pdl``
-    the kernels' ``PDL`` (0, 1 or 2), ``rank`` a low-rank epilogue's."""
+    the kernels' ``PDL`` (0, 1 or 2), ``rank`` a low-rank epilogue's, ``maxnreg`` a register cap (0: none)."""
     consts = {"BITS": bits, "PACK": 16 if bits == 3 else 32 // bits, "GSTEP": group, "PER_CHANNEL": False,
               "HAS_ZERO": not codebook, "CODEBOOK": codebook, "HAS_BIAS": False, "MAGIC": 0.0, "MAGIC_BITS": 0,
               "BLOCK_M": 1, "BLOCK_N": block_n, "BLOCK_K": group, "IS_SPLIT": True, "EVEN_K": True, "RANK": rank,
               "LUT_ASM": codebook and bits == 4, "HALF": 0, "LUT_PAIR": "", "PDL": int(pdl)}
     if "PIPE" in (kernel or _fma_kernel).arg_names:  # an earlier version's kernel, with the pipeliner variant
         consts["PIPE"] = 0
-    return _compile_offline(kernel or _fma_kernel, consts, act, num_warps, 1, arch)
+    return _compile_offline(kernel or _fma_kernel, consts, act, num_warps, 1, arch, maxnreg=maxnreg)
 
 
 def compile_offline_tc(bits: int, group: int, block_n: int = 128, half: int = 0, codebook: bool = False,
@@ -719,8 +719,10 @@ def compile_offline_tc(bits: int, group: int, block_n: int = 128, half: int = 0,
     return _compile_offline(_tc_kernel, consts, act, num_warps, num_stages, arch)
 
 
-def _compile_offline(kernel, consts: dict, act: str, num_warps: int, num_stages: int, arch: int, gluon: bool = False):
-    """``kernel`` with constexprs ``consts`` compiled for ``sm_<arch>``; ``gluon``: a Gluon kernel."""
+def _compile_offline(kernel, consts: dict, act: str, num_warps: int, num_stages: int, arch: int, gluon: bool = False,
+                     maxnreg: int = 0):
+    """``kernel`` with constexprs ``consts`` compiled for ``sm_<arch>``; ``gluon``: a Gluon kernel;
+    ``maxnreg``: a register cap per thread (0: ptxas chooses)."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
@@ -737,7 +739,10 @@ def _compile_offline(kernel, consts: dict, act: str, num_warps: int, num_stages:
                if a in ptr_types or a in ("N", "K", "KW", "stride_xm", "stride_om")}
     src = ASTSource(fn=kernel, signature=sig, attrs=aligned,
                     constexprs={(names.index(c),): v for c, v in consts.items() if c in names})
-    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps, "num_stages": num_stages})
+    options = {"num_warps": num_warps, "num_stages": num_stages}
+    if maxnreg:
+        options["maxnreg"] = maxnreg
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
 
 
 # --- launch -------------------------------------------------------------------------------------
