@@ -341,6 +341,60 @@ def test_scales_a_group_ahead_compile_and_load_as_often(fmt, case):
         assert loops[1]["LDG.E.U16"] > 0, loops
 
 
+def _loop_sass(cubin: bytes) -> list[str]:
+    """The main loop's instructions (the longest loop with tensor-core products), in order."""
+    with tempfile.TemporaryDirectory() as tmp:
+        ins = kernels_sass.sass_of(cubin, Path(tmp))
+    spans = [(int(m.group(1), 16), a) for a, t in ins
+             if (m := re.search(r"BRA (0x[0-9a-f]+)", t)) and int(m.group(1), 16) < a]
+    spans = [(lo, hi) for lo, hi in spans if any(lo <= a <= hi and "HMMA" in t for a, t in ins)]
+    lo, hi = max(spans, key=lambda s: s[1] - s[0])
+    return [t for a, t in ins if lo <= a <= hi]
+
+
+@needs_gluon
+@pytest.mark.parametrize("fmt", fragment.FORMATS)
+def test_fragment_kernel_register_cap_issues_the_prefetch_first(fmt):
+    """Compiled with the launch's register cap (:func:`fragment_mma.register_cap`), the next
+    group's words (one 16-byte load a lane, int3 three 4-byte loads) go out before the loop's first
+    tensor-core product, so they load during this group's math: without a cap ptxas issued them
+    after it (benchmarks/results/kernels_regcap_sass.json)."""
+    cfg = {"RB": 1}
+    assert fragment_mma.register_cap(cfg) == 128 and fragment_mma.register_cap({"RB": 1, "maxnreg": 0}) == 0
+    loop = _loop_sass(fragment_mma.compile_offline(fmt, 1, 8, 1).asm["cubin"])
+    first_mma = next(i for i, t in enumerate(loop) if "HMMA" in t)
+    words = [i for i, t in enumerate(loop) if ("LDG.E " in t if fmt == "int3" else "LDG.E.128" in t)]
+    assert words and max(words) < first_mma, (words, first_mma)
+
+
+@needs_gluon
+@pytest.mark.parametrize("fmt,rb,tok,prefetch", [("int3", 4, 16, 2), ("int4", 4, 16, 2), ("nf4", 4, 16, 2),
+                                                 ("int3", 2, 16, 2), ("int4", 2, 16, 2)])
+def test_fragment_kernel_register_cap_never_spills(fmt, rb, tok, prefetch):
+    """The heaviest configs the tuner tries (most row blocks, 16 tokens, two groups ahead) fit
+    the launch's register cap: no local-memory loads or stores."""
+    compiled = fragment_mma.compile_offline(fmt, rb, tok, prefetch)
+    with tempfile.TemporaryDirectory() as tmp:
+        ins = kernels_sass.sass_of(compiled.asm["cubin"], Path(tmp))
+        regs = kernels_sass.registers(compiled.asm["cubin"], Path(tmp))
+    assert regs <= fragment_mma.register_cap({"RB": rb})
+    assert not [t for a, t in ins if re.match(r"(LDL|STL)\b", t)]
+
+
+def test_fragment_launch_carries_the_register_cap():
+    """Every launch of the fragment kernel compiles with the cap of its row blocks, unless the
+    config names its own (0: none), on any device."""
+    g = torch.Generator().manual_seed(3)
+    qt = _quantize("int4_g64", torch.randn(128, 128, generator=g))
+    rw = repack(qt, layout="fragment")
+    x = torch.randn(1, 128, dtype=torch.float16)
+    out = torch.empty(1, 128, dtype=torch.float16)
+    for cfg, cap in (({"RB": 2}, 128), ({"RB": 4}, 192), ({"RB": 1, "maxnreg": 0}, None), ({"RB": 1, "maxnreg": 96}, 96)):
+        full = {"KERNEL": "fragment", "W": 4, "SPLIT": 1, "PREFETCH": 1, "num_warps": 4, **cfg}
+        options = fragment_mma.launch_args(rw, x, None, full, out)[4]
+        assert options.get("maxnreg") == cap, (cfg, options)
+
+
 @needs_gluon
 def test_fragment_kernel_tails_compile():
     """Rows past the tile, channels past a group, per-row scales, a symmetric zero and a bias."""

@@ -59,6 +59,20 @@ except ImportError:  # pragma: no cover - depends on the environment
 MAGIC = {torch.float16: (0x6400, 1024.0), torch.bfloat16: (0x4300, 128.0)}
 FMT_IDS = {fmt: i for i, fmt in enumerate(fragment.FORMATS)}  # the kernels' FMT constexpr
 MAX_PARTIALS = 256  # split-K x M per output column: the workspace reserved per weight (reserve_workspace)
+#: ``_frag_kernel``'s register cap (``maxnreg``) by row blocks a warp (a config's own ``maxnreg``
+#: overrides it, 0: none). Without a cap ptxas keeps the kernel at 38-96 registers by issuing the
+#: words prefetched for the next group at the end of the current group's math, so the prefetch
+#: hides no latency; capped it issues them at the start (benchmarks/results/kernels_regcap_sass.json).
+#: On the H100 the best config capped at 128 beat the best uncapped one in 22 of 24 cases (M = 1
+#: and 16, int4/int3/NF4 g64, four shapes; up to 9.6% faster, at worst 2.4% slower:
+#: kernels_regcap_m1_h100.json, kernels_oneshot_h100.json). Four row blocks spill at 128 with 16
+#: tokens, so they get 192 (no local memory in any config, tests/test_fragment.py).
+MAXNREG = {1: 128, 2: 128, 4: 192}
+
+
+def register_cap(cfg: dict) -> int:
+    """The register cap a launch of ``cfg`` compiles with (0: none, ptxas chooses)."""
+    return cfg.get("maxnreg", MAXNREG.get(cfg["RB"], 0))
 DEQUANT_ROW_BLOCKS = 8  # row blocks a program of the dequantization kernel
 #: whether the tuner also tries ``META_AHEAD`` (scales and zeros a group ahead). Off until its
 #: CUDA tests have passed on a GPU (Gluon kernels do not run under Triton's interpreter, so CI
@@ -483,7 +497,11 @@ def launch_args(rw: RuntimeWeight, x2: torch.Tensor, bias: torch.Tensor | None, 
               "META_AHEAD": bool(cfg.get("META_AHEAD", 0)), "IS_SPLIT": split > 1,
               "SG": _scale_steps(rw), "FMT": FMT_IDS[rw.fragment_format], "HAS_ZERO": rw.zero is not None,
               "HAS_BIAS": bias is not None, "TAIL": rw.n % (16 * w * rb) != 0 or k % 64 != 0, "BF16": x2.dtype == torch.bfloat16}
-    return _frag_kernel, (tiles, split), args, consts, {"num_warps": cfg["num_warps"]}
+    options = {"num_warps": cfg["num_warps"]}
+    maxnreg = register_cap(cfg)
+    if maxnreg:
+        options["maxnreg"] = maxnreg
+    return _frag_kernel, (tiles, split), args, consts, options
 
 
 def dequantize_t(rw: RuntimeWeight, dtype: torch.dtype, run, row_blocks: int = DEQUANT_ROW_BLOCKS,
@@ -502,16 +520,18 @@ def dequantize_t(rw: RuntimeWeight, dtype: torch.dtype, run, row_blocks: int = D
 
 
 def compile_offline(fmt: str = "int4", rb: int = 1, tok: int = 8, prefetch: int = 0, act: str = "fp16",
-                    arch: int = 90, **consts):
+                    arch: int = 90, maxnreg: int | None = None, **consts):
     """``_frag_kernel`` compiled for NVIDIA ``sm_<arch>`` on any machine (Triton's bundled ptxas),
     for its machine code (benchmarks/gluon_fragment_probe.py ``--sass``) and compile checks in CI:
     four warps, split-K on, groups of 64 with zeros (codebooks: none), no bias, no tails, unless
-    ``consts`` says otherwise."""
+    ``consts`` says otherwise; the launch's register cap (:func:`register_cap`) unless ``maxnreg``
+    says otherwise (0: none)."""
     from .small_m import _compile_offline
 
     cx = {"W": 4, "RB": rb, "TOK": tok, "PREFETCH": int(prefetch), "META_AHEAD": False, "IS_SPLIT": True, "SG": 1, "FMT": FMT_IDS[fmt],
           "HAS_ZERO": fmt != "nf4", "HAS_BIAS": False, "TAIL": False, "BF16": act == "bf16", **consts}
-    return _compile_offline(_frag_kernel, cx, act, cx["W"], 1, arch, gluon=True)
+    cap = register_cap({"RB": rb}) if maxnreg is None else maxnreg
+    return _compile_offline(_frag_kernel, cx, act, cx["W"], 1, arch, gluon=True, maxnreg=cap)
 
 
 def compile_dequant_offline(fmt: str = "int4", act: str = "fp16", arch: int = 90):
