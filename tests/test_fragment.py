@@ -396,6 +396,25 @@ def test_fragment_launch_carries_the_register_cap():
 
 
 @needs_gluon
+def test_split_k_sum_loads_partials_together():
+    """The last program of a tile adds the split-K partials: compiled for sm_90, the M = 1 kernel's
+    sum loop loads 8 partials before its first add (8 L2 latencies overlapped, not one per
+    partial) and the fragment kernel's (one row block, 8 tokens: 4 values a thread) 32."""
+    from bitsmith.kernels import small_m
+
+    for cubin, loads in ((small_m.compile_offline(4, 64, 64, 2).asm["cubin"], 8),
+                         (fragment_mma.compile_offline("int4", 1, 8, 1).asm["cubin"], 32)):
+        with tempfile.TemporaryDirectory() as tmp:
+            ins = kernels_sass.sass_of(cubin, Path(tmp))
+        spans = [(int(m.group(1), 16), a) for a, t in ins
+                 if (m := re.search(r"BRA (0x[0-9a-f]+)", t)) and int(m.group(1), 16) < a]
+        body = next([t for a, t in ins if lo <= a <= hi] for lo, hi in spans
+                    if any(lo <= a <= hi and "LDG.E.STRONG.GPU" in t for a, t in ins))
+        first_add = next(i for i, t in enumerate(body) if re.match(r"FADD\b", t))
+        assert sum("LDG.E.STRONG.GPU" in t for t in body[:first_add]) >= loads, body
+
+
+@needs_gluon
 def test_fragment_kernel_tails_compile():
     """Rows past the tile, channels past a group, per-row scales, a symmetric zero and a bias."""
     loop = probe.loop_opcodes(fragment_mma.compile_offline("int4", 2, 8, True, TAIL=True, SG=0, HAS_ZERO=False,

@@ -169,7 +169,8 @@ def _low_rank_case(device, m, n, k, rank, smooth, shift, shifted_input, configs,
         if cfg is not None:
             # x_main and t in two launches, t's made inside the matmul call (with PDL the matmul
             # overlaps it and waits only before its epilogue): the same x_main and t, so the
-            # same output bit for bit
+            # same output bit for bit, except where the GEMM adds its K splits with float32
+            # atomics (SPLIT_K > 1), whose order varies from launch to launch (seen on the H100)
             fills = []
 
             def fill():
@@ -179,7 +180,11 @@ def _low_rank_case(device, m, n, k, rank, smooth, shift, shifted_input, configs,
             xm_alone = low_rank.main_input(x, lr)
             assert torch.equal(xm_alone, xm) and (xm_alone is x) == (sm is None and sh is None)
             y2 = qmm._launch(rw, xm_alone, bias, cfg, lowrank=small_m.LowRankFill(fill, lr.up_t))
-            assert fills == [1] and torch.equal(y2, y), cfg
+            assert fills == [1], cfg
+            if cfg.get("SPLIT_K", 1) > 1:
+                assert _rel(y2, y) < 1e-3, cfg
+            else:
+                assert torch.equal(y2, y), cfg
 
 
 _LR_FMA = [{"KERNEL": "fma", "BLOCK_N": 32, "BLOCK_K": 64, "SPLIT": 1, "num_warps": 4},
@@ -236,7 +241,8 @@ def test_interp_small_m_kernels(name):
 
     rw = repack(_quantize(name, torch.randn(8, 300)))
     bk = rw.group or 64
-    fma = [{"KERNEL": "fma", "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT": s, "num_warps": 4} for bn, s in ((32, 1), (64, 3))]
+    # split 10: the last program sums its partials 8 at a time, then 2 (masked)
+    fma = [{"KERNEL": "fma", "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT": s, "num_warps": 4} for bn, s in ((32, 1), (64, 3), (32, 10))]
     tc = [{"KERNEL": "tc", "BLOCK_M": 16, "BLOCK_N": bn, "BLOCK_K": b, "SPLIT": s, "num_warps": 4}
           for bn, b, s in ((32, 32, 1), (64, 32, 3), (32, 64, 2), (32, 128, 2))]
     fma = [c for c in fma if small_m.supports(rw, torch.float16, c) is None]

@@ -349,8 +349,13 @@ if HAVE_GLUON:
             if ticket == SPLIT - 1:
                 gl.thread_barrier()
                 tot = gl.zeros([BN, TOK], gl.float32, layout=mma)
-                for i in range(0, SPLIT):
-                    tot += gl.load(ws_ptr + i * M * N + o_off, mask=o_mask, other=0.0, cache_modifier=".cg")
+                # U partials loaded at a time, added in split order (small_m._finish): at most 32
+                # values a thread in flight (a thread holds RB * TOK / 2 of the tile)
+                U: gl.constexpr = max(1, min(8, 64 // (RB * TOK)))
+                for i0 in range(0, SPLIT, U):
+                    for j in gl.static_range(U):
+                        tot += gl.load(ws_ptr + (i0 + j) * M * N + o_off, mask=o_mask & (i0 + j < SPLIT), other=0.0,
+                                       cache_modifier=".cg")
                 if HAS_BIAS:
                     tot += gl.load(b_ptr + rows, mask=row_ok, other=0.0).to(gl.float32)[:, None]
                 gl.store(out_ptr + o_off, tot.to(DT), mask=o_mask)

@@ -50,7 +50,8 @@ faster than the table load per code replayed (kernels_m16_nf4_h100.json against 
 Split-K without extra launches: when the column tiles alone cannot fill the GPU, ``SPLIT`` programs
 share a column tile; each writes its float32 partial sums to a workspace, then takes a ticket from
 the tile's counter (an atomic add, release/acquire); the program that draws the last ticket adds
-the partials in split order (deterministic), adds the bias, writes ``y`` in the activation dtype
+the partials in split order (deterministic; loaded 8 at a time at M = 1, so its tail is a few L2
+latencies, not one a split), adds the bias, writes ``y`` in the activation dtype
 and resets the counter to 0 for the next launch. One launch, no zero-filled buffer, no cast kernel,
 capturable in a CUDA graph. The workspace and counters belong to the device and are shared by
 every launch on it: launches must not run concurrently on two streams.
@@ -288,8 +289,14 @@ if HAVE_TRITON:
             if ticket == SPLIT - 1:
                 tl.debug_barrier()
                 tot = tl.zeros([BLOCK_M, acc.shape[1]], dtype=tl.float32)
-                for i in range(0, SPLIT):
-                    tot += tl.load(ws_ptr + i * M * N + ws_off, mask=o_mask, other=0.0, cache_modifier=".cg")
+                # U partials' loads in flight at once, added in split order: the last program's
+                # tail is SPLIT / U L2 latencies, not SPLIT (16-row tiles hold 16x the values a
+                # thread, so fewer at once there)
+                U: tl.constexpr = 8 if BLOCK_M == 1 else 2
+                for i0 in range(0, SPLIT, U):
+                    for j in tl.static_range(U):
+                        tot += tl.load(ws_ptr + (i0 + j) * M * N + ws_off, mask=o_mask & (i0 + j < SPLIT), other=0.0,
+                                       cache_modifier=".cg")
                 tot = epilogue(tot, offs_m, offs_n, m_mask, n_mask, b_ptr, lr_ptr, u_ptr, N,
                                HAS_BIAS, 0, BLOCK_M)
                 tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], tot.to(out_ptr.dtype.element_ty),
