@@ -13,7 +13,8 @@ kernels_sass.json). In the fragment layout each lane's words are already its ten
     python benchmarks/gluon_fragment_probe.py --sass      # sm_90 machine code only, any machine
 
 ``BITSMITH_FRAGMENT_META_AHEAD=1`` adds the configs that load the scales and zeros a group
-ahead (:data:`bitsmith.kernels.fragment_mma.META_AHEAD_TUNED`).
+ahead (:data:`bitsmith.kernels.fragment_mma.META_AHEAD_TUNED`), ``BITSMITH_FRAGMENT_STAGES=1``
+those with the words in a shared-memory ring (``STAGES_TUNED``).
 """
 from __future__ import annotations
 
@@ -81,6 +82,7 @@ def probe_weight(w16: torch.Tensor, fmt: str, ms: list[int], timer) -> list[dict
         x = torch.randn(m, k, device=w16.device, dtype=torch.float16)
         ref = x.double() @ ref_w.t()
         best = None
+        best_ring = None  # the best config with the shared-memory word ring (STAGES), when offered
         for cfg in fragment_mma.configs(frag_rw, m, x.dtype, qmm._sm_count(x.device)):
             def run(cfg=cfg):
                 return qmm._launch(frag_rw, x, None, cfg)
@@ -88,18 +90,22 @@ def probe_weight(w16: torch.Tensor, fmt: str, ms: list[int], timer) -> list[dict
             err = float((run().double() - ref).norm() / ref.norm())
             us = timer.time_graph(run)
             name = (f"row blocks {cfg['RB']} split {cfg['SPLIT']} prefetch {cfg['PREFETCH']:d}"
-                    + (" scales ahead" if cfg.get("META_AHEAD") else ""))
+                    + (" scales ahead" if cfg.get("META_AHEAD") else "")
+                    + (f" ring {cfg['STAGES']} warps {cfg['W']}" if cfg.get("STAGES") else ""))
             print(f"{n}x{k} {fmt} M={m} {name}: {us:7.1f} us  rel err {err:.1e}", flush=True)
             if err < 3e-3 and (best is None or us < best[0]):
-                best = (us, {kk: cfg.get(kk, 0) for kk in ("W", "RB", "SPLIT", "PREFETCH", "META_AHEAD")}, err)
+                best = (us, {kk: cfg.get(kk, 0) for kk in ("W", "RB", "SPLIT", "PREFETCH", "META_AHEAD", "STAGES")}, err)
+            if err < 3e-3 and cfg.get("STAGES") and (best_ring is None or us < best_ring):
+                best_ring = us
         fp16 = timer.time_graph(lambda: F.linear(x, w16))
         ours = timer.time_graph(lambda: qmm.quant_matmul(x, rows_rw))
         out.append({"n": n, "k": k, "format": fmt, "m": m, "fp16_us": fp16, "rows_layout_us": ours,
                     "fragment_us": None if best is None else best[0], "fragment_cfg": None if best is None else best[1],
-                    "rel_err": None if best is None else best[2],
+                    "rel_err": None if best is None else best[2], "fragment_ring_us": best_ring,
                     "repack_s": {"rows": rows_rw.repack_seconds, "fragment": frag_rw.repack_seconds}})
         print(f"  fp16 {fp16:.1f} us, rows layout {ours:.1f} us ({fp16 / ours:.2f}x), fragment "
-              f"{'WRONG' if best is None else f'{best[0]:.1f} us ({fp16 / best[0]:.2f}x)'}", flush=True)
+              f"{'WRONG' if best is None else f'{best[0]:.1f} us ({fp16 / best[0]:.2f}x)'}"
+              + (f", best with the word ring {best_ring:.1f} us ({fp16 / best_ring:.2f}x)" if best_ring else ""), flush=True)
     return out
 
 

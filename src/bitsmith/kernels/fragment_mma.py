@@ -25,7 +25,10 @@ fragment_gpu_tests_h100.txt, fragment_gpu_tests_v2_h200.txt), compute-sanitizer 
 measured shape and format, for int3 and NF4 at M = 1 and in the compiled decode step, and matched
 it at M = 2048 but on 28672x8192 (kernels_layout{0,1}{,_m2048}_h100.json), so
 :func:`bitsmith.kernels.layout.repack` builds it for the formats ``BITSMITH_FRAGMENT`` names, int3 and
-NF4 when it is unset (:data:`bitsmith.kernels.layout.DEFAULT_FRAGMENT_FORMATS`).
+NF4 when it is unset (:data:`bitsmith.kernels.layout.DEFAULT_FRAGMENT_FORMATS`). Its launches
+carry a register cap (:data:`MAXNREG`). The shared-memory word ring (``STAGES``) is compiled and
+checked in CI but not yet run on a GPU, so the tuner offers it only on request
+(:data:`STAGES_TUNED`).
 """
 from __future__ import annotations
 
@@ -48,11 +51,11 @@ except ImportError:  # pragma: no cover - depends on the environment
 try:
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon.language.nvidia.ampere import mma_v2
+    from triton.experimental.gluon.language.nvidia.ampere import async_copy, mma_v2
 
     HAVE_GLUON = True
 except ImportError:  # pragma: no cover - depends on the environment
-    gluon = gl = mma_v2 = None
+    gluon = gl = mma_v2 = async_copy = None
     HAVE_GLUON = False
 
 # 16-bit float bit pattern and value of MAGIC (``MAGIC + q`` is ``MAGIC_BITS | q``, exact for q < 128)
@@ -78,6 +81,12 @@ DEQUANT_ROW_BLOCKS = 8  # row blocks a program of the dequantization kernel
 #: CUDA tests have passed on a GPU (Gluon kernels do not run under Triton's interpreter, so CI
 #: only compiles it): ``BITSMITH_FRAGMENT_META_AHEAD=1`` turns it on.
 META_AHEAD_TUNED = {"enabled": os.environ.get("BITSMITH_FRAGMENT_META_AHEAD", "") == "1"}
+#: whether the tuner also tries the shared-memory ring (``STAGES``: the words copied with
+#: ``cp.async`` several groups ahead, in flight without holding registers; one or four warps a
+#: program). Compiled and checked in CI, not yet run on a GPU: ``BITSMITH_FRAGMENT_STAGES=1``
+#: turns it on (benchmarks/kernels_gpu_session.sh ``stages`` runs its CUDA tests and times it).
+STAGES_TUNED = {"enabled": os.environ.get("BITSMITH_FRAGMENT_STAGES", "") == "1"}
+RING_BYTES = 32 * 1024  # the most shared memory a program's ring may take
 
 
 def cvt4_ptx(magic_bits: int) -> str:
@@ -259,7 +268,7 @@ if HAVE_GLUON:
     def _frag_kernel(x_ptr, w_ptr, ws_ptr, s_ptr, z_ptr, cnt_ptr, b_ptr, out_ptr,
                      M, N, K, NB, NG, G_PER, SPLIT, L0, L1, L2, L3, H0, H1, H2, H3, zconst, stride_xm,
                      W: gl.constexpr, RB: gl.constexpr, TOK: gl.constexpr, PREFETCH: gl.constexpr,
-                     META_AHEAD: gl.constexpr, IS_SPLIT: gl.constexpr, SG: gl.constexpr, FMT: gl.constexpr, HAS_ZERO: gl.constexpr,
+                     META_AHEAD: gl.constexpr, STAGES: gl.constexpr, IS_SPLIT: gl.constexpr, SG: gl.constexpr, FMT: gl.constexpr, HAS_ZERO: gl.constexpr,
                      HAS_BIAS: gl.constexpr, TAIL: gl.constexpr, BF16: gl.constexpr):
         """See the module docstring. Program ``(row tile, K split)``; ``SG``: groups of 64 per
         scale group (0: one scale a row); ``FMT``: :data:`FMT_IDS`; ``L0..H3``: a codebook's byte
@@ -268,7 +277,11 @@ if HAVE_GLUON:
         bfloat16 (else float16); ``PREFETCH``: how many later groups' words are loaded ahead into
         registers (0, 1 or 2); ``META_AHEAD``: the next group's scales, zeros and activations are
         loaded one group ahead too (else each group waits for its own, a memory latency a step);
-        per-row scales (``SG = 0``) are loop-invariant and stay as they were."""
+        per-row scales (``SG = 0``) are loop-invariant and stay as they were. ``STAGES > 1``: the
+        words go through a ring of ``STAGES`` groups in shared memory instead, copied
+        asynchronously (``cp.async``) ``STAGES - 1`` groups ahead, so the loads in flight hold no
+        registers (``PREFETCH`` is then unused); each lane reads back only the bytes it copied
+        itself, so waiting for its own copies suffices (no barrier)."""
         DT: gl.constexpr = x_ptr.dtype.element_ty
         MAGIC_F: gl.constexpr = 128.0 if BF16 else 1024.0
         pid_n = gl.program_id(0)
@@ -299,9 +312,16 @@ if HAVE_GLUON:
         ones = gl.full([BN, 64], 1.0, DT, layout=a_layout)
         g_lo = pid_k * G_PER
         g_hi = gl.minimum(g_lo + G_PER, NG)
-        if PREFETCH >= 1:
+        if STAGES > 1:  # the ring's first STAGES - 1 groups, one commit group each
+            ring = gl.allocate_shared_memory(gl.int32, [STAGES, RB, W, 32, 4],
+                                             gl.SwizzledSharedLayout(1, 1, 1, [3, 2, 1, 0]))
+            for i in gl.static_range(STAGES - 1):
+                async_copy.async_copy_global_to_shared(ring.index(i), w_ptr + blk + (g_lo + i) * WPG,
+                                                       mask=w_mask & (g_lo + i < g_hi))
+                async_copy.commit_group()
+        elif PREFETCH >= 1:
             words = gl.load(w_ptr + blk + g_lo * WPG, mask=w_mask & (g_lo < g_hi), other=0)
-        if PREFETCH == 2:
+        if PREFETCH == 2 and STAGES <= 1:
             words2 = gl.load(w_ptr + blk + (g_lo + 1) * WPG, mask=w_mask & (g_lo + 1 < g_hi), other=0)
         AHEAD: gl.constexpr = META_AHEAD and SG != 0
         if META_AHEAD:  # a valid group even when the slice is empty (its products are never added)
@@ -318,7 +338,14 @@ if HAVE_GLUON:
                 zc = zc_next
                 sc_next, zc_next = _group_meta(s_ptr, z_ptr, g + 1, g + 1 < g_hi, N, rows, row_ok, zconst, SG, FMT,
                                                HAS_ZERO, MAGIC_F, True)
-            if PREFETCH == 2:  # two groups' words in flight beside this one's products
+            if STAGES > 1:  # this group's copy has landed once at most STAGES - 2 groups are pending
+                async_copy.wait_group(STAGES - 2)
+                cur = ring.index((g - g_lo) % STAGES).load(w_layout)
+                ahead = g + STAGES - 1  # into the slot read a group ago (its values are in use already)
+                async_copy.async_copy_global_to_shared(ring.index((ahead - g_lo) % STAGES), w_ptr + blk + ahead * WPG,
+                                                       mask=w_mask & (ahead < g_hi))
+                async_copy.commit_group()
+            elif PREFETCH == 2:  # two groups' words in flight beside this one's products
                 cur = words
                 words = words2
                 words2 = gl.load(w_ptr + blk + (g + 2) * WPG, mask=w_mask & (g + 2 < g_hi), other=0)
@@ -470,6 +497,34 @@ def configs(rw: RuntimeWeight, m: int, dtype: torch.dtype, sms: int) -> list[dic
                 for ahead in (0, 1) if META_AHEAD_TUNED["enabled"] and prefetch else (0,):
                     out.append({"KERNEL": "fragment", "W": 4, "RB": rb, "SPLIT": split, "PREFETCH": prefetch,
                                 "META_AHEAD": ahead, "num_warps": 4})
+    if STAGES_TUNED["enabled"]:
+        out += stages_configs(rw, m, sms)
+    return out
+
+
+def ring_bytes(cfg: dict) -> int:
+    """Shared memory of a config's word ring (0 without one): ``STAGES`` groups of ``RB`` row
+    blocks of ``W`` warps, 512 bytes each."""
+    return cfg.get("STAGES", 0) * cfg["RB"] * cfg["W"] * 512 if cfg.get("STAGES", 0) > 1 else 0
+
+
+def stages_configs(rw: RuntimeWeight, m: int, sms: int) -> list[dict]:
+    """Candidate configs with the shared-memory word ring (``STAGES`` 4 or 8 groups, one or four
+    warps a program, one or two row blocks a warp, within :data:`RING_BYTES`), split-K as in
+    :func:`configs`."""
+    ng = rw.words.shape[1]
+    out = []
+    for w in (1, 4):
+        for rb in (1, 2):
+            programs = _tiles(rw, w, rb)
+            for split in (1, 2, 4, 8, 16, 32):
+                if split > ng or split * m > MAX_PARTIALS or not (split == 1 or sms // 2 <= programs * split <= 32 * sms):
+                    continue
+                for stages in (4, 8):
+                    cfg = {"KERNEL": "fragment", "W": w, "RB": rb, "SPLIT": split, "PREFETCH": 0, "META_AHEAD": 0,
+                           "STAGES": stages, "num_warps": w}
+                    if ring_bytes(cfg) <= RING_BYTES:
+                        out.append(cfg)
     return out
 
 
@@ -499,7 +554,7 @@ def launch_args(rw: RuntimeWeight, x2: torch.Tensor, bias: torch.Tensor | None, 
             bias if bias is not None else dummy, out,
             m, rw.n, k, nb, ng, -(-ng // split), split, *table_planes(rw, x2.dtype), float(rw.zconst), x2.stride(0))
     consts = {"W": w, "RB": rb, "TOK": 8 if m <= 8 else 16, "PREFETCH": int(cfg["PREFETCH"]),
-              "META_AHEAD": bool(cfg.get("META_AHEAD", 0)), "IS_SPLIT": split > 1,
+              "META_AHEAD": bool(cfg.get("META_AHEAD", 0)), "STAGES": int(cfg.get("STAGES", 0)), "IS_SPLIT": split > 1,
               "SG": _scale_steps(rw), "FMT": FMT_IDS[rw.fragment_format], "HAS_ZERO": rw.zero is not None,
               "HAS_BIAS": bias is not None, "TAIL": rw.n % (16 * w * rb) != 0 or k % 64 != 0, "BF16": x2.dtype == torch.bfloat16}
     options = {"num_warps": cfg["num_warps"]}
@@ -533,7 +588,7 @@ def compile_offline(fmt: str = "int4", rb: int = 1, tok: int = 8, prefetch: int 
     says otherwise (0: none)."""
     from .small_m import _compile_offline
 
-    cx = {"W": 4, "RB": rb, "TOK": tok, "PREFETCH": int(prefetch), "META_AHEAD": False, "IS_SPLIT": True, "SG": 1, "FMT": FMT_IDS[fmt],
+    cx = {"W": 4, "RB": rb, "TOK": tok, "PREFETCH": int(prefetch), "META_AHEAD": False, "STAGES": 0, "IS_SPLIT": True, "SG": 1, "FMT": FMT_IDS[fmt],
           "HAS_ZERO": fmt != "nf4", "HAS_BIAS": False, "TAIL": False, "BF16": act == "bf16", **consts}
     cap = register_cap({"RB": rb}) if maxnreg is None else maxnreg
     return _compile_offline(_frag_kernel, cx, act, cx["W"], 1, arch, gluon=True, maxnreg=cap)
