@@ -71,11 +71,6 @@ MAX_PARTIALS = 256  # split-K x M per output column: the workspace reserved per 
 #: kernels_regcap_m1_h100.json, kernels_oneshot_h100.json). Four row blocks spill at 128 with 16
 #: tokens, so they get 192 (no local memory in any config, tests/test_fragment.py).
 MAXNREG = {1: 128, 2: 128, 4: 192}
-
-
-def register_cap(cfg: dict) -> int:
-    """The register cap a launch of ``cfg`` compiles with (0: none, ptxas chooses)."""
-    return cfg.get("maxnreg", MAXNREG.get(cfg["RB"], 0))
 DEQUANT_ROW_BLOCKS = 8  # row blocks a program of the dequantization kernel
 #: whether the tuner also tries ``META_AHEAD`` (scales and zeros a group ahead). Off until its
 #: CUDA tests have passed on a GPU (Gluon kernels do not run under Triton's interpreter, so CI
@@ -87,6 +82,11 @@ META_AHEAD_TUNED = {"enabled": os.environ.get("BITSMITH_FRAGMENT_META_AHEAD", ""
 #: turns it on (benchmarks/kernels_gpu_session.sh ``stages`` runs its CUDA tests and times it).
 STAGES_TUNED = {"enabled": os.environ.get("BITSMITH_FRAGMENT_STAGES", "") == "1"}
 RING_BYTES = 32 * 1024  # the most shared memory a program's ring may take
+
+
+def register_cap(cfg: dict) -> int:
+    """The register cap a launch of ``cfg`` compiles with (0: none, ptxas chooses)."""
+    return cfg.get("maxnreg", MAXNREG.get(cfg["RB"], 0))
 
 
 def cvt4_ptx(magic_bits: int) -> str:
@@ -281,7 +281,9 @@ if HAVE_GLUON:
         words go through a ring of ``STAGES`` groups in shared memory instead, copied
         asynchronously (``cp.async``) ``STAGES - 1`` groups ahead, so the loads in flight hold no
         registers (``PREFETCH`` is then unused); each lane reads back only the bytes it copied
-        itself, so waiting for its own copies suffices (no barrier)."""
+        itself, so waiting for its own copies would suffice, but Triton's shared-memory hazard
+        analysis still puts two CTA barriers around each group's read (cheap with one warp a
+        program)."""
         DT: gl.constexpr = x_ptr.dtype.element_ty
         MAGIC_F: gl.constexpr = 128.0 if BF16 else 1024.0
         pid_n = gl.program_id(0)
@@ -511,7 +513,7 @@ def ring_bytes(cfg: dict) -> int:
 def stages_configs(rw: RuntimeWeight, m: int, sms: int) -> list[dict]:
     """Candidate configs with the shared-memory word ring (``STAGES`` 4 or 8 groups, one or four
     warps a program, one or two row blocks a warp, within :data:`RING_BYTES`), split-K as in
-    :func:`configs`."""
+    :func:`configs` but up to 32 programs an SM (one-warp programs)."""
     ng = rw.words.shape[1]
     out = []
     for w in (1, 4):
