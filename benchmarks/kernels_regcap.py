@@ -16,8 +16,9 @@ kernel capped at 128 was faster in 22 of 24 cases (up to 9.6%), so its launches 
 (its loads move, its occupancy falls), so it stays uncapped. Two variants timed in those runs
 were then removed: the CUDA-core kernel loading the next step's activations with its words
 (``fma x1``: within 2% of ``x0`` for int4) and the fragment kernel loading a whole 2-8 group
-slice before its first product, as the read-ceiling kernel does (``oneshot``: 10-45% slower,
-its many K splits cost more in partial sums than the up-front loads saved).
+slice before its first product, as the read-ceiling kernel does (``oneshot``: 1-6% faster than
+the capped kernel on 4096x4096 in 5 of 6 cases, 2-56% slower on the three larger shapes, whose
+many K splits cost more in partial sums than the up-front loads saved).
 
     python benchmarks/kernels_regcap.py [--shapes 4096x4096,...] [--formats int4_g64,...] [--m 1,16] [--name NAME]
     python benchmarks/kernels_regcap.py --sass      # where the loop's loads sit, no GPU needed
