@@ -39,18 +39,16 @@ FMA_CAPS = (0, 96, 128)
 FRAG_CAPS = (0, 128, 168)
 
 
-def loop_loads(cubin: bytes) -> dict:
+def loop_loads(cubin: bytes, holding: str) -> dict:
     """Registers, main-loop length and where the loop's 8- and 16-byte loads (words, scales,
-    activation vectors) sit in it."""
+    activation vectors) sit in it; the main loop is the longest one with a ``holding``
+    instruction (the split-K sum's loop, unrolled, can be longer than a short main loop)."""
     import kernels_sass
 
     with tempfile.TemporaryDirectory() as tmp:
         ins = kernels_sass.sass_of(cubin, Path(tmp))
         regs = kernels_sass.registers(cubin, Path(tmp))
-    spans = [(int(m.group(1), 16), a) for a, t in ins
-             if (m := re.search(r"BRA (0x[0-9a-f]+)", t)) and int(m.group(1), 16) < a]
-    lo, hi = max(spans, key=lambda s: s[1] - s[0])
-    body = [t for a, t in ins if lo <= a <= hi]
+    body = kernels_sass.loop_body(ins, holding)
     wide = [i for i, t in enumerate(body) if re.search(r"LDG\.E\.(128|64)", t)]
     return {"registers": regs, "loop_instructions": len(body), "wide_loads_at": wide,
             "last_wide_load_fraction": round(max(wide) / len(body), 2) if wide else None}
@@ -64,13 +62,13 @@ def sass_rows() -> list[dict]:
     for bits, codebook, name in ((4, False, "int4"), (3, False, "int3"), (4, True, "nf4")):
         for cap in FMA_CAPS:
             k = small_m.compile_offline(bits, 64, 64, 2, codebook=codebook, pdl=1, maxnreg=cap)
-            rows.append({"kernel": "fma", "format": name, "maxnreg": cap, **loop_loads(k.asm["cubin"])})
+            rows.append({"kernel": "fma", "format": name, "maxnreg": cap, **loop_loads(k.asm["cubin"], "FFMA")})
     for fmt in ("int4", "int3", "nf4"):
         for rb in (1, 2, 4):
             for cap in FRAG_CAPS:
                 k = fragment_mma.compile_offline(fmt, rb, 8, 1, maxnreg=cap)
                 rows.append({"kernel": "fragment", "format": fmt, "row_blocks": rb, "prefetch": 1, "maxnreg": cap,
-                             **loop_loads(k.asm["cubin"])})
+                             **loop_loads(k.asm["cubin"], "HMMA")})
     return rows
 
 

@@ -49,19 +49,26 @@ def registers(cubin: bytes, tmp: Path) -> int:
     return int(re.search(r"REG:(\d+)", cuobjdump(cubin, tmp, "-res-usage")).group(1))
 
 
-def main_loop(ins: list[tuple[int, str]], holding: str | None = None) -> collections.Counter:
-    """Opcode counts of the longest backward branch's body (the loop over groups); with
-    ``holding``, of the longest one with an instruction of that opcode prefix (the split-K
-    reduction loop can be the longer one when the main loop is short)."""
-    def opcode(t: str) -> str:
-        return re.sub(r"^@!?U?P\w+\s+", "", t).split()[0]
+def opcode(t: str) -> str:
+    """An instruction's opcode, its predicate (``@P0``, ``@!UP1``) dropped."""
+    return re.sub(r"^@!?U?P\w+\s+", "", t).split()[0]
 
+
+def loop_body(ins: list[tuple[int, str]], holding: str | None = None) -> list[str]:
+    """The instructions, in order, of the longest backward branch's body (the loop over groups);
+    with ``holding``, of the longest one with an instruction of that opcode prefix (the split-K
+    reduction loop can be the longer one when the main loop is short)."""
     spans = [(int(m.group(1), 16), addr) for addr, t in ins if (m := re.search(r"BRA (0x[0-9a-f]+)", t))
              and int(m.group(1), 16) < addr]
     if holding is not None:
         spans = [(lo, hi) for lo, hi in spans if any(lo <= a <= hi and opcode(t).startswith(holding) for a, t in ins)]
     lo, hi = max(spans, key=lambda s: s[1] - s[0])
-    return collections.Counter(opcode(t) for a, t in ins if lo <= a <= hi)
+    return [t for a, t in ins if lo <= a <= hi]
+
+
+def main_loop(ins: list[tuple[int, str]], holding: str | None = None) -> collections.Counter:
+    """Opcode counts of :func:`loop_body`."""
+    return collections.Counter(opcode(t) for t in loop_body(ins, holding))
 
 
 def main() -> None:

@@ -344,12 +344,7 @@ def test_scales_a_group_ahead_compile_and_load_as_often(fmt, case):
 def _loop_sass(cubin: bytes) -> list[str]:
     """The main loop's instructions (the longest loop with tensor-core products), in order."""
     with tempfile.TemporaryDirectory() as tmp:
-        ins = kernels_sass.sass_of(cubin, Path(tmp))
-    spans = [(int(m.group(1), 16), a) for a, t in ins
-             if (m := re.search(r"BRA (0x[0-9a-f]+)", t)) and int(m.group(1), 16) < a]
-    spans = [(lo, hi) for lo, hi in spans if any(lo <= a <= hi and "HMMA" in t for a, t in ins)]
-    lo, hi = max(spans, key=lambda s: s[1] - s[0])
-    return [t for a, t in ins if lo <= a <= hi]
+        return kernels_sass.loop_body(kernels_sass.sass_of(cubin, Path(tmp)), holding="HMMA")
 
 
 @needs_gluon
@@ -405,11 +400,7 @@ def test_split_k_sum_loads_partials_together():
     for cubin, loads in ((small_m.compile_offline(4, 64, 64, 2).asm["cubin"], 8),
                          (fragment_mma.compile_offline("int4", 1, 8, 1).asm["cubin"], 32)):
         with tempfile.TemporaryDirectory() as tmp:
-            ins = kernels_sass.sass_of(cubin, Path(tmp))
-        spans = [(int(m.group(1), 16), a) for a, t in ins
-                 if (m := re.search(r"BRA (0x[0-9a-f]+)", t)) and int(m.group(1), 16) < a]
-        body = next([t for a, t in ins if lo <= a <= hi] for lo, hi in spans
-                    if any(lo <= a <= hi and "LDG.E.STRONG.GPU" in t for a, t in ins))
+            body = kernels_sass.loop_body(kernels_sass.sass_of(cubin, Path(tmp)), holding="LDG.E.STRONG.GPU")
         first_add = next(i for i, t in enumerate(body) if re.match(r"FADD\b", t))
         assert sum("LDG.E.STRONG.GPU" in t for t in body[:first_add]) >= loads, body
 
