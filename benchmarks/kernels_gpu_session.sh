@@ -259,9 +259,9 @@ stages)  # the fragment kernel's shared-memory word ring: its CUDA tests, every 
   ;;
 ahead)  # the fragment kernel with the scales and zeros a group ahead: its CUDA tests, then every config timed
   TEST_FILES="tests/test_fragment.py" TEST_K=cuda T_TESTS=${T_TESTS:-150} cuda_tests || { echo "CUDA tests failed: no benchmarks"; exit 1; }
-  echo "== BITSMITH_FRAGMENT_META_AHEAD=1 python3 benchmarks/gluon_fragment_probe.py --shapes ${FRAG_SHAPES:-14336x4096,4096x14336} --m 1,16 --reps 10 --name gluon_fragment_probe_ahead" | tee "$OUT/fragment.txt"
+  echo "== BITSMITH_FRAGMENT_META_AHEAD=1 python3 benchmarks/gluon_fragment_probe.py --shapes ${FRAG_SHAPES:-14336x4096,4096x14336} --m 1,16 --formats ${FRAG_FORMATS:-int4_g64,int3_g64,nf4_g64} --reps 10 --name gluon_fragment_probe_ahead" | tee "$OUT/fragment.txt"
   BITSMITH_FRAGMENT_META_AHEAD=1 timeout "${T_FRAG:-330}" python3 benchmarks/gluon_fragment_probe.py --shapes "${FRAG_SHAPES:-14336x4096,4096x14336}" \
-    --m 1,16 --reps 10 --name gluon_fragment_probe_ahead 2>&1 | grep -v -i warn | tee -a "$OUT/fragment.txt" | grep -E "fp16|WRONG|best"
+    --m 1,16 --formats "${FRAG_FORMATS:-int4_g64,int3_g64,nf4_g64}" --reps 10 --name gluon_fragment_probe_ahead 2>&1 | grep -v -i warn | tee -a "$OUT/fragment.txt" | grep -E "fp16|WRONG|best"
   cp benchmarks/results/gluon_fragment_probe_ahead.json "$OUT/" 2>/dev/null
   ;;
 ceiling)  # the read ceiling: the stacked layer's M = 1 matmuls vs a kernel that only reads the same bytes, one graph each

@@ -523,10 +523,11 @@ def stages_configs(rw: RuntimeWeight, m: int, sms: int) -> list[dict]:
                 if split > ng or split * m > MAX_PARTIALS or not (split == 1 or sms // 2 <= programs * split <= 32 * sms):
                     continue
                 for stages in (4, 8):
-                    cfg = {"KERNEL": "fragment", "W": w, "RB": rb, "SPLIT": split, "PREFETCH": 0, "META_AHEAD": 0,
-                           "STAGES": stages, "num_warps": w}
-                    if ring_bytes(cfg) <= RING_BYTES:
-                        out.append(cfg)
+                    for ahead in (0, 1) if META_AHEAD_TUNED["enabled"] else (0,):
+                        cfg = {"KERNEL": "fragment", "W": w, "RB": rb, "SPLIT": split, "PREFETCH": 0, "META_AHEAD": ahead,
+                               "STAGES": stages, "num_warps": w}
+                        if ring_bytes(cfg) <= RING_BYTES:
+                            out.append(cfg)
     return out
 
 
