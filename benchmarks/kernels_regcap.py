@@ -72,14 +72,14 @@ def sass_rows() -> list[dict]:
     return rows
 
 
-def variants(rw, m: int, dtype) -> dict[str, list[dict]]:
+def variants(rw, m: int, dtype, frag_caps=FRAG_CAPS) -> dict[str, list[dict]]:
     """Candidate configs by variant name: the tuner's own with each cap (``r0``: none)."""
     from bitsmith.kernels import fragment_mma, qmm
 
     out = {}
     if rw.layout == "fragment":
         base = fragment_mma.configs(rw, m, dtype, qmm._sm_count(rw.device))
-        for cap in FRAG_CAPS:
+        for cap in frag_caps:
             out[f"fragment r{cap}"] = [{**c, "maxnreg": cap} for c in base]
     elif m == 1:
         for cap in FMA_CAPS:
@@ -94,8 +94,11 @@ def main() -> None:
     ap.add_argument("--m", default="1,16")
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--name", default="kernels_regcap")
+    ap.add_argument("--frag-caps", default=",".join(map(str, FRAG_CAPS)), help="the fragment kernel's caps to time")
+    ap.add_argument("--layouts", default="rows,fragment", help="which layouts' kernels to time")
     ap.add_argument("--sass", action="store_true", help="where the loops' loads sit (no GPU needed)")
     args = ap.parse_args()
+    frag_caps = tuple(int(c) for c in args.frag_caps.split(","))
     from _common import write_result
 
     if args.sass:
@@ -128,10 +131,10 @@ def main() -> None:
             for fmt in args.formats.split(","):
                 qt = make_qtensor(fmt, w16)
                 ref = x.double() @ qt.dequantize(torch.float64).t()
-                for layout in ("rows", "fragment"):
+                for layout in args.layouts.split(","):
                     rw = repack(qt, layout=layout)
                     qmm.reserve_workspace(rw)
-                    for name, cands in variants(rw, m, x.dtype).items():
+                    for name, cands in variants(rw, m, x.dtype, frag_caps).items():
                         best = None
                         for cfg in cands:
                             def run(cfg=cfg):
