@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import dataclasses
 import re
 import sys
 import tempfile
@@ -64,17 +65,18 @@ def sass_report(w: int = 4, tok: int = 8, rb: int = 1, prefetch: bool = False, f
 def variant(cfg: dict) -> str:
     """Which kernel variant a fragment config is: the word ring (``STAGES``), the scales a group
     ahead (``META_AHEAD``) or plain."""
-    return "word ring" if cfg.get("STAGES") else "scales ahead" if cfg.get("META_AHEAD") else "plain"
+    return ("word ring" if cfg.get("STAGES") else "scales ahead" if cfg.get("META_AHEAD")
+            else "blocked meta" if cfg.get("META_BLOCKED") else "plain")
 
 
-def probe_weight(w16: torch.Tensor, fmt: str, ms: list[int], timer) -> list[dict]:
+def probe_weight(w16: torch.Tensor, fmt: str, ms: list[int], timer, blocked: bool = False) -> list[dict]:
     """One weight quantized to ``fmt`` as the kernel table quantizes it
     (:func:`bitsmith.kernels.bench.make_qtensor`): at each M every fragment-kernel config checked against
     float64 ``x @ W^T`` and timed, next to fp16 ``F.linear`` and the ``rows`` layout's tuned
     kernels (``quant_matmul``); one row per M with the best correct config."""
     import torch.nn.functional as F
 
-    from bitsmith.kernels import fragment_mma, qmm
+    from bitsmith.kernels import fragment, fragment_mma, qmm
     from bitsmith.kernels.bench import make_qtensor
     from bitsmith.kernels.layout import repack
 
@@ -82,6 +84,11 @@ def probe_weight(w16: torch.Tensor, fmt: str, ms: list[int], timer) -> list[dict
     qt = make_qtensor(fmt, w16)
     rows_rw, frag_rw = repack(qt, layout="rows"), repack(qt, layout="fragment")
     qmm.reserve_workspace(frag_rw)
+    blocked_rw = None
+    if blocked:
+        blocked_rw = dataclasses.replace(frag_rw, scale=fragment.block_meta(frag_rw.scale),
+                                         zero=None if frag_rw.zero is None else fragment.block_meta(frag_rw.zero))
+        blocked_rw.plans = {}
     ref_w = qt.dequantize(torch.float64)
     out = []
     for m in ms:
@@ -89,18 +96,22 @@ def probe_weight(w16: torch.Tensor, fmt: str, ms: list[int], timer) -> list[dict
         ref = x.double() @ ref_w.t()
         best = None
         by_variant = {}  # the best correct time of each variant offered: plain, scales ahead, word ring
-        for cfg in fragment_mma.configs(frag_rw, m, x.dtype, qmm._sm_count(x.device)):
-            def run(cfg=cfg):
-                return qmm._launch(frag_rw, x, None, cfg)
+        cands = [(frag_rw, c) for c in fragment_mma.configs(frag_rw, m, x.dtype, qmm._sm_count(x.device))]
+        if blocked_rw is not None:  # the plain configs again, each row block's scales and zeros contiguous
+            cands += [(blocked_rw, {**c, "META_BLOCKED": 1}) for rw, c in cands if variant(c) == "plain"]
+        for rw, cfg in cands:
+            def run(rw=rw, cfg=cfg):
+                return qmm._launch(rw, x, None, cfg)
 
             err = float((run().double() - ref).norm() / ref.norm())
             us = timer.time_graph(run)
             name = (f"row blocks {cfg['RB']} split {cfg['SPLIT']} prefetch {cfg['PREFETCH']:d}"
                     + (" scales ahead" if cfg.get("META_AHEAD") else "")
-                    + (f" ring {cfg['STAGES']} warps {cfg['W']}" if cfg.get("STAGES") else ""))
+                    + (f" ring {cfg['STAGES']} warps {cfg['W']}" if cfg.get("STAGES") else "")
+                    + (" blocked meta" if cfg.get("META_BLOCKED") else ""))
             print(f"{n}x{k} {fmt} M={m} {name}: {us:7.1f} us  rel err {err:.1e}", flush=True)
             if err < 3e-3 and (best is None or us < best[0]):
-                best = (us, {kk: cfg.get(kk, 0) for kk in ("W", "RB", "SPLIT", "PREFETCH", "META_AHEAD", "STAGES")}, err)
+                best = (us, {kk: cfg.get(kk, 0) for kk in ("W", "RB", "SPLIT", "PREFETCH", "META_AHEAD", "META_BLOCKED", "STAGES")}, err)
             kind = variant(cfg)
             if err < 3e-3 and us < by_variant.get(kind, float("inf")):
                 by_variant[kind] = us
@@ -123,6 +134,8 @@ def main() -> None:
     ap.add_argument("--formats", default="int4_g64,int4_g128,nf4_g64,int3_g64")
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--name", default="gluon_fragment_probe")
+    ap.add_argument("--blocked-meta", action="store_true",
+                    help="also time every plain config with each row block's scales and zeros contiguous")
     ap.add_argument("--sass", action="store_true", help="sm_90 machine code only (no GPU needed)")
     args = ap.parse_args()
     from _common import write_result
@@ -150,7 +163,7 @@ def main() -> None:
         n, k = (int(v) for v in shape.split("x"))
         w16 = (torch.randn(n, k, device=dev) * 0.02).to(torch.float16)
         for fmt in args.formats.split(","):
-            rows += probe_weight(w16, fmt, [int(v) for v in args.m.split(",")], timer)
+            rows += probe_weight(w16, fmt, [int(v) for v in args.m.split(",")], timer, args.blocked_meta)
             # after every weight: a run cut short by a time limit keeps what it measured
             write_result(args.name, {"device": torch.cuda.get_device_name(dev), "rows": rows,
                                      "timing": "CUDA-graph replay with the L2 flushed, median"})

@@ -238,14 +238,18 @@ if HAVE_GLUON:
         return gl.convert_layout(b, b_layout, assert_trivial=True)
 
     @gluon.jit
-    def _group_meta(s_ptr, z_ptr, g, ok, N, rows, row_ok, zconst, SG: gl.constexpr, FMT: gl.constexpr,
-                    HAS_ZERO: gl.constexpr, MAGIC_F: gl.constexpr, MASKED: gl.constexpr):
+    def _group_meta(s_ptr, z_ptr, g, ok, N, NGS, rows, row_ok, zconst, SG: gl.constexpr, FMT: gl.constexpr,
+                    HAS_ZERO: gl.constexpr, MAGIC_F: gl.constexpr, MASKED: gl.constexpr, BLOCKED: gl.constexpr):
         """Group ``g``'s scales and (affine) zeros plus the magic of the tile's ``rows``, float32.
         ``MASKED``: rows past ``N`` (``row_ok``) and a group past the program's slice (``ok``
         false) read zeros; else every load is in bounds and unmasked. A codebook's second value is
-        its scales again (it has no zeros)."""
+        its scales again (it has no zeros). ``BLOCKED``: the scales and zeros are
+        ``[NB, NGS, 16]`` (:func:`bitsmith.kernels.fragment.block_meta`: a row block's groups
+        contiguous), else ``[NGS, N]``."""
         if SG == 0:
             s_off = rows
+        elif BLOCKED:
+            s_off = ((rows // 16) * NGS + g // SG) * 16 + rows % 16
         else:
             s_off = (g // SG) * N + rows
         if MASKED:
@@ -266,9 +270,9 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _frag_kernel(x_ptr, w_ptr, ws_ptr, s_ptr, z_ptr, cnt_ptr, b_ptr, out_ptr,
-                     M, N, K, NB, NG, G_PER, SPLIT, L0, L1, L2, L3, H0, H1, H2, H3, zconst, stride_xm,
+                     M, N, K, NB, NG, NGS, G_PER, SPLIT, L0, L1, L2, L3, H0, H1, H2, H3, zconst, stride_xm,
                      W: gl.constexpr, RB: gl.constexpr, TOK: gl.constexpr, PREFETCH: gl.constexpr,
-                     META_AHEAD: gl.constexpr, STAGES: gl.constexpr, IS_SPLIT: gl.constexpr, SG: gl.constexpr, FMT: gl.constexpr, HAS_ZERO: gl.constexpr,
+                     META_AHEAD: gl.constexpr, META_BLOCKED: gl.constexpr, STAGES: gl.constexpr, IS_SPLIT: gl.constexpr, SG: gl.constexpr, FMT: gl.constexpr, HAS_ZERO: gl.constexpr,
                      HAS_BIAS: gl.constexpr, TAIL: gl.constexpr, BF16: gl.constexpr):
         """See the module docstring. Program ``(row tile, K split)``; ``SG``: groups of 64 per
         scale group (0: one scale a row); ``FMT``: :data:`FMT_IDS`; ``L0..H3``: a codebook's byte
@@ -329,8 +333,8 @@ if HAVE_GLUON:
         if META_AHEAD:  # a valid group even when the slice is empty (its products are never added)
             b_next = _b_operand(x_ptr, gl.minimum(g_lo, NG - 1), M, K, stride_xm, W, TOK, b_layout, TAIL)
         if AHEAD:
-            sc_next, zc_next = _group_meta(s_ptr, z_ptr, g_lo, g_lo < g_hi, N, rows, row_ok, zconst, SG, FMT, HAS_ZERO,
-                                           MAGIC_F, True)
+            sc_next, zc_next = _group_meta(s_ptr, z_ptr, g_lo, g_lo < g_hi, N, NGS, rows, row_ok, zconst, SG, FMT, HAS_ZERO,
+                                           MAGIC_F, True, META_BLOCKED)
         for g in range(g_lo, g_hi):
             if META_AHEAD:  # the activations too: the last step reloads its own group (never past K)
                 b = b_next
@@ -338,8 +342,8 @@ if HAVE_GLUON:
             if AHEAD:  # this group's were loaded a step ago; the next group's go out now
                 sc = sc_next
                 zc = zc_next
-                sc_next, zc_next = _group_meta(s_ptr, z_ptr, g + 1, g + 1 < g_hi, N, rows, row_ok, zconst, SG, FMT,
-                                               HAS_ZERO, MAGIC_F, True)
+                sc_next, zc_next = _group_meta(s_ptr, z_ptr, g + 1, g + 1 < g_hi, N, NGS, rows, row_ok, zconst, SG, FMT,
+                                               HAS_ZERO, MAGIC_F, True, META_BLOCKED)
             if STAGES > 1:  # this group's copy has landed once at most STAGES - 2 groups are pending
                 async_copy.wait_group(STAGES - 2)
                 cur = ring.index((g - g_lo) % STAGES).load(w_layout)
@@ -363,7 +367,8 @@ if HAVE_GLUON:
                 b = _b_operand(x_ptr, g, M, K, stride_xm, W, TOK, b_layout, TAIL)
             part = mma_v2(a, b, gl.zeros([BN, TOK], gl.float32, layout=mma))
             if not AHEAD:  # this group's own, loaded now
-                sc, zc = _group_meta(s_ptr, z_ptr, g, True, N, rows, row_ok, zconst, SG, FMT, HAS_ZERO, MAGIC_F, TAIL)
+                sc, zc = _group_meta(s_ptr, z_ptr, g, True, N, NGS, rows, row_ok, zconst, SG, FMT, HAS_ZERO, MAGIC_F, TAIL,
+                                     META_BLOCKED)
             if FMT == 1:
                 acc += part * sc[:, None]
             else:
@@ -463,6 +468,11 @@ def _scale_steps(rw: RuntimeWeight) -> int:
     return rw.group // fragment.GROUP
 
 
+def meta_groups(rw: RuntimeWeight) -> int:
+    """Scale groups a row (the scales' and zeros' group count, 1 for one scale a row)."""
+    return 1 if rw.group == 0 else -(-rw.kp // rw.group)
+
+
 def supports(rw: RuntimeWeight, dtype: torch.dtype) -> str | None:
     """Why ``_frag_kernel`` cannot take ``rw`` with ``dtype`` activations (``None`` when it can)."""
     if not HAVE_GLUON:
@@ -555,9 +565,9 @@ def launch_args(rw: RuntimeWeight, x2: torch.Tensor, bias: torch.Tensor | None, 
     ws, cnt = workspace(x2.device, split * m * rw.n, tiles) if split > 1 else (dummy, rw.words)
     args = (x2, rw.words, ws, rw.scale, rw.zero if rw.zero is not None else dummy, cnt,
             bias if bias is not None else dummy, out,
-            m, rw.n, k, nb, ng, -(-ng // split), split, *table_planes(rw, x2.dtype), float(rw.zconst), x2.stride(0))
+            m, rw.n, k, nb, ng, meta_groups(rw), -(-ng // split), split, *table_planes(rw, x2.dtype), float(rw.zconst), x2.stride(0))
     consts = {"W": w, "RB": rb, "TOK": 8 if m <= 8 else 16, "PREFETCH": int(cfg["PREFETCH"]),
-              "META_AHEAD": bool(cfg.get("META_AHEAD", 0)), "STAGES": int(cfg.get("STAGES", 0)), "IS_SPLIT": split > 1,
+              "META_AHEAD": bool(cfg.get("META_AHEAD", 0)), "META_BLOCKED": bool(cfg.get("META_BLOCKED", 0)), "STAGES": int(cfg.get("STAGES", 0)), "IS_SPLIT": split > 1,
               "SG": _scale_steps(rw), "FMT": FMT_IDS[rw.fragment_format], "HAS_ZERO": rw.zero is not None,
               "HAS_BIAS": bias is not None, "TAIL": rw.n % (16 * w * rb) != 0 or k % 64 != 0, "BF16": x2.dtype == torch.bfloat16}
     options = {"num_warps": cfg["num_warps"]}
@@ -591,7 +601,7 @@ def compile_offline(fmt: str = "int4", rb: int = 1, tok: int = 8, prefetch: int 
     says otherwise (0: none)."""
     from .small_m import _compile_offline
 
-    cx = {"W": 4, "RB": rb, "TOK": tok, "PREFETCH": int(prefetch), "META_AHEAD": False, "STAGES": 0, "IS_SPLIT": True, "SG": 1, "FMT": FMT_IDS[fmt],
+    cx = {"W": 4, "RB": rb, "TOK": tok, "PREFETCH": int(prefetch), "META_AHEAD": False, "META_BLOCKED": False, "STAGES": 0, "IS_SPLIT": True, "SG": 1, "FMT": FMT_IDS[fmt],
           "HAS_ZERO": fmt != "nf4", "HAS_BIAS": False, "TAIL": False, "BF16": act == "bf16", **consts}
     cap = register_cap({"RB": rb}) if maxnreg is None else maxnreg
     return _compile_offline(_frag_kernel, cx, act, cx["W"], 1, arch, gluon=True, maxnreg=cap)
