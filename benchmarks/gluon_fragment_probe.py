@@ -12,15 +12,16 @@ kernels_sass.json). In the fragment layout each lane's words are already its ten
     python benchmarks/gluon_fragment_probe.py [--shapes 4096x4096,...] [--m 1,8,16] [--formats ...] [--name NAME]
     python benchmarks/gluon_fragment_probe.py --sass      # sm_90 machine code only, any machine
 
-``BITSMITH_FRAGMENT_META_AHEAD=1`` adds the configs that load the scales and zeros a group
-ahead (:data:`bitsmith.kernels.fragment_mma.META_AHEAD_TUNED`), ``BITSMITH_FRAGMENT_STAGES=1``
-those with the words in a shared-memory ring (``STAGES_TUNED``).
+Variants of the kernel timed with this script and then removed, each slower than the plain
+kernel on the H100 (results/gluon_fragment_probe_{ahead_cap,stages,blocked}_h100.txt): the
+scales, zeros and activations loaded a group ahead, the words through a ``cp.async`` ring in
+shared memory, the scales and zeros stored row-block-major. The commits that remove them say
+where in the history they are.
 """
 from __future__ import annotations
 
 import argparse
 import collections
-import dataclasses
 import re
 import sys
 import tempfile
@@ -62,21 +63,14 @@ def sass_report(w: int = 4, tok: int = 8, rb: int = 1, prefetch: bool = False, f
             "shared_or_shuffle": shared, "opcodes": dict(loop.most_common())}
 
 
-def variant(cfg: dict) -> str:
-    """Which kernel variant a fragment config is: the word ring (``STAGES``), the scales a group
-    ahead (``META_AHEAD``) or plain."""
-    return ("word ring" if cfg.get("STAGES") else "scales ahead" if cfg.get("META_AHEAD")
-            else "blocked meta" if cfg.get("META_BLOCKED") else "plain")
-
-
-def probe_weight(w16: torch.Tensor, fmt: str, ms: list[int], timer, blocked: bool = False) -> list[dict]:
+def probe_weight(w16: torch.Tensor, fmt: str, ms: list[int], timer) -> list[dict]:
     """One weight quantized to ``fmt`` as the kernel table quantizes it
     (:func:`bitsmith.kernels.bench.make_qtensor`): at each M every fragment-kernel config checked against
     float64 ``x @ W^T`` and timed, next to fp16 ``F.linear`` and the ``rows`` layout's tuned
     kernels (``quant_matmul``); one row per M with the best correct config."""
     import torch.nn.functional as F
 
-    from bitsmith.kernels import fragment, fragment_mma, qmm
+    from bitsmith.kernels import fragment_mma, qmm
     from bitsmith.kernels.bench import make_qtensor
     from bitsmith.kernels.layout import repack
 
@@ -84,46 +78,30 @@ def probe_weight(w16: torch.Tensor, fmt: str, ms: list[int], timer, blocked: boo
     qt = make_qtensor(fmt, w16)
     rows_rw, frag_rw = repack(qt, layout="rows"), repack(qt, layout="fragment")
     qmm.reserve_workspace(frag_rw)
-    blocked_rw = None
-    if blocked:
-        blocked_rw = dataclasses.replace(frag_rw, scale=fragment.block_meta(frag_rw.scale),
-                                         zero=None if frag_rw.zero is None else fragment.block_meta(frag_rw.zero))
-        blocked_rw.plans = {}
     ref_w = qt.dequantize(torch.float64)
     out = []
     for m in ms:
         x = torch.randn(m, k, device=w16.device, dtype=torch.float16)
         ref = x.double() @ ref_w.t()
         best = None
-        by_variant = {}  # the best correct time of each variant offered: plain, scales ahead, word ring
-        cands = [(frag_rw, c) for c in fragment_mma.configs(frag_rw, m, x.dtype, qmm._sm_count(x.device))]
-        if blocked_rw is not None:  # the plain configs again, each row block's scales and zeros contiguous
-            cands += [(blocked_rw, {**c, "META_BLOCKED": 1}) for rw, c in cands if variant(c) == "plain"]
-        for rw, cfg in cands:
-            def run(rw=rw, cfg=cfg):
-                return qmm._launch(rw, x, None, cfg)
+        for cfg in fragment_mma.configs(frag_rw, m, x.dtype, qmm._sm_count(x.device)):
+            def run(cfg=cfg):
+                return qmm._launch(frag_rw, x, None, cfg)
 
             err = float((run().double() - ref).norm() / ref.norm())
             us = timer.time_graph(run)
-            name = (f"row blocks {cfg['RB']} split {cfg['SPLIT']} prefetch {cfg['PREFETCH']:d}"
-                    + (" scales ahead" if cfg.get("META_AHEAD") else "")
-                    + (f" ring {cfg['STAGES']} warps {cfg['W']}" if cfg.get("STAGES") else "")
-                    + (" blocked meta" if cfg.get("META_BLOCKED") else ""))
+            name = f"row blocks {cfg['RB']} split {cfg['SPLIT']} prefetch {cfg['PREFETCH']:d}"
             print(f"{n}x{k} {fmt} M={m} {name}: {us:7.1f} us  rel err {err:.1e}", flush=True)
             if err < 3e-3 and (best is None or us < best[0]):
-                best = (us, {kk: cfg.get(kk, 0) for kk in ("W", "RB", "SPLIT", "PREFETCH", "META_AHEAD", "META_BLOCKED", "STAGES")}, err)
-            kind = variant(cfg)
-            if err < 3e-3 and us < by_variant.get(kind, float("inf")):
-                by_variant[kind] = us
+                best = (us, {kk: cfg.get(kk, 0) for kk in ("W", "RB", "SPLIT", "PREFETCH")}, err)
         fp16 = timer.time_graph(lambda: F.linear(x, w16))
         ours = timer.time_graph(lambda: qmm.quant_matmul(x, rows_rw))
         out.append({"n": n, "k": k, "format": fmt, "m": m, "fp16_us": fp16, "rows_layout_us": ours,
                     "fragment_us": None if best is None else best[0], "fragment_cfg": None if best is None else best[1],
-                    "rel_err": None if best is None else best[2], "variant_us": by_variant,
+                    "rel_err": None if best is None else best[2],
                     "repack_s": {"rows": rows_rw.repack_seconds, "fragment": frag_rw.repack_seconds}})
         print(f"  fp16 {fp16:.1f} us, rows layout {ours:.1f} us ({fp16 / ours:.2f}x), fragment "
-              f"{'WRONG' if best is None else f'{best[0]:.1f} us ({fp16 / best[0]:.2f}x)'}"
-              + "".join(f", best {kind} {us:.1f} us ({fp16 / us:.2f}x)" for kind, us in by_variant.items()), flush=True)
+              f"{'WRONG' if best is None else f'{best[0]:.1f} us ({fp16 / best[0]:.2f}x)'}", flush=True)
     return out
 
 
@@ -134,8 +112,6 @@ def main() -> None:
     ap.add_argument("--formats", default="int4_g64,int4_g128,nf4_g64,int3_g64")
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--name", default="gluon_fragment_probe")
-    ap.add_argument("--blocked-meta", action="store_true",
-                    help="also time every plain config with each row block's scales and zeros contiguous")
     ap.add_argument("--sass", action="store_true", help="sm_90 machine code only (no GPU needed)")
     args = ap.parse_args()
     from _common import write_result
@@ -163,7 +139,7 @@ def main() -> None:
         n, k = (int(v) for v in shape.split("x"))
         w16 = (torch.randn(n, k, device=dev) * 0.02).to(torch.float16)
         for fmt in args.formats.split(","):
-            rows += probe_weight(w16, fmt, [int(v) for v in args.m.split(",")], timer, args.blocked_meta)
+            rows += probe_weight(w16, fmt, [int(v) for v in args.m.split(",")], timer)
             # after every weight: a run cut short by a time limit keeps what it measured
             write_result(args.name, {"device": torch.cuda.get_device_name(dev), "rows": rows,
                                      "timing": "CUDA-graph replay with the L2 flushed, median"})

@@ -24,11 +24,6 @@
 #       q/k/v and gate/up stacked (SIB_FORMATS, SIB_NAME; BITSMITH_FRAGMENT as set; TESTS=0: no tests)
 #   OUT=/some/dir bash benchmarks/kernels_gpu_session.sh ceiling    # CUDA test of the read-only kernel, then the stacked decoder's
 #       linears back to back beside a read-only kernel over the same bytes (how far M = 1 is from any one-pass reader)
-#   OUT=/some/dir bash benchmarks/kernels_gpu_session.sh ahead      # fragment CUDA tests (scales a group ahead among the
-#       configs), then every config with and without it timed (gluon_fragment_probe.py, BITSMITH_FRAGMENT_META_AHEAD=1)
-#   OUT=/some/dir bash benchmarks/kernels_gpu_session.sh stages     # fragment CUDA tests (the shared-memory word ring among
-#       their configs), every config with and without the ring timed (BITSMITH_FRAGMENT_STAGES=1), then the library's
-#       int3/NF4 table with the ring in the tuner's candidates
 #   OUT=/some/dir bash benchmarks/kernels_gpu_session.sh one        # one call for all of it when device time is short:
 #       CUDA tests, M = 1 table int4 vs NF4, compiled end-to-end decode, host overhead
 # The CUDA tests run with pytest-xdist when it is importable (carried as wheels: .whl/, see the device notes).
@@ -244,25 +239,6 @@ siblings)  # CUDA tests of the sibling groups and the fragment layout; compiled 
   timeout "${T_E2E:-400}" python3 benchmarks/decode_e2e.py --batch 1 --formats "$fmts" --reps 30 --compile --name "$name" 2>&1 \
     | grep -v -i warn | tee -a "$OUT/decode_e2e.txt" | grep -E "B=|x fp16|^ *(fp16|int|nf)"  # rows as they come
   cp "benchmarks/results/$name.json" "$OUT/" 2>/dev/null  # by name: two runs in one call keep both
-  ;;
-stages)  # the fragment kernel's shared-memory word ring: its CUDA tests, every config timed, the library's table
-  TEST_FILES="tests/test_fragment.py" TEST_K=cuda T_TESTS=${T_TESTS:-150} cuda_tests || { echo "CUDA tests failed: no benchmarks"; exit 1; }
-  echo "== BITSMITH_FRAGMENT_STAGES=1 python3 benchmarks/gluon_fragment_probe.py --shapes ${FRAG_SHAPES:-14336x4096,4096x14336} --m 1,16 --formats ${FRAG_FORMATS:-int4_g64,int3_g64,nf4_g64} --reps 10 --name gluon_fragment_probe_stages" | tee "$OUT/fragment.txt"
-  BITSMITH_FRAGMENT_STAGES=1 timeout "${T_FRAG:-240}" python3 benchmarks/gluon_fragment_probe.py --shapes "${FRAG_SHAPES:-14336x4096,4096x14336}" \
-    --m 1,16 --formats "${FRAG_FORMATS:-int4_g64,int3_g64,nf4_g64}" --reps 10 --name gluon_fragment_probe_stages 2>&1 | grep -v -i warn \
-    | tee -a "$OUT/fragment.txt" | grep -E "fp16|WRONG|best"
-  cp benchmarks/results/gluon_fragment_probe_stages.json "$OUT/" 2>/dev/null
-  echo "== BITSMITH_FRAGMENT_STAGES=1 python3 benchmarks/kernels_bench.py --shapes 4096x4096,14336x4096,4096x14336,28672x8192 --m 1,16 --formats int3_g64,nf4_g64 --no-w8a8 --reps 20 --name kernels_stages" | tee "$OUT/kernels_stages.txt"
-  BITSMITH_FRAGMENT_STAGES=1 timeout "${T_BENCH:-200}" python3 benchmarks/kernels_bench.py --shapes 4096x4096,14336x4096,4096x14336,28672x8192 \
-    --m 1,16 --formats int3_g64,nf4_g64 --no-w8a8 --reps 20 --name kernels_stages 2>&1 | grep -v -i warn | tee -a "$OUT/kernels_stages.txt" | tail -20
-  cp benchmarks/results/kernels_stages.json "$OUT/" 2>/dev/null
-  ;;
-ahead)  # the fragment kernel with the scales and zeros a group ahead: its CUDA tests, then every config timed
-  TEST_FILES="tests/test_fragment.py" TEST_K=cuda T_TESTS=${T_TESTS:-150} cuda_tests || { echo "CUDA tests failed: no benchmarks"; exit 1; }
-  echo "== BITSMITH_FRAGMENT_META_AHEAD=1 python3 benchmarks/gluon_fragment_probe.py --shapes ${FRAG_SHAPES:-14336x4096,4096x14336} --m 1,16 --formats ${FRAG_FORMATS:-int4_g64,int3_g64,nf4_g64} --reps 10 --name gluon_fragment_probe_ahead" | tee "$OUT/fragment.txt"
-  BITSMITH_FRAGMENT_META_AHEAD=1 timeout "${T_FRAG:-330}" python3 benchmarks/gluon_fragment_probe.py --shapes "${FRAG_SHAPES:-14336x4096,4096x14336}" \
-    --m 1,16 --formats "${FRAG_FORMATS:-int4_g64,int3_g64,nf4_g64}" --reps 10 --name gluon_fragment_probe_ahead 2>&1 | grep -v -i warn | tee -a "$OUT/fragment.txt" | grep -E "fp16|WRONG|best"
-  cp benchmarks/results/gluon_fragment_probe_ahead.json "$OUT/" 2>/dev/null
   ;;
 ceiling)  # the read ceiling: the stacked layer's M = 1 matmuls vs a kernel that only reads the same bytes, one graph each
   TEST_FILES=tests/test_kernels.py TEST_K=read_kernel T_TESTS=${T_TESTS:-60} cuda_tests || { echo "CUDA test failed: no benchmark"; exit 1; }

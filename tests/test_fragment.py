@@ -321,26 +321,6 @@ def test_fragment_kernel_compiles_without_shared_memory(rb, tok, fmt, dtype):
         assert loop["LDG.E.128"] >= rb
 
 
-@needs_gluon
-@pytest.mark.parametrize("fmt", fragment.FORMATS)
-@pytest.mark.parametrize("case", ["groups of 64", "tails, groups of 128, symmetric", "one scale a row"])
-def test_scales_a_group_ahead_compile_and_load_as_often(fmt, case):
-    """``META_AHEAD`` moves a group's scale and zero loads one group earlier; the main loop still
-    loads them once a group (the same 16-bit loads as without it, masked: the next group may be
-    past the program's slice), still without shared memory. Per-row scales are loop-invariant,
-    so ``META_AHEAD`` leaves them as they were (the compiler hoists them or not: with a tail it
-    did, without one it did not)."""
-    extra = {"groups of 64": {}, "tails, groups of 128, symmetric": {"TAIL": True, "SG": 2, "HAS_ZERO": False},
-             "one scale a row": {"SG": 0}}[case]
-    loops = [probe.loop_opcodes(fragment_mma.compile_offline(fmt, 2, 8, 1, META_AHEAD=ahead, **extra).asm["cubin"])
-             for ahead in (False, True)]
-    for loop in loops:
-        assert not [op for op in loop if op.startswith(("LDS", "STS", "SHFL", "BAR"))], loop
-    assert loops[1]["LDG.E.U16"] == loops[0]["LDG.E.U16"], loops
-    if case != "one scale a row":
-        assert loops[1]["LDG.E.U16"] > 0, loops
-
-
 def _loop_sass(cubin: bytes) -> list[str]:
     """The main loop's instructions (the longest loop with tensor-core products), in order."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -406,46 +386,6 @@ def test_split_k_sum_loads_partials_together():
 
 
 @needs_gluon
-@pytest.mark.parametrize("fmt", fragment.FORMATS)
-@pytest.mark.parametrize("w,rb,stages,tok", [(1, 1, 8, 8), (4, 2, 4, 16)])
-def test_fragment_ring_copies_words_asynchronously(fmt, w, rb, stages, tok):
-    """``STAGES``: a group's words reach shared memory by ``cp.async`` (``LDGSTS``; int4 and NF4
-    one 16-byte copy a lane and row block, int3 four 4-byte copies, the fourth masked off: it
-    writes its slot's unused word), are read back with one shared load a lane and row block, and
-    no word travels through registers by a plain global load; the ring takes ``STAGES`` groups
-    of shared memory, and the registers stay within the launch's cap without spilling."""
-    compiled = fragment_mma.compile_offline(fmt, rb, tok, 0, W=w, STAGES=stages)
-    with tempfile.TemporaryDirectory() as tmp:
-        ins = kernels_sass.sass_of(compiled.asm["cubin"], Path(tmp))
-        regs = kernels_sass.registers(compiled.asm["cubin"], Path(tmp))
-    loop = kernels_sass.main_loop(ins, holding="HMMA")
-    copies = sum(c for op, c in loop.items() if op.startswith("LDGSTS"))
-    assert copies == (4 if fmt == "int3" else 1) * rb, loop
-    assert loop["LDS.128"] == rb, loop
-    assert loop["LDG.E.128"] == tok // 4 and "LDG.E" not in loop, loop  # the activations' loads only
-    cfg = {"W": w, "RB": rb, "STAGES": stages}
-    assert compiled.metadata.shared >= fragment_mma.ring_bytes(cfg) == stages * rb * w * 512
-    assert regs <= fragment_mma.register_cap(cfg) and not [t for a, t in ins if re.match(r"(LDL|STL)\b", t)]
-
-
-def test_fragment_ring_configs_only_on_request(monkeypatch):
-    """The ring's configs fit :data:`fragment_mma.RING_BYTES` and the partials' workspace, and the
-    tuner offers them only with ``BITSMITH_FRAGMENT_STAGES=1`` (not yet timed on a GPU)."""
-    rw = repack(_quantize("int4_g64", torch.randn(4096, 4096, generator=torch.Generator().manual_seed(5)) * 0.02),
-                layout="fragment")
-    ring = fragment_mma.stages_configs(rw, 1, 132)
-    assert ring and {c["W"] for c in ring} == {1, 4} and {c["STAGES"] for c in ring} == {4, 8}
-    assert all(fragment_mma.ring_bytes(c) <= fragment_mma.RING_BYTES and c["SPLIT"] <= fragment_mma.MAX_PARTIALS
-               and c["num_warps"] == c["W"] for c in ring)
-    monkeypatch.setitem(fragment_mma.STAGES_TUNED, "enabled", False)
-    monkeypatch.setattr(fragment_mma, "supports", lambda rw, dtype: None)  # a CPU weight stands in for a GPU one
-    plain = fragment_mma.configs(rw, 1, torch.float16, 132)
-    assert plain and not any(c.get("STAGES") for c in plain)
-    monkeypatch.setitem(fragment_mma.STAGES_TUNED, "enabled", True)
-    assert fragment_mma.configs(rw, 1, torch.float16, 132) == plain + ring
-
-
-@needs_gluon
 def test_fragment_kernel_tails_compile():
     """Rows past the tile, channels past a group, per-row scales, a symmetric zero and a bias."""
     loop = probe.loop_opcodes(fragment_mma.compile_offline("int4", 2, 8, True, TAIL=True, SG=0, HAS_ZERO=False,
@@ -488,16 +428,12 @@ def _cuda_case(name, m, n, k, dtype, bias=True):
 
 def _check_configs(name, m, dtype, prefetch=(0, 1, 2), splits=(1, 4, 9)):
     """Every row-block count x ``prefetch`` x ``splits`` (9 = one group a program; 4 leaves the
-    last program of a tile without groups), with words loaded ahead also the scales a group ahead
-    (``META_AHEAD``), and the tuner's candidates and default."""
+    last program of a tile without groups), and the tuner's candidates and default."""
     qmm, rw, x, b, ref = _cuda_case(name, m, 200, 576, dtype)
     tol = 2e-3 if dtype == torch.float16 else 1.6e-2
     sms = qmm._sm_count(x.device)
-    cfgs = [{"KERNEL": "fragment", "W": 4, "RB": rb, "SPLIT": split, "PREFETCH": pf, "META_AHEAD": ahead, "num_warps": 4}
-            for rb in (1, 2, 4) for pf in prefetch for split in splits for ahead in ((0, 1) if pf else (0,))]
-    # the shared-memory word ring: one or four warps, a ring longer than a program's groups (split 9)
-    cfgs += [{"KERNEL": "fragment", "W": w, "RB": rb, "SPLIT": split, "PREFETCH": 0, "META_AHEAD": 0, "STAGES": st,
-              "num_warps": w} for w, rb, st in ((1, 1, 8), (4, 2, 4), (1, 2, 2), (4, 1, 3)) for split in splits]
+    cfgs = [{"KERNEL": "fragment", "W": 4, "RB": rb, "SPLIT": split, "PREFETCH": pf, "num_warps": 4}
+            for rb in (1, 2, 4) for pf in prefetch for split in splits]
     cfgs += fragment_mma.configs(rw, m, dtype, sms) + [fragment_mma.default_config(rw, m, sms)]
     for cfg in cfgs:
         for _ in range(2):  # twice: the split-K counters were reset by the first launch

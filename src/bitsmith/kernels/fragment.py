@@ -158,15 +158,5 @@ def unpack(words: torch.Tensor, n: int, k: int, fmt: str) -> torch.Tensor:
     return codes[:n, :k].to(torch.uint8)
 
 
-def block_meta(meta: torch.Tensor) -> torch.Tensor:
-    """Scales or zeros ``[G, N]`` (one row per scale group) -> ``[NB, G, 16]``: each row block's
-    groups contiguous, 16 values a group (``N`` padded with zeros to whole row blocks)."""
-    g, n = meta.shape
-    nb = -(-n // ROWS)
-    out = torch.zeros(g, nb * ROWS, dtype=meta.dtype, device=meta.device)
-    out[:, :n] = meta
-    return out.view(g, nb, ROWS).permute(1, 0, 2).contiguous()
-
-
 __all__ = ["pack", "unpack", "fragment_format", "fragment_position", "physical_k", "code_bits", "FORMATS",
            "WORDS_PER_GROUP", "GROUP", "ROWS"]

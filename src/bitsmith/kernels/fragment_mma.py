@@ -26,13 +26,10 @@ measured shape and format, for int3 and NF4 at M = 1 and in the compiled decode 
 it at M = 2048 but on 28672x8192 (kernels_layout{0,1}{,_m2048}_h100.json), so
 :func:`bitsmith.kernels.layout.repack` builds it for the formats ``BITSMITH_FRAGMENT`` names, int3 and
 NF4 when it is unset (:data:`bitsmith.kernels.layout.DEFAULT_FRAGMENT_FORMATS`). Its launches
-carry a register cap (:data:`MAXNREG`). The shared-memory word ring (``STAGES``) is compiled and
-checked in CI but not yet run on a GPU, so the tuner offers it only on request
-(:data:`STAGES_TUNED`).
+carry a register cap (:data:`MAXNREG`).
 """
 from __future__ import annotations
 
-import os
 
 import torch
 
@@ -51,11 +48,11 @@ except ImportError:  # pragma: no cover - depends on the environment
 try:
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon.language.nvidia.ampere import async_copy, mma_v2
+    from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 
     HAVE_GLUON = True
 except ImportError:  # pragma: no cover - depends on the environment
-    gluon = gl = mma_v2 = async_copy = None
+    gluon = gl = mma_v2 = None
     HAVE_GLUON = False
 
 # 16-bit float bit pattern and value of MAGIC (``MAGIC + q`` is ``MAGIC_BITS | q``, exact for q < 128)
@@ -72,16 +69,6 @@ MAX_PARTIALS = 256  # split-K x M per output column: the workspace reserved per 
 #: tokens, so they get 192 (no local memory in any config, tests/test_fragment.py).
 MAXNREG = {1: 128, 2: 128, 4: 192}
 DEQUANT_ROW_BLOCKS = 8  # row blocks a program of the dequantization kernel
-#: whether the tuner also tries ``META_AHEAD`` (scales and zeros a group ahead). Off until its
-#: CUDA tests have passed on a GPU (Gluon kernels do not run under Triton's interpreter, so CI
-#: only compiles it): ``BITSMITH_FRAGMENT_META_AHEAD=1`` turns it on.
-META_AHEAD_TUNED = {"enabled": os.environ.get("BITSMITH_FRAGMENT_META_AHEAD", "") == "1"}
-#: whether the tuner also tries the shared-memory ring (``STAGES``: the words copied with
-#: ``cp.async`` several groups ahead, in flight without holding registers; one or four warps a
-#: program). Compiled and checked in CI, not yet run on a GPU: ``BITSMITH_FRAGMENT_STAGES=1``
-#: turns it on (benchmarks/kernels_gpu_session.sh ``stages`` runs its CUDA tests and times it).
-STAGES_TUNED = {"enabled": os.environ.get("BITSMITH_FRAGMENT_STAGES", "") == "1"}
-RING_BYTES = 32 * 1024  # the most shared memory a program's ring may take
 
 
 def register_cap(cfg: dict) -> int:
@@ -238,30 +225,24 @@ if HAVE_GLUON:
         return gl.convert_layout(b, b_layout, assert_trivial=True)
 
     @gluon.jit
-    def _group_meta(s_ptr, z_ptr, g, ok, N, NGS, rows, row_ok, zconst, SG: gl.constexpr, FMT: gl.constexpr,
-                    HAS_ZERO: gl.constexpr, MAGIC_F: gl.constexpr, MASKED: gl.constexpr, BLOCKED: gl.constexpr):
+    def _group_meta(s_ptr, z_ptr, g, N, rows, row_ok, zconst, SG: gl.constexpr, FMT: gl.constexpr,
+                    HAS_ZERO: gl.constexpr, MAGIC_F: gl.constexpr, MASKED: gl.constexpr):
         """Group ``g``'s scales and (affine) zeros plus the magic of the tile's ``rows``, float32.
-        ``MASKED``: rows past ``N`` (``row_ok``) and a group past the program's slice (``ok``
-        false) read zeros; else every load is in bounds and unmasked. A codebook's second value is
-        its scales again (it has no zeros). ``BLOCKED``: the scales and zeros are
-        ``[NB, NGS, 16]`` (:func:`bitsmith.kernels.fragment.block_meta`: a row block's groups
-        contiguous), else ``[NGS, N]``."""
+        ``MASKED``: rows past ``N`` (``row_ok``) read zeros; else every load is in bounds and
+        unmasked. A codebook's second value is its scales again (it has no zeros)."""
         if SG == 0:
             s_off = rows
-        elif BLOCKED:
-            s_off = ((rows // 16) * NGS + g // SG) * 16 + rows % 16
         else:
             s_off = (g // SG) * N + rows
         if MASKED:
-            m = row_ok & ok
-            sc = gl.load(s_ptr + s_off, mask=m, other=0.0).to(gl.float32)
+            sc = gl.load(s_ptr + s_off, mask=row_ok, other=0.0).to(gl.float32)
         else:
             sc = gl.load(s_ptr + s_off).to(gl.float32)
         if FMT == 1:
             zc = sc
         elif HAS_ZERO:
             if MASKED:
-                zc = gl.load(z_ptr + s_off, mask=m, other=0.0).to(gl.float32) + MAGIC_F
+                zc = gl.load(z_ptr + s_off, mask=row_ok, other=0.0).to(gl.float32) + MAGIC_F
             else:
                 zc = gl.load(z_ptr + s_off).to(gl.float32) + MAGIC_F
         else:
@@ -270,24 +251,18 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _frag_kernel(x_ptr, w_ptr, ws_ptr, s_ptr, z_ptr, cnt_ptr, b_ptr, out_ptr,
-                     M, N, K, NB, NG, NGS, G_PER, SPLIT, L0, L1, L2, L3, H0, H1, H2, H3, zconst, stride_xm,
+                     M, N, K, NB, NG, G_PER, SPLIT, L0, L1, L2, L3, H0, H1, H2, H3, zconst, stride_xm,
                      W: gl.constexpr, RB: gl.constexpr, TOK: gl.constexpr, PREFETCH: gl.constexpr,
-                     META_AHEAD: gl.constexpr, META_BLOCKED: gl.constexpr, STAGES: gl.constexpr, IS_SPLIT: gl.constexpr, SG: gl.constexpr, FMT: gl.constexpr, HAS_ZERO: gl.constexpr,
+                     IS_SPLIT: gl.constexpr, SG: gl.constexpr, FMT: gl.constexpr, HAS_ZERO: gl.constexpr,
                      HAS_BIAS: gl.constexpr, TAIL: gl.constexpr, BF16: gl.constexpr):
         """See the module docstring. Program ``(row tile, K split)``; ``SG``: groups of 64 per
         scale group (0: one scale a row); ``FMT``: :data:`FMT_IDS`; ``L0..H3``: a codebook's byte
         planes; ``zconst``: the symmetric zero when ``HAS_ZERO`` is off; ``TAIL``: ``N`` is not a
         multiple of the tile or ``K`` of 64 (loads are masked); ``BF16``: the activations are
         bfloat16 (else float16); ``PREFETCH``: how many later groups' words are loaded ahead into
-        registers (0, 1 or 2); ``META_AHEAD``: the next group's scales, zeros and activations are
-        loaded one group ahead too (else each group waits for its own, a memory latency a step);
-        per-row scales (``SG = 0``) are loop-invariant and stay as they were. ``STAGES > 1``: the
-        words go through a ring of ``STAGES`` groups in shared memory instead, copied
-        asynchronously (``cp.async``) ``STAGES - 1`` groups ahead, so the loads in flight hold no
-        registers (``PREFETCH`` is then unused); each lane reads back only the bytes it copied
-        itself, so waiting for its own copies would suffice, but Triton's shared-memory hazard
-        analysis still puts two CTA barriers around each group's read (cheap with one warp a
-        program)."""
+        registers (0, 1 or 2); a group's scales, zeros and activations are loaded in its own step
+        (loading them a group ahead, or the words through a ``cp.async`` ring in shared memory,
+        was slower on the H100: gluon_fragment_probe_{ahead_cap,stages}_h100.txt)."""
         DT: gl.constexpr = x_ptr.dtype.element_ty
         MAGIC_F: gl.constexpr = 128.0 if BF16 else 1024.0
         pid_n = gl.program_id(0)
@@ -318,40 +293,12 @@ if HAVE_GLUON:
         ones = gl.full([BN, 64], 1.0, DT, layout=a_layout)
         g_lo = pid_k * G_PER
         g_hi = gl.minimum(g_lo + G_PER, NG)
-        if STAGES > 1:  # the ring's first STAGES - 1 groups, one commit group each
-            ring = gl.allocate_shared_memory(gl.int32, [STAGES, RB, W, 32, 4],
-                                             gl.SwizzledSharedLayout(1, 1, 1, [3, 2, 1, 0]))
-            for i in gl.static_range(STAGES - 1):
-                async_copy.async_copy_global_to_shared(ring.index(i), w_ptr + blk + (g_lo + i) * WPG,
-                                                       mask=w_mask & (g_lo + i < g_hi))
-                async_copy.commit_group()
-        elif PREFETCH >= 1:
+        if PREFETCH >= 1:
             words = gl.load(w_ptr + blk + g_lo * WPG, mask=w_mask & (g_lo < g_hi), other=0)
-        if PREFETCH == 2 and STAGES <= 1:
+        if PREFETCH == 2:
             words2 = gl.load(w_ptr + blk + (g_lo + 1) * WPG, mask=w_mask & (g_lo + 1 < g_hi), other=0)
-        AHEAD: gl.constexpr = META_AHEAD and SG != 0
-        if META_AHEAD:  # a valid group even when the slice is empty (its products are never added)
-            b_next = _b_operand(x_ptr, gl.minimum(g_lo, NG - 1), M, K, stride_xm, W, TOK, b_layout, TAIL)
-        if AHEAD:
-            sc_next, zc_next = _group_meta(s_ptr, z_ptr, g_lo, g_lo < g_hi, N, NGS, rows, row_ok, zconst, SG, FMT, HAS_ZERO,
-                                           MAGIC_F, True, META_BLOCKED)
         for g in range(g_lo, g_hi):
-            if META_AHEAD:  # the activations too: the last step reloads its own group (never past K)
-                b = b_next
-                b_next = _b_operand(x_ptr, gl.minimum(g + 1, g_hi - 1), M, K, stride_xm, W, TOK, b_layout, TAIL)
-            if AHEAD:  # this group's were loaded a step ago; the next group's go out now
-                sc = sc_next
-                zc = zc_next
-                sc_next, zc_next = _group_meta(s_ptr, z_ptr, g + 1, g + 1 < g_hi, N, NGS, rows, row_ok, zconst, SG, FMT,
-                                               HAS_ZERO, MAGIC_F, True, META_BLOCKED)
-            if STAGES > 1:  # this group's copy has landed once at most STAGES - 2 groups are pending
-                async_copy.wait_group(STAGES - 2)
-                cur = ring.index((g - g_lo) % STAGES).load(w_layout)
-                ahead = g + STAGES - 1  # into the slot read a group ago (its values are in use already)
-                async_copy.async_copy_global_to_shared(ring.index((ahead - g_lo) % STAGES), w_ptr + blk + ahead * WPG,
-                                                       mask=w_mask & (ahead < g_hi))
-                async_copy.commit_group()
-            elif PREFETCH == 2:  # two groups' words in flight beside this one's products
+            if PREFETCH == 2:  # two groups' words in flight beside this one's products
                 cur = words
                 words = words2
                 words2 = gl.load(w_ptr + blk + (g + 2) * WPG, mask=w_mask & (g + 2 < g_hi), other=0)
@@ -363,12 +310,9 @@ if HAVE_GLUON:
             else:
                 cur = gl.load(w_ptr + blk + g * WPG)
             a = _a_operand(cur, (L0, L1, L2, L3, H0, H1, H2, H3), W, RB, a_layout, FMT, BF16)
-            if not META_AHEAD:
-                b = _b_operand(x_ptr, g, M, K, stride_xm, W, TOK, b_layout, TAIL)
+            b = _b_operand(x_ptr, g, M, K, stride_xm, W, TOK, b_layout, TAIL)
             part = mma_v2(a, b, gl.zeros([BN, TOK], gl.float32, layout=mma))
-            if not AHEAD:  # this group's own, loaded now
-                sc, zc = _group_meta(s_ptr, z_ptr, g, True, N, NGS, rows, row_ok, zconst, SG, FMT, HAS_ZERO, MAGIC_F, TAIL,
-                                     META_BLOCKED)
+            sc, zc = _group_meta(s_ptr, z_ptr, g, N, rows, row_ok, zconst, SG, FMT, HAS_ZERO, MAGIC_F, TAIL)
             if FMT == 1:
                 acc += part * sc[:, None]
             else:
@@ -468,11 +412,6 @@ def _scale_steps(rw: RuntimeWeight) -> int:
     return rw.group // fragment.GROUP
 
 
-def meta_groups(rw: RuntimeWeight) -> int:
-    """Scale groups a row (the scales' and zeros' group count, 1 for one scale a row)."""
-    return 1 if rw.group == 0 else -(-rw.kp // rw.group)
-
-
 def supports(rw: RuntimeWeight, dtype: torch.dtype) -> str | None:
     """Why ``_frag_kernel`` cannot take ``rw`` with ``dtype`` activations (``None`` when it can)."""
     if not HAVE_GLUON:
@@ -494,8 +433,7 @@ def configs(rw: RuntimeWeight, m: int, dtype: torch.dtype, sms: int) -> list[dic
     """Candidate configs of ``_frag_kernel`` at ``m <= 16`` rows on a GPU of ``sms``
     multiprocessors: row blocks a warp x split-K (between half a program and 16 programs an SM,
     within :data:`MAX_PARTIALS`) x the next one or two groups' words loaded ahead in registers
-    (``PREFETCH`` 0, 1, 2) x, where :data:`META_AHEAD_TUNED` is on and words are loaded ahead,
-    the scales and zeros a group ahead too (``META_AHEAD``)."""
+    (``PREFETCH`` 0, 1, 2)."""
     if m > 16 or supports(rw, dtype) is not None:
         return []
     ng = rw.words.shape[1]
@@ -506,38 +444,7 @@ def configs(rw: RuntimeWeight, m: int, dtype: torch.dtype, sms: int) -> list[dic
             if split > ng or split * m > MAX_PARTIALS or not (split == 1 or sms // 2 <= programs * split <= 16 * sms):
                 continue
             for prefetch in (0, 1, 2):
-                for ahead in (0, 1) if META_AHEAD_TUNED["enabled"] and prefetch else (0,):
-                    out.append({"KERNEL": "fragment", "W": 4, "RB": rb, "SPLIT": split, "PREFETCH": prefetch,
-                                "META_AHEAD": ahead, "num_warps": 4})
-    if STAGES_TUNED["enabled"]:
-        out += stages_configs(rw, m, sms)
-    return out
-
-
-def ring_bytes(cfg: dict) -> int:
-    """Shared memory of a config's word ring (0 without one): ``STAGES`` groups of ``RB`` row
-    blocks of ``W`` warps, 512 bytes each."""
-    return cfg.get("STAGES", 0) * cfg["RB"] * cfg["W"] * 512 if cfg.get("STAGES", 0) > 1 else 0
-
-
-def stages_configs(rw: RuntimeWeight, m: int, sms: int) -> list[dict]:
-    """Candidate configs with the shared-memory word ring (``STAGES`` 4 or 8 groups, one or four
-    warps a program, one or two row blocks a warp, within :data:`RING_BYTES`), split-K as in
-    :func:`configs` but up to 32 programs an SM (one-warp programs)."""
-    ng = rw.words.shape[1]
-    out = []
-    for w in (1, 4):
-        for rb in (1, 2):
-            programs = _tiles(rw, w, rb)
-            for split in (1, 2, 4, 8, 16, 32):
-                if split > ng or split * m > MAX_PARTIALS or not (split == 1 or sms // 2 <= programs * split <= 32 * sms):
-                    continue
-                for stages in (4, 8):
-                    for ahead in (0, 1) if META_AHEAD_TUNED["enabled"] else (0,):
-                        cfg = {"KERNEL": "fragment", "W": w, "RB": rb, "SPLIT": split, "PREFETCH": 0, "META_AHEAD": ahead,
-                               "STAGES": stages, "num_warps": w}
-                        if ring_bytes(cfg) <= RING_BYTES:
-                            out.append(cfg)
+                out.append({"KERNEL": "fragment", "W": 4, "RB": rb, "SPLIT": split, "PREFETCH": prefetch, "num_warps": 4})
     return out
 
 
@@ -565,9 +472,8 @@ def launch_args(rw: RuntimeWeight, x2: torch.Tensor, bias: torch.Tensor | None, 
     ws, cnt = workspace(x2.device, split * m * rw.n, tiles) if split > 1 else (dummy, rw.words)
     args = (x2, rw.words, ws, rw.scale, rw.zero if rw.zero is not None else dummy, cnt,
             bias if bias is not None else dummy, out,
-            m, rw.n, k, nb, ng, meta_groups(rw), -(-ng // split), split, *table_planes(rw, x2.dtype), float(rw.zconst), x2.stride(0))
-    consts = {"W": w, "RB": rb, "TOK": 8 if m <= 8 else 16, "PREFETCH": int(cfg["PREFETCH"]),
-              "META_AHEAD": bool(cfg.get("META_AHEAD", 0)), "META_BLOCKED": bool(cfg.get("META_BLOCKED", 0)), "STAGES": int(cfg.get("STAGES", 0)), "IS_SPLIT": split > 1,
+            m, rw.n, k, nb, ng, -(-ng // split), split, *table_planes(rw, x2.dtype), float(rw.zconst), x2.stride(0))
+    consts = {"W": w, "RB": rb, "TOK": 8 if m <= 8 else 16, "PREFETCH": int(cfg["PREFETCH"]), "IS_SPLIT": split > 1,
               "SG": _scale_steps(rw), "FMT": FMT_IDS[rw.fragment_format], "HAS_ZERO": rw.zero is not None,
               "HAS_BIAS": bias is not None, "TAIL": rw.n % (16 * w * rb) != 0 or k % 64 != 0, "BF16": x2.dtype == torch.bfloat16}
     options = {"num_warps": cfg["num_warps"]}
@@ -601,7 +507,7 @@ def compile_offline(fmt: str = "int4", rb: int = 1, tok: int = 8, prefetch: int 
     says otherwise (0: none)."""
     from .small_m import _compile_offline
 
-    cx = {"W": 4, "RB": rb, "TOK": tok, "PREFETCH": int(prefetch), "META_AHEAD": False, "META_BLOCKED": False, "STAGES": 0, "IS_SPLIT": True, "SG": 1, "FMT": FMT_IDS[fmt],
+    cx = {"W": 4, "RB": rb, "TOK": tok, "PREFETCH": int(prefetch), "IS_SPLIT": True, "SG": 1, "FMT": FMT_IDS[fmt],
           "HAS_ZERO": fmt != "nf4", "HAS_BIAS": False, "TAIL": False, "BF16": act == "bf16", **consts}
     cap = register_cap({"RB": rb}) if maxnreg is None else maxnreg
     return _compile_offline(_frag_kernel, cx, act, cx["W"], 1, arch, gluon=True, maxnreg=cap)
