@@ -19,7 +19,8 @@ transformers' unfused model, the baseline of issue 8.
 
 ``--no-pdl``: the small-M kernels launched without programmatic dependent launch (to compare).
 ``--profile STEPS``: GPU time per kernel name over that many eager steps (torch.profiler), to see
-where a step's time goes.
+where a step's time goes. ``--sdpa``: the attention backends torch may pick (``auto``: its own
+choice; ``no-cudnn``, ``flash``, ``efficient``, ``math``), set for fp16 and every format alike.
 
 ``--compile``: the decode step is ``torch.compile``d first (Inductor, default mode, static
 shapes: it fuses the norms, rotary embedding, residual adds and activations; the quantized
@@ -45,6 +46,19 @@ from _common import write_result  # noqa: E402
 
 from bitsmith.kernels.bench import copy_bandwidth, make_qtensor, tune_failures  # noqa: E402
 from bitsmith.nn import QuantLinear  # noqa: E402
+
+
+def _sdpa_only(*allowed: str):
+    """A setter letting ``scaled_dot_product_attention`` use only the ``allowed`` backends."""
+    def setter():
+        for name in ("cudnn", "flash", "mem_efficient", "math"):
+            getattr(torch.backends.cuda, f"enable_{name}_sdp")(name in allowed)
+    return setter
+
+
+#: ``--sdpa``: which backends the model's attention may use (the same for fp16 and every format)
+SDPA_BACKENDS = {"auto": lambda: None, "no-cudnn": _sdpa_only("flash", "mem_efficient", "math"),
+                 "flash": _sdpa_only("flash"), "efficient": _sdpa_only("mem_efficient"), "math": _sdpa_only("math")}
 
 
 def llama3_8b_config(layers: int):
@@ -233,8 +247,12 @@ def main() -> None:
     ap.add_argument("--no-pdl", action="store_true", help="small-M launches without programmatic dependent launch")
     ap.add_argument("--profile", type=int, default=0, metavar="STEPS",
                     help="also print (and keep in the JSON) GPU time per kernel over STEPS eager decode steps")
+    ap.add_argument("--sdpa", default="auto", choices=sorted(SDPA_BACKENDS),
+                    help="attention backends torch's scaled_dot_product_attention may pick, for every format alike "
+                         "(auto: torch's own choice)")
     args = ap.parse_args()
     dev = torch.device("cuda")
+    SDPA_BACKENDS[args.sdpa]()
     if args.no_pdl:
         from bitsmith.kernels import small_m
 
@@ -295,7 +313,7 @@ def save(args, cfg, bw, rows) -> None:
                                         "vocab": 128256, "prompt": args.prompt, "cache_len": args.cache_len,
                                         "lm_head_and_embeddings": "fp16 (the LM head quantized in '+head' formats, int8 g64 in '+head8')",
                                         "compiled_step": args.compile,
-                                        "pdl": not args.no_pdl},
+                                        "pdl": not args.no_pdl, "sdpa": args.sdpa},
                              "copy_gbps": bw / 1e9, "rows": rows})
 
 
