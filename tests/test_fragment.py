@@ -371,6 +371,50 @@ def test_fragment_launch_carries_the_register_cap():
 
 
 @needs_gluon
+@pytest.mark.parametrize("fmt", fragment.FORMATS)
+@pytest.mark.parametrize("prefetch", [0, 1, 2])
+def test_fragment_kernel_pdl_loads_only_words_before_the_wait(fmt, prefetch):
+    """As a programmatic dependent launch the fragment kernel may start while the previous kernel
+    still writes (sm_90 PTX and SASS, no GPU needed): it signals the next launch first, loads the
+    ``prefetch`` groups' words it prefetches (int4/NF4 one 16-byte load a row block and group,
+    int3 four 4-byte loads, the fourth masked off) and then waits, before any scale (16-bit) load,
+    store or atomic; without PDL there is no grid dependency instruction at all."""
+    rb = 2
+    compiled = fragment_mma.compile_offline(fmt, rb, 8, prefetch, PDL=True)
+    ptx = compiled.asm["ptx"].splitlines()
+    at = {key: [i for i, line in enumerate(ptx) if key in line]
+          for key in ("griddepcontrol.launch_dependents", "griddepcontrol.wait", "ld.global", "ld.global.b16",
+                      "st.global", "atom.")}
+    assert len(at["griddepcontrol.launch_dependents"]) == 1 and len(at["griddepcontrol.wait"]) == 1
+    signal, wait = at["griddepcontrol.launch_dependents"][0], at["griddepcontrol.wait"][0]
+    early = [i for i in at["ld.global"] if i < wait]
+    assert len(early) == prefetch * rb * (4 if fmt == "int3" else 1) and all(i > signal for i in early), early
+    after = at["ld.global.b16"] + at["st.global"] + at["atom."]
+    assert after and min(after) > wait
+    with tempfile.TemporaryDirectory() as tmp:
+        ops = [kernels_sass.opcode(t) for _, t in kernels_sass.sass_of(compiled.asm["cubin"], Path(tmp))]
+    acq = ops.index("ACQBULK")  # griddepcontrol.wait in sm_90 machine code
+    assert "PREEXIT" in ops[:acq] and not [op for op in ops[:acq] if op.startswith(("LDG.E.U16", "STG", "ATOMG"))]
+    assert "griddepcontrol" not in fragment_mma.compile_offline(fmt, rb, 8, prefetch).asm["ptx"]
+
+
+def test_fragment_launch_is_a_programmatic_dependent_where_pdl_is_on(monkeypatch):
+    """The fragment kernel's launches take programmatic dependent launch exactly where
+    :func:`bitsmith.kernels.small_m.pdl_ok` allows it (the kernel's ``PDL`` and the launch option)."""
+    from bitsmith.kernels import small_m
+
+    qt = _quantize("int4_g64", torch.randn(128, 128, generator=torch.Generator().manual_seed(4)))
+    rw = repack(qt, layout="fragment")
+    x = torch.randn(1, 128, dtype=torch.float16)
+    out = torch.empty(1, 128, dtype=torch.float16)
+    cfg = {"KERNEL": "fragment", "W": 4, "RB": 1, "SPLIT": 1, "PREFETCH": 1, "num_warps": 4}
+    for on in (False, True):
+        monkeypatch.setattr(small_m, "pdl_ok", lambda device, on=on: on)
+        _, _, _, consts, options = fragment_mma.launch_args(rw, x, None, cfg, out)
+        assert consts["PDL"] is on and options.get("launch_pdl", False) is on
+
+
+@needs_gluon
 def test_split_k_sum_loads_partials_together():
     """The last program of a tile adds the split-K partials: compiled for sm_90, the M = 1 kernel's
     sum loop loads 8 partials before its first add (8 L2 latencies overlapped, not one per

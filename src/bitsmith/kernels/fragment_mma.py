@@ -254,7 +254,7 @@ if HAVE_GLUON:
                      M, N, K, NB, NG, G_PER, SPLIT, L0, L1, L2, L3, H0, H1, H2, H3, zconst, stride_xm,
                      W: gl.constexpr, RB: gl.constexpr, TOK: gl.constexpr, PREFETCH: gl.constexpr,
                      IS_SPLIT: gl.constexpr, SG: gl.constexpr, FMT: gl.constexpr, HAS_ZERO: gl.constexpr,
-                     HAS_BIAS: gl.constexpr, TAIL: gl.constexpr, BF16: gl.constexpr):
+                     HAS_BIAS: gl.constexpr, TAIL: gl.constexpr, BF16: gl.constexpr, PDL: gl.constexpr):
         """See the module docstring. Program ``(row tile, K split)``; ``SG``: groups of 64 per
         scale group (0: one scale a row); ``FMT``: :data:`FMT_IDS`; ``L0..H3``: a codebook's byte
         planes; ``zconst``: the symmetric zero when ``HAS_ZERO`` is off; ``TAIL``: ``N`` is not a
@@ -262,7 +262,11 @@ if HAVE_GLUON:
         bfloat16 (else float16); ``PREFETCH``: how many later groups' words are loaded ahead into
         registers (0, 1 or 2); a group's scales, zeros and activations are loaded in its own step
         (loading them a group ahead, or the words through a ``cp.async`` ring in shared memory,
-        was slower on the H100: gluon_fragment_probe_{ahead_cap,stages}_h100.txt)."""
+        was slower on the H100: gluon_fragment_probe_{ahead_cap,stages}_h100.txt). ``PDL``: launched
+        as a programmatic dependent (:func:`bitsmith.kernels.small_m.pdl_ok`): the next launch may
+        start at once, and the words prefetched before the loop load before the wait for the
+        previous kernel (activations, partials, counters and output only after it); every program
+        waits, so a later kernel's wait on this one covers the earlier ones too."""
         DT: gl.constexpr = x_ptr.dtype.element_ty
         MAGIC_F: gl.constexpr = 128.0 if BF16 else 1024.0
         pid_n = gl.program_id(0)
@@ -293,10 +297,16 @@ if HAVE_GLUON:
         ones = gl.full([BN, 64], 1.0, DT, layout=a_layout)
         g_lo = pid_k * G_PER
         g_hi = gl.minimum(g_lo + G_PER, NG)
+        if PDL:  # the next launch may start now: it too only loads weights until its wait
+            gl.inline_asm_elementwise("griddepcontrol.launch_dependents; // dummy $0", "=r", [], dtype=gl.int32,
+                                      is_pure=False, pack=1)
         if PREFETCH >= 1:
             words = gl.load(w_ptr + blk + g_lo * WPG, mask=w_mask & (g_lo < g_hi), other=0)
         if PREFETCH == 2:
             words2 = gl.load(w_ptr + blk + (g_lo + 1) * WPG, mask=w_mask & (g_lo + 1 < g_hi), other=0)
+        if PDL:  # the weights above never change; x, the workspace and the output wait for the previous kernel
+            gl.inline_asm_elementwise("griddepcontrol.wait; // dummy $0", "=r", [], dtype=gl.int32, is_pure=False,
+                                      pack=1)
         for g in range(g_lo, g_hi):
             if PREFETCH == 2:  # two groups' words in flight beside this one's products
                 cur = words
@@ -462,9 +472,10 @@ def launch_args(rw: RuntimeWeight, x2: torch.Tensor, bias: torch.Tensor | None, 
     """``(kernel, grid, args, constexprs, options)`` of one ``_frag_kernel`` launch writing ``out``
     (argument positions 0, 6 and 7 are the activation, bias and output, as every launch plan of
     :mod:`bitsmith.kernels.qmm` expects)."""
-    from .small_m import workspace
+    from .small_m import pdl_ok, workspace
 
     m, k = x2.shape
+    pdl = pdl_ok(x2.device)
     w, rb, split = cfg["W"], cfg["RB"], cfg["SPLIT"]
     nb, ng = rw.words.shape[0], rw.words.shape[1]
     tiles = _tiles(rw, w, rb)
@@ -475,8 +486,11 @@ def launch_args(rw: RuntimeWeight, x2: torch.Tensor, bias: torch.Tensor | None, 
             m, rw.n, k, nb, ng, -(-ng // split), split, *table_planes(rw, x2.dtype), float(rw.zconst), x2.stride(0))
     consts = {"W": w, "RB": rb, "TOK": 8 if m <= 8 else 16, "PREFETCH": int(cfg["PREFETCH"]), "IS_SPLIT": split > 1,
               "SG": _scale_steps(rw), "FMT": FMT_IDS[rw.fragment_format], "HAS_ZERO": rw.zero is not None,
-              "HAS_BIAS": bias is not None, "TAIL": rw.n % (16 * w * rb) != 0 or k % 64 != 0, "BF16": x2.dtype == torch.bfloat16}
+              "HAS_BIAS": bias is not None, "TAIL": rw.n % (16 * w * rb) != 0 or k % 64 != 0, "BF16": x2.dtype == torch.bfloat16,
+              "PDL": pdl}
     options = {"num_warps": cfg["num_warps"]}
+    if pdl:
+        options["launch_pdl"] = True
     maxnreg = register_cap(cfg)
     if maxnreg:
         options["maxnreg"] = maxnreg
@@ -508,7 +522,7 @@ def compile_offline(fmt: str = "int4", rb: int = 1, tok: int = 8, prefetch: int 
     from .small_m import _compile_offline
 
     cx = {"W": 4, "RB": rb, "TOK": tok, "PREFETCH": int(prefetch), "IS_SPLIT": True, "SG": 1, "FMT": FMT_IDS[fmt],
-          "HAS_ZERO": fmt != "nf4", "HAS_BIAS": False, "TAIL": False, "BF16": act == "bf16", **consts}
+          "HAS_ZERO": fmt != "nf4", "HAS_BIAS": False, "TAIL": False, "BF16": act == "bf16", "PDL": False, **consts}
     cap = register_cap({"RB": rb}) if maxnreg is None else maxnreg
     return _compile_offline(_frag_kernel, cx, act, cx["W"], 1, arch, gluon=True, maxnreg=cap)
 
