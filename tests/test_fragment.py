@@ -399,8 +399,10 @@ def test_fragment_kernel_pdl_loads_only_words_before_the_wait(fmt, prefetch):
 
 
 def test_fragment_launch_is_a_programmatic_dependent_where_pdl_is_on(monkeypatch):
-    """The fragment kernel's launches take programmatic dependent launch exactly where
-    :func:`bitsmith.kernels.small_m.pdl_ok` allows it (the kernel's ``PDL`` and the launch option)."""
+    """With :data:`fragment_mma.PDL` on (``BITSMITH_FRAGMENT_PDL=1``, until a GPU has run it) the
+    fragment kernel's launches take programmatic dependent launch exactly where
+    :func:`bitsmith.kernels.small_m.pdl_ok` allows it (the kernel's ``PDL`` and the launch option);
+    off, never."""
     from bitsmith.kernels import small_m
 
     qt = _quantize("int4_g64", torch.randn(128, 128, generator=torch.Generator().manual_seed(4)))
@@ -408,9 +410,11 @@ def test_fragment_launch_is_a_programmatic_dependent_where_pdl_is_on(monkeypatch
     x = torch.randn(1, 128, dtype=torch.float16)
     out = torch.empty(1, 128, dtype=torch.float16)
     cfg = {"KERNEL": "fragment", "W": 4, "RB": 1, "SPLIT": 1, "PREFETCH": 1, "num_warps": 4}
-    for on in (False, True):
-        monkeypatch.setattr(small_m, "pdl_ok", lambda device, on=on: on)
+    for enabled, allowed in ((True, False), (True, True), (False, True)):
+        monkeypatch.setitem(fragment_mma.PDL, "enabled", enabled)
+        monkeypatch.setattr(small_m, "pdl_ok", lambda device, allowed=allowed: allowed)
         _, _, _, consts, options = fragment_mma.launch_args(rw, x, None, cfg, out)
+        on = enabled and allowed
         assert consts["PDL"] is on and options.get("launch_pdl", False) is on
 
 

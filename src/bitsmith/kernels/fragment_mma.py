@@ -26,10 +26,13 @@ measured shape and format, for int3 and NF4 at M = 1 and in the compiled decode 
 it at M = 2048 but on 28672x8192 (kernels_layout{0,1}{,_m2048}_h100.json), so
 :func:`bitsmith.kernels.layout.repack` builds it for the formats ``BITSMITH_FRAGMENT`` names, int3 and
 NF4 when it is unset (:data:`bitsmith.kernels.layout.DEFAULT_FRAGMENT_FORMATS`). Its launches
-carry a register cap (:data:`MAXNREG`).
+carry a register cap (:data:`MAXNREG`). Launching it as a programmatic dependent, as the rows
+layout's small-M kernels are, is compiled and checked in CI but waits for a GPU run, so it is
+opt-in (:data:`PDL`).
 """
 from __future__ import annotations
 
+import os
 
 import torch
 
@@ -69,6 +72,12 @@ MAX_PARTIALS = 256  # split-K x M per output column: the workspace reserved per 
 #: tokens, so they get 192 (no local memory in any config, tests/test_fragment.py).
 MAXNREG = {1: 128, 2: 128, 4: 192}
 DEQUANT_ROW_BLOCKS = 8  # row blocks a program of the dequantization kernel
+#: whether the fragment kernel launches as a programmatic dependent where
+#: :func:`bitsmith.kernels.small_m.pdl_ok` allows it (the rows layout's small-M kernels do; PDL was
+#: worth 2-10% of the compiled decode step there). Compiled and checked in CI (the words it
+#: prefetches are its only loads before the wait), not yet run on a GPU: ``BITSMITH_FRAGMENT_PDL=1``
+#: turns it on (benchmarks/kernels_gpu_session.sh ``frag_pdl`` runs its CUDA tests and times it).
+PDL = {"enabled": os.environ.get("BITSMITH_FRAGMENT_PDL", "") == "1"}
 
 
 def register_cap(cfg: dict) -> int:
@@ -475,7 +484,7 @@ def launch_args(rw: RuntimeWeight, x2: torch.Tensor, bias: torch.Tensor | None, 
     from .small_m import pdl_ok, workspace
 
     m, k = x2.shape
-    pdl = pdl_ok(x2.device)
+    pdl = PDL["enabled"] and pdl_ok(x2.device)
     w, rb, split = cfg["W"], cfg["RB"], cfg["SPLIT"]
     nb, ng = rw.words.shape[0], rw.words.shape[1]
     tiles = _tiles(rw, w, rb)
