@@ -26,7 +26,7 @@
 #       linears back to back beside a read-only kernel over the same bytes (how far M = 1 is from any one-pass reader)
 #   OUT=/some/dir bash benchmarks/kernels_gpu_session.sh frag_pdl   # the fragment kernel as a programmatic dependent
 #       (BITSMITH_FRAGMENT_PDL=1): its CUDA tests and the siblings', the stacked layers' linears back to back
-#       (PDL on/off), compiled batch-1 decode of int3/NF4 with and without it; compute-sanitizer in its own call:
+#       (PDL on/off), compiled batch-1 decode with int4/int3/NF4 all in the fragment layout; compute-sanitizer in its own call:
 #       BITSMITH_FRAGMENT_PDL=1 OUT=/some/dir bash benchmarks/kernels_gpu_session.sh sanitize
 #   OUT=/some/dir bash benchmarks/kernels_gpu_session.sh one        # one call for all of it when device time is short:
 #       CUDA tests, M = 1 table int4 vs NF4, compiled end-to-end decode, host overhead
@@ -251,12 +251,12 @@ frag_pdl)  # the fragment kernel launched as a programmatic dependent: tests, ch
   timeout "${T_CHAIN:-120}" python3 benchmarks/kernels_chain.py --m 1 --layers 8 --stacked --formats int3_g64,nf4_g64 --reps 20 \
     --name kernels_chain_frag_pdl 2>&1 | grep -v -i warn | tee -a "$OUT/chain.txt" | tail -8
   cp benchmarks/results/kernels_chain_frag_pdl.json "$OUT/" 2>/dev/null
-  for p in 1 0; do
-    echo "== BITSMITH_FRAGMENT_PDL=$p python3 benchmarks/decode_e2e.py --batch 1 --formats ${PDL_FORMATS:-fp16,int3_g64+fused+head8,nf4_g64+fused+head8} --reps 30 --compile --name decode_e2e_b1_frag_pdl$p" | tee -a "$OUT/decode_e2e.txt"
-    BITSMITH_FRAGMENT_PDL=$p timeout "${T_E2E:-200}" python3 benchmarks/decode_e2e.py --batch 1 --formats "${PDL_FORMATS:-fp16,int3_g64+fused+head8,nf4_g64+fused+head8}" \
-      --reps 30 --compile --name decode_e2e_b1_frag_pdl$p 2>&1 | grep -v -i warn | tee -a "$OUT/decode_e2e.txt" | tail -5
-    cp "benchmarks/results/decode_e2e_b1_frag_pdl$p.json" "$OUT/" 2>/dev/null
-  done
+  # every 3/4-bit format in the fragment layout (int4 too: without PDL it trailed the rows layout in the step)
+  fmts=${PDL_FORMATS:-fp16,int4_g64+fused+head8,int3_g64+fused+head8,nf4_g64+fused+head8}
+  echo "== BITSMITH_FRAGMENT=all BITSMITH_FRAGMENT_PDL=1 python3 benchmarks/decode_e2e.py --batch 1 --formats $fmts --reps 30 --compile --name decode_e2e_b1_frag_pdl" | tee "$OUT/decode_e2e.txt"
+  BITSMITH_FRAGMENT=all timeout "${T_E2E:-300}" python3 benchmarks/decode_e2e.py --batch 1 --formats "$fmts" --reps 30 --compile \
+    --name decode_e2e_b1_frag_pdl 2>&1 | grep -v -i warn | tee -a "$OUT/decode_e2e.txt" | tail -7
+  cp benchmarks/results/decode_e2e_b1_frag_pdl.json "$OUT/" 2>/dev/null
   ;;
 ceiling)  # the read ceiling: the stacked layer's M = 1 matmuls vs a kernel that only reads the same bytes, one graph each
   TEST_FILES=tests/test_kernels.py TEST_K=read_kernel T_TESTS=${T_TESTS:-60} cuda_tests || { echo "CUDA test failed: no benchmark"; exit 1; }
