@@ -10,6 +10,7 @@ waits on a shared-memory round trip per tile (benchmarks/results/kernels_ncu_h10
 kernels_sass.json). In the fragment layout each lane's words are already its tensor-core operand.
 
     python benchmarks/gluon_fragment_probe.py [--shapes 4096x4096,...] [--m 1,8,16] [--formats ...] [--name NAME]
+    python benchmarks/gluon_fragment_probe.py --orders block,group   # both word orders (fragment.ORDERS)
     python benchmarks/gluon_fragment_probe.py --sass      # sm_90 machine code only, any machine
 
 Variants of the kernel timed with this script and then removed, each slower than the plain
@@ -63,45 +64,61 @@ def sass_report(w: int = 4, tok: int = 8, rb: int = 1, prefetch: bool = False, f
             "shared_or_shuffle": shared, "opcodes": dict(loop.most_common())}
 
 
-def probe_weight(w16: torch.Tensor, fmt: str, ms: list[int], timer) -> list[dict]:
+def probe_weight(w16: torch.Tensor, fmt: str, ms: list[int], timer, orders=("block",)) -> list[dict]:
     """One weight quantized to ``fmt`` as the kernel table quantizes it
-    (:func:`bitsmith.kernels.bench.make_qtensor`): at each M every fragment-kernel config checked against
+    (:func:`bitsmith.kernels.bench.make_qtensor`): at each M every fragment-kernel config, with
+    the words in each of ``orders`` (:data:`bitsmith.kernels.fragment.ORDERS`), checked against
     float64 ``x @ W^T`` and timed, next to fp16 ``F.linear`` and the ``rows`` layout's tuned
-    kernels (``quant_matmul``); one row per M with the best correct config."""
+    kernels (``quant_matmul``); one row per M with the best correct config (and the best of each
+    order)."""
     import torch.nn.functional as F
 
-    from bitsmith.kernels import fragment_mma, qmm
+    from bitsmith.kernels import fragment_mma, layout, qmm
     from bitsmith.kernels.bench import make_qtensor
-    from bitsmith.kernels.layout import repack
 
     n, k = w16.shape
     qt = make_qtensor(fmt, w16)
-    rows_rw, frag_rw = repack(qt, layout="rows"), repack(qt, layout="fragment")
-    qmm.reserve_workspace(frag_rw)
+    rows_rw = layout.repack(qt, layout="rows")
+    frag_rws = {}
+    saved = layout.FRAGMENT["order"]
+    try:
+        for order in orders:
+            layout.FRAGMENT["order"] = order
+            frag_rws[order] = layout.repack(qt, layout="fragment")
+            qmm.reserve_workspace(frag_rws[order])
+    finally:
+        layout.FRAGMENT["order"] = saved
     ref_w = qt.dequantize(torch.float64)
     out = []
     for m in ms:
         x = torch.randn(m, k, device=w16.device, dtype=torch.float16)
         ref = x.double() @ ref_w.t()
-        best = None
-        for cfg in fragment_mma.configs(frag_rw, m, x.dtype, qmm._sm_count(x.device)):
-            def run(cfg=cfg):
-                return qmm._launch(frag_rw, x, None, cfg)
+        best, by_order = None, {}
+        for order, frag_rw in frag_rws.items():
+            for cfg in fragment_mma.configs(frag_rw, m, x.dtype, qmm._sm_count(x.device)):
+                def run(rw=frag_rw, cfg=cfg):
+                    return qmm._launch(rw, x, None, cfg)
 
-            err = float((run().double() - ref).norm() / ref.norm())
-            us = timer.time_graph(run)
-            name = f"row blocks {cfg['RB']} split {cfg['SPLIT']} prefetch {cfg['PREFETCH']:d}"
-            print(f"{n}x{k} {fmt} M={m} {name}: {us:7.1f} us  rel err {err:.1e}", flush=True)
-            if err < 3e-3 and (best is None or us < best[0]):
-                best = (us, {kk: cfg.get(kk, 0) for kk in ("W", "RB", "SPLIT", "PREFETCH")}, err)
+                err = float((run().double() - ref).norm() / ref.norm())
+                us = timer.time_graph(run)
+                name = (f"row blocks {cfg['RB']} split {cfg['SPLIT']} prefetch {cfg['PREFETCH']:d}"
+                        + (f" {order}-major" if len(frag_rws) > 1 else ""))
+                print(f"{n}x{k} {fmt} M={m} {name}: {us:7.1f} us  rel err {err:.1e}", flush=True)
+                if err < 3e-3 and (best is None or us < best[0]):
+                    best = (us, {**{kk: cfg.get(kk, 0) for kk in ("W", "RB", "SPLIT", "PREFETCH")}, "order": order}, err)
+                if err < 3e-3 and us < by_order.get(order, float("inf")):
+                    by_order[order] = us
         fp16 = timer.time_graph(lambda: F.linear(x, w16))
         ours = timer.time_graph(lambda: qmm.quant_matmul(x, rows_rw))
         out.append({"n": n, "k": k, "format": fmt, "m": m, "fp16_us": fp16, "rows_layout_us": ours,
                     "fragment_us": None if best is None else best[0], "fragment_cfg": None if best is None else best[1],
-                    "rel_err": None if best is None else best[2],
-                    "repack_s": {"rows": rows_rw.repack_seconds, "fragment": frag_rw.repack_seconds}})
+                    "rel_err": None if best is None else best[2], "fragment_us_by_order": by_order,
+                    "repack_s": {"rows": rows_rw.repack_seconds,
+                                 **{f"fragment {o}": rw.repack_seconds for o, rw in frag_rws.items()}}})
         print(f"  fp16 {fp16:.1f} us, rows layout {ours:.1f} us ({fp16 / ours:.2f}x), fragment "
-              f"{'WRONG' if best is None else f'{best[0]:.1f} us ({fp16 / best[0]:.2f}x)'}", flush=True)
+              f"{'WRONG' if best is None else f'{best[0]:.1f} us ({fp16 / best[0]:.2f}x)'}"
+              + ("".join(f", best {o}-major {us:.1f} us ({fp16 / us:.2f}x)" for o, us in by_order.items())
+                 if len(frag_rws) > 1 else ""), flush=True)
     return out
 
 
@@ -112,6 +129,8 @@ def main() -> None:
     ap.add_argument("--formats", default="int4_g64,int4_g128,nf4_g64,int3_g64")
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--name", default="gluon_fragment_probe")
+    ap.add_argument("--orders", default="block",
+                    help="the fragment words' orders to time, comma-separated (block, group: fragment.ORDERS)")
     ap.add_argument("--sass", action="store_true", help="sm_90 machine code only (no GPU needed)")
     args = ap.parse_args()
     from _common import write_result
@@ -139,7 +158,7 @@ def main() -> None:
         n, k = (int(v) for v in shape.split("x"))
         w16 = (torch.randn(n, k, device=dev) * 0.02).to(torch.float16)
         for fmt in args.formats.split(","):
-            rows += probe_weight(w16, fmt, [int(v) for v in args.m.split(",")], timer)
+            rows += probe_weight(w16, fmt, [int(v) for v in args.m.split(",")], timer, tuple(args.orders.split(",")))
             # after every weight: a run cut short by a time limit keeps what it measured
             write_result(args.name, {"device": torch.cuda.get_device_name(dev), "rows": rows,
                                      "timing": "CUDA-graph replay with the L2 flushed, median"})

@@ -28,6 +28,8 @@
 #       (BITSMITH_FRAGMENT_PDL=1): its CUDA tests and the siblings', the stacked layers' linears back to back
 #       (PDL on/off), compiled batch-1 decode with int4/int3/NF4 all in the fragment layout; compute-sanitizer in its own call:
 #       BITSMITH_FRAGMENT_PDL=1 OUT=/some/dir bash benchmarks/kernels_gpu_session.sh sanitize
+#   OUT=/some/dir bash benchmarks/kernels_gpu_session.sh order      # fragment CUDA tests (group-major words among them),
+#       then every config with the words block-major and group-major (gluon_fragment_probe.py --orders block,group)
 #   OUT=/some/dir bash benchmarks/kernels_gpu_session.sh one        # one call for all of it when device time is short:
 #       CUDA tests, M = 1 table int4 vs NF4, compiled end-to-end decode, host overhead
 # The CUDA tests run with pytest-xdist when it is importable (carried as wheels: .whl/, see the device notes).
@@ -257,6 +259,14 @@ frag_pdl)  # the fragment kernel launched as a programmatic dependent: tests, ch
   BITSMITH_FRAGMENT=all timeout "${T_E2E:-300}" python3 benchmarks/decode_e2e.py --batch 1 --formats "$fmts" --reps 30 --compile \
     --name decode_e2e_b1_frag_pdl 2>&1 | grep -v -i warn | tee -a "$OUT/decode_e2e.txt" | tail -7
   cp benchmarks/results/decode_e2e_b1_frag_pdl.json "$OUT/" 2>/dev/null
+  ;;
+order)  # the fragment words block-major against group-major: CUDA tests, then every config in both orders
+  TEST_FILES="tests/test_fragment.py" TEST_K=cuda T_TESTS=${T_TESTS:-120} cuda_tests || { echo "CUDA tests failed: no benchmarks"; exit 1; }
+  echo "== python3 benchmarks/gluon_fragment_probe.py --orders block,group --shapes ${FRAG_SHAPES:-14336x4096,28672x8192} --m 1,16 --formats ${FRAG_FORMATS:-int4_g64,int3_g64,nf4_g64} --reps 10 --name gluon_fragment_probe_order" | tee "$OUT/fragment.txt"
+  timeout "${T_FRAG:-330}" python3 benchmarks/gluon_fragment_probe.py --orders block,group --shapes "${FRAG_SHAPES:-14336x4096,28672x8192}" \
+    --m 1,16 --formats "${FRAG_FORMATS:-int4_g64,int3_g64,nf4_g64}" --reps 10 --name gluon_fragment_probe_order 2>&1 | grep -v -i warn \
+    | tee -a "$OUT/fragment.txt" | grep -E "fp16|WRONG"
+  cp benchmarks/results/gluon_fragment_probe_order.json "$OUT/" 2>/dev/null
   ;;
 ceiling)  # the read ceiling: the stacked layer's M = 1 matmuls vs a kernel that only reads the same bytes, one graph each
   TEST_FILES=tests/test_kernels.py TEST_K=read_kernel T_TESTS=${T_TESTS:-60} cuda_tests || { echo "CUDA test failed: no benchmark"; exit 1; }

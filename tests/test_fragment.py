@@ -14,6 +14,7 @@
 """
 from __future__ import annotations
 
+import collections
 import re
 import sys
 import tempfile
@@ -212,15 +213,26 @@ def test_pack_refuses_what_it_cannot_hold():
 
 @pytest.mark.parametrize("name", sorted(FORMATS))
 @pytest.mark.parametrize("shape", [(37, 100), (64, 576), (5, 31)])
-def test_fragment_layout_reads_back_the_storage_layout(name, shape):
+@pytest.mark.parametrize("order", fragment.ORDERS)
+def test_fragment_layout_reads_back_the_storage_layout(name, shape, order, monkeypatch):
+    from bitsmith.kernels import layout
+
+    monkeypatch.setitem(layout.FRAGMENT, "order", order)
     g = torch.Generator().manual_seed(hash((name, shape)) % 2**31)
     w = torch.randn(shape, generator=g) * 0.05
     qt = _quantize(name, w)
     rw = repack(qt, layout="fragment")
     assert rw.layout == "fragment" and rw.fragment_format == FORMATS[name][2] and rw.words_hi is None
-    assert rw.kp % 64 == 0 and rw.kp >= shape[1]
+    assert rw.kp % 64 == 0 and rw.kp >= shape[1] and rw.fragment_order == order
+    nb, ng = -(-shape[0] // 16), rw.kp // 64
+    assert fragment_mma.blocks_groups(rw) == (nb, ng)
+    assert rw.words.shape == ((nb, ng) if order == "block" else (ng, nb)) + (fragment.WORDS_PER_GROUP[rw.fragment_format],)
     assert torch.equal(dequantize_runtime(rw), qt.dequantize(torch.float32))
     assert torch.equal(runtime_codes(rw), runtime_codes(repack(qt, layout="rows")))
+    if order == "group":  # row block b of group j is where block-major order has group j of row block b
+        monkeypatch.setitem(layout.FRAGMENT, "order", "block")
+        block = repack(qt, layout="fragment").words
+        assert torch.equal(rw.words[ng - 1, nb - 1], block[nb - 1, ng - 1]) and torch.equal(rw.words[0, nb - 1], block[nb - 1, 0])
 
 
 def test_fragment_layout_refusals_name_the_reason():
@@ -245,6 +257,17 @@ def test_fragment_layout_is_only_chosen_when_switched_on_and_on_a_gpu(monkeypatc
     assert repack(qt).layout == "rows"  # a CPU weight: no kernel would read it
 
 
+def test_fragment_order_setting_parses_and_names_unknown_orders():
+    from bitsmith.kernels.layout import fragment_order
+
+    assert fragment_order(None) == fragment_order("") == "block"
+    assert fragment_order(" Group ") == "group"
+    with pytest.raises(ValueError, match="BITSMITH_FRAGMENT_ORDER='rows': not one of"):
+        fragment_order("rows")
+    with pytest.raises(ValueError, match="not one of"):
+        fragment.to_order(torch.zeros(1, 1, 128, dtype=torch.int32), "rows")
+
+
 def test_fragment_setting_parses_and_names_unknown_formats():
     from bitsmith.kernels.layout import DEFAULT_FRAGMENT_FORMATS, fragment_formats
 
@@ -265,9 +288,11 @@ def test_interpreter_suite():
 @needs_interp
 @pytest.mark.parametrize("name", sorted(FORMATS))
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
-def test_interp_dequantize_kernel_equals_the_layout(name, dtype):
-    from bitsmith.kernels import qmm
+@pytest.mark.parametrize("order", fragment.ORDERS)
+def test_interp_dequantize_kernel_equals_the_layout(name, dtype, order, monkeypatch):
+    from bitsmith.kernels import layout, qmm
 
+    monkeypatch.setitem(layout.FRAGMENT, "order", order)
     g = torch.Generator().manual_seed(hash(name) % 2**31)
     qt = _quantize(name, torch.randn(45, 200, generator=g) * 0.05)
     rw = repack(qt, layout="fragment")
@@ -419,6 +444,26 @@ def test_fragment_launch_is_a_programmatic_dependent_where_pdl_is_on(monkeypatch
 
 
 @needs_gluon
+@pytest.mark.parametrize("fmt", fragment.FORMATS)
+def test_group_major_order_loads_the_same_words_a_group(fmt):
+    """Group-major words (``GROUP_MAJOR``) change only where a group's words are: compiled for
+    sm_90, the main loop issues the same global loads as block-major order (one 16-byte load a
+    lane and row block, int3 three 4-byte loads), still no shared memory, no spills; the
+    dequantization kernel too loads the same."""
+    def loop_and_spills(compiled):
+        with tempfile.TemporaryDirectory() as tmp:
+            ins = kernels_sass.sass_of(compiled.asm["cubin"], Path(tmp))
+        loop = collections.Counter(kernels_sass.opcode(t) for t in kernels_sass.loop_body(ins, holding="HMMA"))
+        return {op: c for op, c in loop.items() if op.startswith(("LDG", "LDS", "STS"))}, [
+            t for _, t in ins if re.match(r"(LDL|STL)\b", t)]
+
+    block, group = (loop_and_spills(fragment_mma.compile_offline(fmt, 2, 8, 1, GROUP_MAJOR=gm)) for gm in (False, True))
+    assert group == block and not group[1] and not any(op.startswith(("LDS", "STS")) for op in group[0]), (block, group)
+    ptx = [fragment_mma.compile_dequant_offline(fmt, GROUP_MAJOR=gm).asm["ptx"] for gm in (False, True)]
+    assert [p.count("ld.global") for p in ptx] == [ptx[0].count("ld.global")] * 2 and ptx[0] != ptx[1]
+
+
+@needs_gluon
 def test_split_k_sum_loads_partials_together():
     """The last program of a tile adds the split-K partials: compiled for sm_90, the M = 1 kernel's
     sum loop loads 8 partials before its first add (8 L2 latencies overlapped, not one per
@@ -449,7 +494,6 @@ def test_dequantize_kernel_compiles_with_whole_word_loads(fmt):
     over 128 threads), and ``W^T`` is written in 16-byte stores, eight a thread for the ``[64,
     128]`` float16 tile (the first version stored a code at a time, 2 bytes, and was 5-8x
     slower); NF4 adds one 4-byte table load a code."""
-    import collections
 
     with tempfile.TemporaryDirectory() as tmp:
         ins = kernels_sass.sass_of(fragment_mma.compile_dequant_offline(fmt).asm["cubin"], Path(tmp))
@@ -496,6 +540,22 @@ def _check_configs(name, m, dtype, prefetch=(0, 1, 2), splits=(1, 4, 9)):
 def test_cuda_every_config_equals_reference(name, m):
     """float16, N = 200 and K = 576 (a row tail), a bias."""
     _check_configs(name, m, torch.float16)
+
+
+@needs_cuda
+@pytest.mark.parametrize("name", sorted(FORMATS))
+def test_cuda_group_major_order_equals_reference(name, monkeypatch):
+    """The words in group-major order (``BITSMITH_FRAGMENT_ORDER=group``), M = 1 and 16, and
+    the dequantization path at 33 rows."""
+    from bitsmith.kernels import layout
+
+    monkeypatch.setitem(layout.FRAGMENT, "order", "group")
+    for m in (1, 16):
+        _check_configs(name, m, torch.float16, prefetch=(0, 2), splits=(1, 4, 9))
+    qmm, rw, x, b, ref = _cuda_case(name, 33, 200, 576, torch.float16)
+    assert rw.fragment_order == "group"
+    out = qmm._launch(rw, x, b, {"DEQUANT_MM": True})
+    assert float((out.double() - ref).norm() / ref.norm()) < 2e-3
 
 
 @needs_cuda

@@ -25,6 +25,11 @@ blocks), ``K`` to a multiple of 64 (``KG`` groups of 64 input channels):
   codebooks ``8 r + 4 h``, a register's two codes in one byte; int3: five 3-bit slots a word,
   register ``4 s + r`` in word ``(4 s + r) // 5`` at ``3 ((4 s + r) % 5) + 16 h``, the sixteenth
   register from bits 15 and 31 of the three words).
+* Order (:data:`ORDERS`): ``words`` as :func:`pack` writes it is *block-major*, ``[NB, KG, WPG]``
+  (a row block's groups contiguous). *Group-major* is ``[KG, NB, WPG]``
+  (:func:`to_order`): a group's row blocks contiguous, so the programs of a launch, all at
+  about the same group, read neighbouring bytes at the same time, as the ``rows`` layout's
+  kernels and a plain reader do.
 * ``scale``, ``zero``, ``table``: as the ``rows`` layout keeps them (``[ceil(Kp / group), N]``,
   unpadded ``N``); groups are 64 input channels or a multiple (or one per row).
 """
@@ -38,6 +43,7 @@ GROUP = 64  # input channels a step: four products of k 16
 ROWS = 16  # rows of a block: the A operand's height
 FORMATS = ("int4", "nf4", "int3")
 WORDS_PER_GROUP = {"int4": 128, "nf4": 128, "int3": 96}  # per row block and group
+ORDERS = ("block", "group")  # the words' order: [NB, KG, WPG] or [KG, NB, WPG] (module docstring)
 CODE_BITS = {"int4": 4, "nf4": 4, "int3": 3}
 INT3_WORDS = 3  # words a lane holds per group in int3
 
@@ -158,5 +164,19 @@ def unpack(words: torch.Tensor, n: int, k: int, fmt: str) -> torch.Tensor:
     return codes[:n, :k].to(torch.uint8)
 
 
-__all__ = ["pack", "unpack", "fragment_format", "fragment_position", "physical_k", "code_bits", "FORMATS",
+def to_order(words: torch.Tensor, order: str) -> torch.Tensor:
+    """Block-major words ``[NB, KG, WPG]`` (:func:`pack`) in ``order`` (:data:`ORDERS`)."""
+    if order not in ORDERS:
+        raise ValueError(f"fragment word order {order!r} is not one of {ORDERS}")
+    return words if order == "block" else words.permute(1, 0, 2).contiguous()
+
+
+def from_order(words: torch.Tensor, order: str) -> torch.Tensor:
+    """Words in ``order`` back to block-major ``[NB, KG, WPG]`` (the inverse of :func:`to_order`)."""
+    if order not in ORDERS:
+        raise ValueError(f"fragment word order {order!r} is not one of {ORDERS}")
+    return words if order == "block" else words.permute(1, 0, 2).contiguous()
+
+
+__all__ = ["pack", "unpack", "to_order", "from_order", "ORDERS", "fragment_format", "fragment_position", "physical_k", "code_bits", "FORMATS",
            "WORDS_PER_GROUP", "GROUP", "ROWS"]

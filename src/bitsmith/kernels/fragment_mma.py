@@ -263,7 +263,8 @@ if HAVE_GLUON:
                      M, N, K, NB, NG, G_PER, SPLIT, L0, L1, L2, L3, H0, H1, H2, H3, zconst, stride_xm,
                      W: gl.constexpr, RB: gl.constexpr, TOK: gl.constexpr, PREFETCH: gl.constexpr,
                      IS_SPLIT: gl.constexpr, SG: gl.constexpr, FMT: gl.constexpr, HAS_ZERO: gl.constexpr,
-                     HAS_BIAS: gl.constexpr, TAIL: gl.constexpr, BF16: gl.constexpr, PDL: gl.constexpr):
+                     HAS_BIAS: gl.constexpr, TAIL: gl.constexpr, BF16: gl.constexpr, PDL: gl.constexpr,
+                     GROUP_MAJOR: gl.constexpr):
         """See the module docstring. Program ``(row tile, K split)``; ``SG``: groups of 64 per
         scale group (0: one scale a row); ``FMT``: :data:`FMT_IDS`; ``L0..H3``: a codebook's byte
         planes; ``zconst``: the symmetric zero when ``HAS_ZERO`` is off; ``TAIL``: ``N`` is not a
@@ -275,7 +276,8 @@ if HAVE_GLUON:
         as a programmatic dependent (:func:`bitsmith.kernels.small_m.pdl_ok`): the next launch may
         start at once, and the words prefetched before the loop load before the wait for the
         previous kernel (activations, partials, counters and output only after it); every program
-        waits, so a later kernel's wait on this one covers the earlier ones too."""
+        waits, so a later kernel's wait on this one covers the earlier ones too. ``GROUP_MAJOR``:
+        the words are in group-major order (:func:`bitsmith.kernels.fragment.to_order`)."""
         DT: gl.constexpr = x_ptr.dtype.element_ty
         MAGIC_F: gl.constexpr = 128.0 if BF16 else 1024.0
         pid_n = gl.program_id(0)
@@ -291,13 +293,19 @@ if HAVE_GLUON:
         ol = gl.arange(0, 32, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(3, w_layout))))
         os_ = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, w_layout))))
         rblock = pid_n * (W * RB) + orb[:, None] * W + ow[None, :]
+        if GROUP_MAJOR:  # words [NG, NB, WPG]: a group's row blocks contiguous
+            rb_stride = WPG
+            g_stride = NB * WPG
+        else:  # [NB, NG, WPG]: a row block's groups contiguous
+            rb_stride = NG * WPG
+            g_stride: gl.constexpr = WPG
         if FMT == 2:  # [.., lane, word]: words of the 32 lanes contiguous
-            blk = rblock[:, :, None, None] * (NG * WPG) + ol[None, None, :, None] + os_[None, None, None, :] * 32
+            blk = rblock[:, :, None, None] * rb_stride + ol[None, None, :, None] + os_[None, None, None, :] * 32
             w_mask = (os_ < _INT3_WORDS)[None, None, None, :] & (blk >= 0)
             if TAIL:
                 w_mask = w_mask & (rblock < NB)[:, :, None, None]
         else:  # [.., lane, product]: one 16-byte load a lane
-            blk = rblock[:, :, None, None] * (NG * WPG) + ol[None, None, :, None] * 4 + os_[None, None, None, :]
+            blk = rblock[:, :, None, None] * rb_stride + ol[None, None, :, None] * 4 + os_[None, None, None, :]
             w_mask = (rblock < NB)[:, :, None, None] & (blk >= 0)
         rows = pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(1, mma))
         toks = gl.arange(0, TOK, layout=gl.SliceLayout(0, mma))
@@ -310,9 +318,9 @@ if HAVE_GLUON:
             gl.inline_asm_elementwise("griddepcontrol.launch_dependents; // dummy $0", "=r", [], dtype=gl.int32,
                                       is_pure=False, pack=1)
         if PREFETCH >= 1:
-            words = gl.load(w_ptr + blk + g_lo * WPG, mask=w_mask & (g_lo < g_hi), other=0)
+            words = gl.load(w_ptr + blk + g_lo * g_stride, mask=w_mask & (g_lo < g_hi), other=0)
         if PREFETCH == 2:
-            words2 = gl.load(w_ptr + blk + (g_lo + 1) * WPG, mask=w_mask & (g_lo + 1 < g_hi), other=0)
+            words2 = gl.load(w_ptr + blk + (g_lo + 1) * g_stride, mask=w_mask & (g_lo + 1 < g_hi), other=0)
         if PDL:  # the weights above never change; x, the workspace and the output wait for the previous kernel
             gl.inline_asm_elementwise("griddepcontrol.wait; // dummy $0", "=r", [], dtype=gl.int32, is_pure=False,
                                       pack=1)
@@ -320,14 +328,14 @@ if HAVE_GLUON:
             if PREFETCH == 2:  # two groups' words in flight beside this one's products
                 cur = words
                 words = words2
-                words2 = gl.load(w_ptr + blk + (g + 2) * WPG, mask=w_mask & (g + 2 < g_hi), other=0)
+                words2 = gl.load(w_ptr + blk + (g + 2) * g_stride, mask=w_mask & (g + 2 < g_hi), other=0)
             elif PREFETCH == 1:
                 cur = words
-                words = gl.load(w_ptr + blk + (g + 1) * WPG, mask=w_mask & (g + 1 < g_hi), other=0)
+                words = gl.load(w_ptr + blk + (g + 1) * g_stride, mask=w_mask & (g + 1 < g_hi), other=0)
             elif FMT == 2 or TAIL:
-                cur = gl.load(w_ptr + blk + g * WPG, mask=w_mask, other=0)
+                cur = gl.load(w_ptr + blk + g * g_stride, mask=w_mask, other=0)
             else:
-                cur = gl.load(w_ptr + blk + g * WPG)
+                cur = gl.load(w_ptr + blk + g * g_stride)
             a = _a_operand(cur, (L0, L1, L2, L3, H0, H1, H2, H3), W, RB, a_layout, FMT, BF16)
             b = _b_operand(x_ptr, g, M, K, stride_xm, W, TOK, b_layout, TAIL)
             part = mma_v2(a, b, gl.zeros([BN, TOK], gl.float32, layout=mma))
@@ -367,7 +375,8 @@ if HAVE_TRITON:
 
     @triton.jit
     def _dequant_kernel(w_ptr, s_ptr, z_ptr, t_ptr, out_ptr, N, K, NB, NG, zconst,
-                        FMT: tl.constexpr, SG: tl.constexpr, HAS_ZERO: tl.constexpr, RBS: tl.constexpr):
+                        FMT: tl.constexpr, SG: tl.constexpr, HAS_ZERO: tl.constexpr, RBS: tl.constexpr,
+                        GROUP_MAJOR: tl.constexpr):
         """``W^T [K, N]`` in ``out``'s dtype from fragment words: program ``(RBS row blocks,
         group)`` writes the ``[64, 16 RBS]`` tile of ``W^T``. The row blocks' words are loaded
         whole and coalesced, every code is cut out where the fragment assignment put it (codes
@@ -377,14 +386,15 @@ if HAVE_TRITON:
         so the scales are read and the tile stored as rows of ``16 RBS`` contiguous values (the
         compiler routes the permutation through shared memory; a store a code, scattered in
         16-byte pieces, made the first version of this kernel 5-8x slower than writing ``W^T``
-        from the rows layout)."""
+        from the rows layout). ``GROUP_MAJOR``: the words in group-major order
+        (:func:`bitsmith.kernels.fragment.to_order`)."""
         pid_r = tl.program_id(0)
         g = tl.program_id(1)
         WPG: tl.constexpr = 96 if FMT == 2 else 128
         BN: tl.constexpr = 16 * RBS
         rb = pid_r * RBS + tl.arange(0, RBS)
         ok_rb = (rb < NB)[:, None]
-        base = (rb * NG + g) * WPG
+        base = ((g * NB + rb) if GROUP_MAJOR else (rb * NG + g)) * WPG  # fragment.to_order
         lane = tl.arange(0, 32)
         if FMT == 2:  # three words a lane, [word, lane]; register i = 4 s + r: word i // 5, slot i % 5
             i = tl.arange(0, 16)[None, None, :, None]
@@ -444,8 +454,14 @@ def supports(rw: RuntimeWeight, dtype: torch.dtype) -> str | None:
     return None
 
 
+def blocks_groups(rw: RuntimeWeight) -> tuple[int, int]:
+    """``(NB, NG)``: row blocks and groups of 64 of a fragment weight, in either word order."""
+    a, b = rw.words.shape[0], rw.words.shape[1]
+    return (b, a) if rw.fragment_order == "group" else (a, b)
+
+
 def _tiles(rw: RuntimeWeight, w: int, rb: int) -> int:
-    return -(-rw.words.shape[0] // (w * rb))
+    return -(-blocks_groups(rw)[0] // (w * rb))
 
 
 def configs(rw: RuntimeWeight, m: int, dtype: torch.dtype, sms: int) -> list[dict]:
@@ -455,7 +471,7 @@ def configs(rw: RuntimeWeight, m: int, dtype: torch.dtype, sms: int) -> list[dic
     (``PREFETCH`` 0, 1, 2)."""
     if m > 16 or supports(rw, dtype) is not None:
         return []
-    ng = rw.words.shape[1]
+    ng = blocks_groups(rw)[1]
     out = []
     for rb in (1, 2, 4):
         programs = _tiles(rw, 4, rb)
@@ -469,7 +485,7 @@ def configs(rw: RuntimeWeight, m: int, dtype: torch.dtype, sms: int) -> list[dic
 
 def default_config(rw: RuntimeWeight, m: int, sms: int) -> dict:
     """Two row blocks a warp, split-K until about four programs an SM."""
-    ng = rw.words.shape[1]
+    ng = blocks_groups(rw)[1]
     tiles = _tiles(rw, 4, 2)
     split = 1
     while tiles * split < 4 * sms and split * 2 <= min(ng, 32) and split * 2 * m <= MAX_PARTIALS:
@@ -486,7 +502,7 @@ def launch_args(rw: RuntimeWeight, x2: torch.Tensor, bias: torch.Tensor | None, 
     m, k = x2.shape
     pdl = PDL["enabled"] and pdl_ok(x2.device)
     w, rb, split = cfg["W"], cfg["RB"], cfg["SPLIT"]
-    nb, ng = rw.words.shape[0], rw.words.shape[1]
+    nb, ng = blocks_groups(rw)
     tiles = _tiles(rw, w, rb)
     dummy = rw.scale
     ws, cnt = workspace(x2.device, split * m * rw.n, tiles) if split > 1 else (dummy, rw.words)
@@ -496,7 +512,7 @@ def launch_args(rw: RuntimeWeight, x2: torch.Tensor, bias: torch.Tensor | None, 
     consts = {"W": w, "RB": rb, "TOK": 8 if m <= 8 else 16, "PREFETCH": int(cfg["PREFETCH"]), "IS_SPLIT": split > 1,
               "SG": _scale_steps(rw), "FMT": FMT_IDS[rw.fragment_format], "HAS_ZERO": rw.zero is not None,
               "HAS_BIAS": bias is not None, "TAIL": rw.n % (16 * w * rb) != 0 or k % 64 != 0, "BF16": x2.dtype == torch.bfloat16,
-              "PDL": pdl}
+              "PDL": pdl, "GROUP_MAJOR": rw.fragment_order == "group"}
     options = {"num_warps": cfg["num_warps"]}
     if pdl:
         options["launch_pdl"] = True
@@ -512,11 +528,12 @@ def dequantize_t(rw: RuntimeWeight, dtype: torch.dtype, run, row_blocks: int = D
     the launcher (:func:`bitsmith.kernels.qmm._run`); a program writes ``row_blocks`` row blocks
     (a power of two) of one group (benchmarks/fragment_dequant_probe.py times the choices)."""
     out = torch.empty(rw.k, rw.n, dtype=dtype, device=rw.device)
-    nb, ng = rw.words.shape[0], rw.words.shape[1]
+    nb, ng = blocks_groups(rw)
     dummy = rw.scale
     args = (rw.words, rw.scale, rw.zero if rw.zero is not None else dummy, rw.table if rw.table is not None else dummy,
             out, rw.n, rw.k, nb, ng, float(rw.zconst))
-    consts = {"FMT": FMT_IDS[rw.fragment_format], "SG": _scale_steps(rw), "HAS_ZERO": rw.zero is not None, "RBS": row_blocks}
+    consts = {"FMT": FMT_IDS[rw.fragment_format], "SG": _scale_steps(rw), "HAS_ZERO": rw.zero is not None, "RBS": row_blocks,
+              "GROUP_MAJOR": rw.fragment_order == "group"}
     run(_dequant_kernel, (-(-nb // row_blocks), ng), args, consts, {"num_warps": num_warps})
     return out
 
@@ -531,16 +548,19 @@ def compile_offline(fmt: str = "int4", rb: int = 1, tok: int = 8, prefetch: int 
     from .small_m import _compile_offline
 
     cx = {"W": 4, "RB": rb, "TOK": tok, "PREFETCH": int(prefetch), "IS_SPLIT": True, "SG": 1, "FMT": FMT_IDS[fmt],
-          "HAS_ZERO": fmt != "nf4", "HAS_BIAS": False, "TAIL": False, "BF16": act == "bf16", "PDL": False, **consts}
+          "HAS_ZERO": fmt != "nf4", "HAS_BIAS": False, "TAIL": False, "BF16": act == "bf16", "PDL": False, "GROUP_MAJOR": False,
+          **consts}
     cap = register_cap({"RB": rb}) if maxnreg is None else maxnreg
     return _compile_offline(_frag_kernel, cx, act, cx["W"], 1, arch, gluon=True, maxnreg=cap)
 
 
-def compile_dequant_offline(fmt: str = "int4", act: str = "fp16", arch: int = 90):
-    """``_dequant_kernel`` compiled like :func:`compile_offline` (groups of 64, zeros for affine)."""
+def compile_dequant_offline(fmt: str = "int4", act: str = "fp16", arch: int = 90, **consts):
+    """``_dequant_kernel`` compiled like :func:`compile_offline` (groups of 64, zeros for affine,
+    block-major words, unless ``consts`` says otherwise)."""
     from .small_m import _compile_offline
 
-    cx = {"FMT": FMT_IDS[fmt], "SG": 1, "HAS_ZERO": fmt != "nf4", "RBS": DEQUANT_ROW_BLOCKS}
+    cx = {"FMT": FMT_IDS[fmt], "SG": 1, "HAS_ZERO": fmt != "nf4", "RBS": DEQUANT_ROW_BLOCKS, "GROUP_MAJOR": False,
+          **consts}
     return _compile_offline(_dequant_kernel, cx, act, 4, 1, arch)
 
 

@@ -85,7 +85,18 @@ def fragment_formats(setting: str | None) -> frozenset[str]:
     return names
 
 
-FRAGMENT = {"formats": fragment_formats(os.environ.get("BITSMITH_FRAGMENT"))}
+def fragment_order(setting: str | None) -> str:
+    """The fragment words' order ``BITSMITH_FRAGMENT_ORDER=setting`` asks for (:data:`fragment.ORDERS`;
+    unset: "block"). Group-major ("group") is compiled and checked in CI but not yet timed on a
+    GPU, so it is opt-in. Raises ``ValueError`` naming an unknown order."""
+    value = (setting or "").strip().lower() or "block"
+    if value not in fragment.ORDERS:
+        raise ValueError(f"BITSMITH_FRAGMENT_ORDER={setting!r}: not one of {fragment.ORDERS}")
+    return value
+
+
+FRAGMENT = {"formats": fragment_formats(os.environ.get("BITSMITH_FRAGMENT")),
+            "order": fragment_order(os.environ.get("BITSMITH_FRAGMENT_ORDER"))}
 
 
 @dataclasses.dataclass
@@ -111,6 +122,7 @@ class RuntimeWeight:
     repack_seconds: float = 0.0
     plans: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)  # launch plans (qmm)
     layout: str = "rows"  # "rows" (module docstring) or "fragment" (bitsmith.kernels.fragment)
+    fragment_order: str = "block"  # the fragment words' order (bitsmith.kernels.fragment.ORDERS)
 
     @property
     def pack(self) -> int:
@@ -350,11 +362,12 @@ def repack_stacked(qts: Sequence[QTensor], layout: str | None = None) -> Runtime
     scale = _group_meta(s_val, ng, ngp, first.meta_dtype)
     zero = None if z_val is None else _group_meta(z_val, ng, ngp, first.meta_dtype)
     if layout == "fragment":
-        words, words_hi = fragment.pack(codes, frag), None
+        words, words_hi = fragment.to_order(fragment.pack(codes, frag), FRAGMENT["order"]), None
     else:
         words, words_hi = _codes_words(_pad_cols(codes, kp), rbits)
     rw = RuntimeWeight(kind, n, k, kp, rbits, group, words, words_hi, scale, zero, first.zconst, first.table,
-                       first.int_zero, first.table_bits, layout=layout)
+                       first.int_zero, first.table_bits, layout=layout,
+                       fragment_order=FRAGMENT["order"] if layout == "fragment" else "block")
     if words.is_cuda:
         # also required, not only for the timing: the small-M kernels launch as programmatic
         # dependents and load their first weights before waiting for the kernel before them
@@ -367,7 +380,7 @@ def repack_stacked(qts: Sequence[QTensor], layout: str | None = None) -> Runtime
 def runtime_codes(rw: RuntimeWeight) -> torch.Tensor:
     """The codes ``[N, K]`` (uint8) of a runtime weight, read back from either layout."""
     if rw.layout == "fragment":
-        return fragment.unpack(rw.words, rw.n, rw.k, rw.fragment_format)
+        return fragment.unpack(fragment.from_order(rw.words, rw.fragment_order), rw.n, rw.k, rw.fragment_format)
     if rw.rbits == 3:
         q = _unpack_words(rw.words, 2, rw.kp) | (_unpack_words(rw.words_hi, 1, rw.kp) << 2)
     else:
@@ -399,4 +412,4 @@ def _unpack_words(words: torch.Tensor, bits: int, kp: int) -> torch.Tensor:
 
 
 __all__ = ["RuntimeWeight", "repack", "repack_stacked", "stack_reason", "unsupported_reason", "dequantize_runtime", "runtime_codes", "pack_words", "K_ALIGN",
-           "FRAGMENT", "LAYOUTS"]
+           "FRAGMENT", "LAYOUTS", "fragment_order"]

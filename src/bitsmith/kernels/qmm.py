@@ -399,7 +399,7 @@ def reserve_workspace(rw: RuntimeWeight) -> None:
     first call inside CUDA-graph capture needs no allocation)."""
     if rw.device.type == "cuda" and HAVE_TRITON:
         if rw.layout == "fragment":  # up to MAX_PARTIALS partials a column, a counter per tile (16 rows at most)
-            small_m.workspace(rw.device, fragment_mma.MAX_PARTIALS * rw.n, rw.words.shape[0])
+            small_m.workspace(rw.device, fragment_mma.MAX_PARTIALS * rw.n, fragment_mma.blocks_groups(rw)[0])
         else:
             small_m.workspace(rw.device, MAX_SPLIT * rw.n, -(-rw.n // MIN_BLOCK_N))
 
