@@ -4,7 +4,7 @@ with whole tiles and with half-word steps), the dequantize
 kernel, SVDQuant's down-projection and each kernel's low-rank epilogue, and the two W8A8
 kernels, over int4/int3/int2/int8 and NF4 layouts; then the fragment layout's kernel (every
 prefetch depth, split-K on and off, 1 and 16 rows) and its dequantization kernel (above 16 rows)
-for int4, int3 and NF4, with rows and channels past the tiles.
+for int4, int3 and NF4, in both word orders, with rows and channels past the tiles.
 
     compute-sanitizer --tool memcheck --error-exitcode 1 python benchmarks/kernels_sanitize.py
 """
@@ -78,13 +78,21 @@ FRAGMENT_CASES = [("rtn", {"bits": 4, "group_size": 64}), ("rtn", {"bits": 3, "g
 def _fragment_cases() -> float:
     """The fragment layout at N = 333 (a partial row block) and K = 1000 (a partial group):
     its kernel at 1 and 16 rows (one and two row blocks a warp, split-K off and over 3 programs,
-    no prefetch and two groups' words ahead), and the dequantization path at 19 rows; worst
-    relative error against float64."""
+    no prefetch and two groups' words ahead), and the dequantization path at 19 rows, with the
+    words in each order (block- and group-major, :data:`bitsmith.kernels.fragment.ORDERS`); worst
+    relative error against float64. ``BITSMITH_FRAGMENT_PDL=1`` makes its launches programmatic
+    dependents."""
+    from bitsmith.kernels import fragment, layout
+
     worst = 0.0
-    for method, opts in FRAGMENT_CASES:
+    for (method, opts), order in ((c, o) for c in FRAGMENT_CASES for o in fragment.ORDERS):
         n, k = 333, 1000
         qt = bitsmith.quantize_tensor(torch.randn(n, k, device="cuda") * 0.02, method, **opts)
-        rw = repack(qt, layout="fragment")
+        saved, layout.FRAGMENT["order"] = layout.FRAGMENT["order"], order
+        try:
+            rw = repack(qt, layout="fragment")
+        finally:
+            layout.FRAGMENT["order"] = saved
         w = qt.dequantize(torch.float32).double()
         for m in (1, 16, 19):
             x = torch.randn(m, k, device="cuda", dtype=torch.float16)
