@@ -23,7 +23,8 @@ Kernels, by the number of rows M of ``x``:
   (benchmarks/results/kernels_configs_swap_m2048_h100.txt); it was removed.
 
 Configs are tuned once per (kernel, shape, layout) on first use (not under CUDA-graph capture,
-where a default is taken) and cached in :data:`TUNED`.
+where a default is taken) and cached in :data:`TUNED`; with ``BITSMITH_TUNE_CACHE=file`` also on
+disk, for later processes on the same GPU (:mod:`bitsmith.kernels.tune_cache`).
 """
 from __future__ import annotations
 
@@ -44,7 +45,7 @@ except ImportError:  # pragma: no cover - depends on the environment
     tl = None
     HAVE_TRITON = False
 
-from . import fragment_mma, small_m
+from . import fragment_mma, small_m, tune_cache
 from .layout import RuntimeWeight
 
 if HAVE_TRITON:
@@ -350,7 +351,8 @@ def _sm_count(device: torch.device) -> int:
 
 
 def _layout_key(rw: RuntimeWeight, dtype: torch.dtype) -> tuple:
-    return (rw.layout, rw.kind, rw.rbits, rw.group, rw.zero is not None, dtype)
+    order = (rw.fragment_order,) if rw.layout == "fragment" and rw.fragment_order != "block" else ()
+    return (rw.layout, rw.kind, rw.rbits, rw.group, rw.zero is not None, dtype, *order)
 
 
 def _m_bucket(m: int) -> int:
@@ -649,6 +651,13 @@ def _tune(key: tuple, rw: RuntimeWeight, x2: torch.Tensor, bias) -> dict:
         raise ValueError(f"BITSMITH_TUNE_FLUSH must be 'clean' or 'dirty', got {TUNE_FLUSH!r}")
     m = x2.shape[0]
     cands = _configs(rw, m, x2.dtype)
+    cache = tune_cache.active()
+    if cache is not None:  # a config tuned by an earlier process (same GPU, Triton and kernels)
+        cache_key = tune_cache.entry_key(_device_name(x2.device), triton.__version__, key)
+        kept = cache.get(cache_key)
+        if kept is not None and kept in cands:
+            TUNED[key] = kept
+            return kept
     best, best_t, first_error = None, float("inf"), None
     for cfg in cands:
         try:
@@ -667,8 +676,15 @@ def _tune(key: tuple, rw: RuntimeWeight, x2: torch.Tensor, bias) -> dict:
             TUNE_FAILURES.append({"key": " ".join(map(str, key)), "candidates": len(cands), "first_error": why})
             warnings.warn(f"kernel tuning for {key}: all {len(cands)} candidate configs failed, the first with "
                           f"{why}; using the default config", RuntimeWarning, stacklevel=2)
+    elif cache is not None:
+        cache.put(cache_key, best)
     TUNED[key] = best
     return best
+
+
+def _device_name(device: torch.device) -> str:
+    """The GPU's name (the tuning cache's first key part; ``"cpu"`` off CUDA)."""
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
 
 
 AUTOTUNE = {"enabled": True}  # tests turn tuning off (the interpreter runs a default config)
