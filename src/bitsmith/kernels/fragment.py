@@ -172,10 +172,9 @@ def to_order(words: torch.Tensor, order: str) -> torch.Tensor:
 
 
 def from_order(words: torch.Tensor, order: str) -> torch.Tensor:
-    """Words in ``order`` back to block-major ``[NB, KG, WPG]`` (the inverse of :func:`to_order`)."""
-    if order not in ORDERS:
-        raise ValueError(f"fragment word order {order!r} is not one of {ORDERS}")
-    return words if order == "block" else words.permute(1, 0, 2).contiguous()
+    """Words in ``order`` back to block-major ``[NB, KG, WPG]``: the inverse of :func:`to_order`,
+    which is its own (swapping the first two dimensions twice changes nothing)."""
+    return to_order(words, order)
 
 
 __all__ = ["pack", "unpack", "to_order", "from_order", "ORDERS", "fragment_format", "fragment_position", "physical_k", "code_bits", "FORMATS",
