@@ -27,9 +27,9 @@ blocks), ``K`` to a multiple of 64 (``KG`` groups of 64 input channels):
   register from bits 15 and 31 of the three words).
 * Order (:data:`ORDERS`): ``words`` as :func:`pack` writes it is *block-major*, ``[NB, KG, WPG]``
   (a row block's groups contiguous). *Group-major* is ``[KG, NB, WPG]``
-  (:func:`to_order`): a group's row blocks contiguous, so the programs of a launch, all at
-  about the same group, read neighbouring bytes at the same time, as the ``rows`` layout's
-  kernels and a plain reader do.
+  (:func:`to_order`): a group's row blocks contiguous, so a program's row blocks are one run
+  of bytes a step, and the programs of one K split, all at about the same group, read
+  neighbouring bytes at the same time, as the ``rows`` layout's kernels and a plain reader do.
 * ``scale``, ``zero``, ``table``: as the ``rows`` layout keeps them (``[ceil(Kp / group), N]``,
   unpadded ``N``); groups are 64 input channels or a multiple (or one per row).
 """
