@@ -2,7 +2,7 @@
 multiplies the chunks already written (issue #8, M = 2048 target: no more than 10% slower than
 fp16). Today the path writes all of ``W^T`` (one memory-bound kernel) and then calls cuBLAS
 once, so the write is added in full to fp16's time: about 0.86x fp16 at best
-(README, "Why M = 2048 stops at about 0.87x"). Here ``W^T`` is written in ``C`` column chunks
+(docs/gpu-kernels.md, "Why M = 2048 stops at about 0.87x"). Here ``W^T`` is written in ``C`` column chunks
 on a side stream, and each chunk's matmul (``x @ W^T[:, chunk]`` into the output's column slice,
 which cuBLAS takes with a leading dimension) waits only for its own chunk, so the writes of the
 later chunks overlap the earlier chunks' matmuls.
