@@ -1,0 +1,19 @@
+"""The README's GPU tables are the ones ``benchmarks/readme_tables.py`` builds from the committed
+H100 results: a number edited by hand, or a result file changed without the README, fails here."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import readme_tables  # noqa: E402
+
+
+def test_readme_gpu_tables_come_from_the_results():
+    readme = (ROOT / "README.md").read_text()
+    kernels, decode = readme_tables.kernel_table(), readme_tables.decode_table()
+    assert kernels.count("\n") == 13 and "| 28672×8192 | 2048 |" in kernels  # 12 rows: 4 shapes x M = 1, 16, 2048
+    assert kernels in readme
+    assert decode in readme
