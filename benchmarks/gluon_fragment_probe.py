@@ -73,21 +73,16 @@ def probe_weight(w16: torch.Tensor, fmt: str, ms: list[int], timer, orders=("blo
     order)."""
     import torch.nn.functional as F
 
-    from bitsmith.kernels import fragment_mma, layout, qmm
+    from bitsmith.kernels import fragment_mma, qmm
     from bitsmith.kernels.bench import make_qtensor
+    from bitsmith.kernels.layout import repack
 
     n, k = w16.shape
     qt = make_qtensor(fmt, w16)
-    rows_rw = layout.repack(qt, layout="rows")
-    frag_rws = {}
-    saved = layout.FRAGMENT["order"]
-    try:
-        for order in orders:
-            layout.FRAGMENT["order"] = order
-            frag_rws[order] = layout.repack(qt, layout="fragment")
-            qmm.reserve_workspace(frag_rws[order])
-    finally:
-        layout.FRAGMENT["order"] = saved
+    rows_rw = repack(qt, layout="rows")
+    frag_rws = {order: repack(qt, layout="fragment", order=order) for order in orders}
+    for frag_rw in frag_rws.values():
+        qmm.reserve_workspace(frag_rw)
     ref_w = qt.dequantize(torch.float64)
     out = []
     for m in ms:

@@ -82,17 +82,13 @@ def _fragment_cases() -> float:
     words in each order (block- and group-major, :data:`bitsmith.kernels.fragment.ORDERS`); worst
     relative error against float64. ``BITSMITH_FRAGMENT_PDL=1`` makes its launches programmatic
     dependents."""
-    from bitsmith.kernels import fragment, layout
+    from bitsmith.kernels import fragment
 
     worst = 0.0
     for (method, opts), order in ((c, o) for c in FRAGMENT_CASES for o in fragment.ORDERS):
         n, k = 333, 1000
         qt = bitsmith.quantize_tensor(torch.randn(n, k, device="cuda") * 0.02, method, **opts)
-        saved, layout.FRAGMENT["order"] = layout.FRAGMENT["order"], order
-        try:
-            rw = repack(qt, layout="fragment")
-        finally:
-            layout.FRAGMENT["order"] = saved
+        rw = repack(qt, layout="fragment", order=order)
         w = qt.dequantize(torch.float32).double()
         for m in (1, 16, 19):
             x = torch.randn(m, k, device="cuda", dtype=torch.float16)

@@ -230,8 +230,7 @@ def test_fragment_layout_reads_back_the_storage_layout(name, shape, order, monke
     assert torch.equal(dequantize_runtime(rw), qt.dequantize(torch.float32))
     assert torch.equal(runtime_codes(rw), runtime_codes(repack(qt, layout="rows")))
     if order == "group":  # row block b of group j is where block-major order has group j of row block b
-        monkeypatch.setitem(layout.FRAGMENT, "order", "block")
-        block = repack(qt, layout="fragment").words
+        block = repack(qt, layout="fragment", order="block").words
         assert torch.equal(rw.words[ng - 1, nb - 1], block[nb - 1, ng - 1]) and torch.equal(rw.words[0, nb - 1], block[nb - 1, 0])
 
 

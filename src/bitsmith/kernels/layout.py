@@ -315,20 +315,22 @@ def stack_reason(qts: Sequence[QTensor]) -> str | None:
     return None
 
 
-def repack(qt: QTensor, layout: str | None = None) -> RuntimeWeight:
+def repack(qt: QTensor, layout: str | None = None, order: str | None = None) -> RuntimeWeight:
     """Build the runtime layout of a 2-D QTensor on its own device: ``layout`` "rows" or
     "fragment"; ``None`` picks "fragment" where :data:`FRAGMENT` names the weight's format and the device
-    can take it, else "rows". Raises :class:`~bitsmith.errors.QuantizationError` naming why when
-    the kernels cannot take the weight (or the fragment layout was asked for and cannot hold it)."""
-    return repack_stacked([qt], layout)
+    can take it, else "rows". ``order``: the fragment words' order (:data:`fragment.ORDERS`;
+    ``None`` takes :data:`FRAGMENT`'s, from ``BITSMITH_FRAGMENT_ORDER``). Raises
+    :class:`~bitsmith.errors.QuantizationError` naming why when the kernels cannot take the weight
+    (or the fragment layout was asked for and cannot hold it)."""
+    return repack_stacked([qt], layout, order)
 
 
-def repack_stacked(qts: Sequence[QTensor], layout: str | None = None) -> RuntimeWeight:
+def repack_stacked(qts: Sequence[QTensor], layout: str | None = None, order: str | None = None) -> RuntimeWeight:
     """One runtime weight of ``qts`` stacked along N (output features, in order): the fused
     projection of layers that read the same input (q/k/v, gate/up). Groups run along K, so the
     stacked weight dequantizes to exactly the weights' concatenation. Every weight needs the same
     format, group size and in_features (a :class:`~bitsmith.errors.QuantizationError` names
-    the first that differs); ``layout`` as in :func:`repack`."""
+    the first that differs); ``layout`` and ``order`` as in :func:`repack`."""
     if not qts:
         raise QuantizationError("repack_stacked: no weights given")
     if layout not in (None, *LAYOUTS):
@@ -362,12 +364,13 @@ def repack_stacked(qts: Sequence[QTensor], layout: str | None = None) -> Runtime
     scale = _group_meta(s_val, ng, ngp, first.meta_dtype)
     zero = None if z_val is None else _group_meta(z_val, ng, ngp, first.meta_dtype)
     if layout == "fragment":
-        words, words_hi = fragment.to_order(fragment.pack(codes, frag), FRAGMENT["order"]), None
+        order = FRAGMENT["order"] if order is None else order
+        words, words_hi = fragment.to_order(fragment.pack(codes, frag), order), None
     else:
         words, words_hi = _codes_words(_pad_cols(codes, kp), rbits)
     rw = RuntimeWeight(kind, n, k, kp, rbits, group, words, words_hi, scale, zero, first.zconst, first.table,
                        first.int_zero, first.table_bits, layout=layout,
-                       fragment_order=FRAGMENT["order"] if layout == "fragment" else "block")
+                       fragment_order=order if layout == "fragment" else "block")
     if words.is_cuda:
         # also required, not only for the timing: the small-M kernels launch as programmatic
         # dependents and load their first weights before waiting for the kernel before them
