@@ -5,8 +5,8 @@
   emulator, so the bits the kernel's inline assembly reads are checked too.
 * The layout reads back the storage layout exactly (torch), for every format it holds, and says
   why it refuses the rest.
-* Under Triton's interpreter (a subprocess, as in test_kernels.py): the dequantization kernel
-  and ``quant_matmul`` above 16 rows.
+* Under Triton's interpreter (a subprocess, as in test_kernels.py): the dequantization kernel,
+  the GEMM for more than 16 rows (fragment_gemm) against float64, and ``quant_matmul`` above 16 rows.
 * The Gluon kernel compiled for sm_90 on this CPU: its operand conversions are trivial (no data
   movement, asserted at compile time) and its main loop has no shared memory, shuffle or barrier.
 * On a CUDA GPU: the kernel against float64 for every config, format, dtype and odd sizes, and
@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 import bitsmith
 from bitsmith.errors import QuantizationError
-from bitsmith.kernels import HAVE_TRITON, dequantize_runtime, fragment, fragment_mma, repack
+from bitsmith.kernels import HAVE_TRITON, dequantize_runtime, fragment, fragment_gemm, fragment_mma, repack
 from bitsmith.kernels.layout import runtime_codes
 from conftest import CUDA, INTERPRETED, needs_interp, run_interpreter_tests
 from ptx_emulator import run_ptx
@@ -319,6 +319,101 @@ def test_interp_quant_matmul_off_the_gpu_dequantizes(m):
     assert float((out.double() - ref).norm() / ref.norm()) < 1e-5
 
 
+def _gemm_cfg(bm, rbs, split, swap):
+    return {"KERNEL": "fragment_gemm", "BLOCK_M": bm, "RBS": rbs, "SPLIT_K": split, "SWAP": swap, "GROUP_M": 8,
+            "num_warps": 4, "num_stages": 3}
+
+
+@needs_interp
+@pytest.mark.parametrize("name", sorted(FORMATS))
+@pytest.mark.parametrize("order", fragment.ORDERS)
+def test_interp_fragment_gemm_equals_float64(name, order, monkeypatch):
+    """The GEMM for more than 16 rows against float64: N = 45 (a row-block tail), K = 200 (a group
+    tail), token tiles wider than M, both operand orders, split-K with a split left without
+    groups (3 splits of 4 groups), a bias; float16 (the interpreter's bfloat16 products are wrong,
+    the rows layout's kernel's too, so bfloat16 is tested on the GPU)."""
+    from bitsmith.kernels import layout, qmm
+
+    monkeypatch.setitem(layout.FRAGMENT, "order", order)
+    g = torch.Generator().manual_seed(hash((name, order)) % 2**31)
+    qt = _quantize(name, torch.randn(45, 200, generator=g) * 0.05)
+    rw = repack(qt, layout="fragment")
+    w64 = qt.dequantize(torch.float64)
+    for m, bm, rbs, split, swap, dtype in [(17, 32, 8, 1, 0, torch.float16), (33, 64, 4, 3, 1, torch.float16),
+                                           (20, 32, 4, 2, 0, torch.float16), (5, 32, 8, 1, 1, torch.float16)]:
+        x = torch.randn(m, 200, generator=g).to(dtype)
+        b = torch.randn(45, generator=g).to(dtype)
+        out = qmm._launch(rw, x, b, _gemm_cfg(bm, rbs, split, swap))
+        ref = F.linear(x.double(), w64, b.double())
+        assert out.dtype == dtype and out.shape == (m, 45)
+        assert float((out.double() - ref).norm() / ref.norm()) < 1e-3, (m, bm, rbs, split, swap)
+
+
+@needs_interp
+@pytest.mark.parametrize("split,swap", [(1, 0), (2, 1)])
+def test_interp_fragment_gemm_low_rank_epilogue(split, swap):
+    """SVDQuant's branch ``t @ U`` (``t`` float32 ``[M, R]``, ``U`` float16 ``[R, N]``) added in
+    the epilogue by the first K split only."""
+    from bitsmith.kernels import qmm
+
+    g = torch.Generator().manual_seed(11)
+    qt = _quantize("int4_g64", torch.randn(45, 200, generator=g) * 0.05)
+    rw = repack(qt, layout="fragment")
+    x = torch.randn(24, 200, generator=g).half()
+    t = torch.randn(24, 16, generator=g)
+    up = (torch.randn(16, 45, generator=g) * 0.1).half()
+    out = qmm._launch(rw, x, None, _gemm_cfg(32, 4, split, swap), lowrank=(t, up))
+    ref = x.double() @ qt.dequantize(torch.float64).t() + t.half().double() @ up.double()
+    assert float((out.double() - ref).norm() / ref.norm()) < 1e-3
+
+
+@needs_interp
+def test_interp_quant_matmul_between_16_and_512_rows_takes_the_gemm(monkeypatch):
+    """Untuned, 17..512 rows of float16 go to the GEMM (its default config), float32 and more than
+    512 rows to dequantize + matmul; each equals float64."""
+    from bitsmith.kernels import qmm
+
+    g = torch.Generator().manual_seed(3)
+    qt = _quantize("nf4_g64_dq", torch.randn(45, 200, generator=g) * 0.05)
+    rw = repack(qt, layout="fragment")
+    monkeypatch.setitem(qmm.AUTOTUNE, "enabled", False)
+    launched = []
+    real = qmm._launch
+    monkeypatch.setattr(qmm, "_launch", lambda rw_, x_, b_, cfg, *a, **kw: launched.append(cfg) or real(rw_, x_, b_, cfg, *a, **kw))
+    for m, dtype, kernel in [(17, torch.float16, "fragment_gemm"), (512, torch.float16, "fragment_gemm"),
+                             (513, torch.float16, None), (40, torch.float32, None)]:
+        x = torch.randn(m, 200, generator=g).to(dtype)
+        out = qmm.quant_matmul(x, rw)
+        ref = x.double() @ qt.dequantize(torch.float64).t()
+        assert launched[-1].get("KERNEL") == kernel and (kernel or launched[-1].get("DEQUANT_MM")), launched[-1]
+        assert float((out.double() - ref).norm() / ref.norm()) < 1e-3
+
+
+def test_fragment_gemm_candidates():
+    """What the tuner is offered: nothing from the GEMM up to 16 rows or past 512; above 16 rows
+    the GEMM's configs and dequantize + cuBLAS; split-K only while the tiles leave SMs idle."""
+    from bitsmith.kernels import qmm
+
+    qt = _quantize("int4_g64", torch.randn(4096, 1024) * 0.05)
+    rw = repack(qt, layout="fragment")
+    for m in (1, 16, 513):
+        assert fragment_gemm.configs(rw, m, torch.float16, 132) == []
+    assert fragment_gemm.configs(rw, 64, torch.float32, 132) == []
+    cands = fragment_gemm.configs(rw, 128, torch.float16, 132)
+    assert {c["BLOCK_M"] for c in cands} == {64, 128} and {c["SWAP"] for c in cands} == {0, 1}
+    assert {c["RBS"] for c in cands} == {4, 8}
+    # 4096 rows: 64 or 32 tiles of 64/128 columns a token tile; a split is offered only while the
+    # splits before it left fewer than two programs an SM
+    for c in cands:
+        tiles = -(-128 // c["BLOCK_M"]) * (256 // c["RBS"])
+        assert c["SPLIT_K"] == 1 or tiles * c["SPLIT_K"] // 2 < 2 * 132, c
+    assert max(c["SPLIT_K"] for c in cands) == 8
+    every = qmm._configs(rw, 33, torch.float16)
+    assert every[-1] == {"DEQUANT_MM": True} and every[:-1] == [c for c in every if c.get("KERNEL") != "fragment"][:-1]
+    assert [c for c in every if c.get("KERNEL") == "fragment_gemm"] == fragment_gemm.configs(rw, 33, torch.float16,
+                                                                                              qmm._sm_count(rw.device))
+
+
 # --- compiled for sm_90 on this CPU -----------------------------------------------------------------
 @needs_gluon
 @pytest.mark.parametrize("rb,tok,fmt,dtype", [(1, 8, "int4", "fp16"), (2, 16, "int4", "bf16"), (2, 8, "nf4", "fp16"),
@@ -487,6 +582,21 @@ def test_fragment_kernel_tails_compile():
 
 @pytest.mark.skipif(not HAVE_TRITON or INTERPRETED, reason="needs triton's compiler (not under the interpreter)")
 @pytest.mark.parametrize("fmt", fragment.FORMATS)
+def test_fragment_gemm_compiles_for_sm90(fmt):
+    """The GEMM compiled for sm_90 at its widest tiles: Hopper's ``wgmma`` where a warpgroup's
+    64 rows fit (128 tokens, or 128 weight rows with ``SWAP``), no local memory (spills), in both
+    operand orders and with split-K, a bias and a low-rank epilogue."""
+    for consts, warps in [({"BLOCK_M": 128, "RBS": 8}, 8), ({"BLOCK_M": 128, "RBS": 8, "SWAP": True}, 8),
+                          ({"BLOCK_M": 32, "RBS": 8, "SWAP": True, "ATOMIC": True, "HAS_BIAS": True, "RANK": 16}, 4)]:
+        compiled = fragment_gemm.compile_offline(fmt, num_warps=warps, **consts)
+        with tempfile.TemporaryDirectory() as tmp:
+            ins = kernels_sass.sass_of(compiled.asm["cubin"], Path(tmp))
+        assert "wgmma" in compiled.asm["ptx"], consts
+        assert not [t for _, t in ins if re.match(r"(LDL|STL)\b", t)], consts
+
+
+@pytest.mark.skipif(not HAVE_TRITON or INTERPRETED, reason="needs triton's compiler (not under the interpreter)")
+@pytest.mark.parametrize("fmt", fragment.FORMATS)
 def test_dequantize_kernel_compiles_with_whole_word_loads(fmt):
     """The interpreter runs what the compiler may refuse, so the dequantization kernel is also
     compiled for sm_90: each word is loaded once, whole (eight row blocks of 128 words, int3 96,
@@ -565,8 +675,36 @@ def test_cuda_bfloat16_and_odd_m(name):
 
 
 @needs_cuda
+@pytest.mark.parametrize("name", sorted(FORMATS))
+@pytest.mark.parametrize("order", fragment.ORDERS)
+def test_cuda_fragment_gemm_every_config_equals_reference(name, order, monkeypatch):
+    """The GEMM for more than 16 rows: every candidate config and the default at M = 17, 33 and
+    130, float16, N = 200 and K = 576 (a row tail), a bias; bfloat16 and a low-rank branch at
+    M = 40."""
+    from bitsmith.kernels import layout
+
+    monkeypatch.setitem(layout.FRAGMENT, "order", order)
+    for m in (17, 33, 130):
+        qmm, rw, x, b, ref = _cuda_case(name, m, 200, 576, torch.float16)
+        sms = qmm._sm_count(x.device)
+        cfgs = fragment_gemm.configs(rw, m, torch.float16, sms) + [fragment_gemm.default_config(rw, m, sms)]
+        assert len(cfgs) > 4
+        for cfg in cfgs:
+            out = qmm._launch(rw, x, b, cfg)
+            assert out.dtype == torch.float16 and out.shape == (m, 200)
+            assert float((out.double() - ref).norm() / ref.norm()) < 2e-3, cfg
+    qmm, rw, x, b, ref = _cuda_case(name, 40, 200, 576, torch.bfloat16)
+    t = torch.randn(40, 16, device="cuda")
+    up = (torch.randn(16, 200, device="cuda") * 0.1).to(torch.bfloat16)
+    ref = ref + t.to(torch.bfloat16).double() @ up.double()
+    for cfg in fragment_gemm.configs(rw, 40, torch.bfloat16, qmm._sm_count(x.device)):
+        out = qmm._launch(rw, x, b, cfg, lowrank=(t, up))
+        assert out.dtype == torch.bfloat16 and float((out.double() - ref).norm() / ref.norm()) < 1.6e-2, cfg
+
+
+@needs_cuda
 @pytest.mark.parametrize("name", ["int4_g64", "int3_g64", "nf4_g64_dq"])
-@pytest.mark.parametrize("m,n,k", [(1, 4096, 4096), (16, 1024, 14336), (33, 512, 1000), (3, 45, 200)])
+@pytest.mark.parametrize("m,n,k", [(1, 4096, 4096), (16, 1024, 14336), (33, 512, 1000), (130, 512, 1000), (3, 45, 200)])
 def test_cuda_quant_matmul_tuned_and_planned(name, m, n, k):
     qmm, rw, x, b, ref = _cuda_case(name, m, n, k, torch.float16)
     first = qmm.quant_matmul(x, rw, b)

@@ -45,28 +45,17 @@ except ImportError:  # pragma: no cover - depends on the environment
     tl = None
     HAVE_TRITON = False
 
-from . import fragment_mma, small_m, tune_cache
+from . import fragment_gemm, fragment_mma, small_m, tune_cache
 from .layout import RuntimeWeight
 
 if HAVE_TRITON:
-    from .small_m import _group_meta, code_float, epilogue, word_code
+    from .small_m import _group_meta, code_float, epilogue, grouped_tile, word_code
 
 TUNED: dict[tuple, dict] = {}  # (kernel, M bucket, N, K, layout key) -> launch config
 TUNE_FAILURES: list[dict] = []  # tunings where every candidate failed (the default config ran instead)
 _SM_COUNT: dict[int, int] = {}
 
 if HAVE_TRITON:
-
-    @triton.jit
-    def grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
-        """``(pid_m, pid_n)`` of program ``pid`` in grouped order: ``GROUP_M`` row tiles in a row
-        take the same column tile one after another, so its weight tile is reused from L2."""
-        num_m = tl.cdiv(M, BLOCK_M)
-        num_n = tl.cdiv(N, BLOCK_N)
-        in_group = GROUP_M * num_n
-        first_m = (pid // in_group) * GROUP_M
-        size_m = tl.minimum(num_m - first_m, GROUP_M)
-        return first_m + ((pid % in_group) % size_m), (pid % in_group) // size_m
 
     @triton.jit
     def _plane_codes(ptr, k0, N, rows, offs_n, n_mask, WBITS: tl.constexpr, WPACK: tl.constexpr,
@@ -503,7 +492,7 @@ def _launch(rw: RuntimeWeight, x2: torch.Tensor, bias: torch.Tensor | None, cfg:
     launch (after its input preparation) and first thing elsewhere (plain stream order)."""
     m, k = x2.shape
     n = rw.n
-    if isinstance(lowrank, small_m.LowRankFill) and cfg.get("KERNEL") in (None, "fragment"):
+    if isinstance(lowrank, small_m.LowRankFill) and cfg.get("KERNEL") in (None, "fragment", "fragment_gemm"):
         lowrank = (lowrank.fill(), lowrank.up)
     if cfg.get("KERNEL") == "fragment":  # no low-rank epilogue: a given branch is added after
         out = torch.empty(m, n, dtype=x2.dtype, device=x2.device)
@@ -520,7 +509,7 @@ def _launch(rw: RuntimeWeight, x2: torch.Tensor, bias: torch.Tensor | None, cfg:
         if lowrank is not None:
             out = torch.addmm(out, lowrank[0].to(x2.dtype), lowrank[1])
         return out
-    if "KERNEL" in cfg:  # the small-M kernels: one launch, output written directly
+    if cfg.get("KERNEL") not in (None, "fragment_gemm"):  # the rows layout's small-M kernels: output written directly
         out = torch.empty(m, n, dtype=x2.dtype, device=x2.device)
         kernel, grid, args, consts, options = small_m.launch_args(rw, x2, bias, cfg, out, lowrank)
         hit = _run(kernel, grid, args, consts, options)
@@ -528,12 +517,30 @@ def _launch(rw: RuntimeWeight, x2: torch.Tensor, bias: torch.Tensor | None, cfg:
             rw.plans[plan_key] = _Plan(hit[0], grid, args, hit[1], n, 1, rw.scale, x2.device.index,
                                        small_m.input_prep(rw, cfg))
         return out
+    # the tensor-core GEMMs (the rows layout's, the fragment layout's): split-K adds into float32
     split = cfg["SPLIT_K"]
     dummy = rw.scale
     if split == 1:
         out = torch.empty(m, n, dtype=x2.dtype, device=x2.device)
     else:
         out = torch.zeros(m, n, dtype=torch.float32, device=x2.device)
+    if cfg.get("KERNEL") == "fragment_gemm":
+        kernel, grid, args, consts, options = fragment_gemm.launch_args(rw, x2, bias, cfg, out, lowrank)
+    else:
+        kernel, grid, args, consts, options = _gemm_launch_args(rw, x2, bias, cfg, out, lowrank)
+    hit = _run(kernel, grid, args, consts, options)
+    if plan_key is not None and hit is not None:
+        rw.plans[plan_key] = _Plan(hit[0], grid, args, hit[1], n, split, dummy, x2.device.index)
+    return out if split == 1 else out.to(x2.dtype)
+
+
+def _gemm_launch_args(rw: RuntimeWeight, x2: torch.Tensor, bias: torch.Tensor | None, cfg: dict, out: torch.Tensor,
+                      lowrank: tuple[torch.Tensor, torch.Tensor] | None):
+    """``(kernel, grid, args, constexprs, options)`` of one ``_gemm_kernel`` launch (the rows
+    layout) writing ``out``."""
+    m, k = x2.shape
+    split = cfg["SPLIT_K"]
+    dummy = rw.scale
     options = {kk: cfg[kk] for kk in ("num_warps", "num_stages") if kk in cfg}
     lr_t, lr_up = lowrank if lowrank is not None else (dummy, dummy)
     consts = dict(**_constexprs(rw), HAS_BIAS=bias is not None, RANK=lr_t.shape[-1] if lowrank is not None else 0)
@@ -542,13 +549,10 @@ def _launch(rw: RuntimeWeight, x2: torch.Tensor, bias: torch.Tensor | None, cfg:
     consts["UNIQUE"] = bool(cfg.get("UNIQUE", 0))
     ptrs = (x2, *_weight_args(rw), bias if bias is not None else dummy, out, lr_t, lr_up)
     kw = rw.words.shape[0]
-    grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]), split)
+    grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(rw.n, cfg["BLOCK_N"]), split)
     k_per = triton.cdiv(triton.cdiv(rw.kp, split), cfg["BLOCK_K"]) * cfg["BLOCK_K"]
-    args = (*ptrs, m, n, k, kw, k_per, float(rw.zconst), x2.stride(0), out.stride(0))
-    hit = _run(_gemm_kernel, grid, args, consts, options)
-    if plan_key is not None and hit is not None:
-        rw.plans[plan_key] = _Plan(hit[0], grid, args, hit[1], n, split, dummy, x2.device.index)
-    return out if split == 1 else out.to(x2.dtype)
+    args = (*ptrs, m, rw.n, k, kw, k_per, float(rw.zconst), x2.stride(0), out.stride(0))
+    return _gemm_kernel, grid, args, consts, options
 
 
 def _weight_args(rw: RuntimeWeight) -> tuple:
@@ -633,8 +637,10 @@ def flushed_times_ms(call, flush: torch.Tensor, reps: int, clean: bool = False) 
 
 
 def _configs(rw: RuntimeWeight, m: int, dtype: torch.dtype) -> list[dict]:
-    if rw.layout == "fragment":  # its tensor-core kernel up to 16 rows, else dequantize + cuBLAS
-        return fragment_mma.configs(rw, m, dtype, _sm_count(rw.device)) or [{"DEQUANT_MM": True}]
+    if rw.layout == "fragment":  # Gluon up to 16 rows, then the Triton GEMM and dequantize + cuBLAS
+        sms = _sm_count(rw.device)
+        out = fragment_mma.configs(rw, m, dtype, sms) + fragment_gemm.configs(rw, m, dtype, sms)
+        return out + [{"DEQUANT_MM": True}] if m > 16 or not out else out
     return m1_configs(rw, dtype) if m == 1 else gemm_configs(rw, m, dtype)
 
 
@@ -642,6 +648,8 @@ def _default_config(rw: RuntimeWeight, m: int, device: torch.device, dtype: torc
     if rw.layout == "fragment":
         if m <= 16 and fragment_mma.supports(rw, dtype) is None:
             return fragment_mma.default_config(rw, m, _sm_count(device))
+        if fragment_gemm.MIN_M <= m <= fragment_gemm.MAX_M and fragment_gemm.supports(rw, dtype) is None:
+            return fragment_gemm.default_config(rw, m, _sm_count(device))
         return {"DEQUANT_MM": True}
     return default_m1_config(rw, device, dtype) if m == 1 else default_gemm_config(rw, m, device)
 

@@ -181,6 +181,17 @@ if HAVE_TRITON:
     _PAIR_HEAD = tl.constexpr(_PAIR_HEADS)
 
     @triton.jit
+    def grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+        """``(pid_m, pid_n)`` of program ``pid`` in grouped order: ``GROUP_M`` row tiles in a row
+        take the same column tile one after another, so its weight tile is reused from L2."""
+        num_m = tl.cdiv(M, BLOCK_M)
+        num_n = tl.cdiv(N, BLOCK_N)
+        in_group = GROUP_M * num_n
+        first_m = (pid // in_group) * GROUP_M
+        size_m = tl.minimum(num_m - first_m, GROUP_M)
+        return first_m + ((pid % in_group) % size_m), (pid % in_group) // size_m
+
+    @triton.jit
     def word_code(words, hi, hshift, j: tl.constexpr, BITS: tl.constexpr):
         """Code ``j`` of each runtime-layout word (3 bits: the low 2 bits from ``words``, the top
         bit from the high-plane word ``hi`` at bit ``hshift + j``)."""

@@ -25,7 +25,7 @@ if HAVE_TRITON:
     import triton
     import triton.language as tl
 
-    from .qmm import grouped_tile
+    from .small_m import grouped_tile
 
     @triton.jit
     def _quant_rows_kernel(x_ptr, q_ptr, s_ptr, static_ptr, mig_ptr, K, stride_x, stride_q,
