@@ -259,8 +259,8 @@ def test_fragment_layout_is_only_chosen_when_switched_on_and_on_a_gpu(monkeypatc
 def test_fragment_order_setting_parses_and_names_unknown_orders():
     from bitsmith.kernels.layout import fragment_order
 
-    assert fragment_order(None) == fragment_order("") == "block"
-    assert fragment_order(" Group ") == "group"
+    assert fragment_order(None) == fragment_order("") == "group"
+    assert fragment_order(" Block ") == "block"
     with pytest.raises(ValueError, match="BITSMITH_FRAGMENT_ORDER='rows': not one of"):
         fragment_order("rows")
     with pytest.raises(ValueError, match="not one of"):
@@ -573,6 +573,41 @@ def test_split_k_sum_loads_partials_together():
 
 
 @needs_gluon
+@pytest.mark.parametrize("fmt", fragment.FORMATS)
+def test_wide_token_tiles_compile_without_spills_or_shared_memory(fmt):
+    """``TOK`` 32 and 64 (``BITSMITH_FRAGMENT_WIDE=1``) under their caps (:data:`MAXNREG_WIDE`):
+    the operand conversions stay trivial (asserted while compiling), the main loop has no shared
+    memory, shuffle or barrier, and nothing spills to local memory."""
+    for (rb, tok), cap in fragment_mma.MAXNREG_WIDE.items():
+        compiled = fragment_mma.compile_offline(fmt, rb, tok, 1)
+        with tempfile.TemporaryDirectory() as tmp:
+            ins = kernels_sass.sass_of(compiled.asm["cubin"], Path(tmp))
+            assert kernels_sass.registers(compiled.asm["cubin"], Path(tmp)) <= cap
+        loop = probe.loop_opcodes(compiled.asm["cubin"])
+        assert not [op for op in loop if op.startswith(("LDS", "STS", "SHFL", "BAR"))], (rb, tok, loop)
+        assert not [t for _, t in ins if re.match(r"(LDL|STL)\b", t)], (rb, tok)
+
+
+def test_wide_token_tiles_are_opt_in(monkeypatch):
+    """Without ``BITSMITH_FRAGMENT_WIDE`` the Gluon kernel's configs stop at 16 tokens; with it they
+    reach 64, with the token tile and row blocks of :data:`MAXNREG_WIDE` and split-K x M within
+    the workspace. (``configs`` asks for a CUDA weight, so ``supports`` is bypassed here.)"""
+    rw = repack(_quantize("int4_g64", torch.randn(4096, 1024) * 0.05), layout="fragment")
+    monkeypatch.setattr(fragment_mma, "supports", lambda rw_, dtype: None)
+    monkeypatch.setitem(fragment_mma.WIDE, "enabled", False)
+    assert fragment_mma.max_m() == 16 and fragment_mma.configs(rw, 17, torch.float16, 132) == []
+    monkeypatch.setitem(fragment_mma.WIDE, "enabled", True)
+    assert fragment_mma.configs(rw, 65, torch.float16, 132) == []
+    for m, tok in ((17, 32), (32, 32), (33, 64), (64, 64)):
+        cands = fragment_mma.configs(rw, m, torch.float16, 132)
+        assert cands and {c["RB"] for c in cands} == {r for r, t in fragment_mma.MAXNREG_WIDE if t == tok}
+        assert all(c["SPLIT"] * m <= fragment_mma.MAX_PARTIALS for c in cands)
+        assert fragment_mma.tokens(m) == tok
+        dflt = fragment_mma.default_config(rw, m, 132)
+        assert fragment_mma.register_cap(dflt, tok) == fragment_mma.MAXNREG_WIDE[(dflt["RB"], tok)]
+
+
+@needs_gluon
 def test_fragment_kernel_tails_compile():
     """Rows past the tile, channels past a group, per-row scales, a symmetric zero and a bias."""
     loop = probe.loop_opcodes(fragment_mma.compile_offline("int4", 2, 8, True, TAIL=True, SG=0, HAS_ZERO=False,
@@ -633,8 +668,10 @@ def _check_configs(name, m, dtype, prefetch=(0, 1, 2), splits=(1, 4, 9)):
     qmm, rw, x, b, ref = _cuda_case(name, m, 200, 576, dtype)
     tol = 2e-3 if dtype == torch.float16 else 1.6e-2
     sms = qmm._sm_count(x.device)
+    tok = fragment_mma.tokens(m)
+    rbs = (1, 2, 4) if tok <= 16 else [r for r, t in fragment_mma.MAXNREG_WIDE if t == tok]
     cfgs = [{"KERNEL": "fragment", "W": 4, "RB": rb, "SPLIT": split, "PREFETCH": pf, "num_warps": 4}
-            for rb in (1, 2, 4) for pf in prefetch for split in splits]
+            for rb in rbs for pf in prefetch for split in splits]
     cfgs += fragment_mma.configs(rw, m, dtype, sms) + [fragment_mma.default_config(rw, m, sms)]
     for cfg in cfgs:
         for _ in range(2):  # twice: the split-K counters were reset by the first launch
@@ -653,16 +690,16 @@ def test_cuda_every_config_equals_reference(name, m):
 
 @needs_cuda
 @pytest.mark.parametrize("name", sorted(FORMATS))
-def test_cuda_group_major_order_equals_reference(name, monkeypatch):
-    """The words in group-major order (``BITSMITH_FRAGMENT_ORDER=group``), M = 1 and 16, and
-    the dequantization path at 33 rows."""
+def test_cuda_block_major_order_equals_reference(name, monkeypatch):
+    """The words in block-major order (``BITSMITH_FRAGMENT_ORDER=block``; the other tests run the
+    default, group-major), M = 1 and 16, and the dequantization path at 33 rows."""
     from bitsmith.kernels import layout
 
-    monkeypatch.setitem(layout.FRAGMENT, "order", "group")
+    monkeypatch.setitem(layout.FRAGMENT, "order", "block")
     for m in (1, 16):
         _check_configs(name, m, torch.float16, prefetch=(0, 2), splits=(1, 4, 9))
     qmm, rw, x, b, ref = _cuda_case(name, 33, 200, 576, torch.float16)
-    assert rw.fragment_order == "group"
+    assert rw.fragment_order == "block"
     out = qmm._launch(rw, x, b, {"DEQUANT_MM": True})
     assert float((out.double() - ref).norm() / ref.norm()) < 2e-3
 
@@ -672,6 +709,17 @@ def test_cuda_group_major_order_equals_reference(name, monkeypatch):
 def test_cuda_bfloat16_and_odd_m(name):
     """bfloat16 (magic 128) at M = 5."""
     _check_configs(name, 5, torch.bfloat16, prefetch=(0, 2), splits=(1, 4))
+
+
+@needs_cuda
+@pytest.mark.parametrize("name", sorted(FORMATS))
+def test_cuda_wide_token_tiles_equal_reference(name, monkeypatch):
+    """``BITSMITH_FRAGMENT_WIDE=1``: the Gluon kernel at 17..64 tokens (``TOK`` 32 and 64), every
+    config at M = 24, 32 and 64, float16 with a bias, bfloat16 at M = 40."""
+    monkeypatch.setitem(fragment_mma.WIDE, "enabled", True)
+    for m in (24, 32, 64):
+        _check_configs(name, m, torch.float16, prefetch=(0, 1, 2), splits=(1, 4))
+    _check_configs(name, 40, torch.bfloat16, prefetch=(0, 2), splits=(1, 4))
 
 
 @needs_cuda

@@ -80,9 +80,32 @@ DEQUANT_ROW_BLOCKS = 8  # row blocks a program of the dequantization kernel
 PDL = {"enabled": os.environ.get("BITSMITH_FRAGMENT_PDL", "") == "1"}
 
 
-def register_cap(cfg: dict) -> int:
-    """The register cap a launch of ``cfg`` compiles with (0: none, ptxas chooses)."""
-    return cfg.get("maxnreg", MAXNREG.get(cfg["RB"], 0))
+#: whether ``_frag_kernel`` also takes 17..64 tokens (``TOK`` 32 and 64: :func:`tokens`). Compiled
+#: for sm_90 these configs keep the main loop free of shared memory and spills under the caps of
+#: :data:`MAXNREG_WIDE` (tests/test_fragment.py), but they have not run on a GPU yet:
+#: ``BITSMITH_FRAGMENT_WIDE=1`` offers them to the tuner beside the GEMM of
+#: :mod:`bitsmith.kernels.fragment_gemm` (benchmarks/kernels_gpu_session.sh ``wide`` tests and times them).
+WIDE = {"enabled": os.environ.get("BITSMITH_FRAGMENT_WIDE", "") == "1"}
+#: register caps of the wide configs by (row blocks a warp, tokens): the largest combinations
+#: that compile without spills (two row blocks at 64 tokens spill even at 255)
+MAXNREG_WIDE = {(1, 32): 128, (2, 32): 192, (1, 64): 192}
+
+
+def max_m() -> int:
+    """The most tokens ``_frag_kernel`` takes: 64 with :data:`WIDE` on, else 16."""
+    return 64 if WIDE["enabled"] else 16
+
+
+def tokens(m: int) -> int:
+    """The kernel's token tile ``TOK`` (the B operand's width) for ``m`` tokens."""
+    return 8 if m <= 8 else 16 if m <= 16 else 32 if m <= 32 else 64
+
+
+def register_cap(cfg: dict, tok: int = 16) -> int:
+    """The register cap a launch of ``cfg`` at token tile ``tok`` compiles with (0: none, ptxas chooses)."""
+    if "maxnreg" in cfg:
+        return cfg["maxnreg"]
+    return MAXNREG_WIDE[(cfg["RB"], tok)] if tok > 16 else MAXNREG.get(cfg["RB"], 0)
 
 
 def cvt4_ptx(magic_bits: int) -> str:
@@ -487,15 +510,16 @@ def _tiles(rw: RuntimeWeight, w: int, rb: int) -> int:
 
 
 def configs(rw: RuntimeWeight, m: int, dtype: torch.dtype, sms: int) -> list[dict]:
-    """Candidate configs of ``_frag_kernel`` at ``m <= 16`` rows on a GPU of ``sms``
-    multiprocessors: row blocks a warp x split-K (between half a program and 16 programs an SM,
-    within :data:`MAX_PARTIALS`) x the next one or two groups' words loaded ahead in registers
-    (``PREFETCH`` 0, 1, 2)."""
-    if m > 16 or supports(rw, dtype) is not None:
+    """Candidate configs of ``_frag_kernel`` at ``m <= max_m()`` rows on a GPU of ``sms``
+    multiprocessors: row blocks a warp (above 16 tokens those of :data:`MAXNREG_WIDE`) x split-K
+    (between half a program and 16 programs an SM, within :data:`MAX_PARTIALS`) x the next one or
+    two groups' words loaded ahead in registers (``PREFETCH`` 0, 1, 2)."""
+    if m > max_m() or supports(rw, dtype) is not None:
         return []
     ng = blocks_groups(rw)[1]
+    tok = tokens(m)
     out = []
-    for rb in (1, 2, 4):
+    for rb in (1, 2, 4) if tok <= 16 else sorted(r for r, t in MAXNREG_WIDE if t == tok):
         programs = _tiles(rw, 4, rb)
         for split in (1, 2, 4, 8, 16, 32):
             if split > ng or split * m > MAX_PARTIALS or not (split == 1 or sms // 2 <= programs * split <= 16 * sms):
@@ -506,13 +530,14 @@ def configs(rw: RuntimeWeight, m: int, dtype: torch.dtype, sms: int) -> list[dic
 
 
 def default_config(rw: RuntimeWeight, m: int, sms: int) -> dict:
-    """Two row blocks a warp, split-K until about four programs an SM."""
+    """Two row blocks a warp (one at 64 tokens), split-K until about four programs an SM."""
     ng = blocks_groups(rw)[1]
-    tiles = _tiles(rw, 4, 2)
+    rb = 1 if tokens(m) == 64 else 2
+    tiles = _tiles(rw, 4, rb)
     split = 1
     while tiles * split < 4 * sms and split * 2 <= min(ng, 32) and split * 2 * m <= MAX_PARTIALS:
         split *= 2
-    return {"KERNEL": "fragment", "W": 4, "RB": 2, "SPLIT": split, "PREFETCH": 0, "num_warps": 4}
+    return {"KERNEL": "fragment", "W": 4, "RB": rb, "SPLIT": split, "PREFETCH": 0, "num_warps": 4}
 
 
 def launch_args(rw: RuntimeWeight, x2: torch.Tensor, bias: torch.Tensor | None, cfg: dict, out: torch.Tensor):
@@ -531,14 +556,14 @@ def launch_args(rw: RuntimeWeight, x2: torch.Tensor, bias: torch.Tensor | None, 
     args = (x2, rw.words, ws, rw.scale, rw.zero if rw.zero is not None else dummy, cnt,
             bias if bias is not None else dummy, out,
             m, rw.n, k, nb, ng, -(-ng // split), split, *table_planes(rw, x2.dtype), float(rw.zconst), x2.stride(0))
-    consts = {"W": w, "RB": rb, "TOK": 8 if m <= 8 else 16, "PREFETCH": int(cfg["PREFETCH"]), "IS_SPLIT": split > 1,
+    consts = {"W": w, "RB": rb, "TOK": tokens(m), "PREFETCH": int(cfg["PREFETCH"]), "IS_SPLIT": split > 1,
               "SG": _scale_steps(rw), "FMT": FMT_IDS[rw.fragment_format], "HAS_ZERO": rw.zero is not None,
               "HAS_BIAS": bias is not None, "TAIL": rw.n % (16 * w * rb) != 0 or k % 64 != 0, "BF16": x2.dtype == torch.bfloat16,
               "PDL": pdl, "GROUP_MAJOR": rw.fragment_order == "group"}
     options = {"num_warps": cfg["num_warps"]}
     if pdl:
         options["launch_pdl"] = True
-    maxnreg = register_cap(cfg)
+    maxnreg = register_cap(cfg, consts["TOK"])
     if maxnreg:
         options["maxnreg"] = maxnreg
     return _frag_kernel, (tiles, split), args, consts, options
@@ -572,7 +597,7 @@ def compile_offline(fmt: str = "int4", rb: int = 1, tok: int = 8, prefetch: int 
     cx = {"W": 4, "RB": rb, "TOK": tok, "PREFETCH": int(prefetch), "IS_SPLIT": True, "SG": 1, "FMT": FMT_IDS[fmt],
           "HAS_ZERO": fmt != "nf4", "HAS_BIAS": False, "TAIL": False, "BF16": act == "bf16", "PDL": False, "GROUP_MAJOR": False,
           **consts}
-    cap = register_cap({"RB": rb}) if maxnreg is None else maxnreg
+    cap = register_cap({"RB": rb}, tok) if maxnreg is None else maxnreg
     return _compile_offline(_frag_kernel, cx, act, cx["W"], 1, arch, gluon=True, maxnreg=cap)
 
 

@@ -646,7 +646,7 @@ def _configs(rw: RuntimeWeight, m: int, dtype: torch.dtype) -> list[dict]:
 
 def _default_config(rw: RuntimeWeight, m: int, device: torch.device, dtype: torch.dtype) -> dict:
     if rw.layout == "fragment":
-        if m <= 16 and fragment_mma.supports(rw, dtype) is None:
+        if m <= fragment_mma.max_m() and fragment_mma.supports(rw, dtype) is None:
             return fragment_mma.default_config(rw, m, _sm_count(device))
         if fragment_gemm.MIN_M <= m <= fragment_gemm.MAX_M and fragment_gemm.supports(rw, dtype) is None:
             return fragment_gemm.default_config(rw, m, _sm_count(device))
