@@ -11,10 +11,14 @@ layout's ``_gemm_kernel`` (:mod:`bitsmith.kernels.qmm`) does:
   slice of the groups of 64 (split-K, partial sums added atomically into a float32 output);
 * per group it cuts the codes out of the row blocks' words (:func:`~bitsmith.kernels.fragment_mma.fragment_codes`,
   the dequantization kernel's own decoder: one coalesced load of whole row blocks), scales them
-  (:func:`~bitsmith.kernels.fragment_mma.fragment_values`) and multiplies with ``tl.dot``;
-* ``SWAP``: the product is taken as ``W X^T`` (weights the left operand, which the tensor cores
-  may read from registers; tokens the narrow right one) and transposed once at the end, the usual
-  arrangement when M is small against the weight's rows.
+  (:func:`~bitsmith.kernels.fragment_mma.fragment_values`) and multiplies with ``tl.dot``.
+
+On the H100 it beat dequantize + cuBLAS for int4 at M = 32 and 128 (0.80-0.84x and 0.65-0.69x
+fp16 against 0.45x at M = 128) and NF4 at M = 32 (0.53-0.55x), but not NF4 at M = 128, and it
+trails the rows layout's kernels (int4 1.13-1.21x at M = 32, 0.81x at M = 128:
+kernels_fraggemm_m32m128_h100.json, kernels_rows_m32_h100.json, kernels_rows_m128m2048_h100.json).
+Computing ``W X^T`` instead (the weights as the left operand, which the tensor cores may read from
+registers) won none of those eight tunings and was removed.
 
 Bias and SVDQuant's low-rank up-projection are added in the epilogue
 (:func:`bitsmith.kernels.small_m.epilogue`), by the first K split. It runs under Triton's
@@ -51,7 +55,7 @@ if HAVE_TRITON:
                      M, N, K, NB, NG, G_PER, zconst, stride_xm, stride_om,
                      FMT: tl.constexpr, SG: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
                      GROUP_MAJOR: tl.constexpr, BLOCK_M: tl.constexpr, RBS: tl.constexpr, GROUP_M: tl.constexpr,
-                     SWAP: tl.constexpr, ATOMIC: tl.constexpr, RANK: tl.constexpr):
+                     ATOMIC: tl.constexpr, RANK: tl.constexpr):
         """``out = x @ W^T`` (+ bias, + ``t @ U``) for fragment words ``w_ptr`` in either order
         (``GROUP_MAJOR``). ``wh_ptr`` is not read: it keeps the argument positions every launch
         plan of :mod:`bitsmith.kernels.qmm` relies on (activation 0, bias 6, output 7, low rank 8
@@ -68,25 +72,15 @@ if HAVE_TRITON:
         ok_rb = (rb < NB)[:, None]
         g_lo = pid_k * G_PER
         g_hi = tl.minimum(g_lo + G_PER, NG)
-        if SWAP:
-            acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
-        else:
-            acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         for g in range(g_lo, g_hi):
             kk = g * 64 + tl.arange(0, 64)
             base = ((g * NB + rb) if GROUP_MAJOR else (rb * NG + g)) * WPG  # fragment.to_order
-            q = fragment_codes(w_ptr, base, ok_rb, FMT, RBS, SWAP)
-            w = fragment_values(q, s_ptr, z_ptr, t_ptr, g, N, offs_n, n_mask, zconst, FMT, SG, HAS_ZERO, SWAP)
-            if SWAP:  # [16 RBS, 64] @ [64, BLOCK_M]
-                xt = tl.load(x_ptr + offs_m[None, :] * stride_xm + kk[:, None],
-                             mask=m_mask[None, :] & (kk < K)[:, None], other=0.0)
-                acc = tl.dot(w.to(xt.dtype), xt, acc)
-            else:  # [BLOCK_M, 64] @ [64, 16 RBS]
-                a = tl.load(x_ptr + offs_m[:, None] * stride_xm + kk[None, :],
-                            mask=m_mask[:, None] & (kk < K)[None, :], other=0.0)
-                acc = tl.dot(a, w.to(a.dtype), acc)
-        if SWAP:
-            acc = tl.trans(acc)
+            q = fragment_codes(w_ptr, base, ok_rb, FMT, RBS)
+            w = fragment_values(q, s_ptr, z_ptr, t_ptr, g, N, offs_n, n_mask, zconst, FMT, SG, HAS_ZERO)
+            a = tl.load(x_ptr + offs_m[:, None] * stride_xm + kk[None, :], mask=m_mask[:, None] & (kk < K)[None, :],
+                        other=0.0)
+            acc = tl.dot(a, w.to(a.dtype), acc)  # [BLOCK_M, 64] @ [64, 16 RBS]
         if pid_k == 0:
             acc = epilogue(acc, offs_m, offs_n, m_mask, n_mask, b_ptr, lr_ptr, u_ptr, N, HAS_BIAS, RANK, BLOCK_M)
         out_off = offs_m[:, None] * stride_om + offs_n[None, :]
@@ -120,8 +114,7 @@ def _block_ms(m: int) -> tuple[int, ...]:
 
 def configs(rw: RuntimeWeight, m: int, dtype: torch.dtype, sms: int) -> list[dict]:
     """Candidate configs at ``m`` rows (:data:`MIN_M` .. :data:`MAX_M`) on a GPU of ``sms``
-    multiprocessors: token tile x row blocks (64 or 128 columns) x operand order (``SWAP``) x
-    split-K (only while the tiles alone leave SMs idle, at most :data:`MAX_SPLIT`)."""
+    multiprocessors: token tile x row blocks (64 or 128 columns) x split-K (only while the tiles alone leave SMs idle, at most :data:`MAX_SPLIT`)."""
     if not MIN_M <= m <= MAX_M or supports(rw, dtype) is not None:
         return []
     nb, ng = blocks_groups(rw)
@@ -132,10 +125,8 @@ def configs(rw: RuntimeWeight, m: int, dtype: torch.dtype, sms: int) -> list[dic
             for split in (1, 2, 4, 8):
                 if split > 1 and (split > ng or tiles * split // 2 >= 2 * sms):
                     continue
-                for swap in (0, 1):
-                    warps = 8 if bm * rbs >= 1024 else 4
-                    out.append({"KERNEL": "fragment_gemm", "BLOCK_M": bm, "RBS": rbs, "SPLIT_K": split, "SWAP": swap,
-                                "GROUP_M": 8, "num_warps": warps, "num_stages": 3})
+                out.append({"KERNEL": "fragment_gemm", "BLOCK_M": bm, "RBS": rbs, "SPLIT_K": split, "GROUP_M": 8,
+                            "num_warps": 8 if bm * rbs >= 1024 else 4, "num_stages": 3})
     return out
 
 
@@ -148,7 +139,7 @@ def default_config(rw: RuntimeWeight, m: int, sms: int) -> dict:
     split = 1
     while tiles * split < 2 * sms and split * 2 <= min(ng, MAX_SPLIT):
         split *= 2
-    return {"KERNEL": "fragment_gemm", "BLOCK_M": bm, "RBS": 4, "SPLIT_K": split, "SWAP": 0, "GROUP_M": 8,
+    return {"KERNEL": "fragment_gemm", "BLOCK_M": bm, "RBS": 4, "SPLIT_K": split, "GROUP_M": 8,
             "num_warps": 4, "num_stages": 3}
 
 
@@ -167,7 +158,7 @@ def launch_args(rw: RuntimeWeight, x2: torch.Tensor, bias: torch.Tensor | None, 
             m, rw.n, k, nb, ng, -(-ng // split), float(rw.zconst), x2.stride(0), out.stride(0))
     consts = {"FMT": FMT_IDS[rw.fragment_format], "SG": _scale_steps(rw), "HAS_ZERO": rw.zero is not None,
               "HAS_BIAS": bias is not None, "GROUP_MAJOR": rw.fragment_order == "group", "BLOCK_M": cfg["BLOCK_M"],
-              "RBS": cfg["RBS"], "GROUP_M": cfg["GROUP_M"], "SWAP": bool(cfg["SWAP"]), "ATOMIC": split > 1,
+              "RBS": cfg["RBS"], "GROUP_M": cfg["GROUP_M"], "ATOMIC": split > 1,
               "RANK": lr_t.shape[-1] if lowrank is not None else 0}
     grid = (-(-m // cfg["BLOCK_M"]) * -(-nb // cfg["RBS"]), split)
     return _gemm_kernel, grid, args, consts, {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
@@ -181,7 +172,7 @@ def compile_offline(fmt: str = "int4", act: str = "fp16", arch: int = 90, num_wa
     from .small_m import _compile_offline
 
     cx = {"FMT": FMT_IDS[fmt], "SG": 1, "HAS_ZERO": fmt != "nf4", "HAS_BIAS": False, "GROUP_MAJOR": False, "BLOCK_M": 32,
-          "RBS": 4, "GROUP_M": 8, "SWAP": False, "ATOMIC": False, "RANK": 0, **consts}
+          "RBS": 4, "GROUP_M": 8, "ATOMIC": False, "RANK": 0, **consts}
     return _compile_offline(_gemm_kernel, cx, act, num_warps, num_stages, arch)
 
 

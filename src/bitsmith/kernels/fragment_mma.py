@@ -397,10 +397,10 @@ if HAVE_GLUON:
 if HAVE_TRITON:
 
     @triton.jit
-    def fragment_codes(w_ptr, base, ok_rb, FMT: tl.constexpr, RBS: tl.constexpr, N_MAJOR: tl.constexpr):
+    def fragment_codes(w_ptr, base, ok_rb, FMT: tl.constexpr, RBS: tl.constexpr):
         """Codes (int8) of ``RBS`` row blocks and one group, their words at word offsets ``base``
         ``[RBS]`` (rows masked off by ``ok_rb`` ``[RBS, 1]`` read as zero codes): ``[64, 16 RBS]``
-        in ``[k, n]`` order, or ``[16 RBS, 64]`` (``[n, k]``) with ``N_MAJOR``. The row blocks' words
+        in ``[k, n]`` order. The row blocks' words
         are loaded whole and coalesced, every code is cut out where the fragment assignment put it
         (codes ``[row block, lane, product s, register r, half h]``), and the codes are then
         permuted, the lane ``4 g + t`` standing for row ``g + 8 (r % 2)`` and input channel ``16 t +
@@ -426,30 +426,23 @@ if HAVE_TRITON:
             q = (words[:, :, :, None, None] >> shift[None, None, None, :, :]) & 15  # [RBS, 32, 4, 4, 2]
         # [RBS, lane = (g, t), s, r = (r // 2, r % 2), h] -> k = (t, s, r // 2, h), n = (RBS, r % 2, g)
         q = tl.reshape(q.to(tl.int8), (RBS, 8, 4, 4, 2, 2, 2))
-        if N_MAJOR:
-            q = tl.reshape(tl.permute(q, (0, 5, 1, 2, 3, 4, 6)), (16 * RBS, 64))
-        else:
-            q = tl.reshape(tl.permute(q, (2, 3, 4, 6, 0, 5, 1)), (64, 16 * RBS))
-        return q
+        return tl.reshape(tl.permute(q, (2, 3, 4, 6, 0, 5, 1)), (64, 16 * RBS))
 
     @triton.jit
     def fragment_values(q, s_ptr, z_ptr, t_ptr, g, N, n, n_ok, zconst, FMT: tl.constexpr, SG: tl.constexpr,
-                        HAS_ZERO: tl.constexpr, N_MAJOR: tl.constexpr):
-        """The weights (float32) that codes ``q`` of group ``g`` (:func:`fragment_codes`, in the
-        same orientation) stand for: affine ``(q - zero) * scale``, codebook ``table[q] * scale``,
+                        HAS_ZERO: tl.constexpr):
+        """The weights (float32 ``[64, 16 RBS]``) that codes ``q`` of group ``g`` (:func:`fragment_codes`) stand for: affine ``(q - zero) * scale``, codebook ``table[q] * scale``,
         the scales and zeros of columns ``n`` (``n_ok``: inside ``N``)."""
         if SG == 0:
             s_row = 0
         else:
             s_row = (g // SG) * N
-        sc = tl.load(s_ptr + s_row + n, mask=n_ok, other=0.0).to(tl.float32)
-        sc = sc[:, None] if N_MAJOR else sc[None, :]
+        sc = tl.load(s_ptr + s_row + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
         if FMT == 1:
             w = tl.load(t_ptr + q.to(tl.int32)) * sc
         else:
             if HAS_ZERO:
-                z = tl.load(z_ptr + s_row + n, mask=n_ok, other=0.0).to(tl.float32)
-                z = z[:, None] if N_MAJOR else z[None, :]
+                z = tl.load(z_ptr + s_row + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
             else:
                 z = zconst
             w = (q.to(tl.float32) - z) * sc
@@ -473,11 +466,11 @@ if HAVE_TRITON:
         rb = pid_r * RBS + tl.arange(0, RBS)
         ok_rb = (rb < NB)[:, None]
         base = ((g * NB + rb) if GROUP_MAJOR else (rb * NG + g)) * WPG  # fragment.to_order
-        q = fragment_codes(w_ptr, base, ok_rb, FMT, RBS, False)
+        q = fragment_codes(w_ptr, base, ok_rb, FMT, RBS)
         k = g * 64 + tl.arange(0, 64)[:, None]
         n = pid_r * BN + tl.arange(0, BN)
         n_ok = n < N
-        w = fragment_values(q, s_ptr, z_ptr, t_ptr, g, N, n, n_ok, zconst, FMT, SG, HAS_ZERO, False)
+        w = fragment_values(q, s_ptr, z_ptr, t_ptr, g, N, n, n_ok, zconst, FMT, SG, HAS_ZERO)
         tl.store(out_ptr + k * N + n[None, :], w.to(out_ptr.dtype.element_ty), mask=(k < K) & n_ok[None, :])
 
 
