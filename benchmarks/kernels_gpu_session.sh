@@ -30,6 +30,9 @@
 #       BITSMITH_FRAGMENT_PDL=1 OUT=/some/dir bash benchmarks/kernels_gpu_session.sh sanitize
 #   OUT=/some/dir bash benchmarks/kernels_gpu_session.sh order      # fragment CUDA tests (group-major words among them),
 #       then every config with the words block-major and group-major (gluon_fragment_probe.py --orders block,group)
+#   OUT=/some/dir bash benchmarks/kernels_gpu_session.sh wide       # the Gluon kernel at 17..64 tokens (BITSMITH_FRAGMENT_WIDE=1):
+#       its CUDA tests and the fragment GEMM's, then M = 32 and 64 with every format in the fragment layout (the tuner picks
+#       among the wide tiles, the GEMM and dequantize + cuBLAS; which won is in the JSON's "tuned") and in the rows layout
 #   OUT=/some/dir bash benchmarks/kernels_gpu_session.sh one        # one call for all of it when device time is short:
 #       CUDA tests, M = 1 table int4 vs NF4, compiled end-to-end decode, host overhead
 # The CUDA tests run with pytest-xdist when it is importable (carried as wheels: .whl/, see the device notes).
@@ -267,6 +270,17 @@ order)  # the fragment words block-major against group-major: CUDA tests, then e
     --m 1,16 --formats "${FRAG_FORMATS:-int4_g64,int3_g64,nf4_g64}" --reps 10 --name gluon_fragment_probe_order 2>&1 | grep -v -i warn \
     | tee -a "$OUT/fragment.txt" | grep -E "fp16|WRONG"
   cp benchmarks/results/gluon_fragment_probe_order.json "$OUT/" 2>/dev/null
+  ;;
+wide)  # the Gluon kernel's 32- and 64-token tiles: tests, then M = 32/64 in both layouts
+  export BITSMITH_FRAGMENT_WIDE=1
+  TEST_FILES=tests/test_fragment.py TEST_K="cuda and (wide or gemm)" T_TESTS=${T_TESTS:-150} cuda_tests || { echo "CUDA tests failed: no benchmarks"; exit 1; }
+  for lay in all 0; do
+    name=kernels_wide_layout_$lay
+    echo "== BITSMITH_FRAGMENT_WIDE=1 BITSMITH_FRAGMENT=$lay python3 benchmarks/kernels_bench.py --m 32,64 --formats int4_g64,int3_g64,nf4_g64 --no-w8a8 --reps 20 --name $name" | tee -a "$OUT/kernels_wide.txt"
+    BITSMITH_FRAGMENT=$lay timeout "${T_BENCH:-150}" python3 benchmarks/kernels_bench.py --m 32,64 --formats int4_g64,int3_g64,nf4_g64 --no-w8a8 \
+      --reps 20 --name "$name" 2>&1 | grep -v -i warn | tee -a "$OUT/kernels_wide.txt" | grep -E "^ +[0-9]+x[0-9]+ +[0-9]+ [a-z]"
+    cp "benchmarks/results/$name.json" "$OUT/" 2>/dev/null
+  done
   ;;
 ceiling)  # the read ceiling: the stacked layer's M = 1 matmuls vs a kernel that only reads the same bytes, one graph each
   TEST_FILES=tests/test_kernels.py TEST_K=read_kernel T_TESTS=${T_TESTS:-60} cuda_tests || { echo "CUDA test failed: no benchmark"; exit 1; }

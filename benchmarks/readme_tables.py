@@ -1,12 +1,13 @@
 """The README's GPU summary tables, built from committed H100 results (no GPU needed), so every
 number there can be traced to one JSON and the command inside it:
 
-* kernels at M = 1 and 16: one library run with every format in its default layout
-  (``kernels_reduce_new_h100.json``: int4 in rows, int3 and NF4 in the fragment layout, the
-  register cap and the split-K sum of this release);
+* kernels at M = 1 and 16, each format in its default layout: int4 in rows
+  (``kernels_reduce_new_h100.json``), int3 and NF4 in the fragment layout with group-major words
+  (``kernels_fraggroup_m1m16_h100.json``); each ratio against the fp16 of its own run;
 * M = 2048: the run of each format's default layout (``kernels_layout0_m2048_h100.json`` for int4,
-  ``kernels_layout1_m2048_h100.json`` for int3 and NF4) and W8A8 (``kernels_h100.json``);
-* the compiled batch-1 decode step (``decode_e2e_b1_cap_h100.json``).
+  ``kernels_fraggroup_m128m2048_h100.json`` for int3 and NF4) and W8A8 (``kernels_h100.json``);
+* the compiled batch-1 decode step (``decode_e2e_b1_cap_h100.json``), and int4's two layouts in
+  alternating runs (``decode_e2e_b1_{default,fraggroup}_r{1,2}_h100.json``).
 
     python benchmarks/readme_tables.py
 """
@@ -17,18 +18,22 @@ from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SHAPES = [(4096, 4096), (14336, 4096), (4096, 14336), (28672, 8192)]
-#: column -> (kernel name in the JSONs, M = 2048 file)
-COLUMNS = {"int4 g64": ("int4_g64", "kernels_layout0_m2048_h100.json"),
-           "int3 g64": ("int3_g64", "kernels_layout1_m2048_h100.json"),
-           "NF4": ("nf4_g64", "kernels_layout1_m2048_h100.json"),
-           "torch tinygemm int4 g64": ("tinygemm_int4_g64", "kernels_layout0_m2048_h100.json"),
-           "W8A8": ("w8a8", "kernels_h100.json")}
-SMALL_M = "kernels_reduce_new_h100.json"
+#: column -> (kernel name in the JSONs, M = 1 and 16 file, M = 2048 file)
+COLUMNS = {"int4 g64": ("int4_g64", "kernels_reduce_new_h100.json", "kernels_layout0_m2048_h100.json"),
+           "int3 g64": ("int3_g64", "kernels_fraggroup_m1m16_h100.json", "kernels_fraggroup_m128m2048_h100.json"),
+           "NF4": ("nf4_g64", "kernels_fraggroup_m1m16_h100.json", "kernels_fraggroup_m128m2048_h100.json"),
+           "torch tinygemm int4 g64": ("tinygemm_int4_g64", "kernels_reduce_new_h100.json",
+                                       "kernels_layout0_m2048_h100.json"),
+           "W8A8": ("w8a8", None, "kernels_h100.json")}
 DECODE = "decode_e2e_b1_cap_h100.json"
+#: (run, layouts) -> file: the default (int4 rows, int3 fragment block-major, as before this
+#: release) and every format in the fragment layout, group-major, alternating on one H100
+DECODE_AB = {("1", "default"): "decode_e2e_b1_default_r1_h100.json", ("1", "fragment"): "decode_e2e_b1_fraggroup_r1_h100.json",
+             ("2", "default"): "decode_e2e_b1_default_r2_h100.json", ("2", "fragment"): "decode_e2e_b1_fraggroup_r2_h100.json"}
 
 
-def _rows(name: str) -> list[dict]:
-    return json.loads((RESULTS / name).read_text())["rows"]
+def _rows(name: str | None) -> list[dict]:
+    return json.loads((RESULTS / name).read_text())["rows"] if name else []
 
 
 def _cell(rows: list[dict], kernel: str, n: int, k: int, m: int) -> str:
@@ -41,11 +46,10 @@ def _cell(rows: list[dict], kernel: str, n: int, k: int, m: int) -> str:
 
 
 def kernel_table() -> str:
-    small = _rows(SMALL_M)
     lines = ["| shape N×K | M | " + " | ".join(COLUMNS) + " |", "|---|---:|" + "---:|" * len(COLUMNS)]
     for m in (1, 16, 2048):
         for n, k in SHAPES:
-            cells = [_cell(small if m < 2048 else _rows(big), kernel, n, k, m) for kernel, big in COLUMNS.values()]
+            cells = [_cell(_rows(small if m < 2048 else big), kernel, n, k, m) for kernel, small, big in COLUMNS.values()]
             lines.append(f"| {n}×{k} | {m} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -60,12 +64,25 @@ def decode_table() -> str:
     return "\n".join(lines)
 
 
+def decode_ab_table() -> str:
+    """int4 (and int3) in the compiled step with int4 in rows or in the fragment layout, run by run."""
+    lines = ["| run | layouts | fp16 ms | int4_g64 ms (vs fp16) | int3_g64 ms (vs fp16) |", "|---|---|---:|---:|---:|"]
+    for (run, lay), name in DECODE_AB.items():
+        by = {r["format"].replace("+fused+head8", ""): r for r in _rows(name)}
+        cells = [f"{by[f]['graph_ms']:.2f} ({by[f]['speedup_vs_fp16']:.2f}×)" for f in ("int4_g64", "int3_g64")]
+        what = "int4 rows, int3 fragment (block-major)" if lay == "default" else "both fragment (group-major)"
+        lines.append(f"| {run} | {what} | {by['fp16']['graph_ms']:.2f} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
-    print(f"Kernels (speed-up over fp16 F.linear, eager with the L2 flushed; CUDA graph in brackets):\n"
-          f"M = 1, 16 from {SMALL_M}; M = 2048 from {', '.join(sorted({b for _, b in COLUMNS.values()}))}\n")
+    files = sorted({f for _, small, big in COLUMNS.values() for f in (small, big) if f})
+    print(f"Kernels (speed-up over fp16 F.linear, eager with the L2 flushed; CUDA graph in brackets), from {', '.join(files)}\n")
     print(kernel_table())
     print(f"\nCompiled batch-1 decode step, Llama-3-8B shape, from {DECODE}:\n")
     print(decode_table())
+    print("\nint4's two layouts in the compiled step, alternating runs:\n")
+    print(decode_ab_table())
 
 
 if __name__ == "__main__":

@@ -13,7 +13,8 @@ import readme_tables  # noqa: E402
 
 def test_readme_gpu_tables_come_from_the_results():
     readme = (ROOT / "README.md").read_text()
-    kernels, decode = readme_tables.kernel_table(), readme_tables.decode_table()
+    kernels, decode, ab = readme_tables.kernel_table(), readme_tables.decode_table(), readme_tables.decode_ab_table()
     assert kernels.count("\n") == 13 and "| 28672×8192 | 2048 |" in kernels  # 12 rows: 4 shapes x M = 1, 16, 2048
     assert kernels in readme
     assert decode in readme
+    assert ab.count("\n") == 5 and ab in readme
