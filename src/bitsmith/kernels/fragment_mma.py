@@ -17,7 +17,9 @@
   float32 partials, a ticket per tile, the last program sums in split order, adds the bias,
   writes ``y`` and resets the counter).
 * ``_dequant_kernel`` (Triton, any M): ``W^T`` in the activation dtype, for cuBLAS when M is large
-  (the ``rows`` layout does the same there, :func:`bitsmith.kernels.qmm.dequantize_t`).
+  (the ``rows`` layout does the same there, :func:`bitsmith.kernels.qmm.dequantize_t`). Its
+  decoder (:func:`fragment_codes`, :func:`fragment_values`) is also the main loop's of the GEMM
+  for 17..512 rows, :mod:`bitsmith.kernels.fragment_gemm`.
 
 Status (issue #8): the CUDA tests pass on an H100 and an H200 (benchmarks/results/
 fragment_gpu_tests_h100.txt, fragment_gpu_tests_v2_h200.txt), compute-sanitizer finds no errors
@@ -26,9 +28,9 @@ measured shape and format, for int3 and NF4 at M = 1 and in the compiled decode 
 it at M = 2048 but on 28672x8192 (kernels_layout{0,1}{,_m2048}_h100.json), so
 :func:`bitsmith.kernels.layout.repack` builds it for the formats ``BITSMITH_FRAGMENT`` names, int3 and
 NF4 when it is unset (:data:`bitsmith.kernels.layout.DEFAULT_FRAGMENT_FORMATS`). Its launches
-carry a register cap (:data:`MAXNREG`). Launching it as a programmatic dependent, as the rows
-layout's small-M kernels are, is compiled and checked in CI but waits for a GPU run, so it is
-opt-in (:data:`PDL`).
+carry a register cap (:data:`MAXNREG`). Launching it as a programmatic dependent (:data:`PDL`)
+passed the GPU tests but bought nothing measurable in the decode step, so it stays opt-in; so do
+its 32- and 64-token tiles (:data:`WIDE`), which have not run on a GPU yet.
 """
 from __future__ import annotations
 
@@ -74,9 +76,11 @@ MAXNREG = {1: 128, 2: 128, 4: 192}
 DEQUANT_ROW_BLOCKS = 8  # row blocks a program of the dequantization kernel
 #: whether the fragment kernel launches as a programmatic dependent where
 #: :func:`bitsmith.kernels.small_m.pdl_ok` allows it (the rows layout's small-M kernels do; PDL was
-#: worth 2-10% of the compiled decode step there). Compiled and checked in CI (the words it
-#: prefetches are its only loads before the wait), not yet run on a GPU: ``BITSMITH_FRAGMENT_PDL=1``
-#: turns it on (benchmarks/kernels_gpu_session.sh ``frag_pdl`` runs its CUDA tests and times it).
+#: worth 2-10% of the compiled decode step there). On the H100 it passes the CUDA tests and
+#: compute-sanitizer (fragment_gpu_tests_frag_pdl_h100.txt, sanitizer_frag_pdl_h100.txt) and saves
+#: 1-2% on eight stacked layers' linears (kernels_chain_frag_pdl_h100.json), but in the compiled
+#: decode step int4 took 3.17 ms with it and 3.18 without, int3 3.31 and 3.24
+#: (decode_e2e_b1_frag_{pdl,nopdl}_group_h100.json), so it stays opt-in: ``BITSMITH_FRAGMENT_PDL=1``.
 PDL = {"enabled": os.environ.get("BITSMITH_FRAGMENT_PDL", "") == "1"}
 
 

@@ -22,6 +22,11 @@ Kernels, by the number of rows M of ``x``:
   registers as ``wgmma``'s left operand, did no better: 0.26-0.30x fp16 with its best tile at M = 2048 on the H100
   (benchmarks/results/kernels_configs_swap_m2048_h100.txt); it was removed.
 
+The fragment layout (:mod:`bitsmith.kernels.fragment`) has its own kernels: the Gluon kernel of
+:mod:`bitsmith.kernels.fragment_mma` up to 16 rows (64 with ``BITSMITH_FRAGMENT_WIDE=1``), the
+GEMM of :mod:`bitsmith.kernels.fragment_gemm` and dequantize + cuBLAS from 17 to 512 rows (the
+tuner picks), dequantize + cuBLAS above.
+
 Configs are tuned once per (kernel, shape, layout) on first use (not under CUDA-graph capture,
 where a default is taken) and cached in :data:`TUNED`; with ``BITSMITH_TUNE_CACHE=file`` also on
 disk, for later processes on the same GPU (:mod:`bitsmith.kernels.tune_cache`).
