@@ -48,7 +48,7 @@ MAX_SPLIT = 8  # K splits at most
 
 if HAVE_TRITON:
     from .fragment_mma import fragment_codes, fragment_values
-    from .small_m import epilogue, grouped_tile
+    from .small_m import gemm_tile, write_gemm_tile
 
     @triton.jit
     def _gemm_kernel(x_ptr, w_ptr, wh_ptr, s_ptr, z_ptr, t_ptr, b_ptr, out_ptr, lr_ptr, u_ptr,
@@ -62,12 +62,7 @@ if HAVE_TRITON:
         and 9). ``G_PER``: groups of 64 a K split."""
         BLOCK_N: tl.constexpr = 16 * RBS
         WPG: tl.constexpr = 96 if FMT == 2 else 128
-        pid_k = tl.program_id(1)
-        pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        m_mask = offs_m < M
-        n_mask = offs_n < N
+        pid_k, pid_n, offs_m, offs_n, m_mask, n_mask = gemm_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
         rb = pid_n * RBS + tl.arange(0, RBS)
         ok_rb = (rb < NB)[:, None]
         g_lo = pid_k * G_PER
@@ -81,15 +76,8 @@ if HAVE_TRITON:
             a = tl.load(x_ptr + offs_m[:, None] * stride_xm + kk[None, :], mask=m_mask[:, None] & (kk < K)[None, :],
                         other=0.0)
             acc = tl.dot(a, w.to(a.dtype), acc)  # [BLOCK_M, 64] @ [64, 16 RBS]
-        if pid_k == 0:
-            acc = epilogue(acc, offs_m, offs_n, m_mask, n_mask, b_ptr, lr_ptr, u_ptr, N, HAS_BIAS, RANK, BLOCK_M)
-        out_off = offs_m[:, None] * stride_om + offs_n[None, :]
-        o_mask = m_mask[:, None] & n_mask[None, :]
-        if ATOMIC:
-            tl.atomic_add(out_ptr + out_off, acc, mask=o_mask)
-        else:
-            tl.store(out_ptr + out_off, acc.to(out_ptr.dtype.element_ty), mask=o_mask)
-
+        write_gemm_tile(acc, pid_k, offs_m, offs_n, m_mask, n_mask, stride_om, out_ptr, b_ptr, lr_ptr, u_ptr, N,
+                        HAS_BIAS, RANK, BLOCK_M, ATOMIC)
 
 def supports(rw: RuntimeWeight, dtype: torch.dtype) -> str | None:
     """Why ``_gemm_kernel`` cannot take ``rw`` with ``dtype`` activations (``None`` when it can)."""

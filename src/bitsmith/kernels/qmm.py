@@ -54,7 +54,7 @@ from . import fragment_gemm, fragment_mma, small_m, tune_cache
 from .layout import RuntimeWeight
 
 if HAVE_TRITON:
-    from .small_m import _group_meta, code_float, epilogue, grouped_tile, word_code
+    from .small_m import _group_meta, code_float, gemm_tile, word_code, write_gemm_tile
 
 TUNED: dict[tuple, dict] = {}  # (kernel, M bucket, N, K, layout key) -> launch config
 TUNE_FAILURES: list[dict] = []  # tunings where every candidate failed (the default config ran instead)
@@ -104,12 +104,7 @@ if HAVE_TRITON:
     ):
         """With ``ATOMIC`` (split-K) the first split adds the bias and the low-rank term
         (:func:`bitsmith.kernels.small_m.epilogue`) to its partial sums."""
-        pid_k = tl.program_id(1)
-        pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        m_mask = offs_m < M
-        n_mask = offs_n < N
+        pid_k, _, offs_m, offs_n, m_mask, n_mask = gemm_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
         kp = KW * PACK
         k_lo = pid_k * K_PER  # K_PER: K per split, a multiple of BLOCK_K
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
@@ -148,15 +143,8 @@ if HAVE_TRITON:
             else:
                 w = (code_float(q) - z) * s
             acc = tl.dot(a, w.to(a.dtype), acc)
-        out_off = offs_m[:, None] * stride_om + offs_n[None, :]
-        o_mask = m_mask[:, None] & n_mask[None, :]
-        if pid_k == 0:
-            acc = epilogue(acc, offs_m, offs_n, m_mask, n_mask, b_ptr, lr_ptr, u_ptr, N,
-                           HAS_BIAS, RANK, BLOCK_M)
-        if not ATOMIC:
-            tl.store(out_ptr + out_off, acc.to(out_ptr.dtype.element_ty), mask=o_mask)
-        else:
-            tl.atomic_add(out_ptr + out_off, acc, mask=o_mask)
+        write_gemm_tile(acc, pid_k, offs_m, offs_n, m_mask, n_mask, stride_om, out_ptr, b_ptr, lr_ptr, u_ptr, N,
+                        HAS_BIAS, RANK, BLOCK_M, ATOMIC)
 
     @triton.jit
     def _dequant_kernel(

@@ -192,6 +192,30 @@ if HAVE_TRITON:
         return first_m + ((pid % in_group) % size_m), (pid % in_group) // size_m
 
     @triton.jit
+    def gemm_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+        """A tensor-core GEMM program's ``(K split, column tile, rows, columns, row mask, column
+        mask)``: its output tile in :func:`grouped_tile` order (program axis 0), its K split (axis 1)."""
+        pid_k = tl.program_id(1)
+        pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        return pid_k, pid_n, offs_m, offs_n, offs_m < M, offs_n < N
+
+    @triton.jit
+    def write_gemm_tile(acc, pid_k, offs_m, offs_n, m_mask, n_mask, stride_om, out_ptr, b_ptr, lr_ptr, u_ptr, N,
+                        HAS_BIAS: tl.constexpr, RANK: tl.constexpr, BLOCK_M: tl.constexpr, ATOMIC: tl.constexpr):
+        """A GEMM tile's float32 sums to ``out``: the first K split adds the :func:`epilogue`; with
+        ``ATOMIC`` (split-K) every split adds into a zeroed float32 ``out``, else one store."""
+        out_off = offs_m[:, None] * stride_om + offs_n[None, :]
+        o_mask = m_mask[:, None] & n_mask[None, :]
+        if pid_k == 0:
+            acc = epilogue(acc, offs_m, offs_n, m_mask, n_mask, b_ptr, lr_ptr, u_ptr, N, HAS_BIAS, RANK, BLOCK_M)
+        if not ATOMIC:
+            tl.store(out_ptr + out_off, acc.to(out_ptr.dtype.element_ty), mask=o_mask)
+        else:
+            tl.atomic_add(out_ptr + out_off, acc, mask=o_mask)
+
+    @triton.jit
     def word_code(words, hi, hshift, j: tl.constexpr, BITS: tl.constexpr):
         """Code ``j`` of each runtime-layout word (3 bits: the low 2 bits from ``words``, the top
         bit from the high-plane word ``hi`` at bit ``hshift + j``)."""
