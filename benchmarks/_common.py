@@ -29,7 +29,7 @@ def write_result(name: str, data: dict) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = RESULTS / f"{name}.json"
     # the switches that change which kernels run belong to the command
-    env = " ".join(f"{k}={os.environ[k]}" for k in ("BITSMITH_FRAGMENT", "BITSMITH_PDL") if k in os.environ)
+    env = " ".join(f"{k}={os.environ[k]}" for k in sorted(os.environ) if k.startswith("BITSMITH_"))
     doc = {
         "command": (env + " " if env else "") + "python "
         + " ".join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0])] + sys.argv[1:]),

@@ -33,6 +33,8 @@
 #   OUT=/some/dir bash benchmarks/kernels_gpu_session.sh wide       # the Gluon kernel at 17..64 tokens (BITSMITH_FRAGMENT_WIDE=1):
 #       its CUDA tests and the fragment GEMM's, then M = 32 and 64 with every format in the fragment layout (the tuner picks
 #       among the wide tiles, the GEMM and dequantize + cuBLAS; which won is in the JSON's "tuned") and in the rows layout
+#   OUT=/some/dir bash benchmarks/kernels_gpu_session.sh w8a8       # where W8A8's time goes at M = 2048: quantization,
+#       every GEMM config, torch._int_mm and the library call beside fp16 (benchmarks/w8a8_probe.py)
 #   OUT=/some/dir bash benchmarks/kernels_gpu_session.sh one        # one call for all of it when device time is short:
 #       CUDA tests, M = 1 table int4 vs NF4, compiled end-to-end decode, host overhead
 # The CUDA tests run with pytest-xdist when it is importable (carried as wheels: .whl/, see the device notes).
@@ -281,6 +283,12 @@ wide)  # the Gluon kernel's 32- and 64-token tiles: tests, then M = 32/64 in bot
       --reps 20 --name "$name" 2>&1 | grep -v -i warn | tee -a "$OUT/kernels_wide.txt" | grep -E "^ +[0-9]+x[0-9]+ +[0-9]+ [a-z]"
     cp "benchmarks/results/$name.json" "$OUT/" 2>/dev/null
   done
+  ;;
+w8a8)  # W8A8 at M = 2048, part by part
+  echo "== python3 benchmarks/w8a8_probe.py --m 2048 --reps 20 --name w8a8_probe_m2048" | tee "$OUT/w8a8.txt"
+  timeout "${T_W8A8:-200}" python3 benchmarks/w8a8_probe.py --m 2048 --reps 20 --name w8a8_probe_m2048 2>&1 | grep -v -i warn \
+    | tee -a "$OUT/w8a8.txt"
+  cp benchmarks/results/w8a8_probe_m2048.json "$OUT/" 2>/dev/null
   ;;
 ceiling)  # the read ceiling: the stacked layer's M = 1 matmuls vs a kernel that only reads the same bytes, one graph each
   TEST_FILES=tests/test_kernels.py TEST_K=read_kernel T_TESTS=${T_TESTS:-60} cuda_tests || { echo "CUDA test failed: no benchmark"; exit 1; }

@@ -29,7 +29,8 @@ TILE = 128  # columns of W^T a program of either dequantization kernel writes
 
 def dequant_chunk(rw, out: torch.Tensor, n0: int, n1: int) -> None:
     """Columns ``n0:n1`` of ``W^T`` into ``out`` (``[K, N]``), one launch of the layout's kernel
-    with its pointers moved to column ``n0`` (``n0``, ``n1`` multiples of :data:`TILE`)."""
+    with its pointers moved to column ``n0`` (``n0``, ``n1`` multiples of :data:`TILE`; fragment
+    words block-major, so a row block's words are one slice)."""
     from bitsmith.kernels import fragment_mma, qmm
 
     if rw.layout == "fragment":
@@ -40,7 +41,7 @@ def dequant_chunk(rw, out: torch.Tensor, n0: int, n1: int) -> None:
                 float(rw.zconst))
         rbs = fragment_mma.DEQUANT_ROW_BLOCKS
         consts = {"FMT": fragment_mma.FMT_IDS[rw.fragment_format], "SG": fragment_mma._scale_steps(rw),
-                  "HAS_ZERO": rw.zero is not None, "RBS": rbs}
+                  "HAS_ZERO": rw.zero is not None, "RBS": rbs, "GROUP_MAJOR": False}
         qmm._run(fragment_mma._dequant_kernel, (-(-(nb1 - nb0) // rbs), rw.words.shape[1]), args, consts,
                  {"num_warps": 4})
         return
@@ -100,7 +101,7 @@ def main() -> None:
         x = torch.randn(args.m, k, device=dev, dtype=torch.float16)
         fp16 = timer.time_graph(lambda: F.linear(x, w16))
         for fmt in args.formats.split(","):
-            rw = repack(make_qtensor(fmt, w16))
+            rw = repack(make_qtensor(fmt, w16), order="block")  # dequant_chunk slices row blocks
             ref = x.float() @ qmm.dequantize_t(rw, torch.float16).float()
             whole = timer.time_graph(lambda: torch.mm(x, qmm.dequantize_t(rw, x.dtype)))
             library = timer.time_graph(lambda: qmm.quant_matmul(x, rw))

@@ -1,0 +1,82 @@
+"""Where W8A8's time goes at large M (issue #8: quantize + GEMM + rescale at M = 2048 at least
+1.3x fp16; measured 0.86 / 1.29 / 1.17 / 1.37x on the four shapes, kernels_h100.json). Per shape,
+each in a CUDA graph with the L2 flushed (median): fp16 ``F.linear``; the per-token quantization
+kernel alone; the int8 GEMM with its fused rescale alone, in every candidate config the tuner
+tries; ``torch._int_mm`` alone (cuBLAS, int32 out, no rescale); the library call
+(``w8a8_linear``, tuned) and its ``int_mm`` backend. The table says how far the library is from
+its own two parts and which part holds the gap.
+
+    python benchmarks/w8a8_probe.py [--shapes 4096x4096,...] [--m 2048] [--reps 20]
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import write_result  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shapes", default="4096x4096,14336x4096,4096x14336,28672x8192")
+    ap.add_argument("--m", type=int, default=2048)
+    ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--name", default="w8a8_probe")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        print("w8a8_probe: needs a CUDA GPU", file=sys.stderr)
+        raise SystemExit(2)
+    from bitsmith.kernels import w8a8
+    from bitsmith.kernels.bench import Timer
+
+    dev = torch.device("cuda")
+    torch.manual_seed(0)
+    timer = Timer(dev, reps=args.reps, warmup=3)
+    rows = []
+    print(f"{'N x K':>12} {'fp16':>8} {'quant':>7} {'gemm':>7} {'int_mm':>7} {'library':>8} {'x fp16':>7} "
+          f"{'int_mm backend':>15}  best gemm config (us)", flush=True)
+    for shape in args.shapes.split(","):
+        n, k = (int(v) for v in shape.split("x"))
+        w16 = (torch.randn(n, k, device=dev) * 0.02).half()
+        sw = (w16.float().abs().amax(1) / 127).clamp_min(1e-8)
+        wq = torch.round(w16.float() / sw[:, None]).clamp(-127, 127).to(torch.int8).contiguous()
+        x = torch.randn(args.m, k, device=dev, dtype=torch.float16)
+        ref = F.linear(x.float(), wq.float() * sw[:, None])
+        fp16 = timer.time_graph(lambda: F.linear(x, w16))
+        xq, sx = w8a8.quantize_per_token(x)
+        quant = timer.time_graph(lambda: w8a8.quantize_per_token(x))
+        out = torch.empty(args.m, n, dtype=x.dtype, device=dev)
+        gemm = {}
+        for bm, bn, bk, warps, stages in w8a8._CANDIDATES:
+            cfg = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8, "num_warps": warps, "num_stages": stages}
+            name = f"{bm}x{bn}x{bk} w{warps} s{stages}"
+            try:
+                w8a8._launch_gemm(xq, wq, sx, sw, None, out, cfg)
+                torch.cuda.synchronize()
+                gemm[name] = timer.time_graph(lambda cfg=cfg: w8a8._launch_gemm(xq, wq, sx, sw, None, out, cfg))
+            except Exception as e:  # noqa: BLE001 - a config that does not fit is reported, not fatal
+                gemm[name] = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
+        timed = {c: us for c, us in gemm.items() if isinstance(us, float)}
+        best = min(timed, key=timed.get) if timed else None
+        int_mm = timer.time_graph(lambda: torch._int_mm(xq, wq.t()))
+        y = w8a8.w8a8_linear(x, wq, sw)  # tunes
+        err = float((y.float() - ref).norm() / ref.norm())
+        library = timer.time_graph(lambda: w8a8.w8a8_linear(x, wq, sw))
+        backend = timer.time_graph(lambda: w8a8.w8a8_linear(x, wq, sw, backend="int_mm"))
+        rows.append({"n": n, "k": k, "m": args.m, "fp16_us": fp16, "quant_us": quant, "gemm_us": gemm,
+                     "best_gemm": best, "int_mm_us": int_mm, "library_us": library, "int_mm_backend_us": backend,
+                     "library_rel_err_vs_dequantized_fp32": err,
+                     "tuned": w8a8.W8A8_CONFIG.get((w8a8._m_bucket(args.m), n, k))})
+        print(f"{shape:>12} {fp16:8.1f} {quant:7.1f} {timed.get(best, float('nan')):7.1f} {int_mm:7.1f} {library:8.1f} "
+              f"{fp16 / library:7.2f} {backend:9.1f} ({fp16 / backend:.2f}x)  {best}  err {err:.1e}", flush=True)
+        write_result(args.name, {"device": torch.cuda.get_device_name(dev), "rows": rows,
+                                 "timing": "CUDA-graph replay with the L2 flushed, median (us)"})
+
+
+if __name__ == "__main__":
+    main()
