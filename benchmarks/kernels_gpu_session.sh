@@ -30,9 +30,10 @@
 #       BITSMITH_FRAGMENT_PDL=1 OUT=/some/dir bash benchmarks/kernels_gpu_session.sh sanitize
 #   OUT=/some/dir bash benchmarks/kernels_gpu_session.sh order      # fragment CUDA tests (group-major words among them),
 #       then every config with the words block-major and group-major (gluon_fragment_probe.py --orders block,group)
-#   OUT=/some/dir bash benchmarks/kernels_gpu_session.sh wide       # the Gluon kernel at 17..64 tokens (BITSMITH_FRAGMENT_WIDE=1):
-#       its CUDA tests and the fragment GEMM's, then M = 32 and 64 with every format in the fragment layout (the tuner picks
-#       among the wide tiles, the GEMM and dequantize + cuBLAS; which won is in the JSON's "tuned") and in the rows layout
+#   OUT=/some/dir bash benchmarks/kernels_gpu_session.sh wide       # the fragment layout's opt-in kernels for more tokens:
+#       the Gluon kernel at 17..64 tokens (BITSMITH_FRAGMENT_WIDE=1) and the Hopper wgmma kernel (BITSMITH_FRAGMENT_WGMMA=1):
+#       their CUDA tests and the fragment GEMM's, then M = 16..128 (WIDE_MS) with every format in the fragment layout (the
+#       tuner picks among all of them, the GEMM and dequantize + cuBLAS; which won is in the JSON's "tuned") and in rows
 #   OUT=/some/dir bash benchmarks/kernels_gpu_session.sh w8a8       # where W8A8's time goes at M = 2048: quantization,
 #       every GEMM config, torch._int_mm and the library call beside fp16 (benchmarks/w8a8_probe.py)
 #   OUT=/some/dir bash benchmarks/kernels_gpu_session.sh one        # one call for all of it when device time is short:
@@ -273,14 +274,15 @@ order)  # the fragment words block-major against group-major: CUDA tests, then e
     | tee -a "$OUT/fragment.txt" | grep -E "fp16|WRONG"
   cp benchmarks/results/gluon_fragment_probe_order.json "$OUT/" 2>/dev/null
   ;;
-wide)  # the Gluon kernel's 32- and 64-token tiles: tests, then M = 32/64 in both layouts
-  export BITSMITH_FRAGMENT_WIDE=1
-  TEST_FILES=tests/test_fragment.py TEST_K="cuda and (wide or gemm)" T_TESTS=${T_TESTS:-150} cuda_tests || { echo "CUDA tests failed: no benchmarks"; exit 1; }
+wide)  # the wide Gluon tiles and the wgmma kernel: tests, then M = 16..128 in both layouts
+  export BITSMITH_FRAGMENT_WIDE=1 BITSMITH_FRAGMENT_WGMMA=1
+  TEST_FILES=tests/test_fragment.py TEST_K="cuda and (wide or gemm or wgmma)" T_TESTS=${T_TESTS:-180} cuda_tests || { echo "CUDA tests failed: no benchmarks"; exit 1; }
+  ms=${WIDE_MS:-16,32,64,128}; shapes=${WIDE_SHAPES:-14336x4096,28672x8192}
   for lay in all 0; do
     name=kernels_wide_layout_$lay
-    echo "== BITSMITH_FRAGMENT_WIDE=1 BITSMITH_FRAGMENT=$lay python3 benchmarks/kernels_bench.py --m 32,64 --formats int4_g64,int3_g64,nf4_g64 --no-w8a8 --reps 20 --name $name" | tee -a "$OUT/kernels_wide.txt"
-    BITSMITH_FRAGMENT=$lay timeout "${T_BENCH:-150}" python3 benchmarks/kernels_bench.py --m 32,64 --formats int4_g64,int3_g64,nf4_g64 --no-w8a8 \
-      --reps 20 --name "$name" 2>&1 | grep -v -i warn | tee -a "$OUT/kernels_wide.txt" | grep -E "^ +[0-9]+x[0-9]+ +[0-9]+ [a-z]"
+    echo "== BITSMITH_FRAGMENT_WIDE=1 BITSMITH_FRAGMENT_WGMMA=1 BITSMITH_FRAGMENT=$lay python3 benchmarks/kernels_bench.py --shapes $shapes --m $ms --formats int4_g64,int3_g64,nf4_g64 --no-w8a8 --reps 20 --name $name" | tee -a "$OUT/kernels_wide.txt"
+    BITSMITH_FRAGMENT=$lay timeout "${T_BENCH:-170}" python3 benchmarks/kernels_bench.py --shapes "$shapes" --m "$ms" --formats int4_g64,int3_g64,nf4_g64 \
+      --no-w8a8 --reps 20 --name "$name" 2>&1 | grep -v -i warn | tee -a "$OUT/kernels_wide.txt" | grep -E "^ +[0-9]+x[0-9]+ +[0-9]+ [a-z]"
     cp "benchmarks/results/$name.json" "$OUT/" 2>/dev/null
   done
   ;;

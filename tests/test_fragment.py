@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 import bitsmith
 from bitsmith.errors import QuantizationError
-from bitsmith.kernels import HAVE_TRITON, dequantize_runtime, fragment, fragment_gemm, fragment_mma, repack
+from bitsmith.kernels import HAVE_TRITON, dequantize_runtime, fragment, fragment_gemm, fragment_mma, fragment_wgmma, repack
 from bitsmith.kernels.layout import runtime_codes
 from conftest import CUDA, INTERPRETED, needs_interp, run_interpreter_tests
 from ptx_emulator import run_ptx
@@ -607,6 +607,43 @@ def test_wide_token_tiles_are_opt_in(monkeypatch):
 
 
 @needs_gluon
+@pytest.mark.parametrize("fmt", fragment.FORMATS)
+def test_wgmma_kernel_compiles_for_sm90(fmt):
+    """The Hopper kernel (``BITSMITH_FRAGMENT_WGMMA=1``), compiled for sm_90 at every (row blocks,
+    token tile) its configs use, plain and with tails, a bias and group-major words: the fragment
+    words reach ``wgmma``'s register A operand without data movement (asserted while compiling),
+    each group is four ``HGMMA.64xTOKx16`` a row block with one shared-memory tile of activations
+    between two barriers, no spills."""
+    for rb, tok in ((1, 16), (2, 16), (1, 32), (2, 32), (1, 64)):
+        for extra in ({}, {"TAIL": True, "HAS_BIAS": True, "GROUP_MAJOR": True}):
+            compiled = fragment_wgmma.compile_offline(fmt, rb, tok, 1, **extra)
+            with tempfile.TemporaryDirectory() as tmp:
+                ins = kernels_sass.sass_of(compiled.asm["cubin"], Path(tmp))
+            loop = collections.Counter(kernels_sass.opcode(t) for t in kernels_sass.loop_body(ins, holding="HGMMA"))
+            assert loop[f"HGMMA.64x{tok}x16.F32"] == 4 * rb, (rb, tok, extra, loop)
+            assert sum(c for op, c in loop.items() if op.startswith("BAR")) == 2, (rb, tok, loop)
+            assert not [t for _, t in ins if re.match(r"(LDL|STL)\b", t)], (rb, tok, extra)
+
+
+def test_wgmma_kernel_is_opt_in_and_hopper_only(monkeypatch):
+    """Its configs are offered only with ``BITSMITH_FRAGMENT_WGMMA`` on and only on compute
+    capability 9.0 (``supports`` names why not); token tiles are powers of two up to
+    :data:`TOK_MAX`, several tiles above it."""
+    rw = repack(_quantize("int4_g64", torch.randn(4096, 1024) * 0.05), layout="fragment")
+    assert "Hopper" in fragment_wgmma.supports(rw, torch.float16) or not fragment_mma.HAVE_GLUON
+    monkeypatch.setitem(fragment_wgmma.WGMMA, "enabled", True)
+    assert fragment_wgmma.configs(rw, 16, torch.float16, 132) == []  # a CPU weight
+    monkeypatch.setattr(fragment_wgmma, "supports", lambda rw_, dtype: None)
+    assert [fragment_wgmma.tokens(m) for m in (1, 16, 17, 33, 64, 65, 256)] == [16, 16, 32, 64, 64, 64, 64]
+    cands = fragment_wgmma.configs(rw, 130, torch.float16, 132)
+    assert cands and {c["RB"] for c in cands} == {1} and all(c["SPLIT"] * 130 <= fragment_mma.MAX_PARTIALS for c in cands)
+    assert {c["RB"] for c in fragment_wgmma.configs(rw, 24, torch.float16, 132)} == {1, 2}
+    assert fragment_wgmma.configs(rw, 257, torch.float16, 132) == []
+    monkeypatch.setitem(fragment_wgmma.WGMMA, "enabled", False)
+    assert fragment_wgmma.configs(rw, 24, torch.float16, 132) == []
+
+
+@needs_gluon
 def test_fragment_kernel_tails_compile():
     """Rows past the tile, channels past a group, per-row scales, a symmetric zero and a bias."""
     loop = probe.loop_opcodes(fragment_mma.compile_offline("int4", 2, 8, True, TAIL=True, SG=0, HAS_ZERO=False,
@@ -707,6 +744,36 @@ def test_cuda_block_major_order_equals_reference(name, monkeypatch):
 def test_cuda_bfloat16_and_odd_m(name):
     """bfloat16 (magic 128) at M = 5."""
     _check_configs(name, 5, torch.bfloat16, prefetch=(0, 2), splits=(1, 4))
+
+
+needs_hopper = pytest.mark.skipif(not (CUDA and fragment_mma.HAVE_GLUON and not INTERPRETED
+                                       and torch.cuda.get_device_capability() == (9, 0)),
+                                  reason="needs a Hopper GPU (wgmma)")
+
+
+@needs_hopper
+@pytest.mark.parametrize("name", sorted(FORMATS))
+@pytest.mark.parametrize("order", fragment.ORDERS)
+def test_cuda_wgmma_kernel_equals_reference(name, order, monkeypatch):
+    """``BITSMITH_FRAGMENT_WGMMA=1``: every config and the default at M = 1, 5, 16, 24, 40, 64 and
+    130 (three token tiles), float16, N = 200 and K = 576 (tails), a bias, both word orders, each
+    launch twice (the split-K tickets reset); bfloat16 at M = 24."""
+    from bitsmith.kernels import layout
+
+    monkeypatch.setitem(layout.FRAGMENT, "order", order)
+    monkeypatch.setitem(fragment_wgmma.WGMMA, "enabled", True)
+    for m, dtype in [(1, torch.float16), (5, torch.float16), (16, torch.float16), (24, torch.float16),
+                     (40, torch.float16), (64, torch.float16), (130, torch.float16), (24, torch.bfloat16)]:
+        qmm, rw, x, b, ref = _cuda_case(name, m, 200, 576, dtype)
+        tol = 2e-3 if dtype == torch.float16 else 1.6e-2
+        sms = qmm._sm_count(x.device)
+        cfgs = fragment_wgmma.configs(rw, m, dtype, sms) + [fragment_wgmma.default_config(rw, m, sms)]
+        assert len(cfgs) > 2
+        for cfg in cfgs:
+            for _ in range(2):
+                out = qmm._launch(rw, x, b, cfg)
+                assert out.dtype == dtype and out.shape == (m, 200)
+                assert float((out.double() - ref).norm() / ref.norm()) < tol, (m, cfg)
 
 
 @needs_cuda

@@ -286,6 +286,68 @@ if HAVE_GLUON:
         return sc, zc
 
     @gluon.jit
+    def _word_offsets(pid_n, NB, NG, W: gl.constexpr, RB: gl.constexpr, FMT: gl.constexpr, TAIL: gl.constexpr,
+                      GROUP_MAJOR: gl.constexpr):
+        """``(offsets, mask, group stride)`` of row tile ``pid_n``'s words in group 0, ``[RB, W,
+        32, 4]`` (row block ``rb W + w`` of the tile in warp ``w``, a lane's four words; int3's
+        fourth masked off), for words in either order (:func:`bitsmith.kernels.fragment.to_order`)."""
+        WPG: gl.constexpr = 32 * _INT3_WORDS if FMT == 2 else 128
+        w_layout: gl.constexpr = gl.BlockedLayout([1, 1, 1, 4], [1, 1, 32, 1], [1, W, 1, 1], [3, 2, 1, 0])
+        orb = gl.arange(0, RB, layout=gl.SliceLayout(1, gl.SliceLayout(2, gl.SliceLayout(3, w_layout))))
+        ow = gl.arange(0, W, layout=gl.SliceLayout(0, gl.SliceLayout(2, gl.SliceLayout(3, w_layout))))
+        ol = gl.arange(0, 32, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(3, w_layout))))
+        os_ = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, w_layout))))
+        rblock = pid_n * (W * RB) + orb[:, None] * W + ow[None, :]
+        if GROUP_MAJOR:  # words [NG, NB, WPG]: a group's row blocks contiguous
+            rb_stride = WPG
+            g_stride = NB * WPG
+        else:  # [NB, NG, WPG]: a row block's groups contiguous
+            rb_stride = NG * WPG
+            g_stride = WPG
+        if FMT == 2:  # [.., lane, word]: words of the 32 lanes contiguous
+            blk = rblock[:, :, None, None] * rb_stride + ol[None, None, :, None] + os_[None, None, None, :] * 32
+            w_mask = (os_ < _INT3_WORDS)[None, None, None, :] & (blk >= 0)
+            if TAIL:
+                w_mask = w_mask & (rblock < NB)[:, :, None, None]
+        else:  # [.., lane, product]: one 16-byte load a lane
+            blk = rblock[:, :, None, None] * rb_stride + ol[None, None, :, None] * 4 + os_[None, None, None, :]
+            w_mask = (rblock < NB)[:, :, None, None] & (blk >= 0)
+        return blk, w_mask, g_stride
+
+    @gluon.jit
+    def _write_tile(acc, ws_ptr, cnt_ptr, b_ptr, out_ptr, rows, row_ok, toks, tile, pid_k, M, N, SPLIT,
+                    IS_SPLIT: gl.constexpr, HAS_BIAS: gl.constexpr, VALS: gl.constexpr):
+        """``acc`` (float32 ``[rows, toks]``) plus the bias to ``out`` (``[M, N]``); split-K as the
+        small-M kernels do it (:mod:`bitsmith.kernels.small_m`): the partials go to the workspace,
+        the last program of tile ``tile`` (by its ticket) adds them in split order, adds the bias,
+        writes ``out`` and resets the ticket. ``VALS``: twice the values a thread holds."""
+        DT: gl.constexpr = out_ptr.dtype.element_ty
+        o_off = toks[None, :] * N + rows[:, None]
+        o_mask = (toks < M)[None, :] & row_ok[:, None]
+        if IS_SPLIT:
+            gl.store(ws_ptr + pid_k * M * N + o_off, acc, mask=o_mask)
+            gl.thread_barrier()  # every thread's partials are written before the ticket is taken
+            ticket = gl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel")
+            if ticket == SPLIT - 1:
+                gl.thread_barrier()
+                tot = gl.zeros_like(acc)
+                # U partials loaded at a time, added in split order (small_m._finish): at most 32
+                # values a thread in flight (a thread holds VALS / 2 of the tile)
+                U: gl.constexpr = max(1, min(8, 64 // VALS))
+                for i0 in range(0, SPLIT, U):
+                    for j in gl.static_range(U):
+                        tot += gl.load(ws_ptr + (i0 + j) * M * N + o_off, mask=o_mask & (i0 + j < SPLIT), other=0.0,
+                                       cache_modifier=".cg")
+                if HAS_BIAS:
+                    tot += gl.load(b_ptr + rows, mask=row_ok, other=0.0).to(gl.float32)[:, None]
+                gl.store(out_ptr + o_off, tot.to(DT), mask=o_mask)
+                gl.atomic_xchg(cnt_ptr + tile, 0)
+        else:
+            if HAS_BIAS:
+                acc += gl.load(b_ptr + rows, mask=row_ok, other=0.0).to(gl.float32)[:, None]
+            gl.store(out_ptr + o_off, acc.to(DT), mask=o_mask)
+
+    @gluon.jit
     def _frag_kernel(x_ptr, w_ptr, ws_ptr, s_ptr, z_ptr, cnt_ptr, b_ptr, out_ptr,
                      M, N, K, NB, NG, G_PER, SPLIT, L0, L1, L2, L3, H0, H1, H2, H3, zconst, stride_xm,
                      W: gl.constexpr, RB: gl.constexpr, TOK: gl.constexpr, PREFETCH: gl.constexpr,
@@ -314,26 +376,7 @@ if HAVE_GLUON:
         mma: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[W, 1], instr_shape=[16, 8])
         a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
         b_layout: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=mma, k_width=2)
-        w_layout: gl.constexpr = gl.BlockedLayout([1, 1, 1, 4], [1, 1, 32, 1], [1, W, 1, 1], [3, 2, 1, 0])
-        orb = gl.arange(0, RB, layout=gl.SliceLayout(1, gl.SliceLayout(2, gl.SliceLayout(3, w_layout))))
-        ow = gl.arange(0, W, layout=gl.SliceLayout(0, gl.SliceLayout(2, gl.SliceLayout(3, w_layout))))
-        ol = gl.arange(0, 32, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(3, w_layout))))
-        os_ = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, w_layout))))
-        rblock = pid_n * (W * RB) + orb[:, None] * W + ow[None, :]
-        if GROUP_MAJOR:  # words [NG, NB, WPG]: a group's row blocks contiguous
-            rb_stride = WPG
-            g_stride = NB * WPG
-        else:  # [NB, NG, WPG]: a row block's groups contiguous
-            rb_stride = NG * WPG
-            g_stride: gl.constexpr = WPG
-        if FMT == 2:  # [.., lane, word]: words of the 32 lanes contiguous
-            blk = rblock[:, :, None, None] * rb_stride + ol[None, None, :, None] + os_[None, None, None, :] * 32
-            w_mask = (os_ < _INT3_WORDS)[None, None, None, :] & (blk >= 0)
-            if TAIL:
-                w_mask = w_mask & (rblock < NB)[:, :, None, None]
-        else:  # [.., lane, product]: one 16-byte load a lane
-            blk = rblock[:, :, None, None] * rb_stride + ol[None, None, :, None] * 4 + os_[None, None, None, :]
-            w_mask = (rblock < NB)[:, :, None, None] & (blk >= 0)
+        blk, w_mask, g_stride = _word_offsets(pid_n, NB, NG, W, RB, FMT, TAIL, GROUP_MAJOR)
         rows = pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(1, mma))
         toks = gl.arange(0, TOK, layout=gl.SliceLayout(0, mma))
         row_ok = rows < N
@@ -372,30 +415,8 @@ if HAVE_GLUON:
             else:
                 xs = mma_v2(ones, b, gl.zeros([BN, TOK], gl.float32, layout=mma))  # every row: the group's sum of x
                 acc += (part - zc[:, None] * xs) * sc[:, None]
-        o_off = toks[None, :] * N + rows[:, None]
-        o_mask = (toks < M)[None, :] & row_ok[:, None]
-        if IS_SPLIT:
-            gl.store(ws_ptr + pid_k * M * N + o_off, acc, mask=o_mask)
-            gl.thread_barrier()  # every thread's partials are written before the ticket is taken
-            ticket = gl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel")
-            if ticket == SPLIT - 1:
-                gl.thread_barrier()
-                tot = gl.zeros([BN, TOK], gl.float32, layout=mma)
-                # U partials loaded at a time, added in split order (small_m._finish): at most 32
-                # values a thread in flight (a thread holds RB * TOK / 2 of the tile)
-                U: gl.constexpr = max(1, min(8, 64 // (RB * TOK)))
-                for i0 in range(0, SPLIT, U):
-                    for j in gl.static_range(U):
-                        tot += gl.load(ws_ptr + (i0 + j) * M * N + o_off, mask=o_mask & (i0 + j < SPLIT), other=0.0,
-                                       cache_modifier=".cg")
-                if HAS_BIAS:
-                    tot += gl.load(b_ptr + rows, mask=row_ok, other=0.0).to(gl.float32)[:, None]
-                gl.store(out_ptr + o_off, tot.to(DT), mask=o_mask)
-                gl.atomic_xchg(cnt_ptr + pid_n, 0)
-        else:
-            if HAS_BIAS:
-                acc += gl.load(b_ptr + rows, mask=row_ok, other=0.0).to(gl.float32)[:, None]
-            gl.store(out_ptr + o_off, acc.to(DT), mask=o_mask)
+        _write_tile(acc, ws_ptr, cnt_ptr, b_ptr, out_ptr, rows, row_ok, toks, pid_n, pid_k, M, N, SPLIT, IS_SPLIT,
+                    HAS_BIAS, RB * TOK)
 
 
 if HAVE_TRITON:

@@ -25,7 +25,8 @@ Kernels, by the number of rows M of ``x``:
 The fragment layout (:mod:`bitsmith.kernels.fragment`) has its own kernels: the Gluon kernel of
 :mod:`bitsmith.kernels.fragment_mma` up to 16 rows (64 with ``BITSMITH_FRAGMENT_WIDE=1``), the
 GEMM of :mod:`bitsmith.kernels.fragment_gemm` and dequantize + cuBLAS from 17 to 512 rows (the
-tuner picks), dequantize + cuBLAS above.
+tuner picks), dequantize + cuBLAS above; with ``BITSMITH_FRAGMENT_WGMMA=1`` on a Hopper GPU also
+:mod:`bitsmith.kernels.fragment_wgmma` up to 256 rows.
 
 Configs are tuned once per (kernel, shape, layout) on first use (not under CUDA-graph capture,
 where a default is taken) and cached in :data:`TUNED`; with ``BITSMITH_TUNE_CACHE=file`` also on
@@ -50,7 +51,7 @@ except ImportError:  # pragma: no cover - depends on the environment
     tl = None
     HAVE_TRITON = False
 
-from . import fragment_gemm, fragment_mma, small_m, tune_cache
+from . import fragment_gemm, fragment_mma, fragment_wgmma, small_m, tune_cache
 from .layout import RuntimeWeight
 
 if HAVE_TRITON:
@@ -485,11 +486,13 @@ def _launch(rw: RuntimeWeight, x2: torch.Tensor, bias: torch.Tensor | None, cfg:
     launch (after its input preparation) and first thing elsewhere (plain stream order)."""
     m, k = x2.shape
     n = rw.n
-    if isinstance(lowrank, small_m.LowRankFill) and cfg.get("KERNEL") in (None, "fragment", "fragment_gemm"):
+    if isinstance(lowrank, small_m.LowRankFill) and cfg.get("KERNEL") in (None, "fragment", "fragment_wgmma",
+                                                                           "fragment_gemm"):
         lowrank = (lowrank.fill(), lowrank.up)
-    if cfg.get("KERNEL") == "fragment":  # no low-rank epilogue: a given branch is added after
+    if cfg.get("KERNEL") in ("fragment", "fragment_wgmma"):  # no low-rank epilogue: a given branch is added after
         out = torch.empty(m, n, dtype=x2.dtype, device=x2.device)
-        kernel, grid, args, consts, options = fragment_mma.launch_args(rw, x2, bias, cfg, out)
+        module = fragment_mma if cfg["KERNEL"] == "fragment" else fragment_wgmma
+        kernel, grid, args, consts, options = module.launch_args(rw, x2, bias, cfg, out)
         hit = _run(kernel, grid, args, consts, options)
         if lowrank is not None:
             return out.addmm_(lowrank[0].to(x2.dtype), lowrank[1])
@@ -632,7 +635,8 @@ def flushed_times_ms(call, flush: torch.Tensor, reps: int, clean: bool = False) 
 def _configs(rw: RuntimeWeight, m: int, dtype: torch.dtype) -> list[dict]:
     if rw.layout == "fragment":  # Gluon up to 16 rows, then the Triton GEMM and dequantize + cuBLAS
         sms = _sm_count(rw.device)
-        out = fragment_mma.configs(rw, m, dtype, sms) + fragment_gemm.configs(rw, m, dtype, sms)
+        out = (fragment_mma.configs(rw, m, dtype, sms) + fragment_wgmma.configs(rw, m, dtype, sms)
+               + fragment_gemm.configs(rw, m, dtype, sms))
         return out + [{"DEQUANT_MM": True}] if m > 16 or not out else out
     return m1_configs(rw, dtype) if m == 1 else gemm_configs(rw, m, dtype)
 

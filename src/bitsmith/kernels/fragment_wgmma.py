@@ -1,0 +1,205 @@
+"""The fragment layout read by Hopper's warpgroup MMA (``wgmma``), 1..256 tokens (Gluon, sm_90).
+
+The A operand of ``wgmma`` may come from registers, and each warp of the warpgroup holds its 16
+rows in the same fragment as ``mma.m16n8k16``'s A operand. So the words of the fragment layout
+(:mod:`bitsmith.kernels.fragment`), turned into 16-bit floats by the same conversions as in
+:mod:`bitsmith.kernels.fragment_mma` (``_a_operand``), are the A operand of ``wgmma`` as they
+are (the kernel asserts the conversion trivial at compile time). Unlike ``mma_v2`` at up to 16
+tokens, one instruction takes up to 256 tokens (64 here, for registers), and the activations are the B operand in
+shared memory, stored once a group for the whole warpgroup:
+
+* a program is one warpgroup: ``64 RB`` rows (``RB`` row blocks a warp), ``TOK`` tokens (a power
+  of two, 16..:data:`TOK_MAX`) and a slice of the groups of 64 (split-K, reduced inside the launch as the
+  Gluon kernel does it);
+* per group: the words (prefetched a group ahead with ``PREFETCH``) become ``MAGIC + q`` (or a
+  codebook's levels), which are dequantized in registers, ``((MAGIC + q) - MAGIC - zero) * scale``
+  (two subtractions, exact, then one product rounded once: as the reference rounds its float32
+  dequantization once) or ``level * scale``; the activations are stored to shared memory with
+  their channels in the order the fragment's ``k`` stands for
+  (:func:`bitsmith.kernels.fragment.physical_k`), two buffers; one synchronous ``wgmma`` adds
+  the group into the float32 accumulator. No per-group float32 epilogue, no activation sums.
+
+Status (issue #8): compiled for sm_90 and checked in CI (tests/test_fragment.py), not yet run on
+a GPU: opt-in with ``BITSMITH_FRAGMENT_WGMMA=1`` (:data:`WGMMA`), which offers its configs to the
+tuner beside the other fragment kernels. ``benchmarks/kernels_gpu_session.sh wide`` tests and
+times it.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .fragment_mma import FMT_IDS, HAVE_GLUON, MAGIC, MAX_PARTIALS, _scale_steps, blocks_groups, table_planes
+from .layout import RuntimeWeight
+
+if HAVE_GLUON:
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma
+
+    from .fragment_mma import _a_operand, _group_meta, _word_offsets, _write_tile
+
+#: whether the tuner is offered this kernel (``BITSMITH_FRAGMENT_WGMMA=1``; see the module docstring)
+WGMMA = {"enabled": os.environ.get("BITSMITH_FRAGMENT_WGMMA", "") == "1"}
+MAX_M = 256  # tokens it is offered for (several token tiles above TOK_MAX: the weights are read once a tile)
+#: the widest token tile: at 128 tokens (one row block a warp) the kernel needs 255 registers and
+#: spills with tails; at 64 it needs 146 (tests/test_fragment.py)
+TOK_MAX = 64
+
+if HAVE_GLUON:
+
+    @gluon.jit
+    def _wgmma_kernel(x_ptr, w_ptr, ws_ptr, s_ptr, z_ptr, cnt_ptr, b_ptr, out_ptr,
+                      M, N, K, NB, NG, G_PER, SPLIT, L0, L1, L2, L3, H0, H1, H2, H3, zconst, stride_xm,
+                      RB: gl.constexpr, TOK: gl.constexpr, PREFETCH: gl.constexpr, IS_SPLIT: gl.constexpr,
+                      SG: gl.constexpr, FMT: gl.constexpr, HAS_ZERO: gl.constexpr, HAS_BIAS: gl.constexpr,
+                      TAIL: gl.constexpr, BF16: gl.constexpr, GROUP_MAJOR: gl.constexpr):
+        """See the module docstring. Program ``(row tile, token tile, K split)``; the other
+        parameters as :func:`bitsmith.kernels.fragment_mma._frag_kernel`'s (argument positions 0,
+        6 and 7 are the activation, bias and output, as every launch plan expects)."""
+        W: gl.constexpr = 4  # one warpgroup
+        DT: gl.constexpr = x_ptr.dtype.element_ty
+        MAGIC_F: gl.constexpr = 128.0 if BF16 else 1024.0
+        BN: gl.constexpr = 16 * W * RB
+        pid_n = gl.program_id(0)
+        pid_m = gl.program_id(1)
+        pid_k = gl.program_id(2)
+        mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, TOK, 16])
+        a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
+        blk, w_mask, g_stride = _word_offsets(pid_n, NB, NG, W, RB, FMT, TAIL, GROUP_MAJOR)
+        # a group's activations, [TOK, 64]: 8 channels (16 bytes) a thread
+        x_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
+        otok = pid_m * TOK + gl.arange(0, TOK, layout=gl.SliceLayout(1, x_layout))
+        och = gl.arange(0, 64, layout=gl.SliceLayout(0, x_layout))
+        x_off = otok[:, None] * stride_xm + och[None, :]
+        b_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([64, TOK], DT)
+        b_smem = gl.allocate_shared_memory(DT, [2, 64, TOK], b_layout)
+        arows = pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(1, a_layout))
+        arow_ok = arows < N
+        acc = gl.zeros([BN, TOK], gl.float32, layout=mma)
+        g_lo = pid_k * G_PER
+        g_hi = gl.minimum(g_lo + G_PER, NG)
+        if PREFETCH:
+            words = gl.load(w_ptr + blk + g_lo * g_stride, mask=w_mask & (g_lo < g_hi), other=0)
+        for g in range(g_lo, g_hi):
+            if PREFETCH:
+                cur = words
+                words = gl.load(w_ptr + blk + (g + 1) * g_stride, mask=w_mask & (g + 1 < g_hi), other=0)
+            elif FMT == 2 or TAIL:
+                cur = gl.load(w_ptr + blk + g * g_stride, mask=w_mask, other=0)
+            else:
+                cur = gl.load(w_ptr + blk + g * g_stride)
+            if TAIL:
+                x_mask = (otok < M)[:, None] & (g * 64 + och < K)[None, :]
+            else:
+                x_mask = (otok < M)[:, None] & (och >= 0)[None, :]
+            xv = gl.load(x_ptr + x_off + g * 64, mask=x_mask, other=0.0)
+            xb = gl.reshape(xv, [TOK, 4, 4, 2, 2])  # [token, t, s, rc, h]: channel 16 t + 4 s + 2 rc + h
+            xb = gl.reshape(gl.permute(xb, [2, 3, 1, 4, 0]), [64, TOK])  # k = 16 s + 8 rc + 2 t + h
+            slot = b_smem.index(g % 2)
+            slot.store(xb)
+            fence_async_shared()
+            gl.thread_barrier()  # every warp's activations are in shared memory before the MMA reads them
+            a = _a_operand(cur, (L0, L1, L2, L3, H0, H1, H2, H3), W, RB, a_layout, FMT, BF16)
+            sc, zc = _group_meta(s_ptr, z_ptr, g, N, arows, arow_ok, zconst, SG, FMT, HAS_ZERO, 0.0, TAIL)
+            if FMT == 1:
+                a = a * sc.to(DT)[:, None]
+            else:
+                a = ((a - MAGIC_F) - zc.to(DT)[:, None]) * sc.to(DT)[:, None]
+            acc = warpgroup_mma(a, slot, acc)
+        rows = pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(1, mma))
+        toks = pid_m * TOK + gl.arange(0, TOK, layout=gl.SliceLayout(0, mma))
+        _write_tile(acc, ws_ptr, cnt_ptr, b_ptr, out_ptr, rows, rows < N, toks, pid_n * gl.num_programs(1) + pid_m,
+                    pid_k, M, N, SPLIT, IS_SPLIT, HAS_BIAS, RB * TOK)
+
+
+def supports(rw: RuntimeWeight, dtype: torch.dtype) -> str | None:
+    """Why ``_wgmma_kernel`` cannot take ``rw`` with ``dtype`` activations (``None`` when it can)."""
+    if not HAVE_GLUON:
+        return "triton's Gluon language is not available"
+    if rw.layout != "fragment":
+        return f"weight in the {rw.layout!r} layout"
+    if rw.device.type != "cuda" or torch.cuda.get_device_capability(rw.device) != (9, 0):
+        return "wgmma needs a Hopper GPU (compute capability 9.0)"
+    if dtype not in MAGIC:
+        return f"activations in {dtype} (the tensor-core path takes float16 and bfloat16)"
+    return None
+
+
+def tokens(m: int) -> int:
+    """The token tile ``TOK`` for ``m`` tokens: the power of two from 16 to :data:`TOK_MAX` that
+    holds them, else :data:`TOK_MAX`."""
+    tok = 16
+    while tok < min(m, TOK_MAX):
+        tok *= 2
+    return tok
+
+
+def _row_tiles(rw: RuntimeWeight, rb: int) -> int:
+    return -(-blocks_groups(rw)[0] // (4 * rb))
+
+
+def configs(rw: RuntimeWeight, m: int, dtype: torch.dtype, sms: int) -> list[dict]:
+    """Candidate configs at ``m`` rows (only with :data:`WGMMA` on): row blocks a warp (1, 2) x
+    split-K (as :func:`bitsmith.kernels.fragment_mma.configs` bounds it) x words a group ahead
+    (``PREFETCH`` 0, 1)."""
+    if not WGMMA["enabled"] or m > MAX_M or supports(rw, dtype) is not None:
+        return []
+    ng = blocks_groups(rw)[1]
+    tok = tokens(m)
+    out = []
+    for rb in (1, 2) if tok <= 32 else (1,):  # two row blocks a warp at 64 tokens: 255 registers
+        programs = _row_tiles(rw, rb) * -(-m // tok)
+        for split in (1, 2, 4, 8, 16):
+            if split > ng or split * m > MAX_PARTIALS or not (split == 1 or sms // 2 <= programs * split <= 16 * sms):
+                continue
+            for prefetch in (0, 1):
+                out.append({"KERNEL": "fragment_wgmma", "RB": rb, "SPLIT": split, "PREFETCH": prefetch, "num_warps": 4})
+    return out
+
+
+def default_config(rw: RuntimeWeight, m: int, sms: int) -> dict:
+    """One row block a warp, split-K until about four programs an SM."""
+    ng = blocks_groups(rw)[1]
+    programs = _row_tiles(rw, 1) * -(-m // tokens(m))
+    split = 1
+    while programs * split < 4 * sms and split * 2 <= min(ng, 16) and split * 2 * m <= MAX_PARTIALS:
+        split *= 2
+    return {"KERNEL": "fragment_wgmma", "RB": 1, "SPLIT": split, "PREFETCH": 1, "num_warps": 4}
+
+
+def launch_args(rw: RuntimeWeight, x2: torch.Tensor, bias: torch.Tensor | None, cfg: dict, out: torch.Tensor):
+    """``(kernel, grid, args, constexprs, options)`` of one ``_wgmma_kernel`` launch writing ``out``."""
+    from .small_m import workspace
+
+    m, k = x2.shape
+    rb, split, tok = cfg["RB"], cfg["SPLIT"], tokens(m)
+    nb, ng = blocks_groups(rw)
+    grid = (_row_tiles(rw, rb), -(-m // tok), split)
+    dummy = rw.scale
+    ws, cnt = workspace(x2.device, split * m * rw.n, grid[0] * grid[1]) if split > 1 else (dummy, rw.words)
+    args = (x2, rw.words, ws, rw.scale, rw.zero if rw.zero is not None else dummy, cnt,
+            bias if bias is not None else dummy, out,
+            m, rw.n, k, nb, ng, -(-ng // split), split, *table_planes(rw, x2.dtype), float(rw.zconst), x2.stride(0))
+    consts = {"RB": rb, "TOK": tok, "PREFETCH": int(cfg["PREFETCH"]), "IS_SPLIT": split > 1, "SG": _scale_steps(rw),
+              "FMT": FMT_IDS[rw.fragment_format], "HAS_ZERO": rw.zero is not None, "HAS_BIAS": bias is not None,
+              "TAIL": rw.n % (64 * rb) != 0 or k % 64 != 0, "BF16": x2.dtype == torch.bfloat16,
+              "GROUP_MAJOR": rw.fragment_order == "group"}
+    return _wgmma_kernel, grid, args, consts, {"num_warps": cfg["num_warps"]}
+
+
+def compile_offline(fmt: str = "int4", rb: int = 1, tok: int = 64, prefetch: int = 1, act: str = "fp16", arch: int = 90,
+                    **consts):
+    """``_wgmma_kernel`` compiled for NVIDIA ``sm_<arch>`` on any machine, for compile checks in CI:
+    split-K on, groups of 64 with zeros (codebooks: none), no bias, no tails, block-major words,
+    unless ``consts`` says otherwise."""
+    from .small_m import _compile_offline
+
+    cx = {"RB": rb, "TOK": tok, "PREFETCH": int(prefetch), "IS_SPLIT": True, "SG": 1, "FMT": FMT_IDS[fmt],
+          "HAS_ZERO": fmt != "nf4", "HAS_BIAS": False, "TAIL": False, "BF16": act == "bf16", "GROUP_MAJOR": False,
+          **consts}
+    return _compile_offline(_wgmma_kernel, cx, act, 4, 1, arch, gluon=True)
+
+
+__all__ = ["WGMMA", "MAX_M", "TOK_MAX", "supports", "tokens", "configs", "default_config", "launch_args", "compile_offline"]
