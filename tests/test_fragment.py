@@ -613,16 +613,21 @@ def test_wgmma_kernel_compiles_for_sm90(fmt):
     token tile) its configs use, plain and with tails, a bias and group-major words: the fragment
     words reach ``wgmma``'s register A operand without data movement (asserted while compiling),
     each group is four ``HGMMA.64xTOKx16`` a row block with one shared-memory tile of activations
-    between two barriers, no spills."""
+    between two barriers (stored 16 bytes at a time with ``K_MAJOR``), no spills."""
     for rb, tok in ((1, 16), (2, 16), (1, 32), (2, 32), (1, 64)):
-        for extra in ({}, {"TAIL": True, "HAS_BIAS": True, "GROUP_MAJOR": True}):
-            compiled = fragment_wgmma.compile_offline(fmt, rb, tok, 1, **extra)
+        for extra in ({}, {"TAIL": True, "HAS_BIAS": True, "GROUP_MAJOR": True}, {"K_MAJOR": True},
+                      {"K_MAJOR": True, "TAIL": True, "BF16": True}):
+            compiled = fragment_wgmma.compile_offline(fmt, rb, tok, 1, act="bf16" if extra.get("BF16") else "fp16", **extra)
             with tempfile.TemporaryDirectory() as tmp:
                 ins = kernels_sass.sass_of(compiled.asm["cubin"], Path(tmp))
             loop = collections.Counter(kernels_sass.opcode(t) for t in kernels_sass.loop_body(ins, holding="HGMMA"))
-            assert loop[f"HGMMA.64x{tok}x16.F32"] == 4 * rb, (rb, tok, extra, loop)
+            dt = ".BF16" if extra.get("BF16") else ""
+            assert loop[f"HGMMA.64x{tok}x16.F32{dt}"] == 4 * rb, (rb, tok, extra, loop)
             assert sum(c for op, c in loop.items() if op.startswith("BAR")) == 2, (rb, tok, loop)
             assert not [t for _, t in ins if re.match(r"(LDL|STL)\b", t)], (rb, tok, extra)
+            stores = {op: c for op, c in loop.items() if op.startswith("STS")}
+            # a thread's share of the [TOK, 64] activations: 16-byte stores k-major, 2-byte ones else
+            assert stores == ({"STS.128": tok // 16} if extra.get("K_MAJOR") else {"STS.U16": tok // 2}), (rb, tok, stores)
 
 
 def test_wgmma_kernel_is_opt_in_and_hopper_only(monkeypatch):

@@ -18,6 +18,11 @@ shared memory, stored once a group for the whole warpgroup:
   their channels in the order the fragment's ``k`` stands for
   (:func:`bitsmith.kernels.fragment.physical_k`), two buffers; one synchronous ``wgmma`` adds
   the group into the float32 accumulator. No per-group float32 epilogue, no activation sums.
+* ``K_MAJOR``: the activations' tile is ``[TOK, 64]`` with ``k`` contiguous (``wgmma`` reads
+  it transposed), each thread loading the 8 channels that are 8 consecutive ``k`` (four 4-byte
+  loads) and storing them in one 16-byte store; else ``[64, TOK]``, loaded 16 bytes a thread and
+  stored 2 bytes at a time (the fragment's ``k`` order scatters them): at 64 tokens 4 shared
+  stores a thread and group against 32.
 
 Status (issue #8): compiled for sm_90 and checked in CI (tests/test_fragment.py), not yet run on
 a GPU: opt-in with ``BITSMITH_FRAGMENT_WGMMA=1`` (:data:`WGMMA`), which offers its configs to the
@@ -54,7 +59,7 @@ if HAVE_GLUON:
                       M, N, K, NB, NG, G_PER, SPLIT, L0, L1, L2, L3, H0, H1, H2, H3, zconst, stride_xm,
                       RB: gl.constexpr, TOK: gl.constexpr, PREFETCH: gl.constexpr, IS_SPLIT: gl.constexpr,
                       SG: gl.constexpr, FMT: gl.constexpr, HAS_ZERO: gl.constexpr, HAS_BIAS: gl.constexpr,
-                      TAIL: gl.constexpr, BF16: gl.constexpr, GROUP_MAJOR: gl.constexpr):
+                      TAIL: gl.constexpr, BF16: gl.constexpr, GROUP_MAJOR: gl.constexpr, K_MAJOR: gl.constexpr):
         """See the module docstring. Program ``(row tile, token tile, K split)``; the other
         parameters as :func:`bitsmith.kernels.fragment_mma._frag_kernel`'s (argument positions 0,
         6 and 7 are the activation, bias and output, as every launch plan expects)."""
@@ -68,13 +73,29 @@ if HAVE_GLUON:
         mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, TOK, 16])
         a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
         blk, w_mask, g_stride = _word_offsets(pid_n, NB, NG, W, RB, FMT, TAIL, GROUP_MAJOR)
-        # a group's activations, [TOK, 64]: 8 channels (16 bytes) a thread
-        x_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
-        otok = pid_m * TOK + gl.arange(0, TOK, layout=gl.SliceLayout(1, x_layout))
-        och = gl.arange(0, 64, layout=gl.SliceLayout(0, x_layout))
-        x_off = otok[:, None] * stride_xm + och[None, :]
-        b_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([64, TOK], DT)
-        b_smem = gl.allocate_shared_memory(DT, [2, 64, TOK], b_layout)
+        if K_MAJOR:  # [token, t, s, rc, h]: a thread the 8 channels 16 t + 4 s + 2 rc + h of one (s, rc)
+            x_layout: gl.constexpr = gl.BlockedLayout([1, 4, 1, 1, 2], [4, 1, 4, 2, 1], [4, 1, 1, 1, 1], [4, 1, 3, 2, 0])
+            otok = pid_m * TOK + gl.arange(0, TOK, layout=gl.SliceLayout(1, gl.SliceLayout(2, gl.SliceLayout(3, gl.SliceLayout(4, x_layout)))))
+            c_layout: gl.constexpr = gl.SliceLayout(0, x_layout)  # [t, s, rc, h]
+            o_t = gl.arange(0, 4, layout=gl.SliceLayout(1, gl.SliceLayout(2, gl.SliceLayout(3, c_layout))))
+            o_s = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(2, gl.SliceLayout(3, c_layout))))
+            o_rc = gl.arange(0, 2, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(3, c_layout))))
+            o_h = gl.arange(0, 2, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, c_layout))))
+            och = ((o_t * 16)[:, None, None, None] + (o_s * 4)[None, :, None, None] + (o_rc * 2)[None, None, :, None]
+                   + o_h[None, None, None, :])[None, :, :, :, :]
+            x_off = otok[:, None, None, None, None] * stride_xm + och
+            otok = otok[:, None, None, None, None]
+            b_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([TOK, 64], DT)
+            b_smem = gl.allocate_shared_memory(DT, [2, TOK, 64], b_layout)
+        else:  # a group's activations, [TOK, 64]: 8 channels (16 bytes) a thread
+            x_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
+            otok = pid_m * TOK + gl.arange(0, TOK, layout=gl.SliceLayout(1, x_layout))
+            och = gl.arange(0, 64, layout=gl.SliceLayout(0, x_layout))
+            x_off = otok[:, None] * stride_xm + och[None, :]
+            otok = otok[:, None]
+            och = och[None, :]
+            b_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([64, TOK], DT)
+            b_smem = gl.allocate_shared_memory(DT, [2, 64, TOK], b_layout)
         arows = pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(1, a_layout))
         arow_ok = arows < N
         acc = gl.zeros([BN, TOK], gl.float32, layout=mma)
@@ -91,14 +112,17 @@ if HAVE_GLUON:
             else:
                 cur = gl.load(w_ptr + blk + g * g_stride)
             if TAIL:
-                x_mask = (otok < M)[:, None] & (g * 64 + och < K)[None, :]
+                x_mask = (otok < M) & (g * 64 + och < K)
             else:
-                x_mask = (otok < M)[:, None] & (och >= 0)[None, :]
+                x_mask = (otok < M) & (och >= 0)
             xv = gl.load(x_ptr + x_off + g * 64, mask=x_mask, other=0.0)
-            xb = gl.reshape(xv, [TOK, 4, 4, 2, 2])  # [token, t, s, rc, h]: channel 16 t + 4 s + 2 rc + h
-            xb = gl.reshape(gl.permute(xb, [2, 3, 1, 4, 0]), [64, TOK])  # k = 16 s + 8 rc + 2 t + h
             slot = b_smem.index(g % 2)
-            slot.store(xb)
+            if K_MAJOR:  # [token, k]: a thread's 8 values are 8 consecutive k, one 16-byte store
+                slot.store(gl.reshape(gl.permute(xv, [0, 2, 3, 1, 4]), [TOK, 64]))
+                slot = slot.permute((1, 0))
+            else:
+                xb = gl.reshape(xv, [TOK, 4, 4, 2, 2])  # [token, t, s, rc, h]: channel 16 t + 4 s + 2 rc + h
+                slot.store(gl.reshape(gl.permute(xb, [2, 3, 1, 4, 0]), [64, TOK]))  # k = 16 s + 8 rc + 2 t + h
             fence_async_shared()
             gl.thread_barrier()  # every warp's activations are in shared memory before the MMA reads them
             a = _a_operand(cur, (L0, L1, L2, L3, H0, H1, H2, H3), W, RB, a_layout, FMT, BF16)
@@ -143,7 +167,7 @@ def _row_tiles(rw: RuntimeWeight, rb: int) -> int:
 def configs(rw: RuntimeWeight, m: int, dtype: torch.dtype, sms: int) -> list[dict]:
     """Candidate configs at ``m`` rows (only with :data:`WGMMA` on): row blocks a warp (1, 2) x
     split-K (as :func:`bitsmith.kernels.fragment_mma.configs` bounds it) x words a group ahead
-    (``PREFETCH`` 0, 1)."""
+    (``PREFETCH`` 0, 1) x the activations' shared-memory tile (``K_MAJOR`` 0, 1)."""
     if not WGMMA["enabled"] or m > MAX_M or supports(rw, dtype) is not None:
         return []
     ng = blocks_groups(rw)[1]
@@ -155,7 +179,9 @@ def configs(rw: RuntimeWeight, m: int, dtype: torch.dtype, sms: int) -> list[dic
             if split > ng or split * m > MAX_PARTIALS or not (split == 1 or sms // 2 <= programs * split <= 16 * sms):
                 continue
             for prefetch in (0, 1):
-                out.append({"KERNEL": "fragment_wgmma", "RB": rb, "SPLIT": split, "PREFETCH": prefetch, "num_warps": 4})
+                for k_major in (0, 1):
+                    out.append({"KERNEL": "fragment_wgmma", "RB": rb, "SPLIT": split, "PREFETCH": prefetch,
+                                "K_MAJOR": k_major, "num_warps": 4})
     return out
 
 
@@ -166,7 +192,7 @@ def default_config(rw: RuntimeWeight, m: int, sms: int) -> dict:
     split = 1
     while programs * split < 4 * sms and split * 2 <= min(ng, 16) and split * 2 * m <= MAX_PARTIALS:
         split *= 2
-    return {"KERNEL": "fragment_wgmma", "RB": 1, "SPLIT": split, "PREFETCH": 1, "num_warps": 4}
+    return {"KERNEL": "fragment_wgmma", "RB": 1, "SPLIT": split, "PREFETCH": 1, "K_MAJOR": 1, "num_warps": 4}
 
 
 def launch_args(rw: RuntimeWeight, x2: torch.Tensor, bias: torch.Tensor | None, cfg: dict, out: torch.Tensor):
@@ -185,7 +211,7 @@ def launch_args(rw: RuntimeWeight, x2: torch.Tensor, bias: torch.Tensor | None, 
     consts = {"RB": rb, "TOK": tok, "PREFETCH": int(cfg["PREFETCH"]), "IS_SPLIT": split > 1, "SG": _scale_steps(rw),
               "FMT": FMT_IDS[rw.fragment_format], "HAS_ZERO": rw.zero is not None, "HAS_BIAS": bias is not None,
               "TAIL": rw.n % (64 * rb) != 0 or k % 64 != 0, "BF16": x2.dtype == torch.bfloat16,
-              "GROUP_MAJOR": rw.fragment_order == "group"}
+              "GROUP_MAJOR": rw.fragment_order == "group", "K_MAJOR": bool(cfg["K_MAJOR"])}
     return _wgmma_kernel, grid, args, consts, {"num_warps": cfg["num_warps"]}
 
 
@@ -198,7 +224,7 @@ def compile_offline(fmt: str = "int4", rb: int = 1, tok: int = 64, prefetch: int
 
     cx = {"RB": rb, "TOK": tok, "PREFETCH": int(prefetch), "IS_SPLIT": True, "SG": 1, "FMT": FMT_IDS[fmt],
           "HAS_ZERO": fmt != "nf4", "HAS_BIAS": False, "TAIL": False, "BF16": act == "bf16", "GROUP_MAJOR": False,
-          **consts}
+          "K_MAJOR": False, **consts}
     return _compile_offline(_wgmma_kernel, cx, act, 4, 1, arch, gluon=True)
 
 
