@@ -630,6 +630,19 @@ def test_wgmma_kernel_compiles_for_sm90(fmt):
             assert stores == ({"STS.128": tok // 16} if extra.get("K_MAJOR") else {"STS.U16": tok // 2}), (rb, tok, stores)
 
 
+def test_wgmma_activation_tiles_follow_the_fragment_k_order():
+    """The permutations the Hopper kernel stores its activations with (``TO_K_TOKEN``, and
+    ``TO_TOKEN_K`` with ``K_MAJOR``), applied by torch to a ``[token, 64]`` tile viewed as
+    ``[token, t, s, rc, h]``: logical ``k`` of the B operand holds channel ``physical_k(k)``."""
+    tok = 3
+    x = torch.arange(tok * 64).view(tok, 64)  # x[token, channel] = 64 token + channel
+    x5 = x.view(tok, 4, 4, 2, 2)
+    k_token = x5.permute(*fragment_wgmma.TO_K_TOKEN).reshape(64, tok)
+    token_k = x5.permute(*fragment_wgmma.TO_TOKEN_K).reshape(tok, 64)
+    want = torch.tensor([[64 * m + fragment.physical_k(k) for m in range(tok)] for k in range(64)])
+    assert torch.equal(k_token, want) and torch.equal(token_k, want.t())
+
+
 def test_wgmma_kernel_is_opt_in_and_hopper_only(monkeypatch):
     """Its configs are offered only with ``BITSMITH_FRAGMENT_WGMMA`` on and only on compute
     capability 9.0 (``supports`` names why not); token tiles are powers of two up to

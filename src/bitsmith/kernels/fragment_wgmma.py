@@ -47,12 +47,19 @@ if HAVE_GLUON:
 
 #: whether the tuner is offered this kernel (``BITSMITH_FRAGMENT_WGMMA=1``; see the module docstring)
 WGMMA = {"enabled": os.environ.get("BITSMITH_FRAGMENT_WGMMA", "") == "1"}
+#: activations ``[token, t, s, rc, h]`` (channel ``16 t + 4 s + 2 rc + h``) to the B operand's
+#: logical ``k = 16 s + 8 rc + 2 t + h`` (:func:`bitsmith.kernels.fragment.physical_k`): to ``[k,
+#: token]``, and (``K_MAJOR``) to ``[token, k]``; tests/test_fragment.py checks both against physical_k
+TO_K_TOKEN = (2, 3, 1, 4, 0)
+TO_TOKEN_K = (0, 2, 3, 1, 4)
 MAX_M = 256  # tokens it is offered for (several token tiles above TOK_MAX: the weights are read once a tile)
 #: the widest token tile: at 128 tokens (one row block a warp) the kernel needs 255 registers and
 #: spills with tails; at 64 it needs 146 (tests/test_fragment.py)
 TOK_MAX = 64
 
 if HAVE_GLUON:
+    _TO_K_TOKEN = gl.constexpr(TO_K_TOKEN)
+    _TO_TOKEN_K = gl.constexpr(TO_TOKEN_K)
 
     @gluon.jit
     def _wgmma_kernel(x_ptr, w_ptr, ws_ptr, s_ptr, z_ptr, cnt_ptr, b_ptr, out_ptr,
@@ -118,11 +125,11 @@ if HAVE_GLUON:
             xv = gl.load(x_ptr + x_off + g * 64, mask=x_mask, other=0.0)
             slot = b_smem.index(g % 2)
             if K_MAJOR:  # [token, k]: a thread's 8 values are 8 consecutive k, one 16-byte store
-                slot.store(gl.reshape(gl.permute(xv, [0, 2, 3, 1, 4]), [TOK, 64]))
+                slot.store(gl.reshape(gl.permute(xv, _TO_TOKEN_K.value), [TOK, 64]))
                 slot = slot.permute((1, 0))
             else:
                 xb = gl.reshape(xv, [TOK, 4, 4, 2, 2])  # [token, t, s, rc, h]: channel 16 t + 4 s + 2 rc + h
-                slot.store(gl.reshape(gl.permute(xb, [2, 3, 1, 4, 0]), [64, TOK]))  # k = 16 s + 8 rc + 2 t + h
+                slot.store(gl.reshape(gl.permute(xb, _TO_K_TOKEN.value), [64, TOK]))  # k = 16 s + 8 rc + 2 t + h
             fence_async_shared()
             gl.thread_barrier()  # every warp's activations are in shared memory before the MMA reads them
             a = _a_operand(cur, (L0, L1, L2, L3, H0, H1, H2, H3), W, RB, a_layout, FMT, BF16)
