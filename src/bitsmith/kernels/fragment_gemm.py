@@ -61,23 +61,21 @@ if HAVE_TRITON:
         plan of :mod:`bitsmith.kernels.qmm` relies on (activation 0, bias 6, output 7, low rank 8
         and 9). ``G_PER``: groups of 64 a K split."""
         BLOCK_N: tl.constexpr = 16 * RBS
-        WPG: tl.constexpr = 96 if FMT == 2 else 128
         pid_k, pid_n, offs_m, offs_n, m_mask, n_mask = gemm_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
         rb = pid_n * RBS + tl.arange(0, RBS)
-        ok_rb = (rb < NB)[:, None]
         g_lo = pid_k * G_PER
         g_hi = tl.minimum(g_lo + G_PER, NG)
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         for g in range(g_lo, g_hi):
             kk = g * 64 + tl.arange(0, 64)
-            base = ((g * NB + rb) if GROUP_MAJOR else (rb * NG + g)) * WPG  # fragment.to_order
-            q = fragment_codes(w_ptr, base, ok_rb, FMT, RBS)
+            q = fragment_codes(w_ptr, rb, g, NB, NG, FMT, RBS, GROUP_MAJOR)
             w = fragment_values(q, s_ptr, z_ptr, t_ptr, g, N, offs_n, n_mask, zconst, FMT, SG, HAS_ZERO)
             a = tl.load(x_ptr + offs_m[:, None] * stride_xm + kk[None, :], mask=m_mask[:, None] & (kk < K)[None, :],
                         other=0.0)
             acc = tl.dot(a, w.to(a.dtype), acc)  # [BLOCK_M, 64] @ [64, 16 RBS]
         write_gemm_tile(acc, pid_k, offs_m, offs_n, m_mask, n_mask, stride_om, out_ptr, b_ptr, lr_ptr, u_ptr, N,
                         HAS_BIAS, RANK, BLOCK_M, ATOMIC)
+
 
 def supports(rw: RuntimeWeight, dtype: torch.dtype) -> str | None:
     """Why ``_gemm_kernel`` cannot take ``rw`` with ``dtype`` activations (``None`` when it can)."""

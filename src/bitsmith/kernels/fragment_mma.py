@@ -372,7 +372,6 @@ if HAVE_GLUON:
         pid_n = gl.program_id(0)
         pid_k = gl.program_id(1)
         BN: gl.constexpr = 16 * W * RB
-        WPG: gl.constexpr = 32 * _INT3_WORDS if FMT == 2 else 128
         mma: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[W, 1], instr_shape=[16, 8])
         a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
         b_layout: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=mma, k_width=2)
@@ -422,14 +421,17 @@ if HAVE_GLUON:
 if HAVE_TRITON:
 
     @triton.jit
-    def fragment_codes(w_ptr, base, ok_rb, FMT: tl.constexpr, RBS: tl.constexpr):
-        """Codes (int8) of ``RBS`` row blocks and one group, their words at word offsets ``base``
-        ``[RBS]`` (rows masked off by ``ok_rb`` ``[RBS, 1]`` read as zero codes): ``[64, 16 RBS]``
-        in ``[k, n]`` order. The row blocks' words
-        are loaded whole and coalesced, every code is cut out where the fragment assignment put it
-        (codes ``[row block, lane, product s, register r, half h]``), and the codes are then
-        permuted, the lane ``4 g + t`` standing for row ``g + 8 (r % 2)`` and input channel ``16 t +
-        4 s + 2 (r // 2) + h`` (:func:`bitsmith.kernels.fragment.physical_k`)."""
+    def fragment_codes(w_ptr, rb, g, NB, NG, FMT: tl.constexpr, RBS: tl.constexpr, GROUP_MAJOR: tl.constexpr):
+        """Codes (int8) of row blocks ``rb`` (``[RBS]``; those past ``NB`` read as zero codes) in
+        group ``g``, ``[64, 16 RBS]`` in ``[k, n]`` order, the words in either order
+        (:func:`bitsmith.kernels.fragment.to_order`). The row blocks' words are loaded whole and
+        coalesced, every code is cut out where the fragment assignment put it (codes ``[row block,
+        lane, product s, register r, half h]``), and the codes are then permuted, the lane ``4 g +
+        t`` standing for row ``g + 8 (r % 2)`` and input channel ``16 t + 4 s + 2 (r // 2) + h``
+        (:func:`bitsmith.kernels.fragment.physical_k`)."""
+        WPG: tl.constexpr = 96 if FMT == 2 else 128
+        ok_rb = (rb < NB)[:, None]
+        base = ((g * NB + rb) if GROUP_MAJOR else (rb * NG + g)) * WPG
         lane = tl.arange(0, 32)
         if FMT == 2:  # three words a lane, [word, lane]; register i = 4 s + r: word i // 5, slot i % 5
             i = tl.arange(0, 16)[None, None, :, None]
@@ -456,8 +458,9 @@ if HAVE_TRITON:
     @triton.jit
     def fragment_values(q, s_ptr, z_ptr, t_ptr, g, N, n, n_ok, zconst, FMT: tl.constexpr, SG: tl.constexpr,
                         HAS_ZERO: tl.constexpr):
-        """The weights (float32 ``[64, 16 RBS]``) that codes ``q`` of group ``g`` (:func:`fragment_codes`) stand for: affine ``(q - zero) * scale``, codebook ``table[q] * scale``,
-        the scales and zeros of columns ``n`` (``n_ok``: inside ``N``)."""
+        """The weights (float32 ``[64, 16 RBS]``) that codes ``q`` of group ``g``
+        (:func:`fragment_codes`) stand for: affine ``(q - zero) * scale``, codebook ``table[q] *
+        scale``, the scales and zeros of columns ``n`` (``n_ok``: inside ``N``)."""
         if SG == 0:
             s_row = 0
         else:
@@ -486,12 +489,8 @@ if HAVE_TRITON:
         (:func:`bitsmith.kernels.fragment.to_order`)."""
         pid_r = tl.program_id(0)
         g = tl.program_id(1)
-        WPG: tl.constexpr = 96 if FMT == 2 else 128
         BN: tl.constexpr = 16 * RBS
-        rb = pid_r * RBS + tl.arange(0, RBS)
-        ok_rb = (rb < NB)[:, None]
-        base = ((g * NB + rb) if GROUP_MAJOR else (rb * NG + g)) * WPG  # fragment.to_order
-        q = fragment_codes(w_ptr, base, ok_rb, FMT, RBS)
+        q = fragment_codes(w_ptr, pid_r * RBS + tl.arange(0, RBS), g, NB, NG, FMT, RBS, GROUP_MAJOR)
         k = g * 64 + tl.arange(0, 64)[:, None]
         n = pid_r * BN + tl.arange(0, BN)
         n_ok = n < N
@@ -558,26 +557,42 @@ def default_config(rw: RuntimeWeight, m: int, sms: int) -> dict:
     return {"KERNEL": "fragment", "W": 4, "RB": rb, "SPLIT": split, "PREFETCH": 0, "num_warps": 4}
 
 
-def launch_args(rw: RuntimeWeight, x2: torch.Tensor, bias: torch.Tensor | None, cfg: dict, out: torch.Tensor):
-    """``(kernel, grid, args, constexprs, options)`` of one ``_frag_kernel`` launch writing ``out``
-    (argument positions 0, 6 and 7 are the activation, bias and output, as every launch plan of
-    :mod:`bitsmith.kernels.qmm` expects)."""
-    from .small_m import pdl_ok, workspace
+def kernel_args(rw: RuntimeWeight, x2: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor, split: int,
+                tiles: int) -> tuple:
+    """The runtime arguments of ``_frag_kernel`` and of the Hopper kernel
+    (:mod:`bitsmith.kernels.fragment_wgmma`), which share their signature up to the constexprs:
+    split-K over ``split`` programs takes the device's workspace with a counter for each of
+    ``tiles`` output tiles (argument positions 0, 6 and 7 are the activation, bias and output, as
+    every launch plan of :mod:`bitsmith.kernels.qmm` expects)."""
+    from .small_m import workspace
 
     m, k = x2.shape
-    pdl = PDL["enabled"] and pdl_ok(x2.device)
-    w, rb, split = cfg["W"], cfg["RB"], cfg["SPLIT"]
     nb, ng = blocks_groups(rw)
-    tiles = _tiles(rw, w, rb)
     dummy = rw.scale
     ws, cnt = workspace(x2.device, split * m * rw.n, tiles) if split > 1 else (dummy, rw.words)
-    args = (x2, rw.words, ws, rw.scale, rw.zero if rw.zero is not None else dummy, cnt,
+    return (x2, rw.words, ws, rw.scale, rw.zero if rw.zero is not None else dummy, cnt,
             bias if bias is not None else dummy, out,
             m, rw.n, k, nb, ng, -(-ng // split), split, *table_planes(rw, x2.dtype), float(rw.zconst), x2.stride(0))
-    consts = {"W": w, "RB": rb, "TOK": tokens(m), "PREFETCH": int(cfg["PREFETCH"]), "IS_SPLIT": split > 1,
-              "SG": _scale_steps(rw), "FMT": FMT_IDS[rw.fragment_format], "HAS_ZERO": rw.zero is not None,
-              "HAS_BIAS": bias is not None, "TAIL": rw.n % (16 * w * rb) != 0 or k % 64 != 0, "BF16": x2.dtype == torch.bfloat16,
-              "PDL": pdl, "GROUP_MAJOR": rw.fragment_order == "group"}
+
+
+def kernel_consts(rw: RuntimeWeight, x2: torch.Tensor, bias: torch.Tensor | None, cfg: dict, tile_rows: int) -> dict:
+    """The constexprs both kernels of :func:`kernel_args` take from the weight, the call and
+    ``cfg`` (``TAIL``: ``N`` not a multiple of the ``tile_rows`` rows of a program, or ``K`` of 64)."""
+    return {"PREFETCH": int(cfg["PREFETCH"]), "IS_SPLIT": cfg["SPLIT"] > 1, "SG": _scale_steps(rw),
+            "FMT": FMT_IDS[rw.fragment_format], "HAS_ZERO": rw.zero is not None, "HAS_BIAS": bias is not None,
+            "TAIL": rw.n % tile_rows != 0 or x2.shape[1] % 64 != 0, "BF16": x2.dtype == torch.bfloat16,
+            "GROUP_MAJOR": rw.fragment_order == "group"}
+
+
+def launch_args(rw: RuntimeWeight, x2: torch.Tensor, bias: torch.Tensor | None, cfg: dict, out: torch.Tensor):
+    """``(kernel, grid, args, constexprs, options)`` of one ``_frag_kernel`` launch writing ``out``."""
+    from .small_m import pdl_ok
+
+    pdl = PDL["enabled"] and pdl_ok(x2.device)
+    w, rb, split = cfg["W"], cfg["RB"], cfg["SPLIT"]
+    tiles = _tiles(rw, w, rb)
+    args = kernel_args(rw, x2, bias, out, split, tiles)
+    consts = {"W": w, "RB": rb, "TOK": tokens(x2.shape[0]), **kernel_consts(rw, x2, bias, cfg, 16 * w * rb), "PDL": pdl}
     options = {"num_warps": cfg["num_warps"]}
     if pdl:
         options["launch_pdl"] = True

@@ -35,7 +35,7 @@ import os
 
 import torch
 
-from .fragment_mma import FMT_IDS, HAVE_GLUON, MAGIC, MAX_PARTIALS, _scale_steps, blocks_groups, table_planes
+from .fragment_mma import FMT_IDS, HAVE_GLUON, MAGIC, MAX_PARTIALS, blocks_groups, kernel_args, kernel_consts
 from .layout import RuntimeWeight
 
 if HAVE_GLUON:
@@ -204,21 +204,11 @@ def default_config(rw: RuntimeWeight, m: int, sms: int) -> dict:
 
 def launch_args(rw: RuntimeWeight, x2: torch.Tensor, bias: torch.Tensor | None, cfg: dict, out: torch.Tensor):
     """``(kernel, grid, args, constexprs, options)`` of one ``_wgmma_kernel`` launch writing ``out``."""
-    from .small_m import workspace
-
-    m, k = x2.shape
-    rb, split, tok = cfg["RB"], cfg["SPLIT"], tokens(m)
-    nb, ng = blocks_groups(rw)
-    grid = (_row_tiles(rw, rb), -(-m // tok), split)
-    dummy = rw.scale
-    ws, cnt = workspace(x2.device, split * m * rw.n, grid[0] * grid[1]) if split > 1 else (dummy, rw.words)
-    args = (x2, rw.words, ws, rw.scale, rw.zero if rw.zero is not None else dummy, cnt,
-            bias if bias is not None else dummy, out,
-            m, rw.n, k, nb, ng, -(-ng // split), split, *table_planes(rw, x2.dtype), float(rw.zconst), x2.stride(0))
-    consts = {"RB": rb, "TOK": tok, "PREFETCH": int(cfg["PREFETCH"]), "IS_SPLIT": split > 1, "SG": _scale_steps(rw),
-              "FMT": FMT_IDS[rw.fragment_format], "HAS_ZERO": rw.zero is not None, "HAS_BIAS": bias is not None,
-              "TAIL": rw.n % (64 * rb) != 0 or k % 64 != 0, "BF16": x2.dtype == torch.bfloat16,
-              "GROUP_MAJOR": rw.fragment_order == "group", "K_MAJOR": bool(cfg["K_MAJOR"])}
+    m = x2.shape[0]
+    rb, tok = cfg["RB"], tokens(m)
+    grid = (_row_tiles(rw, rb), -(-m // tok), cfg["SPLIT"])
+    args = kernel_args(rw, x2, bias, out, cfg["SPLIT"], grid[0] * grid[1])
+    consts = {"RB": rb, "TOK": tok, **kernel_consts(rw, x2, bias, cfg, 64 * rb), "K_MAJOR": bool(cfg["K_MAJOR"])}
     return _wgmma_kernel, grid, args, consts, {"num_warps": cfg["num_warps"]}
 
 
