@@ -526,6 +526,13 @@ def _tiles(rw: RuntimeWeight, w: int, rb: int) -> int:
     return -(-blocks_groups(rw)[0] // (w * rb))
 
 
+def split_ok(split: int, m: int, ng: int, programs: int, sms: int) -> bool:
+    """Whether ``split`` K splits are a candidate for ``programs`` output tiles of ``m`` tokens
+    over ``ng`` groups on ``sms`` multiprocessors: at most one a group, within the workspace
+    (:data:`MAX_PARTIALS`), and (split at all) between half a program and 16 programs an SM."""
+    return split <= ng and split * m <= MAX_PARTIALS and (split == 1 or sms // 2 <= programs * split <= 16 * sms)
+
+
 def configs(rw: RuntimeWeight, m: int, dtype: torch.dtype, sms: int) -> list[dict]:
     """Candidate configs of ``_frag_kernel`` at ``m <= max_m()`` rows on a GPU of ``sms``
     multiprocessors: row blocks a warp (above 16 tokens those of :data:`MAXNREG_WIDE`) x split-K
@@ -539,7 +546,7 @@ def configs(rw: RuntimeWeight, m: int, dtype: torch.dtype, sms: int) -> list[dic
     for rb in (1, 2, 4) if tok <= 16 else sorted(r for r, t in MAXNREG_WIDE if t == tok):
         programs = _tiles(rw, 4, rb)
         for split in (1, 2, 4, 8, 16, 32):
-            if split > ng or split * m > MAX_PARTIALS or not (split == 1 or sms // 2 <= programs * split <= 16 * sms):
+            if not split_ok(split, m, ng, programs, sms):
                 continue
             for prefetch in (0, 1, 2):
                 out.append({"KERNEL": "fragment", "W": 4, "RB": rb, "SPLIT": split, "PREFETCH": prefetch, "num_warps": 4})

@@ -35,7 +35,7 @@ import os
 
 import torch
 
-from .fragment_mma import FMT_IDS, HAVE_GLUON, MAGIC, MAX_PARTIALS, blocks_groups, kernel_args, kernel_consts
+from .fragment_mma import FMT_IDS, HAVE_GLUON, MAGIC, MAX_PARTIALS, blocks_groups, kernel_args, kernel_consts, split_ok
 from .layout import RuntimeWeight
 
 if HAVE_GLUON:
@@ -183,7 +183,7 @@ def configs(rw: RuntimeWeight, m: int, dtype: torch.dtype, sms: int) -> list[dic
     for rb in (1, 2) if tok <= 32 else (1,):  # two row blocks a warp at 64 tokens: 255 registers
         programs = _row_tiles(rw, rb) * -(-m // tok)
         for split in (1, 2, 4, 8, 16):
-            if split > ng or split * m > MAX_PARTIALS or not (split == 1 or sms // 2 <= programs * split <= 16 * sms):
+            if not split_ok(split, m, ng, programs, sms):
                 continue
             for prefetch in (0, 1):
                 for k_major in (0, 1):
