@@ -64,7 +64,7 @@ def sass_report(w: int = 4, tok: int = 8, rb: int = 1, prefetch: bool = False, f
             "shared_or_shuffle": shared, "opcodes": dict(loop.most_common())}
 
 
-def probe_weight(w16: torch.Tensor, fmt: str, ms: list[int], timer, orders=("block",)) -> list[dict]:
+def probe_weight(w16: torch.Tensor, fmt: str, ms: list[int], timer, orders: tuple[str, ...] | None = None) -> list[dict]:
     """One weight quantized to ``fmt`` as the kernel table quantizes it
     (:func:`bitsmith.kernels.bench.make_qtensor`): at each M every fragment-kernel config, with
     the words in each of ``orders`` (:data:`bitsmith.kernels.fragment.ORDERS`), checked against
@@ -75,12 +75,12 @@ def probe_weight(w16: torch.Tensor, fmt: str, ms: list[int], timer, orders=("blo
 
     from bitsmith.kernels import fragment_mma, qmm
     from bitsmith.kernels.bench import make_qtensor
-    from bitsmith.kernels.layout import repack
+    from bitsmith.kernels.layout import FRAGMENT, repack
 
     n, k = w16.shape
     qt = make_qtensor(fmt, w16)
     rows_rw = repack(qt, layout="rows")
-    frag_rws = {order: repack(qt, layout="fragment", order=order) for order in orders}
+    frag_rws = {order: repack(qt, layout="fragment", order=order) for order in orders or (FRAGMENT["order"],)}
     for frag_rw in frag_rws.values():
         qmm.reserve_workspace(frag_rw)
     ref_w = qt.dequantize(torch.float64)
@@ -124,8 +124,9 @@ def main() -> None:
     ap.add_argument("--formats", default="int4_g64,int4_g128,nf4_g64,int3_g64")
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--name", default="gluon_fragment_probe")
-    ap.add_argument("--orders", default="block",
-                    help="the fragment words' orders to time, comma-separated (block, group: fragment.ORDERS)")
+    ap.add_argument("--orders", default=None,
+                    help="the fragment words' orders to time, comma-separated (block, group: fragment.ORDERS; "
+                         "default: the library's, BITSMITH_FRAGMENT_ORDER or group)")
     ap.add_argument("--sass", action="store_true", help="sm_90 machine code only (no GPU needed)")
     args = ap.parse_args()
     from _common import write_result
@@ -153,7 +154,8 @@ def main() -> None:
         n, k = (int(v) for v in shape.split("x"))
         w16 = (torch.randn(n, k, device=dev) * 0.02).to(torch.float16)
         for fmt in args.formats.split(","):
-            rows += probe_weight(w16, fmt, [int(v) for v in args.m.split(",")], timer, tuple(args.orders.split(",")))
+            orders = tuple(args.orders.split(",")) if args.orders else None
+            rows += probe_weight(w16, fmt, [int(v) for v in args.m.split(",")], timer, orders)
             # after every weight: a run cut short by a time limit keeps what it measured
             write_result(args.name, {"device": torch.cuda.get_device_name(dev), "rows": rows,
                                      "timing": "CUDA-graph replay with the L2 flushed, median"})
