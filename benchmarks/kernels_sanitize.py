@@ -4,7 +4,10 @@ with whole tiles and with half-word steps), the dequantize
 kernel, SVDQuant's down-projection and each kernel's low-rank epilogue, and the two W8A8
 kernels, over int4/int3/int2/int8 and NF4 layouts; then the fragment layout's kernel (every
 prefetch depth, split-K on and off, 1 and 16 rows) and its dequantization kernel (above 16 rows)
-for int4, int3 and NF4, in both word orders, with rows and channels past the tiles.
+for int4, int3 and NF4, in both word orders, with rows and channels past the tiles; and above 16
+rows the fragment layout's other kernels (group-major words): the Triton GEMM, and where they are
+switched on the Gluon kernel's 32- and 64-token tiles (``BITSMITH_FRAGMENT_WIDE=1``) and the Hopper
+``wgmma`` kernel (``BITSMITH_FRAGMENT_WGMMA=1``).
 
     compute-sanitizer --tool memcheck --error-exitcode 1 python benchmarks/kernels_sanitize.py
 """
@@ -65,7 +68,7 @@ def main() -> None:
     wq = torch.randint(-127, 128, (n, k), dtype=torch.int8, device="cuda")
     for m in (1, 19, 300):
         w8a8_linear(torch.randn(m, k, device="cuda", dtype=torch.float16), wq, torch.rand(n, device="cuda") * 0.01)
-    worst = max(worst, _fragment_cases())
+    worst = max(worst, _fragment_cases(), _fragment_wide_cases())
     torch.cuda.synchronize()
     print(f"all kernels ran; worst relative error vs float64 reference {worst:.2e}")
 
@@ -96,6 +99,43 @@ def _fragment_cases() -> float:
             ref = x.double() @ w.t() + bias.double()
             cfgs = [{"KERNEL": "fragment", "W": 4, "RB": rb, "SPLIT": split, "PREFETCH": pf, "num_warps": 4}
                     for rb in (1, 2) for split in (1, 3) for pf in (0, 2)] if m <= 16 else [{"DEQUANT_MM": True}]
+            for cfg in cfgs:
+                y = qmm._launch(rw, x, bias, cfg)
+                worst = max(worst, float((y.double() - ref).norm() / ref.norm()))
+    return worst
+
+
+def _fragment_wide_cases() -> float:
+    """The fragment layout above 16 rows at N = 333, K = 1000 (group-major words): at 19 and 40
+    rows (token tiles 32 and 64, the last one partial) the Gluon kernel's wide tiles and the
+    ``wgmma`` kernel, at 100 rows the ``wgmma`` kernel over two token tiles; each with split-K off
+    and over 3 programs (2 at 100 rows: :data:`~bitsmith.kernels.fragment_mma.MAX_PARTIALS`) and every
+    prefetch depth; and the Triton GEMM's every candidate at 19 and
+    100 rows. The first two only when switched on (``BITSMITH_FRAGMENT_WIDE``/``_WGMMA``); worst
+    relative error against float64."""
+    from bitsmith.kernels import fragment_gemm, fragment_wgmma
+
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    worst = 0.0
+    for method, opts in FRAGMENT_CASES:
+        n, k = 333, 1000
+        qt = bitsmith.quantize_tensor(torch.randn(n, k, device="cuda") * 0.02, method, **opts)
+        rw = repack(qt, layout="fragment", order="group")
+        w = qt.dequantize(torch.float32).double()
+        for m in (19, 40, 100):
+            x = torch.randn(m, k, device="cuda", dtype=torch.float16)
+            bias = torch.randn(n, device="cuda", dtype=torch.float16)
+            ref = x.double() @ w.t() + bias.double()
+            cfgs = fragment_gemm.configs(rw, m, torch.float16, sms) if m != 40 else []
+            splits = (1, 3) if 3 * m <= fragment_mma.MAX_PARTIALS else (1, 2)  # the workspace's bound
+            if m <= fragment_mma.max_m():
+                tok = fragment_mma.tokens(m)
+                cfgs += [{"KERNEL": "fragment", "W": 4, "RB": rb, "SPLIT": split, "PREFETCH": pf, "num_warps": 4}
+                         for rb in sorted(r for r, t in fragment_mma.MAXNREG_WIDE if t == tok) for split in splits for pf in (0, 1, 2)]
+            if fragment_wgmma.WGMMA["enabled"] and fragment_wgmma.supports(rw, torch.float16) is None:
+                rbs = (1, 2) if fragment_wgmma.tokens(m) <= 32 else (1,)
+                cfgs += [{"KERNEL": "fragment_wgmma", "RB": rb, "SPLIT": split, "PREFETCH": pf, "K_MAJOR": km, "num_warps": 4}
+                         for rb in rbs for split in splits for pf in (0, 1) for km in (0, 1)]
             for cfg in cfgs:
                 y = qmm._launch(rw, x, bias, cfg)
                 worst = max(worst, float((y.double() - ref).norm() / ref.norm()))
