@@ -30,8 +30,8 @@
 #       BITSMITH_FRAGMENT_PDL=1 OUT=/some/dir bash benchmarks/kernels_gpu_session.sh sanitize
 #   OUT=/some/dir bash benchmarks/kernels_gpu_session.sh order      # fragment CUDA tests (group-major words among them),
 #       then every config with the words block-major and group-major (gluon_fragment_probe.py --orders block,group)
-#   OUT=/some/dir bash benchmarks/kernels_gpu_session.sh wide       # the fragment layout's opt-in kernels for more tokens:
-#       the Gluon kernel at 17..64 tokens (BITSMITH_FRAGMENT_WIDE=1) and the Hopper wgmma kernel (BITSMITH_FRAGMENT_WGMMA=1):
+#   OUT=/some/dir bash benchmarks/kernels_gpu_session.sh wide       # the fragment layout's kernels for more tokens:
+#       the Gluon kernel at 17..64 tokens and the Hopper wgmma kernel (both on by default since they passed this):
 #       their CUDA tests and the fragment GEMM's, then M = 16..128 (WIDE_MS) with every format in the fragment layout (the
 #       tuner picks among all of them, the GEMM and dequantize + cuBLAS; which won is in the JSON's "tuned") and in rows
 #   OUT=/some/dir bash benchmarks/kernels_gpu_session.sh w8a8       # where W8A8's time goes at M = 2048: quantization,
@@ -275,12 +275,11 @@ order)  # the fragment words block-major against group-major: CUDA tests, then e
   cp benchmarks/results/gluon_fragment_probe_order.json "$OUT/" 2>/dev/null
   ;;
 wide)  # the wide Gluon tiles and the wgmma kernel: tests, then M = 16..128 in both layouts
-  export BITSMITH_FRAGMENT_WIDE=1 BITSMITH_FRAGMENT_WGMMA=1
   TEST_FILES=tests/test_fragment.py TEST_K="cuda and (wide or gemm or wgmma)" T_TESTS=${T_TESTS:-180} cuda_tests || { echo "CUDA tests failed: no benchmarks"; exit 1; }
   ms=${WIDE_MS:-16,32,64,128}; shapes=${WIDE_SHAPES:-14336x4096,28672x8192}
   for lay in all 0; do
     name=kernels_wide_layout_$lay
-    echo "== BITSMITH_FRAGMENT_WIDE=1 BITSMITH_FRAGMENT_WGMMA=1 BITSMITH_FRAGMENT=$lay python3 benchmarks/kernels_bench.py --shapes $shapes --m $ms --formats int4_g64,int3_g64,nf4_g64 --no-w8a8 --reps 20 --name $name" | tee -a "$OUT/kernels_wide.txt"
+    echo "== BITSMITH_FRAGMENT=$lay python3 benchmarks/kernels_bench.py --shapes $shapes --m $ms --formats int4_g64,int3_g64,nf4_g64 --no-w8a8 --reps 20 --name $name" | tee -a "$OUT/kernels_wide.txt"
     BITSMITH_FRAGMENT=$lay timeout "${T_BENCH:-170}" python3 benchmarks/kernels_bench.py --shapes "$shapes" --m "$ms" --formats int4_g64,int3_g64,nf4_g64 \
       --no-w8a8 --reps 20 --name "$name" 2>&1 | grep -v -i warn | tee -a "$OUT/kernels_wide.txt" | grep -E "^ +[0-9]+x[0-9]+ +[0-9]+ [a-z]"
     cp "benchmarks/results/$name.json" "$OUT/" 2>/dev/null

@@ -5,9 +5,9 @@ kernel, SVDQuant's down-projection and each kernel's low-rank epilogue, and the 
 kernels, over int4/int3/int2/int8 and NF4 layouts; then the fragment layout's kernel (every
 prefetch depth, split-K on and off, 1 and 16 rows) and its dequantization kernel (above 16 rows)
 for int4, int3 and NF4, in both word orders, with rows and channels past the tiles; and above 16
-rows the fragment layout's other kernels (group-major words): the Triton GEMM, and where they are
-switched on the Gluon kernel's 32- and 64-token tiles (``BITSMITH_FRAGMENT_WIDE=1``) and the Hopper
-``wgmma`` kernel (``BITSMITH_FRAGMENT_WGMMA=1``).
+rows the fragment layout's other kernels (group-major words): the Triton GEMM, the Gluon kernel's
+32- and 64-token tiles and, on Hopper, the ``wgmma`` kernel (each unless switched off:
+``BITSMITH_FRAGMENT_WIDE=0``, ``BITSMITH_FRAGMENT_WGMMA=0``).
 
     compute-sanitizer --tool memcheck --error-exitcode 1 python benchmarks/kernels_sanitize.py
 """
@@ -111,7 +111,7 @@ def _fragment_wide_cases() -> float:
     ``wgmma`` kernel, at 100 rows the ``wgmma`` kernel over two token tiles; each with split-K off
     and over 3 programs (2 at 100 rows: :data:`~bitsmith.kernels.fragment_mma.MAX_PARTIALS`) and every
     prefetch depth; and the Triton GEMM's every candidate at 19 and
-    100 rows. The first two only when switched on (``BITSMITH_FRAGMENT_WIDE``/``_WGMMA``); worst
+    100 rows. The first two only when on (``BITSMITH_FRAGMENT_WIDE``/``_WGMMA`` not 0); worst
     relative error against float64."""
     from bitsmith.kernels import fragment_gemm, fragment_wgmma
 

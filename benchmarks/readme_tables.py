@@ -1,13 +1,16 @@
 """The README's GPU summary tables, built from committed H100 results (no GPU needed), so every
 number there can be traced to one JSON and the command inside it:
 
-* kernels at M = 1 and 16, each format in its default layout: int4 in rows
-  (``kernels_reduce_new_h100.json``), int3 and NF4 in the fragment layout with group-major words
-  (``kernels_fraggroup_m1m16_h100.json``); each ratio against the fp16 of its own run;
-* M = 2048: the run of each format's default layout (``kernels_layout0_m2048_h100.json`` for int4,
-  ``kernels_fraggroup_m128m2048_h100.json`` for int3 and NF4) and W8A8 (``kernels_h100.json``);
-* the compiled batch-1 decode step (``decode_e2e_b1_cap_h100.json``), and int4's two layouts in
-  alternating runs (``decode_e2e_b1_{default,fraggroup}_r{1,2}_h100.json``).
+* kernels at M = 1 and 16, every format in its default layout (the fragment layout, group-major
+  words) and torch's tinygemm, one run (``kernels_defaults_m1m16_h100.json``); each ratio against
+  the fp16 of its own run;
+* M = 2048: int4 (fragment layout), tinygemm and W8A8 in one run (``kernels_m2048_w8a8_h100.json``),
+  int3 and NF4 in another (``kernels_fraggroup_m128m2048_h100.json``);
+* the compiled decode step: int4 at batch 1 in each layout with one tuning cache shared by the two
+  processes (``decode_e2e_b1_int4_{frag,rows}_h100.json``) and int4 and NF4 at batch 16
+  (``decode_e2e_b16_frag_h100.json``); every format at batch 1 as of the release before
+  (``decode_e2e_b1_cap_h100.json``); int4's two layouts in alternating runs before the wide
+  kernels (``decode_e2e_b1_{default,fraggroup}_r{1,2}_h100.json``, printed in docs/gpu-kernels.md).
 
     python benchmarks/readme_tables.py
 """
@@ -19,13 +22,18 @@ from pathlib import Path
 RESULTS = Path(__file__).resolve().parent / "results"
 SHAPES = [(4096, 4096), (14336, 4096), (4096, 14336), (28672, 8192)]
 #: column -> (kernel name in the JSONs, M = 1 and 16 file, M = 2048 file)
-COLUMNS = {"int4 g64": ("int4_g64", "kernels_reduce_new_h100.json", "kernels_layout0_m2048_h100.json"),
-           "int3 g64": ("int3_g64", "kernels_fraggroup_m1m16_h100.json", "kernels_fraggroup_m128m2048_h100.json"),
-           "NF4": ("nf4_g64", "kernels_fraggroup_m1m16_h100.json", "kernels_fraggroup_m128m2048_h100.json"),
-           "torch tinygemm int4 g64": ("tinygemm_int4_g64", "kernels_reduce_new_h100.json",
-                                       "kernels_layout0_m2048_h100.json"),
-           "W8A8": ("w8a8", None, "kernels_h100.json")}
+SMALL_M = "kernels_defaults_m1m16_h100.json"
+COLUMNS = {"int4 g64": ("int4_g64", SMALL_M, "kernels_m2048_w8a8_h100.json"),
+           "int4 g128": ("int4_g128", SMALL_M, None),
+           "int3 g64": ("int3_g64", SMALL_M, "kernels_fraggroup_m128m2048_h100.json"),
+           "NF4": ("nf4_g64", SMALL_M, "kernels_fraggroup_m128m2048_h100.json"),
+           "torch tinygemm int4 g64": ("tinygemm_int4_g64", SMALL_M, "kernels_m2048_w8a8_h100.json"),
+           "W8A8": ("w8a8", None, "kernels_m2048_w8a8_h100.json")}
 DECODE = "decode_e2e_b1_cap_h100.json"
+#: (batch, layout of int4) -> file: the default (fragment) and rows (BITSMITH_FRAGMENT=int3,nf4),
+#: the second process reading the first one's tuning cache (BITSMITH_TUNE_CACHE)
+DECODE_NOW = {(1, "fragment"): "decode_e2e_b1_int4_frag_h100.json", (1, "rows"): "decode_e2e_b1_int4_rows_h100.json",
+              (16, "fragment"): "decode_e2e_b16_frag_h100.json"}
 #: (run, layouts) -> file: the default (int4 rows, int3 fragment block-major, as before this
 #: release) and every format in the fragment layout, group-major, alternating on one H100
 DECODE_AB = {("1", "default"): "decode_e2e_b1_default_r1_h100.json", ("1", "fragment"): "decode_e2e_b1_fraggroup_r1_h100.json",
@@ -64,6 +72,21 @@ def decode_table() -> str:
     return "\n".join(lines)
 
 
+def decode_now_table() -> str:
+    """The compiled step with this release's defaults: batch 1 (int4 in each layout, against the
+    fp16 of the first run: the rows run timed int4 only) and batch 16."""
+    lines = ["| batch | weights | layout | ms per step | vs fp16 | weight-read floor |", "|---:|---|---|---:|---:|---:|"]
+    fp16 = {}
+    for (batch, lay), name in DECODE_NOW.items():
+        for r in _rows(name):
+            fmt = r["format"].replace("+fused+head8", "")
+            if fmt == "fp16":
+                fp16[batch] = r["graph_ms"]
+            lines.append(f"| {batch} | {fmt} | {'–' if fmt == 'fp16' else lay if fmt.startswith('int4') else 'fragment'} | {r['graph_ms']:.2f} | "
+                         f"{fp16[batch] / r['graph_ms']:.2f}× | {r['floor_ms']:.2f} ms |")
+    return "\n".join(lines)
+
+
 def decode_ab_table() -> str:
     """int4 (and int3) in the compiled step with int4 in rows or in the fragment layout, run by run."""
     lines = ["| run | layouts | fp16 ms | int4_g64 ms (vs fp16) | int3_g64 ms (vs fp16) |", "|---|---|---:|---:|---:|"]
@@ -79,9 +102,11 @@ def main() -> None:
     files = sorted({f for _, small, big in COLUMNS.values() for f in (small, big) if f})
     print(f"Kernels (speed-up over fp16 F.linear, eager with the L2 flushed; CUDA graph in brackets), from {', '.join(files)}\n")
     print(kernel_table())
-    print(f"\nCompiled batch-1 decode step, Llama-3-8B shape, from {DECODE}:\n")
+    print(f"\nCompiled decode step, Llama-3-8B shape, this release's defaults, from {', '.join(DECODE_NOW.values())}:\n")
+    print(decode_now_table())
+    print(f"\nCompiled batch-1 decode step, every format, the release before, from {DECODE}:\n")
     print(decode_table())
-    print("\nint4's two layouts in the compiled step, alternating runs:\n")
+    print("\nint4's two layouts in the compiled step, alternating runs before the wide kernels (docs/gpu-kernels.md):\n")
     print(decode_ab_table())
 
 

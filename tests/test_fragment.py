@@ -267,6 +267,30 @@ def test_fragment_order_setting_parses_and_names_unknown_orders():
         fragment.to_order(torch.zeros(1, 1, 128, dtype=torch.int32), "rows")
 
 
+def test_fragment_switches_default_on_and_turn_off():
+    """Unset, the environment puts int4, int3 and NF4 in the fragment layout and offers the Gluon
+    kernel's wide tiles and the Hopper kernel (the H100 results in the layout's comments), PDL
+    off; ``=0`` turns each off. Read at import, so each setting is its own process."""
+    import json
+    import os
+    import subprocess
+
+    code = ("import json; from bitsmith.kernels import fragment_mma as m, fragment_wgmma as w, layout as l; "
+            "print(json.dumps([sorted(l.FRAGMENT['formats']), m.WIDE['enabled'], w.WGMMA['enabled'], m.PDL['enabled']]))")
+    switches = ("BITSMITH_FRAGMENT", "BITSMITH_FRAGMENT_WIDE", "BITSMITH_FRAGMENT_WGMMA", "BITSMITH_FRAGMENT_PDL")
+    base = {k: v for k, v in os.environ.items() if k not in switches}
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    base["PYTHONPATH"] = src + os.pathsep + base.get("PYTHONPATH", "")
+
+    def read(**env):
+        out = subprocess.run([sys.executable, "-c", code], env={**base, **env}, capture_output=True, text=True, check=True)
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    assert read() == [["int3", "int4", "nf4"], True, True, False]
+    assert read(BITSMITH_FRAGMENT="0", BITSMITH_FRAGMENT_WIDE="0", BITSMITH_FRAGMENT_WGMMA="0",
+                BITSMITH_FRAGMENT_PDL="1") == [[], False, False, True]
+
+
 def test_fragment_setting_parses_and_names_unknown_formats():
     from bitsmith.kernels.layout import DEFAULT_FRAGMENT_FORMATS, fragment_formats
 
@@ -574,7 +598,7 @@ def test_split_k_sum_loads_partials_together():
 @needs_gluon
 @pytest.mark.parametrize("fmt", fragment.FORMATS)
 def test_wide_token_tiles_compile_without_spills_or_shared_memory(fmt):
-    """``TOK`` 32 and 64 (``BITSMITH_FRAGMENT_WIDE=1``) under their caps (:data:`MAXNREG_WIDE`):
+    """``TOK`` 32 and 64 (:data:`WIDE`) under their caps (:data:`MAXNREG_WIDE`):
     the operand conversions stay trivial (asserted while compiling), the main loop has no shared
     memory, shuffle or barrier, and nothing spills to local memory."""
     for (rb, tok), cap in fragment_mma.MAXNREG_WIDE.items():
@@ -587,9 +611,9 @@ def test_wide_token_tiles_compile_without_spills_or_shared_memory(fmt):
         assert not [t for _, t in ins if re.match(r"(LDL|STL)\b", t)], (rb, tok)
 
 
-def test_wide_token_tiles_are_opt_in(monkeypatch):
-    """Without ``BITSMITH_FRAGMENT_WIDE`` the Gluon kernel's configs stop at 16 tokens; with it they
-    reach 64, with the token tile and row blocks of :data:`MAXNREG_WIDE` and split-K x M within
+def test_wide_token_tiles_can_be_switched_off(monkeypatch):
+    """With :data:`WIDE` off (``BITSMITH_FRAGMENT_WIDE=0``) the Gluon kernel's configs stop at 16
+    tokens; on (the default) they reach 64, with the token tile and row blocks of :data:`MAXNREG_WIDE` and split-K x M within
     the workspace. (``configs`` asks for a CUDA weight, so ``supports`` is bypassed here.)"""
     rw = repack(_quantize("int4_g64", torch.randn(4096, 1024) * 0.05), layout="fragment")
     monkeypatch.setattr(fragment_mma, "supports", lambda rw_, dtype: None)
@@ -609,7 +633,7 @@ def test_wide_token_tiles_are_opt_in(monkeypatch):
 @needs_gluon
 @pytest.mark.parametrize("fmt", fragment.FORMATS)
 def test_wgmma_kernel_compiles_for_sm90(fmt):
-    """The Hopper kernel (``BITSMITH_FRAGMENT_WGMMA=1``), compiled for sm_90 at every (row blocks,
+    """The Hopper kernel, compiled for sm_90 at every (row blocks,
     token tile) its configs use, plain and with tails, a bias and group-major words: the fragment
     words reach ``wgmma``'s register A operand without data movement (asserted while compiling),
     each group is four ``HGMMA.64xTOKx16`` a row block with one shared-memory tile of activations
@@ -643,9 +667,9 @@ def test_wgmma_activation_tiles_follow_the_fragment_k_order():
     assert torch.equal(k_token, want) and torch.equal(token_k, want.t())
 
 
-def test_wgmma_kernel_is_opt_in_and_hopper_only(monkeypatch):
-    """Its configs are offered only with ``BITSMITH_FRAGMENT_WGMMA`` on and only on compute
-    capability 9.0 (``supports`` names why not); token tiles are powers of two up to
+def test_wgmma_kernel_can_be_switched_off_and_is_hopper_only(monkeypatch):
+    """Its configs are offered only with :data:`WGMMA` on (unless ``BITSMITH_FRAGMENT_WGMMA=0``) and
+    only on compute capability 9.0 (``supports`` names why not); token tiles are powers of two up to
     :data:`TOK_MAX`, several tiles above it."""
     rw = repack(_quantize("int4_g64", torch.randn(4096, 1024) * 0.05), layout="fragment")
     assert "Hopper" in fragment_wgmma.supports(rw, torch.float16) or not fragment_mma.HAVE_GLUON
@@ -773,7 +797,7 @@ needs_hopper = pytest.mark.skipif(not (CUDA and fragment_mma.HAVE_GLUON and not 
 @pytest.mark.parametrize("name", sorted(FORMATS))
 @pytest.mark.parametrize("order", fragment.ORDERS)
 def test_cuda_wgmma_kernel_equals_reference(name, order, monkeypatch):
-    """``BITSMITH_FRAGMENT_WGMMA=1``: every config and the default at M = 1, 5, 16, 24, 40, 64 and
+    """The Hopper kernel: every config and the default at M = 1, 5, 16, 24, 40, 64 and
     130 (three token tiles), float16, N = 200 and K = 576 (tails), a bias, both word orders, each
     launch twice (the split-K tickets reset); bfloat16 at M = 24."""
     from bitsmith.kernels import layout
@@ -797,7 +821,7 @@ def test_cuda_wgmma_kernel_equals_reference(name, order, monkeypatch):
 @needs_cuda
 @pytest.mark.parametrize("name", sorted(FORMATS))
 def test_cuda_wide_token_tiles_equal_reference(name, monkeypatch):
-    """``BITSMITH_FRAGMENT_WIDE=1``: the Gluon kernel at 17..64 tokens (``TOK`` 32 and 64), every
+    """The Gluon kernel at 17..64 tokens (``TOK`` 32 and 64), every
     config at M = 24, 32 and 64, float16 with a bias, bfloat16 at M = 40."""
     monkeypatch.setitem(fragment_mma.WIDE, "enabled", True)
     for m in (24, 32, 64):

@@ -25,12 +25,13 @@ Status (issue #8): the CUDA tests pass on an H100 and an H200 (benchmarks/result
 fragment_gpu_tests_h100.txt, fragment_gpu_tests_v2_h200.txt), compute-sanitizer finds no errors
 (sanitizer_fragment_h100.txt). Tuned on the H100 it beat the rows layout at M = 16 on every
 measured shape and format, for int3 and NF4 at M = 1 and in the compiled decode step, and matched
-it at M = 2048 but on 28672x8192 (kernels_layout{0,1}{,_m2048}_h100.json), so
-:func:`bitsmith.kernels.layout.repack` builds it for the formats ``BITSMITH_FRAGMENT`` names, int3 and
-NF4 when it is unset (:data:`bitsmith.kernels.layout.DEFAULT_FRAGMENT_FORMATS`). Its launches
-carry a register cap (:data:`MAXNREG`). Launching it as a programmatic dependent (:data:`PDL`)
-passed the GPU tests but bought nothing measurable in the decode step, so it stays opt-in; so do
-its 32- and 64-token tiles (:data:`WIDE`), which have not run on a GPU yet.
+it at M = 2048 but on 28672x8192 (kernels_layout{0,1}{,_m2048}_h100.json); with its 32- and
+64-token tiles (:data:`WIDE`, on by default) and the Hopper kernel it leads up to 32 tokens for
+int4 too (kernels_wide_layout_{all,0}_h100.json), so :func:`bitsmith.kernels.layout.repack`
+builds it for the formats ``BITSMITH_FRAGMENT`` names, int4, int3 and NF4 when it is unset
+(:data:`bitsmith.kernels.layout.DEFAULT_FRAGMENT_FORMATS`). Its launches carry a register cap
+(:data:`MAXNREG`, :data:`MAXNREG_WIDE`). Launching it as a programmatic dependent (:data:`PDL`)
+passed the GPU tests but bought nothing measurable in the decode step, so it stays opt-in.
 """
 from __future__ import annotations
 
@@ -84,19 +85,20 @@ DEQUANT_ROW_BLOCKS = 8  # row blocks a program of the dequantization kernel
 PDL = {"enabled": os.environ.get("BITSMITH_FRAGMENT_PDL", "") == "1"}
 
 
-#: whether ``_frag_kernel`` also takes 17..64 tokens (``TOK`` 32 and 64: :func:`tokens`). Compiled
-#: for sm_90 these configs keep the main loop free of shared memory and spills under the caps of
-#: :data:`MAXNREG_WIDE` (tests/test_fragment.py), but they have not run on a GPU yet:
-#: ``BITSMITH_FRAGMENT_WIDE=1`` offers them to the tuner beside the GEMM of
-#: :mod:`bitsmith.kernels.fragment_gemm` (benchmarks/kernels_gpu_session.sh ``wide`` tests and times them).
-WIDE = {"enabled": os.environ.get("BITSMITH_FRAGMENT_WIDE", "") == "1"}
+#: whether ``_frag_kernel`` also takes 17..64 tokens (``TOK`` 32 and 64: :func:`tokens`; on unless
+#: ``BITSMITH_FRAGMENT_WIDE=0``). Compiled for sm_90 these configs keep the main loop free of shared
+#: memory and spills under the caps of :data:`MAXNREG_WIDE` (tests/test_fragment.py). On the H100
+#: their CUDA tests pass, compute-sanitizer finds no error (fragment_wide_gpu_tests_h100.txt,
+#: sanitizer_wide_h100.txt), and the tuner picked them at M = 32 for int4 and NF4 on 14336x4096 and
+#: 28672x8192, where they beat the fragment GEMM (kernels_wide_layout_all_h100.json).
+WIDE = {"enabled": os.environ.get("BITSMITH_FRAGMENT_WIDE", "") != "0"}
 #: register caps of the wide configs by (row blocks a warp, tokens): the largest combinations
 #: that compile without spills (two row blocks at 64 tokens spill even at 255)
 MAXNREG_WIDE = {(1, 32): 128, (2, 32): 192, (1, 64): 192}
 
 
 def max_m() -> int:
-    """The most tokens ``_frag_kernel`` takes: 64 with :data:`WIDE` on, else 16."""
+    """The most tokens ``_frag_kernel`` takes: 64 with :data:`WIDE` on (the default), else 16."""
     return 64 if WIDE["enabled"] else 16
 
 

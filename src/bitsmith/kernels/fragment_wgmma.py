@@ -24,10 +24,13 @@ shared memory, stored once a group for the whole warpgroup:
   stored 2 bytes at a time (the fragment's ``k`` order scatters them): at 64 tokens 4 shared
   stores a thread and group against 32.
 
-Status (issue #8): compiled for sm_90 and checked in CI (tests/test_fragment.py), not yet run on
-a GPU: opt-in with ``BITSMITH_FRAGMENT_WGMMA=1`` (:data:`WGMMA`), which offers its configs to the
-tuner beside the other fragment kernels. ``benchmarks/kernels_gpu_session.sh wide`` tests and
-times it.
+Status (issue #8): compiled for sm_90 and checked in CI (tests/test_fragment.py); on the H100
+its CUDA tests pass and compute-sanitizer finds no error (benchmarks/results/
+fragment_wide_gpu_tests_h100.txt, sanitizer_wide_h100.txt). Its configs go to the tuner beside
+the other fragment kernels on compute capability 9.0 unless ``BITSMITH_FRAGMENT_WGMMA=0``
+(:data:`WGMMA`). Tuned, it won int3 at M = 32, every format at M = 64 on 28672x8192 and NF4 at
+M = 128 (kernels_wide_layout_all_h100.json), at about a fifth of the GPU's bandwidth: the
+synchronous ``wgmma`` a group is its limit.
 """
 from __future__ import annotations
 
@@ -45,8 +48,9 @@ if HAVE_GLUON:
 
     from .fragment_mma import _a_operand, _group_meta, _word_offsets, _write_tile
 
-#: whether the tuner is offered this kernel (``BITSMITH_FRAGMENT_WGMMA=1``; see the module docstring)
-WGMMA = {"enabled": os.environ.get("BITSMITH_FRAGMENT_WGMMA", "") == "1"}
+#: whether the tuner is offered this kernel on Hopper (unless ``BITSMITH_FRAGMENT_WGMMA=0``; see the
+#: module docstring)
+WGMMA = {"enabled": os.environ.get("BITSMITH_FRAGMENT_WGMMA", "") != "0"}
 #: activations ``[token, t, s, rc, h]`` (channel ``16 t + 4 s + 2 rc + h``) to the B operand's
 #: logical ``k = 16 s + 8 rc + 2 t + h`` (:func:`bitsmith.kernels.fragment.physical_k`): to ``[k,
 #: token]``, and (``K_MAJOR``) to ``[token, k]``; tests/test_fragment.py checks both against physical_k

@@ -29,7 +29,8 @@ Runtime layout of a weight ``W [N, K]`` (``N`` output features, ``K`` input feat
 A second runtime layout, ``fragment`` (:mod:`bitsmith.kernels.fragment`), keeps int4, int3 and
 16-level codebook codes as the tensor cores' operand fragments (``words [NB, KG, WPG]``, no
 ``words_hi``, ``Kp`` a multiple of 64) with the same ``scale``, ``zero`` and ``table``. Its
-kernels are in :mod:`bitsmith.kernels.fragment_mma` and :mod:`bitsmith.kernels.fragment_gemm`. :func:`repack` builds it when asked
+kernels are in :mod:`bitsmith.kernels.fragment_mma`, :mod:`bitsmith.kernels.fragment_wgmma` and
+:mod:`bitsmith.kernels.fragment_gemm`. :func:`repack` builds it when asked
 (``layout="fragment"``) and, on a CUDA GPU of compute capability 8.0 or newer, for the formats
 :data:`FRAGMENT` names: ``BITSMITH_FRAGMENT`` in the environment (:func:`fragment_formats`: 1 or
 all, 0 or none, or a list such as ``int3,nf4``), else :data:`DEFAULT_FRAGMENT_FORMATS`.
@@ -62,14 +63,21 @@ LAYOUTS = ("rows", "fragment")
 # step (int3 3.38 against 3.81 ms, NF4 3.89 against 4.26), and about as fast at M = 2048 (int3
 # 0.84-0.87 against 0.86-0.88, NF4 0.77-0.85 against 0.81-0.85; 28672x8192 is its worst case):
 # benchmarks/results/kernels_layout{0,1}{,_m2048}_h100.json, decode_e2e_b1_stack_tuned_{rows2,frag}_h100.json.
-# int4 stays in rows. With group-major words (this release) int4 in the fragment layout is faster
-# at M = 16 (1.51-2.22x fp16 against 1.27-1.52x: kernels_fraggroup_m1m16_h100.json,
-# kernels_reduce_new_h100.json) and in the compiled decode step (3.12 and 3.27 ms against 3.48 and
-# 3.53 in alternating runs: decode_e2e_b1_{fraggroup,default}_r{1,2}_h100.json), but slower from
-# 17 to 128 tokens (M = 32: 0.80-0.84x against 1.13-1.21x; M = 128: 0.69x against 0.81x:
-# kernels_fraggemm_m32m128_h100.json, kernels_rows_m{32,128m2048}_h100.json), where the rows
-# layout's small-M tensor-core kernel and GEMM beat the fragment GEMM.
-DEFAULT_FRAGMENT_FORMATS: frozenset[str] = frozenset({"int3", "nf4"})
+# int4 first stayed in rows: with group-major words it was faster in the fragment layout at M = 16
+# (1.51-2.22x fp16 against 1.27-1.52x: kernels_fraggroup_m1m16_h100.json) and in the compiled
+# decode step (3.12 and 3.27 ms against 3.48 and 3.53 in alternating runs:
+# decode_e2e_b1_{fraggroup,default}_r{1,2}_h100.json), but slower at 32 tokens (0.80-0.84x against
+# 1.13-1.21x: kernels_fraggemm_m32m128_h100.json, kernels_rows_m32_h100.json).
+# It joined them when the Gluon kernel's 32- and 64-token tiles and the Hopper wgmma kernel came
+# on by default: tuned among all of them, int4 in the fragment layout is ahead of rows up to 32
+# tokens (M = 16: 1.81 and 2.25x fp16 against 1.39 and 1.47x; M = 32: 1.27 and 1.34x against 1.14
+# and 1.22x on 14336x4096 and 28672x8192) and behind from 64 (M = 64: 0.73 and 0.90x against 0.87
+# and 1.05x; M = 128: 0.66 and 0.69x against 0.76 and 0.78x): kernels_wide_layout_{all,0}_h100.json.
+# In the compiled batch-1 decode step: 3.42 ms against 3.55 (decode_e2e_b1_int4_{frag,rows}_h100.json,
+# the int8 LM head's picks shared through the tuning cache). Decode at small batch is what
+# low-bit weights are for, so int4 goes to the fragment layout; BITSMITH_FRAGMENT=int3,nf4 keeps
+# it in rows (for work that runs mostly at 64-128 tokens a call).
+DEFAULT_FRAGMENT_FORMATS: frozenset[str] = frozenset({"int4", "int3", "nf4"})
 
 
 def fragment_formats(setting: str | None) -> frozenset[str]:

@@ -23,10 +23,10 @@ Kernels, by the number of rows M of ``x``:
   (benchmarks/results/kernels_configs_swap_m2048_h100.txt); it was removed.
 
 The fragment layout (:mod:`bitsmith.kernels.fragment`) has its own kernels: the Gluon kernel of
-:mod:`bitsmith.kernels.fragment_mma` up to 16 rows (64 with ``BITSMITH_FRAGMENT_WIDE=1``), the
-GEMM of :mod:`bitsmith.kernels.fragment_gemm` and dequantize + cuBLAS from 17 to 512 rows (the
-tuner picks), dequantize + cuBLAS above; with ``BITSMITH_FRAGMENT_WGMMA=1`` on a Hopper GPU also
-:mod:`bitsmith.kernels.fragment_wgmma` up to 256 rows.
+:mod:`bitsmith.kernels.fragment_mma` up to 64 rows (16 with ``BITSMITH_FRAGMENT_WIDE=0``), the
+GEMM of :mod:`bitsmith.kernels.fragment_gemm` and dequantize + cuBLAS from 17 to 512 rows, and on
+a Hopper GPU :mod:`bitsmith.kernels.fragment_wgmma` up to 256 rows (off with
+``BITSMITH_FRAGMENT_WGMMA=0``); the tuner picks among them; dequantize + cuBLAS above 512.
 
 Configs are tuned once per (kernel, shape, layout) on first use (not under CUDA-graph capture,
 where a default is taken) and cached in :data:`TUNED`; with ``BITSMITH_TUNE_CACHE=file`` also on
