@@ -110,7 +110,7 @@ def _fragment_wide_cases() -> float:
     rows (token tiles 32 and 64, the last one partial) the Gluon kernel's wide tiles and the
     ``wgmma`` kernel, at 100 rows the ``wgmma`` kernel over two token tiles; each with split-K off
     and over 3 programs (2 at 100 rows: :data:`~bitsmith.kernels.fragment_mma.MAX_PARTIALS`) and every
-    prefetch depth; and the Triton GEMM's every candidate at 19 and
+    prefetch depth (and pipelined, with ``BITSMITH_FRAGMENT_WGMMA_PIPE=1``); and the Triton GEMM's every candidate at 19 and
     100 rows. The first two only when on (``BITSMITH_FRAGMENT_WIDE``/``_WGMMA`` not 0); worst
     relative error against float64."""
     from bitsmith.kernels import fragment_gemm, fragment_wgmma
@@ -134,8 +134,9 @@ def _fragment_wide_cases() -> float:
                          for rb in sorted(r for r, t in fragment_mma.MAXNREG_WIDE if t == tok) for split in splits for pf in (0, 1, 2)]
             if fragment_wgmma.WGMMA["enabled"] and fragment_wgmma.supports(rw, torch.float16) is None:
                 rbs = (1, 2) if fragment_wgmma.tokens(m) <= 32 else (1,)
-                cfgs += [{"KERNEL": "fragment_wgmma", "RB": rb, "SPLIT": split, "PREFETCH": pf, "K_MAJOR": km, "num_warps": 4}
-                         for rb in rbs for split in splits for pf in (0, 1) for km in (0, 1)]
+                pipes = ((0, 0), (1, 0), (1, 1)) if fragment_wgmma.WGMMA["pipe"] else ((0, 0), (1, 0))
+                cfgs += [{"KERNEL": "fragment_wgmma", "RB": rb, "SPLIT": split, "PREFETCH": pf, "K_MAJOR": km, "num_warps": 4,
+                          "PIPE": pipe} for rb in rbs for split in splits for pf, pipe in pipes for km in (0, 1)]
             for cfg in cfgs:
                 y = qmm._launch(rw, x, bias, cfg)
                 worst = max(worst, float((y.double() - ref).norm() / ref.norm()))

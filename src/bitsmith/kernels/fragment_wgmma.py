@@ -18,6 +18,9 @@ shared memory, stored once a group for the whole warpgroup:
   their channels in the order the fragment's ``k`` stands for
   (:func:`bitsmith.kernels.fragment.physical_k`), two buffers; one synchronous ``wgmma`` adds
   the group into the float32 accumulator. No per-group float32 epilogue, no activation sums.
+* ``PIPE``: the ``wgmma`` is asynchronous, waited for a group later (one in flight while the
+  next group's words are dequantized and its activations stored), the activations are loaded a
+  group ahead, and the tile has three buffers (opt-in until it has run on a GPU: :data:`WGMMA`).
 * ``K_MAJOR``: the activations' tile is ``[TOK, 64]`` with ``k`` contiguous (``wgmma`` reads
   it transposed), each thread loading the 8 channels that are 8 consecutive ``k`` (four 4-byte
   loads) and storing them in one 16-byte store; else ``[64, TOK]``, loaded 16 bytes a thread and
@@ -30,7 +33,7 @@ fragment_wide_gpu_tests_h100.txt, sanitizer_wide_h100.txt). Its configs go to th
 the other fragment kernels on compute capability 9.0 unless ``BITSMITH_FRAGMENT_WGMMA=0``
 (:data:`WGMMA`). Tuned, it won int3 at M = 32, every format at M = 64 on 28672x8192 and NF4 at
 M = 128 (kernels_wide_layout_all_h100.json), at about a fifth of the GPU's bandwidth: the
-synchronous ``wgmma`` a group is its limit.
+synchronous ``wgmma`` a group is its limit, which ``PIPE`` (opt-in, below) lifts.
 """
 from __future__ import annotations
 
@@ -44,13 +47,18 @@ from .layout import RuntimeWeight
 if HAVE_GLUON:
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma
+    from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma, warpgroup_mma_wait
 
     from .fragment_mma import _a_operand, _group_meta, _word_offsets, _write_tile
 
 #: whether the tuner is offered this kernel on Hopper (unless ``BITSMITH_FRAGMENT_WGMMA=0``; see the
-#: module docstring)
-WGMMA = {"enabled": os.environ.get("BITSMITH_FRAGMENT_WGMMA", "") != "0"}
+#: module docstring), and ``pipe``: also its pipelined configs (``PIPE``: each group's ``wgmma`` in
+#: flight while the next group's words and activations are prepared, the activations loaded a
+#: group ahead, three shared-memory buffers). Compiled for sm_90 the loop waits with one ``wgmma``
+#: outstanding, at the same registers and no spills (tests/test_fragment.py); not yet run on a GPU,
+#: so opt-in: ``BITSMITH_FRAGMENT_WGMMA_PIPE=1``.
+WGMMA = {"enabled": os.environ.get("BITSMITH_FRAGMENT_WGMMA", "") != "0",
+         "pipe": os.environ.get("BITSMITH_FRAGMENT_WGMMA_PIPE", "") == "1"}
 #: activations ``[token, t, s, rc, h]`` (channel ``16 t + 4 s + 2 rc + h``) to the B operand's
 #: logical ``k = 16 s + 8 rc + 2 t + h`` (:func:`bitsmith.kernels.fragment.physical_k`): to ``[k,
 #: token]``, and (``K_MAJOR``) to ``[token, k]``; tests/test_fragment.py checks both against physical_k
@@ -70,7 +78,8 @@ if HAVE_GLUON:
                       M, N, K, NB, NG, G_PER, SPLIT, L0, L1, L2, L3, H0, H1, H2, H3, zconst, stride_xm,
                       RB: gl.constexpr, TOK: gl.constexpr, PREFETCH: gl.constexpr, IS_SPLIT: gl.constexpr,
                       SG: gl.constexpr, FMT: gl.constexpr, HAS_ZERO: gl.constexpr, HAS_BIAS: gl.constexpr,
-                      TAIL: gl.constexpr, BF16: gl.constexpr, GROUP_MAJOR: gl.constexpr, K_MAJOR: gl.constexpr):
+                      TAIL: gl.constexpr, BF16: gl.constexpr, GROUP_MAJOR: gl.constexpr, K_MAJOR: gl.constexpr,
+                      PIPE: gl.constexpr):
         """See the module docstring. Program ``(row tile, token tile, K split)``; the other
         parameters as :func:`bitsmith.kernels.fragment_mma._frag_kernel`'s (argument positions 0,
         6 and 7 are the activation, bias and output, as every launch plan expects)."""
@@ -78,6 +87,10 @@ if HAVE_GLUON:
         DT: gl.constexpr = x_ptr.dtype.element_ty
         MAGIC_F: gl.constexpr = 128.0 if BF16 else 1024.0
         BN: gl.constexpr = 16 * W * RB
+        # PIPE: a group's wgmma stays in flight while the next group is prepared, so the tile it
+        # reads must outlive the next store: three buffers (a warp may pass its wait while another
+        # warp's share of the MMA still reads; the barrier of the group before covers two back)
+        NBUF: gl.constexpr = 3 if PIPE else 2
         pid_n = gl.program_id(0)
         pid_m = gl.program_id(1)
         pid_k = gl.program_id(2)
@@ -97,7 +110,7 @@ if HAVE_GLUON:
             x_off = otok[:, None, None, None, None] * stride_xm + och
             otok = otok[:, None, None, None, None]
             b_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([TOK, 64], DT)
-            b_smem = gl.allocate_shared_memory(DT, [2, TOK, 64], b_layout)
+            b_smem = gl.allocate_shared_memory(DT, [NBUF, TOK, 64], b_layout)
         else:  # a group's activations, [TOK, 64]: 8 channels (16 bytes) a thread
             x_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
             otok = pid_m * TOK + gl.arange(0, TOK, layout=gl.SliceLayout(1, x_layout))
@@ -106,7 +119,7 @@ if HAVE_GLUON:
             otok = otok[:, None]
             och = och[None, :]
             b_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([64, TOK], DT)
-            b_smem = gl.allocate_shared_memory(DT, [2, 64, TOK], b_layout)
+            b_smem = gl.allocate_shared_memory(DT, [NBUF, 64, TOK], b_layout)
         arows = pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(1, a_layout))
         arow_ok = arows < N
         acc = gl.zeros([BN, TOK], gl.float32, layout=mma)
@@ -114,6 +127,9 @@ if HAVE_GLUON:
         g_hi = gl.minimum(g_lo + G_PER, NG)
         if PREFETCH:
             words = gl.load(w_ptr + blk + g_lo * g_stride, mask=w_mask & (g_lo < g_hi), other=0)
+        if PIPE:  # the first group's activations, and the A operand of the wgmma in flight (none yet)
+            xv = gl.load(x_ptr + x_off + g_lo * 64, mask=(otok < M) & (g_lo * 64 + och < K) & (g_lo < g_hi), other=0.0)
+            a_prev = gl.zeros([BN, 64], DT, layout=a_layout)
         for g in range(g_lo, g_hi):
             if PREFETCH:
                 cur = words
@@ -122,17 +138,22 @@ if HAVE_GLUON:
                 cur = gl.load(w_ptr + blk + g * g_stride, mask=w_mask, other=0)
             else:
                 cur = gl.load(w_ptr + blk + g * g_stride)
-            if TAIL:
-                x_mask = (otok < M) & (g * 64 + och < K)
+            if PIPE:  # this group's activations were loaded a group ago; load the next group's
+                cur_x = xv
+                xv = gl.load(x_ptr + x_off + (g + 1) * 64, mask=(otok < M) & ((g + 1) * 64 + och < K) & (g + 1 < g_hi),
+                             other=0.0)
             else:
-                x_mask = (otok < M) & (och >= 0)
-            xv = gl.load(x_ptr + x_off + g * 64, mask=x_mask, other=0.0)
-            slot = b_smem.index(g % 2)
+                if TAIL:
+                    x_mask = (otok < M) & (g * 64 + och < K)
+                else:
+                    x_mask = (otok < M) & (och >= 0)
+                cur_x = gl.load(x_ptr + x_off + g * 64, mask=x_mask, other=0.0)
+            slot = b_smem.index(g % NBUF)
             if K_MAJOR:  # [token, k]: a thread's 8 values are 8 consecutive k, one 16-byte store
-                slot.store(gl.reshape(gl.permute(xv, _TO_TOKEN_K.value), [TOK, 64]))
+                slot.store(gl.reshape(gl.permute(cur_x, _TO_TOKEN_K.value), [TOK, 64]))
                 slot = slot.permute((1, 0))
             else:
-                xb = gl.reshape(xv, [TOK, 4, 4, 2, 2])  # [token, t, s, rc, h]: channel 16 t + 4 s + 2 rc + h
+                xb = gl.reshape(cur_x, [TOK, 4, 4, 2, 2])  # [token, t, s, rc, h]: channel 16 t + 4 s + 2 rc + h
                 slot.store(gl.reshape(gl.permute(xb, _TO_K_TOKEN.value), [64, TOK]))  # k = 16 s + 8 rc + 2 t + h
             fence_async_shared()
             gl.thread_barrier()  # every warp's activations are in shared memory before the MMA reads them
@@ -142,7 +163,14 @@ if HAVE_GLUON:
                 a = a * sc.to(DT)[:, None]
             else:
                 a = ((a - MAGIC_F) - zc.to(DT)[:, None]) * sc.to(DT)[:, None]
-            acc = warpgroup_mma(a, slot, acc)
+            if PIPE:  # issue this group's MMA, then wait for the one before (its A registers free)
+                acc = warpgroup_mma(a, slot, acc, is_async=True)
+                acc, a_prev = warpgroup_mma_wait(num_outstanding=1, deps=[acc, a_prev])
+                a_prev = a
+            else:
+                acc = warpgroup_mma(a, slot, acc)
+        if PIPE:
+            acc, a_prev = warpgroup_mma_wait(num_outstanding=0, deps=[acc, a_prev])
         rows = pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(1, mma))
         toks = pid_m * TOK + gl.arange(0, TOK, layout=gl.SliceLayout(0, mma))
         _write_tile(acc, ws_ptr, cnt_ptr, b_ptr, out_ptr, rows, rows < N, toks, pid_n * gl.num_programs(1) + pid_m,
@@ -178,7 +206,8 @@ def _row_tiles(rw: RuntimeWeight, rb: int) -> int:
 def configs(rw: RuntimeWeight, m: int, dtype: torch.dtype, sms: int) -> list[dict]:
     """Candidate configs at ``m`` rows (only with :data:`WGMMA` on): row blocks a warp (1, 2) x
     split-K (as :func:`bitsmith.kernels.fragment_mma.configs` bounds it) x words a group ahead
-    (``PREFETCH`` 0, 1) x the activations' shared-memory tile (``K_MAJOR`` 0, 1)."""
+    (``PREFETCH`` 0, 1) x the activations' shared-memory tile (``K_MAJOR`` 0, 1); with
+    ``WGMMA["pipe"]`` also each of those with ``PREFETCH`` 1 pipelined (``PIPE``)."""
     if not WGMMA["enabled"] or m > MAX_M or supports(rw, dtype) is not None:
         return []
     ng = blocks_groups(rw)[1]
@@ -189,10 +218,11 @@ def configs(rw: RuntimeWeight, m: int, dtype: torch.dtype, sms: int) -> list[dic
         for split in (1, 2, 4, 8, 16):
             if not split_ok(split, m, ng, programs, sms):
                 continue
-            for prefetch in (0, 1):
+            for prefetch, pipe in ((0, 0), (1, 0), (1, 1)) if WGMMA["pipe"] else ((0, 0), (1, 0)):
                 for k_major in (0, 1):
-                    out.append({"KERNEL": "fragment_wgmma", "RB": rb, "SPLIT": split, "PREFETCH": prefetch,
-                                "K_MAJOR": k_major, "num_warps": 4})
+                    cfg = {"KERNEL": "fragment_wgmma", "RB": rb, "SPLIT": split, "PREFETCH": prefetch,
+                           "K_MAJOR": k_major, "num_warps": 4}
+                    out.append({**cfg, "PIPE": 1} if pipe else cfg)
     return out
 
 
@@ -212,7 +242,8 @@ def launch_args(rw: RuntimeWeight, x2: torch.Tensor, bias: torch.Tensor | None, 
     rb, tok = cfg["RB"], tokens(m)
     grid = (_row_tiles(rw, rb), -(-m // tok), cfg["SPLIT"])
     args = kernel_args(rw, x2, bias, out, cfg["SPLIT"], grid[0] * grid[1])
-    consts = {"RB": rb, "TOK": tok, **kernel_consts(rw, x2, bias, cfg, 64 * rb), "K_MAJOR": bool(cfg["K_MAJOR"])}
+    consts = {"RB": rb, "TOK": tok, **kernel_consts(rw, x2, bias, cfg, 64 * rb), "K_MAJOR": bool(cfg["K_MAJOR"]),
+              "PIPE": bool(cfg.get("PIPE", 0))}
     return _wgmma_kernel, grid, args, consts, {"num_warps": cfg["num_warps"]}
 
 
@@ -225,7 +256,7 @@ def compile_offline(fmt: str = "int4", rb: int = 1, tok: int = 64, prefetch: int
 
     cx = {"RB": rb, "TOK": tok, "PREFETCH": int(prefetch), "IS_SPLIT": True, "SG": 1, "FMT": FMT_IDS[fmt],
           "HAS_ZERO": fmt != "nf4", "HAS_BIAS": False, "TAIL": False, "BF16": act == "bf16", "GROUP_MAJOR": False,
-          "K_MAJOR": False, **consts}
+          "K_MAJOR": False, "PIPE": False, **consts}
     return _compile_offline(_wgmma_kernel, cx, act, 4, 1, arch, gluon=True)
 
 
