@@ -68,6 +68,8 @@ def main() -> None:
     wq = torch.randint(-127, 128, (n, k), dtype=torch.int8, device="cuda")
     for m in (1, 19, 300):
         w8a8_linear(torch.randn(m, k, device="cuda", dtype=torch.float16), wq, torch.rand(n, device="cuda") * 0.01)
+    wq_long = torch.randint(-127, 128, (96, 17000), dtype=torch.int8, device="cuda")  # rows past the one-read tile
+    w8a8_linear(torch.randn(5, 17000, device="cuda", dtype=torch.float16), wq_long, torch.rand(96, device="cuda") * 0.01)
     worst = max(worst, _fragment_cases(), _fragment_wide_cases())
     torch.cuda.synchronize()
     print(f"all kernels ran; worst relative error vs float64 reference {worst:.2e}")

@@ -755,12 +755,63 @@ def test_interp_w8a8_static_scale_as_a_number():
         w8a8_linear(x, w, sw, act_scale=torch.tensor([0.03, 0.04]))
 
 
+@needs_interp
+def test_interp_w8a8_fma_division_path_runs():
+    """The GPU's quotient (``FMA_DIV``: reciprocal, product, one FMA correction) run by the
+    interpreter, whose FMA rounds twice: a row read once and rows in two passes, codes equal the
+    torch path's wherever ``x / s`` is not within 1e-4 of a rounding boundary, and at most one
+    apart there (the GPU's single-rounding FMA makes them equal: the CUDA tests and
+    tests/test_w8a8.py's check of the method)."""
+    from bitsmith.kernels import w8a8
+    from bitsmith.nn.w8a8_linear import quantize_activation
+
+    g = torch.Generator().manual_seed(5)
+    for k, block in ((300, 512), (700, 256)):  # one tile, then three tiles a row
+        x = (torch.randn(9, k, generator=g) * 3).half()
+        q = torch.empty(9, k, dtype=torch.int8)
+        sx = torch.empty(9, dtype=torch.float32)
+        w8a8._quant_rows_kernel[(9,)](x, q, sx, sx, sx, k, x.stride(0), q.stride(0), STATIC=False, HAS_MIG=False,
+                                      RECIP_SCALE=False, FMA_DIV=True, BLOCK_K=block)
+        q_ref, s_ref = quantize_activation(x)
+        assert torch.equal(sx, s_ref.reshape(-1))
+        ratio = x.float() / s_ref
+        near_tie = (ratio - ratio.floor() - 0.5).abs() < 1e-4
+        assert torch.equal(q[~near_tie], q_ref[~near_tie]), k
+        assert (q.int() - q_ref.int()).abs().max() <= 1
+
+
+@pytest.mark.skipif(INTERPRETED or not HAVE_TRITON, reason="compiles for sm_90 (not under the interpreter)")
+def test_w8a8_quantization_divides_once_a_row_on_the_gpu():
+    """Compiled for the H100, the per-token quantization's GPU path has no division per value:
+    two correctly rounded divisions (``FCHK``) in all, for the row's reciprocal (one in each of the
+    one-tile and two-pass branches), against one a value with ``div_rn``; no spills."""
+    import re
+    import sys
+    import tempfile
+
+    from bitsmith.kernels import w8a8
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import kernels_sass
+
+    for block, per_thread in ((4096, 16), (16384, 32)):
+        checks = {}
+        for fma_div in (False, True):
+            cubin = w8a8.compile_quant_offline(fma_div, block).asm["cubin"]
+            with tempfile.TemporaryDirectory() as tmp:
+                ins = [t for _, t in kernels_sass.sass_of(cubin, Path(tmp))]
+            assert not [t for t in ins if re.match(r"(LDL|STL)\b", t)], (block, fma_div)
+            checks[fma_div] = sum(kernels_sass.opcode(t) == "FCHK" for t in ins)
+        assert checks == {False: 2 * per_thread, True: 2}, (block, checks)
+
+
 @needs_cuda
 @pytest.mark.parametrize("m", [1, 17, 300])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_cuda_w8a8_equals_torch_path(m, dtype):
     _w8a8_case(m, 1000, 1541, dtype, "cuda")
     _w8a8_case(m, 512, 4096, dtype, "cuda", static=True, migration=True)
+    _w8a8_case(m, 96, 17000, dtype, "cuda", migration=True)  # rows past MAX_ROW_TILE: read twice, in tiles
 
 
 @needs_cuda

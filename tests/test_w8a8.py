@@ -54,6 +54,42 @@ def outlier_input(tokens: int, channels: int, dtype=torch.float32) -> torch.Tens
 # --------------------------------------------------------------------------------------------
 # the int8 codec and the weight method
 # --------------------------------------------------------------------------------------------
+def test_fma_division_is_correctly_rounded():
+    """The per-token quantization kernel divides on the GPU as ``q = x * y``, ``r = fma(-q, s, x)``,
+    ``q + r * y`` (one FMA) with ``y = 1 / s`` correctly rounded (Markstein's correction): it must
+    give the correctly rounded float32 quotient, as the torch path's division does. Emulated
+    exactly in float64 (the products of float32s are exact there, the remainder too; the last
+    sum is split with TwoSum and rounded once), for every finite float16 ``x`` and random float32
+    ``x`` over twelve decades, against ``float32(float64(x) / float64(s))`` (float64's rounding is
+    innocuous for a quotient of float32s), with ``s`` as the kernel forms it from a row's absmax
+    (``absmax * float32(1/127)``) and arbitrary static scales."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    h = np.arange(65536, dtype=np.uint16).view(np.float16)
+    h = h[np.isfinite(h)]
+    x = np.concatenate([h.astype(np.float32), (rng.standard_normal(50000) * 10.0 ** rng.uniform(-8, 4, 50000)).astype(np.float32)])
+    amax = np.abs(h[h != 0]).astype(np.float32)
+    scales = np.concatenate([rng.choice(amax, 40) * np.float32(0.007874015718698502),
+                             (rng.random(20) * 10.0 ** rng.uniform(-6, 3, 20)).astype(np.float32)]).astype(np.float32)
+    x64 = x.astype(np.float64)
+    for s in scales:
+        s64 = np.float64(s)
+        y = np.float32(1.0 / s64)
+        q = (x64 * np.float64(y)).astype(np.float32).astype(np.float64)
+        r = (x64 - s64 * q).astype(np.float32).astype(np.float64)  # fma: x - s q is exact in float64
+        ry = r * np.float64(y)
+        hi = q + ry
+        lo = ry - (hi - q)  # TwoSum (|q| >= |ry|): hi + lo = q + r y exactly
+        got = hi.astype(np.float32)
+        # float64 -> float32 rounds hi alone: wrong only where hi is a float32 midpoint and lo != 0
+        up, down = np.nextafter(got, np.float32(np.inf)), np.nextafter(got, np.float32(-np.inf))
+        tie = ((hi == (got.astype(np.float64) + up) / 2) | (hi == (got.astype(np.float64) + down) / 2)) & (lo != 0)
+        assert not tie.any(), s
+        want = (x64 / s64).astype(np.float32)
+        assert np.array_equal(got, want), (s, x[got != want][:5])
+
+
 def test_int8_weight_codes_and_scales_by_hand():
     w = torch.tensor([[1.0, -0.5, 0.25, 0.0], [0.0, 0.0, 0.0, 0.0], [-3.0, 1.5, 2.9, -0.01]])
     qt = int8_weight(w)

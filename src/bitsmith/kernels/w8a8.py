@@ -1,8 +1,12 @@
 """W8A8: int8 weights x int8 activations (Triton), ``y = (xq @ Wq^T) * sx[m] * sw[n] + b``.
 
 * ``quantize_per_token``: one program per row: ``sx = max|x_row| / 127`` (float32; a zero row gets
-  ``sx = 1``), ``xq = clamp(round_half_even(x / sx), -128, 127)`` int8, IEEE divisions (``div_rn``)
-  so the codes equal the torch path's (``nn/w8a8_linear.py``); ``sx`` is ``max * float32(1/127)`` on
+  ``sx = 1``), ``xq = clamp(round_half_even(x / sx), -128, 127)`` int8, correctly rounded
+  quotients so the codes equal the torch path's (``nn/w8a8_linear.py``): on the GPU from the
+  row's reciprocal and one FMA correction (Markstein's: correctly rounded given a correctly
+  rounded reciprocal; tests/test_w8a8.py checks it against exact division), on the CPU
+  interpreter, whose FMA rounds twice, by ``div_rn``; a row of up to :data:`MAX_ROW_TILE`
+  channels is read once; ``sx`` is ``max * float32(1/127)`` on
   CUDA, which is how torch evaluates that path's ``amax.div_(127)`` there (a tensor divided by a
   Python scalar is a multiplication by its reciprocal on CUDA, a true division on the CPU). With a static ``act_scale`` (one
   value, read on the device) the absmax pass is skipped; an unfused SmoothQuant
@@ -28,35 +32,62 @@ if HAVE_TRITON:
     from .small_m import grouped_tile
 
     @triton.jit
+    def _quantize_values(v, scale, inv, FMA_DIV: tl.constexpr):
+        """``clamp(round_half_even(v / scale), -128, 127)`` as float32: the quotient is IEEE's
+        correctly rounded one either way, with ``FMA_DIV`` from ``inv = 1 / scale`` (correctly
+        rounded) and one FMA correction step (Markstein), three instructions instead of a division."""
+        if FMA_DIV:
+            q = v * inv
+            r = tl.fma(v - v - q, scale, v)  # v - v: a zero of v's shape (the remainder is exact)
+            r = tl.fma(r, inv, q)
+        else:
+            r = tl.math.div_rn(v, scale + tl.zeros(v.shape, dtype=tl.float32))
+        # round half to even: 1.5 * 2**23 shifts the fraction out (|r| <= 128 after the clamp)
+        r = tl.minimum(tl.maximum(r, -128.0), 127.0)
+        return (r + 12582912.0) - 12582912.0
+
+    @triton.jit
+    def _row_values(x_ptr, mig_ptr, row, stride_x, offs, K, HAS_MIG: tl.constexpr):
+        v = tl.load(x_ptr + row * stride_x + offs, mask=offs < K, other=0.0).to(tl.float32)
+        if HAS_MIG:
+            v = tl.math.div_rn(v, tl.load(mig_ptr + offs, mask=offs < K, other=1.0).to(tl.float32))
+        return v
+
+    @triton.jit
+    def _row_scale(m, RECIP_SCALE: tl.constexpr):
+        if RECIP_SCALE:  # what torch does on CUDA for tensor / python scalar: a * float32(1 / b)
+            return tl.where(m > 0, m * 0.007874015718698502, 1.0)
+        else:
+            return tl.where(m > 0, tl.math.div_rn(m, 127.0), 1.0)
+
+    @triton.jit
     def _quant_rows_kernel(x_ptr, q_ptr, s_ptr, static_ptr, mig_ptr, K, stride_x, stride_q,
                            STATIC: tl.constexpr, HAS_MIG: tl.constexpr, RECIP_SCALE: tl.constexpr,
-                           BLOCK_K: tl.constexpr):
+                           FMA_DIV: tl.constexpr, BLOCK_K: tl.constexpr):
         row = tl.program_id(0)
-        if STATIC:
-            scale = tl.load(static_ptr).to(tl.float32)
+        if BLOCK_K >= K:  # the whole row in one tile: read it once
+            offs = tl.arange(0, BLOCK_K)
+            v = _row_values(x_ptr, mig_ptr, row, stride_x, offs, K, HAS_MIG)
+            if STATIC:
+                scale = tl.load(static_ptr).to(tl.float32)
+            else:
+                scale = _row_scale(tl.max(tl.abs(v), axis=0), RECIP_SCALE)
+            r = _quantize_values(v, scale, tl.math.div_rn(1.0, scale), FMA_DIV)
+            tl.store(q_ptr + row * stride_q + offs, r.to(tl.int8), mask=offs < K)
         else:
-            amax = tl.zeros([BLOCK_K], dtype=tl.float32)
+            if STATIC:
+                scale = tl.load(static_ptr).to(tl.float32)
+            else:
+                amax = tl.zeros([BLOCK_K], dtype=tl.float32)
+                for k0 in range(0, K, BLOCK_K):
+                    v = _row_values(x_ptr, mig_ptr, row, stride_x, k0 + tl.arange(0, BLOCK_K), K, HAS_MIG)
+                    amax = tl.maximum(amax, tl.abs(v))
+                scale = _row_scale(tl.max(amax, axis=0), RECIP_SCALE)
+            inv = tl.math.div_rn(1.0, scale)
             for k0 in range(0, K, BLOCK_K):
                 offs = k0 + tl.arange(0, BLOCK_K)
-                v = tl.load(x_ptr + row * stride_x + offs, mask=offs < K, other=0.0).to(tl.float32)
-                if HAS_MIG:
-                    v = tl.math.div_rn(v, tl.load(mig_ptr + offs, mask=offs < K, other=1.0).to(tl.float32))
-                amax = tl.maximum(amax, tl.abs(v))
-            m = tl.max(amax, axis=0)
-            if RECIP_SCALE:  # what torch does on CUDA for tensor / python scalar: a * float32(1 / b)
-                scale = tl.where(m > 0, m * 0.007874015718698502, 1.0)
-            else:
-                scale = tl.where(m > 0, tl.math.div_rn(m, 127.0), 1.0)
-        for k0 in range(0, K, BLOCK_K):
-            offs = k0 + tl.arange(0, BLOCK_K)
-            v = tl.load(x_ptr + row * stride_x + offs, mask=offs < K, other=0.0).to(tl.float32)
-            if HAS_MIG:
-                v = tl.math.div_rn(v, tl.load(mig_ptr + offs, mask=offs < K, other=1.0).to(tl.float32))
-            r = tl.math.div_rn(v, scale + tl.zeros([BLOCK_K], dtype=tl.float32))
-            # round half to even: 1.5 * 2**23 shifts the fraction out (|r| <= 128 after the clamp)
-            r = tl.minimum(tl.maximum(r, -128.0), 127.0)
-            r = (r + 12582912.0) - 12582912.0
-            tl.store(q_ptr + row * stride_q + offs, r.to(tl.int8), mask=offs < K)
+                r = _quantize_values(_row_values(x_ptr, mig_ptr, row, stride_x, offs, K, HAS_MIG), scale, inv, FMA_DIV)
+                tl.store(q_ptr + row * stride_q + offs, r.to(tl.int8), mask=offs < K)
         tl.store(s_ptr + row, scale)
 
     @triton.jit
@@ -108,6 +139,11 @@ def _static_scale(act_scale: torch.Tensor | float | None, device: torch.device) 
     return act_scale
 
 
+#: the widest row tile of ``_quant_rows_kernel``: a row up to this many channels is read once
+#: (32 values a thread at 16 warps), a longer one twice (absmax, then codes) in tiles of it
+MAX_ROW_TILE = 16384
+
+
 def _quantize_launch(x: torch.Tensor, act_scale: torch.Tensor | None, migration_scale: torch.Tensor | None):
     """One ``_quant_rows_kernel`` launch for contiguous-row ``x [M, K]`` (``act_scale``: a
     one-value device tensor or ``None``): ``(q, s, launch)``, ``launch`` = ``(hit, grid, args)``
@@ -115,12 +151,12 @@ def _quantize_launch(x: torch.Tensor, act_scale: torch.Tensor | None, migration_
     m, k = x.shape
     q = torch.empty(m, k, dtype=torch.int8, device=x.device)
     s = torch.empty(m, dtype=torch.float32, device=x.device)
-    block = min(4096, triton.next_power_of_2(k))
+    block = min(MAX_ROW_TILE, triton.next_power_of_2(k))
     mig = migration_scale if migration_scale is not None else s
     args = (x, q, s, act_scale if act_scale is not None else s, mig, k, x.stride(0), q.stride(0))
     hit = _run(_quant_rows_kernel, (m,), args,
                {"STATIC": act_scale is not None, "HAS_MIG": migration_scale is not None, "RECIP_SCALE": x.is_cuda,
-                "BLOCK_K": block}, {"num_warps": 4 if block <= 1024 else 8})
+                "FMA_DIV": x.is_cuda, "BLOCK_K": block}, {"num_warps": 4 if block <= 1024 else 8 if block <= 4096 else 16})
     return q, s, (hit, (m,), args)
 
 
@@ -269,3 +305,22 @@ def w8a8_linear(
 
 
 __all__ = ["w8a8_linear", "quantize_per_token", "W8A8_CONFIG"]
+
+
+def compile_quant_offline(fma_div: bool, block: int = 4096, k_multiple: bool = True, arch: int = 90):
+    """``_quant_rows_kernel`` compiled for NVIDIA ``sm_<arch>`` on any machine (CI checks its
+    machine code): float16 activations, dynamic per-token scales, no migration; ``block``: the row
+    tile (a row of ``block`` channels read once)."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    consts = {"STATIC": False, "HAS_MIG": False, "RECIP_SCALE": True, "FMA_DIV": fma_div, "BLOCK_K": block}
+    types = {"x_ptr": "*fp16", "q_ptr": "*i8", "s_ptr": "*fp32", "static_ptr": "*fp32", "mig_ptr": "*fp32"}
+    names = _quant_rows_kernel.arg_names
+    sig = {a: "constexpr" if a in consts else types.get(a, "i32") for a in names}
+    aligned = {(names.index(a),): [["tt.divisibility", 16]] for a in names
+               if a in types or (k_multiple and a in ("K", "stride_x", "stride_q"))}
+    src = ASTSource(fn=_quant_rows_kernel, signature=sig, attrs=aligned,
+                    constexprs={(names.index(c),): v for c, v in consts.items()})
+    warps = 4 if block <= 1024 else 8 if block <= 4096 else 16
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps, "num_stages": 1})
