@@ -38,7 +38,7 @@ if HAVE_TRITON:
         rounded) and one FMA correction step (Markstein), three instructions instead of a division."""
         if FMA_DIV:
             q = v * inv
-            r = tl.fma(v - v - q, scale, v)  # v - v: a zero of v's shape (the remainder is exact)
+            r = tl.fma(-q, scale, v)  # the remainder v - q scale, exact
             r = tl.fma(r, inv, q)
         else:
             r = tl.math.div_rn(v, scale + tl.zeros(v.shape, dtype=tl.float32))
