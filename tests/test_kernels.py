@@ -761,7 +761,8 @@ def test_interp_w8a8_fma_division_path_runs():
     interpreter, whose FMA rounds twice: a row read once and rows in two passes, codes equal the
     torch path's wherever ``x / s`` is not within 1e-4 of a rounding boundary, and at most one
     apart there (the GPU's single-rounding FMA makes them equal: the CUDA tests and
-    tests/test_w8a8.py's check of the method)."""
+    tests/test_w8a8.py's check of the method); and infinities and infinite scales coded as the
+    torch path codes them."""
     from bitsmith.kernels import w8a8
     from bitsmith.nn.w8a8_linear import quantize_activation
 
@@ -778,6 +779,17 @@ def test_interp_w8a8_fma_division_path_runs():
         near_tie = (ratio - ratio.floor() - 0.5).abs() < 1e-4
         assert torch.equal(q[~near_tie], q_ref[~near_tie]), k
         assert (q.int() - q_ref.int()).abs().max() <= 1
+    # infinities: with a static scale +-inf saturate as the torch path's do; a row holding inf gets
+    # an infinite scale, and its finite values the code 0 (x / inf), not the NaN of the remainder
+    x = torch.tensor([[1.0, float("inf"), -float("inf"), -2.5, 0.0, 3.0]]).half()
+    for static in (torch.tensor([0.05]), None):
+        q = torch.empty(1, 6, dtype=torch.int8)
+        sx = torch.empty(1, dtype=torch.float32)
+        w8a8._quant_rows_kernel[(1,)](x, q, sx, static if static is not None else sx, sx, 6, 6, 6, STATIC=static is not None,
+                                      HAS_MIG=False, RECIP_SCALE=False, FMA_DIV=True, BLOCK_K=8)
+        q_ref, _ = quantize_activation(x, None, static)
+        finite = torch.isfinite(x) if static is None else torch.ones_like(x, dtype=torch.bool)
+        assert torch.equal(q[finite], q_ref[finite]), (static, q, q_ref)
 
 
 @pytest.mark.skipif(INTERPRETED or not HAVE_TRITON, reason="compiles for sm_90 (not under the interpreter)")

@@ -55,8 +55,9 @@ if HAVE_GLUON:
 #: module docstring), and ``pipe``: also its pipelined configs (``PIPE``: each group's ``wgmma`` in
 #: flight while the next group's words and activations are prepared, the activations loaded a
 #: group ahead, three shared-memory buffers). Compiled for sm_90 the loop waits with one ``wgmma``
-#: outstanding, at the same registers and no spills (tests/test_fragment.py); not yet run on a GPU,
-#: so opt-in: ``BITSMITH_FRAGMENT_WGMMA_PIPE=1``.
+#: outstanding and does not spill; the in-flight MMA's A operand stays live (146 -> 186 registers
+#: at two row blocks, 32 tokens; tests/test_fragment.py). Not yet run on a GPU, so opt-in:
+#: ``BITSMITH_FRAGMENT_WGMMA_PIPE=1``.
 WGMMA = {"enabled": os.environ.get("BITSMITH_FRAGMENT_WGMMA", "") != "0",
          "pipe": os.environ.get("BITSMITH_FRAGMENT_WGMMA_PIPE", "") == "1"}
 #: activations ``[token, t, s, rc, h]`` (channel ``16 t + 4 s + 2 rc + h``) to the B operand's

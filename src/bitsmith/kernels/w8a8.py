@@ -40,6 +40,9 @@ if HAVE_TRITON:
             q = v * inv
             r = tl.fma(-q, scale, v)  # the remainder v - q scale, exact
             r = tl.fma(r, inv, q)
+            # an infinite scale (a row holding inf), an infinite v or a zero static scale: the
+            # remainder is NaN where the quotient is not; the product is then the quotient
+            r = tl.where(r == r, r, q)
         else:
             r = tl.math.div_rn(v, scale + tl.zeros(v.shape, dtype=tl.float32))
         # round half to even: 1.5 * 2**23 shifts the fraction out (|r| <= 128 after the clamp)
