@@ -35,11 +35,12 @@
 #       their CUDA tests and the fragment GEMM's, then M = 16..128 (WIDE_MS) with every format in the fragment layout (the
 #       tuner picks among all of them, the GEMM and dequantize + cuBLAS; which won is in the JSON's "tuned") and in rows
 #   OUT=/some/dir bash benchmarks/kernels_gpu_session.sh suite      # every CUDA test with this release's defaults (int4 in the
-#       fragment layout, the wide tiles and the wgmma kernel on) and the pipelined wgmma configs (BITSMITH_FRAGMENT_WGMMA_PIPE=1)
+#       fragment layout, the wide tiles and the wgmma kernel on), the pipelined wgmma configs and the TMA W8A8 GEMM switched on
 #   OUT=/some/dir bash benchmarks/kernels_gpu_session.sh pipe       # the pipelined wgmma kernel: compute-sanitizer, then
 #       M = 32..256 (PIPE_MS) with every format in the fragment layout, pipelined configs offered (kernels_pipe_1) and not (kernels_pipe_0)
 #   OUT=/some/dir bash benchmarks/kernels_gpu_session.sh w8a8       # where W8A8's time goes at M = 2048: quantization,
-#       every GEMM config, torch._int_mm and the library call beside fp16 (benchmarks/w8a8_probe.py)
+#       every GEMM config, torch._int_mm and the library call beside fp16 (benchmarks/w8a8_probe.py); W8A8_TMA=1: the TMA
+#       GEMM (BITSMITH_W8A8_TMA=1), its CUDA tests first, its configs timed and tuned beside the pointer kernel's
 #   OUT=/some/dir bash benchmarks/kernels_gpu_session.sh one        # one call for all of it when device time is short:
 #       CUDA tests, M = 1 table int4 vs NF4, compiled end-to-end decode, host overhead
 # The CUDA tests run with pytest-xdist when it is importable (carried as wheels: .whl/, see the device notes).
@@ -290,12 +291,12 @@ wide)  # the wide Gluon tiles and the wgmma kernel: tests, then M = 16..128 in b
   done
   ;;
 suite)  # every CUDA test, this release's defaults, the pipelined wgmma configs included
-  export BITSMITH_FRAGMENT_WGMMA_PIPE=1
+  export BITSMITH_FRAGMENT_WGMMA_PIPE=1 BITSMITH_W8A8_TMA=1
   TEST_FILES=${TEST_FILES:-"tests/test_cuda.py tests/test_siblings.py tests/test_compile.py tests/test_fragment.py tests/test_svdquant.py tests/test_kernels.py tests/test_w8a8.py"} \
     T_TESTS=${T_TESTS:-500} cuda_tests
   ;;
-pipe)  # the pipelined wgmma kernel: sanitizer, then the fragment layout at M = 32..256 with and without its configs
-  export BITSMITH_FRAGMENT_WGMMA_PIPE=1
+pipe)  # the pipelined wgmma kernel (and the TMA W8A8 GEMM): sanitizer, then the fragment layout at M = 32..256 with and without
+  export BITSMITH_FRAGMENT_WGMMA_PIPE=1 BITSMITH_W8A8_TMA=1
   OUT="$OUT" T_WARM=${T_WARM:-150} T_SAN=${T_SAN:-200} bash benchmarks/kernels_sanitize.sh | tail -4
   ms=${PIPE_MS:-32,64,128,256}; shapes=${PIPE_SHAPES:-14336x4096,28672x8192}
   for p in 1 0; do
@@ -307,8 +308,12 @@ pipe)  # the pipelined wgmma kernel: sanitizer, then the fragment layout at M = 
     cp "benchmarks/results/$name.json" "$OUT/" 2>/dev/null
   done
   ;;
-w8a8)  # W8A8 at M = 2048, part by part
-  echo "== python3 benchmarks/w8a8_probe.py --m 2048 --reps 20 --name w8a8_probe_m2048" | tee "$OUT/w8a8.txt"
+w8a8)  # W8A8 at M = 2048, part by part (W8A8_TMA=1: the TMA GEMM's CUDA tests first, then its configs timed beside the others)
+  if [ "${W8A8_TMA:-0}" = 1 ]; then
+    export BITSMITH_W8A8_TMA=1
+    TEST_FILES=tests/test_kernels.py TEST_K="cuda and w8a8" T_TESTS=${T_TESTS:-120} cuda_tests || { echo "CUDA tests failed: no benchmark"; exit 1; }
+  fi
+  echo "== BITSMITH_W8A8_TMA=${BITSMITH_W8A8_TMA:-0} python3 benchmarks/w8a8_probe.py --m 2048 --reps 20 --name w8a8_probe_m2048" | tee "$OUT/w8a8.txt"
   timeout "${T_W8A8:-200}" python3 benchmarks/w8a8_probe.py --m 2048 --reps 20 --name w8a8_probe_m2048 2>&1 | grep -v -i warn \
     | tee -a "$OUT/w8a8.txt"
   cp benchmarks/results/w8a8_probe_m2048.json "$OUT/" 2>/dev/null

@@ -2,7 +2,7 @@
 the M = 1 kernels with and without split-K, the tensor-core kernels with split-K (the small-M one
 with whole tiles and with half-word steps), the dequantize
 kernel, SVDQuant's down-projection and each kernel's low-rank epilogue, and the two W8A8
-kernels, over int4/int3/int2/int8 and NF4 layouts; then the fragment layout's kernel (every
+kernels (with ``BITSMITH_W8A8_TMA=1`` the TMA GEMM's candidates too), over int4/int3/int2/int8 and NF4 layouts; then the fragment layout's kernel (every
 prefetch depth, split-K on and off, 1 and 16 rows) and its dequantization kernel (above 16 rows)
 for int4, int3 and NF4, in both word orders, with rows and channels past the tiles; and above 16
 rows the fragment layout's other kernels (group-major words): the Triton GEMM, the Gluon kernel's
@@ -70,6 +70,14 @@ def main() -> None:
         w8a8_linear(torch.randn(m, k, device="cuda", dtype=torch.float16), wq, torch.rand(n, device="cuda") * 0.01)
     wq_long = torch.randint(-127, 128, (96, 17000), dtype=torch.int8, device="cuda")  # rows past the one-read tile
     w8a8_linear(torch.randn(5, 17000, device="cuda", dtype=torch.float16), wq_long, torch.rand(96, device="cuda") * 0.01)
+    from bitsmith.kernels import w8a8
+
+    if w8a8.TMA["enabled"]:  # BITSMITH_W8A8_TMA=1: the TMA GEMM's every candidate, M, N and K past its tiles
+        xq, sx = w8a8.quantize_per_token(torch.randn(300, 1040, device="cuda", dtype=torch.float16))
+        wq_tma = torch.randint(-127, 128, (333, 1040), dtype=torch.int8, device="cuda")
+        out = torch.empty(300, 333, dtype=torch.float16, device="cuda")
+        for cfg in w8a8.gemm_candidates(xq, wq_tma):
+            w8a8._launch_gemm(xq, wq_tma, sx, torch.rand(333, device="cuda") * 0.01, None, out, cfg)
     worst = max(worst, _fragment_cases(), _fragment_wide_cases())
     torch.cuda.synchronize()
     print(f"all kernels ran; worst relative error vs float64 reference {worst:.2e}")

@@ -52,9 +52,9 @@ def main() -> None:
         quant = timer.time_graph(lambda: w8a8.quantize_per_token(x))
         out = torch.empty(args.m, n, dtype=x.dtype, device=dev)
         gemm = {}
-        for bm, bn, bk, warps, stages in w8a8._CANDIDATES:
-            cfg = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8, "num_warps": warps, "num_stages": stages}
-            name = f"{bm}x{bn}x{bk} w{warps} s{stages}"
+        for cfg in w8a8.gemm_candidates(xq, wq):  # BITSMITH_W8A8_TMA=1: the TMA kernel's too
+            name = (f"{cfg['BLOCK_M']}x{cfg['BLOCK_N']}x{cfg['BLOCK_K']} w{cfg['num_warps']} s{cfg['num_stages']}"
+                    + (" tma" if cfg.get("TMA") else ""))
             try:
                 w8a8._launch_gemm(xq, wq, sx, sw, None, out, cfg)
                 torch.cuda.synchronize()

@@ -817,6 +817,103 @@ def test_w8a8_quantization_divides_once_a_row_on_the_gpu():
         assert checks == {False: 2 * per_thread, True: 2}, (block, checks)
 
 
+def _w8a8_gemm_case(m, n, k, device, dtype=torch.float16):
+    """Random int8 operands, scales and a bias, and their float64 product and rescale."""
+    g = torch.Generator().manual_seed(m + n + k)
+    xq = torch.randint(-128, 128, (m, k), generator=g, dtype=torch.int8)
+    wq = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
+    sx, sw = torch.rand(m, generator=g) * 0.1, torch.rand(n, generator=g) * 0.01
+    bias = torch.randn(n, generator=g).to(dtype)
+    ref = (xq.double() @ wq.double().t()) * sx.double()[:, None] * sw.double()[None, :] + bias.double()
+    return [t.to(device) for t in (xq, wq, sx, sw, bias)], ref.to(device)
+
+
+@needs_interp
+def test_interp_w8a8_tma_gemm_equals_reference():
+    """The TMA variant of the int8 GEMM (``BITSMITH_W8A8_TMA=1``): rows, columns and K past the
+    tiles (the descriptors read zeros there), a bias, against float64."""
+    from bitsmith.kernels import w8a8
+
+    for m, n, k in ((37, 45, 208), (5, 70, 96)):
+        (xq, wq, sx, sw, bias), ref = _w8a8_gemm_case(m, n, k, "cpu")
+        out = torch.empty(m, n, dtype=torch.float16)
+        cfg = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 4, "num_stages": 2, "TMA": 1}
+        w8a8._launch_gemm(xq, wq, sx, sw, bias, out, cfg)
+        assert _rel(out, ref) < 1e-3, (m, n, k)
+
+
+def test_w8a8_tma_candidates_are_opt_in(monkeypatch):
+    """The tuner's GEMM candidates: the pointer kernel's tiles; with ``TMA`` on and operands it
+    can take, each again as the TMA kernel's (and not where the rows are not 16-byte multiples)."""
+    from bitsmith.kernels import w8a8
+
+    xq, wq = torch.zeros(64, 256, dtype=torch.int8), torch.zeros(128, 256, dtype=torch.int8)
+    plain = w8a8.gemm_candidates(xq, wq)
+    assert len(plain) == len(w8a8._CANDIDATES) and not any("TMA" in c for c in plain)
+    monkeypatch.setitem(w8a8.TMA, "enabled", True)
+    assert w8a8.gemm_candidates(xq, wq) == plain  # a CPU tensor: no TMA
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+    assert w8a8.gemm_candidates(xq, wq) == plain + [{**c, "TMA": 1} for c in plain]
+    assert w8a8.gemm_candidates(xq[:, :200], wq[:, :200].contiguous()) == plain  # K = 200: rows not 16-byte multiples
+
+
+@pytest.mark.skipif(INTERPRETED or not HAVE_TRITON, reason="compiles for sm_90 (not under the interpreter)")
+def test_w8a8_tma_gemm_compiles_to_tma_loads():
+    """Compiled for the H100, the TMA kernel loads its tiles with ``UTMALDG`` (no per-thread
+    ``LDGSTS`` copies, as the pointer kernel has), multiplies with int8 ``wgmma`` (``IGMMA``) like
+    it, and does not spill."""
+    import re
+    import sys
+    import tempfile
+
+    from bitsmith.kernels import w8a8
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import kernels_sass
+
+    ops = {}
+    for tma in (False, True):
+        with tempfile.TemporaryDirectory() as tmp:
+            ins = [t for _, t in kernels_sass.sass_of(w8a8.compile_gemm_offline(tma).asm["cubin"], Path(tmp))]
+        assert not [t for t in ins if re.match(r"(LDL|STL)\b", t)], tma
+        ops[tma] = {kernels_sass.opcode(t).split(".")[0] for t in ins}
+    assert {"IGMMA", "LDGSTS"} <= ops[False] and "UTMALDG" not in ops[False]
+    assert {"IGMMA", "UTMALDG"} <= ops[True] and "LDGSTS" not in ops[True]
+
+
+@needs_cuda
+@pytest.mark.skipif(not (CUDA and torch.cuda.get_device_capability() >= (9, 0)), reason="TMA needs compute capability 9.0+")
+def test_cuda_w8a8_tma_gemm_every_config_equals_reference(monkeypatch):
+    """Every TMA candidate at odd M and N (K a multiple of 16, not of the tiles), float16 and
+    bfloat16, against float64; then through ``w8a8_linear`` with ``BITSMITH_W8A8_TMA`` on, a
+    launch plan reused, inside a CUDA graph too."""
+    from bitsmith.kernels import w8a8
+
+    monkeypatch.setitem(w8a8.TMA, "enabled", True)
+    for dtype in (torch.float16, torch.bfloat16):
+        (xq, wq, sx, sw, bias), ref = _w8a8_gemm_case(300, 333, 1040, "cuda", dtype)
+        cands = [c for c in w8a8.gemm_candidates(xq, wq) if c.get("TMA")]
+        assert cands
+        for cfg in cands:
+            out = torch.empty(300, 333, dtype=dtype, device="cuda")
+            w8a8._launch_gemm(xq, wq, sx, sw, bias, out, cfg)
+            assert _rel(out, ref) < (2e-3 if dtype == torch.float16 else 1.6e-2), cfg
+    monkeypatch.setattr(w8a8, "W8A8_CONFIG", {})
+    x = torch.randn(300, 1040, device="cuda", dtype=torch.float16)
+    wq = torch.randint(-127, 128, (333, 1040), dtype=torch.int8, device="cuda")
+    sw = torch.rand(333, device="cuda") * 0.01
+    plans = {}
+    first = w8a8.w8a8_linear(x, wq, sw, plans=plans)
+    assert torch.equal(w8a8.w8a8_linear(x, wq, sw, plans=plans), first) and plans
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = w8a8.w8a8_linear(x, wq, sw, plans=plans)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(captured, first)
+
+
 @needs_cuda
 @pytest.mark.parametrize("m", [1, 17, 300])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

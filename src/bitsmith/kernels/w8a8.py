@@ -13,6 +13,7 @@
   ``migration_scale`` ``[K]`` divides ``x`` first.
 * ``_w8a8_gemm_kernel``: int8 tensor-core product with int32 accumulation (exact for
   K <= (2**31 - 1) / (128 * 127)), rescale by ``sx[m] * sw[n]`` in float32, bias, cast: the epilogue is fused.
+  ``_w8a8_gemm_tma_kernel`` is the same with its tiles loaded by TMA (Hopper; opt-in: :data:`TMA`).
 * ``backend="int_mm"`` runs ``torch._int_mm`` (cuBLAS; needs M > 16 and K, N multiples of 8) and the
   rescale in torch ops instead of the fused kernel (kept for comparison in ``bitsmith bench``).
 
@@ -20,6 +21,8 @@ Weights: int8 ``[N, K]`` row-major (K contiguous, what the int8 tensor-core path
 float32 ``[N]``; symmetric, codes in [-127, 127].
 """
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -94,6 +97,19 @@ if HAVE_TRITON:
         tl.store(s_ptr + row, scale)
 
     @triton.jit
+    def _rescale_store(acc, sa_ptr, sb_ptr, bias_ptr, out_ptr, offs_m, offs_n, M, N, stride_om, HAS_BIAS: tl.constexpr):
+        """The fused epilogue: ``acc * sx[m] * sw[n] (+ bias)`` in float32, cast, stored."""
+        m_mask = offs_m < M
+        n_mask = offs_n < N
+        sa = tl.load(sa_ptr + offs_m, mask=m_mask, other=0.0)
+        sb = tl.load(sb_ptr + offs_n, mask=n_mask, other=0.0)
+        y = acc.to(tl.float32) * sa[:, None] * sb[None, :]
+        if HAS_BIAS:
+            y += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], y.to(out_ptr.dtype.element_ty),
+                 mask=m_mask[:, None] & n_mask[None, :])
+
+    @triton.jit
     def _w8a8_gemm_kernel(a_ptr, b_ptr, sa_ptr, sb_ptr, bias_ptr, out_ptr, M, N, K,
                           stride_am, stride_bn, stride_om,
                           HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -110,13 +126,27 @@ if HAVE_TRITON:
             a = tl.load(a_ptr + offs_m[:, None] * stride_am + offs_k[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0)
             b = tl.load(b_ptr + offs_n[None, :] * stride_bn + offs_k[:, None], mask=k_mask[:, None] & n_mask[None, :], other=0)
             acc = tl.dot(a, b, acc, out_dtype=tl.int32)
-        sa = tl.load(sa_ptr + offs_m, mask=m_mask, other=0.0)
-        sb = tl.load(sb_ptr + offs_n, mask=n_mask, other=0.0)
-        y = acc.to(tl.float32) * sa[:, None] * sb[None, :]
-        if HAS_BIAS:
-            y += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-        tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], y.to(out_ptr.dtype.element_ty),
-                 mask=m_mask[:, None] & n_mask[None, :])
+        _rescale_store(acc, sa_ptr, sb_ptr, bias_ptr, out_ptr, offs_m, offs_n, M, N, stride_om, HAS_BIAS)
+
+    @triton.jit
+    def _w8a8_gemm_tma_kernel(a_ptr, b_ptr, sa_ptr, sb_ptr, bias_ptr, out_ptr, M, N, K,
+                              stride_am, stride_bn, stride_om,
+                              HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                              BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+        """``_w8a8_gemm_kernel`` with its tiles loaded by the tensor memory accelerator (Hopper's
+        TMA: descriptors built in the kernel, tiles past ``M``, ``N`` or ``K`` read as zeros) instead
+        of per-thread addresses; the same product and epilogue."""
+        pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+        a_desc = tl.make_tensor_descriptor(a_ptr, shape=[M, K], strides=[stride_am, 1], block_shape=[BLOCK_M, BLOCK_K])
+        b_desc = tl.make_tensor_descriptor(b_ptr, shape=[N, K], strides=[stride_bn, 1], block_shape=[BLOCK_N, BLOCK_K])
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
+        for k0 in range(0, K, BLOCK_K):
+            a = a_desc.load([pid_m * BLOCK_M, k0])
+            b = b_desc.load([pid_n * BLOCK_N, k0])
+            acc = tl.dot(a, b.T, acc, out_dtype=tl.int32)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        _rescale_store(acc, sa_ptr, sb_ptr, bias_ptr, out_ptr, offs_m, offs_n, M, N, stride_om, HAS_BIAS)
 
 
 def quantize_per_token(
@@ -172,11 +202,34 @@ def _gemm_config(m: int, n: int, device: torch.device) -> dict:
 
 
 W8A8_CONFIG: dict = {}  # (m bucket, n, k) -> tuned config
+#: whether the tuner also tries ``_w8a8_gemm_tma_kernel`` (each of :data:`_CANDIDATES` with its tiles
+#: loaded by TMA) where :func:`tma_ok`: checked under the interpreter and compiled for sm_90 in CI,
+#: not yet run on a GPU, so opt-in: ``BITSMITH_W8A8_TMA=1``
+TMA = {"enabled": os.environ.get("BITSMITH_W8A8_TMA", "") == "1"}
 
 _CANDIDATES = (
     (128, 256, 128, 8, 3), (128, 128, 128, 4, 4), (256, 128, 128, 8, 3), (128, 256, 64, 8, 4),
     (64, 256, 128, 4, 4), (64, 128, 128, 4, 4), (32, 64, 128, 4, 4), (128, 128, 64, 4, 4),
+    # a stage deeper for the two tiles that won at M = 2048 (256x128 won all four shapes at three
+    # stages, w8a8_probe_m2048_h100.json); 4 x 48 KiB of tiles fits in the H100's 227 KiB
+    (256, 128, 128, 8, 4), (128, 256, 128, 8, 4),
 )
+
+
+def tma_ok(xq: torch.Tensor, w_int8: torch.Tensor) -> bool:
+    """Whether the TMA kernel can take these operands: a Hopper-or-newer GPU, and rows that
+    start on 16-byte boundaries (``K`` a multiple of 16, 16-byte aligned bases)."""
+    return (xq.is_cuda and torch.cuda.get_device_capability(xq.device) >= (9, 0) and xq.shape[1] % 16 == 0
+            and xq.data_ptr() % 16 == 0 and w_int8.data_ptr() % 16 == 0 and w_int8.stride(0) % 16 == 0)
+
+
+def _ensure_allocator() -> None:
+    """The TMA kernel builds its descriptors in global scratch memory, which Triton's launcher
+    asks an allocator for; set one (torch's caching allocator) unless the caller has."""
+    from triton.runtime import _allocation
+
+    if isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
+        triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
 
 
 def _launch_gemm(xq, w_int8, sx, sw, bias, out, cfg) -> tuple:
@@ -184,11 +237,16 @@ def _launch_gemm(xq, w_int8, sx, sw, bias, out, cfg) -> tuple:
     m, k = xq.shape
     n = w_int8.shape[0]
     grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
-    consts = {"HAS_BIAS": bias is not None, **{kk: v for kk, v in cfg.items() if kk.isupper()}}
+    consts = {"HAS_BIAS": bias is not None, **{kk: v for kk, v in cfg.items() if kk.isupper() and kk != "TMA"}}
     options = {kk: cfg[kk] for kk in ("num_warps", "num_stages")}
     args = (xq, w_int8, sx, sw, bias if bias is not None else sw, out, m, n, k, xq.stride(0), w_int8.stride(0),
             out.stride(0))
-    return _run(_w8a8_gemm_kernel, grid, args, consts, options), grid, args
+    kernel = _w8a8_gemm_kernel
+    if cfg.get("TMA"):
+        kernel = _w8a8_gemm_tma_kernel
+        if xq.is_cuda:
+            _ensure_allocator()
+    return _run(kernel, grid, args, consts, options), grid, args
 
 
 class _W8A8Plan:
@@ -198,9 +256,10 @@ class _W8A8Plan:
     it an eager call spent 92-138 us of host time in argument handling and Triton's binder
     (benchmarks/results/host_overhead_h100.txt)."""
 
-    __slots__ = ("quant", "gemm", "quant_pos", "gemm_pos", "n", "k")
+    __slots__ = ("quant", "gemm", "quant_pos", "gemm_pos", "n", "k", "scratch")
 
-    def __init__(self, quant: tuple, gemm: tuple, x2, q, s, out):
+    def __init__(self, quant: tuple, gemm: tuple, x2, q, s, out, scratch: bool = False):
+        """``scratch``: the GEMM is the TMA kernel (its launcher asks Triton's allocator for scratch)."""
         (qhit, qgrid, qargs), (ghit, ggrid, gargs) = quant, gemm
         dev = x2.device.index
         self.quant = LaunchTemplate(qhit[0], qgrid, qargs, qhit[1], dev)
@@ -209,9 +268,12 @@ class _W8A8Plan:
         self.quant_pos = [(i, roles[id(a)]) for i, a in enumerate(qargs) if id(a) in roles]
         self.gemm_pos = [(i, roles[id(a)]) for i, a in enumerate(gargs) if id(a) in roles]
         self.n, self.k = out.shape[1], x2.shape[1]
+        self.scratch = scratch
 
     def __call__(self, x2: torch.Tensor) -> torch.Tensor:
         m = x2.shape[0]
+        if self.scratch:  # the allocator is per thread (a context variable)
+            _ensure_allocator()
         q = torch.empty(m, self.k, dtype=torch.int8, device=x2.device)
         s = torch.empty(m, dtype=torch.float32, device=x2.device)
         out = torch.empty(m, self.n, dtype=x2.dtype, device=x2.device)
@@ -224,12 +286,22 @@ class _W8A8Plan:
         return out
 
 
+def gemm_candidates(xq: torch.Tensor, w_int8: torch.Tensor) -> list[dict]:
+    """The configs the tuner times for these operands: every tile of :data:`_CANDIDATES`, and
+    with :data:`TMA` on (where :func:`tma_ok`) each of them again loaded by TMA (``"TMA": 1``)."""
+    out = []
+    for use_tma in (0, 1) if TMA["enabled"] and tma_ok(xq, w_int8) else (0,):
+        for bm, bn, bk, warps, stages in _CANDIDATES:
+            cfg = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8, "num_warps": warps, "num_stages": stages}
+            out.append({**cfg, "TMA": 1} if use_tma else cfg)
+    return out
+
+
 def _tune_gemm(key, xq, w_int8, sx, sw, bias, out) -> dict:
     best, best_t = None, float("inf")
-    for bm, bn, bk, warps, stages in _CANDIDATES:
-        cfg = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8, "num_warps": warps, "num_stages": stages}
+    for cfg in gemm_candidates(xq, w_int8):
         try:
-            t = gpu_time(lambda: _launch_gemm(xq, w_int8, sx, sw, bias, out, cfg))
+            t = gpu_time(lambda cfg=cfg: _launch_gemm(xq, w_int8, sx, sw, bias, out, cfg))
         except Exception:  # noqa: BLE001 - a config that does not fit is skipped
             continue
         if t < best_t:
@@ -303,11 +375,11 @@ def w8a8_linear(
     final = cfg is W8A8_CONFIG.get(key) or not AUTOTUNE["enabled"]  # not an untuned stand-in under capture
     if (plan_key is not None and final and quant_launch[0] is not None
             and gemm_launch[0] is not None and x2.data_ptr() == x.data_ptr()):
-        plans[plan_key] = _W8A8Plan(quant_launch, gemm_launch, x2, xq, sx, out)
+        plans[plan_key] = _W8A8Plan(quant_launch, gemm_launch, x2, xq, sx, out, scratch=bool(cfg.get("TMA")))
     return out.reshape(*lead, n)
 
 
-__all__ = ["w8a8_linear", "quantize_per_token", "W8A8_CONFIG"]
+__all__ = ["w8a8_linear", "quantize_per_token", "gemm_candidates", "tma_ok", "W8A8_CONFIG", "TMA"]
 
 
 def compile_quant_offline(fma_div: bool, block: int = 4096, k_multiple: bool = True, arch: int = 90):
@@ -327,3 +399,22 @@ def compile_quant_offline(fma_div: bool, block: int = 4096, k_multiple: bool = T
                     constexprs={(names.index(c),): v for c, v in consts.items()})
     warps = 4 if block <= 1024 else 8 if block <= 4096 else 16
     return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps, "num_stages": 1})
+
+
+def compile_gemm_offline(tma: bool, block_m: int = 256, block_n: int = 128, block_k: int = 128, num_warps: int = 8,
+                         num_stages: int = 3, arch: int = 90):
+    """``_w8a8_gemm_kernel`` (or, ``tma``, ``_w8a8_gemm_tma_kernel``) compiled for NVIDIA
+    ``sm_<arch>`` on any machine, for CI's checks of its machine code: float16 output, a bias,
+    ``K`` and the strides multiples of 16."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    kernel = _w8a8_gemm_tma_kernel if tma else _w8a8_gemm_kernel
+    consts = {"HAS_BIAS": True, "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "GROUP_M": 8}
+    types = {"a_ptr": "*i8", "b_ptr": "*i8", "sa_ptr": "*fp32", "sb_ptr": "*fp32", "bias_ptr": "*fp16", "out_ptr": "*fp16"}
+    names = kernel.arg_names
+    sig = {a: "constexpr" if a in consts else types.get(a, "i32") for a in names}
+    aligned = {(names.index(a),): [["tt.divisibility", 16]] for a in names
+               if a in types or a in ("K", "stride_am", "stride_bn", "stride_om")}
+    src = ASTSource(fn=kernel, signature=sig, attrs=aligned, constexprs={(names.index(c),): v for c, v in consts.items()})
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps, "num_stages": num_stages})
