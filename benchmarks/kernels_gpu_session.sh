@@ -36,8 +36,9 @@
 #       tuner picks among all of them, the GEMM and dequantize + cuBLAS; which won is in the JSON's "tuned") and in rows
 #   OUT=/some/dir bash benchmarks/kernels_gpu_session.sh suite      # every CUDA test with this release's defaults (int4 in the
 #       fragment layout, the wide tiles and the wgmma kernel on), the pipelined wgmma configs and the TMA W8A8 GEMM switched on
-#   OUT=/some/dir bash benchmarks/kernels_gpu_session.sh pipe       # the pipelined wgmma kernel: compute-sanitizer, then
-#       M = 32..256 (PIPE_MS) with every format in the fragment layout, pipelined configs offered (kernels_pipe_1) and not (kernels_pipe_0)
+#   OUT=/some/dir bash benchmarks/kernels_gpu_session.sh pipe       # the pipelined wgmma kernel: M = 32..256 (PIPE_MS) with every
+#       format in the fragment layout, pipelined configs offered (kernels_pipe_1) and not (kernels_pipe_0); its sanitizer run,
+#       with the TMA W8A8 GEMM's: BITSMITH_FRAGMENT_WGMMA_PIPE=1 BITSMITH_W8A8_TMA=1 OUT=/some/dir bash benchmarks/kernels_gpu_session.sh sanitize
 #   OUT=/some/dir bash benchmarks/kernels_gpu_session.sh w8a8       # where W8A8's time goes at M = 2048: quantization,
 #       every GEMM config, torch._int_mm and the library call beside fp16 (benchmarks/w8a8_probe.py); W8A8_TMA=1: the TMA
 #       GEMM (BITSMITH_W8A8_TMA=1), its CUDA tests first, its configs timed and tuned beside the pointer kernel's
@@ -295,14 +296,12 @@ suite)  # every CUDA test, this release's defaults, the pipelined wgmma configs 
   TEST_FILES=${TEST_FILES:-"tests/test_cuda.py tests/test_siblings.py tests/test_compile.py tests/test_fragment.py tests/test_svdquant.py tests/test_kernels.py tests/test_w8a8.py"} \
     T_TESTS=${T_TESTS:-500} cuda_tests
   ;;
-pipe)  # the pipelined wgmma kernel (and the TMA W8A8 GEMM): sanitizer, then the fragment layout at M = 32..256 with and without
-  export BITSMITH_FRAGMENT_WGMMA_PIPE=1 BITSMITH_W8A8_TMA=1
-  OUT="$OUT" T_WARM=${T_WARM:-150} T_SAN=${T_SAN:-200} bash benchmarks/kernels_sanitize.sh | tail -4
+pipe)  # the pipelined wgmma kernel: the fragment layout at M = 32..256 with and without its configs
   ms=${PIPE_MS:-32,64,128,256}; shapes=${PIPE_SHAPES:-14336x4096,28672x8192}
   for p in 1 0; do
     name=kernels_pipe_$p
     echo "== BITSMITH_FRAGMENT_WGMMA_PIPE=$p python3 benchmarks/kernels_bench.py --shapes $shapes --m $ms --formats int4_g64,int3_g64,nf4_g64 --no-w8a8 --reps 20 --name $name" | tee -a "$OUT/kernels_pipe.txt"
-    BITSMITH_FRAGMENT_WGMMA_PIPE=$p timeout "${T_BENCH:-110}" python3 benchmarks/kernels_bench.py --shapes "$shapes" --m "$ms" \
+    BITSMITH_FRAGMENT_WGMMA_PIPE=$p timeout "${T_BENCH:-250}" python3 benchmarks/kernels_bench.py --shapes "$shapes" --m "$ms" \
       --formats int4_g64,int3_g64,nf4_g64 --no-w8a8 --reps 20 --name "$name" 2>&1 | grep -v -i warn | tee -a "$OUT/kernels_pipe.txt" \
       | grep -E "^ +[0-9]+x[0-9]+ +[0-9]+ [a-z]"
     cp "benchmarks/results/$name.json" "$OUT/" 2>/dev/null
