@@ -613,8 +613,9 @@ def test_wide_token_tiles_compile_without_spills_or_shared_memory(fmt):
 
 def test_wide_token_tiles_can_be_switched_off(monkeypatch):
     """With :data:`WIDE` off (``BITSMITH_FRAGMENT_WIDE=0``) the Gluon kernel's configs stop at 16
-    tokens; on (the default) they reach 64, with the token tile and row blocks of :data:`MAXNREG_WIDE` and split-K x M within
-    the workspace. (``configs`` asks for a CUDA weight, so ``supports`` is bypassed here.)"""
+    tokens; on (the default) they reach 64, with the token tile and row blocks of
+    :data:`MAXNREG_WIDE` and split-K x M within the workspace. (``configs`` asks for a CUDA
+    weight, so ``supports`` is bypassed here.)"""
     rw = repack(_quantize("int4_g64", torch.randn(4096, 1024) * 0.05), layout="fragment")
     monkeypatch.setattr(fragment_mma, "supports", lambda rw_, dtype: None)
     monkeypatch.setitem(fragment_mma.WIDE, "enabled", False)
@@ -662,8 +663,7 @@ def test_wgmma_kernel_compiles_for_sm90(fmt):
 def test_wgmma_pipelined_kernel_keeps_one_mma_in_flight(fmt):
     """``PIPE``: compiled for sm_90 the loop issues a group's four ``HGMMA`` a row block and then
     waits only until one is outstanding (the previous group's), with the same two barriers and
-    activation stores as the synchronous loop, the activations' global loads a group ahead, no
-    spills and at most 192 registers (the in-flight MMA's A operand stays live: 146 against 186
+    activation stores as the synchronous loop, no spills and at most 192 registers (the in-flight MMA's A operand stays live: 146 against 186
     at two row blocks; 148 against 185 with tails at 64 tokens)."""
     for rb, tok, extra in ((1, 64, {}), (1, 64, {"K_MAJOR": True, "TAIL": True}), (2, 32, {"GROUP_MAJOR": True}),
                            (1, 16, {"K_MAJOR": True, "BF16": True})):
