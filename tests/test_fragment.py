@@ -698,8 +698,8 @@ def test_wgmma_activation_tiles_follow_the_fragment_k_order():
 
 
 def test_wgmma_kernel_can_be_switched_off_and_is_hopper_only(monkeypatch):
-    """Its configs are offered only with :data:`WGMMA` on (unless ``BITSMITH_FRAGMENT_WGMMA=0``) and
-    only on compute capability 9.0 (``supports`` names why not); token tiles are powers of two up to
+    """Its configs are offered only with :data:`WGMMA` on (unless ``BITSMITH_FRAGMENT_WGMMA=0``),
+    from :data:`MIN_M` tokens, and only on compute capability 9.0 (``supports`` names why not); token tiles are powers of two up to
     :data:`TOK_MAX`, several tiles above it."""
     rw = repack(_quantize("int4_g64", torch.randn(4096, 1024) * 0.05), layout="fragment")
     assert "Hopper" in fragment_wgmma.supports(rw, torch.float16) or not fragment_mma.HAVE_GLUON
@@ -710,6 +710,9 @@ def test_wgmma_kernel_can_be_switched_off_and_is_hopper_only(monkeypatch):
     cands = fragment_wgmma.configs(rw, 130, torch.float16, 132)
     assert cands and {c["RB"] for c in cands} == {1} and all(c["SPLIT"] * 130 <= fragment_mma.MAX_PARTIALS for c in cands)
     assert {c["RB"] for c in fragment_wgmma.configs(rw, 24, torch.float16, 132)} == {1, 2}
+    # below MIN_M the Gluon kernel won every tuning: not offered, unless asked for
+    assert fragment_wgmma.configs(rw, 16, torch.float16, 132) == []
+    assert fragment_wgmma.configs(rw, 16, torch.float16, 132, min_m=1)
     assert fragment_wgmma.configs(rw, 257, torch.float16, 132) == []
     assert not any("PIPE" in c for c in cands)  # pipelined configs: only when asked for
     monkeypatch.setitem(fragment_wgmma.WGMMA, "pipe", True)
@@ -845,7 +848,7 @@ def test_cuda_wgmma_kernel_equals_reference(name, order, monkeypatch):
         qmm, rw, x, b, ref = _cuda_case(name, m, 200, 576, dtype)
         tol = 2e-3 if dtype == torch.float16 else 1.6e-2
         sms = qmm._sm_count(x.device)
-        cfgs = fragment_wgmma.configs(rw, m, dtype, sms) + [fragment_wgmma.default_config(rw, m, sms)]
+        cfgs = fragment_wgmma.configs(rw, m, dtype, sms, min_m=1) + [fragment_wgmma.default_config(rw, m, sms)]
         assert len(cfgs) > 2
         for cfg in cfgs:
             for _ in range(2):

@@ -1,4 +1,5 @@
-"""The fragment layout read by Hopper's warpgroup MMA (``wgmma``), 1..256 tokens (Gluon, sm_90).
+"""The fragment layout read by Hopper's warpgroup MMA (``wgmma``), 1..256 tokens (Gluon, sm_90;
+offered to the tuner from :data:`MIN_M`).
 
 The A operand of ``wgmma`` may come from registers, and each warp of the warpgroup holds its 16
 rows in the same fragment as ``mma.m16n8k16``'s A operand. So the words of the fragment layout
@@ -65,6 +66,10 @@ WGMMA = {"enabled": os.environ.get("BITSMITH_FRAGMENT_WGMMA", "") != "0",
 #: token]``, and (``K_MAJOR``) to ``[token, k]``; tests/test_fragment.py checks both against physical_k
 TO_K_TOKEN = (2, 3, 1, 4, 0)
 TO_TOKEN_K = (0, 2, 3, 1, 4)
+#: the fewest tokens it is offered for: at 1 and 16 tokens the Gluon kernel won all 38 tunings it
+#: was timed in beside it (H100: kernels_defaults_m1m16_h100.json, kernels_wide_layout_all_h100.json),
+#: so below 17 it would only double the tuner's work (``configs(..., min_m=1)`` still gives them)
+MIN_M = 17
 MAX_M = 256  # tokens it is offered for (several token tiles above TOK_MAX: the weights are read once a tile)
 #: the widest token tile: at 128 tokens (one row block a warp) the kernel needs 255 registers and
 #: spills with tails; at 64 it needs 146 (tests/test_fragment.py)
@@ -204,12 +209,12 @@ def _row_tiles(rw: RuntimeWeight, rb: int) -> int:
     return -(-blocks_groups(rw)[0] // (4 * rb))
 
 
-def configs(rw: RuntimeWeight, m: int, dtype: torch.dtype, sms: int) -> list[dict]:
-    """Candidate configs at ``m`` rows (only with :data:`WGMMA` on): row blocks a warp (1, 2) x
+def configs(rw: RuntimeWeight, m: int, dtype: torch.dtype, sms: int, min_m: int = MIN_M) -> list[dict]:
+    """Candidate configs at ``m`` rows, ``min_m`` to :data:`MAX_M` (only with :data:`WGMMA` on): row blocks a warp (1, 2) x
     split-K (as :func:`bitsmith.kernels.fragment_mma.configs` bounds it) x words a group ahead
     (``PREFETCH`` 0, 1) x the activations' shared-memory tile (``K_MAJOR`` 0, 1); with
     ``WGMMA["pipe"]`` also each of those with ``PREFETCH`` 1 pipelined (``PIPE``)."""
-    if not WGMMA["enabled"] or m > MAX_M or supports(rw, dtype) is not None:
+    if not WGMMA["enabled"] or not min_m <= m <= MAX_M or supports(rw, dtype) is not None:
         return []
     ng = blocks_groups(rw)[1]
     tok = tokens(m)
@@ -261,4 +266,4 @@ def compile_offline(fmt: str = "int4", rb: int = 1, tok: int = 64, prefetch: int
     return _compile_offline(_wgmma_kernel, cx, act, 4, 1, arch, gluon=True)
 
 
-__all__ = ["WGMMA", "MAX_M", "TOK_MAX", "supports", "tokens", "configs", "default_config", "launch_args", "compile_offline"]
+__all__ = ["WGMMA", "MIN_M", "MAX_M", "TOK_MAX", "supports", "tokens", "configs", "default_config", "launch_args", "compile_offline"]

@@ -25,7 +25,7 @@ Kernels, by the number of rows M of ``x``:
 The fragment layout (:mod:`bitsmith.kernels.fragment`) has its own kernels: the Gluon kernel of
 :mod:`bitsmith.kernels.fragment_mma` up to 64 rows (16 with ``BITSMITH_FRAGMENT_WIDE=0``), the
 GEMM of :mod:`bitsmith.kernels.fragment_gemm` and dequantize + cuBLAS from 17 to 512 rows, and on
-a Hopper GPU :mod:`bitsmith.kernels.fragment_wgmma` up to 256 rows (off with
+a Hopper GPU :mod:`bitsmith.kernels.fragment_wgmma` from 17 to 256 rows (off with
 ``BITSMITH_FRAGMENT_WGMMA=0``); the tuner picks among them; dequantize + cuBLAS above 512.
 
 Configs are tuned once per (kernel, shape, layout) on first use (not under CUDA-graph capture,
