@@ -37,6 +37,26 @@ def smollm2_dir():
     return smollm2_path()
 
 
+#: the SmolLM2-135M weights the GPU kernel tests multiply (attention, MLP down and gate projections)
+SMOLLM2_KERNEL_WEIGHTS = ("model.layers.0.self_attn.q_proj.weight", "model.layers.3.mlp.down_proj.weight",
+                          "model.layers.7.mlp.gate_proj.weight")
+
+
+@pytest.fixture
+def smollm2_kernel_weights(request):
+    """:data:`SMOLLM2_KERNEL_WEIGHTS` by name. On the GPU machine (no model cache) from a slice file
+    carried with the run (.cache/kernels_gpu/smollm2_slice.safetensors, written from the cached
+    model), else from the cached model."""
+    from safetensors.torch import load_file
+
+    slice_file = Path(__file__).resolve().parents[1] / ".cache" / "kernels_gpu" / "smollm2_slice.safetensors"
+    if slice_file.exists():
+        sd = load_file(str(slice_file))
+    else:
+        sd = load_file(str(sorted(Path(request.getfixturevalue("smollm2_dir")).glob("*.safetensors"))[0]))
+    return {key: sd[key] for key in SMOLLM2_KERNEL_WEIGHTS}
+
+
 def run_interpreter_tests(test_file: str, k_expr: str = "interp_") -> None:
     """Run ``test_file``'s tests matching ``k_expr`` in a subprocess with ``TRITON_INTERPRET=1``
     (the interpreter must be on before Triton is imported), and require that they all ran and passed."""

@@ -797,6 +797,39 @@ def _check_configs(name, m, dtype, prefetch=(0, 1, 2), splits=(1, 4, 9)):
 
 @needs_cuda
 @pytest.mark.parametrize("name", sorted(FORMATS))
+def test_cuda_smollm2_weights_every_fragment_kernel(name, smollm2_kernel_weights):
+    """Three SmolLM2-135M weights (conftest's ``smollm2_kernel_weights``) in the fragment layout,
+    each of its kernels at its default config where it takes the tokens: the Gluon kernel (1, 16,
+    40 tokens), on Hopper the ``wgmma`` kernel (16, 40, 100), the GEMM (40, 100, 600) and
+    dequantize + cuBLAS (40, 600); float16 with a bias, against float64."""
+    from bitsmith.kernels import qmm
+
+    for w in smollm2_kernel_weights.values():
+        qt = _quantize(name, w.float().cuda())
+        rw = repack(qt, layout="fragment")
+        qmm.reserve_workspace(rw)
+        w64 = qt.dequantize(torch.float64)
+        sms = qmm._sm_count(rw.device)
+        hopper = fragment_wgmma.supports(rw, torch.float16) is None
+        launched = set()
+        for m in (1, 16, 40, 100, 600):
+            g = torch.Generator().manual_seed(m)
+            x = torch.randn(m, rw.k, generator=g).to("cuda", torch.float16)
+            b = torch.randn(rw.n, generator=g).to("cuda", torch.float16)
+            ref = F.linear(x.double(), w64, b.double())
+            cfgs = [fragment_mma.default_config(rw, m, sms)] if m <= fragment_mma.max_m() else []
+            cfgs += [fragment_wgmma.default_config(rw, m, sms)] if hopper and 16 <= m <= fragment_wgmma.MAX_M else []
+            cfgs += [fragment_gemm.default_config(rw, m, sms)] if fragment_gemm.MIN_M <= m <= fragment_gemm.MAX_M else []
+            cfgs += [{"DEQUANT_MM": True}] if m in (40, 600) else []
+            for cfg in cfgs:
+                out = qmm._launch(rw, x, b, cfg)
+                assert float((out.double() - ref).norm() / ref.norm()) < 2e-3, (m, cfg)
+                launched.add(cfg.get("KERNEL", "dequant"))
+        assert {"fragment", "fragment_gemm", "dequant"} | ({"fragment_wgmma"} if hopper else set()) == launched
+
+
+@needs_cuda
+@pytest.mark.parametrize("name", sorted(FORMATS))
 @pytest.mark.parametrize("m", [1, 16])
 def test_cuda_every_config_equals_reference(name, m):
     """float16, N = 200 and K = 576 (a row tail), a bias."""

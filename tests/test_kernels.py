@@ -619,18 +619,9 @@ def test_cuda_real_sizes(name):
 
 @needs_cuda
 @pytest.mark.parametrize("name", ["int4_g64_int0", "nf4_g64_dq", "int3_g64"])
-def test_cuda_smollm2_weights(name, request):
-    """Three SmolLM2-135M weights; on the GPU machine (no model cache) from a slice file carried
-    with the run (.cache/kernels_gpu/smollm2_slice.safetensors, written from the cached model)."""
-    from safetensors.torch import load_file
-
-    slice_file = Path(__file__).resolve().parents[1] / ".cache" / "kernels_gpu" / "smollm2_slice.safetensors"
-    if slice_file.exists():
-        sd = load_file(str(slice_file))
-    else:
-        sd = load_file(str(sorted(Path(request.getfixturevalue("smollm2_dir")).glob("*.safetensors"))[0]))
-    for key in ("model.layers.0.self_attn.q_proj.weight", "model.layers.3.mlp.down_proj.weight", "model.layers.7.mlp.gate_proj.weight"):
-        w = sd[key]
+def test_cuda_smollm2_weights(name, smollm2_kernel_weights):
+    """Three SmolLM2-135M weights (conftest's ``smollm2_kernel_weights``) in the rows layout."""
+    for w in smollm2_kernel_weights.values():
         for m in (1, 16, 200):
             _cuda_case(name, m, w.shape[0], w.shape[1], torch.float16, w=w)
 
