@@ -386,19 +386,13 @@ def compile_quant_offline(fma_div: bool, block: int = 4096, k_multiple: bool = T
     """``_quant_rows_kernel`` compiled for NVIDIA ``sm_<arch>`` on any machine (CI checks its
     machine code): float16 activations, dynamic per-token scales, no migration; ``block``: the row
     tile (a row of ``block`` channels read once)."""
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+    from .small_m import _compile_offline
 
     consts = {"STATIC": False, "HAS_MIG": False, "RECIP_SCALE": True, "FMA_DIV": fma_div, "BLOCK_K": block}
-    types = {"x_ptr": "*fp16", "q_ptr": "*i8", "s_ptr": "*fp32", "static_ptr": "*fp32", "mig_ptr": "*fp32"}
-    names = _quant_rows_kernel.arg_names
-    sig = {a: "constexpr" if a in consts else types.get(a, "i32") for a in names}
-    aligned = {(names.index(a),): [["tt.divisibility", 16]] for a in names
-               if a in types or (k_multiple and a in ("K", "stride_x", "stride_q"))}
-    src = ASTSource(fn=_quant_rows_kernel, signature=sig, attrs=aligned,
-                    constexprs={(names.index(c),): v for c, v in consts.items()})
+    types = {"x_ptr": "fp16", "q_ptr": "i8", "s_ptr": "fp32", "static_ptr": "fp32", "mig_ptr": "fp32"}
     warps = 4 if block <= 1024 else 8 if block <= 4096 else 16
-    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps, "num_stages": 1})
+    return _compile_offline(_quant_rows_kernel, consts, "fp16", warps, 1, arch, ptr_types=types,
+                            aligned_ints=("K", "stride_x", "stride_q") if k_multiple else ())
 
 
 def compile_gemm_offline(tma: bool, block_m: int = 256, block_n: int = 128, block_k: int = 128, num_warps: int = 8,
@@ -406,15 +400,9 @@ def compile_gemm_offline(tma: bool, block_m: int = 256, block_n: int = 128, bloc
     """``_w8a8_gemm_kernel`` (or, ``tma``, ``_w8a8_gemm_tma_kernel``) compiled for NVIDIA
     ``sm_<arch>`` on any machine, for CI's checks of its machine code: float16 output, a bias,
     ``K`` and the strides multiples of 16."""
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+    from .small_m import _compile_offline
 
-    kernel = _w8a8_gemm_tma_kernel if tma else _w8a8_gemm_kernel
     consts = {"HAS_BIAS": True, "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "GROUP_M": 8}
-    types = {"a_ptr": "*i8", "b_ptr": "*i8", "sa_ptr": "*fp32", "sb_ptr": "*fp32", "bias_ptr": "*fp16", "out_ptr": "*fp16"}
-    names = kernel.arg_names
-    sig = {a: "constexpr" if a in consts else types.get(a, "i32") for a in names}
-    aligned = {(names.index(a),): [["tt.divisibility", 16]] for a in names
-               if a in types or a in ("K", "stride_am", "stride_bn", "stride_om")}
-    src = ASTSource(fn=kernel, signature=sig, attrs=aligned, constexprs={(names.index(c),): v for c, v in consts.items()})
-    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps, "num_stages": num_stages})
+    types = {"a_ptr": "i8", "b_ptr": "i8", "sa_ptr": "fp32", "sb_ptr": "fp32", "bias_ptr": "fp16", "out_ptr": "fp16"}
+    return _compile_offline(_w8a8_gemm_tma_kernel if tma else _w8a8_gemm_kernel, consts, "fp16", num_warps, num_stages,
+                            arch, ptr_types=types, aligned_ints=("K", "stride_am", "stride_bn", "stride_om"))
