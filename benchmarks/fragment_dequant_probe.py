@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import write_result  # noqa: E402
+from _common import write_result, add_shape_args, parse_shapes  # noqa: E402
 
 from bitsmith.kernels import fragment_mma, qmm, repack  # noqa: E402
 from bitsmith.kernels.bench import FLUSH_BYTES, make_qtensor  # noqa: E402
@@ -31,17 +31,14 @@ def bytes_moved(rw, n: int, k: int) -> int:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--shapes", default="14336x4096,28672x8192")
+    add_shape_args(ap, "fragment_dequant_probe", 20, shapes="14336x4096,28672x8192")
     ap.add_argument("--formats", default="int4_g64,nf4_g64,int3_g64")
-    ap.add_argument("--reps", type=int, default=20)
-    ap.add_argument("--name", default="fragment_dequant_probe")
     args = ap.parse_args()
     dev = torch.device("cuda")
     flush = torch.empty(FLUSH_BYTES, dtype=torch.int8, device=dev)
     rows = []
     print(f"{'N x K':>12} {'format':>9} {'layout':>9} {'tile':>6} {'us':>8} {'GB/s':>7}  equal")
-    for shape in args.shapes.split(","):
-        n, k = (int(v) for v in shape.split("x"))
+    for n, k in parse_shapes(args.shapes):
         w = torch.randn(n, k, device=dev) * 0.02
         for fmt in args.formats.split(","):
             qt = make_qtensor(fmt, w)

@@ -118,18 +118,17 @@ def probe_weight(w16: torch.Tensor, fmt: str, ms: list[int], timer, orders: tupl
 
 
 def main() -> None:
+    from _common import write_result, add_shape_args, parse_shapes, require_cuda
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--shapes", default="4096x4096,14336x4096,4096x14336,28672x8192")
+    add_shape_args(ap, "gluon_fragment_probe", 20)
     ap.add_argument("--m", default="1,8,16")
     ap.add_argument("--formats", default="int4_g64,int4_g128,nf4_g64,int3_g64")
-    ap.add_argument("--reps", type=int, default=20)
-    ap.add_argument("--name", default="gluon_fragment_probe")
     ap.add_argument("--orders", default=None,
                     help="the fragment words' orders to time, comma-separated (block, group: fragment.ORDERS; "
                          "default: the library's, BITSMITH_FRAGMENT_ORDER or group)")
     ap.add_argument("--sass", action="store_true", help="sm_90 machine code only (no GPU needed)")
     args = ap.parse_args()
-    from _common import write_result
 
     if args.sass:
         from bitsmith.kernels.fragment import FORMATS
@@ -142,16 +141,13 @@ def main() -> None:
                   f"{r['per_code']:.2f} a code, shared/shuffle {r['shared_or_shuffle'] or 'none'}")
         write_result(args.name + "_sass", {"rows": rows, "arch": "sm_90"})
         return
-    if not torch.cuda.is_available():
-        print("gluon_fragment_probe: needs a CUDA GPU (or --sass)", file=sys.stderr)
-        raise SystemExit(2)
+    require_cuda("gluon_fragment_probe", "(or --sass)")
     from bitsmith.kernels.bench import Timer
 
     dev = torch.device("cuda")
     timer = Timer(dev, reps=args.reps)
     rows = []
-    for shape in args.shapes.split(","):
-        n, k = (int(v) for v in shape.split("x"))
+    for n, k in parse_shapes(args.shapes):
         w16 = (torch.randn(n, k, device=dev) * 0.02).to(torch.float16)
         for fmt in args.formats.split(","):
             orders = tuple(args.orders.split(",")) if args.orders else None

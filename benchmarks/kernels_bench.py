@@ -10,21 +10,19 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import write_result  # noqa: E402
+from _common import write_result, add_shape_args, parse_shapes  # noqa: E402
 
 from bitsmith.kernels import bench  # noqa: E402
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--shapes", default="4096x4096,14336x4096,4096x14336,28672x8192")
+    add_shape_args(ap, "kernels_h100", 50)
     ap.add_argument("--m", default="1,16,128,2048")
     ap.add_argument("--formats", default=",".join(bench.DEFAULT_FORMATS))
     ap.add_argument("--no-w8a8", action="store_true")
-    ap.add_argument("--reps", type=int, default=50)
-    ap.add_argument("--name", default="kernels_h100")
     args = ap.parse_args()
-    shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
+    shapes = parse_shapes(args.shapes)
     res = None
     for shape in shapes:  # one shape at a time: a run cut short by a time limit keeps what it measured
         part = bench.run_bench([shape], [int(m) for m in args.m.split(",")], args.formats.split(","),

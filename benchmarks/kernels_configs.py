@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import write_result  # noqa: E402
+from _common import write_result, add_shape_args, parse_shapes  # noqa: E402
 
 from bitsmith.kernels import qmm, small_m  # noqa: E402
 from bitsmith.kernels.bench import Timer, copy_bandwidth, make_qtensor  # noqa: E402
@@ -75,12 +75,10 @@ def m1_sweep(rw, dtype) -> list[dict]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--shapes", default="4096x4096,14336x4096,4096x14336,28672x8192")
+    add_shape_args(ap, "kernels_configs_h100", 15)
     ap.add_argument("--m", default="16")
     ap.add_argument("--formats", default="int4_g64,int4_g128")
-    ap.add_argument("--reps", type=int, default=15)
     ap.add_argument("--top", type=int, default=4)
-    ap.add_argument("--name", default="kernels_configs_h100")
     ap.add_argument("--m1-sweep", action="store_true", help="at M = 1, a wider search of the CUDA-core kernel (m1_sweep)")
     ap.add_argument("--tc-sweep", action="store_true", help="at M = 2..64, a wider search of the tensor-core kernel (tc_sweep)")
     args = ap.parse_args()
@@ -89,8 +87,7 @@ def main() -> None:
     timer = Timer(dev, reps=args.reps, warmup=2)
     rows = []
     print(f"device {torch.cuda.get_device_name(dev)}; copy {copy_bandwidth(dev) / 1e9:.0f} GB/s", flush=True)
-    for shape in args.shapes.split(","):
-        n, k = (int(v) for v in shape.split("x"))
+    for n, k in parse_shapes(args.shapes):
         w16 = (torch.randn(n, k, device=dev) * 0.02).to(torch.float16)
         for m in (int(v) for v in args.m.split(",")):
             x = torch.randn(m, k, device=dev, dtype=torch.float16)

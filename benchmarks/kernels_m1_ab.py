@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import write_result  # noqa: E402
+from _common import write_result, add_shape_args, parse_shapes  # noqa: E402
 
 from bitsmith.kernels import qmm, small_m  # noqa: E402
 from bitsmith.kernels.bench import Timer, _tinygemm, copy_bandwidth, make_qtensor  # noqa: E402
@@ -59,10 +59,8 @@ def best_of(mod, rw, x, ref, timer, cfgs):
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--prev", required=True, help="an earlier small_m.py")
-    ap.add_argument("--shapes", default="4096x4096,14336x4096,4096x14336,28672x8192")
+    add_shape_args(ap, "kernels_m1_ab", 15)
     ap.add_argument("--formats", default="int4_g64,int4_g128,int3_g64,nf4_g64")
-    ap.add_argument("--reps", type=int, default=15)
-    ap.add_argument("--name", default="kernels_m1_ab")
     args = ap.parse_args()
     prev = load_prev(args.prev)
     dev = torch.device("cuda")
@@ -72,8 +70,7 @@ def main() -> None:
     print(f"device {torch.cuda.get_device_name(dev)}; copy {copy_bandwidth(dev) / 1e9:.0f} GB/s", flush=True)
     print(f"{'N x K':>12} {'format':<10} {'fp16':>6} {'tinyg':>6} {'prev':>6} {'new':>6} us (graph, flushed L2) "
           f"| x fp16 eager: prev new", flush=True)
-    for shape in args.shapes.split(","):
-        n, k = (int(v) for v in shape.split("x"))
+    for n, k in parse_shapes(args.shapes):
         w16 = (torch.randn(n, k, device=dev) * 0.02).to(torch.float16)
         tg = _tinygemm(w16)
         x = torch.randn(1, k, device=dev, dtype=torch.float16)

@@ -88,18 +88,17 @@ def variants(rw, m: int, dtype, frag_caps=FRAG_CAPS) -> dict[str, list[dict]]:
 
 
 def main() -> None:
+    from _common import write_result, add_shape_args, parse_shapes, require_cuda
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--shapes", default="4096x4096,14336x4096,4096x14336,28672x8192")
+    add_shape_args(ap, "kernels_regcap", 10)
     ap.add_argument("--formats", default="int4_g64,int3_g64,nf4_g64")
     ap.add_argument("--m", default="1,16")
-    ap.add_argument("--reps", type=int, default=10)
-    ap.add_argument("--name", default="kernels_regcap")
     ap.add_argument("--frag-caps", default=",".join(map(str, FRAG_CAPS)), help="the fragment kernel's caps to time")
     ap.add_argument("--layouts", default="rows,fragment", help="which layouts' kernels to time")
     ap.add_argument("--sass", action="store_true", help="where the loops' loads sit (no GPU needed)")
     args = ap.parse_args()
     frag_caps = tuple(int(c) for c in args.frag_caps.split(","))
-    from _common import write_result
 
     if args.sass:
         rows = sass_rows()
@@ -109,9 +108,7 @@ def main() -> None:
                   f"loop {r['loop_instructions']}, 8/16-byte loads at {r['wide_loads_at']}")
         write_result(args.name + "_sass", {"rows": rows, "arch": "sm_90"})
         return
-    if not torch.cuda.is_available():
-        print("kernels_regcap: needs a CUDA GPU (or --sass)", file=sys.stderr)
-        raise SystemExit(2)
+    require_cuda("kernels_regcap", "(or --sass)")
     import torch.nn.functional as F
 
     from bitsmith.kernels import qmm
@@ -122,8 +119,7 @@ def main() -> None:
     torch.manual_seed(0)
     timer = Timer(dev, reps=args.reps, warmup=2)
     rows = []
-    for shape in args.shapes.split(","):
-        n, k = (int(v) for v in shape.split("x"))
+    for n, k in parse_shapes(args.shapes):
         w16 = (torch.randn(n, k, device=dev) * 0.02).to(torch.float16)
         for m in (int(v) for v in args.m.split(",")):
             x = torch.randn(m, k, device=dev, dtype=torch.float16)

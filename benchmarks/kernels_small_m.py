@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import write_result  # noqa: E402
+from _common import write_result, add_shape_args, parse_shapes  # noqa: E402
 from kernels_m1_ab import best_of  # noqa: E402
 
 from bitsmith.kernels import small_m  # noqa: E402
@@ -44,19 +44,16 @@ def candidates(m: int) -> list[dict]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--shapes", default="4096x4096,14336x4096,4096x14336,28672x8192")
+    add_shape_args(ap, "kernels_small_m_h100", 15)
     ap.add_argument("--formats", default="int4_g64,int4_g128,nf4_g64,int3_g64")
     ap.add_argument("--m", default="1,16")
-    ap.add_argument("--reps", type=int, default=15)
-    ap.add_argument("--name", default="kernels_small_m_h100")
     args = ap.parse_args()
     dev = torch.device("cuda")
     torch.manual_seed(0)
     timer = Timer(dev, reps=args.reps, warmup=2)
     rows, best_cfgs = [], {}
     print(f"device {torch.cuda.get_device_name(dev)}; copy {copy_bandwidth(dev) / 1e9:.0f} GB/s", flush=True)
-    for shape in args.shapes.split(","):
-        n, k = (int(v) for v in shape.split("x"))
+    for n, k in parse_shapes(args.shapes):
         w16 = (torch.randn(n, k, device=dev) * 0.02).to(torch.float16)
         tg = _tinygemm(w16)
         for m in (int(v) for v in args.m.split(",")):

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import write_result  # noqa: E402
+from _common import write_result, add_shape_args, parse_shapes, require_cuda  # noqa: E402
 
 TILE = 128  # columns of W^T a program of either dequantization kernel writes
 
@@ -76,16 +76,12 @@ def pipelined(rw, x: torch.Tensor, chunks: int, wt: torch.Tensor, out: torch.Ten
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--shapes", default="4096x4096,14336x4096,4096x14336,28672x8192")
+    add_shape_args(ap, "m2048_overlap_probe", 10)
     ap.add_argument("--formats", default="int4_g64,nf4_g64,int3_g64")
     ap.add_argument("--m", type=int, default=2048)
     ap.add_argument("--chunks", default="2,4,8")
-    ap.add_argument("--reps", type=int, default=10)
-    ap.add_argument("--name", default="m2048_overlap_probe")
     args = ap.parse_args()
-    if not torch.cuda.is_available():
-        print("m2048_overlap_probe: needs a CUDA GPU", file=sys.stderr)
-        raise SystemExit(2)
+    require_cuda("m2048_overlap_probe")
     from bitsmith.kernels import qmm
     from bitsmith.kernels.bench import Timer, make_qtensor
     from bitsmith.kernels.layout import repack
@@ -95,8 +91,8 @@ def main() -> None:
     timer = Timer(dev, reps=args.reps, warmup=2)
     side = torch.cuda.Stream()
     rows = []
-    for shape in args.shapes.split(","):
-        n, k = (int(v) for v in shape.split("x"))
+    for n, k in parse_shapes(args.shapes):
+        shape = f"{n}x{k}"
         w16 = (torch.randn(n, k, device=dev) * 0.02).half()
         x = torch.randn(args.m, k, device=dev, dtype=torch.float16)
         fp16 = timer.time_graph(lambda: F.linear(x, w16))

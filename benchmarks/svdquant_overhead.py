@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import write_result  # noqa: E402
+from _common import write_result, add_shape_args, parse_shapes, require_cuda  # noqa: E402
 
 import bitsmith  # noqa: E402
 from bitsmith.kernels.bench import Timer  # noqa: E402
@@ -55,18 +55,14 @@ def modules(n: int, k: int, rank: int, device: torch.device, smoothing: list[str
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--shapes", default="4096x4096,14336x4096,4096x14336")
+    add_shape_args(ap, "svdquant_overhead_h100", 30, shapes="4096x4096,14336x4096,4096x14336")
     ap.add_argument("--m", default="1,16")
     ap.add_argument("--rank", type=int, default=32)
     ap.add_argument("--smoothing", default="divide,divide-split,fused",
                     help="divide (in the layer, one launch in front of the matmul), divide-split (in the layer, "
                          "x_main alone in front, t beside the matmul), fused (upstream)")
-    ap.add_argument("--reps", type=int, default=30)
-    ap.add_argument("--name", default="svdquant_overhead_h100")
     args = ap.parse_args()
-    if not torch.cuda.is_available():
-        print("svdquant_overhead: needs a CUDA GPU (the fused kernels)", file=sys.stderr)
-        raise SystemExit(2)
+    require_cuda("svdquant_overhead", "(the fused kernels)")
     dev = torch.device("cuda")
     timer = Timer(dev, reps=args.reps)
     rows = []
@@ -74,8 +70,7 @@ def main() -> None:
     if set(smoothing) - {"divide", "divide-split", "fused"}:
         raise SystemExit(f"--smoothing: divide, divide-split and/or fused, got {args.smoothing!r}")
     print(f"{'N x K':>12} {'M':>4} {'smoothing':>12} {'path':>8} {'int4 us':>9} {'+low-rank us':>13} {'overhead':>9} {'graph us':>17} {'overhead':>9} {'down us':>9}")
-    for shape in args.shapes.split(","):
-        n, k = (int(v) for v in shape.split("x"))
+    for n, k in parse_shapes(args.shapes):
         plain, lows = modules(n, k, args.rank, dev, smoothing)
         assert plain.__dict__.get("_runtime") is not None
         with torch.no_grad():  # forward timings only

@@ -18,19 +18,15 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import write_result  # noqa: E402
+from _common import write_result, add_shape_args, parse_shapes, require_cuda  # noqa: E402
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--shapes", default="4096x4096,14336x4096,4096x14336,28672x8192")
+    add_shape_args(ap, "w8a8_probe", 20)
     ap.add_argument("--m", type=int, default=2048)
-    ap.add_argument("--reps", type=int, default=20)
-    ap.add_argument("--name", default="w8a8_probe")
     args = ap.parse_args()
-    if not torch.cuda.is_available():
-        print("w8a8_probe: needs a CUDA GPU", file=sys.stderr)
-        raise SystemExit(2)
+    require_cuda("w8a8_probe")
     from bitsmith.kernels import w8a8
     from bitsmith.kernels.bench import Timer
 
@@ -40,8 +36,8 @@ def main() -> None:
     rows = []
     print(f"{'N x K':>12} {'fp16':>8} {'quant':>7} {'gemm':>7} {'int_mm':>7} {'library':>8} {'x fp16':>7} "
           f"{'int_mm backend':>15}  best gemm config (us)", flush=True)
-    for shape in args.shapes.split(","):
-        n, k = (int(v) for v in shape.split("x"))
+    for n, k in parse_shapes(args.shapes):
+        shape = f"{n}x{k}"
         w16 = (torch.randn(n, k, device=dev) * 0.02).half()
         sw = (w16.float().abs().amax(1) / 127).clamp_min(1e-8)
         wq = torch.round(w16.float() / sw[:, None]).clamp(-127, 127).to(torch.int8).contiguous()
