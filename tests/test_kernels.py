@@ -1079,6 +1079,7 @@ def test_tuning_where_every_candidate_fails_warns_and_is_recorded(monkeypatch):
     monkeypatch.setattr(qmm, "_default_config", lambda rw, m, device, dtype: {"DEFAULT": True})
     monkeypatch.setattr(qmm, "TUNED", {})
     monkeypatch.setattr(qmm, "TUNE_FAILURES", [])
+    monkeypatch.setattr(qmm, "TUNE_SECONDS", {})
     key = ("fma", 1, 64, 64, "rows")
     with pytest.warns(RuntimeWarning, match="all 2 candidate configs failed.*TypeError: sum"):
         cfg = qmm._tune(key, object(), torch.zeros(1, 64), None)
@@ -1110,8 +1111,14 @@ def test_tuning_keeps_the_fastest_candidate_that_ran(monkeypatch):
     monkeypatch.setattr(qmm, "_configs", lambda rw, m, dtype: [{"A": 1}, {"A": 2}, {"A": 3}])
     monkeypatch.setattr(qmm, "TUNED", {})
     monkeypatch.setattr(qmm, "TUNE_FAILURES", [])
+    monkeypatch.setattr(qmm, "TUNE_SECONDS", {})
+    monkeypatch.setattr(qmm.time, "perf_counter", iter([10.0, 12.5]).__next__)
     assert qmm._tune(("fma", 1, 64, 64, "rows"), object(), torch.zeros(1, 64), None) == {"A": 3}
     assert qmm.TUNE_FAILURES == []  # one failing config is a choice, not a failure
+    # what the tuning cost is recorded for the benchmarks (the failing config counts: it was compiled)
+    from bitsmith.kernels.bench import tuning_seconds
+
+    assert tuning_seconds() == {"fma 1 64 64 rows": {"seconds": 2.5, "candidates": 3}}
 
 
 def _recording_kernel(calls: list):

@@ -93,9 +93,11 @@ def test_the_tuner_reads_the_cache_instead_of_timing(tmp_path, monkeypatch):
         assert list(json.loads(path.read_text())["entries"].values()) == [want]
 
         monkeypatch.setattr(qmm, "TUNED", {})
+        monkeypatch.setattr(qmm, "TUNE_SECONDS", {})
         tune_cache.set_path(path)  # a fresh process: the file is read anew
         monkeypatch.setattr(qmm, "gpu_time", lambda fn, calls=20: pytest.fail("timed although cached"))
         assert qmm._tune(key, rw, x, None) == want and qmm.TUNED[key] == want
+        assert qmm.TUNE_SECONDS == {}  # nothing tuned: no tuning time recorded
 
         entries = json.loads(path.read_text())["entries"]
         stale = {k: {**v, "BLOCK_N": 999} for k, v in entries.items()}

@@ -31,7 +31,7 @@ from ..formats.affine import AffineParams, encode_affine, pad_groups
 from ..formats.codebook import CodebookParams, quantize_codebook
 from ..formats.qtensor import QTensor
 from .layout import repack
-from .qmm import HAVE_TRITON, TUNE_FAILURES, TUNED, flushed_times_ms, quant_matmul
+from .qmm import HAVE_TRITON, TUNE_FAILURES, TUNE_SECONDS, TUNED, flushed_times_ms, quant_matmul
 
 FLUSH_BYTES = 256 << 20
 
@@ -297,6 +297,12 @@ def tuned_configs() -> dict:
     return {" ".join(map(str, key)): cfg for key, cfg in TUNED.items()}
 
 
+def tuning_seconds() -> dict:
+    """How long each tuning of this process took (wall time, compiling the candidates included) and
+    how many configs it timed, JSON-able; none for configs taken from ``BITSMITH_TUNE_CACHE``."""
+    return {" ".join(map(str, key)): dict(v) for key, v in TUNE_SECONDS.items()}
+
+
 def tune_failures() -> list[dict]:
     """The tunings of this process where every candidate failed and the default config ran."""
     return list(TUNE_FAILURES)
@@ -304,4 +310,4 @@ def tune_failures() -> list[dict]:
 
 __all__ = ["run_bench", "render_rows", "BenchResult", "BenchRow", "Timer", "copy_bandwidth", "make_qtensor",
            "BENCH_FORMATS", "DEFAULT_SHAPES", "DEFAULT_MS", "DEFAULT_FORMATS", "tuned_configs",
-           "tune_failures"]
+           "tune_failures", "tuning_seconds"]

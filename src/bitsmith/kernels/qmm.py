@@ -36,8 +36,10 @@ from __future__ import annotations
 
 import os
 import statistics
+import time
 import warnings
 from typing import Callable
+
 
 import torch
 
@@ -59,6 +61,9 @@ if HAVE_TRITON:
 
 TUNED: dict[tuple, dict] = {}  # (kernel, M bucket, N, K, layout key) -> launch config
 TUNE_FAILURES: list[dict] = []  # tunings where every candidate failed (the default config ran instead)
+#: (kernel, M bucket, N, K, layout key) -> {"seconds", "candidates"} of each tuning this process ran
+#: (wall time, compiling every candidate included; none for a config taken from the tuning cache)
+TUNE_SECONDS: dict[tuple, dict] = {}
 _SM_COUNT: dict[int, int] = {}
 
 if HAVE_TRITON:
@@ -664,6 +669,7 @@ def _tune(key: tuple, rw: RuntimeWeight, x2: torch.Tensor, bias) -> dict:
             TUNED[key] = kept
             return kept
     best, best_t, first_error = None, float("inf"), None
+    started = time.perf_counter()
     for cfg in cands:
         try:
             t = gpu_time(lambda: _launch(rw, x2, bias, cfg))
@@ -683,6 +689,7 @@ def _tune(key: tuple, rw: RuntimeWeight, x2: torch.Tensor, bias) -> dict:
                           f"{why}; using the default config", RuntimeWarning, stacklevel=2)
     elif cache is not None:
         cache.put(cache_key, best)
+    TUNE_SECONDS[key] = {"seconds": time.perf_counter() - started, "candidates": len(cands)}
     TUNED[key] = best
     return best
 
