@@ -44,7 +44,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import write_result  # noqa: E402
 
-from bitsmith.kernels.bench import copy_bandwidth, make_qtensor, tune_failures, tuned_configs  # noqa: E402
+from bitsmith.kernels.bench import copy_bandwidth, make_qtensor, tune_failures, tuned_configs, tuning_seconds  # noqa: E402
 from bitsmith.nn import QuantLinear  # noqa: E402
 
 
@@ -284,6 +284,7 @@ def main() -> None:
         for b in batches:
             failed_before = len(tune_failures())
             tuned_before = set(tuned_configs())
+            tuning_before = set(tuning_seconds())
             r = time_decode(model, cfg, b, args.prompt, args.cache_len, args.reps, args.compile, args.profile)
             step_ms = r.get("graph_ms", r["eager_ms"])
             untuned = tune_failures()[failed_before:]  # shapes that ran their default config
@@ -292,7 +293,9 @@ def main() -> None:
             row = {"format": fmt, "batch": b, **r, "tokens_per_s": b / (step_ms / 1e3), "weight_bytes": wbytes,
                    "floor_ms": wbytes / bw * 1e3, "quantize_and_repack_s": quant_s, "tune_failures": untuned,
                    # the configs this step's matmuls were tuned to here (tuning differs run to run)
-                   "tuned": {key: c for key, c in tuned_configs().items() if key not in tuned_before}}
+                   "tuned": {key: c for key, c in tuned_configs().items() if key not in tuned_before},
+                   # wall time of those tunings (compiling the candidates included; 0 with a tuning cache)
+                   "tuning_s": sum(v["seconds"] for key, v in tuning_seconds().items() if key not in tuning_before)}
             rows.append(row)
             print(f"{fmt:>10} B={b:<3} graph {r.get('graph_ms', float('nan')):8.2f} ms  eager {r['eager_ms']:8.2f} ms  "
                   f"floor {row['floor_ms']:6.2f} ms  {row['tokens_per_s']:8.1f} tok/s  warm-up {r['warmup_s']:.0f} s  "
