@@ -35,11 +35,8 @@ def main() -> None:
             res.rows += part.rows
         write_result(args.name, {**res.to_json(), "tuned": bench.tuned_configs(), "tune_failures": bench.tune_failures(),
                                  "tuning_seconds": bench.tuning_seconds()})
-    tuning = bench.tuning_seconds()
-    if tuning:  # first calls of each shape and M: what the tuner cost (BITSMITH_TUNE_CACHE skips it)
-        print(f"tuning: {len(tuning)} tunings, {sum(v['seconds'] for v in tuning.values()):.1f} s in all")
-        for key, v in tuning.items():
-            print(f"  {key}: {v['candidates']} configs, {v['seconds']:.2f} s")
+    if bench.render_tuning():
+        print(bench.render_tuning())
 
 
 if __name__ == "__main__":

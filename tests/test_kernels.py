@@ -1119,6 +1119,9 @@ def test_tuning_keeps_the_fastest_candidate_that_ran(monkeypatch):
     from bitsmith.kernels.bench import tuning_seconds
 
     assert tuning_seconds() == {"fma 1 64 64 rows": {"seconds": 2.5, "candidates": 3}}
+    from bitsmith.kernels.bench import render_tuning
+
+    assert render_tuning().splitlines()[1:] == ["  fma 1 64 64 rows: 3 configs, 2.50 s"]
 
 
 def _recording_kernel(calls: list):

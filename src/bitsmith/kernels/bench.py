@@ -303,6 +303,17 @@ def tuning_seconds() -> dict:
     return {" ".join(map(str, key)): dict(v) for key, v in TUNE_SECONDS.items()}
 
 
+def render_tuning() -> str:
+    """What the tunings of this process cost, one line each ("" when none ran)."""
+    tuning = tuning_seconds()
+    if not tuning:
+        return ""
+    lines = [f"tuning: {len(tuning)} tunings, {sum(v['seconds'] for v in tuning.values()):.1f} s in all "
+             "(first call of each shape and M bucket; BITSMITH_TUNE_CACHE keeps the picks for later processes)"]
+    lines += [f"  {key}: {v['candidates']} configs, {v['seconds']:.2f} s" for key, v in tuning.items()]
+    return "\n".join(lines)
+
+
 def tune_failures() -> list[dict]:
     """The tunings of this process where every candidate failed and the default config ran."""
     return list(TUNE_FAILURES)
@@ -310,4 +321,4 @@ def tune_failures() -> list[dict]:
 
 __all__ = ["run_bench", "render_rows", "BenchResult", "BenchRow", "Timer", "copy_bandwidth", "make_qtensor",
            "BENCH_FORMATS", "DEFAULT_SHAPES", "DEFAULT_MS", "DEFAULT_FORMATS", "tuned_configs",
-           "tune_failures", "tuning_seconds"]
+           "tune_failures", "tuning_seconds", "render_tuning"]
