@@ -312,8 +312,8 @@ w8a8)  # W8A8 at M = 2048, part by part (W8A8_TMA=1: the TMA GEMM's CUDA tests f
     export BITSMITH_W8A8_TMA=1
     TEST_FILES=tests/test_kernels.py TEST_K="cuda and w8a8" T_TESTS=${T_TESTS:-120} cuda_tests || { echo "CUDA tests failed: no benchmark"; exit 1; }
   fi
-  echo "== BITSMITH_W8A8_TMA=${BITSMITH_W8A8_TMA:-0} python3 benchmarks/w8a8_probe.py --m 2048 --reps 20 --name w8a8_probe_m2048" | tee "$OUT/w8a8.txt"
-  timeout "${T_W8A8:-200}" python3 benchmarks/w8a8_probe.py --m 2048 --reps 20 --name w8a8_probe_m2048 2>&1 | grep -v -i warn \
+  echo "== BITSMITH_W8A8_TMA=${BITSMITH_W8A8_TMA:-0} python3 benchmarks/w8a8_probe.py --m 2048 --reps 20 --overlap 2,4 --name w8a8_probe_m2048" | tee "$OUT/w8a8.txt"
+  timeout "${T_W8A8:-200}" python3 benchmarks/w8a8_probe.py --m 2048 --reps 20 --overlap 2,4 --name w8a8_probe_m2048 2>&1 | grep -v -i warn \
     | tee -a "$OUT/w8a8.txt"
   cp benchmarks/results/w8a8_probe_m2048.json "$OUT/" 2>/dev/null
   ;;
