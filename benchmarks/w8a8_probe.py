@@ -82,9 +82,9 @@ def main() -> None:
         quant = timer.time_graph(lambda: w8a8.quantize_per_token(x))
         out = torch.empty(args.m, n, dtype=x.dtype, device=dev)
         gemm, cfgs = {}, {}
-        for cfg in w8a8.gemm_candidates(xq, wq):  # BITSMITH_W8A8_TMA=1: the TMA kernel's too
-            name = (f"{cfg['BLOCK_M']}x{cfg['BLOCK_N']}x{cfg['BLOCK_K']} w{cfg['num_warps']} s{cfg['num_stages']}"
-                    + (" tma" if cfg.get("TMA") else ""))
+        for cfg in w8a8.gemm_candidates(xq, wq):  # BITSMITH_W8A8_TMA=1: the TMA kernels' too (Triton's, Gluon's)
+            name = (f"{cfg['BLOCK_M']}x{cfg['BLOCK_N']}x{cfg['BLOCK_K']} w{cfg['num_warps']} "
+                    f"s{cfg.get('num_stages', cfg.get('STAGES'))}" + (" tma" if cfg.get("TMA") else " wgmma" if cfg.get("WGMMA") else ""))
             cfgs[name] = cfg
             try:
                 w8a8._launch_gemm(xq, wq, sx, sw, None, out, cfg)

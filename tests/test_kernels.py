@@ -845,8 +845,13 @@ def test_w8a8_tma_candidates_are_opt_in(monkeypatch):
     assert w8a8.gemm_candidates(xq, wq) == plain  # a CPU tensor: no TMA
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
-    assert w8a8.gemm_candidates(xq, wq) == plain + [{**c, "TMA": 1} for c in plain]
+    from bitsmith.kernels import w8a8_wgmma
+
+    gluon = w8a8_wgmma.configs() if w8a8_wgmma.HAVE_GLUON else []  # Hopper: the pipelined Gluon kernel's too
+    assert w8a8.gemm_candidates(xq, wq) == plain + [{**c, "TMA": 1} for c in plain] + gluon
     assert w8a8.gemm_candidates(xq[:, :200], wq[:, :200].contiguous()) == plain  # K = 200: rows not 16-byte multiples
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (10, 0))
+    assert w8a8.gemm_candidates(xq, wq) == plain + [{**c, "TMA": 1} for c in plain]  # wgmma is sm_90 only
 
 
 @pytest.mark.skipif(INTERPRETED or not HAVE_TRITON, reason="compiles for sm_90 (not under the interpreter)")
@@ -873,18 +878,54 @@ def test_w8a8_tma_gemm_compiles_to_tma_loads():
     assert {"IGMMA", "UTMALDG"} <= ops[True] and "LDGSTS" not in ops[True]
 
 
+@pytest.mark.skipif(INTERPRETED or not HAVE_TRITON, reason="compiles for sm_90 (not under the interpreter)")
+def test_w8a8_wgmma_gemm_keeps_one_mma_in_flight():
+    """Why ``w8a8_wgmma`` exists: Triton compiles both int8 GEMMs with a synchronous ``wgmma``
+    (its loop waits for all of its MMAs, ``WARPGROUP.DEPBAR.LE gsb0, 0x0``). The Gluon kernel's
+    loop waits with one group in flight (``0x1``), loads by TMA, and none of its candidate
+    configs spills."""
+    import re
+    import sys
+    import tempfile
+
+    from bitsmith.kernels import w8a8, w8a8_wgmma
+
+    if not w8a8_wgmma.HAVE_GLUON:
+        pytest.skip("triton's Gluon language is not available")
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import kernels_sass
+
+    def waits(ins):
+        return {t.split(",")[-1].strip() for t in ins if t.startswith("WARPGROUP.DEPBAR")}
+
+    for tma in (False, True):
+        with tempfile.TemporaryDirectory() as tmp:
+            assert waits([t for _, t in kernels_sass.sass_of(w8a8.compile_gemm_offline(tma).asm["cubin"], Path(tmp))]) == {"0x0"}
+    for bm, bn, bk, warps, stages in w8a8_wgmma.CANDIDATES:
+        with tempfile.TemporaryDirectory() as tmp:
+            compiled = w8a8_wgmma.compile_offline(bm, bn, bk, warps, stages)
+            ins = [t for _, t in kernels_sass.sass_of(compiled.asm["cubin"], Path(tmp))]
+        cfg = (bm, bn, bk, warps, stages)
+        assert waits(ins) == {"0x1", "0x0"}, cfg  # in flight in the loop; all done before the epilogue
+        assert not [t for t in ins if re.match(r"(LDL|STL)\b", t)], cfg
+        ops = {kernels_sass.opcode(t).split(".")[0] for t in ins}
+        assert {"IGMMA", "UTMALDG"} <= ops and "LDGSTS" not in ops, cfg
+        assert compiled.metadata.shared <= 227 * 1024, cfg
+
+
 @needs_cuda
 @pytest.mark.skipif(not (CUDA and torch.cuda.get_device_capability() >= (9, 0)), reason="TMA needs compute capability 9.0+")
 def test_cuda_w8a8_tma_gemm_every_config_equals_reference(monkeypatch):
-    """Every TMA candidate at odd M and N (K a multiple of 16, not of the tiles), float16 and
-    bfloat16, against float64; then through ``w8a8_linear`` with ``BITSMITH_W8A8_TMA`` on, a
-    launch plan reused, inside a CUDA graph too."""
+    """Every TMA candidate (the Triton TMA kernel's and, on Hopper, the pipelined Gluon kernel's)
+    at odd M and N (K a multiple of 16, not of the tiles), float16 and bfloat16, against float64;
+    then through ``w8a8_linear`` with ``BITSMITH_W8A8_TMA`` on, a launch plan reused, inside a
+    CUDA graph too."""
     from bitsmith.kernels import w8a8
 
     monkeypatch.setitem(w8a8.TMA, "enabled", True)
     for dtype in (torch.float16, torch.bfloat16):
         (xq, wq, sx, sw, bias), ref = _w8a8_gemm_case(300, 333, 1040, "cuda", dtype)
-        cands = [c for c in w8a8.gemm_candidates(xq, wq) if c.get("TMA")]
+        cands = [c for c in w8a8.gemm_candidates(xq, wq) if c.get("TMA") or c.get("WGMMA")]  # Hopper: the Gluon kernel's
         assert cands
         for cfg in cands:
             out = torch.empty(300, 333, dtype=dtype, device="cuda")

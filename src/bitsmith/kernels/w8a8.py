@@ -26,6 +26,7 @@ import os
 
 import torch
 
+from . import w8a8_wgmma
 from .qmm import AUTOTUNE, FAST_LAUNCH, HAVE_TRITON, LaunchTemplate, _m_bucket, _run, gpu_time, launch_hooks_set, raw_launch
 
 if HAVE_TRITON:
@@ -237,13 +238,13 @@ def _launch_gemm(xq, w_int8, sx, sw, bias, out, cfg) -> tuple:
     m, k = xq.shape
     n = w_int8.shape[0]
     grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
-    consts = {"HAS_BIAS": bias is not None, **{kk: v for kk, v in cfg.items() if kk.isupper() and kk != "TMA"}}
-    options = {kk: cfg[kk] for kk in ("num_warps", "num_stages")}
+    consts = {"HAS_BIAS": bias is not None, **{kk: v for kk, v in cfg.items() if kk.isupper() and kk not in ("TMA", "WGMMA")}}
+    options = {kk: cfg[kk] for kk in ("num_warps", "num_stages") if kk in cfg}
     args = (xq, w_int8, sx, sw, bias if bias is not None else sw, out, m, n, k, xq.stride(0), w_int8.stride(0),
             out.stride(0))
     kernel = _w8a8_gemm_kernel
-    if cfg.get("TMA"):
-        kernel = _w8a8_gemm_tma_kernel
+    if cfg.get("TMA") or cfg.get("WGMMA"):
+        kernel = w8a8_wgmma._w8a8_wgmma_kernel if cfg.get("WGMMA") else _w8a8_gemm_tma_kernel
         if xq.is_cuda:
             _ensure_allocator()
     return _run(kernel, grid, args, consts, options), grid, args
@@ -288,12 +289,16 @@ class _W8A8Plan:
 
 def gemm_candidates(xq: torch.Tensor, w_int8: torch.Tensor) -> list[dict]:
     """The configs the tuner times for these operands: every tile of :data:`_CANDIDATES`, and
-    with :data:`TMA` on (where :func:`tma_ok`) each of them again loaded by TMA (``"TMA": 1``)."""
+    with :data:`TMA` on (where :func:`tma_ok`) each of them again loaded by TMA (``"TMA": 1``)
+    and, on Hopper, the Gluon kernel's (:mod:`bitsmith.kernels.w8a8_wgmma`, ``"WGMMA": 1``)."""
     out = []
-    for use_tma in (0, 1) if TMA["enabled"] and tma_ok(xq, w_int8) else (0,):
+    use_tma = TMA["enabled"] and tma_ok(xq, w_int8)
+    for tma in (0, 1) if use_tma else (0,):
         for bm, bn, bk, warps, stages in _CANDIDATES:
             cfg = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8, "num_warps": warps, "num_stages": stages}
-            out.append({**cfg, "TMA": 1} if use_tma else cfg)
+            out.append({**cfg, "TMA": 1} if tma else cfg)
+    if use_tma and w8a8_wgmma.supports(xq) is None:
+        out += w8a8_wgmma.configs()
     return out
 
 
@@ -375,7 +380,8 @@ def w8a8_linear(
     final = cfg is W8A8_CONFIG.get(key) or not AUTOTUNE["enabled"]  # not an untuned stand-in under capture
     if (plan_key is not None and final and quant_launch[0] is not None
             and gemm_launch[0] is not None and x2.data_ptr() == x.data_ptr()):
-        plans[plan_key] = _W8A8Plan(quant_launch, gemm_launch, x2, xq, sx, out, scratch=bool(cfg.get("TMA")))
+        plans[plan_key] = _W8A8Plan(quant_launch, gemm_launch, x2, xq, sx, out,
+                                    scratch=bool(cfg.get("TMA") or cfg.get("WGMMA")))
     return out.reshape(*lead, n)
 
 

@@ -1,0 +1,155 @@
+"""W8A8's int8 GEMM with its ``wgmma`` kept in flight (Gluon, Hopper, sm_90).
+
+Triton compiles :mod:`bitsmith.kernels.w8a8`'s int8 GEMMs (the pointer kernel and the TMA one)
+with a synchronous ``wgmma``: every iteration of the K loop waits for its own MMAs to finish
+(``WARPGROUP.DEPBAR.LE gsb0, 0x0``) before the next ones are issued, so the tensor cores drain
+once a K tile. Its float16 GEMMs keep one group in flight (``0x1``); the int8 ones do not
+(``benchmarks/kernels_sass.py``-style check in tests/test_w8a8.py). On the H100 those kernels
+ran at 49-58% of the int8 peak at M = 2048 (w8a8_probe_m2048_h100.json).
+
+This kernel writes that loop by hand:
+
+* a program owns a ``BLOCK_M x BLOCK_N`` output tile (grouped order, as the Triton kernels);
+* a ring of ``STAGES`` shared-memory slots, each filled by two TMA loads (the activations'
+  ``[BLOCK_M, BLOCK_K]`` tile and the weights' ``[BLOCK_N, BLOCK_K]``; rows and columns past
+  ``M``, ``N`` and ``K`` read as zeros) that signal one mbarrier;
+* per K tile: wait for its slot, issue its ``wgmma`` asynchronously, wait until one is left in
+  flight (the previous tile's), then refill the previous tile's slot with the tile ``STAGES - 1``
+  ahead. A CTA barrier comes first: with two warpgroups, one may pass its wait while the other's
+  MMA still reads that slot;
+* the epilogue as the Triton kernels': ``acc * sx[m] * sw[n] (+ bias)`` in float32, cast, stored
+  with row and column masks.
+
+Tensor descriptors are built in the kernel (global scratch from Triton's allocator, which
+:func:`bitsmith.kernels.w8a8._ensure_allocator` sets). Opt-in with the TMA kernel
+(``BITSMITH_W8A8_TMA=1``) until it has run on a GPU.
+"""
+from __future__ import annotations
+
+import torch
+
+try:
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma,
+                                                                   warpgroup_mma, warpgroup_mma_wait)
+
+    HAVE_GLUON = True
+except ImportError:  # pragma: no cover - depends on the Triton build
+    HAVE_GLUON = False
+
+#: ``(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, STAGES)`` the tuner tries: two warpgroups over 256 x 128 or
+#: 128 x 256 (128 int32 accumulators a thread), one over 128 x 128; every ring fits the H100's 227 KiB
+CANDIDATES = (
+    (256, 128, 128, 8, 3), (256, 128, 128, 8, 4), (128, 256, 128, 8, 3), (128, 256, 128, 8, 4),
+    (128, 256, 64, 8, 5), (128, 128, 128, 4, 4), (128, 128, 128, 8, 4),
+)
+
+if HAVE_GLUON:
+
+    @gluon.jit
+    def _w8a8_wgmma_kernel(a_ptr, b_ptr, sa_ptr, sb_ptr, bias_ptr, out_ptr, M, N, K,
+                           stride_am, stride_bn, stride_om,
+                           HAS_BIAS: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                           BLOCK_K: gl.constexpr, GROUP_M: gl.constexpr, STAGES: gl.constexpr):
+        """``out = (a @ b^T) * sa[m] * sb[n] (+ bias)`` for int8 ``a [M, K]``, ``b [N, K]`` (``K``
+        contiguous, rows 16-byte aligned); see the module docstring. The argument order is
+        :func:`bitsmith.kernels.w8a8._launch_gemm`'s for every GEMM kernel."""
+        NW: gl.constexpr = gl.num_warps()
+        INSTR_N: gl.constexpr = 128 if BLOCK_N > 128 else BLOCK_N  # one wgmma at most 128 wide here
+        # the output tile, grouped: GROUP_M row tiles in a row take one column tile after another
+        num_m = (M + BLOCK_M - 1) // BLOCK_M
+        num_n = (N + BLOCK_N - 1) // BLOCK_N
+        pid = gl.program_id(0)
+        in_group = GROUP_M * num_n
+        first_m = (pid // in_group) * GROUP_M
+        size_m = gl.minimum(num_m - first_m, GROUP_M)
+        off_m = (first_m + (pid % in_group) % size_m) * BLOCK_M
+        off_n = ((pid % in_group) // size_m) * BLOCK_N
+
+        a_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, BLOCK_K], gl.int8)
+        b_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, BLOCK_K], gl.int8)
+        a_desc = tma.make_tensor_descriptor(a_ptr, shape=[M, K], strides=[stride_am, 1],
+                                            block_shape=[BLOCK_M, BLOCK_K], layout=a_layout)
+        b_desc = tma.make_tensor_descriptor(b_ptr, shape=[N, K], strides=[stride_bn, 1],
+                                            block_shape=[BLOCK_N, BLOCK_K], layout=b_layout)
+        a_smem = gl.allocate_shared_memory(gl.int8, [STAGES, BLOCK_M, BLOCK_K], a_layout)
+        b_smem = gl.allocate_shared_memory(gl.int8, [STAGES, BLOCK_N, BLOCK_K], b_layout)
+        ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(STAGES):
+            mbarrier.init(ready.index(i), count=1)
+        fence_async_shared()
+        gl.thread_barrier()  # every barrier initialized before any thread waits on one
+        TILE_BYTES: gl.constexpr = (BLOCK_M + BLOCK_N) * BLOCK_K
+        k_tiles = (K + BLOCK_K - 1) // BLOCK_K
+        for i in gl.static_range(STAGES - 1):  # the ring's first STAGES - 1 tiles
+            pred = i < k_tiles
+            mbarrier.expect(ready.index(i), TILE_BYTES, pred=pred)
+            tma.async_copy_global_to_shared(a_desc, [off_m, i * BLOCK_K], ready.index(i), a_smem.index(i), pred=pred)
+            tma.async_copy_global_to_shared(b_desc, [off_n, i * BLOCK_K], ready.index(i), b_smem.index(i), pred=pred)
+
+        mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NW, 1],
+                                                     instr_shape=[16, INSTR_N, 32])
+        acc = gl.zeros([BLOCK_M, BLOCK_N], gl.int32, layout=mma)
+        for kt in range(k_tiles):
+            slot = kt % STAGES
+            mbarrier.wait(ready.index(slot), (kt // STAGES) & 1)
+            acc = warpgroup_mma(a_smem.index(slot), b_smem.index(slot).permute((1, 0)), acc, is_async=True)
+            # the previous tile's MMA is done (in this warpgroup): its slot takes the tile STAGES - 1 ahead
+            acc = warpgroup_mma_wait(num_outstanding=1, deps=[acc])
+            gl.thread_barrier()  # ... and in every warpgroup, before TMA overwrites the slot
+            nxt = kt + STAGES - 1
+            nslot = nxt % STAGES
+            pred = nxt < k_tiles
+            mbarrier.expect(ready.index(nslot), TILE_BYTES, pred=pred)
+            tma.async_copy_global_to_shared(a_desc, [off_m, nxt * BLOCK_K], ready.index(nslot), a_smem.index(nslot),
+                                            pred=pred)
+            tma.async_copy_global_to_shared(b_desc, [off_n, nxt * BLOCK_K], ready.index(nslot), b_smem.index(nslot),
+                                            pred=pred)
+        acc = warpgroup_mma_wait(num_outstanding=0, deps=[acc])
+        for i in gl.static_range(STAGES):
+            mbarrier.invalidate(ready.index(i))
+
+        offs_m = off_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, mma))
+        offs_n = off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, mma))
+        m_mask = offs_m < M
+        n_mask = offs_n < N
+        sa = gl.load(sa_ptr + offs_m, mask=m_mask, other=0.0)
+        sb = gl.load(sb_ptr + offs_n, mask=n_mask, other=0.0)
+        y = acc.to(gl.float32) * sa[:, None] * sb[None, :]
+        if HAS_BIAS:
+            y += gl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(gl.float32)[None, :]
+        gl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], y.to(out_ptr.dtype.element_ty),
+                 mask=m_mask[:, None] & n_mask[None, :])
+
+
+def supports(xq: torch.Tensor) -> str | None:
+    """Why ``_w8a8_wgmma_kernel`` cannot run for activations ``xq`` (``None`` when it can)."""
+    if not HAVE_GLUON:
+        return "triton's Gluon language is not available"
+    if not xq.is_cuda or torch.cuda.get_device_capability(xq.device) != (9, 0):
+        return "wgmma needs a Hopper GPU (compute capability 9.0)"
+    return None
+
+
+def configs() -> list[dict]:
+    """:data:`CANDIDATES` as launch configs (``"WGMMA": 1`` tells :func:`bitsmith.kernels.w8a8._launch_gemm`)."""
+    return [{"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8, "num_warps": warps, "STAGES": stages, "WGMMA": 1}
+            for bm, bn, bk, warps, stages in CANDIDATES]
+
+
+def compile_offline(block_m: int = 256, block_n: int = 128, block_k: int = 128, num_warps: int = 8, stages: int = 3,
+                    arch: int = 90):
+    """``_w8a8_wgmma_kernel`` compiled for NVIDIA ``sm_<arch>`` on any machine, for CI's checks of
+    its machine code: float16 output, a bias, ``N``, ``K`` and the strides multiples of 16 (as
+    Triton specializes them for the shapes that matter)."""
+    from .small_m import _compile_offline
+
+    consts = {"HAS_BIAS": True, "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "GROUP_M": 8,
+              "STAGES": stages}
+    types = {"a_ptr": "i8", "b_ptr": "i8", "sa_ptr": "fp32", "sb_ptr": "fp32", "bias_ptr": "fp16", "out_ptr": "fp16"}
+    return _compile_offline(_w8a8_wgmma_kernel, consts, "fp16", num_warps, 1, arch, gluon=True, ptr_types=types,
+                            aligned_ints=("N", "K", "stride_am", "stride_bn", "stride_om"))
+
+
+__all__ = ["HAVE_GLUON", "CANDIDATES", "supports", "configs", "compile_offline"]
