@@ -923,14 +923,20 @@ def test_cuda_w8a8_tma_gemm_every_config_equals_reference(monkeypatch):
     from bitsmith.kernels import w8a8
 
     monkeypatch.setitem(w8a8.TMA, "enabled", True)
+    qmm_sm_count = w8a8._sm_count
     for dtype in (torch.float16, torch.bfloat16):
         (xq, wq, sx, sw, bias), ref = _w8a8_gemm_case(300, 333, 1040, "cuda", dtype)
         cands = [c for c in w8a8.gemm_candidates(xq, wq) if c.get("TMA") or c.get("WGMMA")]  # Hopper: the Gluon kernel's
         assert cands
         for cfg in cands:
-            out = torch.empty(300, 333, dtype=dtype, device="cuda")
-            w8a8._launch_gemm(xq, wq, sx, sw, bias, out, cfg)
-            assert _rel(out, ref) < (2e-3 if dtype == torch.float16 else 1.6e-2), cfg
+            for sms in (132, 5, 1):  # the persistent Gluon kernel: a tile a program, several, all on one
+                if sms < 132 and not cfg.get("WGMMA"):
+                    continue
+                monkeypatch.setattr(w8a8, "_sm_count", lambda device, sms=sms: sms)
+                out = torch.empty(300, 333, dtype=dtype, device="cuda")
+                w8a8._launch_gemm(xq, wq, sx, sw, bias, out, cfg)
+                assert _rel(out, ref) < (2e-3 if dtype == torch.float16 else 1.6e-2), (cfg, sms)
+    monkeypatch.setattr(w8a8, "_sm_count", qmm_sm_count)
     monkeypatch.setattr(w8a8, "W8A8_CONFIG", {})
     x = torch.randn(300, 1040, device="cuda", dtype=torch.float16)
     wq = torch.randint(-127, 128, (333, 1040), dtype=torch.int8, device="cuda")

@@ -27,7 +27,8 @@ import os
 import torch
 
 from . import w8a8_wgmma
-from .qmm import AUTOTUNE, FAST_LAUNCH, HAVE_TRITON, LaunchTemplate, _m_bucket, _run, gpu_time, launch_hooks_set, raw_launch
+from .qmm import (AUTOTUNE, FAST_LAUNCH, HAVE_TRITON, LaunchTemplate, _m_bucket, _run, _sm_count, gpu_time,
+                  launch_hooks_set, raw_launch)
 
 if HAVE_TRITON:
     import triton
@@ -243,6 +244,8 @@ def _launch_gemm(xq, w_int8, sx, sw, bias, out, cfg) -> tuple:
     args = (xq, w_int8, sx, sw, bias if bias is not None else sw, out, m, n, k, xq.stride(0), w_int8.stride(0),
             out.stride(0))
     kernel = _w8a8_gemm_kernel
+    if cfg.get("WGMMA"):  # persistent: a program an SM at most, each taking every grid-th tile
+        grid = (min(grid[0], _sm_count(xq.device)),)
     if cfg.get("TMA") or cfg.get("WGMMA"):
         kernel = w8a8_wgmma._w8a8_wgmma_kernel if cfg.get("WGMMA") else _w8a8_gemm_tma_kernel
         if xq.is_cuda:

@@ -9,16 +9,19 @@ ran at 49-58% of the int8 peak at M = 2048 (w8a8_probe_m2048_h100.json).
 
 This kernel writes that loop by hand:
 
-* a program owns a ``BLOCK_M x BLOCK_N`` output tile (grouped order, as the Triton kernels);
+* persistent: at most one program an SM (the launch's grid), each taking the ``BLOCK_M x
+  BLOCK_N`` output tiles ``program_id, program_id + grid, ...`` in grouped order (as the Triton
+  kernels); its steps are every K tile of each of its tiles, one sequence;
 * a ring of ``STAGES`` shared-memory slots, each filled by two TMA loads (the activations'
   ``[BLOCK_M, BLOCK_K]`` tile and the weights' ``[BLOCK_N, BLOCK_K]``; rows and columns past
   ``M``, ``N`` and ``K`` read as zeros) that signal one mbarrier;
-* per K tile: wait for its slot, issue its ``wgmma`` asynchronously, wait until one is left in
-  flight (the previous tile's), then refill the previous tile's slot with the tile ``STAGES - 1``
-  ahead. A CTA barrier comes first: with two warpgroups, one may pass its wait while the other's
-  MMA still reads that slot;
-* the epilogue as the Triton kernels': ``acc * sx[m] * sw[n] (+ bias)`` in float32, cast, stored
-  with row and column masks.
+* per step: wait for its slot, issue its ``wgmma`` asynchronously (a tile's first step starts
+  the sum afresh), wait until one is left in flight (the previous step's), then refill the
+  previous step's slot with the step ``STAGES - 1`` ahead, which near a tile's end is the next
+  tile's, so its loads run during this tile's epilogue. A CTA barrier comes first: with two
+  warpgroups, one may pass its wait while the other's MMA still reads that slot;
+* after a tile's last step, the epilogue as the Triton kernels': ``acc * sx[m] * sw[n] (+
+  bias)`` in float32, cast, stored with row and column masks.
 
 Tensor descriptors are built in the kernel (global scratch from Triton's allocator, which
 :func:`bitsmith.kernels.w8a8._ensure_allocator` sets). Opt-in with the TMA kernel
@@ -48,6 +51,30 @@ CANDIDATES = (
 if HAVE_GLUON:
 
     @gluon.jit
+    def _tile_offsets(tile, num_m, num_n, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, GROUP_M: gl.constexpr):
+        """Output tile ``tile``'s first row and column in grouped order: ``GROUP_M`` row tiles in a
+        row take one column tile after another (the weights' tile is reused from L2)."""
+        in_group = GROUP_M * num_n
+        first_m = (tile // in_group) * GROUP_M
+        size_m = gl.minimum(num_m - first_m, GROUP_M)
+        return (first_m + (tile % in_group) % size_m) * BLOCK_M, ((tile % in_group) // size_m) * BLOCK_N
+
+    @gluon.jit
+    def _load_step(a_desc, b_desc, a_smem, b_smem, ready, step, n_steps, k_tiles, num_m, num_n,
+                   BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, GROUP_M: gl.constexpr,
+                   STAGES: gl.constexpr):
+        """Start the TMA loads of this program's step ``step`` (its ``step // k_tiles``-th tile, K
+        tile ``step % k_tiles``) into slot ``step % STAGES``; nothing past ``n_steps``."""
+        tile = gl.program_id(0) + (step // k_tiles) * gl.num_programs(0)
+        off_m, off_n = _tile_offsets(tile, num_m, num_n, BLOCK_M, BLOCK_N, GROUP_M)
+        k = (step % k_tiles) * BLOCK_K
+        slot = step % STAGES
+        pred = step < n_steps
+        mbarrier.expect(ready.index(slot), (BLOCK_M + BLOCK_N) * BLOCK_K, pred=pred)
+        tma.async_copy_global_to_shared(a_desc, [off_m, k], ready.index(slot), a_smem.index(slot), pred=pred)
+        tma.async_copy_global_to_shared(b_desc, [off_n, k], ready.index(slot), b_smem.index(slot), pred=pred)
+
+    @gluon.jit
     def _w8a8_wgmma_kernel(a_ptr, b_ptr, sa_ptr, sb_ptr, bias_ptr, out_ptr, M, N, K,
                            stride_am, stride_bn, stride_om,
                            HAS_BIAS: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
@@ -57,15 +84,12 @@ if HAVE_GLUON:
         :func:`bitsmith.kernels.w8a8._launch_gemm`'s for every GEMM kernel."""
         NW: gl.constexpr = gl.num_warps()
         INSTR_N: gl.constexpr = 128 if BLOCK_N > 128 else BLOCK_N  # one wgmma at most 128 wide here
-        # the output tile, grouped: GROUP_M row tiles in a row take one column tile after another
         num_m = (M + BLOCK_M - 1) // BLOCK_M
         num_n = (N + BLOCK_N - 1) // BLOCK_N
-        pid = gl.program_id(0)
-        in_group = GROUP_M * num_n
-        first_m = (pid // in_group) * GROUP_M
-        size_m = gl.minimum(num_m - first_m, GROUP_M)
-        off_m = (first_m + (pid % in_group) % size_m) * BLOCK_M
-        off_n = ((pid % in_group) // size_m) * BLOCK_N
+        k_tiles = (K + BLOCK_K - 1) // BLOCK_K
+        # this program's tiles: program_id, + num_programs, ...; its steps: every K tile of each
+        n_tiles = (num_m * num_n - gl.program_id(0) + gl.num_programs(0) - 1) // gl.num_programs(0)
+        n_steps = n_tiles * k_tiles
 
         a_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, BLOCK_K], gl.int8)
         b_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, BLOCK_K], gl.int8)
@@ -80,47 +104,43 @@ if HAVE_GLUON:
             mbarrier.init(ready.index(i), count=1)
         fence_async_shared()
         gl.thread_barrier()  # every barrier initialized before any thread waits on one
-        TILE_BYTES: gl.constexpr = (BLOCK_M + BLOCK_N) * BLOCK_K
-        k_tiles = (K + BLOCK_K - 1) // BLOCK_K
-        for i in gl.static_range(STAGES - 1):  # the ring's first STAGES - 1 tiles
-            pred = i < k_tiles
-            mbarrier.expect(ready.index(i), TILE_BYTES, pred=pred)
-            tma.async_copy_global_to_shared(a_desc, [off_m, i * BLOCK_K], ready.index(i), a_smem.index(i), pred=pred)
-            tma.async_copy_global_to_shared(b_desc, [off_n, i * BLOCK_K], ready.index(i), b_smem.index(i), pred=pred)
+        for i in gl.static_range(STAGES - 1):  # the ring's first STAGES - 1 steps
+            _load_step(a_desc, b_desc, a_smem, b_smem, ready, i, n_steps, k_tiles, num_m, num_n,
+                       BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, STAGES)
 
         mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NW, 1],
                                                      instr_shape=[16, INSTR_N, 32])
         acc = gl.zeros([BLOCK_M, BLOCK_N], gl.int32, layout=mma)
-        for kt in range(k_tiles):
-            slot = kt % STAGES
-            mbarrier.wait(ready.index(slot), (kt // STAGES) & 1)
-            acc = warpgroup_mma(a_smem.index(slot), b_smem.index(slot).permute((1, 0)), acc, is_async=True)
-            # the previous tile's MMA is done (in this warpgroup): its slot takes the tile STAGES - 1 ahead
+        for step in range(n_steps):
+            slot = step % STAGES
+            kt = step % k_tiles
+            mbarrier.wait(ready.index(slot), (step // STAGES) & 1)
+            # a tile's first K tile starts the sum afresh (the accumulator still holds the last tile's)
+            acc = warpgroup_mma(a_smem.index(slot), b_smem.index(slot).permute((1, 0)), acc, use_acc=kt > 0,
+                                is_async=True)
+            # the previous step's MMA is done (in this warpgroup): its slot takes the step STAGES - 1 ahead,
+            # which may be the next tile's, loading while this tile's epilogue runs
             acc = warpgroup_mma_wait(num_outstanding=1, deps=[acc])
             gl.thread_barrier()  # ... and in every warpgroup, before TMA overwrites the slot
-            nxt = kt + STAGES - 1
-            nslot = nxt % STAGES
-            pred = nxt < k_tiles
-            mbarrier.expect(ready.index(nslot), TILE_BYTES, pred=pred)
-            tma.async_copy_global_to_shared(a_desc, [off_m, nxt * BLOCK_K], ready.index(nslot), a_smem.index(nslot),
-                                            pred=pred)
-            tma.async_copy_global_to_shared(b_desc, [off_n, nxt * BLOCK_K], ready.index(nslot), b_smem.index(nslot),
-                                            pred=pred)
-        acc = warpgroup_mma_wait(num_outstanding=0, deps=[acc])
+            _load_step(a_desc, b_desc, a_smem, b_smem, ready, step + STAGES - 1, n_steps, k_tiles, num_m, num_n,
+                       BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, STAGES)
+            if kt == k_tiles - 1:  # the tile's last K tile: its epilogue
+                acc = warpgroup_mma_wait(num_outstanding=0, deps=[acc])
+                off_m, off_n = _tile_offsets(gl.program_id(0) + (step // k_tiles) * gl.num_programs(0), num_m, num_n,
+                                             BLOCK_M, BLOCK_N, GROUP_M)
+                offs_m = off_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, mma))
+                offs_n = off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, mma))
+                m_mask = offs_m < M
+                n_mask = offs_n < N
+                sa = gl.load(sa_ptr + offs_m, mask=m_mask, other=0.0)
+                sb = gl.load(sb_ptr + offs_n, mask=n_mask, other=0.0)
+                y = acc.to(gl.float32) * sa[:, None] * sb[None, :]
+                if HAS_BIAS:
+                    y += gl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(gl.float32)[None, :]
+                gl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], y.to(out_ptr.dtype.element_ty),
+                         mask=m_mask[:, None] & n_mask[None, :])
         for i in gl.static_range(STAGES):
             mbarrier.invalidate(ready.index(i))
-
-        offs_m = off_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, mma))
-        offs_n = off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, mma))
-        m_mask = offs_m < M
-        n_mask = offs_n < N
-        sa = gl.load(sa_ptr + offs_m, mask=m_mask, other=0.0)
-        sb = gl.load(sb_ptr + offs_n, mask=n_mask, other=0.0)
-        y = acc.to(gl.float32) * sa[:, None] * sb[None, :]
-        if HAS_BIAS:
-            y += gl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(gl.float32)[None, :]
-        gl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], y.to(out_ptr.dtype.element_ty),
-                 mask=m_mask[:, None] & n_mask[None, :])
 
 
 def supports(xq: torch.Tensor) -> str | None:
