@@ -31,7 +31,7 @@ from ..formats.affine import AffineParams, encode_affine, pad_groups
 from ..formats.codebook import CodebookParams, quantize_codebook
 from ..formats.qtensor import QTensor
 from .layout import repack
-from .qmm import HAVE_TRITON, TUNE_FAILURES, TUNE_SECONDS, TUNED, flushed_times_ms, quant_matmul
+from .qmm import HAVE_TRITON, TUNE_FAILURES, TUNED, flushed_times_ms, quant_matmul
 
 FLUSH_BYTES = 256 << 20
 
@@ -300,7 +300,9 @@ def tuned_configs() -> dict:
 def tuning_seconds() -> dict:
     """How long each tuning of this process took (wall time, compiling the candidates included) and
     how many configs it timed, JSON-able; none for configs taken from ``BITSMITH_TUNE_CACHE``."""
-    return {" ".join(map(str, key)): dict(v) for key, v in TUNE_SECONDS.items()}
+    from . import qmm
+
+    return {" ".join(map(str, key)): dict(v) for key, v in qmm.TUNE_SECONDS.items()}  # the module's, as replaced
 
 
 def render_tuning() -> str:
