@@ -40,8 +40,10 @@
 #       format in the fragment layout, pipelined configs offered (kernels_pipe_1) and not (kernels_pipe_0); its sanitizer run,
 #       with the TMA W8A8 GEMM's: BITSMITH_FRAGMENT_WGMMA_PIPE=1 BITSMITH_W8A8_TMA=1 OUT=/some/dir bash benchmarks/kernels_gpu_session.sh sanitize
 #   OUT=/some/dir bash benchmarks/kernels_gpu_session.sh w8a8       # where W8A8's time goes at M = 2048: quantization,
-#       every GEMM config, torch._int_mm and the library call beside fp16 (benchmarks/w8a8_probe.py); W8A8_TMA=1: the TMA
-#       GEMM (BITSMITH_W8A8_TMA=1), its CUDA tests first, its configs timed and tuned beside the pointer kernel's
+#       every GEMM config, torch._int_mm, the library call beside fp16, and the product in 2 and 4 token chunks with the
+#       quantization on a second stream (benchmarks/w8a8_probe.py --overlap); W8A8_TMA=1: the TMA GEMMs
+#       (BITSMITH_W8A8_TMA=1: Triton's and the pipelined Gluon one), their CUDA tests first, their configs timed and
+#       tuned beside the pointer kernel's
 #   OUT=/some/dir bash benchmarks/kernels_gpu_session.sh one        # one call for all of it when device time is short:
 #       CUDA tests, M = 1 table int4 vs NF4, compiled end-to-end decode, host overhead
 # The CUDA tests run with pytest-xdist when it is importable (carried as wheels: .whl/, see the device notes).
