@@ -35,8 +35,9 @@ def main() -> None:
             res.rows += part.rows
         write_result(args.name, {**res.to_json(), "tuned": bench.tuned_configs(), "tune_failures": bench.tune_failures(),
                                  "tuning_seconds": bench.tuning_seconds()})
-    if bench.render_tuning():
-        print(bench.render_tuning())
+    tuning = bench.render_tuning()
+    if tuning:
+        print(tuning)
 
 
 if __name__ == "__main__":

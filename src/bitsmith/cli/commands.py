@@ -304,8 +304,9 @@ def cmd_bench_kernels(args: Namespace) -> int:
     except RuntimeError as e:
         raise SpecError(str(e)) from None
     print(bench.render_rows(res))
-    if bench.render_tuning():
-        print(bench.render_tuning())
+    tuning = bench.render_tuning()
+    if tuning:
+        print(tuning)
     if args.json:
         doc = {"command": "bitsmith " + " ".join(sys.argv[1:]), **res.to_json(), "tuned": bench.tuned_configs(),
                "tune_failures": bench.tune_failures(), "tuning_seconds": bench.tuning_seconds()}

@@ -40,7 +40,6 @@ import time
 import warnings
 from typing import Callable
 
-
 import torch
 
 try:  # Triton is optional: without it the torch reference path runs

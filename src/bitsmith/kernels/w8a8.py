@@ -243,14 +243,19 @@ def _launch_gemm(xq, w_int8, sx, sw, bias, out, cfg) -> tuple:
     options = {kk: cfg[kk] for kk in ("num_warps", "num_stages") if kk in cfg}
     args = (xq, w_int8, sx, sw, bias if bias is not None else sw, out, m, n, k, xq.stride(0), w_int8.stride(0),
             out.stride(0))
-    kernel = _w8a8_gemm_kernel
-    if cfg.get("WGMMA"):  # persistent: a program an SM at most, each taking every grid-th tile
-        grid = (min(grid[0], _sm_count(xq.device)),)
-    if cfg.get("TMA") or cfg.get("WGMMA"):
-        kernel = w8a8_wgmma._w8a8_wgmma_kernel if cfg.get("WGMMA") else _w8a8_gemm_tma_kernel
-        if xq.is_cuda:
-            _ensure_allocator()
+    if cfg.get("WGMMA"):
+        kernel = w8a8_wgmma._w8a8_wgmma_kernel
+        grid = (min(grid[0], _sm_count(xq.device)),)  # persistent: a program an SM at most, each every grid-th tile
+    else:
+        kernel = _w8a8_gemm_tma_kernel if cfg.get("TMA") else _w8a8_gemm_kernel
+    if _needs_scratch(cfg) and xq.is_cuda:
+        _ensure_allocator()
     return _run(kernel, grid, args, consts, options), grid, args
+
+
+def _needs_scratch(cfg: dict) -> bool:
+    """Whether ``cfg``'s kernel builds TMA descriptors in the kernel (global scratch from Triton's allocator)."""
+    return bool(cfg.get("TMA") or cfg.get("WGMMA"))
 
 
 class _W8A8Plan:
@@ -383,8 +388,7 @@ def w8a8_linear(
     final = cfg is W8A8_CONFIG.get(key) or not AUTOTUNE["enabled"]  # not an untuned stand-in under capture
     if (plan_key is not None and final and quant_launch[0] is not None
             and gemm_launch[0] is not None and x2.data_ptr() == x.data_ptr()):
-        plans[plan_key] = _W8A8Plan(quant_launch, gemm_launch, x2, xq, sx, out,
-                                    scratch=bool(cfg.get("TMA") or cfg.get("WGMMA")))
+        plans[plan_key] = _W8A8Plan(quant_launch, gemm_launch, x2, xq, sx, out, scratch=_needs_scratch(cfg))
     return out.reshape(*lead, n)
 
 
