@@ -2,7 +2,7 @@
 the M = 1 kernels with and without split-K, the tensor-core kernels with split-K (the small-M one
 with whole tiles and with half-word steps), the dequantize
 kernel, SVDQuant's down-projection and each kernel's low-rank epilogue, and the two W8A8
-kernels (with ``BITSMITH_W8A8_TMA=1`` the TMA GEMM's candidates too), over int4/int3/int2/int8 and NF4 layouts; then the fragment layout's kernel (every
+kernels (the TMA GEMM's candidates too, and with ``BITSMITH_W8A8_WGMMA=1`` the Gluon GEMM's), over int4/int3/int2/int8 and NF4 layouts; then the fragment layout's kernel (every
 prefetch depth, split-K on and off, 1 and 16 rows) and its dequantization kernel (above 16 rows)
 for int4, int3 and NF4, in both word orders, with rows and channels past the tiles; and above 16
 rows the fragment layout's other kernels (group-major words): the Triton GEMM, the Gluon kernel's
@@ -72,7 +72,7 @@ def main() -> None:
     w8a8_linear(torch.randn(5, 17000, device="cuda", dtype=torch.float16), wq_long, torch.rand(96, device="cuda") * 0.01)
     from bitsmith.kernels import w8a8
 
-    if w8a8.TMA["enabled"]:  # BITSMITH_W8A8_TMA=1: the TMA GEMM's every candidate, M, N and K past its tiles
+    if w8a8.TMA["enabled"]:  # the TMA GEMM's every candidate (BITSMITH_W8A8_WGMMA=1: the Gluon one's too), edges past its tiles
         xq, sx = w8a8.quantize_per_token(torch.randn(300, 1040, device="cuda", dtype=torch.float16))
         wq_tma = torch.randint(-127, 128, (333, 1040), dtype=torch.int8, device="cuda")
         out = torch.empty(300, 333, dtype=torch.float16, device="cuda")
@@ -125,7 +125,7 @@ def _fragment_wide_cases() -> float:
     rows (token tiles 32 and 64, the last one partial) the Gluon kernel's wide tiles and the
     ``wgmma`` kernel, at 100 rows the ``wgmma`` kernel over two token tiles; each with split-K off
     and over 3 programs (2 at 100 rows: :data:`~bitsmith.kernels.fragment_mma.MAX_PARTIALS`) and every
-    prefetch depth (and pipelined, with ``BITSMITH_FRAGMENT_WGMMA_PIPE=1``); and the Triton GEMM's every candidate at 19 and
+    prefetch depth; and the Triton GEMM's every candidate at 19 and
     100 rows. The first two only when on (``BITSMITH_FRAGMENT_WIDE``/``_WGMMA`` not 0); worst
     relative error against float64."""
     from bitsmith.kernels import fragment_gemm, fragment_wgmma
@@ -149,9 +149,8 @@ def _fragment_wide_cases() -> float:
                          for rb in sorted(r for r, t in fragment_mma.MAXNREG_WIDE if t == tok) for split in splits for pf in (0, 1, 2)]
             if fragment_wgmma.WGMMA["enabled"] and fragment_wgmma.supports(rw, torch.float16) is None:
                 rbs = (1, 2) if fragment_wgmma.tokens(m) <= 32 else (1,)
-                pipes = ((0, 0), (1, 0), (1, 1)) if fragment_wgmma.WGMMA["pipe"] else ((0, 0), (1, 0))
-                cfgs += [{"KERNEL": "fragment_wgmma", "RB": rb, "SPLIT": split, "PREFETCH": pf, "K_MAJOR": km, "num_warps": 4,
-                          "PIPE": pipe} for rb in rbs for split in splits for pf, pipe in pipes for km in (0, 1)]
+                cfgs += [{"KERNEL": "fragment_wgmma", "RB": rb, "SPLIT": split, "PREFETCH": pf, "K_MAJOR": km, "num_warps": 4}
+                         for rb in rbs for split in splits for pf in (0, 1) for km in (0, 1)]
             for cfg in cfgs:
                 y = qmm._launch(rw, x, bias, cfg)
                 worst = max(worst, float((y.double() - ref).norm() / ref.norm()))

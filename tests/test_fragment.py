@@ -658,32 +658,6 @@ def test_wgmma_kernel_compiles_for_sm90(fmt):
             assert [t for t in loop_ins if t.startswith("WARPGROUP.DEPBAR")] == ["WARPGROUP.DEPBAR.LE gsb0, 0x0"]
 
 
-@needs_gluon
-@pytest.mark.parametrize("fmt", fragment.FORMATS)
-def test_wgmma_pipelined_kernel_keeps_one_mma_in_flight(fmt):
-    """``PIPE``: compiled for sm_90 the loop issues a group's four ``HGMMA`` a row block and then
-    waits only until one is outstanding (the previous group's), with the same two barriers and
-    activation stores as the synchronous loop, no spills and at most 192 registers (the in-flight MMA's A operand stays live: 146 against 186
-    at two row blocks; 148 against 185 with tails at 64 tokens)."""
-    for rb, tok, extra in ((1, 64, {}), (1, 64, {"K_MAJOR": True, "TAIL": True}), (2, 32, {"GROUP_MAJOR": True}),
-                           (1, 16, {"K_MAJOR": True, "BF16": True})):
-        act = "bf16" if extra.get("BF16") else "fp16"
-        counts = {}
-        for pipe in (False, True):
-            compiled = fragment_wgmma.compile_offline(fmt, rb, tok, 1, act=act, PIPE=pipe, **extra)
-            with tempfile.TemporaryDirectory() as tmp:
-                ins = kernels_sass.sass_of(compiled.asm["cubin"], Path(tmp))
-                regs = kernels_sass.registers(compiled.asm["cubin"], Path(tmp))
-            loop_ins = kernels_sass.loop_body(ins, holding="HGMMA")
-            loop = collections.Counter(kernels_sass.opcode(t) for t in loop_ins)
-            assert not [t for _, t in ins if re.match(r"(LDL|STL)\b", t)], (rb, tok, extra, pipe)
-            counts[pipe] = ({op: c for op, c in loop.items() if op.startswith(("HGMMA", "BAR", "STS"))}, regs,
-                            [t for t in loop_ins if t.startswith("WARPGROUP.DEPBAR")])
-        assert counts[True][0] == counts[False][0], (rb, tok, extra, counts)
-        assert counts[True][1] <= 192, (rb, tok, extra, counts)  # two programs an SM
-        assert counts[False][2] == ["WARPGROUP.DEPBAR.LE gsb0, 0x0"] and counts[True][2] == ["WARPGROUP.DEPBAR.LE gsb0, 0x1"]
-
-
 def test_wgmma_activation_tiles_follow_the_fragment_k_order():
     """The permutations the Hopper kernel stores its activations with (``TO_K_TOKEN``, and
     ``TO_TOKEN_K`` with ``K_MAJOR``), applied by torch to a ``[token, 64]`` tile viewed as
@@ -714,11 +688,6 @@ def test_wgmma_kernel_can_be_switched_off_and_is_hopper_only(monkeypatch):
     assert fragment_wgmma.configs(rw, 16, torch.float16, 132) == []
     assert fragment_wgmma.configs(rw, 16, torch.float16, 132, min_m=1)
     assert fragment_wgmma.configs(rw, 257, torch.float16, 132) == []
-    assert not any("PIPE" in c for c in cands)  # pipelined configs: only when asked for
-    monkeypatch.setitem(fragment_wgmma.WGMMA, "pipe", True)
-    piped = fragment_wgmma.configs(rw, 130, torch.float16, 132)
-    assert [c for c in piped if "PIPE" not in c] == cands
-    assert [c for c in piped if "PIPE" in c] == [{**c, "PIPE": 1} for c in cands if c["PREFETCH"] == 1]
     monkeypatch.setitem(fragment_wgmma.WGMMA, "enabled", False)
     assert fragment_wgmma.configs(rw, 24, torch.float16, 132) == []
 
@@ -868,14 +837,13 @@ needs_hopper = pytest.mark.skipif(not (CUDA and fragment_mma.HAVE_GLUON and not 
 @pytest.mark.parametrize("name", sorted(FORMATS))
 @pytest.mark.parametrize("order", fragment.ORDERS)
 def test_cuda_wgmma_kernel_equals_reference(name, order, monkeypatch):
-    """The Hopper kernel: every config (the pipelined ones too) and the default at M = 1, 5, 16, 24, 40, 64 and
+    """The Hopper kernel: every config and the default at M = 1, 5, 16, 24, 40, 64 and
     130 (three token tiles), float16, N = 200 and K = 576 (tails), a bias, both word orders, each
     launch twice (the split-K tickets reset); bfloat16 at M = 24."""
     from bitsmith.kernels import layout
 
     monkeypatch.setitem(layout.FRAGMENT, "order", order)
     monkeypatch.setitem(fragment_wgmma.WGMMA, "enabled", True)
-    monkeypatch.setitem(fragment_wgmma.WGMMA, "pipe", True)  # the pipelined configs too
     for m, dtype in [(1, torch.float16), (5, torch.float16), (16, torch.float16), (24, torch.float16),
                      (40, torch.float16), (64, torch.float16), (130, torch.float16), (24, torch.bfloat16)]:
         qmm, rw, x, b, ref = _cuda_case(name, m, 200, 576, dtype)

@@ -19,9 +19,6 @@ shared memory, stored once a group for the whole warpgroup:
   their channels in the order the fragment's ``k`` stands for
   (:func:`bitsmith.kernels.fragment.physical_k`), two buffers; one synchronous ``wgmma`` adds
   the group into the float32 accumulator. No per-group float32 epilogue, no activation sums.
-* ``PIPE``: the ``wgmma`` is asynchronous, waited for a group later (one in flight while the
-  next group's words are dequantized and its activations stored), the activations are loaded a
-  group ahead, and the tile has three buffers (opt-in until it has run on a GPU: :data:`WGMMA`).
 * ``K_MAJOR``: the activations' tile is ``[TOK, 64]`` with ``k`` contiguous (``wgmma`` reads
   it transposed), each thread loading the 8 channels that are 8 consecutive ``k`` (four 4-byte
   loads) and storing them in one 16-byte store; else ``[64, TOK]``, loaded 16 bytes a thread and
@@ -34,7 +31,12 @@ fragment_wide_gpu_tests_h100.txt, sanitizer_wide_h100.txt). Its configs go to th
 the other fragment kernels on compute capability 9.0 unless ``BITSMITH_FRAGMENT_WGMMA=0``
 (:data:`WGMMA`). Tuned, it won int3 at M = 32, every format at M = 64 on 28672x8192 and NF4 at
 M = 128 (kernels_wide_layout_all_h100.json), at about a fifth of the GPU's bandwidth: the
-synchronous ``wgmma`` a group is its limit, which ``PIPE`` (opt-in, below) lifts.
+synchronous ``wgmma`` a group is its limit.
+
+A pipelined variant (each group's ``wgmma`` left in flight while the next group was prepared)
+gave wrong results on the H100 and was removed: with the A operand in registers, ptxas reused the
+in-flight MMA's A registers for the next group's addresses and shared-memory stores before the
+wait (docs/gpu-kernels.md, "The wgmma kernel pipelined").
 """
 from __future__ import annotations
 
@@ -48,19 +50,13 @@ from .layout import RuntimeWeight
 if HAVE_GLUON:
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma, warpgroup_mma_wait
+    from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma
 
     from .fragment_mma import _a_operand, _group_meta, _word_offsets, _write_tile
 
 #: whether the tuner is offered this kernel on Hopper (unless ``BITSMITH_FRAGMENT_WGMMA=0``; see the
-#: module docstring), and ``pipe``: also its pipelined configs (``PIPE``: each group's ``wgmma`` in
-#: flight while the next group's words and activations are prepared, the activations loaded a
-#: group ahead, three shared-memory buffers). Compiled for sm_90 the loop waits with one ``wgmma``
-#: outstanding and does not spill; the in-flight MMA's A operand stays live (146 -> 186 registers
-#: at two row blocks, 32 tokens; tests/test_fragment.py). Not yet run on a GPU, so opt-in:
-#: ``BITSMITH_FRAGMENT_WGMMA_PIPE=1``.
-WGMMA = {"enabled": os.environ.get("BITSMITH_FRAGMENT_WGMMA", "") != "0",
-         "pipe": os.environ.get("BITSMITH_FRAGMENT_WGMMA_PIPE", "") == "1"}
+#: module docstring)
+WGMMA = {"enabled": os.environ.get("BITSMITH_FRAGMENT_WGMMA", "") != "0"}
 #: activations ``[token, t, s, rc, h]`` (channel ``16 t + 4 s + 2 rc + h``) to the B operand's
 #: logical ``k = 16 s + 8 rc + 2 t + h`` (:func:`bitsmith.kernels.fragment.physical_k`): to ``[k,
 #: token]``, and (``K_MAJOR``) to ``[token, k]``; tests/test_fragment.py checks both against physical_k
@@ -84,8 +80,7 @@ if HAVE_GLUON:
                       M, N, K, NB, NG, G_PER, SPLIT, L0, L1, L2, L3, H0, H1, H2, H3, zconst, stride_xm,
                       RB: gl.constexpr, TOK: gl.constexpr, PREFETCH: gl.constexpr, IS_SPLIT: gl.constexpr,
                       SG: gl.constexpr, FMT: gl.constexpr, HAS_ZERO: gl.constexpr, HAS_BIAS: gl.constexpr,
-                      TAIL: gl.constexpr, BF16: gl.constexpr, GROUP_MAJOR: gl.constexpr, K_MAJOR: gl.constexpr,
-                      PIPE: gl.constexpr):
+                      TAIL: gl.constexpr, BF16: gl.constexpr, GROUP_MAJOR: gl.constexpr, K_MAJOR: gl.constexpr):
         """See the module docstring. Program ``(row tile, token tile, K split)``; the other
         parameters as :func:`bitsmith.kernels.fragment_mma._frag_kernel`'s (argument positions 0,
         6 and 7 are the activation, bias and output, as every launch plan expects)."""
@@ -93,10 +88,7 @@ if HAVE_GLUON:
         DT: gl.constexpr = x_ptr.dtype.element_ty
         MAGIC_F: gl.constexpr = 128.0 if BF16 else 1024.0
         BN: gl.constexpr = 16 * W * RB
-        # PIPE: a group's wgmma stays in flight while the next group is prepared, so the tile it
-        # reads must outlive the next store: three buffers (a warp may pass its wait while another
-        # warp's share of the MMA still reads; the barrier of the group before covers two back)
-        NBUF: gl.constexpr = 3 if PIPE else 2
+        NBUF: gl.constexpr = 2
         pid_n = gl.program_id(0)
         pid_m = gl.program_id(1)
         pid_k = gl.program_id(2)
@@ -133,9 +125,6 @@ if HAVE_GLUON:
         g_hi = gl.minimum(g_lo + G_PER, NG)
         if PREFETCH:
             words = gl.load(w_ptr + blk + g_lo * g_stride, mask=w_mask & (g_lo < g_hi), other=0)
-        if PIPE:  # the first group's activations, and the A operand of the wgmma in flight (none yet)
-            xv = gl.load(x_ptr + x_off + g_lo * 64, mask=(otok < M) & (g_lo * 64 + och < K) & (g_lo < g_hi), other=0.0)
-            a_prev = gl.zeros([BN, 64], DT, layout=a_layout)
         for g in range(g_lo, g_hi):
             if PREFETCH:
                 cur = words
@@ -144,16 +133,11 @@ if HAVE_GLUON:
                 cur = gl.load(w_ptr + blk + g * g_stride, mask=w_mask, other=0)
             else:
                 cur = gl.load(w_ptr + blk + g * g_stride)
-            if PIPE:  # this group's activations were loaded a group ago; load the next group's
-                cur_x = xv
-                xv = gl.load(x_ptr + x_off + (g + 1) * 64, mask=(otok < M) & ((g + 1) * 64 + och < K) & (g + 1 < g_hi),
-                             other=0.0)
+            if TAIL:
+                x_mask = (otok < M) & (g * 64 + och < K)
             else:
-                if TAIL:
-                    x_mask = (otok < M) & (g * 64 + och < K)
-                else:
-                    x_mask = (otok < M) & (och >= 0)
-                cur_x = gl.load(x_ptr + x_off + g * 64, mask=x_mask, other=0.0)
+                x_mask = (otok < M) & (och >= 0)
+            cur_x = gl.load(x_ptr + x_off + g * 64, mask=x_mask, other=0.0)
             slot = b_smem.index(g % NBUF)
             if K_MAJOR:  # [token, k]: a thread's 8 values are 8 consecutive k, one 16-byte store
                 slot.store(gl.reshape(gl.permute(cur_x, _TO_TOKEN_K.value), [TOK, 64]))
@@ -169,14 +153,7 @@ if HAVE_GLUON:
                 a = a * sc.to(DT)[:, None]
             else:
                 a = ((a - MAGIC_F) - zc.to(DT)[:, None]) * sc.to(DT)[:, None]
-            if PIPE:  # issue this group's MMA, then wait for the one before (its A registers free)
-                acc = warpgroup_mma(a, slot, acc, is_async=True)
-                acc, a_prev = warpgroup_mma_wait(num_outstanding=1, deps=[acc, a_prev])
-                a_prev = a
-            else:
-                acc = warpgroup_mma(a, slot, acc)
-        if PIPE:
-            acc, a_prev = warpgroup_mma_wait(num_outstanding=0, deps=[acc, a_prev])
+            acc = warpgroup_mma(a, slot, acc)
         rows = pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(1, mma))
         toks = pid_m * TOK + gl.arange(0, TOK, layout=gl.SliceLayout(0, mma))
         _write_tile(acc, ws_ptr, cnt_ptr, b_ptr, out_ptr, rows, rows < N, toks, pid_n * gl.num_programs(1) + pid_m,
@@ -212,8 +189,7 @@ def _row_tiles(rw: RuntimeWeight, rb: int) -> int:
 def configs(rw: RuntimeWeight, m: int, dtype: torch.dtype, sms: int, min_m: int = MIN_M) -> list[dict]:
     """Candidate configs at ``m`` rows, ``min_m`` to :data:`MAX_M` (only with :data:`WGMMA` on): row blocks a warp (1, 2) x
     split-K (as :func:`bitsmith.kernels.fragment_mma.configs` bounds it) x words a group ahead
-    (``PREFETCH`` 0, 1) x the activations' shared-memory tile (``K_MAJOR`` 0, 1); with
-    ``WGMMA["pipe"]`` also each of those with ``PREFETCH`` 1 pipelined (``PIPE``)."""
+    (``PREFETCH`` 0, 1) x the activations' shared-memory tile (``K_MAJOR`` 0, 1)."""
     if not WGMMA["enabled"] or not min_m <= m <= MAX_M or supports(rw, dtype) is not None:
         return []
     ng = blocks_groups(rw)[1]
@@ -224,11 +200,10 @@ def configs(rw: RuntimeWeight, m: int, dtype: torch.dtype, sms: int, min_m: int 
         for split in (1, 2, 4, 8, 16):
             if not split_ok(split, m, ng, programs, sms):
                 continue
-            for prefetch, pipe in ((0, 0), (1, 0), (1, 1)) if WGMMA["pipe"] else ((0, 0), (1, 0)):
+            for prefetch in (0, 1):
                 for k_major in (0, 1):
-                    cfg = {"KERNEL": "fragment_wgmma", "RB": rb, "SPLIT": split, "PREFETCH": prefetch,
-                           "K_MAJOR": k_major, "num_warps": 4}
-                    out.append({**cfg, "PIPE": 1} if pipe else cfg)
+                    out.append({"KERNEL": "fragment_wgmma", "RB": rb, "SPLIT": split, "PREFETCH": prefetch,
+                                "K_MAJOR": k_major, "num_warps": 4})
     return out
 
 
@@ -248,8 +223,7 @@ def launch_args(rw: RuntimeWeight, x2: torch.Tensor, bias: torch.Tensor | None, 
     rb, tok = cfg["RB"], tokens(m)
     grid = (_row_tiles(rw, rb), -(-m // tok), cfg["SPLIT"])
     args = kernel_args(rw, x2, bias, out, cfg["SPLIT"], grid[0] * grid[1])
-    consts = {"RB": rb, "TOK": tok, **kernel_consts(rw, x2, bias, cfg, 64 * rb), "K_MAJOR": bool(cfg["K_MAJOR"]),
-              "PIPE": bool(cfg.get("PIPE", 0))}
+    consts = {"RB": rb, "TOK": tok, **kernel_consts(rw, x2, bias, cfg, 64 * rb), "K_MAJOR": bool(cfg["K_MAJOR"])}
     return _wgmma_kernel, grid, args, consts, {"num_warps": cfg["num_warps"]}
 
 
@@ -262,7 +236,7 @@ def compile_offline(fmt: str = "int4", rb: int = 1, tok: int = 64, prefetch: int
 
     cx = {"RB": rb, "TOK": tok, "PREFETCH": int(prefetch), "IS_SPLIT": True, "SG": 1, "FMT": FMT_IDS[fmt],
           "HAS_ZERO": fmt != "nf4", "HAS_BIAS": False, "TAIL": False, "BF16": act == "bf16", "GROUP_MAJOR": False,
-          "K_MAJOR": False, "PIPE": False, **consts}
+          "K_MAJOR": False, **consts}
     return _compile_offline(_wgmma_kernel, cx, act, 4, 1, arch, gluon=True)
 
 
