@@ -35,15 +35,11 @@
 #       their CUDA tests and the fragment GEMM's, then M = 16..128 (WIDE_MS) with every format in the fragment layout (the
 #       tuner picks among all of them, the GEMM and dequantize + cuBLAS; which won is in the JSON's "tuned") and in rows
 #   OUT=/some/dir bash benchmarks/kernels_gpu_session.sh suite      # every CUDA test with this release's defaults (int4 in the
-#       fragment layout, the wide tiles and the wgmma kernel on), the pipelined wgmma configs and the TMA W8A8 GEMM switched on
-#   OUT=/some/dir bash benchmarks/kernels_gpu_session.sh pipe       # the pipelined wgmma kernel: M = 32..256 (PIPE_MS) with every
-#       format in the fragment layout, pipelined configs offered (kernels_pipe_1) and not (kernels_pipe_0); its sanitizer run,
-#       with the TMA W8A8 GEMM's: BITSMITH_FRAGMENT_WGMMA_PIPE=1 BITSMITH_W8A8_TMA=1 OUT=/some/dir bash benchmarks/kernels_gpu_session.sh sanitize
+#       fragment layout, the wide tiles, the wgmma kernel and the TMA W8A8 GEMM on), the Gluon W8A8 GEMM and W8A8's PDL switched on
 #   OUT=/some/dir bash benchmarks/kernels_gpu_session.sh w8a8       # where W8A8's time goes at M = 2048: quantization,
 #       every GEMM config, torch._int_mm, the library call beside fp16, and the product in 2 and 4 token chunks with the
-#       quantization on a second stream (benchmarks/w8a8_probe.py --overlap); W8A8_TMA=1: the TMA GEMMs
-#       (BITSMITH_W8A8_TMA=1: Triton's and the pipelined Gluon one), their CUDA tests first, their configs timed and
-#       tuned beside the pointer kernel's
+#       quantization on a second stream (benchmarks/w8a8_probe.py --overlap); W8A8_TMA=1: the W8A8 CUDA tests first and
+#       the Gluon GEMM's configs timed too (BITSMITH_W8A8_WGMMA=1)
 #   OUT=/some/dir bash benchmarks/kernels_gpu_session.sh one        # one call for all of it when device time is short:
 #       CUDA tests, M = 1 table int4 vs NF4, compiled end-to-end decode, host overhead
 # The CUDA tests run with pytest-xdist when it is importable (carried as wheels: .whl/, see the device notes).
@@ -294,27 +290,16 @@ wide)  # the wide Gluon tiles and the wgmma kernel: tests, then M = 16..128 in b
   done
   ;;
 suite)  # every CUDA test, this release's defaults, the pipelined wgmma configs included
-  export BITSMITH_FRAGMENT_WGMMA_PIPE=1 BITSMITH_W8A8_TMA=1
+  export BITSMITH_W8A8_WGMMA=1 BITSMITH_W8A8_PDL=1
   TEST_FILES=${TEST_FILES:-"tests/test_cuda.py tests/test_siblings.py tests/test_compile.py tests/test_fragment.py tests/test_svdquant.py tests/test_kernels.py tests/test_w8a8.py"} \
     T_TESTS=${T_TESTS:-500} cuda_tests
   ;;
-pipe)  # the pipelined wgmma kernel: the fragment layout at M = 32..256 with and without its configs
-  ms=${PIPE_MS:-32,64,128,256}; shapes=${PIPE_SHAPES:-14336x4096,28672x8192}
-  for p in 1 0; do
-    name=kernels_pipe_$p
-    echo "== BITSMITH_FRAGMENT_WGMMA_PIPE=$p python3 benchmarks/kernels_bench.py --shapes $shapes --m $ms --formats int4_g64,int3_g64,nf4_g64 --no-w8a8 --reps 20 --name $name" | tee -a "$OUT/kernels_pipe.txt"
-    BITSMITH_FRAGMENT_WGMMA_PIPE=$p timeout "${T_BENCH:-250}" python3 benchmarks/kernels_bench.py --shapes "$shapes" --m "$ms" \
-      --formats int4_g64,int3_g64,nf4_g64 --no-w8a8 --reps 20 --name "$name" 2>&1 | grep -v -i warn | tee -a "$OUT/kernels_pipe.txt" \
-      | grep -E "^ +[0-9]+x[0-9]+ +[0-9]+ [a-z]"
-    cp "benchmarks/results/$name.json" "$OUT/" 2>/dev/null
-  done
-  ;;
 w8a8)  # W8A8 at M = 2048, part by part (W8A8_TMA=1: the TMA GEMM's CUDA tests first, then its configs timed beside the others)
   if [ "${W8A8_TMA:-0}" = 1 ]; then
-    export BITSMITH_W8A8_TMA=1
+    export BITSMITH_W8A8_WGMMA=1
     TEST_FILES=tests/test_kernels.py TEST_K="cuda and w8a8" T_TESTS=${T_TESTS:-120} cuda_tests || { echo "CUDA tests failed: no benchmark"; exit 1; }
   fi
-  echo "== BITSMITH_W8A8_TMA=${BITSMITH_W8A8_TMA:-0} python3 benchmarks/w8a8_probe.py --m 2048 --reps 20 --overlap 2,4 --name w8a8_probe_m2048" | tee "$OUT/w8a8.txt"
+  echo "== BITSMITH_W8A8_WGMMA=${BITSMITH_W8A8_WGMMA:-0} BITSMITH_W8A8_PDL=${BITSMITH_W8A8_PDL:-0} python3 benchmarks/w8a8_probe.py --m 2048 --reps 20 --overlap 2,4 --name w8a8_probe_m2048" | tee "$OUT/w8a8.txt"
   timeout "${T_W8A8:-200}" python3 benchmarks/w8a8_probe.py --m 2048 --reps 20 --overlap 2,4 --name w8a8_probe_m2048 2>&1 | grep -v -i warn \
     | tee -a "$OUT/w8a8.txt"
   cp benchmarks/results/w8a8_probe_m2048.json "$OUT/" 2>/dev/null

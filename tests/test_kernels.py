@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 from pathlib import Path
 
 import pytest
@@ -763,7 +764,7 @@ def test_interp_w8a8_fma_division_path_runs():
         q = torch.empty(9, k, dtype=torch.int8)
         sx = torch.empty(9, dtype=torch.float32)
         w8a8._quant_rows_kernel[(9,)](x, q, sx, sx, sx, k, x.stride(0), q.stride(0), STATIC=False, HAS_MIG=False,
-                                      RECIP_SCALE=False, FMA_DIV=True, BLOCK_K=block)
+                                      RECIP_SCALE=False, FMA_DIV=True, BLOCK_K=block, PDL=False)
         q_ref, s_ref = quantize_activation(x)
         assert torch.equal(sx, s_ref.reshape(-1))
         ratio = x.float() / s_ref
@@ -777,7 +778,7 @@ def test_interp_w8a8_fma_division_path_runs():
         q = torch.empty(1, 6, dtype=torch.int8)
         sx = torch.empty(1, dtype=torch.float32)
         w8a8._quant_rows_kernel[(1,)](x, q, sx, static if static is not None else sx, sx, 6, 6, 6, STATIC=static is not None,
-                                      HAS_MIG=False, RECIP_SCALE=False, FMA_DIV=True, BLOCK_K=8)
+                                      HAS_MIG=False, RECIP_SCALE=False, FMA_DIV=True, BLOCK_K=8, PDL=False)
         q_ref, _ = quantize_activation(x, None, static)
         finite = torch.isfinite(x) if static is None else torch.ones_like(x, dtype=torch.bool)
         assert torch.equal(q[finite], q_ref[finite]), (static, q, q_ref)
@@ -833,25 +834,48 @@ def test_interp_w8a8_tma_gemm_equals_reference():
         assert _rel(out, ref) < 1e-3, (m, n, k)
 
 
-def test_w8a8_tma_candidates_are_opt_in(monkeypatch):
-    """The tuner's GEMM candidates: the pointer kernel's tiles; with ``TMA`` on and operands it
-    can take, each again as the TMA kernel's (and not where the rows are not 16-byte multiples)."""
-    from bitsmith.kernels import w8a8
+def test_w8a8_gemm_candidates_by_switch(monkeypatch):
+    """The tuner's GEMM candidates: the pointer kernel's tiles; with ``TMA["enabled"]`` (the
+    default) and operands it can take, each again as the TMA kernel's (not on a CPU, not before
+    Hopper, not where the rows are not 16-byte multiples); the Gluon kernel's only with
+    ``TMA["wgmma"]`` (opt-in) and only on sm_90; ``TMA["enabled"]`` off: the pointer kernel's alone."""
+    from bitsmith.kernels import w8a8, w8a8_wgmma
 
     xq, wq = torch.zeros(64, 256, dtype=torch.int8), torch.zeros(128, 256, dtype=torch.int8)
-    plain = w8a8.gemm_candidates(xq, wq)
-    assert len(plain) == len(w8a8._CANDIDATES) and not any("TMA" in c for c in plain)
     monkeypatch.setitem(w8a8.TMA, "enabled", True)
-    assert w8a8.gemm_candidates(xq, wq) == plain  # a CPU tensor: no TMA
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setitem(w8a8.TMA, "wgmma", False)
+    plain = w8a8.gemm_candidates(xq, wq)  # a CPU tensor: no TMA
+    assert len(plain) == len(w8a8._CANDIDATES) and not any("TMA" in c or "WGMMA" in c for c in plain)
     monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
-    from bitsmith.kernels import w8a8_wgmma
-
-    gluon = w8a8_wgmma.configs() if w8a8_wgmma.HAVE_GLUON else []  # Hopper: the pipelined Gluon kernel's too
-    assert w8a8.gemm_candidates(xq, wq) == plain + [{**c, "TMA": 1} for c in plain] + gluon
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    assert w8a8.gemm_candidates(xq, wq) == plain  # Ampere: no TMA
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    tma = [{**c, "TMA": 1} for c in plain]
+    assert w8a8.gemm_candidates(xq, wq) == plain + tma
     assert w8a8.gemm_candidates(xq[:, :200], wq[:, :200].contiguous()) == plain  # K = 200: rows not 16-byte multiples
+    monkeypatch.setitem(w8a8.TMA, "wgmma", True)
+    gluon = w8a8_wgmma.configs() if w8a8_wgmma.HAVE_GLUON else []
+    assert w8a8.gemm_candidates(xq, wq) == plain + tma + gluon
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (10, 0))
-    assert w8a8.gemm_candidates(xq, wq) == plain + [{**c, "TMA": 1} for c in plain]  # wgmma is sm_90 only
+    assert w8a8.gemm_candidates(xq, wq) == plain + tma  # wgmma is sm_90 only
+    monkeypatch.setitem(w8a8.TMA, "enabled", False)
+    assert w8a8.gemm_candidates(xq, wq) == plain
+
+
+def test_w8a8_tma_switch_reads_the_environment():
+    """``BITSMITH_W8A8_TMA`` unset means the TMA kernel is on, ``0`` off; ``BITSMITH_W8A8_WGMMA``
+    is off unless ``1`` (each read at import, in a fresh interpreter)."""
+    import subprocess
+    import sys
+
+    probe = "from bitsmith.kernels import w8a8; print(w8a8.TMA['enabled'], w8a8.TMA['wgmma'])"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BITSMITH_W8A8_")}
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    env["PYTHONPATH"] = src + os.pathsep + env.get("PYTHONPATH", "")
+    for extra, want in (({}, "True False"), ({"BITSMITH_W8A8_TMA": "0"}, "False False"),
+                        ({"BITSMITH_W8A8_WGMMA": "1"}, "True True")):
+        got = subprocess.run([sys.executable, "-c", probe], env={**env, **extra}, capture_output=True, text=True, check=True)
+        assert got.stdout.split()[-2:] == want.split(), (extra, got.stdout, got.stderr)
 
 
 @pytest.mark.skipif(INTERPRETED or not HAVE_TRITON, reason="compiles for sm_90 (not under the interpreter)")
@@ -916,13 +940,14 @@ def test_w8a8_wgmma_gemm_keeps_one_mma_in_flight():
 @needs_cuda
 @pytest.mark.skipif(not (CUDA and torch.cuda.get_device_capability() >= (9, 0)), reason="TMA needs compute capability 9.0+")
 def test_cuda_w8a8_tma_gemm_every_config_equals_reference(monkeypatch):
-    """Every TMA candidate (the Triton TMA kernel's and, on Hopper, the pipelined Gluon kernel's)
-    at odd M and N (K a multiple of 16, not of the tiles), float16 and bfloat16, against float64;
-    then through ``w8a8_linear`` with ``BITSMITH_W8A8_TMA`` on, a launch plan reused, inside a
-    CUDA graph too."""
+    """Every TMA candidate (the Triton TMA kernel's and, on Hopper, the Gluon kernel's, switched
+    on here) at odd M and N (K a multiple of 16, not of the tiles), float16 and bfloat16, against
+    float64; then through ``w8a8_linear`` with the TMA kernel on (the default), a launch plan
+    reused, inside a CUDA graph too."""
     from bitsmith.kernels import w8a8
 
     monkeypatch.setitem(w8a8.TMA, "enabled", True)
+    monkeypatch.setitem(w8a8.TMA, "wgmma", True)
     qmm_sm_count = w8a8._sm_count
     for dtype in (torch.float16, torch.bfloat16):
         (xq, wq, sx, sw, bias), ref = _w8a8_gemm_case(300, 333, 1040, "cuda", dtype)

@@ -29,12 +29,13 @@ import torch
 from . import w8a8_wgmma
 from .qmm import (AUTOTUNE, FAST_LAUNCH, HAVE_TRITON, LaunchTemplate, _m_bucket, _run, _sm_count, gpu_time,
                   launch_hooks_set, raw_launch)
+from .small_m import pdl_ok
 
 if HAVE_TRITON:
     import triton
     import triton.language as tl
 
-    from .small_m import grouped_tile
+    from .small_m import gdc_launch_dependents, gdc_wait, grouped_tile
 
     @triton.jit
     def _quantize_values(v, scale, inv, FMA_DIV: tl.constexpr):
@@ -71,7 +72,7 @@ if HAVE_TRITON:
     @triton.jit
     def _quant_rows_kernel(x_ptr, q_ptr, s_ptr, static_ptr, mig_ptr, K, stride_x, stride_q,
                            STATIC: tl.constexpr, HAS_MIG: tl.constexpr, RECIP_SCALE: tl.constexpr,
-                           FMA_DIV: tl.constexpr, BLOCK_K: tl.constexpr):
+                           FMA_DIV: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
         row = tl.program_id(0)
         if BLOCK_K >= K:  # the whole row in one tile: read it once
             offs = tl.arange(0, BLOCK_K)
@@ -97,6 +98,8 @@ if HAVE_TRITON:
                 r = _quantize_values(_row_values(x_ptr, mig_ptr, row, stride_x, offs, K, HAS_MIG), scale, inv, FMA_DIV)
                 tl.store(q_ptr + row * stride_q + offs, r.to(tl.int8), mask=offs < K)
         tl.store(s_ptr + row, scale)
+        if PDL:  # the GEMM (a programmatic dependent) may launch once every row has got here
+            gdc_launch_dependents()
 
     @triton.jit
     def _rescale_store(acc, sa_ptr, sb_ptr, bias_ptr, out_ptr, offs_m, offs_n, M, N, stride_om, HAS_BIAS: tl.constexpr):
@@ -115,8 +118,10 @@ if HAVE_TRITON:
     def _w8a8_gemm_kernel(a_ptr, b_ptr, sa_ptr, sb_ptr, bias_ptr, out_ptr, M, N, K,
                           stride_am, stride_bn, stride_om,
                           HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                          BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+                          BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, PDL: tl.constexpr):
         pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+        if PDL:  # launched during the quantization's last rows: its codes and scales are complete after this
+            gdc_wait()
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         m_mask = offs_m < M
@@ -134,13 +139,16 @@ if HAVE_TRITON:
     def _w8a8_gemm_tma_kernel(a_ptr, b_ptr, sa_ptr, sb_ptr, bias_ptr, out_ptr, M, N, K,
                               stride_am, stride_bn, stride_om,
                               HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                              BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+                              BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, PDL: tl.constexpr):
         """``_w8a8_gemm_kernel`` with its tiles loaded by the tensor memory accelerator (Hopper's
         TMA: descriptors built in the kernel, tiles past ``M``, ``N`` or ``K`` read as zeros) instead
-        of per-thread addresses; the same product and epilogue."""
+        of per-thread addresses; the same product and epilogue (``PDL``: the descriptors are built
+        before the wait for the quantization)."""
         pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
         a_desc = tl.make_tensor_descriptor(a_ptr, shape=[M, K], strides=[stride_am, 1], block_shape=[BLOCK_M, BLOCK_K])
         b_desc = tl.make_tensor_descriptor(b_ptr, shape=[N, K], strides=[stride_bn, 1], block_shape=[BLOCK_N, BLOCK_K])
+        if PDL:
+            gdc_wait()
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
         for k0 in range(0, K, BLOCK_K):
             a = a_desc.load([pid_m * BLOCK_M, k0])
@@ -191,7 +199,8 @@ def _quantize_launch(x: torch.Tensor, act_scale: torch.Tensor | None, migration_
     args = (x, q, s, act_scale if act_scale is not None else s, mig, k, x.stride(0), q.stride(0))
     hit = _run(_quant_rows_kernel, (m,), args,
                {"STATIC": act_scale is not None, "HAS_MIG": migration_scale is not None, "RECIP_SCALE": x.is_cuda,
-                "FMA_DIV": x.is_cuda, "BLOCK_K": block}, {"num_warps": 4 if block <= 1024 else 8 if block <= 4096 else 16})
+                "FMA_DIV": x.is_cuda, "BLOCK_K": block, "PDL": pdl_on(x.device)},
+               {"num_warps": 4 if block <= 1024 else 8 if block <= 4096 else 16})
     return q, s, (hit, (m,), args)
 
 
@@ -204,10 +213,26 @@ def _gemm_config(m: int, n: int, device: torch.device) -> dict:
 
 
 W8A8_CONFIG: dict = {}  # (m bucket, n, k) -> tuned config
-#: whether the tuner also tries ``_w8a8_gemm_tma_kernel`` (each of :data:`_CANDIDATES` with its tiles
-#: loaded by TMA) where :func:`tma_ok`: checked under the interpreter and compiled for sm_90 in CI,
-#: not yet run on a GPU, so opt-in: ``BITSMITH_W8A8_TMA=1``
-TMA = {"enabled": os.environ.get("BITSMITH_W8A8_TMA", "") == "1"}
+#: which more GEMMs the tuner tries where :func:`tma_ok`. ``enabled``: ``_w8a8_gemm_tma_kernel``
+#: (each of :data:`_CANDIDATES` with its tiles loaded by TMA), on by default (``BITSMITH_W8A8_TMA=0``:
+#: off): on the H100 it won every M = 2048 shape, 4-10% faster than the pointer kernel
+#: (w8a8_probe_tma_h100.json). ``wgmma``: also the Gluon kernel
+#: (:mod:`bitsmith.kernels.w8a8_wgmma`, Hopper), opt-in (``BITSMITH_W8A8_WGMMA=1``): correct on the
+#: H100 but 4-12% slower than Triton's TMA kernel at every shape there
+TMA = {"enabled": os.environ.get("BITSMITH_W8A8_TMA", "") != "0",
+       "wgmma": os.environ.get("BITSMITH_W8A8_WGMMA", "") == "1"}
+
+#: whether W8A8's GEMM is a programmatic dependent of its quantization (PDL, where
+#: :func:`bitsmith.kernels.small_m.pdl_ok`): the quantization lets it launch once every row is
+#: done, and the GEMM waits for the quantization's writes only after its own start-up (grid
+#: position; the TMA kernel's descriptors). Opt-in until timed on a GPU: ``BITSMITH_W8A8_PDL=1``
+PDL = {"enabled": os.environ.get("BITSMITH_W8A8_PDL", "") == "1"}
+
+
+def pdl_on(device: torch.device) -> bool:
+    """Whether W8A8's launches on ``device`` use programmatic dependent launch (:data:`PDL`)."""
+    return PDL["enabled"] and pdl_ok(device)
+
 
 _CANDIDATES = (
     (128, 256, 128, 8, 3), (128, 128, 128, 4, 4), (256, 128, 128, 8, 3), (128, 256, 64, 8, 4),
@@ -241,6 +266,10 @@ def _launch_gemm(xq, w_int8, sx, sw, bias, out, cfg) -> tuple:
     grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
     consts = {"HAS_BIAS": bias is not None, **{kk: v for kk, v in cfg.items() if kk.isupper() and kk not in ("TMA", "WGMMA")}}
     options = {kk: cfg[kk] for kk in ("num_warps", "num_stages") if kk in cfg}
+    if not cfg.get("WGMMA"):
+        consts["PDL"] = pdl_on(xq.device)
+        if consts["PDL"]:
+            options["launch_pdl"] = True
     args = (xq, w_int8, sx, sw, bias if bias is not None else sw, out, m, n, k, xq.stride(0), w_int8.stride(0),
             out.stride(0))
     if cfg.get("WGMMA"):
@@ -298,14 +327,15 @@ class _W8A8Plan:
 def gemm_candidates(xq: torch.Tensor, w_int8: torch.Tensor) -> list[dict]:
     """The configs the tuner times for these operands: every tile of :data:`_CANDIDATES`, and
     with :data:`TMA` on (where :func:`tma_ok`) each of them again loaded by TMA (``"TMA": 1``)
-    and, on Hopper, the Gluon kernel's (:mod:`bitsmith.kernels.w8a8_wgmma`, ``"WGMMA": 1``)."""
+    and, with ``TMA["wgmma"]`` on Hopper, the Gluon kernel's (:mod:`bitsmith.kernels.w8a8_wgmma`,
+    ``"WGMMA": 1``)."""
     out = []
     use_tma = TMA["enabled"] and tma_ok(xq, w_int8)
     for tma in (0, 1) if use_tma else (0,):
         for bm, bn, bk, warps, stages in _CANDIDATES:
             cfg = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8, "num_warps": warps, "num_stages": stages}
             out.append({**cfg, "TMA": 1} if tma else cfg)
-    if use_tma and w8a8_wgmma.supports(xq) is None:
+    if use_tma and TMA["wgmma"] and w8a8_wgmma.supports(xq) is None:
         out += w8a8_wgmma.configs()
     return out
 
@@ -401,7 +431,7 @@ def compile_quant_offline(fma_div: bool, block: int = 4096, k_multiple: bool = T
     tile (a row of ``block`` channels read once)."""
     from .small_m import _compile_offline
 
-    consts = {"STATIC": False, "HAS_MIG": False, "RECIP_SCALE": True, "FMA_DIV": fma_div, "BLOCK_K": block}
+    consts = {"STATIC": False, "HAS_MIG": False, "RECIP_SCALE": True, "FMA_DIV": fma_div, "BLOCK_K": block, "PDL": False}
     types = {"x_ptr": "fp16", "q_ptr": "i8", "s_ptr": "fp32", "static_ptr": "fp32", "mig_ptr": "fp32"}
     warps = 4 if block <= 1024 else 8 if block <= 4096 else 16
     return _compile_offline(_quant_rows_kernel, consts, "fp16", warps, 1, arch, ptr_types=types,
@@ -415,7 +445,7 @@ def compile_gemm_offline(tma: bool, block_m: int = 256, block_n: int = 128, bloc
     ``K`` and the strides multiples of 16."""
     from .small_m import _compile_offline
 
-    consts = {"HAS_BIAS": True, "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "GROUP_M": 8}
+    consts = {"HAS_BIAS": True, "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "GROUP_M": 8, "PDL": False}
     types = {"a_ptr": "i8", "b_ptr": "i8", "sa_ptr": "fp32", "sb_ptr": "fp32", "bias_ptr": "fp16", "out_ptr": "fp16"}
     return _compile_offline(_w8a8_gemm_tma_kernel if tma else _w8a8_gemm_kernel, consts, "fp16", num_warps, num_stages,
                             arch, ptr_types=types, aligned_ints=("K", "stride_am", "stride_bn", "stride_om"))

@@ -1,0 +1,91 @@
+"""W8A8 at M = 2048, two knobs the tuner does not turn (GPU only; prints a table, writes JSON):
+
+* the per-token quantization kernel's warps (``_quant_rows_kernel``: one program a row, the whole
+  row read once; the library picks 8 warps up to 4096 channels, 16 above);
+* the Gluon ``wgmma`` GEMM's grid (:mod:`bitsmith.kernels.w8a8_wgmma`): persistent (one program
+  an SM, the library's launch) against one program a tile, for its best tiles.
+
+Each time is a CUDA-graph replay with the L2 flushed (median). Every quantization variant's codes
+and scales are compared with the library's; every GEMM variant's output with the library GEMM's.
+
+  python benchmarks/w8a8_variants.py --shapes 4096x4096,4096x14336 --reps 20
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import add_shape_args, parse_shapes, require_cuda, write_result  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_shape_args(ap, "w8a8_variants", 20, shapes="4096x4096,4096x14336")
+    ap.add_argument("--m", type=int, default=2048)
+    ap.add_argument("--warps", default="2,4,8,16,32", help="quantization kernel warps to time")
+    args = ap.parse_args()
+    require_cuda("w8a8_variants")
+    import triton
+
+    from bitsmith.kernels import w8a8, w8a8_wgmma
+    from bitsmith.kernels.bench import Timer
+
+    dev = torch.device("cuda")
+    torch.manual_seed(0)
+    timer = Timer(dev, reps=args.reps, warmup=3)
+    rows = []
+    for n, k in parse_shapes(args.shapes):
+        x = torch.randn(args.m, k, device=dev, dtype=torch.float16)
+        xq, sx = w8a8.quantize_per_token(x)
+        quant = {"library": timer.time_graph(lambda: w8a8.quantize_per_token(x))}
+        block = min(w8a8.MAX_ROW_TILE, triton.next_power_of_2(k))
+        q = torch.empty_like(xq)
+        s = torch.empty_like(sx)
+        for warps in (int(w) for w in args.warps.split(",")):
+            def launch(warps=warps):
+                w8a8._quant_rows_kernel[(args.m,)](x, q, s, s, s, k, x.stride(0), q.stride(0), STATIC=False, HAS_MIG=False,
+                                                   RECIP_SCALE=True, FMA_DIV=True, BLOCK_K=block, PDL=False,
+                                                   num_warps=warps)
+            launch()
+            same = bool(torch.equal(q, xq) and torch.equal(s, sx))
+            quant[f"{warps} warps"] = timer.time_graph(launch) if same else "codes differ from the library's"
+        w16 = (torch.randn(n, k, device=dev) * 0.02).half()
+        sw = (w16.float().abs().amax(1) / 127).clamp_min(1e-8)
+        wq = torch.round(w16.float() / sw[:, None]).clamp(-127, 127).to(torch.int8).contiguous()
+        ref = torch.empty(args.m, n, dtype=x.dtype, device=dev)
+        w8a8._launch_gemm(xq, wq, sx, sw, None, ref, {"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 128, "GROUP_M": 8,
+                                                     "num_warps": 8, "num_stages": 3})
+        out = torch.empty_like(ref)
+        gemm = {}
+        sms = w8a8._sm_count(dev)
+        real_sm_count = w8a8._sm_count
+        for cfg in w8a8_wgmma.configs() if w8a8_wgmma.supports(xq) is None else []:
+            tiles = triton.cdiv(args.m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"])
+            for grid in sorted({sms, tiles}):
+                name = f"{cfg['BLOCK_M']}x{cfg['BLOCK_N']}x{cfg['BLOCK_K']} w{cfg['num_warps']} s{cfg['STAGES']} grid {grid}"
+                w8a8._sm_count = lambda _dev, grid=grid: grid
+                try:
+                    out.zero_()
+                    w8a8._launch_gemm(xq, wq, sx, sw, None, out, cfg)
+                    err = float((out.float() - ref.float()).norm() / ref.float().norm())
+                    gemm[name] = (timer.time_graph(lambda cfg=cfg: w8a8._launch_gemm(xq, wq, sx, sw, None, out, cfg))
+                                  if err < 1e-3 else f"wrong: rel err {err:.1e}")
+                except Exception as e:  # noqa: BLE001 - reported, not fatal
+                    gemm[name] = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
+                finally:
+                    w8a8._sm_count = real_sm_count
+        rows.append({"n": n, "k": k, "m": args.m, "quant_us": quant, "wgmma_gemm_us": gemm, "sms": sms})
+        print(f"{n}x{k}, M = {args.m}")
+        for table in (quant, gemm):
+            for name, us in table.items():
+                print(f"  {name:<40} {us:8.1f}" if isinstance(us, float) else f"  {name:<40} {us}")
+        write_result(args.name, {"device": torch.cuda.get_device_name(dev), "rows": rows,
+                                 "timing": "CUDA-graph replay with the L2 flushed, median (us)"})
+
+
+if __name__ == "__main__":
+    main()
