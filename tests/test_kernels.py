@@ -937,6 +937,59 @@ def test_w8a8_wgmma_gemm_keeps_one_mma_in_flight():
         assert compiled.metadata.shared <= 227 * 1024, cfg
 
 
+@pytest.mark.skipif(INTERPRETED or not HAVE_TRITON, reason="compiles for sm_90 (not under the interpreter)")
+def test_w8a8_pdl_orders_wait_and_release():
+    """``BITSMITH_W8A8_PDL``: compiled for sm_90, the quantization lets its dependent launch only
+    after its last global store, and the TMA GEMM waits for it after building its descriptors
+    and before its first TMA load; without PDL neither instruction is there."""
+    from bitsmith.kernels import w8a8
+    from bitsmith.kernels.small_m import _compile_offline
+
+    gemm_types = {"a_ptr": "i8", "b_ptr": "i8", "sa_ptr": "fp32", "sb_ptr": "fp32", "bias_ptr": "fp16", "out_ptr": "fp16"}
+    quant_types = {"x_ptr": "fp16", "q_ptr": "i8", "s_ptr": "fp32", "static_ptr": "fp32", "mig_ptr": "fp32"}
+    for pdl in (False, True):
+        gemm = _compile_offline(w8a8._w8a8_gemm_tma_kernel, {"HAS_BIAS": True, "BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 128,
+                                                             "GROUP_M": 8, "PDL": pdl}, "fp16", 8, 4, 90, ptr_types=gemm_types,
+                                aligned_ints=("K", "stride_am", "stride_bn", "stride_om")).asm["ptx"].splitlines()
+        quant = _compile_offline(w8a8._quant_rows_kernel, {"STATIC": False, "HAS_MIG": False, "RECIP_SCALE": True, "FMA_DIV": True,
+                                                           "BLOCK_K": 4096, "PDL": pdl}, "fp16", 8, 1, 90, ptr_types=quant_types,
+                                 aligned_ints=("K", "stride_x", "stride_q")).asm["ptx"].splitlines()
+
+        def lines(text, pat):
+            return [i for i, line in enumerate(text) if pat in line]
+
+        waits, releases = lines(gemm, "griddepcontrol.wait"), lines(quant, "griddepcontrol.launch_dependents")
+        if not pdl:
+            assert waits == [] and releases == []
+            continue
+        assert len(waits) == 1 and max(lines(gemm, "tensormap")) < waits[0] < min(lines(gemm, "cp.async.bulk.tensor"))
+        assert len(releases) == 1 and releases[0] > max(lines(quant, "st.global"))
+
+
+def test_w8a8_pdl_launch_option(monkeypatch):
+    """The GEMM is launched with ``launch_pdl`` and ``PDL`` exactly when :func:`pdl_on` says so
+    (the Gluon kernel never: it does not wait), and the quantization gets the same ``PDL``."""
+    from bitsmith.kernels import w8a8
+
+    seen = []
+    monkeypatch.setattr(w8a8, "_run", lambda kernel, grid, args, consts, options: seen.append((kernel, consts, options)))
+    xq, wq = torch.zeros(64, 256, dtype=torch.int8), torch.zeros(128, 256, dtype=torch.int8)
+    sx, sw, out = torch.ones(64), torch.ones(128), torch.empty(64, 128, dtype=torch.float16)
+    cfg = {"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 128, "GROUP_M": 8, "num_warps": 4, "num_stages": 4}
+    for on in (False, True):
+        monkeypatch.setattr(w8a8, "pdl_on", lambda device, on=on: on)
+        seen.clear()
+        w8a8._launch_gemm(xq, wq, sx, sw, None, out, cfg)
+        w8a8._quantize_launch(torch.zeros(4, 256, dtype=torch.float16), None, None)
+        (gk, gconsts, gopts), (qk, qconsts, _) = seen
+        assert gk is w8a8._w8a8_gemm_kernel and qk is w8a8._quant_rows_kernel
+        assert gconsts["PDL"] is on and qconsts["PDL"] is on and gopts.get("launch_pdl", False) is on
+    if w8a8.w8a8_wgmma.HAVE_GLUON:
+        seen.clear()
+        w8a8._launch_gemm(xq, wq, sx, sw, None, out, {**cfg, "STAGES": 3, "WGMMA": 1})
+        assert "PDL" not in seen[0][1] and "launch_pdl" not in seen[0][2]
+
+
 @needs_cuda
 @pytest.mark.skipif(not (CUDA and torch.cuda.get_device_capability() >= (9, 0)), reason="TMA needs compute capability 9.0+")
 def test_cuda_w8a8_tma_gemm_every_config_equals_reference(monkeypatch):
