@@ -3,7 +3,8 @@
 * the per-token quantization kernel's warps (``_quant_rows_kernel``: one program a row, the whole
   row read once; the library picks 8 warps up to 4096 channels, 16 above);
 * the Gluon ``wgmma`` GEMM's grid (:mod:`bitsmith.kernels.w8a8_wgmma`): persistent (one program
-  an SM, the library's launch) against one program a tile, for its best tiles.
+  an SM, the library's launch) against one program a tile, for its best tiles;
+* the TMA GEMM at tiles the tuner does not try (:data:`TMA_SWEEP`).
 
 Each time is a CUDA-graph replay with the L2 flushed (median). Every quantization variant's codes
 and scales are compared with the library's; every GEMM variant's output with the library GEMM's.
@@ -20,6 +21,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import add_shape_args, parse_shapes, require_cuda, write_result  # noqa: E402
+
+
+#: the TMA GEMM beyond the tuner's tiles: deeper rings of shorter K steps, and the grouping of row tiles
+#: ``(BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, GROUP_M)``
+TMA_SWEEP = ((256, 128, 128, 8, 4, 8), (256, 128, 128, 8, 4, 4), (256, 128, 128, 8, 4, 16), (128, 256, 128, 8, 4, 16),
+             (256, 128, 64, 8, 6, 8), (128, 256, 64, 8, 6, 8), (256, 128, 64, 8, 5, 8), (128, 128, 128, 8, 5, 8),
+             (256, 256, 64, 8, 4, 8))
 
 
 def main() -> None:
@@ -78,9 +86,21 @@ def main() -> None:
                     gemm[name] = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
                 finally:
                     w8a8._sm_count = real_sm_count
-        rows.append({"n": n, "k": k, "m": args.m, "quant_us": quant, "wgmma_gemm_us": gemm, "sms": sms})
+        tma = {}
+        for bm, bn, bk, warps, stages, group in TMA_SWEEP:
+            cfg = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group, "num_warps": warps, "num_stages": stages, "TMA": 1}
+            name = f"tma {bm}x{bn}x{bk} w{warps} s{stages} g{group}"
+            try:
+                out.zero_()
+                w8a8._launch_gemm(xq, wq, sx, sw, None, out, cfg)
+                err = float((out.float() - ref.float()).norm() / ref.float().norm())
+                tma[name] = (timer.time_graph(lambda cfg=cfg: w8a8._launch_gemm(xq, wq, sx, sw, None, out, cfg))
+                             if err < 1e-3 else f"wrong: rel err {err:.1e}")
+            except Exception as e:  # noqa: BLE001 - a config that does not fit is reported
+                tma[name] = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
+        rows.append({"n": n, "k": k, "m": args.m, "quant_us": quant, "wgmma_gemm_us": gemm, "tma_gemm_us": tma, "sms": sms})
         print(f"{n}x{k}, M = {args.m}")
-        for table in (quant, gemm):
+        for table in (quant, gemm, tma):
             for name, us in table.items():
                 print(f"  {name:<40} {us:8.1f}" if isinstance(us, float) else f"  {name:<40} {us}")
         write_result(args.name, {"device": torch.cuda.get_device_name(dev), "rows": rows,
