@@ -225,7 +225,9 @@ TMA = {"enabled": os.environ.get("BITSMITH_W8A8_TMA", "") != "0",
 #: whether W8A8's GEMM is a programmatic dependent of its quantization (PDL, where
 #: :func:`bitsmith.kernels.small_m.pdl_ok`): the quantization lets it launch once every row is
 #: done, and the GEMM waits for the quantization's writes only after its own start-up (grid
-#: position; the TMA kernel's descriptors). Opt-in until timed on a GPU: ``BITSMITH_W8A8_PDL=1``
+#: position; the TMA kernel's descriptors). Correct and clean under compute-sanitizer on the H100,
+#: but no faster at M = 2048 (4096x4096: 76.5 against 76.2 us; w8a8_probe_pdl_h100.txt), so
+#: opt-in: ``BITSMITH_W8A8_PDL=1``
 PDL = {"enabled": os.environ.get("BITSMITH_W8A8_PDL", "") == "1"}
 
 
