@@ -72,17 +72,18 @@ def main() -> None:
     w8a8_linear(torch.randn(5, 17000, device="cuda", dtype=torch.float16), wq_long, torch.rand(96, device="cuda") * 0.01)
     from bitsmith.kernels import w8a8
 
-    if w8a8.TMA["enabled"]:  # the TMA GEMM's every candidate (BITSMITH_W8A8_WGMMA=1: the Gluon one's too), edges past its tiles
+    if w8a8.TMA["enabled"]:  # the TMA GEMMs' every candidate (BITSMITH_W8A8_WGMMA=1: the Gluon one's too), edges past its tiles
         xq, sx = w8a8.quantize_per_token(torch.randn(300, 1040, device="cuda", dtype=torch.float16))
-        wq_tma = torch.randint(-127, 128, (333, 1040), dtype=torch.int8, device="cuda")
-        out = torch.empty(300, 333, dtype=torch.float16, device="cuda")
-        for cfg in w8a8.gemm_candidates(xq, wq_tma):
-            w8a8._launch_gemm(xq, wq_tma, sx, torch.rand(333, device="cuda") * 0.01, None, out, cfg)
-        real_sms = w8a8._sm_count
-        w8a8._sm_count = lambda device: 5  # the persistent Gluon GEMM with several tiles a program
-        for cfg in [c for c in w8a8.gemm_candidates(xq, wq_tma) if c.get("WGMMA")]:
-            w8a8._launch_gemm(xq, wq_tma, sx, torch.rand(333, device="cuda") * 0.01, None, out, cfg)
-        w8a8._sm_count = real_sms
+        for n in (333, 336):  # 336: the persistent TMA kernel's too
+            wq_tma = torch.randint(-127, 128, (n, 1040), dtype=torch.int8, device="cuda")
+            out = torch.empty(300, n, dtype=torch.float16, device="cuda")
+            for cfg in w8a8.gemm_candidates(xq, wq_tma):
+                w8a8._launch_gemm(xq, wq_tma, sx, torch.rand(n, device="cuda") * 0.01, None, out, cfg)
+            real_sms = w8a8._sm_count
+            w8a8._sm_count = lambda device: 5  # the persistent GEMMs with several tiles a program
+            for cfg in [c for c in w8a8.gemm_candidates(xq, wq_tma) if c.get("WGMMA") or c.get("PERSIST")]:
+                w8a8._launch_gemm(xq, wq_tma, sx, torch.rand(n, device="cuda") * 0.01, None, out, cfg)
+            w8a8._sm_count = real_sms
     worst = max(worst, _fragment_cases(), _fragment_wide_cases())
     torch.cuda.synchronize()
     print(f"all kernels ran; worst relative error vs float64 reference {worst:.2e}")

@@ -82,9 +82,10 @@ def main() -> None:
         quant = timer.time_graph(lambda: w8a8.quantize_per_token(x))
         out = torch.empty(args.m, n, dtype=x.dtype, device=dev)
         gemm, cfgs = {}, {}
-        for cfg in w8a8.gemm_candidates(xq, wq):  # BITSMITH_W8A8_TMA=1: the TMA kernels' too (Triton's, Gluon's)
+        for cfg in w8a8.gemm_candidates(xq, wq):  # Hopper: the TMA kernels' too (BITSMITH_W8A8_WGMMA=1: the Gluon one's)
             name = (f"{cfg['BLOCK_M']}x{cfg['BLOCK_N']}x{cfg['BLOCK_K']} w{cfg['num_warps']} "
-                    f"s{cfg.get('num_stages', cfg.get('STAGES'))}" + (" tma" if cfg.get("TMA") else " wgmma" if cfg.get("WGMMA") else ""))
+                    f"s{cfg.get('num_stages', cfg.get('STAGES'))}"
+                    + (" tma persistent" if cfg.get("PERSIST") else " tma" if cfg.get("TMA") else " wgmma" if cfg.get("WGMMA") else ""))
             cfgs[name] = cfg
             try:
                 w8a8._launch_gemm(xq, wq, sx, sw, None, out, cfg)

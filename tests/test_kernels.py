@@ -821,17 +821,21 @@ def _w8a8_gemm_case(m, n, k, device, dtype=torch.float16):
 
 
 @needs_interp
-def test_interp_w8a8_tma_gemm_equals_reference():
-    """The TMA variant of the int8 GEMM (``BITSMITH_W8A8_TMA=1``): rows, columns and K past the
-    tiles (the descriptors read zeros there), a bias, against float64."""
+def test_interp_w8a8_tma_gemms_equal_reference():
+    """The TMA variants of the int8 GEMM: rows, columns and K past the tiles (the descriptors
+    read zeros there), a bias, against float64; the persistent one with 1, 3 and more programs
+    than tiles."""
     from bitsmith.kernels import w8a8
 
     for m, n, k in ((37, 45, 208), (5, 70, 96)):
         (xq, wq, sx, sw, bias), ref = _w8a8_gemm_case(m, n, k, "cpu")
-        out = torch.empty(m, n, dtype=torch.float16)
         cfg = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 4, "num_stages": 2, "TMA": 1}
-        w8a8._launch_gemm(xq, wq, sx, sw, bias, out, cfg)
-        assert _rel(out, ref) < 1e-3, (m, n, k)
+        for persist, sms in ((0, 1), (1, 1), (1, 3), (1, 64)):
+            out = torch.zeros(m, n, dtype=torch.float16)
+            with pytest.MonkeyPatch.context() as mp:
+                mp.setattr(w8a8, "_sm_count", lambda device, sms=sms: sms)
+                w8a8._launch_gemm(xq, wq, sx, sw, bias, out, {**cfg, "PERSIST": persist})
+            assert _rel(out, ref) < 1e-3, (m, n, k, persist, sms)
 
 
 def test_w8a8_gemm_candidates_by_switch(monkeypatch):
@@ -850,9 +854,10 @@ def test_w8a8_gemm_candidates_by_switch(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
     assert w8a8.gemm_candidates(xq, wq) == plain  # Ampere: no TMA
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
-    tma = [{**c, "TMA": 1} for c in plain]
+    tma = [{**c, "TMA": 1} for c in plain] + [{**c, "TMA": 1, "PERSIST": 1} for c in plain]
     assert w8a8.gemm_candidates(xq, wq) == plain + tma
     assert w8a8.gemm_candidates(xq[:, :200], wq[:, :200].contiguous()) == plain  # K = 200: rows not 16-byte multiples
+    assert w8a8.gemm_candidates(xq, wq[:120]) == plain + tma[:len(plain)]  # N = 120: output rows unaligned, not persistent
     monkeypatch.setitem(w8a8.TMA, "wgmma", True)
     gluon = w8a8_wgmma.configs() if w8a8_wgmma.HAVE_GLUON else []
     assert w8a8.gemm_candidates(xq, wq) == plain + tma + gluon
@@ -880,9 +885,10 @@ def test_w8a8_tma_switch_reads_the_environment():
 
 @pytest.mark.skipif(INTERPRETED or not HAVE_TRITON, reason="compiles for sm_90 (not under the interpreter)")
 def test_w8a8_tma_gemm_compiles_to_tma_loads():
-    """Compiled for the H100, the TMA kernel loads its tiles with ``UTMALDG`` (no per-thread
-    ``LDGSTS`` copies, as the pointer kernel has), multiplies with int8 ``wgmma`` (``IGMMA``) like
-    it, and does not spill."""
+    """Compiled for the H100 (256x128x128 tiles, four stages), the TMA kernels (one a tile, and
+    persistent) load their tiles with ``UTMALDG`` (no per-thread ``LDGSTS`` copies, as the
+    pointer kernel has), multiply with int8 ``wgmma`` (``IGMMA``) like it, do not spill and fit
+    in 227 KiB of shared memory."""
     import re
     import sys
     import tempfile
@@ -893,13 +899,16 @@ def test_w8a8_tma_gemm_compiles_to_tma_loads():
     import kernels_sass
 
     ops = {}
-    for tma in (False, True):
+    for tma, persistent in ((False, False), (True, False), (True, True)):
         with tempfile.TemporaryDirectory() as tmp:
-            ins = [t for _, t in kernels_sass.sass_of(w8a8.compile_gemm_offline(tma).asm["cubin"], Path(tmp))]
-        assert not [t for t in ins if re.match(r"(LDL|STL)\b", t)], tma
-        ops[tma] = {kernels_sass.opcode(t).split(".")[0] for t in ins}
-    assert {"IGMMA", "LDGSTS"} <= ops[False] and "UTMALDG" not in ops[False]
-    assert {"IGMMA", "UTMALDG"} <= ops[True] and "LDGSTS" not in ops[True]
+            compiled = w8a8.compile_gemm_offline(tma, num_stages=4, persistent=persistent)
+            ins = [t for _, t in kernels_sass.sass_of(compiled.asm["cubin"], Path(tmp))]
+        assert not [t for t in ins if re.match(r"(LDL|STL)\b", t)], (tma, persistent)
+        assert compiled.metadata.shared <= 227 * 1024, (tma, persistent)
+        ops[tma, persistent] = {kernels_sass.opcode(t).split(".")[0] for t in ins}
+    assert {"IGMMA", "LDGSTS"} <= ops[False, False] and "UTMALDG" not in ops[False, False]
+    for persistent in (False, True):
+        assert {"IGMMA", "UTMALDG"} <= ops[True, persistent] and "LDGSTS" not in ops[True, persistent]
 
 
 @pytest.mark.skipif(INTERPRETED or not HAVE_TRITON, reason="compiles for sm_90 (not under the interpreter)")
@@ -1002,16 +1011,16 @@ def test_cuda_w8a8_tma_gemm_every_config_equals_reference(monkeypatch):
     monkeypatch.setitem(w8a8.TMA, "enabled", True)
     monkeypatch.setitem(w8a8.TMA, "wgmma", True)
     qmm_sm_count = w8a8._sm_count
-    for dtype in (torch.float16, torch.bfloat16):
-        (xq, wq, sx, sw, bias), ref = _w8a8_gemm_case(300, 333, 1040, "cuda", dtype)
+    for dtype, n in ((torch.float16, 333), (torch.bfloat16, 333), (torch.float16, 336)):  # 336: the persistent kernel too
+        (xq, wq, sx, sw, bias), ref = _w8a8_gemm_case(300, n, 1040, "cuda", dtype)
         cands = [c for c in w8a8.gemm_candidates(xq, wq) if c.get("TMA") or c.get("WGMMA")]  # Hopper: the Gluon kernel's
-        assert cands
+        assert cands and any(c.get("PERSIST") for c in cands) == (n % 16 == 0)
         for cfg in cands:
-            for sms in (132, 5, 1):  # the persistent Gluon kernel: a tile a program, several, all on one
-                if sms < 132 and not cfg.get("WGMMA"):
+            for sms in (132, 5, 1):  # the persistent kernels: a tile a program, several, all on one
+                if sms < 132 and not (cfg.get("WGMMA") or cfg.get("PERSIST")):
                     continue
                 monkeypatch.setattr(w8a8, "_sm_count", lambda device, sms=sms: sms)
-                out = torch.empty(300, 333, dtype=dtype, device="cuda")
+                out = torch.empty(300, n, dtype=dtype, device="cuda")
                 w8a8._launch_gemm(xq, wq, sx, sw, bias, out, cfg)
                 assert _rel(out, ref) < (2e-3 if dtype == torch.float16 else 1.6e-2), (cfg, sms)
     monkeypatch.setattr(w8a8, "_sm_count", qmm_sm_count)

@@ -158,6 +158,32 @@ if HAVE_TRITON:
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         _rescale_store(acc, sa_ptr, sb_ptr, bias_ptr, out_ptr, offs_m, offs_n, M, N, stride_om, HAS_BIAS)
 
+    @triton.jit
+    def _w8a8_gemm_tma_persistent_kernel(a_ptr, b_ptr, sa_ptr, sb_ptr, bias_ptr, out_ptr, M, N, K,
+                                         stride_am, stride_bn, stride_om, programs,
+                                         HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                                         BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, PDL: tl.constexpr):
+        """``_w8a8_gemm_tma_kernel`` persistent: ``programs`` programs (at most one an SM), each
+        taking the output tiles ``program_id, program_id + programs, ...``; the tile loop and its K
+        loop are flattened into one software pipeline, so the next tile's loads are in flight
+        during a tile's epilogue."""
+        a_desc = tl.make_tensor_descriptor(a_ptr, shape=[M, K], strides=[stride_am, 1], block_shape=[BLOCK_M, BLOCK_K])
+        b_desc = tl.make_tensor_descriptor(b_ptr, shape=[N, K], strides=[stride_bn, 1], block_shape=[BLOCK_N, BLOCK_K])
+        if PDL:
+            gdc_wait()
+        tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
+        k_tiles = tl.cdiv(K, BLOCK_K)
+        for tile in tl.range(tl.program_id(0), tiles, programs, flatten=True):
+            pid_m, pid_n = grouped_tile(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+            acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
+            for kt in range(k_tiles):
+                a = a_desc.load([pid_m * BLOCK_M, kt * BLOCK_K])
+                b = b_desc.load([pid_n * BLOCK_N, kt * BLOCK_K])
+                acc = tl.dot(a, b.T, acc, out_dtype=tl.int32)
+            offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+            offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+            _rescale_store(acc, sa_ptr, sb_ptr, bias_ptr, out_ptr, offs_m, offs_n, M, N, stride_om, HAS_BIAS)
+
 
 def quantize_per_token(
     x: torch.Tensor, act_scale: torch.Tensor | float | None = None, migration_scale: torch.Tensor | None = None
@@ -214,9 +240,10 @@ def _gemm_config(m: int, n: int, device: torch.device) -> dict:
 
 W8A8_CONFIG: dict = {}  # (m bucket, n, k) -> tuned config
 #: which more GEMMs the tuner tries where :func:`tma_ok`. ``enabled``: ``_w8a8_gemm_tma_kernel``
-#: (each of :data:`_CANDIDATES` with its tiles loaded by TMA), on by default (``BITSMITH_W8A8_TMA=0``:
-#: off): on the H100 it won every M = 2048 shape, 4-10% faster than the pointer kernel
-#: (w8a8_probe_tma_h100.json). ``wgmma``: also the Gluon kernel
+#: and ``_w8a8_gemm_tma_persistent_kernel`` (each of :data:`_CANDIDATES` with its tiles loaded by
+#: TMA), on by default (``BITSMITH_W8A8_TMA=0``: off): on the H100 they won every M = 2048 shape,
+#: 4-10% faster than the pointer kernel (w8a8_probe_tma_h100.json), persistent up to 6% more on
+#: three of the four (w8a8_probe_persistent_h100.json). ``wgmma``: also the Gluon kernel
 #: (:mod:`bitsmith.kernels.w8a8_wgmma`, Hopper), opt-in (``BITSMITH_W8A8_WGMMA=1``): correct on the
 #: H100 but 4-12% slower than Triton's TMA kernel at every shape there
 TMA = {"enabled": os.environ.get("BITSMITH_W8A8_TMA", "") != "0",
@@ -266,7 +293,8 @@ def _launch_gemm(xq, w_int8, sx, sw, bias, out, cfg) -> tuple:
     m, k = xq.shape
     n = w_int8.shape[0]
     grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
-    consts = {"HAS_BIAS": bias is not None, **{kk: v for kk, v in cfg.items() if kk.isupper() and kk not in ("TMA", "WGMMA")}}
+    consts = {"HAS_BIAS": bias is not None,
+              **{kk: v for kk, v in cfg.items() if kk.isupper() and kk not in ("TMA", "WGMMA", "PERSIST")}}
     options = {kk: cfg[kk] for kk in ("num_warps", "num_stages") if kk in cfg}
     if not cfg.get("WGMMA"):
         consts["PDL"] = pdl_on(xq.device)
@@ -277,6 +305,10 @@ def _launch_gemm(xq, w_int8, sx, sw, bias, out, cfg) -> tuple:
     if cfg.get("WGMMA"):
         kernel = w8a8_wgmma._w8a8_wgmma_kernel
         grid = (min(grid[0], _sm_count(xq.device)),)  # persistent: a program an SM at most, each every grid-th tile
+    elif cfg.get("PERSIST"):
+        kernel = _w8a8_gemm_tma_persistent_kernel
+        grid = (min(grid[0], _sm_count(xq.device)),)
+        args = args + (grid[0],)
     else:
         kernel = _w8a8_gemm_tma_kernel if cfg.get("TMA") else _w8a8_gemm_kernel
     if _needs_scratch(cfg) and xq.is_cuda:
@@ -328,15 +360,16 @@ class _W8A8Plan:
 
 def gemm_candidates(xq: torch.Tensor, w_int8: torch.Tensor) -> list[dict]:
     """The configs the tuner times for these operands: every tile of :data:`_CANDIDATES`, and
-    with :data:`TMA` on (where :func:`tma_ok`) each of them again loaded by TMA (``"TMA": 1``)
-    and, with ``TMA["wgmma"]`` on Hopper, the Gluon kernel's (:mod:`bitsmith.kernels.w8a8_wgmma`,
+    with :data:`TMA` on (where :func:`tma_ok`) each of them again loaded by TMA (``"TMA": 1``),
+    and where ``N`` is a multiple of 16 again by the persistent TMA kernel (``"PERSIST": 1``), and,
+    with ``TMA["wgmma"]`` on Hopper, the Gluon kernel's (:mod:`bitsmith.kernels.w8a8_wgmma`,
     ``"WGMMA": 1``)."""
-    out = []
+    plain = [{"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8, "num_warps": warps, "num_stages": stages}
+             for bm, bn, bk, warps, stages in _CANDIDATES]
     use_tma = TMA["enabled"] and tma_ok(xq, w_int8)
-    for tma in (0, 1) if use_tma else (0,):
-        for bm, bn, bk, warps, stages in _CANDIDATES:
-            cfg = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8, "num_warps": warps, "num_stages": stages}
-            out.append({**cfg, "TMA": 1} if tma else cfg)
+    out = plain + ([{**c, "TMA": 1} for c in plain] if use_tma else [])
+    if use_tma and w_int8.shape[0] % 16 == 0:  # else the output rows are unaligned: 256x128x128 at 4 stages needed 256 KiB
+        out += [{**c, "TMA": 1, "PERSIST": 1} for c in plain]
     if use_tma and TMA["wgmma"] and w8a8_wgmma.supports(xq) is None:
         out += w8a8_wgmma.configs()
     return out
@@ -441,13 +474,14 @@ def compile_quant_offline(fma_div: bool, block: int = 4096, k_multiple: bool = T
 
 
 def compile_gemm_offline(tma: bool, block_m: int = 256, block_n: int = 128, block_k: int = 128, num_warps: int = 8,
-                         num_stages: int = 3, arch: int = 90):
-    """``_w8a8_gemm_kernel`` (or, ``tma``, ``_w8a8_gemm_tma_kernel``) compiled for NVIDIA
-    ``sm_<arch>`` on any machine, for CI's checks of its machine code: float16 output, a bias,
-    ``K`` and the strides multiples of 16."""
+                         num_stages: int = 3, arch: int = 90, persistent: bool = False):
+    """``_w8a8_gemm_kernel`` (or, ``tma``, ``_w8a8_gemm_tma_kernel``; with ``persistent`` too,
+    ``_w8a8_gemm_tma_persistent_kernel``) compiled for NVIDIA ``sm_<arch>`` on any machine, for CI's
+    checks of its machine code: float16 output, a bias, ``K`` and the strides multiples of 16."""
     from .small_m import _compile_offline
 
     consts = {"HAS_BIAS": True, "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "GROUP_M": 8, "PDL": False}
     types = {"a_ptr": "i8", "b_ptr": "i8", "sa_ptr": "fp32", "sb_ptr": "fp32", "bias_ptr": "fp16", "out_ptr": "fp16"}
-    return _compile_offline(_w8a8_gemm_tma_kernel if tma else _w8a8_gemm_kernel, consts, "fp16", num_warps, num_stages,
-                            arch, ptr_types=types, aligned_ints=("K", "stride_am", "stride_bn", "stride_om"))
+    kernel = (_w8a8_gemm_tma_persistent_kernel if persistent else _w8a8_gemm_tma_kernel) if tma else _w8a8_gemm_kernel
+    return _compile_offline(kernel, consts, "fp16", num_warps, num_stages, arch, ptr_types=types,
+                            aligned_ints=("K", "stride_am", "stride_bn", "stride_om"))
