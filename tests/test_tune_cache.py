@@ -123,3 +123,44 @@ def test_no_cache_file_unless_asked(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     qmm._tune(("m1", 1, rw.n, rw.k, qmm._layout_key(rw, x.dtype)), rw, x, None)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_w8a8_tuning_is_cached_and_reported(tmp_path, monkeypatch):
+    """W8A8's GEMM tuner goes through the same routine: the fastest candidate (a fake timer's
+    pick) is kept in the cache file under ``("w8a8", M bucket, N, K)`` and its cost recorded in
+    ``TUNE_SECONDS``; a later process takes it from the file without timing anything; a config
+    that raises is skipped."""
+    from bitsmith.kernels import w8a8
+
+    xq, wq = torch.zeros(64, 256, dtype=torch.int8), torch.zeros(128, 256, dtype=torch.int8)
+    sx, sw, out = torch.ones(64), torch.ones(128), torch.empty(64, 128, dtype=torch.float16)
+    cands = w8a8.gemm_candidates(xq, wq)
+    want, broken = cands[2], cands[0]
+    launched = []
+
+    def fake_launch(xq_, wq_, sx_, sw_, bias_, out_, cfg):
+        launched.append(cfg)
+        if cfg == broken:
+            raise RuntimeError("out of resource: shared memory")
+
+    monkeypatch.setattr(w8a8, "_launch_gemm", fake_launch)
+    monkeypatch.setattr(qmm, "gpu_time", lambda fn, calls=20: (fn(), 1.0 if launched[-1] == want else 2.0)[1])
+    monkeypatch.setattr(qmm, "TUNE_SECONDS", {})
+    monkeypatch.setattr(w8a8, "W8A8_CONFIG", {})
+    key = (w8a8._m_bucket(64), 128, 256)
+    path = tmp_path / "tune.json"
+    tune_cache.set_path(path)
+    try:
+        assert w8a8._tune_gemm(key, xq, wq, sx, sw, None, out) == want and w8a8.W8A8_CONFIG[key] == want
+        assert launched == cands
+        assert qmm.TUNE_SECONDS[("w8a8",) + key]["candidates"] == len(cands)
+        assert list(json.loads(path.read_text())["entries"].values()) == [want]
+        assert "'w8a8'" in next(iter(json.loads(path.read_text())["entries"]))
+
+        monkeypatch.setattr(w8a8, "W8A8_CONFIG", {})
+        monkeypatch.setattr(qmm, "TUNE_SECONDS", {})
+        tune_cache.set_path(path)  # a fresh process
+        monkeypatch.setattr(qmm, "gpu_time", lambda fn, calls=20: pytest.fail("timed although cached"))
+        assert w8a8._tune_gemm(key, xq, wq, sx, sw, None, out) == want and qmm.TUNE_SECONDS == {}
+    finally:
+        tune_cache.set_path(None)

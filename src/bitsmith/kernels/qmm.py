@@ -657,40 +657,49 @@ def _default_config(rw: RuntimeWeight, m: int, device: torch.device, dtype: torc
 
 
 def _tune(key: tuple, rw: RuntimeWeight, x2: torch.Tensor, bias) -> dict:
+    m = x2.shape[0]
+    TUNED[key] = pick_config(key, _configs(rw, m, x2.dtype), lambda cfg: _launch(rw, x2, bias, cfg),
+                             lambda: _default_config(rw, m, x2.device, x2.dtype), x2.device)
+    return TUNED[key]
+
+
+def pick_config(key: tuple, cands: list[dict], launch: Callable[[dict], object], default: Callable[[], dict],
+                device: torch.device) -> dict:
+    """The fastest of ``cands`` by :func:`gpu_time` of ``launch(cfg)`` (a config that raises, e.g.
+    out of shared memory, is skipped), or the one ``BITSMITH_TUNE_CACHE`` kept for ``key`` on this
+    GPU; ``default()`` when every candidate failed (recorded in :data:`TUNE_FAILURES`, with a
+    warning). What the timing cost is recorded in :data:`TUNE_SECONDS`. Every tuner of the
+    kernels (:func:`quant_matmul`'s, W8A8's) goes through here."""
     if TUNE_FLUSH not in ("clean", "dirty"):  # here, not in gpu_time: its errors count as a failing config
         raise ValueError(f"BITSMITH_TUNE_FLUSH must be 'clean' or 'dirty', got {TUNE_FLUSH!r}")
-    m = x2.shape[0]
-    cands = _configs(rw, m, x2.dtype)
     cache = tune_cache.active()
     if cache is not None:  # a config tuned by an earlier process (same GPU, Triton and kernels)
-        cache_key = tune_cache.entry_key(_device_name(x2.device), triton.__version__, key)
+        cache_key = tune_cache.entry_key(_device_name(device), triton.__version__, key)
         kept = cache.get(cache_key)
         if kept is not None and kept in cands:
-            TUNED[key] = kept
             return kept
     best, best_t, first_error = None, float("inf"), None
     started = _clock()
     for cfg in cands:
         try:
-            t = gpu_time(lambda: _launch(rw, x2, bias, cfg))
+            t = gpu_time(lambda cfg=cfg: launch(cfg))
         except Exception as e:  # noqa: BLE001 - a config that does not compile (resources) is skipped
             first_error = first_error or e
             continue
         if t < best_t:
             best, best_t = cfg, t
     if best is None:
-        best = _default_config(rw, m, x2.device, x2.dtype)
+        best = default()
         if first_error is not None:
             # one config may fail; all of them failing is a bug in the timing or the kernels, not a
             # choice the tuner made, and it must not pass for a tuned run (benchmarks record these)
             why = f"{type(first_error).__name__}: {str(first_error).splitlines()[0][:200]}"
             TUNE_FAILURES.append({"key": " ".join(map(str, key)), "candidates": len(cands), "first_error": why})
             warnings.warn(f"kernel tuning for {key}: all {len(cands)} candidate configs failed, the first with "
-                          f"{why}; using the default config", RuntimeWarning, stacklevel=2)
+                          f"{why}; using the default config", RuntimeWarning, stacklevel=3)
     elif cache is not None:
         cache.put(cache_key, best)
     TUNE_SECONDS[key] = {"seconds": _clock() - started, "candidates": len(cands)}
-    TUNED[key] = best
     return best
 
 

@@ -27,8 +27,8 @@ import os
 import torch
 
 from . import w8a8_wgmma
-from .qmm import (AUTOTUNE, FAST_LAUNCH, HAVE_TRITON, LaunchTemplate, _m_bucket, _run, _sm_count, gpu_time,
-                  launch_hooks_set, raw_launch)
+from .qmm import (AUTOTUNE, FAST_LAUNCH, HAVE_TRITON, LaunchTemplate, _m_bucket, _run, _sm_count, launch_hooks_set,
+                  pick_config, raw_launch)
 from .small_m import pdl_ok
 
 if HAVE_TRITON:
@@ -376,15 +376,11 @@ def gemm_candidates(xq: torch.Tensor, w_int8: torch.Tensor) -> list[dict]:
 
 
 def _tune_gemm(key, xq, w_int8, sx, sw, bias, out) -> dict:
-    best, best_t = None, float("inf")
-    for cfg in gemm_candidates(xq, w_int8):
-        try:
-            t = gpu_time(lambda cfg=cfg: _launch_gemm(xq, w_int8, sx, sw, bias, out, cfg))
-        except Exception:  # noqa: BLE001 - a config that does not fit is skipped
-            continue
-        if t < best_t:
-            best, best_t = cfg, t
-    W8A8_CONFIG[key] = best or _gemm_config(xq.shape[0], w_int8.shape[0], xq.device)
+    """The GEMM config for ``key`` = (M bucket, N, K), by :func:`bitsmith.kernels.qmm.pick_config`
+    (kept in ``BITSMITH_TUNE_CACHE`` and reported in ``TUNE_SECONDS`` as ``("w8a8", *key)``)."""
+    W8A8_CONFIG[key] = pick_config(("w8a8",) + key, gemm_candidates(xq, w_int8),
+                                   lambda cfg: _launch_gemm(xq, w_int8, sx, sw, bias, out, cfg),
+                                   lambda: _gemm_config(xq.shape[0], w_int8.shape[0], xq.device), xq.device)
     return W8A8_CONFIG[key]
 
 
