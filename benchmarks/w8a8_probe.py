@@ -53,6 +53,15 @@ def overlapped(w8a8, x, wq, sw, out, cfg, chunks: int, side):
     return run
 
 
+def int8_weight(n: int, k: int, device: torch.device) -> tuple:
+    """``(w16, wq, sw)``: random float16 weights (0.02 randn), their int8 codes per output channel
+    and float32 scales."""
+    w16 = (torch.randn(n, k, device=device) * 0.02).half()
+    sw = (w16.float().abs().amax(1) / 127).clamp_min(1e-8)
+    wq = torch.round(w16.float() / sw[:, None]).clamp(-127, 127).to(torch.int8).contiguous()
+    return w16, wq, sw
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_shape_args(ap, "w8a8_probe", 20)
@@ -72,9 +81,7 @@ def main() -> None:
           f"{'int_mm backend':>15}  best gemm config (us)", flush=True)
     for n, k in parse_shapes(args.shapes):
         shape = f"{n}x{k}"
-        w16 = (torch.randn(n, k, device=dev) * 0.02).half()
-        sw = (w16.float().abs().amax(1) / 127).clamp_min(1e-8)
-        wq = torch.round(w16.float() / sw[:, None]).clamp(-127, 127).to(torch.int8).contiguous()
+        w16, wq, sw = int8_weight(n, k, dev)
         x = torch.randn(args.m, k, device=dev, dtype=torch.float16)
         ref = F.linear(x.float(), wq.float() * sw[:, None])
         fp16 = timer.time_graph(lambda: F.linear(x, w16))

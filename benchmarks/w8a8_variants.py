@@ -21,6 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import add_shape_args, parse_shapes, require_cuda, write_result  # noqa: E402
+from w8a8_probe import int8_weight  # noqa: E402
 
 
 #: the TMA GEMM beyond the tuner's tiles: deeper rings of shorter K steps, and the grouping of row tiles
@@ -61,13 +62,24 @@ def main() -> None:
             launch()
             same = bool(torch.equal(q, xq) and torch.equal(s, sx))
             quant[f"{warps} warps"] = timer.time_graph(launch) if same else "codes differ from the library's"
-        w16 = (torch.randn(n, k, device=dev) * 0.02).half()
-        sw = (w16.float().abs().amax(1) / 127).clamp_min(1e-8)
-        wq = torch.round(w16.float() / sw[:, None]).clamp(-127, 127).to(torch.int8).contiguous()
+        _, wq, sw = int8_weight(n, k, dev)
         ref = torch.empty(args.m, n, dtype=x.dtype, device=dev)
         w8a8._launch_gemm(xq, wq, sx, sw, None, ref, {"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 128, "GROUP_M": 8,
                                                      "num_warps": 8, "num_stages": 3})
         out = torch.empty_like(ref)
+
+        def checked_time(cfg):
+            """``cfg``'s GEMM time, or why not: its output against the pointer kernel's, or its error."""
+            try:
+                out.zero_()
+                w8a8._launch_gemm(xq, wq, sx, sw, None, out, cfg)
+                err = float((out.float() - ref.float()).norm() / ref.float().norm())
+                if err >= 1e-3:
+                    return f"wrong: rel err {err:.1e}"
+                return timer.time_graph(lambda: w8a8._launch_gemm(xq, wq, sx, sw, None, out, cfg))
+            except Exception as e:  # noqa: BLE001 - a config that does not fit is reported, not fatal
+                return f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
+
         gemm = {}
         sms = w8a8._sm_count(dev)
         real_sm_count = w8a8._sm_count
@@ -77,27 +89,13 @@ def main() -> None:
                 name = f"{cfg['BLOCK_M']}x{cfg['BLOCK_N']}x{cfg['BLOCK_K']} w{cfg['num_warps']} s{cfg['STAGES']} grid {grid}"
                 w8a8._sm_count = lambda _dev, grid=grid: grid
                 try:
-                    out.zero_()
-                    w8a8._launch_gemm(xq, wq, sx, sw, None, out, cfg)
-                    err = float((out.float() - ref.float()).norm() / ref.float().norm())
-                    gemm[name] = (timer.time_graph(lambda cfg=cfg: w8a8._launch_gemm(xq, wq, sx, sw, None, out, cfg))
-                                  if err < 1e-3 else f"wrong: rel err {err:.1e}")
-                except Exception as e:  # noqa: BLE001 - reported, not fatal
-                    gemm[name] = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
+                    gemm[name] = checked_time(cfg)
                 finally:
                     w8a8._sm_count = real_sm_count
         tma = {}
         for bm, bn, bk, warps, stages, group in TMA_SWEEP:
             cfg = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group, "num_warps": warps, "num_stages": stages, "TMA": 1}
-            name = f"tma {bm}x{bn}x{bk} w{warps} s{stages} g{group}"
-            try:
-                out.zero_()
-                w8a8._launch_gemm(xq, wq, sx, sw, None, out, cfg)
-                err = float((out.float() - ref.float()).norm() / ref.float().norm())
-                tma[name] = (timer.time_graph(lambda cfg=cfg: w8a8._launch_gemm(xq, wq, sx, sw, None, out, cfg))
-                             if err < 1e-3 else f"wrong: rel err {err:.1e}")
-            except Exception as e:  # noqa: BLE001 - a config that does not fit is reported
-                tma[name] = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
+            tma[f"tma {bm}x{bn}x{bk} w{warps} s{stages} g{group}"] = checked_time(cfg)
         rows.append({"n": n, "k": k, "m": args.m, "quant_us": quant, "wgmma_gemm_us": gemm, "tma_gemm_us": tma, "sms": sms})
         print(f"{n}x{k}, M = {args.m}")
         for table in (quant, gemm, tma):
