@@ -40,6 +40,8 @@
 #       every GEMM config, torch._int_mm, the library call beside fp16, and the product in 2 and 4 token chunks with the
 #       quantization on a second stream (benchmarks/w8a8_probe.py --overlap); W8A8_TMA=1: the W8A8 CUDA tests first and
 #       the Gluon GEMM's configs timed too (BITSMITH_W8A8_WGMMA=1)
+#   OUT=/some/dir bash benchmarks/kernels_gpu_session.sh w8a8_check # W8A8's CUDA tests (the persistent TMA GEMM at N = 336
+#       among them), compute-sanitizer over every kernel, then the M = 2048 table the README prints (kernels_m2048_w8a8)
 #   OUT=/some/dir bash benchmarks/kernels_gpu_session.sh one        # one call for all of it when device time is short:
 #       CUDA tests, M = 1 table int4 vs NF4, compiled end-to-end decode, host overhead
 # The CUDA tests run with pytest-xdist when it is importable (carried as wheels: .whl/, see the device notes).
@@ -303,6 +305,15 @@ w8a8)  # W8A8 at M = 2048, part by part (W8A8_TMA=1: the TMA GEMM's CUDA tests f
   timeout "${T_W8A8:-200}" python3 benchmarks/w8a8_probe.py --m 2048 --reps 20 --overlap 2,4 --name w8a8_probe_m2048 2>&1 | grep -v -i warn \
     | tee -a "$OUT/w8a8.txt"
   cp benchmarks/results/w8a8_probe_m2048.json "$OUT/" 2>/dev/null
+  ;;
+w8a8_check)  # W8A8's CUDA tests, the sanitizer, the README's M = 2048 table
+  TEST_FILES="tests/test_kernels.py tests/test_w8a8.py" TEST_K="cuda and w8a8" T_TESTS=${T_TESTS:-120} cuda_tests \
+    || { echo "CUDA tests failed: no benchmark"; exit 1; }
+  OUT="$OUT" T_WARM=${T_WARM:-100} T_SAN=${T_SAN:-220} bash benchmarks/kernels_sanitize.sh | tail -4
+  echo "== python3 benchmarks/kernels_bench.py --m 2048 --formats int4_g64 --reps 10 --name kernels_m2048_w8a8" | tee "$OUT/kernels_bench.txt"
+  timeout "${T_BENCH:-150}" python3 benchmarks/kernels_bench.py --m 2048 --formats int4_g64 --reps 10 --name kernels_m2048_w8a8 2>/dev/null \
+    | tee -a "$OUT/kernels_bench.txt" | tail -24
+  cp benchmarks/results/kernels_m2048_w8a8.json "$OUT/" 2>/dev/null
   ;;
 ceiling)  # the read ceiling: the stacked layer's M = 1 matmuls vs a kernel that only reads the same bytes, one graph each
   TEST_FILES=tests/test_kernels.py TEST_K=read_kernel T_TESTS=${T_TESTS:-60} cuda_tests || { echo "CUDA test failed: no benchmark"; exit 1; }
