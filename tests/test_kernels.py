@@ -1227,7 +1227,8 @@ def test_tuning_refuses_an_unknown_flush_setting(monkeypatch):
 
     monkeypatch.setattr(qmm, "TUNE_FLUSH", "drity")
     with pytest.raises(ValueError, match="BITSMITH_TUNE_FLUSH must be 'clean' or 'dirty', got 'drity'"):
-        qmm._tune(("fma", 1, 64, 64, "rows"), object(), torch.zeros(1, 64), None)
+        qmm.pick_config(("fma", 1, 64, 64, "rows"), [{"A": 1}], lambda cfg: pytest.fail("launched"), dict,
+                        torch.device("cpu"))
 
 
 def test_tuning_keeps_the_fastest_candidate_that_ran(monkeypatch):
