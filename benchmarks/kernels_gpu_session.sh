@@ -291,12 +291,12 @@ wide)  # the wide Gluon tiles and the wgmma kernel: tests, then M = 16..128 in b
     cp "benchmarks/results/$name.json" "$OUT/" 2>/dev/null
   done
   ;;
-suite)  # every CUDA test, this release's defaults, the pipelined wgmma configs included
+suite)  # every CUDA test, this release's defaults, the Gluon W8A8 GEMM and W8A8's PDL switched on
   export BITSMITH_W8A8_WGMMA=1 BITSMITH_W8A8_PDL=1
   TEST_FILES=${TEST_FILES:-"tests/test_cuda.py tests/test_siblings.py tests/test_compile.py tests/test_fragment.py tests/test_svdquant.py tests/test_kernels.py tests/test_w8a8.py"} \
     T_TESTS=${T_TESTS:-500} cuda_tests
   ;;
-w8a8)  # W8A8 at M = 2048, part by part (W8A8_TMA=1: the TMA GEMM's CUDA tests first, then its configs timed beside the others)
+w8a8)  # W8A8 at M = 2048, part by part (W8A8_TMA=1: the W8A8 CUDA tests first, and the Gluon GEMM timed too)
   if [ "${W8A8_TMA:-0}" = 1 ]; then
     export BITSMITH_W8A8_WGMMA=1
     TEST_FILES=tests/test_kernels.py TEST_K="cuda and w8a8" T_TESTS=${T_TESTS:-120} cuda_tests || { echo "CUDA tests failed: no benchmark"; exit 1; }
