@@ -289,7 +289,8 @@ def _ensure_allocator() -> None:
 
 
 def _launch_gemm(xq, w_int8, sx, sw, bias, out, cfg) -> tuple:
-    """One ``_w8a8_gemm_kernel`` launch; returns ``(hit, grid, args)`` as :func:`_quantize_launch`."""
+    """One launch of the GEMM ``cfg`` names (pointer, TMA, persistent TMA or Gluon kernel); returns
+    ``(hit, grid, args)`` as :func:`_quantize_launch`."""
     m, k = xq.shape
     n = w_int8.shape[0]
     grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
