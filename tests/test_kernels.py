@@ -952,17 +952,10 @@ def test_w8a8_pdl_orders_wait_and_release():
     after its last global store, and the TMA GEMM waits for it after building its descriptors
     and before its first TMA load; without PDL neither instruction is there."""
     from bitsmith.kernels import w8a8
-    from bitsmith.kernels.small_m import _compile_offline
 
-    gemm_types = {"a_ptr": "i8", "b_ptr": "i8", "sa_ptr": "fp32", "sb_ptr": "fp32", "bias_ptr": "fp16", "out_ptr": "fp16"}
-    quant_types = {"x_ptr": "fp16", "q_ptr": "i8", "s_ptr": "fp32", "static_ptr": "fp32", "mig_ptr": "fp32"}
     for pdl in (False, True):
-        gemm = _compile_offline(w8a8._w8a8_gemm_tma_kernel, {"HAS_BIAS": True, "BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 128,
-                                                             "GROUP_M": 8, "PDL": pdl}, "fp16", 8, 4, 90, ptr_types=gemm_types,
-                                aligned_ints=("K", "stride_am", "stride_bn", "stride_om")).asm["ptx"].splitlines()
-        quant = _compile_offline(w8a8._quant_rows_kernel, {"STATIC": False, "HAS_MIG": False, "RECIP_SCALE": True, "FMA_DIV": True,
-                                                           "BLOCK_K": 4096, "PDL": pdl}, "fp16", 8, 1, 90, ptr_types=quant_types,
-                                 aligned_ints=("K", "stride_x", "stride_q")).asm["ptx"].splitlines()
+        gemm = w8a8.compile_gemm_offline(True, 128, 256, 128, 8, 4, pdl=pdl).asm["ptx"].splitlines()
+        quant = w8a8.compile_quant_offline(True, 4096, pdl=pdl).asm["ptx"].splitlines()
 
         def lines(text, pat):
             return [i for i, line in enumerate(text) if pat in line]

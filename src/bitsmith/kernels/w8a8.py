@@ -457,13 +457,13 @@ def w8a8_linear(
 __all__ = ["w8a8_linear", "quantize_per_token", "gemm_candidates", "tma_ok", "W8A8_CONFIG", "TMA"]
 
 
-def compile_quant_offline(fma_div: bool, block: int = 4096, k_multiple: bool = True, arch: int = 90):
+def compile_quant_offline(fma_div: bool, block: int = 4096, k_multiple: bool = True, arch: int = 90, pdl: bool = False):
     """``_quant_rows_kernel`` compiled for NVIDIA ``sm_<arch>`` on any machine (CI checks its
     machine code): float16 activations, dynamic per-token scales, no migration; ``block``: the row
-    tile (a row of ``block`` channels read once)."""
+    tile (a row of ``block`` channels read once); ``pdl``: releasing a programmatic dependent."""
     from .small_m import _compile_offline
 
-    consts = {"STATIC": False, "HAS_MIG": False, "RECIP_SCALE": True, "FMA_DIV": fma_div, "BLOCK_K": block, "PDL": False}
+    consts = {"STATIC": False, "HAS_MIG": False, "RECIP_SCALE": True, "FMA_DIV": fma_div, "BLOCK_K": block, "PDL": pdl}
     types = {"x_ptr": "fp16", "q_ptr": "i8", "s_ptr": "fp32", "static_ptr": "fp32", "mig_ptr": "fp32"}
     warps = 4 if block <= 1024 else 8 if block <= 4096 else 16
     return _compile_offline(_quant_rows_kernel, consts, "fp16", warps, 1, arch, ptr_types=types,
@@ -471,13 +471,14 @@ def compile_quant_offline(fma_div: bool, block: int = 4096, k_multiple: bool = T
 
 
 def compile_gemm_offline(tma: bool, block_m: int = 256, block_n: int = 128, block_k: int = 128, num_warps: int = 8,
-                         num_stages: int = 3, arch: int = 90, persistent: bool = False):
+                         num_stages: int = 3, arch: int = 90, persistent: bool = False, pdl: bool = False):
     """``_w8a8_gemm_kernel`` (or, ``tma``, ``_w8a8_gemm_tma_kernel``; with ``persistent`` too,
     ``_w8a8_gemm_tma_persistent_kernel``) compiled for NVIDIA ``sm_<arch>`` on any machine, for CI's
-    checks of its machine code: float16 output, a bias, ``K`` and the strides multiples of 16."""
+    checks of its machine code: float16 output, a bias, ``K`` and the strides multiples of 16;
+    ``pdl``: launched as a programmatic dependent."""
     from .small_m import _compile_offline
 
-    consts = {"HAS_BIAS": True, "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "GROUP_M": 8, "PDL": False}
+    consts = {"HAS_BIAS": True, "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "GROUP_M": 8, "PDL": pdl}
     types = {"a_ptr": "i8", "b_ptr": "i8", "sa_ptr": "fp32", "sb_ptr": "fp32", "bias_ptr": "fp16", "out_ptr": "fp16"}
     kernel = (_w8a8_gemm_tma_persistent_kernel if persistent else _w8a8_gemm_tma_kernel) if tma else _w8a8_gemm_kernel
     return _compile_offline(kernel, consts, "fp16", num_warps, num_stages, arch, ptr_types=types,
