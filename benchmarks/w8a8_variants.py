@@ -25,11 +25,16 @@ from _common import add_shape_args, parse_shapes, require_cuda, write_result  # 
 from w8a8_probe import int8_weight  # noqa: E402
 
 
-#: the TMA GEMM beyond the tuner's tiles: deeper rings of shorter K steps, and the grouping of row tiles
-#: ``(BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, GROUP_M)``
-TMA_SWEEP = ((256, 128, 128, 8, 4, 8), (256, 128, 128, 8, 4, 4), (256, 128, 128, 8, 4, 16), (128, 256, 128, 8, 4, 16),
-             (256, 128, 64, 8, 6, 8), (128, 256, 64, 8, 6, 8), (256, 128, 64, 8, 5, 8), (128, 128, 128, 8, 5, 8),
-             (256, 256, 64, 8, 4, 8))
+#: the TMA GEMM beyond the tuner's tiles: deeper rings of shorter K steps, the grouping of row tiles,
+#: and four warpgroups a tile instead of two (16 warps, one program a tile and persistent: while one
+#: warpgroup waits for its MMAs, three others may issue theirs)
+#: ``(BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, GROUP_M, persistent)``
+TMA_SWEEP = ((256, 128, 128, 8, 4, 8, 0), (256, 128, 128, 8, 4, 4, 0), (256, 128, 128, 8, 4, 16, 0),
+             (128, 256, 128, 8, 4, 16, 0), (256, 128, 64, 8, 6, 8, 0), (128, 256, 64, 8, 6, 8, 0),
+             (256, 128, 64, 8, 5, 8, 0), (128, 128, 128, 8, 5, 8, 0), (256, 256, 64, 8, 4, 8, 0),
+             (256, 128, 128, 8, 4, 8, 1), (256, 128, 128, 16, 3, 8, 0), (256, 128, 128, 16, 4, 8, 0),
+             (128, 256, 128, 16, 4, 8, 0), (256, 128, 128, 16, 3, 8, 1), (128, 256, 128, 16, 3, 8, 1),
+             (256, 128, 64, 16, 5, 8, 1), (128, 128, 128, 16, 4, 8, 1))
 
 
 def main() -> None:
@@ -40,6 +45,7 @@ def main() -> None:
                     type=lambda v: [tuple(int(p) for p in c.split("x")) for c in v.split(",") if c],
                     help="quantization launches beyond the tuner's candidates, ROWSxWARPS")
     ap.add_argument("--quant-only", action="store_true", help="time the quantization launches only (no GEMMs)")
+    ap.add_argument("--no-wgmma", action="store_true", help="skip the Gluon GEMM's grids")
     args = ap.parse_args()
     require_cuda("w8a8_variants")
     import triton
@@ -94,7 +100,7 @@ def main() -> None:
         gemm = {}
         sms = w8a8._sm_count(dev)
         real_sm_count = w8a8._sm_count
-        for cfg in w8a8_wgmma.configs() if w8a8_wgmma.supports(xq) is None and not args.quant_only else []:
+        for cfg in w8a8_wgmma.configs() if w8a8_wgmma.supports(xq) is None and not (args.quant_only or args.no_wgmma) else []:
             tiles = triton.cdiv(args.m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"])
             for grid in sorted({sms, tiles}):
                 name = f"{cfg['BLOCK_M']}x{cfg['BLOCK_N']}x{cfg['BLOCK_K']} w{cfg['num_warps']} s{cfg['STAGES']} grid {grid}"
@@ -104,9 +110,11 @@ def main() -> None:
                 finally:
                     w8a8._sm_count = real_sm_count
         tma = {}
-        for bm, bn, bk, warps, stages, group in () if args.quant_only else TMA_SWEEP:
-            cfg = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group, "num_warps": warps, "num_stages": stages, "TMA": 1}
-            tma[f"tma {bm}x{bn}x{bk} w{warps} s{stages} g{group}"] = checked_time(cfg)
+        for bm, bn, bk, warps, stages, group, persist in () if args.quant_only else TMA_SWEEP:
+            cfg = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group, "num_warps": warps, "num_stages": stages,
+                   "TMA": 1, **({"PERSIST": 1} if persist else {})}
+            name = f"tma {bm}x{bn}x{bk} w{warps} s{stages} g{group}{' persistent' if persist else ''}"
+            tma[name] = checked_time(cfg)
         rows.append({"n": n, "k": k, "m": args.m, "quant_us": quant, "wgmma_gemm_us": gemm, "tma_gemm_us": tma, "sms": sms})
         print(f"{n}x{k}, M = {args.m}")
         for table in (quant, gemm, tma):

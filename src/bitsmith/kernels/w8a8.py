@@ -322,6 +322,8 @@ _CANDIDATES = (
     # a stage deeper for the two tiles that won at M = 2048 (256x128 won all four shapes at three
     # stages, w8a8_probe_m2048_h100.json); 4 x 48 KiB of tiles fits in the H100's 227 KiB
     (256, 128, 128, 8, 4), (128, 256, 128, 8, 4),
+    # four warpgroups a tile (Triton's int8 MMAs wait for all of a warpgroup's MMAs every K step)
+    (256, 128, 128, 16, 3), (128, 256, 128, 16, 3),
 )
 
 
