@@ -42,15 +42,12 @@
 #       the Gluon GEMM's configs timed too (BITSMITH_W8A8_WGMMA=1)
 #   OUT=/some/dir bash benchmarks/kernels_gpu_session.sh w8a8_check # W8A8's CUDA tests (the persistent TMA GEMM at N = 336
 #       among them), compute-sanitizer over every kernel, then the M = 2048 table the README prints (kernels_m2048_w8a8)
-#   OUT=/some/dir bash benchmarks/kernels_gpu_session.sh quant      # W8A8's CUDA tests, every per-token quantization launch
-#       (rows a program, warps) at M = 2048 beside a conversion copy of the same bytes, then the probe (library call tuned)
 #   OUT=/some/dir bash benchmarks/kernels_gpu_session.sh one        # one call for all of it when device time is short:
 #       CUDA tests, M = 1 table int4 vs NF4, compiled end-to-end decode, host overhead
 # The CUDA tests run with pytest-xdist when it is importable (carried as wheels: .whl/, see the device notes).
 set -u
 export PYTHONPATH=src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/kernels_gpu}; mkdir -p "$OUT"
-W8A8_SHAPES=4096x4096,14336x4096,4096x14336,28672x8192
 cuda_tests() {  # CUDA tests of the kernels and SVDQuant's module; exit status 0 when all pass
   nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$OUT/device.txt"
   if ls .whl/*.whl >/dev/null 2>&1; then
@@ -319,18 +316,6 @@ w8a8_check)  # W8A8's CUDA tests (TESTS=0: none), the sanitizer, the README's M 
   timeout "${T_BENCH:-150}" python3 benchmarks/kernels_bench.py --m 2048 --formats int4_g64 --reps 10 --name kernels_m2048_w8a8 2>/dev/null \
     | tee -a "$OUT/kernels_bench.txt" | tail -24
   cp benchmarks/results/kernels_m2048_w8a8.json "$OUT/" 2>/dev/null
-  ;;
-quant)  # W8A8's CUDA tests, every per-token quantization launch at M = 2048 beside a copy of the same bytes, the probe
-  TEST_FILES="tests/test_kernels.py tests/test_w8a8.py" TEST_K="cuda and w8a8" T_TESTS=${T_TESTS:-120} cuda_tests \
-    || { echo "CUDA tests failed: no benchmark"; exit 1; }
-  echo "== python3 benchmarks/w8a8_variants.py --quant-only --shapes $W8A8_SHAPES --reps 20 --name w8a8_quant" | tee "$OUT/quant.txt"
-  timeout "${T_QUANT:-120}" python3 benchmarks/w8a8_variants.py --quant-only --shapes "$W8A8_SHAPES" --reps 20 --name w8a8_quant 2>&1 \
-    | grep -v -i warn | tee -a "$OUT/quant.txt"
-  cp benchmarks/results/w8a8_quant.json "$OUT/" 2>/dev/null
-  echo "== python3 benchmarks/w8a8_probe.py --m 2048 --reps 20 --name w8a8_probe_quant" | tee "$OUT/w8a8.txt"
-  timeout "${T_W8A8:-200}" python3 benchmarks/w8a8_probe.py --m 2048 --reps 20 --name w8a8_probe_quant 2>&1 | grep -v -i warn \
-    | tee -a "$OUT/w8a8.txt"
-  cp benchmarks/results/w8a8_probe_quant.json "$OUT/" 2>/dev/null
   ;;
 ceiling)  # the read ceiling: the stacked layer's M = 1 matmuls vs a kernel that only reads the same bytes, one graph each
   TEST_FILES=tests/test_kernels.py TEST_K=read_kernel T_TESTS=${T_TESTS:-60} cuda_tests || { echo "CUDA test failed: no benchmark"; exit 1; }

@@ -72,13 +72,6 @@ def main() -> None:
     w8a8_linear(torch.randn(5, 17000, device="cuda", dtype=torch.float16), wq_long, torch.rand(96, device="cuda") * 0.01)
     from bitsmith.kernels import w8a8
 
-    for m, k in ((37, 333), (37, 4096), (5, 17000)):  # every quantization launch the tuner may pick, rows past M
-        x = torch.randn(m, k, device="cuda", dtype=torch.float16)
-        q, s = torch.empty(m, k, dtype=torch.int8, device="cuda"), torch.empty(m, device="cuda")
-        for cfg in w8a8.quant_candidates(k):
-            w8a8._quant_rows_kernel[(-(-m // cfg["ROWS"]),)](
-                x, q, s, s, s, m, k, x.stride(0), q.stride(0), STATIC=False, HAS_MIG=False, RECIP_SCALE=True, FMA_DIV=True,
-                BLOCK_K=w8a8._quant_block(k), ROWS=cfg["ROWS"], PDL=False, num_warps=cfg["num_warps"])
     if w8a8.TMA["enabled"]:  # the TMA GEMMs' every candidate (BITSMITH_W8A8_WGMMA=1: the Gluon one's too), edges past its tiles
         xq, sx = w8a8.quantize_per_token(torch.randn(300, 1040, device="cuda", dtype=torch.float16))
         for n in (333, 336):  # 336: the persistent TMA kernel's too

@@ -1,8 +1,7 @@
 """W8A8 at M = 2048, two knobs the tuner does not turn (GPU only; prints a table, writes JSON):
 
-* the per-token quantization kernel's launches (``_quant_rows_kernel``: rows a program and warps,
-  every candidate of the library's tuner and ``--quant-extra``), beside a conversion copy of the
-  same bytes (``q.copy_(x)``: the floor for one read and one write);
+* the per-token quantization kernel's warps (``_quant_rows_kernel``: one program a row, the whole
+  row read once; the library picks 8 warps up to 4096 channels, 16 above);
 * the Gluon ``wgmma`` GEMM's grid (:mod:`bitsmith.kernels.w8a8_wgmma`): persistent (one program
   an SM, the library's launch) against one program a tile, for its best tiles;
 * the TMA GEMM at tiles the tuner does not try (:data:`TMA_SWEEP`).
@@ -41,10 +40,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_shape_args(ap, "w8a8_variants", 20, shapes="4096x4096,4096x14336")
     ap.add_argument("--m", type=int, default=2048)
-    ap.add_argument("--quant-extra", default="1x2,1x32,16x16",
-                    type=lambda v: [tuple(int(p) for p in c.split("x")) for c in v.split(",") if c],
-                    help="quantization launches beyond the tuner's candidates, ROWSxWARPS")
-    ap.add_argument("--quant-only", action="store_true", help="time the quantization launches only (no GEMMs)")
+    ap.add_argument("--warps", default="2,4,8,16,32", help="quantization kernel warps to time")
     ap.add_argument("--no-wgmma", action="store_true", help="skip the Gluon GEMM's grids")
     args = ap.parse_args()
     require_cuda("w8a8_variants")
@@ -61,24 +57,17 @@ def main() -> None:
         x = torch.randn(args.m, k, device=dev, dtype=torch.float16)
         xq, sx = w8a8.quantize_per_token(x)
         quant = {"library": timer.time_graph(lambda: w8a8.quantize_per_token(x))}
+        block = min(w8a8.MAX_ROW_TILE, triton.next_power_of_2(k))
         q = torch.empty_like(xq)
         s = torch.empty_like(sx)
-        quant["copy floor (q.copy_(x): the same bytes read and written)"] = timer.time_graph(lambda: q.copy_(x))
-        for cfg in w8a8.quant_candidates(k) + [{"ROWS": r, "num_warps": w} for r, w in args.quant_extra]:
-            def launch(cfg=cfg):
-                w8a8._quant_rows_kernel[(triton.cdiv(args.m, cfg["ROWS"]),)](
-                    x, q, s, s, s, args.m, k, x.stride(0), q.stride(0), STATIC=False, HAS_MIG=False, RECIP_SCALE=True,
-                    FMA_DIV=True, BLOCK_K=w8a8._quant_block(k), ROWS=cfg["ROWS"], PDL=False, num_warps=cfg["num_warps"])
-            name = f"{cfg['ROWS']} rows {cfg['num_warps']} warps"
-            q.zero_()
-            try:
-                launch()
-            except Exception as e:  # noqa: BLE001 - a launch that does not fit is reported, not fatal
-                quant[name] = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
-                continue
+        for warps in (int(w) for w in args.warps.split(",")):
+            def launch(warps=warps):
+                w8a8._quant_rows_kernel[(args.m,)](x, q, s, s, s, k, x.stride(0), q.stride(0), STATIC=False, HAS_MIG=False,
+                                                   RECIP_SCALE=True, FMA_DIV=True, BLOCK_K=block, PDL=False,
+                                                   num_warps=warps)
+            launch()
             same = bool(torch.equal(q, xq) and torch.equal(s, sx))
-            quant[name] = timer.time_graph(launch) if same else "codes differ from the library's"
-        quant["library pick"] = str(w8a8.QUANT_CONFIG)
+            quant[f"{warps} warps"] = timer.time_graph(launch) if same else "codes differ from the library's"
         _, wq, sw = int8_weight(n, k, dev)
         ref = torch.empty(args.m, n, dtype=x.dtype, device=dev)
         w8a8._launch_gemm(xq, wq, sx, sw, None, ref, {"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 128, "GROUP_M": 8,
@@ -100,7 +89,7 @@ def main() -> None:
         gemm = {}
         sms = w8a8._sm_count(dev)
         real_sm_count = w8a8._sm_count
-        for cfg in w8a8_wgmma.configs() if w8a8_wgmma.supports(xq) is None and not (args.quant_only or args.no_wgmma) else []:
+        for cfg in w8a8_wgmma.configs() if w8a8_wgmma.supports(xq) is None and not args.no_wgmma else []:
             tiles = triton.cdiv(args.m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"])
             for grid in sorted({sms, tiles}):
                 name = f"{cfg['BLOCK_M']}x{cfg['BLOCK_N']}x{cfg['BLOCK_K']} w{cfg['num_warps']} s{cfg['STAGES']} grid {grid}"
@@ -110,7 +99,7 @@ def main() -> None:
                 finally:
                     w8a8._sm_count = real_sm_count
         tma = {}
-        for bm, bn, bk, warps, stages, group, persist in () if args.quant_only else TMA_SWEEP:
+        for bm, bn, bk, warps, stages, group, persist in TMA_SWEEP:
             cfg = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group, "num_warps": warps, "num_stages": stages,
                    "TMA": 1, **({"PERSIST": 1} if persist else {})}
             name = f"tma {bm}x{bn}x{bk} w{warps} s{stages} g{group}{' persistent' if persist else ''}"

@@ -763,8 +763,8 @@ def test_interp_w8a8_fma_division_path_runs():
         x = (torch.randn(9, k, generator=g) * 3).half()
         q = torch.empty(9, k, dtype=torch.int8)
         sx = torch.empty(9, dtype=torch.float32)
-        w8a8._quant_rows_kernel[(9,)](x, q, sx, sx, sx, 9, k, x.stride(0), q.stride(0), STATIC=False, HAS_MIG=False,
-                                      RECIP_SCALE=False, FMA_DIV=True, BLOCK_K=block, ROWS=1, PDL=False)
+        w8a8._quant_rows_kernel[(9,)](x, q, sx, sx, sx, k, x.stride(0), q.stride(0), STATIC=False, HAS_MIG=False,
+                                      RECIP_SCALE=False, FMA_DIV=True, BLOCK_K=block, PDL=False)
         q_ref, s_ref = quantize_activation(x)
         assert torch.equal(sx, s_ref.reshape(-1))
         ratio = x.float() / s_ref
@@ -777,61 +777,18 @@ def test_interp_w8a8_fma_division_path_runs():
     for static in (torch.tensor([0.05]), None):
         q = torch.empty(1, 6, dtype=torch.int8)
         sx = torch.empty(1, dtype=torch.float32)
-        w8a8._quant_rows_kernel[(1,)](x, q, sx, static if static is not None else sx, sx, 1, 6, 6, 6, STATIC=static is not None,
-                                      HAS_MIG=False, RECIP_SCALE=False, FMA_DIV=True, BLOCK_K=8, ROWS=1, PDL=False)
+        w8a8._quant_rows_kernel[(1,)](x, q, sx, static if static is not None else sx, sx, 6, 6, 6, STATIC=static is not None,
+                                      HAS_MIG=False, RECIP_SCALE=False, FMA_DIV=True, BLOCK_K=8, PDL=False)
         q_ref, _ = quantize_activation(x, None, static)
         finite = torch.isfinite(x) if static is None else torch.ones_like(x, dtype=torch.bool)
         assert torch.equal(q[finite], q_ref[finite]), (static, q, q_ref)
-
-
-@needs_interp
-@pytest.mark.parametrize("static,migration", [(False, False), (True, False), (False, True)])
-def test_interp_w8a8_quantization_several_rows_a_program(static, migration):
-    """``ROWS`` rows a program (the tuner's candidates): each row keeps its own scale and codes,
-    the last program's rows past ``M`` are neither read nor written (guards around the outputs stay),
-    rows read once and in two passes, against the torch path (float64 reference of each row)."""
-    from bitsmith.kernels import w8a8
-    from bitsmith.nn.w8a8_linear import quantize_activation
-
-    g = torch.Generator().manual_seed(11)
-    m = 9
-    for k, block in ((300, 512), (700, 256)):
-        x = torch.randn(m, k, generator=g).half() * torch.logspace(-2, 2, m)[:, None].half()  # scales apart
-        mig = (torch.rand(k, generator=g) + 0.5) if migration else None
-        act = torch.tensor([0.05]) if static else None
-        for rows in (2, 4, 8):
-            q = torch.full((m + 1, k), 77, dtype=torch.int8)  # row m: a guard the kernel must not touch
-            sx = torch.full((m + 1,), -1.0)
-            w8a8._quant_rows_kernel[(-(-m // rows),)](
-                x, q, sx, act if static else sx, mig if migration else sx, m, k, x.stride(0), q.stride(0),
-                STATIC=static, HAS_MIG=migration, RECIP_SCALE=False, FMA_DIV=False, BLOCK_K=block, ROWS=rows, PDL=False)
-            q_ref, s_ref = quantize_activation(x, mig, act)
-            assert torch.equal(q[:m], q_ref), (k, rows)
-            assert torch.equal(sx[:m], s_ref.reshape(-1).expand(m).float()), (k, rows)
-            assert (q[m] == 77).all() and sx[m] == -1.0, (k, rows)
-
-
-@pytest.mark.skipif(not HAVE_TRITON, reason="needs triton")
-def test_w8a8_quantization_candidates_cover_the_default():
-    """The tuner's quantization launches: the untuned default among them, a thread holding 8-64
-    values of the row tile in every other, several rows a program offered where rows are short."""
-    from bitsmith.kernels import w8a8
-
-    for k in (64, 100, 2048, 4096, 8192, 14336, 20000):
-        cands = w8a8.quant_candidates(k)
-        block = w8a8._quant_block(k)
-        assert w8a8._quant_default(k) in cands and len(cands) == len({tuple(c.items()) for c in cands}), k
-        assert all(8 <= c["ROWS"] * block // (32 * c["num_warps"]) <= 64 for c in cands if c != w8a8._quant_default(k)), k
-        assert all(c["ROWS"] * block // (32 * c["num_warps"]) <= 32 for c in cands if c["num_warps"] == 16), k
-    assert any(c["ROWS"] > 1 for c in w8a8.quant_candidates(4096))
 
 
 @pytest.mark.skipif(INTERPRETED or not HAVE_TRITON, reason="compiles for sm_90 (not under the interpreter)")
 def test_w8a8_quantization_divides_once_a_row_on_the_gpu():
     """Compiled for the H100, the per-token quantization's GPU path has no division per value:
     two correctly rounded divisions (``FCHK``) in all, for the row's reciprocal (one in each of the
-    one-tile and two-pass branches), against one a value with ``div_rn``; no spills, in the
-    default launch nor in any the tuner may pick."""
+    one-tile and two-pass branches), against one a value with ``div_rn``; no spills."""
     import re
     import sys
     import tempfile
@@ -850,11 +807,6 @@ def test_w8a8_quantization_divides_once_a_row_on_the_gpu():
             assert not [t for t in ins if re.match(r"(LDL|STL)\b", t)], (block, fma_div)
             checks[fma_div] = sum(kernels_sass.opcode(t) == "FCHK" for t in ins)
         assert checks == {False: 2 * per_thread, True: 2}, (block, checks)
-        for cfg in w8a8.quant_candidates(block):  # every launch the tuner may pick: no spills
-            cubin = w8a8.compile_quant_offline(True, block, rows=cfg["ROWS"], warps=cfg["num_warps"]).asm["cubin"]
-            with tempfile.TemporaryDirectory() as tmp:
-                ins = [t for _, t in kernels_sass.sass_of(cubin, Path(tmp))]
-            assert not [t for t in ins if re.match(r"(LDL|STL)\b", t)], (block, cfg)
 
 
 def _w8a8_gemm_case(m, n, k, device, dtype=torch.float16):
@@ -1087,30 +1039,6 @@ def test_cuda_w8a8_equals_torch_path(m, dtype):
     _w8a8_case(m, 1000, 1541, dtype, "cuda")
     _w8a8_case(m, 512, 4096, dtype, "cuda", static=True, migration=True)
     _w8a8_case(m, 96, 17000, dtype, "cuda", migration=True)  # rows past MAX_ROW_TILE: read twice, in tiles
-
-
-@needs_cuda
-def test_cuda_w8a8_every_quantization_launch_equals_torch_path():
-    """Every launch the quantization's tuner may pick (rows a program, warps), at an M that is
-    not a multiple of the rows, rows read once and in two passes, float16 and bfloat16: the torch
-    path's codes and scales, and a guard row past M untouched."""
-    from bitsmith.kernels import w8a8
-    from bitsmith.nn.w8a8_linear import quantize_activation
-
-    g = torch.Generator().manual_seed(3)
-    m = 37
-    for k in (333, 4096, 17000):
-        for dtype in (torch.float16, torch.bfloat16):
-            x = ((torch.randn(m, k, generator=g) * torch.logspace(-2, 2, m)[:, None]).to(dtype)).cuda()
-            q_ref, s_ref = quantize_activation(x)
-            for cfg in w8a8.quant_candidates(k):
-                q = torch.full((m + 1, k), 77, dtype=torch.int8, device="cuda")
-                s = torch.full((m + 1,), -1.0, device="cuda")
-                w8a8._quant_rows_kernel[(-(-m // cfg["ROWS"]),)](
-                    x, q, s, s, s, m, k, x.stride(0), q.stride(0), STATIC=False, HAS_MIG=False, RECIP_SCALE=True,
-                    FMA_DIV=True, BLOCK_K=w8a8._quant_block(k), ROWS=cfg["ROWS"], PDL=False, num_warps=cfg["num_warps"])
-                assert torch.equal(q[:m], q_ref) and torch.equal(s[:m], s_ref.reshape(-1).float()), (k, dtype, cfg)
-                assert (q[m] == 77).all() and s[m].item() == -1.0, (k, dtype, cfg)
 
 
 @needs_cuda

@@ -164,29 +164,3 @@ def test_w8a8_tuning_is_cached_and_reported(tmp_path, monkeypatch):
         assert w8a8._tune_gemm(key, xq, wq, sx, sw, None, out) == want and qmm.TUNE_SECONDS == {}
     finally:
         tune_cache.set_path(None)
-
-
-def test_w8a8_quantization_tuning_is_kept_and_reported(monkeypatch):
-    """The per-token quantization's launch (rows a program, warps) is tuned through the same
-    routine, once per (M bucket, K, dtype): the fastest candidate (a fake timer's pick) is kept in
-    ``QUANT_CONFIG`` and its cost reported under ``("w8a8_quant", ...)``; a later call of the key
-    times nothing; without tuning (the interpreter, a CUDA-graph capture) an unknown key gets the
-    one-row default."""
-    from bitsmith.kernels import w8a8
-
-    cands = w8a8.quant_candidates(4096)
-    want = next(c for c in cands if c["ROWS"] > 1)
-    launched = []
-    monkeypatch.setattr(qmm, "gpu_time", lambda fn, calls=20: (fn(), 1.0 if launched[-1] == want else 2.0)[1])
-    monkeypatch.setattr(qmm, "TUNE_SECONDS", {})
-    monkeypatch.setattr(w8a8, "QUANT_CONFIG", {})
-    cpu = torch.device("cpu")
-    assert w8a8._quant_config(2048, 4096, torch.float16, False, launched.append, cpu) == w8a8._quant_default(4096)
-    assert launched == [] and w8a8.QUANT_CONFIG == {}
-    assert w8a8._quant_config(2048, 4096, torch.float16, True, launched.append, cpu) == want
-    assert launched == cands
-    key = (w8a8._m_bucket(2048), 4096, "float16")
-    assert w8a8.QUANT_CONFIG == {key: want} and qmm.TUNE_SECONDS[("w8a8_quant",) + key]["candidates"] == len(cands)
-    monkeypatch.setattr(qmm, "gpu_time", lambda fn, calls=20: pytest.fail("timed although kept"))
-    assert w8a8._quant_config(2048, 4096, torch.float16, True, launched.append, cpu) == want
-    assert w8a8._quant_config(2048, 4096, torch.float16, False, launched.append, cpu) == want  # kept: used in a capture

@@ -1,7 +1,6 @@
 """W8A8: int8 weights x int8 activations (Triton), ``y = (xq @ Wq^T) * sx[m] * sw[n] + b``.
 
-* ``quantize_per_token``: a program takes 1-8 rows (tuned per shape on the GPU, :func:`quant_candidates`):
-  ``sx = max|x_row| / 127`` (float32; a zero row gets
+* ``quantize_per_token``: one program per row: ``sx = max|x_row| / 127`` (float32; a zero row gets
   ``sx = 1``), ``xq = clamp(round_half_even(x / sx), -128, 127)`` int8, correctly rounded
   quotients so the codes equal the torch path's (``nn/w8a8_linear.py``): on the GPU from the
   row's reciprocal and one FMA correction (Markstein's: correctly rounded given a correctly
@@ -57,13 +56,10 @@ if HAVE_TRITON:
         return (r + 12582912.0) - 12582912.0
 
     @triton.jit
-    def _tile_values(x_ptr, mig_ptr, rows, M, stride_x, offs, K, HAS_MIG: tl.constexpr):
-        """``x[rows, offs]`` as float32 (``[ROWS, BLOCK_K]``, zeros past ``M`` and ``K``), divided by the
-        migration scale with ``HAS_MIG``."""
-        inside = (rows[:, None] < M) & (offs[None, :] < K)
-        v = tl.load(x_ptr + rows[:, None] * stride_x + offs[None, :], mask=inside, other=0.0).to(tl.float32)
+    def _row_values(x_ptr, mig_ptr, row, stride_x, offs, K, HAS_MIG: tl.constexpr):
+        v = tl.load(x_ptr + row * stride_x + offs, mask=offs < K, other=0.0).to(tl.float32)
         if HAS_MIG:
-            v = tl.math.div_rn(v, tl.load(mig_ptr + offs, mask=offs < K, other=1.0).to(tl.float32)[None, :])
+            v = tl.math.div_rn(v, tl.load(mig_ptr + offs, mask=offs < K, other=1.0).to(tl.float32))
         return v
 
     @triton.jit
@@ -74,36 +70,34 @@ if HAVE_TRITON:
             return tl.where(m > 0, tl.math.div_rn(m, 127.0), 1.0)
 
     @triton.jit
-    def _quant_rows_kernel(x_ptr, q_ptr, s_ptr, static_ptr, mig_ptr, M, K, stride_x, stride_q,
+    def _quant_rows_kernel(x_ptr, q_ptr, s_ptr, static_ptr, mig_ptr, K, stride_x, stride_q,
                            STATIC: tl.constexpr, HAS_MIG: tl.constexpr, RECIP_SCALE: tl.constexpr,
-                           FMA_DIV: tl.constexpr, BLOCK_K: tl.constexpr, ROWS: tl.constexpr, PDL: tl.constexpr):
-        """``ROWS`` rows a program, each row's absmax reduced within the program."""
-        rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
-        if STATIC:
-            scale = tl.load(static_ptr + tl.zeros([ROWS], dtype=tl.int32)).to(tl.float32)
+                           FMA_DIV: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+        row = tl.program_id(0)
         if BLOCK_K >= K:  # the whole row in one tile: read it once
             offs = tl.arange(0, BLOCK_K)
-            v = _tile_values(x_ptr, mig_ptr, rows, M, stride_x, offs, K, HAS_MIG)
-            if not STATIC:
-                scale = _row_scale(tl.max(tl.abs(v), axis=1), RECIP_SCALE)
-            r = _quantize_values(v, scale[:, None], tl.math.div_rn(1.0, scale)[:, None], FMA_DIV)
-            inside = (rows[:, None] < M) & (offs[None, :] < K)
-            tl.store(q_ptr + rows[:, None] * stride_q + offs[None, :], r.to(tl.int8), mask=inside)
+            v = _row_values(x_ptr, mig_ptr, row, stride_x, offs, K, HAS_MIG)
+            if STATIC:
+                scale = tl.load(static_ptr).to(tl.float32)
+            else:
+                scale = _row_scale(tl.max(tl.abs(v), axis=0), RECIP_SCALE)
+            r = _quantize_values(v, scale, tl.math.div_rn(1.0, scale), FMA_DIV)
+            tl.store(q_ptr + row * stride_q + offs, r.to(tl.int8), mask=offs < K)
         else:
-            if not STATIC:
-                amax = tl.zeros([ROWS, BLOCK_K], dtype=tl.float32)
+            if STATIC:
+                scale = tl.load(static_ptr).to(tl.float32)
+            else:
+                amax = tl.zeros([BLOCK_K], dtype=tl.float32)
                 for k0 in range(0, K, BLOCK_K):
-                    v = _tile_values(x_ptr, mig_ptr, rows, M, stride_x, k0 + tl.arange(0, BLOCK_K), K, HAS_MIG)
+                    v = _row_values(x_ptr, mig_ptr, row, stride_x, k0 + tl.arange(0, BLOCK_K), K, HAS_MIG)
                     amax = tl.maximum(amax, tl.abs(v))
-                scale = _row_scale(tl.max(amax, axis=1), RECIP_SCALE)
+                scale = _row_scale(tl.max(amax, axis=0), RECIP_SCALE)
             inv = tl.math.div_rn(1.0, scale)
             for k0 in range(0, K, BLOCK_K):
                 offs = k0 + tl.arange(0, BLOCK_K)
-                v = _tile_values(x_ptr, mig_ptr, rows, M, stride_x, offs, K, HAS_MIG)
-                r = _quantize_values(v, scale[:, None], inv[:, None], FMA_DIV)
-                inside = (rows[:, None] < M) & (offs[None, :] < K)
-                tl.store(q_ptr + rows[:, None] * stride_q + offs[None, :], r.to(tl.int8), mask=inside)
-        tl.store(s_ptr + rows, scale, mask=rows < M)
+                r = _quantize_values(_row_values(x_ptr, mig_ptr, row, stride_x, offs, K, HAS_MIG), scale, inv, FMA_DIV)
+                tl.store(q_ptr + row * stride_q + offs, r.to(tl.int8), mask=offs < K)
+        tl.store(s_ptr + row, scale)
         if PDL:  # the GEMM (a programmatic dependent) may launch once every row has got here
             gdc_launch_dependents()
 
@@ -219,47 +213,6 @@ def _static_scale(act_scale: torch.Tensor | float | None, device: torch.device) 
 MAX_ROW_TILE = 16384
 
 
-#: tuned ``_quant_rows_kernel`` launch per ``(M bucket, K, dtype)``: ``{"ROWS": rows a program, "num_warps": ...}``
-QUANT_CONFIG: dict = {}
-
-
-def _quant_block(k: int) -> int:
-    """``_quant_rows_kernel``'s row tile for ``K`` channels."""
-    return min(MAX_ROW_TILE, triton.next_power_of_2(k))
-
-
-def _quant_default(k: int) -> dict:
-    """One row a program, 4 warps up to 1024 channels, 8 up to 4096, 16 above (before tuning, and
-    without a GPU)."""
-    block = _quant_block(k)
-    return {"ROWS": 1, "num_warps": 4 if block <= 1024 else 8 if block <= 4096 else 16}
-
-
-def quant_candidates(k: int) -> list[dict]:
-    """The quantization launches the tuner times for ``K`` channels: 1-8 rows a program and 4-16
-    warps, wherever a thread holds 8-64 values of the tile, at most 32 at 16 warps (whose threads
-    have 128 registers: 64 spilled, compiled for sm_90), and the default."""
-    block = _quant_block(k)
-    cands = [{"ROWS": rows, "num_warps": warps} for rows in (1, 2, 4, 8) for warps in (4, 8, 16)
-             if 8 <= rows * block // (32 * warps) <= (32 if warps > 8 else 64)]
-    default = _quant_default(k)
-    return cands if default in cands else [default] + cands
-
-
-def _quant_config(m: int, k: int, dtype: torch.dtype, tune: bool, launch, device: torch.device) -> dict:
-    """The launch config for quantizing ``[m, k]`` of ``dtype``: kept per ``(M bucket, K, dtype)`` in
-    :data:`QUANT_CONFIG`; a new key is tuned where ``tune`` (:func:`bitsmith.kernels.qmm.pick_config`,
-    reported as ``("w8a8_quant", M bucket, K, dtype)``; ``launch(cfg)`` runs one), else the default."""
-    key = (_m_bucket(m), k, str(dtype).removeprefix("torch."))
-    cfg = QUANT_CONFIG.get(key)
-    if cfg is None:
-        if not tune:
-            return _quant_default(k)
-        cfg = QUANT_CONFIG[key] = pick_config(("w8a8_quant",) + key, quant_candidates(k), launch,
-                                              lambda: _quant_default(k), device)
-    return cfg
-
-
 def _quantize_launch(x: torch.Tensor, act_scale: torch.Tensor | None, migration_scale: torch.Tensor | None):
     """One ``_quant_rows_kernel`` launch for contiguous-row ``x [M, K]`` (``act_scale``: a
     one-value device tensor or ``None``): ``(q, s, launch)``, ``launch`` = ``(hit, grid, args)``
@@ -267,20 +220,14 @@ def _quantize_launch(x: torch.Tensor, act_scale: torch.Tensor | None, migration_
     m, k = x.shape
     q = torch.empty(m, k, dtype=torch.int8, device=x.device)
     s = torch.empty(m, dtype=torch.float32, device=x.device)
+    block = min(MAX_ROW_TILE, triton.next_power_of_2(k))
     mig = migration_scale if migration_scale is not None else s
-    args = (x, q, s, act_scale if act_scale is not None else s, mig, m, k, x.stride(0), q.stride(0))
-    consts = {"STATIC": act_scale is not None, "HAS_MIG": migration_scale is not None, "RECIP_SCALE": x.is_cuda,
-              "FMA_DIV": x.is_cuda, "BLOCK_K": _quant_block(k)}
-
-    def launch(cfg):
-        grid = (triton.cdiv(m, cfg["ROWS"]),)
-        hit = _run(_quant_rows_kernel, grid, args, {**consts, "ROWS": cfg["ROWS"], "PDL": pdl_on(x.device)},
-                   {"num_warps": cfg["num_warps"]})
-        return hit, grid
-
-    tune = AUTOTUNE["enabled"] and x.is_cuda and not torch.cuda.is_current_stream_capturing()
-    hit, grid = launch(_quant_config(m, k, x.dtype, tune, launch, x.device))
-    return q, s, (hit, grid, args)
+    args = (x, q, s, act_scale if act_scale is not None else s, mig, k, x.stride(0), q.stride(0))
+    hit = _run(_quant_rows_kernel, (m,), args,
+               {"STATIC": act_scale is not None, "HAS_MIG": migration_scale is not None, "RECIP_SCALE": x.is_cuda,
+                "FMA_DIV": x.is_cuda, "BLOCK_K": block, "PDL": pdl_on(x.device)},
+               {"num_warps": 4 if block <= 1024 else 8 if block <= 4096 else 16})
+    return q, s, (hit, (m,), args)
 
 
 def _gemm_config(m: int, n: int, device: torch.device) -> dict:
@@ -509,22 +456,18 @@ def w8a8_linear(
     return out.reshape(*lead, n)
 
 
-__all__ = ["w8a8_linear", "quantize_per_token", "gemm_candidates", "quant_candidates", "tma_ok", "W8A8_CONFIG",
-           "QUANT_CONFIG", "TMA"]
+__all__ = ["w8a8_linear", "quantize_per_token", "gemm_candidates", "tma_ok", "W8A8_CONFIG", "TMA"]
 
 
-def compile_quant_offline(fma_div: bool, block: int = 4096, k_multiple: bool = True, arch: int = 90, pdl: bool = False,
-                          rows: int = 1, warps: int | None = None):
+def compile_quant_offline(fma_div: bool, block: int = 4096, k_multiple: bool = True, arch: int = 90, pdl: bool = False):
     """``_quant_rows_kernel`` compiled for NVIDIA ``sm_<arch>`` on any machine (CI checks its
     machine code): float16 activations, dynamic per-token scales, no migration; ``block``: the row
-    tile (a row of ``block`` channels read once); ``pdl``: releasing a programmatic dependent;
-    ``rows`` a program at ``warps`` (default: the untuned launch's)."""
+    tile (a row of ``block`` channels read once); ``pdl``: releasing a programmatic dependent."""
     from .small_m import _compile_offline
 
-    consts = {"STATIC": False, "HAS_MIG": False, "RECIP_SCALE": True, "FMA_DIV": fma_div, "BLOCK_K": block, "ROWS": rows,
-              "PDL": pdl}
+    consts = {"STATIC": False, "HAS_MIG": False, "RECIP_SCALE": True, "FMA_DIV": fma_div, "BLOCK_K": block, "PDL": pdl}
     types = {"x_ptr": "fp16", "q_ptr": "i8", "s_ptr": "fp32", "static_ptr": "fp32", "mig_ptr": "fp32"}
-    warps = warps or _quant_default(block)["num_warps"]
+    warps = 4 if block <= 1024 else 8 if block <= 4096 else 16
     return _compile_offline(_quant_rows_kernel, consts, "fp16", warps, 1, arch, ptr_types=types,
                             aligned_ints=("K", "stride_x", "stride_q") if k_multiple else ())
 
