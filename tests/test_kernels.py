@@ -861,6 +861,11 @@ def test_w8a8_gemm_candidates_by_switch(monkeypatch):
     monkeypatch.setitem(w8a8.TMA, "wgmma", True)
     gluon = w8a8_wgmma.configs() if w8a8_wgmma.HAVE_GLUON else []
     assert w8a8.gemm_candidates(xq, wq) == plain + tma + gluon
+    monkeypatch.setitem(w8a8.TMA, "ws", True)
+    ws = w8a8_wgmma.ws_configs() if w8a8_wgmma.HAVE_GLUON else []
+    assert w8a8.gemm_candidates(xq, wq) == plain + tma + gluon + ws
+    monkeypatch.setitem(w8a8.TMA, "wgmma", False)
+    assert w8a8.gemm_candidates(xq, wq) == plain + tma + ws
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (10, 0))
     assert w8a8.gemm_candidates(xq, wq) == plain + tma  # wgmma is sm_90 only
     monkeypatch.setitem(w8a8.TMA, "enabled", False)
@@ -869,18 +874,18 @@ def test_w8a8_gemm_candidates_by_switch(monkeypatch):
 
 def test_w8a8_tma_switch_reads_the_environment():
     """``BITSMITH_W8A8_TMA`` unset means the TMA kernel is on, ``0`` off; ``BITSMITH_W8A8_WGMMA``
-    is off unless ``1`` (each read at import, in a fresh interpreter)."""
+    and ``BITSMITH_W8A8_WS`` are off unless ``1`` (each read at import, in a fresh interpreter)."""
     import subprocess
     import sys
 
-    probe = "from bitsmith.kernels import w8a8; print(w8a8.TMA['enabled'], w8a8.TMA['wgmma'])"
+    probe = "from bitsmith.kernels import w8a8; print(w8a8.TMA['enabled'], w8a8.TMA['wgmma'], w8a8.TMA['ws'])"
     env = {k: v for k, v in os.environ.items() if not k.startswith("BITSMITH_W8A8_")}
     src = str(Path(__file__).resolve().parents[1] / "src")
     env["PYTHONPATH"] = src + os.pathsep + env.get("PYTHONPATH", "")
-    for extra, want in (({}, "True False"), ({"BITSMITH_W8A8_TMA": "0"}, "False False"),
-                        ({"BITSMITH_W8A8_WGMMA": "1"}, "True True")):
+    for extra, want in (({}, "True False False"), ({"BITSMITH_W8A8_TMA": "0"}, "False False False"),
+                        ({"BITSMITH_W8A8_WGMMA": "1"}, "True True False"), ({"BITSMITH_W8A8_WS": "1"}, "True False True")):
         got = subprocess.run([sys.executable, "-c", probe], env={**env, **extra}, capture_output=True, text=True, check=True)
-        assert got.stdout.split()[-2:] == want.split(), (extra, got.stdout, got.stderr)
+        assert got.stdout.split()[-3:] == want.split(), (extra, got.stdout, got.stderr)
 
 
 @pytest.mark.skipif(INTERPRETED or not HAVE_TRITON, reason="compiles for sm_90 (not under the interpreter)")
@@ -944,6 +949,19 @@ def test_w8a8_wgmma_gemm_keeps_one_mma_in_flight():
         ops = {kernels_sass.opcode(t).split(".")[0] for t in ins}
         assert {"IGMMA", "UTMALDG"} <= ops and "LDGSTS" not in ops, cfg
         assert compiled.metadata.shared <= 227 * 1024, cfg
+    for bm, bn, bk, stages in w8a8_wgmma.WS_CANDIDATES:  # warp-specialized: the same, and the partitions' registers
+        with tempfile.TemporaryDirectory() as tmp:
+            compiled = w8a8_wgmma.compile_offline(bm, bn, bk, 4, stages, ws=True)
+            ins = [t for _, t in kernels_sass.sass_of(compiled.asm["cubin"], Path(tmp))]
+        cfg = ("ws", bm, bn, bk, stages)
+        assert waits(ins) == {"0x1", "0x0"}, cfg
+        assert not [t for t in ins if re.match(r"(LDL|STL)\b", t)], cfg
+        ops = {kernels_sass.opcode(t).split(".")[0] for t in ins}
+        assert {"IGMMA", "UTMALDG"} <= ops and "LDGSTS" not in ops, cfg
+        assert compiled.metadata.shared <= 227 * 1024, cfg
+        ptx = compiled.asm["ptx"]
+        regs = {int(line.split()[-1].rstrip(";")) for line in ptx.splitlines() if "setmaxnreg" in line}
+        assert set(w8a8_wgmma.WS_REGS) <= regs and f".maxnreg {w8a8_wgmma.WS_MAXNREG}" in ptx, (cfg, regs)
 
 
 @pytest.mark.skipif(INTERPRETED or not HAVE_TRITON, reason="compiles for sm_90 (not under the interpreter)")
@@ -995,14 +1013,15 @@ def test_w8a8_pdl_launch_option(monkeypatch):
 @needs_cuda
 @pytest.mark.skipif(not (CUDA and torch.cuda.get_device_capability() >= (9, 0)), reason="TMA needs compute capability 9.0+")
 def test_cuda_w8a8_tma_gemm_every_config_equals_reference(monkeypatch):
-    """Every TMA candidate (the Triton TMA kernel's and, on Hopper, the Gluon kernel's, switched
-    on here) at odd M and N (K a multiple of 16, not of the tiles), float16 and bfloat16, against
+    """Every TMA candidate (the Triton TMA kernel's and, on Hopper, the Gluon kernels', plain and
+    warp-specialized, switched on here) at odd M and N (K a multiple of 16, not of the tiles), float16 and bfloat16, against
     float64; then through ``w8a8_linear`` with the TMA kernel on (the default), a launch plan
     reused, inside a CUDA graph too."""
     from bitsmith.kernels import w8a8
 
     monkeypatch.setitem(w8a8.TMA, "enabled", True)
     monkeypatch.setitem(w8a8.TMA, "wgmma", True)
+    monkeypatch.setitem(w8a8.TMA, "ws", True)
     qmm_sm_count = w8a8._sm_count
     for dtype, n in ((torch.float16, 333), (torch.bfloat16, 333), (torch.float16, 336)):  # 336: the persistent kernel too
         (xq, wq, sx, sw, bias), ref = _w8a8_gemm_case(300, n, 1040, "cuda", dtype)

@@ -53,7 +53,16 @@ CANDIDATES = (
     (128, 256, 64, 8, 5), (128, 128, 128, 4, 4), (128, 128, 128, 8, 4),
 )
 
+#: registers a thread of the warp-specialized kernel's second consumer warpgroup and of its loader
+#: warp ask for (``setmaxnreg``); the first consumer gets what is left of :data:`WS_MAXNREG` x 384
+WS_REGS = (232, 40)
+#: the warp-specialized kernel's register cap per thread at launch: three warpgroups share the
+#: 65,536 registers of an SM (168 x 384 = 64,512)
+WS_MAXNREG = 168
+
 if HAVE_GLUON:
+    WS_CONSUMER_REGS = gl.constexpr(WS_REGS[0])
+    WS_LOADER_REGS = gl.constexpr(WS_REGS[1])
 
     @gluon.jit
     def _tile_offsets(tile, num_m, num_n, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, GROUP_M: gl.constexpr):
@@ -148,6 +157,101 @@ if HAVE_GLUON:
             mbarrier.invalidate(ready.index(i))
 
 
+    # --- warp-specialized: a loader warp and two consumer warpgroups ------------------------------------
+
+    @gluon.jit
+    def _ws_loader(a_desc, b_desc, a_smem, b_smem, ready, empty, M, N, K, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                   BLOCK_K: gl.constexpr, GROUP_M: gl.constexpr, STAGES: gl.constexpr, HALF: gl.constexpr):
+        """The loader partition (one warp): this program's steps in order, each into slot ``step %
+        STAGES`` once both consumers have released it (``empty``; a fresh barrier passes the first
+        round), the activations' two half tiles and the weights' tile signalling ``ready``."""
+        num_m = (M + BLOCK_M - 1) // BLOCK_M
+        num_n = (N + BLOCK_N - 1) // BLOCK_N
+        k_tiles = (K + BLOCK_K - 1) // BLOCK_K
+        step = 0
+        for tile in range(gl.program_id(0), num_m * num_n, gl.num_programs(0)):
+            off_m, off_n = _tile_offsets(tile, num_m, num_n, BLOCK_M, BLOCK_N, GROUP_M)
+            for kt in range(k_tiles):
+                slot = step % STAGES
+                mbarrier.wait(empty.index(slot), ((step // STAGES) & 1) ^ 1)
+                mbarrier.expect(ready.index(slot), (BLOCK_M + BLOCK_N) * BLOCK_K)
+                tma.async_copy_global_to_shared(a_desc, [off_m, kt * BLOCK_K], ready.index(slot), a_smem.index(2 * slot))
+                tma.async_copy_global_to_shared(a_desc, [off_m + HALF, kt * BLOCK_K], ready.index(slot),
+                                                a_smem.index(2 * slot + 1))
+                tma.async_copy_global_to_shared(b_desc, [off_n, kt * BLOCK_K], ready.index(slot), b_smem.index(slot))
+                step += 1
+
+    @gluon.jit
+    def _ws_consumer(a_smem, b_smem, ready, empty, sa_ptr, sb_ptr, bias_ptr, out_ptr, M, N, K, stride_om,
+                     HAS_BIAS: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr,
+                     GROUP_M: gl.constexpr, STAGES: gl.constexpr, HALF: gl.constexpr, WG: gl.constexpr):
+        """A consumer partition (one warpgroup): rows ``WG * HALF ..`` of every output tile of this
+        program. Per step it waits for the slot, issues its ``wgmma`` asynchronously and waits until
+        only that one is in flight; the previous step's slot is then released (``empty``, one arrival
+        per consumer). After a tile's last step: all MMAs done, that slot released, the epilogue."""
+        INSTR_N: gl.constexpr = 128 if BLOCK_N > 128 else BLOCK_N
+        mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, INSTR_N, 32])
+        num_m = (M + BLOCK_M - 1) // BLOCK_M
+        num_n = (N + BLOCK_N - 1) // BLOCK_N
+        k_tiles = (K + BLOCK_K - 1) // BLOCK_K
+        step = 0
+        for tile in range(gl.program_id(0), num_m * num_n, gl.num_programs(0)):
+            off_m, off_n = _tile_offsets(tile, num_m, num_n, BLOCK_M, BLOCK_N, GROUP_M)
+            acc = gl.zeros([HALF, BLOCK_N], gl.int32, layout=mma)
+            for kt in range(k_tiles):
+                slot = step % STAGES
+                mbarrier.wait(ready.index(slot), (step // STAGES) & 1)
+                acc = warpgroup_mma(a_smem.index(2 * slot + WG), b_smem.index(slot).permute((1, 0)), acc, use_acc=kt > 0,
+                                    is_async=True)
+                acc = warpgroup_mma_wait(num_outstanding=1, deps=[acc])
+                mbarrier.arrive(empty.index((step + STAGES - 1) % STAGES), count=1, pred=kt > 0)
+                step += 1
+            acc = warpgroup_mma_wait(num_outstanding=0, deps=[acc])
+            mbarrier.arrive(empty.index((step + STAGES - 1) % STAGES), count=1)
+            offs_m = off_m + WG * HALF + gl.arange(0, HALF, layout=gl.SliceLayout(1, mma))
+            offs_n = off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, mma))
+            m_mask = offs_m < M
+            n_mask = offs_n < N
+            sa = gl.load(sa_ptr + offs_m, mask=m_mask, other=0.0)
+            sb = gl.load(sb_ptr + offs_n, mask=n_mask, other=0.0)
+            y = acc.to(gl.float32) * sa[:, None] * sb[None, :]
+            if HAS_BIAS:
+                y += gl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(gl.float32)[None, :]
+            gl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], y.to(out_ptr.dtype.element_ty),
+                     mask=m_mask[:, None] & n_mask[None, :])
+
+    @gluon.jit
+    def _w8a8_wgmma_ws_kernel(a_ptr, b_ptr, sa_ptr, sb_ptr, bias_ptr, out_ptr, M, N, K,
+                              stride_am, stride_bn, stride_om,
+                              HAS_BIAS: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                              BLOCK_K: gl.constexpr, GROUP_M: gl.constexpr, STAGES: gl.constexpr):
+        """``_w8a8_wgmma_kernel``'s product, warp-specialized (launched with 4 warps: the first
+        consumer; the second consumer and the loader are worker partitions): see the module docstring."""
+        HALF: gl.constexpr = BLOCK_M // 2
+        a_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([HALF, BLOCK_K], gl.int8)
+        b_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, BLOCK_K], gl.int8)
+        a_desc = tma.make_tensor_descriptor(a_ptr, shape=[M, K], strides=[stride_am, 1], block_shape=[HALF, BLOCK_K],
+                                            layout=a_layout)
+        b_desc = tma.make_tensor_descriptor(b_ptr, shape=[N, K], strides=[stride_bn, 1], block_shape=[BLOCK_N, BLOCK_K],
+                                            layout=b_layout)
+        a_smem = gl.allocate_shared_memory(gl.int8, [2 * STAGES, HALF, BLOCK_K], a_layout)
+        b_smem = gl.allocate_shared_memory(gl.int8, [STAGES, BLOCK_N, BLOCK_K], b_layout)
+        ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(STAGES):
+            mbarrier.init(ready.index(i), count=1)
+            mbarrier.init(empty.index(i), count=2)  # one arrival from each consumer warpgroup
+        fence_async_shared()
+        gl.warp_specialize([
+            (_ws_consumer, (a_smem, b_smem, ready, empty, sa_ptr, sb_ptr, bias_ptr, out_ptr, M, N, K, stride_om, HAS_BIAS,
+                            BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, STAGES, HALF, 0)),
+            (_ws_consumer, (a_smem, b_smem, ready, empty, sa_ptr, sb_ptr, bias_ptr, out_ptr, M, N, K, stride_om, HAS_BIAS,
+                            BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, STAGES, HALF, 1)),
+            (_ws_loader, (a_desc, b_desc, a_smem, b_smem, ready, empty, M, N, K, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M,
+                          STAGES, HALF)),
+        ], [4, 1], [WS_CONSUMER_REGS, WS_LOADER_REGS])
+
+
 def supports(xq: torch.Tensor) -> str | None:
     """Why ``_w8a8_wgmma_kernel`` cannot run for activations ``xq`` (``None`` when it can)."""
     if not HAVE_GLUON:
@@ -157,6 +261,18 @@ def supports(xq: torch.Tensor) -> str | None:
     return None
 
 
+#: ``(BLOCK_M, BLOCK_N, BLOCK_K, STAGES)`` of the warp-specialized kernel: each consumer warpgroup
+#: holds half the tile's rows (128 x 128 int32 accumulators, 128 a thread); 128 x 256 tiles (64 x
+#: 256 a warpgroup) spilled in the epilogue, compiled for sm_90
+WS_CANDIDATES = ((256, 128, 128, 3), (256, 128, 128, 4), (256, 128, 64, 6), (256, 128, 64, 8))
+
+
+def ws_configs() -> list[dict]:
+    """:data:`WS_CANDIDATES` as launch configs (``"WGMMA": 1, "WS": 1``; 4 warps: the first consumer's)."""
+    return [{"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8, "num_warps": 4, "maxnreg": WS_MAXNREG,
+             "STAGES": stages, "WGMMA": 1, "WS": 1} for bm, bn, bk, stages in WS_CANDIDATES]
+
+
 def configs() -> list[dict]:
     """:data:`CANDIDATES` as launch configs (``"WGMMA": 1`` tells :func:`bitsmith.kernels.w8a8._launch_gemm`)."""
     return [{"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8, "num_warps": warps, "STAGES": stages, "WGMMA": 1}
@@ -164,17 +280,19 @@ def configs() -> list[dict]:
 
 
 def compile_offline(block_m: int = 256, block_n: int = 128, block_k: int = 128, num_warps: int = 8, stages: int = 3,
-                    arch: int = 90):
-    """``_w8a8_wgmma_kernel`` compiled for NVIDIA ``sm_<arch>`` on any machine, for CI's checks of
-    its machine code: float16 output, a bias, ``N``, ``K`` and the strides multiples of 16 (as
-    Triton specializes them for the shapes that matter)."""
+                    arch: int = 90, ws: bool = False):
+    """``_w8a8_wgmma_kernel`` (``ws``: ``_w8a8_wgmma_ws_kernel``, launched as :func:`ws_configs` say:
+    4 warps, ``num_warps`` ignored, :data:`WS_MAXNREG`) compiled for NVIDIA ``sm_<arch>`` on any
+    machine, for CI's checks of its machine code: float16 output, a bias, ``N``, ``K`` and the
+    strides multiples of 16 (as Triton specializes them for the shapes that matter)."""
     from .small_m import _compile_offline
 
     consts = {"HAS_BIAS": True, "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "GROUP_M": 8,
               "STAGES": stages}
     types = {"a_ptr": "i8", "b_ptr": "i8", "sa_ptr": "fp32", "sb_ptr": "fp32", "bias_ptr": "fp16", "out_ptr": "fp16"}
-    return _compile_offline(_w8a8_wgmma_kernel, consts, "fp16", num_warps, 1, arch, gluon=True, ptr_types=types,
+    kernel, warps, maxnreg = (_w8a8_wgmma_ws_kernel, 4, WS_MAXNREG) if ws else (_w8a8_wgmma_kernel, num_warps, 0)
+    return _compile_offline(kernel, consts, "fp16", warps, 1, arch, gluon=True, maxnreg=maxnreg, ptr_types=types,
                             aligned_ints=("N", "K", "stride_am", "stride_bn", "stride_om"))
 
 
-__all__ = ["HAVE_GLUON", "CANDIDATES", "supports", "configs", "compile_offline"]
+__all__ = ["HAVE_GLUON", "CANDIDATES", "WS_CANDIDATES", "supports", "configs", "ws_configs", "compile_offline"]
