@@ -26,6 +26,14 @@ This kernel writes that loop by hand:
 Tensor descriptors are built in the kernel (global scratch from Triton's allocator, which
 :func:`bitsmith.kernels.w8a8._ensure_allocator` sets).
 
+``_w8a8_wgmma_ws_kernel`` is the same product warp-specialized (``gl.warp_specialize``): a loader
+warp issues every TMA load of the program's steps into the ring, each slot once both consumers
+have released it (an ``empty`` mbarrier per slot, two arrivals); two consumer warpgroups (the
+launch's 4 warps and a 4-warp worker partition) each own half of every tile's rows, wait for a
+slot's ``ready`` mbarrier, keep one ``wgmma`` in flight and release the previous step's slot, with
+no CTA-wide barrier in the loop; each does its half's epilogue. The loader runs on 40 registers,
+the consumers on 232 (``setmaxnreg``). Opt-in (``BITSMITH_W8A8_WS=1``) until measured on a GPU.
+
 Measured on the H100 (w8a8_probe_tma_h100.txt): correct in every config, but 4-12% slower than
 Triton's synchronous TMA kernel at every M = 2048 shape (4096x4096: 73.0 against 65.5 us). With
 two warpgroups a CTA, one warpgroup's MMAs run while the other waits, so the synchronous wait
