@@ -82,6 +82,24 @@ if HAVE_GLUON:
         return (first_m + (tile % in_group) % size_m) * BLOCK_M, ((tile % in_group) // size_m) * BLOCK_N
 
     @gluon.jit
+    def _rescale_store(acc, row0, col0, sa_ptr, sb_ptr, bias_ptr, out_ptr, M, N, stride_om, HAS_BIAS: gl.constexpr,
+                       ROWS: gl.constexpr, COLS: gl.constexpr, layout: gl.constexpr):
+        """The fused epilogue of an int32 ``[ROWS, COLS]`` accumulator (in ``layout``) at output row
+        ``row0``, column ``col0``: ``acc * sa[m] * sb[n] (+ bias)`` in float32, cast, stored with row
+        and column masks (``bitsmith.kernels.w8a8._rescale_store``'s, which a Gluon kernel cannot call)."""
+        offs_m = row0 + gl.arange(0, ROWS, layout=gl.SliceLayout(1, layout))
+        offs_n = col0 + gl.arange(0, COLS, layout=gl.SliceLayout(0, layout))
+        m_mask = offs_m < M
+        n_mask = offs_n < N
+        sa = gl.load(sa_ptr + offs_m, mask=m_mask, other=0.0)
+        sb = gl.load(sb_ptr + offs_n, mask=n_mask, other=0.0)
+        y = acc.to(gl.float32) * sa[:, None] * sb[None, :]
+        if HAS_BIAS:
+            y += gl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(gl.float32)[None, :]
+        gl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], y.to(out_ptr.dtype.element_ty),
+                 mask=m_mask[:, None] & n_mask[None, :])
+
+    @gluon.jit
     def _load_step(a_desc, b_desc, a_smem, b_smem, ready, step, n_steps, k_tiles, num_m, num_n,
                    BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, GROUP_M: gl.constexpr,
                    STAGES: gl.constexpr):
@@ -150,17 +168,8 @@ if HAVE_GLUON:
                 acc = warpgroup_mma_wait(num_outstanding=0, deps=[acc])
                 off_m, off_n = _tile_offsets(gl.program_id(0) + (step // k_tiles) * gl.num_programs(0), num_m, num_n,
                                              BLOCK_M, BLOCK_N, GROUP_M)
-                offs_m = off_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, mma))
-                offs_n = off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, mma))
-                m_mask = offs_m < M
-                n_mask = offs_n < N
-                sa = gl.load(sa_ptr + offs_m, mask=m_mask, other=0.0)
-                sb = gl.load(sb_ptr + offs_n, mask=n_mask, other=0.0)
-                y = acc.to(gl.float32) * sa[:, None] * sb[None, :]
-                if HAS_BIAS:
-                    y += gl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(gl.float32)[None, :]
-                gl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], y.to(out_ptr.dtype.element_ty),
-                         mask=m_mask[:, None] & n_mask[None, :])
+                _rescale_store(acc, off_m, off_n, sa_ptr, sb_ptr, bias_ptr, out_ptr, M, N, stride_om, HAS_BIAS, BLOCK_M,
+                               BLOCK_N, mma)
         for i in gl.static_range(STAGES):
             mbarrier.invalidate(ready.index(i))
 
@@ -216,17 +225,8 @@ if HAVE_GLUON:
                 step += 1
             acc = warpgroup_mma_wait(num_outstanding=0, deps=[acc])
             mbarrier.arrive(empty.index((step + STAGES - 1) % STAGES), count=1)
-            offs_m = off_m + WG * HALF + gl.arange(0, HALF, layout=gl.SliceLayout(1, mma))
-            offs_n = off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, mma))
-            m_mask = offs_m < M
-            n_mask = offs_n < N
-            sa = gl.load(sa_ptr + offs_m, mask=m_mask, other=0.0)
-            sb = gl.load(sb_ptr + offs_n, mask=n_mask, other=0.0)
-            y = acc.to(gl.float32) * sa[:, None] * sb[None, :]
-            if HAS_BIAS:
-                y += gl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(gl.float32)[None, :]
-            gl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], y.to(out_ptr.dtype.element_ty),
-                     mask=m_mask[:, None] & n_mask[None, :])
+            _rescale_store(acc, off_m + WG * HALF, off_n, sa_ptr, sb_ptr, bias_ptr, out_ptr, M, N, stride_om, HAS_BIAS,
+                           HALF, BLOCK_N, mma)
 
     @gluon.jit
     def _w8a8_wgmma_ws_kernel(a_ptr, b_ptr, sa_ptr, sb_ptr, bias_ptr, out_ptr, M, N, K,
