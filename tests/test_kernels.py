@@ -861,11 +861,6 @@ def test_w8a8_gemm_candidates_by_switch(monkeypatch):
     monkeypatch.setitem(w8a8.TMA, "wgmma", True)
     gluon = w8a8_wgmma.configs() if w8a8_wgmma.HAVE_GLUON else []
     assert w8a8.gemm_candidates(xq, wq) == plain + tma + gluon
-    monkeypatch.setitem(w8a8.TMA, "ws", True)
-    ws = w8a8_wgmma.ws_configs() if w8a8_wgmma.HAVE_GLUON else []
-    assert w8a8.gemm_candidates(xq, wq) == plain + tma + gluon + ws
-    monkeypatch.setitem(w8a8.TMA, "wgmma", False)
-    assert w8a8.gemm_candidates(xq, wq) == plain + tma + ws
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (10, 0))
     assert w8a8.gemm_candidates(xq, wq) == plain + tma  # wgmma is sm_90 only
     monkeypatch.setitem(w8a8.TMA, "enabled", False)
@@ -874,18 +869,18 @@ def test_w8a8_gemm_candidates_by_switch(monkeypatch):
 
 def test_w8a8_tma_switch_reads_the_environment():
     """``BITSMITH_W8A8_TMA`` unset means the TMA kernel is on, ``0`` off; ``BITSMITH_W8A8_WGMMA``
-    and ``BITSMITH_W8A8_WS`` are off unless ``1`` (each read at import, in a fresh interpreter)."""
+    is off unless ``1`` (each read at import, in a fresh interpreter)."""
     import subprocess
     import sys
 
-    probe = "from bitsmith.kernels import w8a8; print(w8a8.TMA['enabled'], w8a8.TMA['wgmma'], w8a8.TMA['ws'])"
+    probe = "from bitsmith.kernels import w8a8; print(w8a8.TMA['enabled'], w8a8.TMA['wgmma'])"
     env = {k: v for k, v in os.environ.items() if not k.startswith("BITSMITH_W8A8_")}
     src = str(Path(__file__).resolve().parents[1] / "src")
     env["PYTHONPATH"] = src + os.pathsep + env.get("PYTHONPATH", "")
-    for extra, want in (({}, "True False False"), ({"BITSMITH_W8A8_TMA": "0"}, "False False False"),
-                        ({"BITSMITH_W8A8_WGMMA": "1"}, "True True False"), ({"BITSMITH_W8A8_WS": "1"}, "True False True")):
+    for extra, want in (({}, "True False"), ({"BITSMITH_W8A8_TMA": "0"}, "False False"),
+                        ({"BITSMITH_W8A8_WGMMA": "1"}, "True True")):
         got = subprocess.run([sys.executable, "-c", probe], env={**env, **extra}, capture_output=True, text=True, check=True)
-        assert got.stdout.split()[-3:] == want.split(), (extra, got.stdout, got.stderr)
+        assert got.stdout.split()[-2:] == want.split(), (extra, got.stdout, got.stderr)
 
 
 @pytest.mark.skipif(INTERPRETED or not HAVE_TRITON, reason="compiles for sm_90 (not under the interpreter)")
@@ -919,9 +914,9 @@ def test_w8a8_tma_gemm_compiles_to_tma_loads():
 @pytest.mark.skipif(INTERPRETED or not HAVE_TRITON, reason="compiles for sm_90 (not under the interpreter)")
 def test_w8a8_wgmma_gemm_keeps_one_mma_in_flight():
     """Why ``w8a8_wgmma`` exists: Triton compiles both int8 GEMMs with a synchronous ``wgmma``
-    (its loop waits for all of its MMAs, ``WARPGROUP.DEPBAR.LE gsb0, 0x0``). The Gluon kernel's
-    loop waits with one group in flight (``0x1``), loads by TMA, and none of its candidate
-    configs spills."""
+    (its loop waits for all of its MMAs, ``WARPGROUP.DEPBAR.LE gsb0, 0x0``). The warp-specialized
+    Gluon kernel's consumers wait with one group in flight (``0x1``), it loads by TMA, none of its
+    candidate configs spills, and its partitions set their registers (``setmaxnreg``)."""
     import re
     import sys
     import tempfile
@@ -939,27 +934,17 @@ def test_w8a8_wgmma_gemm_keeps_one_mma_in_flight():
     for tma in (False, True):
         with tempfile.TemporaryDirectory() as tmp:
             assert waits([t for _, t in kernels_sass.sass_of(w8a8.compile_gemm_offline(tma).asm["cubin"], Path(tmp))]) == {"0x0"}
-    for bm, bn, bk, warps, stages in w8a8_wgmma.CANDIDATES:
+    for bm, bn, bk, stages in w8a8_wgmma.CANDIDATES:
         with tempfile.TemporaryDirectory() as tmp:
-            compiled = w8a8_wgmma.compile_offline(bm, bn, bk, warps, stages)
+            compiled = w8a8_wgmma.compile_offline(bm, bn, bk, stages)
             ins = [t for _, t in kernels_sass.sass_of(compiled.asm["cubin"], Path(tmp))]
-        cfg = (bm, bn, bk, warps, stages)
+        cfg = (bm, bn, bk, stages)
         assert waits(ins) == {"0x1", "0x0"}, cfg  # in flight in the loop; all done before the epilogue
         assert not [t for t in ins if re.match(r"(LDL|STL)\b", t)], cfg
         ops = {kernels_sass.opcode(t).split(".")[0] for t in ins}
         assert {"IGMMA", "UTMALDG"} <= ops and "LDGSTS" not in ops, cfg
         assert compiled.metadata.shared <= 227 * 1024, cfg
-    for bm, bn, bk, stages in w8a8_wgmma.WS_CANDIDATES:  # warp-specialized: the same, and the partitions' registers
-        with tempfile.TemporaryDirectory() as tmp:
-            compiled = w8a8_wgmma.compile_offline(bm, bn, bk, 4, stages, ws=True)
-            ins = [t for _, t in kernels_sass.sass_of(compiled.asm["cubin"], Path(tmp))]
-        cfg = ("ws", bm, bn, bk, stages)
-        assert waits(ins) == {"0x1", "0x0"}, cfg
-        assert not [t for t in ins if re.match(r"(LDL|STL)\b", t)], cfg
-        ops = {kernels_sass.opcode(t).split(".")[0] for t in ins}
-        assert {"IGMMA", "UTMALDG"} <= ops and "LDGSTS" not in ops, cfg
-        assert compiled.metadata.shared <= 227 * 1024, cfg
-        ptx = compiled.asm["ptx"]
+        ptx = compiled.asm["ptx"]  # the partitions' registers: the loader's and a consumer's, under the launch's cap
         regs = {int(line.split()[-1].rstrip(";")) for line in ptx.splitlines() if "setmaxnreg" in line}
         assert set(w8a8_wgmma.WS_REGS) <= regs and f".maxnreg {w8a8_wgmma.WS_MAXNREG}" in ptx, (cfg, regs)
 
@@ -1013,15 +998,14 @@ def test_w8a8_pdl_launch_option(monkeypatch):
 @needs_cuda
 @pytest.mark.skipif(not (CUDA and torch.cuda.get_device_capability() >= (9, 0)), reason="TMA needs compute capability 9.0+")
 def test_cuda_w8a8_tma_gemm_every_config_equals_reference(monkeypatch):
-    """Every TMA candidate (the Triton TMA kernel's and, on Hopper, the Gluon kernels', plain and
-    warp-specialized, switched on here) at odd M and N (K a multiple of 16, not of the tiles), float16 and bfloat16, against
+    """Every TMA candidate (the Triton TMA kernel's and, on Hopper, the warp-specialized Gluon
+    kernel's, switched on here) at odd M and N (K a multiple of 16, not of the tiles), float16 and bfloat16, against
     float64; then through ``w8a8_linear`` with the TMA kernel on (the default), a launch plan
     reused, inside a CUDA graph too."""
     from bitsmith.kernels import w8a8
 
     monkeypatch.setitem(w8a8.TMA, "enabled", True)
     monkeypatch.setitem(w8a8.TMA, "wgmma", True)
-    monkeypatch.setitem(w8a8.TMA, "ws", True)
     qmm_sm_count = w8a8._sm_count
     for dtype, n in ((torch.float16, 333), (torch.bfloat16, 333), (torch.float16, 336)):  # 336: the persistent kernel too
         (xq, wq, sx, sw, bias), ref = _w8a8_gemm_case(300, n, 1040, "cuda", dtype)

@@ -243,15 +243,11 @@ W8A8_CONFIG: dict = {}  # (m bucket, n, k) -> tuned config
 #: and ``_w8a8_gemm_tma_persistent_kernel`` (each of :data:`_CANDIDATES` with its tiles loaded by
 #: TMA), on by default (``BITSMITH_W8A8_TMA=0``: off): on the H100 they won every M = 2048 shape,
 #: 4-10% faster than the pointer kernel (w8a8_probe_tma_h100.json), persistent up to 6% more on
-#: three of the four (w8a8_probe_persistent_h100.json). ``wgmma``: also the Gluon kernel
-#: (:mod:`bitsmith.kernels.w8a8_wgmma`, Hopper), opt-in (``BITSMITH_W8A8_WGMMA=1``): correct on the
-#: H100 but 4-12% slower than Triton's TMA kernel at every shape there. ``ws``: the Gluon kernel's
-#: warp-specialized form (a loader warp, two consumer warpgroups; ``BITSMITH_W8A8_WS=1``), opt-in:
-#: correct on the H100, faster than the plain Gluon kernel but 3.6-7% slower than Triton's
-#: persistent TMA kernel (4096x4096: 65.5 against 63.2 us; w8a8_probe_ws_h100.json)
+#: three of the four (w8a8_probe_persistent_h100.json). ``wgmma``: also the warp-specialized Gluon
+#: kernel (:mod:`bitsmith.kernels.w8a8_wgmma`, Hopper), opt-in (``BITSMITH_W8A8_WGMMA=1``): correct on
+#: the H100 but 3.6-7% slower than the persistent TMA kernel (w8a8_probe_ws_h100.json)
 TMA = {"enabled": os.environ.get("BITSMITH_W8A8_TMA", "") != "0",
-       "wgmma": os.environ.get("BITSMITH_W8A8_WGMMA", "") == "1",
-       "ws": os.environ.get("BITSMITH_W8A8_WS", "") == "1"}
+       "wgmma": os.environ.get("BITSMITH_W8A8_WGMMA", "") == "1"}
 
 #: whether W8A8's GEMM is a programmatic dependent of its quantization (PDL, where
 #: :func:`bitsmith.kernels.small_m.pdl_ok`): the quantization lets it launch once every row is
@@ -300,7 +296,7 @@ def _launch_gemm(xq, w_int8, sx, sw, bias, out, cfg) -> tuple:
     n = w_int8.shape[0]
     grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
     consts = {"HAS_BIAS": bias is not None,
-              **{kk: v for kk, v in cfg.items() if kk.isupper() and kk not in ("TMA", "WGMMA", "PERSIST", "WS")}}
+              **{kk: v for kk, v in cfg.items() if kk.isupper() and kk not in ("TMA", "WGMMA", "PERSIST")}}
     options = {kk: cfg[kk] for kk in ("num_warps", "num_stages", "maxnreg") if kk in cfg}
     if not cfg.get("WGMMA"):
         consts["PDL"] = pdl_on(xq.device)
@@ -309,7 +305,7 @@ def _launch_gemm(xq, w_int8, sx, sw, bias, out, cfg) -> tuple:
     args = (xq, w_int8, sx, sw, bias if bias is not None else sw, out, m, n, k, xq.stride(0), w_int8.stride(0),
             out.stride(0))
     if cfg.get("WGMMA"):
-        kernel = w8a8_wgmma._w8a8_wgmma_ws_kernel if cfg.get("WS") else w8a8_wgmma._w8a8_wgmma_kernel
+        kernel = w8a8_wgmma._w8a8_wgmma_ws_kernel
         grid = (min(grid[0], _sm_count(xq.device)),)  # persistent: a program an SM at most, each every grid-th tile
     elif cfg.get("PERSIST"):
         kernel = _w8a8_gemm_tma_persistent_kernel
@@ -368,8 +364,8 @@ def gemm_candidates(xq: torch.Tensor, w_int8: torch.Tensor) -> list[dict]:
     """The configs the tuner times for these operands: every tile of :data:`_CANDIDATES`, and
     with :data:`TMA` on (where :func:`tma_ok`) each of them again loaded by TMA (``"TMA": 1``),
     and where ``N`` is a multiple of 16 again by the persistent TMA kernel (``"PERSIST": 1``), and,
-    with ``TMA["wgmma"]`` on Hopper, the Gluon kernel's (:mod:`bitsmith.kernels.w8a8_wgmma`,
-    ``"WGMMA": 1``), and with ``TMA["ws"]`` its warp-specialized form's (``"WS": 1``)."""
+    with ``TMA["wgmma"]`` on Hopper, the warp-specialized Gluon kernel's (:mod:`bitsmith.kernels.w8a8_wgmma`,
+    ``"WGMMA": 1``)."""
     plain = [{"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8, "num_warps": warps, "num_stages": stages}
              for bm, bn, bk, warps, stages in _CANDIDATES]
     use_tma = TMA["enabled"] and tma_ok(xq, w_int8)
@@ -378,8 +374,6 @@ def gemm_candidates(xq: torch.Tensor, w_int8: torch.Tensor) -> list[dict]:
         out += [{**c, "TMA": 1, "PERSIST": 1} for c in plain]
     if use_tma and TMA["wgmma"] and w8a8_wgmma.supports(xq) is None:
         out += w8a8_wgmma.configs()
-    if use_tma and TMA["ws"] and w8a8_wgmma.supports(xq) is None:
-        out += w8a8_wgmma.ws_configs()
     return out
 
 
