@@ -42,6 +42,8 @@
 #       the Gluon GEMM's configs timed too (BITSMITH_W8A8_WGMMA=1)
 #   OUT=/some/dir bash benchmarks/kernels_gpu_session.sh w8a8_check # W8A8's CUDA tests (the persistent TMA GEMM at N = 336
 #       among them), compute-sanitizer over every kernel, then the M = 2048 table the README prints (kernels_m2048_w8a8)
+#   OUT=/some/dir bash benchmarks/kernels_gpu_session.sh gluon      # the warp-specialized Gluon W8A8 GEMM (cooperative and
+#       ping-pong): W8A8's CUDA tests, compute-sanitizer with BITSMITH_W8A8_WGMMA=1, every Gluon config and TMA tile timed
 #   OUT=/some/dir bash benchmarks/kernels_gpu_session.sh one        # one call for all of it when device time is short:
 #       CUDA tests, M = 1 table int4 vs NF4, compiled end-to-end decode, host overhead
 # The CUDA tests run with pytest-xdist when it is importable (carried as wheels: .whl/, see the device notes).
@@ -316,6 +318,15 @@ w8a8_check)  # W8A8's CUDA tests (TESTS=0: none), the sanitizer, the README's M 
   timeout "${T_BENCH:-150}" python3 benchmarks/kernels_bench.py --m 2048 --formats int4_g64 --reps 10 --name kernels_m2048_w8a8 2>/dev/null \
     | tee -a "$OUT/kernels_bench.txt" | tail -24
   cp benchmarks/results/kernels_m2048_w8a8.json "$OUT/" 2>/dev/null
+  ;;
+gluon)  # the warp-specialized Gluon W8A8 GEMM: CUDA tests (both schedules), compute-sanitizer with it, every config timed
+  TEST_FILES="tests/test_kernels.py tests/test_w8a8.py" TEST_K="cuda and w8a8" T_TESTS=${T_TESTS:-150} cuda_tests \
+    || { echo "CUDA tests failed: no benchmark"; exit 1; }
+  BITSMITH_W8A8_WGMMA=1 OUT="$OUT" T_WARM=${T_WARM:-100} T_SAN=${T_SAN:-200} bash benchmarks/kernels_sanitize.sh | tail -4
+  echo "== python3 benchmarks/w8a8_variants.py --shapes 4096x4096,14336x4096 --warps 8 --reps 20 --name w8a8_variants_gluon" | tee "$OUT/variants.txt"
+  timeout "${T_VAR:-150}" python3 benchmarks/w8a8_variants.py --shapes 4096x4096,14336x4096 --warps 8 --reps 20 \
+    --name w8a8_variants_gluon 2>&1 | grep -v -i warn | tee -a "$OUT/variants.txt"
+  cp benchmarks/results/w8a8_variants_gluon.json "$OUT/" 2>/dev/null
   ;;
 ceiling)  # the read ceiling: the stacked layer's M = 1 matmuls vs a kernel that only reads the same bytes, one graph each
   TEST_FILES=tests/test_kernels.py TEST_K=read_kernel T_TESTS=${T_TESTS:-60} cuda_tests || { echo "CUDA test failed: no benchmark"; exit 1; }

@@ -81,7 +81,8 @@ def main() -> None:
                 w8a8._launch_gemm(xq, wq_tma, sx, torch.rand(n, device="cuda") * 0.01, None, out, cfg)
             real_sms = w8a8._sm_count
             w8a8._sm_count = lambda device: 5  # the persistent GEMMs with several tiles a program
-            for cfg in [c for c in w8a8.gemm_candidates(xq, wq_tma) if c.get("WGMMA") or c.get("PERSIST")]:
+            pingpong = w8a8.w8a8_wgmma.configs(pingpong=True) if w8a8.TMA["wgmma"] else []  # not yet in the tuner
+            for cfg in [c for c in w8a8.gemm_candidates(xq, wq_tma) if c.get("WGMMA") or c.get("PERSIST")] + pingpong:
                 w8a8._launch_gemm(xq, wq_tma, sx, torch.rand(n, device="cuda") * 0.01, None, out, cfg)
             w8a8._sm_count = real_sms
     worst = max(worst, _fragment_cases(), _fragment_wide_cases())

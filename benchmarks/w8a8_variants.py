@@ -1,9 +1,9 @@
-"""W8A8 at M = 2048, two knobs the tuner does not turn (GPU only; prints a table, writes JSON):
+"""W8A8 at M = 2048, knobs the tuner does not turn (GPU only; prints a table, writes JSON):
 
 * the per-token quantization kernel's warps (``_quant_rows_kernel``: one program a row, the whole
   row read once; the library picks 8 warps up to 4096 channels, 16 above);
-* the Gluon ``wgmma`` GEMM's grid (:mod:`bitsmith.kernels.w8a8_wgmma`): persistent (one program
-  an SM, the library's launch) against one program a tile, for its best tiles;
+* the warp-specialized Gluon GEMM (:mod:`bitsmith.kernels.w8a8_wgmma`), cooperative and ping-pong,
+  persistent (one program an SM, the library's launch) against one program a tile;
 * the TMA GEMM at tiles the tuner does not try (:data:`TMA_SWEEP`).
 
 Each time is a CUDA-graph replay with the L2 flushed (median). Every quantization variant's codes
@@ -89,10 +89,12 @@ def main() -> None:
         gemm = {}
         sms = w8a8._sm_count(dev)
         real_sm_count = w8a8._sm_count
-        for cfg in w8a8_wgmma.configs() if w8a8_wgmma.supports(xq) is None and not args.no_wgmma else []:
+        gluon = w8a8_wgmma.configs() + w8a8_wgmma.configs(pingpong=True)
+        for cfg in gluon if w8a8_wgmma.supports(xq) is None and not args.no_wgmma else []:
             tiles = triton.cdiv(args.m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"])
             for grid in sorted({sms, tiles}):
-                name = f"{cfg['BLOCK_M']}x{cfg['BLOCK_N']}x{cfg['BLOCK_K']} w{cfg['num_warps']} s{cfg['STAGES']} grid {grid}"
+                name = (f"{cfg['BLOCK_M']}x{cfg['BLOCK_N']}x{cfg['BLOCK_K']} s{cfg['STAGES']}"
+                        f"{' ping-pong' if cfg['PINGPONG'] else ''} grid {grid}")
                 w8a8._sm_count = lambda _dev, grid=grid: grid
                 try:
                     gemm[name] = checked_time(cfg)

@@ -934,19 +934,20 @@ def test_w8a8_wgmma_gemm_keeps_one_mma_in_flight():
     for tma in (False, True):
         with tempfile.TemporaryDirectory() as tmp:
             assert waits([t for _, t in kernels_sass.sass_of(w8a8.compile_gemm_offline(tma).asm["cubin"], Path(tmp))]) == {"0x0"}
-    for bm, bn, bk, stages in w8a8_wgmma.CANDIDATES:
-        with tempfile.TemporaryDirectory() as tmp:
-            compiled = w8a8_wgmma.compile_offline(bm, bn, bk, stages)
-            ins = [t for _, t in kernels_sass.sass_of(compiled.asm["cubin"], Path(tmp))]
-        cfg = (bm, bn, bk, stages)
-        assert waits(ins) == {"0x1", "0x0"}, cfg  # in flight in the loop; all done before the epilogue
-        assert not [t for t in ins if re.match(r"(LDL|STL)\b", t)], cfg
-        ops = {kernels_sass.opcode(t).split(".")[0] for t in ins}
-        assert {"IGMMA", "UTMALDG"} <= ops and "LDGSTS" not in ops, cfg
-        assert compiled.metadata.shared <= 227 * 1024, cfg
-        ptx = compiled.asm["ptx"]  # the partitions' registers: the loader's and a consumer's, under the launch's cap
-        regs = {int(line.split()[-1].rstrip(";")) for line in ptx.splitlines() if "setmaxnreg" in line}
-        assert set(w8a8_wgmma.WS_REGS) <= regs and f".maxnreg {w8a8_wgmma.WS_MAXNREG}" in ptx, (cfg, regs)
+    for pingpong, cands in ((False, w8a8_wgmma.CANDIDATES), (True, w8a8_wgmma.PINGPONG_CANDIDATES)):
+        for bm, bn, bk, stages in cands:
+            with tempfile.TemporaryDirectory() as tmp:
+                compiled = w8a8_wgmma.compile_offline(bm, bn, bk, stages, pingpong=pingpong)
+                ins = [t for _, t in kernels_sass.sass_of(compiled.asm["cubin"], Path(tmp))]
+            cfg = (pingpong, bm, bn, bk, stages)
+            assert waits(ins) == {"0x1", "0x0"}, cfg  # in flight in the loop; all done before the epilogue
+            assert not [t for t in ins if re.match(r"(LDL|STL)\b", t)], cfg
+            ops = {kernels_sass.opcode(t).split(".")[0] for t in ins}
+            assert {"IGMMA", "UTMALDG"} <= ops and "LDGSTS" not in ops, cfg
+            assert compiled.metadata.shared <= 227 * 1024, cfg
+            ptx = compiled.asm["ptx"]  # the partitions' registers: the loader's and a consumer's, under the launch's cap
+            regs = {int(line.split()[-1].rstrip(";")) for line in ptx.splitlines() if "setmaxnreg" in line}
+            assert set(w8a8_wgmma.WS_REGS) <= regs and f".maxnreg {w8a8_wgmma.WS_MAXNREG}" in ptx, (cfg, regs)
 
 
 @pytest.mark.skipif(INTERPRETED or not HAVE_TRITON, reason="compiles for sm_90 (not under the interpreter)")
@@ -999,7 +1000,7 @@ def test_w8a8_pdl_launch_option(monkeypatch):
 @pytest.mark.skipif(not (CUDA and torch.cuda.get_device_capability() >= (9, 0)), reason="TMA needs compute capability 9.0+")
 def test_cuda_w8a8_tma_gemm_every_config_equals_reference(monkeypatch):
     """Every TMA candidate (the Triton TMA kernel's and, on Hopper, the warp-specialized Gluon
-    kernel's, switched on here) at odd M and N (K a multiple of 16, not of the tiles), float16 and bfloat16, against
+    kernel's, switched on here, in both its schedules) at odd M and N (K a multiple of 16, not of the tiles), float16 and bfloat16, against
     float64; then through ``w8a8_linear`` with the TMA kernel on (the default), a launch plan
     reused, inside a CUDA graph too."""
     from bitsmith.kernels import w8a8
@@ -1010,6 +1011,8 @@ def test_cuda_w8a8_tma_gemm_every_config_equals_reference(monkeypatch):
     for dtype, n in ((torch.float16, 333), (torch.bfloat16, 333), (torch.float16, 336)):  # 336: the persistent kernel too
         (xq, wq, sx, sw, bias), ref = _w8a8_gemm_case(300, n, 1040, "cuda", dtype)
         cands = [c for c in w8a8.gemm_candidates(xq, wq) if c.get("TMA") or c.get("WGMMA")]  # Hopper: the Gluon kernel's
+        if torch.cuda.get_device_capability() == (9, 0):  # its ping-pong schedule, not yet offered to the tuner
+            cands += w8a8.w8a8_wgmma.configs(pingpong=True)
         assert cands and any(c.get("PERSIST") for c in cands) == (n % 16 == 0)
         for cfg in cands:
             for sms in (132, 5, 1):  # the persistent kernels: a tile a program, several, all on one

@@ -93,10 +93,12 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _ws_loader(a_desc, b_desc, a_smem, b_smem, ready, empty, M, N, K, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-                   BLOCK_K: gl.constexpr, GROUP_M: gl.constexpr, STAGES: gl.constexpr, HALF: gl.constexpr):
+                   BLOCK_K: gl.constexpr, GROUP_M: gl.constexpr, STAGES: gl.constexpr, A_BOXES: gl.constexpr):
         """The loader partition (one warp): this program's steps in order, each into slot ``step %
-        STAGES`` once both consumers have released it (``empty``; a fresh barrier passes the first
-        round), the activations' two half tiles and the weights' tile signalling ``ready``."""
+        STAGES`` once its consumers have released it (``empty``; a fresh barrier passes the first
+        round): the activations' tile in ``A_BOXES`` boxes of rows and the weights' tile, all
+        signalling ``ready``."""
+        BOX_M: gl.constexpr = BLOCK_M // A_BOXES
         num_m = (M + BLOCK_M - 1) // BLOCK_M
         num_n = (N + BLOCK_N - 1) // BLOCK_N
         k_tiles = (K + BLOCK_K - 1) // BLOCK_K
@@ -107,73 +109,93 @@ if HAVE_GLUON:
                 slot = step % STAGES
                 mbarrier.wait(empty.index(slot), ((step // STAGES) & 1) ^ 1)
                 mbarrier.expect(ready.index(slot), (BLOCK_M + BLOCK_N) * BLOCK_K)
-                tma.async_copy_global_to_shared(a_desc, [off_m, kt * BLOCK_K], ready.index(slot), a_smem.index(2 * slot))
-                tma.async_copy_global_to_shared(a_desc, [off_m + HALF, kt * BLOCK_K], ready.index(slot),
-                                                a_smem.index(2 * slot + 1))
+                for box in gl.static_range(A_BOXES):
+                    tma.async_copy_global_to_shared(a_desc, [off_m + box * BOX_M, kt * BLOCK_K], ready.index(slot),
+                                                    a_smem.index(A_BOXES * slot + box))
                 tma.async_copy_global_to_shared(b_desc, [off_n, kt * BLOCK_K], ready.index(slot), b_smem.index(slot))
                 step += 1
 
     @gluon.jit
-    def _ws_consumer(a_smem, b_smem, ready, empty, sa_ptr, sb_ptr, bias_ptr, out_ptr, M, N, K, stride_om,
+    def _ws_consumer(a_smem, b_smem, ready, empty, turn, sa_ptr, sb_ptr, bias_ptr, out_ptr, M, N, K, stride_om,
                      HAS_BIAS: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr,
-                     GROUP_M: gl.constexpr, STAGES: gl.constexpr, HALF: gl.constexpr, WG: gl.constexpr):
-        """A consumer partition (one warpgroup): rows ``WG * HALF ..`` of every output tile of this
-        program. Per step it waits for the slot, issues its ``wgmma`` asynchronously and waits until
-        only that one is in flight; the previous step's slot is then released (``empty``, one arrival
-        per consumer). After a tile's last step: all MMAs done, that slot released, the epilogue."""
+                     GROUP_M: gl.constexpr, STAGES: gl.constexpr, PINGPONG: gl.constexpr, WG: gl.constexpr):
+        """A consumer partition (one warpgroup). Cooperative (``PINGPONG`` off): rows ``WG *
+        BLOCK_M / 2 ..`` of every output tile of this program. Ping-pong: every other tile of this
+        program, whole (``WG``: the first or the second); its K loop starts once the other
+        consumer's loop over the previous tile is done (``turn``), so the two loops take turns on
+        the tensor cores, each one's epilogue beside the other's loop, and every step's ``ready``
+        is waited for in the program's step order (a slot's barrier is never two rounds behind its
+        waiter, which its parity could not tell apart). Per step: wait for the slot, issue the
+        ``wgmma`` asynchronously, wait until only that one is in flight, release the previous
+        step's slot (``empty``). After a tile's last step: all MMAs done, that slot released, the
+        epilogue."""
+        ROWS: gl.constexpr = BLOCK_M if PINGPONG else BLOCK_M // 2
         INSTR_N: gl.constexpr = 128 if BLOCK_N > 128 else BLOCK_N
         mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, INSTR_N, 32])
         num_m = (M + BLOCK_M - 1) // BLOCK_M
         num_n = (N + BLOCK_N - 1) // BLOCK_N
         k_tiles = (K + BLOCK_K - 1) // BLOCK_K
-        step = 0
+        step = 0  # the program's step at this tile's first K tile
+        t = 0  # the tile's place among the program's tiles
         for tile in range(gl.program_id(0), num_m * num_n, gl.num_programs(0)):
-            off_m, off_n = _tile_offsets(tile, num_m, num_n, BLOCK_M, BLOCK_N, GROUP_M)
-            acc = gl.zeros([HALF, BLOCK_N], gl.int32, layout=mma)
-            for kt in range(k_tiles):
-                slot = step % STAGES
-                mbarrier.wait(ready.index(slot), (step // STAGES) & 1)
-                acc = warpgroup_mma(a_smem.index(2 * slot + WG), b_smem.index(slot).permute((1, 0)), acc, use_acc=kt > 0,
-                                    is_async=True)
-                acc = warpgroup_mma_wait(num_outstanding=1, deps=[acc])
-                mbarrier.arrive(empty.index((step + STAGES - 1) % STAGES), count=1, pred=kt > 0)
-                step += 1
-            acc = warpgroup_mma_wait(num_outstanding=0, deps=[acc])
-            mbarrier.arrive(empty.index((step + STAGES - 1) % STAGES), count=1)
-            _rescale_store(acc, off_m + WG * HALF, off_n, sa_ptr, sb_ptr, bias_ptr, out_ptr, M, N, stride_om, HAS_BIAS,
-                           HALF, BLOCK_N, mma)
+            if (not PINGPONG) or (t % 2 == WG):
+                if PINGPONG and t > 0:  # the other consumer has waited for every step of tile t - 1
+                    mbarrier.wait(turn.index(WG), ((t - 1) // 2) & 1)
+                off_m, off_n = _tile_offsets(tile, num_m, num_n, BLOCK_M, BLOCK_N, GROUP_M)
+                acc = gl.zeros([ROWS, BLOCK_N], gl.int32, layout=mma)
+                for kt in range(k_tiles):
+                    slot = (step + kt) % STAGES
+                    mbarrier.wait(ready.index(slot), ((step + kt) // STAGES) & 1)
+                    a_tile = a_smem.index(slot) if PINGPONG else a_smem.index(2 * slot + WG)
+                    acc = warpgroup_mma(a_tile, b_smem.index(slot).permute((1, 0)), acc, use_acc=kt > 0, is_async=True)
+                    acc = warpgroup_mma_wait(num_outstanding=1, deps=[acc])
+                    mbarrier.arrive(empty.index((step + kt + STAGES - 1) % STAGES), count=1, pred=kt > 0)
+                if PINGPONG:  # the other consumer's next tile may start its loop
+                    mbarrier.arrive(turn.index(1 - WG), count=1)
+                acc = warpgroup_mma_wait(num_outstanding=0, deps=[acc])
+                mbarrier.arrive(empty.index((step + k_tiles + STAGES - 1) % STAGES), count=1)
+                row0 = off_m if PINGPONG else off_m + WG * ROWS
+                _rescale_store(acc, row0, off_n, sa_ptr, sb_ptr, bias_ptr, out_ptr, M, N, stride_om, HAS_BIAS, ROWS,
+                               BLOCK_N, mma)
+            step += k_tiles
+            t += 1
 
     @gluon.jit
     def _w8a8_wgmma_ws_kernel(a_ptr, b_ptr, sa_ptr, sb_ptr, bias_ptr, out_ptr, M, N, K,
                               stride_am, stride_bn, stride_om,
                               HAS_BIAS: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-                              BLOCK_K: gl.constexpr, GROUP_M: gl.constexpr, STAGES: gl.constexpr):
+                              BLOCK_K: gl.constexpr, GROUP_M: gl.constexpr, STAGES: gl.constexpr,
+                              PINGPONG: gl.constexpr):
         """``out = (a @ b^T) * sa[m] * sb[n] (+ bias)`` for int8 ``a [M, K]``, ``b [N, K]`` (``K``
         contiguous, rows 16-byte aligned), warp-specialized: launched with 4 warps (the first
         consumer); the second consumer and the loader are worker partitions (module docstring).
+        ``PINGPONG``: the consumers take whole tiles in turn instead of halves of each.
         The argument order is :func:`bitsmith.kernels.w8a8._launch_gemm`'s for every GEMM kernel."""
-        HALF: gl.constexpr = BLOCK_M // 2
-        a_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([HALF, BLOCK_K], gl.int8)
+        A_BOXES: gl.constexpr = 1 if PINGPONG else 2
+        a_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M // A_BOXES, BLOCK_K], gl.int8)
         b_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, BLOCK_K], gl.int8)
-        a_desc = tma.make_tensor_descriptor(a_ptr, shape=[M, K], strides=[stride_am, 1], block_shape=[HALF, BLOCK_K],
-                                            layout=a_layout)
+        a_desc = tma.make_tensor_descriptor(a_ptr, shape=[M, K], strides=[stride_am, 1],
+                                            block_shape=[BLOCK_M // A_BOXES, BLOCK_K], layout=a_layout)
         b_desc = tma.make_tensor_descriptor(b_ptr, shape=[N, K], strides=[stride_bn, 1], block_shape=[BLOCK_N, BLOCK_K],
                                             layout=b_layout)
-        a_smem = gl.allocate_shared_memory(gl.int8, [2 * STAGES, HALF, BLOCK_K], a_layout)
+        a_smem = gl.allocate_shared_memory(gl.int8, [A_BOXES * STAGES, BLOCK_M // A_BOXES, BLOCK_K], a_layout)
         b_smem = gl.allocate_shared_memory(gl.int8, [STAGES, BLOCK_N, BLOCK_K], b_layout)
         ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
         for i in gl.static_range(STAGES):
             mbarrier.init(ready.index(i), count=1)
-            mbarrier.init(empty.index(i), count=2)  # one arrival from each consumer warpgroup
+            mbarrier.init(empty.index(i), count=A_BOXES)  # cooperative: an arrival from each consumer
+        for i in gl.static_range(2):
+            mbarrier.init(turn.index(i), count=1)
         fence_async_shared()
         gl.warp_specialize([
-            (_ws_consumer, (a_smem, b_smem, ready, empty, sa_ptr, sb_ptr, bias_ptr, out_ptr, M, N, K, stride_om, HAS_BIAS,
-                            BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, STAGES, HALF, 0)),
-            (_ws_consumer, (a_smem, b_smem, ready, empty, sa_ptr, sb_ptr, bias_ptr, out_ptr, M, N, K, stride_om, HAS_BIAS,
-                            BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, STAGES, HALF, 1)),
+            (_ws_consumer, (a_smem, b_smem, ready, empty, turn, sa_ptr, sb_ptr, bias_ptr, out_ptr, M, N, K, stride_om,
+                            HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, STAGES, PINGPONG, 0)),
+            (_ws_consumer, (a_smem, b_smem, ready, empty, turn, sa_ptr, sb_ptr, bias_ptr, out_ptr, M, N, K, stride_om,
+                            HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, STAGES, PINGPONG, 1)),
             (_ws_loader, (a_desc, b_desc, a_smem, b_smem, ready, empty, M, N, K, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M,
-                          STAGES, HALF)),
+                          STAGES, A_BOXES)),
         ], [4, 1], [WS_CONSUMER_REGS, WS_LOADER_REGS])
 
 
@@ -186,14 +208,22 @@ def supports(xq: torch.Tensor) -> str | None:
     return None
 
 
-def configs() -> list[dict]:
-    """:data:`CANDIDATES` as launch configs (``"WGMMA": 1`` tells :func:`bitsmith.kernels.w8a8._launch_gemm`;
-    4 warps: the first consumer's; the register cap :data:`WS_MAXNREG`)."""
+#: the ping-pong schedule's ``(BLOCK_M, BLOCK_N, BLOCK_K, STAGES)``: a consumer's whole tile, 128 x 128
+#: int32 accumulators; not offered to the tuner until it has run on a GPU (:func:`configs`)
+PINGPONG_CANDIDATES = ((128, 128, 128, 4), (128, 128, 128, 6), (128, 128, 64, 8))
+
+
+def configs(pingpong: bool = False) -> list[dict]:
+    """:data:`CANDIDATES` (``pingpong``: :data:`PINGPONG_CANDIDATES`) as launch configs (``"WGMMA": 1``
+    tells :func:`bitsmith.kernels.w8a8._launch_gemm`; 4 warps: the first consumer's; the register cap
+    :data:`WS_MAXNREG`)."""
     return [{"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8, "num_warps": 4, "maxnreg": WS_MAXNREG,
-             "STAGES": stages, "WGMMA": 1} for bm, bn, bk, stages in CANDIDATES]
+             "STAGES": stages, "PINGPONG": int(pingpong), "WGMMA": 1}
+            for bm, bn, bk, stages in (PINGPONG_CANDIDATES if pingpong else CANDIDATES)]
 
 
-def compile_offline(block_m: int = 256, block_n: int = 128, block_k: int = 128, stages: int = 4, arch: int = 90):
+def compile_offline(block_m: int = 256, block_n: int = 128, block_k: int = 128, stages: int = 4, arch: int = 90,
+                    pingpong: bool = False):
     """``_w8a8_wgmma_ws_kernel`` compiled for NVIDIA ``sm_<arch>`` on any machine, launched as
     :func:`configs` say (4 warps, :data:`WS_MAXNREG`), for CI's checks of its machine code: float16
     output, a bias, ``N``, ``K`` and the strides multiples of 16 (as Triton specializes them for the
@@ -201,10 +231,10 @@ def compile_offline(block_m: int = 256, block_n: int = 128, block_k: int = 128, 
     from .small_m import _compile_offline
 
     consts = {"HAS_BIAS": True, "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "GROUP_M": 8,
-              "STAGES": stages}
+              "STAGES": stages, "PINGPONG": pingpong}
     types = {"a_ptr": "i8", "b_ptr": "i8", "sa_ptr": "fp32", "sb_ptr": "fp32", "bias_ptr": "fp16", "out_ptr": "fp16"}
     return _compile_offline(_w8a8_wgmma_ws_kernel, consts, "fp16", 4, 1, arch, gluon=True, maxnreg=WS_MAXNREG,
                             ptr_types=types, aligned_ints=("N", "K", "stride_am", "stride_bn", "stride_om"))
 
 
-__all__ = ["HAVE_GLUON", "CANDIDATES", "supports", "configs", "compile_offline"]
+__all__ = ["HAVE_GLUON", "CANDIDATES", "PINGPONG_CANDIDATES", "supports", "configs", "compile_offline"]
