@@ -26,7 +26,8 @@ from w8a8_probe import int8_weight  # noqa: E402
 
 #: the TMA GEMM beyond the tuner's tiles: deeper rings of shorter K steps, the grouping of row tiles,
 #: and four warpgroups a tile instead of two (16 warps, one program a tile and persistent: while one
-#: warpgroup waits for its MMAs, three others may issue theirs)
+#: warpgroup waits for its MMAs, three others may issue theirs; tried in the tuner, the best 11%
+#: slower than 8 warps, w8a8_probe_ws_h100.json)
 #: ``(BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, GROUP_M, persistent)``
 TMA_SWEEP = ((256, 128, 128, 8, 4, 8, 0), (256, 128, 128, 8, 4, 4, 0), (256, 128, 128, 8, 4, 16, 0),
              (128, 256, 128, 8, 4, 16, 0), (256, 128, 64, 8, 6, 8, 0), (128, 256, 64, 8, 6, 8, 0),
