@@ -74,6 +74,11 @@ if HAVE_GLUON:
         return (first_m + (tile % in_group) % size_m) * BLOCK_M, ((tile % in_group) // size_m) * BLOCK_N
 
     @gluon.jit
+    def _tile_counts(M, N, K, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr):
+        """Row tiles, column tiles and K tiles of the product (the schedule every partition walks)."""
+        return (M + BLOCK_M - 1) // BLOCK_M, (N + BLOCK_N - 1) // BLOCK_N, (K + BLOCK_K - 1) // BLOCK_K
+
+    @gluon.jit
     def _rescale_store(acc, row0, col0, sa_ptr, sb_ptr, bias_ptr, out_ptr, M, N, stride_om, HAS_BIAS: gl.constexpr,
                        ROWS: gl.constexpr, COLS: gl.constexpr, layout: gl.constexpr):
         """The fused epilogue of an int32 ``[ROWS, COLS]`` accumulator (in ``layout``) at output row
@@ -99,9 +104,7 @@ if HAVE_GLUON:
         round): the activations' tile in ``A_BOXES`` boxes of rows and the weights' tile, all
         signalling ``ready``."""
         BOX_M: gl.constexpr = BLOCK_M // A_BOXES
-        num_m = (M + BLOCK_M - 1) // BLOCK_M
-        num_n = (N + BLOCK_N - 1) // BLOCK_N
-        k_tiles = (K + BLOCK_K - 1) // BLOCK_K
+        num_m, num_n, k_tiles = _tile_counts(M, N, K, BLOCK_M, BLOCK_N, BLOCK_K)
         step = 0
         for tile in range(gl.program_id(0), num_m * num_n, gl.num_programs(0)):
             off_m, off_n = _tile_offsets(tile, num_m, num_n, BLOCK_M, BLOCK_N, GROUP_M)
@@ -132,9 +135,7 @@ if HAVE_GLUON:
         ROWS: gl.constexpr = BLOCK_M if PINGPONG else BLOCK_M // 2
         INSTR_N: gl.constexpr = 128 if BLOCK_N > 128 else BLOCK_N
         mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, INSTR_N, 32])
-        num_m = (M + BLOCK_M - 1) // BLOCK_M
-        num_n = (N + BLOCK_N - 1) // BLOCK_N
-        k_tiles = (K + BLOCK_K - 1) // BLOCK_K
+        num_m, num_n, k_tiles = _tile_counts(M, N, K, BLOCK_M, BLOCK_N, BLOCK_K)
         step = 0  # the program's step at this tile's first K tile
         t = 0  # the tile's place among the program's tiles
         for tile in range(gl.program_id(0), num_m * num_n, gl.num_programs(0)):
