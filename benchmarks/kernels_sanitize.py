@@ -72,7 +72,7 @@ def main() -> None:
     w8a8_linear(torch.randn(5, 17000, device="cuda", dtype=torch.float16), wq_long, torch.rand(96, device="cuda") * 0.01)
     from bitsmith.kernels import w8a8
 
-    if w8a8.TMA["enabled"]:  # the TMA GEMMs' every candidate (BITSMITH_W8A8_WGMMA=1: the Gluon one's too), edges past its tiles
+    if w8a8.TMA["enabled"]:  # the TMA GEMMs' every candidate (on Hopper the Gluon one's ping-pong schedule; BITSMITH_W8A8_WGMMA=1: its cooperative one too), edges past its tiles
         xq, sx = w8a8.quantize_per_token(torch.randn(300, 1040, device="cuda", dtype=torch.float16))
         for n in (333, 336):  # 336: the persistent TMA kernel's too
             wq_tma = torch.randint(-127, 128, (n, 1040), dtype=torch.int8, device="cuda")
@@ -81,8 +81,7 @@ def main() -> None:
                 w8a8._launch_gemm(xq, wq_tma, sx, torch.rand(n, device="cuda") * 0.01, None, out, cfg)
             real_sms = w8a8._sm_count
             w8a8._sm_count = lambda device: 5  # the persistent GEMMs with several tiles a program
-            pingpong = w8a8.w8a8_wgmma.configs(pingpong=True) if w8a8.TMA["wgmma"] else []  # not yet in the tuner
-            for cfg in [c for c in w8a8.gemm_candidates(xq, wq_tma) if c.get("WGMMA") or c.get("PERSIST")] + pingpong:
+            for cfg in [c for c in w8a8.gemm_candidates(xq, wq_tma) if c.get("WGMMA") or c.get("PERSIST")]:
                 w8a8._launch_gemm(xq, wq_tma, sx, torch.rand(n, device="cuda") * 0.01, None, out, cfg)
             w8a8._sm_count = real_sms
     worst = max(worst, _fragment_cases(), _fragment_wide_cases())

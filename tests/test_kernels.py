@@ -841,13 +841,15 @@ def test_interp_w8a8_tma_gemms_equal_reference():
 def test_w8a8_gemm_candidates_by_switch(monkeypatch):
     """The tuner's GEMM candidates: the pointer kernel's tiles; with ``TMA["enabled"]`` (the
     default) and operands it can take, each again as the TMA kernel's (not on a CPU, not before
-    Hopper, not where the rows are not 16-byte multiples); the Gluon kernel's only with
-    ``TMA["wgmma"]`` (opt-in) and only on sm_90; ``TMA["enabled"]`` off: the pointer kernel's alone."""
+    Hopper, not where the rows are not 16-byte multiples); the Gluon kernel's only on sm_90, its
+    ping-pong schedule with ``TMA["pingpong"]`` (the default), its cooperative one with
+    ``TMA["wgmma"]`` (opt-in); ``TMA["enabled"]`` off: the pointer kernel's alone."""
     from bitsmith.kernels import w8a8, w8a8_wgmma
 
     xq, wq = torch.zeros(64, 256, dtype=torch.int8), torch.zeros(128, 256, dtype=torch.int8)
     monkeypatch.setitem(w8a8.TMA, "enabled", True)
     monkeypatch.setitem(w8a8.TMA, "wgmma", False)
+    monkeypatch.setitem(w8a8.TMA, "pingpong", False)
     plain = w8a8.gemm_candidates(xq, wq)  # a CPU tensor: no TMA
     assert len(plain) == len(w8a8._CANDIDATES) and not any("TMA" in c or "WGMMA" in c for c in plain)
     monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
@@ -858,9 +860,13 @@ def test_w8a8_gemm_candidates_by_switch(monkeypatch):
     assert w8a8.gemm_candidates(xq, wq) == plain + tma
     assert w8a8.gemm_candidates(xq[:, :200], wq[:, :200].contiguous()) == plain  # K = 200: rows not 16-byte multiples
     assert w8a8.gemm_candidates(xq, wq[:120]) == plain + tma[:len(plain)]  # N = 120: output rows unaligned, not persistent
+    monkeypatch.setitem(w8a8.TMA, "pingpong", True)
+    pingpong = w8a8_wgmma.configs(pingpong=True) if w8a8_wgmma.HAVE_GLUON else []
+    assert w8a8.gemm_candidates(xq, wq) == plain + tma + pingpong
+    assert all(c["PINGPONG"] == 1 and c["WGMMA"] == 1 for c in pingpong)
     monkeypatch.setitem(w8a8.TMA, "wgmma", True)
     gluon = w8a8_wgmma.configs() if w8a8_wgmma.HAVE_GLUON else []
-    assert w8a8.gemm_candidates(xq, wq) == plain + tma + gluon
+    assert w8a8.gemm_candidates(xq, wq) == plain + tma + pingpong + gluon
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (10, 0))
     assert w8a8.gemm_candidates(xq, wq) == plain + tma  # wgmma is sm_90 only
     monkeypatch.setitem(w8a8.TMA, "enabled", False)
@@ -869,18 +875,19 @@ def test_w8a8_gemm_candidates_by_switch(monkeypatch):
 
 def test_w8a8_tma_switch_reads_the_environment():
     """``BITSMITH_W8A8_TMA`` unset means the TMA kernel is on, ``0`` off; ``BITSMITH_W8A8_WGMMA``
-    is off unless ``1`` (each read at import, in a fresh interpreter)."""
+    is off unless ``1``; ``BITSMITH_W8A8_PINGPONG`` on unless ``0`` (each read at import, in a
+    fresh interpreter)."""
     import subprocess
     import sys
 
-    probe = "from bitsmith.kernels import w8a8; print(w8a8.TMA['enabled'], w8a8.TMA['wgmma'])"
+    probe = "from bitsmith.kernels import w8a8; print(w8a8.TMA['enabled'], w8a8.TMA['wgmma'], w8a8.TMA['pingpong'])"
     env = {k: v for k, v in os.environ.items() if not k.startswith("BITSMITH_W8A8_")}
     src = str(Path(__file__).resolve().parents[1] / "src")
     env["PYTHONPATH"] = src + os.pathsep + env.get("PYTHONPATH", "")
-    for extra, want in (({}, "True False"), ({"BITSMITH_W8A8_TMA": "0"}, "False False"),
-                        ({"BITSMITH_W8A8_WGMMA": "1"}, "True True")):
+    for extra, want in (({}, "True False True"), ({"BITSMITH_W8A8_TMA": "0"}, "False False True"),
+                        ({"BITSMITH_W8A8_WGMMA": "1"}, "True True True"), ({"BITSMITH_W8A8_PINGPONG": "0"}, "True False False")):
         got = subprocess.run([sys.executable, "-c", probe], env={**env, **extra}, capture_output=True, text=True, check=True)
-        assert got.stdout.split()[-2:] == want.split(), (extra, got.stdout, got.stderr)
+        assert got.stdout.split()[-3:] == want.split(), (extra, got.stdout, got.stderr)
 
 
 @pytest.mark.skipif(INTERPRETED or not HAVE_TRITON, reason="compiles for sm_90 (not under the interpreter)")
@@ -1007,12 +1014,13 @@ def test_cuda_w8a8_tma_gemm_every_config_equals_reference(monkeypatch):
 
     monkeypatch.setitem(w8a8.TMA, "enabled", True)
     monkeypatch.setitem(w8a8.TMA, "wgmma", True)
+    monkeypatch.setitem(w8a8.TMA, "pingpong", True)
     qmm_sm_count = w8a8._sm_count
     for dtype, n in ((torch.float16, 333), (torch.bfloat16, 333), (torch.float16, 336)):  # 336: the persistent kernel too
         (xq, wq, sx, sw, bias), ref = _w8a8_gemm_case(300, n, 1040, "cuda", dtype)
         cands = [c for c in w8a8.gemm_candidates(xq, wq) if c.get("TMA") or c.get("WGMMA")]  # Hopper: the Gluon kernel's
-        if torch.cuda.get_device_capability() == (9, 0):  # its ping-pong schedule, not yet offered to the tuner
-            cands += w8a8.w8a8_wgmma.configs(pingpong=True)
+        hopper = torch.cuda.get_device_capability() == (9, 0)
+        assert {bool(c.get("PINGPONG")) for c in cands if c.get("WGMMA")} == ({False, True} if hopper else set())
         assert cands and any(c.get("PERSIST") for c in cands) == (n % 16 == 0)
         for cfg in cands:
             for sms in (132, 5, 1):  # the persistent kernels: a tile a program, several, all on one

@@ -243,10 +243,15 @@ W8A8_CONFIG: dict = {}  # (m bucket, n, k) -> tuned config
 #: and ``_w8a8_gemm_tma_persistent_kernel`` (each of :data:`_CANDIDATES` with its tiles loaded by
 #: TMA), on by default (``BITSMITH_W8A8_TMA=0``: off): on the H100 they won every M = 2048 shape,
 #: 4-10% faster than the pointer kernel (w8a8_probe_tma_h100.json), persistent up to 6% more on
-#: three of the four (w8a8_probe_persistent_h100.json). ``wgmma``: also the warp-specialized Gluon
-#: kernel (:mod:`bitsmith.kernels.w8a8_wgmma`, Hopper), opt-in (``BITSMITH_W8A8_WGMMA=1``): correct on
-#: the H100 but 3.6-7% slower than the persistent TMA kernel (w8a8_probe_ws_h100.json)
+#: three of the four (w8a8_probe_persistent_h100.json). ``pingpong``: also the warp-specialized Gluon
+#: kernel (:mod:`bitsmith.kernels.w8a8_wgmma`, Hopper) in its ping-pong schedule, on by default
+#: (``BITSMITH_W8A8_PINGPONG=0``: off): correct and clean under compute-sanitizer on the H100, and
+#: 3.3% faster than the persistent TMA kernel on 14336x4096 (194.1 against 200.7 us), 5% slower on
+#: 4096x4096 (w8a8_variants_gluon_h100.txt), so the tuner decides per shape. ``wgmma``: the same
+#: kernel's cooperative schedule, opt-in (``BITSMITH_W8A8_WGMMA=1``): correct on the H100 but
+#: 3.6-7% slower than the persistent TMA kernel (w8a8_probe_ws_h100.json)
 TMA = {"enabled": os.environ.get("BITSMITH_W8A8_TMA", "") != "0",
+       "pingpong": os.environ.get("BITSMITH_W8A8_PINGPONG", "") != "0",
        "wgmma": os.environ.get("BITSMITH_W8A8_WGMMA", "") == "1"}
 
 #: whether W8A8's GEMM is a programmatic dependent of its quantization (PDL, where
@@ -364,16 +369,18 @@ def gemm_candidates(xq: torch.Tensor, w_int8: torch.Tensor) -> list[dict]:
     """The configs the tuner times for these operands: every tile of :data:`_CANDIDATES`, and
     with :data:`TMA` on (where :func:`tma_ok`) each of them again loaded by TMA (``"TMA": 1``),
     and where ``N`` is a multiple of 16 again by the persistent TMA kernel (``"PERSIST": 1``), and,
-    with ``TMA["wgmma"]`` on Hopper, the warp-specialized Gluon kernel's (:mod:`bitsmith.kernels.w8a8_wgmma`,
-    ``"WGMMA": 1``)."""
+    on Hopper, the warp-specialized Gluon kernel's (:mod:`bitsmith.kernels.w8a8_wgmma`, ``"WGMMA": 1``):
+    its ping-pong schedule's with ``TMA["pingpong"]`` (the default), its cooperative one's with
+    ``TMA["wgmma"]``."""
     plain = [{"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8, "num_warps": warps, "num_stages": stages}
              for bm, bn, bk, warps, stages in _CANDIDATES]
     use_tma = TMA["enabled"] and tma_ok(xq, w_int8)
     out = plain + ([{**c, "TMA": 1} for c in plain] if use_tma else [])
     if use_tma and w_int8.shape[0] % 16 == 0:  # else the output rows are unaligned: 256x128x128 at 4 stages needed 256 KiB
         out += [{**c, "TMA": 1, "PERSIST": 1} for c in plain]
-    if use_tma and TMA["wgmma"] and w8a8_wgmma.supports(xq) is None:
-        out += w8a8_wgmma.configs()
+    if use_tma and w8a8_wgmma.supports(xq) is None:
+        out += w8a8_wgmma.configs(pingpong=True) if TMA["pingpong"] else []
+        out += w8a8_wgmma.configs() if TMA["wgmma"] else []
     return out
 
 
