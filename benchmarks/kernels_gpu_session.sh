@@ -46,6 +46,8 @@
 #       ping-pong): W8A8's CUDA tests, compute-sanitizer with BITSMITH_W8A8_WGMMA=1, every Gluon config and TMA tile timed
 #   OUT=/some/dir bash benchmarks/kernels_gpu_session.sh pingpong   # the ping-pong GEMM in the tuner: w8a8_probe.py on the four
 #       shapes, the README's M = 2048 table, Nsight Compute on the per-token quantization
+#   OUT=/some/dir bash benchmarks/kernels_gpu_session.sh cvt        # W8A8's CUDA tests, w8a8_probe.py on the four shapes, the
+#       README's M = 2048 table, the per-token quantization alone at 4, 8 and 16 warps
 #   OUT=/some/dir bash benchmarks/kernels_gpu_session.sh one        # one call for all of it when device time is short:
 #       CUDA tests, M = 1 table int4 vs NF4, compiled end-to-end decode, host overhead
 # The CUDA tests run with pytest-xdist when it is importable (carried as wheels: .whl/, see the device notes).
@@ -345,6 +347,23 @@ pingpong)  # the Gluon GEMM's ping-pong schedule in the tuner: W8A8 part by part
     --section Occupancy --section LaunchStats -k regex:_quant_rows_kernel -c 1 python3 benchmarks/w8a8_variants.py --shapes 4096x4096 \
     --warps 8 --no-wgmma --reps 2 --name ncu_tmp 2>&1 | grep -v "^==PROF==" >> "$OUT/ncu_quant.txt"
   grep -E "Duration|Throughput|Issue Slots|Warp Cycles Per Issued|No Eligible|Achieved Occupancy|Registers Per|Waves|Stall" "$OUT/ncu_quant.txt" | head -30
+  ;;
+cvt)  # the quantization's one-instruction conversion (CVT_RNI): W8A8's CUDA tests, then W8A8 part by part at M = 2048
+  # on the four shapes, the README's M = 2048 table, the quantization alone at 4, 8 and 16 warps
+  TEST_FILES="tests/test_kernels.py tests/test_w8a8.py" TEST_K="cuda and w8a8" T_TESTS=${T_TESTS:-150} cuda_tests \
+    || { echo "CUDA tests failed: no benchmark"; exit 1; }
+  echo "== python3 benchmarks/w8a8_probe.py --m 2048 --reps 20 --name w8a8_probe_cvt" | tee "$OUT/probe.txt"
+  timeout "${T_PROBE:-200}" python3 benchmarks/w8a8_probe.py --m 2048 --reps 20 --name w8a8_probe_cvt 2>&1 | grep -v -i warn \
+    | tee -a "$OUT/probe.txt" | tail -8
+  cp benchmarks/results/w8a8_probe_cvt.json "$OUT/" 2>/dev/null
+  echo "== python3 benchmarks/kernels_bench.py --m 2048 --formats int4_g64 --reps 10 --name kernels_m2048_w8a8" | tee "$OUT/kernels_bench.txt"
+  timeout "${T_BENCH:-150}" python3 benchmarks/kernels_bench.py --m 2048 --formats int4_g64 --reps 10 --name kernels_m2048_w8a8 2>/dev/null \
+    | tee -a "$OUT/kernels_bench.txt" | tail -12
+  cp benchmarks/results/kernels_m2048_w8a8.json "$OUT/" 2>/dev/null
+  echo "== python3 benchmarks/w8a8_variants.py --shapes 4096x4096,4096x14336 --warps 4,8,16 --no-wgmma --reps 20 --name w8a8_quant_cvt" | tee "$OUT/variants.txt"
+  timeout "${T_VAR:-120}" python3 benchmarks/w8a8_variants.py --shapes 4096x4096,4096x14336 --warps 4,8,16 --no-wgmma --reps 20 \
+    --name w8a8_quant_cvt 2>&1 | grep -v -i warn | tee -a "$OUT/variants.txt" | grep -v "^  tma"
+  cp benchmarks/results/w8a8_quant_cvt.json "$OUT/" 2>/dev/null
   ;;
 ceiling)  # the read ceiling: the stacked layer's M = 1 matmuls vs a kernel that only reads the same bytes, one graph each
   TEST_FILES=tests/test_kernels.py TEST_K=read_kernel T_TESTS=${T_TESTS:-60} cuda_tests || { echo "CUDA test failed: no benchmark"; exit 1; }

@@ -64,7 +64,7 @@ def main() -> None:
         for warps in (int(w) for w in args.warps.split(",")):
             def launch(warps=warps):
                 w8a8._quant_rows_kernel[(args.m,)](x, q, s, s, s, k, x.stride(0), q.stride(0), STATIC=False, HAS_MIG=False,
-                                                   RECIP_SCALE=True, FMA_DIV=True, BLOCK_K=block, PDL=False,
+                                                   RECIP_SCALE=True, FMA_DIV=True, BLOCK_K=block, PDL=False, CVT_RNI=True,
                                                    num_warps=warps)
             launch()
             same = bool(torch.equal(q, xq) and torch.equal(s, sx))

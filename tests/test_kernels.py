@@ -809,6 +809,37 @@ def test_w8a8_quantization_divides_once_a_row_on_the_gpu():
         assert checks == {False: 2 * per_thread, True: 2}, (block, checks)
 
 
+@pytest.mark.skipif(INTERPRETED or not HAVE_TRITON, reason="compiles for sm_90 (not under the interpreter)")
+def test_w8a8_quantization_codes_take_one_conversion_a_value_on_the_gpu():
+    """Compiled for the H100, the CUDA path (``CVT_RNI``) rounds and converts each code with one
+    ``F2I`` (round to nearest even) instead of two float additions and a truncating ``F2I``; with
+    a dynamic scale it has no per-value NaN test or clamp (``FSETP``/``FSEL``/``FMNMX`` against
+    -128 and 127), which a static scale keeps (saturating infinities). At 16 values a thread in
+    each of the one-tile and two-pass branches, the conversion alone saves two instructions a value."""
+    import sys
+    import tempfile
+
+    from bitsmith.kernels import w8a8
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import kernels_sass
+
+    def ops(**kw):
+        cubin = w8a8.compile_quant_offline(True, 4096, **kw).asm["cubin"]
+        with tempfile.TemporaryDirectory() as tmp:
+            return [t for _, t in kernels_sass.sass_of(cubin, Path(tmp))]
+
+    magic, fast, static = ops(cvt_rni=False), ops(), ops(static=True)
+    for ins in (fast, static):
+        f2i = [t for t in ins if t.startswith("F2I")]
+        assert f2i and not [t for t in f2i if "TRUNC" in t], f2i[:3]
+    assert sum(t.startswith("FADD") for t in fast) < sum(t.startswith("FADD") for t in magic) // 4
+    for ins, guarded in ((fast, False), (static, True)):
+        assert any(t.startswith("FSETP.NAN") for t in ins) == guarded
+        assert any(t.startswith("FMNMX") and ("-128" in t or " 127" in t) for t in ins) == guarded
+    assert len(magic) - len(fast) >= 2 * 32, (len(fast), len(magic))
+
+
 def _w8a8_gemm_case(m, n, k, device, dtype=torch.float16):
     """Random int8 operands, scales and a bias, and their float64 product and rescale."""
     g = torch.Generator().manual_seed(m + n + k)

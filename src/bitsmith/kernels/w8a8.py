@@ -38,22 +38,37 @@ if HAVE_TRITON:
     from .small_m import gdc_launch_dependents, gdc_wait, grouped_tile
 
     @triton.jit
-    def _quantize_values(v, scale, inv, FMA_DIV: tl.constexpr):
-        """``clamp(round_half_even(v / scale), -128, 127)`` as float32: the quotient is IEEE's
-        correctly rounded one either way, with ``FMA_DIV`` from ``inv = 1 / scale`` (correctly
-        rounded) and one FMA correction step (Markstein), three instructions instead of a division."""
+    def _quantize_values(v, scale, inv, FMA_DIV: tl.constexpr, SATURATE: tl.constexpr, CVT_RNI: tl.constexpr):
+        """``clamp(round_half_even(v / scale), -128, 127)``: the quotient is IEEE's correctly
+        rounded one either way, with ``FMA_DIV`` from ``inv = 1 / scale`` (correctly rounded) and
+        one FMA correction step (Markstein), three instructions instead of a division.
+
+        ``SATURATE`` (a static scale): values past the range (infinities, a zero scale) saturate
+        as the torch path's do. Without it (a dynamic scale, ``absmax / 127``) every finite
+        quotient is already within ``[-127.5, 127.5]``, so there is no clamp, and an infinite
+        scale (a row holding inf) codes the row's finite values 0 without a test a value: the
+        remainder takes the scale as 0 (``x - q * 0 = x``, then ``q + x * 0 = 0``).
+
+        ``CVT_RNI`` (CUDA): the float32 codes rounded and converted by one ``cvt.rni.s32.f32`` (int32
+        out); else rounded in float32 by adding and taking away ``1.5 * 2**23`` (the interpreter)."""
         if FMA_DIV:
             q = v * inv
-            r = tl.fma(-q, scale, v)  # the remainder v - q scale, exact
-            r = tl.fma(r, inv, q)
-            # an infinite scale (a row holding inf), an infinite v or a zero static scale: the
-            # remainder is NaN where the quotient is not; the product is then the quotient
-            r = tl.where(r == r, r, q)
+            if SATURATE:
+                r = tl.fma(tl.fma(-q, scale, v), inv, q)
+                # an infinite v or a zero static scale: the remainder is NaN where the quotient is
+                # not; the product is then the quotient
+                r = tl.where(r == r, r, q)
+            else:
+                r = tl.fma(tl.fma(-q, tl.where(scale < float("inf"), scale, 0.0), v), inv, q)
         else:
             r = tl.math.div_rn(v, scale + tl.zeros(v.shape, dtype=tl.float32))
-        # round half to even: 1.5 * 2**23 shifts the fraction out (|r| <= 128 after the clamp)
-        r = tl.minimum(tl.maximum(r, -128.0), 127.0)
-        return (r + 12582912.0) - 12582912.0
+        if SATURATE:
+            r = tl.minimum(tl.maximum(r, -128.0), 127.0)
+        if CVT_RNI:
+            codes = tl.inline_asm_elementwise("cvt.rni.s32.f32 $0, $1;", "=r,r", [r], dtype=tl.int32, is_pure=True, pack=1)
+        else:
+            codes = (r + 12582912.0) - 12582912.0  # |r| <= 128: 1.5 * 2**23 shifts the fraction out, ties to even
+        return codes
 
     @triton.jit
     def _row_values(x_ptr, mig_ptr, row, stride_x, offs, K, HAS_MIG: tl.constexpr):
@@ -72,7 +87,7 @@ if HAVE_TRITON:
     @triton.jit
     def _quant_rows_kernel(x_ptr, q_ptr, s_ptr, static_ptr, mig_ptr, K, stride_x, stride_q,
                            STATIC: tl.constexpr, HAS_MIG: tl.constexpr, RECIP_SCALE: tl.constexpr,
-                           FMA_DIV: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+                           FMA_DIV: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr, CVT_RNI: tl.constexpr = False):
         row = tl.program_id(0)
         if BLOCK_K >= K:  # the whole row in one tile: read it once
             offs = tl.arange(0, BLOCK_K)
@@ -81,7 +96,7 @@ if HAVE_TRITON:
                 scale = tl.load(static_ptr).to(tl.float32)
             else:
                 scale = _row_scale(tl.max(tl.abs(v), axis=0), RECIP_SCALE)
-            r = _quantize_values(v, scale, tl.math.div_rn(1.0, scale), FMA_DIV)
+            r = _quantize_values(v, scale, tl.math.div_rn(1.0, scale), FMA_DIV, STATIC, CVT_RNI)
             tl.store(q_ptr + row * stride_q + offs, r.to(tl.int8), mask=offs < K)
         else:
             if STATIC:
@@ -95,7 +110,8 @@ if HAVE_TRITON:
             inv = tl.math.div_rn(1.0, scale)
             for k0 in range(0, K, BLOCK_K):
                 offs = k0 + tl.arange(0, BLOCK_K)
-                r = _quantize_values(_row_values(x_ptr, mig_ptr, row, stride_x, offs, K, HAS_MIG), scale, inv, FMA_DIV)
+                r = _quantize_values(_row_values(x_ptr, mig_ptr, row, stride_x, offs, K, HAS_MIG), scale, inv, FMA_DIV, STATIC,
+                                     CVT_RNI)
                 tl.store(q_ptr + row * stride_q + offs, r.to(tl.int8), mask=offs < K)
         tl.store(s_ptr + row, scale)
         if PDL:  # the GEMM (a programmatic dependent) may launch once every row has got here
@@ -225,7 +241,7 @@ def _quantize_launch(x: torch.Tensor, act_scale: torch.Tensor | None, migration_
     args = (x, q, s, act_scale if act_scale is not None else s, mig, k, x.stride(0), q.stride(0))
     hit = _run(_quant_rows_kernel, (m,), args,
                {"STATIC": act_scale is not None, "HAS_MIG": migration_scale is not None, "RECIP_SCALE": x.is_cuda,
-                "FMA_DIV": x.is_cuda, "BLOCK_K": block, "PDL": pdl_on(x.device)},
+                "FMA_DIV": x.is_cuda, "BLOCK_K": block, "PDL": pdl_on(x.device), "CVT_RNI": x.is_cuda},
                {"num_warps": 4 if block <= 1024 else 8 if block <= 4096 else 16})
     return q, s, (hit, (m,), args)
 
@@ -465,13 +481,16 @@ def w8a8_linear(
 __all__ = ["w8a8_linear", "quantize_per_token", "gemm_candidates", "tma_ok", "W8A8_CONFIG", "TMA"]
 
 
-def compile_quant_offline(fma_div: bool, block: int = 4096, k_multiple: bool = True, arch: int = 90, pdl: bool = False):
+def compile_quant_offline(fma_div: bool, block: int = 4096, k_multiple: bool = True, arch: int = 90, pdl: bool = False,
+                          cvt_rni: bool = True, static: bool = False):
     """``_quant_rows_kernel`` compiled for NVIDIA ``sm_<arch>`` on any machine (CI checks its
-    machine code): float16 activations, dynamic per-token scales, no migration; ``block``: the row
-    tile (a row of ``block`` channels read once); ``pdl``: releasing a programmatic dependent."""
+    machine code): float16 activations, dynamic per-token scales (``static``: a static one), no
+    migration; ``block``: the row tile (a row of ``block`` channels read once); ``pdl``: releasing
+    a programmatic dependent; ``cvt_rni``: codes converted as on CUDA (``CVT_RNI``)."""
     from .small_m import _compile_offline
 
-    consts = {"STATIC": False, "HAS_MIG": False, "RECIP_SCALE": True, "FMA_DIV": fma_div, "BLOCK_K": block, "PDL": pdl}
+    consts = {"STATIC": static, "HAS_MIG": False, "RECIP_SCALE": True, "FMA_DIV": fma_div, "BLOCK_K": block, "PDL": pdl,
+              "CVT_RNI": cvt_rni}
     types = {"x_ptr": "fp16", "q_ptr": "i8", "s_ptr": "fp32", "static_ptr": "fp32", "mig_ptr": "fp32"}
     warps = 4 if block <= 1024 else 8 if block <= 4096 else 16
     return _compile_offline(_quant_rows_kernel, consts, "fp16", warps, 1, arch, ptr_types=types,
