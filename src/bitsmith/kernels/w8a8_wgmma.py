@@ -1,4 +1,4 @@
-"""W8A8's int8 GEMM, warp-specialized, with its ``wgmma`` kept in flight (Gluon, Hopper, sm_90; opt-in).
+"""W8A8's int8 GEMM, warp-specialized, with its ``wgmma`` kept in flight (Gluon, Hopper, sm_90).
 
 Triton compiles :mod:`bitsmith.kernels.w8a8`'s int8 GEMMs (the pointer kernel and the TMA ones)
 with a synchronous ``wgmma``: every iteration of the K loop waits for its own MMAs to finish
@@ -27,10 +27,16 @@ Nsight Compute put the persistent TMA kernel's tensor pipe at 57% busy at M = 20
 Tensor descriptors are built in the kernel (global scratch from Triton's allocator, which
 :func:`bitsmith.kernels.w8a8._ensure_allocator` sets).
 
-Measured on the H100 at M = 2048 (w8a8_probe_ws_h100.json): correct in every config (132, 5 and 1
-programs, float16 and bfloat16), but 3.6-7% slower than Triton's persistent TMA kernel
-(4096x4096: 65.5 against 63.2 us; 14336x4096: 216.0 against 202.4). So it is opt-in:
-``BITSMITH_W8A8_WGMMA=1`` (:data:`bitsmith.kernels.w8a8.TMA`). It replaced a version without warp
+With ``PINGPONG`` the two consumers take whole ``BLOCK_M x BLOCK_N`` tiles in turn (a ``turn``
+mbarrier each), so one consumer's epilogue runs beside the other's K loop.
+
+Measured on the H100 at M = 2048: correct in every config of both schedules (132, 5 and 1
+programs, float16 and bfloat16) and clean under compute-sanitizer (w8a8_variants_gluon_h100.txt).
+The cooperative schedule is 3.6-7% slower than Triton's persistent TMA kernel (4096x4096: 65.5
+against 63.2 us; 14336x4096: 216.0 against 202.4; w8a8_probe_ws_h100.json), so it is opt-in:
+``BITSMITH_W8A8_WGMMA=1``. The ping-pong schedule is 3.3% faster on 14336x4096 (194.1 against
+200.7 us) and 5% slower on 4096x4096, so the tuner is offered it on Hopper
+(``BITSMITH_W8A8_PINGPONG=0``: not; :data:`bitsmith.kernels.w8a8.TMA`). It replaced a version without warp
 specialization (one partition refilling the ring itself behind a CTA barrier each K step; 73.0 and
 228.6 us, w8a8_probe_tma_h100.json; code in the history up to commit fb2fd20).
 """
@@ -210,7 +216,7 @@ def supports(xq: torch.Tensor) -> str | None:
 
 
 #: the ping-pong schedule's ``(BLOCK_M, BLOCK_N, BLOCK_K, STAGES)``: a consumer's whole tile, 128 x 128
-#: int32 accumulators; not offered to the tuner until it has run on a GPU (:func:`configs`)
+#: int32 accumulators; offered to the tuner on Hopper (:data:`bitsmith.kernels.w8a8.TMA` ``"pingpong"``)
 PINGPONG_CANDIDATES = ((128, 128, 128, 4), (128, 128, 128, 6), (128, 128, 64, 8))
 
 
