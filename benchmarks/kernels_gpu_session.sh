@@ -349,7 +349,7 @@ pingpong)  # the Gluon GEMM's ping-pong schedule in the tuner: W8A8 part by part
   grep -E "Duration|Throughput|Issue Slots|Warp Cycles Per Issued|No Eligible|Achieved Occupancy|Registers Per|Waves|Stall" "$OUT/ncu_quant.txt" | head -30
   ;;
 cvt)  # the quantization's one-instruction conversion (CVT_RNI): W8A8's CUDA tests, then W8A8 part by part at M = 2048
-  # on the four shapes, the README's M = 2048 table, the quantization alone at 4, 8 and 16 warps
+  # on the four shapes, the README's M = 2048 table, the quantization alone at 4, 8 and 16 warps, with and without a 32-register cap
   TEST_FILES="tests/test_kernels.py tests/test_w8a8.py" TEST_K="cuda and w8a8" T_TESTS=${T_TESTS:-150} cuda_tests \
     || { echo "CUDA tests failed: no benchmark"; exit 1; }
   echo "== python3 benchmarks/w8a8_probe.py --m 2048 --reps 20 --name w8a8_probe_cvt" | tee "$OUT/probe.txt"
@@ -360,8 +360,8 @@ cvt)  # the quantization's one-instruction conversion (CVT_RNI): W8A8's CUDA tes
   timeout "${T_BENCH:-150}" python3 benchmarks/kernels_bench.py --m 2048 --formats int4_g64 --reps 10 --name kernels_m2048_w8a8 2>/dev/null \
     | tee -a "$OUT/kernels_bench.txt" | tail -12
   cp benchmarks/results/kernels_m2048_w8a8.json "$OUT/" 2>/dev/null
-  echo "== python3 benchmarks/w8a8_variants.py --shapes 4096x4096,4096x14336 --warps 4,8,16 --no-wgmma --reps 20 --name w8a8_quant_cvt" | tee "$OUT/variants.txt"
-  timeout "${T_VAR:-120}" python3 benchmarks/w8a8_variants.py --shapes 4096x4096,4096x14336 --warps 4,8,16 --no-wgmma --reps 20 \
+  echo "== python3 benchmarks/w8a8_variants.py --shapes 4096x4096,4096x14336 --warps 4,8,16 --maxnreg 0,32 --no-wgmma --reps 20 --name w8a8_quant_cvt" | tee "$OUT/variants.txt"
+  timeout "${T_VAR:-120}" python3 benchmarks/w8a8_variants.py --shapes 4096x4096,4096x14336 --warps 4,8,16 --maxnreg 0,32 --no-wgmma --reps 20 \
     --name w8a8_quant_cvt 2>&1 | grep -v -i warn | tee -a "$OUT/variants.txt" | grep -v "^  tma"
   cp benchmarks/results/w8a8_quant_cvt.json "$OUT/" 2>/dev/null
   ;;
