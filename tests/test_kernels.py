@@ -1087,6 +1087,24 @@ def test_cuda_w8a8_equals_torch_path(m, dtype):
 
 
 @needs_cuda
+def test_cuda_w8a8_quantization_codes_infinities_as_the_torch_path():
+    """On CUDA (one ``cvt.rni`` a code, no per-value NaN test with a dynamic scale): with a static
+    scale +-inf saturate as the torch path's do; a row holding inf gets an infinite scale and its
+    finite values the code 0; the other rows are untouched."""
+    from bitsmith.kernels.w8a8 import quantize_per_token
+    from bitsmith.nn.w8a8_linear import quantize_activation
+
+    x = torch.tensor([[1.0, float("inf"), -float("inf"), -2.5, 0.0, 3.0, 7.0, -0.5],
+                      [1.0, 2.0, -3.0, 0.25, 0.0, 3.0, 7.0, -0.5]], dtype=torch.float16, device="cuda")
+    for static in (torch.tensor([0.05], device="cuda"), None):
+        q, s = quantize_per_token(x, static)
+        q_ref, s_ref = quantize_activation(x, None, static)
+        finite = torch.isfinite(x) if static is None else torch.ones_like(x, dtype=torch.bool)
+        assert torch.equal(q[finite], q_ref[finite]), (static, q, q_ref)
+    assert torch.isinf(s[0]) and not bool(q[0][torch.isfinite(x[0])].any())
+
+
+@needs_cuda
 def test_cuda_w8a8_module_builds_and_reuses_launch_plans():
     """W8A8Linear keeps its tuned launches as plans after the first call of a shape; a plan call
     equals that first call bit for bit (dynamic and static activation scales), and moving the
