@@ -66,6 +66,16 @@ cuda_tests() {  # CUDA tests of the kernels and SVDQuant's module; exit status 0
     | tail -40 | tee -a "$OUT/gpu_tests.txt" | tail -3
   return "${PIPESTATUS[0]}"
 }
+w8a8_m2048() {  # W8A8 part by part at M = 2048 on the four shapes (w8a8_probe_$1), then the README's M = 2048 table
+  echo "== python3 benchmarks/w8a8_probe.py --m 2048 --reps 20 --name w8a8_probe_$1" | tee "$OUT/probe.txt"
+  timeout "${T_PROBE:-200}" python3 benchmarks/w8a8_probe.py --m 2048 --reps 20 --name "w8a8_probe_$1" 2>&1 | grep -v -i warn \
+    | tee -a "$OUT/probe.txt" | tail -8
+  cp "benchmarks/results/w8a8_probe_$1.json" "$OUT/" 2>/dev/null
+  echo "== python3 benchmarks/kernels_bench.py --m 2048 --formats int4_g64 --reps 10 --name kernels_m2048_w8a8" | tee "$OUT/kernels_bench.txt"
+  timeout "${T_BENCH:-150}" python3 benchmarks/kernels_bench.py --m 2048 --formats int4_g64 --reps 10 --name kernels_m2048_w8a8 2>/dev/null \
+    | tee -a "$OUT/kernels_bench.txt" | tail -12
+  cp benchmarks/results/kernels_m2048_w8a8.json "$OUT/" 2>/dev/null
+}
 case "${1:-check}" in
 check)
   cuda_tests
@@ -334,14 +344,7 @@ gluon)  # the warp-specialized Gluon W8A8 GEMM: CUDA tests (both schedules), com
   ;;
 pingpong)  # the Gluon GEMM's ping-pong schedule in the tuner: W8A8 part by part at M = 2048 on the four shapes, the
   # README's M = 2048 table, then Nsight Compute on the per-token quantization (4096x4096)
-  echo "== python3 benchmarks/w8a8_probe.py --m 2048 --reps 20 --name w8a8_probe_pingpong" | tee "$OUT/probe.txt"
-  timeout "${T_PROBE:-200}" python3 benchmarks/w8a8_probe.py --m 2048 --reps 20 --name w8a8_probe_pingpong 2>&1 | grep -v -i warn \
-    | tee -a "$OUT/probe.txt" | tail -8
-  cp benchmarks/results/w8a8_probe_pingpong.json "$OUT/" 2>/dev/null
-  echo "== python3 benchmarks/kernels_bench.py --m 2048 --formats int4_g64 --reps 10 --name kernels_m2048_w8a8" | tee "$OUT/kernels_bench.txt"
-  timeout "${T_BENCH:-150}" python3 benchmarks/kernels_bench.py --m 2048 --formats int4_g64 --reps 10 --name kernels_m2048_w8a8 2>/dev/null \
-    | tee -a "$OUT/kernels_bench.txt" | tail -12
-  cp benchmarks/results/kernels_m2048_w8a8.json "$OUT/" 2>/dev/null
+  w8a8_m2048 pingpong
   echo "== ncu --section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats --section SchedulerStats --section Occupancy --section LaunchStats -k regex:_quant_rows_kernel -c 1 python3 benchmarks/w8a8_variants.py --shapes 4096x4096 --warps 8 --no-wgmma --reps 2 --name ncu_tmp" > "$OUT/ncu_quant.txt"
   timeout "${T_NCU:-120}" ncu --section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats --section SchedulerStats \
     --section Occupancy --section LaunchStats -k regex:_quant_rows_kernel -c 1 python3 benchmarks/w8a8_variants.py --shapes 4096x4096 \
@@ -352,14 +355,7 @@ cvt)  # the quantization's one-instruction conversion (CVT_RNI): W8A8's CUDA tes
   # on the four shapes, the README's M = 2048 table, the quantization alone at 4, 8 and 16 warps, with and without a 32-register cap
   TEST_FILES="tests/test_kernels.py tests/test_w8a8.py" TEST_K=${TEST_K:-"cuda and w8a8 and not every_config"} T_TESTS=${T_TESTS:-120} \
     cuda_tests || { echo "CUDA tests failed: no benchmark"; exit 1; }
-  echo "== python3 benchmarks/w8a8_probe.py --m 2048 --reps 20 --name w8a8_probe_cvt" | tee "$OUT/probe.txt"
-  timeout "${T_PROBE:-200}" python3 benchmarks/w8a8_probe.py --m 2048 --reps 20 --name w8a8_probe_cvt 2>&1 | grep -v -i warn \
-    | tee -a "$OUT/probe.txt" | tail -8
-  cp benchmarks/results/w8a8_probe_cvt.json "$OUT/" 2>/dev/null
-  echo "== python3 benchmarks/kernels_bench.py --m 2048 --formats int4_g64 --reps 10 --name kernels_m2048_w8a8" | tee "$OUT/kernels_bench.txt"
-  timeout "${T_BENCH:-150}" python3 benchmarks/kernels_bench.py --m 2048 --formats int4_g64 --reps 10 --name kernels_m2048_w8a8 2>/dev/null \
-    | tee -a "$OUT/kernels_bench.txt" | tail -12
-  cp benchmarks/results/kernels_m2048_w8a8.json "$OUT/" 2>/dev/null
+  w8a8_m2048 cvt
   echo "== python3 benchmarks/w8a8_variants.py --shapes 4096x4096,4096x14336 --warps 4,8,16 --maxnreg 0,32 --no-wgmma --reps 20 --name w8a8_quant_cvt" | tee "$OUT/variants.txt"
   timeout "${T_VAR:-120}" python3 benchmarks/w8a8_variants.py --shapes 4096x4096,4096x14336 --warps 4,8,16 --maxnreg 0,32 --no-wgmma --reps 20 \
     --name w8a8_quant_cvt 2>&1 | grep -v -i warn | tee -a "$OUT/variants.txt" | grep -v "^  tma"
