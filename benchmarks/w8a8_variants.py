@@ -44,6 +44,8 @@ def main() -> None:
     ap.add_argument("--warps", default="2,4,8,16,32", help="quantization kernel warps to time")
     ap.add_argument("--no-wgmma", action="store_true", help="skip the Gluon GEMM's grids")
     ap.add_argument("--maxnreg", default="0", help="register caps to time the quantization at (0: none), e.g. 0,32")
+    ap.add_argument("--cvt", default="1", help="the quantization's conversion: 1 one cvt.rni a code (the library's), 0 the "
+                    "interpreter's float rounding, e.g. 1,0")
     args = ap.parse_args()
     require_cuda("w8a8_variants")
     import triton
@@ -62,15 +64,17 @@ def main() -> None:
         block = min(w8a8.MAX_ROW_TILE, triton.next_power_of_2(k))
         q = torch.empty_like(xq)
         s = torch.empty_like(sx)
-        for warps, cap in ((int(w), int(c)) for w in args.warps.split(",") for c in args.maxnreg.split(",")):
-            def launch(warps=warps, cap=cap):
+        variants = [(int(w), int(c), int(v)) for w in args.warps.split(",") for c in args.maxnreg.split(",")
+                    for v in args.cvt.split(",")]
+        for warps, cap, cvt in variants:
+            def launch(warps=warps, cap=cap, cvt=cvt):
                 w8a8._quant_rows_kernel[(args.m,)](x, q, s, s, s, k, x.stride(0), q.stride(0), STATIC=False, HAS_MIG=False,
-                                                   RECIP_SCALE=True, FMA_DIV=True, BLOCK_K=block, PDL=False, CVT_RNI=True,
+                                                   RECIP_SCALE=True, FMA_DIV=True, BLOCK_K=block, PDL=False, CVT_RNI=bool(cvt),
                                                    num_warps=warps, **({"maxnreg": cap} if cap else {}))
             q.zero_()
             launch()
             same = bool(torch.equal(q, xq) and torch.equal(s, sx))
-            name = f"{warps} warps" + (f", maxnreg {cap}" if cap else "")
+            name = f"{warps} warps" + (f", maxnreg {cap}" if cap else "") + ("" if cvt else ", float rounding")
             quant[name] = timer.time_graph(launch) if same else "codes differ from the library's"
         _, wq, sw = int8_weight(n, k, dev)
         ref = torch.empty(args.m, n, dtype=x.dtype, device=dev)
