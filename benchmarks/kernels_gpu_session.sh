@@ -356,8 +356,8 @@ cvt)  # the quantization's one-instruction conversion (CVT_RNI): W8A8's CUDA tes
   TEST_FILES="tests/test_kernels.py tests/test_w8a8.py" TEST_K=${TEST_K:-"cuda and w8a8 and not every_config"} T_TESTS=${T_TESTS:-120} \
     cuda_tests || { echo "CUDA tests failed: no benchmark"; exit 1; }
   w8a8_m2048 cvt
-  echo "== python3 benchmarks/w8a8_variants.py --shapes 4096x4096,4096x14336 --warps 4,8,16 --maxnreg 0,32 --cvt 1,0 --no-wgmma --reps 20 --name w8a8_quant_cvt" | tee "$OUT/variants.txt"
-  timeout "${T_VAR:-120}" python3 benchmarks/w8a8_variants.py --shapes 4096x4096,4096x14336 --warps 4,8,16 --maxnreg 0,32 --cvt 1,0 --no-wgmma --reps 20 \
+  echo "== python3 benchmarks/w8a8_variants.py --shapes 4096x4096,4096x14336 --warps 4,8,16 --maxnreg 0,32 --cvt 1,0 --quant-only --reps 20 --name w8a8_quant_cvt" | tee "$OUT/variants.txt"
+  timeout "${T_VAR:-120}" python3 benchmarks/w8a8_variants.py --shapes 4096x4096,4096x14336 --warps 4,8,16 --maxnreg 0,32 --cvt 1,0 --quant-only --reps 20 \
     --name w8a8_quant_cvt 2>&1 | grep -v -i warn | tee -a "$OUT/variants.txt" | grep -v "^  tma"
   cp benchmarks/results/w8a8_quant_cvt.json "$OUT/" 2>/dev/null
   ;;

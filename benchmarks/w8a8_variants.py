@@ -43,6 +43,7 @@ def main() -> None:
     ap.add_argument("--m", type=int, default=2048)
     ap.add_argument("--warps", default="2,4,8,16,32", help="quantization kernel warps to time")
     ap.add_argument("--no-wgmma", action="store_true", help="skip the Gluon GEMM's grids")
+    ap.add_argument("--quant-only", action="store_true", help="time the quantization alone (no GEMM)")
     ap.add_argument("--maxnreg", default="0", help="register caps to time the quantization at (0: none), e.g. 0,32")
     ap.add_argument("--cvt", default="1", help="the quantization's conversion: 1 one cvt.rni a code (the library's), 0 the "
                     "interpreter's float rounding, e.g. 1,0")
@@ -98,7 +99,7 @@ def main() -> None:
         sms = w8a8._sm_count(dev)
         real_sm_count = w8a8._sm_count
         gluon = w8a8_wgmma.configs() + w8a8_wgmma.configs(pingpong=True)
-        for cfg in gluon if w8a8_wgmma.supports(xq) is None and not args.no_wgmma else []:
+        for cfg in gluon if w8a8_wgmma.supports(xq) is None and not (args.no_wgmma or args.quant_only) else []:
             tiles = triton.cdiv(args.m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"])
             for grid in sorted({sms, tiles}):
                 name = (f"{cfg['BLOCK_M']}x{cfg['BLOCK_N']}x{cfg['BLOCK_K']} s{cfg['STAGES']}"
@@ -109,7 +110,7 @@ def main() -> None:
                 finally:
                     w8a8._sm_count = real_sm_count
         tma = {}
-        for bm, bn, bk, warps, stages, group, persist in TMA_SWEEP:
+        for bm, bn, bk, warps, stages, group, persist in [] if args.quant_only else TMA_SWEEP:
             cfg = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group, "num_warps": warps, "num_stages": stages,
                    "TMA": 1, **({"PERSIST": 1} if persist else {})}
             name = f"tma {bm}x{bn}x{bk} w{warps} s{stages} g{group}{' persistent' if persist else ''}"
