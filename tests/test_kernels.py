@@ -906,19 +906,22 @@ def test_w8a8_gemm_candidates_by_switch(monkeypatch):
 
 def test_w8a8_tma_switch_reads_the_environment():
     """``BITSMITH_W8A8_TMA`` unset means the TMA kernel is on, ``0`` off; ``BITSMITH_W8A8_WGMMA``
-    is off unless ``1``; ``BITSMITH_W8A8_PINGPONG`` on unless ``0`` (each read at import, in a
-    fresh interpreter)."""
+    is off unless ``1``; ``BITSMITH_W8A8_PINGPONG`` on unless ``0``; ``BITSMITH_W8A8_CVT`` (the
+    quantization's conversion) off unless ``1`` (each read at import, in a fresh interpreter)."""
     import subprocess
     import sys
 
-    probe = "from bitsmith.kernels import w8a8; print(w8a8.TMA['enabled'], w8a8.TMA['wgmma'], w8a8.TMA['pingpong'])"
+    probe = ("from bitsmith.kernels import w8a8; "
+             "print(w8a8.QUANT_CVT['enabled'], w8a8.TMA['enabled'], w8a8.TMA['wgmma'], w8a8.TMA['pingpong'])")
     env = {k: v for k, v in os.environ.items() if not k.startswith("BITSMITH_W8A8_")}
     src = str(Path(__file__).resolve().parents[1] / "src")
     env["PYTHONPATH"] = src + os.pathsep + env.get("PYTHONPATH", "")
     for extra, want in (({}, "True False True"), ({"BITSMITH_W8A8_TMA": "0"}, "False False True"),
                         ({"BITSMITH_W8A8_WGMMA": "1"}, "True True True"), ({"BITSMITH_W8A8_PINGPONG": "0"}, "True False False")):
+        extra = {**extra, "BITSMITH_W8A8_CVT": "1"} if "BITSMITH_W8A8_TMA" in extra else extra  # the conversion's switch too
         got = subprocess.run([sys.executable, "-c", probe], env={**env, **extra}, capture_output=True, text=True, check=True)
-        assert got.stdout.split()[-3:] == want.split(), (extra, got.stdout, got.stderr)
+        cvt = "True" if "BITSMITH_W8A8_CVT" in extra else "False"
+        assert got.stdout.split()[-4:] == [cvt] + want.split(), (extra, got.stdout, got.stderr)
 
 
 @pytest.mark.skipif(INTERPRETED or not HAVE_TRITON, reason="compiles for sm_90 (not under the interpreter)")
@@ -1078,21 +1081,29 @@ def test_cuda_w8a8_tma_gemm_every_config_equals_reference(monkeypatch):
 
 
 @needs_cuda
+@pytest.mark.parametrize("cvt", [False, True])  # the quantization's conversion (BITSMITH_W8A8_CVT), both ways
 @pytest.mark.parametrize("m", [1, 17, 300])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_cuda_w8a8_equals_torch_path(m, dtype):
+def test_cuda_w8a8_equals_torch_path(m, dtype, cvt, monkeypatch):
+    from bitsmith.kernels import w8a8
+
+    monkeypatch.setitem(w8a8.QUANT_CVT, "enabled", cvt)
     _w8a8_case(m, 1000, 1541, dtype, "cuda")
     _w8a8_case(m, 512, 4096, dtype, "cuda", static=True, migration=True)
     _w8a8_case(m, 96, 17000, dtype, "cuda", migration=True)  # rows past MAX_ROW_TILE: read twice, in tiles
 
 
 @needs_cuda
-def test_cuda_w8a8_quantization_codes_infinities_as_the_torch_path():
-    """On CUDA (one ``cvt.rni`` a code, no per-value NaN test with a dynamic scale): with a static
-    scale +-inf saturate as the torch path's do; a row holding inf gets an infinite scale and its
-    finite values the code 0; the other rows are untouched."""
+@pytest.mark.parametrize("cvt", [False, True])
+def test_cuda_w8a8_quantization_codes_infinities_as_the_torch_path(cvt, monkeypatch):
+    """On CUDA (no per-value NaN test with a dynamic scale; either conversion of the codes): with
+    a static scale +-inf saturate as the torch path's do; a row holding inf gets an infinite scale
+    and its finite values the code 0; the other rows are untouched."""
+    from bitsmith.kernels import w8a8
     from bitsmith.kernels.w8a8 import quantize_per_token
     from bitsmith.nn.w8a8_linear import quantize_activation
+
+    monkeypatch.setitem(w8a8.QUANT_CVT, "enabled", cvt)
 
     x = torch.tensor([[1.0, float("inf"), -float("inf"), -2.5, 0.0, 3.0, 7.0, -0.5],
                       [1.0, 2.0, -3.0, 0.25, 0.0, 3.0, 7.0, -0.5]], dtype=torch.float16, device="cuda")

@@ -241,7 +241,7 @@ def _quantize_launch(x: torch.Tensor, act_scale: torch.Tensor | None, migration_
     args = (x, q, s, act_scale if act_scale is not None else s, mig, k, x.stride(0), q.stride(0))
     hit = _run(_quant_rows_kernel, (m,), args,
                {"STATIC": act_scale is not None, "HAS_MIG": migration_scale is not None, "RECIP_SCALE": x.is_cuda,
-                "FMA_DIV": x.is_cuda, "BLOCK_K": block, "PDL": pdl_on(x.device), "CVT_RNI": x.is_cuda},
+                "FMA_DIV": x.is_cuda, "BLOCK_K": block, "PDL": pdl_on(x.device), "CVT_RNI": x.is_cuda and QUANT_CVT["enabled"]},
                {"num_warps": 4 if block <= 1024 else 8 if block <= 4096 else 16})
     return q, s, (hit, (m,), args)
 
@@ -277,6 +277,13 @@ TMA = {"enabled": os.environ.get("BITSMITH_W8A8_TMA", "") != "0",
 #: but no faster at M = 2048 (4096x4096: 76.5 against 76.2 us; w8a8_probe_pdl_h100.txt), so
 #: opt-in: ``BITSMITH_W8A8_PDL=1``
 PDL = {"enabled": os.environ.get("BITSMITH_W8A8_PDL", "") == "1"}
+
+
+#: whether the per-token quantization converts its codes with one ``cvt.rni.s32.f32`` on CUDA
+#: (``CVT_RNI`` of ``_quant_rows_kernel``: 608 SASS instructions in place of 704 for 4096 channels,
+#: tests/test_kernels.py) instead of rounding by a float addition and subtraction. Opt-in
+#: (``BITSMITH_W8A8_CVT=1``) until its CUDA tests have run: no GPU was lent after it was written
+QUANT_CVT = {"enabled": os.environ.get("BITSMITH_W8A8_CVT", "") == "1"}
 
 
 def pdl_on(device: torch.device) -> bool:
