@@ -4,8 +4,9 @@
   ``sx = 1``), ``xq = clamp(round_half_even(x / sx), -128, 127)`` int8, correctly rounded
   quotients so the codes equal the torch path's (``nn/w8a8_linear.py``): on the GPU from the
   row's reciprocal and one FMA correction (Markstein's: correctly rounded given a correctly
-  rounded reciprocal; tests/test_w8a8.py checks it against exact division), on the CPU
-  interpreter, whose FMA rounds twice, by ``div_rn``; a row of up to :data:`MAX_ROW_TILE`
+  rounded reciprocal; tests/test_w8a8.py checks it against exact division; with a dynamic scale
+  no clamp or NaN test a value is needed, see ``_quantize_values``), on the CPU interpreter, whose
+  FMA rounds twice, by ``div_rn``; a row of up to :data:`MAX_ROW_TILE`
   channels is read once; ``sx`` is ``max * float32(1/127)`` on
   CUDA, which is how torch evaluates that path's ``amax.div_(127)`` there (a tensor divided by a
   Python scalar is a multiplication by its reciprocal on CUDA, a true division on the CPU). With a static ``act_scale`` (one
@@ -13,7 +14,9 @@
   ``migration_scale`` ``[K]`` divides ``x`` first.
 * ``_w8a8_gemm_kernel``: int8 tensor-core product with int32 accumulation (exact for
   K <= (2**31 - 1) / (128 * 127)), rescale by ``sx[m] * sw[n]`` in float32, bias, cast: the epilogue is fused.
-  ``_w8a8_gemm_tma_kernel`` is the same with its tiles loaded by TMA (Hopper; opt-in: :data:`TMA`).
+  ``_w8a8_gemm_tma_kernel`` is the same with its tiles loaded by TMA, ``_w8a8_gemm_tma_persistent_kernel``
+  persistent; on Hopper the tuner also times the warp-specialized Gluon GEMM of
+  :mod:`bitsmith.kernels.w8a8_wgmma` (switches: :data:`TMA`).
 * ``backend="int_mm"`` runs ``torch._int_mm`` (cuBLAS; needs M > 16 and K, N multiples of 8) and the
   rescale in torch ops instead of the fused kernel (kept for comparison in ``bitsmith bench``).
 
