@@ -832,7 +832,7 @@ def test_w8a8_quantization_codes_take_one_conversion_a_value_on_the_gpu():
             assert kernels_sass.registers(cubin, Path(tmp)) <= 32, kw
             return [t for _, t in kernels_sass.sass_of(cubin, Path(tmp))]
 
-    magic, fast, static = ops(cvt_rni=False), ops(), ops(static=True)
+    magic, fast, static = ops(cvt_rni=False), ops(cvt_rni=True), ops(cvt_rni=True, static=True)
     for ins in (fast, static):
         f2i = [t for t in ins if t.startswith("F2I")]
         assert f2i and not [t for t in f2i if "TRUNC" in t], f2i[:3]

@@ -494,15 +494,16 @@ __all__ = ["w8a8_linear", "quantize_per_token", "gemm_candidates", "tma_ok", "W8
 
 
 def compile_quant_offline(fma_div: bool, block: int = 4096, k_multiple: bool = True, arch: int = 90, pdl: bool = False,
-                          cvt_rni: bool = True, static: bool = False):
+                          cvt_rni: bool | None = None, static: bool = False):
     """``_quant_rows_kernel`` compiled for NVIDIA ``sm_<arch>`` on any machine (CI checks its
     machine code): float16 activations, dynamic per-token scales (``static``: a static one), no
     migration; ``block``: the row tile (a row of ``block`` channels read once); ``pdl``: releasing
-    a programmatic dependent; ``cvt_rni``: codes converted as on CUDA (``CVT_RNI``)."""
+    a programmatic dependent; ``cvt_rni``: codes converted by one ``cvt.rni`` (``CVT_RNI``; ``None``:
+    as a CUDA launch would, :data:`QUANT_CVT`)."""
     from .small_m import _compile_offline
 
     consts = {"STATIC": static, "HAS_MIG": False, "RECIP_SCALE": True, "FMA_DIV": fma_div, "BLOCK_K": block, "PDL": pdl,
-              "CVT_RNI": cvt_rni}
+              "CVT_RNI": QUANT_CVT["enabled"] if cvt_rni is None else cvt_rni}
     types = {"x_ptr": "fp16", "q_ptr": "i8", "s_ptr": "fp32", "static_ptr": "fp32", "mig_ptr": "fp32"}
     warps = 4 if block <= 1024 else 8 if block <= 4096 else 16
     return _compile_offline(_quant_rows_kernel, consts, "fp16", warps, 1, arch, ptr_types=types,
