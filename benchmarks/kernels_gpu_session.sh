@@ -48,6 +48,8 @@
 #       shapes, the README's M = 2048 table, Nsight Compute on the per-token quantization
 #   OUT=/some/dir bash benchmarks/kernels_gpu_session.sh cvt        # W8A8's CUDA tests, w8a8_probe.py on the four shapes, the
 #       README's M = 2048 table, the per-token quantization alone at 4, 8 and 16 warps
+#   OUT=/some/dir bash benchmarks/kernels_gpu_session.sh persist    # the quantization as a persistent kernel: W8A8's
+#       CUDA tests, its programs an SM timed, W8A8 part by part and the README's M = 2048 table with the fastest count
 #   OUT=/some/dir bash benchmarks/kernels_gpu_session.sh one        # one call for all of it when device time is short:
 #       CUDA tests, M = 1 table int4 vs NF4, compiled end-to-end decode, host overhead
 # The CUDA tests run with pytest-xdist when it is importable (carried as wheels: .whl/, see the device notes).
@@ -362,6 +364,23 @@ cvt)  # the quantization's one-instruction conversion (CVT_RNI): W8A8's CUDA tes
   cp benchmarks/results/w8a8_quant_cvt.json "$OUT/" 2>/dev/null
   BITSMITH_W8A8_CVT=1 w8a8_m2048 cvt
 ;;
+persist)  # the per-token quantization as a persistent kernel (BITSMITH_W8A8_QUANT_PER_SM): W8A8's CUDA tests (both
+  # conversions, a program a row and persistent), the quantization alone at 4, 8 and 16 warps and 0..6 programs an SM,
+  # then with the fastest count on 4096x4096 (and BITSMITH_W8A8_CVT=1) W8A8 part by part and the README's M = 2048 table
+  TEST_FILES="tests/test_kernels.py tests/test_w8a8.py" TEST_K=${TEST_K:-"cuda and w8a8 and not every_config"} T_TESTS=${T_TESTS:-150} \
+    cuda_tests || { echo "CUDA tests failed: no benchmark"; exit 1; }
+  echo "== python3 benchmarks/w8a8_variants.py --shapes 4096x4096,4096x14336 --warps 4,8,16 --per-sm 0,1,2,3,4,6 --quant-only --reps 20 --name w8a8_quant_persist" | tee "$OUT/variants.txt"
+  timeout "${T_VAR:-150}" python3 benchmarks/w8a8_variants.py --shapes 4096x4096,4096x14336 --warps 4,8,16 --per-sm 0,1,2,3,4,6 --quant-only \
+    --reps 20 --name w8a8_quant_persist 2>&1 | grep -v -i warn | tee -a "$OUT/variants.txt"
+  cp benchmarks/results/w8a8_quant_persist.json "$OUT/" 2>/dev/null
+  PER_SM=$(python3 -c "
+import json
+q = json.load(open('benchmarks/results/w8a8_quant_persist.json'))['rows'][0]['quant_us']
+t = {int(n.split(', ')[1].split()[0]): us for n, us in q.items() if n.startswith('8 warps, ') and isinstance(us, float)}
+print(min(t, key=t.get) if t and min(t.values()) < q['8 warps'] else 0)")
+  echo "== fastest programs an SM at 8 warps on 4096x4096: $PER_SM" | tee -a "$OUT/variants.txt"
+  BITSMITH_W8A8_CVT=1 BITSMITH_W8A8_QUANT_PER_SM=$PER_SM w8a8_m2048 persist
+  ;;
 ceiling)  # the read ceiling: the stacked layer's M = 1 matmuls vs a kernel that only reads the same bytes, one graph each
   TEST_FILES=tests/test_kernels.py TEST_K=read_kernel T_TESTS=${T_TESTS:-60} cuda_tests || { echo "CUDA test failed: no benchmark"; exit 1; }
   echo "== python3 benchmarks/kernels_chain.py --m 1 --layers 8 --stacked --read-ceiling --formats int4_g64,nf4_g64,int3_g64 --name kernels_chain_ceiling" | tee "$OUT/chain.txt"

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import os
 from pathlib import Path
 
@@ -759,17 +760,19 @@ def test_interp_w8a8_fma_division_path_runs():
     from bitsmith.nn.w8a8_linear import quantize_activation
 
     g = torch.Generator().manual_seed(5)
-    for k, block in ((300, 512), (700, 256)):  # one tile, then three tiles a row
+    # one tile, then three tiles a row; a program a row, then persistent programs (every grid-th row)
+    for (k, block), programs in itertools.product(((300, 512), (700, 256)), (9, 4, 1)):
         x = (torch.randn(9, k, generator=g) * 3).half()
-        q = torch.empty(9, k, dtype=torch.int8)
-        sx = torch.empty(9, dtype=torch.float32)
-        w8a8._quant_rows_kernel[(9,)](x, q, sx, sx, sx, k, x.stride(0), q.stride(0), STATIC=False, HAS_MIG=False,
-                                      RECIP_SCALE=False, FMA_DIV=True, BLOCK_K=block, PDL=False)
+        q = torch.full((9, k), 99, dtype=torch.int8)
+        sx = torch.full((9,), -1.0, dtype=torch.float32)
+        w8a8._quant_rows_kernel[(programs,)](x, q, sx, sx, sx, 9, k, x.stride(0), q.stride(0), STATIC=False,
+                                             HAS_MIG=False, RECIP_SCALE=False, FMA_DIV=True, BLOCK_K=block, PDL=False,
+                                             PERSISTENT=programs < 9)
         q_ref, s_ref = quantize_activation(x)
-        assert torch.equal(sx, s_ref.reshape(-1))
+        assert torch.equal(sx, s_ref.reshape(-1)), (k, programs)
         ratio = x.float() / s_ref
         near_tie = (ratio - ratio.floor() - 0.5).abs() < 1e-4
-        assert torch.equal(q[~near_tie], q_ref[~near_tie]), k
+        assert torch.equal(q[~near_tie], q_ref[~near_tie]), (k, programs)
         assert (q.int() - q_ref.int()).abs().max() <= 1
     # infinities: with a static scale +-inf saturate as the torch path's do; a row holding inf gets
     # an infinite scale, and its finite values the code 0 (x / inf), not the NaN of the remainder
@@ -777,7 +780,7 @@ def test_interp_w8a8_fma_division_path_runs():
     for static in (torch.tensor([0.05]), None):
         q = torch.empty(1, 6, dtype=torch.int8)
         sx = torch.empty(1, dtype=torch.float32)
-        w8a8._quant_rows_kernel[(1,)](x, q, sx, static if static is not None else sx, sx, 6, 6, 6, STATIC=static is not None,
+        w8a8._quant_rows_kernel[(1,)](x, q, sx, static if static is not None else sx, sx, 1, 6, 6, 6, STATIC=static is not None,
                                       HAS_MIG=False, RECIP_SCALE=False, FMA_DIV=True, BLOCK_K=8, PDL=False)
         q_ref, _ = quantize_activation(x, None, static)
         finite = torch.isfinite(x) if static is None else torch.ones_like(x, dtype=torch.bool)
@@ -1085,12 +1088,14 @@ def test_cuda_w8a8_tma_gemm_every_config_equals_reference(monkeypatch):
 
 @needs_cuda
 @pytest.mark.parametrize("cvt", [False, True])  # the quantization's conversion (BITSMITH_W8A8_CVT), both ways
+@pytest.mark.parametrize("per_sm", [0, 1])  # a quantization program a row; persistent, one an SM (300 rows: two a program)
 @pytest.mark.parametrize("m", [1, 17, 300])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_cuda_w8a8_equals_torch_path(m, dtype, cvt, monkeypatch):
+def test_cuda_w8a8_equals_torch_path(m, dtype, cvt, per_sm, monkeypatch):
     from bitsmith.kernels import w8a8
 
     monkeypatch.setitem(w8a8.QUANT_CVT, "enabled", cvt)
+    monkeypatch.setitem(w8a8.QUANT_PERSIST, "per_sm", per_sm)
     _w8a8_case(m, 1000, 1541, dtype, "cuda")
     _w8a8_case(m, 512, 4096, dtype, "cuda", static=True, migration=True)
     _w8a8_case(m, 96, 17000, dtype, "cuda", migration=True)  # rows past MAX_ROW_TILE: read twice, in tiles
