@@ -913,21 +913,22 @@ def test_w8a8_gemm_candidates_by_switch(monkeypatch):
 def test_w8a8_tma_switch_reads_the_environment():
     """``BITSMITH_W8A8_TMA`` unset means the TMA kernel is on, ``0`` off; ``BITSMITH_W8A8_WGMMA``
     is off unless ``1``; ``BITSMITH_W8A8_PINGPONG`` on unless ``0``; ``BITSMITH_W8A8_CVT`` (the
-    quantization's conversion) off unless ``1`` (each read at import, in a fresh interpreter)."""
+    quantization's conversion) on unless ``0``; ``BITSMITH_W8A8_QUANT_PER_SM`` (the persistent
+    quantization's programs an SM) 0 unless set (each read at import, in a fresh interpreter)."""
     import subprocess
     import sys
 
-    probe = ("from bitsmith.kernels import w8a8; "
-             "print(w8a8.QUANT_CVT['enabled'], w8a8.TMA['enabled'], w8a8.TMA['wgmma'], w8a8.TMA['pingpong'])")
+    probe = ("from bitsmith.kernels import w8a8; print(w8a8.QUANT_CVT['enabled'], w8a8.TMA['enabled'], "
+             "w8a8.TMA['wgmma'], w8a8.TMA['pingpong'], w8a8.QUANT_PERSIST['per_sm'])")
     env = {k: v for k, v in os.environ.items() if not k.startswith("BITSMITH_W8A8_")}
     src = str(Path(__file__).resolve().parents[1] / "src")
     env["PYTHONPATH"] = src + os.pathsep + env.get("PYTHONPATH", "")
-    for extra, want in (({}, "False True False True"),
-                        ({"BITSMITH_W8A8_TMA": "0", "BITSMITH_W8A8_CVT": "1"}, "True False False True"),
-                        ({"BITSMITH_W8A8_WGMMA": "1"}, "False True True True"),
-                        ({"BITSMITH_W8A8_PINGPONG": "0"}, "False True False False")):
+    for extra, want in (({}, "True True False True 0"),
+                        ({"BITSMITH_W8A8_TMA": "0", "BITSMITH_W8A8_CVT": "0"}, "False False False True 0"),
+                        ({"BITSMITH_W8A8_WGMMA": "1", "BITSMITH_W8A8_QUANT_PER_SM": "3"}, "True True True True 3"),
+                        ({"BITSMITH_W8A8_PINGPONG": "0"}, "True True False False 0")):
         got = subprocess.run([sys.executable, "-c", probe], env={**env, **extra}, capture_output=True, text=True, check=True)
-        assert got.stdout.split()[-4:] == want.split(), (extra, got.stdout, got.stderr)
+        assert got.stdout.split()[-5:] == want.split(), (extra, got.stdout, got.stderr)
 
 
 @pytest.mark.skipif(INTERPRETED or not HAVE_TRITON, reason="compiles for sm_90 (not under the interpreter)")
