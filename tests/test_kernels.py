@@ -844,6 +844,10 @@ def test_w8a8_quantization_codes_take_one_conversion_a_value_on_the_gpu():
         assert any(t.startswith("FSETP.NAN") for t in ins) == guarded
         assert any(t.startswith("FMNMX") and ("-128" in t or " 127" in t) for t in ins) == guarded
     assert len(magic) - len(fast) >= 2 * 32, (len(fast), len(magic))
+    # the persistent form (the next row's values held beside the current row's) does not spill
+    cubin = w8a8.compile_quant_offline(True, 4096, persistent=True).asm["cubin"]
+    with tempfile.TemporaryDirectory() as tmp:
+        assert not [t for _, t in kernels_sass.sass_of(cubin, Path(tmp)) if t.startswith(("LDL", "STL"))]
 
 
 def _w8a8_gemm_case(m, n, k, device, dtype=torch.float16):

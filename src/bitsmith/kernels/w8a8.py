@@ -1,8 +1,8 @@
 """W8A8: int8 weights x int8 activations (Triton), ``y = (xq @ Wq^T) * sx[m] * sw[n] + b``.
 
-* ``quantize_per_token``: one program per row: ``sx = max|x_row| / 127`` (float32; a zero row gets
-  ``sx = 1``), ``xq = clamp(round_half_even(x / sx), -128, 127)`` int8, correctly rounded
-  quotients so the codes equal the torch path's (``nn/w8a8_linear.py``): on the GPU from the
+* ``quantize_per_token``: one program per row (opt-in, persistent programs: :data:`QUANT_PERSIST`):
+  ``sx = max|x_row| / 127`` (float32; a zero row gets ``sx = 1``),
+  ``xq = clamp(round_half_even(x / sx), -128, 127)`` int8, correctly rounded quotients so the codes equal the torch path's (``nn/w8a8_linear.py``): on the GPU from the
   row's reciprocal and one FMA correction (Markstein's: correctly rounded given a correctly
   rounded reciprocal; tests/test_w8a8.py checks it against exact division; with a dynamic scale
   no clamp or NaN test a value is needed, see ``_quantize_values``), on the CPU interpreter, whose
