@@ -1,17 +1,17 @@
 """W8A8: int8 weights x int8 activations (Triton), ``y = (xq @ Wq^T) * sx[m] * sw[n] + b``.
 
-* ``quantize_per_token``: one program per row (opt-in, persistent programs: :data:`QUANT_PERSIST`):
-  ``sx = max|x_row| / 127`` (float32; a zero row gets ``sx = 1``),
-  ``xq = clamp(round_half_even(x / sx), -128, 127)`` int8, correctly rounded quotients so the codes equal the torch path's (``nn/w8a8_linear.py``): on the GPU from the
-  row's reciprocal and one FMA correction (Markstein's: correctly rounded given a correctly
-  rounded reciprocal; tests/test_w8a8.py checks it against exact division; with a dynamic scale
-  no clamp or NaN test a value is needed, see ``_quantize_values``), on the CPU interpreter, whose
-  FMA rounds twice, by ``div_rn``; a row of up to :data:`MAX_ROW_TILE`
-  channels is read once; ``sx`` is ``max * float32(1/127)`` on
-  CUDA, which is how torch evaluates that path's ``amax.div_(127)`` there (a tensor divided by a
-  Python scalar is a multiplication by its reciprocal on CUDA, a true division on the CPU). With a static ``act_scale`` (one
-  value, read on the device) the absmax pass is skipped; an unfused SmoothQuant
-  ``migration_scale`` ``[K]`` divides ``x`` first.
+* ``quantize_per_token``: one program per row (opt-in, persistent programs:
+  :data:`QUANT_PERSIST`): ``sx = max|x_row| / 127`` (float32; a zero row gets ``sx = 1``),
+  ``xq = clamp(round_half_even(x / sx), -128, 127)`` int8, correctly rounded quotients so the
+  codes equal the torch path's (``nn/w8a8_linear.py``): on the GPU from the row's reciprocal and
+  one FMA correction (Markstein's: correctly rounded given a correctly rounded reciprocal;
+  tests/test_w8a8.py checks it against exact division; with a dynamic scale no clamp or NaN test a
+  value is needed, see ``_quantize_values``), on the CPU interpreter, whose FMA rounds twice, by
+  ``div_rn``; a row of up to :data:`MAX_ROW_TILE` channels is read once; ``sx`` is
+  ``max * float32(1/127)`` on CUDA, which is how torch evaluates that path's ``amax.div_(127)``
+  there (a tensor divided by a Python scalar is a multiplication by its reciprocal on CUDA, a true
+  division on the CPU). With a static ``act_scale`` (one value, read on the device) the absmax
+  pass is skipped; an unfused SmoothQuant ``migration_scale`` ``[K]`` divides ``x`` first.
 * ``_w8a8_gemm_kernel``: int8 tensor-core product with int32 accumulation (exact for
   K <= (2**31 - 1) / (128 * 127)), rescale by ``sx[m] * sw[n]`` in float32, bias, cast: the epilogue is fused.
   ``_w8a8_gemm_tma_kernel`` is the same with its tiles loaded by TMA, ``_w8a8_gemm_tma_persistent_kernel``
