@@ -68,15 +68,21 @@ cuda_tests() {  # CUDA tests of the kernels and SVDQuant's module; exit status 0
     | tail -40 | tee -a "$OUT/gpu_tests.txt" | tail -3
   return "${PIPESTATUS[0]}"
 }
+w8a8_tests() {  # W8A8's CUDA tests, pytest -k "$1" (TEST_K overrides), at most $2 s (T_TESTS); exit status 0 when all pass
+  TEST_FILES="tests/test_kernels.py tests/test_w8a8.py" TEST_K=${TEST_K:-$1} T_TESTS=${T_TESTS:-$2} cuda_tests
+}
+m2048_table() {  # the README's M = 2048 table (int4, tinygemm, W8A8; kernels_m2048_w8a8), its last $1 lines shown
+  echo "== python3 benchmarks/kernels_bench.py --m 2048 --formats int4_g64 --reps 10 --name kernels_m2048_w8a8" | tee "$OUT/kernels_bench.txt"
+  timeout "${T_BENCH:-150}" python3 benchmarks/kernels_bench.py --m 2048 --formats int4_g64 --reps 10 --name kernels_m2048_w8a8 2>/dev/null \
+    | tee -a "$OUT/kernels_bench.txt" | tail -"$1"
+  cp benchmarks/results/kernels_m2048_w8a8.json "$OUT/" 2>/dev/null
+}
 w8a8_m2048() {  # W8A8 part by part at M = 2048 on the four shapes (w8a8_probe_$1), then the README's M = 2048 table
   echo "== python3 benchmarks/w8a8_probe.py --m 2048 --reps 20 --name w8a8_probe_$1" | tee "$OUT/probe.txt"
   timeout "${T_PROBE:-200}" python3 benchmarks/w8a8_probe.py --m 2048 --reps 20 --name "w8a8_probe_$1" 2>&1 | grep -v -i warn \
     | tee -a "$OUT/probe.txt" | tail -8
   cp "benchmarks/results/w8a8_probe_$1.json" "$OUT/" 2>/dev/null
-  echo "== python3 benchmarks/kernels_bench.py --m 2048 --formats int4_g64 --reps 10 --name kernels_m2048_w8a8" | tee "$OUT/kernels_bench.txt"
-  timeout "${T_BENCH:-150}" python3 benchmarks/kernels_bench.py --m 2048 --formats int4_g64 --reps 10 --name kernels_m2048_w8a8 2>/dev/null \
-    | tee -a "$OUT/kernels_bench.txt" | tail -12
-  cp benchmarks/results/kernels_m2048_w8a8.json "$OUT/" 2>/dev/null
+  m2048_table 12
 }
 case "${1:-check}" in
 check)
@@ -326,18 +332,13 @@ w8a8)  # W8A8 at M = 2048, part by part (W8A8_TMA=1: the W8A8 CUDA tests first, 
   ;;
 w8a8_check)  # W8A8's CUDA tests (TESTS=0: none), the sanitizer, the README's M = 2048 table
   if [ "${TESTS:-1}" = 1 ]; then
-    TEST_FILES="tests/test_kernels.py tests/test_w8a8.py" TEST_K="cuda and w8a8" T_TESTS=${T_TESTS:-120} cuda_tests \
-      || { echo "CUDA tests failed: no benchmark"; exit 1; }
+    w8a8_tests "cuda and w8a8" 120 || { echo "CUDA tests failed: no benchmark"; exit 1; }
   fi
   OUT="$OUT" T_WARM=${T_WARM:-100} T_SAN=${T_SAN:-220} bash benchmarks/kernels_sanitize.sh | tail -4
-  echo "== python3 benchmarks/kernels_bench.py --m 2048 --formats int4_g64 --reps 10 --name kernels_m2048_w8a8" | tee "$OUT/kernels_bench.txt"
-  timeout "${T_BENCH:-150}" python3 benchmarks/kernels_bench.py --m 2048 --formats int4_g64 --reps 10 --name kernels_m2048_w8a8 2>/dev/null \
-    | tee -a "$OUT/kernels_bench.txt" | tail -24
-  cp benchmarks/results/kernels_m2048_w8a8.json "$OUT/" 2>/dev/null
+  m2048_table 24
   ;;
 gluon)  # the warp-specialized Gluon W8A8 GEMM: CUDA tests (both schedules), compute-sanitizer with it, every config timed
-  TEST_FILES="tests/test_kernels.py tests/test_w8a8.py" TEST_K="cuda and w8a8" T_TESTS=${T_TESTS:-150} cuda_tests \
-    || { echo "CUDA tests failed: no benchmark"; exit 1; }
+  w8a8_tests "cuda and w8a8" 150 || { echo "CUDA tests failed: no benchmark"; exit 1; }
   BITSMITH_W8A8_WGMMA=1 OUT="$OUT" T_WARM=${T_WARM:-100} T_SAN=${T_SAN:-200} bash benchmarks/kernels_sanitize.sh | tail -4
   echo "== python3 benchmarks/w8a8_variants.py --shapes 4096x4096,14336x4096 --warps 8 --reps 20 --name w8a8_variants_gluon" | tee "$OUT/variants.txt"
   timeout "${T_VAR:-150}" python3 benchmarks/w8a8_variants.py --shapes 4096x4096,14336x4096 --warps 8 --reps 20 \
@@ -356,8 +357,7 @@ pingpong)  # the Gluon GEMM's ping-pong schedule in the tuner: W8A8 part by part
 cvt)  # the quantization's one-instruction conversion (CVT_RNI): W8A8's CUDA tests, then the quantization alone
   # (4, 8 and 16 warps, either conversion; a 32-register cap at 8 warps spills, compiled for sm_90), W8A8 part by part at M = 2048 on the four
   # shapes and the README's M = 2048 table, both with BITSMITH_W8A8_CVT=1 (the CUDA tests run both conversions)
-  TEST_FILES="tests/test_kernels.py tests/test_w8a8.py" TEST_K=${TEST_K:-"cuda and w8a8 and not every_config"} T_TESTS=${T_TESTS:-120} \
-    cuda_tests || { echo "CUDA tests failed: no benchmark"; exit 1; }
+  w8a8_tests "cuda and w8a8 and not every_config" 120 || { echo "CUDA tests failed: no benchmark"; exit 1; }
   echo "== python3 benchmarks/w8a8_variants.py --shapes 4096x4096,4096x14336 --warps 4,8,16 --cvt 1,0 --quant-only --reps 20 --name w8a8_quant_cvt" | tee "$OUT/variants.txt"
   timeout "${T_VAR:-120}" python3 benchmarks/w8a8_variants.py --shapes 4096x4096,4096x14336 --warps 4,8,16 --cvt 1,0 --quant-only --reps 20 \
     --name w8a8_quant_cvt 2>&1 | grep -v -i warn | tee -a "$OUT/variants.txt" | grep -v "^  tma"
@@ -367,8 +367,7 @@ cvt)  # the quantization's one-instruction conversion (CVT_RNI): W8A8's CUDA tes
 persist)  # the per-token quantization as a persistent kernel (BITSMITH_W8A8_QUANT_PER_SM): W8A8's CUDA tests (both
   # conversions, a program a row and persistent), the quantization alone at 4, 8 and 16 warps and 0..6 programs an SM,
   # then with the fastest count on 4096x4096 (and BITSMITH_W8A8_CVT=1) W8A8 part by part and the README's M = 2048 table
-  TEST_FILES="tests/test_kernels.py tests/test_w8a8.py" TEST_K=${TEST_K:-"cuda and w8a8 and not every_config"} T_TESTS=${T_TESTS:-150} \
-    cuda_tests || { echo "CUDA tests failed: no benchmark"; exit 1; }
+  w8a8_tests "cuda and w8a8 and not every_config" 150 || { echo "CUDA tests failed: no benchmark"; exit 1; }
   echo "== python3 benchmarks/w8a8_variants.py --shapes 4096x4096,4096x14336 --warps 4,8,16 --per-sm 0,1,2,3,4,6 --quant-only --reps 20 --name w8a8_quant_persist" | tee "$OUT/variants.txt"
   timeout "${T_VAR:-150}" python3 benchmarks/w8a8_variants.py --shapes 4096x4096,4096x14336 --warps 4,8,16 --per-sm 0,1,2,3,4,6 --quant-only \
     --reps 20 --name w8a8_quant_persist 2>&1 | grep -v -i warn | tee -a "$OUT/variants.txt"
