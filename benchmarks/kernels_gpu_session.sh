@@ -50,6 +50,8 @@
 #       README's M = 2048 table, the per-token quantization alone at 4, 8 and 16 warps
 #   OUT=/some/dir bash benchmarks/kernels_gpu_session.sh persist    # the quantization as a persistent kernel: W8A8's
 #       CUDA tests, its programs an SM timed, W8A8 part by part and the README's M = 2048 table with the fastest count
+#   OUT=/some/dir bash benchmarks/kernels_gpu_session.sh k256       # the persistent quantization's programs an SM timed alone
+#       (no tests), then the int8 GEMM with 256-wide K steps beside the library's 4096x4096 pick (w8a8_variants.py --tma)
 #   OUT=/some/dir bash benchmarks/kernels_gpu_session.sh one        # one call for all of it when device time is short:
 #       CUDA tests, M = 1 table int4 vs NF4, compiled end-to-end decode, host overhead
 # The CUDA tests run with pytest-xdist when it is importable (carried as wheels: .whl/, see the device notes).
@@ -379,6 +381,17 @@ t = {int(n.split(', ')[1].split()[0]): us for n, us in q.items() if n.startswith
 print(min(t, key=t.get) if t and min(t.values()) < q['8 warps'] else 0)")
   echo "== fastest programs an SM at 8 warps on 4096x4096: $PER_SM" | tee -a "$OUT/variants.txt"
   BITSMITH_W8A8_CVT=1 BITSMITH_W8A8_QUANT_PER_SM=$PER_SM w8a8_m2048 persist
+  ;;
+k256)  # the persistent quantization timed on the H100 (stop 31 timed it only on an H200), then the int8 GEMM with
+  # 256-wide K steps (eight wgmma a warpgroup between waits, two stages) beside the library's 4096x4096 pick
+  echo "== python3 benchmarks/w8a8_variants.py --shapes 4096x4096,4096x14336 --warps 8,16 --per-sm 0,2,3,4 --quant-only --reps 20 --name w8a8_quant_persist" | tee "$OUT/variants.txt"
+  timeout "${T_VAR:-150}" python3 benchmarks/w8a8_variants.py --shapes 4096x4096,4096x14336 --warps 8,16 --per-sm 0,2,3,4 --quant-only \
+    --reps 20 --name w8a8_quant_persist 2>&1 | grep -v -i warn | tee -a "$OUT/variants.txt"
+  cp benchmarks/results/w8a8_quant_persist.json "$OUT/" 2>/dev/null
+  echo "== python3 benchmarks/w8a8_variants.py --shapes 4096x4096,14336x4096 --warps 8 --no-wgmma --tma 'x256 w,128x256x128 w8 s4 g8 persistent' --reps 20 --name w8a8_variants_k256" | tee "$OUT/k256.txt"
+  timeout "${T_K256:-240}" python3 benchmarks/w8a8_variants.py --shapes 4096x4096,14336x4096 --warps 8 --no-wgmma \
+    --tma 'x256 w,128x256x128 w8 s4 g8 persistent' --reps 20 --name w8a8_variants_k256 2>&1 | grep -v -i warn | tee -a "$OUT/k256.txt"
+  cp benchmarks/results/w8a8_variants_k256.json "$OUT/" 2>/dev/null
   ;;
 ceiling)  # the read ceiling: the stacked layer's M = 1 matmuls vs a kernel that only reads the same bytes, one graph each
   TEST_FILES=tests/test_kernels.py TEST_K=read_kernel T_TESTS=${T_TESTS:-60} cuda_tests || { echo "CUDA test failed: no benchmark"; exit 1; }

@@ -36,7 +36,11 @@ TMA_SWEEP = ((256, 128, 128, 8, 4, 8, 0), (256, 128, 128, 8, 4, 4, 0), (256, 128
              (256, 128, 64, 8, 5, 8, 0), (128, 128, 128, 8, 5, 8, 0), (256, 256, 64, 8, 4, 8, 0),
              (256, 128, 128, 8, 4, 8, 1), (256, 128, 128, 16, 3, 8, 0), (256, 128, 128, 16, 4, 8, 0),
              (128, 256, 128, 16, 4, 8, 0), (256, 128, 128, 16, 3, 8, 1), (128, 256, 128, 16, 3, 8, 1),
-             (256, 128, 64, 16, 5, 8, 1), (128, 128, 128, 16, 4, 8, 1))
+             (256, 128, 64, 16, 5, 8, 1), (128, 128, 128, 16, 4, 8, 1),
+             # the library's 4096x4096 pick (persistent 128x256x128, four stages) beside 256-wide K steps:
+             # eight wgmma a warpgroup between waits instead of four, two stages (96 KiB each)
+             (128, 256, 128, 8, 4, 8, 1), (128, 256, 256, 8, 2, 8, 1), (256, 128, 256, 8, 2, 8, 1),
+             (128, 256, 256, 8, 2, 8, 0), (256, 128, 256, 8, 2, 8, 0), (128, 256, 256, 8, 2, 16, 1))
 
 
 def main() -> None:
@@ -48,6 +52,8 @@ def main() -> None:
     ap.add_argument("--quant-only", action="store_true", help="time the quantization alone (no GEMM)")
     ap.add_argument("--maxnreg", default="0", help="register caps to time the quantization at (0: none), e.g. 0,32")
     ap.add_argument("--per-sm", default="0", help="the quantization's programs an SM (persistent; 0: one a row), e.g. 0,2,4,8")
+    ap.add_argument("--tma", default="", help="time only the TMA sweep's tiles whose name holds one of these (comma-separated), "
+                    "e.g. 'x256 w,128x256x128 w8 s4 g8 persistent'")
     ap.add_argument("--cvt", default="1", help="the quantization's conversion: 1 one cvt.rni a code (the library's), 0 the "
                     "interpreter's float rounding, e.g. 1,0")
     args = ap.parse_args()
@@ -121,7 +127,8 @@ def main() -> None:
             cfg = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group, "num_warps": warps, "num_stages": stages,
                    "TMA": 1, **({"PERSIST": 1} if persist else {})}
             name = f"tma {bm}x{bn}x{bk} w{warps} s{stages} g{group}{' persistent' if persist else ''}"
-            tma[name] = checked_time(cfg)
+            if any(part in name for part in args.tma.split(",")):
+                tma[name] = checked_time(cfg)
         rows.append({"n": n, "k": k, "m": args.m, "quant_us": quant, "wgmma_gemm_us": gemm, "tma_gemm_us": tma, "sms": sms})
         print(f"{n}x{k}, M = {args.m}")
         for table in (quant, gemm, tma):
