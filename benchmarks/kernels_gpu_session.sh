@@ -51,7 +51,8 @@
 #   OUT=/some/dir bash benchmarks/kernels_gpu_session.sh persist    # the quantization as a persistent kernel: W8A8's
 #       CUDA tests, its programs an SM timed, W8A8 part by part and the README's M = 2048 table with the fastest count
 #   OUT=/some/dir bash benchmarks/kernels_gpu_session.sh k256       # the persistent quantization's programs an SM timed alone
-#       (no tests), then the int8 GEMM with 256-wide K steps beside the library's 4096x4096 pick (w8a8_variants.py --tma)
+#       (no tests), then the int8 GEMM with 256-wide K steps beside the library's 4096x4096 pick (w8a8_variants.py --tma),
+#       then the SM clock and power while fp16, torch._int_mm and bitsmith's int8 GEMM each run back to back (gpu_clocks_probe.py)
 #   OUT=/some/dir bash benchmarks/kernels_gpu_session.sh one        # one call for all of it when device time is short:
 #       CUDA tests, M = 1 table int4 vs NF4, compiled end-to-end decode, host overhead
 # The CUDA tests run with pytest-xdist when it is importable (carried as wheels: .whl/, see the device notes).
@@ -397,6 +398,9 @@ k256)  # the persistent quantization timed on the H100 (stop 31 timed it only on
     --tma 'x256 w,128x256x128 w8 s4 g8 persistent' --reps 20 --name w8a8_variants_k256 2>&1 | grep -v -i warn | tee -a "$OUT/k256.txt"
   cp benchmarks/results/w8a8_variants_k256.json "$OUT/" 2>/dev/null
   kill "$SMI" 2>/dev/null
+  echo "== python3 benchmarks/gpu_clocks_probe.py --shape 4096x4096 --m 2048 --seconds 3" | tee "$OUT/clocks.txt"
+  timeout 60 python3 benchmarks/gpu_clocks_probe.py --shape 4096x4096 --m 2048 --seconds 3 2>&1 | grep -v -i warn | tee -a "$OUT/clocks.txt"
+  cp benchmarks/results/gpu_clocks_probe.json "$OUT/" 2>/dev/null
   ;;
 ceiling)  # the read ceiling: the stacked layer's M = 1 matmuls vs a kernel that only reads the same bytes, one graph each
   TEST_FILES=tests/test_kernels.py TEST_K=read_kernel T_TESTS=${T_TESTS:-60} cuda_tests || { echo "CUDA test failed: no benchmark"; exit 1; }
