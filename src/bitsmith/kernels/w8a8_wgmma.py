@@ -3,7 +3,11 @@
 Triton compiles :mod:`bitsmith.kernels.w8a8`'s int8 GEMMs (the pointer kernel and the TMA ones)
 with a synchronous ``wgmma``: every iteration of the K loop waits for its own MMAs to finish
 (``WARPGROUP.DEPBAR.LE gsb0, 0x0``) before the next ones are issued. Its float16 GEMMs keep one
-group in flight (``0x1``); the int8 ones do not (checked in tests/test_kernels.py). On the H100,
+group in flight (``0x1``); the int8 ones do not (checked in tests/test_kernels.py): Triton's
+pipeliner makes a ``wgmma`` properly asynchronous only when its accumulator is float32 (the rule
+in ``dotCanBeProperlyAsync``, lib/Dialect/TritonGPU/Transforms/Pipeliner/WGMMAPipeline.cpp), and
+int8's is int32. (Compiled here, float16 and fp8 tiles of the same kernel wait at ``pendings =
+1``, int8 at ``pendings = 0``.) On the H100,
 Nsight Compute put the persistent TMA kernel's tensor pipe at 57% busy at M = 2048 on 4096x4096
 (ncu_w8a8_gemm_h100.txt).
 
