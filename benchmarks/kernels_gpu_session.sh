@@ -385,21 +385,21 @@ print(min(t, key=t.get) if t and min(t.values()) < q['8 warps'] else 0)")
   ;;
 k256)  # the persistent quantization timed on the H100 (stop 31 timed it only on an H200), then the int8 GEMM with
   # 256-wide K steps (eight wgmma a warpgroup between waits, two stages) beside the library's 4096x4096 pick
-  echo "== python3 benchmarks/w8a8_variants.py --shapes 4096x4096,4096x14336 --warps 8,16 --per-sm 0,2,3,4 --quant-only --reps 20 --name w8a8_quant_persist" | tee "$OUT/variants.txt"
-  timeout "${T_VAR:-150}" python3 benchmarks/w8a8_variants.py --shapes 4096x4096,4096x14336 --warps 8,16 --per-sm 0,2,3,4 --quant-only \
+  echo "== python3 benchmarks/w8a8_variants.py --shapes 4096x4096,4096x14336 --warps 8,16 --per-sm 0,2,4 --quant-only --reps 20 --name w8a8_quant_persist" | tee "$OUT/variants.txt"
+  timeout "${T_VAR:-150}" python3 benchmarks/w8a8_variants.py --shapes 4096x4096,4096x14336 --warps 8,16 --per-sm 0,2,4 --quant-only \
     --reps 20 --name w8a8_quant_persist 2>&1 | grep -v -i warn | tee -a "$OUT/variants.txt"
   cp benchmarks/results/w8a8_quant_persist.json "$OUT/" 2>/dev/null
   # the SM clock, power and throttle reasons every 50 ms while the GEMMs run: is a compute-bound int8 GEMM power-capped?
   nvidia-smi --query-gpu=timestamp,clocks.sm,clocks.max.sm,power.draw,power.limit,clocks_throttle_reasons.active \
     --format=csv -lms 50 > "$OUT/clocks_k256.csv" 2>&1 &
   SMI=$!
-  echo "== python3 benchmarks/w8a8_variants.py --shapes 4096x4096,14336x4096 --warps 8 --no-wgmma --tma 'x256 w,128x256x128 w8 s4 g8 persistent' --reps 20 --name w8a8_variants_k256" | tee "$OUT/k256.txt"
-  timeout "${T_K256:-240}" python3 benchmarks/w8a8_variants.py --shapes 4096x4096,14336x4096 --warps 8 --no-wgmma \
+  echo "== python3 benchmarks/w8a8_variants.py --shapes 4096x4096 --warps 8 --no-wgmma --tma 'x256 w,128x256x128 w8 s4 g8 persistent' --reps 20 --name w8a8_variants_k256" | tee "$OUT/k256.txt"
+  timeout "${T_K256:-240}" python3 benchmarks/w8a8_variants.py --shapes 4096x4096 --warps 8 --no-wgmma \
     --tma 'x256 w,128x256x128 w8 s4 g8 persistent' --reps 20 --name w8a8_variants_k256 2>&1 | grep -v -i warn | tee -a "$OUT/k256.txt"
   cp benchmarks/results/w8a8_variants_k256.json "$OUT/" 2>/dev/null
   kill "$SMI" 2>/dev/null
-  echo "== python3 benchmarks/gpu_clocks_probe.py --shape 4096x4096 --m 2048 --seconds 3" | tee "$OUT/clocks.txt"
-  timeout 60 python3 benchmarks/gpu_clocks_probe.py --shape 4096x4096 --m 2048 --seconds 3 2>&1 | grep -v -i warn | tee -a "$OUT/clocks.txt"
+  echo "== python3 benchmarks/gpu_clocks_probe.py --shape 4096x4096 --m 2048 --seconds 2" | tee "$OUT/clocks.txt"
+  timeout 60 python3 benchmarks/gpu_clocks_probe.py --shape 4096x4096 --m 2048 --seconds 2 2>&1 | grep -v -i warn | tee -a "$OUT/clocks.txt"
   cp benchmarks/results/gpu_clocks_probe.json "$OUT/" 2>/dev/null
   ;;
 ceiling)  # the read ceiling: the stacked layer's M = 1 matmuls vs a kernel that only reads the same bytes, one graph each
