@@ -48,10 +48,8 @@
 #       shapes, the README's M = 2048 table, Nsight Compute on the per-token quantization
 #   OUT=/some/dir bash benchmarks/kernels_gpu_session.sh cvt        # W8A8's CUDA tests, w8a8_probe.py on the four shapes, the
 #       README's M = 2048 table, the per-token quantization alone at 4, 8 and 16 warps
-#   OUT=/some/dir bash benchmarks/kernels_gpu_session.sh persist    # the quantization as a persistent kernel: W8A8's
-#       CUDA tests, its programs an SM timed, W8A8 part by part and the README's M = 2048 table with the fastest count
-#   OUT=/some/dir bash benchmarks/kernels_gpu_session.sh k256       # the persistent quantization's programs an SM timed alone
-#       (no tests), then the int8 GEMM with 256-wide K steps beside the library's 4096x4096 pick (w8a8_variants.py --tma),
+#   OUT=/some/dir bash benchmarks/kernels_gpu_session.sh k256       # the int8 GEMM with 256-wide K steps beside the
+#       library's 4096x4096 pick (w8a8_variants.py --tma),
 #       then the SM clock and power while fp16, torch._int_mm and bitsmith's int8 GEMM each run back to back (gpu_clocks_probe.py)
 #   OUT=/some/dir bash benchmarks/kernels_gpu_session.sh one        # one call for all of it when device time is short:
 #       CUDA tests, M = 1 table int4 vs NF4, compiled end-to-end decode, host overhead
@@ -367,28 +365,9 @@ cvt)  # the quantization's one-instruction conversion (CVT_RNI): W8A8's CUDA tes
   cp benchmarks/results/w8a8_quant_cvt.json "$OUT/" 2>/dev/null
   BITSMITH_W8A8_CVT=1 w8a8_m2048 cvt
 ;;
-persist)  # the per-token quantization as a persistent kernel (BITSMITH_W8A8_QUANT_PER_SM): W8A8's CUDA tests (both
-  # conversions, a program a row and persistent), the quantization alone at 4, 8 and 16 warps and 0..6 programs an SM,
-  # then with the fastest count on 4096x4096 (and BITSMITH_W8A8_CVT=1) W8A8 part by part and the README's M = 2048 table
-  w8a8_tests "cuda and w8a8 and not every_config" 150 || { echo "CUDA tests failed: no benchmark"; exit 1; }
-  echo "== python3 benchmarks/w8a8_variants.py --shapes 4096x4096,4096x14336 --warps 4,8,16 --per-sm 0,1,2,3,4,6 --quant-only --reps 20 --name w8a8_quant_persist" | tee "$OUT/variants.txt"
-  timeout "${T_VAR:-150}" python3 benchmarks/w8a8_variants.py --shapes 4096x4096,4096x14336 --warps 4,8,16 --per-sm 0,1,2,3,4,6 --quant-only \
-    --reps 20 --name w8a8_quant_persist 2>&1 | grep -v -i warn | tee -a "$OUT/variants.txt"
-  cp benchmarks/results/w8a8_quant_persist.json "$OUT/" 2>/dev/null
-  PER_SM=$(python3 -c "
-import json
-q = json.load(open('benchmarks/results/w8a8_quant_persist.json'))['rows'][0]['quant_us']
-t = {int(n.split(', ')[1].split()[0]): us for n, us in q.items() if n.startswith('8 warps, ') and isinstance(us, float)}
-print(min(t, key=t.get) if t and min(t.values()) < q['8 warps'] else 0)")
-  echo "== fastest programs an SM at 8 warps on 4096x4096: $PER_SM" | tee -a "$OUT/variants.txt"
-  BITSMITH_W8A8_CVT=1 BITSMITH_W8A8_QUANT_PER_SM=$PER_SM w8a8_m2048 persist
-  ;;
-k256)  # the persistent quantization timed on the H100 (stop 31 timed it only on an H200), then the int8 GEMM with
-  # 256-wide K steps (eight wgmma a warpgroup between waits, two stages) beside the library's 4096x4096 pick
-  echo "== python3 benchmarks/w8a8_variants.py --shapes 4096x4096,4096x14336 --warps 8,16 --per-sm 0,2,4 --quant-only --reps 20 --name w8a8_quant_persist" | tee "$OUT/variants.txt"
-  timeout "${T_VAR:-150}" python3 benchmarks/w8a8_variants.py --shapes 4096x4096,4096x14336 --warps 8,16 --per-sm 0,2,4 --quant-only \
-    --reps 20 --name w8a8_quant_persist 2>&1 | grep -v -i warn | tee -a "$OUT/variants.txt"
-  cp benchmarks/results/w8a8_quant_persist.json "$OUT/" 2>/dev/null
+k256)  # the int8 GEMM with 256-wide K steps (eight wgmma a warpgroup between waits, two stages) beside the library's
+  # 4096x4096 pick, then the SM clock and power under back-to-back matmuls (as run at bf3e625 its first part also timed
+  # the persistent quantization, since removed: w8a8_quant_persist_h100.txt)
   # the SM clock, power and throttle reasons every 50 ms while the GEMMs run: is a compute-bound int8 GEMM power-capped?
   nvidia-smi --query-gpu=timestamp,clocks.sm,clocks.max.sm,power.draw,power.limit,clocks_throttle_reasons.active \
     --format=csv -lms 50 > "$OUT/clocks_k256.csv" 2>&1 &

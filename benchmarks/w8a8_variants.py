@@ -1,9 +1,8 @@
 """W8A8 at M = 2048, knobs the tuner does not turn (GPU only; prints a table, writes JSON):
 
-* the per-token quantization kernel's warps and programs (``_quant_rows_kernel``: by default one
-  program a row, the whole row read once; the library picks 8 warps up to 4096 channels, 16
-  above; ``--per-sm``: persistent, at most that many programs an SM, each row's successor loaded
-  ahead);
+* the per-token quantization kernel's warps, register cap and conversion (``_quant_rows_kernel``:
+  one program a row, the whole row read once; the library picks 8 warps up to 4096 channels, 16
+  above);
 * the warp-specialized Gluon GEMM (:mod:`bitsmith.kernels.w8a8_wgmma`), cooperative and ping-pong,
   persistent (one program an SM, the library's launch) against one program a tile;
 * the TMA GEMM at tiles the tuner does not try (:data:`TMA_SWEEP`).
@@ -51,7 +50,6 @@ def main() -> None:
     ap.add_argument("--no-wgmma", action="store_true", help="skip the Gluon GEMM's grids")
     ap.add_argument("--quant-only", action="store_true", help="time the quantization alone (no GEMM)")
     ap.add_argument("--maxnreg", default="0", help="register caps to time the quantization at (0: none), e.g. 0,32")
-    ap.add_argument("--per-sm", default="0", help="the quantization's programs an SM (persistent; 0: one a row), e.g. 0,2,4,8")
     ap.add_argument("--tma", default="", help="time only the TMA sweep's tiles whose name holds one of these (comma-separated), "
                     "e.g. 'x256 w,128x256x128 w8 s4 g8 persistent'")
     ap.add_argument("--cvt", default="1", help="the quantization's conversion: 1 one cvt.rni a code (the library's), 0 the "
@@ -75,21 +73,18 @@ def main() -> None:
         q = torch.empty_like(xq)
         s = torch.empty_like(sx)
         sms = w8a8._sm_count(dev)
-        variants = [(int(w), int(c), int(v), int(p)) for w in args.warps.split(",") for c in args.maxnreg.split(",")
-                    for v in args.cvt.split(",") for p in args.per_sm.split(",")]
-        for warps, cap, cvt, per_sm in variants:
-            programs = min(args.m, per_sm * sms) if per_sm else args.m
+        variants = [(int(w), int(c), int(v)) for w in args.warps.split(",") for c in args.maxnreg.split(",")
+                    for v in args.cvt.split(",")]
+        for warps, cap, cvt in variants:
 
-            def launch(warps=warps, cap=cap, cvt=cvt, programs=programs):
-                w8a8._quant_rows_kernel[(programs,)](x, q, s, s, s, args.m, k, x.stride(0), q.stride(0), STATIC=False,
-                                                     HAS_MIG=False, RECIP_SCALE=True, FMA_DIV=True, BLOCK_K=block, PDL=False,
-                                                     CVT_RNI=bool(cvt), PERSISTENT=programs < args.m,
-                                                     num_warps=warps, **({"maxnreg": cap} if cap else {}))
+            def launch(warps=warps, cap=cap, cvt=cvt):
+                w8a8._quant_rows_kernel[(args.m,)](x, q, s, s, s, k, x.stride(0), q.stride(0), STATIC=False, HAS_MIG=False,
+                                                   RECIP_SCALE=True, FMA_DIV=True, BLOCK_K=block, PDL=False, CVT_RNI=bool(cvt),
+                                                   num_warps=warps, **({"maxnreg": cap} if cap else {}))
             q.zero_()
             launch()
             same = bool(torch.equal(q, xq) and torch.equal(s, sx))
-            name = (f"{warps} warps" + (f", {per_sm} programs an SM" if per_sm else "") + (f", maxnreg {cap}" if cap else "")
-                    + ("" if cvt else ", float rounding"))
+            name = f"{warps} warps" + (f", maxnreg {cap}" if cap else "") + ("" if cvt else ", float rounding")
             quant[name] = timer.time_graph(launch) if same else "codes differ from the library's"
         _, wq, sw = int8_weight(n, k, dev)
         ref = torch.empty(args.m, n, dtype=x.dtype, device=dev)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import itertools
 import os
 from pathlib import Path
 
@@ -760,19 +759,17 @@ def test_interp_w8a8_fma_division_path_runs():
     from bitsmith.nn.w8a8_linear import quantize_activation
 
     g = torch.Generator().manual_seed(5)
-    # one tile, then three tiles a row; a program a row, then persistent programs (every grid-th row)
-    for (k, block), programs in itertools.product(((300, 512), (700, 256)), (9, 4, 1)):
+    for k, block in ((300, 512), (700, 256)):  # one tile, then three tiles a row
         x = (torch.randn(9, k, generator=g) * 3).half()
         q = torch.full((9, k), 99, dtype=torch.int8)
         sx = torch.full((9,), -1.0, dtype=torch.float32)
-        w8a8._quant_rows_kernel[(programs,)](x, q, sx, sx, sx, 9, k, x.stride(0), q.stride(0), STATIC=False,
-                                             HAS_MIG=False, RECIP_SCALE=False, FMA_DIV=True, BLOCK_K=block, PDL=False,
-                                             PERSISTENT=programs < 9)
+        w8a8._quant_rows_kernel[(9,)](x, q, sx, sx, sx, k, x.stride(0), q.stride(0), STATIC=False, HAS_MIG=False,
+                                      RECIP_SCALE=False, FMA_DIV=True, BLOCK_K=block, PDL=False)
         q_ref, s_ref = quantize_activation(x)
-        assert torch.equal(sx, s_ref.reshape(-1)), (k, programs)
+        assert torch.equal(sx, s_ref.reshape(-1)), k
         ratio = x.float() / s_ref
         near_tie = (ratio - ratio.floor() - 0.5).abs() < 1e-4
-        assert torch.equal(q[~near_tie], q_ref[~near_tie]), (k, programs)
+        assert torch.equal(q[~near_tie], q_ref[~near_tie]), k
         assert (q.int() - q_ref.int()).abs().max() <= 1
     # infinities: with a static scale +-inf saturate as the torch path's do; a row holding inf gets
     # an infinite scale, and its finite values the code 0 (x / inf), not the NaN of the remainder
@@ -780,7 +777,7 @@ def test_interp_w8a8_fma_division_path_runs():
     for static in (torch.tensor([0.05]), None):
         q = torch.empty(1, 6, dtype=torch.int8)
         sx = torch.empty(1, dtype=torch.float32)
-        w8a8._quant_rows_kernel[(1,)](x, q, sx, static if static is not None else sx, sx, 1, 6, 6, 6, STATIC=static is not None,
+        w8a8._quant_rows_kernel[(1,)](x, q, sx, static if static is not None else sx, sx, 6, 6, 6, STATIC=static is not None,
                                       HAS_MIG=False, RECIP_SCALE=False, FMA_DIV=True, BLOCK_K=8, PDL=False)
         q_ref, _ = quantize_activation(x, None, static)
         finite = torch.isfinite(x) if static is None else torch.ones_like(x, dtype=torch.bool)
@@ -844,10 +841,6 @@ def test_w8a8_quantization_codes_take_one_conversion_a_value_on_the_gpu():
         assert any(t.startswith("FSETP.NAN") for t in ins) == guarded
         assert any(t.startswith("FMNMX") and ("-128" in t or " 127" in t) for t in ins) == guarded
     assert len(magic) - len(fast) >= 2 * 32, (len(fast), len(magic))
-    # the persistent form (the next row's values held beside the current row's) does not spill
-    cubin = w8a8.compile_quant_offline(True, 4096, persistent=True).asm["cubin"]
-    with tempfile.TemporaryDirectory() as tmp:
-        assert not [t for _, t in kernels_sass.sass_of(cubin, Path(tmp)) if t.startswith(("LDL", "STL"))]
 
 
 def _w8a8_gemm_case(m, n, k, device, dtype=torch.float16):
@@ -917,22 +910,21 @@ def test_w8a8_gemm_candidates_by_switch(monkeypatch):
 def test_w8a8_tma_switch_reads_the_environment():
     """``BITSMITH_W8A8_TMA`` unset means the TMA kernel is on, ``0`` off; ``BITSMITH_W8A8_WGMMA``
     is off unless ``1``; ``BITSMITH_W8A8_PINGPONG`` on unless ``0``; ``BITSMITH_W8A8_CVT`` (the
-    quantization's conversion) on unless ``0``; ``BITSMITH_W8A8_QUANT_PER_SM`` (the persistent
-    quantization's programs an SM) 0 unless set (each read at import, in a fresh interpreter)."""
+    quantization's conversion) on unless ``0`` (each read at import, in a fresh interpreter)."""
     import subprocess
     import sys
 
-    probe = ("from bitsmith.kernels import w8a8; print(w8a8.QUANT_CVT['enabled'], w8a8.TMA['enabled'], "
-             "w8a8.TMA['wgmma'], w8a8.TMA['pingpong'], w8a8.QUANT_PERSIST['per_sm'])")
+    probe = ("from bitsmith.kernels import w8a8; "
+             "print(w8a8.QUANT_CVT['enabled'], w8a8.TMA['enabled'], w8a8.TMA['wgmma'], w8a8.TMA['pingpong'])")
     env = {k: v for k, v in os.environ.items() if not k.startswith("BITSMITH_W8A8_")}
     src = str(Path(__file__).resolve().parents[1] / "src")
     env["PYTHONPATH"] = src + os.pathsep + env.get("PYTHONPATH", "")
-    for extra, want in (({}, "True True False True 0"),
-                        ({"BITSMITH_W8A8_TMA": "0", "BITSMITH_W8A8_CVT": "0"}, "False False False True 0"),
-                        ({"BITSMITH_W8A8_WGMMA": "1", "BITSMITH_W8A8_QUANT_PER_SM": "3"}, "True True True True 3"),
-                        ({"BITSMITH_W8A8_PINGPONG": "0"}, "True True False False 0")):
+    for extra, want in (({}, "True True False True"),
+                        ({"BITSMITH_W8A8_TMA": "0", "BITSMITH_W8A8_CVT": "0"}, "False False False True"),
+                        ({"BITSMITH_W8A8_WGMMA": "1"}, "True True True True"),
+                        ({"BITSMITH_W8A8_PINGPONG": "0"}, "True True False False")):
         got = subprocess.run([sys.executable, "-c", probe], env={**env, **extra}, capture_output=True, text=True, check=True)
-        assert got.stdout.split()[-5:] == want.split(), (extra, got.stdout, got.stderr)
+        assert got.stdout.split()[-4:] == want.split(), (extra, got.stdout, got.stderr)
 
 
 @pytest.mark.skipif(INTERPRETED or not HAVE_TRITON, reason="compiles for sm_90 (not under the interpreter)")
@@ -1093,14 +1085,12 @@ def test_cuda_w8a8_tma_gemm_every_config_equals_reference(monkeypatch):
 
 @needs_cuda
 @pytest.mark.parametrize("cvt", [False, True])  # the quantization's conversion (BITSMITH_W8A8_CVT), both ways
-@pytest.mark.parametrize("per_sm", [0, 1])  # a quantization program a row; persistent, one an SM (300 rows: two a program)
 @pytest.mark.parametrize("m", [1, 17, 300])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_cuda_w8a8_equals_torch_path(m, dtype, cvt, per_sm, monkeypatch):
+def test_cuda_w8a8_equals_torch_path(m, dtype, cvt, monkeypatch):
     from bitsmith.kernels import w8a8
 
     monkeypatch.setitem(w8a8.QUANT_CVT, "enabled", cvt)
-    monkeypatch.setitem(w8a8.QUANT_PERSIST, "per_sm", per_sm)
     _w8a8_case(m, 1000, 1541, dtype, "cuda")
     _w8a8_case(m, 512, 4096, dtype, "cuda", static=True, migration=True)
     _w8a8_case(m, 96, 17000, dtype, "cuda", migration=True)  # rows past MAX_ROW_TILE: read twice, in tiles

@@ -1,7 +1,8 @@
 """W8A8: int8 weights x int8 activations (Triton), ``y = (xq @ Wq^T) * sx[m] * sw[n] + b``.
 
-* ``quantize_per_token``: one program per row (opt-in, persistent programs:
-  :data:`QUANT_PERSIST`): ``sx = max|x_row| / 127`` (float32; a zero row gets ``sx = 1``),
+* ``quantize_per_token``: one program per row (a persistent form, each program taking every
+  grid-th row with its next row's read in flight, was no faster on the H100 or an H200 and was
+  removed: w8a8_quant_persist_h100.txt): ``sx = max|x_row| / 127`` (float32; a zero row gets ``sx = 1``),
   ``xq = clamp(round_half_even(x / sx), -128, 127)`` int8, correctly rounded quotients so the
   codes equal the torch path's (``nn/w8a8_linear.py``): on the GPU from the row's reciprocal and
   one FMA correction (Markstein's: correctly rounded given a correctly rounded reciprocal;
@@ -76,21 +77,13 @@ if HAVE_TRITON:
         return codes
 
     @triton.jit
-    def _row_load(x_ptr, row, stride_x, offs, K):
-        """Row ``row``'s values at ``offs`` as stored (``K <= 0``: none read, zeros)."""
-        return tl.load(x_ptr + row * stride_x + offs, mask=offs < K, other=0.0)
-
-    @triton.jit
-    def _row_float(raw, mig_ptr, offs, K, HAS_MIG: tl.constexpr):
-        """Loaded values in float32, divided by the migration scale (``HAS_MIG``)."""
-        v = raw.to(tl.float32)
+    def _row_values(x_ptr, mig_ptr, row, stride_x, offs, K, HAS_MIG: tl.constexpr):
+        """Row ``row``'s values at ``offs`` in float32 (past ``K``: zeros), divided by the migration
+        scale (``HAS_MIG``)."""
+        v = tl.load(x_ptr + row * stride_x + offs, mask=offs < K, other=0.0).to(tl.float32)
         if HAS_MIG:
             v = tl.math.div_rn(v, tl.load(mig_ptr + offs, mask=offs < K, other=1.0).to(tl.float32))
         return v
-
-    @triton.jit
-    def _row_values(x_ptr, mig_ptr, row, stride_x, offs, K, HAS_MIG: tl.constexpr):
-        return _row_float(_row_load(x_ptr, row, stride_x, offs, K), mig_ptr, offs, K, HAS_MIG)
 
     @triton.jit
     def _row_scale(m, RECIP_SCALE: tl.constexpr):
@@ -100,72 +93,37 @@ if HAVE_TRITON:
             return tl.where(m > 0, tl.math.div_rn(m, 127.0), 1.0)
 
     @triton.jit
-    def _code_row(raw, row, q_ptr, s_ptr, mig_ptr, offs, K, stride_q, static_scale, STATIC: tl.constexpr,
-                  HAS_MIG: tl.constexpr, RECIP_SCALE: tl.constexpr, FMA_DIV: tl.constexpr, CVT_RNI: tl.constexpr):
-        """Codes and scale of row ``row`` from its values ``raw`` (the whole row, as loaded)."""
-        v = _row_float(raw, mig_ptr, offs, K, HAS_MIG)
-        if STATIC:
-            scale = static_scale
-        else:
-            scale = _row_scale(tl.max(tl.abs(v), axis=0), RECIP_SCALE)
-        r = _quantize_values(v, scale, tl.math.div_rn(1.0, scale), FMA_DIV, STATIC, CVT_RNI)
-        tl.store(q_ptr + row * stride_q + offs, r.to(tl.int8), mask=offs < K)
-        tl.store(s_ptr + row, scale)
-
-    @triton.jit
-    def _code_row_in_tiles(x_ptr, q_ptr, s_ptr, mig_ptr, row, K, stride_x, stride_q, static_scale, STATIC: tl.constexpr,
-                           HAS_MIG: tl.constexpr, RECIP_SCALE: tl.constexpr, FMA_DIV: tl.constexpr, BLOCK_K: tl.constexpr,
-                           CVT_RNI: tl.constexpr):
-        """Codes and scale of a row longer than ``BLOCK_K``, read twice in tiles (absmax, then codes)."""
-        if STATIC:
-            scale = static_scale
-        else:
-            amax = tl.zeros([BLOCK_K], dtype=tl.float32)
-            for k0 in range(0, K, BLOCK_K):
-                v = _row_values(x_ptr, mig_ptr, row, stride_x, k0 + tl.arange(0, BLOCK_K), K, HAS_MIG)
-                amax = tl.maximum(amax, tl.abs(v))
-            scale = _row_scale(tl.max(amax, axis=0), RECIP_SCALE)
-        inv = tl.math.div_rn(1.0, scale)
-        for k0 in range(0, K, BLOCK_K):
-            offs = k0 + tl.arange(0, BLOCK_K)
-            r = _quantize_values(_row_values(x_ptr, mig_ptr, row, stride_x, offs, K, HAS_MIG), scale, inv, FMA_DIV, STATIC,
-                                 CVT_RNI)
-            tl.store(q_ptr + row * stride_q + offs, r.to(tl.int8), mask=offs < K)
-        tl.store(s_ptr + row, scale)
-
-    @triton.jit
-    def _quant_rows_kernel(x_ptr, q_ptr, s_ptr, static_ptr, mig_ptr, M, K, stride_x, stride_q,
+    def _quant_rows_kernel(x_ptr, q_ptr, s_ptr, static_ptr, mig_ptr, K, stride_x, stride_q,
                            STATIC: tl.constexpr, HAS_MIG: tl.constexpr, RECIP_SCALE: tl.constexpr,
-                           FMA_DIV: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr, CVT_RNI: tl.constexpr = False,
-                           PERSISTENT: tl.constexpr = False):
-        """Program ``p`` of ``P`` codes rows ``p, p + P, p + 2P, ...`` (``P = M``: one row each). A
-        row of at most ``BLOCK_K`` channels is read once; with ``PERSISTENT`` (``P < M``) the
-        program's next row is loaded before this one is coded, so its read is in flight during
-        the reduction, the coding and the stores. A longer row is read twice (absmax, then codes)
-        in tiles of ``BLOCK_K``."""
-        first = tl.program_id(0)
-        step = tl.num_programs(0)
-        static_scale = tl.load(static_ptr).to(tl.float32) if STATIC else 1.0
-        if BLOCK_K >= K:  # the whole row in one tile
+                           FMA_DIV: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr, CVT_RNI: tl.constexpr = False):
+        """Program ``p`` codes row ``p``: a row of at most ``BLOCK_K`` channels is read once, a
+        longer one twice (absmax, then codes) in tiles of ``BLOCK_K``."""
+        row = tl.program_id(0)
+        if BLOCK_K >= K:  # the whole row in one tile: read it once
             offs = tl.arange(0, BLOCK_K)
-            raw = _row_load(x_ptr, first, stride_x, offs, K)
-            if PERSISTENT:
-                for row in range(first, M, step):
-                    after = row + step
-                    raw_next = _row_load(x_ptr, after, stride_x, offs, tl.where(after < M, K, 0))
-                    _code_row(raw, row, q_ptr, s_ptr, mig_ptr, offs, K, stride_q, static_scale, STATIC, HAS_MIG,
-                              RECIP_SCALE, FMA_DIV, CVT_RNI)
-                    raw = raw_next
+            v = _row_values(x_ptr, mig_ptr, row, stride_x, offs, K, HAS_MIG)
+            if STATIC:
+                scale = tl.load(static_ptr).to(tl.float32)
             else:
-                _code_row(raw, first, q_ptr, s_ptr, mig_ptr, offs, K, stride_q, static_scale, STATIC, HAS_MIG,
-                          RECIP_SCALE, FMA_DIV, CVT_RNI)
-        elif PERSISTENT:
-            for row in range(first, M, step):
-                _code_row_in_tiles(x_ptr, q_ptr, s_ptr, mig_ptr, row, K, stride_x, stride_q, static_scale, STATIC, HAS_MIG,
-                                   RECIP_SCALE, FMA_DIV, BLOCK_K, CVT_RNI)
+                scale = _row_scale(tl.max(tl.abs(v), axis=0), RECIP_SCALE)
+            r = _quantize_values(v, scale, tl.math.div_rn(1.0, scale), FMA_DIV, STATIC, CVT_RNI)
+            tl.store(q_ptr + row * stride_q + offs, r.to(tl.int8), mask=offs < K)
         else:
-            _code_row_in_tiles(x_ptr, q_ptr, s_ptr, mig_ptr, first, K, stride_x, stride_q, static_scale, STATIC, HAS_MIG,
-                               RECIP_SCALE, FMA_DIV, BLOCK_K, CVT_RNI)
+            if STATIC:
+                scale = tl.load(static_ptr).to(tl.float32)
+            else:
+                amax = tl.zeros([BLOCK_K], dtype=tl.float32)
+                for k0 in range(0, K, BLOCK_K):
+                    v = _row_values(x_ptr, mig_ptr, row, stride_x, k0 + tl.arange(0, BLOCK_K), K, HAS_MIG)
+                    amax = tl.maximum(amax, tl.abs(v))
+                scale = _row_scale(tl.max(amax, axis=0), RECIP_SCALE)
+            inv = tl.math.div_rn(1.0, scale)
+            for k0 in range(0, K, BLOCK_K):
+                offs = k0 + tl.arange(0, BLOCK_K)
+                r = _quantize_values(_row_values(x_ptr, mig_ptr, row, stride_x, offs, K, HAS_MIG), scale, inv, FMA_DIV, STATIC,
+                                     CVT_RNI)
+                tl.store(q_ptr + row * stride_q + offs, r.to(tl.int8), mask=offs < K)
+        tl.store(s_ptr + row, scale)
         if PDL:  # the GEMM (a programmatic dependent) may launch once every row has got here
             gdc_launch_dependents()
 
@@ -281,13 +239,6 @@ def _static_scale(act_scale: torch.Tensor | float | None, device: torch.device) 
 MAX_ROW_TILE = 16384
 
 
-def quant_programs(m: int, device: torch.device) -> int:
-    """How many programs ``_quant_rows_kernel`` runs for ``m`` rows: ``m`` (one a row), or with
-    :data:`QUANT_PERSIST` on CUDA at most that many an SM, each taking every grid-th row."""
-    per_sm = QUANT_PERSIST["per_sm"]
-    return min(m, per_sm * _sm_count(device)) if per_sm and device.type == "cuda" else m
-
-
 def _quantize_launch(x: torch.Tensor, act_scale: torch.Tensor | None, migration_scale: torch.Tensor | None):
     """One ``_quant_rows_kernel`` launch for contiguous-row ``x [M, K]`` (``act_scale``: a
     one-value device tensor or ``None``): ``(q, s, launch)``, ``launch`` = ``(hit, grid, args)``
@@ -297,14 +248,12 @@ def _quantize_launch(x: torch.Tensor, act_scale: torch.Tensor | None, migration_
     s = torch.empty(m, dtype=torch.float32, device=x.device)
     block = min(MAX_ROW_TILE, triton.next_power_of_2(k))
     mig = migration_scale if migration_scale is not None else s
-    args = (x, q, s, act_scale if act_scale is not None else s, mig, m, k, x.stride(0), q.stride(0))
-    grid = (quant_programs(m, x.device),)
-    hit = _run(_quant_rows_kernel, grid, args,
+    args = (x, q, s, act_scale if act_scale is not None else s, mig, k, x.stride(0), q.stride(0))
+    hit = _run(_quant_rows_kernel, (m,), args,
                {"STATIC": act_scale is not None, "HAS_MIG": migration_scale is not None, "RECIP_SCALE": x.is_cuda,
-                "FMA_DIV": x.is_cuda, "BLOCK_K": block, "PDL": pdl_on(x.device), "CVT_RNI": x.is_cuda and QUANT_CVT["enabled"],
-                "PERSISTENT": grid[0] < m},
+                "FMA_DIV": x.is_cuda, "BLOCK_K": block, "PDL": pdl_on(x.device), "CVT_RNI": x.is_cuda and QUANT_CVT["enabled"]},
                {"num_warps": 4 if block <= 1024 else 8 if block <= 4096 else 16})
-    return q, s, (hit, grid, args)
+    return q, s, (hit, (m,), args)
 
 
 def _gemm_config(m: int, n: int, device: torch.device) -> dict:
@@ -341,17 +290,11 @@ PDL = {"enabled": os.environ.get("BITSMITH_W8A8_PDL", "") == "1"}
 
 
 #: whether the per-token quantization converts its codes with one ``cvt.rni.s32.f32`` on CUDA
-#: (``CVT_RNI`` of ``_quant_rows_kernel``: 584 SASS instructions in place of 680 for 4096 channels,
+#: (``CVT_RNI`` of ``_quant_rows_kernel``: 576 SASS instructions in place of 672 for 4096 channels,
 #: tests/test_kernels.py) instead of rounding by a float addition and subtraction. On by default
 #: (``BITSMITH_W8A8_CVT=0``: off): its CUDA tests pass on the H100, and 4096 channels at M = 2048
 #: code in 14.2-14.4 against 14.5-14.8 us at 4 and 8 warps (w8a8_quant_cvt_h100.txt)
 QUANT_CVT = {"enabled": os.environ.get("BITSMITH_W8A8_CVT", "") != "0"}
-
-#: the per-token quantization as a persistent kernel on CUDA: ``per_sm`` programs an SM at most,
-#: each coding every grid-th row with its next row's read in flight (``0``, the default: one
-#: program a row; ``BITSMITH_W8A8_QUANT_PER_SM=N``). Correct on the GPU, but no faster on an H200:
-#: 4096 channels at M = 2048 in 12.1 us at best against 11.7 a program a row (w8a8_quant_persist_h200.txt)
-QUANT_PERSIST = {"per_sm": int(os.environ.get("BITSMITH_W8A8_QUANT_PER_SM", "0") or 0)}
 
 
 def pdl_on(device: torch.device) -> bool:
@@ -557,17 +500,16 @@ __all__ = ["w8a8_linear", "quantize_per_token", "gemm_candidates", "tma_ok", "W8
 
 
 def compile_quant_offline(fma_div: bool, block: int = 4096, k_multiple: bool = True, arch: int = 90, pdl: bool = False,
-                          cvt_rni: bool | None = None, static: bool = False, persistent: bool = False):
+                          cvt_rni: bool | None = None, static: bool = False):
     """``_quant_rows_kernel`` compiled for NVIDIA ``sm_<arch>`` on any machine (CI checks its
     machine code): float16 activations, dynamic per-token scales (``static``: a static one), no
     migration; ``block``: the row tile (a row of ``block`` channels read once); ``pdl``: releasing
     a programmatic dependent; ``cvt_rni``: codes converted by one ``cvt.rni`` (``CVT_RNI``; ``None``:
-    as a CUDA launch would, :data:`QUANT_CVT`); ``persistent``: the rows loop with the next row
-    loaded ahead (``PERSISTENT``)."""
+    as a CUDA launch would, :data:`QUANT_CVT`)."""
     from .small_m import _compile_offline
 
     consts = {"STATIC": static, "HAS_MIG": False, "RECIP_SCALE": True, "FMA_DIV": fma_div, "BLOCK_K": block, "PDL": pdl,
-              "CVT_RNI": QUANT_CVT["enabled"] if cvt_rni is None else cvt_rni, "PERSISTENT": persistent}
+              "CVT_RNI": QUANT_CVT["enabled"] if cvt_rni is None else cvt_rni}
     types = {"x_ptr": "fp16", "q_ptr": "i8", "s_ptr": "fp32", "static_ptr": "fp32", "mig_ptr": "fp32"}
     warps = 4 if block <= 1024 else 8 if block <= 4096 else 16
     return _compile_offline(_quant_rows_kernel, consts, "fp16", warps, 1, arch, ptr_types=types,
