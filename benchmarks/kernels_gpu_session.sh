@@ -52,7 +52,8 @@
 #       library's 4096x4096 pick (w8a8_variants.py --tma),
 #       then the SM clock and power while fp16, torch._int_mm and bitsmith's int8 GEMM each run back to back (gpu_clocks_probe.py)
 #   OUT=/some/dir bash benchmarks/kernels_gpu_session.sh prefetch   # the GEMM's weight prefetched into the L2 by the
-#       activation quantization (BITSMITH_W8A8_PREFETCH): 4096x4096 part by part off/on twice, then W8A8's CUDA tests
+#       activation quantization (BITSMITH_W8A8_PREFETCH): 4096x4096 off/on in rounds (w8a8_prefetch_probe.py), then
+#       W8A8's CUDA tests (TESTS=0: none)
 #   OUT=/some/dir bash benchmarks/kernels_gpu_session.sh one        # one call for all of it when device time is short:
 #       CUDA tests, M = 1 table int4 vs NF4, compiled end-to-end decode, host overhead
 # The CUDA tests run with pytest-xdist when it is importable (carried as wheels: .whl/, see the device notes).
@@ -383,16 +384,13 @@ k256)  # the int8 GEMM with 256-wide K steps (eight wgmma a warpgroup between wa
   timeout 60 python3 benchmarks/gpu_clocks_probe.py --shape 4096x4096 --m 2048 --seconds 2 2>&1 | grep -v -i warn | tee -a "$OUT/clocks.txt"
   cp benchmarks/results/gpu_clocks_probe.json "$OUT/" 2>/dev/null
   ;;
-prefetch)  # the weight's L2 prefetch from the activation quantization (BITSMITH_W8A8_PREFETCH): W8A8 part by part on
-  # 4096x4096 off, on, off, on (one tuning cache: the same GEMM), then W8A8's CUDA tests (with it on and off)
-  export BITSMITH_TUNE_CACHE=/tmp/tune_prefetch.json
-  for PF in 0 1 0 1; do
-    echo "== BITSMITH_W8A8_PREFETCH=$PF python3 benchmarks/w8a8_probe.py --shapes 4096x4096 --m 2048 --reps 20 --name w8a8_probe_pf$PF" | tee -a "$OUT/prefetch.txt"
-    BITSMITH_W8A8_PREFETCH=$PF timeout "${T_PROBE:-90}" python3 benchmarks/w8a8_probe.py --shapes 4096x4096 --m 2048 --reps 20 \
-      --name "w8a8_probe_pf$PF" 2>&1 | grep -v -i warn | tee -a "$OUT/prefetch.txt" | tail -3
-    cp "benchmarks/results/w8a8_probe_pf$PF.json" "$OUT/w8a8_probe_pf${PF}_$(date +%s).json" 2>/dev/null
-  done
-  w8a8_tests "cuda and w8a8 and not every_config" "${T_TESTS:-150}"
+prefetch)  # the weight's L2 prefetch from the activation quantization (BITSMITH_W8A8_PREFETCH): W8A8 on 4096x4096 with
+  # it off and on in alternating rounds beside fp16 (the GEMM fixed, nothing tuned), then W8A8's CUDA tests (on and off)
+  echo "== python3 benchmarks/w8a8_prefetch_probe.py --shape 4096x4096 --m 2048 --rounds 3" | tee "$OUT/prefetch.txt"
+  timeout "${T_PROBE:-120}" python3 benchmarks/w8a8_prefetch_probe.py --shape 4096x4096 --m 2048 --rounds 3 2>&1 | grep -v -i warn \
+    | tee -a "$OUT/prefetch.txt"
+  cp benchmarks/results/w8a8_prefetch_probe.json "$OUT/" 2>/dev/null
+  [ "${TESTS:-1}" = 0 ] || w8a8_tests "cuda and w8a8 and not every_config" "${T_TESTS:-150}"
   ;;
 ceiling)  # the read ceiling: the stacked layer's M = 1 matmuls vs a kernel that only reads the same bytes, one graph each
   TEST_FILES=tests/test_kernels.py TEST_K=read_kernel T_TESTS=${T_TESTS:-60} cuda_tests || { echo "CUDA test failed: no benchmark"; exit 1; }
