@@ -23,7 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import require_cuda, write_result  # noqa: E402
-from w8a8_probe import int8_weight  # noqa: E402
+from w8a8_probe import add_one_shape_args, one_shape_case  # noqa: E402
 
 FIELDS = ("clocks.sm", "clocks.max.sm", "power.draw", "power.limit", "clocks_throttle_reasons.active")
 
@@ -61,19 +61,15 @@ def run_for(fn, seconds: float) -> tuple[int, float]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--shape", default="4096x4096", help="N x K of the weight")
-    ap.add_argument("--m", type=int, default=2048)
     ap.add_argument("--seconds", type=float, default=3.0)
     ap.add_argument("--name", default="gpu_clocks_probe")
+    add_one_shape_args(ap)
     args = ap.parse_args()
     require_cuda("gpu_clocks_probe")
+    n, k, x, w, wq, sw = one_shape_case(args)
     from bitsmith.kernels import w8a8, w8a8_wgmma
 
-    n, k = (int(v) for v in args.shape.split("x"))
-    dev = torch.device("cuda")
-    torch.manual_seed(0)
-    x = torch.randn(args.m, k, device=dev, dtype=torch.float16)
-    w, wq, sw = int8_weight(n, k, dev)
+    dev = x.device
     xq, sx = w8a8.quantize_per_token(x)
     out = torch.empty(args.m, n, device=dev, dtype=torch.float16)
     w8a8.w8a8_linear(x, wq, sw)  # tunes the library's GEMM for this shape

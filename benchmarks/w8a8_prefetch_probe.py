@@ -20,7 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import require_cuda, write_result  # noqa: E402
-from w8a8_probe import int8_weight  # noqa: E402
+from w8a8_probe import add_one_shape_args, one_shape_case  # noqa: E402
 
 #: the H100's pick for 4096x4096 at M = 2048 (w8a8_probe_cvt_h100.json): persistent TMA GEMM
 GEMM = {"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 128, "GROUP_M": 8, "num_warps": 8, "num_stages": 4, "TMA": 1,
@@ -29,23 +29,19 @@ GEMM = {"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 128, "GROUP_M": 8, "num_warps
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--shape", default="4096x4096", help="N x K of the weight")
-    ap.add_argument("--m", type=int, default=2048)
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--rounds", type=int, default=3, help="off/on pairs, alternating")
     ap.add_argument("--name", default="w8a8_prefetch_probe")
+    add_one_shape_args(ap)
     args = ap.parse_args()
     require_cuda("w8a8_prefetch_probe")
+    n, k, x, w16, wq, sw = one_shape_case(args)
     from bitsmith.kernels import w8a8
     from bitsmith.kernels.bench import Timer
     from bitsmith.kernels.qmm import _m_bucket
 
-    n, k = (int(v) for v in args.shape.split("x"))
-    dev = torch.device("cuda")
-    torch.manual_seed(0)
+    dev = x.device
     timer = Timer(dev, reps=args.reps, warmup=3)
-    x = torch.randn(args.m, k, device=dev, dtype=torch.float16)
-    w16, wq, sw = int8_weight(n, k, dev)
     w8a8.W8A8_CONFIG[(_m_bucket(args.m), n, k)] = GEMM
     outs, times = {}, {"fp16": [], "off": [], "on": []}
     for _ in range(args.rounds):

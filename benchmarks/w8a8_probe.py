@@ -62,6 +62,22 @@ def int8_weight(n: int, k: int, device: torch.device) -> tuple:
     return w16, wq, sw
 
 
+def add_one_shape_args(ap: argparse.ArgumentParser) -> None:
+    """``--shape N x K`` and ``--m`` for the one-shape W8A8 probes (:func:`one_shape_case`)."""
+    ap.add_argument("--shape", default="4096x4096", help="N x K of the weight")
+    ap.add_argument("--m", type=int, default=2048)
+
+
+def one_shape_case(args: argparse.Namespace) -> tuple:
+    """``(n, k, x, w16, wq, sw)`` for :func:`add_one_shape_args`'s options on the GPU: random
+    float16 activations ``[m, K]`` (seed 0) and :func:`int8_weight`'s ``[N, K]``."""
+    n, k = (int(v) for v in args.shape.split("x"))
+    dev = torch.device("cuda")
+    torch.manual_seed(0)
+    x = torch.randn(args.m, k, device=dev, dtype=torch.float16)
+    return (n, k, x, *int8_weight(n, k, dev))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_shape_args(ap, "w8a8_probe", 20)
