@@ -869,8 +869,8 @@ def test_w8a8_l2_prefetch_plan():
         assert w8a8._prefetch_plan(2048, w4096) == (0, 0, 0)
         mp.setitem(w8a8.L2_PREFETCH, "enabled", True)
         assert w8a8._prefetch_plan(2048, w4096) == (64, 131072, 64)  # 16 MiB: 64 lines (8 KiB) a row
-        assert w8a8._prefetch_plan(300, FakeWeight(1000 * 1541)) == (41, 12040, 64)  # 1,541,000 bytes
-        assert 41 * 300 >= 12040
+        odd = w8a8._prefetch_plan(300, FakeWeight(1000 * 1541))  # 1,541,000 bytes
+        assert odd == (41, 12040, 64) and odd[0] * 300 >= odd[1]  # every line has a program
         assert w8a8._prefetch_plan(17, w4096) == (0, 0, 0)  # 7711 lines a program: too many
         assert w8a8._prefetch_plan(2048, None) == (0, 0, 0)
         assert w8a8._prefetch_plan(2048, FakeWeight(4096 * 4096, is_cuda=False)) == (0, 0, 0)
@@ -946,21 +946,23 @@ def test_w8a8_gemm_candidates_by_switch(monkeypatch):
 def test_w8a8_tma_switch_reads_the_environment():
     """``BITSMITH_W8A8_TMA`` unset means the TMA kernel is on, ``0`` off; ``BITSMITH_W8A8_WGMMA``
     is off unless ``1``; ``BITSMITH_W8A8_PINGPONG`` on unless ``0``; ``BITSMITH_W8A8_CVT`` (the
-    quantization's conversion) on unless ``0`` (each read at import, in a fresh interpreter)."""
+    quantization's conversion) on unless ``0``; ``BITSMITH_W8A8_PREFETCH`` (the weight's L2
+    prefetch) off unless ``1`` (each read at import, in a fresh interpreter)."""
     import subprocess
     import sys
 
     probe = ("from bitsmith.kernels import w8a8; "
-             "print(w8a8.QUANT_CVT['enabled'], w8a8.TMA['enabled'], w8a8.TMA['wgmma'], w8a8.TMA['pingpong'])")
+             "print(w8a8.QUANT_CVT['enabled'], w8a8.TMA['enabled'], w8a8.TMA['wgmma'], w8a8.TMA['pingpong'], "
+             "w8a8.L2_PREFETCH['enabled'])")
     env = {k: v for k, v in os.environ.items() if not k.startswith("BITSMITH_W8A8_")}
     src = str(Path(__file__).resolve().parents[1] / "src")
     env["PYTHONPATH"] = src + os.pathsep + env.get("PYTHONPATH", "")
-    for extra, want in (({}, "True True False True"),
-                        ({"BITSMITH_W8A8_TMA": "0", "BITSMITH_W8A8_CVT": "0"}, "False False False True"),
-                        ({"BITSMITH_W8A8_WGMMA": "1"}, "True True True True"),
-                        ({"BITSMITH_W8A8_PINGPONG": "0"}, "True True False False")):
+    for extra, want in (({}, "True True False True False"),
+                        ({"BITSMITH_W8A8_TMA": "0", "BITSMITH_W8A8_CVT": "0"}, "False False False True False"),
+                        ({"BITSMITH_W8A8_WGMMA": "1", "BITSMITH_W8A8_PREFETCH": "1"}, "True True True True True"),
+                        ({"BITSMITH_W8A8_PINGPONG": "0"}, "True True False False False")):
         got = subprocess.run([sys.executable, "-c", probe], env={**env, **extra}, capture_output=True, text=True, check=True)
-        assert got.stdout.split()[-4:] == want.split(), (extra, got.stdout, got.stderr)
+        assert got.stdout.split()[-5:] == want.split(), (extra, got.stdout, got.stderr)
 
 
 @pytest.mark.skipif(INTERPRETED or not HAVE_TRITON, reason="compiles for sm_90 (not under the interpreter)")

@@ -110,9 +110,9 @@ if HAVE_TRITON:
                            FMA_DIV: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr, CVT_RNI: tl.constexpr = False,
                            PF_LINES: tl.constexpr = 0):
         """Program ``p`` codes row ``p``: a row of at most ``BLOCK_K`` channels is read once, a
-        longer one twice (absmax, then codes) in tiles of ``BLOCK_K``. ``PF_LINES`` > 0: it first
-        asks the L2 for its share of the next GEMM's weights (:func:`_prefetch_l2`, ``pf_lines``
-        lines a program of ``pf_total``; :data:`L2_PREFETCH`)."""
+        longer one twice (absmax, then codes) in tiles of ``BLOCK_K``. ``PF_LINES`` > 0 (a row in one
+        tile only): after its row's load it also asks the L2 for its share of the next GEMM's
+        weights (:func:`_prefetch_l2`, ``pf_lines`` lines a program of ``pf_total``; :data:`L2_PREFETCH`)."""
         row = tl.program_id(0)
         if BLOCK_K >= K:  # the whole row in one tile: read it once
             offs = tl.arange(0, BLOCK_K)
@@ -276,13 +276,14 @@ def _quantize_launch(x: torch.Tensor, act_scale: torch.Tensor | None, migration_
     """One ``_quant_rows_kernel`` launch for contiguous-row ``x [M, K]`` (``act_scale``: a
     one-value device tensor or ``None``): ``(q, s, launch)``, ``launch`` = ``(hit, grid, args)``
     for a launch plan (``hit`` from :func:`bitsmith.kernels.qmm._run`). ``prefetch``: the next
-    GEMM's int8 weight, asked into the L2 by the same programs where :func:`_prefetch_plan` says."""
+    GEMM's int8 weight, asked into the L2 by the same programs where :func:`_prefetch_plan` says
+    (and the row is read in one tile, where the kernel issues it)."""
     m, k = x.shape
     q = torch.empty(m, k, dtype=torch.int8, device=x.device)
     s = torch.empty(m, dtype=torch.float32, device=x.device)
     block = min(MAX_ROW_TILE, triton.next_power_of_2(k))
     mig = migration_scale if migration_scale is not None else s
-    pf_lines, pf_total, pf_block = _prefetch_plan(m, prefetch)
+    pf_lines, pf_total, pf_block = _prefetch_plan(m, prefetch if block >= k else None)  # rows read in tiles: none
     args = (x, q, s, act_scale if act_scale is not None else s, mig, prefetch if pf_block else s, pf_lines, pf_total, k,
             x.stride(0), q.stride(0))
     hit = _run(_quant_rows_kernel, (m,), args,
