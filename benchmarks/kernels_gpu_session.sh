@@ -60,6 +60,28 @@
 set -u
 export PYTHONPATH=src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/kernels_gpu}; mkdir -p "$OUT"
+shown() {  # the command line as one would type it: arguments with spaces or shell characters in single quotes
+  local a line=
+  for a in "$@"; do
+    [[ -z $a || $a == *[!A-Za-z0-9_./:=,+@%-]* ]] && a="'$a'"
+    line+="${line:+ }$a"
+  done
+  echo "$line"
+}
+step() {  # step TXT SECONDS SHOW RESULT CMD...: one measurement. Appends "== CMD" and CMD's output (warnings dropped) to
+  # $OUT/TXT, runs CMD under `timeout SECONDS`, shows the console what the filter SHOW lets through ("cat", "tail -8",
+  # a grep; a pipeline is fine), then copies benchmarks/results/RESULT.json into $OUT (RESULT "": nothing to copy).
+  # Its exit status is CMD's (124 when the time ran out)
+  local txt="$OUT/$1" secs=$2 show=$3 result=$4; shift 4
+  echo "== $(shown "$@")" | tee -a "$txt"
+  timeout "$secs" "$@" 2>&1 | grep -v -i warn | tee -a "$txt" | eval "$show"
+  local status=${PIPESTATUS[0]}
+  [ -z "$result" ] || cp "benchmarks/results/$result.json" "$OUT/" 2>/dev/null || echo "(no benchmarks/results/$result.json)" | tee -a "$txt"
+  return "$status"
+}
+tests_or_stop() {  # cuda_tests, and the session ends there when one fails (no benchmark of a wrong kernel)
+  cuda_tests || { echo "CUDA tests failed: no benchmarks"; exit 1; }
+}
 cuda_tests() {  # CUDA tests of the kernels and SVDQuant's module; exit status 0 when all pass
   nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$OUT/device.txt"
   if ls .whl/*.whl >/dev/null 2>&1; then
@@ -76,247 +98,180 @@ w8a8_tests() {  # W8A8's CUDA tests, pytest -k "$1" (TEST_K overrides), at most 
   TEST_FILES="tests/test_kernels.py tests/test_w8a8.py" TEST_K=${TEST_K:-$1} T_TESTS=${T_TESTS:-$2} cuda_tests
 }
 m2048_table() {  # the README's M = 2048 table (int4, tinygemm, W8A8; kernels_m2048_w8a8), its last $1 lines shown
-  echo "== python3 benchmarks/kernels_bench.py --m 2048 --formats int4_g64 --reps 10 --name kernels_m2048_w8a8" | tee "$OUT/kernels_bench.txt"
-  timeout "${T_BENCH:-150}" python3 benchmarks/kernels_bench.py --m 2048 --formats int4_g64 --reps 10 --name kernels_m2048_w8a8 2>/dev/null \
-    | tee -a "$OUT/kernels_bench.txt" | tail -"$1"
-  cp benchmarks/results/kernels_m2048_w8a8.json "$OUT/" 2>/dev/null
+  step kernels_bench.txt "${T_BENCH:-150}" "tail -$1" kernels_m2048_w8a8 \
+    python3 benchmarks/kernels_bench.py --m 2048 --formats int4_g64 --reps 10 --name kernels_m2048_w8a8
 }
 w8a8_m2048() {  # W8A8 part by part at M = 2048 on the four shapes (w8a8_probe_$1), then the README's M = 2048 table
-  echo "== python3 benchmarks/w8a8_probe.py --m 2048 --reps 20 --name w8a8_probe_$1" | tee "$OUT/probe.txt"
-  timeout "${T_PROBE:-200}" python3 benchmarks/w8a8_probe.py --m 2048 --reps 20 --name "w8a8_probe_$1" 2>&1 | grep -v -i warn \
-    | tee -a "$OUT/probe.txt" | tail -8
-  cp "benchmarks/results/w8a8_probe_$1.json" "$OUT/" 2>/dev/null
+  step probe.txt "${T_PROBE:-200}" "tail -8" "w8a8_probe_$1" python3 benchmarks/w8a8_probe.py --m 2048 --reps 20 --name "w8a8_probe_$1"
   m2048_table 12
+}
+host_overhead() {  # host_overhead SECONDS N: python time per eager call, layer by layer; its first N lines shown
+  step host_overhead.txt "$1" "head -$2" host_overhead_h100 python3 benchmarks/host_overhead.py
+}
+svdquant_overhead() {  # svdquant_overhead REPS SECONDS SHOW: SVDQuant's low-rank branch on top of the W4 matmul
+  step svdquant_overhead.txt "$2" "$3" svdquant_overhead_h100 python3 benchmarks/svdquant_overhead.py --reps "$1"
+}
+ncu_step() {  # ncu_step TXT SECONDS SHOW NCU-ARGS...: Nsight Compute into $OUT/TXT (its ==PROF== lines dropped), then SHOW of it
+  local txt=$1 secs=$2 show=$3; shift 3
+  echo "== $(shown ncu "$@")" > "$OUT/$txt"
+  timeout "$secs" ncu "$@" 2>&1 | grep -v "^==PROF==" >> "$OUT/$txt"
+  local status=${PIPESTATUS[0]}
+  eval "$show" < "$OUT/$txt"
+  return "$status"
 }
 case "${1:-check}" in
 check)
   cuda_tests
-  AB_ARGS=${AB_ARGS:---reps 15}
-  echo "== python3 benchmarks/kernels_m1_ab.py --prev .cache/ab/small_m_prev.py $AB_ARGS" | tee "$OUT/ab.txt"
-  timeout "${T_AB:-230}" python3 benchmarks/kernels_m1_ab.py --prev .cache/ab/small_m_prev.py $AB_ARGS 2>&1 | grep -v Warn | tee -a "$OUT/ab.txt"
-  cp benchmarks/results/kernels_m1_ab.json "$OUT/" 2>/dev/null
-  echo "== python3 benchmarks/svdquant_overhead.py --reps 20" | tee "$OUT/svdquant_overhead.txt"
-  timeout "${T_SVD:-90}" python3 benchmarks/svdquant_overhead.py --reps 20 2>&1 | tee -a "$OUT/svdquant_overhead.txt"
-  cp benchmarks/results/svdquant_overhead_h100.json "$OUT/" 2>/dev/null
+  step ab.txt "${T_AB:-230}" cat kernels_m1_ab python3 benchmarks/kernels_m1_ab.py --prev .cache/ab/small_m_prev.py ${AB_ARGS:---reps 15}
+  svdquant_overhead 20 "${T_SVD:-90}" cat
   ;;
 fused)
   # FUSED_TABLE=0: SVDQuant's overhead only (no host-overhead breakdown, no M = 1 table)
-  cuda_tests || { echo "CUDA tests failed: no benchmarks"; exit 1; }
-  if [ "${FUSED_TABLE:-1}" = 1 ]; then
-    echo "== python3 benchmarks/host_overhead.py" | tee "$OUT/host_overhead.txt"
-    timeout "${T_HOST:-90}" python3 benchmarks/host_overhead.py 2>&1 | tee -a "$OUT/host_overhead.txt" | head -12
-    cp benchmarks/results/host_overhead_h100.json "$OUT/" 2>/dev/null
-  fi
-  echo "== python3 benchmarks/svdquant_overhead.py --reps 20" | tee "$OUT/svdquant_overhead.txt"
-  timeout "${T_SVD:-120}" python3 benchmarks/svdquant_overhead.py --reps 20 2>&1 | tee -a "$OUT/svdquant_overhead.txt"
-  cp benchmarks/results/svdquant_overhead_h100.json "$OUT/" 2>/dev/null
-  if [ "${FUSED_TABLE:-1}" = 1 ]; then
-    echo "== python3 benchmarks/kernels_bench.py --m 1 --reps 20 --name kernels_h100_m1v3" | tee "$OUT/kernels_bench.txt"
-    timeout "${T_BENCH:-200}" python3 benchmarks/kernels_bench.py --m 1 --reps 20 --name kernels_h100_m1v3 2>/dev/null | tee -a "$OUT/kernels_bench.txt"
-    cp benchmarks/results/kernels_h100_m1v3.json "$OUT/" 2>/dev/null
-  fi
+  tests_or_stop
+  [ "${FUSED_TABLE:-1}" = 0 ] || host_overhead "${T_HOST:-90}" 12
+  svdquant_overhead 20 "${T_SVD:-120}" cat
+  [ "${FUSED_TABLE:-1}" = 0 ] || step kernels_bench.txt "${T_BENCH:-200}" cat kernels_h100_m1v3 \
+    python3 benchmarks/kernels_bench.py --m 1 --reps 20 --name kernels_h100_m1v3
   ;;
 lut)
   TEST_FILES="tests/test_kernels.py tests/test_svdquant.py tests/test_compile.py" cuda_tests
-  echo "== python3 benchmarks/host_overhead.py" | tee "$OUT/host_overhead.txt"
-  timeout "${T_HOST:-90}" python3 benchmarks/host_overhead.py 2>&1 | tee -a "$OUT/host_overhead.txt" | head -12
-  cp benchmarks/results/host_overhead_h100.json "$OUT/" 2>/dev/null
-  echo "== python3 benchmarks/kernels_bench.py --m 1 --formats int4_g64,nf4_g64 --reps 20 --name kernels_m1_lut" | tee "$OUT/kernels_bench.txt"
-  timeout "${T_BENCH:-240}" python3 benchmarks/kernels_bench.py --m 1 --formats int4_g64,nf4_g64 --reps 20 --name kernels_m1_lut 2>/dev/null \
-    | tee -a "$OUT/kernels_bench.txt"
-  cp benchmarks/results/kernels_m1_lut.json "$OUT/" 2>/dev/null
+  host_overhead "${T_HOST:-90}" 12
+  step kernels_bench.txt "${T_BENCH:-240}" cat kernels_m1_lut \
+    python3 benchmarks/kernels_bench.py --m 1 --formats int4_g64,nf4_g64 --reps 20 --name kernels_m1_lut
+  ;;
+one)
+  TEST_FILES="tests/test_kernels.py tests/test_svdquant.py tests/test_compile.py" T_TESTS=${T_TESTS:-140} cuda_tests
+  step kernels_bench.txt "${T_BENCH:-160}" "tail -14" kernels_m1_lut \
+    python3 benchmarks/kernels_bench.py --m 1 --formats int4_g64,nf4_g64 --reps 20 --name kernels_m1_lut
+  step decode_e2e.txt "${T_E2E:-220}" "tail -8" decode_e2e_b1_compiled \
+    python3 benchmarks/decode_e2e.py --batch 1 --formats fp16,int4_g64,nf4_g64 --reps 30 --compile --name decode_e2e_b1_compiled
+  host_overhead "${T_HOST:-40}" 10
   ;;
 e2e)
   for c in "--compile" ""; do  # compiled first: the new measurement
     name=decode_e2e_b1${c:+_compiled}
-    echo "== python3 benchmarks/decode_e2e.py --batch 1 --formats ${E2E_FORMATS:-fp16,int4_g64,nf4_g64} --reps 30 $c --name $name" | tee -a "$OUT/decode_e2e.txt"
-    timeout "${T_E2E:-290}" python3 benchmarks/decode_e2e.py --batch 1 --formats "${E2E_FORMATS:-fp16,int4_g64,nf4_g64}" --reps 30 $c \
-      --name $name 2>&1 | grep -v -i warn | tee -a "$OUT/decode_e2e.txt"
-    cp benchmarks/results/$name.json "$OUT/" 2>/dev/null
+    step decode_e2e.txt "${T_E2E:-290}" cat "$name" \
+      python3 benchmarks/decode_e2e.py --batch 1 --formats "${E2E_FORMATS:-fp16,int4_g64,nf4_g64}" --reps 30 $c --name "$name"
   done
-  ;;
-one)
-  TEST_FILES="tests/test_kernels.py tests/test_svdquant.py tests/test_compile.py" T_TESTS=${T_TESTS:-140} cuda_tests
-  echo "== python3 benchmarks/kernels_bench.py --m 1 --formats int4_g64,nf4_g64 --reps 20 --name kernels_m1_lut" | tee "$OUT/kernels_bench.txt"
-  timeout "${T_BENCH:-160}" python3 benchmarks/kernels_bench.py --m 1 --formats int4_g64,nf4_g64 --reps 20 --name kernels_m1_lut 2>/dev/null \
-    | tee -a "$OUT/kernels_bench.txt" | tail -14
-  cp benchmarks/results/kernels_m1_lut.json "$OUT/" 2>/dev/null
-  echo "== python3 benchmarks/decode_e2e.py --batch 1 --formats fp16,int4_g64,nf4_g64 --reps 30 --compile --name decode_e2e_b1_compiled" | tee "$OUT/decode_e2e.txt"
-  timeout "${T_E2E:-220}" python3 benchmarks/decode_e2e.py --batch 1 --formats fp16,int4_g64,nf4_g64 --reps 30 --compile \
-    --name decode_e2e_b1_compiled 2>&1 | grep -v -i warn | tee -a "$OUT/decode_e2e.txt" | tail -8
-  cp benchmarks/results/decode_e2e_b1_compiled.json "$OUT/" 2>/dev/null
-  echo "== python3 benchmarks/host_overhead.py" | tee "$OUT/host_overhead.txt"
-  timeout "${T_HOST:-40}" python3 benchmarks/host_overhead.py 2>&1 | tee -a "$OUT/host_overhead.txt" | head -10
-  cp benchmarks/results/host_overhead_h100.json "$OUT/" 2>/dev/null
   ;;
 configs)
   if [ "${TESTS:-1}" = 1 ]; then
     TEST_FILES=${TEST_FILES:-"tests/test_kernels.py tests/test_svdquant.py tests/test_compile.py tests/test_cuda.py tests/test_w8a8.py"} cuda_tests
   fi
-  CFG_ARGS=${CFG_ARGS:---m 16 --formats int4_g64}
-  echo "== python3 benchmarks/kernels_configs.py $CFG_ARGS" | tee -a "$OUT/configs.txt"
-  timeout "${T_CFG:-300}" python3 benchmarks/kernels_configs.py $CFG_ARGS 2>&1 | grep -v -i warn | tee -a "$OUT/configs.txt" | tail -40
+  step configs.txt "${T_CFG:-300}" "tail -40" "" python3 benchmarks/kernels_configs.py ${CFG_ARGS:---m 16 --formats int4_g64}
   cp benchmarks/results/kernels_configs*.json "$OUT/" 2>/dev/null
   ;;
 m16)  # CUDA tests of the kernels, every M = 16 candidate timed, then the M = 16 table
   TEST_FILES=${TEST_FILES:-tests/test_kernels.py} T_TESTS=${T_TESTS:-150} cuda_tests
-  echo "== python3 benchmarks/kernels_configs.py --m 16 --formats int4_g64,int4_g128 --reps 10 --top 4 --name kernels_configs_m16" | tee "$OUT/configs.txt"
-  timeout "${T_CFG:-260}" python3 benchmarks/kernels_configs.py --m 16 --formats int4_g64,int4_g128 --reps 10 --top 4 \
-    --name kernels_configs_m16 2>&1 | grep -v -i warn | tee -a "$OUT/configs.txt" | tail -40
-  cp benchmarks/results/kernels_configs_m16.json "$OUT/" 2>/dev/null
-  echo "== python3 benchmarks/kernels_bench.py --m 16 --formats int4_g64,int4_g128,nf4_g64,int3_g64 --reps 20 --name kernels_m16" | tee "$OUT/kernels_bench.txt"
-  timeout "${T_BENCH:-150}" python3 benchmarks/kernels_bench.py --m 16 --formats int4_g64,int4_g128,nf4_g64,int3_g64 --reps 20 \
-    --name kernels_m16 2>/dev/null | tee -a "$OUT/kernels_bench.txt" | tail -30
-  cp benchmarks/results/kernels_m16.json "$OUT/" 2>/dev/null
+  step configs.txt "${T_CFG:-260}" "tail -40" kernels_configs_m16 \
+    python3 benchmarks/kernels_configs.py --m 16 --formats int4_g64,int4_g128 --reps 10 --top 4 --name kernels_configs_m16
+  step kernels_bench.txt "${T_BENCH:-150}" "tail -30" kernels_m16 \
+    python3 benchmarks/kernels_bench.py --m 16 --formats int4_g64,int4_g128,nf4_g64,int3_g64 --reps 20 --name kernels_m16
   ;;
 nf16)  # CUDA tests, every M = 16 NF4 candidate, the M = 16 table (NF4, int4), compute-sanitizer, batch-16 decode
   TEST_FILES=${TEST_FILES:-tests/test_kernels.py} T_TESTS=${T_TESTS:-150} cuda_tests
-  echo "== python3 benchmarks/kernels_configs.py --m 16 --formats nf4_g64 --reps 10 --top 4 --name kernels_configs_nf4_m16" | tee "$OUT/configs.txt"
-  timeout "${T_CFG:-150}" python3 benchmarks/kernels_configs.py --m 16 --formats nf4_g64 --reps 10 --top 4 \
-    --name kernels_configs_nf4_m16 2>&1 | grep -v -i warn | tee -a "$OUT/configs.txt" | tail -40
-  cp benchmarks/results/kernels_configs_nf4_m16.json "$OUT/" 2>/dev/null
-  echo "== python3 benchmarks/kernels_bench.py --m 16 --formats int4_g64,nf4_g64 --no-w8a8 --reps 20 --name kernels_m16_nf4" | tee "$OUT/kernels_bench.txt"
-  timeout "${T_BENCH:-120}" python3 benchmarks/kernels_bench.py --m 16 --formats int4_g64,nf4_g64 --no-w8a8 --reps 20 \
-    --name kernels_m16_nf4 2>/dev/null | tee -a "$OUT/kernels_bench.txt" | tail -16
-  cp benchmarks/results/kernels_m16_nf4.json "$OUT/" 2>/dev/null
+  step configs.txt "${T_CFG:-150}" "tail -40" kernels_configs_nf4_m16 \
+    python3 benchmarks/kernels_configs.py --m 16 --formats nf4_g64 --reps 10 --top 4 --name kernels_configs_nf4_m16
+  step kernels_bench.txt "${T_BENCH:-120}" "tail -16" kernels_m16_nf4 \
+    python3 benchmarks/kernels_bench.py --m 16 --formats int4_g64,nf4_g64 --no-w8a8 --reps 20 --name kernels_m16_nf4
   OUT="$OUT" T_WARM=100 T_SAN=200 bash benchmarks/kernels_sanitize.sh | tail -4
-  echo "== python3 benchmarks/decode_e2e.py --batch 16 --formats fp16,nf4_g64 --reps 20 --name decode_e2e_b16_nf4" | tee "$OUT/decode_e2e.txt"
-  timeout "${T_E2E:-150}" python3 benchmarks/decode_e2e.py --batch 16 --formats fp16,nf4_g64 --reps 20 --name decode_e2e_b16_nf4 \
-    2>&1 | grep -v -i warn | tee -a "$OUT/decode_e2e.txt" | tail -5
-  cp benchmarks/results/decode_e2e_b16_nf4.json "$OUT/" 2>/dev/null
+  step decode_e2e.txt "${T_E2E:-150}" "tail -5" decode_e2e_b16_nf4 \
+    python3 benchmarks/decode_e2e.py --batch 16 --formats fp16,nf4_g64 --reps 20 --name decode_e2e_b16_nf4
   ;;
 m1)  # the M = 1 kernel's wider search (prefetch depth, tiles) on the Llama shapes, then where a decode step's time goes
   echo "== ncu: $(command -v ncu || echo none)" | tee "$OUT/m1.txt"
-  M1_SHAPES=${M1_SHAPES:-1024x4096,4096x4096,6144x4096,14336x4096,28672x4096,4096x14336,28672x8192}
-  echo "== python3 benchmarks/kernels_configs.py --m 1 --m1-sweep --formats int4_g64 --shapes $M1_SHAPES --reps 10 --top 6 --name kernels_configs_m1" | tee -a "$OUT/m1.txt"
-  timeout "${T_CFG:-240}" python3 benchmarks/kernels_configs.py --m 1 --m1-sweep --formats int4_g64 --shapes "$M1_SHAPES" --reps 10 --top 6 \
-    --name kernels_configs_m1 2>&1 | grep -v -i warn | tee -a "$OUT/m1.txt" | tail -60
-  echo "== python3 benchmarks/kernels_configs.py --m 1 --m1-sweep --formats int3_g64,nf4_g64,int4_g128 --shapes 14336x4096,4096x14336 --reps 10 --top 4 --name kernels_configs_m1_more" | tee -a "$OUT/m1.txt"
-  timeout "${T_CFG2:-120}" python3 benchmarks/kernels_configs.py --m 1 --m1-sweep --formats int3_g64,nf4_g64,int4_g128 --shapes 14336x4096,4096x14336 \
-    --reps 10 --top 4 --name kernels_configs_m1_more 2>&1 | grep -v -i warn | tee -a "$OUT/m1.txt" | tail -30
+  step m1.txt "${T_CFG:-240}" "tail -60" "" python3 benchmarks/kernels_configs.py --m 1 --m1-sweep --formats int4_g64 \
+    --shapes "${M1_SHAPES:-1024x4096,4096x4096,6144x4096,14336x4096,28672x4096,4096x14336,28672x8192}" --reps 10 --top 6 --name kernels_configs_m1
+  step m1.txt "${T_CFG2:-120}" "tail -30" "" python3 benchmarks/kernels_configs.py --m 1 --m1-sweep --formats int3_g64,nf4_g64,int4_g128 \
+    --shapes 14336x4096,4096x14336 --reps 10 --top 4 --name kernels_configs_m1_more
   cp benchmarks/results/kernels_configs_m1*.json "$OUT/" 2>/dev/null
-  echo "== python3 benchmarks/decode_e2e.py --batch 1 --formats fp16,int4_g64 --reps 20 --compile --profile 5 --name decode_e2e_b1_profile" | tee "$OUT/decode_e2e.txt"
-  timeout "${T_E2E:-200}" python3 benchmarks/decode_e2e.py --batch 1 --formats fp16,int4_g64 --reps 20 --compile --profile 5 \
-    --name decode_e2e_b1_profile 2>&1 | grep -v -i warn | tee -a "$OUT/decode_e2e.txt" | tail -70
-  cp benchmarks/results/decode_e2e_b1_profile.json "$OUT/" 2>/dev/null
+  step decode_e2e.txt "${T_E2E:-200}" "tail -70" decode_e2e_b1_profile \
+    python3 benchmarks/decode_e2e.py --batch 1 --formats fp16,int4_g64 --reps 20 --compile --profile 5 --name decode_e2e_b1_profile
   ;;
 pdl)  # CUDA tests, the decoder's linears back to back with and without PDL, compiled batch-1 decode with and without
   TEST_FILES=${TEST_FILES:-"tests/test_kernels.py tests/test_compile.py"} T_TESTS=${T_TESTS:-150} cuda_tests
-  echo "== python3 benchmarks/kernels_chain.py --m 1 --layers 8 --formats int4_g64,nf4_g64,int3_g64 --name kernels_chain_m1" | tee "$OUT/chain.txt"
-  timeout "${T_CHAIN:-100}" python3 benchmarks/kernels_chain.py --m 1 --layers 8 --formats int4_g64,nf4_g64,int3_g64 \
-    --name kernels_chain_m1 2>&1 | grep -v -i warn | tee -a "$OUT/chain.txt" | tail -10
-  echo "== python3 benchmarks/kernels_chain.py --m 16 --layers 8 --formats int4_g64,nf4_g64 --name kernels_chain_m16" | tee -a "$OUT/chain.txt"
-  timeout "${T_CHAIN:-100}" python3 benchmarks/kernels_chain.py --m 16 --layers 8 --formats int4_g64,nf4_g64 \
-    --name kernels_chain_m16 2>&1 | grep -v -i warn | tee -a "$OUT/chain.txt" | tail -6
-  echo "== python3 benchmarks/svdquant_overhead.py --reps 10" | tee "$OUT/svdquant_overhead.txt"
-  timeout "${T_SVD:-90}" python3 benchmarks/svdquant_overhead.py --reps 10 2>&1 | tee -a "$OUT/svdquant_overhead.txt" | tail -12
+  step chain.txt "${T_CHAIN:-100}" "tail -10" kernels_chain_m1 \
+    python3 benchmarks/kernels_chain.py --m 1 --layers 8 --formats int4_g64,nf4_g64,int3_g64 --name kernels_chain_m1
+  step chain.txt "${T_CHAIN:-100}" "tail -6" kernels_chain_m16 \
+    python3 benchmarks/kernels_chain.py --m 16 --layers 8 --formats int4_g64,nf4_g64 --name kernels_chain_m16
+  svdquant_overhead 10 "${T_SVD:-90}" "tail -12"
   for p in "" "--no-pdl"; do
     name=decode_e2e_b1_compiled${p:+_nopdl}
     fmts=fp16,int4_g64; [ -n "$p" ] && fmts=int4_g64
-    echo "== python3 benchmarks/decode_e2e.py --batch 1 --formats $fmts --reps 30 --compile $p --name $name" | tee -a "$OUT/decode_e2e.txt"
-    timeout "${T_E2E:-150}" python3 benchmarks/decode_e2e.py --batch 1 --formats $fmts --reps 30 --compile $p --name $name 2>&1 \
-      | grep -v -i warn | tee -a "$OUT/decode_e2e.txt" | tail -4
+    step decode_e2e.txt "${T_E2E:-150}" "tail -4" "$name" \
+      python3 benchmarks/decode_e2e.py --batch 1 --formats $fmts --reps 30 --compile $p --name "$name"
   done
-  tar cf "$OUT/results.tar" -C benchmarks/results kernels_chain_m1.json kernels_chain_m16.json svdquant_overhead_h100.json \
-    decode_e2e_b1_compiled.json decode_e2e_b1_compiled_nopdl.json 2>/dev/null
   ;;
 svd)  # CUDA tests, SVDQuant's branch overhead, Nsight Compute on the small-M kernels
   TEST_FILES=${TEST_FILES:-"tests/test_svdquant.py tests/test_kernels.py"} T_TESTS=${T_TESTS:-130} cuda_tests
-  echo "== python3 benchmarks/svdquant_overhead.py --reps 10" | tee "$OUT/svdquant_overhead.txt"
-  timeout "${T_SVD:-100}" python3 benchmarks/svdquant_overhead.py --reps 10 2>&1 | tee -a "$OUT/svdquant_overhead.txt" | tail -13
-  cp benchmarks/results/svdquant_overhead_h100.json "$OUT/" 2>/dev/null
-  echo "== ncu --section SpeedOfLight --section WarpStateStats --section SchedulerStats --section Occupancy --section LaunchStats -k regex:'_tc_kernel|_fma_kernel' python3 benchmarks/kernels_ncu_probe.py --m16" > "$OUT/ncu.txt"
-  timeout "${T_NCU:-150}" ncu --section SpeedOfLight --section WarpStateStats --section SchedulerStats --section Occupancy \
-    --section LaunchStats -k regex:"_tc_kernel|_fma_kernel" python3 benchmarks/kernels_ncu_probe.py --m16 2>&1 | grep -v "^==PROF==" >> "$OUT/ncu.txt"
-  grep -E "_kernel|Duration|Memory Throughput|DRAM Throughput|Issue Slots|Warp Cycles Per Issued|No Eligible|Achieved Occupancy|Registers Per|Waves" "$OUT/ncu.txt" | head -60
+  svdquant_overhead 10 "${T_SVD:-100}" "tail -13"
+  ncu_step ncu.txt "${T_NCU:-150}" "grep -E '_kernel|Duration|Memory Throughput|DRAM Throughput|Issue Slots|Warp Cycles Per Issued|No Eligible|Achieved Occupancy|Registers Per|Waves' | head -60" \
+    --section SpeedOfLight --section WarpStateStats --section SchedulerStats --section Occupancy --section LaunchStats \
+    -k "regex:_tc_kernel|_fma_kernel" python3 benchmarks/kernels_ncu_probe.py --m16
   ;;
 overlap)  # CUDA tests; SVDQuant's branch beside the matmul (three smoothing modes); M = 16 chain (prep as PDL)
-  TEST_FILES="tests/test_kernels.py tests/test_svdquant.py" T_TESTS=${T_TESTS:-200} cuda_tests || { echo "CUDA tests failed: no benchmarks"; exit 1; }
-  echo "== python3 benchmarks/svdquant_overhead.py --reps 10" | tee "$OUT/svdquant_overhead.txt"
-  timeout "${T_SVD:-140}" python3 benchmarks/svdquant_overhead.py --reps 10 2>&1 | tee -a "$OUT/svdquant_overhead.txt" | tail -37
-  echo "== python3 benchmarks/kernels_chain.py --m 16 --layers 8 --formats int4_g64,nf4_g64 --name kernels_chain_m16_prep" | tee "$OUT/chain.txt"
-  timeout "${T_CHAIN:-80}" python3 benchmarks/kernels_chain.py --m 16 --layers 8 --formats int4_g64,nf4_g64 --name kernels_chain_m16_prep 2>&1 \
-    | grep -v -i warn | tee -a "$OUT/chain.txt" | tail -8
-  tar cf "$OUT/results.tar" -C benchmarks/results svdquant_overhead_h100.json kernels_chain_m16_prep.json 2>/dev/null
+  TEST_FILES="tests/test_kernels.py tests/test_svdquant.py" T_TESTS=${T_TESTS:-200} tests_or_stop
+  svdquant_overhead 10 "${T_SVD:-140}" "tail -37"
+  step chain.txt "${T_CHAIN:-80}" "tail -8" kernels_chain_m16_prep \
+    python3 benchmarks/kernels_chain.py --m 16 --layers 8 --formats int4_g64,nf4_g64 --name kernels_chain_m16_prep
   ;;
 fragment)  # the fragment layout (default for int3 and NF4): its CUDA tests, then every config of its kernel against fp16 and the rows layout
-  TEST_FILES="tests/test_fragment.py" TEST_K=cuda T_TESTS=${T_TESTS:-150} cuda_tests || { echo "CUDA tests failed: no benchmarks"; exit 1; }
-  FRAG_SHAPES=${FRAG_SHAPES:-14336x4096,4096x14336}
-  echo "== python3 benchmarks/gluon_fragment_probe.py --shapes $FRAG_SHAPES --m 1,16 --reps 10" | tee "$OUT/fragment.txt"
-  timeout "${T_FRAG:-330}" python3 benchmarks/gluon_fragment_probe.py --shapes "$FRAG_SHAPES" --m 1,16 --reps 10 2>&1 | grep -v -i warn \
-    | tee -a "$OUT/fragment.txt" | grep -E "fp16|WRONG"
-  cp benchmarks/results/gluon_fragment_probe.json "$OUT/" 2>/dev/null
+  TEST_FILES="tests/test_fragment.py" TEST_K=cuda T_TESTS=${T_TESTS:-150} tests_or_stop
+  step fragment.txt "${T_FRAG:-330}" "grep -E 'fp16|WRONG'" gluon_fragment_probe \
+    python3 benchmarks/gluon_fragment_probe.py --shapes "${FRAG_SHAPES:-14336x4096,4096x14336}" --m 1,16 --reps 10
   ;;
 fragment_on)  # the library with BITSMITH_FRAGMENT=1: the kernel table at M = 1 and 16, and the compiled decode step
   export BITSMITH_FRAGMENT=1
-  echo "== BITSMITH_FRAGMENT=1 python3 benchmarks/kernels_bench.py --m 1,16 --formats int4_g64,int4_g128,nf4_g64,int3_g64 --no-w8a8 --reps 20 --name kernels_fragment" | tee "$OUT/kernels_bench.txt"
-  timeout "${T_BENCH:-250}" python3 benchmarks/kernels_bench.py --m 1,16 --formats int4_g64,int4_g128,nf4_g64,int3_g64 --no-w8a8 --reps 20 \
-    --name kernels_fragment 2>/dev/null | tee -a "$OUT/kernels_bench.txt" | tail -24
-  echo "== BITSMITH_FRAGMENT=1 python3 benchmarks/decode_e2e.py --batch 1 --formats fp16,int4_g64,nf4_g64,int3_g64 --reps 30 --compile --name decode_e2e_b1_fragment" | tee "$OUT/decode_e2e.txt"
-  timeout "${T_E2E:-300}" python3 benchmarks/decode_e2e.py --batch 1 --formats fp16,int4_g64,nf4_g64,int3_g64 --reps 30 --compile \
-    --name decode_e2e_b1_fragment 2>&1 | grep -v -i warn | tee -a "$OUT/decode_e2e.txt" | tail -8
-  tar cf "$OUT/results.tar" -C benchmarks/results kernels_fragment.json decode_e2e_b1_fragment.json 2>/dev/null
+  step kernels_bench.txt "${T_BENCH:-250}" "tail -24" kernels_fragment env BITSMITH_FRAGMENT=1 \
+    python3 benchmarks/kernels_bench.py --m 1,16 --formats int4_g64,int4_g128,nf4_g64,int3_g64 --no-w8a8 --reps 20 --name kernels_fragment
+  step decode_e2e.txt "${T_E2E:-300}" "tail -8" decode_e2e_b1_fragment env BITSMITH_FRAGMENT=1 \
+    python3 benchmarks/decode_e2e.py --batch 1 --formats fp16,int4_g64,nf4_g64,int3_g64 --reps 30 --compile --name decode_e2e_b1_fragment
   ;;
 layouts)  # fragment CUDA tests; rows vs fragment layout, both tuned with a cold L2: kernel table (M = 1, 16, 2048)
-  TEST_FILES="tests/test_fragment.py tests/test_svdquant.py" TEST_K=cuda T_TESTS=${T_TESTS:-90} cuda_tests || { echo "CUDA tests failed: no benchmarks"; exit 1; }
+  TEST_FILES="tests/test_fragment.py tests/test_svdquant.py" TEST_K=cuda T_TESTS=${T_TESTS:-90} tests_or_stop
   for f in 0 1; do
-    echo "== BITSMITH_FRAGMENT=$f python3 benchmarks/kernels_bench.py --shapes ${LAYOUT_SHAPES:-4096x4096,14336x4096,4096x14336,28672x8192} --m 1,16,2048 --formats int4_g64,nf4_g64,int3_g64 --no-w8a8 --reps 20 --name kernels_layout$f" | tee -a "$OUT/kernels_bench.txt"
-    BITSMITH_FRAGMENT=$f timeout "${T_BENCH:-220}" python3 benchmarks/kernels_bench.py --shapes "${LAYOUT_SHAPES:-4096x4096,14336x4096,4096x14336,28672x8192}" \
-      --m 1,16,2048 --formats int4_g64,nf4_g64,int3_g64 --no-w8a8 --reps 20 \
-      --name kernels_layout$f 2>"$OUT/kernels_bench_progress$f.txt" | tee -a "$OUT/kernels_bench.txt" | grep -v tinygemm | tail -25
+    step kernels_bench.txt "${T_BENCH:-220}" "grep -v tinygemm | tail -25" "kernels_layout$f" env BITSMITH_FRAGMENT=$f \
+      python3 benchmarks/kernels_bench.py --shapes "${LAYOUT_SHAPES:-4096x4096,14336x4096,4096x14336,28672x8192}" \
+      --m 1,16,2048 --formats int4_g64,nf4_g64,int3_g64 --no-w8a8 --reps 20 --name "kernels_layout$f"
   done
-  tar cf "$OUT/results.tar" -C benchmarks/results kernels_layout0.json kernels_layout1.json 2>/dev/null
   ;;
 layouts_e2e)  # the compiled decode step at batch 1 in both layouts (after 'layouts'; its own call)
   for f in 0 1; do
-    echo "== BITSMITH_FRAGMENT=$f python3 benchmarks/decode_e2e.py --batch 1 --formats ${E2E_FORMATS:-fp16,int4_g64,nf4_g64,int3_g64} --reps 30 --compile --name decode_e2e_b1_layout$f" | tee -a "$OUT/decode_e2e.txt"
-    BITSMITH_FRAGMENT=$f timeout "${T_E2E:-270}" python3 benchmarks/decode_e2e.py --batch 1 --formats "${E2E_FORMATS:-fp16,int4_g64,nf4_g64,int3_g64}" --reps 30 --compile \
-      --name decode_e2e_b1_layout$f 2>&1 | grep -v -i warn | tee -a "$OUT/decode_e2e.txt" | tail -6
+    step decode_e2e.txt "${T_E2E:-270}" "tail -6" "decode_e2e_b1_layout$f" env BITSMITH_FRAGMENT=$f \
+      python3 benchmarks/decode_e2e.py --batch 1 --formats "${E2E_FORMATS:-fp16,int4_g64,nf4_g64,int3_g64}" --reps 30 --compile \
+      --name "decode_e2e_b1_layout$f"
   done
-  tar cf "$OUT/results.tar" -C benchmarks/results decode_e2e_b1_layout0.json decode_e2e_b1_layout1.json 2>/dev/null
   ;;
 siblings)  # CUDA tests of the sibling groups and the fragment layout; compiled batch-1 decode, stacked projections
-  if [ "${TESTS:-1}" = 1 ]; then
-    TEST_FILES="tests/test_siblings.py tests/test_fragment.py" TEST_K=cuda T_TESTS=${T_TESTS:-100} cuda_tests || { echo "CUDA tests failed: no benchmarks"; exit 1; }
-  fi
-  name=${SIB_NAME:-decode_e2e_b1_siblings}
-  fmts=${SIB_FORMATS:-fp16,int4_g64+fused+head8,int4_g64+fused,nf4_g64+fused+head8,int3_g64+fused+head8}
-  echo "== BITSMITH_FRAGMENT=${BITSMITH_FRAGMENT:-} python3 benchmarks/decode_e2e.py --batch 1 --formats $fmts --reps 30 --compile --name $name" | tee -a "$OUT/decode_e2e.txt"
-  timeout "${T_E2E:-400}" python3 benchmarks/decode_e2e.py --batch 1 --formats "$fmts" --reps 30 --compile --name "$name" 2>&1 \
-    | grep -v -i warn | tee -a "$OUT/decode_e2e.txt" | grep -E "B=|x fp16|^ *(fp16|int|nf)"  # rows as they come
-  cp "benchmarks/results/$name.json" "$OUT/" 2>/dev/null  # by name: two runs in one call keep both
+  [ "${TESTS:-1}" = 0 ] || TEST_FILES="tests/test_siblings.py tests/test_fragment.py" TEST_K=cuda T_TESTS=${T_TESTS:-100} tests_or_stop
+  name=${SIB_NAME:-decode_e2e_b1_siblings}  # by name: two runs in one call keep both
+  echo "BITSMITH_FRAGMENT=${BITSMITH_FRAGMENT-unset}" >> "$OUT/decode_e2e.txt"
+  step decode_e2e.txt "${T_E2E:-400}" "grep -E 'B=|x fp16|^ *(fp16|int|nf)'" "$name" \
+    python3 benchmarks/decode_e2e.py --batch 1 --formats "${SIB_FORMATS:-fp16,int4_g64+fused+head8,int4_g64+fused,nf4_g64+fused+head8,int3_g64+fused+head8}" \
+    --reps 30 --compile --name "$name"
   ;;
 frag_pdl)  # the fragment kernel launched as a programmatic dependent: tests, chain, decode
   export BITSMITH_FRAGMENT_PDL=1
-  TEST_FILES="tests/test_fragment.py tests/test_siblings.py" TEST_K=cuda T_TESTS=${T_TESTS:-100} cuda_tests || { echo "CUDA tests failed: no benchmarks"; exit 1; }
-  echo "== BITSMITH_FRAGMENT_PDL=1 python3 benchmarks/kernels_chain.py --m 1 --layers 8 --stacked --formats int3_g64,nf4_g64 --reps 20 --name kernels_chain_frag_pdl" | tee "$OUT/chain.txt"
-  timeout "${T_CHAIN:-120}" python3 benchmarks/kernels_chain.py --m 1 --layers 8 --stacked --formats int3_g64,nf4_g64 --reps 20 \
-    --name kernels_chain_frag_pdl 2>&1 | grep -v -i warn | tee -a "$OUT/chain.txt" | tail -8
-  cp benchmarks/results/kernels_chain_frag_pdl.json "$OUT/" 2>/dev/null
+  TEST_FILES="tests/test_fragment.py tests/test_siblings.py" TEST_K=cuda T_TESTS=${T_TESTS:-100} tests_or_stop
+  step chain.txt "${T_CHAIN:-120}" "tail -8" kernels_chain_frag_pdl env BITSMITH_FRAGMENT_PDL=1 \
+    python3 benchmarks/kernels_chain.py --m 1 --layers 8 --stacked --formats int3_g64,nf4_g64 --reps 20 --name kernels_chain_frag_pdl
   # every 3/4-bit format in the fragment layout (int4 too: without PDL it trailed the rows layout in the step)
-  fmts=${PDL_FORMATS:-fp16,int4_g64+fused+head8,int3_g64+fused+head8,nf4_g64+fused+head8}
-  echo "== BITSMITH_FRAGMENT=all BITSMITH_FRAGMENT_PDL=1 python3 benchmarks/decode_e2e.py --batch 1 --formats $fmts --reps 30 --compile --name decode_e2e_b1_frag_pdl" | tee "$OUT/decode_e2e.txt"
-  BITSMITH_FRAGMENT=all timeout "${T_E2E:-300}" python3 benchmarks/decode_e2e.py --batch 1 --formats "$fmts" --reps 30 --compile \
-    --name decode_e2e_b1_frag_pdl 2>&1 | grep -v -i warn | tee -a "$OUT/decode_e2e.txt" | tail -7
-  cp benchmarks/results/decode_e2e_b1_frag_pdl.json "$OUT/" 2>/dev/null
+  step decode_e2e.txt "${T_E2E:-300}" "tail -7" decode_e2e_b1_frag_pdl env BITSMITH_FRAGMENT=all BITSMITH_FRAGMENT_PDL=1 \
+    python3 benchmarks/decode_e2e.py --batch 1 --formats "${PDL_FORMATS:-fp16,int4_g64+fused+head8,int3_g64+fused+head8,nf4_g64+fused+head8}" \
+    --reps 30 --compile --name decode_e2e_b1_frag_pdl
   ;;
 order)  # the fragment words block-major against group-major: CUDA tests, then every config in both orders
-  TEST_FILES="tests/test_fragment.py" TEST_K=cuda T_TESTS=${T_TESTS:-120} cuda_tests || { echo "CUDA tests failed: no benchmarks"; exit 1; }
-  echo "== python3 benchmarks/gluon_fragment_probe.py --orders block,group --shapes ${FRAG_SHAPES:-14336x4096,28672x8192} --m 1,16 --formats ${FRAG_FORMATS:-int4_g64,int3_g64,nf4_g64} --reps 10 --name gluon_fragment_probe_order" | tee "$OUT/fragment.txt"
-  timeout "${T_FRAG:-330}" python3 benchmarks/gluon_fragment_probe.py --orders block,group --shapes "${FRAG_SHAPES:-14336x4096,28672x8192}" \
-    --m 1,16 --formats "${FRAG_FORMATS:-int4_g64,int3_g64,nf4_g64}" --reps 10 --name gluon_fragment_probe_order 2>&1 | grep -v -i warn \
-    | tee -a "$OUT/fragment.txt" | grep -E "fp16|WRONG"
-  cp benchmarks/results/gluon_fragment_probe_order.json "$OUT/" 2>/dev/null
+  TEST_FILES="tests/test_fragment.py" TEST_K=cuda T_TESTS=${T_TESTS:-120} tests_or_stop
+  step fragment.txt "${T_FRAG:-330}" "grep -E 'fp16|WRONG'" gluon_fragment_probe_order \
+    python3 benchmarks/gluon_fragment_probe.py --orders block,group --shapes "${FRAG_SHAPES:-14336x4096,28672x8192}" \
+    --m 1,16 --formats "${FRAG_FORMATS:-int4_g64,int3_g64,nf4_g64}" --reps 10 --name gluon_fragment_probe_order
   ;;
 wide)  # the wide Gluon tiles and the wgmma kernel: tests, then M = 16..128 in both layouts
-  TEST_FILES=tests/test_fragment.py TEST_K="cuda and (wide or gemm or wgmma)" T_TESTS=${T_TESTS:-180} cuda_tests || { echo "CUDA tests failed: no benchmarks"; exit 1; }
-  ms=${WIDE_MS:-16,32,64,128}; shapes=${WIDE_SHAPES:-14336x4096,28672x8192}
+  TEST_FILES=tests/test_fragment.py TEST_K="cuda and (wide or gemm or wgmma)" T_TESTS=${T_TESTS:-180} tests_or_stop
   for lay in all 0; do
-    name=kernels_wide_layout_$lay
-    echo "== BITSMITH_FRAGMENT=$lay python3 benchmarks/kernels_bench.py --shapes $shapes --m $ms --formats int4_g64,int3_g64,nf4_g64 --no-w8a8 --reps 20 --name $name" | tee -a "$OUT/kernels_wide.txt"
-    BITSMITH_FRAGMENT=$lay timeout "${T_BENCH:-170}" python3 benchmarks/kernels_bench.py --shapes "$shapes" --m "$ms" --formats int4_g64,int3_g64,nf4_g64 \
-      --no-w8a8 --reps 20 --name "$name" 2>&1 | grep -v -i warn | tee -a "$OUT/kernels_wide.txt" | grep -E "^ +[0-9]+x[0-9]+ +[0-9]+ [a-z]"
-    cp "benchmarks/results/$name.json" "$OUT/" 2>/dev/null
+    step kernels_wide.txt "${T_BENCH:-170}" "grep -E '^ +[0-9]+x[0-9]+ +[0-9]+ [a-z]'" "kernels_wide_layout_$lay" env BITSMITH_FRAGMENT=$lay \
+      python3 benchmarks/kernels_bench.py --shapes "${WIDE_SHAPES:-14336x4096,28672x8192}" --m "${WIDE_MS:-16,32,64,128}" \
+      --formats int4_g64,int3_g64,nf4_g64 --no-w8a8 --reps 20 --name "kernels_wide_layout_$lay"
   done
   ;;
 suite)  # every CUDA test, this release's defaults, the Gluon W8A8 GEMM and W8A8's PDL switched on
@@ -327,47 +282,38 @@ suite)  # every CUDA test, this release's defaults, the Gluon W8A8 GEMM and W8A8
 w8a8)  # W8A8 at M = 2048, part by part (W8A8_TMA=1: the W8A8 CUDA tests first, and the Gluon GEMM timed too)
   if [ "${W8A8_TMA:-0}" = 1 ]; then
     export BITSMITH_W8A8_WGMMA=1
-    TEST_FILES=tests/test_kernels.py TEST_K="cuda and w8a8" T_TESTS=${T_TESTS:-120} cuda_tests || { echo "CUDA tests failed: no benchmark"; exit 1; }
+    TEST_FILES=tests/test_kernels.py TEST_K="cuda and w8a8" T_TESTS=${T_TESTS:-120} tests_or_stop
   fi
-  echo "== BITSMITH_W8A8_WGMMA=${BITSMITH_W8A8_WGMMA:-0} BITSMITH_W8A8_PDL=${BITSMITH_W8A8_PDL:-0} python3 benchmarks/w8a8_probe.py --m 2048 --reps 20 --overlap 2,4 --name w8a8_probe_m2048" | tee "$OUT/w8a8.txt"
-  timeout "${T_W8A8:-200}" python3 benchmarks/w8a8_probe.py --m 2048 --reps 20 --overlap 2,4 --name w8a8_probe_m2048 2>&1 | grep -v -i warn \
-    | tee -a "$OUT/w8a8.txt"
-  cp benchmarks/results/w8a8_probe_m2048.json "$OUT/" 2>/dev/null
+  echo "BITSMITH_W8A8_WGMMA=${BITSMITH_W8A8_WGMMA-unset} BITSMITH_W8A8_PDL=${BITSMITH_W8A8_PDL-unset}" >> "$OUT/w8a8.txt"
+  step w8a8.txt "${T_W8A8:-200}" cat w8a8_probe_m2048 \
+    python3 benchmarks/w8a8_probe.py --m 2048 --reps 20 --overlap 2,4 --name w8a8_probe_m2048
   ;;
 w8a8_check)  # W8A8's CUDA tests (TESTS=0: none), the sanitizer, the README's M = 2048 table
-  if [ "${TESTS:-1}" = 1 ]; then
-    w8a8_tests "cuda and w8a8" 120 || { echo "CUDA tests failed: no benchmark"; exit 1; }
-  fi
+  [ "${TESTS:-1}" = 0 ] || w8a8_tests "cuda and w8a8" 120 || { echo "CUDA tests failed: no benchmark"; exit 1; }
   OUT="$OUT" T_WARM=${T_WARM:-100} T_SAN=${T_SAN:-220} bash benchmarks/kernels_sanitize.sh | tail -4
   m2048_table 24
   ;;
 gluon)  # the warp-specialized Gluon W8A8 GEMM: CUDA tests (both schedules), compute-sanitizer with it, every config timed
   w8a8_tests "cuda and w8a8" 150 || { echo "CUDA tests failed: no benchmark"; exit 1; }
   BITSMITH_W8A8_WGMMA=1 OUT="$OUT" T_WARM=${T_WARM:-100} T_SAN=${T_SAN:-200} bash benchmarks/kernels_sanitize.sh | tail -4
-  echo "== python3 benchmarks/w8a8_variants.py --shapes 4096x4096,14336x4096 --warps 8 --reps 20 --name w8a8_variants_gluon" | tee "$OUT/variants.txt"
-  timeout "${T_VAR:-150}" python3 benchmarks/w8a8_variants.py --shapes 4096x4096,14336x4096 --warps 8 --reps 20 \
-    --name w8a8_variants_gluon 2>&1 | grep -v -i warn | tee -a "$OUT/variants.txt"
-  cp benchmarks/results/w8a8_variants_gluon.json "$OUT/" 2>/dev/null
+  step variants.txt "${T_VAR:-150}" cat w8a8_variants_gluon \
+    python3 benchmarks/w8a8_variants.py --shapes 4096x4096,14336x4096 --warps 8 --reps 20 --name w8a8_variants_gluon
   ;;
 pingpong)  # the Gluon GEMM's ping-pong schedule in the tuner: W8A8 part by part at M = 2048 on the four shapes, the
   # README's M = 2048 table, then Nsight Compute on the per-token quantization (4096x4096)
   w8a8_m2048 pingpong
-  echo "== ncu --section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats --section SchedulerStats --section Occupancy --section LaunchStats -k regex:_quant_rows_kernel -c 1 python3 benchmarks/w8a8_variants.py --shapes 4096x4096 --warps 8 --no-wgmma --reps 2 --name ncu_tmp" > "$OUT/ncu_quant.txt"
-  timeout "${T_NCU:-120}" ncu --section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats --section SchedulerStats \
-    --section Occupancy --section LaunchStats -k regex:_quant_rows_kernel -c 1 python3 benchmarks/w8a8_variants.py --shapes 4096x4096 \
-    --warps 8 --no-wgmma --reps 2 --name ncu_tmp 2>&1 | grep -v "^==PROF==" >> "$OUT/ncu_quant.txt"
-  grep -E "Duration|Throughput|Issue Slots|Warp Cycles Per Issued|No Eligible|Achieved Occupancy|Registers Per|Waves|Stall" "$OUT/ncu_quant.txt" | head -30
+  ncu_step ncu_quant.txt "${T_NCU:-120}" "grep -E 'Duration|Throughput|Issue Slots|Warp Cycles Per Issued|No Eligible|Achieved Occupancy|Registers Per|Waves|Stall' | head -30" \
+    --section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats --section SchedulerStats --section Occupancy \
+    --section LaunchStats -k regex:_quant_rows_kernel -c 1 python3 benchmarks/w8a8_variants.py --shapes 4096x4096 --warps 8 --no-wgmma --reps 2 --name ncu_tmp
   ;;
 cvt)  # the quantization's one-instruction conversion (CVT_RNI): W8A8's CUDA tests, then the quantization alone
   # (4, 8 and 16 warps, either conversion; a 32-register cap at 8 warps spills, compiled for sm_90), W8A8 part by part at M = 2048 on the four
   # shapes and the README's M = 2048 table, both with BITSMITH_W8A8_CVT=1 (the CUDA tests run both conversions)
   w8a8_tests "cuda and w8a8 and not every_config" 120 || { echo "CUDA tests failed: no benchmark"; exit 1; }
-  echo "== python3 benchmarks/w8a8_variants.py --shapes 4096x4096,4096x14336 --warps 4,8,16 --cvt 1,0 --quant-only --reps 20 --name w8a8_quant_cvt" | tee "$OUT/variants.txt"
-  timeout "${T_VAR:-120}" python3 benchmarks/w8a8_variants.py --shapes 4096x4096,4096x14336 --warps 4,8,16 --cvt 1,0 --quant-only --reps 20 \
-    --name w8a8_quant_cvt 2>&1 | grep -v -i warn | tee -a "$OUT/variants.txt" | grep -v "^  tma"
-  cp benchmarks/results/w8a8_quant_cvt.json "$OUT/" 2>/dev/null
+  step variants.txt "${T_VAR:-120}" "grep -v '^  tma'" w8a8_quant_cvt \
+    python3 benchmarks/w8a8_variants.py --shapes 4096x4096,4096x14336 --warps 4,8,16 --cvt 1,0 --quant-only --reps 20 --name w8a8_quant_cvt
   BITSMITH_W8A8_CVT=1 w8a8_m2048 cvt
-;;
+  ;;
 k256)  # the int8 GEMM with 256-wide K steps (eight wgmma a warpgroup between waits, two stages) beside the library's
   # 4096x4096 pick, then the SM clock and power under back-to-back matmuls (as run at bf3e625 its first part also timed
   # the persistent quantization, since removed: w8a8_quant_persist_h100.txt)
@@ -375,40 +321,33 @@ k256)  # the int8 GEMM with 256-wide K steps (eight wgmma a warpgroup between wa
   nvidia-smi --query-gpu=timestamp,clocks.sm,clocks.max.sm,power.draw,power.limit,clocks_throttle_reasons.active \
     --format=csv -lms 50 > "$OUT/clocks_k256.csv" 2>&1 &
   SMI=$!
-  echo "== python3 benchmarks/w8a8_variants.py --shapes 4096x4096 --warps 8 --no-wgmma --tma 'x256 w,128x256x128 w8 s4 g8 persistent' --reps 20 --name w8a8_variants_k256" | tee "$OUT/k256.txt"
-  timeout "${T_K256:-240}" python3 benchmarks/w8a8_variants.py --shapes 4096x4096 --warps 8 --no-wgmma \
-    --tma 'x256 w,128x256x128 w8 s4 g8 persistent' --reps 20 --name w8a8_variants_k256 2>&1 | grep -v -i warn | tee -a "$OUT/k256.txt"
-  cp benchmarks/results/w8a8_variants_k256.json "$OUT/" 2>/dev/null
+  step k256.txt "${T_K256:-240}" cat w8a8_variants_k256 python3 benchmarks/w8a8_variants.py --shapes 4096x4096 --warps 8 --no-wgmma \
+    --tma 'x256 w,128x256x128 w8 s4 g8 persistent' --reps 20 --name w8a8_variants_k256
   kill "$SMI" 2>/dev/null
-  echo "== python3 benchmarks/gpu_clocks_probe.py --shape 4096x4096 --m 2048 --seconds 2" | tee "$OUT/clocks.txt"
-  timeout 60 python3 benchmarks/gpu_clocks_probe.py --shape 4096x4096 --m 2048 --seconds 2 2>&1 | grep -v -i warn | tee -a "$OUT/clocks.txt"
-  cp benchmarks/results/gpu_clocks_probe.json "$OUT/" 2>/dev/null
+  step clocks.txt 60 cat gpu_clocks_probe python3 benchmarks/gpu_clocks_probe.py --shape 4096x4096 --m 2048 --seconds 2
   ;;
 prefetch)  # the weight's L2 prefetch from the activation quantization (BITSMITH_W8A8_PREFETCH): W8A8 on 4096x4096 with
   # it off and on in alternating rounds beside fp16 (the GEMM fixed, nothing tuned), then W8A8's CUDA tests (on and off)
-  echo "== python3 benchmarks/w8a8_prefetch_probe.py --shape 4096x4096 --m 2048 --rounds 3" | tee "$OUT/prefetch.txt"
-  timeout "${T_PROBE:-120}" python3 benchmarks/w8a8_prefetch_probe.py --shape 4096x4096 --m 2048 --rounds 3 2>&1 | grep -v -i warn \
-    | tee -a "$OUT/prefetch.txt"
-  cp benchmarks/results/w8a8_prefetch_probe.json "$OUT/" 2>/dev/null
+  step prefetch.txt "${T_PROBE:-120}" cat w8a8_prefetch_probe \
+    python3 benchmarks/w8a8_prefetch_probe.py --shape 4096x4096 --m 2048 --rounds 3
   [ "${TESTS:-1}" = 0 ] || w8a8_tests "cuda and w8a8 and not every_config" "${T_TESTS:-150}"
   ;;
 ceiling)  # the read ceiling: the stacked layer's M = 1 matmuls vs a kernel that only reads the same bytes, one graph each
-  TEST_FILES=tests/test_kernels.py TEST_K=read_kernel T_TESTS=${T_TESTS:-60} cuda_tests || { echo "CUDA test failed: no benchmark"; exit 1; }
-  echo "== python3 benchmarks/kernels_chain.py --m 1 --layers 8 --stacked --read-ceiling --formats int4_g64,nf4_g64,int3_g64 --name kernels_chain_ceiling" | tee "$OUT/chain.txt"
-  timeout "${T_CHAIN:-200}" python3 benchmarks/kernels_chain.py --m 1 --layers 8 --stacked --read-ceiling --formats int4_g64,nf4_g64,int3_g64 \
-    --name kernels_chain_ceiling 2>&1 | grep -v -i warn | tee -a "$OUT/chain.txt" | tail -12
-  cp benchmarks/results/kernels_chain_ceiling.json "$OUT/" 2>/dev/null
+  TEST_FILES=tests/test_kernels.py TEST_K=read_kernel T_TESTS=${T_TESTS:-60} tests_or_stop
+  step chain.txt "${T_CHAIN:-200}" "tail -12" kernels_chain_ceiling python3 benchmarks/kernels_chain.py --m 1 --layers 8 --stacked \
+    --read-ceiling --formats int4_g64,nf4_g64,int3_g64 --name kernels_chain_ceiling
   ;;
 tc)  # the tensor-core kernel's wider search at M = 16 (warps, tiles, stages, register cap)
-  echo "== python3 benchmarks/kernels_configs.py --m 16 --tc-sweep --formats int4_g64,nf4_g64 --reps 10 --top 5 --name kernels_configs_tc_m16" | tee "$OUT/tc.txt"
-  timeout "${T_CFG:-330}" python3 benchmarks/kernels_configs.py --m 16 --tc-sweep --formats int4_g64,nf4_g64 --reps 10 --top 5 \
-    --name kernels_configs_tc_m16 2>&1 | grep -v -i warn | tee -a "$OUT/tc.txt" | grep -v "^  fail" | tail -60
-  cp benchmarks/results/kernels_configs_tc_m16.json "$OUT/" 2>/dev/null
+  step tc.txt "${T_CFG:-330}" "grep -v '^  fail' | tail -60" kernels_configs_tc_m16 \
+    python3 benchmarks/kernels_configs.py --m 16 --tc-sweep --formats int4_g64,nf4_g64 --reps 10 --top 5 --name kernels_configs_tc_m16
   ;;
 sanitize)  # compute-sanitizer memcheck over every kernel
   OUT="$OUT" bash benchmarks/kernels_sanitize.sh
   ;;
 bench)
   SKIP_TESTS=1 BENCH_ARGS="--m 1,16 --reps 20" BENCH_NAME=kernels_h100_m1v2 T_BENCH=${T_BENCH:-300} bash benchmarks/kernels_gpu_run.sh
+  ;;
+*)
+  echo "unknown mode '$1': see the list at the top of $0" >&2; exit 2
   ;;
 esac

@@ -30,3 +30,72 @@ def test_gpu_script_says_it_needs_a_gpu(script):
                          text=True, timeout=120)
     assert got.returncode == 2 and "needs a CUDA GPU" in got.stderr, (got.returncode, got.stderr[-2000:])
     assert "Traceback" not in got.stderr
+
+
+SESSION = ROOT / "benchmarks" / "kernels_gpu_session.sh"
+SESSION_MODES = re.findall(r"^([a-z0-9_]+)\)", SESSION.read_text(), re.M)
+
+
+@pytest.fixture(scope="module")
+def stand_ins(tmp_path_factory):
+    """A PATH whose python3, nvidia-smi, ncu, compute-sanitizer and timeout only write their arguments to a log:
+    the session script runs every mode on a machine without a GPU, in a second."""
+    bin_dir = tmp_path_factory.mktemp("stand_ins")
+    for tool in ("python3", "nvidia-smi", "ncu", "compute-sanitizer"):
+        (bin_dir / tool).write_text(f'#!/bin/bash\nprintf "%s\\0" {tool} "$@" >> "$STAND_IN_LOG"; printf "\\n" >> "$STAND_IN_LOG"\n')
+    (bin_dir / "timeout").write_text('#!/bin/bash\nshift\n"$@"\n')
+    for f in bin_dir.iterdir():
+        f.chmod(0o755)
+    return bin_dir
+
+
+def _session_calls(stand_ins, tmp_path, mode):
+    log = tmp_path / "calls.log"
+    log.touch()
+    env = {**os.environ, "PATH": f"{stand_ins}{os.pathsep}{os.environ['PATH']}", "STAND_IN_LOG": str(log),
+           "OUT": str(tmp_path / "out")}
+    got = subprocess.run(["bash", str(SESSION), mode], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    calls = [line.split("\0")[:-1] for line in log.read_text().splitlines() if line]
+    return got, calls
+
+
+def test_session_modes_are_documented():
+    header = SESSION.read_text().split("\nset -u", 1)[0]
+    documented = set(re.findall(r"kernels_gpu_session\.sh (\w+)", header))
+    assert len(SESSION_MODES) >= 30 and set(SESSION_MODES) - {"bench", "sanitize"} <= documented, \
+        sorted(set(SESSION_MODES) - documented)
+
+
+@pytest.mark.parametrize("mode", SESSION_MODES)
+def test_session_mode_runs_scripts_that_exist(stand_ins, tmp_path, mode):
+    """Each mode of the GPU session script runs to its end and only names benchmark scripts and test files that exist
+    (a renamed script, a typo in a path or a shell error shows here, not in a device call that costs minutes)."""
+    got, calls = _session_calls(stand_ins, tmp_path, mode)
+    assert got.returncode == 0, got.stderr[-2000:]
+    assert "command not found" not in got.stderr and "syntax error" not in got.stderr, got.stderr[-2000:]
+    python_calls = [c for c in calls if c[0] == "python3" and c[1:2] != ["-c"]
+                    and c[1:3] != ["-m", "pip"]]
+    assert python_calls, f"mode {mode} ran no python"
+    for call in python_calls:
+        if call[1:3] == ["-m", "pytest"]:
+            test_files = [a for a in call if a.startswith("tests/")]
+            assert test_files and all((ROOT / f).is_file() for f in test_files), call
+        else:
+            assert call[1].startswith("benchmarks/") and (ROOT / call[1]).is_file(), call
+
+
+def test_session_rejects_an_unknown_mode(stand_ins, tmp_path):
+    got, calls = _session_calls(stand_ins, tmp_path, "no_such_mode")
+    assert got.returncode == 2 and "unknown mode 'no_such_mode'" in got.stderr and not calls
+
+
+def test_session_step_keeps_the_command_line_and_the_result(stand_ins, tmp_path):
+    """The command is recorded as it can be typed again (quoted where the shell needs it), warnings are dropped
+    and the result JSON it names is copied out."""
+    got, calls = _session_calls(stand_ins, tmp_path, "k256")
+    out = tmp_path / "out"
+    text = (out / "k256.txt").read_text()
+    assert ("== python3 benchmarks/w8a8_variants.py --shapes 4096x4096 --warps 8 --no-wgmma "
+            "--tma 'x256 w,128x256x128 w8 s4 g8 persistent' --reps 20 --name w8a8_variants_k256") in text
+    assert ["python3", "benchmarks/w8a8_variants.py", "--shapes", "4096x4096", "--warps", "8", "--no-wgmma", "--tma",
+            "x256 w,128x256x128 w8 s4 g8 persistent", "--reps", "20", "--name", "w8a8_variants_k256"] in calls
