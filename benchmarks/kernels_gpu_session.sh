@@ -53,7 +53,7 @@
 #       then the SM clock and power while fp16, torch._int_mm and bitsmith's int8 GEMM each run back to back (gpu_clocks_probe.py)
 #   OUT=/some/dir bash benchmarks/kernels_gpu_session.sh prefetch   # the GEMM's weight prefetched into the L2 by the
 #       activation quantization (BITSMITH_W8A8_PREFETCH): 4096x4096 off/on in rounds (w8a8_prefetch_probe.py), then
-#       W8A8's CUDA tests (TESTS=0: none)
+#       W8A8's CUDA tests (TESTS=0: none), then the README's M = 2048 table with the prefetch on (TABLE=0: not)
 #   OUT=/some/dir bash benchmarks/kernels_gpu_session.sh one        # one call for all of it when device time is short:
 #       CUDA tests, M = 1 table int4 vs NF4, compiled end-to-end decode, host overhead
 # The CUDA tests run with pytest-xdist when it is importable (carried as wheels: .whl/, see the device notes).
@@ -331,6 +331,9 @@ prefetch)  # the weight's L2 prefetch from the activation quantization (BITSMITH
   step prefetch.txt "${T_PROBE:-120}" cat w8a8_prefetch_probe \
     python3 benchmarks/w8a8_prefetch_probe.py --shape 4096x4096 --m 2048 --rounds 3
   [ "${TESTS:-1}" = 0 ] || w8a8_tests "cuda and w8a8 and not every_config" "${T_TESTS:-150}"
+  # and the README's M = 2048 table with the prefetch on (TABLE=0: not)
+  [ "${TABLE:-1}" = 0 ] || step kernels_bench.txt "${T_BENCH:-250}" "tail -24" kernels_m2048_w8a8_prefetch env BITSMITH_W8A8_PREFETCH=1 \
+    python3 benchmarks/kernels_bench.py --m 2048 --formats int4_g64 --reps 10 --name kernels_m2048_w8a8_prefetch
   ;;
 ceiling)  # the read ceiling: the stacked layer's M = 1 matmuls vs a kernel that only reads the same bytes, one graph each
   TEST_FILES=tests/test_kernels.py TEST_K=read_kernel T_TESTS=${T_TESTS:-60} tests_or_stop
