@@ -2,10 +2,11 @@
 
 ``bitsmith.kernels.w8a8.L2_PREFETCH``: the activation quantization asks the L2 for the GEMM's
 int8 weight while it codes the rows, so that the GEMM finds it there. This times the library call
-(quantization + GEMM, CUDA graph, L2 flushed before each replay, median) with the prefetch off
-and on in alternating rounds in one process, beside fp16 ``F.linear``, with the GEMM fixed to the
-config the tuner picked on the H100 (no tuning: nothing to compile but the two kernels), and
-checks that both give the same output.
+(quantization + GEMM, CUDA graph, median) with the prefetch off and on in alternating rounds in
+one process, beside fp16 ``F.linear``, with the GEMM fixed to the config the tuner picked on the
+H100 (no tuning: nothing to compile but the two kernels), and checks that both give the same
+output. Each is timed after both flushes of the L2: by a write (dirty lines, whose write-back the
+prefetch may pay; the README's tables) and by a read (clean lines, as other layers' weights leave).
 
   python benchmarks/w8a8_prefetch_probe.py --shape 4096x4096 --m 2048 --rounds 3
 """
@@ -43,13 +44,20 @@ def main() -> None:
     dev = x.device
     timer = Timer(dev, reps=args.reps, warmup=3)
     w8a8.W8A8_CONFIG[(_m_bucket(args.m), n, k)] = GEMM
-    outs, times = {}, {"fp16": [], "off": [], "on": []}
+    # each mode after either flush: a write leaves the L2 dirty (the README's tables), a read leaves it clean (as other
+    # layers' weights do, and as the tuner times); a prefetch that evicts dirty lines pays their write-back
+    keys = [f"{mode} {flush}" for flush in ("dirty", "clean") for mode in ("fp16", "off", "on")]
+    outs, times = {}, {key: [] for key in keys}
     for _ in range(args.rounds):
-        times["fp16"].append(timer.time_graph(lambda: torch.nn.functional.linear(x, w16)))
-        for mode in ("off", "on"):
-            w8a8.L2_PREFETCH["enabled"] = mode == "on"
-            outs[mode] = w8a8.w8a8_linear(x, wq, sw)
-            times[mode].append(timer.time_graph(lambda: w8a8.w8a8_linear(x, wq, sw)))
+        for key in keys:
+            mode, flush = key.split()
+            if mode == "fp16":
+                call = lambda: torch.nn.functional.linear(x, w16)  # noqa: E731
+            else:
+                w8a8.L2_PREFETCH["enabled"] = mode == "on"
+                outs[mode] = w8a8.w8a8_linear(x, wq, sw)
+                call = lambda: w8a8.w8a8_linear(x, wq, sw)  # noqa: E731
+            times[key].append(timer.time_graph(call, clean=flush == "clean"))
     same = bool(torch.equal(outs["off"], outs["on"]))
     lines = w8a8._prefetch_plan(args.m, wq)
     row = {"n": n, "k": k, "m": args.m, "gemm": GEMM, "same_output": same, "prefetch_plan": lines,
@@ -57,10 +65,12 @@ def main() -> None:
     med = row["median_us"]
     print(f"{n}x{k}, M = {args.m}: prefetch plan (lines a program, lines, PF_LINES) {lines}; outputs equal: {same}")
     print(f"  {'':<14} {'median us':>10} {'x fp16':>7}   rounds")
-    for key in ("fp16", "off", "on"):
-        print(f"  {key:<14} {med[key]:10.1f} {med['fp16'] / med[key]:7.2f}   " + " ".join(f"{t:.1f}" for t in times[key]))
+    for key in keys:
+        fp16 = med[f"fp16 {key.split()[1]}"]
+        print(f"  {key:<14} {med[key]:10.1f} {fp16 / med[key]:7.2f}   " + " ".join(f"{t:.1f}" for t in times[key]))
     write_result(args.name, {"device": torch.cuda.get_device_name(dev), "rows": [row],
-                             "timing": "CUDA-graph replay with the L2 flushed (dirty), median of reps; rounds alternate"})
+                             "timing": "CUDA-graph replay with the L2 flushed by a write (dirty) or a read (clean) before "
+                                       "each replay, median of reps; rounds alternate"})
 
 
 if __name__ == "__main__":

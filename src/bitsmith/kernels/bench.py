@@ -87,8 +87,8 @@ class Timer:
         torch.cuda.synchronize()
         return self._events(fn, clean)
 
-    def time_graph(self, fn: Callable[[], object]) -> float:
-        """Median microseconds of one call replayed from a CUDA graph, L2 flushed."""
+    def time_graph(self, fn: Callable[[], object], clean: bool = False) -> float:
+        """Median microseconds of one call replayed from a CUDA graph, L2 flushed (``clean``: by a read)."""
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
@@ -100,7 +100,7 @@ class Timer:
             fn()
         for _ in range(self.warmup):
             graph.replay()
-        return self._events(graph.replay)
+        return self._events(graph.replay, clean)
 
     @staticmethod
     def host_overhead(fn: Callable[[], object], calls: int = 200) -> float:
