@@ -70,11 +70,11 @@ shown() {  # the command line as one would type it: arguments with spaces or she
 }
 step() {  # step TXT SECONDS SHOW RESULT CMD...: one measurement. Appends "== CMD" and CMD's output (warnings dropped) to
   # $OUT/TXT, runs CMD under `timeout SECONDS`, shows the console what the filter SHOW lets through ("cat", "tail -8",
-  # a grep; a pipeline is fine), then copies benchmarks/results/RESULT.json into $OUT (RESULT "": nothing to copy).
-  # Its exit status is CMD's (124 when the time ran out)
+  # a grep; a pipeline is fine; the log still gets every line when SHOW stops reading early, as head does), then
+  # copies benchmarks/results/RESULT.json into $OUT (RESULT "": nothing to copy). Its exit status is CMD's (124: timed out)
   local txt="$OUT/$1" secs=$2 show=$3 result=$4; shift 4
   echo "== $(shown "$@")" | tee -a "$txt"
-  timeout "$secs" "$@" 2>&1 | grep -v -i warn | tee -a "$txt" | eval "$show"
+  timeout "$secs" "$@" 2>&1 | grep -v -i warn | tee -p -a "$txt" | eval "$show"
   local status=${PIPESTATUS[0]}
   [ -z "$result" ] || cp "benchmarks/results/$result.json" "$OUT/" 2>/dev/null || echo "(no benchmarks/results/$result.json)" | tee -a "$txt"
   return "$status"
