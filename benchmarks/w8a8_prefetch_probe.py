@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import require_cuda, write_result  # noqa: E402
+from _common import add_shape_args, require_cuda, write_result  # noqa: E402
 from w8a8_probe import add_one_shape_args, one_shape_case  # noqa: E402
 
 #: the H100's pick for 4096x4096 at M = 2048 (w8a8_probe_cvt_h100.json): persistent TMA GEMM
@@ -30,9 +30,8 @@ GEMM = {"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 128, "GROUP_M": 8, "num_warps
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--reps", type=int, default=20)
+    add_shape_args(ap, "w8a8_prefetch_probe", 20, shapes=None)
     ap.add_argument("--rounds", type=int, default=3, help="off/on pairs, alternating")
-    ap.add_argument("--name", default="w8a8_prefetch_probe")
     add_one_shape_args(ap)
     args = ap.parse_args()
     require_cuda("w8a8_prefetch_probe")
@@ -47,18 +46,18 @@ def main() -> None:
     # each mode after either flush: a write leaves the L2 dirty (the README's tables), a read leaves it clean (as other
     # layers' weights do, and as the tuner times); a prefetch that evicts dirty lines pays their write-back
     keys = [f"{mode} {flush}" for flush in ("dirty", "clean") for mode in ("fp16", "off", "on")]
-    outs, times = {}, {key: [] for key in keys}
+    outs = {}
+    for mode in ("off", "on"):
+        w8a8.L2_PREFETCH["enabled"] = mode == "on"
+        outs[mode] = w8a8.w8a8_linear(x, wq, sw)
+    same = bool(torch.equal(outs["off"], outs["on"]))
+    times = {key: [] for key in keys}
     for _ in range(args.rounds):
         for key in keys:
             mode, flush = key.split()
-            if mode == "fp16":
-                call = lambda: torch.nn.functional.linear(x, w16)  # noqa: E731
-            else:
-                w8a8.L2_PREFETCH["enabled"] = mode == "on"
-                outs[mode] = w8a8.w8a8_linear(x, wq, sw)
-                call = lambda: w8a8.w8a8_linear(x, wq, sw)  # noqa: E731
+            w8a8.L2_PREFETCH["enabled"] = mode == "on"  # read when the call is captured
+            call = (lambda: torch.nn.functional.linear(x, w16)) if mode == "fp16" else (lambda: w8a8.w8a8_linear(x, wq, sw))
             times[key].append(timer.time_graph(call, clean=flush == "clean"))
-    same = bool(torch.equal(outs["off"], outs["on"]))
     lines = w8a8._prefetch_plan(args.m, wq)
     row = {"n": n, "k": k, "m": args.m, "gemm": GEMM, "same_output": same, "prefetch_plan": lines,
            "us": times, "median_us": {key: statistics.median(v) for key, v in times.items()}}
