@@ -79,8 +79,9 @@ step() {  # step TXT SECONDS SHOW RESULT CMD...: one measurement. Appends "== CM
   [ -z "$result" ] || cp "benchmarks/results/$result.json" "$OUT/" 2>/dev/null || echo "(no benchmarks/results/$result.json)" | tee -a "$txt"
   return "$status"
 }
-tests_or_stop() {  # cuda_tests, and the session ends there when one fails (no benchmark of a wrong kernel)
-  cuda_tests || { echo "CUDA tests failed: no benchmarks"; exit 1; }
+tests_or_stop() {  # tests_or_stop [TESTS ARGS...]: cuda_tests (or TESTS ARGS..., e.g. w8a8_tests), and the session ends
+  # there when one fails (no benchmark of a wrong kernel)
+  "${@:-cuda_tests}" || { echo "CUDA tests failed: no benchmarks"; exit 1; }
 }
 cuda_tests() {  # CUDA tests of the kernels and SVDQuant's module; exit status 0 when all pass
   nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$OUT/device.txt"
@@ -289,12 +290,12 @@ w8a8)  # W8A8 at M = 2048, part by part (W8A8_TMA=1: the W8A8 CUDA tests first, 
     python3 benchmarks/w8a8_probe.py --m 2048 --reps 20 --overlap 2,4 --name w8a8_probe_m2048
   ;;
 w8a8_check)  # W8A8's CUDA tests (TESTS=0: none), the sanitizer, the README's M = 2048 table
-  [ "${TESTS:-1}" = 0 ] || w8a8_tests "cuda and w8a8" 120 || { echo "CUDA tests failed: no benchmark"; exit 1; }
+  [ "${TESTS:-1}" = 0 ] || tests_or_stop w8a8_tests "cuda and w8a8" 120
   OUT="$OUT" T_WARM=${T_WARM:-100} T_SAN=${T_SAN:-220} bash benchmarks/kernels_sanitize.sh | tail -4
   m2048_table 24
   ;;
 gluon)  # the warp-specialized Gluon W8A8 GEMM: CUDA tests (both schedules), compute-sanitizer with it, every config timed
-  w8a8_tests "cuda and w8a8" 150 || { echo "CUDA tests failed: no benchmark"; exit 1; }
+  tests_or_stop w8a8_tests "cuda and w8a8" 150
   BITSMITH_W8A8_WGMMA=1 OUT="$OUT" T_WARM=${T_WARM:-100} T_SAN=${T_SAN:-200} bash benchmarks/kernels_sanitize.sh | tail -4
   step variants.txt "${T_VAR:-150}" cat w8a8_variants_gluon \
     python3 benchmarks/w8a8_variants.py --shapes 4096x4096,14336x4096 --warps 8 --reps 20 --name w8a8_variants_gluon
@@ -309,7 +310,7 @@ pingpong)  # the Gluon GEMM's ping-pong schedule in the tuner: W8A8 part by part
 cvt)  # the quantization's one-instruction conversion (CVT_RNI): W8A8's CUDA tests, then the quantization alone
   # (4, 8 and 16 warps, either conversion; a 32-register cap at 8 warps spills, compiled for sm_90), W8A8 part by part at M = 2048 on the four
   # shapes and the README's M = 2048 table, both with BITSMITH_W8A8_CVT=1 (the CUDA tests run both conversions)
-  w8a8_tests "cuda and w8a8 and not every_config" 120 || { echo "CUDA tests failed: no benchmark"; exit 1; }
+  tests_or_stop w8a8_tests "cuda and w8a8 and not every_config" 120
   step variants.txt "${T_VAR:-120}" "grep -v '^  tma'" w8a8_quant_cvt \
     python3 benchmarks/w8a8_variants.py --shapes 4096x4096,4096x14336 --warps 4,8,16 --cvt 1,0 --quant-only --reps 20 --name w8a8_quant_cvt
   BITSMITH_W8A8_CVT=1 w8a8_m2048 cvt

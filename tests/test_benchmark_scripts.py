@@ -39,21 +39,22 @@ SESSION_MODES = re.findall(r"^([a-z0-9_]+)\)", SESSION.read_text(), re.M)
 @pytest.fixture(scope="module")
 def stand_ins(tmp_path_factory):
     """A PATH whose python3, nvidia-smi, ncu, compute-sanitizer and timeout only write their arguments to a log:
-    the session script runs every mode on a machine without a GPU, in a second."""
+    the session script runs every mode on a machine without a GPU, in a second (``STAND_IN_TESTS_FAIL``: pytest fails)."""
     bin_dir = tmp_path_factory.mktemp("stand_ins")
     for tool in ("python3", "nvidia-smi", "ncu", "compute-sanitizer"):
-        (bin_dir / tool).write_text(f'#!/bin/bash\nprintf "%s\\0" {tool} "$@" >> "$STAND_IN_LOG"; printf "\\n" >> "$STAND_IN_LOG"\n')
+        (bin_dir / tool).write_text(f'#!/bin/bash\nprintf "%s\\0" {tool} "$@" >> "$STAND_IN_LOG"; printf "\\n" >> "$STAND_IN_LOG"\n'
+                                    '[ -n "${STAND_IN_TESTS_FAIL:-}" ] && [ "$2" = pytest ] && exit 1\nexit 0\n')
     (bin_dir / "timeout").write_text('#!/bin/bash\nshift\n"$@"\n')
     for f in bin_dir.iterdir():
         f.chmod(0o755)
     return bin_dir
 
 
-def _session_calls(stand_ins, tmp_path, mode):
+def _session_calls(stand_ins, tmp_path, mode, **env_extra):
     log = tmp_path / "calls.log"
     log.touch()
     env = {**os.environ, "PATH": f"{stand_ins}{os.pathsep}{os.environ['PATH']}", "STAND_IN_LOG": str(log),
-           "OUT": str(tmp_path / "out")}
+           "OUT": str(tmp_path / "out"), **env_extra}
     got = subprocess.run(["bash", str(SESSION), mode], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
     calls = [line.split("\0")[:-1] for line in log.read_text().splitlines() if line]
     return got, calls
@@ -82,6 +83,15 @@ def test_session_mode_runs_scripts_that_exist(stand_ins, tmp_path, mode):
             assert test_files and all((ROOT / f).is_file() for f in test_files), call
         else:
             assert call[1].startswith("benchmarks/") and (ROOT / call[1]).is_file(), call
+
+
+@pytest.mark.parametrize("mode", ["gluon", "cvt", "w8a8_check", "overlap"])
+def test_session_stops_when_its_tests_fail(stand_ins, tmp_path, mode):
+    """Modes that benchmark a kernel after its CUDA tests end there when a test fails: no numbers of a wrong kernel."""
+    got, calls = _session_calls(stand_ins, tmp_path, mode, STAND_IN_TESTS_FAIL="1")
+    assert got.returncode == 1 and "CUDA tests failed" in got.stdout, (got.returncode, got.stdout[-2000:])
+    assert any(c[1:3] == ["-m", "pytest"] for c in calls)
+    assert not [c for c in calls if any(a.startswith("benchmarks/") for a in c)], calls
 
 
 def test_session_rejects_an_unknown_mode(stand_ins, tmp_path):
