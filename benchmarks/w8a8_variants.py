@@ -78,7 +78,7 @@ def main() -> None:
         for warps, cap, cvt in variants:
 
             def launch(warps=warps, cap=cap, cvt=cvt):
-                w8a8._quant_rows_kernel[(args.m,)](x, q, s, s, s, s, 0, 0, k, x.stride(0), q.stride(0), STATIC=False, HAS_MIG=False,
+                w8a8._quant_rows_kernel[(args.m,)](x, q, s, s, s, k, x.stride(0), q.stride(0), STATIC=False, HAS_MIG=False,
                                                    RECIP_SCALE=True, FMA_DIV=True, BLOCK_K=block, PDL=False, CVT_RNI=bool(cvt),
                                                    num_warps=warps, **({"maxnreg": cap} if cap else {}))
             q.zero_()

@@ -763,8 +763,8 @@ def test_interp_w8a8_fma_division_path_runs():
         x = (torch.randn(9, k, generator=g) * 3).half()
         q = torch.full((9, k), 99, dtype=torch.int8)
         sx = torch.full((9,), -1.0, dtype=torch.float32)
-        w8a8._quant_rows_kernel[(9,)](x, q, sx, sx, sx, sx, 0, 0, k, x.stride(0), q.stride(0), STATIC=False,
-                                      HAS_MIG=False, RECIP_SCALE=False, FMA_DIV=True, BLOCK_K=block, PDL=False)
+        w8a8._quant_rows_kernel[(9,)](x, q, sx, sx, sx, k, x.stride(0), q.stride(0), STATIC=False, HAS_MIG=False,
+                                      RECIP_SCALE=False, FMA_DIV=True, BLOCK_K=block, PDL=False)
         q_ref, s_ref = quantize_activation(x)
         assert torch.equal(sx, s_ref.reshape(-1)), k
         ratio = x.float() / s_ref
@@ -777,9 +777,8 @@ def test_interp_w8a8_fma_division_path_runs():
     for static in (torch.tensor([0.05]), None):
         q = torch.empty(1, 6, dtype=torch.int8)
         sx = torch.empty(1, dtype=torch.float32)
-        w8a8._quant_rows_kernel[(1,)](x, q, sx, static if static is not None else sx, sx, sx, 0, 0, 6, 6, 6,
-                                      STATIC=static is not None, HAS_MIG=False, RECIP_SCALE=False, FMA_DIV=True,
-                                      BLOCK_K=8, PDL=False)
+        w8a8._quant_rows_kernel[(1,)](x, q, sx, static if static is not None else sx, sx, 6, 6, 6, STATIC=static is not None,
+                                      HAS_MIG=False, RECIP_SCALE=False, FMA_DIV=True, BLOCK_K=8, PDL=False)
         q_ref, _ = quantize_activation(x, None, static)
         finite = torch.isfinite(x) if static is None else torch.ones_like(x, dtype=torch.bool)
         assert torch.equal(q[finite], q_ref[finite]), (static, q, q_ref)
@@ -842,41 +841,6 @@ def test_w8a8_quantization_codes_take_one_conversion_a_value_on_the_gpu():
         assert any(t.startswith("FSETP.NAN") for t in ins) == guarded
         assert any(t.startswith("FMNMX") and ("-128" in t or " 127" in t) for t in ins) == guarded
     assert len(magic) - len(fast) >= 2 * 32, (len(fast), len(magic))
-    # the weight's L2 prefetch: one predicated CCTL (PTX prefetch.global.L2) a thread, within the
-    # same 32 registers; none without it
-    prefetching = ops(cvt_rni=True, prefetch_lines=64)
-    assert [t for t in prefetching if t.lstrip("@!P0123456789 ").startswith("CCTL") and "L2" in t]
-    assert not [t for t in fast if "CCTL" in t]
-
-
-def test_w8a8_l2_prefetch_plan():
-    """Which quantizations also prefetch the GEMM's weight into the L2, and how it is split: only
-    with the switch on, a contiguous CUDA weight of at most ``max_bytes``, and at most
-    ``PREFETCH_LINES_MAX`` 128-byte lines a program (one program a row); the lines cover the
-    weight (the last program's share may run past it: those are masked off by ``pf_total``)."""
-    from bitsmith.kernels import w8a8
-
-    class FakeWeight:  # the plan reads only these
-        def __init__(self, nbytes, is_cuda=True, contiguous=True):
-            self.nbytes, self.is_cuda, self._contiguous = nbytes, is_cuda, contiguous
-
-        def is_contiguous(self):
-            return self._contiguous
-
-    w4096 = FakeWeight(4096 * 4096)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setitem(w8a8.L2_PREFETCH, "enabled", False)
-        assert w8a8._prefetch_plan(2048, w4096) == (0, 0, 0)
-        mp.setitem(w8a8.L2_PREFETCH, "enabled", True)
-        assert w8a8._prefetch_plan(2048, w4096) == (64, 131072, 64)  # 16 MiB: 64 lines (8 KiB) a row
-        odd = w8a8._prefetch_plan(300, FakeWeight(1000 * 1541))  # 1,541,000 bytes
-        assert odd == (41, 12040, 64) and odd[0] * 300 >= odd[1]  # every line has a program
-        assert w8a8._prefetch_plan(17, w4096) == (0, 0, 0)  # 7711 lines a program: too many
-        assert w8a8._prefetch_plan(2048, None) == (0, 0, 0)
-        assert w8a8._prefetch_plan(2048, FakeWeight(4096 * 4096, is_cuda=False)) == (0, 0, 0)
-        assert w8a8._prefetch_plan(2048, FakeWeight(4096 * 4096, contiguous=False)) == (0, 0, 0)
-        assert w8a8._prefetch_plan(8192, FakeWeight(14336 * 4096)) == (0, 0, 0)  # 56 MiB: over the L2's half
-        assert w8a8._prefetch_plan(2048, FakeWeight(w8a8.L2_PREFETCH["max_bytes"])) != (0, 0, 0)
 
 
 def _w8a8_gemm_case(m, n, k, device, dtype=torch.float16):
@@ -946,23 +910,21 @@ def test_w8a8_gemm_candidates_by_switch(monkeypatch):
 def test_w8a8_tma_switch_reads_the_environment():
     """``BITSMITH_W8A8_TMA`` unset means the TMA kernel is on, ``0`` off; ``BITSMITH_W8A8_WGMMA``
     is off unless ``1``; ``BITSMITH_W8A8_PINGPONG`` on unless ``0``; ``BITSMITH_W8A8_CVT`` (the
-    quantization's conversion) on unless ``0``; ``BITSMITH_W8A8_PREFETCH`` (the weight's L2
-    prefetch) off unless ``1`` (each read at import, in a fresh interpreter)."""
+    quantization's conversion) on unless ``0`` (each read at import, in a fresh interpreter)."""
     import subprocess
     import sys
 
     probe = ("from bitsmith.kernels import w8a8; "
-             "print(w8a8.QUANT_CVT['enabled'], w8a8.TMA['enabled'], w8a8.TMA['wgmma'], w8a8.TMA['pingpong'], "
-             "w8a8.L2_PREFETCH['enabled'])")
+             "print(w8a8.QUANT_CVT['enabled'], w8a8.TMA['enabled'], w8a8.TMA['wgmma'], w8a8.TMA['pingpong'])")
     env = {k: v for k, v in os.environ.items() if not k.startswith("BITSMITH_W8A8_")}
     src = str(Path(__file__).resolve().parents[1] / "src")
     env["PYTHONPATH"] = src + os.pathsep + env.get("PYTHONPATH", "")
-    for extra, want in (({}, "True True False True False"),
-                        ({"BITSMITH_W8A8_TMA": "0", "BITSMITH_W8A8_CVT": "0"}, "False False False True False"),
-                        ({"BITSMITH_W8A8_WGMMA": "1", "BITSMITH_W8A8_PREFETCH": "1"}, "True True True True True"),
-                        ({"BITSMITH_W8A8_PINGPONG": "0"}, "True True False False False")):
+    for extra, want in (({}, "True True False True"),
+                        ({"BITSMITH_W8A8_TMA": "0", "BITSMITH_W8A8_CVT": "0"}, "False False False True"),
+                        ({"BITSMITH_W8A8_WGMMA": "1"}, "True True True True"),
+                        ({"BITSMITH_W8A8_PINGPONG": "0"}, "True True False False")):
         got = subprocess.run([sys.executable, "-c", probe], env={**env, **extra}, capture_output=True, text=True, check=True)
-        assert got.stdout.split()[-5:] == want.split(), (extra, got.stdout, got.stderr)
+        assert got.stdout.split()[-4:] == want.split(), (extra, got.stdout, got.stderr)
 
 
 @pytest.mark.skipif(INTERPRETED or not HAVE_TRITON, reason="compiles for sm_90 (not under the interpreter)")
@@ -1123,14 +1085,12 @@ def test_cuda_w8a8_tma_gemm_every_config_equals_reference(monkeypatch):
 
 @needs_cuda
 @pytest.mark.parametrize("cvt", [False, True])  # the quantization's conversion (BITSMITH_W8A8_CVT), both ways
-@pytest.mark.parametrize("prefetch", [False, True])  # the weight's L2 prefetch (BITSMITH_W8A8_PREFETCH): at M = 300 it runs
 @pytest.mark.parametrize("m", [1, 17, 300])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_cuda_w8a8_equals_torch_path(m, dtype, cvt, prefetch, monkeypatch):
+def test_cuda_w8a8_equals_torch_path(m, dtype, cvt, monkeypatch):
     from bitsmith.kernels import w8a8
 
     monkeypatch.setitem(w8a8.QUANT_CVT, "enabled", cvt)
-    monkeypatch.setitem(w8a8.L2_PREFETCH, "enabled", prefetch)
     _w8a8_case(m, 1000, 1541, dtype, "cuda")
     _w8a8_case(m, 512, 4096, dtype, "cuda", static=True, migration=True)
     _w8a8_case(m, 96, 17000, dtype, "cuda", migration=True)  # rows past MAX_ROW_TILE: read twice, in tiles

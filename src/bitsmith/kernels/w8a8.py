@@ -93,32 +93,15 @@ if HAVE_TRITON:
             return tl.where(m > 0, tl.math.div_rn(m, 127.0), 1.0)
 
     @triton.jit
-    def _prefetch_l2(pf_ptr, pf_lines, pf_total, LINES: tl.constexpr):
-        """Program ``p`` asks the L2 for 128-byte lines ``[p pf_lines, (p + 1) pf_lines)`` of
-        ``pf_ptr`` (those below ``pf_total``), to be kept there first (``evict_last``): a
-        prefetch is issued and not waited for (CUDA only: PTX ``prefetch``)."""
-        i = tl.arange(0, LINES)
-        line = tl.program_id(0).to(tl.int64) * pf_lines + i
-        ok = (i < pf_lines) & (line < pf_total)
-        tl.inline_asm_elementwise(
-            "{ .reg .pred p; setp.ne.s32 p, $2, 0; @p prefetch.global.L2::evict_last [$1]; mov.u32 $0, 0; }",
-            "=r,l,r", [pf_ptr + line * 128, ok.to(tl.int32)], dtype=tl.int32, is_pure=False, pack=1)
-
-    @triton.jit
-    def _quant_rows_kernel(x_ptr, q_ptr, s_ptr, static_ptr, mig_ptr, pf_ptr, pf_lines, pf_total, K, stride_x, stride_q,
+    def _quant_rows_kernel(x_ptr, q_ptr, s_ptr, static_ptr, mig_ptr, K, stride_x, stride_q,
                            STATIC: tl.constexpr, HAS_MIG: tl.constexpr, RECIP_SCALE: tl.constexpr,
-                           FMA_DIV: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr, CVT_RNI: tl.constexpr = False,
-                           PF_LINES: tl.constexpr = 0):
+                           FMA_DIV: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr, CVT_RNI: tl.constexpr = False):
         """Program ``p`` codes row ``p``: a row of at most ``BLOCK_K`` channels is read once, a
-        longer one twice (absmax, then codes) in tiles of ``BLOCK_K``. ``PF_LINES`` > 0 (a row in one
-        tile only): after its row's load it also asks the L2 for its share of the next GEMM's
-        weights (:func:`_prefetch_l2`, ``pf_lines`` lines a program of ``pf_total``; :data:`L2_PREFETCH`)."""
+        longer one twice (absmax, then codes) in tiles of ``BLOCK_K``."""
         row = tl.program_id(0)
         if BLOCK_K >= K:  # the whole row in one tile: read it once
             offs = tl.arange(0, BLOCK_K)
             v = _row_values(x_ptr, mig_ptr, row, stride_x, offs, K, HAS_MIG)
-            if PF_LINES > 0:  # while the row's read is in flight
-                _prefetch_l2(pf_ptr, pf_lines, pf_total, PF_LINES)
             if STATIC:
                 scale = tl.load(static_ptr).to(tl.float32)
             else:
@@ -256,40 +239,19 @@ def _static_scale(act_scale: torch.Tensor | float | None, device: torch.device) 
 MAX_ROW_TILE = 16384
 
 
-def _prefetch_plan(m: int, weight: torch.Tensor | None) -> tuple[int, int, int]:
-    """``(lines a program, lines in all, PF_LINES)`` for the quantization's programs (one a row of
-    ``m``) to prefetch ``weight`` into the L2 (:data:`L2_PREFETCH`); ``(0, 0, 0)``: none (no weight,
-    the switch off, a weight over the byte limit or not contiguous, or more than
-    :data:`PREFETCH_LINES_MAX` lines a program)."""
-    if (weight is None or not L2_PREFETCH["enabled"] or not weight.is_cuda or not weight.is_contiguous()
-            or weight.nbytes > L2_PREFETCH["max_bytes"]):
-        return 0, 0, 0
-    total = -(-weight.nbytes // 128)
-    per_program = -(-total // m)
-    if per_program > PREFETCH_LINES_MAX:
-        return 0, 0, 0
-    return per_program, total, triton.next_power_of_2(per_program)
-
-
-def _quantize_launch(x: torch.Tensor, act_scale: torch.Tensor | None, migration_scale: torch.Tensor | None,
-                     prefetch: torch.Tensor | None = None):
+def _quantize_launch(x: torch.Tensor, act_scale: torch.Tensor | None, migration_scale: torch.Tensor | None):
     """One ``_quant_rows_kernel`` launch for contiguous-row ``x [M, K]`` (``act_scale``: a
     one-value device tensor or ``None``): ``(q, s, launch)``, ``launch`` = ``(hit, grid, args)``
-    for a launch plan (``hit`` from :func:`bitsmith.kernels.qmm._run`). ``prefetch``: the next
-    GEMM's int8 weight, asked into the L2 by the same programs where :func:`_prefetch_plan` says
-    (and the row is read in one tile, where the kernel issues it)."""
+    for a launch plan (``hit`` from :func:`bitsmith.kernels.qmm._run`)."""
     m, k = x.shape
     q = torch.empty(m, k, dtype=torch.int8, device=x.device)
     s = torch.empty(m, dtype=torch.float32, device=x.device)
     block = min(MAX_ROW_TILE, triton.next_power_of_2(k))
     mig = migration_scale if migration_scale is not None else s
-    pf_lines, pf_total, pf_block = _prefetch_plan(m, prefetch if block >= k else None)  # rows read in tiles: none
-    args = (x, q, s, act_scale if act_scale is not None else s, mig, prefetch if pf_block else s, pf_lines, pf_total, k,
-            x.stride(0), q.stride(0))
+    args = (x, q, s, act_scale if act_scale is not None else s, mig, k, x.stride(0), q.stride(0))
     hit = _run(_quant_rows_kernel, (m,), args,
                {"STATIC": act_scale is not None, "HAS_MIG": migration_scale is not None, "RECIP_SCALE": x.is_cuda,
-                "FMA_DIV": x.is_cuda, "BLOCK_K": block, "PDL": pdl_on(x.device), "CVT_RNI": x.is_cuda and QUANT_CVT["enabled"],
-                "PF_LINES": pf_block},
+                "FMA_DIV": x.is_cuda, "BLOCK_K": block, "PDL": pdl_on(x.device), "CVT_RNI": x.is_cuda and QUANT_CVT["enabled"]},
                {"num_warps": 4 if block <= 1024 else 8 if block <= 4096 else 16})
     return q, s, (hit, (m,), args)
 
@@ -333,18 +295,6 @@ PDL = {"enabled": os.environ.get("BITSMITH_W8A8_PDL", "") == "1"}
 #: (``BITSMITH_W8A8_CVT=0``: off): its CUDA tests pass on the H100, and 4096 channels at M = 2048
 #: code in 14.2-14.4 against 14.5-14.8 us at 4 and 8 warps (w8a8_quant_cvt_h100.txt)
 QUANT_CVT = {"enabled": os.environ.get("BITSMITH_W8A8_CVT", "") != "0"}
-
-#: whether the per-token quantization also asks the L2 for the GEMM's int8 weight (PTX
-#: ``prefetch.global.L2::evict_last``, each program its share), so that the GEMM, which starts
-#: when the quantization ends, finds it there instead of in DRAM. Only for weights of at most
-#: ``max_bytes`` (half the H100's 50 MB L2; the activations and their codes pass through it too).
-#: Opt-in (``BITSMITH_W8A8_PREFETCH=1``) until it is timed on the H100. Why: flushed, the H100's
-#: 4096x4096 int8 GEMM takes 63.8 us at full clock where back to back with the L2 warm it takes
-#: 58.2 at 1740 MHz (docs/gpu-kernels.md), and the quantization before it moves 24 MB in 14 us,
-#: about half the copy bandwidth, so the DRAM has room for the weight's 16 MB beside it
-L2_PREFETCH = {"enabled": os.environ.get("BITSMITH_W8A8_PREFETCH", "") == "1", "max_bytes": 24 << 20}
-#: the most 128-byte lines one quantization program prefetches (else, at small M, none is)
-PREFETCH_LINES_MAX = 256
 
 
 def pdl_on(device: torch.device) -> bool:
@@ -518,8 +468,7 @@ def w8a8_linear(
         x2 = x2.contiguous()
     if act_scale is not None and not isinstance(act_scale, torch.Tensor):
         plan_key = None  # a new tensor each call: nothing fixed to keep
-    xq, sx, quant_launch = _quantize_launch(x2, _static_scale(act_scale, x.device), migration_scale,
-                                            w_int8 if backend == "triton" else None)
+    xq, sx, quant_launch = _quantize_launch(x2, _static_scale(act_scale, x.device), migration_scale)
     sw = w_scale if w_scale.dtype == torch.float32 else w_scale.float()
     if sw is not w_scale:
         plan_key = None  # converted per call
@@ -551,18 +500,17 @@ __all__ = ["w8a8_linear", "quantize_per_token", "gemm_candidates", "tma_ok", "W8
 
 
 def compile_quant_offline(fma_div: bool, block: int = 4096, k_multiple: bool = True, arch: int = 90, pdl: bool = False,
-                          cvt_rni: bool | None = None, static: bool = False, prefetch_lines: int = 0):
+                          cvt_rni: bool | None = None, static: bool = False):
     """``_quant_rows_kernel`` compiled for NVIDIA ``sm_<arch>`` on any machine (CI checks its
     machine code): float16 activations, dynamic per-token scales (``static``: a static one), no
     migration; ``block``: the row tile (a row of ``block`` channels read once); ``pdl``: releasing
     a programmatic dependent; ``cvt_rni``: codes converted by one ``cvt.rni`` (``CVT_RNI``; ``None``:
-    as a CUDA launch would, :data:`QUANT_CVT`); ``prefetch_lines``: ``PF_LINES`` (the weight's L2
-    prefetch, :data:`L2_PREFETCH`)."""
+    as a CUDA launch would, :data:`QUANT_CVT`)."""
     from .small_m import _compile_offline
 
     consts = {"STATIC": static, "HAS_MIG": False, "RECIP_SCALE": True, "FMA_DIV": fma_div, "BLOCK_K": block, "PDL": pdl,
-              "CVT_RNI": QUANT_CVT["enabled"] if cvt_rni is None else cvt_rni, "PF_LINES": prefetch_lines}
-    types = {"x_ptr": "fp16", "q_ptr": "i8", "s_ptr": "fp32", "static_ptr": "fp32", "mig_ptr": "fp32", "pf_ptr": "i8"}
+              "CVT_RNI": QUANT_CVT["enabled"] if cvt_rni is None else cvt_rni}
+    types = {"x_ptr": "fp16", "q_ptr": "i8", "s_ptr": "fp32", "static_ptr": "fp32", "mig_ptr": "fp32"}
     warps = 4 if block <= 1024 else 8 if block <= 4096 else 16
     return _compile_offline(_quant_rows_kernel, consts, "fp16", warps, 1, arch, ptr_types=types,
                             aligned_ints=("K", "stride_x", "stride_q") if k_multiple else ())
