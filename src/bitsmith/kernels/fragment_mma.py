@@ -325,25 +325,45 @@ if HAVE_GLUON:
         return blk, w_mask, g_stride
 
     @gluon.jit
-    def _l2_prefetch_group(w_ptr, pid_n, g, g_hi, NB, NG, W: gl.constexpr, RB: gl.constexpr, FMT: gl.constexpr,
-                           GROUP_MAJOR: gl.constexpr):
-        """Ask the L2 for row tile ``pid_n``'s words of group ``g`` (none where ``g >= g_hi``):
-        one PTX ``prefetch.global.L2`` a 128-byte line (a row block's words of a group fill four
-        lines, int3's three), one line a thread, issued and not waited for, so it holds no
-        register (:data:`L2_AHEADS`)."""
+    def _l2_prefetch_group(w_ptr, s_ptr, z_ptr, pid_n, g, g_hi, N, NB, NG, W: gl.constexpr, RB: gl.constexpr,
+                           FMT: gl.constexpr, SG: gl.constexpr, HAS_ZERO: gl.constexpr, GROUP_MAJOR: gl.constexpr):
+        """Ask the L2 for what row tile ``pid_n`` reads in group ``g`` (nothing where ``g >=
+        g_hi``): its words (a row block's fill four 128-byte lines, int3's three) and, with scales
+        by group (``SG`` > 0), the lines holding its scales and zeros. One PTX ``prefetch.global.L2``
+        a line, one line a thread, issued and not waited for, so it holds no register
+        (:data:`L2_AHEADS`)."""
         WPG: gl.constexpr = 32 * _INT3_WORDS if FMT == 2 else 128
         LPB: gl.constexpr = WPG // 32  # lines a row block's group
-        PF_N: gl.constexpr = 32 * W if RB <= 8 else 4 * W * RB  # threads, or more: every line has one
+        WL: gl.constexpr = 4 * W * RB  # word line slots (int3 leaves every fourth empty)
+        BN: gl.constexpr = 16 * W * RB
+        SE: gl.constexpr = 128 * 8 // s_ptr.dtype.element_ty.primitive_bitwidth  # scales a line
+        ML: gl.constexpr = (BN + SE - 1) // SE + 1 if SG > 0 else 0  # lines a tile's scales may touch
+        ZL: gl.constexpr = ML if HAS_ZERO and FMT != 1 else 0
+        PF_N: gl.constexpr = 32 * W if WL + ML + ZL <= 32 * W else 2 * (WL + ML + ZL)  # at least one thread a line
         i = gl.arange(0, PF_N, layout=gl.BlockedLayout([1], [32], [W], [0]))
         rblock = pid_n * (W * RB) + i // 4
         if GROUP_MAJOR:
             off = (g * NB + rblock) * WPG + (i % 4) * 32
         else:
             off = (rblock * NG + g) * WPG + (i % 4) * 32
-        ok = (i < 4 * W * RB) & (i % 4 < LPB) & (rblock < NB) & (g < g_hi)
+        addr = (w_ptr + off).to(gl.int64, bitcast=True)
+        ok = (i < WL) & (i % 4 < LPB) & (rblock < NB)
+        if SG > 0:  # the tile's scales (then zeros) of the group, the last line clamped into the row
+            j = i - WL
+            first = (g // SG) * N + pid_n * BN
+            last = (g // SG) * N + gl.minimum(pid_n * BN + BN, N) - 1
+            m_off = gl.minimum(first + (j % ML) * SE, last)
+            s_addr = (s_ptr + m_off).to(gl.int64, bitcast=True)
+            addr = gl.where((j >= 0) & (j < ML), s_addr, addr)
+            ok = ok | ((j >= 0) & (j < ML))
+            if ZL > 0:
+                z_addr = (z_ptr + m_off).to(gl.int64, bitcast=True)
+                addr = gl.where((j >= ML) & (j < ML + ZL), z_addr, addr)
+                ok = ok | ((j >= ML) & (j < ML + ZL))
+        ok = ok & (g < g_hi)
         gl.inline_asm_elementwise(
             "{ .reg .pred p; setp.ne.s32 p, $2, 0; @p prefetch.global.L2 [$1]; mov.u32 $0, 0; }",
-            "=r,l,r", [w_ptr + off, ok.to(gl.int32)], dtype=gl.int32, is_pure=False, pack=1)
+            "=r,l,r", [addr, ok.to(gl.int32)], dtype=gl.int32, is_pure=False, pack=1)
 
     @gluon.jit
     def _write_tile(acc, ws_ptr, cnt_ptr, b_ptr, out_ptr, rows, row_ok, toks, tile, pid_k, M, N, SPLIT,
@@ -420,7 +440,8 @@ if HAVE_GLUON:
             gl.inline_asm_elementwise("griddepcontrol.launch_dependents; // dummy $0", "=r", [], dtype=gl.int32,
                                       is_pure=False, pack=1)
         for j in gl.static_range(1, L2_AHEAD):  # the groups the loop's first steps do not ask for
-            _l2_prefetch_group(w_ptr, pid_n, g_lo + j, g_hi, NB, NG, W, RB, FMT, GROUP_MAJOR)
+            _l2_prefetch_group(w_ptr, s_ptr, z_ptr, pid_n, g_lo + j, g_hi, N, NB, NG, W, RB, FMT, SG, HAS_ZERO,
+                               GROUP_MAJOR)
         if PREFETCH >= 1:
             words = gl.load(w_ptr + blk + g_lo * g_stride, mask=w_mask & (g_lo < g_hi), other=0)
         if PREFETCH == 2:
@@ -430,7 +451,8 @@ if HAVE_GLUON:
                                       pack=1)
         for g in range(g_lo, g_hi):
             if L2_AHEAD > 0:
-                _l2_prefetch_group(w_ptr, pid_n, g + L2_AHEAD, g_hi, NB, NG, W, RB, FMT, GROUP_MAJOR)
+                _l2_prefetch_group(w_ptr, s_ptr, z_ptr, pid_n, g + L2_AHEAD, g_hi, N, NB, NG, W, RB, FMT, SG, HAS_ZERO,
+                                   GROUP_MAJOR)
             if PREFETCH == 2:  # two groups' words in flight beside this one's products
                 cur = words
                 words = words2
