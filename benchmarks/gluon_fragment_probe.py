@@ -11,7 +11,6 @@ kernels_sass.json). In the fragment layout each lane's words are already its ten
 
     python benchmarks/gluon_fragment_probe.py [--shapes 4096x4096,...] [--m 1,8,16] [--formats ...] [--name NAME]
     python benchmarks/gluon_fragment_probe.py --orders block,group   # both word orders (fragment.ORDERS)
-    python benchmarks/gluon_fragment_probe.py --l2-ahead 0,4,8 --prefetch 1,2   # with the L2 prefetch (fragment_mma.L2_AHEADS)
     python benchmarks/gluon_fragment_probe.py --sass      # sm_90 machine code only, any machine
 
 Variants of the kernel timed with this script and then removed, each slower than the plain
@@ -65,22 +64,13 @@ def sass_report(w: int = 4, tok: int = 8, rb: int = 1, prefetch: bool = False, f
             "shared_or_shuffle": shared, "opcodes": dict(loop.most_common())}
 
 
-def variants(cfgs: list[dict], l2_aheads: tuple[int, ...] = (0,), prefetches: tuple[int, ...] | None = None) -> list[dict]:
-    """``cfgs`` (:func:`bitsmith.kernels.fragment_mma.configs`) with those of ``PREFETCH`` in
-    ``prefetches`` (``None``: all) kept, each once for every ``L2_AHEAD`` in ``l2_aheads``."""
-    return [{**cfg, "L2_AHEAD": ahead} for cfg in cfgs if prefetches is None or cfg["PREFETCH"] in prefetches
-            for ahead in l2_aheads]
-
-
-def probe_weight(w16: torch.Tensor, fmt: str, ms: list[int], timer, orders: tuple[str, ...] | None = None,
-                 l2_aheads: tuple[int, ...] = (0,), prefetches: tuple[int, ...] | None = None) -> list[dict]:
+def probe_weight(w16: torch.Tensor, fmt: str, ms: list[int], timer, orders: tuple[str, ...] | None = None) -> list[dict]:
     """One weight quantized to ``fmt`` as the kernel table quantizes it
-    (:func:`bitsmith.kernels.bench.make_qtensor`): at each M every fragment-kernel config (:func:`variants`:
-    ``L2_AHEAD`` each of ``l2_aheads``, ``PREFETCH`` one of ``prefetches``), with
+    (:func:`bitsmith.kernels.bench.make_qtensor`): at each M every fragment-kernel config, with
     the words in each of ``orders`` (:data:`bitsmith.kernels.fragment.ORDERS`), checked against
     float64 ``x @ W^T`` and timed, next to fp16 ``F.linear`` and the ``rows`` layout's tuned
     kernels (``quant_matmul``); one row per M with the best correct config (and the best of each
-    order, and the best of each ``L2_AHEAD``)."""
+    order)."""
     import torch.nn.functional as F
 
     from bitsmith.kernels import fragment_mma, qmm
@@ -98,40 +88,32 @@ def probe_weight(w16: torch.Tensor, fmt: str, ms: list[int], timer, orders: tupl
     for m in ms:
         x = torch.randn(m, k, device=w16.device, dtype=torch.float16)
         ref = x.double() @ ref_w.t()
-        best, by_order, by_ahead = None, {}, {}
+        best, by_order = None, {}
         for order, frag_rw in frag_rws.items():
-            for cfg in variants(fragment_mma.configs(frag_rw, m, x.dtype, qmm._sm_count(x.device)), l2_aheads,
-                                prefetches):
+            for cfg in fragment_mma.configs(frag_rw, m, x.dtype, qmm._sm_count(x.device)):
                 def run(rw=frag_rw, cfg=cfg):
                     return qmm._launch(rw, x, None, cfg)
 
                 err = float((run().double() - ref).norm() / ref.norm())
                 us = timer.time_graph(run)
                 name = (f"row blocks {cfg['RB']} split {cfg['SPLIT']} prefetch {cfg['PREFETCH']:d}"
-                        + (f" L2 ahead {cfg['L2_AHEAD']}" if len(l2_aheads) > 1 else "")
                         + (f" {order}-major" if len(frag_rws) > 1 else ""))
                 print(f"{n}x{k} {fmt} M={m} {name}: {us:7.1f} us  rel err {err:.1e}", flush=True)
                 if err < 3e-3 and (best is None or us < best[0]):
-                    best = (us, {**{kk: cfg.get(kk, 0) for kk in ("W", "RB", "SPLIT", "PREFETCH", "L2_AHEAD")},
-                                 "order": order}, err)
+                    best = (us, {**{kk: cfg.get(kk, 0) for kk in ("W", "RB", "SPLIT", "PREFETCH")}, "order": order}, err)
                 if err < 3e-3 and us < by_order.get(order, float("inf")):
                     by_order[order] = us
-                if err < 3e-3 and us < by_ahead.get(cfg["L2_AHEAD"], (float("inf"),))[0]:
-                    by_ahead[cfg["L2_AHEAD"]] = (us, {kk: cfg[kk] for kk in ("RB", "SPLIT", "PREFETCH")})
         fp16 = timer.time_graph(lambda: F.linear(x, w16))
         ours = timer.time_graph(lambda: qmm.quant_matmul(x, rows_rw))
         out.append({"n": n, "k": k, "format": fmt, "m": m, "fp16_us": fp16, "rows_layout_us": ours,
                     "fragment_us": None if best is None else best[0], "fragment_cfg": None if best is None else best[1],
                     "rel_err": None if best is None else best[2], "fragment_us_by_order": by_order,
-                    "fragment_by_l2_ahead": {str(a): {"us": us, "cfg": c} for a, (us, c) in sorted(by_ahead.items())},
                     "repack_s": {"rows": rows_rw.repack_seconds,
                                  **{f"fragment {o}": rw.repack_seconds for o, rw in frag_rws.items()}}})
         print(f"  fp16 {fp16:.1f} us, rows layout {ours:.1f} us ({fp16 / ours:.2f}x), fragment "
               f"{'WRONG' if best is None else f'{best[0]:.1f} us ({fp16 / best[0]:.2f}x)'}"
               + ("".join(f", best {o}-major {us:.1f} us ({fp16 / us:.2f}x)" for o, us in by_order.items())
-                 if len(frag_rws) > 1 else "")
-              + ("".join(f", L2 ahead {a}: {us:.1f} us ({fp16 / us:.2f}x)" for a, (us, _) in sorted(by_ahead.items()))
-                 if len(l2_aheads) > 1 else ""), flush=True)
+                 if len(frag_rws) > 1 else ""), flush=True)
     return out
 
 
@@ -145,10 +127,6 @@ def main() -> None:
     ap.add_argument("--orders", default=None,
                     help="the fragment words' orders to time, comma-separated (block, group: fragment.ORDERS; "
                          "default: the library's, BITSMITH_FRAGMENT_ORDER or group)")
-    ap.add_argument("--l2-ahead", default="0",
-                    help="L2_AHEAD values to time each config with, comma-separated (fragment_mma.L2_AHEADS; 0: "
-                         "no L2 prefetch, the library's)")
-    ap.add_argument("--prefetch", default=None, help="only configs with these PREFETCH values (default: all)")
     ap.add_argument("--sass", action="store_true", help="sm_90 machine code only (no GPU needed)")
     args = ap.parse_args()
 
@@ -173,9 +151,7 @@ def main() -> None:
         w16 = (torch.randn(n, k, device=dev) * 0.02).to(torch.float16)
         for fmt in args.formats.split(","):
             orders = tuple(args.orders.split(",")) if args.orders else None
-            rows += probe_weight(w16, fmt, [int(v) for v in args.m.split(",")], timer, orders,
-                                 tuple(int(v) for v in args.l2_ahead.split(",")),
-                                 None if args.prefetch is None else tuple(int(v) for v in args.prefetch.split(",")))
+            rows += probe_weight(w16, fmt, [int(v) for v in args.m.split(",")], timer, orders)
             # after every weight: a run cut short by a time limit keeps what it measured
             write_result(args.name, {"device": torch.cuda.get_device_name(dev), "rows": rows,
                                      "timing": "CUDA-graph replay with the L2 flushed, median"})

@@ -51,9 +51,6 @@
 #   OUT=/some/dir bash benchmarks/kernels_gpu_session.sh k256       # the int8 GEMM with 256-wide K steps beside the
 #       library's 4096x4096 pick (w8a8_variants.py --tma),
 #       then the SM clock and power while fp16, torch._int_mm and bitsmith's int8 GEMM each run back to back (gpu_clocks_probe.py)
-#   OUT=/some/dir bash benchmarks/kernels_gpu_session.sh l2ahead    # the fragment kernel asking the L2 for its words
-#       L2_AHEAD groups ahead: its CUDA tests (TESTS=0: none), then every M = 1 config with L2_AHEAD 0, 4 and 8
-#       (L2_SHAPES, L2_FORMATS, L2_AHEADS; gluon_fragment_probe.py --l2-ahead)
 #   OUT=/some/dir bash benchmarks/kernels_gpu_session.sh one        # one call for all of it when device time is short:
 #       CUDA tests, M = 1 table int4 vs NF4, compiled end-to-end decode, host overhead
 # The CUDA tests run with pytest-xdist when it is importable (carried as wheels: .whl/, see the device notes).
@@ -326,14 +323,6 @@ k256)  # the int8 GEMM with 256-wide K steps (eight wgmma a warpgroup between wa
     --tma 'x256 w,128x256x128 w8 s4 g8 persistent' --reps 20 --name w8a8_variants_k256
   kill "$SMI" 2>/dev/null
   step clocks.txt 60 cat gpu_clocks_probe python3 benchmarks/gpu_clocks_probe.py --shape 4096x4096 --m 2048 --seconds 2
-  ;;
-l2ahead)  # the fragment kernel's L2 prefetch (fragment_mma.L2_AHEADS): CUDA tests, then every M = 1 config with and without
-  [ "${TESTS:-1}" = 0 ] || TEST_FILES=tests/test_fragment.py TEST_K="cuda and (l2_prefetch or every_config)" \
-    T_TESTS=${T_TESTS:-150} tests_or_stop
-  step fragment.txt "${T_FRAG:-400}" "grep -E 'fp16|WRONG'" gluon_fragment_probe_l2 \
-    python3 benchmarks/gluon_fragment_probe.py --shapes "${L2_SHAPES:-14336x4096,28672x8192,4096x14336}" --m 1 \
-    --formats "${L2_FORMATS:-int4_g64,nf4_g64}" --l2-ahead "${L2_AHEADS:-0,4,8}" --prefetch 1,2 --reps 20 \
-    --name gluon_fragment_probe_l2
   ;;
 ceiling)  # the read ceiling: the stacked layer's M = 1 matmuls vs a kernel that only reads the same bytes, one graph each
   TEST_FILES=tests/test_kernels.py TEST_K=read_kernel T_TESTS=${T_TESTS:-60} tests_or_stop

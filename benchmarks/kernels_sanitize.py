@@ -97,8 +97,7 @@ FRAGMENT_CASES = [("rtn", {"bits": 4, "group_size": 64}), ("rtn", {"bits": 3, "g
 def _fragment_cases() -> float:
     """The fragment layout at N = 333 (a partial row block) and K = 1000 (a partial group):
     its kernel at 1 and 16 rows (one and two row blocks a warp, split-K off and over 3 programs,
-    no prefetch and two groups' words ahead, no L2 prefetch and 2 groups ahead: ``L2_AHEAD``
-    past a split's and the weight's last group), and the dequantization path at 19 rows, with the
+    no prefetch and two groups' words ahead), and the dequantization path at 19 rows, with the
     words in each order (block- and group-major, :data:`bitsmith.kernels.fragment.ORDERS`); worst
     relative error against float64. ``BITSMITH_FRAGMENT_PDL=1`` makes its launches programmatic
     dependents."""
@@ -114,9 +113,8 @@ def _fragment_cases() -> float:
             x = torch.randn(m, k, device="cuda", dtype=torch.float16)
             bias = torch.randn(n, device="cuda", dtype=torch.float16)
             ref = x.double() @ w.t() + bias.double()
-            cfgs = [{"KERNEL": "fragment", "W": 4, "RB": rb, "SPLIT": split, "PREFETCH": pf, "num_warps": 4,
-                     "L2_AHEAD": ahead} for rb in (1, 2) for split in (1, 3) for pf in (0, 2) for ahead in (0, 2)
-                    ] if m <= 16 else [{"DEQUANT_MM": True}]
+            cfgs = [{"KERNEL": "fragment", "W": 4, "RB": rb, "SPLIT": split, "PREFETCH": pf, "num_warps": 4}
+                    for rb in (1, 2) for split in (1, 3) for pf in (0, 2)] if m <= 16 else [{"DEQUANT_MM": True}]
             for cfg in cfgs:
                 y = qmm._launch(rw, x, bias, cfg)
                 worst = max(worst, float((y.double() - ref).norm() / ref.norm()))

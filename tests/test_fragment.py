@@ -700,25 +700,6 @@ def test_fragment_kernel_tails_compile():
     assert not [op for op in loop if op.startswith(("LDS", "STS", "SHFL", "BAR"))], loop
 
 
-@needs_gluon
-@pytest.mark.parametrize("fmt", fragment.FORMATS)
-@pytest.mark.parametrize("group_major", [False, True])
-def test_fragment_kernel_l2_prefetch_compiles(fmt, group_major):
-    """``L2_AHEAD``: one ``prefetch.global.L2`` (SASS ``CCTL``) a step in the main loop, none
-    without it, and no spill under the launch's register cap."""
-    for rb in (1, 4):
-        plain = fragment_mma.compile_offline(fmt, rb, 8, 1, GROUP_MAJOR=group_major)
-        ahead = fragment_mma.compile_offline(fmt, rb, 8, 1, GROUP_MAJOR=group_major, L2_AHEAD=4)
-        assert "prefetch.global.L2" not in plain.asm["ptx"] and "prefetch.global.L2" in ahead.asm["ptx"]
-        loops = [probe.loop_opcodes(c.asm["cubin"]) for c in (plain, ahead)]
-        assert loops[0]["CCTL.E.PF2"] == 0 and loops[1]["CCTL.E.PF2"] == 1, (rb, loops[1])
-        with tempfile.TemporaryDirectory() as tmp:
-            regs = [kernels_sass.registers(c.asm["cubin"], Path(tmp)) for c in (plain, ahead)]
-            ins = kernels_sass.sass_of(ahead.asm["cubin"], Path(tmp))
-        assert regs[1] <= fragment_mma.register_cap({"RB": rb}, 8), (rb, regs)
-        assert not [t for _, t in ins if re.match(r"(LDL|STL)\b", t)], rb
-
-
 @pytest.mark.skipif(not HAVE_TRITON or INTERPRETED, reason="needs triton's compiler (not under the interpreter)")
 @pytest.mark.parametrize("fmt", fragment.FORMATS)
 def test_fragment_gemm_compiles_for_sm90(fmt):
@@ -765,19 +746,17 @@ def _cuda_case(name, m, n, k, dtype, bias=True):
     return qmm, rw, x, b, ref
 
 
-def _check_configs(name, m, dtype, prefetch=(0, 1, 2), splits=(1, 4, 9), l2_ahead=0, tuner=True):
+def _check_configs(name, m, dtype, prefetch=(0, 1, 2), splits=(1, 4, 9)):
     """Every row-block count x ``prefetch`` x ``splits`` (9 = one group a program; 4 leaves the
-    last program of a tile without groups) with ``L2_AHEAD`` ``l2_ahead``, and (``tuner``) the
-    tuner's candidates and default."""
+    last program of a tile without groups), and the tuner's candidates and default."""
     qmm, rw, x, b, ref = _cuda_case(name, m, 200, 576, dtype)
     tol = 2e-3 if dtype == torch.float16 else 1.6e-2
     sms = qmm._sm_count(x.device)
     tok = fragment_mma.tokens(m)
     rbs = (1, 2, 4) if tok <= 16 else [r for r, t in fragment_mma.MAXNREG_WIDE if t == tok]
-    cfgs = [{"KERNEL": "fragment", "W": 4, "RB": rb, "SPLIT": split, "PREFETCH": pf, "num_warps": 4,
-             "L2_AHEAD": l2_ahead} for rb in rbs for pf in prefetch for split in splits]
-    if tuner:
-        cfgs += fragment_mma.configs(rw, m, dtype, sms) + [fragment_mma.default_config(rw, m, sms)]
+    cfgs = [{"KERNEL": "fragment", "W": 4, "RB": rb, "SPLIT": split, "PREFETCH": pf, "num_warps": 4}
+            for rb in rbs for pf in prefetch for split in splits]
+    cfgs += fragment_mma.configs(rw, m, dtype, sms) + [fragment_mma.default_config(rw, m, sms)]
     for cfg in cfgs:
         for _ in range(2):  # twice: the split-K counters were reset by the first launch
             out = qmm._launch(rw, x, b, cfg)
@@ -840,20 +819,6 @@ def test_cuda_block_major_order_equals_reference(name, monkeypatch):
     assert rw.fragment_order == "block"
     out = qmm._launch(rw, x, b, {"DEQUANT_MM": True})
     assert float((out.double() - ref).norm() / ref.norm()) < 2e-3
-
-
-@needs_cuda
-@pytest.mark.parametrize("name", sorted(FORMATS))
-@pytest.mark.parametrize("order", ["group", "block"])
-def test_cuda_l2_prefetch_equals_reference(name, order, monkeypatch):
-    """``L2_AHEAD`` 2 and 8 (past the last group of a split, and of the weight), both word
-    orders, M = 1 and 5: the prefetch changes no result."""
-    from bitsmith.kernels import layout
-
-    monkeypatch.setitem(layout.FRAGMENT, "order", order)
-    for ahead in (2, 8):
-        for m in (1, 5):
-            _check_configs(name, m, torch.float16, prefetch=(0, 2), splits=(1, 4, 9), l2_ahead=ahead, tuner=False)
 
 
 @needs_cuda

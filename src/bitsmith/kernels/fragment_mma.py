@@ -83,14 +83,6 @@ DEQUANT_ROW_BLOCKS = 8  # row blocks a program of the dequantization kernel
 #: decode step int4 took 3.17 ms with it and 3.18 without, int3 3.31 and 3.24
 #: (decode_e2e_b1_frag_{pdl,nopdl}_group_h100.json), so it stays opt-in: ``BITSMITH_FRAGMENT_PDL=1``.
 PDL = {"enabled": os.environ.get("BITSMITH_FRAGMENT_PDL", "") == "1"}
-#: ``L2_AHEAD`` values a config of ``_frag_kernel`` may carry (0: none): how many groups ahead of
-#: its current one each program asks the L2 for its words (:func:`_l2_prefetch_group`). Why: at
-#: M = 1 the kernel runs 13 warps an SM at 126 registers and waits on its loads for 45% of the
-#: cycles, where a kernel that only reads the same words reaches 87% of the DRAM's peak with 59
-#: warps an SM (ncu_fragment_h100.txt); a prefetch has no destination register, so it can keep
-#: more bytes in flight than the registers do. Not among the tuner's candidates until timed on
-#: the H100 (benchmarks/gluon_fragment_probe.py --l2-ahead).
-L2_AHEADS = (0, 2, 4, 8)
 
 
 #: whether ``_frag_kernel`` also takes 17..64 tokens (``TOK`` 32 and 64: :func:`tokens`; on unless
@@ -325,47 +317,6 @@ if HAVE_GLUON:
         return blk, w_mask, g_stride
 
     @gluon.jit
-    def _l2_prefetch_group(w_ptr, s_ptr, z_ptr, pid_n, g, g_hi, N, NB, NG, W: gl.constexpr, RB: gl.constexpr,
-                           FMT: gl.constexpr, SG: gl.constexpr, HAS_ZERO: gl.constexpr, GROUP_MAJOR: gl.constexpr):
-        """Ask the L2 for what row tile ``pid_n`` reads in group ``g`` (nothing where ``g >=
-        g_hi``): its words (a row block's fill four 128-byte lines, int3's three) and, with scales
-        by group (``SG`` > 0), the lines holding its scales and zeros. One PTX ``prefetch.global.L2``
-        a line, one line a thread, issued and not waited for, so it holds no register
-        (:data:`L2_AHEADS`)."""
-        WPG: gl.constexpr = 32 * _INT3_WORDS if FMT == 2 else 128
-        LPB: gl.constexpr = WPG // 32  # lines a row block's group
-        WL: gl.constexpr = 4 * W * RB  # word line slots (int3 leaves every fourth empty)
-        BN: gl.constexpr = 16 * W * RB
-        SE: gl.constexpr = 128 * 8 // s_ptr.dtype.element_ty.primitive_bitwidth  # scales a line
-        ML: gl.constexpr = (BN + SE - 1) // SE + 1 if SG > 0 else 0  # lines a tile's scales may touch
-        ZL: gl.constexpr = ML if HAS_ZERO and FMT != 1 else 0
-        PF_N: gl.constexpr = 32 * W if WL + ML + ZL <= 32 * W else 2 * (WL + ML + ZL)  # at least one thread a line
-        i = gl.arange(0, PF_N, layout=gl.BlockedLayout([1], [32], [W], [0]))
-        rblock = pid_n * (W * RB) + i // 4
-        if GROUP_MAJOR:
-            off = (g * NB + rblock) * WPG + (i % 4) * 32
-        else:
-            off = (rblock * NG + g) * WPG + (i % 4) * 32
-        addr = (w_ptr + off).to(gl.int64, bitcast=True)
-        ok = (i < WL) & (i % 4 < LPB) & (rblock < NB)
-        if SG > 0:  # the tile's scales (then zeros) of the group, the last line clamped into the row
-            j = i - WL
-            first = (g // SG) * N + pid_n * BN
-            last = (g // SG) * N + gl.minimum(pid_n * BN + BN, N) - 1
-            m_off = gl.minimum(first + (j % ML) * SE, last)
-            s_addr = (s_ptr + m_off).to(gl.int64, bitcast=True)
-            addr = gl.where((j >= 0) & (j < ML), s_addr, addr)
-            ok = ok | ((j >= 0) & (j < ML))
-            if ZL > 0:
-                z_addr = (z_ptr + m_off).to(gl.int64, bitcast=True)
-                addr = gl.where((j >= ML) & (j < ML + ZL), z_addr, addr)
-                ok = ok | ((j >= ML) & (j < ML + ZL))
-        ok = ok & (g < g_hi)
-        gl.inline_asm_elementwise(
-            "{ .reg .pred p; setp.ne.s32 p, $2, 0; @p prefetch.global.L2 [$1]; mov.u32 $0, 0; }",
-            "=r,l,r", [addr, ok.to(gl.int32)], dtype=gl.int32, is_pure=False, pack=1)
-
-    @gluon.jit
     def _write_tile(acc, ws_ptr, cnt_ptr, b_ptr, out_ptr, rows, row_ok, toks, tile, pid_k, M, N, SPLIT,
                     IS_SPLIT: gl.constexpr, HAS_BIAS: gl.constexpr, VALS: gl.constexpr):
         """``acc`` (float32 ``[rows, toks]``) plus the bias to ``out`` (``[M, N]``); split-K as the
@@ -404,7 +355,7 @@ if HAVE_GLUON:
                      W: gl.constexpr, RB: gl.constexpr, TOK: gl.constexpr, PREFETCH: gl.constexpr,
                      IS_SPLIT: gl.constexpr, SG: gl.constexpr, FMT: gl.constexpr, HAS_ZERO: gl.constexpr,
                      HAS_BIAS: gl.constexpr, TAIL: gl.constexpr, BF16: gl.constexpr, PDL: gl.constexpr,
-                     GROUP_MAJOR: gl.constexpr, L2_AHEAD: gl.constexpr = 0):
+                     GROUP_MAJOR: gl.constexpr):
         """See the module docstring. Program ``(row tile, K split)``; ``SG``: groups of 64 per
         scale group (0: one scale a row); ``FMT``: :data:`FMT_IDS`; ``L0..H3``: a codebook's byte
         planes; ``zconst``: the symmetric zero when ``HAS_ZERO`` is off; ``TAIL``: ``N`` is not a
@@ -417,9 +368,7 @@ if HAVE_GLUON:
         start at once, and the words prefetched before the loop load before the wait for the
         previous kernel (activations, partials, counters and output only after it); every program
         waits, so a later kernel's wait on this one covers the earlier ones too. ``GROUP_MAJOR``:
-        the words are in group-major order (:func:`bitsmith.kernels.fragment.to_order`).
-        ``L2_AHEAD`` > 0: each step also asks the L2 for the words ``L2_AHEAD`` groups on
-        (:func:`_l2_prefetch_group`), so that more bytes are in flight than registers hold."""
+        the words are in group-major order (:func:`bitsmith.kernels.fragment.to_order`)."""
         DT: gl.constexpr = x_ptr.dtype.element_ty
         MAGIC_F: gl.constexpr = 128.0 if BF16 else 1024.0
         pid_n = gl.program_id(0)
@@ -439,9 +388,6 @@ if HAVE_GLUON:
         if PDL:  # the next launch may start now: it too only loads weights until its wait
             gl.inline_asm_elementwise("griddepcontrol.launch_dependents; // dummy $0", "=r", [], dtype=gl.int32,
                                       is_pure=False, pack=1)
-        for j in gl.static_range(1, L2_AHEAD):  # the groups the loop's first steps do not ask for
-            _l2_prefetch_group(w_ptr, s_ptr, z_ptr, pid_n, g_lo + j, g_hi, N, NB, NG, W, RB, FMT, SG, HAS_ZERO,
-                               GROUP_MAJOR)
         if PREFETCH >= 1:
             words = gl.load(w_ptr + blk + g_lo * g_stride, mask=w_mask & (g_lo < g_hi), other=0)
         if PREFETCH == 2:
@@ -450,9 +396,6 @@ if HAVE_GLUON:
             gl.inline_asm_elementwise("griddepcontrol.wait; // dummy $0", "=r", [], dtype=gl.int32, is_pure=False,
                                       pack=1)
         for g in range(g_lo, g_hi):
-            if L2_AHEAD > 0:
-                _l2_prefetch_group(w_ptr, s_ptr, z_ptr, pid_n, g + L2_AHEAD, g_hi, N, NB, NG, W, RB, FMT, SG, HAS_ZERO,
-                                   GROUP_MAJOR)
             if PREFETCH == 2:  # two groups' words in flight beside this one's products
                 cur = words
                 words = words2
@@ -658,8 +601,7 @@ def launch_args(rw: RuntimeWeight, x2: torch.Tensor, bias: torch.Tensor | None, 
     w, rb, split = cfg["W"], cfg["RB"], cfg["SPLIT"]
     tiles = _tiles(rw, w, rb)
     args = kernel_args(rw, x2, bias, out, split, tiles)
-    consts = {"W": w, "RB": rb, "TOK": tokens(x2.shape[0]), **kernel_consts(rw, x2, bias, cfg, 16 * w * rb), "PDL": pdl,
-              "L2_AHEAD": int(cfg.get("L2_AHEAD", 0))}
+    consts = {"W": w, "RB": rb, "TOK": tokens(x2.shape[0]), **kernel_consts(rw, x2, bias, cfg, 16 * w * rb), "PDL": pdl}
     options = {"num_warps": cfg["num_warps"]}
     if pdl:
         options["launch_pdl"] = True
@@ -696,7 +638,7 @@ def compile_offline(fmt: str = "int4", rb: int = 1, tok: int = 8, prefetch: int 
 
     cx = {"W": 4, "RB": rb, "TOK": tok, "PREFETCH": int(prefetch), "IS_SPLIT": True, "SG": 1, "FMT": FMT_IDS[fmt],
           "HAS_ZERO": fmt != "nf4", "HAS_BIAS": False, "TAIL": False, "BF16": act == "bf16", "PDL": False, "GROUP_MAJOR": False,
-          "L2_AHEAD": 0, **consts}
+          **consts}
     cap = register_cap({"RB": rb}, tok) if maxnreg is None else maxnreg
     return _compile_offline(_frag_kernel, cx, act, cx["W"], 1, arch, gluon=True, maxnreg=cap)
 
