@@ -51,6 +51,9 @@
 #   OUT=/some/dir bash benchmarks/kernels_gpu_session.sh k256       # the int8 GEMM with 256-wide K steps beside the
 #       library's 4096x4096 pick (w8a8_variants.py --tma),
 #       then the SM clock and power while fp16, torch._int_mm and bitsmith's int8 GEMM each run back to back (gpu_clocks_probe.py)
+#   OUT=/some/dir bash benchmarks/kernels_gpu_session.sh evict      # the quantization's L2 eviction hints (w8a8.QUANT_CACHE):
+#       W8A8's CUDA tests (TESTS=0: none), then the library call with them off and on in rounds on 4096x4096 and
+#       14336x4096 (w8a8_switch_probe.py)
 #   OUT=/some/dir bash benchmarks/kernels_gpu_session.sh one        # one call for all of it when device time is short:
 #       CUDA tests, M = 1 table int4 vs NF4, compiled end-to-end decode, host overhead
 # The CUDA tests run with pytest-xdist when it is importable (carried as wheels: .whl/, see the device notes).
@@ -323,6 +326,13 @@ k256)  # the int8 GEMM with 256-wide K steps (eight wgmma a warpgroup between wa
     --tma 'x256 w,128x256x128 w8 s4 g8 persistent' --reps 20 --name w8a8_variants_k256
   kill "$SMI" 2>/dev/null
   step clocks.txt 60 cat gpu_clocks_probe python3 benchmarks/gpu_clocks_probe.py --shape 4096x4096 --m 2048 --seconds 2
+  ;;
+evict)  # the quantization's activations loaded evict_first and codes stored evict_last (w8a8.QUANT_CACHE), off/on
+  [ "${TESTS:-1}" = 0 ] || tests_or_stop w8a8_tests "cuda and w8a8 and not every_config" "${T_TESTS:-150}"
+  for shape in 4096x4096 14336x4096; do
+    step evict.txt "${T_PROBE:-120}" cat "w8a8_switch_probe_$shape" \
+      python3 benchmarks/w8a8_switch_probe.py --shape "$shape" --m 2048 --rounds 3 --name "w8a8_switch_probe_$shape"
+  done
   ;;
 ceiling)  # the read ceiling: the stacked layer's M = 1 matmuls vs a kernel that only reads the same bytes, one graph each
   TEST_FILES=tests/test_kernels.py TEST_K=read_kernel T_TESTS=${T_TESTS:-60} tests_or_stop

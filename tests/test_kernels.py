@@ -843,6 +843,30 @@ def test_w8a8_quantization_codes_take_one_conversion_a_value_on_the_gpu():
     assert len(magic) - len(fast) >= 2 * 32, (len(fast), len(magic))
 
 
+@pytest.mark.skipif(INTERPRETED or not HAVE_TRITON, reason="compiles for sm_90 (not under the interpreter)")
+def test_w8a8_quantization_eviction_hints_compile():
+    """``X_FIRST`` loads the activations with an ``evict_first`` L2 policy and ``Q_LAST`` stores the
+    codes with an ``evict_last`` one (PTX ``createpolicy`` + ``L2::cache_hint``), in both the
+    one-tile and the two-pass branch; without them no load or store carries a hint."""
+    from bitsmith.kernels import w8a8
+    from bitsmith.kernels.small_m import _compile_offline
+
+    types = {"x_ptr": "fp16", "q_ptr": "i8", "s_ptr": "fp32", "static_ptr": "fp32", "mig_ptr": "fp32"}
+    for block in (4096, 1024):  # K = 4096: read once; K = 1024 tiles of a longer row: twice
+        for hints in (False, True):
+            consts = {"STATIC": False, "HAS_MIG": False, "RECIP_SCALE": True, "FMA_DIV": True, "BLOCK_K": block,
+                      "PDL": False, "CVT_RNI": True, "X_FIRST": hints, "Q_LAST": hints}
+            ptx = _compile_offline(w8a8._quant_rows_kernel, consts, "fp16", 8, 1, 90, ptr_types=types,
+                                   aligned_ints=("K", "stride_x", "stride_q")).asm["ptx"]
+            loads = [ln for ln in ptx.splitlines() if "ld.global" in ln]
+            code_stores = [ln for ln in ptx.splitlines() if "st.global" in ln and "v4" in ln or "st.global" in ln
+                           and "cache_hint" in ln]
+            assert loads and all(("L2::cache_hint" in ln) == hints for ln in loads), (block, hints, loads)
+            assert ("createpolicy.fractional.L2::evict_first" in ptx) == hints
+            assert ("createpolicy.fractional.L2::evict_last" in ptx) == hints
+            assert any("cache_hint" in ln for ln in code_stores) == hints, (block, hints, code_stores)
+
+
 def _w8a8_gemm_case(m, n, k, device, dtype=torch.float16):
     """Random int8 operands, scales and a bias, and their float64 product and rescale."""
     g = torch.Generator().manual_seed(m + n + k)
@@ -1085,12 +1109,15 @@ def test_cuda_w8a8_tma_gemm_every_config_equals_reference(monkeypatch):
 
 @needs_cuda
 @pytest.mark.parametrize("cvt", [False, True])  # the quantization's conversion (BITSMITH_W8A8_CVT), both ways
+@pytest.mark.parametrize("hints", [False, True])  # the quantization's L2 eviction hints (QUANT_CACHE), both ways
 @pytest.mark.parametrize("m", [1, 17, 300])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_cuda_w8a8_equals_torch_path(m, dtype, cvt, monkeypatch):
+def test_cuda_w8a8_equals_torch_path(m, dtype, cvt, hints, monkeypatch):
     from bitsmith.kernels import w8a8
 
     monkeypatch.setitem(w8a8.QUANT_CVT, "enabled", cvt)
+    monkeypatch.setitem(w8a8.QUANT_CACHE, "x_first", hints)
+    monkeypatch.setitem(w8a8.QUANT_CACHE, "codes_last", hints)
     _w8a8_case(m, 1000, 1541, dtype, "cuda")
     _w8a8_case(m, 512, 4096, dtype, "cuda", static=True, migration=True)
     _w8a8_case(m, 96, 17000, dtype, "cuda", migration=True)  # rows past MAX_ROW_TILE: read twice, in tiles

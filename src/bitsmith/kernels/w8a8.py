@@ -77,13 +77,25 @@ if HAVE_TRITON:
         return codes
 
     @triton.jit
-    def _row_values(x_ptr, mig_ptr, row, stride_x, offs, K, HAS_MIG: tl.constexpr):
+    def _row_values(x_ptr, mig_ptr, row, stride_x, offs, K, HAS_MIG: tl.constexpr, X_FIRST: tl.constexpr = False):
         """Row ``row``'s values at ``offs`` in float32 (past ``K``: zeros), divided by the migration
-        scale (``HAS_MIG``)."""
-        v = tl.load(x_ptr + row * stride_x + offs, mask=offs < K, other=0.0).to(tl.float32)
+        scale (``HAS_MIG``); ``X_FIRST``: loaded ``evict_first`` (:data:`QUANT_CACHE`)."""
+        if X_FIRST:
+            v = tl.load(x_ptr + row * stride_x + offs, mask=offs < K, other=0.0, eviction_policy="evict_first")
+        else:
+            v = tl.load(x_ptr + row * stride_x + offs, mask=offs < K, other=0.0)
+        v = v.to(tl.float32)
         if HAS_MIG:
             v = tl.math.div_rn(v, tl.load(mig_ptr + offs, mask=offs < K, other=1.0).to(tl.float32))
         return v
+
+    @triton.jit
+    def _store_codes(ptrs, r, mask, Q_LAST: tl.constexpr):
+        """Codes ``r`` as int8 at ``ptrs``; ``Q_LAST``: stored ``evict_last`` (:data:`QUANT_CACHE`)."""
+        if Q_LAST:
+            tl.store(ptrs, r.to(tl.int8), mask=mask, eviction_policy="evict_last")
+        else:
+            tl.store(ptrs, r.to(tl.int8), mask=mask)
 
     @triton.jit
     def _row_scale(m, RECIP_SCALE: tl.constexpr):
@@ -95,34 +107,36 @@ if HAVE_TRITON:
     @triton.jit
     def _quant_rows_kernel(x_ptr, q_ptr, s_ptr, static_ptr, mig_ptr, K, stride_x, stride_q,
                            STATIC: tl.constexpr, HAS_MIG: tl.constexpr, RECIP_SCALE: tl.constexpr,
-                           FMA_DIV: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr, CVT_RNI: tl.constexpr = False):
+                           FMA_DIV: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr, CVT_RNI: tl.constexpr = False,
+                           X_FIRST: tl.constexpr = False, Q_LAST: tl.constexpr = False):
         """Program ``p`` codes row ``p``: a row of at most ``BLOCK_K`` channels is read once, a
-        longer one twice (absmax, then codes) in tiles of ``BLOCK_K``."""
+        longer one twice (absmax, then codes) in tiles of ``BLOCK_K``. ``X_FIRST``: the activations
+        loaded ``evict_first``; ``Q_LAST``: the codes stored ``evict_last`` (:data:`QUANT_CACHE`)."""
         row = tl.program_id(0)
         if BLOCK_K >= K:  # the whole row in one tile: read it once
             offs = tl.arange(0, BLOCK_K)
-            v = _row_values(x_ptr, mig_ptr, row, stride_x, offs, K, HAS_MIG)
+            v = _row_values(x_ptr, mig_ptr, row, stride_x, offs, K, HAS_MIG, X_FIRST)
             if STATIC:
                 scale = tl.load(static_ptr).to(tl.float32)
             else:
                 scale = _row_scale(tl.max(tl.abs(v), axis=0), RECIP_SCALE)
             r = _quantize_values(v, scale, tl.math.div_rn(1.0, scale), FMA_DIV, STATIC, CVT_RNI)
-            tl.store(q_ptr + row * stride_q + offs, r.to(tl.int8), mask=offs < K)
+            _store_codes(q_ptr + row * stride_q + offs, r, offs < K, Q_LAST)
         else:
             if STATIC:
                 scale = tl.load(static_ptr).to(tl.float32)
             else:
                 amax = tl.zeros([BLOCK_K], dtype=tl.float32)
                 for k0 in range(0, K, BLOCK_K):
-                    v = _row_values(x_ptr, mig_ptr, row, stride_x, k0 + tl.arange(0, BLOCK_K), K, HAS_MIG)
+                    v = _row_values(x_ptr, mig_ptr, row, stride_x, k0 + tl.arange(0, BLOCK_K), K, HAS_MIG, X_FIRST)
                     amax = tl.maximum(amax, tl.abs(v))
                 scale = _row_scale(tl.max(amax, axis=0), RECIP_SCALE)
             inv = tl.math.div_rn(1.0, scale)
             for k0 in range(0, K, BLOCK_K):
                 offs = k0 + tl.arange(0, BLOCK_K)
-                r = _quantize_values(_row_values(x_ptr, mig_ptr, row, stride_x, offs, K, HAS_MIG), scale, inv, FMA_DIV, STATIC,
-                                     CVT_RNI)
-                tl.store(q_ptr + row * stride_q + offs, r.to(tl.int8), mask=offs < K)
+                r = _quantize_values(_row_values(x_ptr, mig_ptr, row, stride_x, offs, K, HAS_MIG, X_FIRST), scale, inv,
+                                     FMA_DIV, STATIC, CVT_RNI)
+                _store_codes(q_ptr + row * stride_q + offs, r, offs < K, Q_LAST)
         tl.store(s_ptr + row, scale)
         if PDL:  # the GEMM (a programmatic dependent) may launch once every row has got here
             gdc_launch_dependents()
@@ -251,7 +265,8 @@ def _quantize_launch(x: torch.Tensor, act_scale: torch.Tensor | None, migration_
     args = (x, q, s, act_scale if act_scale is not None else s, mig, k, x.stride(0), q.stride(0))
     hit = _run(_quant_rows_kernel, (m,), args,
                {"STATIC": act_scale is not None, "HAS_MIG": migration_scale is not None, "RECIP_SCALE": x.is_cuda,
-                "FMA_DIV": x.is_cuda, "BLOCK_K": block, "PDL": pdl_on(x.device), "CVT_RNI": x.is_cuda and QUANT_CVT["enabled"]},
+                "FMA_DIV": x.is_cuda, "BLOCK_K": block, "PDL": pdl_on(x.device), "CVT_RNI": x.is_cuda and QUANT_CVT["enabled"],
+                "X_FIRST": x.is_cuda and QUANT_CACHE["x_first"], "Q_LAST": x.is_cuda and QUANT_CACHE["codes_last"]},
                {"num_warps": 4 if block <= 1024 else 8 if block <= 4096 else 16})
     return q, s, (hit, (m,), args)
 
@@ -295,6 +310,14 @@ PDL = {"enabled": os.environ.get("BITSMITH_W8A8_PDL", "") == "1"}
 #: (``BITSMITH_W8A8_CVT=0``: off): its CUDA tests pass on the H100, and 4096 channels at M = 2048
 #: code in 14.2-14.4 against 14.5-14.8 us at 4 and 8 warps (w8a8_quant_cvt_h100.txt)
 QUANT_CVT = {"enabled": os.environ.get("BITSMITH_W8A8_CVT", "") != "0"}
+
+#: L2 eviction hints of the per-token quantization on CUDA: its activation loads ``evict_first``
+#: (``x_first``), its code stores ``evict_last`` (``codes_last``). Why: the activations are read
+#: once and are dead after, so the GEMM's weight reads and output writes that follow could take
+#: their clean lines instead of evicting (and writing back) dirty ones; the codes are what the
+#: GEMM reads again. Both off (the hardware's normal policy) until timed on the H100
+#: (benchmarks/w8a8_switch_probe.py)
+QUANT_CACHE = {"x_first": False, "codes_last": False}
 
 
 def pdl_on(device: torch.device) -> bool:
@@ -509,7 +532,7 @@ def compile_quant_offline(fma_div: bool, block: int = 4096, k_multiple: bool = T
     from .small_m import _compile_offline
 
     consts = {"STATIC": static, "HAS_MIG": False, "RECIP_SCALE": True, "FMA_DIV": fma_div, "BLOCK_K": block, "PDL": pdl,
-              "CVT_RNI": QUANT_CVT["enabled"] if cvt_rni is None else cvt_rni}
+              "CVT_RNI": QUANT_CVT["enabled"] if cvt_rni is None else cvt_rni, "X_FIRST": False, "Q_LAST": False}
     types = {"x_ptr": "fp16", "q_ptr": "i8", "s_ptr": "fp32", "static_ptr": "fp32", "mig_ptr": "fp32"}
     warps = 4 if block <= 1024 else 8 if block <= 4096 else 16
     return _compile_offline(_quant_rows_kernel, consts, "fp16", warps, 1, arch, ptr_types=types,
