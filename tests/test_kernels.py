@@ -849,15 +849,10 @@ def test_w8a8_quantization_eviction_hints_compile():
     codes with an ``evict_last`` one (PTX ``createpolicy`` + ``L2::cache_hint``), in both the
     one-tile and the two-pass branch; without them no load or store carries a hint."""
     from bitsmith.kernels import w8a8
-    from bitsmith.kernels.small_m import _compile_offline
 
-    types = {"x_ptr": "fp16", "q_ptr": "i8", "s_ptr": "fp32", "static_ptr": "fp32", "mig_ptr": "fp32"}
-    for block in (4096, 1024):  # K = 4096: read once; K = 1024 tiles of a longer row: twice
+    for block, k_multiple in ((4096, True), (1024, False)):  # a row read once; a longer row twice, in tiles
         for hints in (False, True):
-            consts = {"STATIC": False, "HAS_MIG": False, "RECIP_SCALE": True, "FMA_DIV": True, "BLOCK_K": block,
-                      "PDL": False, "CVT_RNI": True, "X_FIRST": hints, "Q_LAST": hints}
-            ptx = _compile_offline(w8a8._quant_rows_kernel, consts, "fp16", 8, 1, 90, ptr_types=types,
-                                   aligned_ints=("K", "stride_x", "stride_q")).asm["ptx"]
+            ptx = w8a8.compile_quant_offline(True, block, k_multiple, cvt_rni=True, hints=hints).asm["ptx"]
             loads = [ln for ln in ptx.splitlines() if "ld.global" in ln]
             code_stores = [ln for ln in ptx.splitlines() if "st.global" in ln and "v4" in ln or "st.global" in ln
                            and "cache_hint" in ln]
@@ -934,21 +929,23 @@ def test_w8a8_gemm_candidates_by_switch(monkeypatch):
 def test_w8a8_tma_switch_reads_the_environment():
     """``BITSMITH_W8A8_TMA`` unset means the TMA kernel is on, ``0`` off; ``BITSMITH_W8A8_WGMMA``
     is off unless ``1``; ``BITSMITH_W8A8_PINGPONG`` on unless ``0``; ``BITSMITH_W8A8_CVT`` (the
-    quantization's conversion) on unless ``0`` (each read at import, in a fresh interpreter)."""
+    quantization's conversion) and ``BITSMITH_W8A8_L2_HINTS`` (its L2 eviction hints) on unless ``0``
+    (each read at import, in a fresh interpreter)."""
     import subprocess
     import sys
 
     probe = ("from bitsmith.kernels import w8a8; "
-             "print(w8a8.QUANT_CVT['enabled'], w8a8.TMA['enabled'], w8a8.TMA['wgmma'], w8a8.TMA['pingpong'])")
+             "print(w8a8.QUANT_CVT['enabled'], w8a8.TMA['enabled'], w8a8.TMA['wgmma'], w8a8.TMA['pingpong'], "
+             "w8a8.QUANT_CACHE['x_first'], w8a8.QUANT_CACHE['codes_last'])")
     env = {k: v for k, v in os.environ.items() if not k.startswith("BITSMITH_W8A8_")}
     src = str(Path(__file__).resolve().parents[1] / "src")
     env["PYTHONPATH"] = src + os.pathsep + env.get("PYTHONPATH", "")
-    for extra, want in (({}, "True True False True"),
-                        ({"BITSMITH_W8A8_TMA": "0", "BITSMITH_W8A8_CVT": "0"}, "False False False True"),
-                        ({"BITSMITH_W8A8_WGMMA": "1"}, "True True True True"),
-                        ({"BITSMITH_W8A8_PINGPONG": "0"}, "True True False False")):
+    for extra, want in (({}, "True True False True True True"),
+                        ({"BITSMITH_W8A8_TMA": "0", "BITSMITH_W8A8_CVT": "0"}, "False False False True True True"),
+                        ({"BITSMITH_W8A8_WGMMA": "1", "BITSMITH_W8A8_L2_HINTS": "0"}, "True True True True False False"),
+                        ({"BITSMITH_W8A8_PINGPONG": "0"}, "True True False False True True")):
         got = subprocess.run([sys.executable, "-c", probe], env={**env, **extra}, capture_output=True, text=True, check=True)
-        assert got.stdout.split()[-4:] == want.split(), (extra, got.stdout, got.stderr)
+        assert got.stdout.split()[-6:] == want.split(), (extra, got.stdout, got.stderr)
 
 
 @pytest.mark.skipif(INTERPRETED or not HAVE_TRITON, reason="compiles for sm_90 (not under the interpreter)")

@@ -313,11 +313,14 @@ QUANT_CVT = {"enabled": os.environ.get("BITSMITH_W8A8_CVT", "") != "0"}
 
 #: L2 eviction hints of the per-token quantization on CUDA: its activation loads ``evict_first``
 #: (``x_first``), its code stores ``evict_last`` (``codes_last``). Why: the activations are read
-#: once and are dead after, so the GEMM's weight reads and output writes that follow could take
+#: once and are dead after, so the GEMM's weight reads and output writes that follow can take
 #: their clean lines instead of evicting (and writing back) dirty ones; the codes are what the
-#: GEMM reads again. Both off (the hardware's normal policy) until timed on the H100
-#: (benchmarks/w8a8_switch_probe.py)
-QUANT_CACHE = {"x_first": False, "codes_last": False}
+#: GEMM reads again. On the H100 both together took the library call at M = 2048 from 75.2 to
+#: 73.2 us on 4096x4096 and from 204.0 to 201.7 on 14336x4096 after a dirty L2 flush, and lost
+#: nowhere, after either flush, on the four shapes (w8a8_switch_probe_*_h100.txt); W8A8's CUDA
+#: tests pass both ways (w8a8_hints_gpu_tests_h100.txt). On unless ``BITSMITH_W8A8_L2_HINTS=0``
+_HINTS = os.environ.get("BITSMITH_W8A8_L2_HINTS", "") != "0"
+QUANT_CACHE = {"x_first": _HINTS, "codes_last": _HINTS}
 
 
 def pdl_on(device: torch.device) -> bool:
@@ -523,16 +526,19 @@ __all__ = ["w8a8_linear", "quantize_per_token", "gemm_candidates", "tma_ok", "W8
 
 
 def compile_quant_offline(fma_div: bool, block: int = 4096, k_multiple: bool = True, arch: int = 90, pdl: bool = False,
-                          cvt_rni: bool | None = None, static: bool = False):
+                          cvt_rni: bool | None = None, static: bool = False, hints: bool | None = None):
     """``_quant_rows_kernel`` compiled for NVIDIA ``sm_<arch>`` on any machine (CI checks its
     machine code): float16 activations, dynamic per-token scales (``static``: a static one), no
     migration; ``block``: the row tile (a row of ``block`` channels read once); ``pdl``: releasing
     a programmatic dependent; ``cvt_rni``: codes converted by one ``cvt.rni`` (``CVT_RNI``; ``None``:
-    as a CUDA launch would, :data:`QUANT_CVT`)."""
+    as a CUDA launch would, :data:`QUANT_CVT`); ``hints``: the L2 eviction hints (``X_FIRST`` and
+    ``Q_LAST``; ``None``: as a CUDA launch would, :data:`QUANT_CACHE`)."""
     from .small_m import _compile_offline
 
     consts = {"STATIC": static, "HAS_MIG": False, "RECIP_SCALE": True, "FMA_DIV": fma_div, "BLOCK_K": block, "PDL": pdl,
-              "CVT_RNI": QUANT_CVT["enabled"] if cvt_rni is None else cvt_rni, "X_FIRST": False, "Q_LAST": False}
+              "CVT_RNI": QUANT_CVT["enabled"] if cvt_rni is None else cvt_rni,
+              "X_FIRST": QUANT_CACHE["x_first"] if hints is None else hints,
+              "Q_LAST": QUANT_CACHE["codes_last"] if hints is None else hints}
     types = {"x_ptr": "fp16", "q_ptr": "i8", "s_ptr": "fp32", "static_ptr": "fp32", "mig_ptr": "fp32"}
     warps = 4 if block <= 1024 else 8 if block <= 4096 else 16
     return _compile_offline(_quant_rows_kernel, consts, "fp16", warps, 1, arch, ptr_types=types,
