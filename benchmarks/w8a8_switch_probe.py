@@ -2,9 +2,11 @@
 
 ``bitsmith.kernels.w8a8.QUANT_CACHE``: the per-token quantization can load the activations
 ``evict_first`` (they are dead once coded) and store the codes ``evict_last`` (the GEMM reads them
-again; both on by default since this probe's H100 run, ``BITSMITH_W8A8_L2_HINTS=0`` turns them off). This times the library call (quantization + GEMM, CUDA graph, median) with each setting
-in alternating rounds in one process, beside fp16 ``F.linear``, with the GEMM fixed to the config
-the tuner picked on the H100 (no tuning), and checks that every setting gives the same output.
+again; both on by default since this probe's H100 run, ``BITSMITH_W8A8_L2_HINTS=0`` turns them
+off). This times the library call (quantization + GEMM, CUDA graph, median) with each setting in
+alternating rounds in one process, beside fp16 ``F.linear`` (on 4096x4096 the GEMM fixed to the
+H100 tuner's pick; other shapes are tuned by the first call), and checks that every setting
+gives the same output.
 Each is timed after both flushes of the L2: by a write (dirty lines, whose write-back the hints
 may spare; the README's tables) and by a read (clean lines, as other layers' weights leave).
 

@@ -77,7 +77,7 @@ if HAVE_TRITON:
         return codes
 
     @triton.jit
-    def _row_values(x_ptr, mig_ptr, row, stride_x, offs, K, HAS_MIG: tl.constexpr, X_FIRST: tl.constexpr = False):
+    def _row_values(x_ptr, mig_ptr, row, stride_x, offs, K, HAS_MIG: tl.constexpr, X_FIRST: tl.constexpr):
         """Row ``row``'s values at ``offs`` in float32 (past ``K``: zeros), divided by the migration
         scale (``HAS_MIG``); ``X_FIRST``: loaded ``evict_first`` (:data:`QUANT_CACHE`)."""
         if X_FIRST:
