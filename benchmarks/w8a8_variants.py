@@ -80,6 +80,7 @@ def main() -> None:
             def launch(warps=warps, cap=cap, cvt=cvt):
                 w8a8._quant_rows_kernel[(args.m,)](x, q, s, s, s, k, x.stride(0), q.stride(0), STATIC=False, HAS_MIG=False,
                                                    RECIP_SCALE=True, FMA_DIV=True, BLOCK_K=block, PDL=False, CVT_RNI=bool(cvt),
+                                                   X_FIRST=w8a8.QUANT_CACHE["x_first"], Q_LAST=w8a8.QUANT_CACHE["codes_last"],
                                                    num_warps=warps, **({"maxnreg": cap} if cap else {}))
             q.zero_()
             launch()
