@@ -111,7 +111,7 @@ if HAVE_GLUON:
         ones = gl.full([BN, 64], 1.0, DT, layout=a_layout)
         g_lo = pid_k * G_PER
         steps = gl.minimum(g_lo + G_PER, NG) - g_lo
-        xv = _x_group(x_ptr, g_lo, M, K, stride_xm, W, TOK, TAIL)
+        xv = _x_group(x_ptr, g_lo, M * (steps > 0).to(gl.int32), K, stride_xm, W, TOK, TAIL)  # none: a program past K
         for i in range(steps):
             # the next group's activations load (from the L2) while this group is multiplied
             x_cur = xv
