@@ -75,6 +75,7 @@ def _candidates(rw, m: int, dtype: torch.dtype, sms: int, kernels: tuple[str, ..
         out += [(f"row blocks {c['RB']} split {c['SPLIT']} prefetch {c['PREFETCH']:d}", c)
                 for c in fragment_mma.configs(rw, m, dtype, sms)]
     if "tma" in kernels:
+        fragment_tma.TMA["enabled"] = True  # asked for by name: timed whether or not the tuner is offered it
         out += [(f"tma row blocks {c['RB']} split {c['SPLIT']} stages {c['STAGES']}", c)
                 for c in fragment_tma.configs(rw, m, dtype, sms)]
     return out

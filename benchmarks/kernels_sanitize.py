@@ -8,7 +8,7 @@ for int4, int3 and NF4, in both word orders, with rows and channels past the til
 rows the fragment layout's other kernels (group-major words): the Triton GEMM, the Gluon kernel's
 32- and 64-token tiles and, on Hopper, the ``wgmma`` kernel (each unless switched off:
 ``BITSMITH_FRAGMENT_WIDE=0``, ``BITSMITH_FRAGMENT_WGMMA=0``); on Hopper the TMA-fed fragment
-kernel at 1..16 rows (``BITSMITH_FRAGMENT_TMA=0``: not).
+kernel at 1..16 rows (whether or not the tuner is offered it).
 
     compute-sanitizer --tool memcheck --error-exitcode 1 python benchmarks/kernels_sanitize.py
 """
@@ -160,7 +160,7 @@ def _fragment_wide_cases() -> float:
 
 
 def _fragment_tma_cases() -> float:
-    """On Hopper (unless ``BITSMITH_FRAGMENT_TMA=0``) the TMA-fed fragment kernel at N = 336 (a
+    """On Hopper the TMA-fed fragment kernel at N = 336 (a
     partial row tile: its boxes read the next group's row blocks and zeros past the last) and K =
     1000 (a partial group), int4 g64, int4 with one scale a row (symmetric) and NF4 g128, at 1, 5
     and 16 rows: one, two and four row blocks a warp, split-K off, over 3 programs and over 12
@@ -173,7 +173,7 @@ def _fragment_tma_cases() -> float:
         n, k = 336, 1000
         qt = bitsmith.quantize_tensor(torch.randn(n, k, device="cuda") * 0.02, method, **opts)
         rw = repack(qt, layout="fragment", order="group")
-        if not fragment_tma.TMA["enabled"] or fragment_tma.supports(rw, torch.float16) is not None:
+        if fragment_tma.supports(rw, torch.float16) is not None:
             return worst
         w = qt.dequantize(torch.float32).double()
         for m in (1, 5, 16):

@@ -722,7 +722,8 @@ def test_tma_kernel_compiles_for_sm90(fmt):
 def test_tma_kernel_refusals_and_configs(monkeypatch):
     """``supports`` names why the TMA-fed kernel cannot take a weight (int3's 96 words, block-major
     words, ``N`` off a multiple of 8, more than 16 tokens, a CPU weight); its configs are offered
-    only where it can, with :data:`TMA` on, and carry a ring depth of :data:`STAGES`."""
+    only where it can, with :data:`TMA` on (off by default: ``BITSMITH_FRAGMENT_TMA=1``), and
+    carry a ring depth of :data:`STAGES`."""
     w = torch.randn(200, 576) * 0.05
     rw = repack(_quantize("int4_g64", w), layout="fragment", order="group")
     if not fragment_mma.HAVE_GLUON:
@@ -737,6 +738,8 @@ def test_tma_kernel_refusals_and_configs(monkeypatch):
     assert "17 tokens" in fragment_tma.supports(rw, torch.float16, 17)
     assert fragment_tma.configs(rw, 1, torch.float16, 132) == []
     monkeypatch.setattr(fragment_tma, "supports", lambda rw_, dtype, m=1: None)
+    assert fragment_tma.TMA["enabled"] == (os.environ.get("BITSMITH_FRAGMENT_TMA") == "1")
+    monkeypatch.setitem(fragment_tma.TMA, "enabled", True)
     cands = fragment_tma.configs(rw, 1, torch.float16, 132)
     assert {c["STAGES"] for c in cands} == set(fragment_tma.STAGES) and {c["RB"] for c in cands} == {1, 2, 4}
     assert all(c["KERNEL"] == "fragment_tma" for c in cands)

@@ -26,8 +26,8 @@ shared memory (16 bytes a lane, a warp's 512 contiguous: no bank conflicts).
 
 Only group-major words (the default order), int4 and 16-level codebooks (int3's 96 words a row
 block are not a power of two), groups of 64 or a multiple, ``N`` a multiple of 8 (TMA's 16-byte
-row pitch), up to 16 tokens. Its switch: :data:`TMA` (``BITSMITH_FRAGMENT_TMA=0``: the tuner is
-not offered it).
+row pitch), up to 16 tokens. Its switch: :data:`TMA` (``BITSMITH_FRAGMENT_TMA=1``: the tuner is
+offered it on Hopper; off by default until it has run on a GPU).
 """
 from __future__ import annotations
 
@@ -47,8 +47,9 @@ if HAVE_GLUON:
 
     from .fragment_mma import _a_operand, _write_tile, _x_group, _x_to_b
 
-#: whether the tuner is offered this kernel on Hopper (``BITSMITH_FRAGMENT_TMA=0``: not)
-TMA = {"enabled": os.environ.get("BITSMITH_FRAGMENT_TMA", "") != "0"}
+#: whether the tuner is offered this kernel on Hopper (``BITSMITH_FRAGMENT_TMA=1``; off by default: it
+#: has been compiled for sm_90 and checked offline, not yet run on a GPU)
+TMA = {"enabled": os.environ.get("BITSMITH_FRAGMENT_TMA", "") == "1"}
 WPG = 128  # 32-bit words a row block holds of one group (int4 and codebooks)
 STAGES = (2, 4, 8)  # ring depths the tuner tries
 LOADER_REGS = 40  # registers a thread of the loader warp asks for (setmaxnreg)
