@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import collections
+import os
 import re
 import sys
 import tempfile
