@@ -270,7 +270,7 @@ order)  # the fragment words block-major against group-major: CUDA tests, then e
     --m 1,16 --formats "${FRAG_FORMATS:-int4_g64,int3_g64,nf4_g64}" --reps 10 --name gluon_fragment_probe_order
   ;;
 tma)  # the TMA-fed fragment kernel beside the Gluon kernel: tests, then every config of both
-  [ "${TESTS:-1}" = 0 ] || TEST_FILES="tests/test_fragment.py" TEST_K=cuda T_TESTS=${T_TESTS:-150} tests_or_stop
+  [ "${TESTS:-1}" = 0 ] || TEST_FILES="tests/test_fragment.py" TEST_K=${TEST_K:-cuda} T_TESTS=${T_TESTS:-150} tests_or_stop
   step fragment.txt "${T_FRAG:-420}" "grep -E 'fp16|WRONG'" gluon_fragment_probe_tma \
     python3 benchmarks/gluon_fragment_probe.py --kernels fragment,tma --shapes "${FRAG_SHAPES:-14336x4096,28672x8192,4096x14336}" \
     --m "${FRAG_MS:-1}" --formats "${FRAG_FORMATS:-int4_g64,nf4_g64,int4_g128}" --reps 10 --name gluon_fragment_probe_tma
