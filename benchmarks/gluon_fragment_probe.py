@@ -11,13 +11,13 @@ kernels_sass.json). In the fragment layout each lane's words are already its ten
 
     python benchmarks/gluon_fragment_probe.py [--shapes 4096x4096,...] [--m 1,8,16] [--formats ...] [--name NAME]
     python benchmarks/gluon_fragment_probe.py --orders block,group   # both word orders (fragment.ORDERS)
-    python benchmarks/gluon_fragment_probe.py --kernels fragment,tma  # and the TMA-fed kernel (fragment_tma)
     python benchmarks/gluon_fragment_probe.py --sass      # sm_90 machine code only, any machine
 
 Variants of the kernel timed with this script and then removed, each slower than the plain
-kernel on the H100 (results/gluon_fragment_probe_{ahead_cap,stages,blocked}_h100.txt): the
+kernel on the H100 (results/gluon_fragment_probe_{ahead_cap,stages,blocked,l2,tma}_h100.txt): the
 scales, zeros and activations loaded a group ahead, the words through a ``cp.async`` ring in
-shared memory, the scales and zeros stored row-block-major. The commits that remove them say
+shared memory, the scales and zeros stored row-block-major, an L2 prefetch a few groups ahead,
+and (no faster rather than slower) a TMA loader warp filling a shared-memory ring. The commits that remove them say
 where in the history they are.
 """
 from __future__ import annotations
@@ -65,33 +65,16 @@ def sass_report(w: int = 4, tok: int = 8, rb: int = 1, prefetch: bool = False, f
             "shared_or_shuffle": shared, "opcodes": dict(loop.most_common())}
 
 
-def _candidates(rw, m: int, dtype: torch.dtype, sms: int, kernels: tuple[str, ...]) -> list[tuple[str, dict]]:
-    """``(name, config)`` of every config of ``kernels`` ("fragment": the Gluon kernel, "tma": its
-    TMA-fed form, :mod:`bitsmith.kernels.fragment_tma`) for ``m`` tokens."""
-    from bitsmith.kernels import fragment_mma, fragment_tma
-
-    out = []
-    if "fragment" in kernels:
-        out += [(f"row blocks {c['RB']} split {c['SPLIT']} prefetch {c['PREFETCH']:d}", c)
-                for c in fragment_mma.configs(rw, m, dtype, sms)]
-    if "tma" in kernels:
-        fragment_tma.TMA["enabled"] = True  # asked for by name: timed whether or not the tuner is offered it
-        out += [(f"tma row blocks {c['RB']} split {c['SPLIT']} stages {c['STAGES']}", c)
-                for c in fragment_tma.configs(rw, m, dtype, sms)]
-    return out
-
-
-def probe_weight(w16: torch.Tensor, fmt: str, ms: list[int], timer, orders: tuple[str, ...] | None = None,
-                 kernels: tuple[str, ...] = ("fragment",)) -> list[dict]:
+def probe_weight(w16: torch.Tensor, fmt: str, ms: list[int], timer, orders: tuple[str, ...] | None = None) -> list[dict]:
     """One weight quantized to ``fmt`` as the kernel table quantizes it
-    (:func:`bitsmith.kernels.bench.make_qtensor`): at each M every config of ``kernels``
-    (:func:`_candidates`), with the words in each of ``orders``
-    (:data:`bitsmith.kernels.fragment.ORDERS`), checked against float64 ``x @ W^T`` and timed,
-    next to fp16 ``F.linear`` and the ``rows`` layout's tuned kernels (``quant_matmul``); one row
-    per M with the best correct config (and the best of each order and of each kernel)."""
+    (:func:`bitsmith.kernels.bench.make_qtensor`): at each M every fragment-kernel config, with
+    the words in each of ``orders`` (:data:`bitsmith.kernels.fragment.ORDERS`), checked against
+    float64 ``x @ W^T`` and timed, next to fp16 ``F.linear`` and the ``rows`` layout's tuned
+    kernels (``quant_matmul``); one row per M with the best correct config (and the best of each
+    order)."""
     import torch.nn.functional as F
 
-    from bitsmith.kernels import qmm
+    from bitsmith.kernels import fragment_mma, qmm
     from bitsmith.kernels.bench import make_qtensor
     from bitsmith.kernels.layout import FRAGMENT, repack
 
@@ -106,36 +89,32 @@ def probe_weight(w16: torch.Tensor, fmt: str, ms: list[int], timer, orders: tupl
     for m in ms:
         x = torch.randn(m, k, device=w16.device, dtype=torch.float16)
         ref = x.double() @ ref_w.t()
-        best, by_order, by_kernel = None, {}, {}
+        best, by_order = None, {}
         for order, frag_rw in frag_rws.items():
-            for name, cfg in _candidates(frag_rw, m, x.dtype, qmm._sm_count(x.device), kernels):
+            for cfg in fragment_mma.configs(frag_rw, m, x.dtype, qmm._sm_count(x.device)):
                 def run(rw=frag_rw, cfg=cfg):
                     return qmm._launch(rw, x, None, cfg)
 
                 err = float((run().double() - ref).norm() / ref.norm())
                 us = timer.time_graph(run)
-                name += f" {order}-major" if len(frag_rws) > 1 else ""
+                name = (f"row blocks {cfg['RB']} split {cfg['SPLIT']} prefetch {cfg['PREFETCH']:d}"
+                        + (f" {order}-major" if len(frag_rws) > 1 else ""))
                 print(f"{n}x{k} {fmt} M={m} {name}: {us:7.1f} us  rel err {err:.1e}", flush=True)
                 if err < 3e-3 and (best is None or us < best[0]):
-                    best = (us, {**{kk: cfg.get(kk, 0) for kk in ("KERNEL", "W", "RB", "SPLIT", "PREFETCH", "STAGES")},
-                                 "order": order}, err)
+                    best = (us, {**{kk: cfg.get(kk, 0) for kk in ("W", "RB", "SPLIT", "PREFETCH")}, "order": order}, err)
                 if err < 3e-3 and us < by_order.get(order, float("inf")):
                     by_order[order] = us
-                if err < 3e-3 and us < by_kernel.get(cfg["KERNEL"], float("inf")):
-                    by_kernel[cfg["KERNEL"]] = us
         fp16 = timer.time_graph(lambda: F.linear(x, w16))
         ours = timer.time_graph(lambda: qmm.quant_matmul(x, rows_rw))
         out.append({"n": n, "k": k, "format": fmt, "m": m, "fp16_us": fp16, "rows_layout_us": ours,
                     "fragment_us": None if best is None else best[0], "fragment_cfg": None if best is None else best[1],
                     "rel_err": None if best is None else best[2], "fragment_us_by_order": by_order,
-                    "fragment_us_by_kernel": by_kernel,
                     "repack_s": {"rows": rows_rw.repack_seconds,
                                  **{f"fragment {o}": rw.repack_seconds for o, rw in frag_rws.items()}}})
         print(f"  fp16 {fp16:.1f} us, rows layout {ours:.1f} us ({fp16 / ours:.2f}x), fragment "
               f"{'WRONG' if best is None else f'{best[0]:.1f} us ({fp16 / best[0]:.2f}x)'}"
               + ("".join(f", best {o}-major {us:.1f} us ({fp16 / us:.2f}x)" for o, us in by_order.items())
-                 if len(frag_rws) > 1 else "")
-              + "".join(f", best {kn} {us:.1f} us ({fp16 / us:.2f}x)" for kn, us in by_kernel.items()), flush=True)
+                 if len(frag_rws) > 1 else ""), flush=True)
     return out
 
 
@@ -149,9 +128,6 @@ def main() -> None:
     ap.add_argument("--orders", default=None,
                     help="the fragment words' orders to time, comma-separated (block, group: fragment.ORDERS; "
                          "default: the library's, BITSMITH_FRAGMENT_ORDER or group)")
-    ap.add_argument("--kernels", default="fragment",
-                    help="which kernels' configs to time, comma-separated: fragment (the Gluon kernel), tma (its "
-                         "TMA-fed form, Hopper only)")
     ap.add_argument("--sass", action="store_true", help="sm_90 machine code only (no GPU needed)")
     args = ap.parse_args()
 
@@ -176,8 +152,7 @@ def main() -> None:
         w16 = (torch.randn(n, k, device=dev) * 0.02).to(torch.float16)
         for fmt in args.formats.split(","):
             orders = tuple(args.orders.split(",")) if args.orders else None
-            rows += probe_weight(w16, fmt, [int(v) for v in args.m.split(",")], timer, orders,
-                                 tuple(args.kernels.split(",")))
+            rows += probe_weight(w16, fmt, [int(v) for v in args.m.split(",")], timer, orders)
             # after every weight: a run cut short by a time limit keeps what it measured
             write_result(args.name, {"device": torch.cuda.get_device_name(dev), "rows": rows,
                                      "timing": "CUDA-graph replay with the L2 flushed, median"})

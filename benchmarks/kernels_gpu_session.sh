@@ -30,8 +30,6 @@
 #       BITSMITH_FRAGMENT_PDL=1 OUT=/some/dir bash benchmarks/kernels_gpu_session.sh sanitize
 #   OUT=/some/dir bash benchmarks/kernels_gpu_session.sh order      # fragment CUDA tests (group-major words among them),
 #       then every config with the words block-major and group-major (gluon_fragment_probe.py --orders block,group)
-#   OUT=/some/dir bash benchmarks/kernels_gpu_session.sh tma        # the TMA-fed fragment kernel (fragment_tma): the fragment
-#       layout's CUDA tests (TESTS=0: none), then every config of it and of the Gluon kernel at M = 1 (FRAG_MS) on three shapes
 #   OUT=/some/dir bash benchmarks/kernels_gpu_session.sh wide       # the fragment layout's kernels for more tokens:
 #       the Gluon kernel at 17..64 tokens and the Hopper wgmma kernel (both on by default since they passed this):
 #       their CUDA tests and the fragment GEMM's, then M = 16..128 (WIDE_MS) with every format in the fragment layout (the
@@ -268,12 +266,6 @@ order)  # the fragment words block-major against group-major: CUDA tests, then e
   step fragment.txt "${T_FRAG:-330}" "grep -E 'fp16|WRONG'" gluon_fragment_probe_order \
     python3 benchmarks/gluon_fragment_probe.py --orders block,group --shapes "${FRAG_SHAPES:-14336x4096,28672x8192}" \
     --m 1,16 --formats "${FRAG_FORMATS:-int4_g64,int3_g64,nf4_g64}" --reps 10 --name gluon_fragment_probe_order
-  ;;
-tma)  # the TMA-fed fragment kernel beside the Gluon kernel: tests, then every config of both
-  [ "${TESTS:-1}" = 0 ] || TEST_FILES="tests/test_fragment.py" TEST_K=${TEST_K:-cuda} T_TESTS=${T_TESTS:-150} tests_or_stop
-  step fragment.txt "${T_FRAG:-420}" "grep -E 'fp16|WRONG'" gluon_fragment_probe_tma \
-    python3 benchmarks/gluon_fragment_probe.py --kernels fragment,tma --shapes "${FRAG_SHAPES:-14336x4096,28672x8192,4096x14336}" \
-    --m "${FRAG_MS:-1}" --formats "${FRAG_FORMATS:-int4_g64,nf4_g64,int4_g128}" --reps 10 --name gluon_fragment_probe_tma
   ;;
 wide)  # the wide Gluon tiles and the wgmma kernel: tests, then M = 16..128 in both layouts
   TEST_FILES=tests/test_fragment.py TEST_K="cuda and (wide or gemm or wgmma)" T_TESTS=${T_TESTS:-180} tests_or_stop

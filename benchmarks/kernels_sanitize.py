@@ -7,8 +7,7 @@ prefetch depth, split-K on and off, 1 and 16 rows) and its dequantization kernel
 for int4, int3 and NF4, in both word orders, with rows and channels past the tiles; and above 16
 rows the fragment layout's other kernels (group-major words): the Triton GEMM, the Gluon kernel's
 32- and 64-token tiles and, on Hopper, the ``wgmma`` kernel (each unless switched off:
-``BITSMITH_FRAGMENT_WIDE=0``, ``BITSMITH_FRAGMENT_WGMMA=0``); on Hopper the TMA-fed fragment
-kernel at 1..16 rows (whether or not the tuner is offered it).
+``BITSMITH_FRAGMENT_WIDE=0``, ``BITSMITH_FRAGMENT_WGMMA=0``).
 
     compute-sanitizer --tool memcheck --error-exitcode 1 python benchmarks/kernels_sanitize.py
 """
@@ -85,7 +84,7 @@ def main() -> None:
             for cfg in [c for c in w8a8.gemm_candidates(xq, wq_tma) if c.get("WGMMA") or c.get("PERSIST")]:
                 w8a8._launch_gemm(xq, wq_tma, sx, torch.rand(n, device="cuda") * 0.01, None, out, cfg)
             w8a8._sm_count = real_sms
-    worst = max(worst, _fragment_cases(), _fragment_wide_cases(), _fragment_tma_cases())
+    worst = max(worst, _fragment_cases(), _fragment_wide_cases())
     torch.cuda.synchronize()
     print(f"all kernels ran; worst relative error vs float64 reference {worst:.2e}")
 
@@ -154,34 +153,6 @@ def _fragment_wide_cases() -> float:
                 cfgs += [{"KERNEL": "fragment_wgmma", "RB": rb, "SPLIT": split, "PREFETCH": pf, "K_MAJOR": km, "num_warps": 4}
                          for rb in rbs for split in splits for pf in (0, 1) for km in (0, 1)]
             for cfg in cfgs:
-                y = qmm._launch(rw, x, bias, cfg)
-                worst = max(worst, float((y.double() - ref).norm() / ref.norm()))
-    return worst
-
-
-def _fragment_tma_cases() -> float:
-    """On Hopper the TMA-fed fragment kernel at N = 336 (a
-    partial row tile: its boxes read the next group's row blocks and zeros past the last) and K =
-    1000 (a partial group), int4 g64, int4 with one scale a row (symmetric) and NF4 g128, at 1, 5
-    and 16 rows: one, two and four row blocks a warp, split-K off, over 3 programs and over 12
-    (the last programs without groups), rings of 2 and 8; worst relative error against float64."""
-    from bitsmith.kernels import fragment_tma
-
-    worst = 0.0
-    for method, opts in [("rtn", {"bits": 4, "group_size": 64}), ("rtn", {"bits": 4, "group_size": None, "symmetric": True}),
-                         ("nf", {"levels": 16, "block_size": 128})]:
-        n, k = 336, 1000
-        qt = bitsmith.quantize_tensor(torch.randn(n, k, device="cuda") * 0.02, method, **opts)
-        rw = repack(qt, layout="fragment", order="group")
-        if fragment_tma.supports(rw, torch.float16) is not None:
-            return worst
-        w = qt.dequantize(torch.float32).double()
-        for m in (1, 5, 16):
-            x = torch.randn(m, k, device="cuda", dtype=torch.float16)
-            bias = torch.randn(n, device="cuda", dtype=torch.float16)
-            ref = x.double() @ w.t() + bias.double()
-            for cfg in [{"KERNEL": "fragment_tma", "W": 4, "RB": rb, "SPLIT": split, "STAGES": st, "num_warps": 4}
-                        for rb in (1, 2, 4) for split in (1, 3, 12) for st in (2, 8)]:
                 y = qmm._launch(rw, x, bias, cfg)
                 worst = max(worst, float((y.double() - ref).norm() / ref.norm()))
     return worst

@@ -54,22 +54,21 @@ def opcode(t: str) -> str:
     return re.sub(r"^@!?U?P\w+\s+", "", t).split()[0]
 
 
-def loop_body(ins: list[tuple[int, str]], holding: str | None = None, innermost: bool = False) -> list[str]:
+def loop_body(ins: list[tuple[int, str]], holding: str | None = None) -> list[str]:
     """The instructions, in order, of the longest backward branch's body (the loop over groups);
     with ``holding``, of the longest one with an instruction of that opcode prefix (the split-K
-    reduction loop can be the longer one when the main loop is short); ``innermost``: the
-    shortest such body instead (a warp-specialized kernel's branches also span its partitions)."""
+    reduction loop can be the longer one when the main loop is short)."""
     spans = [(int(m.group(1), 16), addr) for addr, t in ins if (m := re.search(r"BRA (0x[0-9a-f]+)", t))
              and int(m.group(1), 16) < addr]
     if holding is not None:
         spans = [(lo, hi) for lo, hi in spans if any(lo <= a <= hi and opcode(t).startswith(holding) for a, t in ins)]
-    lo, hi = (min if innermost else max)(spans, key=lambda s: s[1] - s[0])
+    lo, hi = max(spans, key=lambda s: s[1] - s[0])
     return [t for a, t in ins if lo <= a <= hi]
 
 
-def main_loop(ins: list[tuple[int, str]], holding: str | None = None, innermost: bool = False) -> collections.Counter:
+def main_loop(ins: list[tuple[int, str]], holding: str | None = None) -> collections.Counter:
     """Opcode counts of :func:`loop_body`."""
-    return collections.Counter(opcode(t) for t in loop_body(ins, holding, innermost))
+    return collections.Counter(opcode(t) for t in loop_body(ins, holding))
 
 
 def main() -> None:

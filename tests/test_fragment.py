@@ -15,7 +15,6 @@
 from __future__ import annotations
 
 import collections
-import os
 import re
 import sys
 import tempfile
@@ -27,8 +26,7 @@ import torch.nn.functional as F
 
 import bitsmith
 from bitsmith.errors import QuantizationError
-from bitsmith.kernels import (HAVE_TRITON, dequantize_runtime, fragment, fragment_gemm, fragment_mma, fragment_tma,
-                              fragment_wgmma, repack)
+from bitsmith.kernels import HAVE_TRITON, dequantize_runtime, fragment, fragment_gemm, fragment_mma, fragment_wgmma, repack
 from bitsmith.kernels.layout import runtime_codes
 from conftest import CUDA, INTERPRETED, needs_interp, run_interpreter_tests
 from ptx_emulator import run_ptx
@@ -695,82 +693,6 @@ def test_wgmma_kernel_can_be_switched_off_and_is_hopper_only(monkeypatch):
 
 
 @needs_gluon
-@pytest.mark.parametrize("fmt", ["int4", "nf4"])
-def test_tma_kernel_compiles_for_sm90(fmt):
-    """The TMA-fed kernel at every (row blocks, token tile) of its register caps, plain and with
-    tails, a bias, bfloat16 and one scale a row: no spills; the words, scales and zeros come by
-    three (codebooks: two) 2D TMA loads a group in the loader, and the compute loop reads a
-    lane's 16 bytes of each row block from shared memory (``LDS.128``), takes the slot by its
-    mbarrier, releases it, and loads only the activations (of the next group) from global memory."""
-    for (rb, tok), cap in fragment_tma.MAXNREG.items():
-        for extra in ({}, {"TAIL": True, "HAS_BIAS": True, "BF16": True}, {"SG": 0, "HAS_ZERO": False}):
-            if fmt == "nf4" and "HAS_ZERO" in extra:
-                continue
-            compiled = fragment_tma.compile_offline(fmt, rb, tok, 4, act="bf16" if extra.get("BF16") else "fp16", **extra)
-            with tempfile.TemporaryDirectory() as tmp:
-                ins = kernels_sass.sass_of(compiled.asm["cubin"], Path(tmp))
-            assert not [t for _, t in ins if re.match(r"(LDL|STL)\b", t)], (rb, tok, extra)
-            ops = collections.Counter(kernels_sass.opcode(t) for _, t in ins)
-            zeros = fmt != "nf4" and extra.get("HAS_ZERO", True)
-            assert ops["UTMALDG.2D"] == 2 + zeros, (rb, tok, extra, ops)
-            loop = kernels_sass.main_loop(ins, holding="HMMA", innermost=True)
-            assert loop["LDS.128"] == rb, (rb, tok, extra, loop)
-            assert loop["SYNCS.PHASECHK.TRANS64.TRYWAIT"] == 1 and loop["SYNCS.ARRIVE.TRANS64.A1T0"] == 1, loop
-            globals_ = {op: c for op, c in loop.items() if op.startswith("LDG")}
-            assert globals_ == {"LDG.E.128": 2 * (tok // 8)}, (rb, tok, extra, globals_)
-
-
-def test_tma_kernel_refusals_and_configs(monkeypatch):
-    """``supports`` names why the TMA-fed kernel cannot take a weight (int3's 96 words, block-major
-    words, ``N`` off a multiple of 8, more than 16 tokens, a CPU weight); its configs are offered
-    only where it can, with :data:`TMA` on (off by default: ``BITSMITH_FRAGMENT_TMA=1``), and
-    carry a ring depth of :data:`STAGES`."""
-    w = torch.randn(200, 576) * 0.05
-    rw = repack(_quantize("int4_g64", w), layout="fragment", order="group")
-    if not fragment_mma.HAVE_GLUON:
-        assert "Gluon" in fragment_tma.supports(rw, torch.float16)
-        return
-    assert "Hopper" in fragment_tma.supports(rw, torch.float16)
-    assert "int3" in fragment_tma.supports(repack(_quantize("int3_g64", w), layout="fragment", order="group"), torch.float16)
-    assert "block-major" in fragment_tma.supports(repack(_quantize("int4_g64", w), layout="fragment", order="block"),
-                                                  torch.float16)
-    assert "multiple of 8" in fragment_tma.supports(repack(_quantize("int4_g64", w[:196]), layout="fragment",
-                                                           order="group"), torch.float16)
-    assert "17 tokens" in fragment_tma.supports(rw, torch.float16, 17)
-    assert fragment_tma.configs(rw, 1, torch.float16, 132) == []
-    monkeypatch.setattr(fragment_tma, "supports", lambda rw_, dtype, m=1: None)
-    assert fragment_tma.TMA["enabled"] == (os.environ.get("BITSMITH_FRAGMENT_TMA") == "1")
-    monkeypatch.setitem(fragment_tma.TMA, "enabled", True)
-    cands = fragment_tma.configs(rw, 1, torch.float16, 132)
-    assert {c["STAGES"] for c in cands} == set(fragment_tma.STAGES) and {c["RB"] for c in cands} == {1, 2, 4}
-    assert all(c["KERNEL"] == "fragment_tma" for c in cands)
-    monkeypatch.setitem(fragment_tma.TMA, "enabled", False)
-    assert fragment_tma.configs(rw, 1, torch.float16, 132) == []
-
-
-@pytest.mark.skipif(not fragment_mma.HAVE_GLUON, reason="needs triton's Gluon (its TMA descriptor class)")
-@pytest.mark.parametrize("rb", [1, 2, 4])
-def test_tma_descriptor_boxes_are_a_tiles_words_of_a_group(rb):
-    """What the loader asks for: box row ``g NB + t 4 RB`` of the words' descriptor starts the
-    words of tile ``t``'s row blocks in group ``g`` (group-major: ``[NG, NB, 128]``), a box of
-    ``4 RB`` rows of 128 words; scales and zeros ``[1, 64 RB]`` boxes of ``[G, N]`` rows."""
-    rw = repack(_quantize("int4_g64", torch.randn(328, 640) * 0.05), layout="fragment", order="group")
-    nb, ng = fragment_mma.blocks_groups(rw)
-    w_desc, s_desc, z_desc = fragment_tma.descriptors(rw, rb)
-    assert list(w_desc.block_shape) == [4 * rb, 128] and list(s_desc.block_shape) == [1, 64 * rb] == list(z_desc.block_shape)
-    view = w_desc.base
-    by_block = fragment.from_order(rw.words, "group")  # [NB, NG, 128]
-    for t in range(-(-nb // (4 * rb))):
-        for g in range(ng):
-            row0 = g * nb + t * 4 * rb
-            for j in range(4 * rb):
-                if t * 4 * rb + j < nb:
-                    assert torch.equal(view[row0 + j], by_block[t * 4 * rb + j, g])
-    assert torch.equal(s_desc.base[3, 64 * rb:128 * rb], rw.scale[3, 64 * rb:128 * rb])
-    assert z_desc.base.data_ptr() == rw.zero.data_ptr() and s_desc.base.data_ptr() == rw.scale.data_ptr()
-
-
-@needs_gluon
 def test_fragment_kernel_tails_compile():
     """Rows past the tile, channels past a group, per-row scales, a symmetric zero and a bias."""
     loop = probe.loop_opcodes(fragment_mma.compile_offline("int4", 2, 8, True, TAIL=True, SG=0, HAS_ZERO=False,
@@ -934,46 +856,6 @@ def test_cuda_wgmma_kernel_equals_reference(name, order, monkeypatch):
                 out = qmm._launch(rw, x, b, cfg)
                 assert out.dtype == dtype and out.shape == (m, 200)
                 assert float((out.double() - ref).norm() / ref.norm()) < tol, (m, cfg)
-
-
-@needs_hopper
-@pytest.mark.parametrize("name", sorted(n for n, v in FORMATS.items() if v[2] != "int3"))
-def test_cuda_tma_kernel_equals_reference(name, monkeypatch):
-    """The TMA-fed kernel: every config (rings of 2, 4 and 8 groups, one group a program and
-    programs without groups among the splits) at M = 1 and 16 in float16 and M = 5 in bfloat16,
-    N = 200 (a tile past the rows) and K = 576, a bias, each launch twice (the split-K tickets
-    reset); then a launch plan replayed in a CUDA graph."""
-    monkeypatch.setitem(fragment_tma.TMA, "enabled", True)
-    for m, dtype in ((1, torch.float16), (16, torch.float16), (5, torch.bfloat16)):
-        qmm, rw, x, b, ref = _cuda_case(name, m, 200, 576, dtype)
-        assert fragment_tma.supports(rw, dtype, m) is None
-        tol = 2e-3 if dtype == torch.float16 else 1.6e-2
-        cfgs = fragment_tma.configs(rw, m, dtype, qmm._sm_count(x.device))
-        cfgs += [{"KERNEL": "fragment_tma", "W": 4, "RB": rb, "SPLIT": split, "STAGES": st, "num_warps": 4}
-                 for rb in (1, 2, 4) for split in (1, 4, 9) for st in fragment_tma.STAGES]
-        for cfg in cfgs:
-            for _ in range(2):
-                out = qmm._launch(rw, x, b, cfg)
-                assert out.dtype == dtype and out.shape == (m, 200)
-                assert float((out.double() - ref).norm() / ref.norm()) < tol, (m, cfg)
-    g = torch.Generator().manual_seed(7)
-    qt = _quantize(name, (torch.randn(4096, 1024, generator=g) * 0.05).cuda())
-    rw = repack(qt, layout="fragment")
-    qmm.reserve_workspace(rw)
-    x = torch.randn(1, 1024, generator=g).to("cuda", torch.float16)
-    b = torch.randn(4096, generator=g).to("cuda", torch.float16)
-    cfg = {"KERNEL": "fragment_tma", "W": 4, "RB": 2, "SPLIT": 4, "STAGES": 4, "num_warps": 4}
-    for _ in range(2):  # the first call compiles, the second keeps the plan
-        qmm._launch(rw, x, b, cfg, plan_key=("tma",))
-    plan = rw.plans[("tma",)]
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        y = plan(x, b)
-    x.copy_(torch.randn(1, 1024, generator=g).to("cuda", torch.float16))
-    graph.replay()
-    torch.cuda.synchronize()
-    want = F.linear(x.double(), qt.dequantize(torch.float64), b.double())
-    assert float((y.double() - want).norm() / want.norm()) < 2e-3
 
 
 @needs_cuda

@@ -241,10 +241,12 @@ if HAVE_GLUON:
             return _fragment_tile(o, W, RB, a_layout)
 
     @gluon.jit
-    def _x_group(x_ptr, g, M, K, stride_xm, W: gl.constexpr, TOK: gl.constexpr, TAIL: gl.constexpr):
-        """Group ``g``'s activations as :func:`_b_operand` loads them, ``[TOK, 4, 16]``: lane ``4 g'
-        + t`` holds the 16 contiguous channels ``16 t ..`` of token ``g'`` (and ``g' + 8``); the
-        warps load the same (broadcast). Tokens past ``M`` and (``TAIL``) channels past ``K`` read 0."""
+    def _b_operand(x_ptr, g, M, K, stride_xm, W: gl.constexpr, TOK: gl.constexpr, b_layout: gl.constexpr,
+                   TAIL: gl.constexpr):
+        """Group ``g``'s activations as the ``[64, TOK]`` B operand: lane ``4 g' + t`` loads the 16
+        contiguous channels ``16 t ..`` of token ``g'`` (and ``g' + 8``), exactly its fragment
+        (:func:`bitsmith.kernels.fragment.physical_k`); the warps load the same (broadcast).
+        Tokens past ``M`` and (``TAIL``) channels past ``K`` read 0."""
         x_layout: gl.constexpr = gl.BlockedLayout([1, 1, 16], [8, 4, 1], [1, 1, W], [2, 1, 0])
         otok = gl.arange(0, TOK, layout=gl.SliceLayout(1, gl.SliceLayout(2, x_layout)))
         ot = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(2, x_layout)))
@@ -254,22 +256,11 @@ if HAVE_GLUON:
             x_mask = (otok < M)[:, None, None] & (chan < K)
         else:
             x_mask = (otok < M)[:, None, None] & (chan >= 0)
-        return gl.load(x_ptr + otok[:, None, None] * stride_xm + chan, mask=x_mask, other=0.0)
-
-    @gluon.jit
-    def _x_to_b(xv, TOK: gl.constexpr, b_layout: gl.constexpr):
-        """:func:`_x_group`'s registers as the ``[64, TOK]`` B operand: exactly a lane's fragment
-        (:func:`bitsmith.kernels.fragment.physical_k`), so the conversion is trivial."""
+        xv = gl.load(x_ptr + otok[:, None, None] * stride_xm + chan, mask=x_mask, other=0.0)
         b = gl.reshape(xv, [TOK, 4, 4, 2, 2])  # [token, t, s, rc, h]
         b = gl.permute(b, [2, 3, 1, 4, 0])  # [s, rc, t, h, token]
         b = gl.reshape(b, [64, TOK])
         return gl.convert_layout(b, b_layout, assert_trivial=True)
-
-    @gluon.jit
-    def _b_operand(x_ptr, g, M, K, stride_xm, W: gl.constexpr, TOK: gl.constexpr, b_layout: gl.constexpr,
-                   TAIL: gl.constexpr):
-        """Group ``g``'s activations as the ``[64, TOK]`` B operand (:func:`_x_group`, :func:`_x_to_b`)."""
-        return _x_to_b(_x_group(x_ptr, g, M, K, stride_xm, W, TOK, TAIL), TOK, b_layout)
 
     @gluon.jit
     def _group_meta(s_ptr, z_ptr, g, N, rows, row_ok, zconst, SG: gl.constexpr, FMT: gl.constexpr,
@@ -372,7 +363,8 @@ if HAVE_GLUON:
         bfloat16 (else float16); ``PREFETCH``: how many later groups' words are loaded ahead into
         registers (0, 1 or 2); a group's scales, zeros and activations are loaded in its own step
         (loading them a group ahead, or the words through a ``cp.async`` ring in shared memory,
-        was slower on the H100: gluon_fragment_probe_{ahead_cap,stages}_h100.txt). ``PDL``: launched
+        was slower on the H100: gluon_fragment_probe_{ahead_cap,stages}_h100.txt; a TMA loader
+        warp filling a ring of them was no faster: gluon_fragment_probe_tma_h100.txt). ``PDL``: launched
         as a programmatic dependent (:func:`bitsmith.kernels.small_m.pdl_ok`): the next launch may
         start at once, and the words prefetched before the loop load before the wait for the
         previous kernel (activations, partials, counters and output only after it); every program

@@ -52,7 +52,7 @@ except ImportError:  # pragma: no cover - depends on the environment
     tl = None
     HAVE_TRITON = False
 
-from . import fragment_gemm, fragment_mma, fragment_tma, fragment_wgmma, small_m, tune_cache
+from . import fragment_gemm, fragment_mma, fragment_wgmma, small_m, tune_cache
 from .layout import RuntimeWeight
 
 if HAVE_TRITON:
@@ -218,8 +218,6 @@ def _spec(a) -> object:
         return ("b", a)
     if isinstance(a, int):
         return (a % 16 == 0, a == 1, -(2**31) <= a < 2**31)
-    if hasattr(a, "block_shape") and hasattr(a, "base"):  # a TMA descriptor: its type holds the box and dtype
-        return ("desc", a.base.dtype, tuple(a.block_shape), a.layout)
     return type(a)
 
 
@@ -484,10 +482,6 @@ def _constexprs(rw: RuntimeWeight) -> dict:
             "INT_ZERO": rw.int_zero, "CODEBOOK": rw.kind == "codebook"}
 
 
-#: the fragment layout's kernels that write their output directly, by config ``KERNEL``
-_FRAGMENT_MODULES = {"fragment": fragment_mma, "fragment_tma": fragment_tma, "fragment_wgmma": fragment_wgmma}
-
-
 def _launch(rw: RuntimeWeight, x2: torch.Tensor, bias: torch.Tensor | None, cfg: dict,
             plan_key: tuple | None = None,
             lowrank: tuple[torch.Tensor, torch.Tensor] | small_m.LowRankFill | None = None) -> torch.Tensor:
@@ -497,11 +491,12 @@ def _launch(rw: RuntimeWeight, x2: torch.Tensor, bias: torch.Tensor | None, cfg:
     launch (after its input preparation) and first thing elsewhere (plain stream order)."""
     m, k = x2.shape
     n = rw.n
-    if isinstance(lowrank, small_m.LowRankFill) and cfg.get("KERNEL") in (None, *_FRAGMENT_MODULES, "fragment_gemm"):
+    if isinstance(lowrank, small_m.LowRankFill) and cfg.get("KERNEL") in (None, "fragment", "fragment_wgmma",
+                                                                           "fragment_gemm"):
         lowrank = (lowrank.fill(), lowrank.up)
-    if cfg.get("KERNEL") in _FRAGMENT_MODULES:  # no low-rank epilogue: a given branch is added after
+    if cfg.get("KERNEL") in ("fragment", "fragment_wgmma"):  # no low-rank epilogue: a given branch is added after
         out = torch.empty(m, n, dtype=x2.dtype, device=x2.device)
-        module = _FRAGMENT_MODULES[cfg["KERNEL"]]
+        module = fragment_mma if cfg["KERNEL"] == "fragment" else fragment_wgmma
         kernel, grid, args, consts, options = module.launch_args(rw, x2, bias, cfg, out)
         hit = _run(kernel, grid, args, consts, options)
         if lowrank is not None:
@@ -645,8 +640,8 @@ def flushed_times_ms(call, flush: torch.Tensor, reps: int, clean: bool = False) 
 def _configs(rw: RuntimeWeight, m: int, dtype: torch.dtype) -> list[dict]:
     if rw.layout == "fragment":  # Gluon up to 16 rows, then the Triton GEMM and dequantize + cuBLAS
         sms = _sm_count(rw.device)
-        out = (fragment_mma.configs(rw, m, dtype, sms) + fragment_tma.configs(rw, m, dtype, sms)
-               + fragment_wgmma.configs(rw, m, dtype, sms) + fragment_gemm.configs(rw, m, dtype, sms))
+        out = (fragment_mma.configs(rw, m, dtype, sms) + fragment_wgmma.configs(rw, m, dtype, sms)
+               + fragment_gemm.configs(rw, m, dtype, sms))
         return out + [{"DEQUANT_MM": True}] if m > 16 or not out else out
     return m1_configs(rw, dtype) if m == 1 else gemm_configs(rw, m, dtype)
 

@@ -763,12 +763,11 @@ def compile_offline_tc(bits: int, group: int, block_n: int = 128, half: int = 0,
 
 def _compile_offline(kernel, consts: dict, act: str, num_warps: int, num_stages: int, arch: int, gluon: bool = False,
                      maxnreg: int = 0, ptr_types: dict | None = None,
-                     aligned_ints: tuple = ("N", "K", "KW", "stride_xm", "stride_om"), arg_types: dict | None = None):
+                     aligned_ints: tuple = ("N", "K", "KW", "stride_xm", "stride_om")):
     """``kernel`` with constexprs ``consts`` compiled for ``sm_<arch>``; ``gluon``: a Gluon kernel;
     ``maxnreg``: a register cap per thread (0: ptxas chooses); ``ptr_types``: each pointer
     argument's element type (default: the weight kernels' names, activations in ``act``);
-    ``aligned_ints``: the integer arguments declared multiples of 16 (pointers always are);
-    ``arg_types``: other arguments' signature types as Triton spells them (TMA descriptors)."""
+    ``aligned_ints``: the integer arguments declared multiples of 16 (pointers always are)."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
@@ -780,9 +779,8 @@ def _compile_offline(kernel, consts: dict, act: str, num_warps: int, num_stages:
                      "z_ptr": "fp16", "t_ptr": "fp32", "ws_ptr": "fp32", "cnt_ptr": "i32", "xs_ptr": "fp32",
                      "lr_ptr": "fp32", "u_ptr": act}
     names = kernel.arg_names
-    arg_types = arg_types or {}
-    sig = {a: "constexpr" if a in consts else arg_types[a] if a in arg_types else f"*{ptr_types[a]}"
-           if a in ptr_types else "fp32" if a == "zconst" else "i32" for a in names}
+    sig = {a: "constexpr" if a in consts else f"*{ptr_types[a]}" if a in ptr_types else
+           "fp32" if a == "zconst" else "i32" for a in names}
     aligned = {(names.index(a),): [["tt.divisibility", 16]] for a in names
                if a in ptr_types or a in aligned_ints}
     src = ASTSource(fn=kernel, signature=sig, attrs=aligned,
