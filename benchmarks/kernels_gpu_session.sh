@@ -30,6 +30,8 @@
 #       BITSMITH_FRAGMENT_PDL=1 OUT=/some/dir bash benchmarks/kernels_gpu_session.sh sanitize
 #   OUT=/some/dir bash benchmarks/kernels_gpu_session.sh order      # fragment CUDA tests (group-major words among them),
 #       then every config with the words block-major and group-major (gluon_fragment_probe.py --orders block,group)
+#   OUT=/some/dir bash benchmarks/kernels_gpu_session.sh stream     # the fragment kernel's stream-K form (BITSMITH_FRAGMENT_STREAM=1):
+#       the fragment CUDA tests of it and of every split config (TESTS=0: none), then every config of both at M = 1 on three shapes
 #   OUT=/some/dir bash benchmarks/kernels_gpu_session.sh wide       # the fragment layout's kernels for more tokens:
 #       the Gluon kernel at 17..64 tokens and the Hopper wgmma kernel (both on by default since they passed this):
 #       their CUDA tests and the fragment GEMM's, then M = 16..128 (WIDE_MS) with every format in the fragment layout (the
@@ -266,6 +268,14 @@ order)  # the fragment words block-major against group-major: CUDA tests, then e
   step fragment.txt "${T_FRAG:-330}" "grep -E 'fp16|WRONG'" gluon_fragment_probe_order \
     python3 benchmarks/gluon_fragment_probe.py --orders block,group --shapes "${FRAG_SHAPES:-14336x4096,28672x8192}" \
     --m 1,16 --formats "${FRAG_FORMATS:-int4_g64,int3_g64,nf4_g64}" --reps 10 --name gluon_fragment_probe_order
+  ;;
+stream)  # stream-K M = 1 configs (one program a slot, equal runs of steps) beside the split-K ones
+  export BITSMITH_FRAGMENT_STREAM=1
+  [ "${TESTS:-1}" = 0 ] || TEST_FILES="tests/test_fragment.py" TEST_K=${TEST_K:-"cuda and (stream or every_config)"} \
+    T_TESTS=${T_TESTS:-150} tests_or_stop
+  step fragment.txt "${T_FRAG:-400}" "grep -E 'fp16|WRONG'" gluon_fragment_probe_stream \
+    python3 benchmarks/gluon_fragment_probe.py --shapes "${FRAG_SHAPES:-14336x4096,28672x8192,4096x14336}" \
+    --m "${FRAG_MS:-1}" --formats "${FRAG_FORMATS:-int4_g64,nf4_g64,int3_g64}" --reps 10 --name gluon_fragment_probe_stream
   ;;
 wide)  # the wide Gluon tiles and the wgmma kernel: tests, then M = 16..128 in both layouts
   TEST_FILES=tests/test_fragment.py TEST_K="cuda and (wide or gemm or wgmma)" T_TESTS=${T_TESTS:-180} tests_or_stop
