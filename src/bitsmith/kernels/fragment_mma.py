@@ -353,6 +353,28 @@ if HAVE_GLUON:
             gl.store(out_ptr + o_off, acc.to(DT), mask=o_mask)
 
     @gluon.jit
+    def _add_group(acc, cur, ones, x_ptr, s_ptr, z_ptr, g, M, N, K, stride_xm, rows, row_ok, zconst, planes,
+                   W: gl.constexpr, RB: gl.constexpr, TOK: gl.constexpr, SG: gl.constexpr, FMT: gl.constexpr,
+                   HAS_ZERO: gl.constexpr, TAIL: gl.constexpr, BF16: gl.constexpr):
+        """``acc`` plus group ``g``'s products of a tile's words ``cur`` (module docstring): the A
+        operand, the activations as B, the scales and zeros; ``ones``: the A tile of ones whose
+        product with B gives every row the group's sum of the activations (affine formats)."""
+        MAGIC_F: gl.constexpr = 128.0 if BF16 else 1024.0
+        mma: gl.constexpr = acc.type.layout
+        a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
+        b_layout: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=mma, k_width=2)
+        a = _a_operand(cur, planes, W, RB, a_layout, FMT, BF16)
+        b = _b_operand(x_ptr, g, M, K, stride_xm, W, TOK, b_layout, TAIL)
+        part = mma_v2(a, b, gl.zeros(acc.shape, gl.float32, layout=mma))
+        sc, zc = _group_meta(s_ptr, z_ptr, g, N, rows, row_ok, zconst, SG, FMT, HAS_ZERO, MAGIC_F, TAIL)
+        if FMT == 1:
+            acc += part * sc[:, None]
+        else:
+            xs = mma_v2(ones, b, gl.zeros(acc.shape, gl.float32, layout=mma))  # every row: the group's sum of x
+            acc += (part - zc[:, None] * xs) * sc[:, None]
+        return acc
+
+    @gluon.jit
     def _frag_kernel(x_ptr, w_ptr, ws_ptr, s_ptr, z_ptr, cnt_ptr, b_ptr, out_ptr,
                      M, N, K, NB, NG, G_PER, SPLIT, L0, L1, L2, L3, H0, H1, H2, H3, zconst, stride_xm,
                      W: gl.constexpr, RB: gl.constexpr, TOK: gl.constexpr, PREFETCH: gl.constexpr,
@@ -411,15 +433,8 @@ if HAVE_GLUON:
                 cur = gl.load(w_ptr + blk + g * g_stride, mask=w_mask, other=0)
             else:
                 cur = gl.load(w_ptr + blk + g * g_stride)
-            a = _a_operand(cur, (L0, L1, L2, L3, H0, H1, H2, H3), W, RB, a_layout, FMT, BF16)
-            b = _b_operand(x_ptr, g, M, K, stride_xm, W, TOK, b_layout, TAIL)
-            part = mma_v2(a, b, gl.zeros([BN, TOK], gl.float32, layout=mma))
-            sc, zc = _group_meta(s_ptr, z_ptr, g, N, rows, row_ok, zconst, SG, FMT, HAS_ZERO, MAGIC_F, TAIL)
-            if FMT == 1:
-                acc += part * sc[:, None]
-            else:
-                xs = mma_v2(ones, b, gl.zeros([BN, TOK], gl.float32, layout=mma))  # every row: the group's sum of x
-                acc += (part - zc[:, None] * xs) * sc[:, None]
+            acc = _add_group(acc, cur, ones, x_ptr, s_ptr, z_ptr, g, M, N, K, stride_xm, rows, row_ok, zconst,
+                             (L0, L1, L2, L3, H0, H1, H2, H3), W, RB, TOK, SG, FMT, HAS_ZERO, TAIL, BF16)
         _write_tile(acc, ws_ptr, cnt_ptr, b_ptr, out_ptr, rows, row_ok, toks, pid_n, pid_k, M, N, SPLIT, IS_SPLIT,
                     HAS_BIAS, RB * TOK)
 
@@ -467,15 +482,8 @@ if HAVE_GLUON:
                     words = gl.load(w_ptr + blk + (g + 1) * g_stride, mask=w_mask & (g + 1 < g_hi), other=0)
                 else:
                     cur = gl.load(w_ptr + blk + g * g_stride, mask=w_mask, other=0)
-                a = _a_operand(cur, (L0, L1, L2, L3, H0, H1, H2, H3), W, RB, a_layout, FMT, BF16)
-                b = _b_operand(x_ptr, g, M, K, stride_xm, W, TOK, b_layout, TAIL)
-                part = mma_v2(a, b, gl.zeros([BN, TOK], gl.float32, layout=mma))
-                sc, zc = _group_meta(s_ptr, z_ptr, g, N, rows, row_ok, zconst, SG, FMT, HAS_ZERO, MAGIC_F, TAIL)
-                if FMT == 1:
-                    acc += part * sc[:, None]
-                else:
-                    xs = mma_v2(ones, b, gl.zeros([BN, TOK], gl.float32, layout=mma))
-                    acc += (part - zc[:, None] * xs) * sc[:, None]
+                acc = _add_group(acc, cur, ones, x_ptr, s_ptr, z_ptr, g, M, N, K, stride_xm, rows, row_ok, zconst,
+                                 (L0, L1, L2, L3, H0, H1, H2, H3), W, RB, TOK, SG, FMT, HAS_ZERO, TAIL, BF16)
             _write_tile(acc, ws_ptr, cnt_ptr, b_ptr, out_ptr, rows, row_ok, toks, tile, p - first, M, N, last - first + 1,
                         True, HAS_BIAS, RB * TOK)
             u += g_hi - g_lo
