@@ -396,13 +396,11 @@ if HAVE_GLUON:
         waits, so a later kernel's wait on this one covers the earlier ones too. ``GROUP_MAJOR``:
         the words are in group-major order (:func:`bitsmith.kernels.fragment.to_order`)."""
         DT: gl.constexpr = x_ptr.dtype.element_ty
-        MAGIC_F: gl.constexpr = 128.0 if BF16 else 1024.0
         pid_n = gl.program_id(0)
         pid_k = gl.program_id(1)
         BN: gl.constexpr = 16 * W * RB
         mma: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[W, 1], instr_shape=[16, 8])
         a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
-        b_layout: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=mma, k_width=2)
         blk, w_mask, g_stride = _word_offsets(pid_n, NB, NG, W, RB, FMT, TAIL, GROUP_MAJOR)
         rows = pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(1, mma))
         toks = gl.arange(0, TOK, layout=gl.SliceLayout(0, mma))
@@ -438,7 +436,6 @@ if HAVE_GLUON:
         _write_tile(acc, ws_ptr, cnt_ptr, b_ptr, out_ptr, rows, row_ok, toks, pid_n, pid_k, M, N, SPLIT, IS_SPLIT,
                     HAS_BIAS, RB * TOK)
 
-
     @gluon.jit
     def _frag_stream_kernel(x_ptr, w_ptr, ws_ptr, s_ptr, z_ptr, cnt_ptr, b_ptr, out_ptr,
                             M, N, K, NB, NG, TILES, PROGRAMS, L0, L1, L2, L3, H0, H1, H2, H3, zconst, stride_xm,
@@ -452,12 +449,10 @@ if HAVE_GLUON:
         program to take its ticket adds them in that order (:func:`_write_tile`, with the tile's
         program count for ``SPLIT``). :func:`stream_contributors` is the same arithmetic on the host."""
         DT: gl.constexpr = x_ptr.dtype.element_ty
-        MAGIC_F: gl.constexpr = 128.0 if BF16 else 1024.0
         p = gl.program_id(0)
         BN: gl.constexpr = 16 * W * RB
         mma: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[W, 1], instr_shape=[16, 8])
         a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
-        b_layout: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=mma, k_width=2)
         toks = gl.arange(0, TOK, layout=gl.SliceLayout(0, mma))
         ones = gl.full([BN, 64], 1.0, DT, layout=a_layout)
         units = TILES * NG
@@ -674,6 +669,7 @@ def stream_configs(rw: RuntimeWeight, m: int, sms: int) -> list[dict]:
                 out.append({"KERNEL": "fragment", "W": 4, "RB": rb, "STREAM": programs, "SPLIT": 1,
                             "PREFETCH": prefetch, "num_warps": 4})
     return out
+
 
 def kernel_args(rw: RuntimeWeight, x2: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor, split: int,
                 tiles: int) -> tuple:
