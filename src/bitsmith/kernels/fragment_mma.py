@@ -680,13 +680,22 @@ def kernel_args(rw: RuntimeWeight, x2: torch.Tensor, bias: torch.Tensor | None, 
     every launch plan of :mod:`bitsmith.kernels.qmm` expects)."""
     from .small_m import workspace
 
+    m = x2.shape[0]
+    ng = blocks_groups(rw)[1]
+    ws, cnt = workspace(x2.device, split * m * rw.n, tiles) if split > 1 else (rw.scale, rw.words)
+    return _args(rw, x2, bias, out, ws, cnt, (-(-ng // split), split))
+
+
+def _args(rw: RuntimeWeight, x2: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor, ws: torch.Tensor,
+          cnt: torch.Tensor, schedule: tuple[int, int]) -> tuple:
+    """The fragment kernels' runtime arguments with workspace ``ws``, counters ``cnt`` and the two
+    schedule arguments after ``NG`` (split-K: groups a program and splits; stream-K: tiles and programs)."""
     m, k = x2.shape
     nb, ng = blocks_groups(rw)
     dummy = rw.scale
-    ws, cnt = workspace(x2.device, split * m * rw.n, tiles) if split > 1 else (dummy, rw.words)
     return (x2, rw.words, ws, rw.scale, rw.zero if rw.zero is not None else dummy, cnt,
             bias if bias is not None else dummy, out,
-            m, rw.n, k, nb, ng, -(-ng // split), split, *table_planes(rw, x2.dtype), float(rw.zconst), x2.stride(0))
+            m, rw.n, k, nb, ng, *schedule, *table_planes(rw, x2.dtype), float(rw.zconst), x2.stride(0))
 
 
 def kernel_consts(rw: RuntimeWeight, x2: torch.Tensor, bias: torch.Tensor | None, cfg: dict, tile_rows: int) -> dict:
@@ -723,16 +732,14 @@ def _stream_launch_args(rw: RuntimeWeight, x2: torch.Tensor, bias: torch.Tensor 
     ``cfg["STREAM"]`` programs (the workspace holds each tile's partials, :func:`stream_contributors`)."""
     from .small_m import workspace
 
-    m, k = x2.shape
+    m = x2.shape[0]
     w, rb = cfg["W"], cfg["RB"]
-    nb, ng = blocks_groups(rw)
+    ng = blocks_groups(rw)[1]
     tiles = _tiles(rw, w, rb)
-    programs = min(cfg["STREAM"], tiles * ng)  # every program at least one step: each one a tile counts arrives
+    # at most one program a step: a program without steps would never arrive at the tiles that count it
+    programs = min(cfg["STREAM"], tiles * ng)
     ws, cnt = workspace(x2.device, max(stream_contributors(tiles, ng, programs)) * m * rw.n, tiles)
-    dummy = rw.scale
-    args = (x2, rw.words, ws, rw.scale, rw.zero if rw.zero is not None else dummy, cnt,
-            bias if bias is not None else dummy, out,
-            m, rw.n, k, nb, ng, tiles, programs, *table_planes(rw, x2.dtype), float(rw.zconst), x2.stride(0))
+    args = _args(rw, x2, bias, out, ws, cnt, (tiles, programs))
     consts = {"W": w, "RB": rb, "TOK": tokens(m), **kernel_consts(rw, x2, bias, cfg, 16 * w * rb)}
     del consts["IS_SPLIT"]
     options = {"num_warps": cfg["num_warps"]}
@@ -740,6 +747,7 @@ def _stream_launch_args(rw: RuntimeWeight, x2: torch.Tensor, bias: torch.Tensor 
     if maxnreg:
         options["maxnreg"] = maxnreg
     return _frag_stream_kernel, (programs,), args, consts, options
+
 
 def dequantize_t(rw: RuntimeWeight, dtype: torch.dtype, run, row_blocks: int = DEQUANT_ROW_BLOCKS,
                  num_warps: int = 4) -> torch.Tensor:
