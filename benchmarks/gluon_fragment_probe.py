@@ -11,7 +11,6 @@ kernels_sass.json). In the fragment layout each lane's words are already its ten
 
     python benchmarks/gluon_fragment_probe.py [--shapes 4096x4096,...] [--m 1,8,16] [--formats ...] [--name NAME]
     python benchmarks/gluon_fragment_probe.py --orders block,group   # both word orders (fragment.ORDERS)
-    BITSMITH_FRAGMENT_STREAM=1 python benchmarks/gluon_fragment_probe.py   # with the stream-K configs
     python benchmarks/gluon_fragment_probe.py --sass      # sm_90 machine code only, any machine
 
 Variants of the kernel timed with this script and then removed, each slower than the plain
@@ -98,12 +97,11 @@ def probe_weight(w16: torch.Tensor, fmt: str, ms: list[int], timer, orders: tupl
 
                 err = float((run().double() - ref).norm() / ref.norm())
                 us = timer.time_graph(run)
-                name = (f"row blocks {cfg['RB']} " + (f"stream-K {cfg['STREAM']} programs" if cfg.get("STREAM")
-                                                       else f"split {cfg['SPLIT']}") + f" prefetch {cfg['PREFETCH']:d}"
+                name = (f"row blocks {cfg['RB']} split {cfg['SPLIT']} prefetch {cfg['PREFETCH']:d}"
                         + (f" {order}-major" if len(frag_rws) > 1 else ""))
                 print(f"{n}x{k} {fmt} M={m} {name}: {us:7.1f} us  rel err {err:.1e}", flush=True)
                 if err < 3e-3 and (best is None or us < best[0]):
-                    best = (us, {**{kk: cfg.get(kk, 0) for kk in ("W", "RB", "SPLIT", "PREFETCH", "STREAM")}, "order": order}, err)
+                    best = (us, {**{kk: cfg.get(kk, 0) for kk in ("W", "RB", "SPLIT", "PREFETCH")}, "order": order}, err)
                 if err < 3e-3 and us < by_order.get(order, float("inf")):
                     by_order[order] = us
         fp16 = timer.time_graph(lambda: F.linear(x, w16))

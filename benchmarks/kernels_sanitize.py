@@ -97,7 +97,7 @@ FRAGMENT_CASES = [("rtn", {"bits": 4, "group_size": 64}), ("rtn", {"bits": 3, "g
 def _fragment_cases() -> float:
     """The fragment layout at N = 333 (a partial row block) and K = 1000 (a partial group):
     its kernel at 1 and 16 rows (one and two row blocks a warp, split-K off and over 3 programs,
-    no prefetch and two groups' words ahead; its stream-K form over 5 and 7 programs), and the dequantization path at 19 rows, with the
+    no prefetch and two groups' words ahead), and the dequantization path at 19 rows, with the
     words in each order (block- and group-major, :data:`bitsmith.kernels.fragment.ORDERS`); worst
     relative error against float64. ``BITSMITH_FRAGMENT_PDL=1`` makes its launches programmatic
     dependents."""
@@ -115,9 +115,6 @@ def _fragment_cases() -> float:
             ref = x.double() @ w.t() + bias.double()
             cfgs = [{"KERNEL": "fragment", "W": 4, "RB": rb, "SPLIT": split, "PREFETCH": pf, "num_warps": 4}
                     for rb in (1, 2) for split in (1, 3) for pf in (0, 2)] if m <= 16 else [{"DEQUANT_MM": True}]
-            if m <= 16:  # its stream-K form (opt-in), runs splitting tiles unevenly
-                cfgs += [{"KERNEL": "fragment", "W": 4, "RB": rb, "STREAM": p, "SPLIT": 1, "PREFETCH": 1, "num_warps": 4}
-                         for rb in (1, 2) for p in (5, 7)]
             for cfg in cfgs:
                 y = qmm._launch(rw, x, bias, cfg)
                 worst = max(worst, float((y.double() - ref).norm() / ref.norm()))

@@ -767,57 +767,6 @@ def test_wgmma_kernel_can_be_switched_off_and_is_hopper_only(monkeypatch):
     assert fragment_wgmma.configs(rw, 24, torch.float16, 132) == []
 
 
-def test_stream_k_runs_cover_every_step_once_and_name_each_tiles_programs():
-    """The stream-K form's schedule (``_frag_stream_kernel``; :func:`stream_contributors` is its
-    arithmetic on the host): program ``p`` runs steps ``[p U / P, (p + 1) U / P)``; for every tile
-    the programs whose runs touch it are exactly ``first .. last`` of the kernel's formulas, so
-    each partial has its own workspace slot ``p - first`` and the tile's ticket count is right."""
-    for tiles, ng, programs in ((112, 128, 264), (56, 64, 528), (7, 9, 5), (3, 9, 27), (5, 3, 2), (1, 1, 1)):
-        units = tiles * ng
-        runs = [range(p * units // programs, (p + 1) * units // programs) for p in range(programs)]
-        assert sorted(u for r in runs for u in r) == list(range(units))
-        counts = fragment_mma.stream_contributors(tiles, ng, programs)
-        for t in range(tiles):
-            touching = [p for p, r in enumerate(runs) if any(t * ng <= u < (t + 1) * ng for u in r)]
-            first = ((t * ng + 1) * programs - 1) // units
-            last = ((t + 1) * ng * programs - 1) // units
-            assert touching == list(range(first, last + 1)) and counts[t] == len(touching), (tiles, ng, programs, t)
-
-
-def test_stream_k_configs_are_opt_in_and_fit_the_workspace(monkeypatch):
-    """Offered only with :data:`STREAM` on (``BITSMITH_FRAGMENT_STREAM=1``), one program a slot or half
-    of that (:func:`resident_programs`), and only where no tile needs more partials than
-    :data:`MAX_PARTIALS` holds."""
-    rw = repack(_quantize("int4_g64", torch.randn(4096, 1024) * 0.05), layout="fragment")
-    assert fragment_mma.stream_configs(rw, 1, 132) == [] or fragment_mma.STREAM["enabled"]
-    monkeypatch.setitem(fragment_mma.STREAM, "enabled", True)
-    assert {c["RB"] for c in fragment_mma.stream_configs(rw, 1, 132)} == {1, 2, 4}
-    cands = fragment_mma.stream_configs(rw, 16, 132)
-    assert cands and {c["RB"] for c in cands} == {1, 2}  # four row blocks spill at 16 tokens
-    nb, ng = fragment_mma.blocks_groups(rw)
-    for c in cands:
-        tiles = -(-nb // (4 * c["RB"]))
-        assert c["STREAM"] in {min(k * 132, tiles * ng) for k in (1, 2, 4)}
-        assert max(fragment_mma.stream_contributors(tiles, ng, c["STREAM"])) * 16 <= fragment_mma.MAX_PARTIALS
-    assert fragment_mma.stream_configs(rw, 17, 132) == []
-
-
-@needs_gluon
-@pytest.mark.parametrize("fmt", fragment.FORMATS)
-def test_stream_k_kernel_compiles_without_spills(fmt):
-    """The stream-K form at the (row blocks, tokens) it is offered for (one, two and four row blocks
-    at 8 tokens, one and two at 16), prefetch 0 and 1, under the launch's register cap, with tails
-    and a bias too: no local memory."""
-    for rb in (1, 2, 4):
-        for tok in (8, 16) if rb < 4 else (8,):
-            for pf, extra in ((0, {}), (1, {"TAIL": True, "HAS_BIAS": True})):
-                compiled = fragment_mma.compile_offline(fmt, rb, tok, pf, STREAM=True, GROUP_MAJOR=True, **extra)
-                with tempfile.TemporaryDirectory() as tmp:
-                    ins = kernels_sass.sass_of(compiled.asm["cubin"], Path(tmp))
-                assert not [t for _, t in ins if re.match(r"(LDL|STL)", t)], (rb, tok, pf)
-                assert collections.Counter(kernels_sass.opcode(t) for _, t in ins)["HMMA.16816.F32"] > 0
-
-
 @needs_gluon
 def test_fragment_kernel_tails_compile():
     """Rows past the tile, channels past a group, per-row scales, a symmetric zero and a bias."""
@@ -941,31 +890,6 @@ def test_cuda_smollm2_weights_every_fragment_kernel(name, smollm2_kernel_weights
 def test_cuda_every_config_equals_reference(name, m):
     """float16, N = 200 and K = 576 (a row tail), a bias."""
     _check_configs(name, m, torch.float16)
-
-
-@needs_cuda
-@pytest.mark.parametrize("name", sorted(FORMATS))
-def test_cuda_stream_k_equals_reference(name, monkeypatch):
-    """The stream-K form: its candidates and runs that split tiles unevenly (1, 5, 7 and 11 programs,
-    and 50, more than the steps, clamped to them: 4 tiles of 9 groups at one row block, the last
-    past ``N``), M = 1 and 16 in float16 and 5 in bfloat16, a bias, both word orders at M = 1,
-    each launch twice (the tickets reset)."""
-    from bitsmith.kernels import layout
-
-    monkeypatch.setitem(fragment_mma.STREAM, "enabled", True)
-    for m, dtype, order in ((1, torch.float16, "group"), (1, torch.float16, "block"), (16, torch.float16, "group"),
-                            (5, torch.bfloat16, "group")):
-        monkeypatch.setitem(layout.FRAGMENT, "order", order)
-        qmm, rw, x, b, ref = _cuda_case(name, m, 200, 576, dtype)
-        tol = 2e-3 if dtype == torch.float16 else 1.6e-2
-        cfgs = fragment_mma.stream_configs(rw, m, qmm._sm_count(x.device))
-        cfgs += [{"KERNEL": "fragment", "W": 4, "RB": rb, "STREAM": p, "SPLIT": 1, "PREFETCH": pf, "num_warps": 4}
-                 for rb in ((1, 2, 4) if m < 16 else (1, 2)) for p in (1, 5, 7, 11, 50) for pf in (0, 1)]
-        for cfg in cfgs:
-            for _ in range(2):
-                out = qmm._launch(rw, x, b, cfg)
-                assert out.dtype == dtype and out.shape == (m, 200)
-                assert float((out.double() - ref).norm() / ref.norm()) < tol, (m, order, cfg)
 
 
 @needs_cuda

@@ -16,9 +16,6 @@
   Split-K is reduced inside the launch as the small-M kernels do it (:mod:`bitsmith.kernels.small_m`:
   float32 partials, a ticket per tile, the last program sums in split order, adds the bias,
   writes ``y`` and resets the counter).
-* ``_frag_stream_kernel``: the same loop without waves (stream-K, opt-in: :data:`STREAM`), one
-  program a slot, each taking an equal run of the (row tile, group) steps; a tile's partials are
-  added by its last program as split-K's are.
 * ``_dequant_kernel`` (Triton, any M): ``W^T`` in the activation dtype, for cuBLAS when M is large
   (the ``rows`` layout does the same there, :func:`bitsmith.kernels.qmm.dequantize_t`). Its
   decoder (:func:`fragment_codes`, :func:`fragment_values`) is also the main loop's of the GEMM
@@ -436,53 +433,6 @@ if HAVE_GLUON:
         _write_tile(acc, ws_ptr, cnt_ptr, b_ptr, out_ptr, rows, row_ok, toks, pid_n, pid_k, M, N, SPLIT, IS_SPLIT,
                     HAS_BIAS, RB * TOK)
 
-    @gluon.jit
-    def _frag_stream_kernel(x_ptr, w_ptr, ws_ptr, s_ptr, z_ptr, cnt_ptr, b_ptr, out_ptr,
-                            M, N, K, NB, NG, TILES, PROGRAMS, L0, L1, L2, L3, H0, H1, H2, H3, zconst, stride_xm,
-                            W: gl.constexpr, RB: gl.constexpr, TOK: gl.constexpr, PREFETCH: gl.constexpr,
-                            SG: gl.constexpr, FMT: gl.constexpr, HAS_ZERO: gl.constexpr, HAS_BIAS: gl.constexpr,
-                            TAIL: gl.constexpr, BF16: gl.constexpr, GROUP_MAJOR: gl.constexpr):
-        """``_frag_kernel`` without waves (stream-K): ``PROGRAMS`` programs, one a slot of the GPU,
-        each taking the equal run ``[p U / P, (p + 1) U / P)`` of the ``U = TILES NG`` steps (row
-        tile ``u // NG``, group ``u % NG``). A run's part of a tile is a segment: its partial sums
-        go to the workspace slot of its place among the tile's programs, and the tile's last
-        program to take its ticket adds them in that order (:func:`_write_tile`, with the tile's
-        program count for ``SPLIT``). :func:`stream_contributors` is the same arithmetic on the host."""
-        DT: gl.constexpr = x_ptr.dtype.element_ty
-        p = gl.program_id(0)
-        BN: gl.constexpr = 16 * W * RB
-        mma: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[W, 1], instr_shape=[16, 8])
-        a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
-        toks = gl.arange(0, TOK, layout=gl.SliceLayout(0, mma))
-        ones = gl.full([BN, 64], 1.0, DT, layout=a_layout)
-        units = TILES * NG
-        u = (p * units) // PROGRAMS
-        u_end = ((p + 1) * units) // PROGRAMS
-        while u < u_end:
-            tile = u // NG
-            g_lo = u % NG
-            g_hi = gl.minimum(NG, g_lo + (u_end - u))
-            # the tile's programs: those whose runs hold its first and its last step
-            first = ((tile * NG + 1) * PROGRAMS - 1) // units
-            last = (((tile + 1) * NG) * PROGRAMS - 1) // units
-            blk, w_mask, g_stride = _word_offsets(tile, NB, NG, W, RB, FMT, TAIL, GROUP_MAJOR)
-            rows = tile * BN + gl.arange(0, BN, layout=gl.SliceLayout(1, mma))
-            row_ok = rows < N
-            acc = gl.zeros([BN, TOK], gl.float32, layout=mma)
-            if PREFETCH >= 1:
-                words = gl.load(w_ptr + blk + g_lo * g_stride, mask=w_mask & (g_lo < g_hi), other=0)
-            for g in range(g_lo, g_hi):
-                if PREFETCH >= 1:
-                    cur = words
-                    words = gl.load(w_ptr + blk + (g + 1) * g_stride, mask=w_mask & (g + 1 < g_hi), other=0)
-                else:
-                    cur = gl.load(w_ptr + blk + g * g_stride, mask=w_mask, other=0)
-                acc = _add_group(acc, cur, ones, x_ptr, s_ptr, z_ptr, g, M, N, K, stride_xm, rows, row_ok, zconst,
-                                 (L0, L1, L2, L3, H0, H1, H2, H3), W, RB, TOK, SG, FMT, HAS_ZERO, TAIL, BF16)
-            _write_tile(acc, ws_ptr, cnt_ptr, b_ptr, out_ptr, rows, row_ok, toks, tile, p - first, M, N, last - first + 1,
-                        True, HAS_BIAS, RB * TOK)
-            u += g_hi - g_lo
-
 
 if HAVE_TRITON:
 
@@ -623,7 +573,7 @@ def configs(rw: RuntimeWeight, m: int, dtype: torch.dtype, sms: int) -> list[dic
                 continue
             for prefetch in (0, 1, 2):
                 out.append({"KERNEL": "fragment", "W": 4, "RB": rb, "SPLIT": split, "PREFETCH": prefetch, "num_warps": 4})
-    return out + stream_configs(rw, m, sms)
+    return out
 
 
 def default_config(rw: RuntimeWeight, m: int, sms: int) -> dict:
@@ -637,47 +587,6 @@ def default_config(rw: RuntimeWeight, m: int, sms: int) -> dict:
     return {"KERNEL": "fragment", "W": 4, "RB": rb, "SPLIT": split, "PREFETCH": 0, "num_warps": 4}
 
 
-#: whether the tuner is offered the stream-K form of ``_frag_kernel`` (``_frag_stream_kernel``:
-#: one program a slot, equal runs of (row tile, group) steps, no waves) at M <= 16:
-#: ``BITSMITH_FRAGMENT_STREAM=1``. Off: compiled for sm_90 and checked offline, not yet run on a GPU.
-STREAM = {"enabled": os.environ.get("BITSMITH_FRAGMENT_STREAM", "") == "1"}
-
-
-def stream_contributors(tiles: int, ng: int, programs: int) -> list[int]:
-    """How many of ``programs`` stream-K programs add into each of ``tiles`` row tiles of ``ng``
-    groups (program ``p`` runs steps ``[p U / P, (p + 1) U / P)``, ``U = tiles ng``): the kernel's
-    arithmetic, on the host, for the workspace's size and the tests."""
-    units = tiles * ng
-    return [((t + 1) * ng * programs - 1) // units - ((t * ng + 1) * programs - 1) // units + 1 for t in range(tiles)]
-
-
-def resident_programs(rb: int, tok: int = 8) -> int:
-    """Programs of four warps an SM can hold under the launch's register cap (65,536 registers)."""
-    return min(8, 65536 // (128 * (register_cap({"RB": rb}, tok) or 128)))
-
-
-def stream_configs(rw: RuntimeWeight, m: int, sms: int) -> list[dict]:
-    """Stream-K candidates (with :data:`STREAM` on): row blocks a warp (1, 2, and 4 at 8 tokens: at
-    16 it spills a register with tails under its cap) x programs an SM (the register cap's
-    residency and half of it) x ``PREFETCH`` 0, 1; only where no tile needs more partials than the
-    workspace holds (:data:`MAX_PARTIALS`)."""
-    if not STREAM["enabled"] or tokens(m) > 16:
-        return []
-    ng = blocks_groups(rw)[1]
-    out = []
-    for rb in (1, 2, 4) if tokens(m) == 8 else (1, 2):
-        tiles = _tiles(rw, 4, rb)
-        full = resident_programs(rb, tokens(m))
-        for per_sm in sorted({full, max(1, full // 2)}):
-            programs = min(per_sm * sms, tiles * ng)
-            if max(stream_contributors(tiles, ng, programs)) * m > MAX_PARTIALS:
-                continue
-            for prefetch in (0, 1):
-                out.append({"KERNEL": "fragment", "W": 4, "RB": rb, "STREAM": programs, "SPLIT": 1,
-                            "PREFETCH": prefetch, "num_warps": 4})
-    return out
-
-
 def kernel_args(rw: RuntimeWeight, x2: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor, split: int,
                 tiles: int) -> tuple:
     """The runtime arguments of ``_frag_kernel`` and of the Hopper kernel
@@ -687,22 +596,12 @@ def kernel_args(rw: RuntimeWeight, x2: torch.Tensor, bias: torch.Tensor | None, 
     every launch plan of :mod:`bitsmith.kernels.qmm` expects)."""
     from .small_m import workspace
 
-    m = x2.shape[0]
-    ng = blocks_groups(rw)[1]
-    ws, cnt = workspace(x2.device, split * m * rw.n, tiles) if split > 1 else (rw.scale, rw.words)
-    return _args(rw, x2, bias, out, ws, cnt, (-(-ng // split), split))
-
-
-def _args(rw: RuntimeWeight, x2: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor, ws: torch.Tensor,
-          cnt: torch.Tensor, schedule: tuple[int, int]) -> tuple:
-    """The fragment kernels' runtime arguments with workspace ``ws``, counters ``cnt`` and the two
-    schedule arguments after ``NG`` (split-K: groups a program and splits; stream-K: tiles and programs)."""
     m, k = x2.shape
     nb, ng = blocks_groups(rw)
-    dummy = rw.scale
-    return (x2, rw.words, ws, rw.scale, rw.zero if rw.zero is not None else dummy, cnt,
-            bias if bias is not None else dummy, out,
-            m, rw.n, k, nb, ng, *schedule, *table_planes(rw, x2.dtype), float(rw.zconst), x2.stride(0))
+    ws, cnt = workspace(x2.device, split * m * rw.n, tiles) if split > 1 else (rw.scale, rw.words)
+    return (x2, rw.words, ws, rw.scale, rw.zero if rw.zero is not None else rw.scale, cnt,
+            bias if bias is not None else rw.scale, out,
+            m, rw.n, k, nb, ng, -(-ng // split), split, *table_planes(rw, x2.dtype), float(rw.zconst), x2.stride(0))
 
 
 def kernel_consts(rw: RuntimeWeight, x2: torch.Tensor, bias: torch.Tensor | None, cfg: dict, tile_rows: int) -> dict:
@@ -718,8 +617,6 @@ def launch_args(rw: RuntimeWeight, x2: torch.Tensor, bias: torch.Tensor | None, 
     """``(kernel, grid, args, constexprs, options)`` of one ``_frag_kernel`` launch writing ``out``."""
     from .small_m import pdl_ok
 
-    if cfg.get("STREAM"):
-        return _stream_launch_args(rw, x2, bias, cfg, out)
     pdl = PDL["enabled"] and pdl_ok(x2.device)
     w, rb, split = cfg["W"], cfg["RB"], cfg["SPLIT"]
     tiles = _tiles(rw, w, rb)
@@ -732,28 +629,6 @@ def launch_args(rw: RuntimeWeight, x2: torch.Tensor, bias: torch.Tensor | None, 
     if maxnreg:
         options["maxnreg"] = maxnreg
     return _frag_kernel, (tiles, split), args, consts, options
-
-
-def _stream_launch_args(rw: RuntimeWeight, x2: torch.Tensor, bias: torch.Tensor | None, cfg: dict, out: torch.Tensor):
-    """``(kernel, grid, args, constexprs, options)`` of one ``_frag_stream_kernel`` launch of
-    ``cfg["STREAM"]`` programs (the workspace holds each tile's partials, :func:`stream_contributors`)."""
-    from .small_m import workspace
-
-    m = x2.shape[0]
-    w, rb = cfg["W"], cfg["RB"]
-    ng = blocks_groups(rw)[1]
-    tiles = _tiles(rw, w, rb)
-    # at most one program a step: a program without steps would never arrive at the tiles that count it
-    programs = min(cfg["STREAM"], tiles * ng)
-    ws, cnt = workspace(x2.device, max(stream_contributors(tiles, ng, programs)) * m * rw.n, tiles)
-    args = _args(rw, x2, bias, out, ws, cnt, (tiles, programs))
-    consts = {"W": w, "RB": rb, "TOK": tokens(m), **kernel_consts(rw, x2, bias, cfg, 16 * w * rb)}
-    del consts["IS_SPLIT"]
-    options = {"num_warps": cfg["num_warps"]}
-    maxnreg = register_cap(cfg, consts["TOK"])
-    if maxnreg:
-        options["maxnreg"] = maxnreg
-    return _frag_stream_kernel, (programs,), args, consts, options
 
 
 def dequantize_t(rw: RuntimeWeight, dtype: torch.dtype, run, row_blocks: int = DEQUANT_ROW_BLOCKS,
@@ -802,9 +677,6 @@ def compile_offline(fmt: str = "int4", rb: int = 1, tok: int = 8, prefetch: int 
           "HAS_ZERO": fmt != "nf4", "HAS_BIAS": False, "TAIL": False, "BF16": act == "bf16", "PDL": False, "GROUP_MAJOR": False,
           **consts}
     cap = register_cap({"RB": rb}, tok) if maxnreg is None else maxnreg
-    if cx.pop("STREAM", False):  # the stream-K form: no IS_SPLIT, no PDL
-        del cx["IS_SPLIT"], cx["PDL"]
-        return _compile_offline(_frag_stream_kernel, cx, act, cx["W"], 1, arch, gluon=True, maxnreg=cap)
     return _compile_offline(_frag_kernel, cx, act, cx["W"], 1, arch, gluon=True, maxnreg=cap)
 
 
