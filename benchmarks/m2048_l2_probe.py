@@ -71,7 +71,7 @@ def main() -> None:
                   f"flush); W^T alone: zero_ {write['clean']:.1f} / {write['dirty']:.1f}, dequantized "
                   f"{alone['plain']['clean']:.1f} / {alone['plain']['dirty']:.1f}, with the hint "
                   f"{alone['keep']['clean']:.1f} / {alone['keep']['dirty']:.1f}", flush=True)
-            for cfg in qmm.dequant_mm_configs(rw, torch.float16, args.m, every=True):
+            for cfg in qmm.dequant_mm_configs(rw, torch.float16, every=True):
                 y = qmm._launch(rw, x, bias, cfg)
                 torch.cuda.synchronize()
                 err = float((y.double() - ref).norm() / ref.norm())

@@ -370,7 +370,7 @@ def test_interp_dequant_mm_in_chunks_equals_float64(name, monkeypatch):
     x = torch.randn(20, 64, generator=g)
     b = torch.randn(300, generator=g) * 0.1
     ref = x.double() @ qmm.dequantize_t(rw, torch.float32).double() + b.double()
-    cfgs = qmm.dequant_mm_configs(rw, torch.float32, 20, every=True)
+    cfgs = qmm.dequant_mm_configs(rw, torch.float32, every=True)
     assert {c.get("CHUNK") for c in cfgs} >= {None, 128, 256} and any(c.get("KEEP_L2") for c in cfgs), cfgs
     for cfg in cfgs:
         out = qmm._launch(rw, x, b, cfg)
@@ -379,26 +379,24 @@ def test_interp_dequant_mm_in_chunks_equals_float64(name, monkeypatch):
 
 
 def test_dequant_mm_configs_are_opt_in_and_sized_by_bytes(monkeypatch):
-    """Without ``BITSMITH_DEQUANT_L2`` the tuner gets the plain config only; with it, above 512 rows, the chunks
+    """Without ``BITSMITH_DEQUANT_L2`` the tuner gets the plain config only; with it, the chunks
     are the column counts (multiples of 128) whose float16 ``W^T`` is about 8, 16 and 24 MB, each
     with and without the hint, and none as wide as ``N``."""
     from bitsmith.kernels import qmm
 
     rw = repack(_quantize("int4_g64", torch.randn(64, 128) * 0.05), layout="fragment")
     monkeypatch.setitem(qmm.L2_CHUNKS, "enabled", False)
-    assert qmm.dequant_mm_configs(rw, torch.float16, 2048) == [{"DEQUANT_MM": True}]
+    assert qmm.dequant_mm_configs(rw, torch.float16) == [{"DEQUANT_MM": True}]
 
     class Wide:  # only the sizes matter
         layout, n, k = "fragment", 28672, 8192
 
     monkeypatch.setitem(qmm.L2_CHUNKS, "enabled", True)
-    cfgs = qmm.dequant_mm_configs(Wide, torch.float16, 2048)
+    cfgs = qmm.dequant_mm_configs(Wide, torch.float16)
     chunks = sorted({c["CHUNK"] for c in cfgs if "CHUNK" in c})
     assert chunks == [512, 1024, 1536]  # 8 MB / (2 B x 8192) = 512 columns, 16 MB 1024, 24 MB 1536
     assert len(cfgs) == 2 + 2 * len(chunks)
-    assert qmm.dequant_mm_configs(Wide, torch.float16, 2048, every=True) == cfgs
-    # up to 512 rows the fragment GEMM and the Hopper kernel are offered: the plain config only
-    assert qmm.dequant_mm_configs(Wide, torch.float16, 512) == [{"DEQUANT_MM": True}]
+    assert qmm.dequant_mm_configs(Wide, torch.float16, every=False) == cfgs
 
 
 @needs_interp
@@ -922,7 +920,7 @@ def test_cuda_dequant_mm_in_chunks_equals_reference(name, monkeypatch):
     for dtype in (torch.float16, torch.bfloat16):
         _, rw, x, b, ref = _cuda_case(name, 600, 333, 576, dtype)
         tol = 2e-3 if dtype == torch.float16 else 1.6e-2
-        cfgs = qmm.dequant_mm_configs(rw, dtype, 600, every=True)
+        cfgs = qmm.dequant_mm_configs(rw, dtype, every=True)
         assert {c.get("CHUNK") for c in cfgs} == {None, 128, 256}, cfgs
         for cfg in cfgs:
             out = qmm._launch(rw, x, b, cfg)

@@ -609,13 +609,12 @@ def _dequant_mm_chunked(rw: RuntimeWeight, x2: torch.Tensor, bias: torch.Tensor 
 L2_CHUNKS = {"enabled": os.environ.get("BITSMITH_DEQUANT_L2", "") == "1", "mb": (8, 16, 24)}
 
 
-def dequant_mm_configs(rw: RuntimeWeight, dtype: torch.dtype, m: int, every: bool = False) -> list[dict]:
-    """The "dequantize + cuBLAS" configs at ``m`` rows: the plain one, and for the fragment layout
-    above :data:`bitsmith.kernels.fragment_gemm.MAX_M` rows (where nothing else is offered) with
-    :data:`L2_CHUNKS` on (or ``every``, at any ``m``) the whole ``W^T`` with the L2 hint and chunks
-    of about each size of ``L2_CHUNKS["mb"]`` (a multiple of 128 columns, fewer than ``N``)."""
+def dequant_mm_configs(rw: RuntimeWeight, dtype: torch.dtype, every: bool = False) -> list[dict]:
+    """The "dequantize + cuBLAS" configs: the plain one, and for the fragment layout with
+    :data:`L2_CHUNKS` on (or ``every``) the whole ``W^T`` with the L2 hint and chunks of about
+    each size of ``L2_CHUNKS["mb"]`` (a multiple of 128 columns, fewer than ``N``)."""
     out = [{"DEQUANT_MM": True}]
-    if rw.layout != "fragment" or not (every or (L2_CHUNKS["enabled"] and m > fragment_gemm.MAX_M)):
+    if rw.layout != "fragment" or not (every or L2_CHUNKS["enabled"]):
         return out
     out.append({"DEQUANT_MM": True, "KEEP_L2": 1})
     size = torch.empty((), dtype=dtype).element_size()
@@ -690,7 +689,7 @@ def _configs(rw: RuntimeWeight, m: int, dtype: torch.dtype) -> list[dict]:
         sms = _sm_count(rw.device)
         out = (fragment_mma.configs(rw, m, dtype, sms) + fragment_wgmma.configs(rw, m, dtype, sms)
                + fragment_gemm.configs(rw, m, dtype, sms))
-        return out + dequant_mm_configs(rw, dtype, m) if m > 16 or not out else out
+        return out + dequant_mm_configs(rw, dtype) if m > 16 or not out else out
     return m1_configs(rw, dtype) if m == 1 else gemm_configs(rw, m, dtype)
 
 
