@@ -30,8 +30,6 @@
 #       BITSMITH_FRAGMENT_PDL=1 OUT=/some/dir bash benchmarks/kernels_gpu_session.sh sanitize
 #   OUT=/some/dir bash benchmarks/kernels_gpu_session.sh order      # fragment CUDA tests (group-major words among them),
 #       then every config with the words block-major and group-major (gluon_fragment_probe.py --orders block,group)
-#   OUT=/some/dir bash benchmarks/kernels_gpu_session.sh l2         # M = 2048's "dequantize + cuBLAS" with W^T kept in the L2:
-#       the chunked configs' CUDA tests (TESTS=0: none), then every such config timed (benchmarks/m2048_l2_probe.py)
 #   OUT=/some/dir bash benchmarks/kernels_gpu_session.sh wide       # the fragment layout's kernels for more tokens:
 #       the Gluon kernel at 17..64 tokens and the Hopper wgmma kernel (both on by default since they passed this):
 #       their CUDA tests and the fragment GEMM's, then M = 16..128 (WIDE_MS) with every format in the fragment layout (the
@@ -268,13 +266,6 @@ order)  # the fragment words block-major against group-major: CUDA tests, then e
   step fragment.txt "${T_FRAG:-330}" "grep -E 'fp16|WRONG'" gluon_fragment_probe_order \
     python3 benchmarks/gluon_fragment_probe.py --orders block,group --shapes "${FRAG_SHAPES:-14336x4096,28672x8192}" \
     --m 1,16 --formats "${FRAG_FORMATS:-int4_g64,int3_g64,nf4_g64}" --reps 10 --name gluon_fragment_probe_order
-  ;;
-l2)  # "dequantize + cuBLAS" with W^T kept in the L2 (column chunks into one reused buffer): CUDA tests, every such config
-  [ "${TESTS:-1}" = 0 ] || TEST_FILES="tests/test_fragment.py" TEST_K=${TEST_K:-"cuda and chunk"} T_TESTS=${T_TESTS:-90} \
-    tests_or_stop
-  step m2048_l2.txt "${T_L2:-450}" "grep -E 'fp16|best|WRONG'" m2048_l2_probe \
-    python3 benchmarks/m2048_l2_probe.py --shapes "${L2_SHAPES:-4096x4096,14336x4096,4096x14336,28672x8192}" \
-    --formats "${L2_FORMATS:-int4_g64,nf4_g64,int3_g64}" --m 2048 --reps 10 --name m2048_l2_probe
   ;;
 wide)  # the wide Gluon tiles and the wgmma kernel: tests, then M = 16..128 in both layouts
   TEST_FILES=tests/test_fragment.py TEST_K="cuda and (wide or gemm or wgmma)" T_TESTS=${T_TESTS:-180} tests_or_stop

@@ -325,81 +325,6 @@ def test_interp_dequantize_kernel_equals_the_layout(name, dtype, order, monkeypa
 
 
 @needs_interp
-@pytest.mark.parametrize("name", ["int4_g64", "nf4_g64_dq", "int3_g64"])
-def test_interp_dequantize_chunks_equal_the_whole(name):
-    """Columns ``n0:n1`` of ``W^T`` written into a strided buffer (a chunk of "dequantize + cuBLAS"
-    kept in the L2) equal those columns of the whole, with and without the L2 hint, a chunk
-    ending inside a row block and another inside a program's row blocks; nothing outside the
-    chunk's columns is touched."""
-    from bitsmith.kernels import fragment_mma, qmm
-
-    g = torch.Generator().manual_seed(5)
-    rw = repack(_quantize(name, torch.randn(300, 192, generator=g) * 0.05), layout="fragment")
-    whole = qmm.dequantize_t(rw, torch.float32)
-    for n0, n1, keep in ((0, 128, False), (128, 300, True), (16, 45, False), (256, 300, True)):
-        buf = torch.full((192, 200), 7.0)
-        fragment_mma.dequantize_t_into(rw, buf[:, : n1 - n0], n0, n1, qmm._run, keep)
-        assert torch.equal(buf[:, : n1 - n0], whole[:, n0:n1]), (n0, n1)
-        assert bool((buf[:, n1 - n0:] == 7.0).all()), (n0, n1)
-
-
-@needs_interp
-def test_interp_dequantize_chunk_bounds_are_checked():
-    from bitsmith.kernels import fragment_mma, qmm
-
-    rw = repack(_quantize("int4_g64", torch.randn(64, 128) * 0.05), layout="fragment")
-    with pytest.raises(ValueError, match="multiple of 16"):
-        fragment_mma.dequantize_t_into(rw, torch.empty(128, 10), 8, 18, qmm._run)
-    with pytest.raises(ValueError, match=r"out must be \[128, 32\]"):
-        fragment_mma.dequantize_t_into(rw, torch.empty(128, 16), 16, 48, qmm._run)
-    with pytest.raises(ValueError, match="inside the rows"):
-        fragment_mma.dequantize_t_into(rw, torch.empty(128, 32), 48, 80, qmm._run)
-
-
-@needs_interp
-@pytest.mark.parametrize("name", ["int4_g64", "nf4_g64_dq"])
-def test_interp_dequant_mm_in_chunks_equals_float64(name, monkeypatch):
-    """Every "dequantize + cuBLAS" config (the plain one, ``W^T`` kept in the L2, column chunks
-    written into one reused buffer, chunks narrower than ``N`` and a last one shorter) with a bias
-    equals the float64 product of the layout's weights (off the GPU ``torch.mm`` stands in for cuBLAS)."""
-    from bitsmith.kernels import qmm
-
-    monkeypatch.setitem(qmm.L2_CHUNKS, "mb", (0.02, 0.07))  # float32 at K = 64: 128 and 256 columns
-    g = torch.Generator().manual_seed(9)
-    rw = repack(_quantize(name, torch.randn(300, 64, generator=g) * 0.05), layout="fragment")
-    x = torch.randn(20, 64, generator=g)
-    b = torch.randn(300, generator=g) * 0.1
-    ref = x.double() @ qmm.dequantize_t(rw, torch.float32).double() + b.double()
-    cfgs = qmm.dequant_mm_configs(rw, torch.float32, every=True)
-    assert {c.get("CHUNK") for c in cfgs} >= {None, 128, 256} and any(c.get("KEEP_L2") for c in cfgs), cfgs
-    for cfg in cfgs:
-        out = qmm._launch(rw, x, b, cfg)
-        assert out.shape == (20, 300)
-        assert float((out.double() - ref).abs().max()) < 1e-5, cfg
-
-
-def test_dequant_mm_configs_are_opt_in_and_sized_by_bytes(monkeypatch):
-    """Without ``BITSMITH_DEQUANT_L2`` the tuner gets the plain config only; with it, the chunks
-    are the column counts (multiples of 128) whose float16 ``W^T`` is about 8, 16 and 24 MB, each
-    with and without the hint, and none as wide as ``N``."""
-    from bitsmith.kernels import qmm
-
-    rw = repack(_quantize("int4_g64", torch.randn(64, 128) * 0.05), layout="fragment")
-    monkeypatch.setitem(qmm.L2_CHUNKS, "enabled", False)
-    assert qmm.dequant_mm_configs(rw, torch.float16) == [{"DEQUANT_MM": True}]
-
-    class Wide:  # only the sizes matter
-        layout, n, k = "fragment", 28672, 8192
-
-    monkeypatch.setitem(qmm.L2_CHUNKS, "enabled", True)
-    cfgs = qmm.dequant_mm_configs(Wide, torch.float16)
-    chunks = sorted({c["CHUNK"] for c in cfgs if "CHUNK" in c})
-    assert chunks == [512, 1024, 1536]  # 8 MB / (2 B x 8192) = 512 columns, 16 MB 1024, 24 MB 1536
-    assert len(cfgs) == 2 + 2 * len(chunks)
-    assert qmm.dequant_mm_configs(Wide, torch.float16, every=False) == cfgs
-
-
-@needs_interp
 @pytest.mark.parametrize("m", [1, 33])
 def test_interp_quant_matmul_off_the_gpu_dequantizes(m):
     """Off a CUDA GPU (here: the interpreter) and above 16 rows the layout is read by the
@@ -807,18 +732,6 @@ def test_dequantize_kernel_compiles_with_whole_word_loads(fmt):
     assert words - table_loads == 8 * fragment.WORDS_PER_GROUP[fmt] // 128, ops
 
 
-@pytest.mark.skipif(not HAVE_TRITON or INTERPRETED, reason="needs triton's compiler (not under the interpreter)")
-def test_dequantize_kernel_keeps_its_stores_in_l2_when_asked():
-    """``KEEP_L2`` (chunked "dequantize + cuBLAS"): compiled for sm_90 every store of ``W^T``
-    carries an L2 ``evict_last`` policy; without it, none does."""
-    for keep in (False, True):
-        ptx = fragment_mma.compile_dequant_offline("int4", KEEP_L2=keep).asm["ptx"]
-        stores = [ln for ln in ptx.splitlines() if "st.global" in ln]
-        hinted = [ln for ln in stores if "L2::cache_hint" in ln]
-        assert len(stores) == 8 and len(hinted) == (8 if keep else 0), stores
-        assert ("createpolicy.fractional.L2::evict_last" in ptx) == keep
-
-
 # --- on a CUDA GPU ----------------------------------------------------------------------------------
 def _cuda_case(name, m, n, k, dtype, bias=True):
     from bitsmith.kernels import qmm
@@ -906,26 +819,6 @@ def test_cuda_block_major_order_equals_reference(name, monkeypatch):
     assert rw.fragment_order == "block"
     out = qmm._launch(rw, x, b, {"DEQUANT_MM": True})
     assert float((out.double() - ref).norm() / ref.norm()) < 2e-3
-
-
-@needs_cuda
-@pytest.mark.parametrize("name", ["int4_g64", "nf4_g64_dq", "int3_g64"])
-def test_cuda_dequant_mm_in_chunks_equals_reference(name, monkeypatch):
-    """Every "dequantize + cuBLAS" config (``W^T`` kept in the L2, written in column chunks into
-    one reused buffer, a last chunk shorter, cuBLAS writing into the output's column slices) at
-    600 rows with a bias, float16 and bfloat16."""
-    from bitsmith.kernels import qmm
-
-    monkeypatch.setitem(qmm.L2_CHUNKS, "mb", (0.15, 0.3))  # K = 576: 128 and 256 columns
-    for dtype in (torch.float16, torch.bfloat16):
-        _, rw, x, b, ref = _cuda_case(name, 600, 333, 576, dtype)
-        tol = 2e-3 if dtype == torch.float16 else 1.6e-2
-        cfgs = qmm.dequant_mm_configs(rw, dtype, every=True)
-        assert {c.get("CHUNK") for c in cfgs} == {None, 128, 256}, cfgs
-        for cfg in cfgs:
-            out = qmm._launch(rw, x, b, cfg)
-            assert out.dtype == dtype and out.shape == (600, 333)
-            assert float((out.double() - ref).norm() / ref.norm()) < tol, cfg
 
 
 @needs_cuda

@@ -493,32 +493,25 @@ if HAVE_TRITON:
         return w
 
     @triton.jit
-    def _dequant_kernel(w_ptr, s_ptr, z_ptr, t_ptr, out_ptr, N, K, NB, NG, zconst, RB0, N_END, stride_o,
+    def _dequant_kernel(w_ptr, s_ptr, z_ptr, t_ptr, out_ptr, N, K, NB, NG, zconst,
                         FMT: tl.constexpr, SG: tl.constexpr, HAS_ZERO: tl.constexpr, RBS: tl.constexpr,
-                        GROUP_MAJOR: tl.constexpr, KEEP_L2: tl.constexpr):
-        """Columns ``16 RB0 .. N_END`` of ``W^T [K, N]`` in ``out``'s dtype from fragment words,
-        into ``out`` (row stride ``stride_o``, its column 0 standing for column ``16 RB0``):
-        program ``(RBS row blocks from RB0, group)`` writes the ``[64, 16 RBS]`` tile of ``W^T``
-        (:func:`fragment_codes` in ``[k, n]`` order), so the scales are read and the tile stored as
-        rows of ``16 RBS`` contiguous values (the compiler routes the permutation through shared
-        memory; a store a code, scattered in 16-byte pieces, made the first version of this kernel
-        5-8x slower than writing ``W^T`` from the rows layout). ``GROUP_MAJOR``: the words in
-        group-major order (:func:`bitsmith.kernels.fragment.to_order`). ``KEEP_L2``: the stores
-        carry the ``evict_last`` hint, so that the matmul that reads them next finds them in the L2."""
+                        GROUP_MAJOR: tl.constexpr):
+        """``W^T [K, N]`` in ``out``'s dtype from fragment words: program ``(RBS row blocks,
+        group)`` writes the ``[64, 16 RBS]`` tile of ``W^T`` (:func:`fragment_codes` in ``[k, n]``
+        order), so the scales are read and the tile stored as rows of ``16 RBS`` contiguous values
+        (the compiler routes the permutation through shared memory; a store a code, scattered in
+        16-byte pieces, made the first version of this kernel 5-8x slower than writing ``W^T``
+        from the rows layout). ``GROUP_MAJOR``: the words in group-major order
+        (:func:`bitsmith.kernels.fragment.to_order`)."""
         pid_r = tl.program_id(0)
         g = tl.program_id(1)
         BN: tl.constexpr = 16 * RBS
-        rb0 = RB0 + pid_r * RBS
-        q = fragment_codes(w_ptr, rb0 + tl.arange(0, RBS), g, NB, NG, FMT, RBS, GROUP_MAJOR)
+        q = fragment_codes(w_ptr, pid_r * RBS + tl.arange(0, RBS), g, NB, NG, FMT, RBS, GROUP_MAJOR)
         k = g * 64 + tl.arange(0, 64)[:, None]
-        n = rb0 * 16 + tl.arange(0, BN)
-        n_ok = n < N_END
+        n = pid_r * BN + tl.arange(0, BN)
+        n_ok = n < N
         w = fragment_values(q, s_ptr, z_ptr, t_ptr, g, N, n, n_ok, zconst, FMT, SG, HAS_ZERO)
-        dst = out_ptr + k * stride_o + (n - RB0 * 16)[None, :]
-        if KEEP_L2:
-            tl.store(dst, w.to(out_ptr.dtype.element_ty), mask=(k < K) & n_ok[None, :], eviction_policy="evict_last")
-        else:
-            tl.store(dst, w.to(out_ptr.dtype.element_ty), mask=(k < K) & n_ok[None, :])
+        tl.store(out_ptr + k * N + n[None, :], w.to(out_ptr.dtype.element_ty), mask=(k < K) & n_ok[None, :])
 
 
 def _scale_steps(rw: RuntimeWeight) -> int:
@@ -637,30 +630,13 @@ def dequantize_t(rw: RuntimeWeight, dtype: torch.dtype, run, row_blocks: int = D
     the launcher (:func:`bitsmith.kernels.qmm._run`); a program writes ``row_blocks`` row blocks
     (a power of two) of one group (benchmarks/fragment_dequant_probe.py times the choices)."""
     out = torch.empty(rw.k, rw.n, dtype=dtype, device=rw.device)
-    dequantize_t_into(rw, out, 0, rw.n, run, row_blocks=row_blocks, num_warps=num_warps)
-    return out
-
-
-def dequantize_t_into(rw: RuntimeWeight, out: torch.Tensor, n0: int, n1: int, run, keep_l2: bool = False,
-                      row_blocks: int = DEQUANT_ROW_BLOCKS, num_warps: int = 4) -> torch.Tensor:
-    """Columns ``n0:n1`` of ``W^T`` into ``out`` (``[K, n1 - n0]``, columns contiguous, any row
-    stride): a column chunk for a matmul of its own. ``n0`` must start a row block (a multiple of
-    16); ``keep_l2``: the stores ask the L2 to keep the lines (``evict_last``)."""
-    if n0 % fragment.ROWS or not 0 <= n0 < n1 <= rw.n:
-        raise ValueError(f"columns {n0}:{n1} of a {rw.n}-row weight: the chunk must start at a multiple of "
-                         f"{fragment.ROWS} and lie inside the rows")
-    if out.shape != (rw.k, n1 - n0) or out.stride(1) != 1:
-        raise ValueError(f"out must be [{rw.k}, {n1 - n0}] with contiguous columns, got {tuple(out.shape)} "
-                         f"strides {out.stride()}")
     nb, ng = blocks_groups(rw)
     dummy = rw.scale
-    rb0 = n0 // fragment.ROWS
     args = (rw.words, rw.scale, rw.zero if rw.zero is not None else dummy, rw.table if rw.table is not None else dummy,
-            out, rw.n, rw.k, nb, ng, float(rw.zconst), rb0, n1, out.stride(0))
+            out, rw.n, rw.k, nb, ng, float(rw.zconst))
     consts = {"FMT": FMT_IDS[rw.fragment_format], "SG": _scale_steps(rw), "HAS_ZERO": rw.zero is not None, "RBS": row_blocks,
-              "GROUP_MAJOR": rw.fragment_order == "group", "KEEP_L2": bool(keep_l2)}
-    blocks = -(-n1 // fragment.ROWS) - rb0
-    run(_dequant_kernel, (-(-blocks // row_blocks), ng), args, consts, {"num_warps": num_warps})
+              "GROUP_MAJOR": rw.fragment_order == "group"}
+    run(_dequant_kernel, (-(-nb // row_blocks), ng), args, consts, {"num_warps": num_warps})
     return out
 
 
@@ -686,9 +662,8 @@ def compile_dequant_offline(fmt: str = "int4", act: str = "fp16", arch: int = 90
     from .small_m import _compile_offline
 
     cx = {"FMT": FMT_IDS[fmt], "SG": 1, "HAS_ZERO": fmt != "nf4", "RBS": DEQUANT_ROW_BLOCKS, "GROUP_MAJOR": False,
-          "KEEP_L2": False, **consts}
-    # as a launch of the whole W^T (N a multiple of 16) specializes them
-    return _compile_offline(_dequant_kernel, cx, act, 4, 1, arch, aligned_ints=("N", "K", "N_END", "stride_o"))
+          **consts}
+    return _compile_offline(_dequant_kernel, cx, act, 4, 1, arch)
 
 
-__all__ = ["HAVE_GLUON", "configs", "default_config", "launch_args", "dequantize_t", "dequantize_t_into", "supports", "cvt4_ptx", "cvt3_ptx"]
+__all__ = ["HAVE_GLUON", "configs", "default_config", "launch_args", "dequantize_t", "supports", "cvt4_ptx", "cvt3_ptx"]

@@ -505,11 +505,8 @@ def _launch(rw: RuntimeWeight, x2: torch.Tensor, bias: torch.Tensor | None, cfg:
             rw.plans[plan_key] = _Plan(hit[0], grid, args, hit[1], n, 1, rw.scale, x2.device.index)
         return out
     if cfg.get("DEQUANT_MM"):
-        if cfg.get("CHUNK") or cfg.get("KEEP_L2"):
-            out = _dequant_mm_chunked(rw, x2, bias, cfg.get("CHUNK") or n, bool(cfg.get("KEEP_L2")))
-        else:
-            wt = dequantize_t(rw, x2.dtype)
-            out = torch.mm(x2, wt) if bias is None else torch.addmm(bias.to(x2.dtype), x2, wt)
+        wt = dequantize_t(rw, x2.dtype)
+        out = torch.mm(x2, wt) if bias is None else torch.addmm(bias.to(x2.dtype), x2, wt)
         if lowrank is not None:
             out = torch.addmm(out, lowrank[0].to(x2.dtype), lowrank[1])
         return out
@@ -583,50 +580,6 @@ def dequantize_t(rw: RuntimeWeight, dtype: torch.dtype) -> torch.Tensor:
     return out
 
 
-def _dequant_mm_chunked(rw: RuntimeWeight, x2: torch.Tensor, bias: torch.Tensor | None, chunk: int,
-                        keep_l2: bool) -> torch.Tensor:
-    """``x2 @ W^T`` (+ bias) for the fragment layout, ``W^T`` written ``chunk`` columns at a time
-    into one reused buffer, each chunk multiplied by cuBLAS into its columns of the output before
-    the next is written. Each chunk overwrites lines the previous one left in the L2 (``keep_l2``
-    asks the L2 to keep them), so the float16 copy need not go to DRAM chunk after chunk
-    (:data:`L2_CHUNKS`)."""
-    m, n = x2.shape[0], rw.n
-    out = torch.empty(m, n, dtype=x2.dtype, device=x2.device)
-    buf = torch.empty(rw.k, min(chunk, n), dtype=x2.dtype, device=x2.device)
-    for n0 in range(0, n, chunk):
-        n1 = min(n, n0 + chunk)
-        wt = fragment_mma.dequantize_t_into(rw, buf[:, : n1 - n0], n0, n1, _run, keep_l2)
-        if bias is None:
-            torch.mm(x2, wt, out=out[:, n0:n1])
-        else:
-            torch.addmm(bias[n0:n1].to(x2.dtype), x2, wt, out=out[:, n0:n1])
-    return out
-
-
-#: whether the tuner is offered "dequantize + cuBLAS" with ``W^T`` kept in the L2 (the stores'
-#: ``evict_last`` hint) and written in column chunks of about ``mb`` MB each into one reused
-#: buffer (:func:`_dequant_mm_chunked`); opt-in with ``BITSMITH_DEQUANT_L2=1`` until timed
-L2_CHUNKS = {"enabled": os.environ.get("BITSMITH_DEQUANT_L2", "") == "1", "mb": (8, 16, 24)}
-
-
-def dequant_mm_configs(rw: RuntimeWeight, dtype: torch.dtype, every: bool = False) -> list[dict]:
-    """The "dequantize + cuBLAS" configs: the plain one, and for the fragment layout with
-    :data:`L2_CHUNKS` on (or ``every``) the whole ``W^T`` with the L2 hint and chunks of about
-    each size of ``L2_CHUNKS["mb"]`` (a multiple of 128 columns, fewer than ``N``)."""
-    out = [{"DEQUANT_MM": True}]
-    if rw.layout != "fragment" or not (every or L2_CHUNKS["enabled"]):
-        return out
-    out.append({"DEQUANT_MM": True, "KEEP_L2": 1})
-    size = torch.empty((), dtype=dtype).element_size()
-    for mb in L2_CHUNKS["mb"]:
-        cols = max(128, int(mb * 2**20) // (size * rw.k) // 128 * 128)
-        for keep in (0, 1):
-            cfg = {"DEQUANT_MM": True, "CHUNK": cols, "KEEP_L2": keep}
-            if cols < rw.n and cfg not in out:
-                out.append(cfg)
-    return out
-
-
 #: how :func:`gpu_time` empties the L2 between timed calls: "clean" (read) or "dirty" (write)
 TUNE_FLUSH = os.environ.get("BITSMITH_TUNE_FLUSH", "clean")
 
@@ -689,7 +642,7 @@ def _configs(rw: RuntimeWeight, m: int, dtype: torch.dtype) -> list[dict]:
         sms = _sm_count(rw.device)
         out = (fragment_mma.configs(rw, m, dtype, sms) + fragment_wgmma.configs(rw, m, dtype, sms)
                + fragment_gemm.configs(rw, m, dtype, sms))
-        return out + dequant_mm_configs(rw, dtype) if m > 16 or not out else out
+        return out + [{"DEQUANT_MM": True}] if m > 16 or not out else out
     return m1_configs(rw, dtype) if m == 1 else gemm_configs(rw, m, dtype)
 
 
