@@ -8,6 +8,7 @@ best ``--top`` per case, writes every timing to JSON.
     python benchmarks/kernels_configs.py [--shapes 14336x4096,...] [--m 16,2048] [--formats int4_g64,...] [--name NAME]
     python benchmarks/kernels_configs.py --m 1 --m1-sweep ...   # the M = 1 kernel's wider search
     python benchmarks/kernels_configs.py --m 16 --tc-sweep ...  # the tensor-core kernel's wider search
+    python benchmarks/kernels_configs.py --layout fragment ...  # the fragment layout's candidates
 """
 from __future__ import annotations
 
@@ -30,6 +31,8 @@ def describe(cfg: dict) -> str:
     """A config in a few characters: kernel, tile, split, warps, stages."""
     if cfg.get("DEQUANT_MM"):
         return "dequant+cuBLAS"
+    if cfg.get("KERNEL") == "fragment_ws_gemm":
+        return f"ws-gemm {cfg['BLOCK_M']}x128x64 st{cfg['STAGES']}"
     kernel = cfg.get("KERNEL", "gemm" + ("-unique" if cfg.get("UNIQUE") else ""))
     split = cfg.get("SPLIT", cfg.get("SPLIT_K", 1))
     return (f"{kernel} {cfg.get('BLOCK_M', 1)}x{cfg['BLOCK_N']}x{cfg['BLOCK_K']} s{split} "
@@ -79,6 +82,7 @@ def main() -> None:
     ap.add_argument("--m", default="16")
     ap.add_argument("--formats", default="int4_g64,int4_g128")
     ap.add_argument("--top", type=int, default=4)
+    ap.add_argument("--layout", default="rows", choices=("rows", "fragment"), help="the runtime layout whose configs are timed")
     ap.add_argument("--m1-sweep", action="store_true", help="at M = 1, a wider search of the CUDA-core kernel (m1_sweep)")
     ap.add_argument("--tc-sweep", action="store_true", help="at M = 2..64, a wider search of the tensor-core kernel (tc_sweep)")
     args = ap.parse_args()
@@ -94,7 +98,7 @@ def main() -> None:
             fp16 = timer.time_graph(lambda: F.linear(x, w16))
             for fmt in args.formats.split(","):
                 qt = make_qtensor(fmt, w16)
-                rw = repack(qt, layout="rows")  # the rows layout's kernels and configs
+                rw = repack(qt, layout=args.layout)  # that layout's kernels and configs
                 ref = x.double() @ qt.dequantize(torch.float64).t()
                 timed = []
                 if args.m1_sweep and m == 1:

@@ -30,6 +30,8 @@
 #       BITSMITH_FRAGMENT_PDL=1 OUT=/some/dir bash benchmarks/kernels_gpu_session.sh sanitize
 #   OUT=/some/dir bash benchmarks/kernels_gpu_session.sh order      # fragment CUDA tests (group-major words among them),
 #       then every config with the words block-major and group-major (gluon_fragment_probe.py --orders block,group)
+#   OUT=/some/dir bash benchmarks/kernels_gpu_session.sh ws_gemm    # the fragment layout's warp-specialized GEMM at M = 2048
+#       (BITSMITH_FRAGMENT_WS_GEMM=1): its CUDA tests (TESTS=0: none), every config beside dequantize + cuBLAS, the M = 2048 table
 #   OUT=/some/dir bash benchmarks/kernels_gpu_session.sh wide       # the fragment layout's kernels for more tokens:
 #       the Gluon kernel at 17..64 tokens and the Hopper wgmma kernel (both on by default since they passed this):
 #       their CUDA tests and the fragment GEMM's, then M = 16..128 (WIDE_MS) with every format in the fragment layout (the
@@ -266,6 +268,17 @@ order)  # the fragment words block-major against group-major: CUDA tests, then e
   step fragment.txt "${T_FRAG:-330}" "grep -E 'fp16|WRONG'" gluon_fragment_probe_order \
     python3 benchmarks/gluon_fragment_probe.py --orders block,group --shapes "${FRAG_SHAPES:-14336x4096,28672x8192}" \
     --m 1,16 --formats "${FRAG_FORMATS:-int4_g64,int3_g64,nf4_g64}" --reps 10 --name gluon_fragment_probe_order
+  ;;
+ws_gemm)  # the fragment layout's warp-specialized GEMM for large M (BITSMITH_FRAGMENT_WS_GEMM=1): tests, every config, the table
+  export BITSMITH_FRAGMENT_WS_GEMM=1
+  [ "${TESTS:-1}" = 0 ] || TEST_FILES="tests/test_fragment.py" TEST_K=${TEST_K:-"cuda and ws_gemm"} T_TESTS=${T_TESTS:-120} \
+    tests_or_stop
+  step configs.txt "${T_CFG:-240}" "grep -E 'fp16|x[0-9]|WRONG|fail'" kernels_configs_ws_gemm \
+    python3 benchmarks/kernels_configs.py --layout fragment --m 2048 --formats "${WS_FORMATS:-int4_g64,nf4_g64,int3_g64}" \
+    --shapes "${WS_SHAPES:-4096x4096,14336x4096,4096x14336,28672x8192}" --reps 10 --top 6 --name kernels_configs_ws_gemm
+  step kernels_bench.txt "${T_BENCH:-200}" "grep -E '^ +[0-9]+x[0-9]+ +2048 [a-z]'" kernels_m2048_ws_gemm \
+    python3 benchmarks/kernels_bench.py --m 2048 --formats int4_g64,int4_g128,int3_g64,nf4_g64 --no-w8a8 --reps 10 \
+    --name kernels_m2048_ws_gemm
   ;;
 wide)  # the wide Gluon tiles and the wgmma kernel: tests, then M = 16..128 in both layouts
   TEST_FILES=tests/test_fragment.py TEST_K="cuda and (wide or gemm or wgmma)" T_TESTS=${T_TESTS:-180} tests_or_stop

@@ -26,7 +26,8 @@ import torch.nn.functional as F
 
 import bitsmith
 from bitsmith.errors import QuantizationError
-from bitsmith.kernels import HAVE_TRITON, dequantize_runtime, fragment, fragment_gemm, fragment_mma, fragment_wgmma, repack
+from bitsmith.kernels import (HAVE_TRITON, dequantize_runtime, fragment, fragment_gemm, fragment_mma, fragment_wgmma,
+                              fragment_ws_gemm, repack)
 from bitsmith.kernels.layout import runtime_codes
 from conftest import CUDA, INTERPRETED, needs_interp, run_interpreter_tests
 from ptx_emulator import run_ptx
@@ -658,6 +659,60 @@ def test_wgmma_kernel_compiles_for_sm90(fmt):
             assert [t for t in loop_ins if t.startswith("WARPGROUP.DEPBAR")] == ["WARPGROUP.DEPBAR.LE gsb0, 0x0"]
 
 
+@needs_gluon
+@pytest.mark.parametrize("fmt", fragment.FORMATS)
+def test_ws_gemm_compiles_for_sm90(fmt):
+    """The warp-specialized large-M GEMM, compiled for sm_90 in every candidate tile and ring, plain
+    and with tails, per-row scales and bfloat16: no spills, fits the H100's 227 KiB of shared
+    memory, loads the activations by TMA, keeps one ``wgmma`` in flight in the consumers' loop
+    (``0x1``, the final wait ``0x0``), stores each thread's share of the dequantized ``[128, 64]``
+    weights in 16-byte pieces (a lane's 16 values are 16 consecutive channels) and sets the
+    partitions' registers."""
+    for bm, stages in fragment_ws_gemm.CANDIDATES:
+        for extra in ({}, {"TAIL": True, "HAS_BIAS": False, "SG": 0, "GROUP_MAJOR": False}, {"BF16": True}):
+            compiled = fragment_ws_gemm.compile_offline(fmt, bm, stages, act="bf16" if extra.get("BF16") else "fp16",
+                                                        **extra)
+            assert compiled.metadata.shared <= 227 * 1024, (bm, stages, compiled.metadata.shared)
+            with tempfile.TemporaryDirectory() as tmp:
+                ins = kernels_sass.sass_of(compiled.asm["cubin"], Path(tmp))
+            ops = collections.Counter(kernels_sass.opcode(t) for _, t in ins)
+            assert not [t for _, t in ins if re.match(r"(LDL|STL)\b", t)], (bm, stages, extra)
+            assert ops["UTMALDG.2D"] >= 1 and ops["USETMAXREG.TRY_ALLOC.CTAPOOL"] >= 1, ops
+            dt = ".BF16" if extra.get("BF16") else ""
+            # each consumer's bm / 2 rows in 64-row wgmmas of k 16, four a group, in two copies of the loop
+            assert ops[f"HGMMA.64x128x16.F32{dt}"] == 4 * (bm // 64), ops
+            waits = {t for _, t in ins if t.startswith("WARPGROUP.DEPBAR")}
+            assert waits == {"WARPGROUP.DEPBAR.LE gsb0, 0x1", "WARPGROUP.DEPBAR.LE gsb0, 0x0"}, waits
+            assert ops["STS.128"] == 8, {op: c for op, c in ops.items() if op.startswith("STS")}
+
+
+def test_ws_gemm_puts_the_channels_back_in_order():
+    """The producer's permutation of a dequantized group (``K_SPLIT``, ``TO_CHANNELS``) takes the
+    fragment's logical ``k`` to channel :func:`bitsmith.kernels.fragment.physical_k`, and each
+    lane's 16 logical ``k`` (fixed ``t``) to 16 consecutive channels."""
+    logical = torch.arange(64).reshape(1, *fragment_ws_gemm.K_SPLIT)
+    by_channel = logical.permute(*fragment_ws_gemm.TO_CHANNELS).reshape(64)
+    assert [fragment.physical_k(int(k)) for k in by_channel] == list(range(64))
+    for t in range(4):  # lane t's values: k = 16 s + 8 rc + 2 t + h
+        ks = {16 * s_ + 8 * rc + 2 * t + h for s_ in range(4) for rc in range(2) for h in range(2)}
+        assert sorted(fragment.physical_k(k) for k in ks) == list(range(16 * t, 16 * t + 16))
+
+
+def test_ws_gemm_is_opt_in_from_513_rows(monkeypatch):
+    from bitsmith.kernels import qmm
+
+    rw = repack(_quantize("int4_g64", torch.randn(256, 128) * 0.05), layout="fragment")
+    monkeypatch.setitem(fragment_ws_gemm.WS_GEMM, "enabled", False)
+    assert fragment_ws_gemm.configs(rw, 2048, torch.float16) == []
+    monkeypatch.setitem(fragment_ws_gemm.WS_GEMM, "enabled", True)
+    assert fragment_ws_gemm.configs(rw, 512, torch.float16) == []
+    assert fragment_ws_gemm.configs(rw, 2048, torch.float32) == []
+    cands = fragment_ws_gemm.configs(rw, 2048, torch.float16)
+    assert [(c["BLOCK_M"], c["STAGES"]) for c in cands] == list(fragment_ws_gemm.CANDIDATES)
+    assert all(c in qmm._configs(rw, 2048, torch.float16) for c in cands)
+    assert "Hopper" in fragment_ws_gemm.supports(rw, torch.zeros(4, 128)) or not fragment_mma.HAVE_GLUON
+
+
 def test_wgmma_activation_tiles_follow_the_fragment_k_order():
     """The permutations the Hopper kernel stores its activations with (``TO_K_TOKEN``, and
     ``TO_TOKEN_K`` with ``K_MAJOR``), applied by torch to a ``[token, 64]`` tile viewed as
@@ -819,6 +874,33 @@ def test_cuda_block_major_order_equals_reference(name, monkeypatch):
     assert rw.fragment_order == "block"
     out = qmm._launch(rw, x, b, {"DEQUANT_MM": True})
     assert float((out.double() - ref).norm() / ref.norm()) < 2e-3
+
+
+@needs_cuda
+@pytest.mark.parametrize("name", sorted(FORMATS))
+def test_cuda_ws_gemm_equals_reference(name, monkeypatch):
+    """The warp-specialized large-M GEMM, every candidate, persistent over 1, 5 and all the SMs'
+    programs: 600 rows (a partial row tile), N = 333 (a partial column tile), K = 576 and 1000
+    (a partial group), a bias, float16 and bfloat16, both word orders; a strided view of the
+    activations (TMA cannot read it) takes the dequantize + cuBLAS path instead."""
+    from bitsmith.kernels import layout, qmm
+
+    monkeypatch.setitem(fragment_ws_gemm.WS_GEMM, "enabled", True)
+    for k, dtype, order in ((576, torch.float16, "group"), (1000, torch.float16, "block"), (576, torch.bfloat16, "group")):
+        monkeypatch.setitem(layout.FRAGMENT, "order", order)
+        _, rw, x, b, ref = _cuda_case(name, 600, 333, k, dtype)
+        tol = 2e-3 if dtype == torch.float16 else 1.6e-2
+        for cfg in fragment_ws_gemm.configs(rw, 600, dtype):
+            for sms in (1, 5, qmm._sm_count(x.device)):
+                monkeypatch.setattr(qmm, "_sm_count", lambda dev, sms=sms: sms)
+                out = qmm._launch(rw, x, b, cfg)
+                assert out.dtype == dtype and out.shape == (600, 333)
+                assert float((out.double() - ref).norm() / ref.norm()) < tol, (k, dtype, order, cfg, sms)
+    wide = torch.zeros(600, 2 * k, device="cuda", dtype=dtype)
+    wide[:, ::2] = x
+    assert fragment_ws_gemm.supports(rw, wide[:, ::2]) is not None
+    out = qmm._launch(rw, wide[:, ::2], b, fragment_ws_gemm.configs(rw, 600, dtype)[0])
+    assert float((out.double() - ref).norm() / ref.norm()) < tol
 
 
 @needs_cuda

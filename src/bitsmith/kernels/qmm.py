@@ -52,7 +52,7 @@ except ImportError:  # pragma: no cover - depends on the environment
     tl = None
     HAVE_TRITON = False
 
-from . import fragment_gemm, fragment_mma, fragment_wgmma, small_m, tune_cache
+from . import fragment_gemm, fragment_mma, fragment_wgmma, fragment_ws_gemm, small_m, tune_cache
 from .layout import RuntimeWeight
 
 if HAVE_TRITON:
@@ -504,6 +504,19 @@ def _launch(rw: RuntimeWeight, x2: torch.Tensor, bias: torch.Tensor | None, cfg:
         if plan_key is not None and hit is not None:
             rw.plans[plan_key] = _Plan(hit[0], grid, args, hit[1], n, 1, rw.scale, x2.device.index)
         return out
+    if cfg.get("KERNEL") == "fragment_ws_gemm":
+        if fragment_ws_gemm.supports(rw, x2) is None:
+            out = torch.empty(m, n, dtype=x2.dtype, device=x2.device)
+            kernel, grid, args, consts, options = fragment_ws_gemm.launch_args(rw, x2, bias, cfg, out,
+                                                                               _sm_count(x2.device))
+            from .w8a8 import _ensure_allocator  # its descriptors are built in the kernel
+
+            _ensure_allocator()
+            _run(kernel, grid, args, consts, options)
+            if lowrank is not None:
+                return out.addmm_(lowrank[0].to(x2.dtype), lowrank[1])
+            return out
+        cfg = {"DEQUANT_MM": True}  # activations TMA cannot read (a strided view): the same product, dequantized first
     if cfg.get("DEQUANT_MM"):
         wt = dequantize_t(rw, x2.dtype)
         out = torch.mm(x2, wt) if bias is None else torch.addmm(bias.to(x2.dtype), x2, wt)
@@ -641,7 +654,7 @@ def _configs(rw: RuntimeWeight, m: int, dtype: torch.dtype) -> list[dict]:
     if rw.layout == "fragment":  # Gluon up to 16 rows, then the Triton GEMM and dequantize + cuBLAS
         sms = _sm_count(rw.device)
         out = (fragment_mma.configs(rw, m, dtype, sms) + fragment_wgmma.configs(rw, m, dtype, sms)
-               + fragment_gemm.configs(rw, m, dtype, sms))
+               + fragment_gemm.configs(rw, m, dtype, sms) + fragment_ws_gemm.configs(rw, m, dtype))
         return out + [{"DEQUANT_MM": True}] if m > 16 or not out else out
     return m1_configs(rw, dtype) if m == 1 else gemm_configs(rw, m, dtype)
 

@@ -1,0 +1,245 @@
+"""The fragment layout's warp-specialized GEMM for large M (Gluon, Hopper, sm_90; opt-in).
+
+Above 512 rows the fragment layout has only "dequantize ``W^T``, then cuBLAS", which pays for
+writing the float16 copy of the weight and reading it back: 0.84-0.89x fp16 at M = 2048 on the
+H100, against the issue's 0.9x (docs/gpu-kernels.md, "Why M = 2048 stops at about 0.87x"). This
+kernel dequantizes inside a persistent, warp-specialized ``wgmma`` pipeline instead, after the
+shape of W8A8's Gluon GEMM (:mod:`bitsmith.kernels.w8a8_wgmma`):
+
+* persistent: at most one program an SM, each taking the ``BLOCK_M x 128`` output tiles
+  ``program_id, program_id + grid, ...`` in grouped order; its steps are every group of 64 input
+  channels of each of its tiles, one sequence;
+* a ring of ``STAGES`` shared-memory slots, each holding the step's activations (``[BLOCK_M,
+  64]``, two TMA boxes of half the rows; rows past ``M`` and channels past ``K`` read as zeros)
+  and the step's dequantized weights (``[128, 64]`` float16 or bfloat16), signalled by one
+  ``ready`` mbarrier of two arrivals: the TMA's (with its bytes) and the producer's;
+* a producer warpgroup: for each step it turns the tile's fragment words of the group (loaded a
+  step ahead) into ``MAGIC + q`` or a codebook's levels with the Gluon kernel's conversions
+  (:func:`bitsmith.kernels.fragment_mma._a_operand`), dequantizes them in registers as
+  :mod:`bitsmith.kernels.fragment_wgmma` does (two exact subtractions and one rounded product:
+  the reference's float32 dequantization rounded once), puts the 64 channels back in their
+  order (a lane's 16 values are 16 consecutive channels,
+  :func:`bitsmith.kernels.fragment.physical_k`), and, once the slot is free (``empty``), issues
+  the activations' TMA loads and stores the weights into the slot;
+* two consumer warpgroups, each owning half of every tile's rows: per step wait for ``ready``,
+  issue the ``wgmma`` asynchronously, wait until one is left in flight, release the previous
+  step's slot; after a tile's last step the epilogue adds the bias and stores with masks.
+
+Status (issue #8): compiled for sm_90 in CI (tests/test_fragment.py checks that it does not spill,
+keeps one ``wgmma`` in flight and loads the activations by TMA); not yet run on a GPU, so it is
+offered to the tuner only with ``BITSMITH_FRAGMENT_WS_GEMM=1`` (:data:`WS_GEMM`).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .fragment_mma import FMT_IDS, HAVE_GLUON, MAGIC, _scale_steps, blocks_groups, table_planes
+from .layout import RuntimeWeight
+
+if HAVE_GLUON:
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma,
+                                                                   warpgroup_mma, warpgroup_mma_wait)
+
+    from .fragment_mma import _a_operand, _group_meta, _word_offsets
+    from .w8a8_wgmma import _tile_offsets
+
+#: whether the tuner is offered this kernel above :data:`MIN_M` rows on Hopper (``BITSMITH_FRAGMENT_WS_GEMM=1``)
+WS_GEMM = {"enabled": os.environ.get("BITSMITH_FRAGMENT_WS_GEMM", "") == "1"}
+MIN_M = 513  # up to 512 rows: the fragment GEMM and the Hopper kernel (bitsmith.kernels.fragment_gemm)
+BLOCK_N = 128  # output columns a tile: two row blocks a warp of the producer warpgroup
+#: ``(BLOCK_M, STAGES)`` the tuner tries; a stage is ``BLOCK_M x 64`` activations and ``128 x 64``
+#: weights, 16-bit: 48 KiB at 256 rows
+CANDIDATES = ((256, 3), (256, 4), (128, 4), (128, 6))
+#: registers a thread of the second consumer warpgroup and of the producer ask for
+#: (``setmaxnreg``); the first consumer gets what is left of :data:`MAXNREG` x 384
+WS_REGS = (192, 120)
+MAXNREG = 168  # at launch: three warpgroups share the 65,536 registers of an SM
+#: a dequantized group ``[n, 64]`` in the fragment's logical ``k = 16 s + 8 rc + 2 t + h``, viewed
+#: as ``[n, s, rc, t, h]`` (:data:`K_SPLIT`) and permuted by :data:`TO_CHANNELS` to ``[n, t, s, rc,
+#: h]``: channel ``16 t + 4 s + 2 rc + h`` (:func:`bitsmith.kernels.fragment.physical_k`;
+#: tests/test_fragment.py checks the two against each other)
+K_SPLIT = (4, 2, 4, 2)
+TO_CHANNELS = (0, 3, 1, 2, 4)
+
+if HAVE_GLUON:
+    _WS_CONSUMER_REGS = gl.constexpr(WS_REGS[0])
+    _WS_PRODUCER_REGS = gl.constexpr(WS_REGS[1])
+    _BLOCK_N = gl.constexpr(BLOCK_N)
+    _K_SPLIT = gl.constexpr(K_SPLIT)
+    _TO_CHANNELS = gl.constexpr(TO_CHANNELS)
+
+    @gluon.jit
+    def _natural_order(a):
+        """``[n, 64]`` in the fragment's logical ``k`` order -> the channels' own order
+        (:data:`K_SPLIT`, :data:`TO_CHANNELS`)."""
+        n: gl.constexpr = a.shape[0]
+        a = gl.reshape(a, [n, _K_SPLIT[0], _K_SPLIT[1], _K_SPLIT[2], _K_SPLIT[3]])
+        a = gl.permute(a, _TO_CHANNELS.value)
+        return gl.reshape(a, [n, 64])
+
+    @gluon.jit
+    def _producer(x_desc, x_smem, w_smem, ready, empty, w_ptr, s_ptr, z_ptr, M, N, K, NB, NG, zconst, planes,
+                  BLOCK_M: gl.constexpr, GROUP_M: gl.constexpr, STAGES: gl.constexpr, SG: gl.constexpr,
+                  FMT: gl.constexpr, HAS_ZERO: gl.constexpr, TAIL: gl.constexpr, BF16: gl.constexpr,
+                  GROUP_MAJOR: gl.constexpr):
+        """The producer warpgroup (module docstring): per step the weights dequantized into the
+        slot and the activations' TMA loads, each slot once both consumers have released it."""
+        DT: gl.constexpr = gl.bfloat16 if BF16 else gl.float16
+        MAGIC_F: gl.constexpr = 128.0 if BF16 else 1024.0
+        BOX_M: gl.constexpr = BLOCK_M // 2
+        mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, 64, 16])
+        a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
+        num_m = (M + BLOCK_M - 1) // BLOCK_M
+        num_n = (N + _BLOCK_N - 1) // _BLOCK_N
+        step = 0
+        for tile in range(gl.program_id(0), num_m * num_n, gl.num_programs(0)):
+            off_m, off_n = _tile_offsets(tile, num_m, num_n, BLOCK_M, _BLOCK_N, GROUP_M)
+            blk, w_mask, g_stride = _word_offsets(off_n // _BLOCK_N, NB, NG, 4, 2, FMT, TAIL, GROUP_MAJOR)
+            rows = off_n + gl.arange(0, _BLOCK_N, layout=gl.SliceLayout(1, a_layout))
+            row_ok = rows < N
+            words = gl.load(w_ptr + blk, mask=w_mask, other=0)
+            for g in range(NG):
+                cur = words
+                words = gl.load(w_ptr + blk + (g + 1) * g_stride, mask=w_mask & (g + 1 < NG), other=0)
+                a = _a_operand(cur, planes, 4, 2, a_layout, FMT, BF16)
+                sc, zc = _group_meta(s_ptr, z_ptr, g, N, rows, row_ok, zconst, SG, FMT, HAS_ZERO, 0.0, TAIL)
+                if FMT == 1:
+                    a = a * sc.to(DT)[:, None]
+                else:
+                    a = ((a - MAGIC_F) - zc.to(DT)[:, None]) * sc.to(DT)[:, None]
+                a = _natural_order(a)
+                slot = step % STAGES
+                mbarrier.wait(empty.index(slot), ((step // STAGES) & 1) ^ 1)
+                mbarrier.expect(ready.index(slot), BLOCK_M * 64 * 2)
+                for box in gl.static_range(2):
+                    tma.async_copy_global_to_shared(x_desc, [off_m + box * BOX_M, g * 64], ready.index(slot),
+                                                    x_smem.index(2 * slot + box))
+                w_smem.index(slot).store(a)
+                fence_async_shared()
+                mbarrier.arrive(ready.index(slot), count=1)
+                step += 1
+
+    @gluon.jit
+    def _consumer(x_smem, w_smem, ready, empty, b_ptr, out_ptr, M, N, NG, stride_om, BLOCK_M: gl.constexpr,
+                  GROUP_M: gl.constexpr, STAGES: gl.constexpr, HAS_BIAS: gl.constexpr, WG: gl.constexpr):
+        """A consumer warpgroup: rows ``WG * BLOCK_M / 2 ..`` of every output tile of this program
+        (the cooperative schedule of :mod:`bitsmith.kernels.w8a8_wgmma`), float32 accumulators."""
+        ROWS: gl.constexpr = BLOCK_M // 2
+        mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                      instr_shape=[16, _BLOCK_N, 16])
+        num_m = (M + BLOCK_M - 1) // BLOCK_M
+        num_n = (N + _BLOCK_N - 1) // _BLOCK_N
+        step = 0
+        for tile in range(gl.program_id(0), num_m * num_n, gl.num_programs(0)):
+            off_m, off_n = _tile_offsets(tile, num_m, num_n, BLOCK_M, _BLOCK_N, GROUP_M)
+            acc = gl.zeros([ROWS, _BLOCK_N], gl.float32, layout=mma)
+            for g in range(NG):
+                slot = (step + g) % STAGES
+                mbarrier.wait(ready.index(slot), ((step + g) // STAGES) & 1)
+                acc = warpgroup_mma(x_smem.index(2 * slot + WG), w_smem.index(slot).permute((1, 0)), acc,
+                                    use_acc=g > 0, is_async=True)
+                acc = warpgroup_mma_wait(num_outstanding=1, deps=[acc])
+                mbarrier.arrive(empty.index((step + g + STAGES - 1) % STAGES), count=1, pred=g > 0)
+            acc = warpgroup_mma_wait(num_outstanding=0, deps=[acc])
+            mbarrier.arrive(empty.index((step + NG + STAGES - 1) % STAGES), count=1)
+            offs_m = off_m + WG * ROWS + gl.arange(0, ROWS, layout=gl.SliceLayout(1, mma))
+            offs_n = off_n + gl.arange(0, _BLOCK_N, layout=gl.SliceLayout(0, mma))
+            n_mask = offs_n < N
+            if HAS_BIAS:
+                acc += gl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(gl.float32)[None, :]
+            gl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], acc.to(out_ptr.dtype.element_ty),
+                     mask=(offs_m < M)[:, None] & n_mask[None, :])
+            step += NG
+
+    @gluon.jit
+    def _ws_gemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, M, N, K, NB, NG,
+                        L0, L1, L2, L3, H0, H1, H2, H3, zconst, stride_xm, stride_om,
+                        BLOCK_M: gl.constexpr, GROUP_M: gl.constexpr, STAGES: gl.constexpr, SG: gl.constexpr,
+                        FMT: gl.constexpr, HAS_ZERO: gl.constexpr, HAS_BIAS: gl.constexpr, TAIL: gl.constexpr,
+                        BF16: gl.constexpr, GROUP_MAJOR: gl.constexpr):
+        """``out = x @ W^T (+ bias)`` for fragment words ``w_ptr`` (module docstring); launched with
+        4 warps (the first consumer), the second consumer and the producer are worker partitions.
+        ``x`` is ``[M, K]`` with ``K`` contiguous and rows 16-byte aligned (TMA); argument positions
+        0, 4 and 5 are the activation, bias and output."""
+        DT: gl.constexpr = gl.bfloat16 if BF16 else gl.float16
+        x_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M // 2, 64], DT)
+        w_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([_BLOCK_N, 64], DT)
+        x_desc = tma.make_tensor_descriptor(x_ptr, shape=[M, K], strides=[stride_xm, 1], block_shape=[BLOCK_M // 2, 64],
+                                            layout=x_layout)
+        x_smem = gl.allocate_shared_memory(DT, [2 * STAGES, BLOCK_M // 2, 64], x_layout)
+        w_smem = gl.allocate_shared_memory(DT, [STAGES, _BLOCK_N, 64], w_layout)
+        ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(STAGES):
+            mbarrier.init(ready.index(i), count=2)  # the TMA's expect and the producer's weights
+            mbarrier.init(empty.index(i), count=2)  # one arrival from each consumer
+        fence_async_shared()
+        gl.warp_specialize([
+            (_consumer, (x_smem, w_smem, ready, empty, b_ptr, out_ptr, M, N, NG, stride_om, BLOCK_M, GROUP_M, STAGES,
+                         HAS_BIAS, 0)),
+            (_consumer, (x_smem, w_smem, ready, empty, b_ptr, out_ptr, M, N, NG, stride_om, BLOCK_M, GROUP_M, STAGES,
+                         HAS_BIAS, 1)),
+            (_producer, (x_desc, x_smem, w_smem, ready, empty, w_ptr, s_ptr, z_ptr, M, N, K, NB, NG, zconst,
+                         (L0, L1, L2, L3, H0, H1, H2, H3), BLOCK_M, GROUP_M, STAGES, SG, FMT, HAS_ZERO, TAIL, BF16,
+                         GROUP_MAJOR)),
+        ], [4, 4], [_WS_CONSUMER_REGS, _WS_PRODUCER_REGS])
+
+
+def supports(rw: RuntimeWeight, x2: torch.Tensor) -> str | None:
+    """Why ``_ws_gemm_kernel`` cannot take ``rw`` with activations ``x2`` (``None`` when it can)."""
+    if not HAVE_GLUON:
+        return "triton's Gluon language is not available"
+    if rw.layout != "fragment":
+        return f"weight in the {rw.layout!r} layout"
+    if rw.device.type != "cuda" or torch.cuda.get_device_capability(rw.device) != (9, 0):
+        return "wgmma needs a Hopper GPU (compute capability 9.0)"
+    if x2.dtype not in MAGIC:
+        return f"activations in {x2.dtype} (the tensor-core path takes float16 and bfloat16)"
+    if x2.stride(1) != 1 or (x2.stride(0) * x2.element_size()) % 16 or x2.data_ptr() % 16:
+        return "the activations' rows must be contiguous and 16-byte aligned (TMA)"
+    return None
+
+
+def configs(rw: RuntimeWeight, m: int, dtype: torch.dtype) -> list[dict]:
+    """:data:`CANDIDATES` at ``m`` rows (only with :data:`WS_GEMM` on, from :data:`MIN_M`)."""
+    if not WS_GEMM["enabled"] or m < MIN_M or rw.layout != "fragment" or dtype not in MAGIC:
+        return []
+    return [{"KERNEL": "fragment_ws_gemm", "BLOCK_M": bm, "STAGES": st, "GROUP_M": 8, "num_warps": 4}
+            for bm, st in CANDIDATES]
+
+
+def launch_args(rw: RuntimeWeight, x2: torch.Tensor, bias: torch.Tensor | None, cfg: dict, out: torch.Tensor, sms: int):
+    """``(kernel, grid, args, constexprs, options)`` of one persistent launch writing ``out``
+    (at most one program an SM)."""
+    m, k = x2.shape
+    nb, ng = blocks_groups(rw)
+    tiles = -(-m // cfg["BLOCK_M"]) * -(-rw.n // BLOCK_N)
+    dummy = rw.scale
+    args = (x2, rw.words, rw.scale, rw.zero if rw.zero is not None else dummy, bias if bias is not None else dummy, out,
+            m, rw.n, k, nb, ng, *table_planes(rw, x2.dtype), float(rw.zconst), x2.stride(0), out.stride(0))
+    consts = {"BLOCK_M": cfg["BLOCK_M"], "GROUP_M": cfg["GROUP_M"], "STAGES": cfg["STAGES"], "SG": _scale_steps(rw),
+              "FMT": FMT_IDS[rw.fragment_format], "HAS_ZERO": rw.zero is not None, "HAS_BIAS": bias is not None,
+              "TAIL": rw.n % BLOCK_N != 0 or k % 64 != 0, "BF16": x2.dtype == torch.bfloat16,
+              "GROUP_MAJOR": rw.fragment_order == "group"}
+    return _ws_gemm_kernel, (min(tiles, sms),), args, consts, {"num_warps": cfg["num_warps"], "maxnreg": MAXNREG}
+
+
+def compile_offline(fmt: str = "int4", block_m: int = 256, stages: int = 4, act: str = "fp16", arch: int = 90,
+                    **consts):
+    """``_ws_gemm_kernel`` compiled for NVIDIA ``sm_<arch>`` on any machine, launched as
+    :func:`launch_args` does (4 warps, :data:`MAXNREG`), for CI's checks of its machine code:
+    groups of 64 with zeros (codebooks: none), a bias, no tails, group-major words, ``K`` and the
+    strides multiples of 16, unless ``consts`` says otherwise."""
+    from .small_m import _compile_offline
+
+    cx = {"BLOCK_M": block_m, "GROUP_M": 8, "STAGES": stages, "SG": 1, "FMT": FMT_IDS[fmt], "HAS_ZERO": fmt != "nf4",
+          "HAS_BIAS": True, "TAIL": False, "BF16": act == "bf16", "GROUP_MAJOR": True, **consts}
+    return _compile_offline(_ws_gemm_kernel, cx, act, 4, 1, arch, gluon=True, maxnreg=MAXNREG,
+                            aligned_ints=("N", "K", "stride_xm", "stride_om"))
+
+
+__all__ = ["WS_GEMM", "MIN_M", "BLOCK_N", "CANDIDATES", "K_SPLIT", "TO_CHANNELS", "supports", "configs", "launch_args", "compile_offline"]
