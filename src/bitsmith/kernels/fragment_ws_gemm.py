@@ -54,10 +54,10 @@ BLOCK_N = 128  # output columns a tile: two row blocks a warp of the producer wa
 #: ``(BLOCK_M, STAGES)`` the tuner tries; a stage is ``BLOCK_M x 64`` activations and ``128 x 64``
 #: weights, 16-bit: 48 KiB at 256 rows
 CANDIDATES = ((256, 3), (256, 4), (128, 4), (128, 6))
-#: registers a thread of the second consumer warpgroup and of the producer ask for
-#: (``setmaxnreg``); the first consumer gets what is left of :data:`MAXNREG` x 384
-WS_REGS = (192, 120)
-MAXNREG = 168  # at launch: three warpgroups share the 65,536 registers of an SM
+#: registers a thread of the second consumer warpgroup and of each producer ask for
+#: (``setmaxnreg``); the first consumer gets what is left of :data:`MAXNREG` x 512
+WS_REGS = (168, 88)
+MAXNREG = 128  # at launch: four warpgroups share the 65,536 registers of an SM
 #: a dequantized group ``[n, 64]`` in the fragment's logical ``k = 16 s + 8 rc + 2 t + h``, viewed
 #: as ``[n, s, rc, t, h]`` (:data:`K_SPLIT`) and permuted by :data:`TO_CHANNELS` to ``[n, t, s, rc,
 #: h]``: channel ``16 t + 4 s + 2 rc + h`` (:func:`bitsmith.kernels.fragment.physical_k`;
@@ -85,9 +85,11 @@ if HAVE_GLUON:
     def _producer(x_desc, x_smem, w_smem, ready, empty, w_ptr, s_ptr, z_ptr, M, N, K, NB, NG, zconst, planes,
                   BLOCK_M: gl.constexpr, GROUP_M: gl.constexpr, STAGES: gl.constexpr, SG: gl.constexpr,
                   FMT: gl.constexpr, HAS_ZERO: gl.constexpr, TAIL: gl.constexpr, BF16: gl.constexpr,
-                  GROUP_MAJOR: gl.constexpr):
-        """The producer warpgroup (module docstring): per step the weights dequantized into the
-        slot and the activations' TMA loads, each slot once both consumers have released it."""
+                  GROUP_MAJOR: gl.constexpr, P: gl.constexpr, NPROD: gl.constexpr):
+        """Producer ``P`` of ``NPROD`` (module docstring): the program's steps ``P, P + NPROD, ..``,
+        each the weights dequantized into the slot and the activations' TMA loads, once both
+        consumers have released it. A step's words, scales and zeros are loaded a step (of this
+        producer) ahead, within a tile."""
         DT: gl.constexpr = gl.bfloat16 if BF16 else gl.float16
         MAGIC_F: gl.constexpr = 128.0 if BF16 else 1024.0
         BOX_M: gl.constexpr = BLOCK_M // 2
@@ -95,25 +97,31 @@ if HAVE_GLUON:
         a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
         num_m = (M + BLOCK_M - 1) // BLOCK_M
         num_n = (N + _BLOCK_N - 1) // _BLOCK_N
-        step = 0
+        step = 0  # the program's step at this tile's first group
         for tile in range(gl.program_id(0), num_m * num_n, gl.num_programs(0)):
             off_m, off_n = _tile_offsets(tile, num_m, num_n, BLOCK_M, _BLOCK_N, GROUP_M)
             blk, w_mask, g_stride = _word_offsets(off_n // _BLOCK_N, NB, NG, 4, 2, FMT, TAIL, GROUP_MAJOR)
             rows = off_n + gl.arange(0, _BLOCK_N, layout=gl.SliceLayout(1, a_layout))
             row_ok = rows < N
-            words = gl.load(w_ptr + blk, mask=w_mask, other=0)
-            for g in range(NG):
-                cur = words
-                words = gl.load(w_ptr + blk + (g + 1) * g_stride, mask=w_mask & (g + 1 < NG), other=0)
+            g = (P - step % NPROD + NPROD) % NPROD  # this producer's first group of the tile
+            words = gl.load(w_ptr + blk + g * g_stride, mask=w_mask & (g < NG), other=0)
+            sc, zc = _group_meta(s_ptr, z_ptr, gl.minimum(g, NG - 1), N, rows, row_ok, zconst, SG, FMT, HAS_ZERO, 0.0,
+                                 TAIL)
+            while g < NG:
+                cur, cur_s, cur_z = words, sc, zc
+                nxt = g + NPROD
+                words = gl.load(w_ptr + blk + nxt * g_stride, mask=w_mask & (nxt < NG), other=0)
+                sc, zc = _group_meta(s_ptr, z_ptr, gl.minimum(nxt, NG - 1), N, rows, row_ok, zconst, SG, FMT, HAS_ZERO,
+                                     0.0, TAIL)
                 a = _a_operand(cur, planes, 4, 2, a_layout, FMT, BF16)
-                sc, zc = _group_meta(s_ptr, z_ptr, g, N, rows, row_ok, zconst, SG, FMT, HAS_ZERO, 0.0, TAIL)
                 if FMT == 1:
-                    a = a * sc.to(DT)[:, None]
+                    a = a * cur_s.to(DT)[:, None]
                 else:
-                    a = ((a - MAGIC_F) - zc.to(DT)[:, None]) * sc.to(DT)[:, None]
+                    a = ((a - MAGIC_F) - cur_z.to(DT)[:, None]) * cur_s.to(DT)[:, None]
                 a = _natural_order(a)
-                slot = step % STAGES
-                mbarrier.wait(empty.index(slot), ((step // STAGES) & 1) ^ 1)
+                s_ = step + g
+                slot = s_ % STAGES
+                mbarrier.wait(empty.index(slot), ((s_ // STAGES) & 1) ^ 1)
                 mbarrier.expect(ready.index(slot), BLOCK_M * 64 * 2)
                 for box in gl.static_range(2):
                     tma.async_copy_global_to_shared(x_desc, [off_m + box * BOX_M, g * 64], ready.index(slot),
@@ -121,7 +129,8 @@ if HAVE_GLUON:
                 w_smem.index(slot).store(a)
                 fence_async_shared()
                 mbarrier.arrive(ready.index(slot), count=1)
-                step += 1
+                g = nxt
+            step += NG
 
     @gluon.jit
     def _consumer(x_smem, w_smem, ready, empty, b_ptr, out_ptr, M, N, NG, stride_om, BLOCK_M: gl.constexpr,
@@ -185,8 +194,11 @@ if HAVE_GLUON:
                          HAS_BIAS, 1)),
             (_producer, (x_desc, x_smem, w_smem, ready, empty, w_ptr, s_ptr, z_ptr, M, N, K, NB, NG, zconst,
                          (L0, L1, L2, L3, H0, H1, H2, H3), BLOCK_M, GROUP_M, STAGES, SG, FMT, HAS_ZERO, TAIL, BF16,
-                         GROUP_MAJOR)),
-        ], [4, 4], [_WS_CONSUMER_REGS, _WS_PRODUCER_REGS])
+                         GROUP_MAJOR, 0, 2)),
+            (_producer, (x_desc, x_smem, w_smem, ready, empty, w_ptr, s_ptr, z_ptr, M, N, K, NB, NG, zconst,
+                         (L0, L1, L2, L3, H0, H1, H2, H3), BLOCK_M, GROUP_M, STAGES, SG, FMT, HAS_ZERO, TAIL, BF16,
+                         GROUP_MAJOR, 1, 2)),
+        ], [4, 4, 4], [_WS_CONSUMER_REGS, _WS_PRODUCER_REGS, _WS_PRODUCER_REGS])
 
 
 def supports(rw: RuntimeWeight, x2: torch.Tensor) -> str | None:
