@@ -13,8 +13,8 @@ shape of W8A8's Gluon GEMM (:mod:`bitsmith.kernels.w8a8_wgmma`):
   64]``, two TMA boxes of half the rows; rows past ``M`` and channels past ``K`` read as zeros)
   and the step's dequantized weights (``[128, 64]`` float16 or bfloat16), signalled by one
   ``ready`` mbarrier of two arrivals: the TMA's (with its bytes) and the producer's;
-* a producer warpgroup: for each step it turns the tile's fragment words of the group (loaded a
-  step ahead) into ``MAGIC + q`` or a codebook's levels with the Gluon kernel's conversions
+* two producer warpgroups taking alternate steps: for each step one turns the tile's fragment words of the group (loaded a
+  step of its own ahead, with the scales and zeros) into ``MAGIC + q`` or a codebook's levels with the Gluon kernel's conversions
   (:func:`bitsmith.kernels.fragment_mma._a_operand`), dequantizes them in registers as
   :mod:`bitsmith.kernels.fragment_wgmma` does (two exact subtractions and one rounded product:
   the reference's float32 dequantization rounded once), puts the 64 channels back in their
@@ -26,8 +26,11 @@ shape of W8A8's Gluon GEMM (:mod:`bitsmith.kernels.w8a8_wgmma`):
   step's slot; after a tile's last step the epilogue adds the bias and stores with masks.
 
 Status (issue #8): compiled for sm_90 in CI (tests/test_fragment.py checks that it does not spill,
-keeps one ``wgmma`` in flight and loads the activations by TMA); not yet run on a GPU, so it is
-offered to the tuner only with ``BITSMITH_FRAGMENT_WS_GEMM=1`` (:data:`WS_GEMM`).
+keeps one ``wgmma`` in flight and loads the activations by TMA). On the H100 its first form (one
+producer) passed its CUDA test and ran at 0.60-0.72x fp16 at M = 2048, producer-bound
+(kernels_configs_ws_gemm_v1_h100.txt); with two producers taking alternate steps 0.76-0.81x
+(kernels_configs_ws_gemm_h100.txt), still behind dequantize + cuBLAS (0.83-0.86x in the same run),
+so it is offered to the tuner only with ``BITSMITH_FRAGMENT_WS_GEMM=1`` (:data:`WS_GEMM`).
 """
 from __future__ import annotations
 
