@@ -13,8 +13,9 @@ shape of W8A8's Gluon GEMM (:mod:`bitsmith.kernels.w8a8_wgmma`):
   64]``, two TMA boxes of half the rows; rows past ``M`` and channels past ``K`` read as zeros)
   and the step's dequantized weights (``[128, 64]`` float16 or bfloat16), signalled by one
   ``ready`` mbarrier of two arrivals: the TMA's (with its bytes) and the producer's;
-* two producer warpgroups taking alternate steps: for each step one turns the tile's fragment words of the group (loaded a
-  step of its own ahead, with the scales and zeros) into ``MAGIC + q`` or a codebook's levels with the Gluon kernel's conversions
+* two producer warpgroups taking alternate steps: for each step one turns the tile's fragment
+  words of the group (loaded a step of its own ahead, with the scales and zeros) into ``MAGIC +
+  q`` or a codebook's levels with the Gluon kernel's conversions
   (:func:`bitsmith.kernels.fragment_mma._a_operand`), dequantizes them in registers as
   :mod:`bitsmith.kernels.fragment_wgmma` does (two exact subtractions and one rounded product:
   the reference's float32 dequantization rounded once), puts the 64 channels back in their
