@@ -258,4 +258,5 @@ def compile_offline(fmt: str = "int4", block_m: int = 256, stages: int = 4, act:
                             aligned_ints=("N", "K", "stride_xm", "stride_om"))
 
 
-__all__ = ["WS_GEMM", "MIN_M", "BLOCK_N", "CANDIDATES", "K_SPLIT", "TO_CHANNELS", "supports", "configs", "launch_args", "compile_offline"]
+__all__ = ["WS_GEMM", "MIN_M", "BLOCK_N", "CANDIDATES", "K_SPLIT", "TO_CHANNELS",
+           "supports", "configs", "launch_args", "compile_offline"]
