@@ -662,15 +662,16 @@ def test_wgmma_kernel_compiles_for_sm90(fmt):
 @needs_gluon
 @pytest.mark.parametrize("fmt", fragment.FORMATS)
 def test_ws_gemm_compiles_for_sm90(fmt):
-    """The warp-specialized large-M GEMM, compiled for sm_90 in every candidate tile and ring, plain
+    """The warp-specialized large-M GEMM, compiled for sm_90 in every candidate tile and ring (256 x 128
+    and 512 x 64 tokens x columns), plain
     and with tails, per-row scales and bfloat16: no spills, fits the H100's 227 KiB of shared
     memory, loads the activations by TMA, keeps one ``wgmma`` in flight in the consumers' loop
     (``0x1``, the final wait ``0x0``), stores each thread's share of the dequantized ``[128, 64]``
     weights in 16-byte pieces (a lane's 16 values are 16 consecutive channels) in both producers
     and sets the partitions' registers."""
-    for bm, stages in fragment_ws_gemm.CANDIDATES:
+    for bm, bn, stages in fragment_ws_gemm.CANDIDATES:
         for extra in ({}, {"TAIL": True, "HAS_BIAS": False, "SG": 0, "GROUP_MAJOR": False}, {"BF16": True}):
-            compiled = fragment_ws_gemm.compile_offline(fmt, bm, stages, act="bf16" if extra.get("BF16") else "fp16",
+            compiled = fragment_ws_gemm.compile_offline(fmt, bm, bn, stages, act="bf16" if extra.get("BF16") else "fp16",
                                                         **extra)
             assert compiled.metadata.shared <= 227 * 1024, (bm, stages, compiled.metadata.shared)
             with tempfile.TemporaryDirectory() as tmp:
@@ -680,11 +681,11 @@ def test_ws_gemm_compiles_for_sm90(fmt):
             assert ops["UTMALDG.2D"] >= 1 and ops["USETMAXREG.TRY_ALLOC.CTAPOOL"] >= 1, ops
             dt = ".BF16" if extra.get("BF16") else ""
             # each consumer's bm / 2 rows in 64-row wgmmas of k 16, four a group, in two copies of the loop
-            assert ops[f"HGMMA.64x128x16.F32{dt}"] == 4 * (bm // 64), ops
+            assert ops[f"HGMMA.64x{bn}x16.F32{dt}"] == 4 * (bm // 64), ops
             waits = {t for _, t in ins if t.startswith("WARPGROUP.DEPBAR")}
             assert waits == {"WARPGROUP.DEPBAR.LE gsb0, 0x1", "WARPGROUP.DEPBAR.LE gsb0, 0x0"}, waits
-            # eight 16-byte stores a thread and step, in each of the two producers' code
-            assert ops["STS.128"] == 16, {op: c for op, c in ops.items() if op.startswith("STS")}
+            # a thread's share of the [bn, 64] weights, bn / 16 16-byte stores, in each of the two producers' code
+            assert ops["STS.128"] == 2 * bn // 16, {op: c for op, c in ops.items() if op.startswith("STS")}
 
 
 def test_ws_gemm_puts_the_channels_back_in_order():
@@ -709,7 +710,7 @@ def test_ws_gemm_is_opt_in_from_513_rows(monkeypatch):
     assert fragment_ws_gemm.configs(rw, 512, torch.float16) == []
     assert fragment_ws_gemm.configs(rw, 2048, torch.float32) == []
     cands = fragment_ws_gemm.configs(rw, 2048, torch.float16)
-    assert [(c["BLOCK_M"], c["STAGES"]) for c in cands] == list(fragment_ws_gemm.CANDIDATES)
+    assert [(c["BLOCK_M"], c["BLOCK_N"], c["STAGES"]) for c in cands] == list(fragment_ws_gemm.CANDIDATES)
     assert all(c in qmm._configs(rw, 2048, torch.float16) for c in cands)
     assert "Hopper" in fragment_ws_gemm.supports(rw, torch.zeros(4, 128)) or not fragment_mma.HAVE_GLUON
 

@@ -6,12 +6,12 @@ H100, against the issue's 0.9x (docs/gpu-kernels.md, "Why M = 2048 stops at abou
 kernel dequantizes inside a persistent, warp-specialized ``wgmma`` pipeline instead, after the
 shape of W8A8's Gluon GEMM (:mod:`bitsmith.kernels.w8a8_wgmma`):
 
-* persistent: at most one program an SM, each taking the ``BLOCK_M x 128`` output tiles
+* persistent: at most one program an SM, each taking the ``BLOCK_M x BLOCK_N`` output tiles
   ``program_id, program_id + grid, ...`` in grouped order; its steps are every group of 64 input
   channels of each of its tiles, one sequence;
 * a ring of ``STAGES`` shared-memory slots, each holding the step's activations (``[BLOCK_M,
   64]``, two TMA boxes of half the rows; rows past ``M`` and channels past ``K`` read as zeros)
-  and the step's dequantized weights (``[128, 64]`` float16 or bfloat16), signalled by one
+  and the step's dequantized weights (``[BLOCK_N, 64]`` float16 or bfloat16), signalled by one
   ``ready`` mbarrier of two arrivals: the TMA's (with its bytes) and the producer's;
 * two producer warpgroups taking alternate steps: for each step one turns the tile's fragment
   words of the group (loaded a step of its own ahead, with the scales and zeros) into ``MAGIC +
@@ -31,7 +31,8 @@ keeps one ``wgmma`` in flight and loads the activations by TMA). On the H100 its
 producer) passed its CUDA test and ran at 0.60-0.72x fp16 at M = 2048, producer-bound
 (kernels_configs_ws_gemm_v1_h100.txt); with two producers taking alternate steps 0.76-0.81x
 (kernels_configs_ws_gemm_h100.txt), still behind dequantize + cuBLAS (0.83-0.86x in the same run),
-so it is offered to the tuner only with ``BITSMITH_FRAGMENT_WS_GEMM=1`` (:data:`WS_GEMM`).
+so it is offered to the tuner only with ``BITSMITH_FRAGMENT_WS_GEMM=1`` (:data:`WS_GEMM`). Its
+512 x 64 tile (twice the MMAs per dequantized weight) came after that run and is compiled only.
 """
 from __future__ import annotations
 
@@ -54,10 +55,12 @@ if HAVE_GLUON:
 #: whether the tuner is offered this kernel above :data:`MIN_M` rows on Hopper (``BITSMITH_FRAGMENT_WS_GEMM=1``)
 WS_GEMM = {"enabled": os.environ.get("BITSMITH_FRAGMENT_WS_GEMM", "") == "1"}
 MIN_M = 513  # up to 512 rows: the fragment GEMM and the Hopper kernel (bitsmith.kernels.fragment_gemm)
-BLOCK_N = 128  # output columns a tile: two row blocks a warp of the producer warpgroup
-#: ``(BLOCK_M, STAGES)`` the tuner tries; a stage is ``BLOCK_M x 64`` activations and ``128 x 64``
-#: weights, 16-bit: 48 KiB at 256 rows
-CANDIDATES = ((256, 3), (256, 4), (128, 4), (128, 6))
+#: ``(BLOCK_M, BLOCK_N, STAGES)`` the tuner tries: a consumer's accumulators are ``BLOCK_M / 2 x
+#: BLOCK_N`` (128 a thread), a producer's step ``BLOCK_N / 64`` row blocks a warp; a stage is ``BLOCK_M
+#: x 64`` activations and ``BLOCK_N x 64`` weights, 16-bit (48 KiB at 256 x 128, 72 KiB at 512 x 64).
+#: A 512 x 64 tile does twice a 256 x 128 one's MMAs per dequantized weight (the first run was
+#: producer-bound, and 128 x 128 tiles, half of them, were 1.3-1.5x slower; they are no longer offered)
+CANDIDATES = ((256, 128, 3), (256, 128, 4), (512, 64, 3))
 #: registers a thread of the second consumer warpgroup and of each producer ask for
 #: (``setmaxnreg``); the first consumer gets what is left of :data:`MAXNREG` x 512
 WS_REGS = (168, 88)
@@ -72,7 +75,6 @@ TO_CHANNELS = (0, 3, 1, 2, 4)
 if HAVE_GLUON:
     _WS_CONSUMER_REGS = gl.constexpr(WS_REGS[0])
     _WS_PRODUCER_REGS = gl.constexpr(WS_REGS[1])
-    _BLOCK_N = gl.constexpr(BLOCK_N)
     _K_SPLIT = gl.constexpr(K_SPLIT)
     _TO_CHANNELS = gl.constexpr(TO_CHANNELS)
 
@@ -87,8 +89,8 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _producer(x_desc, x_smem, w_smem, ready, empty, w_ptr, s_ptr, z_ptr, M, N, K, NB, NG, zconst, planes,
-                  BLOCK_M: gl.constexpr, GROUP_M: gl.constexpr, STAGES: gl.constexpr, SG: gl.constexpr,
-                  FMT: gl.constexpr, HAS_ZERO: gl.constexpr, TAIL: gl.constexpr, BF16: gl.constexpr,
+                  BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, GROUP_M: gl.constexpr, STAGES: gl.constexpr,
+                  SG: gl.constexpr, FMT: gl.constexpr, HAS_ZERO: gl.constexpr, TAIL: gl.constexpr, BF16: gl.constexpr,
                   GROUP_MAJOR: gl.constexpr, P: gl.constexpr, NPROD: gl.constexpr):
         """Producer ``P`` of ``NPROD`` (module docstring): the program's steps ``P, P + NPROD, ..``,
         each the weights dequantized into the slot and the activations' TMA loads, once both
@@ -97,15 +99,16 @@ if HAVE_GLUON:
         DT: gl.constexpr = gl.bfloat16 if BF16 else gl.float16
         MAGIC_F: gl.constexpr = 128.0 if BF16 else 1024.0
         BOX_M: gl.constexpr = BLOCK_M // 2
+        RB: gl.constexpr = BLOCK_N // 64  # row blocks a warp
         mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, 64, 16])
         a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
         num_m = (M + BLOCK_M - 1) // BLOCK_M
-        num_n = (N + _BLOCK_N - 1) // _BLOCK_N
+        num_n = (N + BLOCK_N - 1) // BLOCK_N
         step = 0  # the program's step at this tile's first group
         for tile in range(gl.program_id(0), num_m * num_n, gl.num_programs(0)):
-            off_m, off_n = _tile_offsets(tile, num_m, num_n, BLOCK_M, _BLOCK_N, GROUP_M)
-            blk, w_mask, g_stride = _word_offsets(off_n // _BLOCK_N, NB, NG, 4, 2, FMT, TAIL, GROUP_MAJOR)
-            rows = off_n + gl.arange(0, _BLOCK_N, layout=gl.SliceLayout(1, a_layout))
+            off_m, off_n = _tile_offsets(tile, num_m, num_n, BLOCK_M, BLOCK_N, GROUP_M)
+            blk, w_mask, g_stride = _word_offsets(off_n // BLOCK_N, NB, NG, 4, RB, FMT, TAIL, GROUP_MAJOR)
+            rows = off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, a_layout))
             row_ok = rows < N
             g = (P - step % NPROD + NPROD) % NPROD  # this producer's first group of the tile
             words = gl.load(w_ptr + blk + g * g_stride, mask=w_mask & (g < NG), other=0)
@@ -117,7 +120,7 @@ if HAVE_GLUON:
                 words = gl.load(w_ptr + blk + nxt * g_stride, mask=w_mask & (nxt < NG), other=0)
                 sc, zc = _group_meta(s_ptr, z_ptr, gl.minimum(nxt, NG - 1), N, rows, row_ok, zconst, SG, FMT, HAS_ZERO,
                                      0.0, TAIL)
-                a = _a_operand(cur, planes, 4, 2, a_layout, FMT, BF16)
+                a = _a_operand(cur, planes, 4, RB, a_layout, FMT, BF16)
                 if FMT == 1:
                     a = a * cur_s.to(DT)[:, None]
                 else:
@@ -138,18 +141,19 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _consumer(x_smem, w_smem, ready, empty, b_ptr, out_ptr, M, N, NG, stride_om, BLOCK_M: gl.constexpr,
-                  GROUP_M: gl.constexpr, STAGES: gl.constexpr, HAS_BIAS: gl.constexpr, WG: gl.constexpr):
+                  BLOCK_N: gl.constexpr, GROUP_M: gl.constexpr, STAGES: gl.constexpr, HAS_BIAS: gl.constexpr,
+                  WG: gl.constexpr):
         """A consumer warpgroup: rows ``WG * BLOCK_M / 2 ..`` of every output tile of this program
         (the cooperative schedule of :mod:`bitsmith.kernels.w8a8_wgmma`), float32 accumulators."""
         ROWS: gl.constexpr = BLOCK_M // 2
         mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                      instr_shape=[16, _BLOCK_N, 16])
+                                                      instr_shape=[16, BLOCK_N, 16])
         num_m = (M + BLOCK_M - 1) // BLOCK_M
-        num_n = (N + _BLOCK_N - 1) // _BLOCK_N
+        num_n = (N + BLOCK_N - 1) // BLOCK_N
         step = 0
         for tile in range(gl.program_id(0), num_m * num_n, gl.num_programs(0)):
-            off_m, off_n = _tile_offsets(tile, num_m, num_n, BLOCK_M, _BLOCK_N, GROUP_M)
-            acc = gl.zeros([ROWS, _BLOCK_N], gl.float32, layout=mma)
+            off_m, off_n = _tile_offsets(tile, num_m, num_n, BLOCK_M, BLOCK_N, GROUP_M)
+            acc = gl.zeros([ROWS, BLOCK_N], gl.float32, layout=mma)
             for g in range(NG):
                 slot = (step + g) % STAGES
                 mbarrier.wait(ready.index(slot), ((step + g) // STAGES) & 1)
@@ -160,7 +164,7 @@ if HAVE_GLUON:
             acc = warpgroup_mma_wait(num_outstanding=0, deps=[acc])
             mbarrier.arrive(empty.index((step + NG + STAGES - 1) % STAGES), count=1)
             offs_m = off_m + WG * ROWS + gl.arange(0, ROWS, layout=gl.SliceLayout(1, mma))
-            offs_n = off_n + gl.arange(0, _BLOCK_N, layout=gl.SliceLayout(0, mma))
+            offs_n = off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, mma))
             n_mask = offs_n < N
             if HAS_BIAS:
                 acc += gl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(gl.float32)[None, :]
@@ -171,20 +175,20 @@ if HAVE_GLUON:
     @gluon.jit
     def _ws_gemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, M, N, K, NB, NG,
                         L0, L1, L2, L3, H0, H1, H2, H3, zconst, stride_xm, stride_om,
-                        BLOCK_M: gl.constexpr, GROUP_M: gl.constexpr, STAGES: gl.constexpr, SG: gl.constexpr,
-                        FMT: gl.constexpr, HAS_ZERO: gl.constexpr, HAS_BIAS: gl.constexpr, TAIL: gl.constexpr,
-                        BF16: gl.constexpr, GROUP_MAJOR: gl.constexpr):
+                        BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, GROUP_M: gl.constexpr, STAGES: gl.constexpr,
+                        SG: gl.constexpr, FMT: gl.constexpr, HAS_ZERO: gl.constexpr, HAS_BIAS: gl.constexpr,
+                        TAIL: gl.constexpr, BF16: gl.constexpr, GROUP_MAJOR: gl.constexpr):
         """``out = x @ W^T (+ bias)`` for fragment words ``w_ptr`` (module docstring); launched with
         4 warps (the first consumer), the second consumer and the producer are worker partitions.
         ``x`` is ``[M, K]`` with ``K`` contiguous and rows 16-byte aligned (TMA); argument positions
         0, 4 and 5 are the activation, bias and output."""
         DT: gl.constexpr = gl.bfloat16 if BF16 else gl.float16
         x_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M // 2, 64], DT)
-        w_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([_BLOCK_N, 64], DT)
+        w_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, 64], DT)
         x_desc = tma.make_tensor_descriptor(x_ptr, shape=[M, K], strides=[stride_xm, 1], block_shape=[BLOCK_M // 2, 64],
                                             layout=x_layout)
         x_smem = gl.allocate_shared_memory(DT, [2 * STAGES, BLOCK_M // 2, 64], x_layout)
-        w_smem = gl.allocate_shared_memory(DT, [STAGES, _BLOCK_N, 64], w_layout)
+        w_smem = gl.allocate_shared_memory(DT, [STAGES, BLOCK_N, 64], w_layout)
         ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         for i in gl.static_range(STAGES):
@@ -192,16 +196,16 @@ if HAVE_GLUON:
             mbarrier.init(empty.index(i), count=2)  # one arrival from each consumer
         fence_async_shared()
         gl.warp_specialize([
-            (_consumer, (x_smem, w_smem, ready, empty, b_ptr, out_ptr, M, N, NG, stride_om, BLOCK_M, GROUP_M, STAGES,
-                         HAS_BIAS, 0)),
-            (_consumer, (x_smem, w_smem, ready, empty, b_ptr, out_ptr, M, N, NG, stride_om, BLOCK_M, GROUP_M, STAGES,
-                         HAS_BIAS, 1)),
+            (_consumer, (x_smem, w_smem, ready, empty, b_ptr, out_ptr, M, N, NG, stride_om, BLOCK_M, BLOCK_N,
+                         GROUP_M, STAGES, HAS_BIAS, 0)),
+            (_consumer, (x_smem, w_smem, ready, empty, b_ptr, out_ptr, M, N, NG, stride_om, BLOCK_M, BLOCK_N,
+                         GROUP_M, STAGES, HAS_BIAS, 1)),
             (_producer, (x_desc, x_smem, w_smem, ready, empty, w_ptr, s_ptr, z_ptr, M, N, K, NB, NG, zconst,
-                         (L0, L1, L2, L3, H0, H1, H2, H3), BLOCK_M, GROUP_M, STAGES, SG, FMT, HAS_ZERO, TAIL, BF16,
-                         GROUP_MAJOR, 0, 2)),
+                         (L0, L1, L2, L3, H0, H1, H2, H3), BLOCK_M, BLOCK_N, GROUP_M, STAGES, SG, FMT, HAS_ZERO,
+                         TAIL, BF16, GROUP_MAJOR, 0, 2)),
             (_producer, (x_desc, x_smem, w_smem, ready, empty, w_ptr, s_ptr, z_ptr, M, N, K, NB, NG, zconst,
-                         (L0, L1, L2, L3, H0, H1, H2, H3), BLOCK_M, GROUP_M, STAGES, SG, FMT, HAS_ZERO, TAIL, BF16,
-                         GROUP_MAJOR, 1, 2)),
+                         (L0, L1, L2, L3, H0, H1, H2, H3), BLOCK_M, BLOCK_N, GROUP_M, STAGES, SG, FMT, HAS_ZERO,
+                         TAIL, BF16, GROUP_MAJOR, 1, 2)),
         ], [4, 4, 4], [_WS_CONSUMER_REGS, _WS_PRODUCER_REGS, _WS_PRODUCER_REGS])
 
 
@@ -224,39 +228,43 @@ def configs(rw: RuntimeWeight, m: int, dtype: torch.dtype) -> list[dict]:
     """:data:`CANDIDATES` at ``m`` rows (only with :data:`WS_GEMM` on, from :data:`MIN_M`)."""
     if not WS_GEMM["enabled"] or m < MIN_M or rw.layout != "fragment" or dtype not in MAGIC:
         return []
-    return [{"KERNEL": "fragment_ws_gemm", "BLOCK_M": bm, "STAGES": st, "GROUP_M": 8, "num_warps": 4}
-            for bm, st in CANDIDATES]
+    return [{"KERNEL": "fragment_ws_gemm", "BLOCK_M": bm, "BLOCK_N": bn, "STAGES": st, "GROUP_M": 8, "num_warps": 4}
+            for bm, bn, st in CANDIDATES]
 
 
-def launch_args(rw: RuntimeWeight, x2: torch.Tensor, bias: torch.Tensor | None, cfg: dict, out: torch.Tensor, sms: int):
+def launch_args(rw: RuntimeWeight, x2: torch.Tensor, bias: torch.Tensor | None, cfg: dict, out: torch.Tensor,
+                sms: int):
     """``(kernel, grid, args, constexprs, options)`` of one persistent launch writing ``out``
     (at most one program an SM)."""
     m, k = x2.shape
     nb, ng = blocks_groups(rw)
-    tiles = -(-m // cfg["BLOCK_M"]) * -(-rw.n // BLOCK_N)
+    bn = cfg["BLOCK_N"]
+    tiles = -(-m // cfg["BLOCK_M"]) * -(-rw.n // bn)
     dummy = rw.scale
     args = (x2, rw.words, rw.scale, rw.zero if rw.zero is not None else dummy, bias if bias is not None else dummy, out,
             m, rw.n, k, nb, ng, *table_planes(rw, x2.dtype), float(rw.zconst), x2.stride(0), out.stride(0))
-    consts = {"BLOCK_M": cfg["BLOCK_M"], "GROUP_M": cfg["GROUP_M"], "STAGES": cfg["STAGES"], "SG": _scale_steps(rw),
-              "FMT": FMT_IDS[rw.fragment_format], "HAS_ZERO": rw.zero is not None, "HAS_BIAS": bias is not None,
-              "TAIL": rw.n % BLOCK_N != 0 or k % 64 != 0, "BF16": x2.dtype == torch.bfloat16,
+    consts = {"BLOCK_M": cfg["BLOCK_M"], "BLOCK_N": bn, "GROUP_M": cfg["GROUP_M"], "STAGES": cfg["STAGES"],
+              "SG": _scale_steps(rw), "FMT": FMT_IDS[rw.fragment_format], "HAS_ZERO": rw.zero is not None,
+              "HAS_BIAS": bias is not None,
+              "TAIL": rw.n % bn != 0 or k % 64 != 0, "BF16": x2.dtype == torch.bfloat16,
               "GROUP_MAJOR": rw.fragment_order == "group"}
     return _ws_gemm_kernel, (min(tiles, sms),), args, consts, {"num_warps": cfg["num_warps"], "maxnreg": MAXNREG}
 
 
-def compile_offline(fmt: str = "int4", block_m: int = 256, stages: int = 4, act: str = "fp16", arch: int = 90,
-                    **consts):
+def compile_offline(fmt: str = "int4", block_m: int = 256, block_n: int = 128, stages: int = 4, act: str = "fp16",
+                    arch: int = 90, **consts):
     """``_ws_gemm_kernel`` compiled for NVIDIA ``sm_<arch>`` on any machine, launched as
     :func:`launch_args` does (4 warps, :data:`MAXNREG`), for CI's checks of its machine code:
     groups of 64 with zeros (codebooks: none), a bias, no tails, group-major words, ``K`` and the
     strides multiples of 16, unless ``consts`` says otherwise."""
     from .small_m import _compile_offline
 
-    cx = {"BLOCK_M": block_m, "GROUP_M": 8, "STAGES": stages, "SG": 1, "FMT": FMT_IDS[fmt], "HAS_ZERO": fmt != "nf4",
+    cx = {"BLOCK_M": block_m, "BLOCK_N": block_n, "GROUP_M": 8, "STAGES": stages, "SG": 1, "FMT": FMT_IDS[fmt],
+          "HAS_ZERO": fmt != "nf4",
           "HAS_BIAS": True, "TAIL": False, "BF16": act == "bf16", "GROUP_MAJOR": True, **consts}
     return _compile_offline(_ws_gemm_kernel, cx, act, 4, 1, arch, gluon=True, maxnreg=MAXNREG,
                             aligned_ints=("N", "K", "stride_xm", "stride_om"))
 
 
-__all__ = ["WS_GEMM", "MIN_M", "BLOCK_N", "CANDIDATES", "K_SPLIT", "TO_CHANNELS",
+__all__ = ["WS_GEMM", "MIN_M", "CANDIDATES", "K_SPLIT", "TO_CHANNELS",
            "supports", "configs", "launch_args", "compile_offline"]
