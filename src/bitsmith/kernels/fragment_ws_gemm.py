@@ -17,9 +17,9 @@ shape of W8A8's Gluon GEMM (:mod:`bitsmith.kernels.w8a8_wgmma`):
   words of the group (loaded a step of its own ahead, with the scales and zeros) into ``MAGIC +
   q`` or a codebook's levels with the Gluon kernel's conversions
   (:func:`bitsmith.kernels.fragment_mma._a_operand`), dequantizes them in registers as
-  :mod:`bitsmith.kernels.fragment_wgmma` does (two exact subtractions and one rounded product:
-  the reference's float32 dequantization rounded once), puts the 64 channels back in their
-  order (a lane's 16 values are 16 consecutive channels,
+  :mod:`bitsmith.kernels.fragment_wgmma` does (exact subtractions, one where the zeros are
+  integers, then one rounded product: the reference's float32 dequantization rounded once),
+  puts the 64 channels back in their order (a lane's 16 values are 16 consecutive channels,
   :func:`bitsmith.kernels.fragment.physical_k`), and, once the slot is free (``empty``), issues
   the activations' TMA loads and stores the weights into the slot;
 * two consumer warpgroups, each owning half of every tile's rows: per step wait for ``ready``,
@@ -90,14 +90,17 @@ if HAVE_GLUON:
     @gluon.jit
     def _producer(x_desc, x_smem, w_smem, ready, empty, w_ptr, s_ptr, z_ptr, M, N, K, NB, NG, zconst, planes,
                   BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, GROUP_M: gl.constexpr, STAGES: gl.constexpr,
-                  SG: gl.constexpr, FMT: gl.constexpr, HAS_ZERO: gl.constexpr, TAIL: gl.constexpr, BF16: gl.constexpr,
-                  GROUP_MAJOR: gl.constexpr, P: gl.constexpr, NPROD: gl.constexpr):
+                  SG: gl.constexpr, FMT: gl.constexpr, HAS_ZERO: gl.constexpr, INT_ZERO: gl.constexpr,
+                  TAIL: gl.constexpr, BF16: gl.constexpr, GROUP_MAJOR: gl.constexpr, P: gl.constexpr,
+                  NPROD: gl.constexpr):
         """Producer ``P`` of ``NPROD`` (module docstring): the program's steps ``P, P + NPROD, ..``,
         each the weights dequantized into the slot and the activations' TMA loads, once both
         consumers have released it. A step's words, scales and zeros are loaded a step (of this
-        producer) ahead, within a tile."""
+        producer) ahead, within a tile. ``INT_ZERO``: the zeros are integers, so ``MAGIC + zero``
+        is exact in 16 bits and one subtraction gives ``q - zero`` (else two)."""
         DT: gl.constexpr = gl.bfloat16 if BF16 else gl.float16
         MAGIC_F: gl.constexpr = 128.0 if BF16 else 1024.0
+        ZERO_MAGIC: gl.constexpr = MAGIC_F if INT_ZERO else 0.0  # what _group_meta adds to the zeros
         BOX_M: gl.constexpr = BLOCK_M // 2
         RB: gl.constexpr = BLOCK_N // 64  # row blocks a warp
         mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, 64, 16])
@@ -112,17 +115,19 @@ if HAVE_GLUON:
             row_ok = rows < N
             g = (P - step % NPROD + NPROD) % NPROD  # this producer's first group of the tile
             words = gl.load(w_ptr + blk + g * g_stride, mask=w_mask & (g < NG), other=0)
-            sc, zc = _group_meta(s_ptr, z_ptr, gl.minimum(g, NG - 1), N, rows, row_ok, zconst, SG, FMT, HAS_ZERO, 0.0,
-                                 TAIL)
+            sc, zc = _group_meta(s_ptr, z_ptr, gl.minimum(g, NG - 1), N, rows, row_ok, zconst, SG, FMT, HAS_ZERO,
+                                 ZERO_MAGIC, TAIL)
             while g < NG:
                 cur, cur_s, cur_z = words, sc, zc
                 nxt = g + NPROD
                 words = gl.load(w_ptr + blk + nxt * g_stride, mask=w_mask & (nxt < NG), other=0)
                 sc, zc = _group_meta(s_ptr, z_ptr, gl.minimum(nxt, NG - 1), N, rows, row_ok, zconst, SG, FMT, HAS_ZERO,
-                                     0.0, TAIL)
+                                     ZERO_MAGIC, TAIL)
                 a = _a_operand(cur, planes, 4, RB, a_layout, FMT, BF16)
                 if FMT == 1:
                     a = a * cur_s.to(DT)[:, None]
+                elif INT_ZERO:  # (MAGIC + q) - (MAGIC + zero): exact
+                    a = (a - cur_z.to(DT)[:, None]) * cur_s.to(DT)[:, None]
                 else:
                     a = ((a - MAGIC_F) - cur_z.to(DT)[:, None]) * cur_s.to(DT)[:, None]
                 a = _natural_order(a)
@@ -176,8 +181,8 @@ if HAVE_GLUON:
     def _ws_gemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, M, N, K, NB, NG,
                         L0, L1, L2, L3, H0, H1, H2, H3, zconst, stride_xm, stride_om,
                         BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, GROUP_M: gl.constexpr, STAGES: gl.constexpr,
-                        SG: gl.constexpr, FMT: gl.constexpr, HAS_ZERO: gl.constexpr, HAS_BIAS: gl.constexpr,
-                        TAIL: gl.constexpr, BF16: gl.constexpr, GROUP_MAJOR: gl.constexpr):
+                        SG: gl.constexpr, FMT: gl.constexpr, HAS_ZERO: gl.constexpr, INT_ZERO: gl.constexpr,
+                        HAS_BIAS: gl.constexpr, TAIL: gl.constexpr, BF16: gl.constexpr, GROUP_MAJOR: gl.constexpr):
         """``out = x @ W^T (+ bias)`` for fragment words ``w_ptr`` (module docstring); launched with
         4 warps (the first consumer), the second consumer and the producer are worker partitions.
         ``x`` is ``[M, K]`` with ``K`` contiguous and rows 16-byte aligned (TMA); argument positions
@@ -202,10 +207,10 @@ if HAVE_GLUON:
                          GROUP_M, STAGES, HAS_BIAS, 1)),
             (_producer, (x_desc, x_smem, w_smem, ready, empty, w_ptr, s_ptr, z_ptr, M, N, K, NB, NG, zconst,
                          (L0, L1, L2, L3, H0, H1, H2, H3), BLOCK_M, BLOCK_N, GROUP_M, STAGES, SG, FMT, HAS_ZERO,
-                         TAIL, BF16, GROUP_MAJOR, 0, 2)),
+                         INT_ZERO, TAIL, BF16, GROUP_MAJOR, 0, 2)),
             (_producer, (x_desc, x_smem, w_smem, ready, empty, w_ptr, s_ptr, z_ptr, M, N, K, NB, NG, zconst,
                          (L0, L1, L2, L3, H0, H1, H2, H3), BLOCK_M, BLOCK_N, GROUP_M, STAGES, SG, FMT, HAS_ZERO,
-                         TAIL, BF16, GROUP_MAJOR, 1, 2)),
+                         INT_ZERO, TAIL, BF16, GROUP_MAJOR, 1, 2)),
         ], [4, 4, 4], [_WS_CONSUMER_REGS, _WS_PRODUCER_REGS, _WS_PRODUCER_REGS])
 
 
@@ -245,7 +250,7 @@ def launch_args(rw: RuntimeWeight, x2: torch.Tensor, bias: torch.Tensor | None, 
             m, rw.n, k, nb, ng, *table_planes(rw, x2.dtype), float(rw.zconst), x2.stride(0), out.stride(0))
     consts = {"BLOCK_M": cfg["BLOCK_M"], "BLOCK_N": bn, "GROUP_M": cfg["GROUP_M"], "STAGES": cfg["STAGES"],
               "SG": _scale_steps(rw), "FMT": FMT_IDS[rw.fragment_format], "HAS_ZERO": rw.zero is not None,
-              "HAS_BIAS": bias is not None,
+              "INT_ZERO": rw.kind == "affine" and rw.int_zero, "HAS_BIAS": bias is not None,
               "TAIL": rw.n % bn != 0 or k % 64 != 0, "BF16": x2.dtype == torch.bfloat16,
               "GROUP_MAJOR": rw.fragment_order == "group"}
     return _ws_gemm_kernel, (min(tiles, sms),), args, consts, {"num_warps": cfg["num_warps"], "maxnreg": MAXNREG}
@@ -255,12 +260,12 @@ def compile_offline(fmt: str = "int4", block_m: int = 256, block_n: int = 128, s
                     arch: int = 90, **consts):
     """``_ws_gemm_kernel`` compiled for NVIDIA ``sm_<arch>`` on any machine, launched as
     :func:`launch_args` does (4 warps, :data:`MAXNREG`), for CI's checks of its machine code:
-    groups of 64 with zeros (codebooks: none), a bias, no tails, group-major words, ``K`` and the
-    strides multiples of 16, unless ``consts`` says otherwise."""
+    groups of 64 with integer zeros (codebooks: none), a bias, no tails, group-major words, ``K``
+    and the strides multiples of 16, unless ``consts`` says otherwise."""
     from .small_m import _compile_offline
 
     cx = {"BLOCK_M": block_m, "BLOCK_N": block_n, "GROUP_M": 8, "STAGES": stages, "SG": 1, "FMT": FMT_IDS[fmt],
-          "HAS_ZERO": fmt != "nf4",
+          "HAS_ZERO": fmt != "nf4", "INT_ZERO": fmt != "nf4",
           "HAS_BIAS": True, "TAIL": False, "BF16": act == "bf16", "GROUP_MAJOR": True, **consts}
     return _compile_offline(_ws_gemm_kernel, cx, act, 4, 1, arch, gluon=True, maxnreg=MAXNREG,
                             aligned_ints=("N", "K", "stride_xm", "stride_om"))
