@@ -662,15 +662,16 @@ def test_wgmma_kernel_compiles_for_sm90(fmt):
 @needs_gluon
 @pytest.mark.parametrize("fmt", fragment.FORMATS)
 def test_ws_gemm_compiles_for_sm90(fmt):
-    """The warp-specialized large-M GEMM, compiled for sm_90 in every candidate tile and ring (256 x 128
-    and 512 x 64 tokens x columns), plain
-    and with tails, per-row scales and bfloat16: no spills, fits the H100's 227 KiB of shared
-    memory, loads the activations by TMA, keeps one ``wgmma`` in flight in the consumers' loop
-    (``0x1``, the final wait ``0x0``), stores each thread's share of the dequantized ``[128, 64]``
-    weights in 16-byte pieces (a lane's 16 values are 16 consecutive channels) in both producers
-    and sets the partitions' registers."""
+    """The warp-specialized large-M GEMM, compiled for sm_90 in every candidate tile and ring
+    (256 x 128 and 512 x 64 tokens x columns), plain and with tails, per-row scales, bfloat16 and
+    float zeros: no spills, fits the H100's 227 KiB of shared memory, loads the activations by
+    TMA, keeps one ``wgmma`` in flight in the consumers' loop (``0x1``, the final wait ``0x0``),
+    stores each thread's share of the dequantized ``[BLOCK_N, 64]`` weights in 16-byte pieces (a
+    lane's 16 values are 16 consecutive channels) in both producers and sets the partitions'
+    registers."""
     for bm, bn, stages in fragment_ws_gemm.CANDIDATES:
-        for extra in ({}, {"TAIL": True, "HAS_BIAS": False, "SG": 0, "GROUP_MAJOR": False}, {"BF16": True}):
+        for extra in ({}, {"TAIL": True, "HAS_BIAS": False, "SG": 0, "GROUP_MAJOR": False}, {"BF16": True},
+                      {"INT_ZERO": False}):
             compiled = fragment_ws_gemm.compile_offline(fmt, bm, bn, stages, act="bf16" if extra.get("BF16") else "fp16",
                                                         **extra)
             assert compiled.metadata.shared <= 227 * 1024, (bm, stages, compiled.metadata.shared)

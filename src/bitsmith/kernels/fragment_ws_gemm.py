@@ -63,7 +63,7 @@ MIN_M = 513  # up to 512 rows: the fragment GEMM and the Hopper kernel (bitsmith
 CANDIDATES = ((256, 128, 3), (256, 128, 4), (512, 64, 3))
 #: registers a thread of the second consumer warpgroup and of each producer ask for
 #: (``setmaxnreg``); the first consumer gets what is left of :data:`MAXNREG` x 512
-WS_REGS = (168, 88)
+WS_REGS = (160, 96)
 MAXNREG = 128  # at launch: four warpgroups share the 65,536 registers of an SM
 #: a dequantized group ``[n, 64]`` in the fragment's logical ``k = 16 s + 8 rc + 2 t + h``, viewed
 #: as ``[n, s, rc, t, h]`` (:data:`K_SPLIT`) and permuted by :data:`TO_CHANNELS` to ``[n, t, s, rc,
