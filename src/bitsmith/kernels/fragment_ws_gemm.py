@@ -40,6 +40,7 @@ import os
 
 import torch
 
+from . import fragment_wgmma
 from .fragment_mma import FMT_IDS, HAVE_GLUON, MAGIC, _scale_steps, blocks_groups, table_planes
 from .layout import RuntimeWeight
 
@@ -215,15 +216,12 @@ if HAVE_GLUON:
 
 
 def supports(rw: RuntimeWeight, x2: torch.Tensor) -> str | None:
-    """Why ``_ws_gemm_kernel`` cannot take ``rw`` with activations ``x2`` (``None`` when it can)."""
-    if not HAVE_GLUON:
-        return "triton's Gluon language is not available"
-    if rw.layout != "fragment":
-        return f"weight in the {rw.layout!r} layout"
-    if rw.device.type != "cuda" or torch.cuda.get_device_capability(rw.device) != (9, 0):
-        return "wgmma needs a Hopper GPU (compute capability 9.0)"
-    if x2.dtype not in MAGIC:
-        return f"activations in {x2.dtype} (the tensor-core path takes float16 and bfloat16)"
+    """Why ``_ws_gemm_kernel`` cannot take ``rw`` with activations ``x2`` (``None`` when it can):
+    the Hopper kernel's conditions (:func:`bitsmith.kernels.fragment_wgmma.supports`), and rows
+    TMA can read."""
+    why = fragment_wgmma.supports(rw, x2.dtype)
+    if why is not None:
+        return why
     if x2.stride(1) != 1 or (x2.stride(0) * x2.element_size()) % 16 or x2.data_ptr() % 16:
         return "the activations' rows must be contiguous and 16-byte aligned (TMA)"
     return None
