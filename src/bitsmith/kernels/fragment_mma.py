@@ -591,9 +591,10 @@ def kernel_args(rw: RuntimeWeight, x2: torch.Tensor, bias: torch.Tensor | None, 
 
     m, k = x2.shape
     nb, ng = blocks_groups(rw)
-    ws, cnt = workspace(x2.device, split * m * rw.n, tiles) if split > 1 else (rw.scale, rw.words)
-    return (x2, rw.words, ws, rw.scale, rw.zero if rw.zero is not None else rw.scale, cnt,
-            bias if bias is not None else rw.scale, out,
+    dummy = rw.scale
+    ws, cnt = workspace(x2.device, split * m * rw.n, tiles) if split > 1 else (dummy, rw.words)
+    return (x2, rw.words, ws, rw.scale, rw.zero if rw.zero is not None else dummy, cnt,
+            bias if bias is not None else dummy, out,
             m, rw.n, k, nb, ng, -(-ng // split), split, *table_planes(rw, x2.dtype), float(rw.zconst), x2.stride(0))
 
 
