@@ -89,7 +89,7 @@ if HAVE_GLUON:
         return gl.reshape(a, [n, 64])
 
     @gluon.jit
-    def _producer(x_desc, x_smem, w_smem, ready, empty, w_ptr, s_ptr, z_ptr, M, N, K, NB, NG, zconst, planes,
+    def _producer(x_desc, x_smem, w_smem, ready, empty, w_ptr, s_ptr, z_ptr, M, N, NB, NG, zconst, planes,
                   BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, GROUP_M: gl.constexpr, STAGES: gl.constexpr,
                   SG: gl.constexpr, FMT: gl.constexpr, HAS_ZERO: gl.constexpr, INT_ZERO: gl.constexpr,
                   TAIL: gl.constexpr, BF16: gl.constexpr, GROUP_MAJOR: gl.constexpr, P: gl.constexpr,
@@ -206,10 +206,10 @@ if HAVE_GLUON:
                          GROUP_M, STAGES, HAS_BIAS, 0)),
             (_consumer, (x_smem, w_smem, ready, empty, b_ptr, out_ptr, M, N, NG, stride_om, BLOCK_M, BLOCK_N,
                          GROUP_M, STAGES, HAS_BIAS, 1)),
-            (_producer, (x_desc, x_smem, w_smem, ready, empty, w_ptr, s_ptr, z_ptr, M, N, K, NB, NG, zconst,
+            (_producer, (x_desc, x_smem, w_smem, ready, empty, w_ptr, s_ptr, z_ptr, M, N, NB, NG, zconst,
                          (L0, L1, L2, L3, H0, H1, H2, H3), BLOCK_M, BLOCK_N, GROUP_M, STAGES, SG, FMT, HAS_ZERO,
                          INT_ZERO, TAIL, BF16, GROUP_MAJOR, 0, 2)),
-            (_producer, (x_desc, x_smem, w_smem, ready, empty, w_ptr, s_ptr, z_ptr, M, N, K, NB, NG, zconst,
+            (_producer, (x_desc, x_smem, w_smem, ready, empty, w_ptr, s_ptr, z_ptr, M, N, NB, NG, zconst,
                          (L0, L1, L2, L3, H0, H1, H2, H3), BLOCK_M, BLOCK_N, GROUP_M, STAGES, SG, FMT, HAS_ZERO,
                          INT_ZERO, TAIL, BF16, GROUP_MAJOR, 1, 2)),
         ], [4, 4, 4], [_WS_CONSUMER_REGS, _WS_PRODUCER_REGS, _WS_PRODUCER_REGS])
