@@ -32,6 +32,8 @@
 #       then every config with the words block-major and group-major (gluon_fragment_probe.py --orders block,group)
 #   OUT=/some/dir bash benchmarks/kernels_gpu_session.sh ws_gemm    # the fragment layout's warp-specialized GEMM at M = 2048
 #       (BITSMITH_FRAGMENT_WS_GEMM=1): its CUDA tests (TESTS=0: none), every config beside dequantize + cuBLAS, the M = 2048 table
+#   OUT=/some/dir bash benchmarks/kernels_gpu_session.sh ws_ncu     # Nsight Compute on the fused GEMM (full set, its SASS with
+#       stall samples: ws_gemm_sass.csv) and on cuBLAS's float16 matmul at M = 2048 (benchmarks/ws_gemm_ncu_probe.py)
 #   OUT=/some/dir bash benchmarks/kernels_gpu_session.sh wide       # the fragment layout's kernels for more tokens:
 #       the Gluon kernel at 17..64 tokens and the Hopper wgmma kernel (both on by default since they passed this):
 #       their CUDA tests and the fragment GEMM's, then M = 16..128 (WIDE_MS) with every format in the fragment layout (the
@@ -279,6 +281,17 @@ ws_gemm)  # the fragment layout's warp-specialized GEMM for large M (BITSMITH_FR
   step kernels_bench.txt "${T_BENCH:-200}" "grep -E '^ +[0-9]+x[0-9]+ +2048 [a-z]'" kernels_m2048_ws_gemm \
     python3 benchmarks/kernels_bench.py --m 2048 --formats int4_g64,int4_g128,int3_g64,nf4_g64 --no-w8a8 --reps 10 \
     --name kernels_m2048_ws_gemm
+  ;;
+ws_ncu)  # Nsight Compute on the fused GEMM beside cuBLAS: the summary, the GEMM's SASS with its stall samples
+  ncu_step ncu_ws_gemm.txt "${T_NCU:-200}" "grep -E '^  [a-zA-Z_].*\\(|Duration|Compute \\(SM\\) Throughput|L1/TEX Cache|highest-utilized' | head -40" \
+    --set full --import-source yes -o "$OUT/ws_gemm" -k "regex:_ws_gemm_kernel" -c 1 \
+    python3 benchmarks/ws_gemm_ncu_probe.py --shapes "${WS_SHAPES:-4096x4096}" --formats "${WS_FORMATS:-int4_g64}"
+  ncu -i "$OUT/ws_gemm.ncu-rep" --page source --csv --print-source sass > "$OUT/ws_gemm_sass.csv" 2>&1
+  ncu -i "$OUT/ws_gemm.ncu-rep" --page raw --csv > "$OUT/ws_gemm_raw.csv" 2>&1
+  # cuBLAS's kernel (and the GEMM again) with the sections that say how busy the tensor pipe is
+  ncu_step ncu_cublas.txt "${T_NCU:-150}" "grep -E '^  [a-zA-Z_].*\\(|Duration|L1/TEX Cache|highest-utilized' | head -40" \
+    --section SpeedOfLight --section ComputeWorkloadAnalysis --section WarpStateStats -k "regex:gemm|nvjet|xmma|cutlass" \
+    python3 benchmarks/ws_gemm_ncu_probe.py --shapes "${WS_SHAPES:-4096x4096}" --formats int4_g64
   ;;
 wide)  # the wide Gluon tiles and the wgmma kernel: tests, then M = 16..128 in both layouts
   TEST_FILES=tests/test_fragment.py TEST_K="cuda and (wide or gemm or wgmma)" T_TESTS=${T_TESTS:-180} tests_or_stop
