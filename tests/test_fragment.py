@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import collections
+import itertools
 import re
 import sys
 import tempfile
@@ -662,23 +663,27 @@ def test_wgmma_kernel_compiles_for_sm90(fmt):
 @needs_gluon
 @pytest.mark.parametrize("fmt", fragment.FORMATS)
 def test_ws_gemm_compiles_for_sm90(fmt):
-    """The warp-specialized large-M GEMM, compiled for sm_90 in every candidate tile and ring
-    (256 x 128 and 512 x 64 tokens x columns), plain and with tails, per-row scales, bfloat16 and
-    float zeros: no spills, fits the H100's 227 KiB of shared memory, loads the activations by
-    TMA, keeps one ``wgmma`` in flight in the consumers' loop (``0x1``, the final wait ``0x0``),
-    stores each thread's share of the dequantized ``[BLOCK_N, 64]`` weights in 16-byte pieces (a
-    lane's 16 values are 16 consecutive channels) in both producers and sets the partitions'
-    registers."""
-    for bm, bn, stages in fragment_ws_gemm.CANDIDATES:
-        for extra in ({}, {"TAIL": True, "HAS_BIAS": False, "SG": 0, "GROUP_MAJOR": False}, {"BF16": True},
-                      {"INT_ZERO": False}):
+    """The warp-specialized large-M GEMM, compiled for sm_90 in every candidate tile and ring,
+    plain and with tails, per-row scales, bfloat16 and float zeros, with its producers' words,
+    scales and zeros brought by TMA (not int3) and loaded by themselves: no spills, fits the
+    H100's 227 KiB of shared memory, loads the activations by TMA, keeps one ``wgmma`` in flight
+    in the consumers' loop (``0x1``, the final wait ``0x0``), stores each thread's share of the
+    dequantized ``[BLOCK_N, 64]`` weights in 16-byte pieces (a lane's 16 values are 16
+    consecutive channels) in both producers and sets the partitions' registers. With TMA the
+    producers load no word from global memory: 3-D TMA boxes bring them, 16-byte shared loads
+    read them."""
+    metas = (False,) if fmt == "int3" else (True, False)
+    for (bm, bn, stages), meta in itertools.product(fragment_ws_gemm.CANDIDATES, metas):
+        for extra in ({}, {"TAIL": True, "HAS_BIAS": False, "SG": 0}, {"BF16": True}, {"INT_ZERO": False}):
+            if not meta:
+                extra = {**extra, "GROUP_MAJOR": "SG" not in extra}
             compiled = fragment_ws_gemm.compile_offline(fmt, bm, bn, stages, act="bf16" if extra.get("BF16") else "fp16",
-                                                        **extra)
+                                                        META_TMA=meta, **extra)
             assert compiled.metadata.shared <= 227 * 1024, (bm, stages, compiled.metadata.shared)
             with tempfile.TemporaryDirectory() as tmp:
                 ins = kernels_sass.sass_of(compiled.asm["cubin"], Path(tmp))
             ops = collections.Counter(kernels_sass.opcode(t) for _, t in ins)
-            assert not [t for _, t in ins if re.match(r"(LDL|STL)\b", t)], (bm, stages, extra)
+            assert not [t for _, t in ins if re.match(r"(LDL|STL)\b", t)], (bm, stages, meta, extra)
             assert ops["UTMALDG.2D"] >= 1 and ops["USETMAXREG.TRY_ALLOC.CTAPOOL"] >= 1, ops
             dt = ".BF16" if extra.get("BF16") else ""
             # each consumer's bm / 2 rows in 64-row wgmmas of k 16, four a group, in two copies of the loop
@@ -687,6 +692,10 @@ def test_ws_gemm_compiles_for_sm90(fmt):
             assert waits == {"WARPGROUP.DEPBAR.LE gsb0, 0x1", "WARPGROUP.DEPBAR.LE gsb0, 0x0"}, waits
             # a thread's share of the [bn, 64] weights, bn / 16 16-byte stores, in each of the two producers' code
             assert ops["STS.128"] == 2 * bn // 16, {op: c for op, c in ops.items() if op.startswith("STS")}
+            if meta:  # the words: 3-D boxes in the prologue and in the loop of each producer, a 16-byte read a row block
+                assert ops["UTMALDG.3D"] >= 4 and ops["LDS.128"] == 2 * (bn // 64) and not ops["LDG.E.128"], ops
+            else:
+                assert not ops["UTMALDG.3D"] and not ops["LDS.128"], ops
 
 
 def test_ws_gemm_puts_the_channels_back_in_order():
@@ -711,8 +720,15 @@ def test_ws_gemm_is_opt_in_from_513_rows(monkeypatch):
     assert fragment_ws_gemm.configs(rw, 512, torch.float16) == []
     assert fragment_ws_gemm.configs(rw, 2048, torch.float32) == []
     cands = fragment_ws_gemm.configs(rw, 2048, torch.float16)
-    assert [(c["BLOCK_M"], c["BLOCK_N"], c["STAGES"]) for c in cands] == list(fragment_ws_gemm.CANDIDATES)
+    assert [(c["BLOCK_M"], c["BLOCK_N"], c["STAGES"], c["META_TMA"]) for c in cands] == \
+        [(*t, meta) for t in fragment_ws_gemm.CANDIDATES for meta in (True, False)]
     assert all(c in qmm._configs(rw, 2048, torch.float16) for c in cands)
+    # TMA cannot bring int3's 96 words a row block, nor scales whose rows are not a multiple of 16 bytes
+    int3 = repack(_quantize("int3_g64", torch.randn(256, 128) * 0.05), layout="fragment")
+    odd = repack(_quantize("int4_g64", torch.randn(260, 128) * 0.05), layout="fragment")
+    assert not fragment_ws_gemm.meta_tma_ok(int3) and not fragment_ws_gemm.meta_tma_ok(odd)
+    assert fragment_ws_gemm.meta_tma_ok(rw)
+    assert {c["META_TMA"] for c in fragment_ws_gemm.configs(int3, 2048, torch.float16)} == {False}
     assert "Hopper" in fragment_ws_gemm.supports(rw, torch.zeros(4, 128)) or not fragment_mma.HAVE_GLUON
 
 
@@ -883,22 +899,32 @@ def test_cuda_block_major_order_equals_reference(name, monkeypatch):
 @pytest.mark.parametrize("name", sorted(FORMATS))
 def test_cuda_ws_gemm_equals_reference(name, monkeypatch):
     """The warp-specialized large-M GEMM, every candidate, persistent over 1, 5 and all the SMs'
-    programs: 600 rows (a partial row tile), N = 333 (a partial column tile), K = 576 and 1000
-    (a partial group), a bias, float16 and bfloat16, both word orders; a strided view of the
-    activations (TMA cannot read it) takes the dequantize + cuBLAS path instead."""
+    programs: 600 rows (a partial row tile), N = 333 and 328 (a partial column tile; 328's
+    scale rows let TMA bring the producers' words, scales and zeros), K = 576 and 1000 (a
+    partial group), a bias, float16 and bfloat16, both word orders. The producers' TMA ring
+    and their own loads give the same bits. A strided view of the activations (TMA cannot
+    read it) takes the dequantize + cuBLAS path instead."""
     from bitsmith.kernels import layout, qmm
 
     monkeypatch.setitem(fragment_ws_gemm.WS_GEMM, "enabled", True)
-    for k, dtype, order in ((576, torch.float16, "group"), (1000, torch.float16, "block"), (576, torch.bfloat16, "group")):
+    metas = set()
+    for k, dtype, order, n in ((576, torch.float16, "group", 333), (1000, torch.float16, "block", 333),
+                               (576, torch.bfloat16, "group", 333), (1000, torch.float16, "group", 328),
+                               (576, torch.bfloat16, "group", 328)):
         monkeypatch.setitem(layout.FRAGMENT, "order", order)
-        _, rw, x, b, ref = _cuda_case(name, 600, 333, k, dtype)
+        _, rw, x, b, ref = _cuda_case(name, 600, n, k, dtype)
         tol = 2e-3 if dtype == torch.float16 else 1.6e-2
-        for cfg in fragment_ws_gemm.configs(rw, 600, dtype):
-            for sms in (1, 5, qmm._sm_count(x.device)):
-                monkeypatch.setattr(qmm, "_sm_count", lambda dev, sms=sms: sms)
-                out = qmm._launch(rw, x, b, cfg)
-                assert out.dtype == dtype and out.shape == (600, 333)
-                assert float((out.double() - ref).norm() / ref.norm()) < tol, (k, dtype, order, cfg, sms)
+        for sms in (1, 5, qmm._sm_count(x.device)):
+            monkeypatch.setattr(qmm, "_sm_count", lambda dev, sms=sms: sms)
+            outs = {}
+            for cfg in fragment_ws_gemm.configs(rw, 600, dtype):
+                out = outs[cfg["STAGES"], cfg["META_TMA"]] = qmm._launch(rw, x, b, cfg)
+                metas.add(cfg["META_TMA"])
+                assert out.dtype == dtype and out.shape == (600, n)
+                assert float((out.double() - ref).norm() / ref.norm()) < tol, (k, dtype, order, n, cfg, sms)
+            for (st, meta), out in outs.items():
+                assert torch.equal(out, outs[st, False]), (k, dtype, order, n, st, sms)
+    assert metas == ({False} if name.startswith("int3") else {True, False})
     wide = torch.zeros(600, 2 * k, device="cuda", dtype=dtype)
     wide[:, ::2] = x
     assert fragment_ws_gemm.supports(rw, wide[:, ::2]) is not None

@@ -14,7 +14,8 @@ shape of W8A8's Gluon GEMM (:mod:`bitsmith.kernels.w8a8_wgmma`):
   and the step's dequantized weights (``[BLOCK_N, 64]`` float16 or bfloat16), signalled by one
   ``ready`` mbarrier of two arrivals: the TMA's (with its bytes) and the producer's;
 * two producer warpgroups taking alternate steps: for each step one turns the tile's fragment
-  words of the group (loaded a step of its own ahead, with the scales and zeros) into ``MAGIC +
+  words of the group (brought by TMA into its own ring two of its steps ahead, with the scales
+  and zeros; or loaded a step ahead by itself) into ``MAGIC +
   q`` or a codebook's levels with the Gluon kernel's conversions
   (:func:`bitsmith.kernels.fragment_mma._a_operand`), dequantizes them in registers as
   :mod:`bitsmith.kernels.fragment_wgmma` does (exact subtractions, one where the zeros are
@@ -27,12 +28,13 @@ shape of W8A8's Gluon GEMM (:mod:`bitsmith.kernels.w8a8_wgmma`):
   step's slot; after a tile's last step the epilogue adds the bias and stores with masks.
 
 Status (issue #8): compiled for sm_90 in CI (tests/test_fragment.py checks that it does not spill,
-keeps one ``wgmma`` in flight and loads the activations by TMA). On the H100 its first form (one
-producer) passed its CUDA test and ran at 0.60-0.72x fp16 at M = 2048, producer-bound
-(kernels_configs_ws_gemm_v1_h100.txt); with two producers taking alternate steps 0.76-0.81x
-(kernels_configs_ws_gemm_h100.txt), still behind dequantize + cuBLAS (0.83-0.86x in the same run),
-so it is offered to the tuner only with ``BITSMITH_FRAGMENT_WS_GEMM=1`` (:data:`WS_GEMM`). Its
-512 x 64 tile (twice the MMAs per dequantized weight) came after that run and is compiled only.
+keeps one ``wgmma`` in flight and loads the activations by TMA). On the H100 its CUDA tests pass and
+compute-sanitizer finds no error (benchmarks/results/ws_gemm_tma_meta_gpu_tests_h100.txt,
+sanitizer_ws_gemm_h100.txt). At M = 2048 it runs at 0.80-0.88x fp16 for int4 with the
+producers' words, scales and zeros brought by TMA (``META_TMA``), level with or a little past
+dequantize + cuBLAS, short of the issue's 0.9x (kernels_configs_ws_gemm_tma_meta_h100.txt; the
+producers still set the pace, docs/gpu-kernels.md), so it is offered to the tuner only with
+``BITSMITH_FRAGMENT_WS_GEMM=1`` (:data:`WS_GEMM`).
 """
 from __future__ import annotations
 
@@ -58,13 +60,20 @@ WS_GEMM = {"enabled": os.environ.get("BITSMITH_FRAGMENT_WS_GEMM", "") == "1"}
 MIN_M = 513  # up to 512 rows: the fragment GEMM and the Hopper kernel (bitsmith.kernels.fragment_gemm)
 #: ``(BLOCK_M, BLOCK_N, STAGES)`` the tuner tries: a consumer's accumulators are ``BLOCK_M / 2 x
 #: BLOCK_N`` (128 a thread), a producer's step ``BLOCK_N / 64`` row blocks a warp; a stage is ``BLOCK_M
-#: x 64`` activations and ``BLOCK_N x 64`` weights, 16-bit (48 KiB at 256 x 128, 72 KiB at 512 x 64).
-#: A 512 x 64 tile does twice a 256 x 128 one's MMAs per dequantized weight (the first run was
-#: producer-bound, and 128 x 128 tiles, half of them, were 1.3-1.5x slower; they are no longer offered)
-CANDIDATES = ((256, 128, 3), (256, 128, 4), (512, 64, 3))
+#: x 64`` activations and ``BLOCK_N x 64`` weights, 16-bit (48 KiB). Each is offered with the
+#: producers' words, scales and zeros brought by TMA (``META_TMA``, where :func:`meta_tma_ok`) and
+#: loaded by the producers themselves. 128 x 128 tiles (the first run, producer-bound) were 1.3-1.5x
+#: slower and 512 x 64 (twice the MMAs per dequantized weight, ``n = 64`` MMAs) 1.1-1.4x
+#: (kernels_configs_ws_gemm_int_zero_h100.txt): neither is offered
+CANDIDATES = ((256, 128, 3), (256, 128, 4))
+#: the producers' TMA ring of words, scales and zeros: steps of its own ahead, each producer
+META_STAGES = 2
 #: registers a thread of the second consumer warpgroup and of each producer ask for
-#: (``setmaxnreg``); the first consumer gets what is left of :data:`MAXNREG` x 512
+#: (``setmaxnreg``); the first consumer gets what is left of :data:`MAXNREG` x 512. With
+#: ``META_TMA`` (:data:`WS_REGS_META`) the producers hold no loads in flight and the consumers, at
+#: 160, spilled two values (int3's producers, loading their own words, spilled at 88)
 WS_REGS = (160, 96)
+WS_REGS_META = (168, 88)
 MAXNREG = 128  # at launch: four warpgroups share the 65,536 registers of an SM
 #: a dequantized group ``[n, 64]`` in the fragment's logical ``k = 16 s + 8 rc + 2 t + h``, viewed
 #: as ``[n, s, rc, t, h]`` (:data:`K_SPLIT`) and permuted by :data:`TO_CHANNELS` to ``[n, t, s, rc,
@@ -76,6 +85,8 @@ TO_CHANNELS = (0, 3, 1, 2, 4)
 if HAVE_GLUON:
     _WS_CONSUMER_REGS = gl.constexpr(WS_REGS[0])
     _WS_PRODUCER_REGS = gl.constexpr(WS_REGS[1])
+    _WS_CONSUMER_REGS_META = gl.constexpr(WS_REGS_META[0])
+    _WS_PRODUCER_REGS_META = gl.constexpr(WS_REGS_META[1])
     _K_SPLIT = gl.constexpr(K_SPLIT)
     _TO_CHANNELS = gl.constexpr(TO_CHANNELS)
 
@@ -89,20 +100,51 @@ if HAVE_GLUON:
         return gl.reshape(a, [n, 64])
 
     @gluon.jit
+    def _dequantized(words, sc, zc, planes, a_layout: gl.constexpr, RB: gl.constexpr, FMT: gl.constexpr,
+                     INT_ZERO: gl.constexpr, BF16: gl.constexpr):
+        """A step's fragment words -> its ``[BLOCK_N, 64]`` weights in the fragment's logical ``k``
+        order, with the float32 scales ``sc`` and zeros ``zc`` (plus the magic where ``INT_ZERO``)
+        of :func:`bitsmith.kernels.fragment_mma._group_meta`: the reference's float32
+        dequantization rounded once (module docstring)."""
+        DT: gl.constexpr = gl.bfloat16 if BF16 else gl.float16
+        MAGIC_F: gl.constexpr = 128.0 if BF16 else 1024.0
+        a = _a_operand(words, planes, 4, RB, a_layout, FMT, BF16)
+        if FMT == 1:
+            return a * sc.to(DT)[:, None]
+        if INT_ZERO:  # (MAGIC + q) - (MAGIC + zero): exact
+            return (a - zc.to(DT)[:, None]) * sc.to(DT)[:, None]
+        return ((a - MAGIC_F) - zc.to(DT)[:, None]) * sc.to(DT)[:, None]
+
+    @gluon.jit
+    def _publish(a, x_desc, x_smem, w_smem, ready, empty, s_, off_m, g, BLOCK_M: gl.constexpr,
+                 STAGES: gl.constexpr):
+        """Step ``s_`` (group ``g`` of the tile at row ``off_m``) into its ring slot once both
+        consumers released it: the activations' two TMA boxes, the dequantized weights ``a``
+        (channels in their order) stored, fenced for ``wgmma`` and announced."""
+        BOX_M: gl.constexpr = BLOCK_M // 2
+        slot = s_ % STAGES
+        mbarrier.wait(empty.index(slot), ((s_ // STAGES) & 1) ^ 1)
+        mbarrier.expect(ready.index(slot), BLOCK_M * 64 * 2)
+        for box in gl.static_range(2):
+            tma.async_copy_global_to_shared(x_desc, [off_m + box * BOX_M, g * 64], ready.index(slot),
+                                            x_smem.index(2 * slot + box))
+        w_smem.index(slot).store(a)
+        fence_async_shared()
+        mbarrier.arrive(ready.index(slot), count=1)
+
+    @gluon.jit
     def _producer(x_desc, x_smem, w_smem, ready, empty, w_ptr, s_ptr, z_ptr, M, N, NB, NG, zconst, planes,
                   BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, GROUP_M: gl.constexpr, STAGES: gl.constexpr,
                   SG: gl.constexpr, FMT: gl.constexpr, HAS_ZERO: gl.constexpr, INT_ZERO: gl.constexpr,
                   TAIL: gl.constexpr, BF16: gl.constexpr, GROUP_MAJOR: gl.constexpr, P: gl.constexpr,
                   NPROD: gl.constexpr):
-        """Producer ``P`` of ``NPROD`` (module docstring): the program's steps ``P, P + NPROD, ..``,
-        each the weights dequantized into the slot and the activations' TMA loads, once both
-        consumers have released it. A step's words, scales and zeros are loaded a step (of this
-        producer) ahead, within a tile. ``INT_ZERO``: the zeros are integers, so ``MAGIC + zero``
-        is exact in 16 bits and one subtraction gives ``q - zero`` (else two)."""
-        DT: gl.constexpr = gl.bfloat16 if BF16 else gl.float16
+        """Producer ``P`` of ``NPROD`` reading the words, scales and zeros itself (int3, the
+        block-major word order, scales TMA cannot read): the program's steps ``P, P + NPROD, ..``,
+        each loaded a step (of this producer) ahead within a tile, then dequantized and published
+        (:func:`_publish`). ``INT_ZERO``: the zeros are integers, so ``MAGIC + zero`` is exact in
+        16 bits and one subtraction gives ``q - zero`` (else two)."""
         MAGIC_F: gl.constexpr = 128.0 if BF16 else 1024.0
         ZERO_MAGIC: gl.constexpr = MAGIC_F if INT_ZERO else 0.0  # what _group_meta adds to the zeros
-        BOX_M: gl.constexpr = BLOCK_M // 2
         RB: gl.constexpr = BLOCK_N // 64  # row blocks a warp
         mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, 64, 16])
         a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
@@ -124,25 +166,81 @@ if HAVE_GLUON:
                 words = gl.load(w_ptr + blk + nxt * g_stride, mask=w_mask & (nxt < NG), other=0)
                 sc, zc = _group_meta(s_ptr, z_ptr, gl.minimum(nxt, NG - 1), N, rows, row_ok, zconst, SG, FMT, HAS_ZERO,
                                      ZERO_MAGIC, TAIL)
-                a = _a_operand(cur, planes, 4, RB, a_layout, FMT, BF16)
-                if FMT == 1:
-                    a = a * cur_s.to(DT)[:, None]
-                elif INT_ZERO:  # (MAGIC + q) - (MAGIC + zero): exact
-                    a = (a - cur_z.to(DT)[:, None]) * cur_s.to(DT)[:, None]
-                else:
-                    a = ((a - MAGIC_F) - cur_z.to(DT)[:, None]) * cur_s.to(DT)[:, None]
-                a = _natural_order(a)
-                s_ = step + g
-                slot = s_ % STAGES
-                mbarrier.wait(empty.index(slot), ((s_ // STAGES) & 1) ^ 1)
-                mbarrier.expect(ready.index(slot), BLOCK_M * 64 * 2)
-                for box in gl.static_range(2):
-                    tma.async_copy_global_to_shared(x_desc, [off_m + box * BOX_M, g * 64], ready.index(slot),
-                                                    x_smem.index(2 * slot + box))
-                w_smem.index(slot).store(a)
-                fence_async_shared()
-                mbarrier.arrive(ready.index(slot), count=1)
+                a = _natural_order(_dequantized(cur, cur_s, cur_z, planes, a_layout, RB, FMT, INT_ZERO, BF16))
+                _publish(a, x_desc, x_smem, w_smem, ready, empty, step + g, off_m, g, BLOCK_M, STAGES)
                 g = nxt
+            step += NG
+
+    @gluon.jit
+    def _meta_load(w_desc, s_desc, z_desc, wq, sq, zq, bar, g, blk0, off_n, SG: gl.constexpr, ZQ: gl.constexpr,
+                   NBYTES: gl.constexpr):
+        """Group ``g``'s words of the row blocks from ``blk0``, and its scales (and zeros, ``ZQ``)
+        of the rows from ``off_n``, by TMA into one slot of a producer's meta ring (``bar``, which
+        expects ``NBYTES``)."""
+        mbarrier.expect(bar, NBYTES)
+        tma.async_copy_global_to_shared(w_desc, [g, blk0, 0], bar, wq)
+        if SG == 0:
+            srow = 0
+        else:
+            srow = g // SG
+        tma.async_copy_global_to_shared(s_desc, [srow, off_n], bar, sq)
+        if ZQ:
+            tma.async_copy_global_to_shared(z_desc, [srow, off_n], bar, zq)
+
+    @gluon.jit
+    def _producer_tma(x_desc, x_smem, w_smem, ready, empty, w_desc, s_desc, z_desc, wq, sq, zq, mready, M, N, NG,
+                      zconst, planes, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, GROUP_M: gl.constexpr,
+                      STAGES: gl.constexpr, MS: gl.constexpr, SG: gl.constexpr, FMT: gl.constexpr,
+                      HAS_ZERO: gl.constexpr, INT_ZERO: gl.constexpr, BF16: gl.constexpr, P: gl.constexpr,
+                      NPROD: gl.constexpr):
+        """Producer ``P`` of ``NPROD`` with its words, scales and zeros brought by TMA, ``MS`` of
+        its steps ahead, into its own ring of shared memory (:func:`_meta_load`), then read from
+        there: a step's global loads in registers left the fence before each publication waiting
+        for their latency (the fence waits for a thread's loads in flight; Nsight Compute,
+        benchmarks/results/ncu_ws_gemm_stalls_h100.txt), and TMA's are not the thread's. Else as
+        :func:`_producer` (int4 and codebooks, group-major words)."""
+        MAGIC_F: gl.constexpr = 128.0 if BF16 else 1024.0
+        ZQ: gl.constexpr = FMT != 1 and HAS_ZERO
+        RB: gl.constexpr = BLOCK_N // 64  # row blocks a warp
+        RBW: gl.constexpr = 4 * RB  # row blocks a tile
+        NBYTES: gl.constexpr = RBW * 512 + BLOCK_N * (sq.dtype.primitive_bitwidth // 8) * (2 if ZQ else 1)
+        mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, 64, 16])
+        a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
+        row_layout: gl.constexpr = gl.SliceLayout(1, a_layout)
+        words4: gl.constexpr = gl.BlockedLayout([1, 1, 1, 4], [1, 1, 32, 1], [1, 4, 1, 1], [3, 2, 1, 0])
+        num_m = (M + BLOCK_M - 1) // BLOCK_M
+        num_n = (N + BLOCK_N - 1) // BLOCK_N
+        step = 0  # the program's step at this tile's first group
+        j = 0  # this producer's steps so far: the next one's meta slot and phase
+        for tile in range(gl.program_id(0), num_m * num_n, gl.num_programs(0)):
+            off_m, off_n = _tile_offsets(tile, num_m, num_n, BLOCK_M, BLOCK_N, GROUP_M)
+            blk0 = (off_n // BLOCK_N) * RBW
+            g = (P - step % NPROD + NPROD) % NPROD  # this producer's first group of the tile
+            for i in gl.static_range(MS):
+                gi = g + i * NPROD
+                if gi < NG:
+                    q = P * MS + (j + i) % MS
+                    _meta_load(w_desc, s_desc, z_desc, wq.index(q), sq.index(q), zq.index(q), mready.index(q), gi,
+                               blk0, off_n, SG, ZQ, NBYTES)
+            while g < NG:
+                q = P * MS + j % MS
+                mbarrier.wait(mready.index(q), (j // MS) & 1)
+                words = wq.index(q).reshape([RB, 4, 32, 4]).load(words4)
+                sc = sq.index(q).reshape([BLOCK_N]).load(row_layout).to(gl.float32)
+                if ZQ:
+                    zc = zq.index(q).reshape([BLOCK_N]).load(row_layout).to(gl.float32)
+                else:
+                    zc = gl.full(sc.shape, 0.0, gl.float32, layout=row_layout) + zconst
+                if INT_ZERO:
+                    zc = zc + MAGIC_F
+                a = _natural_order(_dequantized(words, sc, zc, planes, a_layout, RB, FMT, INT_ZERO, BF16))
+                _publish(a, x_desc, x_smem, w_smem, ready, empty, step + g, off_m, g, BLOCK_M, STAGES)
+                gn = g + MS * NPROD
+                if gn < NG:  # this slot's values are in registers and every thread is past the fence
+                    _meta_load(w_desc, s_desc, z_desc, wq.index(q), sq.index(q), zq.index(q), mready.index(q), gn,
+                               blk0, off_n, SG, ZQ, NBYTES)
+                j += 1
+                g += NPROD
             step += NG
 
     @gluon.jit
@@ -180,14 +278,17 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _ws_gemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, M, N, K, NB, NG,
-                        L0, L1, L2, L3, H0, H1, H2, H3, zconst, stride_xm, stride_om,
+                        L0, L1, L2, L3, H0, H1, H2, H3, zconst, stride_xm, stride_om, S_ROWS,
                         BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, GROUP_M: gl.constexpr, STAGES: gl.constexpr,
                         SG: gl.constexpr, FMT: gl.constexpr, HAS_ZERO: gl.constexpr, INT_ZERO: gl.constexpr,
-                        HAS_BIAS: gl.constexpr, TAIL: gl.constexpr, BF16: gl.constexpr, GROUP_MAJOR: gl.constexpr):
+                        HAS_BIAS: gl.constexpr, TAIL: gl.constexpr, BF16: gl.constexpr, GROUP_MAJOR: gl.constexpr,
+                        META_TMA: gl.constexpr, MS: gl.constexpr):
         """``out = x @ W^T (+ bias)`` for fragment words ``w_ptr`` (module docstring); launched with
-        4 warps (the first consumer), the second consumer and the producer are worker partitions.
+        4 warps (the first consumer), the second consumer and the producers are worker partitions.
         ``x`` is ``[M, K]`` with ``K`` contiguous and rows 16-byte aligned (TMA); argument positions
-        0, 4 and 5 are the activation, bias and output."""
+        0, 4 and 5 are the activation, bias and output. ``META_TMA``: the producers' words, scales
+        and zeros come by TMA, ``MS`` steps ahead (:func:`_producer_tma`; the scales ``[S_ROWS,
+        N]``)."""
         DT: gl.constexpr = gl.bfloat16 if BF16 else gl.float16
         x_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M // 2, 64], DT)
         w_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, 64], DT)
@@ -200,19 +301,52 @@ if HAVE_GLUON:
         for i in gl.static_range(STAGES):
             mbarrier.init(ready.index(i), count=2)  # the TMA's expect and the producer's weights
             mbarrier.init(empty.index(i), count=2)  # one arrival from each consumer
-        fence_async_shared()
-        gl.warp_specialize([
-            (_consumer, (x_smem, w_smem, ready, empty, b_ptr, out_ptr, M, N, NG, stride_om, BLOCK_M, BLOCK_N,
-                         GROUP_M, STAGES, HAS_BIAS, 0)),
-            (_consumer, (x_smem, w_smem, ready, empty, b_ptr, out_ptr, M, N, NG, stride_om, BLOCK_M, BLOCK_N,
-                         GROUP_M, STAGES, HAS_BIAS, 1)),
-            (_producer, (x_desc, x_smem, w_smem, ready, empty, w_ptr, s_ptr, z_ptr, M, N, NB, NG, zconst,
-                         (L0, L1, L2, L3, H0, H1, H2, H3), BLOCK_M, BLOCK_N, GROUP_M, STAGES, SG, FMT, HAS_ZERO,
-                         INT_ZERO, TAIL, BF16, GROUP_MAJOR, 0, 2)),
-            (_producer, (x_desc, x_smem, w_smem, ready, empty, w_ptr, s_ptr, z_ptr, M, N, NB, NG, zconst,
-                         (L0, L1, L2, L3, H0, H1, H2, H3), BLOCK_M, BLOCK_N, GROUP_M, STAGES, SG, FMT, HAS_ZERO,
-                         INT_ZERO, TAIL, BF16, GROUP_MAJOR, 1, 2)),
-        ], [4, 4, 4], [_WS_CONSUMER_REGS, _WS_PRODUCER_REGS, _WS_PRODUCER_REGS])
+        planes = (L0, L1, L2, L3, H0, H1, H2, H3)
+        if META_TMA:
+            RBW: gl.constexpr = BLOCK_N // 16
+            MDT: gl.constexpr = s_ptr.dtype.element_ty
+            wq_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=3)
+            sq_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=0,
+                                                           element_bitwidth=MDT.primitive_bitwidth, rank=2)
+            w_desc = tma.make_tensor_descriptor(w_ptr, shape=[NG, NB, 128], strides=[NB * 128, 128, 1],
+                                                block_shape=[1, RBW, 128], layout=wq_layout)
+            s_desc = tma.make_tensor_descriptor(s_ptr, shape=[S_ROWS, N], strides=[N, 1], block_shape=[1, BLOCK_N],
+                                                layout=sq_layout)
+            z_desc = tma.make_tensor_descriptor(z_ptr, shape=[S_ROWS, N], strides=[N, 1], block_shape=[1, BLOCK_N],
+                                                layout=sq_layout)
+            wq = gl.allocate_shared_memory(gl.int32, [2 * MS, 1, RBW, 128], wq_layout)
+            sq = gl.allocate_shared_memory(MDT, [2 * MS, 1, BLOCK_N], sq_layout)
+            zq = gl.allocate_shared_memory(MDT, [2 * MS, 1, BLOCK_N], sq_layout)
+            mready = gl.allocate_shared_memory(gl.int64, [2 * MS, 1], mbarrier.MBarrierLayout())
+            for i in gl.static_range(2 * MS):
+                mbarrier.init(mready.index(i), count=1)  # the TMA's expect
+            fence_async_shared()
+            gl.warp_specialize([
+                (_consumer, (x_smem, w_smem, ready, empty, b_ptr, out_ptr, M, N, NG, stride_om, BLOCK_M, BLOCK_N,
+                             GROUP_M, STAGES, HAS_BIAS, 0)),
+                (_consumer, (x_smem, w_smem, ready, empty, b_ptr, out_ptr, M, N, NG, stride_om, BLOCK_M, BLOCK_N,
+                             GROUP_M, STAGES, HAS_BIAS, 1)),
+                (_producer_tma, (x_desc, x_smem, w_smem, ready, empty, w_desc, s_desc, z_desc, wq, sq, zq, mready, M,
+                                 N, NG, zconst, planes, BLOCK_M, BLOCK_N, GROUP_M, STAGES, MS, SG, FMT, HAS_ZERO,
+                                 INT_ZERO, BF16, 0, 2)),
+                (_producer_tma, (x_desc, x_smem, w_smem, ready, empty, w_desc, s_desc, z_desc, wq, sq, zq, mready, M,
+                                 N, NG, zconst, planes, BLOCK_M, BLOCK_N, GROUP_M, STAGES, MS, SG, FMT, HAS_ZERO,
+                                 INT_ZERO, BF16, 1, 2)),
+            ], [4, 4, 4], [_WS_CONSUMER_REGS_META, _WS_PRODUCER_REGS_META, _WS_PRODUCER_REGS_META])
+        else:
+            fence_async_shared()
+            gl.warp_specialize([
+                (_consumer, (x_smem, w_smem, ready, empty, b_ptr, out_ptr, M, N, NG, stride_om, BLOCK_M, BLOCK_N,
+                             GROUP_M, STAGES, HAS_BIAS, 0)),
+                (_consumer, (x_smem, w_smem, ready, empty, b_ptr, out_ptr, M, N, NG, stride_om, BLOCK_M, BLOCK_N,
+                             GROUP_M, STAGES, HAS_BIAS, 1)),
+                (_producer, (x_desc, x_smem, w_smem, ready, empty, w_ptr, s_ptr, z_ptr, M, N, NB, NG, zconst, planes,
+                             BLOCK_M, BLOCK_N, GROUP_M, STAGES, SG, FMT, HAS_ZERO, INT_ZERO, TAIL, BF16, GROUP_MAJOR,
+                             0, 2)),
+                (_producer, (x_desc, x_smem, w_smem, ready, empty, w_ptr, s_ptr, z_ptr, M, N, NB, NG, zconst, planes,
+                             BLOCK_M, BLOCK_N, GROUP_M, STAGES, SG, FMT, HAS_ZERO, INT_ZERO, TAIL, BF16, GROUP_MAJOR,
+                             1, 2)),
+            ], [4, 4, 4], [_WS_CONSUMER_REGS, _WS_PRODUCER_REGS, _WS_PRODUCER_REGS])
 
 
 def supports(rw: RuntimeWeight, x2: torch.Tensor) -> str | None:
@@ -227,12 +361,26 @@ def supports(rw: RuntimeWeight, x2: torch.Tensor) -> str | None:
     return None
 
 
+def meta_tma_ok(rw: RuntimeWeight) -> bool:
+    """Whether TMA can bring ``rw``'s words, scales and zeros to the producers (``META_TMA``):
+    128 words a row block and group (not int3), group-major, the scales ``[rows, N]`` with rows
+    a multiple of 16 bytes, every tensor 16-byte aligned."""
+    meta = [t for t in (rw.scale, rw.zero) if t is not None]
+    return (rw.fragment_format != "int3" and rw.fragment_order == "group" and rw.words.is_contiguous()
+            and (rw.zero is None or rw.zero.dtype == rw.scale.dtype)
+            and all(t.is_contiguous() and t.numel() % rw.n == 0 for t in meta)
+            and (rw.n * rw.scale.element_size()) % 16 == 0
+            and all(t.data_ptr() % 16 == 0 for t in (rw.words, *meta)))
+
+
 def configs(rw: RuntimeWeight, m: int, dtype: torch.dtype) -> list[dict]:
-    """:data:`CANDIDATES` at ``m`` rows (only with :data:`WS_GEMM` on, from :data:`MIN_M`)."""
+    """:data:`CANDIDATES` at ``m`` rows (only with :data:`WS_GEMM` on, from :data:`MIN_M`), with
+    and without ``META_TMA`` where the weight allows it."""
     if not WS_GEMM["enabled"] or m < MIN_M or rw.layout != "fragment" or dtype not in MAGIC:
         return []
-    return [{"KERNEL": "fragment_ws_gemm", "BLOCK_M": bm, "BLOCK_N": bn, "STAGES": st, "GROUP_M": 8, "num_warps": 4}
-            for bm, bn, st in CANDIDATES]
+    metas = (True, False) if meta_tma_ok(rw) else (False,)
+    return [{"KERNEL": "fragment_ws_gemm", "BLOCK_M": bm, "BLOCK_N": bn, "STAGES": st, "GROUP_M": 8, "num_warps": 4,
+             "META_TMA": meta} for bm, bn, st in CANDIDATES for meta in metas]
 
 
 def launch_args(rw: RuntimeWeight, x2: torch.Tensor, bias: torch.Tensor | None, cfg: dict, out: torch.Tensor,
@@ -245,12 +393,14 @@ def launch_args(rw: RuntimeWeight, x2: torch.Tensor, bias: torch.Tensor | None, 
     tiles = -(-m // cfg["BLOCK_M"]) * -(-rw.n // bn)
     dummy = rw.scale
     args = (x2, rw.words, rw.scale, rw.zero if rw.zero is not None else dummy, bias if bias is not None else dummy, out,
-            m, rw.n, k, nb, ng, *table_planes(rw, x2.dtype), float(rw.zconst), x2.stride(0), out.stride(0))
+            m, rw.n, k, nb, ng, *table_planes(rw, x2.dtype), float(rw.zconst), x2.stride(0), out.stride(0),
+            rw.scale.numel() // rw.n)
     consts = {"BLOCK_M": cfg["BLOCK_M"], "BLOCK_N": bn, "GROUP_M": cfg["GROUP_M"], "STAGES": cfg["STAGES"],
               "SG": _scale_steps(rw), "FMT": FMT_IDS[rw.fragment_format], "HAS_ZERO": rw.zero is not None,
               "INT_ZERO": rw.kind == "affine" and rw.int_zero, "HAS_BIAS": bias is not None,
               "TAIL": rw.n % bn != 0 or k % 64 != 0, "BF16": x2.dtype == torch.bfloat16,
-              "GROUP_MAJOR": rw.fragment_order == "group"}
+              "GROUP_MAJOR": rw.fragment_order == "group", "META_TMA": bool(cfg.get("META_TMA")) and meta_tma_ok(rw),
+              "MS": META_STAGES}
     return _ws_gemm_kernel, (min(tiles, sms),), args, consts, {"num_warps": cfg["num_warps"], "maxnreg": MAXNREG}
 
 
@@ -258,16 +408,18 @@ def compile_offline(fmt: str = "int4", block_m: int = 256, block_n: int = 128, s
                     arch: int = 90, **consts):
     """``_ws_gemm_kernel`` compiled for NVIDIA ``sm_<arch>`` on any machine, launched as
     :func:`launch_args` does (4 warps, :data:`MAXNREG`), for CI's checks of its machine code:
-    groups of 64 with integer zeros (codebooks: none), a bias, no tails, group-major words, ``K``
-    and the strides multiples of 16, unless ``consts`` says otherwise."""
+    groups of 64 with integer zeros (codebooks: none), a bias, no tails, group-major words brought
+    by TMA (int3: loaded by the producers), ``K`` and the strides multiples of 16, unless
+    ``consts`` says otherwise."""
     from .small_m import _compile_offline
 
     cx = {"BLOCK_M": block_m, "BLOCK_N": block_n, "GROUP_M": 8, "STAGES": stages, "SG": 1, "FMT": FMT_IDS[fmt],
           "HAS_ZERO": fmt != "nf4", "INT_ZERO": fmt != "nf4",
-          "HAS_BIAS": True, "TAIL": False, "BF16": act == "bf16", "GROUP_MAJOR": True, **consts}
+          "HAS_BIAS": True, "TAIL": False, "BF16": act == "bf16", "GROUP_MAJOR": True,
+          "META_TMA": fmt != "int3", "MS": META_STAGES, **consts}
     return _compile_offline(_ws_gemm_kernel, cx, act, 4, 1, arch, gluon=True, maxnreg=MAXNREG,
                             aligned_ints=("N", "K", "stride_xm", "stride_om"))
 
 
-__all__ = ["WS_GEMM", "MIN_M", "CANDIDATES", "K_SPLIT", "TO_CHANNELS",
-           "supports", "configs", "launch_args", "compile_offline"]
+__all__ = ["WS_GEMM", "MIN_M", "CANDIDATES", "META_STAGES", "K_SPLIT", "TO_CHANNELS",
+           "supports", "meta_tma_ok", "configs", "launch_args", "compile_offline"]
