@@ -665,7 +665,8 @@ def test_wgmma_kernel_compiles_for_sm90(fmt):
 def test_ws_gemm_compiles_for_sm90(fmt):
     """The warp-specialized large-M GEMM, compiled for sm_90 in every candidate tile and ring,
     plain and with tails, per-row scales, bfloat16 and float zeros, with its producers' words,
-    scales and zeros brought by TMA (not int3) and loaded by themselves: no spills, fits the
+    scales and zeros brought by TMA (not int3; the activations' loads before or after the weights
+    are announced) and loaded by themselves: no spills, fits the
     H100's 227 KiB of shared memory, loads the activations by TMA, keeps one ``wgmma`` in flight
     in the consumers' loop (``0x1``, the final wait ``0x0``), stores each thread's share of the
     dequantized ``[BLOCK_N, 64]`` weights in 16-byte pieces (a lane's 16 values are 16
@@ -674,7 +675,10 @@ def test_ws_gemm_compiles_for_sm90(fmt):
     read them."""
     metas = (False,) if fmt == "int3" else (True, False)
     for (bm, bn, stages), meta in itertools.product(fragment_ws_gemm.CANDIDATES, metas):
-        for extra in ({}, {"TAIL": True, "HAS_BIAS": False, "SG": 0}, {"BF16": True}, {"INT_ZERO": False}):
+        for extra in ({}, {"TAIL": True, "HAS_BIAS": False, "SG": 0}, {"BF16": True}, {"INT_ZERO": False},
+                      {"X_LATE": True, "TAIL": True}):
+            if not meta and "X_LATE" in extra:
+                continue
             if not meta:
                 extra = {**extra, "GROUP_MAJOR": "SG" not in extra}
             compiled = fragment_ws_gemm.compile_offline(fmt, bm, bn, stages, act="bf16" if extra.get("BF16") else "fp16",
@@ -720,8 +724,8 @@ def test_ws_gemm_is_opt_in_from_513_rows(monkeypatch):
     assert fragment_ws_gemm.configs(rw, 512, torch.float16) == []
     assert fragment_ws_gemm.configs(rw, 2048, torch.float32) == []
     cands = fragment_ws_gemm.configs(rw, 2048, torch.float16)
-    assert [(c["BLOCK_M"], c["BLOCK_N"], c["STAGES"], c["META_TMA"]) for c in cands] == \
-        [(*t, meta) for t in fragment_ws_gemm.CANDIDATES for meta in (True, False)]
+    assert [(c["BLOCK_M"], c["BLOCK_N"], c["STAGES"], c["META_TMA"], c["X_LATE"]) for c in cands] == \
+        [(*t, *kind) for t in fragment_ws_gemm.CANDIDATES for kind in fragment_ws_gemm.PRODUCER_KINDS]
     assert all(c in qmm._configs(rw, 2048, torch.float16) for c in cands)
     # TMA cannot bring int3's 96 words a row block, nor scales whose rows are not a multiple of 16 bytes
     int3 = repack(_quantize("int3_g64", torch.randn(256, 128) * 0.05), layout="fragment")
@@ -902,7 +906,8 @@ def test_cuda_ws_gemm_equals_reference(name, monkeypatch):
     programs: 600 rows (a partial row tile), N = 333 and 328 (a partial column tile; 328's
     scale rows let TMA bring the producers' words, scales and zeros), K = 576 and 1000 (a
     partial group), a bias, float16 and bfloat16, both word orders. The producers' TMA ring
-    and their own loads give the same bits. A strided view of the activations (TMA cannot
+    (the activations' loads before and after the weights are announced) and their own loads give
+    the same bits. A strided view of the activations (TMA cannot
     read it) takes the dequantize + cuBLAS path instead."""
     from bitsmith.kernels import layout, qmm
 
@@ -918,12 +923,12 @@ def test_cuda_ws_gemm_equals_reference(name, monkeypatch):
             monkeypatch.setattr(qmm, "_sm_count", lambda dev, sms=sms: sms)
             outs = {}
             for cfg in fragment_ws_gemm.configs(rw, 600, dtype):
-                out = outs[cfg["STAGES"], cfg["META_TMA"]] = qmm._launch(rw, x, b, cfg)
+                out = outs[cfg["STAGES"], cfg["META_TMA"], cfg["X_LATE"]] = qmm._launch(rw, x, b, cfg)
                 metas.add(cfg["META_TMA"])
                 assert out.dtype == dtype and out.shape == (600, n)
                 assert float((out.double() - ref).norm() / ref.norm()) < tol, (k, dtype, order, n, cfg, sms)
-            for (st, meta), out in outs.items():
-                assert torch.equal(out, outs[st, False]), (k, dtype, order, n, st, sms)
+            for (st, *kind), out in outs.items():
+                assert torch.equal(out, outs[st, False, False]), (k, dtype, order, n, st, kind, sms)
     assert metas == ({False} if name.startswith("int3") else {True, False})
     wide = torch.zeros(600, 2 * k, device="cuda", dtype=dtype)
     wide[:, ::2] = x

@@ -68,6 +68,11 @@ MIN_M = 513  # up to 512 rows: the fragment GEMM and the Hopper kernel (bitsmith
 CANDIDATES = ((256, 128, 3), (256, 128, 4))
 #: the producers' TMA ring of words, scales and zeros: steps of its own ahead, each producer
 META_STAGES = 2
+#: ``(META_TMA, X_LATE)`` the tuner tries with each tile (the last one, the producers' own loads,
+#: also where TMA cannot bring the words): see :func:`_producer_tma`, :func:`_announce`. Dequantizing
+#: the next step's weights between a step's stores and its fence, or after it is announced (the
+#: weights carried to the next step), was 1-5% slower (kernels_configs_ws_gemm_overlap_h100.txt)
+PRODUCER_KINDS = ((True, False), (True, True), (False, False))
 #: registers a thread of the second consumer warpgroup and of each producer ask for
 #: (``setmaxnreg``); the first consumer gets what is left of :data:`MAXNREG` x 512. With
 #: ``META_TMA`` (:data:`WS_REGS_META`) the producers hold no loads in flight and the consumers, at
@@ -116,21 +121,38 @@ if HAVE_GLUON:
         return ((a - MAGIC_F) - zc.to(DT)[:, None]) * sc.to(DT)[:, None]
 
     @gluon.jit
-    def _publish(a, x_desc, x_smem, w_smem, ready, empty, s_, off_m, g, BLOCK_M: gl.constexpr,
-                 STAGES: gl.constexpr):
-        """Step ``s_`` (group ``g`` of the tile at row ``off_m``) into its ring slot once both
-        consumers released it: the activations' two TMA boxes, the dequantized weights ``a``
-        (channels in their order) stored, fenced for ``wgmma`` and announced."""
+    def _x_loads(x_desc, x_smem, ready, slot, off_m, g, BLOCK_M: gl.constexpr):
+        """The step's activations (group ``g`` of the tile at row ``off_m``), two TMA boxes, into
+        ring slot ``slot``, counted by its ``ready`` barrier."""
         BOX_M: gl.constexpr = BLOCK_M // 2
-        slot = s_ % STAGES
-        mbarrier.wait(empty.index(slot), ((s_ // STAGES) & 1) ^ 1)
         mbarrier.expect(ready.index(slot), BLOCK_M * 64 * 2)
         for box in gl.static_range(2):
             tma.async_copy_global_to_shared(x_desc, [off_m + box * BOX_M, g * 64], ready.index(slot),
                                             x_smem.index(2 * slot + box))
+
+    @gluon.jit
+    def _stage(a, x_desc, x_smem, w_smem, ready, empty, s_, off_m, g, BLOCK_M: gl.constexpr, STAGES: gl.constexpr,
+               X_LATE: gl.constexpr):
+        """Step ``s_``'s dequantized weights ``a`` (channels in their order) stored into its ring
+        slot once both consumers released it, the activations' loads issued first unless
+        ``X_LATE`` (then :func:`_announce` issues them)."""
+        slot = s_ % STAGES
+        mbarrier.wait(empty.index(slot), ((s_ // STAGES) & 1) ^ 1)
+        if not X_LATE:
+            _x_loads(x_desc, x_smem, ready, slot, off_m, g, BLOCK_M)
         w_smem.index(slot).store(a)
+
+    @gluon.jit
+    def _announce(x_desc, x_smem, ready, s_, off_m, g, BLOCK_M: gl.constexpr, STAGES: gl.constexpr,
+                  X_LATE: gl.constexpr):
+        """Step ``s_``'s stored weights fenced for ``wgmma`` and announced on its ``ready``
+        barrier; ``X_LATE``: the activations' loads issued after (the phase ends when both have
+        arrived and the bytes landed, in either order), so the fence cannot wait on them."""
+        slot = s_ % STAGES
         fence_async_shared()
         mbarrier.arrive(ready.index(slot), count=1)
+        if X_LATE:
+            _x_loads(x_desc, x_smem, ready, slot, off_m, g, BLOCK_M)
 
     @gluon.jit
     def _producer(x_desc, x_smem, w_smem, ready, empty, w_ptr, s_ptr, z_ptr, M, N, NB, NG, zconst, planes,
@@ -141,7 +163,7 @@ if HAVE_GLUON:
         """Producer ``P`` of ``NPROD`` reading the words, scales and zeros itself (int3, the
         block-major word order, scales TMA cannot read): the program's steps ``P, P + NPROD, ..``,
         each loaded a step (of this producer) ahead within a tile, then dequantized and published
-        (:func:`_publish`). ``INT_ZERO``: the zeros are integers, so ``MAGIC + zero`` is exact in
+        (:func:`_stage`, :func:`_announce`). ``INT_ZERO``: the zeros are integers, so ``MAGIC + zero`` is exact in
         16 bits and one subtraction gives ``q - zero`` (else two)."""
         MAGIC_F: gl.constexpr = 128.0 if BF16 else 1024.0
         ZERO_MAGIC: gl.constexpr = MAGIC_F if INT_ZERO else 0.0  # what _group_meta adds to the zeros
@@ -167,7 +189,8 @@ if HAVE_GLUON:
                 sc, zc = _group_meta(s_ptr, z_ptr, gl.minimum(nxt, NG - 1), N, rows, row_ok, zconst, SG, FMT, HAS_ZERO,
                                      ZERO_MAGIC, TAIL)
                 a = _natural_order(_dequantized(cur, cur_s, cur_z, planes, a_layout, RB, FMT, INT_ZERO, BF16))
-                _publish(a, x_desc, x_smem, w_smem, ready, empty, step + g, off_m, g, BLOCK_M, STAGES)
+                _stage(a, x_desc, x_smem, w_smem, ready, empty, step + g, off_m, g, BLOCK_M, STAGES, False)
+                _announce(x_desc, x_smem, ready, step + g, off_m, g, BLOCK_M, STAGES, False)
                 g = nxt
             step += NG
 
@@ -188,26 +211,42 @@ if HAVE_GLUON:
             tma.async_copy_global_to_shared(z_desc, [srow, off_n], bar, zq)
 
     @gluon.jit
+    def _meta_weights(wq, sq, zq, mready, q, phase, zconst, planes, BLOCK_N: gl.constexpr, FMT: gl.constexpr,
+                      ZQ: gl.constexpr, INT_ZERO: gl.constexpr, BF16: gl.constexpr):
+        """Meta slot ``q``'s words, scales and zeros (once its TMA landed: ``phase``) read and
+        dequantized into a step's ``[BLOCK_N, 64]`` weights, channels in their order."""
+        MAGIC_F: gl.constexpr = 128.0 if BF16 else 1024.0
+        RB: gl.constexpr = BLOCK_N // 64
+        mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, 64, 16])
+        a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
+        row_layout: gl.constexpr = gl.SliceLayout(1, a_layout)
+        words4: gl.constexpr = gl.BlockedLayout([1, 1, 1, 4], [1, 1, 32, 1], [1, 4, 1, 1], [3, 2, 1, 0])
+        mbarrier.wait(mready.index(q), phase)
+        words = wq.index(q).reshape([RB, 4, 32, 4]).load(words4)
+        sc = sq.index(q).reshape([BLOCK_N]).load(row_layout).to(gl.float32)
+        if ZQ:
+            zc = zq.index(q).reshape([BLOCK_N]).load(row_layout).to(gl.float32)
+        else:
+            zc = gl.full(sc.shape, 0.0, gl.float32, layout=row_layout) + zconst
+        if INT_ZERO:
+            zc = zc + MAGIC_F
+        return _natural_order(_dequantized(words, sc, zc, planes, a_layout, RB, FMT, INT_ZERO, BF16))
+
+    @gluon.jit
     def _producer_tma(x_desc, x_smem, w_smem, ready, empty, w_desc, s_desc, z_desc, wq, sq, zq, mready, M, N, NG,
                       zconst, planes, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, GROUP_M: gl.constexpr,
                       STAGES: gl.constexpr, MS: gl.constexpr, SG: gl.constexpr, FMT: gl.constexpr,
-                      HAS_ZERO: gl.constexpr, INT_ZERO: gl.constexpr, BF16: gl.constexpr, P: gl.constexpr,
-                      NPROD: gl.constexpr):
+                      HAS_ZERO: gl.constexpr, INT_ZERO: gl.constexpr, BF16: gl.constexpr, X_LATE: gl.constexpr,
+                      P: gl.constexpr, NPROD: gl.constexpr):
         """Producer ``P`` of ``NPROD`` with its words, scales and zeros brought by TMA, ``MS`` of
         its steps ahead, into its own ring of shared memory (:func:`_meta_load`), then read from
         there: a step's global loads in registers left the fence before each publication waiting
         for their latency (the fence waits for a thread's loads in flight; Nsight Compute,
         benchmarks/results/ncu_ws_gemm_stalls_h100.txt), and TMA's are not the thread's. Else as
         :func:`_producer` (int4 and codebooks, group-major words)."""
-        MAGIC_F: gl.constexpr = 128.0 if BF16 else 1024.0
         ZQ: gl.constexpr = FMT != 1 and HAS_ZERO
-        RB: gl.constexpr = BLOCK_N // 64  # row blocks a warp
-        RBW: gl.constexpr = 4 * RB  # row blocks a tile
+        RBW: gl.constexpr = BLOCK_N // 16  # row blocks a tile
         NBYTES: gl.constexpr = RBW * 512 + BLOCK_N * (sq.dtype.primitive_bitwidth // 8) * (2 if ZQ else 1)
-        mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, 64, 16])
-        a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
-        row_layout: gl.constexpr = gl.SliceLayout(1, a_layout)
-        words4: gl.constexpr = gl.BlockedLayout([1, 1, 1, 4], [1, 1, 32, 1], [1, 4, 1, 1], [3, 2, 1, 0])
         num_m = (M + BLOCK_M - 1) // BLOCK_M
         num_n = (N + BLOCK_N - 1) // BLOCK_N
         step = 0  # the program's step at this tile's first group
@@ -224,17 +263,9 @@ if HAVE_GLUON:
                                blk0, off_n, SG, ZQ, NBYTES)
             while g < NG:
                 q = P * MS + j % MS
-                mbarrier.wait(mready.index(q), (j // MS) & 1)
-                words = wq.index(q).reshape([RB, 4, 32, 4]).load(words4)
-                sc = sq.index(q).reshape([BLOCK_N]).load(row_layout).to(gl.float32)
-                if ZQ:
-                    zc = zq.index(q).reshape([BLOCK_N]).load(row_layout).to(gl.float32)
-                else:
-                    zc = gl.full(sc.shape, 0.0, gl.float32, layout=row_layout) + zconst
-                if INT_ZERO:
-                    zc = zc + MAGIC_F
-                a = _natural_order(_dequantized(words, sc, zc, planes, a_layout, RB, FMT, INT_ZERO, BF16))
-                _publish(a, x_desc, x_smem, w_smem, ready, empty, step + g, off_m, g, BLOCK_M, STAGES)
+                a = _meta_weights(wq, sq, zq, mready, q, (j // MS) & 1, zconst, planes, BLOCK_N, FMT, ZQ, INT_ZERO, BF16)
+                _stage(a, x_desc, x_smem, w_smem, ready, empty, step + g, off_m, g, BLOCK_M, STAGES, X_LATE)
+                _announce(x_desc, x_smem, ready, step + g, off_m, g, BLOCK_M, STAGES, X_LATE)
                 gn = g + MS * NPROD
                 if gn < NG:  # this slot's values are in registers and every thread is past the fence
                     _meta_load(w_desc, s_desc, z_desc, wq.index(q), sq.index(q), zq.index(q), mready.index(q), gn,
@@ -282,13 +313,13 @@ if HAVE_GLUON:
                         BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, GROUP_M: gl.constexpr, STAGES: gl.constexpr,
                         SG: gl.constexpr, FMT: gl.constexpr, HAS_ZERO: gl.constexpr, INT_ZERO: gl.constexpr,
                         HAS_BIAS: gl.constexpr, TAIL: gl.constexpr, BF16: gl.constexpr, GROUP_MAJOR: gl.constexpr,
-                        META_TMA: gl.constexpr, MS: gl.constexpr):
+                        META_TMA: gl.constexpr, MS: gl.constexpr, X_LATE: gl.constexpr):
         """``out = x @ W^T (+ bias)`` for fragment words ``w_ptr`` (module docstring); launched with
         4 warps (the first consumer), the second consumer and the producers are worker partitions.
         ``x`` is ``[M, K]`` with ``K`` contiguous and rows 16-byte aligned (TMA); argument positions
         0, 4 and 5 are the activation, bias and output. ``META_TMA``: the producers' words, scales
         and zeros come by TMA, ``MS`` steps ahead (:func:`_producer_tma`; the scales ``[S_ROWS,
-        N]``)."""
+        N]``), and ``X_LATE`` the activations' loads after the weights (:func:`_announce`)."""
         DT: gl.constexpr = gl.bfloat16 if BF16 else gl.float16
         x_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M // 2, 64], DT)
         w_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, 64], DT)
@@ -328,10 +359,10 @@ if HAVE_GLUON:
                              GROUP_M, STAGES, HAS_BIAS, 1)),
                 (_producer_tma, (x_desc, x_smem, w_smem, ready, empty, w_desc, s_desc, z_desc, wq, sq, zq, mready, M,
                                  N, NG, zconst, planes, BLOCK_M, BLOCK_N, GROUP_M, STAGES, MS, SG, FMT, HAS_ZERO,
-                                 INT_ZERO, BF16, 0, 2)),
+                                 INT_ZERO, BF16, X_LATE, 0, 2)),
                 (_producer_tma, (x_desc, x_smem, w_smem, ready, empty, w_desc, s_desc, z_desc, wq, sq, zq, mready, M,
                                  N, NG, zconst, planes, BLOCK_M, BLOCK_N, GROUP_M, STAGES, MS, SG, FMT, HAS_ZERO,
-                                 INT_ZERO, BF16, 1, 2)),
+                                 INT_ZERO, BF16, X_LATE, 1, 2)),
             ], [4, 4, 4], [_WS_CONSUMER_REGS_META, _WS_PRODUCER_REGS_META, _WS_PRODUCER_REGS_META])
         else:
             fence_async_shared()
@@ -375,12 +406,12 @@ def meta_tma_ok(rw: RuntimeWeight) -> bool:
 
 def configs(rw: RuntimeWeight, m: int, dtype: torch.dtype) -> list[dict]:
     """:data:`CANDIDATES` at ``m`` rows (only with :data:`WS_GEMM` on, from :data:`MIN_M`), with
-    and without ``META_TMA`` where the weight allows it."""
+    and each of :data:`PRODUCER_KINDS` the weight allows (``META_TMA`` needs :func:`meta_tma_ok`)."""
     if not WS_GEMM["enabled"] or m < MIN_M or rw.layout != "fragment" or dtype not in MAGIC:
         return []
-    metas = (True, False) if meta_tma_ok(rw) else (False,)
+    kinds = PRODUCER_KINDS if meta_tma_ok(rw) else PRODUCER_KINDS[-1:]
     return [{"KERNEL": "fragment_ws_gemm", "BLOCK_M": bm, "BLOCK_N": bn, "STAGES": st, "GROUP_M": 8, "num_warps": 4,
-             "META_TMA": meta} for bm, bn, st in CANDIDATES for meta in metas]
+             "META_TMA": meta, "X_LATE": late} for bm, bn, st in CANDIDATES for meta, late in kinds]
 
 
 def launch_args(rw: RuntimeWeight, x2: torch.Tensor, bias: torch.Tensor | None, cfg: dict, out: torch.Tensor,
@@ -400,7 +431,7 @@ def launch_args(rw: RuntimeWeight, x2: torch.Tensor, bias: torch.Tensor | None, 
               "INT_ZERO": rw.kind == "affine" and rw.int_zero, "HAS_BIAS": bias is not None,
               "TAIL": rw.n % bn != 0 or k % 64 != 0, "BF16": x2.dtype == torch.bfloat16,
               "GROUP_MAJOR": rw.fragment_order == "group", "META_TMA": bool(cfg.get("META_TMA")) and meta_tma_ok(rw),
-              "MS": META_STAGES}
+              "MS": META_STAGES, "X_LATE": bool(cfg.get("X_LATE")) and bool(cfg.get("META_TMA")) and meta_tma_ok(rw)}
     return _ws_gemm_kernel, (min(tiles, sms),), args, consts, {"num_warps": cfg["num_warps"], "maxnreg": MAXNREG}
 
 
@@ -416,10 +447,10 @@ def compile_offline(fmt: str = "int4", block_m: int = 256, block_n: int = 128, s
     cx = {"BLOCK_M": block_m, "BLOCK_N": block_n, "GROUP_M": 8, "STAGES": stages, "SG": 1, "FMT": FMT_IDS[fmt],
           "HAS_ZERO": fmt != "nf4", "INT_ZERO": fmt != "nf4",
           "HAS_BIAS": True, "TAIL": False, "BF16": act == "bf16", "GROUP_MAJOR": True,
-          "META_TMA": fmt != "int3", "MS": META_STAGES, **consts}
+          "META_TMA": fmt != "int3", "MS": META_STAGES, "X_LATE": False, **consts}
     return _compile_offline(_ws_gemm_kernel, cx, act, 4, 1, arch, gluon=True, maxnreg=MAXNREG,
                             aligned_ints=("N", "K", "stride_xm", "stride_om"))
 
 
-__all__ = ["WS_GEMM", "MIN_M", "CANDIDATES", "META_STAGES", "K_SPLIT", "TO_CHANNELS",
+__all__ = ["WS_GEMM", "MIN_M", "CANDIDATES", "META_STAGES", "PRODUCER_KINDS", "K_SPLIT", "TO_CHANNELS",
            "supports", "meta_tma_ok", "configs", "launch_args", "compile_offline"]
