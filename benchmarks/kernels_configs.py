@@ -32,7 +32,8 @@ def describe(cfg: dict) -> str:
     if cfg.get("DEQUANT_MM"):
         return "dequant+cuBLAS"
     if cfg.get("KERNEL") == "fragment_ws_gemm":
-        return f"ws-gemm {cfg['BLOCK_M']}x{cfg['BLOCK_N']}x64 st{cfg['STAGES']}" + (" tma-meta" if cfg.get("META_TMA") else "") + (" x-late" if cfg.get("X_LATE") else "")
+        return (f"ws-gemm {cfg['BLOCK_M']}x{cfg['BLOCK_N']}x64 w{cfg['W_STAGES']} x{cfg['X_STAGES']}"
+                + (" tma-meta" if cfg.get("META_TMA") else ""))
     kernel = cfg.get("KERNEL", "gemm" + ("-unique" if cfg.get("UNIQUE") else ""))
     split = cfg.get("SPLIT", cfg.get("SPLIT_K", 1))
     return (f"{kernel} {cfg.get('BLOCK_M', 1)}x{cfg['BLOCK_N']}x{cfg['BLOCK_K']} s{split} "

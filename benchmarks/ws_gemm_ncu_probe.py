@@ -22,12 +22,13 @@ ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
 ap.add_argument("--shapes", default="4096x4096,28672x8192", help="NxK,...")
 ap.add_argument("--formats", default="int4_g64,nf4_g64")
 ap.add_argument("--m", type=int, default=2048)
-ap.add_argument("--tile", default="256x128x4", help="BLOCK_MxBLOCK_NxSTAGES")
+ap.add_argument("--tile", default="256x128x6x3", help="BLOCK_MxBLOCK_NxW_STAGESxX_STAGES")
 ap.add_argument("--no-meta-tma", action="store_true", help="the producers load the words, scales and zeros themselves")
 args = ap.parse_args()
 require_cuda("ws_gemm_ncu_probe", "(Nsight Compute profiles its launches)")
-bm, bn, st = (int(v) for v in args.tile.split("x"))
-cfg = {"KERNEL": "fragment_ws_gemm", "BLOCK_M": bm, "BLOCK_N": bn, "STAGES": st, "GROUP_M": 8, "num_warps": 4,
+bm, bn, w_st, x_st = (int(v) for v in args.tile.split("x"))
+cfg = {"KERNEL": "fragment_ws_gemm", "BLOCK_M": bm, "BLOCK_N": bn, "W_STAGES": w_st, "X_STAGES": x_st, "GROUP_M": 8,
+       "num_warps": 4,
        "META_TMA": not args.no_meta_tma}
 dev = torch.device("cuda")
 for shape in args.shapes.split(","):

@@ -660,34 +660,44 @@ def test_wgmma_kernel_compiles_for_sm90(fmt):
             assert [t for t in loop_ins if t.startswith("WARPGROUP.DEPBAR")] == ["WARPGROUP.DEPBAR.LE gsb0, 0x0"]
 
 
+def _spills_inside_partitions(ins) -> list:
+    """Local-memory traffic of a warp-specialized kernel's SASS other than ptxas's carrying of a
+    few prologue values across the register split (stored before the first ``USETMAXREG``,
+    reloaded within a few instructions of one): a partition's own spills."""
+    split = [i for i, (_, t) in enumerate(ins) if t.startswith("USETMAXREG")]
+    return [t for i, (_, t) in enumerate(ins) if re.match(r"(LDL|STL)\b", t)
+            and not (t.startswith("STL") and i < split[0])
+            and not (t.startswith("LDL") and any(0 < i - j <= 8 for j in split))]
+
+
 @needs_gluon
 @pytest.mark.parametrize("fmt", fragment.FORMATS)
 def test_ws_gemm_compiles_for_sm90(fmt):
-    """The warp-specialized large-M GEMM, compiled for sm_90 in every candidate tile and ring,
-    plain and with tails, per-row scales, bfloat16 and float zeros, with its producers' words,
-    scales and zeros brought by TMA (not int3; the activations' loads before or after the weights
-    are announced) and loaded by themselves: no spills, fits the
-    H100's 227 KiB of shared memory, loads the activations by TMA, keeps one ``wgmma`` in flight
-    in the consumers' loop (``0x1``, the final wait ``0x0``), stores each thread's share of the
+    """The warp-specialized large-M GEMM, compiled for sm_90 in every candidate tile and pair of
+    rings (the first also with tails, per-row scales, bfloat16 and float zeros), with its producers'
+    words, scales and zeros brought by TMA (not int3) and loaded by themselves: no partition
+    spills (:func:`_spills_inside_partitions`), fits the H100's 227 KiB of shared memory, the
+    consumers load the activations by TMA and keep one ``wgmma`` in flight in their loop
+    (``0x1``, the final wait ``0x0``), each producer stores its thread's share of the
     dequantized ``[BLOCK_N, 64]`` weights in 16-byte pieces (a lane's 16 values are 16
-    consecutive channels) in both producers and sets the partitions' registers. With TMA the
-    producers load no word from global memory: 3-D TMA boxes bring them, 16-byte shared loads
-    read them."""
+    consecutive channels), and the partitions' registers are set. With TMA the producers load no
+    word from global memory: 3-D TMA boxes bring them, 16-byte shared loads read them."""
     metas = (False,) if fmt == "int3" else (True, False)
-    for (bm, bn, stages), meta in itertools.product(fragment_ws_gemm.CANDIDATES, metas):
-        for extra in ({}, {"TAIL": True, "HAS_BIAS": False, "SG": 0}, {"BF16": True}, {"INT_ZERO": False},
-                      {"X_LATE": True, "TAIL": True}):
-            if not meta and "X_LATE" in extra:
-                continue
+    for (bm, bn, w_st, x_st), meta in itertools.product(fragment_ws_gemm.CANDIDATES, metas):
+        # every candidate plain, the first one with each variant too (the variants change the producers only)
+        variants = ({"TAIL": True, "HAS_BIAS": False, "SG": 0}, {"BF16": True}, {"INT_ZERO": False})
+        for extra in ({},) + (variants if (bm, bn, w_st, x_st) == fragment_ws_gemm.CANDIDATES[0] else ()):
             if not meta:
                 extra = {**extra, "GROUP_MAJOR": "SG" not in extra}
-            compiled = fragment_ws_gemm.compile_offline(fmt, bm, bn, stages, act="bf16" if extra.get("BF16") else "fp16",
-                                                        META_TMA=meta, **extra)
-            assert compiled.metadata.shared <= 227 * 1024, (bm, stages, compiled.metadata.shared)
+            compiled = fragment_ws_gemm.compile_offline(fmt, bm, bn, w_st, x_st,
+                                                        act="bf16" if extra.get("BF16") else "fp16", META_TMA=meta,
+                                                        **extra)
+            case = (bm, bn, w_st, x_st, meta, extra)
+            assert compiled.metadata.shared <= 227 * 1024, (case, compiled.metadata.shared)
             with tempfile.TemporaryDirectory() as tmp:
                 ins = kernels_sass.sass_of(compiled.asm["cubin"], Path(tmp))
             ops = collections.Counter(kernels_sass.opcode(t) for _, t in ins)
-            assert not [t for _, t in ins if re.match(r"(LDL|STL)\b", t)], (bm, stages, meta, extra)
+            assert not _spills_inside_partitions(ins), case
             assert ops["UTMALDG.2D"] >= 1 and ops["USETMAXREG.TRY_ALLOC.CTAPOOL"] >= 1, ops
             dt = ".BF16" if extra.get("BF16") else ""
             # each consumer's bm / 2 rows in 64-row wgmmas of k 16, four a group, in two copies of the loop
@@ -700,6 +710,14 @@ def test_ws_gemm_compiles_for_sm90(fmt):
                 assert ops["UTMALDG.3D"] >= 4 and ops["LDS.128"] == 2 * (bn // 64) and not ops["LDG.E.128"], ops
             else:
                 assert not ops["UTMALDG.3D"] and not ops["LDS.128"], ops
+
+
+def test_spills_inside_partitions_tells_the_prologue_carry_from_a_spill():
+    ins = [(0, "STL [R1], R2"), (1, "USETMAXREG.DEALLOC.CTAPOOL 0x50"), (2, "USETMAXREG.TRY_ALLOC.CTAPOOL UP0, 0xa8"),
+           (3, "LDL R6, [R1]")] + [(4 + i, "FADD R1, R2, R3") for i in range(20)]
+    assert _spills_inside_partitions(ins) == []
+    assert _spills_inside_partitions(ins + [(30, "STL [R1+0x8], R7")]) == ["STL [R1+0x8], R7"]
+    assert _spills_inside_partitions(ins + [(30, "LDL R7, [R1]")]) == ["LDL R7, [R1]"]
 
 
 def test_ws_gemm_puts_the_channels_back_in_order():
@@ -724,8 +742,8 @@ def test_ws_gemm_is_opt_in_from_513_rows(monkeypatch):
     assert fragment_ws_gemm.configs(rw, 512, torch.float16) == []
     assert fragment_ws_gemm.configs(rw, 2048, torch.float32) == []
     cands = fragment_ws_gemm.configs(rw, 2048, torch.float16)
-    assert [(c["BLOCK_M"], c["BLOCK_N"], c["STAGES"], c["META_TMA"], c["X_LATE"]) for c in cands] == \
-        [(*t, *kind) for t in fragment_ws_gemm.CANDIDATES for kind in fragment_ws_gemm.PRODUCER_KINDS]
+    assert [(c["BLOCK_M"], c["BLOCK_N"], c["W_STAGES"], c["X_STAGES"], c["META_TMA"]) for c in cands] == \
+        [(*t, meta) for t in fragment_ws_gemm.CANDIDATES for meta in fragment_ws_gemm.PRODUCER_KINDS]
     assert all(c in qmm._configs(rw, 2048, torch.float16) for c in cands)
     # TMA cannot bring int3's 96 words a row block, nor scales whose rows are not a multiple of 16 bytes
     int3 = repack(_quantize("int3_g64", torch.randn(256, 128) * 0.05), layout="fragment")
@@ -906,8 +924,7 @@ def test_cuda_ws_gemm_equals_reference(name, monkeypatch):
     programs: 600 rows (a partial row tile), N = 333 and 328 (a partial column tile; 328's
     scale rows let TMA bring the producers' words, scales and zeros), K = 576 and 1000 (a
     partial group), a bias, float16 and bfloat16, both word orders. The producers' TMA ring
-    (the activations' loads before and after the weights are announced) and their own loads give
-    the same bits. A strided view of the activations (TMA cannot
+    and their own loads give the same bits. A strided view of the activations (TMA cannot
     read it) takes the dequantize + cuBLAS path instead."""
     from bitsmith.kernels import layout, qmm
 
@@ -923,12 +940,12 @@ def test_cuda_ws_gemm_equals_reference(name, monkeypatch):
             monkeypatch.setattr(qmm, "_sm_count", lambda dev, sms=sms: sms)
             outs = {}
             for cfg in fragment_ws_gemm.configs(rw, 600, dtype):
-                out = outs[cfg["STAGES"], cfg["META_TMA"], cfg["X_LATE"]] = qmm._launch(rw, x, b, cfg)
+                out = outs[cfg["W_STAGES"], cfg["X_STAGES"], cfg["META_TMA"]] = qmm._launch(rw, x, b, cfg)
                 metas.add(cfg["META_TMA"])
                 assert out.dtype == dtype and out.shape == (600, n)
                 assert float((out.double() - ref).norm() / ref.norm()) < tol, (k, dtype, order, n, cfg, sms)
-            for (st, *kind), out in outs.items():
-                assert torch.equal(out, outs[st, False, False]), (k, dtype, order, n, st, kind, sms)
+            for (w_st, x_st, meta), out in outs.items():
+                assert torch.equal(out, outs[w_st, x_st, False]), (k, dtype, order, n, w_st, x_st, sms)
     assert metas == ({False} if name.startswith("int3") else {True, False})
     wide = torch.zeros(600, 2 * k, device="cuda", dtype=dtype)
     wide[:, ::2] = x

@@ -9,32 +9,34 @@ shape of W8A8's Gluon GEMM (:mod:`bitsmith.kernels.w8a8_wgmma`):
 * persistent: at most one program an SM, each taking the ``BLOCK_M x BLOCK_N`` output tiles
   ``program_id, program_id + grid, ...`` in grouped order; its steps are every group of 64 input
   channels of each of its tiles, one sequence;
-* a ring of ``STAGES`` shared-memory slots, each holding the step's activations (``[BLOCK_M,
-  64]``, two TMA boxes of half the rows; rows past ``M`` and channels past ``K`` read as zeros)
-  and the step's dequantized weights (``[BLOCK_N, 64]`` float16 or bfloat16), signalled by one
-  ``ready`` mbarrier of two arrivals: the TMA's (with its bytes) and the producer's;
+* two kinds of shared-memory rings: ``W_STAGES`` slots of a step's dequantized weights
+  (``[BLOCK_N, 64]`` float16 or bfloat16), each with a ``w_ready`` mbarrier (the producer's
+  arrival) and a ``w_empty`` one (both consumers'); and, for each consumer, ``X_STAGES`` slots of
+  its half of a step's activations (``[BLOCK_M / 2, 64]``, one TMA box; rows past ``M`` and
+  channels past ``K`` read as zeros), each with an ``x_ready`` mbarrier (the TMA's bytes);
 * two producer warpgroups taking alternate steps: for each step one turns the tile's fragment
   words of the group (brought by TMA into its own ring two of its steps ahead, with the scales
-  and zeros; or loaded a step ahead by itself) into ``MAGIC +
-  q`` or a codebook's levels with the Gluon kernel's conversions
-  (:func:`bitsmith.kernels.fragment_mma._a_operand`), dequantizes them in registers as
-  :mod:`bitsmith.kernels.fragment_wgmma` does (exact subtractions, one where the zeros are
-  integers, then one rounded product: the reference's float32 dequantization rounded once),
-  puts the 64 channels back in their order (a lane's 16 values are 16 consecutive channels,
-  :func:`bitsmith.kernels.fragment.physical_k`), and, once the slot is free (``empty``), issues
-  the activations' TMA loads and stores the weights into the slot;
-* two consumer warpgroups, each owning half of every tile's rows: per step wait for ``ready``,
-  issue the ``wgmma`` asynchronously, wait until one is left in flight, release the previous
-  step's slot; after a tile's last step the epilogue adds the bias and stores with masks.
+  and zeros; or loaded a step ahead by itself) into ``MAGIC + q`` or a codebook's levels with
+  the Gluon kernel's conversions (:func:`bitsmith.kernels.fragment_mma._a_operand`),
+  dequantizes them in registers as :mod:`bitsmith.kernels.fragment_wgmma` does (exact
+  subtractions, one where the zeros are integers, then one rounded product: the reference's
+  float32 dequantization rounded once), puts the 64 channels back in their order (a lane's 16
+  values are 16 consecutive channels, :func:`bitsmith.kernels.fragment.physical_k`), and once
+  the slot is free stores them, fences them for ``wgmma`` and announces them;
+* two consumer warpgroups, each owning half of every tile's rows: per step wait for its
+  activations and the weights, issue the ``wgmma`` asynchronously, wait until one is left in
+  flight, then release the previous step's weights and refill its activations' slot ``X_STAGES``
+  steps ahead; after a tile's last step the epilogue adds the bias and stores with masks.
 
-Status (issue #8): compiled for sm_90 in CI (tests/test_fragment.py checks that it does not spill,
-keeps one ``wgmma`` in flight and loads the activations by TMA). On the H100 its CUDA tests pass and
-compute-sanitizer finds no error (benchmarks/results/ws_gemm_tma_meta_gpu_tests_h100.txt,
-sanitizer_ws_gemm_h100.txt). At M = 2048 it runs at 0.80-0.88x fp16 for int4 with the
-producers' words, scales and zeros brought by TMA (``META_TMA``), level with or a little past
-dequantize + cuBLAS, short of the issue's 0.9x (kernels_configs_ws_gemm_tma_meta_h100.txt; the
-producers still set the pace, docs/gpu-kernels.md), so it is offered to the tuner only with
-``BITSMITH_FRAGMENT_WS_GEMM=1`` (:data:`WS_GEMM`).
+Status (issue #8): compiled for sm_90 in CI (tests/test_fragment.py checks that no partition
+spills, the consumers keep one ``wgmma`` in flight and load the activations by TMA). On the H100
+its CUDA tests pass and compute-sanitizer finds no error (benchmarks/results/
+ws_gemm_split_gpu_tests_h100.txt, sanitizer_ws_gemm_split_h100.txt). At M = 2048 int4 runs at
+0.81, 0.85, 0.89 and 0.89x fp16 on the issue's four shapes (dequantize + cuBLAS 0.85-0.86x in the
+same run), int3 and NF4 at 0.77-0.85x, behind dequantize + cuBLAS
+(kernels_configs_ws_gemm_split_h100.txt): short of the issue's 0.9x, the producers setting the
+pace (docs/gpu-kernels.md), so it is offered to the tuner only with ``BITSMITH_FRAGMENT_WS_GEMM=1``
+(:data:`WS_GEMM`).
 """
 from __future__ import annotations
 
@@ -58,27 +60,29 @@ if HAVE_GLUON:
 #: whether the tuner is offered this kernel above :data:`MIN_M` rows on Hopper (``BITSMITH_FRAGMENT_WS_GEMM=1``)
 WS_GEMM = {"enabled": os.environ.get("BITSMITH_FRAGMENT_WS_GEMM", "") == "1"}
 MIN_M = 513  # up to 512 rows: the fragment GEMM and the Hopper kernel (bitsmith.kernels.fragment_gemm)
-#: ``(BLOCK_M, BLOCK_N, STAGES)`` the tuner tries: a consumer's accumulators are ``BLOCK_M / 2 x
-#: BLOCK_N`` (128 a thread), a producer's step ``BLOCK_N / 64`` row blocks a warp; a stage is ``BLOCK_M
-#: x 64`` activations and ``BLOCK_N x 64`` weights, 16-bit (48 KiB). Each is offered with the
-#: producers' words, scales and zeros brought by TMA (``META_TMA``, where :func:`meta_tma_ok`) and
-#: loaded by the producers themselves. 128 x 128 tiles (the first run, producer-bound) were 1.3-1.5x
-#: slower and 512 x 64 (twice the MMAs per dequantized weight, ``n = 64`` MMAs) 1.1-1.4x
-#: (kernels_configs_ws_gemm_int_zero_h100.txt): neither is offered
-CANDIDATES = ((256, 128, 3), (256, 128, 4))
+#: ``(BLOCK_M, BLOCK_N, W_STAGES, X_STAGES)`` the tuner tries: a consumer's accumulators are
+#: ``BLOCK_M / 2 x BLOCK_N`` (128 a thread), a producer's step ``BLOCK_N / 64`` row blocks a warp; the
+#: weights' ring ``W_STAGES`` steps of ``BLOCK_N x 64`` (16 KiB), each consumer's ring of activations
+#: ``X_STAGES`` steps of ``BLOCK_M / 2 x 64`` (16 KiB). 128 x 128 tiles (the first run,
+#: producer-bound) were 1.3-1.5x slower and 512 x 64 (twice the MMAs per dequantized weight, ``n =
+#: 64`` MMAs) 1.1-1.4x (kernels_configs_ws_gemm_int_zero_h100.txt): neither is offered
+CANDIDATES = ((256, 128, 6, 3), (256, 128, 4, 4), (256, 128, 8, 2), (256, 128, 5, 3))
 #: the producers' TMA ring of words, scales and zeros: steps of its own ahead, each producer
 META_STAGES = 2
-#: ``(META_TMA, X_LATE)`` the tuner tries with each tile (the last one, the producers' own loads,
-#: also where TMA cannot bring the words): see :func:`_producer_tma`, :func:`_announce`. Dequantizing
-#: the next step's weights between a step's stores and its fence, or after it is announced (the
-#: weights carried to the next step), was 1-5% slower (kernels_configs_ws_gemm_overlap_h100.txt)
-PRODUCER_KINDS = ((True, False), (True, True), (False, False))
+#: ``META_TMA`` values the tuner tries with each tile (without: the producers' own loads, also where
+#: TMA cannot bring the words): see :func:`_producer_tma`. When the producers issued the
+#: activations' loads too (one ring of both), issuing them after the weights were announced
+#: changed -3..+2%, and dequantizing the next step's weights between a step's stores and its fence,
+#: or after it was announced (the weights carried to the next step), was 1-5% slower
+#: (kernels_configs_ws_gemm_x_late_h100.txt, kernels_configs_ws_gemm_overlap_h100.txt)
+PRODUCER_KINDS = (True, False)
 #: registers a thread of the second consumer warpgroup and of each producer ask for
-#: (``setmaxnreg``); the first consumer gets what is left of :data:`MAXNREG` x 512. With
-#: ``META_TMA`` (:data:`WS_REGS_META`) the producers hold no loads in flight and the consumers, at
-#: 160, spilled two values (int3's producers, loading their own words, spilled at 88)
-WS_REGS = (160, 96)
-WS_REGS_META = (168, 88)
+#: (``setmaxnreg``; the first consumer gets what is left of :data:`MAXNREG` x 512): with the
+#: producers' words by TMA (``META_TMA``), with their own loads, and with int3's (three words a
+#: lane, which spilled at 88 with a tail); fewer, a partition spilled
+WS_REGS_META = (176, 80)
+WS_REGS = (168, 88)
+WS_REGS_INT3 = (160, 96)
 MAXNREG = 128  # at launch: four warpgroups share the 65,536 registers of an SM
 #: a dequantized group ``[n, 64]`` in the fragment's logical ``k = 16 s + 8 rc + 2 t + h``, viewed
 #: as ``[n, s, rc, t, h]`` (:data:`K_SPLIT`) and permuted by :data:`TO_CHANNELS` to ``[n, t, s, rc,
@@ -90,6 +94,8 @@ TO_CHANNELS = (0, 3, 1, 2, 4)
 if HAVE_GLUON:
     _WS_CONSUMER_REGS = gl.constexpr(WS_REGS[0])
     _WS_PRODUCER_REGS = gl.constexpr(WS_REGS[1])
+    _WS_CONSUMER_REGS_INT3 = gl.constexpr(WS_REGS_INT3[0])
+    _WS_PRODUCER_REGS_INT3 = gl.constexpr(WS_REGS_INT3[1])
     _WS_CONSUMER_REGS_META = gl.constexpr(WS_REGS_META[0])
     _WS_PRODUCER_REGS_META = gl.constexpr(WS_REGS_META[1])
     _K_SPLIT = gl.constexpr(K_SPLIT)
@@ -121,49 +127,29 @@ if HAVE_GLUON:
         return ((a - MAGIC_F) - zc.to(DT)[:, None]) * sc.to(DT)[:, None]
 
     @gluon.jit
-    def _x_loads(x_desc, x_smem, ready, slot, off_m, g, BLOCK_M: gl.constexpr):
-        """The step's activations (group ``g`` of the tile at row ``off_m``), two TMA boxes, into
-        ring slot ``slot``, counted by its ``ready`` barrier."""
-        BOX_M: gl.constexpr = BLOCK_M // 2
-        mbarrier.expect(ready.index(slot), BLOCK_M * 64 * 2)
-        for box in gl.static_range(2):
-            tma.async_copy_global_to_shared(x_desc, [off_m + box * BOX_M, g * 64], ready.index(slot),
-                                            x_smem.index(2 * slot + box))
-
-    @gluon.jit
-    def _stage(a, x_desc, x_smem, w_smem, ready, empty, s_, off_m, g, BLOCK_M: gl.constexpr, STAGES: gl.constexpr,
-               X_LATE: gl.constexpr):
-        """Step ``s_``'s dequantized weights ``a`` (channels in their order) stored into its ring
-        slot once both consumers released it, the activations' loads issued first unless
-        ``X_LATE`` (then :func:`_announce` issues them)."""
-        slot = s_ % STAGES
-        mbarrier.wait(empty.index(slot), ((s_ // STAGES) & 1) ^ 1)
-        if not X_LATE:
-            _x_loads(x_desc, x_smem, ready, slot, off_m, g, BLOCK_M)
+    def _stage(a, w_smem, w_empty, s_, W_STAGES: gl.constexpr):
+        """Step ``s_``'s dequantized weights ``a`` (channels in their order) stored into their ring
+        slot once both consumers released it."""
+        slot = s_ % W_STAGES
+        mbarrier.wait(w_empty.index(slot), ((s_ // W_STAGES) & 1) ^ 1)
         w_smem.index(slot).store(a)
 
     @gluon.jit
-    def _announce(x_desc, x_smem, ready, s_, off_m, g, BLOCK_M: gl.constexpr, STAGES: gl.constexpr,
-                  X_LATE: gl.constexpr):
-        """Step ``s_``'s stored weights fenced for ``wgmma`` and announced on its ``ready``
-        barrier; ``X_LATE``: the activations' loads issued after (the phase ends when both have
-        arrived and the bytes landed, in either order), so the fence cannot wait on them."""
-        slot = s_ % STAGES
+    def _announce(w_ready, s_, W_STAGES: gl.constexpr):
+        """Step ``s_``'s stored weights fenced for ``wgmma`` and announced on their slot's barrier."""
         fence_async_shared()
-        mbarrier.arrive(ready.index(slot), count=1)
-        if X_LATE:
-            _x_loads(x_desc, x_smem, ready, slot, off_m, g, BLOCK_M)
+        mbarrier.arrive(w_ready.index(s_ % W_STAGES), count=1)
 
     @gluon.jit
-    def _producer(x_desc, x_smem, w_smem, ready, empty, w_ptr, s_ptr, z_ptr, M, N, NB, NG, zconst, planes,
-                  BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, GROUP_M: gl.constexpr, STAGES: gl.constexpr,
+    def _producer(w_smem, w_ready, w_empty, w_ptr, s_ptr, z_ptr, M, N, NB, NG, zconst, planes,
+                  BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, GROUP_M: gl.constexpr, W_STAGES: gl.constexpr,
                   SG: gl.constexpr, FMT: gl.constexpr, HAS_ZERO: gl.constexpr, INT_ZERO: gl.constexpr,
                   TAIL: gl.constexpr, BF16: gl.constexpr, GROUP_MAJOR: gl.constexpr, P: gl.constexpr,
                   NPROD: gl.constexpr):
         """Producer ``P`` of ``NPROD`` reading the words, scales and zeros itself (int3, the
         block-major word order, scales TMA cannot read): the program's steps ``P, P + NPROD, ..``,
-        each loaded a step (of this producer) ahead within a tile, then dequantized and published
-        (:func:`_stage`, :func:`_announce`). ``INT_ZERO``: the zeros are integers, so ``MAGIC + zero`` is exact in
+        each loaded a step (of this producer) ahead within a tile, then dequantized, stored and
+        announced (:func:`_stage`, :func:`_announce`). ``INT_ZERO``: the zeros are integers, so ``MAGIC + zero`` is exact in
         16 bits and one subtraction gives ``q - zero`` (else two)."""
         MAGIC_F: gl.constexpr = 128.0 if BF16 else 1024.0
         ZERO_MAGIC: gl.constexpr = MAGIC_F if INT_ZERO else 0.0  # what _group_meta adds to the zeros
@@ -189,8 +175,8 @@ if HAVE_GLUON:
                 sc, zc = _group_meta(s_ptr, z_ptr, gl.minimum(nxt, NG - 1), N, rows, row_ok, zconst, SG, FMT, HAS_ZERO,
                                      ZERO_MAGIC, TAIL)
                 a = _natural_order(_dequantized(cur, cur_s, cur_z, planes, a_layout, RB, FMT, INT_ZERO, BF16))
-                _stage(a, x_desc, x_smem, w_smem, ready, empty, step + g, off_m, g, BLOCK_M, STAGES, False)
-                _announce(x_desc, x_smem, ready, step + g, off_m, g, BLOCK_M, STAGES, False)
+                _stage(a, w_smem, w_empty, step + g, W_STAGES)
+                _announce(w_ready, step + g, W_STAGES)
                 g = nxt
             step += NG
 
@@ -233,11 +219,10 @@ if HAVE_GLUON:
         return _natural_order(_dequantized(words, sc, zc, planes, a_layout, RB, FMT, INT_ZERO, BF16))
 
     @gluon.jit
-    def _producer_tma(x_desc, x_smem, w_smem, ready, empty, w_desc, s_desc, z_desc, wq, sq, zq, mready, M, N, NG,
-                      zconst, planes, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, GROUP_M: gl.constexpr,
-                      STAGES: gl.constexpr, MS: gl.constexpr, SG: gl.constexpr, FMT: gl.constexpr,
-                      HAS_ZERO: gl.constexpr, INT_ZERO: gl.constexpr, BF16: gl.constexpr, X_LATE: gl.constexpr,
-                      P: gl.constexpr, NPROD: gl.constexpr):
+    def _producer_tma(w_smem, w_ready, w_empty, w_desc, s_desc, z_desc, wq, sq, zq, mready, M, N, NG, zconst, planes,
+                      BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, GROUP_M: gl.constexpr, W_STAGES: gl.constexpr,
+                      MS: gl.constexpr, SG: gl.constexpr, FMT: gl.constexpr, HAS_ZERO: gl.constexpr,
+                      INT_ZERO: gl.constexpr, BF16: gl.constexpr, P: gl.constexpr, NPROD: gl.constexpr):
         """Producer ``P`` of ``NPROD`` with its words, scales and zeros brought by TMA, ``MS`` of
         its steps ahead, into its own ring of shared memory (:func:`_meta_load`), then read from
         there: a step's global loads in registers left the fence before each publication waiting
@@ -264,8 +249,8 @@ if HAVE_GLUON:
             while g < NG:
                 q = P * MS + j % MS
                 a = _meta_weights(wq, sq, zq, mready, q, (j // MS) & 1, zconst, planes, BLOCK_N, FMT, ZQ, INT_ZERO, BF16)
-                _stage(a, x_desc, x_smem, w_smem, ready, empty, step + g, off_m, g, BLOCK_M, STAGES, X_LATE)
-                _announce(x_desc, x_smem, ready, step + g, off_m, g, BLOCK_M, STAGES, X_LATE)
+                _stage(a, w_smem, w_empty, step + g, W_STAGES)
+                _announce(w_ready, step + g, W_STAGES)
                 gn = g + MS * NPROD
                 if gn < NG:  # this slot's values are in registers and every thread is past the fence
                     _meta_load(w_desc, s_desc, z_desc, wq.index(q), sq.index(q), zq.index(q), mready.index(q), gn,
@@ -275,29 +260,65 @@ if HAVE_GLUON:
             step += NG
 
     @gluon.jit
-    def _consumer(x_smem, w_smem, ready, empty, b_ptr, out_ptr, M, N, NG, stride_om, BLOCK_M: gl.constexpr,
-                  BLOCK_N: gl.constexpr, GROUP_M: gl.constexpr, STAGES: gl.constexpr, HAS_BIAS: gl.constexpr,
-                  WG: gl.constexpr):
+    def _x_load(x_desc, x_smem, x_ready, x_t, x_tile, x_g, x_off_m, num_m, num_n, NG, BLOCK_M: gl.constexpr,
+                BLOCK_N: gl.constexpr, GROUP_M: gl.constexpr, X_STAGES: gl.constexpr, WG: gl.constexpr):
+        """Consumer ``WG``'s half of the activations of the program's step ``x_t`` (group ``x_g``
+        of tile ``x_tile``, whose first row is ``x_off_m``; none past the program's last tile), a
+        TMA box into its ring slot ``x_t % X_STAGES``; returns the cursor moved to the next step
+        (the tile's offsets computed only when it changes: the consumers' registers are few)."""
+        BOX_M: gl.constexpr = BLOCK_M // 2
+        if x_tile < num_m * num_n:
+            slot = WG * X_STAGES + x_t % X_STAGES
+            mbarrier.expect(x_ready.index(slot), BOX_M * 64 * 2)
+            tma.async_copy_global_to_shared(x_desc, [x_off_m + WG * BOX_M, x_g * 64], x_ready.index(slot),
+                                            x_smem.index(slot))
+        x_g += 1
+        if x_g == NG:
+            x_g = 0
+            x_tile += gl.num_programs(0)
+            x_off_m, _ = _tile_offsets(x_tile, num_m, num_n, BLOCK_M, BLOCK_N, GROUP_M)
+        return x_t + 1, x_tile, x_g, x_off_m
+
+    @gluon.jit
+    def _consumer(x_desc, x_smem, x_ready, w_smem, w_ready, w_empty, b_ptr, out_ptr, M, N, NG, stride_om,
+                  BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, GROUP_M: gl.constexpr, W_STAGES: gl.constexpr,
+                  X_STAGES: gl.constexpr, HAS_BIAS: gl.constexpr, WG: gl.constexpr):
         """A consumer warpgroup: rows ``WG * BLOCK_M / 2 ..`` of every output tile of this program
-        (the cooperative schedule of :mod:`bitsmith.kernels.w8a8_wgmma`), float32 accumulators."""
+        (the cooperative schedule of :mod:`bitsmith.kernels.w8a8_wgmma`), float32 accumulators.
+        It loads its own half of the activations by TMA into its own ring, ``X_STAGES - 1`` steps
+        ahead: each slot refilled as soon as its step's ``wgmma`` is done."""
         ROWS: gl.constexpr = BLOCK_M // 2
         mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                       instr_shape=[16, BLOCK_N, 16])
         num_m = (M + BLOCK_M - 1) // BLOCK_M
         num_n = (N + BLOCK_N - 1) // BLOCK_N
-        step = 0
+        x_tile = gl.program_id(0)  # the activations' cursor: step, tile, group, first row
+        x_off_m, _ = _tile_offsets(x_tile, num_m, num_n, BLOCK_M, BLOCK_N, GROUP_M)
+        x_t = 0
+        x_g = 0
+        for i in gl.static_range(X_STAGES):
+            x_t, x_tile, x_g, x_off_m = _x_load(x_desc, x_smem, x_ready, x_t, x_tile, x_g, x_off_m, num_m, num_n, NG,
+                                                BLOCK_M, BLOCK_N, GROUP_M, X_STAGES, WG)
+        t = 0  # the program's step
         for tile in range(gl.program_id(0), num_m * num_n, gl.num_programs(0)):
             off_m, off_n = _tile_offsets(tile, num_m, num_n, BLOCK_M, BLOCK_N, GROUP_M)
             acc = gl.zeros([ROWS, BLOCK_N], gl.float32, layout=mma)
             for g in range(NG):
-                slot = (step + g) % STAGES
-                mbarrier.wait(ready.index(slot), ((step + g) // STAGES) & 1)
-                acc = warpgroup_mma(x_smem.index(2 * slot + WG), w_smem.index(slot).permute((1, 0)), acc,
-                                    use_acc=g > 0, is_async=True)
+                xs = WG * X_STAGES + t % X_STAGES
+                mbarrier.wait(x_ready.index(xs), (t // X_STAGES) & 1)
+                mbarrier.wait(w_ready.index(t % W_STAGES), (t // W_STAGES) & 1)
+                acc = warpgroup_mma(x_smem.index(xs), w_smem.index(t % W_STAGES).permute((1, 0)), acc, use_acc=g > 0,
+                                    is_async=True)
                 acc = warpgroup_mma_wait(num_outstanding=1, deps=[acc])
-                mbarrier.arrive(empty.index((step + g + STAGES - 1) % STAGES), count=1, pred=g > 0)
+                if g > 0:  # the previous step's wgmma is done: its weights' slot back, its activations' refilled
+                    mbarrier.arrive(w_empty.index((t - 1) % W_STAGES), count=1)
+                    x_t, x_tile, x_g, x_off_m = _x_load(x_desc, x_smem, x_ready, x_t, x_tile, x_g, x_off_m, num_m,
+                                                        num_n, NG, BLOCK_M, BLOCK_N, GROUP_M, X_STAGES, WG)
+                t += 1
             acc = warpgroup_mma_wait(num_outstanding=0, deps=[acc])
-            mbarrier.arrive(empty.index((step + NG + STAGES - 1) % STAGES), count=1)
+            mbarrier.arrive(w_empty.index((t - 1) % W_STAGES), count=1)
+            x_t, x_tile, x_g, x_off_m = _x_load(x_desc, x_smem, x_ready, x_t, x_tile, x_g, x_off_m, num_m, num_n, NG,
+                                                BLOCK_M, BLOCK_N, GROUP_M, X_STAGES, WG)
             offs_m = off_m + WG * ROWS + gl.arange(0, ROWS, layout=gl.SliceLayout(1, mma))
             offs_n = off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, mma))
             n_mask = offs_n < N
@@ -305,33 +326,36 @@ if HAVE_GLUON:
                 acc += gl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(gl.float32)[None, :]
             gl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], acc.to(out_ptr.dtype.element_ty),
                      mask=(offs_m < M)[:, None] & n_mask[None, :])
-            step += NG
 
     @gluon.jit
     def _ws_gemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, M, N, K, NB, NG,
                         L0, L1, L2, L3, H0, H1, H2, H3, zconst, stride_xm, stride_om, S_ROWS,
-                        BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, GROUP_M: gl.constexpr, STAGES: gl.constexpr,
-                        SG: gl.constexpr, FMT: gl.constexpr, HAS_ZERO: gl.constexpr, INT_ZERO: gl.constexpr,
-                        HAS_BIAS: gl.constexpr, TAIL: gl.constexpr, BF16: gl.constexpr, GROUP_MAJOR: gl.constexpr,
-                        META_TMA: gl.constexpr, MS: gl.constexpr, X_LATE: gl.constexpr):
+                        BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, GROUP_M: gl.constexpr, W_STAGES: gl.constexpr,
+                        X_STAGES: gl.constexpr, SG: gl.constexpr, FMT: gl.constexpr, HAS_ZERO: gl.constexpr,
+                        INT_ZERO: gl.constexpr, HAS_BIAS: gl.constexpr, TAIL: gl.constexpr, BF16: gl.constexpr,
+                        GROUP_MAJOR: gl.constexpr, META_TMA: gl.constexpr, MS: gl.constexpr):
         """``out = x @ W^T (+ bias)`` for fragment words ``w_ptr`` (module docstring); launched with
         4 warps (the first consumer), the second consumer and the producers are worker partitions.
         ``x`` is ``[M, K]`` with ``K`` contiguous and rows 16-byte aligned (TMA); argument positions
-        0, 4 and 5 are the activation, bias and output. ``META_TMA``: the producers' words, scales
-        and zeros come by TMA, ``MS`` steps ahead (:func:`_producer_tma`; the scales ``[S_ROWS,
-        N]``), and ``X_LATE`` the activations' loads after the weights (:func:`_announce`)."""
+        0, 4 and 5 are the activation, bias and output. Rings: ``W_STAGES`` steps of dequantized
+        weights, ``X_STAGES`` of each consumer's half of the activations. ``META_TMA``: the
+        producers' words, scales and zeros come by TMA, ``MS`` steps ahead (:func:`_producer_tma`;
+        the scales ``[S_ROWS, N]``)."""
         DT: gl.constexpr = gl.bfloat16 if BF16 else gl.float16
         x_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M // 2, 64], DT)
         w_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, 64], DT)
         x_desc = tma.make_tensor_descriptor(x_ptr, shape=[M, K], strides=[stride_xm, 1], block_shape=[BLOCK_M // 2, 64],
                                             layout=x_layout)
-        x_smem = gl.allocate_shared_memory(DT, [2 * STAGES, BLOCK_M // 2, 64], x_layout)
-        w_smem = gl.allocate_shared_memory(DT, [STAGES, BLOCK_N, 64], w_layout)
-        ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        for i in gl.static_range(STAGES):
-            mbarrier.init(ready.index(i), count=2)  # the TMA's expect and the producer's weights
-            mbarrier.init(empty.index(i), count=2)  # one arrival from each consumer
+        x_smem = gl.allocate_shared_memory(DT, [2 * X_STAGES, BLOCK_M // 2, 64], x_layout)
+        w_smem = gl.allocate_shared_memory(DT, [W_STAGES, BLOCK_N, 64], w_layout)
+        x_ready = gl.allocate_shared_memory(gl.int64, [2 * X_STAGES, 1], mbarrier.MBarrierLayout())
+        w_ready = gl.allocate_shared_memory(gl.int64, [W_STAGES, 1], mbarrier.MBarrierLayout())
+        w_empty = gl.allocate_shared_memory(gl.int64, [W_STAGES, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(2 * X_STAGES):
+            mbarrier.init(x_ready.index(i), count=1)  # the consumer's TMA expect
+        for i in gl.static_range(W_STAGES):
+            mbarrier.init(w_ready.index(i), count=1)  # the producer's weights
+            mbarrier.init(w_empty.index(i), count=2)  # one arrival from each consumer
         planes = (L0, L1, L2, L3, H0, H1, H2, H3)
         if META_TMA:
             RBW: gl.constexpr = BLOCK_N // 16
@@ -353,31 +377,31 @@ if HAVE_GLUON:
                 mbarrier.init(mready.index(i), count=1)  # the TMA's expect
             fence_async_shared()
             gl.warp_specialize([
-                (_consumer, (x_smem, w_smem, ready, empty, b_ptr, out_ptr, M, N, NG, stride_om, BLOCK_M, BLOCK_N,
-                             GROUP_M, STAGES, HAS_BIAS, 0)),
-                (_consumer, (x_smem, w_smem, ready, empty, b_ptr, out_ptr, M, N, NG, stride_om, BLOCK_M, BLOCK_N,
-                             GROUP_M, STAGES, HAS_BIAS, 1)),
-                (_producer_tma, (x_desc, x_smem, w_smem, ready, empty, w_desc, s_desc, z_desc, wq, sq, zq, mready, M,
-                                 N, NG, zconst, planes, BLOCK_M, BLOCK_N, GROUP_M, STAGES, MS, SG, FMT, HAS_ZERO,
-                                 INT_ZERO, BF16, X_LATE, 0, 2)),
-                (_producer_tma, (x_desc, x_smem, w_smem, ready, empty, w_desc, s_desc, z_desc, wq, sq, zq, mready, M,
-                                 N, NG, zconst, planes, BLOCK_M, BLOCK_N, GROUP_M, STAGES, MS, SG, FMT, HAS_ZERO,
-                                 INT_ZERO, BF16, X_LATE, 1, 2)),
+                (_consumer, (x_desc, x_smem, x_ready, w_smem, w_ready, w_empty, b_ptr, out_ptr, M, N, NG, stride_om,
+                             BLOCK_M, BLOCK_N, GROUP_M, W_STAGES, X_STAGES, HAS_BIAS, 0)),
+                (_consumer, (x_desc, x_smem, x_ready, w_smem, w_ready, w_empty, b_ptr, out_ptr, M, N, NG, stride_om,
+                             BLOCK_M, BLOCK_N, GROUP_M, W_STAGES, X_STAGES, HAS_BIAS, 1)),
+                (_producer_tma, (w_smem, w_ready, w_empty, w_desc, s_desc, z_desc, wq, sq, zq, mready, M, N, NG, zconst,
+                                 planes, BLOCK_M, BLOCK_N, GROUP_M, W_STAGES, MS, SG, FMT, HAS_ZERO, INT_ZERO, BF16,
+                                 0, 2)),
+                (_producer_tma, (w_smem, w_ready, w_empty, w_desc, s_desc, z_desc, wq, sq, zq, mready, M, N, NG, zconst,
+                                 planes, BLOCK_M, BLOCK_N, GROUP_M, W_STAGES, MS, SG, FMT, HAS_ZERO, INT_ZERO, BF16,
+                                 1, 2)),
             ], [4, 4, 4], [_WS_CONSUMER_REGS_META, _WS_PRODUCER_REGS_META, _WS_PRODUCER_REGS_META])
         else:
+            CREGS: gl.constexpr = _WS_CONSUMER_REGS_INT3 if FMT == 2 else _WS_CONSUMER_REGS
+            PREGS: gl.constexpr = _WS_PRODUCER_REGS_INT3 if FMT == 2 else _WS_PRODUCER_REGS
             fence_async_shared()
             gl.warp_specialize([
-                (_consumer, (x_smem, w_smem, ready, empty, b_ptr, out_ptr, M, N, NG, stride_om, BLOCK_M, BLOCK_N,
-                             GROUP_M, STAGES, HAS_BIAS, 0)),
-                (_consumer, (x_smem, w_smem, ready, empty, b_ptr, out_ptr, M, N, NG, stride_om, BLOCK_M, BLOCK_N,
-                             GROUP_M, STAGES, HAS_BIAS, 1)),
-                (_producer, (x_desc, x_smem, w_smem, ready, empty, w_ptr, s_ptr, z_ptr, M, N, NB, NG, zconst, planes,
-                             BLOCK_M, BLOCK_N, GROUP_M, STAGES, SG, FMT, HAS_ZERO, INT_ZERO, TAIL, BF16, GROUP_MAJOR,
-                             0, 2)),
-                (_producer, (x_desc, x_smem, w_smem, ready, empty, w_ptr, s_ptr, z_ptr, M, N, NB, NG, zconst, planes,
-                             BLOCK_M, BLOCK_N, GROUP_M, STAGES, SG, FMT, HAS_ZERO, INT_ZERO, TAIL, BF16, GROUP_MAJOR,
-                             1, 2)),
-            ], [4, 4, 4], [_WS_CONSUMER_REGS, _WS_PRODUCER_REGS, _WS_PRODUCER_REGS])
+                (_consumer, (x_desc, x_smem, x_ready, w_smem, w_ready, w_empty, b_ptr, out_ptr, M, N, NG, stride_om,
+                             BLOCK_M, BLOCK_N, GROUP_M, W_STAGES, X_STAGES, HAS_BIAS, 0)),
+                (_consumer, (x_desc, x_smem, x_ready, w_smem, w_ready, w_empty, b_ptr, out_ptr, M, N, NG, stride_om,
+                             BLOCK_M, BLOCK_N, GROUP_M, W_STAGES, X_STAGES, HAS_BIAS, 1)),
+                (_producer, (w_smem, w_ready, w_empty, w_ptr, s_ptr, z_ptr, M, N, NB, NG, zconst, planes, BLOCK_M,
+                             BLOCK_N, GROUP_M, W_STAGES, SG, FMT, HAS_ZERO, INT_ZERO, TAIL, BF16, GROUP_MAJOR, 0, 2)),
+                (_producer, (w_smem, w_ready, w_empty, w_ptr, s_ptr, z_ptr, M, N, NB, NG, zconst, planes, BLOCK_M,
+                             BLOCK_N, GROUP_M, W_STAGES, SG, FMT, HAS_ZERO, INT_ZERO, TAIL, BF16, GROUP_MAJOR, 1, 2)),
+            ], [4, 4, 4], [CREGS, PREGS, PREGS])
 
 
 def supports(rw: RuntimeWeight, x2: torch.Tensor) -> str | None:
@@ -409,9 +433,9 @@ def configs(rw: RuntimeWeight, m: int, dtype: torch.dtype) -> list[dict]:
     and each of :data:`PRODUCER_KINDS` the weight allows (``META_TMA`` needs :func:`meta_tma_ok`)."""
     if not WS_GEMM["enabled"] or m < MIN_M or rw.layout != "fragment" or dtype not in MAGIC:
         return []
-    kinds = PRODUCER_KINDS if meta_tma_ok(rw) else PRODUCER_KINDS[-1:]
-    return [{"KERNEL": "fragment_ws_gemm", "BLOCK_M": bm, "BLOCK_N": bn, "STAGES": st, "GROUP_M": 8, "num_warps": 4,
-             "META_TMA": meta, "X_LATE": late} for bm, bn, st in CANDIDATES for meta, late in kinds]
+    kinds = PRODUCER_KINDS if meta_tma_ok(rw) else (False,)
+    return [{"KERNEL": "fragment_ws_gemm", "BLOCK_M": bm, "BLOCK_N": bn, "W_STAGES": ws, "X_STAGES": xs, "GROUP_M": 8,
+             "num_warps": 4, "META_TMA": meta} for bm, bn, ws, xs in CANDIDATES for meta in kinds]
 
 
 def launch_args(rw: RuntimeWeight, x2: torch.Tensor, bias: torch.Tensor | None, cfg: dict, out: torch.Tensor,
@@ -426,17 +450,18 @@ def launch_args(rw: RuntimeWeight, x2: torch.Tensor, bias: torch.Tensor | None, 
     args = (x2, rw.words, rw.scale, rw.zero if rw.zero is not None else dummy, bias if bias is not None else dummy, out,
             m, rw.n, k, nb, ng, *table_planes(rw, x2.dtype), float(rw.zconst), x2.stride(0), out.stride(0),
             rw.scale.numel() // rw.n)
-    consts = {"BLOCK_M": cfg["BLOCK_M"], "BLOCK_N": bn, "GROUP_M": cfg["GROUP_M"], "STAGES": cfg["STAGES"],
+    consts = {"BLOCK_M": cfg["BLOCK_M"], "BLOCK_N": bn, "GROUP_M": cfg["GROUP_M"], "W_STAGES": cfg["W_STAGES"],
+              "X_STAGES": cfg["X_STAGES"],
               "SG": _scale_steps(rw), "FMT": FMT_IDS[rw.fragment_format], "HAS_ZERO": rw.zero is not None,
               "INT_ZERO": rw.kind == "affine" and rw.int_zero, "HAS_BIAS": bias is not None,
               "TAIL": rw.n % bn != 0 or k % 64 != 0, "BF16": x2.dtype == torch.bfloat16,
               "GROUP_MAJOR": rw.fragment_order == "group", "META_TMA": bool(cfg.get("META_TMA")) and meta_tma_ok(rw),
-              "MS": META_STAGES, "X_LATE": bool(cfg.get("X_LATE")) and bool(cfg.get("META_TMA")) and meta_tma_ok(rw)}
+              "MS": META_STAGES}
     return _ws_gemm_kernel, (min(tiles, sms),), args, consts, {"num_warps": cfg["num_warps"], "maxnreg": MAXNREG}
 
 
-def compile_offline(fmt: str = "int4", block_m: int = 256, block_n: int = 128, stages: int = 4, act: str = "fp16",
-                    arch: int = 90, **consts):
+def compile_offline(fmt: str = "int4", block_m: int = 256, block_n: int = 128, w_stages: int = 6, x_stages: int = 3,
+                    act: str = "fp16", arch: int = 90, **consts):
     """``_ws_gemm_kernel`` compiled for NVIDIA ``sm_<arch>`` on any machine, launched as
     :func:`launch_args` does (4 warps, :data:`MAXNREG`), for CI's checks of its machine code:
     groups of 64 with integer zeros (codebooks: none), a bias, no tails, group-major words brought
@@ -444,10 +469,11 @@ def compile_offline(fmt: str = "int4", block_m: int = 256, block_n: int = 128, s
     ``consts`` says otherwise."""
     from .small_m import _compile_offline
 
-    cx = {"BLOCK_M": block_m, "BLOCK_N": block_n, "GROUP_M": 8, "STAGES": stages, "SG": 1, "FMT": FMT_IDS[fmt],
+    cx = {"BLOCK_M": block_m, "BLOCK_N": block_n, "GROUP_M": 8, "W_STAGES": w_stages, "X_STAGES": x_stages, "SG": 1,
+          "FMT": FMT_IDS[fmt],
           "HAS_ZERO": fmt != "nf4", "INT_ZERO": fmt != "nf4",
           "HAS_BIAS": True, "TAIL": False, "BF16": act == "bf16", "GROUP_MAJOR": True,
-          "META_TMA": fmt != "int3", "MS": META_STAGES, "X_LATE": False, **consts}
+          "META_TMA": fmt != "int3", "MS": META_STAGES, **consts}
     return _compile_offline(_ws_gemm_kernel, cx, act, 4, 1, arch, gluon=True, maxnreg=MAXNREG,
                             aligned_ints=("N", "K", "stride_xm", "stride_om"))
 
