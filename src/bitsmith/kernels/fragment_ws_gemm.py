@@ -74,7 +74,8 @@ META_STAGES = 2
 #: activations' loads too (one ring of both), issuing them after the weights were announced
 #: changed -3..+2%, and dequantizing the next step's weights between a step's stores and its fence,
 #: or after it was announced (the weights carried to the next step), was 1-5% slower
-#: (kernels_configs_ws_gemm_x_late_h100.txt, kernels_configs_ws_gemm_overlap_h100.txt)
+#: (kernels_configs_ws_gemm_x_late_h100.txt, kernels_configs_ws_gemm_overlap_h100.txt). With split
+#: rings, one fence for two steps ran within 0.5% of one a step (kernels_configs_ws_gemm_pair_h100.txt)
 PRODUCER_KINDS = (True, False)
 #: registers a thread of the second consumer warpgroup and of each producer ask for
 #: (``setmaxnreg``; the first consumer gets what is left of :data:`MAXNREG` x 512): with the
