@@ -150,8 +150,8 @@ if HAVE_GLUON:
         """Producer ``P`` of ``NPROD`` reading the words, scales and zeros itself (int3, the
         block-major word order, scales TMA cannot read): the program's steps ``P, P + NPROD, ..``,
         each loaded a step (of this producer) ahead within a tile, then dequantized, stored and
-        announced (:func:`_stage`, :func:`_announce`). ``INT_ZERO``: the zeros are integers, so ``MAGIC + zero`` is exact in
-        16 bits and one subtraction gives ``q - zero`` (else two)."""
+        announced (:func:`_stage`, :func:`_announce`). ``INT_ZERO``: the zeros are integers, so
+        ``MAGIC + zero`` is exact in 16 bits and one subtraction gives ``q - zero`` (else two)."""
         MAGIC_F: gl.constexpr = 128.0 if BF16 else 1024.0
         ZERO_MAGIC: gl.constexpr = MAGIC_F if INT_ZERO else 0.0  # what _group_meta adds to the zeros
         RB: gl.constexpr = BLOCK_N // 64  # row blocks a warp
@@ -249,7 +249,8 @@ if HAVE_GLUON:
                                blk0, off_n, SG, ZQ, NBYTES)
             while g < NG:
                 q = P * MS + j % MS
-                a = _meta_weights(wq, sq, zq, mready, q, (j // MS) & 1, zconst, planes, BLOCK_N, FMT, ZQ, INT_ZERO, BF16)
+                a = _meta_weights(wq, sq, zq, mready, q, (j // MS) & 1, zconst, planes, BLOCK_N, FMT, ZQ, INT_ZERO,
+                                  BF16)
                 _stage(a, w_smem, w_empty, step + g, W_STAGES)
                 _announce(w_ready, step + g, W_STAGES)
                 gn = g + MS * NPROD
