@@ -63,10 +63,12 @@ MIN_M = 513  # up to 512 rows: the fragment GEMM and the Hopper kernel (bitsmith
 #: ``(BLOCK_M, BLOCK_N, W_STAGES, X_STAGES)`` the tuner tries: a consumer's accumulators are
 #: ``BLOCK_M / 2 x BLOCK_N`` (128 a thread), a producer's step ``BLOCK_N / 64`` row blocks a warp; the
 #: weights' ring ``W_STAGES`` steps of ``BLOCK_N x 64`` (16 KiB), each consumer's ring of activations
-#: ``X_STAGES`` steps of ``BLOCK_M / 2 x 64`` (16 KiB). 128 x 128 tiles (the first run,
-#: producer-bound) were 1.3-1.5x slower and 512 x 64 (twice the MMAs per dequantized weight, ``n =
-#: 64`` MMAs) 1.1-1.4x (kernels_configs_ws_gemm_int_zero_h100.txt): neither is offered
-CANDIDATES = ((256, 128, 6, 3), (256, 128, 4, 4), (256, 128, 8, 2), (256, 128, 5, 3))
+#: ``X_STAGES`` steps of ``BLOCK_M / 2 x 64`` (16 KiB). Of the rings, 6 + 3 and 4 + 4 won all
+#: cases on the H100 but one, which 5 + 3 won by 0.1%; 8 + 2 (the activations a step ahead) lost
+#: everywhere (kernels_configs_ws_gemm_split_h100.txt, kernels_configs_ws_gemm_pair_h100.txt). 128 x 128 tiles
+#: (the first run, producer-bound) were 1.3-1.5x slower and 512 x 64 (twice the MMAs per dequantized
+#: weight, ``n = 64`` MMAs) 1.1-1.4x (kernels_configs_ws_gemm_int_zero_h100.txt): neither is offered
+CANDIDATES = ((256, 128, 6, 3), (256, 128, 4, 4))
 #: the producers' TMA ring of words, scales and zeros: steps of its own ahead, each producer
 META_STAGES = 2
 #: ``META_TMA`` values the tuner tries with each tile (without: the producers' own loads, also where
@@ -431,8 +433,8 @@ def meta_tma_ok(rw: RuntimeWeight) -> bool:
 
 
 def configs(rw: RuntimeWeight, m: int, dtype: torch.dtype) -> list[dict]:
-    """:data:`CANDIDATES` at ``m`` rows (only with :data:`WS_GEMM` on, from :data:`MIN_M`), with
-    and each of :data:`PRODUCER_KINDS` the weight allows (``META_TMA`` needs :func:`meta_tma_ok`)."""
+    """:data:`CANDIDATES` at ``m`` rows (only with :data:`WS_GEMM` on, from :data:`MIN_M`), each
+    with every ``META_TMA`` of :data:`PRODUCER_KINDS` the weight allows (:func:`meta_tma_ok`)."""
     if not WS_GEMM["enabled"] or m < MIN_M or rw.layout != "fragment" or dtype not in MAGIC:
         return []
     kinds = PRODUCER_KINDS if meta_tma_ok(rw) else (False,)
