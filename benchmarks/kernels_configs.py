@@ -34,6 +34,8 @@ def describe(cfg: dict) -> str:
     if cfg.get("KERNEL") == "fragment_ws_gemm":
         return (f"ws-gemm {cfg['BLOCK_M']}x{cfg['BLOCK_N']}x64 w{cfg['W_STAGES']} x{cfg['X_STAGES']}"
                 + (" tma-meta" if cfg.get("META_TMA") else ""))
+    if cfg.get("KERNEL") == "fragment_ra_gemm":
+        return f"ra-gemm {cfg['BLOCK_T']}x{cfg['BLOCK_N']}x64 st{cfg['STAGES']}" + (" pipe" if cfg["PIPE"] else "")
     kernel = cfg.get("KERNEL", "gemm" + ("-unique" if cfg.get("UNIQUE") else ""))
     split = cfg.get("SPLIT", cfg.get("SPLIT_K", 1))
     return (f"{kernel} {cfg.get('BLOCK_M', 1)}x{cfg['BLOCK_N']}x{cfg['BLOCK_K']} s{split} "

@@ -11,8 +11,11 @@ rows the fragment layout's other kernels (group-major words): the Triton GEMM, t
 warp-specialized GEMM's every candidate (its producers' words by TMA and by their own loads).
 
     compute-sanitizer --tool memcheck --error-exitcode 1 python benchmarks/kernels_sanitize.py
+    compute-sanitizer --tool memcheck --error-exitcode 1 python benchmarks/kernels_sanitize.py --fused-gemms  # large-M GEMMs only
 """
 from __future__ import annotations
+
+import sys
 
 import torch
 
@@ -36,6 +39,9 @@ SMALL_M = [{"KERNEL": "fma", "BLOCK_N": 128, "SPLIT": 1, "num_warps": 4}, {"KERN
 
 def main() -> None:
     qmm.AUTOTUNE["enabled"] = False
+    if sys.argv[1:] == ["--fused-gemms"]:  # the fragment layout's large-M fused GEMMs only
+        print(f"fused GEMMs ran; worst relative error vs float64 reference {_fragment_ws_gemm_cases():.2e}")
+        return
     worst = 0.0
     # K = 1000: no group divides it (masked activation loads); 1024: every group does (unmasked)
     for (method, opts), (n, k) in ((c, s) for c in CASES for s in ((333, 1000), (333, 1024))):
@@ -160,26 +166,28 @@ def _fragment_wide_cases() -> float:
 
 
 def _fragment_ws_gemm_cases() -> float:
-    """The fragment layout's warp-specialized GEMM (Hopper; tried whatever
-    ``BITSMITH_FRAGMENT_WS_GEMM`` says) at 600 rows (a partial row tile), N = 328 and 333 (a
+    """The fragment layout's warp-specialized GEMM and its register-operand GEMM (Hopper; tried
+    whatever ``BITSMITH_FRAGMENT_WS_GEMM`` and ``BITSMITH_FRAGMENT_RA_GEMM`` say; the second takes int4 at 328 only) at 600 rows (a partial row tile), N = 328 and 333 (a
     partial column tile; TMA brings the producers' words, scales and zeros only at 328), K = 1000
     (a partial group), group-major words, over 5 programs; worst relative error against
     float64."""
     from unittest import mock
 
-    from bitsmith.kernels import fragment_ws_gemm
+    from bitsmith.kernels import fragment_ra_gemm, fragment_ws_gemm
 
     worst = 0.0
     if not fragment_mma.HAVE_GLUON or torch.cuda.get_device_capability() != (9, 0):
         return worst
-    with mock.patch.dict(fragment_ws_gemm.WS_GEMM, {"enabled": True}), mock.patch.object(qmm, "_sm_count", lambda dev: 5):
+    with mock.patch.dict(fragment_ws_gemm.WS_GEMM, {"enabled": True}), \
+            mock.patch.dict(fragment_ra_gemm.RA_GEMM, {"enabled": True}), mock.patch.object(qmm, "_sm_count", lambda dev: 5):
         for (method, opts), n in ((c, n) for c in FRAGMENT_CASES for n in (328, 333)):
             qt = bitsmith.quantize_tensor(torch.randn(n, 1000, device="cuda") * 0.02, method, **opts)
             rw = repack(qt, layout="fragment", order="group")
             x = torch.randn(600, 1000, device="cuda", dtype=torch.float16)
             bias = torch.randn(n, device="cuda", dtype=torch.float16)
             ref = x.double() @ qt.dequantize(torch.float32).double().t() + bias.double()
-            for cfg in fragment_ws_gemm.configs(rw, 600, torch.float16):
+            for cfg in fragment_ws_gemm.configs(rw, 600, torch.float16) + fragment_ra_gemm.configs(rw, 600,
+                                                                                                   torch.float16):
                 y = qmm._launch(rw, x, bias, cfg)
                 worst = max(worst, float((y.double() - ref).norm() / ref.norm()))
     return worst

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 import bitsmith
 from bitsmith.errors import QuantizationError
 from bitsmith.kernels import (HAVE_TRITON, dequantize_runtime, fragment, fragment_gemm, fragment_mma, fragment_wgmma,
-                              fragment_ws_gemm, repack)
+                              fragment_ra_gemm, fragment_ws_gemm, repack)
 from bitsmith.kernels.layout import runtime_codes
 from conftest import CUDA, INTERPRETED, needs_interp, run_interpreter_tests
 from ptx_emulator import run_ptx
@@ -754,6 +754,133 @@ def test_ws_gemm_is_opt_in_from_513_rows(monkeypatch):
     assert "Hopper" in fragment_ws_gemm.supports(rw, torch.zeros(4, 128)) or not fragment_mma.HAVE_GLUON
 
 
+@pytest.mark.parametrize("magic", [0x6400, 0x4300], ids=["float16", "bfloat16"])
+def test_ra_gemm_cuts_each_lanes_wgmma_registers_from_its_quads_words(magic):
+    """The register-operand GEMM's A operand, emulated lane by lane on packed int4 fragment words:
+    lane ``4 g + t`` takes word ``2 rc + t // 2`` of lane ``4 g + s`` (its quad's 16 words) and
+    cuts it with :func:`fragment_ra_gemm.cut4_ptx` at shift ``8 (t % 2)``; register ``rr`` half
+    ``h`` must be ``magic | q`` of row ``g + 8 rr``, channel ``16 s + 8 rc + 2 t + h`` in the
+    channels' own order: ``wgmma``'s register fragment (the PTX ISA's ``m16n8k16`` A layout in each
+    warp), with no permutation of the activations. :func:`fragment_ra_gemm.source_of` states the
+    same rule; both are checked against the packer."""
+    g_ = torch.Generator().manual_seed(3)
+    codes = torch.randint(0, 16, (16, 64), generator=g_, dtype=torch.uint8)
+    words = fragment.pack(codes, "int4")[0, 0].tolist()  # one row block and group: [lane * 4 + word]
+    ptx = fragment_ra_gemm.cut4_ptx(magic)
+    for lane in range(32):
+        g, t = divmod(lane, 4)
+        for s_ in range(4):
+            for rc in range(2):
+                word = words[(4 * g + s_) * 4 + 2 * rc + t // 2] & 0xFFFFFFFF
+                regs = run_ptx(ptx, {"$2": word, "$3": word, "$4": 8 * (t % 2), "$5": 8 * (t % 2)})
+                for rr in range(2):
+                    for h in range(2):
+                        q = int(codes[g + 8 * rr, 16 * s_ + 8 * rc + 2 * t + h])
+                        assert (regs[f"${rr}"] >> (16 * h)) & 0xFFFF == magic | q, (lane, s_, rc, rr, h)
+                        src_lane, src_word, bit = fragment_ra_gemm.source_of(lane, rr + 2 * rc, h, s_)
+                        assert (words[src_lane * 4 + src_word] >> bit) & 15 == q, (lane, s_, rc, rr, h)
+
+
+def _innermost_loop_holding(ins, prefix: str) -> list:
+    """The instructions of the shortest backward branch's body holding an instruction of opcode
+    ``prefix`` (a group's loop, inside the loop over tiles)."""
+    spans = [(int(m.group(1), 16), addr) for addr, t in ins if (m := re.search(r"BRA (0x[0-9a-f]+)", t))
+             and int(m.group(1), 16) < addr]
+    spans = [(lo, hi) for lo, hi in spans
+             if any(lo <= a <= hi and kernels_sass.opcode(t).startswith(prefix) for a, t in ins)]
+    lo, hi = min(spans, key=lambda sp: sp[1] - sp[0])
+    return [t for a, t in ins if lo <= a <= hi]
+
+
+def test_ra_gemm_cuts_codebook_levels_from_its_quads_words():
+    """NF4 in the register-operand GEMM, emulated lane by lane: the picked word (as for int4) run
+    through :func:`fragment_ra_gemm.cut_lut_ptx` at shift ``16 (t % 2)`` gives register ``rr``'s
+    float16 levels of row ``g + 8 rr``, channels ``16 s + 8 rc + 2 t + h`` (the codebook's byte
+    planes, ``pack=2`` operands)."""
+    import numpy as np
+
+    from bitsmith.formats.codebook import _codebook
+
+    levels = _codebook("nf", 16).levels32.half()
+    bits = levels.view(torch.int16).to(torch.int64) & 0xFFFF
+    planes = fragment_mma.table_planes(type("RW", (), {"kind": "codebook", "table_bits": {torch.float16: tuple(bits.tolist())}})(),
+                                       torch.float16)
+    g_ = torch.Generator().manual_seed(4)
+    codes = torch.randint(0, 16, (16, 64), generator=g_, dtype=torch.uint8)
+    words = fragment.pack(codes, "nf4")[0, 0].tolist()
+    ptx = fragment_ra_gemm.cut_lut_ptx()
+    for lane in range(32):
+        g, t = divmod(lane, 4)
+        for s_ in range(4):
+            for rc in range(2):
+                word = words[(4 * g + s_) * 4 + 2 * rc + t // 2] & 0xFFFFFFFF
+                regs = run_ptx(ptx, {"$2": word, "$3": word, "$4": 16 * (t % 2), "$5": 16 * (t % 2),
+                                     **{f"${6 + 2 * p}": v & 0xFFFFFFFF for p, v in enumerate(planes)},
+                                     **{f"${7 + 2 * p}": v & 0xFFFFFFFF for p, v in enumerate(planes)}})
+                for rr in range(2):
+                    for h in range(2):
+                        q = int(codes[g + 8 * rr, 16 * s_ + 8 * rc + 2 * t + h])
+                        half = (regs[f"${rr}"] >> (16 * h)) & 0xFFFF
+                        assert np.uint16(half).view(np.float16) == levels[q].numpy(), (lane, s_, rc, rr, h)
+
+
+@needs_gluon
+@pytest.mark.parametrize("fmt", ["int4", "nf4"])
+def test_ra_gemm_compiles_for_sm90(fmt):
+    """The register-operand GEMM compiled for sm_90, every candidate (the third also in bfloat16,
+    without a bias or zeros, per-row scales, float zeros): no partition spills, fits the H100's
+    227 KiB, each consumer's loop reads its quad's words with four 16-byte shared loads, cuts and
+    dequantizes them in registers (no shuffle, no shared store) and issues four
+    register-operand ``wgmma`` a group, waiting for them before the slot is released; every load
+    comes by TMA (the activations 2-D, the words 3-D); the outputs leave by ``stmatrix`` and a TMA
+    store, or by masked 2-byte stores."""
+    variants = ({"BF16": True}, {"HAS_BIAS": False, "HAS_ZERO": False, "SG": 0}) + (({"INT_ZERO": False},)
+                                                                                   if fmt == "int4" else ())
+    for cand in fragment_ra_gemm.CANDIDATES:
+        bt, bn, st, pipe, tma_out = cand
+        for extra in ({},) + (variants if cand == fragment_ra_gemm.CANDIDATES[2] else ()):
+            compiled = fragment_ra_gemm.compile_offline(fmt, bt, bn, st, pipe, tma_out,
+                                                        act="bf16" if extra.get("BF16") else "fp16", **extra)
+            case = (cand, extra)
+            assert compiled.metadata.shared <= 227 * 1024, (case, compiled.metadata.shared)
+            with tempfile.TemporaryDirectory() as tmp:
+                ins = kernels_sass.sass_of(compiled.asm["cubin"], Path(tmp))
+            ops = collections.Counter(kernels_sass.opcode(t) for _, t in ins)
+            assert not _spills_inside_partitions(ins), case
+            dt = ".BF16" if extra.get("BF16") else ""
+            assert ops[f"HGMMA.64x{bt}x16.F32{dt}"] == 8, ops  # four a group in each consumer's loop
+            loop = _innermost_loop_holding(ins, "HGMMA")
+            lops = collections.Counter(kernels_sass.opcode(t) for t in loop)
+            assert lops["LDS.128"] == 4 and not lops["SHFL.IDX"] and not lops["STS"] and not lops["LDL"], lops
+            assert lops["WARPGROUP.DEPBAR.LE"] == 1 and lops["SYNCS.ARRIVE.TRANS64.A1T0"] == 1, lops
+            assert ops["UTMALDG.2D"] >= 1 and ops["UTMALDG.3D"] >= 1 and not ops["LDG.E.128"], ops
+            assert ops["USETMAXREG.TRY_ALLOC.CTAPOOL"] >= 1, ops
+            if tma_out:  # the outputs transposed into shared memory by stmatrix, out by TMA
+                assert ops["STSM.16.MT88.4"] and ops["UTMASTG.2D"] and not ops["STG.E.U16"], ops
+            else:
+                assert ops["STG.E.U16"] and not ops["UTMASTG.2D"], ops
+
+
+def test_ra_gemm_is_opt_in_from_513_rows_for_int4_and_nf4(monkeypatch):
+    from bitsmith.kernels import qmm
+
+    rw = repack(_quantize("int4_g64", torch.randn(256, 128) * 0.05), layout="fragment")
+    monkeypatch.setitem(fragment_ra_gemm.RA_GEMM, "enabled", False)
+    assert fragment_ra_gemm.configs(rw, 2048, torch.float16) == []
+    monkeypatch.setitem(fragment_ra_gemm.RA_GEMM, "enabled", True)
+    assert fragment_ra_gemm.configs(rw, 512, torch.float16) == []
+    assert fragment_ra_gemm.configs(rw, 2048, torch.float32) == []
+    cands = fragment_ra_gemm.configs(rw, 2048, torch.bfloat16)
+    assert [(c["BLOCK_T"], c["BLOCK_N"], c["STAGES"], c["PIPE"], c["TMA_OUT"]) for c in cands] == \
+        list(fragment_ra_gemm.CANDIDATES)
+    assert all(c in qmm._configs(rw, 2048, torch.float16) for c in cands)
+    nf4 = repack(_quantize("nf4_g128", torch.randn(256, 128) * 0.05), layout="fragment")
+    assert len(fragment_ra_gemm.configs(nf4, 2048, torch.float16)) == len(fragment_ra_gemm.CANDIDATES)
+    for name, n in (("int3_g64", 256), ("int4_g64", 260)):  # int3; scale rows TMA cannot read
+        other = repack(_quantize(name, torch.randn(n, 128) * 0.05), layout="fragment")
+        assert fragment_ra_gemm.configs(other, 2048, torch.float16) == [], name
+
+
 def test_wgmma_activation_tiles_follow_the_fragment_k_order():
     """The permutations the Hopper kernel stores its activations with (``TO_K_TOKEN``, and
     ``TO_TOKEN_K`` with ``K_MAJOR``), applied by torch to a ``[token, 64]`` tile viewed as
@@ -952,6 +1079,28 @@ def test_cuda_ws_gemm_equals_reference(name, monkeypatch):
     assert fragment_ws_gemm.supports(rw, wide[:, ::2]) is not None
     out = qmm._launch(rw, wide[:, ::2], b, fragment_ws_gemm.configs(rw, 600, dtype)[0])
     assert float((out.double() - ref).norm() / ref.norm()) < tol
+
+
+@needs_cuda
+@pytest.mark.parametrize("name", sorted(n for n, (_, _, fmt) in FORMATS.items() if fmt != "int3"))
+def test_cuda_ra_gemm_equals_reference(name, monkeypatch):
+    """The register-operand GEMM, every candidate, persistent over 1, 5 and all the SMs' programs:
+    600 rows (a partial token tile), N = 328 and 200 (partial channel tiles), K = 576 and 1000 (a
+    partial group), a bias, float16 and bfloat16."""
+    from bitsmith.kernels import qmm
+
+    monkeypatch.setitem(fragment_ra_gemm.RA_GEMM, "enabled", True)
+    for k, dtype, n in ((576, torch.float16, 328), (1000, torch.float16, 200), (576, torch.bfloat16, 328)):
+        _, rw, x, b, ref = _cuda_case(name, 600, n, k, dtype)
+        tol = 2e-3 if dtype == torch.float16 else 1.6e-2
+        cfgs = fragment_ra_gemm.configs(rw, 600, dtype)
+        assert cfgs, (name, n, k)
+        for sms in (1, 5, qmm._sm_count(x.device)):
+            monkeypatch.setattr(qmm, "_sm_count", lambda dev, sms=sms: sms)
+            for cfg in cfgs:
+                out = qmm._launch(rw, x, b, cfg)
+                assert out.dtype == dtype and out.shape == (600, n)
+                assert float((out.double() - ref).norm() / ref.norm()) < tol, (k, dtype, n, cfg, sms)
 
 
 @needs_cuda

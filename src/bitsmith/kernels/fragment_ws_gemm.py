@@ -120,9 +120,15 @@ if HAVE_GLUON:
         order, with the float32 scales ``sc`` and zeros ``zc`` (plus the magic where ``INT_ZERO``)
         of :func:`bitsmith.kernels.fragment_mma._group_meta`: the reference's float32
         dequantization rounded once (module docstring)."""
+        return _dequant_math(_a_operand(words, planes, 4, RB, a_layout, FMT, BF16), sc, zc, FMT, INT_ZERO, BF16)
+
+    @gluon.jit
+    def _dequant_math(a, sc, zc, FMT: gl.constexpr, INT_ZERO: gl.constexpr, BF16: gl.constexpr):
+        """``MAGIC + q`` (or a codebook's levels) ``a [n, 64]`` -> the weights, with a row's float32
+        scale ``sc`` and zero ``zc`` (plus the magic where ``INT_ZERO``): exact subtractions, then
+        one rounded product."""
         DT: gl.constexpr = gl.bfloat16 if BF16 else gl.float16
         MAGIC_F: gl.constexpr = 128.0 if BF16 else 1024.0
-        a = _a_operand(words, planes, 4, RB, a_layout, FMT, BF16)
         if FMT == 1:
             return a * sc.to(DT)[:, None]
         if INT_ZERO:  # (MAGIC + q) - (MAGIC + zero): exact

@@ -1,0 +1,394 @@
+"""The fragment layout's large-M GEMM with the weights as ``wgmma``'s register operand (Gluon,
+Hopper, sm_90; opt-in).
+
+The warp-specialized GEMM of :mod:`bitsmith.kernels.fragment_ws_gemm` dequantizes in two producer
+warpgroups, stores the weights to shared memory, fences them and announces them, and on the H100
+those producers' instructions set its pace (docs/gpu-kernels.md). Here the problem is transposed,
+``out^T = W x^T``: the weights are ``wgmma``'s 64-row A operand, held in registers, and the tokens
+are its ``N``. The consumers dequantize their own weights, with no store, fence or announcement in
+between, and the fragment words need no reordering through shared memory:
+
+* ``wgmma``'s register A operand has ``mma.m16n8k16``'s fragment in each warp: lane ``4 g + t``
+  holds, in its ``k`` 16 step ``s``, register ``(rr, rc)``'s halves ``h``, row ``g + 8 rr`` and
+  channel ``16 s + 8 rc + 2 t + h`` of the group (the activations come by TMA, channels in their
+  own order);
+* the fragment words hold channel ``16 t' + 4 s' + 2 rc' + h`` there (:func:`bitsmith.kernels.
+  fragment.physical_k`), so that channel is in lane ``4 g + s``'s word ``2 rc + t // 2``, register
+  ``rr + 2 (t % 2)`` (:func:`source_of`): every lane reads its quad's 16 words (four 16-byte
+  shared loads, the same for the quad's four lanes), keeps the two words of each ``(s, rc)`` its
+  ``t // 2`` picks, and cuts its two registers out of each with a shift by ``8 (t % 2)`` and
+  ``4 rr`` and a LOP3 (:func:`cut4_ptx`): the ``MAGIC + q`` halves the other kernels use;
+* then the exact subtraction of ``MAGIC + zero`` and the rounded product by the scale, as
+  :mod:`bitsmith.kernels.fragment_ws_gemm`'s producers do (the reference's dequantization
+  rounded once).
+
+Schedule: persistent (at most one program an SM, tiles ``program_id, program_id + grid, ..`` in
+grouped order), a ring of ``STAGES`` shared-memory slots, each one step (a group of 64 channels of
+one tile): the tile's ``BLOCK_T x 64`` activations, its ``BLOCK_N / 16`` row blocks' fragment
+words, scales and zeros, all by TMA from one loader warp, signalling one ``ready`` mbarrier; two
+consumer warpgroups, each owning 64 of the tile's ``BLOCK_N = 128`` channels and all its tokens
+(``[64, BLOCK_T]`` float32 accumulators): per step they wait for the slot, build their A operand,
+issue the ``wgmma`` and wait for it (a register operand must stay unchanged until its ``wgmma``
+is done; the other warpgroup's ``wgmma`` keeps the tensor cores busy meanwhile), then release
+the slot (``empty``, both consumers). The epilogue adds the bias and stores ``out[token,
+channel]`` with masks.
+
+int4 only (group-major words, the TMA conditions of
+:func:`bitsmith.kernels.fragment_ws_gemm.meta_tma_ok`); it is offered to the tuner only with
+``BITSMITH_FRAGMENT_RA_GEMM=1`` (:data:`RA_GEMM`).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from . import fragment_wgmma
+from .fragment_mma import FMT_IDS, HAVE_GLUON, MAGIC, _scale_steps, blocks_groups, table_planes
+from .layout import RuntimeWeight
+
+if HAVE_GLUON:
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma,
+                                                                   warpgroup_mma, warpgroup_mma_wait)
+
+    from .fragment_ws_gemm import _dequant_math, _meta_load
+    from .w8a8_wgmma import _tile_offsets
+
+#: whether the tuner is offered this kernel from :data:`MIN_M` rows on Hopper (``BITSMITH_FRAGMENT_RA_GEMM=1``)
+RA_GEMM = {"enabled": os.environ.get("BITSMITH_FRAGMENT_RA_GEMM", "") == "1"}
+MIN_M = 513
+#: ``(BLOCK_T, BLOCK_N, STAGES, PIPE, TMA_OUT)`` the tuner tries: tokens and channels of a tile
+#: (each consumer ``64 x BLOCK_T`` accumulators), ring slots of ``BLOCK_T x 64`` activations and
+#: the tile's words, whether a step's weights are built during the previous step's ``wgmma``, and
+#: whether the outputs leave through shared memory and TMA (32 KiB a consumer at 256 tokens)
+CANDIDATES = ((256, 128, 5, False, False), (256, 128, 5, True, False), (256, 128, 4, True, True),
+              (128, 128, 8, True, True))
+#: registers a thread of the second consumer warpgroup and of the loader warp ask for
+#: (``setmaxnreg``); the first consumer gets what is left of :data:`MAXNREG` x 384
+REGS = (232, 40)
+MAXNREG = 168
+
+
+def source_of(lane: int, reg: int, half: int, step: int) -> tuple[int, int, int]:
+    """``(lane, word, bit)`` of the fragment words holding the int4 code that ``wgmma``'s register
+    A operand wants in half ``half`` of register ``reg`` of lane ``lane`` at ``k`` 16 step
+    ``step`` (channel ``16 step + 8 (reg // 2) + 2 t + half`` of row ``g + 8 (reg % 2)``, in the
+    channels' own order): the module docstring's rule, which the tests check against
+    :func:`bitsmith.kernels.fragment.fragment_position` and :func:`~bitsmith.kernels.fragment.physical_k`."""
+    g, t = divmod(lane, 4)
+    rr, rc = reg % 2, reg // 2
+    return 4 * g + step, 2 * rc + t // 2, 4 * (rr + 2 * (t % 2)) + 16 * half
+
+
+def cut4_ptx(magic_bits: int) -> str:
+    """A word and a shift (``8 (t % 2)``) -> the two A registers ``rr = 0, 1`` it holds for this
+    lane, whole: ``$0``/``$1`` get the codes at bits ``shift + 4 rr`` and ``16 + shift + 4 rr``
+    OR'd into ``magic`` halves. ``pack=2`` operands: the word in ``$2`` (and ``$3``), the shift in
+    ``$4`` (and ``$5``)."""
+    magic = f"{magic_bits * 0x10001:#010x}"
+    return "\n".join(["{", ".reg .b32 t;", "shr.b32 t, $2, $4;", f"lop3.b32 $0, t, 0x000F000F, {magic}, 0xea;",
+                      "shr.b32 t, t, 4;", f"lop3.b32 $1, t, 0x000F000F, {magic}, 0xea;", "}"])
+
+
+def cut_lut_ptx() -> str:
+    """A codebook word and a shift (``16 (t % 2)``) -> the two A registers ``rr = 0, 1`` it holds
+    for this lane, whole: the 16-bit levels of the codes in bytes ``2 (t % 2)`` and ``2 (t % 2) + 1``
+    (a register's two codes a byte, :func:`bitsmith.kernels.fragment.code_bits`) looked up in the
+    byte planes as :func:`bitsmith.kernels.small_m._lut8_ptx` does for one half of a word. ``pack=2``
+    operands: the word in ``$2`` (and ``$3``), the shift in ``$4``, plane ``p`` in ``$6 + 2 p``."""
+    planes = [f"${6 + 2 * i}" for i in range(8)]
+    return "\n".join(["{", ".reg .b32 w, c, s, la, lb, ha, hb, lo, hi;", "shr.b32 w, $2, $4;", "and.b32 c, w, 0x7777;",
+                      "shr.b32 s, w, 1;", "and.b32 s, s, 0x4444;", "or.b32 s, s, 0x3210;",
+                      f"prmt.b32 la, {planes[0]}, {planes[1]}, c;", f"prmt.b32 lb, {planes[2]}, {planes[3]}, c;",
+                      f"prmt.b32 ha, {planes[4]}, {planes[5]}, c;", f"prmt.b32 hb, {planes[6]}, {planes[7]}, c;",
+                      "prmt.b32 lo, la, lb, s;", "prmt.b32 hi, ha, hb, s;", "prmt.b32 $0, lo, hi, 0x5140;",
+                      "prmt.b32 $1, lo, hi, 0x7362;", "}"])
+
+
+if HAVE_GLUON:
+    _CUT_LUT = gl.constexpr(cut_lut_ptx())
+    _CUT_LUT_CONSTRAINTS = gl.constexpr(",".join(["=r"] * 2 + ["r"] * 20))
+    _CUT4_F16 = gl.constexpr(cut4_ptx(MAGIC[torch.float16][0]))
+    _CUT4_BF16 = gl.constexpr(cut4_ptx(MAGIC[torch.bfloat16][0]))
+    _CONSUMER_REGS = gl.constexpr(REGS[0])
+    _LOADER_REGS = gl.constexpr(REGS[1])
+
+    @gluon.jit
+    def _lane_picks(UNIT: gl.constexpr):
+        """Each lane's ``t // 2 == 1`` (which word of a pair it cuts) and ``UNIT (t % 2)`` (its
+        shift: 8 bits for int4, 16 for a codebook) as ``[4, 8, 4, 4, 2]`` tensors laid out like the
+        picked words of :func:`_a_regs`."""
+        quad: gl.constexpr = gl.BlockedLayout([1, 1, 1, 16], [1, 8, 4, 1], [4, 1, 1, 1], [3, 2, 1, 0])
+        ot = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(3, quad))))
+        t = ot[None, None, :, None] + gl.zeros([4, 8, 4, 16], gl.int32, quad)
+        t0, _ = gl.split(gl.reshape(t, [4, 8, 4, 4, 2, 2]))  # [w, g, t, s, rc]: the pair's first word
+        return t0 >= 2, (t0 % 2) * UNIT
+
+    @gluon.jit
+    def _cut(p, sh, planes, FMT: gl.constexpr, BF16: gl.constexpr):
+        """Picked words ``p`` and shifts ``sh`` -> the two A registers ``(rr = 0, rr = 1)`` each
+        holds for its lane, halves joined last: ``MAGIC + q`` (int4, :func:`cut4_ptx`) or the
+        codebook's levels (:func:`cut_lut_ptx`)."""
+        dts: gl.constexpr = (gl.bfloat16, gl.bfloat16) if BF16 else (gl.float16, gl.float16)
+        if FMT == 1:
+            w2 = gl.join(p, p)
+            return gl.inline_asm_elementwise(_CUT_LUT, _CUT_LUT_CONSTRAINTS,
+                                             [w2, gl.join(sh, sh),
+                                              gl.full(w2.shape, planes[0], gl.int32, w2.type.layout),
+                                              gl.full(w2.shape, planes[1], gl.int32, w2.type.layout),
+                                              gl.full(w2.shape, planes[2], gl.int32, w2.type.layout),
+                                              gl.full(w2.shape, planes[3], gl.int32, w2.type.layout),
+                                              gl.full(w2.shape, planes[4], gl.int32, w2.type.layout),
+                                              gl.full(w2.shape, planes[5], gl.int32, w2.type.layout),
+                                              gl.full(w2.shape, planes[6], gl.int32, w2.type.layout),
+                                              gl.full(w2.shape, planes[7], gl.int32, w2.type.layout)],
+                                             dtype=dts, is_pure=True, pack=2)
+        cut: gl.constexpr = _CUT4_BF16 if BF16 else _CUT4_F16
+        return gl.inline_asm_elementwise(cut, "=r,=r,r,r,r,r", [gl.join(p, p), gl.join(sh, sh)], dtype=dts,
+                                         is_pure=True, pack=2)
+
+    @gluon.jit
+    def _a_regs(quad_smem, hi, shift, planes, a_layout: gl.constexpr, FMT: gl.constexpr, BF16: gl.constexpr):
+        """A warpgroup's four row blocks' words of one group (shared ``[4, 8, 16]``: a quad's 16 words)
+        -> its ``[64, 64]`` A operand of ``MAGIC + q`` halves or codebook levels, channels in their
+        own order (module docstring)."""
+        # a warpgroup's quad words [4 warps, 8 g, 4 t, 16 words]: a lane's 16 registers, the quad's lanes t the same
+        quad: gl.constexpr = gl.BlockedLayout([1, 1, 1, 16], [1, 8, 4, 1], [4, 1, 1, 1], [3, 2, 1, 0])
+        words = quad_smem.load(gl.SliceLayout(2, quad))  # [w, g, 16]: the quad's words
+        words = gl.expand_dims(words, 2) + gl.zeros([4, 8, 4, 16], gl.int32, quad)  # [w, g, t, 16]
+        w0, w1 = gl.split(gl.reshape(words, [4, 8, 4, 4, 2, 2]))  # word 4 s + 2 rc + j of lane 4 g + s
+        pick = gl.where(hi, w1, w0)  # [w, g, t, s, rc]: j = t // 2
+        sh0, sh1 = gl.split(shift)
+        p0, p1 = gl.split(pick)
+        o00, o10 = _cut(p0, sh0, planes, FMT, BF16)
+        o01, o11 = _cut(p1, sh1, planes, FMT, BF16)
+        a = gl.join(gl.join(o00, o10), gl.join(o01, o11))  # [w, g, t, s, h, rr, rc]
+        a = gl.permute(a, [0, 5, 1, 3, 6, 2, 4])  # [w, rr, g, s, rc, t, h]
+        a = gl.reshape(a, [64, 64])
+        return gl.convert_layout(a, a_layout, assert_trivial=True)
+
+    @gluon.jit
+    def _loader(x_desc, w_desc, s_desc, z_desc, x_smem, wq, sq, zq, ready, empty, M, N, NG,
+                BLOCK_T: gl.constexpr, BLOCK_N: gl.constexpr, GROUP_M: gl.constexpr, STAGES: gl.constexpr,
+                SG: gl.constexpr, ZQ: gl.constexpr):
+        """The loader warp: this program's steps in order, each into slot ``step % STAGES`` once
+        both consumers released it (a fresh barrier passes the first round): the words, scales
+        and zeros (:func:`bitsmith.kernels.fragment_ws_gemm._meta_load`) and the activations."""
+        RBW: gl.constexpr = BLOCK_N // 16
+        NBYTES: gl.constexpr = (BLOCK_T * 64 * 2 + RBW * 512
+                                + BLOCK_N * (sq.dtype.primitive_bitwidth // 8) * (2 if ZQ else 1))
+        num_t = (M + BLOCK_T - 1) // BLOCK_T
+        num_n = (N + BLOCK_N - 1) // BLOCK_N
+        step = 0
+        for tile in range(gl.program_id(0), num_t * num_n, gl.num_programs(0)):
+            off_t, off_n = _tile_offsets(tile, num_t, num_n, BLOCK_T, BLOCK_N, GROUP_M)
+            for g in range(NG):
+                slot = step % STAGES
+                mbarrier.wait(empty.index(slot), ((step // STAGES) & 1) ^ 1)
+                _meta_load(w_desc, s_desc, z_desc, wq.index(slot), sq.index(slot), zq.index(slot), ready.index(slot), g,
+                           off_n // 16, off_n, SG, ZQ, NBYTES)
+                tma.async_copy_global_to_shared(x_desc, [off_t, g * 64], ready.index(slot), x_smem.index(slot))
+                step += 1
+
+    @gluon.jit
+    def _weights(wq, sq, zq, ready, step, hi, shift, zconst, planes, a_layout: gl.constexpr, BLOCK_N: gl.constexpr,
+                 STAGES: gl.constexpr, FMT: gl.constexpr, ZQ: gl.constexpr, INT_ZERO: gl.constexpr,
+                 BF16: gl.constexpr, WG: gl.constexpr):
+        """Consumer ``WG``'s ``[64, 64]`` dequantized weights of the program's step ``step``, once its
+        slot has landed: the A operand (:func:`_a_regs`), the exact subtraction of ``MAGIC + zero``,
+        the rounded product by the scale."""
+        MAGIC_F: gl.constexpr = 128.0 if BF16 else 1024.0
+        row_layout: gl.constexpr = gl.SliceLayout(1, a_layout)
+        slot = step % STAGES
+        mbarrier.wait(ready.index(slot), (step // STAGES) & 1)
+        a = _a_regs(wq.index(slot).reshape([BLOCK_N // 16, 8, 16]).slice(4 * WG, 4), hi, shift, planes, a_layout, FMT,
+                    BF16)
+        sc = sq.index(slot).reshape([BLOCK_N]).slice(64 * WG, 64).load(row_layout).to(gl.float32)
+        if ZQ:
+            zc = zq.index(slot).reshape([BLOCK_N]).slice(64 * WG, 64).load(row_layout).to(gl.float32)
+        else:
+            zc = gl.full(sc.shape, 0.0, gl.float32, layout=row_layout) + zconst
+        if INT_ZERO:
+            zc = zc + MAGIC_F
+        return _dequant_math(a, sc, zc, FMT, INT_ZERO, BF16)
+
+    @gluon.jit
+    def _consumer(x_smem, wq, sq, zq, ready, empty, b_ptr, out_ptr, out_desc, o_smem, M, N, NG, stride_om, zconst,
+                  planes, BLOCK_T: gl.constexpr, BLOCK_N: gl.constexpr, GROUP_M: gl.constexpr, STAGES: gl.constexpr,
+                  FMT: gl.constexpr, ZQ: gl.constexpr, INT_ZERO: gl.constexpr, HAS_BIAS: gl.constexpr, BF16: gl.constexpr,
+                  PIPE: gl.constexpr, TMA_OUT: gl.constexpr, WG: gl.constexpr):
+        """Consumer warpgroup ``WG``: channels ``64 WG ..`` of every tile of this program, all its
+        tokens (module docstring). ``PIPE``: the next step's weights are built while this step's
+        ``wgmma`` runs (its registers kept alive until the wait), else after it. ``TMA_OUT``: the
+        tile's ``[BLOCK_T, 64]`` outputs go through shared memory (``o_smem``) and one TMA store
+        (rows and columns past the output clipped), else straight from the registers with masks."""
+        DT: gl.constexpr = gl.bfloat16 if BF16 else gl.float16
+        mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                      instr_shape=[16, BLOCK_T, 16])
+        a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
+        hi, shift = _lane_picks(16 if FMT == 1 else 8)
+        num_t = (M + BLOCK_T - 1) // BLOCK_T
+        num_n = (N + BLOCK_N - 1) // BLOCK_N
+        steps = ((num_t * num_n - gl.program_id(0) + gl.num_programs(0) - 1) // gl.num_programs(0)) * NG
+        step = 0
+        if PIPE:
+            a = _weights(wq, sq, zq, ready, 0, hi, shift, zconst, planes, a_layout, BLOCK_N, STAGES, FMT, ZQ, INT_ZERO,
+                         BF16, WG)
+        for tile in range(gl.program_id(0), num_t * num_n, gl.num_programs(0)):
+            off_t, off_n = _tile_offsets(tile, num_t, num_n, BLOCK_T, BLOCK_N, GROUP_M)
+            acc = gl.zeros([64, BLOCK_T], gl.float32, layout=mma)
+            for g in range(NG):
+                slot = step % STAGES
+                if not PIPE:
+                    a = _weights(wq, sq, zq, ready, step, hi, shift, zconst, planes, a_layout, BLOCK_N, STAGES, FMT,
+                                 ZQ, INT_ZERO, BF16, WG)
+                acc = warpgroup_mma(a, x_smem.index(slot).permute((1, 0)), acc, use_acc=g > 0, is_async=True)
+                if PIPE:
+                    if step + 1 < steps:
+                        a_next = _weights(wq, sq, zq, ready, step + 1, hi, shift, zconst, planes, a_layout, BLOCK_N,
+                                          STAGES, FMT, ZQ, INT_ZERO, BF16, WG)
+                    else:
+                        a_next = a
+                    acc, a = warpgroup_mma_wait(num_outstanding=0, deps=[acc, a])
+                    a = a_next
+                else:
+                    acc = warpgroup_mma_wait(num_outstanding=0, deps=[acc])
+                mbarrier.arrive(empty.index(slot), count=1)
+                step += 1
+            offs_c = off_n + 64 * WG + gl.arange(0, 64, layout=gl.SliceLayout(1, mma))
+            offs_t = off_t + gl.arange(0, BLOCK_T, layout=gl.SliceLayout(0, mma))
+            c_mask = offs_c < N
+            if HAS_BIAS:
+                acc += gl.load(b_ptr + offs_c, mask=c_mask, other=0.0).to(gl.float32)[:, None]
+            if TMA_OUT:
+                tma.store_wait(0)  # the previous tile's store has read the buffer
+                o_smem.permute((1, 0)).store(acc.to(DT))
+                fence_async_shared()
+                tma.async_copy_shared_to_global(out_desc, [off_t, off_n + 64 * WG], o_smem)
+            else:
+                gl.store(out_ptr + offs_t[None, :] * stride_om + offs_c[:, None], acc.to(DT),
+                         mask=c_mask[:, None] & (offs_t < M)[None, :])
+        if TMA_OUT:
+            tma.store_wait(0)
+
+    @gluon.jit
+    def _ra_gemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, M, N, K, NB, NG, L0, L1, L2, L3, H0, H1, H2, H3,
+                        zconst, stride_xm, stride_om, S_ROWS, BLOCK_T: gl.constexpr, BLOCK_N: gl.constexpr,
+                        GROUP_M: gl.constexpr, STAGES: gl.constexpr, SG: gl.constexpr, FMT: gl.constexpr, HAS_ZERO: gl.constexpr, INT_ZERO: gl.constexpr,
+                        HAS_BIAS: gl.constexpr, BF16: gl.constexpr, PIPE: gl.constexpr, TMA_OUT: gl.constexpr):
+        """``out = x @ W^T (+ bias)`` for int4 fragment words ``w_ptr`` in group-major order
+        (module docstring); launched with 4 warps (the first consumer), the second consumer and the
+        loader are worker partitions. ``x`` is ``[M, K]`` with ``K`` contiguous and rows 16-byte
+        aligned; the scales (and zeros) ``[S_ROWS, N]``; argument positions 0, 4 and 5 are the
+        activation, bias and output."""
+        DT: gl.constexpr = gl.bfloat16 if BF16 else gl.float16
+        MDT: gl.constexpr = s_ptr.dtype.element_ty
+        RBW: gl.constexpr = BLOCK_N // 16
+        ZQ: gl.constexpr = HAS_ZERO and FMT != 1
+        planes = (L0, L1, L2, L3, H0, H1, H2, H3)
+        x_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_T, 64], DT)
+        wq_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=3)
+        sq_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=MDT.primitive_bitwidth,
+                                                       rank=2)
+        x_desc = tma.make_tensor_descriptor(x_ptr, shape=[M, K], strides=[stride_xm, 1], block_shape=[BLOCK_T, 64],
+                                            layout=x_layout)
+        w_desc = tma.make_tensor_descriptor(w_ptr, shape=[NG, NB, 128], strides=[NB * 128, 128, 1],
+                                            block_shape=[1, RBW, 128], layout=wq_layout)
+        s_desc = tma.make_tensor_descriptor(s_ptr, shape=[S_ROWS, N], strides=[N, 1], block_shape=[1, BLOCK_N],
+                                            layout=sq_layout)
+        z_desc = tma.make_tensor_descriptor(z_ptr, shape=[S_ROWS, N], strides=[N, 1], block_shape=[1, BLOCK_N],
+                                            layout=sq_layout)
+        x_smem = gl.allocate_shared_memory(DT, [STAGES, BLOCK_T, 64], x_layout)
+        wq = gl.allocate_shared_memory(gl.int32, [STAGES, 1, RBW, 128], wq_layout)
+        sq = gl.allocate_shared_memory(MDT, [STAGES, 1, BLOCK_N], sq_layout)
+        zq = gl.allocate_shared_memory(MDT, [STAGES, 1, BLOCK_N], sq_layout)
+        if TMA_OUT:  # each consumer's [BLOCK_T, 64] outputs, stored by TMA
+            out_desc = tma.make_tensor_descriptor(out_ptr, shape=[M, N], strides=[stride_om, 1],
+                                                  block_shape=[BLOCK_T, 64], layout=x_layout)
+            o_smem = gl.allocate_shared_memory(DT, [2, BLOCK_T, 64], x_layout)
+        else:
+            out_desc = x_desc
+            o_smem = x_smem
+        ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(STAGES):
+            mbarrier.init(ready.index(i), count=1)  # the loader's expect
+            mbarrier.init(empty.index(i), count=2)  # one arrival from each consumer
+        fence_async_shared()
+        gl.warp_specialize([
+            (_consumer, (x_smem, wq, sq, zq, ready, empty, b_ptr, out_ptr, out_desc, o_smem.index(0), M, N, NG, stride_om,
+                         zconst, planes, BLOCK_T, BLOCK_N, GROUP_M, STAGES, FMT, ZQ, INT_ZERO, HAS_BIAS, BF16, PIPE,
+                         TMA_OUT, 0)),
+            (_consumer, (x_smem, wq, sq, zq, ready, empty, b_ptr, out_ptr, out_desc, o_smem.index(1), M, N, NG, stride_om,
+                         zconst, planes, BLOCK_T, BLOCK_N, GROUP_M, STAGES, FMT, ZQ, INT_ZERO, HAS_BIAS, BF16, PIPE,
+                         TMA_OUT, 1)),
+            (_loader, (x_desc, w_desc, s_desc, z_desc, x_smem, wq, sq, zq, ready, empty, M, N, NG, BLOCK_T, BLOCK_N,
+                       GROUP_M, STAGES, SG, ZQ)),
+        ], [4, 1], [_CONSUMER_REGS, _LOADER_REGS])
+
+
+def supports(rw: RuntimeWeight, x2: torch.Tensor) -> str | None:
+    """Why ``_ra_gemm_kernel`` cannot take ``rw`` with activations ``x2`` (``None`` when it can):
+    the fused GEMM's conditions (:func:`bitsmith.kernels.fragment_ws_gemm.supports`), int4 words
+    TMA can bring (:func:`bitsmith.kernels.fragment_ws_gemm.meta_tma_ok`)."""
+    from . import fragment_ws_gemm
+
+    why = fragment_ws_gemm.supports(rw, x2)
+    if why is not None:
+        return why
+    if rw.fragment_format == "int3":
+        return "int3 weights (the register-operand GEMM cuts int4 and codebook codes)"
+    if not fragment_ws_gemm.meta_tma_ok(rw):
+        return "words, scales or zeros TMA cannot bring (block-major words, or scale rows not 16-byte multiples)"
+    return None
+
+
+def configs(rw: RuntimeWeight, m: int, dtype: torch.dtype) -> list[dict]:
+    """:data:`CANDIDATES` at ``m`` rows (only with :data:`RA_GEMM` on, from :data:`MIN_M`, int4
+    weights TMA can read)."""
+    from . import fragment_ws_gemm
+
+    if (not RA_GEMM["enabled"] or m < MIN_M or rw.layout != "fragment" or dtype not in MAGIC
+            or rw.fragment_format == "int3" or not fragment_ws_gemm.meta_tma_ok(rw)):
+        return []
+    return [{"KERNEL": "fragment_ra_gemm", "BLOCK_T": bt, "BLOCK_N": bn, "STAGES": st, "PIPE": pipe, "TMA_OUT": tout,
+             "GROUP_M": 8, "num_warps": 4} for bt, bn, st, pipe, tout in CANDIDATES]
+
+
+def launch_args(rw: RuntimeWeight, x2: torch.Tensor, bias: torch.Tensor | None, cfg: dict, out: torch.Tensor,
+                sms: int):
+    """``(kernel, grid, args, constexprs, options)`` of one persistent launch writing ``out``
+    (at most one program an SM)."""
+    m, k = x2.shape
+    nb, ng = blocks_groups(rw)
+    tiles = -(-m // cfg["BLOCK_T"]) * -(-rw.n // cfg["BLOCK_N"])
+    dummy = rw.scale
+    args = (x2, rw.words, rw.scale, rw.zero if rw.zero is not None else dummy, bias if bias is not None else dummy, out,
+            m, rw.n, k, nb, ng, *table_planes(rw, x2.dtype), float(rw.zconst), x2.stride(0), out.stride(0),
+            rw.scale.numel() // rw.n)
+    consts = {"BLOCK_T": cfg["BLOCK_T"], "BLOCK_N": cfg["BLOCK_N"], "GROUP_M": cfg["GROUP_M"], "STAGES": cfg["STAGES"],
+              "PIPE": cfg["PIPE"], "TMA_OUT": cfg["TMA_OUT"],
+              "SG": _scale_steps(rw), "FMT": FMT_IDS[rw.fragment_format], "HAS_ZERO": rw.zero is not None, "INT_ZERO": rw.kind == "affine" and rw.int_zero,
+              "HAS_BIAS": bias is not None, "BF16": x2.dtype == torch.bfloat16}
+    return _ra_gemm_kernel, (min(tiles, sms),), args, consts, {"num_warps": cfg["num_warps"], "maxnreg": MAXNREG}
+
+
+def compile_offline(fmt: str = "int4", block_t: int = 256, block_n: int = 128, stages: int = 5, pipe: bool = True,
+                    tma_out: bool = False, act: str = "fp16", arch: int = 90, **consts):
+    """``_ra_gemm_kernel`` compiled for NVIDIA ``sm_<arch>`` on any machine, launched as
+    :func:`launch_args` does, for CI's checks of its machine code: groups of 64 with integer
+    zeros (codebooks: none), a bias, ``K`` and the strides multiples of 16, unless ``consts`` says
+    otherwise."""
+    from .small_m import _compile_offline
+
+    cx = {"BLOCK_T": block_t, "BLOCK_N": block_n, "GROUP_M": 8, "STAGES": stages, "PIPE": pipe, "TMA_OUT": tma_out, "SG": 1,
+          "FMT": FMT_IDS[fmt], "HAS_ZERO": fmt != "nf4", "INT_ZERO": fmt != "nf4", "HAS_BIAS": True, "BF16": act == "bf16",
+          **consts}
+    return _compile_offline(_ra_gemm_kernel, cx, act, 4, 1, arch, gluon=True, maxnreg=MAXNREG,
+                            aligned_ints=("N", "K", "stride_xm", "stride_om"))
+
+
+__all__ = ["RA_GEMM", "MIN_M", "CANDIDATES", "source_of", "cut4_ptx", "supports", "configs", "launch_args",
+           "compile_offline", "cut_lut_ptx"]
