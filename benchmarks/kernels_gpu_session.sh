@@ -32,8 +32,9 @@
 #       then every config with the words block-major and group-major (gluon_fragment_probe.py --orders block,group)
 #   OUT=/some/dir bash benchmarks/kernels_gpu_session.sh ws_gemm    # the fragment layout's warp-specialized GEMM at M = 2048
 #       (BITSMITH_FRAGMENT_WS_GEMM=1): its CUDA tests (TESTS=0: none), every config beside dequantize + cuBLAS, the M = 2048 table
-#   OUT=/some/dir bash benchmarks/kernels_gpu_session.sh ra_gemm    # the register-operand GEMM (BITSMITH_FRAGMENT_RA_GEMM=1)
+#   OUT=/some/dir bash benchmarks/kernels_gpu_session.sh ra_gemm    # the register-operand GEMM (int4 and NF4: BITSMITH_FRAGMENT_RA_GEMM=1)
 #       beside the warp-specialized one at M = 2048: their CUDA tests (TESTS=0: none), every config (RA_FORMATS, RA_SHAPES)
+#   OUT=/some/dir bash benchmarks/kernels_gpu_session.sh ra_ncu     # Nsight Compute on the register-operand GEMM (RA_TILE)
 #   OUT=/some/dir bash benchmarks/kernels_gpu_session.sh ws_ncu     # Nsight Compute on the fused GEMM (full set, its SASS with
 #       stall samples: ws_gemm_sass.csv) and on cuBLAS's float16 matmul at M = 2048 (benchmarks/ws_gemm_ncu_probe.py)
 #   OUT=/some/dir bash benchmarks/kernels_gpu_session.sh wide       # the fragment layout's kernels for more tokens:
@@ -284,10 +285,12 @@ ws_gemm)  # the fragment layout's warp-specialized GEMM for large M (BITSMITH_FR
     python3 benchmarks/kernels_bench.py --m 2048 --formats int4_g64,int4_g128,int3_g64,nf4_g64 --no-w8a8 --reps 10 \
     --name kernels_m2048_ws_gemm
   ;;
-ra_gemm)  # the register-operand GEMM (BITSMITH_FRAGMENT_RA_GEMM=1) beside the warp-specialized one: tests, every config
-  export BITSMITH_FRAGMENT_RA_GEMM=1 BITSMITH_FRAGMENT_WS_GEMM=1
-  [ "${TESTS:-1}" = 0 ] || TEST_FILES="tests/test_fragment.py" TEST_K=${TEST_K:-"cuda and (ra_gemm or ws_gemm)"} \
-    T_TESTS=${T_TESTS:-150} tests_or_stop
+ra_gemm)  # the register-operand GEMM (int4 and NF4: BITSMITH_FRAGMENT_RA_GEMM=1): its tests,
+  # every config beside dequantize + cuBLAS (WS=1: the warp-specialized GEMM's too)
+  export BITSMITH_FRAGMENT_RA_GEMM=1
+  [ "${TESTS:-1}" = 0 ] || BITSMITH_FRAGMENT_WS_GEMM=1 TEST_FILES="tests/test_fragment.py" \
+    TEST_K=${TEST_K:-"cuda and ra_gemm"} T_TESTS=${T_TESTS:-200} tests_or_stop
+  [ "${WS:-0}" = 0 ] || export BITSMITH_FRAGMENT_WS_GEMM=1
   step configs.txt "${T_CFG:-300}" "grep -E 'fp16|x[0-9]|WRONG|fail'" kernels_configs_ra_gemm \
     python3 benchmarks/kernels_configs.py --layout fragment --m 2048 --formats "${RA_FORMATS:-int4_g64,int4_g128,nf4_g64}" \
     --shapes "${RA_SHAPES:-4096x4096,14336x4096,4096x14336,28672x8192}" --reps 10 --top 8 --name kernels_configs_ra_gemm
@@ -302,6 +305,13 @@ ws_ncu)  # Nsight Compute on the fused GEMM beside cuBLAS: the summary, the GEMM
   ncu_step ncu_cublas.txt "${T_NCU:-150}" "grep -E '^  [a-zA-Z_].*\\(|Duration|L1/TEX Cache|highest-utilized' | head -40" \
     --section SpeedOfLight --section ComputeWorkloadAnalysis --section WarpStateStats -k "regex:gemm|nvjet|xmma|cutlass" \
     python3 benchmarks/ws_gemm_ncu_probe.py --shapes "${WS_SHAPES:-4096x4096}" --formats int4_g64
+  ;;
+ra_ncu)  # Nsight Compute on the register-operand GEMM (RA_TILE: the probe's --tile), its SASS with stall samples
+  ncu_step ncu_ra_gemm.txt "${T_NCU:-200}" "grep -E '^  [a-zA-Z_].*\\(|Duration|Compute \\(SM\\) Throughput|L1/TEX Cache|highest-utilized' | head -40" \
+    --set full --import-source yes -o "$OUT/ra_gemm" -k "regex:_ra_gemm_kernel" -c 1 \
+    python3 benchmarks/ws_gemm_ncu_probe.py --ra --tile "${RA_TILE:-256x128x5x1x0}" --shapes "${WS_SHAPES:-4096x4096}" \
+    --formats "${WS_FORMATS:-int4_g64}"
+  ncu -i "$OUT/ra_gemm.ncu-rep" --page source --csv --print-source sass > "$OUT/ra_gemm_sass.csv" 2>&1
   ;;
 wide)  # the wide Gluon tiles and the wgmma kernel: tests, then M = 16..128 in both layouts
   TEST_FILES=tests/test_fragment.py TEST_K="cuda and (wide or gemm or wgmma)" T_TESTS=${T_TESTS:-180} tests_or_stop

@@ -166,11 +166,11 @@ def _fragment_wide_cases() -> float:
 
 
 def _fragment_ws_gemm_cases() -> float:
-    """The fragment layout's warp-specialized GEMM and its register-operand GEMM (Hopper; tried
-    whatever ``BITSMITH_FRAGMENT_WS_GEMM`` and ``BITSMITH_FRAGMENT_RA_GEMM`` say; the second takes int4 at 328 only) at 600 rows (a partial row tile), N = 328 and 333 (a
-    partial column tile; TMA brings the producers' words, scales and zeros only at 328), K = 1000
-    (a partial group), group-major words, over 5 programs; worst relative error against
-    float64."""
+    """The fragment layout's warp-specialized GEMM and its register-operand GEMM (Hopper; both tried
+    whatever ``BITSMITH_FRAGMENT_WS_GEMM`` and ``BITSMITH_FRAGMENT_RA_GEMM`` say; the second takes
+    int4 and NF4 at N = 328 only) at 600 rows (a partial row tile), N = 328 and 333 (a partial
+    column tile; TMA brings the producers' words, scales and zeros only at 328), K = 1000 (a
+    partial group), group-major words, over 5 programs; worst relative error against float64."""
     from unittest import mock
 
     from bitsmith.kernels import fragment_ra_gemm, fragment_ws_gemm
@@ -179,7 +179,7 @@ def _fragment_ws_gemm_cases() -> float:
     if not fragment_mma.HAVE_GLUON or torch.cuda.get_device_capability() != (9, 0):
         return worst
     with mock.patch.dict(fragment_ws_gemm.WS_GEMM, {"enabled": True}), \
-            mock.patch.dict(fragment_ra_gemm.RA_GEMM, {"enabled": True}), mock.patch.object(qmm, "_sm_count", lambda dev: 5):
+            mock.patch.dict(fragment_ra_gemm.RA_GEMM, {"formats": ("int4", "nf4")}), mock.patch.object(qmm, "_sm_count", lambda dev: 5):
         for (method, opts), n in ((c, n) for c in FRAGMENT_CASES for n in (328, 333)):
             qt = bitsmith.quantize_tensor(torch.randn(n, 1000, device="cuda") * 0.02, method, **opts)
             rw = repack(qt, layout="fragment", order="group")

@@ -757,8 +757,9 @@ def test_ws_gemm_is_opt_in_from_513_rows(monkeypatch):
 @pytest.mark.parametrize("magic", [0x6400, 0x4300], ids=["float16", "bfloat16"])
 def test_ra_gemm_cuts_each_lanes_wgmma_registers_from_its_quads_words(magic):
     """The register-operand GEMM's A operand, emulated lane by lane on packed int4 fragment words:
-    lane ``4 g + t`` takes word ``2 rc + t // 2`` of lane ``4 g + s`` (its quad's 16 words) and
-    cuts it with :func:`fragment_ra_gemm.cut4_ptx` at shift ``8 (t % 2)``; register ``rr`` half
+    lane ``4 g + t`` gives words ``2 rc`` and ``2 rc + 1`` of lane ``4 g + s`` (its quad's 16
+    words) and its :func:`fragment_ra_gemm.selector` to :func:`fragment_ra_gemm.cut4_ptx`;
+    register ``rr`` half
     ``h`` must be ``magic | q`` of row ``g + 8 rr``, channel ``16 s + 8 rc + 2 t + h`` in the
     channels' own order: ``wgmma``'s register fragment (the PTX ISA's ``m16n8k16`` A layout in each
     warp), with no permutation of the activations. :func:`fragment_ra_gemm.source_of` states the
@@ -771,8 +772,9 @@ def test_ra_gemm_cuts_each_lanes_wgmma_registers_from_its_quads_words(magic):
         g, t = divmod(lane, 4)
         for s_ in range(4):
             for rc in range(2):
-                word = words[(4 * g + s_) * 4 + 2 * rc + t // 2] & 0xFFFFFFFF
-                regs = run_ptx(ptx, {"$2": word, "$3": word, "$4": 8 * (t % 2), "$5": 8 * (t % 2)})
+                pair = [words[(4 * g + s_) * 4 + 2 * rc + j] & 0xFFFFFFFF for j in (0, 1)]
+                sel = fragment_ra_gemm.selector(t, codebook=False)
+                regs = run_ptx(ptx, {"$2": pair[0], "$3": pair[0], "$4": pair[1], "$5": pair[1], "$6": sel, "$7": sel})
                 for rr in range(2):
                     for h in range(2):
                         q = int(codes[g + 8 * rr, 16 * s_ + 8 * rc + 2 * t + h])
@@ -793,8 +795,8 @@ def _innermost_loop_holding(ins, prefix: str) -> list:
 
 
 def test_ra_gemm_cuts_codebook_levels_from_its_quads_words():
-    """NF4 in the register-operand GEMM, emulated lane by lane: the picked word (as for int4) run
-    through :func:`fragment_ra_gemm.cut_lut_ptx` at shift ``16 (t % 2)`` gives register ``rr``'s
+    """NF4 in the register-operand GEMM, emulated lane by lane: the word pair (as for int4) and the
+    lane's codebook selector run through :func:`fragment_ra_gemm.cut_lut_ptx` give register ``rr``'s
     float16 levels of row ``g + 8 rr``, channels ``16 s + 8 rc + 2 t + h`` (the codebook's byte
     planes, ``pack=2`` operands)."""
     import numpy as np
@@ -813,10 +815,11 @@ def test_ra_gemm_cuts_codebook_levels_from_its_quads_words():
         g, t = divmod(lane, 4)
         for s_ in range(4):
             for rc in range(2):
-                word = words[(4 * g + s_) * 4 + 2 * rc + t // 2] & 0xFFFFFFFF
-                regs = run_ptx(ptx, {"$2": word, "$3": word, "$4": 16 * (t % 2), "$5": 16 * (t % 2),
-                                     **{f"${6 + 2 * p}": v & 0xFFFFFFFF for p, v in enumerate(planes)},
-                                     **{f"${7 + 2 * p}": v & 0xFFFFFFFF for p, v in enumerate(planes)}})
+                pair = [words[(4 * g + s_) * 4 + 2 * rc + j] & 0xFFFFFFFF for j in (0, 1)]
+                sel = fragment_ra_gemm.selector(t, codebook=True)
+                regs = run_ptx(ptx, {"$2": pair[0], "$3": pair[0], "$4": pair[1], "$5": pair[1], "$6": sel, "$7": sel,
+                                     **{f"${8 + 2 * p}": v & 0xFFFFFFFF for p, v in enumerate(planes)},
+                                     **{f"${9 + 2 * p}": v & 0xFFFFFFFF for p, v in enumerate(planes)}})
                 for rr in range(2):
                     for h in range(2):
                         q = int(codes[g + 8 * rr, 16 * s_ + 8 * rc + 2 * t + h])
@@ -827,7 +830,7 @@ def test_ra_gemm_cuts_codebook_levels_from_its_quads_words():
 @needs_gluon
 @pytest.mark.parametrize("fmt", ["int4", "nf4"])
 def test_ra_gemm_compiles_for_sm90(fmt):
-    """The register-operand GEMM compiled for sm_90, every candidate (the third also in bfloat16,
+    """The register-operand GEMM compiled for sm_90, every candidate (the first also in bfloat16,
     without a bias or zeros, per-row scales, float zeros): no partition spills, fits the H100's
     227 KiB, each consumer's loop reads its quad's words with four 16-byte shared loads, cuts and
     dequantizes them in registers (no shuffle, no shared store) and issues four
@@ -838,7 +841,7 @@ def test_ra_gemm_compiles_for_sm90(fmt):
                                                                                    if fmt == "int4" else ())
     for cand in fragment_ra_gemm.CANDIDATES:
         bt, bn, st, pipe, tma_out = cand
-        for extra in ({},) + (variants if cand == fragment_ra_gemm.CANDIDATES[2] else ()):
+        for extra in ({},) + (variants if cand == fragment_ra_gemm.CANDIDATES[0] else ()):
             compiled = fragment_ra_gemm.compile_offline(fmt, bt, bn, st, pipe, tma_out,
                                                         act="bf16" if extra.get("BF16") else "fp16", **extra)
             case = (cand, extra)
@@ -861,13 +864,17 @@ def test_ra_gemm_compiles_for_sm90(fmt):
                 assert ops["STG.E.U16"] and not ops["UTMASTG.2D"], ops
 
 
-def test_ra_gemm_is_opt_in_from_513_rows_for_int4_and_nf4(monkeypatch):
+def test_ra_gemm_is_offered_from_513_rows_for_int4_and_on_request_nf4(monkeypatch):
     from bitsmith.kernels import qmm
 
     rw = repack(_quantize("int4_g64", torch.randn(256, 128) * 0.05), layout="fragment")
-    monkeypatch.setitem(fragment_ra_gemm.RA_GEMM, "enabled", False)
+    assert fragment_ra_gemm.configs(rw, 2048, torch.float16) == []  # a CPU weight: Hopper only
+    monkeypatch.setattr(fragment_wgmma, "supports", lambda rw_, dtype: None if dtype in fragment_mma.MAGIC else "dtype")
+    assert fragment_ra_gemm._offered("") == ("int4",) and fragment_ra_gemm._offered("0") == ()
+    assert fragment_ra_gemm._offered("1") == ("int4", "nf4")
+    monkeypatch.setitem(fragment_ra_gemm.RA_GEMM, "formats", ())
     assert fragment_ra_gemm.configs(rw, 2048, torch.float16) == []
-    monkeypatch.setitem(fragment_ra_gemm.RA_GEMM, "enabled", True)
+    monkeypatch.setitem(fragment_ra_gemm.RA_GEMM, "formats", ("int4",))
     assert fragment_ra_gemm.configs(rw, 512, torch.float16) == []
     assert fragment_ra_gemm.configs(rw, 2048, torch.float32) == []
     cands = fragment_ra_gemm.configs(rw, 2048, torch.bfloat16)
@@ -875,6 +882,8 @@ def test_ra_gemm_is_opt_in_from_513_rows_for_int4_and_nf4(monkeypatch):
         list(fragment_ra_gemm.CANDIDATES)
     assert all(c in qmm._configs(rw, 2048, torch.float16) for c in cands)
     nf4 = repack(_quantize("nf4_g128", torch.randn(256, 128) * 0.05), layout="fragment")
+    assert fragment_ra_gemm.configs(nf4, 2048, torch.float16) == []  # NF4 only when asked for
+    monkeypatch.setitem(fragment_ra_gemm.RA_GEMM, "formats", ("int4", "nf4"))
     assert len(fragment_ra_gemm.configs(nf4, 2048, torch.float16)) == len(fragment_ra_gemm.CANDIDATES)
     for name, n in (("int3_g64", 256), ("int4_g64", 260)):  # int3; scale rows TMA cannot read
         other = repack(_quantize(name, torch.randn(n, 128) * 0.05), layout="fragment")
@@ -1089,7 +1098,7 @@ def test_cuda_ra_gemm_equals_reference(name, monkeypatch):
     partial group), a bias, float16 and bfloat16."""
     from bitsmith.kernels import qmm
 
-    monkeypatch.setitem(fragment_ra_gemm.RA_GEMM, "enabled", True)
+    monkeypatch.setitem(fragment_ra_gemm.RA_GEMM, "formats", ("int4", "nf4"))
     for k, dtype, n in ((576, torch.float16, 328), (1000, torch.float16, 200), (576, torch.bfloat16, 328)):
         _, rw, x, b, ref = _cuda_case(name, 600, n, k, dtype)
         tol = 2e-3 if dtype == torch.float16 else 1.6e-2

@@ -15,9 +15,11 @@ between, and the fragment words need no reordering through shared memory:
 * the fragment words hold channel ``16 t' + 4 s' + 2 rc' + h`` there (:func:`bitsmith.kernels.
   fragment.physical_k`), so that channel is in lane ``4 g + s``'s word ``2 rc + t // 2``, register
   ``rr + 2 (t % 2)`` (:func:`source_of`): every lane reads its quad's 16 words (four 16-byte
-  shared loads, the same for the quad's four lanes), keeps the two words of each ``(s, rc)`` its
-  ``t // 2`` picks, and cuts its two registers out of each with a shift by ``8 (t % 2)`` and
-  ``4 rr`` and a LOP3 (:func:`cut4_ptx`): the ``MAGIC + q`` halves the other kernels use;
+  shared loads, the same for the quad's four lanes); for each ``(s, rc)`` one ``prmt`` with the
+  lane's own selector (:func:`selector`) takes its two bytes out of the word pair ``t // 2``
+  chooses from, and a LOP3 (and a shift) make each of its two registers (:func:`cut4_ptx`): the
+  ``MAGIC + q`` halves the other kernels use. NF4 looks the same bytes up in the byte planes
+  (:func:`cut_lut_ptx`);
 * then the exact subtraction of ``MAGIC + zero`` and the rounded product by the scale, as
   :mod:`bitsmith.kernels.fragment_ws_gemm`'s producers do (the reference's dequantization
   rounded once).
@@ -56,14 +58,26 @@ if HAVE_GLUON:
     from .fragment_ws_gemm import _dequant_math, _meta_load
     from .w8a8_wgmma import _tile_offsets
 
-#: whether the tuner is offered this kernel from :data:`MIN_M` rows on Hopper (``BITSMITH_FRAGMENT_RA_GEMM=1``)
-RA_GEMM = {"enabled": os.environ.get("BITSMITH_FRAGMENT_RA_GEMM", "") == "1"}
+
+
+def _offered(setting: str) -> tuple[str, ...]:
+    """The fragment formats ``BITSMITH_FRAGMENT_RA_GEMM`` offers this kernel for: unset, int4; ``1``,
+    int4 and NF4; ``0``, none."""
+    return {"0": (), "1": ("int4", "nf4")}.get(setting, ("int4",))
+
+
+#: the fragment formats the tuner is offered this kernel for from :data:`MIN_M` rows on Hopper. int4
+#: by default: on the H100 at M = 2048 it ran at 0.92-0.98x fp16 where dequantize + cuBLAS ran at
+#: 0.84-0.86x (kernels_configs_ra_gemm_h100.txt). NF4 only with ``BITSMITH_FRAGMENT_RA_GEMM=1``: its
+#: lookup made it 0.80-0.86x, level with dequantize + cuBLAS (0.83-0.86x), and the tuner's short
+#: timings once picked it where it was slower (kernels_m2048_ra_h100.json, 28672x8192)
+RA_GEMM = {"formats": _offered(os.environ.get("BITSMITH_FRAGMENT_RA_GEMM", ""))}
 MIN_M = 513
 #: ``(BLOCK_T, BLOCK_N, STAGES, PIPE, TMA_OUT)`` the tuner tries: tokens and channels of a tile
 #: (each consumer ``64 x BLOCK_T`` accumulators), ring slots of ``BLOCK_T x 64`` activations and
 #: the tile's words, whether a step's weights are built during the previous step's ``wgmma``, and
 #: whether the outputs leave through shared memory and TMA (32 KiB a consumer at 256 tokens)
-CANDIDATES = ((256, 128, 5, False, False), (256, 128, 5, True, False), (256, 128, 4, True, True),
+CANDIDATES = ((256, 128, 4, True, True), (256, 128, 5, True, False), (256, 128, 5, False, False),
               (128, 128, 8, True, True))
 #: registers a thread of the second consumer warpgroup and of the loader warp ask for
 #: (``setmaxnreg``); the first consumer gets what is left of :data:`MAXNREG` x 384
@@ -82,25 +96,41 @@ def source_of(lane: int, reg: int, half: int, step: int) -> tuple[int, int, int]
     return 4 * g + step, 2 * rc + t // 2, 4 * (rr + 2 * (t % 2)) + 16 * half
 
 
+def selector(t: int, codebook: bool) -> int:
+    """``prmt``'s selector that takes lane ``4 g + t``'s bytes out of a pair of words (the first in
+    bytes 0-3, the second in 4-7; it needs the word ``t // 2``): int4 bytes ``t % 2`` and ``2 +
+    t % 2`` (registers ``2 (t % 2)`` and ``2 (t % 2) + 1``, both halves) into bytes 0 (and 1) and 2
+    (and 3); a codebook's bytes ``2 (t % 2)`` and ``2 (t % 2) + 1`` (a register's two codes a byte)
+    into bytes 0 and 1 (and 2, 3)."""
+    if codebook:
+        lo = 4 * (t // 2) + 2 * (t % 2)
+        a, b = lo, lo + 1
+    else:
+        a = 4 * (t // 2) + t % 2
+        b = a + 2
+    return a | (b if codebook else a) << 4 | (a if codebook else b) << 8 | b << 12
+
+
 def cut4_ptx(magic_bits: int) -> str:
-    """A word and a shift (``8 (t % 2)``) -> the two A registers ``rr = 0, 1`` it holds for this
-    lane, whole: ``$0``/``$1`` get the codes at bits ``shift + 4 rr`` and ``16 + shift + 4 rr``
-    OR'd into ``magic`` halves. ``pack=2`` operands: the word in ``$2`` (and ``$3``), the shift in
-    ``$4`` (and ``$5``)."""
+    """A pair of words and the lane's :func:`selector` -> the two A registers ``rr = 0, 1`` they
+    hold for this lane, whole: one ``prmt`` takes the lane's two bytes, then ``$0``/``$1`` get their
+    low and high nibbles OR'd into ``magic`` halves. ``pack=2`` operands: the words in ``$2`` and
+    ``$4`` (and ``$3``, ``$5``), the selector in ``$6`` (and ``$7``)."""
     magic = f"{magic_bits * 0x10001:#010x}"
-    return "\n".join(["{", ".reg .b32 t;", "shr.b32 t, $2, $4;", f"lop3.b32 $0, t, 0x000F000F, {magic}, 0xea;",
-                      "shr.b32 t, t, 4;", f"lop3.b32 $1, t, 0x000F000F, {magic}, 0xea;", "}"])
+    return "\n".join(["{", ".reg .b32 x, t;", "prmt.b32 x, $2, $4, $6;", f"lop3.b32 $0, x, 0x000F000F, {magic}, 0xea;",
+                      "shr.b32 t, x, 4;", f"lop3.b32 $1, t, 0x000F000F, {magic}, 0xea;", "}"])
 
 
 def cut_lut_ptx() -> str:
-    """A codebook word and a shift (``16 (t % 2)``) -> the two A registers ``rr = 0, 1`` it holds
-    for this lane, whole: the 16-bit levels of the codes in bytes ``2 (t % 2)`` and ``2 (t % 2) + 1``
-    (a register's two codes a byte, :func:`bitsmith.kernels.fragment.code_bits`) looked up in the
-    byte planes as :func:`bitsmith.kernels.small_m._lut8_ptx` does for one half of a word. ``pack=2``
-    operands: the word in ``$2`` (and ``$3``), the shift in ``$4``, plane ``p`` in ``$6 + 2 p``."""
-    planes = [f"${6 + 2 * i}" for i in range(8)]
-    return "\n".join(["{", ".reg .b32 w, c, s, la, lb, ha, hb, lo, hi;", "shr.b32 w, $2, $4;", "and.b32 c, w, 0x7777;",
-                      "shr.b32 s, w, 1;", "and.b32 s, s, 0x4444;", "or.b32 s, s, 0x3210;",
+    """A pair of codebook words and the lane's :func:`selector` -> the two A registers ``rr = 0, 1``
+    they hold for this lane, whole: one ``prmt`` takes the lane's two bytes (a register's two codes
+    a byte, :func:`bitsmith.kernels.fragment.code_bits`), whose 16-bit levels are looked up in the
+    byte planes as :func:`bitsmith.kernels.small_m._lut8_ptx` does for one half of a word.
+    ``pack=2`` operands: the words in ``$2`` and ``$4``, the selector in ``$6``, plane ``p`` in ``$8
+    + 2 p``."""
+    planes = [f"${8 + 2 * i}" for i in range(8)]
+    return "\n".join(["{", ".reg .b32 w, c, s, la, lb, ha, hb, lo, hi;", "prmt.b32 w, $2, $4, $6;",
+                      "and.b32 c, w, 0x7777;", "shr.b32 s, w, 1;", "and.b32 s, s, 0x4444;", "or.b32 s, s, 0x3210;",
                       f"prmt.b32 la, {planes[0]}, {planes[1]}, c;", f"prmt.b32 lb, {planes[2]}, {planes[3]}, c;",
                       f"prmt.b32 ha, {planes[4]}, {planes[5]}, c;", f"prmt.b32 hb, {planes[6]}, {planes[7]}, c;",
                       "prmt.b32 lo, la, lb, s;", "prmt.b32 hi, ha, hb, s;", "prmt.b32 $0, lo, hi, 0x5140;",
@@ -109,33 +139,36 @@ def cut_lut_ptx() -> str:
 
 if HAVE_GLUON:
     _CUT_LUT = gl.constexpr(cut_lut_ptx())
-    _CUT_LUT_CONSTRAINTS = gl.constexpr(",".join(["=r"] * 2 + ["r"] * 20))
+    _CUT_LUT_CONSTRAINTS = gl.constexpr(",".join(["=r"] * 2 + ["r"] * 22))
     _CUT4_F16 = gl.constexpr(cut4_ptx(MAGIC[torch.float16][0]))
     _CUT4_BF16 = gl.constexpr(cut4_ptx(MAGIC[torch.bfloat16][0]))
     _CONSUMER_REGS = gl.constexpr(REGS[0])
     _LOADER_REGS = gl.constexpr(REGS[1])
 
     @gluon.jit
-    def _lane_picks(UNIT: gl.constexpr):
-        """Each lane's ``t // 2 == 1`` (which word of a pair it cuts) and ``UNIT (t % 2)`` (its
-        shift: 8 bits for int4, 16 for a codebook) as ``[4, 8, 4, 4, 2]`` tensors laid out like the
-        picked words of :func:`_a_regs`."""
+    def _lane_selectors(CODEBOOK: gl.constexpr):
+        """Each lane's :func:`selector` as a ``[4, 8, 4, 4, 2]`` tensor laid out like the word pairs
+        of :func:`_a_regs`."""
         quad: gl.constexpr = gl.BlockedLayout([1, 1, 1, 16], [1, 8, 4, 1], [4, 1, 1, 1], [3, 2, 1, 0])
         ot = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(3, quad))))
         t = ot[None, None, :, None] + gl.zeros([4, 8, 4, 16], gl.int32, quad)
-        t0, _ = gl.split(gl.reshape(t, [4, 8, 4, 4, 2, 2]))  # [w, g, t, s, rc]: the pair's first word
-        return t0 >= 2, (t0 % 2) * UNIT
+        t, _ = gl.split(gl.reshape(t, [4, 8, 4, 4, 2, 2]))  # [w, g, t, s, rc]
+        if CODEBOOK:
+            a = 4 * (t // 2) + 2 * (t % 2)
+            return a | (a + 1) << 4 | a << 8 | (a + 1) << 12
+        a = 4 * (t // 2) + t % 2
+        return a | a << 4 | (a + 2) << 8 | (a + 2) << 12
 
     @gluon.jit
-    def _cut(p, sh, planes, FMT: gl.constexpr, BF16: gl.constexpr):
-        """Picked words ``p`` and shifts ``sh`` -> the two A registers ``(rr = 0, rr = 1)`` each
-        holds for its lane, halves joined last: ``MAGIC + q`` (int4, :func:`cut4_ptx`) or the
-        codebook's levels (:func:`cut_lut_ptx`)."""
+    def _cut(w0, w1, sel, planes, FMT: gl.constexpr, BF16: gl.constexpr):
+        """Word pairs ``w0, w1`` and the lanes' selectors ``sel`` -> the two A registers ``(rr = 0, rr
+        = 1)`` each pair holds for its lane, halves joined last: ``MAGIC + q`` (int4,
+        :func:`cut4_ptx`) or the codebook's levels (:func:`cut_lut_ptx`)."""
         dts: gl.constexpr = (gl.bfloat16, gl.bfloat16) if BF16 else (gl.float16, gl.float16)
+        w2 = gl.join(w0, w0)
         if FMT == 1:
-            w2 = gl.join(p, p)
             return gl.inline_asm_elementwise(_CUT_LUT, _CUT_LUT_CONSTRAINTS,
-                                             [w2, gl.join(sh, sh),
+                                             [w2, gl.join(w1, w1), gl.join(sel, sel),
                                               gl.full(w2.shape, planes[0], gl.int32, w2.type.layout),
                                               gl.full(w2.shape, planes[1], gl.int32, w2.type.layout),
                                               gl.full(w2.shape, planes[2], gl.int32, w2.type.layout),
@@ -146,11 +179,11 @@ if HAVE_GLUON:
                                               gl.full(w2.shape, planes[7], gl.int32, w2.type.layout)],
                                              dtype=dts, is_pure=True, pack=2)
         cut: gl.constexpr = _CUT4_BF16 if BF16 else _CUT4_F16
-        return gl.inline_asm_elementwise(cut, "=r,=r,r,r,r,r", [gl.join(p, p), gl.join(sh, sh)], dtype=dts,
+        return gl.inline_asm_elementwise(cut, "=r,=r,r,r,r,r,r,r", [w2, gl.join(w1, w1), gl.join(sel, sel)], dtype=dts,
                                          is_pure=True, pack=2)
 
     @gluon.jit
-    def _a_regs(quad_smem, hi, shift, planes, a_layout: gl.constexpr, FMT: gl.constexpr, BF16: gl.constexpr):
+    def _a_regs(quad_smem, sel, planes, a_layout: gl.constexpr, FMT: gl.constexpr, BF16: gl.constexpr):
         """A warpgroup's four row blocks' words of one group (shared ``[4, 8, 16]``: a quad's 16 words)
         -> its ``[64, 64]`` A operand of ``MAGIC + q`` halves or codebook levels, channels in their
         own order (module docstring)."""
@@ -159,11 +192,11 @@ if HAVE_GLUON:
         words = quad_smem.load(gl.SliceLayout(2, quad))  # [w, g, 16]: the quad's words
         words = gl.expand_dims(words, 2) + gl.zeros([4, 8, 4, 16], gl.int32, quad)  # [w, g, t, 16]
         w0, w1 = gl.split(gl.reshape(words, [4, 8, 4, 4, 2, 2]))  # word 4 s + 2 rc + j of lane 4 g + s
-        pick = gl.where(hi, w1, w0)  # [w, g, t, s, rc]: j = t // 2
-        sh0, sh1 = gl.split(shift)
-        p0, p1 = gl.split(pick)
-        o00, o10 = _cut(p0, sh0, planes, FMT, BF16)
-        o01, o11 = _cut(p1, sh1, planes, FMT, BF16)
+        s0, s1 = gl.split(sel)  # [w, g, t, s]: rc = 0, 1 (the same selector)
+        a0, a1 = gl.split(w0)
+        b0, b1 = gl.split(w1)
+        o00, o10 = _cut(a0, b0, s0, planes, FMT, BF16)
+        o01, o11 = _cut(a1, b1, s1, planes, FMT, BF16)
         a = gl.join(gl.join(o00, o10), gl.join(o01, o11))  # [w, g, t, s, h, rr, rc]
         a = gl.permute(a, [0, 5, 1, 3, 6, 2, 4])  # [w, rr, g, s, rc, t, h]
         a = gl.reshape(a, [64, 64])
@@ -193,7 +226,7 @@ if HAVE_GLUON:
                 step += 1
 
     @gluon.jit
-    def _weights(wq, sq, zq, ready, step, hi, shift, zconst, planes, a_layout: gl.constexpr, BLOCK_N: gl.constexpr,
+    def _weights(wq, sq, zq, ready, step, sel, zconst, planes, a_layout: gl.constexpr, BLOCK_N: gl.constexpr,
                  STAGES: gl.constexpr, FMT: gl.constexpr, ZQ: gl.constexpr, INT_ZERO: gl.constexpr,
                  BF16: gl.constexpr, WG: gl.constexpr):
         """Consumer ``WG``'s ``[64, 64]`` dequantized weights of the program's step ``step``, once its
@@ -203,8 +236,7 @@ if HAVE_GLUON:
         row_layout: gl.constexpr = gl.SliceLayout(1, a_layout)
         slot = step % STAGES
         mbarrier.wait(ready.index(slot), (step // STAGES) & 1)
-        a = _a_regs(wq.index(slot).reshape([BLOCK_N // 16, 8, 16]).slice(4 * WG, 4), hi, shift, planes, a_layout, FMT,
-                    BF16)
+        a = _a_regs(wq.index(slot).reshape([BLOCK_N // 16, 8, 16]).slice(4 * WG, 4), sel, planes, a_layout, FMT, BF16)
         sc = sq.index(slot).reshape([BLOCK_N]).slice(64 * WG, 64).load(row_layout).to(gl.float32)
         if ZQ:
             zc = zq.index(slot).reshape([BLOCK_N]).slice(64 * WG, 64).load(row_layout).to(gl.float32)
@@ -228,13 +260,13 @@ if HAVE_GLUON:
         mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                       instr_shape=[16, BLOCK_T, 16])
         a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
-        hi, shift = _lane_picks(16 if FMT == 1 else 8)
+        sel = _lane_selectors(FMT == 1)
         num_t = (M + BLOCK_T - 1) // BLOCK_T
         num_n = (N + BLOCK_N - 1) // BLOCK_N
         steps = ((num_t * num_n - gl.program_id(0) + gl.num_programs(0) - 1) // gl.num_programs(0)) * NG
         step = 0
         if PIPE:
-            a = _weights(wq, sq, zq, ready, 0, hi, shift, zconst, planes, a_layout, BLOCK_N, STAGES, FMT, ZQ, INT_ZERO,
+            a = _weights(wq, sq, zq, ready, 0, sel, zconst, planes, a_layout, BLOCK_N, STAGES, FMT, ZQ, INT_ZERO,
                          BF16, WG)
         for tile in range(gl.program_id(0), num_t * num_n, gl.num_programs(0)):
             off_t, off_n = _tile_offsets(tile, num_t, num_n, BLOCK_T, BLOCK_N, GROUP_M)
@@ -242,12 +274,12 @@ if HAVE_GLUON:
             for g in range(NG):
                 slot = step % STAGES
                 if not PIPE:
-                    a = _weights(wq, sq, zq, ready, step, hi, shift, zconst, planes, a_layout, BLOCK_N, STAGES, FMT,
+                    a = _weights(wq, sq, zq, ready, step, sel, zconst, planes, a_layout, BLOCK_N, STAGES, FMT,
                                  ZQ, INT_ZERO, BF16, WG)
                 acc = warpgroup_mma(a, x_smem.index(slot).permute((1, 0)), acc, use_acc=g > 0, is_async=True)
                 if PIPE:
                     if step + 1 < steps:
-                        a_next = _weights(wq, sq, zq, ready, step + 1, hi, shift, zconst, planes, a_layout, BLOCK_N,
+                        a_next = _weights(wq, sq, zq, ready, step + 1, sel, zconst, planes, a_layout, BLOCK_N,
                                           STAGES, FMT, ZQ, INT_ZERO, BF16, WG)
                     else:
                         a_next = a
@@ -346,12 +378,12 @@ def supports(rw: RuntimeWeight, x2: torch.Tensor) -> str | None:
 
 
 def configs(rw: RuntimeWeight, m: int, dtype: torch.dtype) -> list[dict]:
-    """:data:`CANDIDATES` at ``m`` rows (only with :data:`RA_GEMM` on, from :data:`MIN_M`, int4
-    weights TMA can read)."""
+    """:data:`CANDIDATES` at ``m`` rows (from :data:`MIN_M`, on Hopper, for the formats :data:`RA_GEMM`
+    offers, weights TMA can read); the first is the untuned default."""
     from . import fragment_ws_gemm
 
-    if (not RA_GEMM["enabled"] or m < MIN_M or rw.layout != "fragment" or dtype not in MAGIC
-            or rw.fragment_format == "int3" or not fragment_ws_gemm.meta_tma_ok(rw)):
+    if (m < MIN_M or rw.fragment_format not in RA_GEMM["formats"] or fragment_wgmma.supports(rw, dtype) is not None
+            or not fragment_ws_gemm.meta_tma_ok(rw)):
         return []
     return [{"KERNEL": "fragment_ra_gemm", "BLOCK_T": bt, "BLOCK_N": bn, "STAGES": st, "PIPE": pipe, "TMA_OUT": tout,
              "GROUP_M": 8, "num_warps": 4} for bt, bn, st, pipe, tout in CANDIDATES]
@@ -391,4 +423,4 @@ def compile_offline(fmt: str = "int4", block_t: int = 256, block_n: int = 128, s
 
 
 __all__ = ["RA_GEMM", "MIN_M", "CANDIDATES", "source_of", "cut4_ptx", "supports", "configs", "launch_args",
-           "compile_offline", "cut_lut_ptx"]
+           "compile_offline", "cut_lut_ptx", "selector"]

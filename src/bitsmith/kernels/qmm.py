@@ -666,7 +666,8 @@ def _default_config(rw: RuntimeWeight, m: int, device: torch.device, dtype: torc
             return fragment_mma.default_config(rw, m, _sm_count(device))
         if fragment_gemm.MIN_M <= m <= fragment_gemm.MAX_M and fragment_gemm.supports(rw, dtype) is None:
             return fragment_gemm.default_config(rw, m, _sm_count(device))
-        return {"DEQUANT_MM": True}
+        ra = fragment_ra_gemm.configs(rw, m, dtype)  # Hopper: the register-operand GEMM (int4)
+        return ra[0] if ra else {"DEQUANT_MM": True}
     return default_m1_config(rw, device, dtype) if m == 1 else default_gemm_config(rw, m, device)
 
 
