@@ -55,7 +55,7 @@ if HAVE_GLUON:
     from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma,
                                                                    warpgroup_mma, warpgroup_mma_wait)
 
-    from .fragment_ws_gemm import _dequant_math, _meta_load
+    from .fragment_ws_gemm import _dequant_math, _meta_descriptors, _meta_load
     from .w8a8_wgmma import _tile_offsets
 
 
@@ -321,21 +321,13 @@ if HAVE_GLUON:
         ZQ: gl.constexpr = HAS_ZERO and FMT != 1
         planes = (L0, L1, L2, L3, H0, H1, H2, H3)
         x_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_T, 64], DT)
-        wq_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=3)
-        sq_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=MDT.primitive_bitwidth,
-                                                       rank=2)
         x_desc = tma.make_tensor_descriptor(x_ptr, shape=[M, K], strides=[stride_xm, 1], block_shape=[BLOCK_T, 64],
                                             layout=x_layout)
-        w_desc = tma.make_tensor_descriptor(w_ptr, shape=[NG, NB, 128], strides=[NB * 128, 128, 1],
-                                            block_shape=[1, RBW, 128], layout=wq_layout)
-        s_desc = tma.make_tensor_descriptor(s_ptr, shape=[S_ROWS, N], strides=[N, 1], block_shape=[1, BLOCK_N],
-                                            layout=sq_layout)
-        z_desc = tma.make_tensor_descriptor(z_ptr, shape=[S_ROWS, N], strides=[N, 1], block_shape=[1, BLOCK_N],
-                                            layout=sq_layout)
+        w_desc, s_desc, z_desc = _meta_descriptors(w_ptr, s_ptr, z_ptr, N, NB, NG, S_ROWS, BLOCK_N)
         x_smem = gl.allocate_shared_memory(DT, [STAGES, BLOCK_T, 64], x_layout)
-        wq = gl.allocate_shared_memory(gl.int32, [STAGES, 1, RBW, 128], wq_layout)
-        sq = gl.allocate_shared_memory(MDT, [STAGES, 1, BLOCK_N], sq_layout)
-        zq = gl.allocate_shared_memory(MDT, [STAGES, 1, BLOCK_N], sq_layout)
+        wq = gl.allocate_shared_memory(gl.int32, [STAGES, 1, RBW, 128], w_desc.layout)
+        sq = gl.allocate_shared_memory(MDT, [STAGES, 1, BLOCK_N], s_desc.layout)
+        zq = gl.allocate_shared_memory(MDT, [STAGES, 1, BLOCK_N], s_desc.layout)
         if TMA_OUT:  # each consumer's [BLOCK_T, 64] outputs, stored by TMA
             out_desc = tma.make_tensor_descriptor(out_ptr, shape=[M, N], strides=[stride_om, 1],
                                                   block_shape=[BLOCK_T, 64], layout=x_layout)
@@ -401,7 +393,7 @@ def launch_args(rw: RuntimeWeight, x2: torch.Tensor, bias: torch.Tensor | None, 
             m, rw.n, k, nb, ng, *table_planes(rw, x2.dtype), float(rw.zconst), x2.stride(0), out.stride(0),
             rw.scale.numel() // rw.n)
     consts = {"BLOCK_T": cfg["BLOCK_T"], "BLOCK_N": cfg["BLOCK_N"], "GROUP_M": cfg["GROUP_M"], "STAGES": cfg["STAGES"],
-              "PIPE": cfg["PIPE"], "TMA_OUT": cfg["TMA_OUT"],
+              "PIPE": cfg["PIPE"], "TMA_OUT": cfg["TMA_OUT"] and rw.n % 8 == 0,  # output rows TMA can store
               "SG": _scale_steps(rw), "FMT": FMT_IDS[rw.fragment_format], "HAS_ZERO": rw.zero is not None, "INT_ZERO": rw.kind == "affine" and rw.int_zero,
               "HAS_BIAS": bias is not None, "BF16": x2.dtype == torch.bfloat16}
     return _ra_gemm_kernel, (min(tiles, sms),), args, consts, {"num_warps": cfg["num_warps"], "maxnreg": MAXNREG}

@@ -191,6 +191,22 @@ if HAVE_GLUON:
             step += NG
 
     @gluon.jit
+    def _meta_descriptors(w_ptr, s_ptr, z_ptr, N, NB, NG, S_ROWS, BLOCK_N: gl.constexpr):
+        """TMA descriptors of group-major fragment words ``[NG, NB, 128]`` (a box: one group's
+        ``BLOCK_N / 16`` row blocks) and of the scales and zeros ``[S_ROWS, N]`` (a box: one row's
+        ``BLOCK_N`` values), all unswizzled."""
+        wq_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=3)
+        sq_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=0,
+                                                       element_bitwidth=s_ptr.dtype.element_ty.primitive_bitwidth, rank=2)
+        w_desc = tma.make_tensor_descriptor(w_ptr, shape=[NG, NB, 128], strides=[NB * 128, 128, 1],
+                                            block_shape=[1, BLOCK_N // 16, 128], layout=wq_layout)
+        s_desc = tma.make_tensor_descriptor(s_ptr, shape=[S_ROWS, N], strides=[N, 1], block_shape=[1, BLOCK_N],
+                                            layout=sq_layout)
+        z_desc = tma.make_tensor_descriptor(z_ptr, shape=[S_ROWS, N], strides=[N, 1], block_shape=[1, BLOCK_N],
+                                            layout=sq_layout)
+        return w_desc, s_desc, z_desc
+
+    @gluon.jit
     def _meta_load(w_desc, s_desc, z_desc, wq, sq, zq, bar, g, blk0, off_n, SG: gl.constexpr, ZQ: gl.constexpr,
                    NBYTES: gl.constexpr):
         """Group ``g``'s words of the row blocks from ``blk0``, and its scales (and zeros, ``ZQ``)
@@ -371,18 +387,10 @@ if HAVE_GLUON:
         if META_TMA:
             RBW: gl.constexpr = BLOCK_N // 16
             MDT: gl.constexpr = s_ptr.dtype.element_ty
-            wq_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=3)
-            sq_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=0,
-                                                           element_bitwidth=MDT.primitive_bitwidth, rank=2)
-            w_desc = tma.make_tensor_descriptor(w_ptr, shape=[NG, NB, 128], strides=[NB * 128, 128, 1],
-                                                block_shape=[1, RBW, 128], layout=wq_layout)
-            s_desc = tma.make_tensor_descriptor(s_ptr, shape=[S_ROWS, N], strides=[N, 1], block_shape=[1, BLOCK_N],
-                                                layout=sq_layout)
-            z_desc = tma.make_tensor_descriptor(z_ptr, shape=[S_ROWS, N], strides=[N, 1], block_shape=[1, BLOCK_N],
-                                                layout=sq_layout)
-            wq = gl.allocate_shared_memory(gl.int32, [2 * MS, 1, RBW, 128], wq_layout)
-            sq = gl.allocate_shared_memory(MDT, [2 * MS, 1, BLOCK_N], sq_layout)
-            zq = gl.allocate_shared_memory(MDT, [2 * MS, 1, BLOCK_N], sq_layout)
+            w_desc, s_desc, z_desc = _meta_descriptors(w_ptr, s_ptr, z_ptr, N, NB, NG, S_ROWS, BLOCK_N)
+            wq = gl.allocate_shared_memory(gl.int32, [2 * MS, 1, RBW, 128], w_desc.layout)
+            sq = gl.allocate_shared_memory(MDT, [2 * MS, 1, BLOCK_N], s_desc.layout)
+            zq = gl.allocate_shared_memory(MDT, [2 * MS, 1, BLOCK_N], s_desc.layout)
             mready = gl.allocate_shared_memory(gl.int64, [2 * MS, 1], mbarrier.MBarrierLayout())
             for i in gl.static_range(2 * MS):
                 mbarrier.init(mready.index(i), count=1)  # the TMA's expect
