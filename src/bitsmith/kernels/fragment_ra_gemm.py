@@ -35,9 +35,16 @@ is done; the other warpgroup's ``wgmma`` keeps the tensor cores busy meanwhile),
 the slot (``empty``, both consumers). The epilogue adds the bias and stores ``out[token,
 channel]`` with masks.
 
-int4 only (group-major words, the TMA conditions of
-:func:`bitsmith.kernels.fragment_ws_gemm.meta_tma_ok`); it is offered to the tuner only with
-``BITSMITH_FRAGMENT_RA_GEMM=1`` (:data:`RA_GEMM`).
+int4 and NF4 (group-major words, the TMA conditions of
+:func:`bitsmith.kernels.fragment_ws_gemm.meta_tma_ok`). ``PIPE`` and ``TMA_OUT`` are the tuner's
+choices (:data:`CANDIDATES`).
+
+Status (issue #8): on an H100 its CUDA tests pass and compute-sanitizer finds no error
+(benchmarks/results/ra_gemm_prmt_gpu_tests_h100.txt, sanitizer_ra_gemm_h100.txt). At M = 2048
+each int4 config timed alone reached 0.95-1.01x fp16 on the issue's four shapes, against
+0.84-0.86x for dequantize + cuBLAS, NF4 0.82-0.87x, level with it
+(kernels_configs_ra_gemm_prmt_h100.txt). So the tuner is offered it for int4 by default and for
+NF4 only with ``BITSMITH_FRAGMENT_RA_GEMM=1`` (:data:`RA_GEMM`).
 """
 from __future__ import annotations
 
@@ -67,9 +74,9 @@ def _offered(setting: str) -> tuple[str, ...]:
 
 
 #: the fragment formats the tuner is offered this kernel for from :data:`MIN_M` rows on Hopper. int4
-#: by default: on the H100 at M = 2048 it ran at 0.92-0.98x fp16 where dequantize + cuBLAS ran at
-#: 0.84-0.86x (kernels_configs_ra_gemm_h100.txt). NF4 only with ``BITSMITH_FRAGMENT_RA_GEMM=1``: its
-#: lookup made it 0.80-0.86x, level with dequantize + cuBLAS (0.83-0.86x), and the tuner's short
+#: by default: on the H100 at M = 2048 it ran at 0.95-1.01x fp16 where dequantize + cuBLAS ran at
+#: 0.84-0.86x (kernels_configs_ra_gemm_prmt_h100.txt). NF4 only with ``BITSMITH_FRAGMENT_RA_GEMM=1``:
+#: its lookup made it 0.82-0.87x, level with dequantize + cuBLAS (0.84-0.86x), and the tuner's short
 #: timings once picked it where it was slower (kernels_m2048_ra_h100.json, 28672x8192)
 RA_GEMM = {"formats": _offered(os.environ.get("BITSMITH_FRAGMENT_RA_GEMM", ""))}
 MIN_M = 513
