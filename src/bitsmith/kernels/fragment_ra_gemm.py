@@ -62,7 +62,7 @@ if HAVE_GLUON:
     from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma,
                                                                    warpgroup_mma, warpgroup_mma_wait)
 
-    from .fragment_ws_gemm import _dequant_math, _meta_descriptors, _meta_load
+    from .fragment_ws_gemm import _dequant_math, _meta_descriptors, _meta_load, _slot_meta
     from .w8a8_wgmma import _tile_offsets
 
 
@@ -239,18 +239,12 @@ if HAVE_GLUON:
         """Consumer ``WG``'s ``[64, 64]`` dequantized weights of the program's step ``step``, once its
         slot has landed: the A operand (:func:`_a_regs`), the exact subtraction of ``MAGIC + zero``,
         the rounded product by the scale."""
-        MAGIC_F: gl.constexpr = 128.0 if BF16 else 1024.0
-        row_layout: gl.constexpr = gl.SliceLayout(1, a_layout)
         slot = step % STAGES
         mbarrier.wait(ready.index(slot), (step // STAGES) & 1)
         a = _a_regs(wq.index(slot).reshape([BLOCK_N // 16, 8, 16]).slice(4 * WG, 4), sel, planes, a_layout, FMT, BF16)
-        sc = sq.index(slot).reshape([BLOCK_N]).slice(64 * WG, 64).load(row_layout).to(gl.float32)
-        if ZQ:
-            zc = zq.index(slot).reshape([BLOCK_N]).slice(64 * WG, 64).load(row_layout).to(gl.float32)
-        else:
-            zc = gl.full(sc.shape, 0.0, gl.float32, layout=row_layout) + zconst
-        if INT_ZERO:
-            zc = zc + MAGIC_F
+        sc, zc = _slot_meta(sq.index(slot).reshape([BLOCK_N]).slice(64 * WG, 64),
+                            zq.index(slot).reshape([BLOCK_N]).slice(64 * WG, 64), zconst, gl.SliceLayout(1, a_layout), ZQ,
+                            INT_ZERO, BF16)
         return _dequant_math(a, sc, zc, FMT, INT_ZERO, BF16)
 
     @gluon.jit

@@ -227,22 +227,31 @@ if HAVE_GLUON:
                       ZQ: gl.constexpr, INT_ZERO: gl.constexpr, BF16: gl.constexpr):
         """Meta slot ``q``'s words, scales and zeros (once its TMA landed: ``phase``) read and
         dequantized into a step's ``[BLOCK_N, 64]`` weights, channels in their order."""
-        MAGIC_F: gl.constexpr = 128.0 if BF16 else 1024.0
         RB: gl.constexpr = BLOCK_N // 64
         mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, 64, 16])
         a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
-        row_layout: gl.constexpr = gl.SliceLayout(1, a_layout)
         words4: gl.constexpr = gl.BlockedLayout([1, 1, 1, 4], [1, 1, 32, 1], [1, 4, 1, 1], [3, 2, 1, 0])
         mbarrier.wait(mready.index(q), phase)
         words = wq.index(q).reshape([RB, 4, 32, 4]).load(words4)
-        sc = sq.index(q).reshape([BLOCK_N]).load(row_layout).to(gl.float32)
+        sc, zc = _slot_meta(sq.index(q).reshape([BLOCK_N]), zq.index(q).reshape([BLOCK_N]), zconst,
+                            gl.SliceLayout(1, a_layout), ZQ, INT_ZERO, BF16)
+        return _natural_order(_dequantized(words, sc, zc, planes, a_layout, RB, FMT, INT_ZERO, BF16))
+
+    @gluon.jit
+    def _slot_meta(s_rows, z_rows, zconst, row_layout: gl.constexpr, ZQ: gl.constexpr, INT_ZERO: gl.constexpr,
+                   BF16: gl.constexpr):
+        """A ring slot's scales and zeros (shared ``[n]`` views; no zeros: ``zconst``) as float32
+        in ``row_layout``, the zeros plus the magic where ``INT_ZERO`` (:func:`_dequant_math`'s
+        inputs)."""
+        MAGIC_F: gl.constexpr = 128.0 if BF16 else 1024.0
+        sc = s_rows.load(row_layout).to(gl.float32)
         if ZQ:
-            zc = zq.index(q).reshape([BLOCK_N]).load(row_layout).to(gl.float32)
+            zc = z_rows.load(row_layout).to(gl.float32)
         else:
             zc = gl.full(sc.shape, 0.0, gl.float32, layout=row_layout) + zconst
         if INT_ZERO:
             zc = zc + MAGIC_F
-        return _natural_order(_dequantized(words, sc, zc, planes, a_layout, RB, FMT, INT_ZERO, BF16))
+        return sc, zc
 
     @gluon.jit
     def _producer_tma(w_smem, w_ready, w_empty, w_desc, s_desc, z_desc, wq, sq, zq, mready, M, N, NG, zconst, planes,
