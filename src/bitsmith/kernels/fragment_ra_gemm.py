@@ -309,8 +309,9 @@ if HAVE_GLUON:
     @gluon.jit
     def _ra_gemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, M, N, K, NB, NG, L0, L1, L2, L3, H0, H1, H2, H3,
                         zconst, stride_xm, stride_om, S_ROWS, BLOCK_T: gl.constexpr, BLOCK_N: gl.constexpr,
-                        GROUP_M: gl.constexpr, STAGES: gl.constexpr, SG: gl.constexpr, FMT: gl.constexpr, HAS_ZERO: gl.constexpr, INT_ZERO: gl.constexpr,
-                        HAS_BIAS: gl.constexpr, BF16: gl.constexpr, PIPE: gl.constexpr, TMA_OUT: gl.constexpr):
+                        GROUP_M: gl.constexpr, STAGES: gl.constexpr, SG: gl.constexpr, FMT: gl.constexpr,
+                        HAS_ZERO: gl.constexpr, INT_ZERO: gl.constexpr, HAS_BIAS: gl.constexpr, BF16: gl.constexpr,
+                        PIPE: gl.constexpr, TMA_OUT: gl.constexpr):
         """``out = x @ W^T (+ bias)`` for int4 fragment words ``w_ptr`` in group-major order
         (module docstring); launched with 4 warps (the first consumer), the second consumer and the
         loader are worker partitions. ``x`` is ``[M, K]`` with ``K`` contiguous and rows 16-byte
@@ -394,7 +395,8 @@ def launch_args(rw: RuntimeWeight, x2: torch.Tensor, bias: torch.Tensor | None, 
             m, rw.n, k, nb, ng, *table_planes(rw, x2.dtype), float(rw.zconst), x2.stride(0), out.stride(0),
             rw.scale.numel() // rw.n)
     consts = {"BLOCK_T": cfg["BLOCK_T"], "BLOCK_N": cfg["BLOCK_N"], "GROUP_M": cfg["GROUP_M"], "STAGES": cfg["STAGES"],
-              "PIPE": cfg["PIPE"], "TMA_OUT": cfg["TMA_OUT"] and rw.n % 8 == 0,  # output rows TMA can store
+              # TMA_OUT only for output rows TMA can store (16-byte multiples)
+              "PIPE": cfg["PIPE"], "TMA_OUT": cfg["TMA_OUT"] and rw.n % 8 == 0,
               "SG": _scale_steps(rw), "FMT": FMT_IDS[rw.fragment_format], "HAS_ZERO": rw.zero is not None, "INT_ZERO": rw.kind == "affine" and rw.int_zero,
               "HAS_BIAS": bias is not None, "BF16": x2.dtype == torch.bfloat16}
     return _ra_gemm_kernel, (min(tiles, sms),), args, consts, {"num_warps": cfg["num_warps"], "maxnreg": MAXNREG}
