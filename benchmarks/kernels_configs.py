@@ -35,7 +35,7 @@ def describe(cfg: dict) -> str:
         return (f"ws-gemm {cfg['BLOCK_M']}x{cfg['BLOCK_N']}x64 w{cfg['W_STAGES']} x{cfg['X_STAGES']}"
                 + (" tma-meta" if cfg.get("META_TMA") else ""))
     if cfg.get("KERNEL") == "fragment_ra_gemm":
-        return f"ra-gemm {cfg['BLOCK_T']}x{cfg['BLOCK_N']}x64 st{cfg['STAGES']}" + (" pipe" if cfg["PIPE"] else "")
+        return f"ra-gemm {cfg['BLOCK_T']}x{cfg['BLOCK_N']}x64 st{cfg['STAGES']}" + {0: "", 1: " pipe", 2: " pipe2"}[int(cfg["PIPE"])]
     kernel = cfg.get("KERNEL", "gemm" + ("-unique" if cfg.get("UNIQUE") else ""))
     split = cfg.get("SPLIT", cfg.get("SPLIT_K", 1))
     return (f"{kernel} {cfg.get('BLOCK_M', 1)}x{cfg['BLOCK_N']}x{cfg['BLOCK_K']} s{split} "
@@ -88,7 +88,13 @@ def main() -> None:
     ap.add_argument("--layout", default="rows", choices=("rows", "fragment"), help="the runtime layout whose configs are timed")
     ap.add_argument("--m1-sweep", action="store_true", help="at M = 1, a wider search of the CUDA-core kernel (m1_sweep)")
     ap.add_argument("--tc-sweep", action="store_true", help="at M = 2..64, a wider search of the tensor-core kernel (tc_sweep)")
+    ap.add_argument("--ra-min-m", type=int, default=None,
+                    help="offer the register-operand GEMM from this many tokens (fragment_ra_gemm.MIN_M) while timing")
     args = ap.parse_args()
+    if args.ra_min_m is not None:
+        from bitsmith.kernels import fragment_ra_gemm
+
+        fragment_ra_gemm.MIN_M = args.ra_min_m
     dev = torch.device("cuda")
     torch.manual_seed(0)
     timer = Timer(dev, reps=args.reps, warmup=2)

@@ -33,7 +33,8 @@
 #   OUT=/some/dir bash benchmarks/kernels_gpu_session.sh ws_gemm    # the fragment layout's warp-specialized GEMM at M = 2048
 #       (BITSMITH_FRAGMENT_WS_GEMM=1): its CUDA tests (TESTS=0: none), every config beside dequantize + cuBLAS, the M = 2048 table
 #   OUT=/some/dir bash benchmarks/kernels_gpu_session.sh ra_gemm    # the register-operand GEMM (int4 and NF4: BITSMITH_FRAGMENT_RA_GEMM=1)
-#       beside the warp-specialized one at M = 2048: their CUDA tests (TESTS=0: none), every config (RA_FORMATS, RA_SHAPES)
+#       beside the warp-specialized one at M = 2048: their CUDA tests (TESTS=0: none), every config (RA_FORMATS, RA_SHAPES,
+#       RA_MS); RA_MID_MS: also below 513 tokens (offered from RA_MIN_M, default 129; RA_MID_FORMATS, RA_MID_SHAPES)
 #   OUT=/some/dir bash benchmarks/kernels_gpu_session.sh ra_ncu     # Nsight Compute on the register-operand GEMM (RA_TILE)
 #   OUT=/some/dir bash benchmarks/kernels_gpu_session.sh ws_ncu     # Nsight Compute on the fused GEMM (full set, its SASS with
 #       stall samples: ws_gemm_sass.csv) and on cuBLAS's float16 matmul at M = 2048 (benchmarks/ws_gemm_ncu_probe.py)
@@ -292,8 +293,12 @@ ra_gemm)  # the register-operand GEMM (int4 and NF4: BITSMITH_FRAGMENT_RA_GEMM=1
     TEST_K=${TEST_K:-"cuda and ra_gemm"} T_TESTS=${T_TESTS:-200} tests_or_stop
   [ "${WS:-0}" = 0 ] || export BITSMITH_FRAGMENT_WS_GEMM=1
   step configs.txt "${T_CFG:-300}" "grep -E 'fp16|x[0-9]|WRONG|fail'" kernels_configs_ra_gemm \
-    python3 benchmarks/kernels_configs.py --layout fragment --m 2048 --formats "${RA_FORMATS:-int4_g64,int4_g128,nf4_g64}" \
-    --shapes "${RA_SHAPES:-4096x4096,14336x4096,4096x14336,28672x8192}" --reps 10 --top 8 --name kernels_configs_ra_gemm
+    python3 benchmarks/kernels_configs.py --layout fragment --m "${RA_MS:-2048}" --formats "${RA_FORMATS:-int4_g64,int4_g128,nf4_g64}" \
+    --shapes "${RA_SHAPES:-4096x4096,14336x4096,4096x14336,28672x8192}" --reps 10 --top 8 --name kernels_configs_ra_gemm \
+    ${RA_MIN_M:+--ra-min-m "$RA_MIN_M"}
+  [ -z "${RA_MID_MS:-}" ] || step configs_mid.txt "${T_MID:-200}" "grep -E 'fp16|x[0-9]|WRONG|fail'" kernels_configs_ra_mid \
+    python3 benchmarks/kernels_configs.py --layout fragment --m "$RA_MID_MS" --formats "${RA_MID_FORMATS:-int4_g64,nf4_g64}" \
+    --shapes "${RA_MID_SHAPES:-14336x4096,28672x8192}" --reps 10 --top 6 --name kernels_configs_ra_mid --ra-min-m "${RA_MIN_M:-129}"
   ;;
 ws_ncu)  # Nsight Compute on the fused GEMM beside cuBLAS: the summary, the GEMM's SASS with its stall samples
   ncu_step ncu_ws_gemm.txt "${T_NCU:-200}" "grep -E '^  [a-zA-Z_].*\\(|Duration|Compute \\(SM\\) Throughput|L1/TEX Cache|highest-utilized' | head -40" \

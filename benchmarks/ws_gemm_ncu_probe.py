@@ -33,7 +33,7 @@ args = ap.parse_args()
 require_cuda("ws_gemm_ncu_probe", "(Nsight Compute profiles its launches)")
 if args.ra:
     bt, bn, st, pipe, tma_out = (int(v) for v in (args.tile or "256x128x5x1x0").split("x"))
-    cfg = {"KERNEL": "fragment_ra_gemm", "BLOCK_T": bt, "BLOCK_N": bn, "STAGES": st, "PIPE": bool(pipe),
+    cfg = {"KERNEL": "fragment_ra_gemm", "BLOCK_T": bt, "BLOCK_N": bn, "STAGES": st, "PIPE": int(pipe),
            "TMA_OUT": bool(tma_out), "GROUP_M": 8, "num_warps": 4}
 else:
     bm, bn, w_st, x_st = (int(v) for v in (args.tile or "256x128x6x3").split("x"))

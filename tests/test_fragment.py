@@ -851,11 +851,22 @@ def test_ra_gemm_compiles_for_sm90(fmt):
             ops = collections.Counter(kernels_sass.opcode(t) for _, t in ins)
             assert not _spills_inside_partitions(ins), case
             dt = ".BF16" if extra.get("BF16") else ""
-            assert ops[f"HGMMA.64x{bt}x16.F32{dt}"] == 8, ops  # four a group in each consumer's loop
+            steps = 2 if pipe == 2 else 1  # steps a loop iteration
+            assert ops[f"HGMMA.64x{bt}x16.F32{dt}"] == 8 * steps, ops  # four a group in each consumer's loop
             loop = _innermost_loop_holding(ins, "HGMMA")
             lops = collections.Counter(kernels_sass.opcode(t) for t in loop)
-            assert lops["LDS.128"] == 4 and not lops["SHFL.IDX"] and not lops["STS"] and not lops["LDL"], lops
-            assert lops["WARPGROUP.DEPBAR.LE"] == 1 and lops["SYNCS.ARRIVE.TRANS64.A1T0"] == 1, lops
+            assert lops["LDS.128"] >= 4 * steps and not lops["SHFL.IDX"] and not lops["STS"] and not lops["LDL"], lops
+            assert lops["WARPGROUP.DEPBAR.LE"] == steps and lops["SYNCS.ARRIVE.TRANS64.A1T0"] == steps, lops
+            # PIPE: each step's wgmma waits only after the next step's weights are scaled (built in
+            # the shadow of the wgmma, not behind its wait); PIPE 2 without copying the register set
+            scaled, since_mma = [], 0  # products between each step's last wgmma and its wait
+            for t in loop:
+                op = kernels_sass.opcode(t)
+                since_mma = 0 if op.startswith("HGMMA") else since_mma + op.startswith("HMUL2")
+                scaled += [since_mma] if op == "WARPGROUP.DEPBAR.LE" else []
+            assert (min(scaled) >= 16) == bool(pipe), (case, scaled)
+            copies = sum(bool(re.match(r"IMAD\.MOV\.U32 R\d+, RZ, RZ, R\d+$", t)) for t in loop)
+            assert (copies >= 16) == (pipe == 1) or fmt == "nf4", (case, copies)
             assert ops["UTMALDG.2D"] >= 1 and ops["UTMALDG.3D"] >= 1 and not ops["LDG.E.128"], ops
             assert ops["USETMAXREG.TRY_ALLOC.CTAPOOL"] >= 1, ops
             if tma_out:  # the outputs transposed into shared memory by stmatrix, out by TMA
@@ -881,6 +892,12 @@ def test_ra_gemm_is_offered_from_513_rows_for_int4_and_on_request_nf4(monkeypatc
     assert [(c["BLOCK_T"], c["BLOCK_N"], c["STAGES"], c["PIPE"], c["TMA_OUT"]) for c in cands] == \
         list(fragment_ra_gemm.CANDIDATES)
     assert all(c in qmm._configs(rw, 2048, torch.float16) for c in cands)
+    odd = repack(_quantize("int4_g64", torch.randn(256, 192) * 0.05), layout="fragment")  # 3 groups: no pairs
+    assert [c for c in fragment_ra_gemm.CANDIDATES if c[3] != 2] == \
+        [(c["BLOCK_T"], c["BLOCK_N"], c["STAGES"], c["PIPE"], c["TMA_OUT"]) for c in fragment_ra_gemm.configs(odd, 2048, torch.float16)]
+    pair_cfg = next(c for c in cands if c["PIPE"] == 2)  # a cached pair config on such a weight runs one step at a time
+    x = torch.zeros(2048, 192, dtype=torch.float16)
+    assert fragment_ra_gemm.launch_args(odd, x, None, pair_cfg, torch.empty(2048, 256, dtype=torch.float16), 132)[3]["PIPE"] == 1
     nf4 = repack(_quantize("nf4_g128", torch.randn(256, 128) * 0.05), layout="fragment")
     assert fragment_ra_gemm.configs(nf4, 2048, torch.float16) == []  # NF4 only when asked for
     monkeypatch.setitem(fragment_ra_gemm.RA_GEMM, "formats", ("int4", "nf4"))
@@ -1094,12 +1111,13 @@ def test_cuda_ws_gemm_equals_reference(name, monkeypatch):
 @pytest.mark.parametrize("name", sorted(n for n, (_, _, fmt) in FORMATS.items() if fmt != "int3"))
 def test_cuda_ra_gemm_equals_reference(name, monkeypatch):
     """The register-operand GEMM, every candidate, persistent over 1, 5 and all the SMs' programs:
-    600 rows (a partial token tile), N = 328 and 200 (partial channel tiles), K = 576 and 1000 (a
-    partial group), a bias, float16 and bfloat16."""
+    600 rows (a partial token tile), N = 328 and 200 (partial channel tiles), K = 576 (9 groups),
+    1000 (16, the last partial) and 1024, a bias, float16 and bfloat16."""
     from bitsmith.kernels import qmm
 
     monkeypatch.setitem(fragment_ra_gemm.RA_GEMM, "formats", ("int4", "nf4"))
-    for k, dtype, n in ((576, torch.float16, 328), (1000, torch.float16, 200), (576, torch.bfloat16, 328)):
+    for k, dtype, n in ((576, torch.float16, 328), (1000, torch.float16, 200), (576, torch.bfloat16, 328),
+                        (1024, torch.bfloat16, 328)):  # 16 groups: the paired steps too
         _, rw, x, b, ref = _cuda_case(name, 600, n, k, dtype)
         tol = 2e-3 if dtype == torch.float16 else 1.6e-2
         cfgs = fragment_ra_gemm.configs(rw, 600, dtype)

@@ -82,10 +82,12 @@ RA_GEMM = {"formats": _offered(os.environ.get("BITSMITH_FRAGMENT_RA_GEMM", ""))}
 MIN_M = 513
 #: ``(BLOCK_T, BLOCK_N, STAGES, PIPE, TMA_OUT)`` the tuner tries: tokens and channels of a tile
 #: (each consumer ``64 x BLOCK_T`` accumulators), ring slots of ``BLOCK_T x 64`` activations and
-#: the tile's words, whether a step's weights are built during the previous step's ``wgmma``, and
-#: whether the outputs leave through shared memory and TMA (32 KiB a consumer at 256 tokens)
-CANDIDATES = ((256, 128, 4, True, True), (256, 128, 5, True, False), (256, 128, 5, False, False),
-              (128, 128, 8, True, True))
+#: the tile's words, whether a step's weights are built during the previous step's ``wgmma`` (``1``:
+#: into a second register set copied back after the wait, 16 moves a step; ``2``: steps in pairs,
+#: the two sets taking turns, no copies, for an even number of groups only), and whether the
+#: outputs leave through shared memory and TMA (32 KiB a consumer at 256 tokens)
+CANDIDATES = ((256, 128, 4, 1, True), (256, 128, 5, 1, False), (256, 128, 5, 0, False), (128, 128, 8, 1, True),
+              (256, 128, 4, 2, True), (256, 128, 5, 2, False))
 #: registers a thread of the second consumer warpgroup and of the loader warp ask for
 #: (``setmaxnreg``); the first consumer gets what is left of :data:`MAXNREG` x 384
 REGS = (232, 40)
@@ -137,7 +139,7 @@ def cut_lut_ptx() -> str:
     + 2 p``."""
     planes = [f"${8 + 2 * i}" for i in range(8)]
     return "\n".join(["{", ".reg .b32 w, c, s, la, lb, ha, hb, lo, hi;", "prmt.b32 w, $2, $4, $6;",
-                      "and.b32 c, w, 0x7777;", "shr.b32 s, w, 1;", "and.b32 s, s, 0x4444;", "or.b32 s, s, 0x3210;",
+                      "and.b32 c, w, 0x7777;", "shr.b32 s, w, 1;", "lop3.b32 s, s, 0x4444, 0x3210, 0xea;",
                       f"prmt.b32 la, {planes[0]}, {planes[1]}, c;", f"prmt.b32 lb, {planes[2]}, {planes[3]}, c;",
                       f"prmt.b32 ha, {planes[4]}, {planes[5]}, c;", f"prmt.b32 hb, {planes[6]}, {planes[7]}, c;",
                       "prmt.b32 lo, la, lb, s;", "prmt.b32 hi, ha, hb, s;", "prmt.b32 $0, lo, hi, 0x5140;",
@@ -235,17 +237,55 @@ if HAVE_GLUON:
     @gluon.jit
     def _weights(wq, sq, zq, ready, step, sel, zconst, planes, a_layout: gl.constexpr, BLOCK_N: gl.constexpr,
                  STAGES: gl.constexpr, FMT: gl.constexpr, ZQ: gl.constexpr, INT_ZERO: gl.constexpr,
-                 BF16: gl.constexpr, WG: gl.constexpr):
+                 BF16: gl.constexpr, WG: gl.constexpr, CODES_ONLY: gl.constexpr = False):
         """Consumer ``WG``'s ``[64, 64]`` dequantized weights of the program's step ``step``, once its
         slot has landed: the A operand (:func:`_a_regs`), the exact subtraction of ``MAGIC + zero``,
-        the rounded product by the scale."""
+        the rounded product by the scale. ``CODES_ONLY``: the A operand of a slot already waited
+        for, as it stands (:func:`_pair`'s unused set past the last step)."""
         slot = step % STAGES
-        mbarrier.wait(ready.index(slot), (step // STAGES) & 1)
+        if not CODES_ONLY:
+            mbarrier.wait(ready.index(slot), (step // STAGES) & 1)
         a = _a_regs(wq.index(slot).reshape([BLOCK_N // 16, 8, 16]).slice(4 * WG, 4), sel, planes, a_layout, FMT, BF16)
+        if CODES_ONLY:
+            return a
         sc, zc = _slot_meta(sq.index(slot).reshape([BLOCK_N]).slice(64 * WG, 64),
                             zq.index(slot).reshape([BLOCK_N]).slice(64 * WG, 64), zconst, gl.SliceLayout(1, a_layout), ZQ,
                             INT_ZERO, BF16)
         return _dequant_math(a, sc, zc, FMT, INT_ZERO, BF16)
+
+    @gluon.jit
+    def _pair(x_smem, wq, sq, zq, ready, empty, acc, a, step, steps, use_acc, sel, zconst, planes, a_layout: gl.constexpr,
+              BLOCK_N: gl.constexpr, STAGES: gl.constexpr, FMT: gl.constexpr, ZQ: gl.constexpr, INT_ZERO: gl.constexpr,
+              BF16: gl.constexpr, WG: gl.constexpr):
+        """Steps ``step`` and ``step + 1`` of ``PIPE == 2`` (``a``: the first one's weights; the
+        program's steps are even): each ``wgmma`` runs while the other register set is built (the
+        second step's, then the next pair's first), so the loop carries one set and never copies
+        it. After the program's last step the set built is never used: there the branch takes the
+        last slot's codes as they stand. The branches are for the compiler: built unconditionally,
+        the set sank below the ``wgmma`` wait into the operand's own registers; with a copy in the
+        other arm ptxas ran the copy on every step, with the same dequantization in both arms LLVM
+        moved it below the wait."""
+        slot = step % STAGES
+        acc = warpgroup_mma(a, x_smem.index(slot).permute((1, 0)), acc, use_acc=use_acc, is_async=True)
+        if step + 1 < steps:
+            b = _weights(wq, sq, zq, ready, step + 1, sel, zconst, planes, a_layout, BLOCK_N, STAGES, FMT, ZQ,
+                         INT_ZERO, BF16, WG)
+        else:
+            b = _weights(wq, sq, zq, ready, steps - 1, sel, zconst, planes, a_layout, BLOCK_N, STAGES, FMT, ZQ,
+                         INT_ZERO, BF16, WG, True)
+        acc, a = warpgroup_mma_wait(num_outstanding=0, deps=[acc, a])
+        mbarrier.arrive(empty.index(slot), count=1)
+        slot = (step + 1) % STAGES
+        acc = warpgroup_mma(b, x_smem.index(slot).permute((1, 0)), acc, use_acc=True, is_async=True)
+        if step + 2 < steps:
+            a = _weights(wq, sq, zq, ready, step + 2, sel, zconst, planes, a_layout, BLOCK_N, STAGES, FMT, ZQ,
+                         INT_ZERO, BF16, WG)
+        else:
+            a = _weights(wq, sq, zq, ready, steps - 1, sel, zconst, planes, a_layout, BLOCK_N, STAGES, FMT, ZQ,
+                         INT_ZERO, BF16, WG, True)
+        acc, b = warpgroup_mma_wait(num_outstanding=0, deps=[acc, b])
+        mbarrier.arrive(empty.index(slot), count=1)
+        return acc, a
 
     @gluon.jit
     def _consumer(x_smem, wq, sq, zq, ready, empty, b_ptr, out_ptr, out_desc, o_smem, M, N, NG, stride_om, zconst,
@@ -272,24 +312,30 @@ if HAVE_GLUON:
         for tile in range(gl.program_id(0), num_t * num_n, gl.num_programs(0)):
             off_t, off_n = _tile_offsets(tile, num_t, num_n, BLOCK_T, BLOCK_N, GROUP_M)
             acc = gl.zeros([64, BLOCK_T], gl.float32, layout=mma)
-            for g in range(NG):
-                slot = step % STAGES
-                if not PIPE:
-                    a = _weights(wq, sq, zq, ready, step, sel, zconst, planes, a_layout, BLOCK_N, STAGES, FMT,
-                                 ZQ, INT_ZERO, BF16, WG)
-                acc = warpgroup_mma(a, x_smem.index(slot).permute((1, 0)), acc, use_acc=g > 0, is_async=True)
-                if PIPE:
-                    if step + 1 < steps:
-                        a_next = _weights(wq, sq, zq, ready, step + 1, sel, zconst, planes, a_layout, BLOCK_N,
-                                          STAGES, FMT, ZQ, INT_ZERO, BF16, WG)
+            if PIPE == 2:  # steps in pairs (NG even), two register sets taking turns: no copies between them
+                for g in range(0, NG, 2):
+                    acc, a = _pair(x_smem, wq, sq, zq, ready, empty, acc, a, step, steps, g > 0, sel, zconst, planes,
+                                   a_layout, BLOCK_N, STAGES, FMT, ZQ, INT_ZERO, BF16, WG)
+                    step += 2
+            else:
+                for g in range(NG):
+                    slot = step % STAGES
+                    if not PIPE:
+                        a = _weights(wq, sq, zq, ready, step, sel, zconst, planes, a_layout, BLOCK_N, STAGES, FMT,
+                                     ZQ, INT_ZERO, BF16, WG)
+                    acc = warpgroup_mma(a, x_smem.index(slot).permute((1, 0)), acc, use_acc=g > 0, is_async=True)
+                    if PIPE:
+                        if step + 1 < steps:
+                            a_next = _weights(wq, sq, zq, ready, step + 1, sel, zconst, planes, a_layout, BLOCK_N,
+                                              STAGES, FMT, ZQ, INT_ZERO, BF16, WG)
+                        else:
+                            a_next = a
+                        acc, a = warpgroup_mma_wait(num_outstanding=0, deps=[acc, a])
+                        a = a_next
                     else:
-                        a_next = a
-                    acc, a = warpgroup_mma_wait(num_outstanding=0, deps=[acc, a])
-                    a = a_next
-                else:
-                    acc = warpgroup_mma_wait(num_outstanding=0, deps=[acc])
-                mbarrier.arrive(empty.index(slot), count=1)
-                step += 1
+                        acc = warpgroup_mma_wait(num_outstanding=0, deps=[acc])
+                    mbarrier.arrive(empty.index(slot), count=1)
+                    step += 1
             offs_c = off_n + 64 * WG + gl.arange(0, 64, layout=gl.SliceLayout(1, mma))
             offs_t = off_t + gl.arange(0, BLOCK_T, layout=gl.SliceLayout(0, mma))
             c_mask = offs_c < N
@@ -373,14 +419,15 @@ def supports(rw: RuntimeWeight, x2: torch.Tensor) -> str | None:
 
 def configs(rw: RuntimeWeight, m: int, dtype: torch.dtype) -> list[dict]:
     """:data:`CANDIDATES` at ``m`` rows (from :data:`MIN_M`, on Hopper, for the formats :data:`RA_GEMM`
-    offers, weights TMA can read); the first is the untuned default."""
+    offers, weights TMA can read; ``PIPE`` 2 where the groups are even); the first is the untuned default."""
     from . import fragment_ws_gemm
 
     if (m < MIN_M or rw.fragment_format not in RA_GEMM["formats"] or fragment_wgmma.supports(rw, dtype) is not None
             or not fragment_ws_gemm.meta_tma_ok(rw)):
         return []
+    ng = blocks_groups(rw)[1]
     return [{"KERNEL": "fragment_ra_gemm", "BLOCK_T": bt, "BLOCK_N": bn, "STAGES": st, "PIPE": pipe, "TMA_OUT": tout,
-             "GROUP_M": 8, "num_warps": 4} for bt, bn, st, pipe, tout in CANDIDATES]
+             "GROUP_M": 8, "num_warps": 4} for bt, bn, st, pipe, tout in CANDIDATES if pipe != 2 or ng % 2 == 0]
 
 
 def launch_args(rw: RuntimeWeight, x2: torch.Tensor, bias: torch.Tensor | None, cfg: dict, out: torch.Tensor,
@@ -396,13 +443,14 @@ def launch_args(rw: RuntimeWeight, x2: torch.Tensor, bias: torch.Tensor | None, 
             rw.scale.numel() // rw.n)
     consts = {"BLOCK_T": cfg["BLOCK_T"], "BLOCK_N": cfg["BLOCK_N"], "GROUP_M": cfg["GROUP_M"], "STAGES": cfg["STAGES"],
               # TMA_OUT only for output rows TMA can store (16-byte multiples)
-              "PIPE": cfg["PIPE"], "TMA_OUT": cfg["TMA_OUT"] and rw.n % 8 == 0,
+              "PIPE": cfg["PIPE"] if cfg["PIPE"] != 2 or ng % 2 == 0 else 1,  # pairs of steps: even groups only
+              "TMA_OUT": cfg["TMA_OUT"] and rw.n % 8 == 0,
               "SG": _scale_steps(rw), "FMT": FMT_IDS[rw.fragment_format], "HAS_ZERO": rw.zero is not None, "INT_ZERO": rw.kind == "affine" and rw.int_zero,
               "HAS_BIAS": bias is not None, "BF16": x2.dtype == torch.bfloat16}
     return _ra_gemm_kernel, (min(tiles, sms),), args, consts, {"num_warps": cfg["num_warps"], "maxnreg": MAXNREG}
 
 
-def compile_offline(fmt: str = "int4", block_t: int = 256, block_n: int = 128, stages: int = 5, pipe: bool = True,
+def compile_offline(fmt: str = "int4", block_t: int = 256, block_n: int = 128, stages: int = 5, pipe: int = 1,
                     tma_out: bool = False, act: str = "fp16", arch: int = 90, **consts):
     """``_ra_gemm_kernel`` compiled for NVIDIA ``sm_<arch>`` on any machine, launched as
     :func:`launch_args` does, for CI's checks of its machine code: groups of 64 with integer
