@@ -35,6 +35,8 @@
 #   OUT=/some/dir bash benchmarks/kernels_gpu_session.sh ra_gemm    # the register-operand GEMM (int4 and NF4: BITSMITH_FRAGMENT_RA_GEMM=1)
 #       beside the warp-specialized one at M = 2048: their CUDA tests (TESTS=0: none), every config (RA_FORMATS, RA_SHAPES,
 #       RA_MS); RA_MID_MS: also below 513 tokens (offered from RA_MIN_M, default 129; RA_MID_FORMATS, RA_MID_SHAPES)
+#   OUT=/some/dir bash benchmarks/kernels_gpu_session.sh ra_pair    # ra_gemm (int4 g64, NF4), then the library's M = 2048 table
+#       with NF4 offered the register-operand GEMM, then every config at 256 and 512 tokens (offered from 129)
 #   OUT=/some/dir bash benchmarks/kernels_gpu_session.sh ra_ncu     # Nsight Compute on the register-operand GEMM (RA_TILE)
 #   OUT=/some/dir bash benchmarks/kernels_gpu_session.sh ws_ncu     # Nsight Compute on the fused GEMM (full set, its SASS with
 #       stall samples: ws_gemm_sass.csv) and on cuBLAS's float16 matmul at M = 2048 (benchmarks/ws_gemm_ncu_probe.py)
@@ -299,6 +301,16 @@ ra_gemm)  # the register-operand GEMM (int4 and NF4: BITSMITH_FRAGMENT_RA_GEMM=1
   [ -z "${RA_MID_MS:-}" ] || step configs_mid.txt "${T_MID:-200}" "grep -E 'fp16|x[0-9]|WRONG|fail'" kernels_configs_ra_mid \
     python3 benchmarks/kernels_configs.py --layout fragment --m "$RA_MID_MS" --formats "${RA_MID_FORMATS:-int4_g64,nf4_g64}" \
     --shapes "${RA_MID_SHAPES:-14336x4096,28672x8192}" --reps 10 --top 6 --name kernels_configs_ra_mid --ra-min-m "${RA_MIN_M:-129}"
+  ;;
+ra_pair)  # the register-operand GEMM with its paired steps: ra_gemm's tests and configs (int4 g64, NF4), the library's
+  # M = 2048 table with NF4 offered too (kernels_m2048_ra_pair), then every config at 256 and 512 tokens
+  RA_FORMATS=${RA_FORMATS:-int4_g64,nf4_g64} T_CFG=${T_CFG:-220} T_TESTS=${T_TESTS:-150} bash "$0" ra_gemm
+  export BITSMITH_FRAGMENT_RA_GEMM=1
+  step bench_m2048.txt "${T_BENCH:-150}" "tail -22" kernels_m2048_ra_pair \
+    python3 benchmarks/kernels_bench.py --m 2048 --formats int4_g64,int4_g128,int3_g64,nf4_g64 --reps 10 --name kernels_m2048_ra_pair
+  step configs_mid.txt "${T_MID:-90}" "grep -E 'fp16|x[0-9]|WRONG|fail'" kernels_configs_ra_mid \
+    python3 benchmarks/kernels_configs.py --layout fragment --m 256,512 --formats int4_g64 --shapes 14336x4096,28672x8192 \
+    --reps 10 --top 6 --name kernels_configs_ra_mid --ra-min-m 129
   ;;
 ws_ncu)  # Nsight Compute on the fused GEMM beside cuBLAS: the summary, the GEMM's SASS with its stall samples
   ncu_step ncu_ws_gemm.txt "${T_NCU:-200}" "grep -E '^  [a-zA-Z_].*\\(|Duration|Compute \\(SM\\) Throughput|L1/TEX Cache|highest-utilized' | head -40" \
