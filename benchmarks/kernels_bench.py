@@ -21,12 +21,14 @@ def main() -> None:
     ap.add_argument("--m", default="1,16,128,2048")
     ap.add_argument("--formats", default=",".join(bench.DEFAULT_FORMATS))
     ap.add_argument("--no-w8a8", action="store_true")
+    ap.add_argument("--rest", type=float, default=0.0,
+                    help="idle this many times a case's warm-up time (at most 1.5 s) before timing it (0: none)")
     args = ap.parse_args()
     shapes = parse_shapes(args.shapes)
     res = None
     for shape in shapes:  # one shape at a time: a run cut short by a time limit keeps what it measured
         part = bench.run_bench([shape], [int(m) for m in args.m.split(",")], args.formats.split(","),
-                               w8a8=not args.no_w8a8, reps=args.reps,
+                               w8a8=not args.no_w8a8, reps=args.reps, rest=args.rest,
                                progress=lambda s: print(s, file=sys.stderr, flush=True))
         print("\n".join(bench.render_rows(part).splitlines()[0 if res is None else 2:]), flush=True)
         if res is None:

@@ -37,6 +37,8 @@ def describe(cfg: dict) -> str:
     if cfg.get("KERNEL") == "fragment_ra_gemm":
         return f"ra-gemm {cfg['BLOCK_T']}x{cfg['BLOCK_N']}x64 st{cfg['STAGES']}" + {0: "", 1: " pipe", 2: " pipe2"}[int(cfg["PIPE"])]
     kernel = cfg.get("KERNEL", "gemm" + ("-unique" if cfg.get("UNIQUE") else ""))
+    if "BLOCK_N" not in cfg:  # the fragment layout's small-M kernels and its GEMM: their own knobs, as given
+        return f"{kernel} " + " ".join(f"{key.lower()}{val}" for key, val in cfg.items() if key != "KERNEL")
     split = cfg.get("SPLIT", cfg.get("SPLIT_K", 1))
     return (f"{kernel} {cfg.get('BLOCK_M', 1)}x{cfg['BLOCK_N']}x{cfg['BLOCK_K']} s{split} "
             f"w{cfg.get('num_warps')} st{cfg.get('num_stages', 1)}" + (f" r{cfg['maxnreg']}" if cfg.get("maxnreg") else ""))

@@ -37,6 +37,8 @@
 #       RA_MS); RA_MID_MS: also below 513 tokens (offered from RA_MIN_M, default 129; RA_MID_FORMATS, RA_MID_SHAPES)
 #   OUT=/some/dir bash benchmarks/kernels_gpu_session.sh ra_pair    # ra_gemm (int4 g64, NF4), then the library's M = 2048 table
 #       with NF4 offered the register-operand GEMM, then every config at 256 and 512 tokens (offered from 129)
+#   OUT=/some/dir bash benchmarks/kernels_gpu_session.sh rest_ab    # the M = 2048 table without, with and without a rest
+#       after each case's warm-up (kernels_bench.py --rest), SM clocks sampled; every config at 256 and 512 tokens
 #   OUT=/some/dir bash benchmarks/kernels_gpu_session.sh ra_ncu     # Nsight Compute on the register-operand GEMM (RA_TILE)
 #   OUT=/some/dir bash benchmarks/kernels_gpu_session.sh ws_ncu     # Nsight Compute on the fused GEMM (full set, its SASS with
 #       stall samples: ws_gemm_sass.csv) and on cuBLAS's float16 matmul at M = 2048 (benchmarks/ws_gemm_ncu_probe.py)
@@ -310,6 +312,25 @@ ra_pair)  # the register-operand GEMM with its paired steps: ra_gemm's tests and
     python3 benchmarks/kernels_bench.py --m 2048 --formats int4_g64,int4_g128,int3_g64,nf4_g64 --reps 10 --name kernels_m2048_ra_pair
   step configs_mid.txt "${T_MID:-90}" "grep -E 'fp16|x[0-9]|WRONG|fail'" kernels_configs_ra_mid \
     python3 benchmarks/kernels_configs.py --layout fragment --m 256,512 --formats int4_g64 --shapes 14336x4096,28672x8192 \
+    --reps 10 --top 6 --name kernels_configs_ra_mid --ra-min-m 129
+  ;;
+rest_ab)  # the M = 2048 table three times, without a rest after each case's warm-up, with one (--rest 2), without,
+  # the SM clock, power and throttle reasons sampled every 100 ms throughout (clocks.csv, run marks in marks.txt);
+  # then every config at 256 and 512 tokens (register-operand GEMM offered from 129)
+  nvidia-smi --query-gpu=timestamp,clocks.sm,power.draw,clocks_throttle_reasons.active --format=csv,noheader -lms 100 \
+    > "$OUT/clocks.csv" 2>&1 &
+  smi=$!
+  for run in "0 a" "2 b" "0 c"; do
+    set -- $run
+    echo "$(date '+%Y/%m/%d %H:%M:%S.%3N') start rest $1 ($2)" >> "$OUT/marks.txt"
+    step "bench_rest$1$2.txt" "${T_BENCH:-120}" "grep -E '2048 (fp16|int4|nf4|int3|w8a8 )'" "kernels_m2048_rest$1$2" \
+      python3 benchmarks/kernels_bench.py --m 2048 --formats int4_g64,int4_g128,int3_g64,nf4_g64 --reps 10 --rest "$1" \
+      --name "kernels_m2048_rest$1$2"
+  done
+  echo "$(date '+%Y/%m/%d %H:%M:%S.%3N') end" >> "$OUT/marks.txt"
+  kill "$smi"
+  step configs_mid.txt "${T_MID:-120}" "grep -E 'fp16|x[0-9]|WRONG|fail'" kernels_configs_ra_mid \
+    python3 benchmarks/kernels_configs.py --layout fragment --m 256,512 --formats int4_g64,nf4_g64 --shapes 14336x4096,28672x8192 \
     --reps 10 --top 6 --name kernels_configs_ra_mid --ra-min-m 129
   ;;
 ws_ncu)  # Nsight Compute on the fused GEMM beside cuBLAS: the summary, the GEMM's SASS with its stall samples

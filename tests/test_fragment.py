@@ -875,14 +875,14 @@ def test_ra_gemm_compiles_for_sm90(fmt):
                 assert ops["STG.E.U16"] and not ops["UTMASTG.2D"], ops
 
 
-def test_ra_gemm_is_offered_from_513_rows_for_int4_and_on_request_nf4(monkeypatch):
+def test_ra_gemm_is_offered_from_513_rows_for_int4_and_nf4(monkeypatch):
     from bitsmith.kernels import qmm
 
     rw = repack(_quantize("int4_g64", torch.randn(256, 128) * 0.05), layout="fragment")
     assert fragment_ra_gemm.configs(rw, 2048, torch.float16) == []  # a CPU weight: Hopper only
     monkeypatch.setattr(fragment_wgmma, "supports", lambda rw_, dtype: None if dtype in fragment_mma.MAGIC else "dtype")
-    assert fragment_ra_gemm._offered("") == ("int4",) and fragment_ra_gemm._offered("0") == ()
-    assert fragment_ra_gemm._offered("1") == ("int4", "nf4")
+    assert fragment_ra_gemm._offered("") == ("int4", "nf4") == fragment_ra_gemm._offered("1")
+    assert fragment_ra_gemm._offered("int4") == ("int4",) and fragment_ra_gemm._offered("0") == ()
     monkeypatch.setitem(fragment_ra_gemm.RA_GEMM, "formats", ())
     assert fragment_ra_gemm.configs(rw, 2048, torch.float16) == []
     monkeypatch.setitem(fragment_ra_gemm.RA_GEMM, "formats", ("int4",))
@@ -899,7 +899,7 @@ def test_ra_gemm_is_offered_from_513_rows_for_int4_and_on_request_nf4(monkeypatc
     x = torch.zeros(2048, 192, dtype=torch.float16)
     assert fragment_ra_gemm.launch_args(odd, x, None, pair_cfg, torch.empty(2048, 256, dtype=torch.float16), 132)[3]["PIPE"] == 1
     nf4 = repack(_quantize("nf4_g128", torch.randn(256, 128) * 0.05), layout="fragment")
-    assert fragment_ra_gemm.configs(nf4, 2048, torch.float16) == []  # NF4 only when asked for
+    assert fragment_ra_gemm.configs(nf4, 2048, torch.float16) == []  # NF4 not with BITSMITH_FRAGMENT_RA_GEMM=int4
     monkeypatch.setitem(fragment_ra_gemm.RA_GEMM, "formats", ("int4", "nf4"))
     assert len(fragment_ra_gemm.configs(nf4, 2048, torch.float16)) == len(fragment_ra_gemm.CANDIDATES)
     for name, n in (("int3_g64", 256), ("int4_g64", 260)):  # int3; scale rows TMA cannot read

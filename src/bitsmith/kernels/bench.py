@@ -34,6 +34,7 @@ from .layout import repack
 from .qmm import HAVE_TRITON, TUNE_FAILURES, TUNED, flushed_times_ms, quant_matmul
 
 FLUSH_BYTES = 256 << 20
+REST_CAP_S = 1.5  # the longest rest between a case's warm-up and its timed calls (Timer)
 
 #: format name -> how to build it from a float weight
 BENCH_FORMATS = {
@@ -71,20 +72,31 @@ def make_qtensor(fmt: str, w: torch.Tensor) -> QTensor:
 
 # --- timing -------------------------------------------------------------------------------------
 class Timer:
-    """CUDA-event timing with an L2 flush before every repetition."""
+    """CUDA-event timing with an L2 flush before every repetition. ``rest``: after the warm-up the
+    timer idles ``rest`` times as long as the warm-up took (at most :data:`REST_CAP_S`), so that a
+    call is not timed in the power state that the warm-up's work (a first call's tuning, a slow
+    kernel timed before) left the GPU in; 0: no rest."""
 
-    def __init__(self, device: torch.device, reps: int = 50, warmup: int = 5):
+    def __init__(self, device: torch.device, reps: int = 50, warmup: int = 5, rest: float = 0.0):
         self.flush_buf = torch.empty(FLUSH_BYTES, dtype=torch.int8, device=device)
-        self.reps, self.warmup = reps, warmup
+        self.reps, self.warmup, self.rest = reps, warmup, rest
+
+    def _warm(self, call: Callable[[], object]) -> None:
+        """The warm-up calls, then the rest."""
+        torch.cuda.synchronize()
+        started = time.perf_counter()
+        for _ in range(self.warmup):
+            call()
+        torch.cuda.synchronize()
+        if self.rest:
+            time.sleep(min(REST_CAP_S, self.rest * (time.perf_counter() - started)))
 
     def _events(self, call: Callable[[], object], clean: bool = False) -> float:
         return statistics.median(flushed_times_ms(call, self.flush_buf, self.reps, clean=clean)) * 1e3  # us
 
     def time_flushed(self, fn: Callable[[], object], clean: bool = False) -> float:
         """Median microseconds of one eager call, L2 flushed (``clean``: by a read)."""
-        for _ in range(self.warmup):
-            fn()
-        torch.cuda.synchronize()
+        self._warm(fn)
         return self._events(fn, clean)
 
     def time_graph(self, fn: Callable[[], object], clean: bool = False) -> float:
@@ -98,8 +110,7 @@ class Timer:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             fn()
-        for _ in range(self.warmup):
-            graph.replay()
+        self._warm(graph.replay)
         return self._events(graph.replay, clean)
 
     @staticmethod
@@ -190,13 +201,14 @@ def run_bench(
     tinygemm: bool = True,
     reps: int = 50,
     progress: Callable[[str], None] | None = None,
+    rest: float = 0.0,
 ) -> BenchResult:
-    """Time every kernel at every (shape, M); see the module docstring."""
+    """Time every kernel at every (shape, M); see the module docstring (``rest``: :class:`Timer`'s)."""
     if not (HAVE_TRITON and torch.cuda.is_available()):
         raise RuntimeError("bench kernels needs a CUDA device and triton")
     dev = torch.device("cuda")
     torch.manual_seed(0)
-    timer = Timer(dev, reps=reps)
+    timer = Timer(dev, reps=reps, rest=rest)
     bw = copy_bandwidth(dev)
     res = BenchResult(torch.cuda.get_device_name(dev), bw / 1e9)
     say = progress or (lambda s: None)

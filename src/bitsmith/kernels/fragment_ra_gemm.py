@@ -68,16 +68,15 @@ if HAVE_GLUON:
 
 
 def _offered(setting: str) -> tuple[str, ...]:
-    """The fragment formats ``BITSMITH_FRAGMENT_RA_GEMM`` offers this kernel for: unset, int4; ``1``,
-    int4 and NF4; ``0``, none."""
-    return {"0": (), "1": ("int4", "nf4")}.get(setting, ("int4",))
+    """The fragment formats ``BITSMITH_FRAGMENT_RA_GEMM`` offers this kernel for: unset or ``1``,
+    int4 and NF4; ``int4``, int4 only; ``0``, none."""
+    return {"0": (), "int4": ("int4",)}.get(setting, ("int4", "nf4"))
 
 
-#: the fragment formats the tuner is offered this kernel for from :data:`MIN_M` rows on Hopper. int4
-#: by default: on the H100 at M = 2048 it ran at 0.95-1.01x fp16 where dequantize + cuBLAS ran at
-#: 0.84-0.86x (kernels_configs_ra_gemm_prmt_h100.txt). NF4 only with ``BITSMITH_FRAGMENT_RA_GEMM=1``:
-#: its lookup made it 0.82-0.87x, level with dequantize + cuBLAS (0.84-0.86x), and the tuner's short
-#: timings once picked it where it was slower (kernels_m2048_ra_h100.json, 28672x8192)
+#: the fragment formats the tuner is offered this kernel for from :data:`MIN_M` rows on Hopper. On
+#: the H100 at M = 2048 int4 ran at 0.95-1.01x fp16 where dequantize + cuBLAS ran at 0.84-0.86x
+#: (kernels_configs_ra_gemm_prmt_h100.txt); NF4, level with dequantize + cuBLAS until its steps went
+#: in pairs, then at 0.87-0.92x against 0.79-0.86x (kernels_configs_ra_pair_h100.txt)
 RA_GEMM = {"formats": _offered(os.environ.get("BITSMITH_FRAGMENT_RA_GEMM", ""))}
 MIN_M = 513
 #: ``(BLOCK_T, BLOCK_N, STAGES, PIPE, TMA_OUT)`` the tuner tries: tokens and channels of a tile
@@ -86,8 +85,8 @@ MIN_M = 513
 #: into a second register set copied back after the wait, 16 moves a step; ``2``: steps in pairs,
 #: the two sets taking turns, no copies, for an even number of groups only), and whether the
 #: outputs leave through shared memory and TMA (32 KiB a consumer at 256 tokens)
-CANDIDATES = ((256, 128, 4, 1, True), (256, 128, 5, 1, False), (256, 128, 5, 0, False), (128, 128, 8, 1, True),
-              (256, 128, 4, 2, True), (256, 128, 5, 2, False))
+CANDIDATES = ((256, 128, 4, 2, True), (256, 128, 4, 1, True), (256, 128, 5, 2, False), (256, 128, 5, 1, False),
+              (256, 128, 5, 0, False), (128, 128, 8, 1, True))
 #: registers a thread of the second consumer warpgroup and of the loader warp ask for
 #: (``setmaxnreg``); the first consumer gets what is left of :data:`MAXNREG` x 384
 REGS = (232, 40)
