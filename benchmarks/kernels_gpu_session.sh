@@ -38,7 +38,8 @@
 #   OUT=/some/dir bash benchmarks/kernels_gpu_session.sh ra_pair    # ra_gemm (int4 g64, NF4), then the library's M = 2048 table
 #       with NF4 offered the register-operand GEMM, then every config at 256 and 512 tokens (offered from 129)
 #   OUT=/some/dir bash benchmarks/kernels_gpu_session.sh rest_ab    # the M = 2048 table without, with and without a rest
-#       after each case's warm-up (kernels_bench.py --rest), SM clocks sampled; every config at 256 and 512 tokens
+#       after each case's warm-up (kernels_bench.py --rest; REST_RUNS="0 a,2 b,0 c": rest and label of each run), SM clocks
+#       sampled; every config at 256 and 512 tokens
 #   OUT=/some/dir bash benchmarks/kernels_gpu_session.sh ra_ncu     # Nsight Compute on the register-operand GEMM (RA_TILE)
 #   OUT=/some/dir bash benchmarks/kernels_gpu_session.sh ws_ncu     # Nsight Compute on the fused GEMM (full set, its SASS with
 #       stall samples: ws_gemm_sass.csv) and on cuBLAS's float16 matmul at M = 2048 (benchmarks/ws_gemm_ncu_probe.py)
@@ -320,7 +321,8 @@ rest_ab)  # the M = 2048 table three times, without a rest after each case's war
   nvidia-smi --query-gpu=timestamp,clocks.sm,power.draw,clocks_throttle_reasons.active --format=csv,noheader -lms 100 \
     > "$OUT/clocks.csv" 2>&1 &
   smi=$!
-  for run in "0 a" "2 b" "0 c"; do
+  IFS=, read -ra runs <<< "${REST_RUNS:-0 a,2 b,0 c}"
+  for run in "${runs[@]}"; do
     set -- $run
     echo "$(date '+%Y/%m/%d %H:%M:%S.%3N') start rest $1 ($2)" >> "$OUT/marks.txt"
     step "bench_rest$1$2.txt" "${T_BENCH:-120}" "grep -E '2048 (fp16|int4|nf4|int3|w8a8 )'" "kernels_m2048_rest$1$2" \
