@@ -39,7 +39,7 @@
 #       with NF4 offered the register-operand GEMM, then every config at 256 and 512 tokens (offered from 129)
 #   OUT=/some/dir bash benchmarks/kernels_gpu_session.sh rest_ab    # the M = 2048 table without, with and without a rest
 #       after each case's warm-up (kernels_bench.py --rest; REST_RUNS="0 a,2 b,0 c": rest and label of each run), SM clocks
-#       sampled; every config at 256 and 512 tokens
+#       sampled; every config at 256 and 512 tokens (MID=0: not)
 #   OUT=/some/dir bash benchmarks/kernels_gpu_session.sh ra_ncu     # Nsight Compute on the register-operand GEMM (RA_TILE)
 #   OUT=/some/dir bash benchmarks/kernels_gpu_session.sh ws_ncu     # Nsight Compute on the fused GEMM (full set, its SASS with
 #       stall samples: ws_gemm_sass.csv) and on cuBLAS's float16 matmul at M = 2048 (benchmarks/ws_gemm_ncu_probe.py)
@@ -331,7 +331,7 @@ rest_ab)  # the M = 2048 table three times, without a rest after each case's war
   done
   echo "$(date '+%Y/%m/%d %H:%M:%S.%3N') end" >> "$OUT/marks.txt"
   kill "$smi"
-  step configs_mid.txt "${T_MID:-120}" "grep -E 'fp16|x[0-9]|WRONG|fail'" kernels_configs_ra_mid \
+  [ "${MID:-1}" = 0 ] || step configs_mid.txt "${T_MID:-120}" "grep -E 'fp16|x[0-9]|WRONG|fail'" kernels_configs_ra_mid \
     python3 benchmarks/kernels_configs.py --layout fragment --m 256,512 --formats int4_g64,nf4_g64 --shapes 14336x4096,28672x8192 \
     --reps 10 --top 6 --name kernels_configs_ra_mid --ra-min-m 129
   ;;
