@@ -1,5 +1,5 @@
 """The fragment layout's large-M GEMM with the weights as ``wgmma``'s register operand (Gluon,
-Hopper, sm_90; opt-in).
+Hopper, sm_90; offered to the tuner for int4 and NF4 from :data:`MIN_M` rows).
 
 The warp-specialized GEMM of :mod:`bitsmith.kernels.fragment_ws_gemm` dequantizes in two producer
 warpgroups, stores the weights to shared memory, fences them and announces them, and on the H100
@@ -36,15 +36,14 @@ the slot (``empty``, both consumers). The epilogue adds the bias and stores ``ou
 channel]`` with masks.
 
 int4 and NF4 (group-major words, the TMA conditions of
-:func:`bitsmith.kernels.fragment_ws_gemm.meta_tma_ok`). ``PIPE`` and ``TMA_OUT`` are the tuner's
-choices (:data:`CANDIDATES`).
+:func:`bitsmith.kernels.fragment_ws_gemm.meta_tma_ok`). ``PIPE`` (0, 1, or 2: steps in pairs,
+:func:`_pair`) and ``TMA_OUT`` are the tuner's choices (:data:`CANDIDATES`).
 
 Status (issue #8): on an H100 its CUDA tests pass and compute-sanitizer finds no error
-(benchmarks/results/ra_gemm_prmt_gpu_tests_h100.txt, sanitizer_ra_gemm_h100.txt). At M = 2048
-each int4 config timed alone reached 0.95-1.01x fp16 on the issue's four shapes, against
-0.84-0.86x for dequantize + cuBLAS, NF4 0.82-0.87x, level with it
-(kernels_configs_ra_gemm_prmt_h100.txt). So the tuner is offered it for int4 by default and for
-NF4 only with ``BITSMITH_FRAGMENT_RA_GEMM=1`` (:data:`RA_GEMM`).
+(benchmarks/results/ra_pair_gpu_tests_h100.txt, sanitizer_ra_pair_h100.txt). At M = 2048 each
+config timed alone reached, on the issue's four shapes, 0.95-1.01x fp16 for int4 and, with the
+steps in pairs, 0.87-0.92x for NF4, against 0.79-0.86x for dequantize + cuBLAS
+(kernels_configs_ra_pair_h100.txt). So the tuner is offered it for both by default (:data:`RA_GEMM`).
 """
 from __future__ import annotations
 

@@ -36,8 +36,8 @@ ws_gemm_split_gpu_tests_h100.txt, sanitizer_ws_gemm_split_h100.txt). At M = 2048
 same run), int3 and NF4 at 0.77-0.85x, behind dequantize + cuBLAS
 (kernels_configs_ws_gemm_split_h100.txt): short of the issue's 0.9x, the producers setting the
 pace (docs/gpu-kernels.md), so it is offered to the tuner only with ``BITSMITH_FRAGMENT_WS_GEMM=1``
-(:data:`WS_GEMM`). For int4 the register-operand GEMM (:mod:`bitsmith.kernels.fragment_ra_gemm`),
-which needs no producers, runs at 0.95-1.01x and takes its place by default.
+(:data:`WS_GEMM`). For int4 and NF4 the register-operand GEMM (:mod:`bitsmith.kernels.fragment_ra_gemm`),
+which needs no producers, runs at 0.95-1.01x and 0.87-0.92x and takes its place by default.
 """
 from __future__ import annotations
 

@@ -27,10 +27,10 @@ The fragment layout (:mod:`bitsmith.kernels.fragment`) has its own kernels: the 
 GEMM of :mod:`bitsmith.kernels.fragment_gemm` and dequantize + cuBLAS from 17 to 512 rows, and on
 a Hopper GPU :mod:`bitsmith.kernels.fragment_wgmma` from 17 to 256 rows (off with
 ``BITSMITH_FRAGMENT_WGMMA=0``); the tuner picks among them. Above 512 rows dequantize + cuBLAS,
-and on a Hopper GPU for int4 (NF4 too with ``BITSMITH_FRAGMENT_RA_GEMM=1``) the GEMM of
-:mod:`bitsmith.kernels.fragment_ra_gemm`, which dequantizes into ``wgmma``'s register operand with
-the tokens as the MMA's ``N`` (0.95-1.01x fp16 at M = 2048 on the H100, where dequantize + cuBLAS
-runs at 0.84-0.86x: benchmarks/results/kernels_configs_ra_gemm_prmt_h100.txt).
+and on a Hopper GPU for int4 and NF4 the GEMM of :mod:`bitsmith.kernels.fragment_ra_gemm`, which
+dequantizes into ``wgmma``'s register operand with the tokens as the MMA's ``N`` (at M = 2048 on
+the H100 int4 0.95-1.01x fp16, NF4 0.87-0.92x, where dequantize + cuBLAS runs at 0.79-0.86x:
+benchmarks/results/kernels_configs_ra_pair_h100.txt).
 
 Configs are tuned once per (kernel, shape, layout) on first use (not under CUDA-graph capture,
 where a default is taken) and cached in :data:`TUNED`; with ``BITSMITH_TUNE_CACHE=file`` also on
