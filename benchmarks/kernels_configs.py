@@ -31,9 +31,6 @@ def describe(cfg: dict) -> str:
     """A config in a few characters: kernel, tile, split, warps, stages."""
     if cfg.get("DEQUANT_MM"):
         return "dequant+cuBLAS"
-    if cfg.get("KERNEL") == "fragment_ws_gemm":
-        return (f"ws-gemm {cfg['BLOCK_M']}x{cfg['BLOCK_N']}x64 w{cfg['W_STAGES']} x{cfg['X_STAGES']}"
-                + (" tma-meta" if cfg.get("META_TMA") else ""))
     if cfg.get("KERNEL") == "fragment_ra_gemm":
         return f"ra-gemm {cfg['BLOCK_T']}x{cfg['BLOCK_N']}x64 st{cfg['STAGES']}" + {0: "", 1: " pipe", 2: " pipe2"}[int(cfg["PIPE"])]
     kernel = cfg.get("KERNEL", "gemm" + ("-unique" if cfg.get("UNIQUE") else ""))

@@ -30,10 +30,8 @@
 #       BITSMITH_FRAGMENT_PDL=1 OUT=/some/dir bash benchmarks/kernels_gpu_session.sh sanitize
 #   OUT=/some/dir bash benchmarks/kernels_gpu_session.sh order      # fragment CUDA tests (group-major words among them),
 #       then every config with the words block-major and group-major (gluon_fragment_probe.py --orders block,group)
-#   OUT=/some/dir bash benchmarks/kernels_gpu_session.sh ws_gemm    # the fragment layout's warp-specialized GEMM at M = 2048
-#       (BITSMITH_FRAGMENT_WS_GEMM=1): its CUDA tests (TESTS=0: none), every config beside dequantize + cuBLAS, the M = 2048 table
 #   OUT=/some/dir bash benchmarks/kernels_gpu_session.sh ra_gemm    # the register-operand GEMM (int4 and NF4: BITSMITH_FRAGMENT_RA_GEMM=1)
-#       beside the warp-specialized one at M = 2048: their CUDA tests (TESTS=0: none), every config (RA_FORMATS, RA_SHAPES,
+#       at M = 2048: its CUDA tests (TESTS=0: none), every config beside dequantize + cuBLAS (RA_FORMATS, RA_SHAPES,
 #       RA_MS); RA_MID_MS: also below 513 tokens (offered from RA_MIN_M, default 129; RA_MID_FORMATS, RA_MID_SHAPES)
 #   OUT=/some/dir bash benchmarks/kernels_gpu_session.sh ra_pair    # ra_gemm (int4 g64, NF4), then the library's M = 2048 table
 #       with NF4 offered the register-operand GEMM, then every config at 256 and 512 tokens (offered from 129)
@@ -41,8 +39,6 @@
 #       after each case's warm-up (kernels_bench.py --rest; REST_RUNS="0 a,2 b,0 c": rest and label of each run), SM clocks
 #       sampled; every config at 256 and 512 tokens (MID=0: not)
 #   OUT=/some/dir bash benchmarks/kernels_gpu_session.sh ra_ncu     # Nsight Compute on the register-operand GEMM (RA_TILE)
-#   OUT=/some/dir bash benchmarks/kernels_gpu_session.sh ws_ncu     # Nsight Compute on the fused GEMM (full set, its SASS with
-#       stall samples: ws_gemm_sass.csv) and on cuBLAS's float16 matmul at M = 2048 (benchmarks/ws_gemm_ncu_probe.py)
 #   OUT=/some/dir bash benchmarks/kernels_gpu_session.sh wide       # the fragment layout's kernels for more tokens:
 #       the Gluon kernel at 17..64 tokens and the Hopper wgmma kernel (both on by default since they passed this):
 #       their CUDA tests and the fragment GEMM's, then M = 16..128 (WIDE_MS) with every format in the fragment layout (the
@@ -280,23 +276,11 @@ order)  # the fragment words block-major against group-major: CUDA tests, then e
     python3 benchmarks/gluon_fragment_probe.py --orders block,group --shapes "${FRAG_SHAPES:-14336x4096,28672x8192}" \
     --m 1,16 --formats "${FRAG_FORMATS:-int4_g64,int3_g64,nf4_g64}" --reps 10 --name gluon_fragment_probe_order
   ;;
-ws_gemm)  # the fragment layout's warp-specialized GEMM for large M (BITSMITH_FRAGMENT_WS_GEMM=1): tests, every config, the table
-  export BITSMITH_FRAGMENT_WS_GEMM=1
-  [ "${TESTS:-1}" = 0 ] || TEST_FILES="tests/test_fragment.py" TEST_K=${TEST_K:-"cuda and ws_gemm"} T_TESTS=${T_TESTS:-120} \
-    tests_or_stop
-  step configs.txt "${T_CFG:-240}" "grep -E 'fp16|x[0-9]|WRONG|fail'" kernels_configs_ws_gemm \
-    python3 benchmarks/kernels_configs.py --layout fragment --m 2048 --formats "${WS_FORMATS:-int4_g64,nf4_g64,int3_g64}" \
-    --shapes "${WS_SHAPES:-4096x4096,14336x4096,4096x14336,28672x8192}" --reps 10 --top 6 --name kernels_configs_ws_gemm
-  step kernels_bench.txt "${T_BENCH:-200}" "grep -E '^ +[0-9]+x[0-9]+ +2048 [a-z]'" kernels_m2048_ws_gemm \
-    python3 benchmarks/kernels_bench.py --m 2048 --formats int4_g64,int4_g128,int3_g64,nf4_g64 --no-w8a8 --reps 10 \
-    --name kernels_m2048_ws_gemm
-  ;;
 ra_gemm)  # the register-operand GEMM (int4 and NF4: BITSMITH_FRAGMENT_RA_GEMM=1): its tests,
-  # every config beside dequantize + cuBLAS (WS=1: the warp-specialized GEMM's too)
+  # every config beside dequantize + cuBLAS
   export BITSMITH_FRAGMENT_RA_GEMM=1
-  [ "${TESTS:-1}" = 0 ] || BITSMITH_FRAGMENT_WS_GEMM=1 TEST_FILES="tests/test_fragment.py" \
+  [ "${TESTS:-1}" = 0 ] || TEST_FILES="tests/test_fragment.py" \
     TEST_K=${TEST_K:-"cuda and ra_gemm"} T_TESTS=${T_TESTS:-200} tests_or_stop
-  [ "${WS:-0}" = 0 ] || export BITSMITH_FRAGMENT_WS_GEMM=1
   step configs.txt "${T_CFG:-300}" "grep -E 'fp16|x[0-9]|WRONG|fail'" kernels_configs_ra_gemm \
     python3 benchmarks/kernels_configs.py --layout fragment --m "${RA_MS:-2048}" --formats "${RA_FORMATS:-int4_g64,int4_g128,nf4_g64}" \
     --shapes "${RA_SHAPES:-4096x4096,14336x4096,4096x14336,28672x8192}" --reps 10 --top 8 --name kernels_configs_ra_gemm \
@@ -335,22 +319,11 @@ rest_ab)  # the M = 2048 table three times, without a rest after each case's war
     python3 benchmarks/kernels_configs.py --layout fragment --m 256,512 --formats int4_g64,nf4_g64 --shapes 14336x4096,28672x8192 \
     --reps 10 --top 6 --name kernels_configs_ra_mid --ra-min-m 129
   ;;
-ws_ncu)  # Nsight Compute on the fused GEMM beside cuBLAS: the summary, the GEMM's SASS with its stall samples
-  ncu_step ncu_ws_gemm.txt "${T_NCU:-200}" "grep -E '^  [a-zA-Z_].*\\(|Duration|Compute \\(SM\\) Throughput|L1/TEX Cache|highest-utilized' | head -40" \
-    --set full --import-source yes -o "$OUT/ws_gemm" -k "regex:_ws_gemm_kernel" -c 1 \
-    python3 benchmarks/ws_gemm_ncu_probe.py --shapes "${WS_SHAPES:-4096x4096}" --formats "${WS_FORMATS:-int4_g64}"
-  ncu -i "$OUT/ws_gemm.ncu-rep" --page source --csv --print-source sass > "$OUT/ws_gemm_sass.csv" 2>&1
-  ncu -i "$OUT/ws_gemm.ncu-rep" --page raw --csv > "$OUT/ws_gemm_raw.csv" 2>&1
-  # cuBLAS's kernel (and the GEMM again) with the sections that say how busy the tensor pipe is
-  ncu_step ncu_cublas.txt "${T_NCU:-150}" "grep -E '^  [a-zA-Z_].*\\(|Duration|L1/TEX Cache|highest-utilized' | head -40" \
-    --section SpeedOfLight --section ComputeWorkloadAnalysis --section WarpStateStats -k "regex:gemm|nvjet|xmma|cutlass" \
-    python3 benchmarks/ws_gemm_ncu_probe.py --shapes "${WS_SHAPES:-4096x4096}" --formats int4_g64
-  ;;
 ra_ncu)  # Nsight Compute on the register-operand GEMM (RA_TILE: the probe's --tile), its SASS with stall samples
   ncu_step ncu_ra_gemm.txt "${T_NCU:-200}" "grep -E '^  [a-zA-Z_].*\\(|Duration|Compute \\(SM\\) Throughput|L1/TEX Cache|highest-utilized' | head -40" \
     --set full --import-source yes -o "$OUT/ra_gemm" -k "regex:_ra_gemm_kernel" -c 1 \
-    python3 benchmarks/ws_gemm_ncu_probe.py --ra --tile "${RA_TILE:-256x128x5x1x0}" --shapes "${WS_SHAPES:-4096x4096}" \
-    --formats "${WS_FORMATS:-int4_g64}"
+    python3 benchmarks/ws_gemm_ncu_probe.py --tile "${RA_TILE:-256x128x4x2x1}" --shapes "${RA_SHAPES:-4096x4096}" \
+    --formats "${RA_FORMATS:-int4_g64}"
   ncu -i "$OUT/ra_gemm.ncu-rep" --page source --csv --print-source sass > "$OUT/ra_gemm_sass.csv" 2>&1
   ;;
 wide)  # the wide Gluon tiles and the wgmma kernel: tests, then M = 16..128 in both layouts

@@ -8,7 +8,7 @@ for int4, int3 and NF4, in both word orders, with rows and channels past the til
 rows the fragment layout's other kernels (group-major words): the Triton GEMM, the Gluon kernel's
 32- and 64-token tiles and, on Hopper, the ``wgmma`` kernel (each unless switched off:
 ``BITSMITH_FRAGMENT_WIDE=0``, ``BITSMITH_FRAGMENT_WGMMA=0``); at 600 rows, on Hopper, the
-warp-specialized GEMM's every candidate (its producers' words by TMA and by their own loads).
+register-operand GEMM's every candidate.
 
     compute-sanitizer --tool memcheck --error-exitcode 1 python benchmarks/kernels_sanitize.py
     compute-sanitizer --tool memcheck --error-exitcode 1 python benchmarks/kernels_sanitize.py --fused-gemms  # large-M GEMMs only
@@ -40,7 +40,7 @@ SMALL_M = [{"KERNEL": "fma", "BLOCK_N": 128, "SPLIT": 1, "num_warps": 4}, {"KERN
 def main() -> None:
     qmm.AUTOTUNE["enabled"] = False
     if sys.argv[1:] == ["--fused-gemms"]:  # the fragment layout's large-M fused GEMMs only
-        print(f"fused GEMMs ran; worst relative error vs float64 reference {_fragment_ws_gemm_cases():.2e}")
+        print(f"fused GEMMs ran; worst relative error vs float64 reference {_fragment_ra_gemm_cases():.2e}")
         return
     worst = 0.0
     # K = 1000: no group divides it (masked activation loads); 1024: every group does (unmasked)
@@ -91,7 +91,7 @@ def main() -> None:
             for cfg in [c for c in w8a8.gemm_candidates(xq, wq_tma) if c.get("WGMMA") or c.get("PERSIST")]:
                 w8a8._launch_gemm(xq, wq_tma, sx, torch.rand(n, device="cuda") * 0.01, None, out, cfg)
             w8a8._sm_count = real_sms
-    worst = max(worst, _fragment_cases(), _fragment_wide_cases(), _fragment_ws_gemm_cases())
+    worst = max(worst, _fragment_cases(), _fragment_wide_cases(), _fragment_ra_gemm_cases())
     torch.cuda.synchronize()
     print(f"all kernels ran; worst relative error vs float64 reference {worst:.2e}")
 
@@ -165,29 +165,28 @@ def _fragment_wide_cases() -> float:
     return worst
 
 
-def _fragment_ws_gemm_cases() -> float:
-    """The fragment layout's warp-specialized GEMM and its register-operand GEMM (Hopper; both tried
-    whatever ``BITSMITH_FRAGMENT_WS_GEMM`` and ``BITSMITH_FRAGMENT_RA_GEMM`` say; the second takes
-    int4 and NF4 at N = 328 only) at 600 rows (a partial row tile), N = 328 and 333 (a partial
-    column tile; TMA brings the producers' words, scales and zeros only at 328), K = 1000 (a
-    partial group), group-major words, over 5 programs; worst relative error against float64."""
+def _fragment_ra_gemm_cases() -> float:
+    """The fragment layout's register-operand GEMM (Hopper; int4 and NF4 whatever
+    ``BITSMITH_FRAGMENT_RA_GEMM`` says) at 600 rows (a partial token tile), N = 328 (a partial
+    channel tile), K = 1000 (a partial group; 16 groups, so the paired steps too), group-major
+    words, over 5 programs; worst relative error against float64. (It also ran the warp-specialized
+    GEMM, at N = 333 too, until that kernel was removed.)"""
     from unittest import mock
 
-    from bitsmith.kernels import fragment_ra_gemm, fragment_ws_gemm
+    from bitsmith.kernels import fragment_ra_gemm
 
     worst = 0.0
     if not fragment_mma.HAVE_GLUON or torch.cuda.get_device_capability() != (9, 0):
         return worst
-    with mock.patch.dict(fragment_ws_gemm.WS_GEMM, {"enabled": True}), \
-            mock.patch.dict(fragment_ra_gemm.RA_GEMM, {"formats": ("int4", "nf4")}), mock.patch.object(qmm, "_sm_count", lambda dev: 5):
-        for (method, opts), n in ((c, n) for c in FRAGMENT_CASES for n in (328, 333)):
-            qt = bitsmith.quantize_tensor(torch.randn(n, 1000, device="cuda") * 0.02, method, **opts)
+    with mock.patch.dict(fragment_ra_gemm.RA_GEMM, {"formats": ("int4", "nf4")}), \
+            mock.patch.object(qmm, "_sm_count", lambda dev: 5):
+        for method, opts in FRAGMENT_CASES:
+            qt = bitsmith.quantize_tensor(torch.randn(328, 1000, device="cuda") * 0.02, method, **opts)
             rw = repack(qt, layout="fragment", order="group")
             x = torch.randn(600, 1000, device="cuda", dtype=torch.float16)
-            bias = torch.randn(n, device="cuda", dtype=torch.float16)
+            bias = torch.randn(328, device="cuda", dtype=torch.float16)
             ref = x.double() @ qt.dequantize(torch.float32).double().t() + bias.double()
-            for cfg in fragment_ws_gemm.configs(rw, 600, torch.float16) + fragment_ra_gemm.configs(rw, 600,
-                                                                                                   torch.float16):
+            for cfg in fragment_ra_gemm.configs(rw, 600, torch.float16):
                 y = qmm._launch(rw, x, bias, cfg)
                 worst = max(worst, float((y.double() - ref).norm() / ref.norm()))
     return worst

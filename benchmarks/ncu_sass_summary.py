@@ -3,7 +3,7 @@
 code between ``USETMAXREG`` instructions) with its main reasons, and the instructions with the
 most samples.
 
-    python benchmarks/ncu_sass_summary.py ws_gemm_sass.csv [--top 30]
+    python benchmarks/ncu_sass_summary.py ra_gemm_sass.csv [--top 30]
 """
 import argparse
 import collections

@@ -15,7 +15,6 @@
 from __future__ import annotations
 
 import collections
-import itertools
 import re
 import sys
 import tempfile
@@ -28,7 +27,7 @@ import torch.nn.functional as F
 import bitsmith
 from bitsmith.errors import QuantizationError
 from bitsmith.kernels import (HAVE_TRITON, dequantize_runtime, fragment, fragment_gemm, fragment_mma, fragment_wgmma,
-                              fragment_ra_gemm, fragment_ws_gemm, repack)
+                              fragment_ra_gemm, repack)
 from bitsmith.kernels.layout import runtime_codes
 from conftest import CUDA, INTERPRETED, needs_interp, run_interpreter_tests
 from ptx_emulator import run_ptx
@@ -670,88 +669,12 @@ def _spills_inside_partitions(ins) -> list:
             and not (t.startswith("LDL") and any(0 < i - j <= 8 for j in split))]
 
 
-@needs_gluon
-@pytest.mark.parametrize("fmt", fragment.FORMATS)
-def test_ws_gemm_compiles_for_sm90(fmt):
-    """The warp-specialized large-M GEMM, compiled for sm_90 in every candidate tile and pair of
-    rings (the first also with tails, per-row scales, bfloat16 and float zeros), with its producers'
-    words, scales and zeros brought by TMA (not int3) and loaded by themselves: no partition
-    spills (:func:`_spills_inside_partitions`), fits the H100's 227 KiB of shared memory, the
-    consumers load the activations by TMA and keep one ``wgmma`` in flight in their loop
-    (``0x1``, the final wait ``0x0``), each producer stores its thread's share of the
-    dequantized ``[BLOCK_N, 64]`` weights in 16-byte pieces (a lane's 16 values are 16
-    consecutive channels), and the partitions' registers are set. With TMA the producers load no
-    word from global memory: 3-D TMA boxes bring them, 16-byte shared loads read them."""
-    metas = (False,) if fmt == "int3" else (True, False)
-    for (bm, bn, w_st, x_st), meta in itertools.product(fragment_ws_gemm.CANDIDATES, metas):
-        # every candidate plain, the first one with each variant too (the variants change the producers only)
-        variants = ({"TAIL": True, "HAS_BIAS": False, "SG": 0}, {"BF16": True}, {"INT_ZERO": False})
-        for extra in ({},) + (variants if (bm, bn, w_st, x_st) == fragment_ws_gemm.CANDIDATES[0] else ()):
-            if not meta:
-                extra = {**extra, "GROUP_MAJOR": "SG" not in extra}
-            compiled = fragment_ws_gemm.compile_offline(fmt, bm, bn, w_st, x_st,
-                                                        act="bf16" if extra.get("BF16") else "fp16", META_TMA=meta,
-                                                        **extra)
-            case = (bm, bn, w_st, x_st, meta, extra)
-            assert compiled.metadata.shared <= 227 * 1024, (case, compiled.metadata.shared)
-            with tempfile.TemporaryDirectory() as tmp:
-                ins = kernels_sass.sass_of(compiled.asm["cubin"], Path(tmp))
-            ops = collections.Counter(kernels_sass.opcode(t) for _, t in ins)
-            assert not _spills_inside_partitions(ins), case
-            assert ops["UTMALDG.2D"] >= 1 and ops["USETMAXREG.TRY_ALLOC.CTAPOOL"] >= 1, ops
-            dt = ".BF16" if extra.get("BF16") else ""
-            # each consumer's bm / 2 rows in 64-row wgmmas of k 16, four a group, in two copies of the loop
-            assert ops[f"HGMMA.64x{bn}x16.F32{dt}"] == 4 * (bm // 64), ops
-            waits = {t for _, t in ins if t.startswith("WARPGROUP.DEPBAR")}
-            assert waits == {"WARPGROUP.DEPBAR.LE gsb0, 0x1", "WARPGROUP.DEPBAR.LE gsb0, 0x0"}, waits
-            # a thread's share of the [bn, 64] weights, bn / 16 16-byte stores, in each of the two producers' code
-            assert ops["STS.128"] == 2 * bn // 16, {op: c for op, c in ops.items() if op.startswith("STS")}
-            if meta:  # the words: 3-D boxes in the prologue and in the loop of each producer, a 16-byte read a row block
-                assert ops["UTMALDG.3D"] >= 4 and ops["LDS.128"] == 2 * (bn // 64) and not ops["LDG.E.128"], ops
-            else:
-                assert not ops["UTMALDG.3D"] and not ops["LDS.128"], ops
-
-
 def test_spills_inside_partitions_tells_the_prologue_carry_from_a_spill():
     ins = [(0, "STL [R1], R2"), (1, "USETMAXREG.DEALLOC.CTAPOOL 0x50"), (2, "USETMAXREG.TRY_ALLOC.CTAPOOL UP0, 0xa8"),
            (3, "LDL R6, [R1]")] + [(4 + i, "FADD R1, R2, R3") for i in range(20)]
     assert _spills_inside_partitions(ins) == []
     assert _spills_inside_partitions(ins + [(30, "STL [R1+0x8], R7")]) == ["STL [R1+0x8], R7"]
     assert _spills_inside_partitions(ins + [(30, "LDL R7, [R1]")]) == ["LDL R7, [R1]"]
-
-
-def test_ws_gemm_puts_the_channels_back_in_order():
-    """The producer's permutation of a dequantized group (``K_SPLIT``, ``TO_CHANNELS``) takes the
-    fragment's logical ``k`` to channel :func:`bitsmith.kernels.fragment.physical_k`, and each
-    lane's 16 logical ``k`` (fixed ``t``) to 16 consecutive channels."""
-    logical = torch.arange(64).reshape(1, *fragment_ws_gemm.K_SPLIT)
-    by_channel = logical.permute(*fragment_ws_gemm.TO_CHANNELS).reshape(64)
-    assert [fragment.physical_k(int(k)) for k in by_channel] == list(range(64))
-    for t in range(4):  # lane t's values: k = 16 s + 8 rc + 2 t + h
-        ks = {16 * s_ + 8 * rc + 2 * t + h for s_ in range(4) for rc in range(2) for h in range(2)}
-        assert sorted(fragment.physical_k(k) for k in ks) == list(range(16 * t, 16 * t + 16))
-
-
-def test_ws_gemm_is_opt_in_from_513_rows(monkeypatch):
-    from bitsmith.kernels import qmm
-
-    rw = repack(_quantize("int4_g64", torch.randn(256, 128) * 0.05), layout="fragment")
-    monkeypatch.setitem(fragment_ws_gemm.WS_GEMM, "enabled", False)
-    assert fragment_ws_gemm.configs(rw, 2048, torch.float16) == []
-    monkeypatch.setitem(fragment_ws_gemm.WS_GEMM, "enabled", True)
-    assert fragment_ws_gemm.configs(rw, 512, torch.float16) == []
-    assert fragment_ws_gemm.configs(rw, 2048, torch.float32) == []
-    cands = fragment_ws_gemm.configs(rw, 2048, torch.float16)
-    assert [(c["BLOCK_M"], c["BLOCK_N"], c["W_STAGES"], c["X_STAGES"], c["META_TMA"]) for c in cands] == \
-        [(*t, meta) for t in fragment_ws_gemm.CANDIDATES for meta in fragment_ws_gemm.PRODUCER_KINDS]
-    assert all(c in qmm._configs(rw, 2048, torch.float16) for c in cands)
-    # TMA cannot bring int3's 96 words a row block, nor scales whose rows are not a multiple of 16 bytes
-    int3 = repack(_quantize("int3_g64", torch.randn(256, 128) * 0.05), layout="fragment")
-    odd = repack(_quantize("int4_g64", torch.randn(260, 128) * 0.05), layout="fragment")
-    assert not fragment_ws_gemm.meta_tma_ok(int3) and not fragment_ws_gemm.meta_tma_ok(odd)
-    assert fragment_ws_gemm.meta_tma_ok(rw)
-    assert {c["META_TMA"] for c in fragment_ws_gemm.configs(int3, 2048, torch.float16)} == {False}
-    assert "Hopper" in fragment_ws_gemm.supports(rw, torch.zeros(4, 128)) or not fragment_mma.HAVE_GLUON
 
 
 @pytest.mark.parametrize("magic", [0x6400, 0x4300], ids=["float16", "bfloat16"])
@@ -880,6 +803,7 @@ def test_ra_gemm_is_offered_from_513_rows_for_int4_and_nf4(monkeypatch):
 
     rw = repack(_quantize("int4_g64", torch.randn(256, 128) * 0.05), layout="fragment")
     assert fragment_ra_gemm.configs(rw, 2048, torch.float16) == []  # a CPU weight: Hopper only
+    assert "Hopper" in fragment_ra_gemm.supports(rw, torch.zeros(4, 128)) or not fragment_mma.HAVE_GLUON
     monkeypatch.setattr(fragment_wgmma, "supports", lambda rw_, dtype: None if dtype in fragment_mma.MAGIC else "dtype")
     assert fragment_ra_gemm._offered("") == ("int4", "nf4") == fragment_ra_gemm._offered("1")
     assert fragment_ra_gemm._offered("int4") == ("int4",) and fragment_ra_gemm._offered("0") == ()
@@ -904,7 +828,8 @@ def test_ra_gemm_is_offered_from_513_rows_for_int4_and_nf4(monkeypatch):
     assert len(fragment_ra_gemm.configs(nf4, 2048, torch.float16)) == len(fragment_ra_gemm.CANDIDATES)
     for name, n in (("int3_g64", 256), ("int4_g64", 260)):  # int3; scale rows TMA cannot read
         other = repack(_quantize(name, torch.randn(n, 128) * 0.05), layout="fragment")
-        assert fragment_ra_gemm.configs(other, 2048, torch.float16) == [], name
+        assert not fragment_ra_gemm.meta_tma_ok(other) and fragment_ra_gemm.configs(other, 2048, torch.float16) == [], name
+    assert fragment_ra_gemm.meta_tma_ok(rw) and fragment_ra_gemm.meta_tma_ok(nf4)
 
 
 def test_wgmma_activation_tiles_follow_the_fragment_k_order():
@@ -1071,48 +996,12 @@ def test_cuda_block_major_order_equals_reference(name, monkeypatch):
 
 
 @needs_cuda
-@pytest.mark.parametrize("name", sorted(FORMATS))
-def test_cuda_ws_gemm_equals_reference(name, monkeypatch):
-    """The warp-specialized large-M GEMM, every candidate, persistent over 1, 5 and all the SMs'
-    programs: 600 rows (a partial row tile), N = 333 and 328 (a partial column tile; 328's
-    scale rows let TMA bring the producers' words, scales and zeros), K = 576 and 1000 (a
-    partial group), a bias, float16 and bfloat16, both word orders. The producers' TMA ring
-    and their own loads give the same bits. A strided view of the activations (TMA cannot
-    read it) takes the dequantize + cuBLAS path instead."""
-    from bitsmith.kernels import layout, qmm
-
-    monkeypatch.setitem(fragment_ws_gemm.WS_GEMM, "enabled", True)
-    metas = set()
-    for k, dtype, order, n in ((576, torch.float16, "group", 333), (1000, torch.float16, "block", 333),
-                               (576, torch.bfloat16, "group", 333), (1000, torch.float16, "group", 328),
-                               (576, torch.bfloat16, "group", 328)):
-        monkeypatch.setitem(layout.FRAGMENT, "order", order)
-        _, rw, x, b, ref = _cuda_case(name, 600, n, k, dtype)
-        tol = 2e-3 if dtype == torch.float16 else 1.6e-2
-        for sms in (1, 5, qmm._sm_count(x.device)):
-            monkeypatch.setattr(qmm, "_sm_count", lambda dev, sms=sms: sms)
-            outs = {}
-            for cfg in fragment_ws_gemm.configs(rw, 600, dtype):
-                out = outs[cfg["W_STAGES"], cfg["X_STAGES"], cfg["META_TMA"]] = qmm._launch(rw, x, b, cfg)
-                metas.add(cfg["META_TMA"])
-                assert out.dtype == dtype and out.shape == (600, n)
-                assert float((out.double() - ref).norm() / ref.norm()) < tol, (k, dtype, order, n, cfg, sms)
-            for (w_st, x_st, meta), out in outs.items():
-                assert torch.equal(out, outs[w_st, x_st, False]), (k, dtype, order, n, w_st, x_st, sms)
-    assert metas == ({False} if name.startswith("int3") else {True, False})
-    wide = torch.zeros(600, 2 * k, device="cuda", dtype=dtype)
-    wide[:, ::2] = x
-    assert fragment_ws_gemm.supports(rw, wide[:, ::2]) is not None
-    out = qmm._launch(rw, wide[:, ::2], b, fragment_ws_gemm.configs(rw, 600, dtype)[0])
-    assert float((out.double() - ref).norm() / ref.norm()) < tol
-
-
-@needs_cuda
 @pytest.mark.parametrize("name", sorted(n for n, (_, _, fmt) in FORMATS.items() if fmt != "int3"))
 def test_cuda_ra_gemm_equals_reference(name, monkeypatch):
     """The register-operand GEMM, every candidate, persistent over 1, 5 and all the SMs' programs:
     600 rows (a partial token tile), N = 328 and 200 (partial channel tiles), K = 576 (9 groups),
-    1000 (16, the last partial) and 1024, a bias, float16 and bfloat16."""
+    1000 (16, the last partial) and 1024, a bias, float16 and bfloat16; a strided view of the
+    activations (TMA cannot read it) takes the dequantize + cuBLAS path instead."""
     from bitsmith.kernels import qmm
 
     monkeypatch.setitem(fragment_ra_gemm.RA_GEMM, "formats", ("int4", "nf4"))
@@ -1128,6 +1017,11 @@ def test_cuda_ra_gemm_equals_reference(name, monkeypatch):
                 out = qmm._launch(rw, x, b, cfg)
                 assert out.dtype == dtype and out.shape == (600, n)
                 assert float((out.double() - ref).norm() / ref.norm()) < tol, (k, dtype, n, cfg, sms)
+    wide = torch.zeros(600, 2 * k, device="cuda", dtype=dtype)  # a strided view TMA cannot read: dequantize + cuBLAS
+    wide[:, ::2] = x
+    assert fragment_ra_gemm.supports(rw, wide[:, ::2]) is not None
+    out = qmm._launch(rw, wide[:, ::2], b, cfgs[0])
+    assert float((out.double() - ref).norm() / ref.norm()) < tol
 
 
 @needs_cuda

@@ -1,9 +1,9 @@
 """The fragment layout's large-M GEMM with the weights as ``wgmma``'s register operand (Gluon,
 Hopper, sm_90; offered to the tuner for int4 and NF4 from :data:`MIN_M` rows).
 
-The warp-specialized GEMM of :mod:`bitsmith.kernels.fragment_ws_gemm` dequantizes in two producer
-warpgroups, stores the weights to shared memory, fences them and announces them, and on the H100
-those producers' instructions set its pace (docs/gpu-kernels.md). Here the problem is transposed,
+A warp-specialized GEMM that dequantized in two producer warpgroups, stored the weights to shared
+memory, fenced them and announced them, was held back on the H100 by those producers'
+instructions (0.81-0.89x fp16 for int4 at M = 2048; removed, docs/gpu-kernels.md). Here the problem is transposed,
 ``out^T = W x^T``: the weights are ``wgmma``'s 64-row A operand, held in registers, and the tokens
 are its ``N``. The consumers dequantize their own weights, with no store, fence or announcement in
 between, and the fragment words need no reordering through shared memory:
@@ -20,9 +20,8 @@ between, and the fragment words need no reordering through shared memory:
   chooses from, and a LOP3 (and a shift) make each of its two registers (:func:`cut4_ptx`): the
   ``MAGIC + q`` halves the other kernels use. NF4 looks the same bytes up in the byte planes
   (:func:`cut_lut_ptx`);
-* then the exact subtraction of ``MAGIC + zero`` and the rounded product by the scale, as
-  :mod:`bitsmith.kernels.fragment_ws_gemm`'s producers do (the reference's dequantization
-  rounded once).
+* then the exact subtraction of ``MAGIC + zero`` and the rounded product by the scale
+  (:func:`_dequant_math`: the reference's dequantization rounded once).
 
 Schedule: persistent (at most one program an SM, tiles ``program_id, program_id + grid, ..`` in
 grouped order), a ring of ``STAGES`` shared-memory slots, each one step (a group of 64 channels of
@@ -36,7 +35,7 @@ the slot (``empty``, both consumers). The epilogue adds the bias and stores ``ou
 channel]`` with masks.
 
 int4 and NF4 (group-major words, the TMA conditions of
-:func:`bitsmith.kernels.fragment_ws_gemm.meta_tma_ok`). ``PIPE`` (0, 1, or 2: steps in pairs,
+:func:`meta_tma_ok`). ``PIPE`` (0, 1, or 2: steps in pairs,
 :func:`_pair`) and ``TMA_OUT`` are the tuner's choices (:data:`CANDIDATES`).
 
 Status (issue #8): on an H100 its CUDA tests pass and compute-sanitizer finds no error
@@ -61,7 +60,6 @@ if HAVE_GLUON:
     from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma,
                                                                    warpgroup_mma, warpgroup_mma_wait)
 
-    from .fragment_ws_gemm import _dequant_math, _meta_descriptors, _meta_load, _slot_meta
     from .w8a8_wgmma import _tile_offsets
 
 
@@ -153,6 +151,66 @@ if HAVE_GLUON:
     _LOADER_REGS = gl.constexpr(REGS[1])
 
     @gluon.jit
+    def _dequant_math(a, sc, zc, FMT: gl.constexpr, INT_ZERO: gl.constexpr, BF16: gl.constexpr):
+        """``MAGIC + q`` (or a codebook's levels) ``a [n, 64]`` -> the weights, with a row's float32
+        scale ``sc`` and zero ``zc`` (plus the magic where ``INT_ZERO``): exact subtractions, then
+        one rounded product."""
+        DT: gl.constexpr = gl.bfloat16 if BF16 else gl.float16
+        MAGIC_F: gl.constexpr = 128.0 if BF16 else 1024.0
+        if FMT == 1:
+            return a * sc.to(DT)[:, None]
+        if INT_ZERO:  # (MAGIC + q) - (MAGIC + zero): exact
+            return (a - zc.to(DT)[:, None]) * sc.to(DT)[:, None]
+        return ((a - MAGIC_F) - zc.to(DT)[:, None]) * sc.to(DT)[:, None]
+
+    @gluon.jit
+    def _meta_descriptors(w_ptr, s_ptr, z_ptr, N, NB, NG, S_ROWS, BLOCK_N: gl.constexpr):
+        """TMA descriptors of group-major fragment words ``[NG, NB, 128]`` (a box: one group's
+        ``BLOCK_N / 16`` row blocks) and of the scales and zeros ``[S_ROWS, N]`` (a box: one row's
+        ``BLOCK_N`` values), all unswizzled."""
+        wq_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=3)
+        sq_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=0,
+                                                       element_bitwidth=s_ptr.dtype.element_ty.primitive_bitwidth, rank=2)
+        w_desc = tma.make_tensor_descriptor(w_ptr, shape=[NG, NB, 128], strides=[NB * 128, 128, 1],
+                                            block_shape=[1, BLOCK_N // 16, 128], layout=wq_layout)
+        s_desc = tma.make_tensor_descriptor(s_ptr, shape=[S_ROWS, N], strides=[N, 1], block_shape=[1, BLOCK_N],
+                                            layout=sq_layout)
+        z_desc = tma.make_tensor_descriptor(z_ptr, shape=[S_ROWS, N], strides=[N, 1], block_shape=[1, BLOCK_N],
+                                            layout=sq_layout)
+        return w_desc, s_desc, z_desc
+
+    @gluon.jit
+    def _meta_load(w_desc, s_desc, z_desc, wq, sq, zq, bar, g, blk0, off_n, SG: gl.constexpr, ZQ: gl.constexpr,
+                   NBYTES: gl.constexpr):
+        """Group ``g``'s words of the row blocks from ``blk0``, and its scales (and zeros, ``ZQ``)
+        of the rows from ``off_n``, by TMA into one ring slot (``bar``, which expects ``NBYTES``)."""
+        mbarrier.expect(bar, NBYTES)
+        tma.async_copy_global_to_shared(w_desc, [g, blk0, 0], bar, wq)
+        if SG == 0:
+            srow = 0
+        else:
+            srow = g // SG
+        tma.async_copy_global_to_shared(s_desc, [srow, off_n], bar, sq)
+        if ZQ:
+            tma.async_copy_global_to_shared(z_desc, [srow, off_n], bar, zq)
+
+    @gluon.jit
+    def _slot_meta(s_rows, z_rows, zconst, row_layout: gl.constexpr, ZQ: gl.constexpr, INT_ZERO: gl.constexpr,
+                   BF16: gl.constexpr):
+        """A ring slot's scales and zeros (shared ``[n]`` views; no zeros: ``zconst``) as float32
+        in ``row_layout``, the zeros plus the magic where ``INT_ZERO`` (:func:`_dequant_math`'s
+        inputs)."""
+        MAGIC_F: gl.constexpr = 128.0 if BF16 else 1024.0
+        sc = s_rows.load(row_layout).to(gl.float32)
+        if ZQ:
+            zc = z_rows.load(row_layout).to(gl.float32)
+        else:
+            zc = gl.full(sc.shape, 0.0, gl.float32, layout=row_layout) + zconst
+        if INT_ZERO:
+            zc = zc + MAGIC_F
+        return sc, zc
+
+    @gluon.jit
     def _lane_selectors(CODEBOOK: gl.constexpr):
         """Each lane's :func:`selector` as a ``[4, 8, 4, 4, 2]`` tensor laid out like the word pairs
         of :func:`_a_regs`."""
@@ -215,7 +273,7 @@ if HAVE_GLUON:
                 SG: gl.constexpr, ZQ: gl.constexpr):
         """The loader warp: this program's steps in order, each into slot ``step % STAGES`` once
         both consumers released it (a fresh barrier passes the first round): the words, scales
-        and zeros (:func:`bitsmith.kernels.fragment_ws_gemm._meta_load`) and the activations."""
+        and zeros (:func:`_meta_load`) and the activations."""
         RBW: gl.constexpr = BLOCK_N // 16
         NBYTES: gl.constexpr = (BLOCK_T * 64 * 2 + RBW * 512
                                 + BLOCK_N * (sq.dtype.primitive_bitwidth // 8) * (2 if ZQ else 1))
@@ -399,18 +457,30 @@ if HAVE_GLUON:
         ], [4, 1], [_CONSUMER_REGS, _LOADER_REGS])
 
 
+def meta_tma_ok(rw: RuntimeWeight) -> bool:
+    """Whether TMA can bring ``rw``'s words, scales and zeros: 128 words a row block and group (not
+    int3), group-major, the scales ``[rows, N]`` with rows a multiple of 16 bytes, every tensor
+    16-byte aligned."""
+    meta = [t for t in (rw.scale, rw.zero) if t is not None]
+    return (rw.fragment_format != "int3" and rw.fragment_order == "group" and rw.words.is_contiguous()
+            and (rw.zero is None or rw.zero.dtype == rw.scale.dtype)
+            and all(t.is_contiguous() and t.numel() % rw.n == 0 for t in meta)
+            and (rw.n * rw.scale.element_size()) % 16 == 0
+            and all(t.data_ptr() % 16 == 0 for t in (rw.words, *meta)))
+
+
 def supports(rw: RuntimeWeight, x2: torch.Tensor) -> str | None:
     """Why ``_ra_gemm_kernel`` cannot take ``rw`` with activations ``x2`` (``None`` when it can):
-    the fused GEMM's conditions (:func:`bitsmith.kernels.fragment_ws_gemm.supports`), int4 words
-    TMA can bring (:func:`bitsmith.kernels.fragment_ws_gemm.meta_tma_ok`)."""
-    from . import fragment_ws_gemm
-
-    why = fragment_ws_gemm.supports(rw, x2)
+    the Hopper kernel's conditions (:func:`bitsmith.kernels.fragment_wgmma.supports`), activation
+    rows TMA can read, int4 or codebook words TMA can bring (:func:`meta_tma_ok`)."""
+    why = fragment_wgmma.supports(rw, x2.dtype)
     if why is not None:
         return why
+    if x2.stride(1) != 1 or (x2.stride(0) * x2.element_size()) % 16 or x2.data_ptr() % 16:
+        return "the activations' rows must be contiguous and 16-byte aligned (TMA)"
     if rw.fragment_format == "int3":
         return "int3 weights (the register-operand GEMM cuts int4 and codebook codes)"
-    if not fragment_ws_gemm.meta_tma_ok(rw):
+    if not meta_tma_ok(rw):
         return "words, scales or zeros TMA cannot bring (block-major words, or scale rows not 16-byte multiples)"
     return None
 
@@ -418,10 +488,8 @@ def supports(rw: RuntimeWeight, x2: torch.Tensor) -> str | None:
 def configs(rw: RuntimeWeight, m: int, dtype: torch.dtype) -> list[dict]:
     """:data:`CANDIDATES` at ``m`` rows (from :data:`MIN_M`, on Hopper, for the formats :data:`RA_GEMM`
     offers, weights TMA can read; ``PIPE`` 2 where the groups are even); the first is the untuned default."""
-    from . import fragment_ws_gemm
-
     if (m < MIN_M or rw.fragment_format not in RA_GEMM["formats"] or fragment_wgmma.supports(rw, dtype) is not None
-            or not fragment_ws_gemm.meta_tma_ok(rw)):
+            or not meta_tma_ok(rw)):
         return []
     ng = blocks_groups(rw)[1]
     return [{"KERNEL": "fragment_ra_gemm", "BLOCK_T": bt, "BLOCK_N": bn, "STAGES": st, "PIPE": pipe, "TMA_OUT": tout,

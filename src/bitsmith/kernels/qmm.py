@@ -56,7 +56,7 @@ except ImportError:  # pragma: no cover - depends on the environment
     tl = None
     HAVE_TRITON = False
 
-from . import fragment_gemm, fragment_mma, fragment_ra_gemm, fragment_wgmma, fragment_ws_gemm, small_m, tune_cache
+from . import fragment_gemm, fragment_mma, fragment_ra_gemm, fragment_wgmma, small_m, tune_cache
 from .layout import RuntimeWeight
 
 if HAVE_TRITON:
@@ -508,11 +508,11 @@ def _launch(rw: RuntimeWeight, x2: torch.Tensor, bias: torch.Tensor | None, cfg:
         if plan_key is not None and hit is not None:
             rw.plans[plan_key] = _Plan(hit[0], grid, args, hit[1], n, 1, rw.scale, x2.device.index)
         return out
-    if cfg.get("KERNEL") in ("fragment_ws_gemm", "fragment_ra_gemm"):
-        module = fragment_ws_gemm if cfg["KERNEL"] == "fragment_ws_gemm" else fragment_ra_gemm
-        if module.supports(rw, x2) is None:
+    if cfg.get("KERNEL") == "fragment_ra_gemm":
+        if fragment_ra_gemm.supports(rw, x2) is None:
             out = torch.empty(m, n, dtype=x2.dtype, device=x2.device)
-            kernel, grid, args, consts, options = module.launch_args(rw, x2, bias, cfg, out, _sm_count(x2.device))
+            kernel, grid, args, consts, options = fragment_ra_gemm.launch_args(rw, x2, bias, cfg, out,
+                                                                                _sm_count(x2.device))
             from .w8a8 import _ensure_allocator  # its descriptors are built in the kernel
 
             _ensure_allocator()
@@ -658,8 +658,7 @@ def _configs(rw: RuntimeWeight, m: int, dtype: torch.dtype) -> list[dict]:
     if rw.layout == "fragment":  # Gluon up to 16 rows, then the Triton GEMM and dequantize + cuBLAS
         sms = _sm_count(rw.device)
         out = (fragment_mma.configs(rw, m, dtype, sms) + fragment_wgmma.configs(rw, m, dtype, sms)
-               + fragment_gemm.configs(rw, m, dtype, sms) + fragment_ws_gemm.configs(rw, m, dtype)
-               + fragment_ra_gemm.configs(rw, m, dtype))
+               + fragment_gemm.configs(rw, m, dtype, sms) + fragment_ra_gemm.configs(rw, m, dtype))
         return out + [{"DEQUANT_MM": True}] if m > 16 or not out else out
     return m1_configs(rw, dtype) if m == 1 else gemm_configs(rw, m, dtype)
 

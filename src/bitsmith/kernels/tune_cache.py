@@ -23,7 +23,7 @@ from pathlib import Path
 VERSION = 1
 ENV = "BITSMITH_TUNE_CACHE"
 #: the kernel sources whose text the fingerprint covers (this folder)
-SOURCES = ("qmm.py", "small_m.py", "fragment_mma.py", "fragment_wgmma.py", "fragment_ws_gemm.py", "fragment_ra_gemm.py", "fragment_gemm.py",
+SOURCES = ("qmm.py", "small_m.py", "fragment_mma.py", "fragment_wgmma.py", "fragment_ra_gemm.py", "fragment_gemm.py",
            "fragment.py", "layout.py", "w8a8.py", "w8a8_wgmma.py")
 _STATE: dict = {"path": os.environ.get(ENV) or None, "cache": None}
 
