@@ -315,33 +315,35 @@ if HAVE_GLUON:
               BF16: gl.constexpr, WG: gl.constexpr):
         """Steps ``step`` and ``step + 1`` of ``PIPE == 2`` (``a``: the first one's weights; the
         program's steps are even): each ``wgmma`` runs while the other register set is built (the
-        second step's, then the next pair's first), so the loop carries one set and never copies
-        it. After the program's last step the set built is never used: there the branch takes the
-        last slot's codes as they stand. The branches are for the compiler: built unconditionally,
-        the set sank below the ``wgmma`` wait into the operand's own registers; with a copy in the
-        other arm ptxas ran the copy on every step, with the same dequantization in both arms LLVM
-        moved it below the wait."""
+        second step's, then the next pair's first; :func:`_pair_step`), so the loop carries one set
+        and never copies it."""
+        acc, b = _pair_step(x_smem, wq, sq, zq, ready, empty, acc, a, step, steps, use_acc, sel, zconst, planes,
+                            a_layout, BLOCK_N, STAGES, FMT, ZQ, INT_ZERO, BF16, WG)
+        return _pair_step(x_smem, wq, sq, zq, ready, empty, acc, b, step + 1, steps, True, sel, zconst, planes,
+                          a_layout, BLOCK_N, STAGES, FMT, ZQ, INT_ZERO, BF16, WG)
+
+    @gluon.jit
+    def _pair_step(x_smem, wq, sq, zq, ready, empty, acc, cur, step, steps, use_acc, sel, zconst, planes,
+                   a_layout: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, FMT: gl.constexpr,
+                   ZQ: gl.constexpr, INT_ZERO: gl.constexpr, BF16: gl.constexpr, WG: gl.constexpr):
+        """One step of :func:`_pair`: ``wgmma`` on ``cur`` and the slot's activations, the next
+        step's set built meanwhile, the wait, the slot released; returns the accumulators and the
+        next set. After the program's last step that set is never used: there the branch takes the
+        last slot's codes as they stand. The branch is for the compiler: built unconditionally, the
+        set sank below the ``wgmma`` wait into the operand's own registers; with a copy in the other
+        arm ptxas ran the copy on every step; with the same dequantization in both arms LLVM moved
+        it below the wait."""
         slot = step % STAGES
-        acc = warpgroup_mma(a, x_smem.index(slot).permute((1, 0)), acc, use_acc=use_acc, is_async=True)
+        acc = warpgroup_mma(cur, x_smem.index(slot).permute((1, 0)), acc, use_acc=use_acc, is_async=True)
         if step + 1 < steps:
-            b = _weights(wq, sq, zq, ready, step + 1, sel, zconst, planes, a_layout, BLOCK_N, STAGES, FMT, ZQ,
-                         INT_ZERO, BF16, WG)
+            nxt = _weights(wq, sq, zq, ready, step + 1, sel, zconst, planes, a_layout, BLOCK_N, STAGES, FMT, ZQ,
+                           INT_ZERO, BF16, WG)
         else:
-            b = _weights(wq, sq, zq, ready, steps - 1, sel, zconst, planes, a_layout, BLOCK_N, STAGES, FMT, ZQ,
-                         INT_ZERO, BF16, WG, True)
-        acc, a = warpgroup_mma_wait(num_outstanding=0, deps=[acc, a])
+            nxt = _weights(wq, sq, zq, ready, steps - 1, sel, zconst, planes, a_layout, BLOCK_N, STAGES, FMT, ZQ,
+                           INT_ZERO, BF16, WG, True)
+        acc, cur = warpgroup_mma_wait(num_outstanding=0, deps=[acc, cur])
         mbarrier.arrive(empty.index(slot), count=1)
-        slot = (step + 1) % STAGES
-        acc = warpgroup_mma(b, x_smem.index(slot).permute((1, 0)), acc, use_acc=True, is_async=True)
-        if step + 2 < steps:
-            a = _weights(wq, sq, zq, ready, step + 2, sel, zconst, planes, a_layout, BLOCK_N, STAGES, FMT, ZQ,
-                         INT_ZERO, BF16, WG)
-        else:
-            a = _weights(wq, sq, zq, ready, steps - 1, sel, zconst, planes, a_layout, BLOCK_N, STAGES, FMT, ZQ,
-                         INT_ZERO, BF16, WG, True)
-        acc, b = warpgroup_mma_wait(num_outstanding=0, deps=[acc, b])
-        mbarrier.arrive(empty.index(slot), count=1)
-        return acc, a
+        return acc, nxt
 
     @gluon.jit
     def _consumer(x_smem, wq, sq, zq, ready, empty, b_ptr, out_ptr, out_desc, o_smem, M, N, NG, stride_om, zconst,
