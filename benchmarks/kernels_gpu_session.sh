@@ -121,6 +121,12 @@ host_overhead() {  # host_overhead SECONDS N: python time per eager call, layer 
 svdquant_overhead() {  # svdquant_overhead REPS SECONDS SHOW: SVDQuant's low-rank branch on top of the W4 matmul
   step svdquant_overhead.txt "$2" "$3" svdquant_overhead_h100 python3 benchmarks/svdquant_overhead.py --reps "$1"
 }
+ra_mid_configs() {  # ra_mid_configs SECONDS FORMATS: every config at RA_MID_MS tokens (256,512) with the register-operand
+  # GEMM offered from RA_MIN_M (129) rows; T_MID, RA_MID_FORMATS (else FORMATS) and RA_MID_SHAPES override
+  step configs_mid.txt "${T_MID:-$1}" "grep -E 'fp16|x[0-9]|WRONG|fail'" kernels_configs_ra_mid \
+    python3 benchmarks/kernels_configs.py --layout fragment --m "${RA_MID_MS:-256,512}" --formats "${RA_MID_FORMATS:-$2}" \
+    --shapes "${RA_MID_SHAPES:-14336x4096,28672x8192}" --reps 10 --top 6 --name kernels_configs_ra_mid --ra-min-m "${RA_MIN_M:-129}"
+}
 ncu_step() {  # ncu_step TXT SECONDS SHOW NCU-ARGS...: Nsight Compute into $OUT/TXT (its ==PROF== lines dropped), then SHOW of it
   local txt=$1 secs=$2 show=$3; shift 3
   echo "== $(shown ncu "$@")" > "$OUT/$txt"
@@ -285,19 +291,15 @@ ra_gemm)  # the register-operand GEMM (int4 and NF4: BITSMITH_FRAGMENT_RA_GEMM=1
     python3 benchmarks/kernels_configs.py --layout fragment --m "${RA_MS:-2048}" --formats "${RA_FORMATS:-int4_g64,int4_g128,nf4_g64}" \
     --shapes "${RA_SHAPES:-4096x4096,14336x4096,4096x14336,28672x8192}" --reps 10 --top 8 --name kernels_configs_ra_gemm \
     ${RA_MIN_M:+--ra-min-m "$RA_MIN_M"}
-  [ -z "${RA_MID_MS:-}" ] || step configs_mid.txt "${T_MID:-200}" "grep -E 'fp16|x[0-9]|WRONG|fail'" kernels_configs_ra_mid \
-    python3 benchmarks/kernels_configs.py --layout fragment --m "$RA_MID_MS" --formats "${RA_MID_FORMATS:-int4_g64,nf4_g64}" \
-    --shapes "${RA_MID_SHAPES:-14336x4096,28672x8192}" --reps 10 --top 6 --name kernels_configs_ra_mid --ra-min-m "${RA_MIN_M:-129}"
+  [ -z "${RA_MID_MS:-}" ] || ra_mid_configs 200 int4_g64,nf4_g64
   ;;
 ra_pair)  # the register-operand GEMM with its paired steps: ra_gemm's tests and configs (int4 g64, NF4), the library's
   # M = 2048 table with NF4 offered too (kernels_m2048_ra_pair), then every config at 256 and 512 tokens
-  RA_FORMATS=${RA_FORMATS:-int4_g64,nf4_g64} T_CFG=${T_CFG:-220} T_TESTS=${T_TESTS:-150} bash "$0" ra_gemm
+  RA_FORMATS=${RA_FORMATS:-int4_g64,nf4_g64} T_CFG=${T_CFG:-220} T_TESTS=${T_TESTS:-150} RA_MID_MS= bash "$0" ra_gemm
   export BITSMITH_FRAGMENT_RA_GEMM=1
   step bench_m2048.txt "${T_BENCH:-150}" "tail -22" kernels_m2048_ra_pair \
     python3 benchmarks/kernels_bench.py --m 2048 --formats int4_g64,int4_g128,int3_g64,nf4_g64 --reps 10 --name kernels_m2048_ra_pair
-  step configs_mid.txt "${T_MID:-90}" "grep -E 'fp16|x[0-9]|WRONG|fail'" kernels_configs_ra_mid \
-    python3 benchmarks/kernels_configs.py --layout fragment --m 256,512 --formats int4_g64 --shapes 14336x4096,28672x8192 \
-    --reps 10 --top 6 --name kernels_configs_ra_mid --ra-min-m 129
+  ra_mid_configs 90 int4_g64
   ;;
 rest_ab)  # the M = 2048 table three times, without a rest after each case's warm-up, with one (--rest 2), without,
   # the SM clock, power and throttle reasons sampled every 100 ms throughout (clocks.csv, run marks in marks.txt);
@@ -315,9 +317,7 @@ rest_ab)  # the M = 2048 table three times, without a rest after each case's war
   done
   echo "$(date '+%Y/%m/%d %H:%M:%S.%3N') end" >> "$OUT/marks.txt"
   kill "$smi"
-  [ "${MID:-1}" = 0 ] || step configs_mid.txt "${T_MID:-120}" "grep -E 'fp16|x[0-9]|WRONG|fail'" kernels_configs_ra_mid \
-    python3 benchmarks/kernels_configs.py --layout fragment --m 256,512 --formats int4_g64,nf4_g64 --shapes 14336x4096,28672x8192 \
-    --reps 10 --top 6 --name kernels_configs_ra_mid --ra-min-m 129
+  [ "${MID:-1}" = 0 ] || ra_mid_configs 120 int4_g64,nf4_g64
   ;;
 ra_ncu)  # Nsight Compute on the register-operand GEMM (RA_TILE: the probe's --tile), its SASS with stall samples
   ncu_step ncu_ra_gemm.txt "${T_NCU:-200}" "grep -E '^  [a-zA-Z_].*\\(|Duration|Compute \\(SM\\) Throughput|L1/TEX Cache|highest-utilized' | head -40" \
