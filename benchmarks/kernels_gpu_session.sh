@@ -38,6 +38,9 @@
 #   OUT=/some/dir bash benchmarks/kernels_gpu_session.sh rest_ab    # the M = 2048 table without, with and without a rest
 #       after each case's warm-up (kernels_bench.py --rest; REST_RUNS="0 a,2 b,0 c": rest and label of each run), SM clocks
 #       sampled; every config at 256 and 512 tokens (MID=0: not)
+#   OUT=/some/dir bash benchmarks/kernels_gpu_session.sh planes     # the codebook's byte planes built in the kernels (in
+#       vector registers): the fragment layout's CUDA tests, every register-operand GEMM config at M = 2048 (NF4, int4 g64
+#       as the control), then the M = 1 and 16 table (kernels_defaults_m1m16_planes)
 #   OUT=/some/dir bash benchmarks/kernels_gpu_session.sh ra_ncu     # Nsight Compute on the register-operand GEMM (RA_TILE)
 #   OUT=/some/dir bash benchmarks/kernels_gpu_session.sh wide       # the fragment layout's kernels for more tokens:
 #       the Gluon kernel at 17..64 tokens and the Hopper wgmma kernel (both on by default since they passed this):
@@ -318,6 +321,13 @@ rest_ab)  # the M = 2048 table three times, without a rest after each case's war
   echo "$(date '+%Y/%m/%d %H:%M:%S.%3N') end" >> "$OUT/marks.txt"
   kill "$smi"
   [ "${MID:-1}" = 0 ] || ra_mid_configs 120 int4_g64,nf4_g64
+  ;;
+planes)  # NF4's lookup planes in vector registers: the fragment tests, the M = 2048 configs, the M = 1 and 16 table
+  RA_FORMATS=${RA_FORMATS:-int4_g64,nf4_g64} TEST_K=cuda T_CFG=${T_CFG:-200} T_TESTS=${T_TESTS:-170} RA_MID_MS= bash "$0" ra_gemm \
+    || exit 1
+  step bench_m1m16.txt "${T_BENCH:-200}" "grep -E '^ +[0-9]+x[0-9]+ +(1|16) '" kernels_defaults_m1m16_planes \
+    python3 benchmarks/kernels_bench.py --shapes 4096x4096,14336x4096,4096x14336,28672x8192 --m 1,16 \
+    --formats int4_g64,int4_g128,int3_g64,nf4_g64 --no-w8a8 --reps 20 --name kernels_defaults_m1m16_planes
   ;;
 ra_ncu)  # Nsight Compute on the register-operand GEMM (RA_TILE: the probe's --tile), its SASS with stall samples
   ncu_step ncu_ra_gemm.txt "${T_NCU:-200}" "grep -E '^  [a-zA-Z_].*\\(|Duration|Compute \\(SM\\) Throughput|L1/TEX Cache|highest-utilized' | head -40" \

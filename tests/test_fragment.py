@@ -521,7 +521,8 @@ def test_fragment_kernel_pdl_loads_only_words_before_the_wait(fmt, prefetch):
     still writes (sm_90 PTX and SASS, no GPU needed): it signals the next launch first, loads the
     ``prefetch`` groups' words it prefetches (int4/NF4 one 16-byte load a row block and group,
     int3 four 4-byte loads, the fourth masked off) and then waits, before any scale (16-bit) load,
-    store or atomic; without PDL there is no grid dependency instruction at all."""
+    store or atomic (a codebook's 16 levels, weight data as well, load there too: one 4-byte
+    load a lane); without PDL there is no grid dependency instruction at all."""
     rb = 2
     compiled = fragment_mma.compile_offline(fmt, rb, 8, prefetch, PDL=True)
     ptx = compiled.asm["ptx"].splitlines()
@@ -531,7 +532,8 @@ def test_fragment_kernel_pdl_loads_only_words_before_the_wait(fmt, prefetch):
     assert len(at["griddepcontrol.launch_dependents"]) == 1 and len(at["griddepcontrol.wait"]) == 1
     signal, wait = at["griddepcontrol.launch_dependents"][0], at["griddepcontrol.wait"][0]
     early = [i for i in at["ld.global"] if i < wait]
-    assert len(early) == prefetch * rb * (4 if fmt == "int3" else 1) and all(i > signal for i in early), early
+    table = 1 if fmt == "nf4" else 0
+    assert len(early) == prefetch * rb * (4 if fmt == "int3" else 1) + table and all(i > signal for i in early), early
     after = at["ld.global.b16"] + at["st.global"] + at["atom."]
     assert after and min(after) > wait
     with tempfile.TemporaryDirectory() as tmp:
@@ -1134,3 +1136,28 @@ def test_cuda_quantlinear_uses_the_fragment_layout_and_captures(monkeypatch):
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(yg, y)
+
+
+@needs_gluon
+@pytest.mark.parametrize("act", ["fp16", "bf16"])
+def test_codebook_planes_stay_in_vector_registers(act):
+    """The byte planes of the codebook lookup are built in the kernel (``_table_planes``), so
+    ptxas cannot keep them in uniform registers: compiled for sm_90, the NF4 loop of each kernel
+    that looks codes up (the fragment kernel at 1, 2 and 4 row blocks, the Hopper ``wgmma``
+    kernel, every register-operand GEMM candidate) copies no more values out of uniform registers
+    than the same kernel's int4 loop, which has no lookup (as eight plane arguments, two of the
+    lookup's ``prmt`` sources a pair of codes came from uniform registers: 129 such copies in the
+    GEMM's paired loop against int4's 5)."""
+    from_uniform = re.compile(r"(IMAD\.U32 R\d+, RZ, RZ, |MOV R\d+, )UR\d+$")
+
+    def copies(compiled, holding):
+        with tempfile.TemporaryDirectory() as tmp:
+            loop = _innermost_loop_holding(kernels_sass.sass_of(compiled.asm["cubin"], Path(tmp)), holding)
+        return sum(bool(from_uniform.match(t)) for t in loop)
+
+    builds = [(lambda fmt, rb=rb: fragment_mma.compile_offline(fmt, rb, 8, 1, act=act), "HMMA") for rb in (1, 2, 4)]
+    builds.append((lambda fmt: fragment_wgmma.compile_offline(fmt, act=act), "HGMMA"))
+    builds += [(lambda fmt, cand=cand: fragment_ra_gemm.compile_offline(fmt, *cand, act=act), "HGMMA")
+               for cand in fragment_ra_gemm.CANDIDATES]
+    for build, holding in builds:
+        assert copies(build("nf4"), holding) <= copies(build("int4"), holding)

@@ -158,8 +158,9 @@ def lut8_ptx() -> str:
 
 
 def table_planes(rw: RuntimeWeight, dtype: torch.dtype) -> list[int]:
-    """The codebook's levels in ``dtype`` as :func:`lut8_ptx`'s eight byte planes (signed int32
-    kernel arguments); eight zeros for an affine weight."""
+    """The codebook's levels in ``dtype`` as :func:`lut8_ptx`'s eight byte planes (signed int32),
+    computed on the host: what the kernels' ``_table_planes`` builds from ``rw.table`` on the GPU,
+    and the planes the PTX emulation tests feed the lookups; eight zeros for an affine weight."""
     if rw.kind != "codebook":
         return [0] * 8
     from .small_m import byte_planes
@@ -176,6 +177,33 @@ if HAVE_GLUON:
     _CVT3_CONSTRAINTS = gl.constexpr(",".join(["=r"] * 16 + ["r"] * (2 * fragment.INT3_WORDS)))
     _LUT8_CONSTRAINTS = gl.constexpr(",".join(["=r"] * 4 + ["r"] * 18))
     _INT3_WORDS = gl.constexpr(fragment.INT3_WORDS)
+
+    @gluon.jit
+    def _table_planes(t_ptr, FMT: gl.constexpr, BF16: gl.constexpr):
+        """A codebook's 16 levels (float32 at ``t_ptr``) in the activation dtype as the eight byte
+        planes the lookups take (``(L0, .., L3, H0, .., H3)``: byte ``i`` of ``L{b}`` (``H{b}``)
+        the low (high) byte of level ``4 b + i``, as :func:`table_planes` builds them on the host),
+        int32, in every thread; zeros for affine formats (``FMT != 1``). Built in the kernel
+        rather than passed as arguments because ptxas keeps arguments, and loads it can prove
+        uniform, in uniform registers, and a ``prmt`` takes at most one operand from those: it
+        copied the other plane into a vector register before every lookup ``prmt`` (in the
+        register-operand GEMM 32 of NF4's 199 instructions a step). Each lane loads one level and
+        the planes come out of a cross-lane sum, which ptxas does not prove uniform, so they stay
+        in vector registers across the loop."""
+        if FMT != 1:
+            return (0, 0, 0, 0, 0, 0, 0, 0)
+        DT: gl.constexpr = gl.bfloat16 if BF16 else gl.float16
+        lay: gl.constexpr = gl.BlockedLayout([1], [32], [gl.num_warps()], [0])
+        idx = gl.arange(0, 16, layout=lay)
+        bits = gl.load(t_ptr + idx).to(DT).to(gl.int16, bitcast=True).to(gl.int32) & 0xFFFF
+        shift = (idx % 4) * 8
+        bank = idx // 4
+        lo = (bits & 0xFF) << shift
+        hi = (bits >> 8) << shift
+        return (gl.sum(gl.where(bank == 0, lo, 0), 0), gl.sum(gl.where(bank == 1, lo, 0), 0),
+                gl.sum(gl.where(bank == 2, lo, 0), 0), gl.sum(gl.where(bank == 3, lo, 0), 0),
+                gl.sum(gl.where(bank == 0, hi, 0), 0), gl.sum(gl.where(bank == 1, hi, 0), 0),
+                gl.sum(gl.where(bank == 2, hi, 0), 0), gl.sum(gl.where(bank == 3, hi, 0), 0))
 
     @gluon.jit
     def _fragment_tile(o, W: gl.constexpr, RB: gl.constexpr, a_layout: gl.constexpr):
@@ -372,15 +400,15 @@ if HAVE_GLUON:
         return acc
 
     @gluon.jit
-    def _frag_kernel(x_ptr, w_ptr, ws_ptr, s_ptr, z_ptr, cnt_ptr, b_ptr, out_ptr,
-                     M, N, K, NB, NG, G_PER, SPLIT, L0, L1, L2, L3, H0, H1, H2, H3, zconst, stride_xm,
+    def _frag_kernel(x_ptr, w_ptr, ws_ptr, s_ptr, z_ptr, cnt_ptr, b_ptr, out_ptr, t_ptr,
+                     M, N, K, NB, NG, G_PER, SPLIT, zconst, stride_xm,
                      W: gl.constexpr, RB: gl.constexpr, TOK: gl.constexpr, PREFETCH: gl.constexpr,
                      IS_SPLIT: gl.constexpr, SG: gl.constexpr, FMT: gl.constexpr, HAS_ZERO: gl.constexpr,
                      HAS_BIAS: gl.constexpr, TAIL: gl.constexpr, BF16: gl.constexpr, PDL: gl.constexpr,
                      GROUP_MAJOR: gl.constexpr):
         """See the module docstring. Program ``(row tile, K split)``; ``SG``: groups of 64 per
-        scale group (0: one scale a row); ``FMT``: :data:`FMT_IDS`; ``L0..H3``: a codebook's byte
-        planes; ``zconst``: the symmetric zero when ``HAS_ZERO`` is off; ``TAIL``: ``N`` is not a
+        scale group (0: one scale a row); ``FMT``: :data:`FMT_IDS`; ``t_ptr``: a codebook's 16
+        levels, float32 (:func:`_table_planes`); ``zconst``: the symmetric zero when ``HAS_ZERO`` is off; ``TAIL``: ``N`` is not a
         multiple of the tile or ``K`` of 64 (loads are masked); ``BF16``: the activations are
         bfloat16 (else float16); ``PREFETCH``: how many later groups' words are loaded ahead into
         registers (0, 1 or 2); a group's scales, zeros and activations are loaded in its own step
@@ -409,6 +437,7 @@ if HAVE_GLUON:
         if PDL:  # the next launch may start now: it too only loads weights until its wait
             gl.inline_asm_elementwise("griddepcontrol.launch_dependents; // dummy $0", "=r", [], dtype=gl.int32,
                                       is_pure=False, pack=1)
+        planes = _table_planes(t_ptr, FMT, BF16)  # weight data too: loaded before the wait
         if PREFETCH >= 1:
             words = gl.load(w_ptr + blk + g_lo * g_stride, mask=w_mask & (g_lo < g_hi), other=0)
         if PREFETCH == 2:
@@ -429,7 +458,7 @@ if HAVE_GLUON:
             else:
                 cur = gl.load(w_ptr + blk + g * g_stride)
             acc = _add_group(acc, cur, ones, x_ptr, s_ptr, z_ptr, g, M, N, K, stride_xm, rows, row_ok, zconst,
-                             (L0, L1, L2, L3, H0, H1, H2, H3), W, RB, TOK, SG, FMT, HAS_ZERO, TAIL, BF16)
+                             planes, W, RB, TOK, SG, FMT, HAS_ZERO, TAIL, BF16)
         _write_tile(acc, ws_ptr, cnt_ptr, b_ptr, out_ptr, rows, row_ok, toks, pid_n, pid_k, M, N, SPLIT, IS_SPLIT,
                     HAS_BIAS, RB * TOK)
 
@@ -586,7 +615,8 @@ def kernel_args(rw: RuntimeWeight, x2: torch.Tensor, bias: torch.Tensor | None, 
     (:mod:`bitsmith.kernels.fragment_wgmma`), which share their signature up to the constexprs:
     split-K over ``split`` programs takes the device's workspace with a counter for each of
     ``tiles`` output tiles (argument positions 0, 6 and 7 are the activation, bias and output, as
-    every launch plan of :mod:`bitsmith.kernels.qmm` expects)."""
+    every launch plan of :mod:`bitsmith.kernels.qmm` expects; 8 is a codebook's float32 levels,
+    which the kernels turn into their lookup's byte planes)."""
     from .small_m import workspace
 
     m, k = x2.shape
@@ -594,8 +624,8 @@ def kernel_args(rw: RuntimeWeight, x2: torch.Tensor, bias: torch.Tensor | None, 
     dummy = rw.scale
     ws, cnt = workspace(x2.device, split * m * rw.n, tiles) if split > 1 else (dummy, rw.words)
     return (x2, rw.words, ws, rw.scale, rw.zero if rw.zero is not None else dummy, cnt,
-            bias if bias is not None else dummy, out,
-            m, rw.n, k, nb, ng, -(-ng // split), split, *table_planes(rw, x2.dtype), float(rw.zconst), x2.stride(0))
+            bias if bias is not None else dummy, out, rw.table if rw.table is not None else dummy,
+            m, rw.n, k, nb, ng, -(-ng // split), split, float(rw.zconst), x2.stride(0))
 
 
 def kernel_consts(rw: RuntimeWeight, x2: torch.Tensor, bias: torch.Tensor | None, cfg: dict, tile_rows: int) -> dict:

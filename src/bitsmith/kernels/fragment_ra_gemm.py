@@ -51,7 +51,7 @@ import os
 import torch
 
 from . import fragment_wgmma
-from .fragment_mma import FMT_IDS, HAVE_GLUON, MAGIC, _scale_steps, blocks_groups, table_planes
+from .fragment_mma import FMT_IDS, HAVE_GLUON, MAGIC, _scale_steps, blocks_groups
 from .layout import RuntimeWeight
 
 if HAVE_GLUON:
@@ -60,6 +60,7 @@ if HAVE_GLUON:
     from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma,
                                                                    warpgroup_mma, warpgroup_mma_wait)
 
+    from .fragment_mma import _table_planes
     from .w8a8_wgmma import _tile_offsets
 
 
@@ -347,7 +348,7 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _consumer(x_smem, wq, sq, zq, ready, empty, b_ptr, out_ptr, out_desc, o_smem, M, N, NG, stride_om, zconst,
-                  planes, BLOCK_T: gl.constexpr, BLOCK_N: gl.constexpr, GROUP_M: gl.constexpr, STAGES: gl.constexpr,
+                  t_ptr, BLOCK_T: gl.constexpr, BLOCK_N: gl.constexpr, GROUP_M: gl.constexpr, STAGES: gl.constexpr,
                   FMT: gl.constexpr, ZQ: gl.constexpr, INT_ZERO: gl.constexpr, HAS_BIAS: gl.constexpr, BF16: gl.constexpr,
                   PIPE: gl.constexpr, TMA_OUT: gl.constexpr, WG: gl.constexpr):
         """Consumer warpgroup ``WG``: channels ``64 WG ..`` of every tile of this program, all its
@@ -360,6 +361,7 @@ if HAVE_GLUON:
                                                       instr_shape=[16, BLOCK_T, 16])
         a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
         sel = _lane_selectors(FMT == 1)
+        planes = _table_planes(t_ptr, FMT, BF16)
         num_t = (M + BLOCK_T - 1) // BLOCK_T
         num_n = (N + BLOCK_N - 1) // BLOCK_N
         steps = ((num_t * num_n - gl.program_id(0) + gl.num_programs(0) - 1) // gl.num_programs(0)) * NG
@@ -411,7 +413,7 @@ if HAVE_GLUON:
             tma.store_wait(0)
 
     @gluon.jit
-    def _ra_gemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, M, N, K, NB, NG, L0, L1, L2, L3, H0, H1, H2, H3,
+    def _ra_gemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, t_ptr, b_ptr, out_ptr, M, N, K, NB, NG,
                         zconst, stride_xm, stride_om, S_ROWS, BLOCK_T: gl.constexpr, BLOCK_N: gl.constexpr,
                         GROUP_M: gl.constexpr, STAGES: gl.constexpr, SG: gl.constexpr, FMT: gl.constexpr,
                         HAS_ZERO: gl.constexpr, INT_ZERO: gl.constexpr, HAS_BIAS: gl.constexpr, BF16: gl.constexpr,
@@ -419,13 +421,13 @@ if HAVE_GLUON:
         """``out = x @ W^T (+ bias)`` for int4 fragment words ``w_ptr`` in group-major order
         (module docstring); launched with 4 warps (the first consumer), the second consumer and the
         loader are worker partitions. ``x`` is ``[M, K]`` with ``K`` contiguous and rows 16-byte
-        aligned; the scales (and zeros) ``[S_ROWS, N]``; argument positions 0, 4 and 5 are the
+        aligned; the scales (and zeros) ``[S_ROWS, N]``; ``t_ptr`` a codebook's float32 levels
+        (:func:`bitsmith.kernels.fragment_mma._table_planes`); argument positions 0, 5 and 6 are the
         activation, bias and output."""
         DT: gl.constexpr = gl.bfloat16 if BF16 else gl.float16
         MDT: gl.constexpr = s_ptr.dtype.element_ty
         RBW: gl.constexpr = BLOCK_N // 16
         ZQ: gl.constexpr = HAS_ZERO and FMT != 1
-        planes = (L0, L1, L2, L3, H0, H1, H2, H3)
         x_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_T, 64], DT)
         x_desc = tma.make_tensor_descriptor(x_ptr, shape=[M, K], strides=[stride_xm, 1], block_shape=[BLOCK_T, 64],
                                             layout=x_layout)
@@ -449,10 +451,10 @@ if HAVE_GLUON:
         fence_async_shared()
         gl.warp_specialize([
             (_consumer, (x_smem, wq, sq, zq, ready, empty, b_ptr, out_ptr, out_desc, o_smem.index(0), M, N, NG, stride_om,
-                         zconst, planes, BLOCK_T, BLOCK_N, GROUP_M, STAGES, FMT, ZQ, INT_ZERO, HAS_BIAS, BF16, PIPE,
+                         zconst, t_ptr, BLOCK_T, BLOCK_N, GROUP_M, STAGES, FMT, ZQ, INT_ZERO, HAS_BIAS, BF16, PIPE,
                          TMA_OUT, 0)),
             (_consumer, (x_smem, wq, sq, zq, ready, empty, b_ptr, out_ptr, out_desc, o_smem.index(1), M, N, NG, stride_om,
-                         zconst, planes, BLOCK_T, BLOCK_N, GROUP_M, STAGES, FMT, ZQ, INT_ZERO, HAS_BIAS, BF16, PIPE,
+                         zconst, t_ptr, BLOCK_T, BLOCK_N, GROUP_M, STAGES, FMT, ZQ, INT_ZERO, HAS_BIAS, BF16, PIPE,
                          TMA_OUT, 1)),
             (_loader, (x_desc, w_desc, s_desc, z_desc, x_smem, wq, sq, zq, ready, empty, M, N, NG, BLOCK_T, BLOCK_N,
                        GROUP_M, STAGES, SG, ZQ)),
@@ -506,8 +508,8 @@ def launch_args(rw: RuntimeWeight, x2: torch.Tensor, bias: torch.Tensor | None, 
     nb, ng = blocks_groups(rw)
     tiles = -(-m // cfg["BLOCK_T"]) * -(-rw.n // cfg["BLOCK_N"])
     dummy = rw.scale
-    args = (x2, rw.words, rw.scale, rw.zero if rw.zero is not None else dummy, bias if bias is not None else dummy, out,
-            m, rw.n, k, nb, ng, *table_planes(rw, x2.dtype), float(rw.zconst), x2.stride(0), out.stride(0),
+    args = (x2, rw.words, rw.scale, rw.zero if rw.zero is not None else dummy, rw.table if rw.table is not None else dummy,
+            bias if bias is not None else dummy, out, m, rw.n, k, nb, ng, float(rw.zconst), x2.stride(0), out.stride(0),
             rw.scale.numel() // rw.n)
     consts = {"BLOCK_T": cfg["BLOCK_T"], "BLOCK_N": cfg["BLOCK_N"], "GROUP_M": cfg["GROUP_M"], "STAGES": cfg["STAGES"],
               # TMA_OUT only for output rows TMA can store (16-byte multiples)

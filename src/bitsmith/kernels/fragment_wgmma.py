@@ -52,7 +52,7 @@ if HAVE_GLUON:
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma
 
-    from .fragment_mma import _a_operand, _group_meta, _word_offsets, _write_tile
+    from .fragment_mma import _a_operand, _group_meta, _table_planes, _word_offsets, _write_tile
 
 #: whether the tuner is offered this kernel on Hopper (unless ``BITSMITH_FRAGMENT_WGMMA=0``; see the
 #: module docstring)
@@ -76,8 +76,8 @@ if HAVE_GLUON:
     _TO_TOKEN_K = gl.constexpr(TO_TOKEN_K)
 
     @gluon.jit
-    def _wgmma_kernel(x_ptr, w_ptr, ws_ptr, s_ptr, z_ptr, cnt_ptr, b_ptr, out_ptr,
-                      M, N, K, NB, NG, G_PER, SPLIT, L0, L1, L2, L3, H0, H1, H2, H3, zconst, stride_xm,
+    def _wgmma_kernel(x_ptr, w_ptr, ws_ptr, s_ptr, z_ptr, cnt_ptr, b_ptr, out_ptr, t_ptr,
+                      M, N, K, NB, NG, G_PER, SPLIT, zconst, stride_xm,
                       RB: gl.constexpr, TOK: gl.constexpr, PREFETCH: gl.constexpr, IS_SPLIT: gl.constexpr,
                       SG: gl.constexpr, FMT: gl.constexpr, HAS_ZERO: gl.constexpr, HAS_BIAS: gl.constexpr,
                       TAIL: gl.constexpr, BF16: gl.constexpr, GROUP_MAJOR: gl.constexpr, K_MAJOR: gl.constexpr):
@@ -121,6 +121,7 @@ if HAVE_GLUON:
         arows = pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(1, a_layout))
         arow_ok = arows < N
         acc = gl.zeros([BN, TOK], gl.float32, layout=mma)
+        planes = _table_planes(t_ptr, FMT, BF16)
         g_lo = pid_k * G_PER
         g_hi = gl.minimum(g_lo + G_PER, NG)
         if PREFETCH:
@@ -147,7 +148,7 @@ if HAVE_GLUON:
                 slot.store(gl.reshape(gl.permute(xb, _TO_K_TOKEN.value), [64, TOK]))  # k = 16 s + 8 rc + 2 t + h
             fence_async_shared()
             gl.thread_barrier()  # every warp's activations are in shared memory before the MMA reads them
-            a = _a_operand(cur, (L0, L1, L2, L3, H0, H1, H2, H3), W, RB, a_layout, FMT, BF16)
+            a = _a_operand(cur, planes, W, RB, a_layout, FMT, BF16)
             sc, zc = _group_meta(s_ptr, z_ptr, g, N, arows, arow_ok, zconst, SG, FMT, HAS_ZERO, 0.0, TAIL)
             if FMT == 1:
                 a = a * sc.to(DT)[:, None]
