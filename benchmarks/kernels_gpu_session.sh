@@ -41,6 +41,8 @@
 #   OUT=/some/dir bash benchmarks/kernels_gpu_session.sh planes     # the codebook's byte planes built in the kernels (in
 #       vector registers): the fragment layout's CUDA tests, every register-operand GEMM config at M = 2048 (NF4, int4 g64
 #       as the control), then the M = 1 and 16 table (kernels_defaults_m1m16_planes)
+#   OUT=/some/dir bash benchmarks/kernels_gpu_session.sh pattern    # the fragment kernel's M = 1 reads without its math
+#       (benchmarks/fragment_pattern_probe.py: words only, + scales and zeros, + activations) beside it and a streaming reader
 #   OUT=/some/dir bash benchmarks/kernels_gpu_session.sh ra_ncu     # Nsight Compute on the register-operand GEMM (RA_TILE)
 #   OUT=/some/dir bash benchmarks/kernels_gpu_session.sh wide       # the fragment layout's kernels for more tokens:
 #       the Gluon kernel at 17..64 tokens and the Hopper wgmma kernel (both on by default since they passed this):
@@ -328,6 +330,10 @@ planes)  # NF4's lookup planes in vector registers: the fragment tests, the M = 
   step bench_m1m16.txt "${T_BENCH:-200}" "grep -E '^ +[0-9]+x[0-9]+ +(1|16) '" kernels_defaults_m1m16_planes \
     python3 benchmarks/kernels_bench.py --shapes 4096x4096,14336x4096,4096x14336,28672x8192 --m 1,16 \
     --formats int4_g64,int4_g128,int3_g64,nf4_g64 --no-w8a8 --reps 20 --name kernels_defaults_m1m16_planes
+  ;;
+pattern)  # where the fragment kernel's M = 1 time goes, by subtraction (fragment_pattern_probe.py)
+  step pattern.txt "${T_PATTERN:-150}" cat fragment_pattern_probe \
+    python3 benchmarks/fragment_pattern_probe.py --shapes "${PATTERN_SHAPES:-14336x4096,4096x14336,28672x8192}" --reps 20
   ;;
 ra_ncu)  # Nsight Compute on the register-operand GEMM (RA_TILE: the probe's --tile), its SASS with stall samples
   ncu_step ncu_ra_gemm.txt "${T_NCU:-200}" "grep -E '^  [a-zA-Z_].*\\(|Duration|Compute \\(SM\\) Throughput|L1/TEX Cache|highest-utilized' | head -40" \

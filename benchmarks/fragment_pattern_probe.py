@@ -1,0 +1,162 @@
+"""Where the fragment kernel's M = 1 time goes, by subtraction: kernels that read what it reads, in
+its order, and do nothing else.
+
+The fragment kernel (:mod:`bitsmith.kernels.fragment_mma`) reads at M = 1 about 72% as fast as a
+kernel that streams the same bytes (benchmarks/results/kernels_chain_ceiling_h100.txt). That
+reader differs from it in three ways at once: its access order (one 8 KiB block a program, read
+in one go), the loads it does not make (each group's scales and zeros, from DRAM, and its
+activations, from the L2, both waited for inside the step that loads them) and the math. Here a
+Gluon kernel walks the words exactly as ``_frag_kernel`` does (the same grid of row tiles and K
+splits, the same :func:`bitsmith.kernels.fragment_mma._word_offsets`, the words ``PREFETCH`` groups
+ahead) and adds them up, with the group's scales and zeros (``META``) and its activations (``X``)
+loaded in the step and added too, or not. Every config of the kernel at M = 1 is timed in each
+form (CUDA graph, L2 flushed), beside the kernel itself and the streaming reader
+(:func:`bitsmith.kernels.read_ceiling.read_words`) over the same words:
+
+* words only as fast as the streaming reader: the order is not the problem;
+* words only fast, ``META`` or ``X`` slow: the loads waited for inside the step are;
+* all four forms fast, the kernel slow: its math is.
+
+    python benchmarks/fragment_pattern_probe.py [--shapes 14336x4096,...] [--formats int4_g64] [--reps 20]
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import write_result  # noqa: E402
+
+from bitsmith.kernels.fragment_mma import HAVE_GLUON  # noqa: E402
+
+FORMS = {"words": (False, False), "words+meta": (True, False), "words+x": (False, True), "words+meta+x": (True, True)}
+
+if HAVE_GLUON:
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+
+    from bitsmith.kernels.fragment_mma import _word_offsets
+
+    @gluon.jit
+    def _pattern_kernel(w_ptr, s_ptr, z_ptr, x_ptr, out_ptr, N, NB, NG, G_PER, W: gl.constexpr, RB: gl.constexpr,
+                        PREFETCH: gl.constexpr, META: gl.constexpr, X: gl.constexpr):
+        """Program ``(row tile, K split)`` reads its groups' int4 words as ``_frag_kernel`` does
+        (group-major words, no tails), with each group's scales and zeros (``META``) and the
+        first token's 64 activations (``X``) loaded in the group's step, and writes their sum."""
+        pid_n = gl.program_id(0)
+        pid_k = gl.program_id(1)
+        BN: gl.constexpr = 16 * W * RB
+        mma: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[W, 1], instr_shape=[16, 8])
+        blk, w_mask, g_stride = _word_offsets(pid_n, NB, NG, W, RB, 0, False, True)
+        rows = pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(1, mma))
+        x_layout: gl.constexpr = gl.BlockedLayout([1, 1, 16], [8, 4, 1], [1, 1, W], [2, 1, 0])
+        otok = gl.arange(0, 8, layout=gl.SliceLayout(1, gl.SliceLayout(2, x_layout)))
+        ot = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(2, x_layout)))
+        oj = gl.arange(0, 16, layout=gl.SliceLayout(0, gl.SliceLayout(1, x_layout)))
+        chan = (ot * 16)[None, :, None] + oj[None, None, :]
+        x_off = otok[:, None, None] * 0 + chan
+        x_mask = (otok < 1)[:, None, None] & (chan >= 0)
+        acc = blk * 0
+        macc = gl.zeros([BN], gl.float32, gl.SliceLayout(1, mma))
+        xacc = gl.zeros([8, 4, 16], gl.float32, x_layout)
+        g_lo = pid_k * G_PER
+        g_hi = gl.minimum(g_lo + G_PER, NG)
+        if PREFETCH >= 1:
+            words = gl.load(w_ptr + blk + g_lo * g_stride, mask=w_mask & (g_lo < g_hi), other=0)
+        if PREFETCH == 2:
+            words2 = gl.load(w_ptr + blk + (g_lo + 1) * g_stride, mask=w_mask & (g_lo + 1 < g_hi), other=0)
+        for g in range(g_lo, g_hi):
+            if PREFETCH == 2:
+                cur = words
+                words = words2
+                words2 = gl.load(w_ptr + blk + (g + 2) * g_stride, mask=w_mask & (g + 2 < g_hi), other=0)
+            elif PREFETCH == 1:
+                cur = words
+                words = gl.load(w_ptr + blk + (g + 1) * g_stride, mask=w_mask & (g + 1 < g_hi), other=0)
+            else:
+                cur = gl.load(w_ptr + blk + g * g_stride)
+            acc += cur
+            if META:
+                macc += gl.load(s_ptr + g * N + rows).to(gl.float32) + gl.load(z_ptr + g * N + rows).to(gl.float32)
+            if X:
+                xacc += gl.load(x_ptr + g * 64 + x_off, mask=x_mask, other=0.0).to(gl.float32)
+        total = gl.sum(gl.sum(gl.sum(gl.sum(acc, 3), 2), 1), 0).to(gl.float32)
+        total += gl.sum(macc, 0) + gl.sum(gl.sum(gl.sum(xacc, 2), 1), 0)
+        gl.store(out_ptr + pid_k * gl.num_programs(0) + pid_n, total)
+
+
+def pattern_launch(rw, x: torch.Tensor, cfg: dict, form: str, out: torch.Tensor):
+    """One launch of :func:`_pattern_kernel` over ``rw``'s words with ``cfg``'s grid and prefetch."""
+    from bitsmith.kernels.fragment_mma import _tiles, blocks_groups
+
+    nb, ng = blocks_groups(rw)
+    split = cfg["SPLIT"]
+    meta, xs = FORMS[form]
+    _pattern_kernel[(_tiles(rw, cfg["W"], cfg["RB"]), split)](
+        rw.words, rw.scale, rw.zero, x, out, rw.n, nb, ng, -(-ng // split), W=cfg["W"], RB=cfg["RB"],
+        PREFETCH=cfg["PREFETCH"], META=meta, X=xs, num_warps=cfg["num_warps"], maxnreg=128)
+    return out
+
+
+def probe(n: int, k: int, fmt: str, timer) -> dict:
+    """Every M = 1 config of the fragment kernel on an ``n x k`` weight in ``fmt`` (int4, groups
+    of 64, zeros): the kernel itself and the four reading forms, best time of each; the streaming
+    reader over the same words; fp16 ``F.linear``."""
+    import torch.nn.functional as F
+
+    from bitsmith.kernels import fragment_mma, qmm, read_ceiling
+    from bitsmith.kernels.bench import make_qtensor
+    from bitsmith.kernels.layout import repack
+
+    dev = torch.device("cuda")
+    w16 = (torch.randn(n, k, device=dev) * 0.02).half()
+    rw = repack(make_qtensor(fmt, w16), layout="fragment", order="group")
+    if rw.fragment_format != "int4" or rw.group != 64 or rw.zero is None:
+        raise SystemExit(f"{fmt}: the probe reads int4 words in groups of 64 with zeros")
+    qmm.reserve_workspace(rw)
+    x = torch.randn(1, k, device=dev, dtype=torch.float16)
+    sums = torch.empty(1 << 16, dtype=torch.float32, device=dev)
+    best = {}
+    for cfg in fragment_mma.configs(rw, 1, x.dtype, qmm._sm_count(dev)):
+        runs = {"kernel": lambda cfg=cfg: qmm._launch(rw, x, None, cfg)}
+        runs.update({form: (lambda cfg=cfg, form=form: pattern_launch(rw, x, cfg, form, sums)) for form in FORMS})
+        for name, fn in runs.items():
+            us = timer.time_graph(fn)
+            if us < best.get(name, (float("inf"),))[0]:
+                best[name] = (us, {key: cfg[key] for key in ("RB", "SPLIT", "PREFETCH")})
+    flat = rw.words.reshape(-1)
+    read_out = read_ceiling.read_out(flat)
+    reader = timer.time_graph(lambda: read_ceiling.read_words(flat, read_out))
+    fp16 = timer.time_graph(lambda: F.linear(x, w16))
+    words_mb = rw.words.numel() * 4 / 1e6
+    meta_mb = (rw.scale.numel() + rw.zero.numel()) * rw.scale.element_size() / 1e6
+    row = {"n": n, "k": k, "format": fmt, "words_mb": words_mb, "meta_mb": meta_mb, "fp16_us": fp16,
+           "reader_us": reader, **{f"{name}_us": us for name, (us, _) in best.items()},
+           "best_cfg": {name: cfg for name, (_, cfg) in best.items()}}
+    cells = "  ".join(f"{name} {us:6.1f} ({words_mb / us * 1e3:5.0f} GB/s of words)" for name, (us, _) in best.items())
+    print(f"{n}x{k} {fmt}: fp16 {fp16:6.1f}  reader {reader:6.1f} ({words_mb / reader * 1e3:5.0f} GB/s)  {cells}", flush=True)
+    return row
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shapes", default="14336x4096,4096x14336,28672x8192")
+    ap.add_argument("--formats", default="int4_g64")
+    ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--name", default="fragment_pattern_probe")
+    args = ap.parse_args()
+    if not torch.cuda.is_available() or not HAVE_GLUON:
+        raise SystemExit("needs a CUDA GPU and triton's Gluon")
+    from bitsmith.kernels.bench import Timer
+
+    timer = Timer(torch.device("cuda"), reps=args.reps)
+    rows = [probe(*map(int, shape.split("x")), fmt, timer) for shape in args.shapes.split(",") for fmt in args.formats.split(",")]
+    write_result(args.name, {"command": " ".join(sys.argv), "device": torch.cuda.get_device_name(), "rows": rows,
+                             "timing": "CUDA-graph replay with the L2 flushed, median; best config of each form"})
+
+
+if __name__ == "__main__":
+    main()
