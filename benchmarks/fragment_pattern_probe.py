@@ -15,7 +15,9 @@ form (CUDA graph, L2 flushed), beside the kernel itself and the streaming reader
 
 * words only as fast as the streaming reader: the order is not the problem;
 * words only fast, ``META`` or ``X`` slow: the loads waited for inside the step are;
-* all four forms fast, the kernel slow: its math is.
+* all four forms fast, the kernel slow: its math or its split-K ending is; the fifth form
+  (``words+meta+x+splitk``) ends as the kernel does (partials, a ticket, the last program of a
+  row tile adding them up), which tells those two apart.
 
     python benchmarks/fragment_pattern_probe.py [--shapes 14336x4096,...] [--formats int4_g64] [--reps 20]
 """
@@ -32,20 +34,25 @@ from _common import write_result  # noqa: E402
 
 from bitsmith.kernels.fragment_mma import HAVE_GLUON  # noqa: E402
 
-FORMS = {"words": (False, False), "words+meta": (True, False), "words+x": (False, True), "words+meta+x": (True, True)}
+#: form -> (scales and zeros, activations, the kernel's split-K ending)
+FORMS = {"words": (False, False, False), "words+meta": (True, False, False), "words+x": (False, True, False),
+         "words+meta+x": (True, True, False), "words+meta+x+splitk": (True, True, True)}
 
 if HAVE_GLUON:
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
 
-    from bitsmith.kernels.fragment_mma import _word_offsets
+    from bitsmith.kernels.fragment_mma import _word_offsets, _write_tile
 
     @gluon.jit
-    def _pattern_kernel(w_ptr, s_ptr, z_ptr, x_ptr, out_ptr, N, NB, NG, G_PER, W: gl.constexpr, RB: gl.constexpr,
-                        PREFETCH: gl.constexpr, META: gl.constexpr, X: gl.constexpr):
+    def _pattern_kernel(w_ptr, s_ptr, z_ptr, x_ptr, out_ptr, ws_ptr, cnt_ptr, y_ptr, N, NB, NG, G_PER, SPLIT,
+                        W: gl.constexpr, RB: gl.constexpr, PREFETCH: gl.constexpr, META: gl.constexpr, X: gl.constexpr,
+                        SPLITK: gl.constexpr, IS_SPLIT: gl.constexpr):
         """Program ``(row tile, K split)`` reads its groups' int4 words as ``_frag_kernel`` does
         (group-major words, no tails), with each group's scales and zeros (``META``) and the
-        first token's 64 activations (``X``) loaded in the group's step, and writes their sum."""
+        first token's 64 activations (``X``) loaded in the group's step, and writes their sum;
+        ``SPLITK``: as a ``[rows, 8]`` tile through the kernel's own split-K ending
+        (``_write_tile``: partials, a ticket, the last program adds them and writes ``y``)."""
         pid_n = gl.program_id(0)
         pid_k = gl.program_id(1)
         BN: gl.constexpr = 16 * W * RB
@@ -84,20 +91,29 @@ if HAVE_GLUON:
             if X:
                 xacc += gl.load(x_ptr + g * 64 + x_off, mask=x_mask, other=0.0).to(gl.float32)
         total = gl.sum(gl.sum(gl.sum(gl.sum(acc, 3), 2), 1), 0).to(gl.float32)
-        total += gl.sum(macc, 0) + gl.sum(gl.sum(gl.sum(xacc, 2), 1), 0)
-        gl.store(out_ptr + pid_k * gl.num_programs(0) + pid_n, total)
+        total += gl.sum(gl.sum(gl.sum(xacc, 2), 1), 0)
+        if SPLITK:
+            tile = gl.zeros([BN, 8], gl.float32, mma) + macc[:, None] + total
+            toks = gl.arange(0, 8, layout=gl.SliceLayout(0, mma))
+            _write_tile(tile, ws_ptr, cnt_ptr, y_ptr, y_ptr, rows, rows < N, toks, pid_n, pid_k, 1, N, SPLIT, IS_SPLIT,
+                        False, RB * 8)
+        else:
+            gl.store(out_ptr + pid_k * gl.num_programs(0) + pid_n, total + gl.sum(macc, 0))
 
 
-def pattern_launch(rw, x: torch.Tensor, cfg: dict, form: str, out: torch.Tensor):
-    """One launch of :func:`_pattern_kernel` over ``rw``'s words with ``cfg``'s grid and prefetch."""
-    from bitsmith.kernels.fragment_mma import _tiles, blocks_groups
+def pattern_launch(rw, x: torch.Tensor, cfg: dict, form: str, out: torch.Tensor, y: torch.Tensor):
+    """One launch of :func:`_pattern_kernel` over ``rw``'s words with ``cfg``'s grid and prefetch
+    (``y``: the ``[1, N]`` output of the split-K form)."""
+    from bitsmith.kernels.fragment_mma import _tiles, blocks_groups, kernel_args
 
     nb, ng = blocks_groups(rw)
     split = cfg["SPLIT"]
-    meta, xs = FORMS[form]
-    _pattern_kernel[(_tiles(rw, cfg["W"], cfg["RB"]), split)](
-        rw.words, rw.scale, rw.zero, x, out, rw.n, nb, ng, -(-ng // split), W=cfg["W"], RB=cfg["RB"],
-        PREFETCH=cfg["PREFETCH"], META=meta, X=xs, num_warps=cfg["num_warps"], maxnreg=128)
+    tiles = _tiles(rw, cfg["W"], cfg["RB"])
+    args = kernel_args(rw, x, None, y, split, tiles)  # the device's split-K workspace and tickets
+    meta, xs, splitk = FORMS[form]
+    _pattern_kernel[(tiles, split)](
+        rw.words, rw.scale, rw.zero, x, out, args[2], args[5], y, rw.n, nb, ng, -(-ng // split), split, W=cfg["W"],
+        RB=cfg["RB"], PREFETCH=cfg["PREFETCH"], META=meta, X=xs, SPLITK=splitk, IS_SPLIT=split > 1, num_warps=cfg["num_warps"], maxnreg=128)
     return out
 
 
@@ -119,10 +135,11 @@ def probe(n: int, k: int, fmt: str, timer) -> dict:
     qmm.reserve_workspace(rw)
     x = torch.randn(1, k, device=dev, dtype=torch.float16)
     sums = torch.empty(1 << 16, dtype=torch.float32, device=dev)
+    y = torch.empty(1, n, dtype=torch.float16, device=dev)
     best = {}
     for cfg in fragment_mma.configs(rw, 1, x.dtype, qmm._sm_count(dev)):
         runs = {"kernel": lambda cfg=cfg: qmm._launch(rw, x, None, cfg)}
-        runs.update({form: (lambda cfg=cfg, form=form: pattern_launch(rw, x, cfg, form, sums)) for form in FORMS})
+        runs.update({form: (lambda cfg=cfg, form=form: pattern_launch(rw, x, cfg, form, sums, y)) for form in FORMS})
         for name, fn in runs.items():
             us = timer.time_graph(fn)
             if us < best.get(name, (float("inf"),))[0]:

@@ -1285,11 +1285,13 @@ def test_bench_table_shows_both_flushes_and_blanks_what_was_not_timed():
 
 
 def test_bench_timer_rests_in_proportion_to_its_warm_up_and_at_most_the_cap(monkeypatch):
-    """The timer's rest after a warm-up: ``rest`` times the warm-up's wall time, capped, none at 0."""
+    """The timer's rest after a warm-up: ``rest`` times the warm-up's wall time, capped, none at 0;
+    after a rest the call runs again for ``REWARM_S`` (at least ``warmup`` calls), without one none."""
     from bitsmith.kernels import bench
 
     clock = [0.0]
     slept = []
+    calls = []
     monkeypatch.setattr(bench.torch.cuda, "synchronize", lambda *a: None)
     monkeypatch.setattr(bench.time, "perf_counter", lambda: clock[0])
     monkeypatch.setattr(bench.time, "sleep", slept.append)
@@ -1297,13 +1299,17 @@ def test_bench_timer_rests_in_proportion_to_its_warm_up_and_at_most_the_cap(monk
     def call(seconds):
         def run():
             clock[0] += seconds
+            calls.append(seconds)
         return run
 
     monkeypatch.setattr(bench, "FLUSH_BYTES", 16)
-    for rest, per_call, expected in ((2.0, 0.01, 0.1), (2.0, 1.0, bench.REST_CAP_S), (0.0, 1.0, None)):
+    for rest, per_call, expected, after in ((2.0, 0.02, 0.2, 5), (2.0, 1.0, bench.REST_CAP_S, 5),
+                                            (2.0, 0.003, 0.03, 17), (0.0, 1.0, None, 0)):
         slept.clear()
+        calls.clear()
         bench.Timer(torch.device("cpu"), reps=1, warmup=5, rest=rest)._warm(call(per_call))
         assert slept == ([] if expected is None else [pytest.approx(expected)]), (rest, per_call, slept)
+        assert len(calls) == 5 + after, (rest, per_call, len(calls))
 
 
 def test_l2_flush_by_write_zeroes_the_buffer_and_by_read_leaves_it():
