@@ -2,7 +2,7 @@
 number there can be traced to one JSON and the command inside it:
 
 * kernels at M = 1 and 16, every format in its default layout (the fragment layout, group-major
-  words) and torch's tinygemm, one run (``kernels_defaults_m1m16_h100.json``); each ratio against
+  words) and torch's tinygemm, one run (``kernels_defaults_m1m16_planes_h100.json``); each ratio against
   the fp16 of its own run;
 * M = 2048: every format in its default path (int4 and NF4 by the register-operand GEMM, int3 by
   dequantize + cuBLAS), tinygemm and W8A8 in one run (``kernels_m2048_ra_pair_h100.json``);
@@ -22,7 +22,7 @@ from pathlib import Path
 RESULTS = Path(__file__).resolve().parent / "results"
 SHAPES = [(4096, 4096), (14336, 4096), (4096, 14336), (28672, 8192)]
 #: column -> (kernel name in the JSONs, M = 1 and 16 file, M = 2048 file)
-SMALL_M = "kernels_defaults_m1m16_h100.json"
+SMALL_M = "kernels_defaults_m1m16_planes_h100.json"
 BIG_M = "kernels_m2048_ra_pair_h100.json"
 COLUMNS = {"int4 g64": ("int4_g64", SMALL_M, BIG_M),
            "int4 g128": ("int4_g128", SMALL_M, BIG_M),
