@@ -1161,3 +1161,25 @@ def test_codebook_planes_stay_in_vector_registers(act):
                for cand in fragment_ra_gemm.CANDIDATES]
     for build, holding in builds:
         assert copies(build("nf4"), holding) <= copies(build("int4"), holding)
+
+
+@needs_gluon
+def test_pattern_probe_compiles_for_sm90_in_every_form():
+    """benchmarks/fragment_pattern_probe.py's kernel (the fragment kernel's reads without its math)
+    compiles for sm_90 in each of its forms, so the probe keeps working as the kernel's helpers
+    change: the words' 16-byte loads in every form, 16-bit scale and zero loads only with
+    ``+meta``, and the split-K ending's ticket (an atomic) only in its own form."""
+    import fragment_pattern_probe as pattern
+    from bitsmith.kernels.small_m import _compile_offline
+
+    ptrs = {"w_ptr": "i32", "s_ptr": "fp16", "z_ptr": "fp16", "x_ptr": "fp16", "out_ptr": "fp32", "ws_ptr": "fp32",
+            "cnt_ptr": "i32", "y_ptr": "fp16"}
+    for form, (meta, xs, splitk) in pattern.FORMS.items():
+        compiled = _compile_offline(pattern._pattern_kernel, {"W": 4, "RB": 2, "PREFETCH": 1, "META": meta, "X": xs,
+                                                              "SPLITK": splitk, "IS_SPLIT": True},
+                                    "fp16", 4, 1, 90, gluon=True, maxnreg=128, ptr_types=ptrs)
+        with tempfile.TemporaryDirectory() as tmp:
+            ops = collections.Counter(kernels_sass.opcode(t) for _, t in kernels_sass.sass_of(compiled.asm["cubin"], Path(tmp)))
+        assert ops["LDG.E.128"] >= 2, (form, ops)
+        assert bool(ops["LDG.E.U16"]) == meta, (form, ops)
+        assert bool(ops["ATOMG.E.ADD.STRONG.GPU"]) == splitk, (form, ops)
