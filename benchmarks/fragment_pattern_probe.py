@@ -19,7 +19,7 @@ form (CUDA graph, L2 flushed), beside the kernel itself and the streaming reader
   (``words+meta+x+splitk``) ends as the kernel does (partials, a ticket, the last program of a
   row tile adding them up), which tells those two apart.
 
-    python benchmarks/fragment_pattern_probe.py [--shapes 14336x4096,...] [--formats int4_g64] [--reps 20]
+    python benchmarks/fragment_pattern_probe.py [--shapes 14336x4096,...] [--formats int4_g64] [--m 1,16] [--reps 20]
 """
 from __future__ import annotations
 
@@ -45,14 +45,15 @@ if HAVE_GLUON:
     from bitsmith.kernels.fragment_mma import _word_offsets, _write_tile
 
     @gluon.jit
-    def _pattern_kernel(w_ptr, s_ptr, z_ptr, x_ptr, out_ptr, ws_ptr, cnt_ptr, y_ptr, N, NB, NG, G_PER, SPLIT,
-                        W: gl.constexpr, RB: gl.constexpr, PREFETCH: gl.constexpr, META: gl.constexpr, X: gl.constexpr,
-                        SPLITK: gl.constexpr, IS_SPLIT: gl.constexpr):
+    def _pattern_kernel(w_ptr, s_ptr, z_ptr, x_ptr, out_ptr, ws_ptr, cnt_ptr, y_ptr, M, N, NB, NG, G_PER, SPLIT,
+                        stride_xm, W: gl.constexpr, RB: gl.constexpr, TOK: gl.constexpr, PREFETCH: gl.constexpr,
+                        META: gl.constexpr, X: gl.constexpr, SPLITK: gl.constexpr, IS_SPLIT: gl.constexpr):
         """Program ``(row tile, K split)`` reads its groups' int4 words as ``_frag_kernel`` does
         (group-major words, no tails), with each group's scales and zeros (``META``) and the
-        first token's 64 activations (``X``) loaded in the group's step, and writes their sum;
-        ``SPLITK``: as a ``[rows, 8]`` tile through the kernel's own split-K ending
-        (``_write_tile``: partials, a ticket, the last program adds them and writes ``y``)."""
+        ``M`` tokens' 64 activations (``X``; ``TOK``: the kernel's token tile) loaded in the
+        group's step, and writes their sum; ``SPLITK``: as a ``[rows, TOK]`` tile through the
+        kernel's own split-K ending (``_write_tile``: partials, a ticket, the last program adds
+        them and writes ``y``)."""
         pid_n = gl.program_id(0)
         pid_k = gl.program_id(1)
         BN: gl.constexpr = 16 * W * RB
@@ -60,15 +61,15 @@ if HAVE_GLUON:
         blk, w_mask, g_stride = _word_offsets(pid_n, NB, NG, W, RB, 0, False, True)
         rows = pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(1, mma))
         x_layout: gl.constexpr = gl.BlockedLayout([1, 1, 16], [8, 4, 1], [1, 1, W], [2, 1, 0])
-        otok = gl.arange(0, 8, layout=gl.SliceLayout(1, gl.SliceLayout(2, x_layout)))
+        otok = gl.arange(0, TOK, layout=gl.SliceLayout(1, gl.SliceLayout(2, x_layout)))
         ot = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(2, x_layout)))
         oj = gl.arange(0, 16, layout=gl.SliceLayout(0, gl.SliceLayout(1, x_layout)))
         chan = (ot * 16)[None, :, None] + oj[None, None, :]
-        x_off = otok[:, None, None] * 0 + chan
-        x_mask = (otok < 1)[:, None, None] & (chan >= 0)
+        x_off = otok[:, None, None] * stride_xm + chan
+        x_mask = (otok < M)[:, None, None] & (chan >= 0)
         acc = blk * 0
         macc = gl.zeros([BN], gl.float32, gl.SliceLayout(1, mma))
-        xacc = gl.zeros([8, 4, 16], gl.float32, x_layout)
+        xacc = gl.zeros([TOK, 4, 16], gl.float32, x_layout)
         g_lo = pid_k * G_PER
         g_hi = gl.minimum(g_lo + G_PER, NG)
         if PREFETCH >= 1:
@@ -93,18 +94,18 @@ if HAVE_GLUON:
         total = gl.sum(gl.sum(gl.sum(gl.sum(acc, 3), 2), 1), 0).to(gl.float32)
         total += gl.sum(gl.sum(gl.sum(xacc, 2), 1), 0)
         if SPLITK:
-            tile = gl.zeros([BN, 8], gl.float32, mma) + macc[:, None] + total
-            toks = gl.arange(0, 8, layout=gl.SliceLayout(0, mma))
-            _write_tile(tile, ws_ptr, cnt_ptr, y_ptr, y_ptr, rows, rows < N, toks, pid_n, pid_k, 1, N, SPLIT, IS_SPLIT,
-                        False, RB * 8)
+            tile = gl.zeros([BN, TOK], gl.float32, mma) + macc[:, None] + total
+            toks = gl.arange(0, TOK, layout=gl.SliceLayout(0, mma))
+            _write_tile(tile, ws_ptr, cnt_ptr, y_ptr, y_ptr, rows, rows < N, toks, pid_n, pid_k, M, N, SPLIT, IS_SPLIT,
+                        False, RB * TOK)
         else:
             gl.store(out_ptr + pid_k * gl.num_programs(0) + pid_n, total + gl.sum(macc, 0))
 
 
 def pattern_launch(rw, x: torch.Tensor, cfg: dict, form: str, out: torch.Tensor, y: torch.Tensor):
     """One launch of :func:`_pattern_kernel` over ``rw``'s words with ``cfg``'s grid and prefetch
-    (``y``: the ``[1, N]`` output of the split-K form)."""
-    from bitsmith.kernels.fragment_mma import _tiles, blocks_groups, kernel_args
+    and ``x``'s tokens (``y``: the ``[M, N]`` output of the split-K form)."""
+    from bitsmith.kernels.fragment_mma import _tiles, blocks_groups, kernel_args, tokens
 
     nb, ng = blocks_groups(rw)
     split = cfg["SPLIT"]
@@ -112,15 +113,15 @@ def pattern_launch(rw, x: torch.Tensor, cfg: dict, form: str, out: torch.Tensor,
     args = kernel_args(rw, x, None, y, split, tiles)  # the device's split-K workspace and tickets
     meta, xs, splitk = FORMS[form]
     _pattern_kernel[(tiles, split)](
-        rw.words, rw.scale, rw.zero, x, out, args[2], args[5], y, rw.n, nb, ng, -(-ng // split), split, W=cfg["W"],
-        RB=cfg["RB"], PREFETCH=cfg["PREFETCH"], META=meta, X=xs, SPLITK=splitk, IS_SPLIT=split > 1, num_warps=cfg["num_warps"], maxnreg=128)
+        rw.words, rw.scale, rw.zero, x, out, args[2], args[5], y, x.shape[0], rw.n, nb, ng, -(-ng // split), split,
+        x.stride(0), W=cfg["W"], RB=cfg["RB"], TOK=tokens(x.shape[0]), PREFETCH=cfg["PREFETCH"], META=meta, X=xs, SPLITK=splitk, IS_SPLIT=split > 1, num_warps=cfg["num_warps"], maxnreg=128)
     return out
 
 
-def probe(n: int, k: int, fmt: str, timer) -> dict:
-    """Every M = 1 config of the fragment kernel on an ``n x k`` weight in ``fmt`` (int4, groups
-    of 64, zeros): the kernel itself and the four reading forms, best time of each; the streaming
-    reader over the same words; fp16 ``F.linear``."""
+def probe(n: int, k: int, fmt: str, m: int, timer) -> dict:
+    """Every config of the fragment kernel at ``m`` tokens (at most 16) on an ``n x k`` weight in
+    ``fmt`` (int4, groups of 64, zeros): the kernel itself and the reading forms, best time of
+    each; the streaming reader over the same words; fp16 ``F.linear``."""
     import torch.nn.functional as F
 
     from bitsmith.kernels import fragment_mma, qmm, read_ceiling
@@ -133,11 +134,13 @@ def probe(n: int, k: int, fmt: str, timer) -> dict:
     if rw.fragment_format != "int4" or rw.group != 64 or rw.zero is None:
         raise SystemExit(f"{fmt}: the probe reads int4 words in groups of 64 with zeros")
     qmm.reserve_workspace(rw)
-    x = torch.randn(1, k, device=dev, dtype=torch.float16)
+    if not 1 <= m <= 16:
+        raise SystemExit(f"M = {m}: the probe takes 1 to 16 tokens (the kernel's 8- and 16-token tiles)")
+    x = torch.randn(m, k, device=dev, dtype=torch.float16)
     sums = torch.empty(1 << 16, dtype=torch.float32, device=dev)
-    y = torch.empty(1, n, dtype=torch.float16, device=dev)
+    y = torch.empty(m, n, dtype=torch.float16, device=dev)
     best = {}
-    for cfg in fragment_mma.configs(rw, 1, x.dtype, qmm._sm_count(dev)):
+    for cfg in fragment_mma.configs(rw, m, x.dtype, qmm._sm_count(dev)):
         runs = {"kernel": lambda cfg=cfg: qmm._launch(rw, x, None, cfg)}
         runs.update({form: (lambda cfg=cfg, form=form: pattern_launch(rw, x, cfg, form, sums, y)) for form in FORMS})
         for name, fn in runs.items():
@@ -150,11 +153,11 @@ def probe(n: int, k: int, fmt: str, timer) -> dict:
     fp16 = timer.time_graph(lambda: F.linear(x, w16))
     words_mb = rw.words.numel() * 4 / 1e6
     meta_mb = (rw.scale.numel() + rw.zero.numel()) * rw.scale.element_size() / 1e6
-    row = {"n": n, "k": k, "format": fmt, "words_mb": words_mb, "meta_mb": meta_mb, "fp16_us": fp16,
+    row = {"n": n, "k": k, "m": m, "format": fmt, "words_mb": words_mb, "meta_mb": meta_mb, "fp16_us": fp16,
            "reader_us": reader, **{f"{name}_us": us for name, (us, _) in best.items()},
            "best_cfg": {name: cfg for name, (_, cfg) in best.items()}}
     cells = "  ".join(f"{name} {us:6.1f} ({words_mb / us * 1e3:5.0f} GB/s of words)" for name, (us, _) in best.items())
-    print(f"{n}x{k} {fmt}: fp16 {fp16:6.1f}  reader {reader:6.1f} ({words_mb / reader * 1e3:5.0f} GB/s)  {cells}", flush=True)
+    print(f"{n}x{k} M={m} {fmt}: fp16 {fp16:6.1f}  reader {reader:6.1f} ({words_mb / reader * 1e3:5.0f} GB/s)  {cells}", flush=True)
     return row
 
 
@@ -162,6 +165,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shapes", default="14336x4096,4096x14336,28672x8192")
     ap.add_argument("--formats", default="int4_g64")
+    ap.add_argument("--m", default="1", help="token counts, 1 to 16 (comma list)")
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--name", default="fragment_pattern_probe")
     args = ap.parse_args()
@@ -170,7 +174,8 @@ def main() -> None:
     from bitsmith.kernels.bench import Timer
 
     timer = Timer(torch.device("cuda"), reps=args.reps)
-    rows = [probe(*map(int, shape.split("x")), fmt, timer) for shape in args.shapes.split(",") for fmt in args.formats.split(",")]
+    rows = [probe(*map(int, shape.split("x")), fmt, int(m), timer) for shape in args.shapes.split(",")
+            for fmt in args.formats.split(",") for m in args.m.split(",")]
     write_result(args.name, {"command": " ".join(sys.argv), "device": torch.cuda.get_device_name(), "rows": rows,
                              "timing": "CUDA-graph replay with the L2 flushed, median; best config of each form"})
 

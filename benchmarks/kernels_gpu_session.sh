@@ -42,7 +42,8 @@
 #       vector registers): the fragment layout's CUDA tests, every register-operand GEMM config at M = 2048 (NF4, int4 g64
 #       as the control), then the M = 1 and 16 table (kernels_defaults_m1m16_planes)
 #   OUT=/some/dir bash benchmarks/kernels_gpu_session.sh pattern    # the fragment kernel's M = 1 reads without its math
-#       (benchmarks/fragment_pattern_probe.py: words only, + scales and zeros, + activations) beside it and a streaming reader
+#       (benchmarks/fragment_pattern_probe.py: words only, + scales and zeros, + activations, + its split-K ending) beside it
+#       and a streaming reader (PATTERN_MS: token counts, default 1; PATTERN_SHAPES)
 #   OUT=/some/dir bash benchmarks/kernels_gpu_session.sh ra_ncu     # Nsight Compute on the register-operand GEMM (RA_TILE)
 #   OUT=/some/dir bash benchmarks/kernels_gpu_session.sh wide       # the fragment layout's kernels for more tokens:
 #       the Gluon kernel at 17..64 tokens and the Hopper wgmma kernel (both on by default since they passed this):
@@ -333,7 +334,8 @@ planes)  # NF4's lookup planes in vector registers: the fragment tests, the M = 
   ;;
 pattern)  # where the fragment kernel's M = 1 time goes, by subtraction (fragment_pattern_probe.py)
   step pattern.txt "${T_PATTERN:-150}" cat fragment_pattern_probe \
-    python3 benchmarks/fragment_pattern_probe.py --shapes "${PATTERN_SHAPES:-14336x4096,4096x14336,28672x8192}" --reps 20
+    python3 benchmarks/fragment_pattern_probe.py --shapes "${PATTERN_SHAPES:-14336x4096,4096x14336,28672x8192}" \
+    --m "${PATTERN_MS:-1}" --reps 20
   ;;
 ra_ncu)  # Nsight Compute on the register-operand GEMM (RA_TILE: the probe's --tile), its SASS with stall samples
   ncu_step ncu_ra_gemm.txt "${T_NCU:-200}" "grep -E '^  [a-zA-Z_].*\\(|Duration|Compute \\(SM\\) Throughput|L1/TEX Cache|highest-utilized' | head -40" \

@@ -1175,7 +1175,7 @@ def test_pattern_probe_compiles_for_sm90_in_every_form():
     ptrs = {"w_ptr": "i32", "s_ptr": "fp16", "z_ptr": "fp16", "x_ptr": "fp16", "out_ptr": "fp32", "ws_ptr": "fp32",
             "cnt_ptr": "i32", "y_ptr": "fp16"}
     for form, (meta, xs, splitk) in pattern.FORMS.items():
-        compiled = _compile_offline(pattern._pattern_kernel, {"W": 4, "RB": 2, "PREFETCH": 1, "META": meta, "X": xs,
+        compiled = _compile_offline(pattern._pattern_kernel, {"W": 4, "RB": 2, "TOK": 16, "PREFETCH": 1, "META": meta, "X": xs,
                                                               "SPLITK": splitk, "IS_SPLIT": True},
                                     "fp16", 4, 1, 90, gluon=True, maxnreg=128, ptr_types=ptrs)
         with tempfile.TemporaryDirectory() as tmp:
