@@ -15,9 +15,11 @@ form (CUDA graph, L2 flushed), beside the kernel itself and the streaming reader
 
 * words only as fast as the streaming reader: the order is not the problem;
 * words only fast, ``META`` or ``X`` slow: the loads waited for inside the step are;
-* all four forms fast, the kernel slow: its math or its split-K ending is; the fifth form
+* all four forms fast, the kernel slow: its math or its split-K ending is; the last form
   (``words+meta+x+splitk``) ends as the kernel does (partials, a ticket, the last program of a
-  row tile adding them up), which tells those two apart.
+  row tile adding them up), which tells those two apart, and ``words+meta+x+partials`` makes
+  only that ending's stores, which splits the ending into its stores and the rest (the fence,
+  the ticket, the last program's sum).
 
     python benchmarks/fragment_pattern_probe.py [--shapes 14336x4096,...] [--formats int4_g64] [--m 1,16] [--reps 20]
 """
@@ -34,9 +36,10 @@ from _common import write_result  # noqa: E402
 
 from bitsmith.kernels.fragment_mma import HAVE_GLUON  # noqa: E402
 
-#: form -> (scales and zeros, activations, the kernel's split-K ending)
-FORMS = {"words": (False, False, False), "words+meta": (True, False, False), "words+x": (False, True, False),
-         "words+meta+x": (True, True, False), "words+meta+x+splitk": (True, True, True)}
+#: form -> (scales and zeros, activations, ending: 0 one sum a program, 1 the kernel's split-K ending,
+#: 2 its partials' stores alone, without the fence, the ticket and the last program's sum)
+FORMS = {"words": (False, False, 0), "words+meta": (True, False, 0), "words+x": (False, True, 0),
+         "words+meta+x": (True, True, 0), "words+meta+x+partials": (True, True, 2), "words+meta+x+splitk": (True, True, 1)}
 
 if HAVE_GLUON:
     from triton.experimental import gluon
@@ -51,9 +54,9 @@ if HAVE_GLUON:
         """Program ``(row tile, K split)`` reads its groups' int4 words as ``_frag_kernel`` does
         (group-major words, no tails), with each group's scales and zeros (``META``) and the
         ``M`` tokens' 64 activations (``X``; ``TOK``: the kernel's token tile) loaded in the
-        group's step, and writes their sum; ``SPLITK``: as a ``[rows, TOK]`` tile through the
+        group's step, and writes their sum; ``SPLITK`` 1: as a ``[rows, TOK]`` tile through the
         kernel's own split-K ending (``_write_tile``: partials, a ticket, the last program adds
-        them and writes ``y``)."""
+        them and writes ``y``); 2: only that ending's stores of the partials."""
         pid_n = gl.program_id(0)
         pid_k = gl.program_id(1)
         BN: gl.constexpr = 16 * W * RB
@@ -96,8 +99,12 @@ if HAVE_GLUON:
         if SPLITK:
             tile = gl.zeros([BN, TOK], gl.float32, mma) + macc[:, None] + total
             toks = gl.arange(0, TOK, layout=gl.SliceLayout(0, mma))
-            _write_tile(tile, ws_ptr, cnt_ptr, y_ptr, y_ptr, rows, rows < N, toks, pid_n, pid_k, M, N, SPLIT, IS_SPLIT,
-                        False, RB * TOK)
+            if SPLITK == 1:
+                _write_tile(tile, ws_ptr, cnt_ptr, y_ptr, y_ptr, rows, rows < N, toks, pid_n, pid_k, M, N, SPLIT,
+                            IS_SPLIT, False, RB * TOK)
+            else:  # the partials' stores as _write_tile makes them, nothing after
+                gl.store(ws_ptr + pid_k * M * N + toks[None, :] * N + rows[:, None], tile,
+                         mask=(toks < M)[None, :] & (rows < N)[:, None])
         else:
             gl.store(out_ptr + pid_k * gl.num_programs(0) + pid_n, total + gl.sum(macc, 0))
 

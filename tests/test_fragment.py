@@ -1168,7 +1168,8 @@ def test_pattern_probe_compiles_for_sm90_in_every_form():
     """benchmarks/fragment_pattern_probe.py's kernel (the fragment kernel's reads without its math)
     compiles for sm_90 in each of its forms, so the probe keeps working as the kernel's helpers
     change: the words' 16-byte loads in every form, 16-bit scale and zero loads only with
-    ``+meta``, and the split-K ending's ticket (an atomic) only in its own form."""
+    ``+meta``, the partials' 4-byte stores in the two split-K forms and the ending's ticket (an
+    atomic) only in the full one."""
     import fragment_pattern_probe as pattern
     from bitsmith.kernels.small_m import _compile_offline
 
@@ -1182,4 +1183,5 @@ def test_pattern_probe_compiles_for_sm90_in_every_form():
             ops = collections.Counter(kernels_sass.opcode(t) for _, t in kernels_sass.sass_of(compiled.asm["cubin"], Path(tmp)))
         assert ops["LDG.E.128"] >= 2, (form, ops)
         assert bool(ops["LDG.E.U16"]) == meta, (form, ops)
-        assert bool(ops["ATOMG.E.ADD.STRONG.GPU"]) == splitk, (form, ops)
+        assert bool(ops["ATOMG.E.ADD.STRONG.GPU"]) == (splitk == 1), (form, ops)
+        assert (ops["STG.E"] > 1) == bool(splitk), (form, ops)  # float32 partials (else the one sum)
