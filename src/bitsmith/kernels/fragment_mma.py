@@ -408,9 +408,9 @@ if HAVE_GLUON:
                      GROUP_MAJOR: gl.constexpr):
         """See the module docstring. Program ``(row tile, K split)``; ``SG``: groups of 64 per
         scale group (0: one scale a row); ``FMT``: :data:`FMT_IDS`; ``t_ptr``: a codebook's 16
-        levels, float32 (:func:`_table_planes`); ``zconst``: the symmetric zero when ``HAS_ZERO`` is off; ``TAIL``: ``N`` is not a
-        multiple of the tile or ``K`` of 64 (loads are masked); ``BF16``: the activations are
-        bfloat16 (else float16); ``PREFETCH``: how many later groups' words are loaded ahead into
+        levels, float32 (:func:`_table_planes`); ``zconst``: the symmetric zero when ``HAS_ZERO``
+        is off; ``TAIL``: ``N`` is not a multiple of the tile or ``K`` of 64 (loads are masked);
+        ``BF16``: the activations are bfloat16 (else float16); ``PREFETCH``: how many later groups' words are loaded ahead into
         registers (0, 1 or 2); a group's scales, zeros and activations are loaded in its own step
         (loading them a group ahead, or the words through a ``cp.async`` ring in shared memory,
         was slower on the H100: gluon_fragment_probe_{ahead_cap,stages}_h100.txt; a TMA loader
