@@ -131,6 +131,12 @@ def main() -> None:
                 print(f"{n}x{k} M={m} {fmt}: fp16 {fp16:.1f} us, {len(timed)} configs", flush=True)
                 for us, cfg, _ in timed[:args.top]:
                     print(f"    {us:8.1f} us  x{fp16 / us:5.2f}  {describe(cfg)}", flush=True)
+                clustered = [t for t in timed if t[1].get("CLUSTER")]
+                if clustered:  # the fragment kernel's split-K both ways: its best in a cluster against its best without
+                    plain = [t for t in timed if t[1].get("KERNEL") == "fragment" and not t[1].get("CLUSTER")
+                             and t[1]["SPLIT"] > 1]
+                    print(f"    best split-K in a cluster {clustered[0][0]:.1f} us ({describe(clustered[0][1])}), "
+                          f"through the workspace {plain[0][0]:.1f} us ({describe(plain[0][1])})" if plain else "", flush=True)
                 del qt, rw
         del w16
         torch.cuda.empty_cache()

@@ -599,6 +599,67 @@ def test_split_k_sum_loads_partials_together():
 
 
 @needs_gluon
+@pytest.mark.parametrize("fmt,rb,tok,cluster", [("int4", 2, 8, 4), ("nf4", 1, 8, 8), ("int3", 2, 16, 2),
+                                                ("int4", 1, 16, 8)])
+def test_cluster_split_k_ending_compiles_for_sm90(fmt, rb, tok, cluster):
+    """The K splits of a tile as one cluster (``CLUSTER``; sm_90 PTX and SASS, no GPU needed): the
+    kernel's only shared memory is the partials' slots, so they start at ``global_smem``, where
+    the push's address assumes them; each value a thread holds is pushed once through a mapped
+    (``mapa``) distributed-shared-memory address; one cluster barrier (arrive with release, wait
+    with acquire); no workspace atomics; the main loop is the workspace kernel's."""
+    compiled = fragment_mma.compile_offline(fmt, rb, tok, 1, CLUSTER=cluster)
+    assert compiled.metadata.shared == cluster * 64 * rb * tok * 4
+    ptx = compiled.asm["ptx"]
+    held = 64 * rb * tok // 128  # accumulator values a thread holds
+    assert ptx.count("st.shared::cluster.f32") == held and ptx.count("mapa.shared::cluster.u32") == held
+    assert ptx.count("barrier.cluster.arrive.release") == 1 and ptx.count("barrier.cluster.wait.acquire") == 1
+    assert "atom." not in ptx and "ld.global.cg" not in ptx
+    with tempfile.TemporaryDirectory() as tmp:
+        ops = [kernels_sass.opcode(t) for _, t in kernels_sass.sass_of(compiled.asm["cubin"], Path(tmp))]
+    assert ops.count("UCGABAR_ARV") == 1 and ops.count("UCGABAR_WAIT") == 1
+    assert not [op for op in ops if op.startswith(("ATOM", "RED"))]
+    loops = [probe.loop_opcodes(c.asm["cubin"]) for c in (compiled, fragment_mma.compile_offline(fmt, rb, tok, 1))]
+    memory_and_mma = [{op: n for op, n in loop.items() if op.startswith(("LD", "ST", "HMMA", "BAR"))} for loop in loops]
+    assert memory_and_mma[0] == memory_and_mma[1] and not any(op.startswith(("LDS", "STS")) for op in loops[0])
+    assert abs(sum(loops[0].values()) - sum(loops[1].values())) <= 0.1 * sum(loops[1].values()), loops
+
+
+def test_cluster_configs_pair_each_workspace_split_and_launch_as_clusters(monkeypatch):
+    """Where clusters are allowed (:func:`fragment_mma.cluster_ok`: Hopper, :data:`CLUSTER` on)
+    every split of 2 to 8 whose slots fit (:func:`fragment_mma.cluster_fits`) is offered both
+    ways; a cluster launch has one grid column (``qmm._run`` makes each program a cluster of
+    ``SPLIT`` CTAs), takes no workspace and tells the kernel the cluster size. (``configs`` asks
+    for a CUDA weight, so ``supports`` is bypassed here.)"""
+    rw = repack(_quantize("int4_g64", torch.randn(4096, 1024) * 0.05), layout="fragment")
+    monkeypatch.setattr(fragment_mma, "supports", lambda rw_, dtype: None)
+    allowed = fragment_mma.cluster_ok
+    assert not allowed(rw.device)  # a CPU weight
+    assert not any(c.get("CLUSTER") for c in fragment_mma.configs(rw, 1, torch.float16, 132))
+    monkeypatch.setattr(fragment_mma, "cluster_ok", lambda device: True)
+    for m in (1, 16):
+        cands = fragment_mma.configs(rw, m, torch.float16, 132)
+        clustered = [c for c in cands if c.get("CLUSTER")]
+        assert clustered and all(2 <= c["SPLIT"] <= 8 for c in clustered)
+        plain = [c for c in cands if not c.get("CLUSTER")]
+        assert [{k: v for k, v in c.items() if k != "CLUSTER"} for c in clustered] == [
+            c for c in plain if fragment_mma.cluster_fits(c["SPLIT"], c["RB"], fragment_mma.tokens(m))]
+    assert fragment_mma.cluster_fits(8, 2, 8) and not fragment_mma.cluster_fits(8, 4, 8)
+    assert not fragment_mma.cluster_fits(16, 1, 8) and not fragment_mma.cluster_fits(1, 1, 8)
+    x = torch.randn(1, 1024, dtype=torch.float16)
+    out = torch.empty(1, 4096, dtype=torch.float16)
+    cfg = {"KERNEL": "fragment", "W": 4, "RB": 2, "SPLIT": 4, "PREFETCH": 1, "num_warps": 4}
+    kernel, grid, args, consts, options = fragment_mma.launch_args(rw, x, None, {**cfg, "CLUSTER": True}, out)
+    _, grid_ws, args_ws, consts_ws, options_ws = fragment_mma.launch_args(rw, x, None, cfg, out)
+    assert grid == (32, 1) and grid_ws == (32, 4)
+    assert options["cluster"] == 4 and "cluster" not in options_ws
+    assert consts["CLUSTER"] == 4 and consts_ws["CLUSTER"] == 1
+    assert args[2] is rw.scale and args_ws[2] is not rw.scale  # no workspace for the cluster
+    assert args[14:16] == args_ws[14:16] == (4, 4)  # groups a split (16 groups of 64), splits
+    monkeypatch.setitem(fragment_mma.CLUSTER, "enabled", False)
+    assert not allowed(torch.device("cuda"))  # switched off: never, without asking the device
+
+
+@needs_gluon
 @pytest.mark.parametrize("fmt", fragment.FORMATS)
 def test_wide_token_tiles_compile_without_spills_or_shared_memory(fmt):
     """``TOK`` 32 and 64 (:data:`WIDE`) under their caps (:data:`MAXNREG_WIDE`):
@@ -932,6 +993,9 @@ def _check_configs(name, m, dtype, prefetch=(0, 1, 2), splits=(1, 4, 9)):
     rbs = (1, 2, 4) if tok <= 16 else [r for r, t in fragment_mma.MAXNREG_WIDE if t == tok]
     cfgs = [{"KERNEL": "fragment", "W": 4, "RB": rb, "SPLIT": split, "PREFETCH": pf, "num_warps": 4}
             for rb in rbs for pf in prefetch for split in splits]
+    if fragment_mma.cluster_ok(x.device):  # the splits of a tile as a cluster, 8 leaving programs without groups
+        cfgs += [{"KERNEL": "fragment", "W": 4, "RB": rb, "SPLIT": split, "PREFETCH": pf, "num_warps": 4, "CLUSTER": True}
+                 for rb in rbs for pf in prefetch for split in (2, 4, 8) if fragment_mma.cluster_fits(split, rb, tok)]
     cfgs += fragment_mma.configs(rw, m, dtype, sms) + [fragment_mma.default_config(rw, m, sms)]
     for cfg in cfgs:
         for _ in range(2):  # twice: the split-K counters were reset by the first launch
@@ -1036,6 +1100,35 @@ def test_cuda_bfloat16_and_odd_m(name):
 needs_hopper = pytest.mark.skipif(not (CUDA and fragment_mma.HAVE_GLUON and not INTERPRETED
                                        and torch.cuda.get_device_capability() == (9, 0)),
                                   reason="needs a Hopper GPU (wgmma)")
+
+
+@needs_hopper
+@pytest.mark.parametrize("name", ["int4_g64", "nf4_g64", "int3_g64"])
+def test_cuda_cluster_sum_equals_workspace_sum_bitwise(name):
+    """Split-K reduced in a cluster (rank 0's partial plus the others' in rank order) gives the
+    workspace's sum (zero plus every partial in split order) bit for bit, at M = 1 and 16 with a
+    bias, every split and row-block count that fits; and a cluster launch replays in a CUDA graph
+    with new activations."""
+    for m in (1, 16):
+        qmm, rw, x, b, ref = _cuda_case(name, m, 1000, 4096, torch.float16)
+        tok = fragment_mma.tokens(m)
+        for rb in (1, 2, 4):
+            for split in (2, 4, 8):
+                if not fragment_mma.cluster_fits(split, rb, tok):
+                    continue
+                cfg = {"KERNEL": "fragment", "W": 4, "RB": rb, "SPLIT": split, "PREFETCH": 1, "num_warps": 4}
+                ws = qmm._launch(rw, x, b, cfg)
+                cl = qmm._launch(rw, x, b, {**cfg, "CLUSTER": True})
+                assert torch.equal(ws, cl), (m, rb, split)
+                assert float((cl.double() - ref).norm() / ref.norm()) < 2e-3
+        cfg = {"KERNEL": "fragment", "W": 4, "RB": 2, "SPLIT": 4, "PREFETCH": 1, "num_warps": 4, "CLUSTER": True}
+        qmm._launch(rw, x, b, cfg)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            captured = qmm._launch(rw, x, b, cfg)
+        x.copy_(torch.randn_like(x))
+        graph.replay()
+        assert torch.equal(captured, qmm._launch(rw, x, b, cfg))
 
 
 @needs_hopper

@@ -85,6 +85,14 @@ DEQUANT_ROW_BLOCKS = 8  # row blocks a program of the dequantization kernel
 PDL = {"enabled": os.environ.get("BITSMITH_FRAGMENT_PDL", "") == "1"}
 
 
+#: whether ``_frag_kernel``'s tuner also weighs split-K reduced inside thread-block clusters
+#: (Hopper and later: the K splits of a tile are one cluster, the partials meet in rank 0's shared
+#: memory; :func:`_write_tile_cluster`); ``BITSMITH_FRAGMENT_CLUSTER=0`` offers the global workspace alone
+CLUSTER = {"enabled": os.environ.get("BITSMITH_FRAGMENT_CLUSTER", "") != "0"}
+#: the most shared memory a cluster config's partial slots take (``split`` slots of the tile, float32)
+CLUSTER_SLOTS_BYTES = 32 * 1024
+
+
 #: whether ``_frag_kernel`` also takes 17..64 tokens (``TOK`` 32 and 64: :func:`tokens`; on unless
 #: ``BITSMITH_FRAGMENT_WIDE=0``). Compiled for sm_90 these configs keep the main loop free of shared
 #: memory and spills under the caps of :data:`MAXNREG_WIDE` (tests/test_fragment.py). On the H100
@@ -177,6 +185,23 @@ if HAVE_GLUON:
     _CVT3_CONSTRAINTS = gl.constexpr(",".join(["=r"] * 16 + ["r"] * (2 * fragment.INT3_WORDS)))
     _LUT8_CONSTRAINTS = gl.constexpr(",".join(["=r"] * 4 + ["r"] * 18))
     _INT3_WORDS = gl.constexpr(fragment.INT3_WORDS)
+
+    #: rank ``r > 0`` of a cluster writes one float32 partial into slot ``r`` of rank 0's
+    #: buffer (``$1``: the byte offset in the kernel's shared memory, which holds nothing else),
+    #: where ``$2`` is nonzero; ``$0`` is a dummy result
+    _PUSH_PTX = gl.constexpr("""{
+    .reg .pred p;
+    .reg .b32 a;
+    setp.ne.b32 p, $3, 0;
+    mov.u32 a, global_smem;
+    add.u32 a, a, $2;
+    mapa.shared::cluster.u32 a, a, 0;
+    @p st.shared::cluster.f32 [a], $1;
+    mov.u32 $0, 0;
+    }""")
+    #: every thread of the cluster: its shared-memory writes released, the others' acquired
+    _CLUSTER_SYNC_PTX = gl.constexpr("barrier.cluster.arrive.release.aligned;\n"
+                                     "barrier.cluster.wait.acquire.aligned; // dummy $0")
 
     @gluon.jit
     def _table_planes(t_ptr, FMT: gl.constexpr, BF16: gl.constexpr):
@@ -378,6 +403,34 @@ if HAVE_GLUON:
             gl.store(out_ptr + o_off, acc.to(DT), mask=o_mask)
 
     @gluon.jit
+    def _write_tile_cluster(acc, b_ptr, out_ptr, rows, row_ok, toks, rank, M, N, C: gl.constexpr,
+                            HAS_BIAS: gl.constexpr):
+        """``acc`` (float32 ``[rows, toks]``, the K split of rank ``rank`` of a ``C``-CTA cluster)
+        summed over the cluster plus the bias to ``out`` (``[M, N]``) without a global round trip:
+        ranks ``1 ..`` write their partials into rank 0's shared memory (distributed shared
+        memory, a slot each), one cluster barrier releases them, and rank 0 adds them to its own
+        in rank order and stores the tile (the global workspace's order, so the sums are the same)."""
+        DT: gl.constexpr = out_ptr.dtype.element_ty
+        BN: gl.constexpr = acc.shape[0]
+        TOK: gl.constexpr = acc.shape[1]
+        mma: gl.constexpr = acc.type.layout
+        slots = gl.allocate_shared_memory(gl.float32, [C * BN, TOK],  # rank r's slot: rows r BN .. (0 unused)
+                                          gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
+        local = gl.arange(0, BN, layout=gl.SliceLayout(1, mma))[:, None] * TOK + toks[None, :]
+        o_mask = (toks < M)[None, :] & row_ok[:, None]
+        push = o_mask & (rank > 0)
+        gl.inline_asm_elementwise(_PUSH_PTX, "=r,f,r,r", [acc, (local + rank * (BN * TOK)) * 4,
+                                                           push.to(gl.int32)], dtype=gl.int32, is_pure=False, pack=1)
+        gl.inline_asm_elementwise(_CLUSTER_SYNC_PTX, "=r", [], dtype=gl.int32, is_pure=False, pack=1)
+        if rank == 0:
+            tot = acc
+            for r in gl.static_range(1, C):
+                tot += slots.slice(r * BN, BN).load(mma)
+            if HAS_BIAS:
+                tot += gl.load(b_ptr + rows, mask=row_ok, other=0.0).to(gl.float32)[:, None]
+            gl.store(out_ptr + toks[None, :] * N + rows[:, None], tot.to(DT), mask=o_mask)
+
+    @gluon.jit
     def _add_group(acc, cur, ones, x_ptr, s_ptr, z_ptr, g, M, N, K, stride_xm, rows, row_ok, zconst, planes,
                    W: gl.constexpr, RB: gl.constexpr, TOK: gl.constexpr, SG: gl.constexpr, FMT: gl.constexpr,
                    HAS_ZERO: gl.constexpr, TAIL: gl.constexpr, BF16: gl.constexpr):
@@ -405,7 +458,7 @@ if HAVE_GLUON:
                      W: gl.constexpr, RB: gl.constexpr, TOK: gl.constexpr, PREFETCH: gl.constexpr,
                      IS_SPLIT: gl.constexpr, SG: gl.constexpr, FMT: gl.constexpr, HAS_ZERO: gl.constexpr,
                      HAS_BIAS: gl.constexpr, TAIL: gl.constexpr, BF16: gl.constexpr, PDL: gl.constexpr,
-                     GROUP_MAJOR: gl.constexpr):
+                     GROUP_MAJOR: gl.constexpr, CLUSTER: gl.constexpr):
         """See the module docstring. Program ``(row tile, K split)``; ``SG``: groups of 64 per
         scale group (0: one scale a row); ``FMT``: :data:`FMT_IDS`; ``t_ptr``: a codebook's 16
         levels, float32 (:func:`_table_planes`); ``zconst``: the symmetric zero when ``HAS_ZERO``
@@ -421,8 +474,12 @@ if HAVE_GLUON:
         waits, so a later kernel's wait on this one covers the earlier ones too. ``GROUP_MAJOR``:
         the words are in group-major order (:func:`bitsmith.kernels.fragment.to_order`)."""
         DT: gl.constexpr = x_ptr.dtype.element_ty
-        pid_n = gl.program_id(0)
-        pid_k = gl.program_id(1)
+        if CLUSTER > 1:  # the K splits of a tile: one cluster of consecutive CTAs along x (qmm._run)
+            pid_n = gl.program_id(0) // CLUSTER
+            pid_k = gl.program_id(0) % CLUSTER
+        else:
+            pid_n = gl.program_id(0)
+            pid_k = gl.program_id(1)
         BN: gl.constexpr = 16 * W * RB
         mma: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[W, 1], instr_shape=[16, 8])
         a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
@@ -459,8 +516,11 @@ if HAVE_GLUON:
                 cur = gl.load(w_ptr + blk + g * g_stride)
             acc = _add_group(acc, cur, ones, x_ptr, s_ptr, z_ptr, g, M, N, K, stride_xm, rows, row_ok, zconst,
                              planes, W, RB, TOK, SG, FMT, HAS_ZERO, TAIL, BF16)
-        _write_tile(acc, ws_ptr, cnt_ptr, b_ptr, out_ptr, rows, row_ok, toks, pid_n, pid_k, M, N, SPLIT, IS_SPLIT,
-                    HAS_BIAS, RB * TOK)
+        if CLUSTER > 1:
+            _write_tile_cluster(acc, b_ptr, out_ptr, rows, row_ok, toks, pid_k, M, N, CLUSTER, HAS_BIAS)
+        else:
+            _write_tile(acc, ws_ptr, cnt_ptr, b_ptr, out_ptr, rows, row_ok, toks, pid_n, pid_k, M, N, SPLIT, IS_SPLIT,
+                        HAS_BIAS, RB * TOK)
 
 
 if HAVE_TRITON:
@@ -578,23 +638,41 @@ def split_ok(split: int, m: int, ng: int, programs: int, sms: int) -> bool:
     return split <= ng and split * m <= MAX_PARTIALS and (split == 1 or sms // 2 <= programs * split <= 16 * sms)
 
 
+def cluster_ok(device: torch.device) -> bool:
+    """Whether ``_frag_kernel`` may reduce split-K inside thread-block clusters on ``device``
+    (:data:`CLUSTER` on, a CUDA GPU of compute capability 9.0 or later)."""
+    return CLUSTER["enabled"] and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+
+
+def cluster_fits(split: int, rb: int, tok: int) -> bool:
+    """Whether ``split`` K splits of a ``16 * 4 * rb``-row, ``tok``-token tile may form one
+    cluster: 2 to 8 CTAs (the portable cluster sizes) and the partials' slots within
+    :data:`CLUSTER_SLOTS_BYTES` of shared memory."""
+    return 2 <= split <= 8 and split * 64 * rb * tok * 4 <= CLUSTER_SLOTS_BYTES
+
+
 def configs(rw: RuntimeWeight, m: int, dtype: torch.dtype, sms: int) -> list[dict]:
     """Candidate configs of ``_frag_kernel`` at ``m <= max_m()`` rows on a GPU of ``sms``
     multiprocessors: row blocks a warp (above 16 tokens those of :data:`MAXNREG_WIDE`) x split-K
     (between half a program and 16 programs an SM, within :data:`MAX_PARTIALS`) x the next one or
-    two groups' words loaded ahead in registers (``PREFETCH`` 0, 1, 2)."""
+    two groups' words loaded ahead in registers (``PREFETCH`` 0, 1, 2); where :func:`cluster_ok`
+    and :func:`cluster_fits`, each split also as a cluster (``CLUSTER``: the splits of a tile
+    add up in distributed shared memory instead of the global workspace)."""
     if m > max_m() or supports(rw, dtype) is not None:
         return []
     ng = blocks_groups(rw)[1]
     tok = tokens(m)
+    clusters = cluster_ok(rw.device)
     out = []
     for rb in (1, 2, 4) if tok <= 16 else sorted(r for r, t in MAXNREG_WIDE if t == tok):
         programs = _tiles(rw, 4, rb)
         for split in (1, 2, 4, 8, 16, 32):
             if not split_ok(split, m, ng, programs, sms):
                 continue
-            for prefetch in (0, 1, 2):
-                out.append({"KERNEL": "fragment", "W": 4, "RB": rb, "SPLIT": split, "PREFETCH": prefetch, "num_warps": 4})
+            for cluster in (False, True) if clusters and cluster_fits(split, rb, tok) else (False,):
+                for prefetch in (0, 1, 2):
+                    cfg = {"KERNEL": "fragment", "W": 4, "RB": rb, "SPLIT": split, "PREFETCH": prefetch, "num_warps": 4}
+                    out.append({**cfg, "CLUSTER": True} if cluster else cfg)
     return out
 
 
@@ -610,19 +688,19 @@ def default_config(rw: RuntimeWeight, m: int, sms: int) -> dict:
 
 
 def kernel_args(rw: RuntimeWeight, x2: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor, split: int,
-                tiles: int) -> tuple:
+                tiles: int, cluster: bool = False) -> tuple:
     """The runtime arguments of ``_frag_kernel`` and of the Hopper kernel
     (:mod:`bitsmith.kernels.fragment_wgmma`), which share their signature up to the constexprs:
     split-K over ``split`` programs takes the device's workspace with a counter for each of
-    ``tiles`` output tiles (argument positions 0, 6 and 7 are the activation, bias and output, as
-    every launch plan of :mod:`bitsmith.kernels.qmm` expects; 8 is a codebook's float32 levels,
-    which the kernels turn into their lookup's byte planes)."""
+    ``tiles`` output tiles, unless the splits form a ``cluster`` (argument positions 0, 6 and 7
+    are the activation, bias and output, as every launch plan of :mod:`bitsmith.kernels.qmm`
+    expects; 8 is a codebook's float32 levels, which the kernels turn into their lookup's byte planes)."""
     from .small_m import workspace
 
     m, k = x2.shape
     nb, ng = blocks_groups(rw)
     dummy = rw.scale
-    ws, cnt = workspace(x2.device, split * m * rw.n, tiles) if split > 1 else (dummy, rw.words)
+    ws, cnt = workspace(x2.device, split * m * rw.n, tiles) if split > 1 and not cluster else (dummy, rw.words)
     return (x2, rw.words, ws, rw.scale, rw.zero if rw.zero is not None else dummy, cnt,
             bias if bias is not None else dummy, out, rw.table if rw.table is not None else dummy,
             m, rw.n, k, nb, ng, -(-ng // split), split, float(rw.zconst), x2.stride(0))
@@ -643,16 +721,20 @@ def launch_args(rw: RuntimeWeight, x2: torch.Tensor, bias: torch.Tensor | None, 
 
     pdl = PDL["enabled"] and pdl_ok(x2.device)
     w, rb, split = cfg["W"], cfg["RB"], cfg["SPLIT"]
+    cluster = bool(cfg.get("CLUSTER")) and split > 1
     tiles = _tiles(rw, w, rb)
-    args = kernel_args(rw, x2, bias, out, split, tiles)
-    consts = {"W": w, "RB": rb, "TOK": tokens(x2.shape[0]), **kernel_consts(rw, x2, bias, cfg, 16 * w * rb), "PDL": pdl}
+    args = kernel_args(rw, x2, bias, out, split, tiles, cluster)
+    consts = {"W": w, "RB": rb, "TOK": tokens(x2.shape[0]), **kernel_consts(rw, x2, bias, cfg, 16 * w * rb), "PDL": pdl,
+              "CLUSTER": split if cluster else 1}
     options = {"num_warps": cfg["num_warps"]}
+    if cluster:  # grid x counts tiles; the launch makes each a cluster of ``split`` CTAs (qmm._run)
+        options["cluster"] = split
     if pdl:
         options["launch_pdl"] = True
     maxnreg = register_cap(cfg, consts["TOK"])
     if maxnreg:
         options["maxnreg"] = maxnreg
-    return _frag_kernel, (tiles, split), args, consts, options
+    return _frag_kernel, (tiles, 1) if cluster else (tiles, split), args, consts, options
 
 
 def dequantize_t(rw: RuntimeWeight, dtype: torch.dtype, run, row_blocks: int = DEQUANT_ROW_BLOCKS,
@@ -682,7 +764,7 @@ def compile_offline(fmt: str = "int4", rb: int = 1, tok: int = 8, prefetch: int 
 
     cx = {"W": 4, "RB": rb, "TOK": tok, "PREFETCH": int(prefetch), "IS_SPLIT": True, "SG": 1, "FMT": FMT_IDS[fmt],
           "HAS_ZERO": fmt != "nf4", "HAS_BIAS": False, "TAIL": False, "BF16": act == "bf16", "PDL": False, "GROUP_MAJOR": False,
-          **consts}
+          "CLUSTER": 1, **consts}
     cap = register_cap({"RB": rb}, tok) if maxnreg is None else maxnreg
     return _compile_offline(_frag_kernel, cx, act, cx["W"], 1, arch, gluon=True, maxnreg=cap)
 

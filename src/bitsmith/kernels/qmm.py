@@ -244,11 +244,35 @@ def raw_launch(compiled, grid3: tuple, dev: int | None, args: list) -> None:
                  None, None, None, *args)
 
 
+def _cluster_binary(kernel, grid: tuple, args: tuple, consts: dict, options: dict, cluster: int):
+    """``kernel`` compiled for this call (not launched) with its launch metadata made a cluster
+    launch: Triton's launcher multiplies grid x by the metadata's CTA count and groups that many
+    consecutive CTAs into a cluster. The kernel itself is compiled for one CTA (its layouts and
+    program ids untouched); it finds its rank as ``program_id(0) % cluster``. The specialization
+    carries the cluster size as a constexpr, so every launch of this binary is a cluster launch."""
+    compiled = kernel.warmup(*args, grid=grid, **consts, **options)
+    num_warps, _, shared = compiled.packed_metadata
+    compiled.packed_metadata = (num_warps, cluster, shared)
+    return compiled
+
+
 def _run(kernel, grid: tuple, args: tuple, consts: dict, options: dict):
     """Launch ``kernel[grid](*args, **consts, **options)``; on CUDA the compiled binary is cached
     per (kernel, argument specialization, constexprs, options) and launched directly, skipping
     Triton's Python binder (tens of microseconds per call on a slow host). Constexpr parameters
-    must come after all runtime parameters in the kernel's signature."""
+    must come after all runtime parameters in the kernel's signature. ``options["cluster"]``
+    (not a Triton option): launch grid x's every program as a cluster of that many CTAs
+    (:func:`_cluster_binary`; always launched directly)."""
+    cluster = options.get("cluster", 1)
+    if cluster > 1:
+        options = {k: v for k, v in options.items() if k != "cluster"}
+        key = (kernel, tuple(_spec(a) for a in args), tuple(consts.items()), tuple(options.items()), cluster)
+        hit = _FAST.get(key)
+        if hit is None:
+            compiled = _cluster_binary(kernel, grid, args, consts, options, cluster)
+            hit = _FAST[key] = (compiled, tuple(consts[n] for n in kernel.arg_names[len(args):]))
+        raw_launch(hit[0], tuple(grid) + (1,) * (3 - len(grid)), args[0].device.index, _addresses(args, hit[1]))
+        return hit
     if not (FAST_LAUNCH["enabled"] and args[0].is_cuda) or launch_hooks_set():
         kernel[grid](*args, **consts, **options)
         return None
