@@ -625,7 +625,8 @@ def test_cluster_split_k_ending_compiles_for_sm90(fmt, rb, tok, cluster):
 
 
 def test_cluster_configs_pair_each_workspace_split_and_launch_as_clusters(monkeypatch):
-    """Where clusters are allowed (:func:`fragment_mma.cluster_ok`: Hopper, :data:`CLUSTER` on)
+    """Where clusters are allowed (:func:`fragment_mma.cluster_ok`: Hopper, :data:`CLUSTER` on,
+    which it is not by default)
     every split of 2 to 8 whose slots fit (:func:`fragment_mma.cluster_fits`) is offered both
     ways; a cluster launch has one grid column (``qmm._run`` makes each program a cluster of
     ``SPLIT`` CTAs), takes no workspace and tells the kernel the cluster size. (``configs`` asks
@@ -633,6 +634,8 @@ def test_cluster_configs_pair_each_workspace_split_and_launch_as_clusters(monkey
     rw = repack(_quantize("int4_g64", torch.randn(4096, 1024) * 0.05), layout="fragment")
     monkeypatch.setattr(fragment_mma, "supports", lambda rw_, dtype: None)
     allowed = fragment_mma.cluster_ok
+    assert not fragment_mma.CLUSTER["enabled"]  # opt-in
+    monkeypatch.setitem(fragment_mma.CLUSTER, "enabled", True)
     assert not allowed(rw.device)  # a CPU weight
     assert not any(c.get("CLUSTER") for c in fragment_mma.configs(rw, 1, torch.float16, 132))
     monkeypatch.setattr(fragment_mma, "cluster_ok", lambda device: True)
@@ -993,7 +996,7 @@ def _check_configs(name, m, dtype, prefetch=(0, 1, 2), splits=(1, 4, 9)):
     rbs = (1, 2, 4) if tok <= 16 else [r for r, t in fragment_mma.MAXNREG_WIDE if t == tok]
     cfgs = [{"KERNEL": "fragment", "W": 4, "RB": rb, "SPLIT": split, "PREFETCH": pf, "num_warps": 4}
             for rb in rbs for pf in prefetch for split in splits]
-    if fragment_mma.cluster_ok(x.device):  # the splits of a tile as a cluster, 8 leaving programs without groups
+    if fragment_mma.cluster_capable(x.device):  # the splits of a tile as a cluster, 8 leaving programs without groups
         cfgs += [{"KERNEL": "fragment", "W": 4, "RB": rb, "SPLIT": split, "PREFETCH": pf, "num_warps": 4, "CLUSTER": True}
                  for rb in rbs for pf in prefetch for split in (2, 4, 8) if fragment_mma.cluster_fits(split, rb, tok)]
     cfgs += fragment_mma.configs(rw, m, dtype, sms) + [fragment_mma.default_config(rw, m, sms)]
@@ -1103,7 +1106,7 @@ needs_hopper = pytest.mark.skipif(not (CUDA and fragment_mma.HAVE_GLUON and not 
 
 
 @needs_hopper
-@pytest.mark.parametrize("name", ["int4_g64", "nf4_g64", "int3_g64"])
+@pytest.mark.parametrize("name", ["int4_g64", "nf4_g64_dq", "int3_g64"])
 def test_cuda_cluster_sum_equals_workspace_sum_bitwise(name):
     """Split-K reduced in a cluster (rank 0's partial plus the others' in rank order) gives the
     workspace's sum (zero plus every partial in split order) bit for bit, at M = 1 and 16 with a

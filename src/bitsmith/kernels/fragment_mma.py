@@ -87,8 +87,12 @@ PDL = {"enabled": os.environ.get("BITSMITH_FRAGMENT_PDL", "") == "1"}
 
 #: whether ``_frag_kernel``'s tuner also weighs split-K reduced inside thread-block clusters
 #: (Hopper and later: the K splits of a tile are one cluster, the partials meet in rank 0's shared
-#: memory; :func:`_write_tile_cluster`); ``BITSMITH_FRAGMENT_CLUSTER=0`` offers the global workspace alone
-CLUSTER = {"enabled": os.environ.get("BITSMITH_FRAGMENT_CLUSTER", "") != "0"}
+#: memory; :func:`_write_tile_cluster`). Opt-in (``BITSMITH_FRAGMENT_CLUSTER=1``): on the H100 the
+#: CUDA tests pass, but against the same config through the global workspace a cluster was a
+#: median 1.4-1.9% faster at 2 and 4 splits and M = 1, even at 8, and at M = 16 and 8 splits
+#: 1.2-1.9x slower; the best cluster config beat the best workspace one in 4 of 16 cases, by
+#: 0.5-2.5% (kernels_configs_cluster_h100.txt), which does not pay for the tuner's extra compiles.
+CLUSTER = {"enabled": os.environ.get("BITSMITH_FRAGMENT_CLUSTER", "") == "1"}
 #: the most shared memory a cluster config's partial slots take (``split`` slots of the tile, float32)
 CLUSTER_SLOTS_BYTES = 32 * 1024
 
@@ -638,10 +642,15 @@ def split_ok(split: int, m: int, ng: int, programs: int, sms: int) -> bool:
     return split <= ng and split * m <= MAX_PARTIALS and (split == 1 or sms // 2 <= programs * split <= 16 * sms)
 
 
+def cluster_capable(device: torch.device) -> bool:
+    """Whether ``device`` launches thread-block clusters (a CUDA GPU of compute capability 9.0 or later)."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+
+
 def cluster_ok(device: torch.device) -> bool:
-    """Whether ``_frag_kernel`` may reduce split-K inside thread-block clusters on ``device``
-    (:data:`CLUSTER` on, a CUDA GPU of compute capability 9.0 or later)."""
-    return CLUSTER["enabled"] and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+    """Whether the tuner offers ``_frag_kernel`` split-K reduced inside thread-block clusters on
+    ``device`` (:data:`CLUSTER` on and :func:`cluster_capable`)."""
+    return CLUSTER["enabled"] and cluster_capable(device)
 
 
 def cluster_fits(split: int, rb: int, tok: int) -> bool:
