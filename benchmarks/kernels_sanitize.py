@@ -12,6 +12,7 @@ register-operand GEMM's every candidate.
 
     compute-sanitizer --tool memcheck --error-exitcode 1 python benchmarks/kernels_sanitize.py
     compute-sanitizer --tool memcheck --error-exitcode 1 python benchmarks/kernels_sanitize.py --fused-gemms  # large-M GEMMs only
+    compute-sanitizer --tool memcheck --error-exitcode 1 python benchmarks/kernels_sanitize.py --fragment  # the fragment kernel
 """
 from __future__ import annotations
 
@@ -41,6 +42,9 @@ def main() -> None:
     qmm.AUTOTUNE["enabled"] = False
     if sys.argv[1:] == ["--fused-gemms"]:  # the fragment layout's large-M fused GEMMs only
         print(f"fused GEMMs ran; worst relative error vs float64 reference {_fragment_ra_gemm_cases():.2e}")
+        return
+    if sys.argv[1:] == ["--fragment"]:  # the fragment layout's kernel at 1 and 16 rows (clusters too) and its dequantization
+        print(f"fragment kernels ran; worst relative error vs float64 reference {_fragment_cases():.2e}")
         return
     worst = 0.0
     # K = 1000: no group divides it (masked activation loads); 1024: every group does (unmasked)
@@ -104,7 +108,8 @@ FRAGMENT_CASES = [("rtn", {"bits": 4, "group_size": 64}), ("rtn", {"bits": 3, "g
 def _fragment_cases() -> float:
     """The fragment layout at N = 333 (a partial row block) and K = 1000 (a partial group):
     its kernel at 1 and 16 rows (one and two row blocks a warp, split-K off and over 3 programs,
-    no prefetch and two groups' words ahead), and the dequantization path at 19 rows, with the
+    no prefetch and two groups' words ahead; on Hopper also over 2 and 4 programs as a cluster),
+    and the dequantization path at 19 rows, with the
     words in each order (block- and group-major, :data:`bitsmith.kernels.fragment.ORDERS`); worst
     relative error against float64. ``BITSMITH_FRAGMENT_PDL=1`` makes its launches programmatic
     dependents."""
@@ -122,6 +127,9 @@ def _fragment_cases() -> float:
             ref = x.double() @ w.t() + bias.double()
             cfgs = [{"KERNEL": "fragment", "W": 4, "RB": rb, "SPLIT": split, "PREFETCH": pf, "num_warps": 4}
                     for rb in (1, 2) for split in (1, 3) for pf in (0, 2)] if m <= 16 else [{"DEQUANT_MM": True}]
+            if m <= 16 and fragment_mma.cluster_capable(x.device):  # split-K in a cluster, through DSMEM
+                cfgs += [{"KERNEL": "fragment", "W": 4, "RB": rb, "SPLIT": split, "PREFETCH": 2, "num_warps": 4,
+                          "CLUSTER": True} for rb in (1, 2) for split in (2, 4)]
             for cfg in cfgs:
                 y = qmm._launch(rw, x, bias, cfg)
                 worst = max(worst, float((y.double() - ref).norm() / ref.norm()))

@@ -647,7 +647,7 @@ def test_cluster_configs_pair_each_workspace_split_and_launch_as_clusters(monkey
         assert [{k: v for k, v in c.items() if k != "CLUSTER"} for c in clustered] == [
             c for c in plain if fragment_mma.cluster_fits(c["SPLIT"], c["RB"], fragment_mma.tokens(m))]
     assert fragment_mma.cluster_fits(8, 2, 8) and not fragment_mma.cluster_fits(8, 4, 8)
-    assert not fragment_mma.cluster_fits(16, 1, 8) and not fragment_mma.cluster_fits(1, 1, 8)
+    assert not any(fragment_mma.cluster_fits(split, 1, 8) for split in (1, 3, 16))
     x = torch.randn(1, 1024, dtype=torch.float16)
     out = torch.empty(1, 4096, dtype=torch.float16)
     cfg = {"KERNEL": "fragment", "W": 4, "RB": 2, "SPLIT": 4, "PREFETCH": 1, "num_warps": 4}

@@ -91,7 +91,7 @@ PDL = {"enabled": os.environ.get("BITSMITH_FRAGMENT_PDL", "") == "1"}
 #: CUDA tests pass, but against the same config through the global workspace a cluster was a
 #: median 1.4-1.9% faster at 2 and 4 splits and M = 1, even at 8, and at M = 16 and 8 splits
 #: 1.2-1.9x slower; the best cluster config beat the best workspace one in 4 of 16 cases, by
-#: 0.5-2.5% (kernels_configs_cluster_h100.txt), which does not pay for the tuner's extra compiles.
+#: 1.0-2.3% (kernels_configs_cluster_h100.txt), which does not pay for the tuner's extra compiles.
 CLUSTER = {"enabled": os.environ.get("BITSMITH_FRAGMENT_CLUSTER", "") == "1"}
 #: the most shared memory a cluster config's partial slots take (``split`` slots of the tile, float32)
 CLUSTER_SLOTS_BYTES = 32 * 1024
@@ -655,9 +655,9 @@ def cluster_ok(device: torch.device) -> bool:
 
 def cluster_fits(split: int, rb: int, tok: int) -> bool:
     """Whether ``split`` K splits of a ``16 * 4 * rb``-row, ``tok``-token tile may form one
-    cluster: 2 to 8 CTAs (the portable cluster sizes) and the partials' slots within
-    :data:`CLUSTER_SLOTS_BYTES` of shared memory."""
-    return 2 <= split <= 8 and split * 64 * rb * tok * 4 <= CLUSTER_SLOTS_BYTES
+    cluster: 2, 4 or 8 CTAs (portable cluster sizes; the slots' buffer takes a power of two) and
+    the partials' slots within :data:`CLUSTER_SLOTS_BYTES` of shared memory."""
+    return split in (2, 4, 8) and split * 64 * rb * tok * 4 <= CLUSTER_SLOTS_BYTES
 
 
 def configs(rw: RuntimeWeight, m: int, dtype: torch.dtype, sms: int) -> list[dict]:
