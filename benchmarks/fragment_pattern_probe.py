@@ -19,7 +19,10 @@ form (CUDA graph, L2 flushed), beside the kernel itself and the streaming reader
   (``words+meta+x+splitk``) ends as the kernel does (partials, a ticket, the last program of a
   row tile adding them up), which tells those two apart, and ``words+meta+x+partials`` makes
   only that ending's stores, which splits the ending into its stores and the rest (the fence,
-  the ticket, the last program's sum).
+  the ticket, the last program's sum); ``+fence`` and ``+ticket`` add those one at a time, and
+  ``+sum kernel`` ends with the stores alone and adds the partials up in a second kernel (a
+  programmatic dependent launch where PDL is available), the ending without any wait in the
+  split programs.
 
     python benchmarks/fragment_pattern_probe.py [--shapes 14336x4096,...] [--formats int4_g64] [--m 1,16] [--reps 20]
 """
@@ -37,9 +40,14 @@ from _common import write_result  # noqa: E402
 from bitsmith.kernels.fragment_mma import HAVE_GLUON  # noqa: E402
 
 #: form -> (scales and zeros, activations, ending: 0 one sum a program, 1 the kernel's split-K ending,
-#: 2 its partials' stores alone, without the fence, the ticket and the last program's sum)
+#: 2 its partials' stores alone, without the fence, the ticket and the last program's sum, 3 the stores
+#: and the fence, 4 the stores, the fence and the ticket (the last program resets it, sums nothing),
+#: 5 the stores, then a second kernel adds the partials up and writes ``y``, launched as a programmatic
+#: dependent where PDL is available)
 FORMS = {"words": (False, False, 0), "words+meta": (True, False, 0), "words+x": (False, True, 0),
-         "words+meta+x": (True, True, 0), "words+meta+x+partials": (True, True, 2), "words+meta+x+splitk": (True, True, 1)}
+         "words+meta+x": (True, True, 0), "words+meta+x+partials": (True, True, 2),
+         "words+meta+x+partials+fence": (True, True, 3), "words+meta+x+partials+ticket": (True, True, 4),
+         "words+meta+x+splitk": (True, True, 1), "words+meta+x+partials+sum kernel": (True, True, 5)}
 
 if HAVE_GLUON:
     from triton.experimental import gluon
@@ -102,11 +110,39 @@ if HAVE_GLUON:
             if SPLITK == 1:
                 _write_tile(tile, ws_ptr, cnt_ptr, y_ptr, y_ptr, rows, rows < N, toks, pid_n, pid_k, M, N, SPLIT,
                             IS_SPLIT, False, RB * TOK)
-            else:  # the partials' stores as _write_tile makes them, nothing after
+            else:  # the partials' stores as _write_tile makes them, then (3) its fence or (4) fence and ticket
                 gl.store(ws_ptr + pid_k * M * N + toks[None, :] * N + rows[:, None], tile,
                          mask=(toks < M)[None, :] & (rows < N)[:, None])
+                if SPLITK == 3:
+                    gl.thread_barrier()
+                    gl.inline_asm_elementwise("fence.acq_rel.gpu; // dummy $0", "=r", [], dtype=gl.int32,
+                                              is_pure=False, pack=1)
+                if SPLITK == 4:
+                    gl.thread_barrier()
+                    if gl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel") == SPLIT - 1:
+                        gl.atomic_xchg(cnt_ptr + pid_n, 0)
         else:
             gl.store(out_ptr + pid_k * gl.num_programs(0) + pid_n, total + gl.sum(macc, 0))
+
+
+if HAVE_GLUON:
+    import triton
+    import triton.language as tl
+
+    from bitsmith.kernels.small_m import gdc_wait
+
+    @triton.jit
+    def _sum_kernel(ws_ptr, y_ptr, MN, SPLIT, BLOCK: tl.constexpr, PDL: tl.constexpr):
+        """``y`` (float16, ``MN`` values) = the sum of the ``SPLIT`` float32 partials in the
+        workspace, in split order; ``PDL``: waits for the kernel before it (programmatic dependent)."""
+        if PDL:
+            gdc_wait()
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < MN
+        tot = tl.zeros([BLOCK], tl.float32)
+        for i in range(SPLIT):
+            tot += tl.load(ws_ptr + i * MN + offs, mask=mask, other=0.0, cache_modifier=".cg")
+        tl.store(y_ptr + offs, tot.to(tl.float16), mask=mask)
 
 
 def pattern_launch(rw, x: torch.Tensor, cfg: dict, form: str, out: torch.Tensor, y: torch.Tensor):
@@ -121,7 +157,15 @@ def pattern_launch(rw, x: torch.Tensor, cfg: dict, form: str, out: torch.Tensor,
     meta, xs, splitk = FORMS[form]
     _pattern_kernel[(tiles, split)](
         rw.words, rw.scale, rw.zero, x, out, args[2], args[5], y, x.shape[0], rw.n, nb, ng, -(-ng // split), split,
-        x.stride(0), W=cfg["W"], RB=cfg["RB"], TOK=tokens(x.shape[0]), PREFETCH=cfg["PREFETCH"], META=meta, X=xs, SPLITK=splitk, IS_SPLIT=split > 1, num_warps=cfg["num_warps"], maxnreg=128)
+        x.stride(0), W=cfg["W"], RB=cfg["RB"], TOK=tokens(x.shape[0]), PREFETCH=cfg["PREFETCH"], META=meta, X=xs,
+        SPLITK=2 if splitk == 5 else splitk, IS_SPLIT=split > 1, num_warps=cfg["num_warps"], maxnreg=128)
+    if splitk == 5:  # the partials added up by a second kernel
+        from bitsmith.kernels.small_m import pdl_ok
+
+        pdl = pdl_ok(x.device)
+        mn = x.shape[0] * rw.n
+        _sum_kernel[(triton.cdiv(mn, 512),)](args[2], y, mn, split, BLOCK=512, PDL=pdl, num_warps=4,
+                                             **({"launch_pdl": True} if pdl else {}))
     return out
 
 
