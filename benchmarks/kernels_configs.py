@@ -131,12 +131,13 @@ def main() -> None:
                 print(f"{n}x{k} M={m} {fmt}: fp16 {fp16:.1f} us, {len(timed)} configs", flush=True)
                 for us, cfg, _ in timed[:args.top]:
                     print(f"    {us:8.1f} us  x{fp16 / us:5.2f}  {describe(cfg)}", flush=True)
-                clustered = [t for t in timed if t[1].get("CLUSTER")]
-                if clustered:  # the fragment kernel's split-K both ways: its best in a cluster against its best without
-                    plain = [t for t in timed if t[1].get("KERNEL") == "fragment" and not t[1].get("CLUSTER")
-                             and t[1]["SPLIT"] > 1]
-                    print(f"    best split-K in a cluster {clustered[0][0]:.1f} us ({describe(clustered[0][1])}), "
-                          f"through the workspace {plain[0][0]:.1f} us ({describe(plain[0][1])})" if plain else "", flush=True)
+                plain = [t for t in timed if t[1].get("KERNEL") == "fragment" and t[1]["SPLIT"] > 1
+                         and not t[1].get("CLUSTER") and not t[1].get("SUM_AFTER")]
+                for ending, what in (("CLUSTER", "in a cluster"), ("SUM_AFTER", "summed by a second kernel")):
+                    other = [t for t in timed if t[1].get(ending)]
+                    if other and plain:  # the fragment kernel's split-K ending both ways, best of each
+                        print(f"    best split-K {what} {other[0][0]:.1f} us ({describe(other[0][1])}), by the "
+                              f"last program {plain[0][0]:.1f} us ({describe(plain[0][1])})", flush=True)
                 del qt, rw
         del w16
         torch.cuda.empty_cache()

@@ -46,6 +46,8 @@
 #       and a streaming reader (PATTERN_MS: token counts, default 1; PATTERN_SHAPES)
 #   OUT=/some/dir bash benchmarks/kernels_gpu_session.sh cluster    # split-K reduced in thread-block clusters: the fragment
 #       layout's CUDA tests, then every M = 1 and 16 config (CL_MS, CL_FORMATS, CL_SHAPES), each split both ways
+#   OUT=/some/dir bash benchmarks/kernels_gpu_session.sh sum_after  # split-K partials added up by a second kernel: the
+#       fragment layout's CUDA tests, every M = 16 config (SA_MS, SA_FORMATS, SA_SHAPES), the M = 1 and 16 table
 #   OUT=/some/dir bash benchmarks/kernels_gpu_session.sh ra_ncu     # Nsight Compute on the register-operand GEMM (RA_TILE)
 #   OUT=/some/dir bash benchmarks/kernels_gpu_session.sh wide       # the fragment layout's kernels for more tokens:
 #       the Gluon kernel at 17..64 tokens and the Hopper wgmma kernel (both on by default since they passed this):
@@ -339,6 +341,15 @@ cluster)  # split-K reduced in thread-block clusters: the fragment tests, every 
   step configs.txt "${T_CFG:-300}" "grep -E 'fp16|x[0-9]|WRONG|fail|best split'" kernels_configs_cluster \
     python3 benchmarks/kernels_configs.py --layout fragment --m "${CL_MS:-1,16}" --formats "${CL_FORMATS:-int4_g64,nf4_g64}" \
     --shapes "${CL_SHAPES:-4096x4096,14336x4096,4096x14336,28672x8192}" --reps 10 --top 3 --name kernels_configs_cluster
+  ;;
+sum_after)  # split-K partials added up by a second kernel: the fragment tests, every M = 16 config, the M = 1/16 table
+  TEST_FILES=tests/test_fragment.py TEST_K=cuda T_TESTS=${T_TESTS:-220} tests_or_stop
+  step configs.txt "${T_CFG:-150}" "grep -E 'fp16|WRONG|fail|best split'" kernels_configs_sum_after \
+    python3 benchmarks/kernels_configs.py --layout fragment --m "${SA_MS:-16}" --formats "${SA_FORMATS:-int4_g64,nf4_g64}" \
+    --shapes "${SA_SHAPES:-4096x4096,14336x4096,4096x14336,28672x8192}" --reps 10 --top 2 --name kernels_configs_sum_after
+  step bench_m1m16.txt "${T_BENCH:-200}" "grep -E '^ +[0-9]+x[0-9]+ +(1|16) '" kernels_defaults_m1m16_sum_after \
+    python3 benchmarks/kernels_bench.py --shapes 4096x4096,14336x4096,4096x14336,28672x8192 --m "${SA_BENCH_MS:-1,16}" \
+    --formats int4_g64,int4_g128,int3_g64,nf4_g64 --no-w8a8 --reps 20 --name kernels_defaults_m1m16_sum_after
   ;;
 pattern)  # where the fragment kernel's M = 1 time goes, by subtraction (fragment_pattern_probe.py)
   step pattern.txt "${T_PATTERN:-150}" cat fragment_pattern_probe \

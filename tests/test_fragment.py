@@ -326,6 +326,34 @@ def test_interp_dequantize_kernel_equals_the_layout(name, dtype, order, monkeypa
 
 
 @needs_interp
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize("split,bias", [(2, True), (5, False)])
+def test_interp_sum_partials_kernel_adds_in_split_order(dtype, split, bias):
+    """The second kernel of a ``SUM_AFTER`` launch (``_sum_partials_kernel``, in the interpreter):
+    ``out`` is the float32 partials added from zero in split order, plus the bias, rounded once,
+    bit for bit what the last program of a tile computes (``_write_tile``), over a size that is
+    not a multiple of its block. (Not bfloat16 here: the interpreter truncates float32 to
+    bfloat16 where the GPU rounds to nearest; the CUDA test compares bfloat16 on the GPU.)"""
+    from bitsmith.kernels import qmm
+
+    m, n = 3, 700
+    g = torch.Generator().manual_seed(split)
+    ws = torch.randn(split * m * n, generator=g) * 10
+    b = torch.randn(n, generator=g).to(dtype) if bias else None
+    out = torch.full((m, n), float("nan"), dtype=dtype)
+    main_args = (None, None, ws, torch.zeros(1, dtype=dtype))
+    kernel, grid, args, consts, options = fragment_mma.sum_launch_args(main_args, b, out, split)
+    assert grid == (-(-m * n // fragment_mma.SUM_BLOCK),) and not consts["PDL"] and "launch_pdl" not in options
+    qmm._run(kernel, grid, args, consts, options)
+    ref = torch.zeros(m, n, dtype=torch.float32)
+    for part in ws.view(split, m, n):
+        ref += part
+    if bias:
+        ref += b.float()
+    assert torch.equal(out, ref.to(dtype))
+
+
+@needs_interp
 @pytest.mark.parametrize("m", [1, 33])
 def test_interp_quant_matmul_off_the_gpu_dequantizes(m):
     """Off a CUDA GPU (here: the interpreter) and above 16 rows the layout is read by the
@@ -643,7 +671,7 @@ def test_cluster_configs_pair_each_workspace_split_and_launch_as_clusters(monkey
         cands = fragment_mma.configs(rw, m, torch.float16, 132)
         clustered = [c for c in cands if c.get("CLUSTER")]
         assert clustered and all(2 <= c["SPLIT"] <= 8 for c in clustered)
-        plain = [c for c in cands if not c.get("CLUSTER")]
+        plain = [c for c in cands if not c.get("CLUSTER") and not c.get("SUM_AFTER")]
         assert [{k: v for k, v in c.items() if k != "CLUSTER"} for c in clustered] == [
             c for c in plain if fragment_mma.cluster_fits(c["SPLIT"], c["RB"], fragment_mma.tokens(m))]
     assert fragment_mma.cluster_fits(8, 2, 8) and not fragment_mma.cluster_fits(8, 4, 8)
@@ -660,6 +688,50 @@ def test_cluster_configs_pair_each_workspace_split_and_launch_as_clusters(monkey
     assert args[14:16] == args_ws[14:16] == (4, 4)  # groups a split (16 groups of 64), splits
     monkeypatch.setitem(fragment_mma.CLUSTER, "enabled", False)
     assert not allowed(torch.device("cuda"))  # switched off: never, without asking the device
+
+
+@needs_gluon
+@pytest.mark.parametrize("fmt,tok", [("int4", 16), ("nf4", 32), ("int3", 16)])
+def test_sum_after_ending_only_stores_partials(fmt, tok):
+    """``SUM_AFTER`` (sm_90 PTX, no GPU needed): the split programs store their float32 partials
+    and end, with no ticket (atomic), no fence and no output store; the main loop is the same."""
+    after = fragment_mma.compile_offline(fmt, 1, tok, 1, SUM_AFTER=True)
+    ticket = fragment_mma.compile_offline(fmt, 1, tok, 1)
+    ptx = after.asm["ptx"]
+    assert "atom." not in ptx and "fence" not in ptx and "st.global.b16" not in ptx
+    assert ptx.count("st.global.b32") == tok // 2  # a thread's values of the [64, tok] tile (the ticket path: twice)
+    assert "atom." in ticket.asm["ptx"]
+    loops = [probe.loop_opcodes(c.asm["cubin"]) for c in (after, ticket)]
+    assert {op: n for op, n in loops[0].items() if op.startswith(("LD", "ST", "HMMA"))} == {
+        op: n for op, n in loops[1].items() if op.startswith(("LD", "ST", "HMMA"))}
+
+
+def test_sum_after_configs_from_16_token_tiles(monkeypatch):
+    """The tuner offers each split of the 16-token and wider tiles also ending in the second
+    kernel (none at 8 tokens, where the probe timed no gain, and none without a split), unless
+    ``BITSMITH_FRAGMENT_SUM_KERNEL=0``; such a launch tells the kernel, the second launch reads
+    the first's workspace and writes the output, with the bias."""
+    rw = repack(_quantize("int4_g64", torch.randn(4096, 1024) * 0.05), layout="fragment")
+    monkeypatch.setattr(fragment_mma, "supports", lambda rw_, dtype: None)
+    assert not any(c.get("SUM_AFTER") for c in fragment_mma.configs(rw, 8, torch.float16, 132))
+    for m in (9, 16, 40):
+        cands = fragment_mma.configs(rw, m, torch.float16, 132)
+        after = [c for c in cands if c.get("SUM_AFTER")]
+        assert after and all(c["SPLIT"] > 1 and fragment_mma.sums_after(c) for c in after)
+        assert [{k: v for k, v in c.items() if k != "SUM_AFTER"} for c in after] == [
+            c for c in cands if not c.get("SUM_AFTER") and c["SPLIT"] > 1]
+    monkeypatch.setitem(fragment_mma.SUM_AFTER, "enabled", False)
+    assert not any(c.get("SUM_AFTER") for c in fragment_mma.configs(rw, 16, torch.float16, 132))
+    x = torch.randn(16, 1024, dtype=torch.float16)
+    out = torch.empty(16, 4096, dtype=torch.float16)
+    b = torch.randn(4096, dtype=torch.float16)
+    cfg = {"KERNEL": "fragment", "W": 4, "RB": 2, "SPLIT": 4, "PREFETCH": 1, "num_warps": 4, "SUM_AFTER": True}
+    _, grid, args, consts, _ = fragment_mma.launch_args(rw, x, b, cfg, out)
+    assert consts["SUM_AFTER"] and grid == (32, 4)
+    assert not fragment_mma.launch_args(rw, x, b, {**cfg, "SPLIT": 1}, out)[3]["SUM_AFTER"]
+    _, fgrid, fargs, fconsts, _ = fragment_mma.sum_launch_args(args, b, out, 4)
+    assert fargs[0] is args[2] and fargs[1] is b and fargs[2] is out and fargs[3:] == (16, 4096, 4)
+    assert fconsts["HAS_BIAS"] and fgrid == (16 * 4096 // fragment_mma.SUM_BLOCK,)
 
 
 @needs_gluon
@@ -1108,10 +1180,11 @@ needs_hopper = pytest.mark.skipif(not (CUDA and fragment_mma.HAVE_GLUON and not 
 @needs_hopper
 @pytest.mark.parametrize("name", ["int4_g64", "nf4_g64_dq", "int3_g64"])
 def test_cuda_cluster_sum_equals_workspace_sum_bitwise(name):
-    """Split-K reduced in a cluster (rank 0's partial plus the others' in rank order) gives the
-    workspace's sum (zero plus every partial in split order) bit for bit, at M = 1 and 16 with a
-    bias, every split and row-block count that fits; and a cluster launch replays in a CUDA graph
-    with new activations."""
+    """Split-K reduced in a cluster (rank 0's partial plus the others' in rank order) or by a
+    second kernel (``SUM_AFTER``) gives the workspace's sum (zero plus every partial in split
+    order) bit for bit, at M = 1 and 16 with a bias, every split and row-block count that fits
+    a cluster; and both, launched through a launch plan, replay in a CUDA graph with new
+    activations."""
     for m in (1, 16):
         qmm, rw, x, b, ref = _cuda_case(name, m, 1000, 4096, torch.float16)
         tok = fragment_mma.tokens(m)
@@ -1123,15 +1196,23 @@ def test_cuda_cluster_sum_equals_workspace_sum_bitwise(name):
                 ws = qmm._launch(rw, x, b, cfg)
                 cl = qmm._launch(rw, x, b, {**cfg, "CLUSTER": True})
                 assert torch.equal(ws, cl), (m, rb, split)
+                assert torch.equal(ws, qmm._launch(rw, x, b, {**cfg, "SUM_AFTER": True})), (m, rb, split)
                 assert float((cl.double() - ref).norm() / ref.norm()) < 2e-3
-        cfg = {"KERNEL": "fragment", "W": 4, "RB": 2, "SPLIT": 4, "PREFETCH": 1, "num_warps": 4, "CLUSTER": True}
-        qmm._launch(rw, x, b, cfg)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            captured = qmm._launch(rw, x, b, cfg)
-        x.copy_(torch.randn_like(x))
-        graph.replay()
-        assert torch.equal(captured, qmm._launch(rw, x, b, cfg))
+        if m == 16:  # bfloat16 activations, the second kernel rounding the sums
+            qb, rwb, xb, bb, _ = _cuda_case(name, m, 1000, 4096, torch.bfloat16)
+            cfg = {"KERNEL": "fragment", "W": 4, "RB": 2, "SPLIT": 4, "PREFETCH": 1, "num_warps": 4}
+            assert torch.equal(qb._launch(rwb, xb, bb, cfg), qb._launch(rwb, xb, bb, {**cfg, "SUM_AFTER": True}))
+        for ending in ({"CLUSTER": True}, {"SUM_AFTER": True}):  # in a CUDA graph, and through a launch plan
+            cfg = {"KERNEL": "fragment", "W": 4, "RB": 2, "SPLIT": 4, "PREFETCH": 1, "num_warps": 4, **ending}
+            qmm._launch(rw, x, b, cfg, plan_key=("test", m, *ending))
+            planned = rw.plans[("test", m, *ending)](x, b)
+            assert torch.equal(planned, qmm._launch(rw, x, b, cfg))
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                captured = rw.plans[("test", m, *ending)](x, b)
+            x.copy_(torch.randn_like(x))
+            graph.replay()
+            assert torch.equal(captured, qmm._launch(rw, x, b, cfg)), ending
 
 
 @needs_hopper

@@ -51,6 +51,11 @@ except ImportError:  # pragma: no cover - depends on the environment
     triton = tl = None
     HAVE_TRITON = False
 
+try:  # grid dependency control (Triton 3.3+): programmatic dependent launch
+    from triton.language.extra.cuda import gdc_wait
+except ImportError:  # pragma: no cover - depends on the environment
+    gdc_wait = None
+
 try:
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
@@ -93,6 +98,12 @@ PDL = {"enabled": os.environ.get("BITSMITH_FRAGMENT_PDL", "") == "1"}
 #: 1.2-1.9x slower; the best cluster config beat the best workspace one in 4 of 16 cases, by
 #: 1.0-2.3% (kernels_configs_cluster_h100.txt), which does not pay for the tuner's extra compiles.
 CLUSTER = {"enabled": os.environ.get("BITSMITH_FRAGMENT_CLUSTER", "") == "1"}
+#: whether the tuner also weighs ``_frag_kernel`` from 9 tokens with its K splits only storing
+#: their partials and a second kernel adding them up (:func:`_sum_partials_kernel`, a programmatic
+#: dependent where PDL is on) instead of the ticket and the last program's sum: the pattern probe
+#: timed that ending 1.5-6.7 us faster at M = 16 (nothing at M = 1:
+#: fragment_pattern_probe_ending_h100.txt); ``BITSMITH_FRAGMENT_SUM_KERNEL=0`` turns it off
+SUM_AFTER = {"enabled": os.environ.get("BITSMITH_FRAGMENT_SUM_KERNEL", "") != "0"}
 #: the most shared memory a cluster config's partial slots take (``split`` slots of the tile, float32)
 CLUSTER_SLOTS_BYTES = 32 * 1024
 
@@ -375,15 +386,19 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _write_tile(acc, ws_ptr, cnt_ptr, b_ptr, out_ptr, rows, row_ok, toks, tile, pid_k, M, N, SPLIT,
-                    IS_SPLIT: gl.constexpr, HAS_BIAS: gl.constexpr, VALS: gl.constexpr):
+                    IS_SPLIT: gl.constexpr, HAS_BIAS: gl.constexpr, VALS: gl.constexpr, SUM_AFTER: gl.constexpr = False):
         """``acc`` (float32 ``[rows, toks]``) plus the bias to ``out`` (``[M, N]``); split-K as the
         small-M kernels do it (:mod:`bitsmith.kernels.small_m`): the partials go to the workspace,
         the last program of tile ``tile`` (by its ticket) adds them in split order, adds the bias,
-        writes ``out`` and resets the ticket. ``VALS``: twice the values a thread holds."""
+        writes ``out`` and resets the ticket. ``VALS``: twice the values a thread holds.
+        ``SUM_AFTER``: the partials go to the workspace and nothing else happens here (no fence, no
+        ticket): :func:`_sum_partials_kernel`, launched next, adds them up."""
         DT: gl.constexpr = out_ptr.dtype.element_ty
         o_off = toks[None, :] * N + rows[:, None]
         o_mask = (toks < M)[None, :] & row_ok[:, None]
-        if IS_SPLIT:
+        if IS_SPLIT and SUM_AFTER:
+            gl.store(ws_ptr + pid_k * M * N + o_off, acc, mask=o_mask)
+        elif IS_SPLIT:
             gl.store(ws_ptr + pid_k * M * N + o_off, acc, mask=o_mask)
             gl.thread_barrier()  # every thread's partials are written before the ticket is taken
             ticket = gl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel")
@@ -462,7 +477,7 @@ if HAVE_GLUON:
                      W: gl.constexpr, RB: gl.constexpr, TOK: gl.constexpr, PREFETCH: gl.constexpr,
                      IS_SPLIT: gl.constexpr, SG: gl.constexpr, FMT: gl.constexpr, HAS_ZERO: gl.constexpr,
                      HAS_BIAS: gl.constexpr, TAIL: gl.constexpr, BF16: gl.constexpr, PDL: gl.constexpr,
-                     GROUP_MAJOR: gl.constexpr, CLUSTER: gl.constexpr):
+                     GROUP_MAJOR: gl.constexpr, CLUSTER: gl.constexpr, SUM_AFTER: gl.constexpr):
         """See the module docstring. Program ``(row tile, K split)``; ``SG``: groups of 64 per
         scale group (0: one scale a row); ``FMT``: :data:`FMT_IDS`; ``t_ptr``: a codebook's 16
         levels, float32 (:func:`_table_planes`); ``zconst``: the symmetric zero when ``HAS_ZERO``
@@ -476,7 +491,9 @@ if HAVE_GLUON:
         start at once, and the words prefetched before the loop load before the wait for the
         previous kernel (activations, partials, counters and output only after it); every program
         waits, so a later kernel's wait on this one covers the earlier ones too. ``GROUP_MAJOR``:
-        the words are in group-major order (:func:`bitsmith.kernels.fragment.to_order`)."""
+        the words are in group-major order (:func:`bitsmith.kernels.fragment.to_order`).
+        ``CLUSTER``: the K splits of a tile are a cluster of that many CTAs (:func:`_write_tile_cluster`);
+        ``SUM_AFTER``: the splits only store their partials, a second kernel adds them up."""
         DT: gl.constexpr = x_ptr.dtype.element_ty
         if CLUSTER > 1:  # the K splits of a tile: one cluster of consecutive CTAs along x (qmm._run)
             pid_n = gl.program_id(0) // CLUSTER
@@ -524,7 +541,7 @@ if HAVE_GLUON:
             _write_tile_cluster(acc, b_ptr, out_ptr, rows, row_ok, toks, pid_k, M, N, CLUSTER, HAS_BIAS)
         else:
             _write_tile(acc, ws_ptr, cnt_ptr, b_ptr, out_ptr, rows, row_ok, toks, pid_n, pid_k, M, N, SPLIT, IS_SPLIT,
-                        HAS_BIAS, RB * TOK)
+                        HAS_BIAS, RB * TOK, SUM_AFTER)
 
 
 if HAVE_TRITON:
@@ -607,6 +624,28 @@ if HAVE_TRITON:
         tl.store(out_ptr + k * N + n[None, :], w.to(out_ptr.dtype.element_ty), mask=(k < K) & n_ok[None, :])
 
 
+if HAVE_TRITON:
+
+    @triton.jit
+    def _sum_partials_kernel(ws_ptr, b_ptr, out_ptr, M, N, SPLIT, HAS_BIAS: tl.constexpr, PDL: tl.constexpr,
+                             BLOCK: tl.constexpr):
+        """``out [M, N]`` = the ``SPLIT`` float32 partials ``_frag_kernel`` left in the workspace
+        (``[SPLIT, M, N]``), added in split order from zero, plus the bias, in ``out``'s dtype: the
+        same sums, in the same order, as the last program of a tile makes them
+        (:func:`_write_tile`). ``PDL``: launched as a programmatic dependent, it waits for the
+        matmul before reading (:func:`bitsmith.kernels.small_m.pdl_ok`)."""
+        if PDL:
+            gdc_wait()
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < M * N
+        tot = tl.zeros([BLOCK], tl.float32)
+        for i in range(SPLIT):
+            tot += tl.load(ws_ptr + i * M * N + offs, mask=mask, other=0.0, cache_modifier=".cg")
+        if HAS_BIAS:
+            tot += tl.load(b_ptr + offs % N, mask=mask, other=0.0).to(tl.float32)
+        tl.store(out_ptr + offs, tot.to(out_ptr.dtype.element_ty), mask=mask)
+
+
 def _scale_steps(rw: RuntimeWeight) -> int:
     """Groups of 64 per scale group (0: one scale a row)."""
     return rw.group // fragment.GROUP
@@ -666,7 +705,8 @@ def configs(rw: RuntimeWeight, m: int, dtype: torch.dtype, sms: int) -> list[dic
     (between half a program and 16 programs an SM, within :data:`MAX_PARTIALS`) x the next one or
     two groups' words loaded ahead in registers (``PREFETCH`` 0, 1, 2); where :func:`cluster_ok`
     and :func:`cluster_fits`, each split also as a cluster (``CLUSTER``: the splits of a tile
-    add up in distributed shared memory instead of the global workspace)."""
+    add up in distributed shared memory instead of the global workspace); from 16-token tiles
+    (:data:`SUM_AFTER` on), each split also ending in a second kernel that adds the partials up."""
     if m > max_m() or supports(rw, dtype) is not None:
         return []
     ng = blocks_groups(rw)[1]
@@ -678,10 +718,15 @@ def configs(rw: RuntimeWeight, m: int, dtype: torch.dtype, sms: int) -> list[dic
         for split in (1, 2, 4, 8, 16, 32):
             if not split_ok(split, m, ng, programs, sms):
                 continue
-            for cluster in (False, True) if clusters and cluster_fits(split, rb, tok) else (False,):
+            endings = [{}]
+            if split > 1 and clusters and cluster_fits(split, rb, tok):
+                endings.append({"CLUSTER": True})
+            if split > 1 and tok >= 16 and SUM_AFTER["enabled"]:
+                endings.append({"SUM_AFTER": True})
+            for ending in endings:
                 for prefetch in (0, 1, 2):
-                    cfg = {"KERNEL": "fragment", "W": 4, "RB": rb, "SPLIT": split, "PREFETCH": prefetch, "num_warps": 4}
-                    out.append({**cfg, "CLUSTER": True} if cluster else cfg)
+                    out.append({"KERNEL": "fragment", "W": 4, "RB": rb, "SPLIT": split, "PREFETCH": prefetch,
+                                "num_warps": 4, **ending})
     return out
 
 
@@ -734,7 +779,7 @@ def launch_args(rw: RuntimeWeight, x2: torch.Tensor, bias: torch.Tensor | None, 
     tiles = _tiles(rw, w, rb)
     args = kernel_args(rw, x2, bias, out, split, tiles, cluster)
     consts = {"W": w, "RB": rb, "TOK": tokens(x2.shape[0]), **kernel_consts(rw, x2, bias, cfg, 16 * w * rb), "PDL": pdl,
-              "CLUSTER": split if cluster else 1}
+              "CLUSTER": split if cluster else 1, "SUM_AFTER": sums_after(cfg)}
     options = {"num_warps": cfg["num_warps"]}
     if cluster:  # grid x counts tiles; the launch makes each a cluster of ``split`` CTAs (qmm._run)
         options["cluster"] = split
@@ -744,6 +789,30 @@ def launch_args(rw: RuntimeWeight, x2: torch.Tensor, bias: torch.Tensor | None, 
     if maxnreg:
         options["maxnreg"] = maxnreg
     return _frag_kernel, (tiles, 1) if cluster else (tiles, split), args, consts, options
+
+
+def sums_after(cfg: dict) -> bool:
+    """Whether a config's K splits leave their partials to :func:`_sum_partials_kernel`."""
+    return bool(cfg.get("SUM_AFTER")) and cfg["SPLIT"] > 1 and not cfg.get("CLUSTER")
+
+
+#: values a program of :func:`_sum_partials_kernel` adds up
+SUM_BLOCK = 1024
+
+
+def sum_launch_args(main_args: tuple, bias: torch.Tensor | None, out: torch.Tensor, split: int):
+    """``(kernel, grid, args, constexprs, options)`` of the launch that adds up the partials a
+    :func:`sums_after` launch of ``_frag_kernel`` (arguments ``main_args``: its workspace at 2)
+    left, into ``out`` (argument 2; the bias at 1), as a programmatic dependent where
+    :func:`bitsmith.kernels.small_m.pdl_ok` allows it."""
+    from .small_m import pdl_ok
+
+    m, n = out.shape
+    pdl = pdl_ok(out.device)
+    args = (main_args[2], bias if bias is not None else main_args[3], out, m, n, split)
+    options = {"num_warps": 4, **({"launch_pdl": True} if pdl else {})}
+    return (_sum_partials_kernel, (-(-(m * n) // SUM_BLOCK),), args,
+            {"HAS_BIAS": bias is not None, "PDL": pdl, "BLOCK": SUM_BLOCK}, options)
 
 
 def dequantize_t(rw: RuntimeWeight, dtype: torch.dtype, run, row_blocks: int = DEQUANT_ROW_BLOCKS,
@@ -773,7 +842,7 @@ def compile_offline(fmt: str = "int4", rb: int = 1, tok: int = 8, prefetch: int 
 
     cx = {"W": 4, "RB": rb, "TOK": tok, "PREFETCH": int(prefetch), "IS_SPLIT": True, "SG": 1, "FMT": FMT_IDS[fmt],
           "HAS_ZERO": fmt != "nf4", "HAS_BIAS": False, "TAIL": False, "BF16": act == "bf16", "PDL": False, "GROUP_MAJOR": False,
-          "CLUSTER": 1, **consts}
+          "CLUSTER": 1, "SUM_AFTER": False, **consts}
     cap = register_cap({"RB": rb}, tok) if maxnreg is None else maxnreg
     return _compile_offline(_frag_kernel, cx, act, cx["W"], 1, arch, gluon=True, maxnreg=cap)
 
@@ -788,4 +857,5 @@ def compile_dequant_offline(fmt: str = "int4", act: str = "fp16", arch: int = 90
     return _compile_offline(_dequant_kernel, cx, act, 4, 1, arch)
 
 
-__all__ = ["HAVE_GLUON", "configs", "default_config", "launch_args", "dequantize_t", "supports", "cvt4_ptx", "cvt3_ptx"]
+__all__ = ["HAVE_GLUON", "configs", "default_config", "launch_args", "sum_launch_args", "dequantize_t", "supports",
+           "cvt4_ptx", "cvt3_ptx"]

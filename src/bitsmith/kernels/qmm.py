@@ -315,16 +315,18 @@ class _Plan(LaunchTemplate):
     pointer itself), which skips a ``data_ptr()`` call and a driver pointer query per tensor and
     launch; the plan holds the tensors themselves so the addresses stay valid."""
 
-    __slots__ = ("n", "split", "dummy_ptr", "prep")
+    __slots__ = ("n", "split", "dummy_ptr", "prep", "finish")
 
-    def __init__(self, compiled, grid, args, const_vals, n, split, dummy, dev, prep=None):
+    def __init__(self, compiled, grid, args, const_vals, n, split, dummy, dev, prep=None, finish=None):
         """``split``: the atomic split-K count of the tensor-core kernel (> 1: a zeroed float32
         output, then a cast); 1 for every launch that writes its output directly. ``prep``: for
         the small-M tensor-core kernel's half-word steps, ``x2 -> (xp, xs)``
         (:func:`bitsmith.kernels.small_m.half_inputs`), run per call: the kernel reads ``xp`` in
-        place of ``x`` and the row sums ``xs`` at argument 12."""
+        place of ``x`` and the row sums ``xs`` at argument 12. ``finish``: a second launch
+        (:func:`bitsmith.kernels.fragment_mma.sum_launch_args`: the bias at argument 1, the output
+        at 2) after the first, which then leaves its output to it."""
         super().__init__(compiled, grid, args, const_vals, dev)
-        self.n, self.split, self.prep = n, split, prep
+        self.n, self.split, self.prep, self.finish = n, split, prep, finish
         self.tensors.append(dummy)
         self.dummy_ptr = dummy.data_ptr()
 
@@ -344,6 +346,12 @@ class _Plan(LaunchTemplate):
             t = lowrank.fill() if isinstance(lowrank, small_m.LowRankFill) else lowrank[0]
             a[8], a[9] = t.data_ptr(), lowrank[1].data_ptr()
         raw_launch(self.compiled, self.grid, self.dev, a)
+        if self.finish is not None:
+            f = self.finish.template.copy()
+            if bias is not None:
+                f[1] = bias.data_ptr()
+            f[2] = out.data_ptr()
+            raw_launch(self.finish.compiled, self.finish.grid, self.dev, f)
         return out if self.split == 1 else out.to(x2.dtype)
 
 
@@ -527,10 +535,15 @@ def _launch(rw: RuntimeWeight, x2: torch.Tensor, bias: torch.Tensor | None, cfg:
         module = fragment_mma if cfg["KERNEL"] == "fragment" else fragment_wgmma
         kernel, grid, args, consts, options = module.launch_args(rw, x2, bias, cfg, out)
         hit = _run(kernel, grid, args, consts, options)
+        finish = None
+        if cfg["KERNEL"] == "fragment" and fragment_mma.sums_after(cfg):  # the partials added up by a second kernel
+            fkernel, fgrid, fargs, fconsts, foptions = fragment_mma.sum_launch_args(args, bias, out, cfg["SPLIT"])
+            fhit = _run(fkernel, fgrid, fargs, fconsts, foptions)
+            finish = LaunchTemplate(fhit[0], fgrid, fargs, fhit[1], x2.device.index) if fhit is not None else None
         if lowrank is not None:
             return out.addmm_(lowrank[0].to(x2.dtype), lowrank[1])
-        if plan_key is not None and hit is not None:
-            rw.plans[plan_key] = _Plan(hit[0], grid, args, hit[1], n, 1, rw.scale, x2.device.index)
+        if plan_key is not None and hit is not None and (finish is not None or not fragment_mma.sums_after(cfg)):
+            rw.plans[plan_key] = _Plan(hit[0], grid, args, hit[1], n, 1, rw.scale, x2.device.index, finish=finish)
         return out
     if cfg.get("KERNEL") == "fragment_ra_gemm":
         if fragment_ra_gemm.supports(rw, x2) is None:
