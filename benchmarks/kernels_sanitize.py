@@ -108,7 +108,8 @@ FRAGMENT_CASES = [("rtn", {"bits": 4, "group_size": 64}), ("rtn", {"bits": 3, "g
 def _fragment_cases() -> float:
     """The fragment layout at N = 333 (a partial row block) and K = 1000 (a partial group):
     its kernel at 1 and 16 rows (one and two row blocks a warp, split-K off and over 3 programs,
-    no prefetch and two groups' words ahead; on Hopper also over 2 and 4 programs as a cluster),
+    no prefetch and two groups' words ahead; on Hopper also over 2 and 4 programs as a cluster; at
+    16 rows also over 3 programs summed by the second kernel),
     and the dequantization path at 19 rows, with the
     words in each order (block- and group-major, :data:`bitsmith.kernels.fragment.ORDERS`); worst
     relative error against float64. ``BITSMITH_FRAGMENT_PDL=1`` makes its launches programmatic
@@ -130,6 +131,9 @@ def _fragment_cases() -> float:
             if m <= 16 and fragment_mma.cluster_capable(x.device):  # split-K in a cluster, through DSMEM
                 cfgs += [{"KERNEL": "fragment", "W": 4, "RB": rb, "SPLIT": split, "PREFETCH": 2, "num_warps": 4,
                           "CLUSTER": True} for rb in (1, 2) for split in (2, 4)]
+            if m == 16:  # split-K partials added up by the second kernel
+                cfgs += [{"KERNEL": "fragment", "W": 4, "RB": rb, "SPLIT": 3, "PREFETCH": 2, "num_warps": 4,
+                          "SUM_AFTER": True} for rb in (1, 2)]
             for cfg in cfgs:
                 y = qmm._launch(rw, x, bias, cfg)
                 worst = max(worst, float((y.double() - ref).norm() / ref.norm()))
@@ -140,10 +144,10 @@ def _fragment_wide_cases() -> float:
     """The fragment layout above 16 rows at N = 333, K = 1000 (group-major words): at 19 and 40
     rows (token tiles 32 and 64, the last one partial) the Gluon kernel's wide tiles and the
     ``wgmma`` kernel, at 100 rows the ``wgmma`` kernel over two token tiles; each with split-K off
-    and over 3 programs (2 at 100 rows: :data:`~bitsmith.kernels.fragment_mma.MAX_PARTIALS`) and every
-    prefetch depth; and the Triton GEMM's every candidate at 19 and
-    100 rows. The first two only when on (``BITSMITH_FRAGMENT_WIDE``/``_WGMMA`` not 0); worst
-    relative error against float64."""
+    and over 3 programs (2 at 100 rows: :data:`~bitsmith.kernels.fragment_mma.MAX_PARTIALS`; the
+    Gluon kernel's split ending both in its last program and in the second kernel) and every
+    prefetch depth; and the Triton GEMM's every candidate at 19 and 100 rows. The first two only
+    when on (``BITSMITH_FRAGMENT_WIDE``/``_WGMMA`` not 0); worst relative error against float64."""
     from bitsmith.kernels import fragment_gemm, fragment_wgmma
 
     sms = torch.cuda.get_device_properties(0).multi_processor_count
@@ -161,8 +165,9 @@ def _fragment_wide_cases() -> float:
             splits = (1, 3) if 3 * m <= fragment_mma.MAX_PARTIALS else (1, 2)  # the workspace's bound
             if m <= fragment_mma.max_m():
                 tok = fragment_mma.tokens(m)
-                cfgs += [{"KERNEL": "fragment", "W": 4, "RB": rb, "SPLIT": split, "PREFETCH": pf, "num_warps": 4}
-                         for rb in sorted(r for r, t in fragment_mma.MAXNREG_WIDE if t == tok) for split in splits for pf in (0, 1, 2)]
+                cfgs += [{"KERNEL": "fragment", "W": 4, "RB": rb, "SPLIT": split, "PREFETCH": pf, "num_warps": 4, **end}
+                         for rb in sorted(r for r, t in fragment_mma.MAXNREG_WIDE if t == tok) for split in splits
+                         for pf in (0, 1, 2) for end in ({}, {"SUM_AFTER": True})]
             if fragment_wgmma.WGMMA["enabled"] and fragment_wgmma.supports(rw, torch.float16) is None:
                 rbs = (1, 2) if fragment_wgmma.tokens(m) <= 32 else (1,)
                 cfgs += [{"KERNEL": "fragment_wgmma", "RB": rb, "SPLIT": split, "PREFETCH": pf, "K_MAJOR": km, "num_warps": 4}
