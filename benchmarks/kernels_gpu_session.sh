@@ -48,6 +48,8 @@
 #       layout's CUDA tests, then every M = 1 and 16 config (CL_MS, CL_FORMATS, CL_SHAPES), each split both ways
 #   OUT=/some/dir bash benchmarks/kernels_gpu_session.sh sum_after  # split-K partials added up by a second kernel: the
 #       fragment layout's CUDA tests, every M = 16 config (SA_MS, SA_FORMATS, SA_SHAPES), the M = 1 and 16 table
+#   OUT=/some/dir bash benchmarks/kernels_gpu_session.sh sum_after_check  # compute-sanitizer over the fragment kernel
+#       with the second-kernel ending, the library's M = 16 table with it, batch-16 decode
 #   OUT=/some/dir bash benchmarks/kernels_gpu_session.sh ra_ncu     # Nsight Compute on the register-operand GEMM (RA_TILE)
 #   OUT=/some/dir bash benchmarks/kernels_gpu_session.sh wide       # the fragment layout's kernels for more tokens:
 #       the Gluon kernel at 17..64 tokens and the Hopper wgmma kernel (both on by default since they passed this):
@@ -350,6 +352,15 @@ sum_after)  # split-K partials added up by a second kernel: the fragment tests, 
   step bench_m1m16.txt "${T_BENCH:-200}" "grep -E '^ +[0-9]+x[0-9]+ +(1|16) '" kernels_defaults_m1m16_sum_after \
     python3 benchmarks/kernels_bench.py --shapes 4096x4096,14336x4096,4096x14336,28672x8192 --m "${SA_BENCH_MS:-1,16}" \
     --formats int4_g64,int4_g128,int3_g64,nf4_g64 --no-w8a8 --reps 20 --name kernels_defaults_m1m16_sum_after
+  ;;
+sum_after_check)  # what the second-kernel ending still waits for: compute-sanitizer over the fragment kernel (the
+  # second kernel included), the library's M = 16 table, batch-16 decode
+  OUT="$OUT" SAN_ARGS=--fragment T_WARM=${T_WARM:-80} T_SAN=${T_SAN:-170} bash benchmarks/kernels_sanitize.sh | tail -4
+  step bench_m16.txt "${T_BENCH:-150}" "grep -E '^ +[0-9]+x[0-9]+ +16 '" kernels_defaults_m16_sum_after \
+    python3 benchmarks/kernels_bench.py --shapes 4096x4096,14336x4096,4096x14336,28672x8192 --m 16 \
+    --formats int4_g64,int4_g128,int3_g64,nf4_g64 --no-w8a8 --reps 20 --name kernels_defaults_m16_sum_after
+  step decode_e2e.txt "${T_E2E:-150}" "tail -5" decode_e2e_b16_sum_after \
+    python3 benchmarks/decode_e2e.py --batch 16 --formats fp16,int4_g64,nf4_g64 --reps 20 --name decode_e2e_b16_sum_after
   ;;
 pattern)  # where the fragment kernel's M = 1 time goes, by subtraction (fragment_pattern_probe.py)
   step pattern.txt "${T_PATTERN:-150}" cat fragment_pattern_probe \
