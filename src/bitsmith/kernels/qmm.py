@@ -542,7 +542,7 @@ def _launch(rw: RuntimeWeight, x2: torch.Tensor, bias: torch.Tensor | None, cfg:
             finish = LaunchTemplate(fhit[0], fgrid, fargs, fhit[1], x2.device.index) if fhit is not None else None
         if lowrank is not None:
             return out.addmm_(lowrank[0].to(x2.dtype), lowrank[1])
-        if plan_key is not None and hit is not None and (finish is not None or not fragment_mma.sums_after(cfg)):
+        if plan_key is not None and hit is not None:  # fast launches: then the second one's hit too
             rw.plans[plan_key] = _Plan(hit[0], grid, args, hit[1], n, 1, rw.scale, x2.device.index, finish=finish)
         return out
     if cfg.get("KERNEL") == "fragment_ra_gemm":
