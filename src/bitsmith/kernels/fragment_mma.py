@@ -96,7 +96,7 @@ PDL = {"enabled": os.environ.get("BITSMITH_FRAGMENT_PDL", "") == "1"}
 #: (Hopper and later: the K splits of a tile are one cluster, the partials meet in rank 0's shared
 #: memory; :func:`_write_tile_cluster`). Opt-in (``BITSMITH_FRAGMENT_CLUSTER=1``): on the H100 the
 #: CUDA tests pass, but against the same config through the global workspace a cluster was a
-#: median 1.4-1.9% faster at 2 and 4 splits and M = 1, even at 8, and at M = 16 and 8 splits
+#: median 1.4-1.9% faster at 2 and 4 splits and M = 1, no faster at 8, and at M = 16 and 8 splits
 #: 1.2-1.9x slower; the best cluster config beat the best workspace one in 4 of 16 cases, by
 #: 1.0-2.3% (kernels_configs_cluster_h100.txt), which does not pay for the tuner's extra compiles.
 CLUSTER = {"enabled": os.environ.get("BITSMITH_FRAGMENT_CLUSTER", "") == "1"}
@@ -207,9 +207,9 @@ if HAVE_GLUON:
     _LUT8_CONSTRAINTS = gl.constexpr(",".join(["=r"] * 4 + ["r"] * 18))
     _INT3_WORDS = gl.constexpr(fragment.INT3_WORDS)
 
-    #: rank ``r > 0`` of a cluster writes one float32 partial into slot ``r`` of rank 0's
-    #: buffer (``$1``: the byte offset in the kernel's shared memory, which holds nothing else),
-    #: where ``$2`` is nonzero; ``$0`` is a dummy result
+    #: rank ``r > 0`` of a cluster writes one float32 partial (``$1``) into slot ``r`` of rank 0's
+    #: buffer (``$2``: its byte offset in the kernel's shared memory, which holds nothing else),
+    #: where ``$3`` is nonzero; ``$0`` is a dummy result
     _PUSH_PTX = gl.constexpr("""{
     .reg .pred p;
     .reg .b32 a;
