@@ -654,9 +654,8 @@ def test_cluster_split_k_ending_compiles_for_sm90(fmt, rb, tok, cluster):
 
 def test_cluster_configs_pair_each_workspace_split_and_launch_as_clusters(monkeypatch):
     """Where clusters are allowed (:func:`fragment_mma.cluster_ok`: Hopper, :data:`CLUSTER` on,
-    which it is not by default)
-    every split of 2 to 8 whose slots fit (:func:`fragment_mma.cluster_fits`) is offered both
-    ways; a cluster launch has one grid column (``qmm._run`` makes each program a cluster of
+    which it is not by default) every split of 2 to 8 whose slots fit
+    (:func:`fragment_mma.cluster_fits`) is offered both ways; a cluster launch has one grid column (``qmm._run`` makes each program a cluster of
     ``SPLIT`` CTAs), takes no workspace and tells the kernel the cluster size. (``configs`` asks
     for a CUDA weight, so ``supports`` is bypassed here.)"""
     rw = repack(_quantize("int4_g64", torch.randn(4096, 1024) * 0.05), layout="fragment")
