@@ -705,24 +705,29 @@ def test_sum_after_ending_only_stores_partials(fmt, tok):
         op: n for op, n in loops[1].items() if op.startswith(("LD", "ST", "HMMA"))}
 
 
-def test_sum_after_configs_from_16_token_tiles(monkeypatch):
-    """The tuner offers each split of the 16-token and wider tiles also ending in the second
-    kernel (none at 8 tokens, where the probe timed no gain, and none without a split), and at
-    16 splits and more only so, unless ``BITSMITH_FRAGMENT_SUM_KERNEL=0``; such a launch tells
-    the kernel, the second launch reads the first's workspace and writes the output, with the bias."""
+def test_sum_after_configs_with_the_16_token_tile(monkeypatch):
+    """The tuner offers each split of the 16-token tile also ending in the second kernel (none
+    at 8 tokens, where the probe timed no gain, none with the wider tiles, which no GPU has run
+    it with yet, and none without a split), at 16 splits and more only so, and the untuned
+    default takes it, unless ``BITSMITH_FRAGMENT_SUM_KERNEL=0``; such a launch tells the kernel,
+    the second launch reads the first's workspace and writes the output, with the bias."""
     rw = repack(_quantize("int4_g64", torch.randn(4096, 1024) * 0.05), layout="fragment")
     monkeypatch.setattr(fragment_mma, "supports", lambda rw_, dtype: None)
-    assert not any(c.get("SUM_AFTER") for c in fragment_mma.configs(rw, 8, torch.float16, 132))
-    for m in (9, 16, 40):
+    for m in (8, 17, 40):  # 8 tokens: no gain measured; 32- and 64-token tiles: not run on a GPU yet
+        assert not any(c.get("SUM_AFTER") for c in fragment_mma.configs(rw, m, torch.float16, 132))
+        assert not fragment_mma.default_config(rw, m, 132).get("SUM_AFTER")
+    for m in (9, 16):
         cands = fragment_mma.configs(rw, m, torch.float16, 132)
         after = [c for c in cands if c.get("SUM_AFTER")]
         assert after and all(c["SPLIT"] > 1 and fragment_mma.sums_after(c) for c in after)
-        assert {c["SPLIT"] for c in after} >= ({2, 16} if m <= 16 else {2})
+        assert {c["SPLIT"] for c in after} >= {2, 16}
         assert [{k: v for k, v in c.items() if k != "SUM_AFTER"} for c in after if c["SPLIT"] < 16] == [
             c for c in cands if not c.get("SUM_AFTER") and c["SPLIT"] > 1]  # at 16 splits and more, only the second kernel
+    assert fragment_mma.sums_after(fragment_mma.default_config(rw, 16, 132))
     monkeypatch.setitem(fragment_mma.SUM_AFTER, "enabled", False)
     off = fragment_mma.configs(rw, 16, torch.float16, 132)
     assert not any(c.get("SUM_AFTER") for c in off) and 16 in {c["SPLIT"] for c in off}
+    assert not fragment_mma.default_config(rw, 16, 132).get("SUM_AFTER")
     x = torch.randn(16, 1024, dtype=torch.float16)
     out = torch.empty(16, 4096, dtype=torch.float16)
     b = torch.randn(4096, dtype=torch.float16)

@@ -15,7 +15,7 @@
 
   Split-K is reduced inside the launch as the small-M kernels do it (:mod:`bitsmith.kernels.small_m`:
   float32 partials, a ticket per tile, the last program sums in split order, adds the bias,
-  writes ``y`` and resets the counter), or, from 16-token tiles where the tuner picks it
+  writes ``y`` and resets the counter), or, with the 16-token tile where the tuner picks it
   (:data:`SUM_AFTER`), by a second launch (``_sum_partials_kernel``) that adds the partials in
   the same order; on Hopper, opt-in, inside a thread-block cluster (:data:`CLUSTER`).
 * ``_dequant_kernel`` (Triton, any M): ``W^T`` in the activation dtype, for cuBLAS when M is large
@@ -100,7 +100,7 @@ PDL = {"enabled": os.environ.get("BITSMITH_FRAGMENT_PDL", "") == "1"}
 #: 1.2-1.9x slower; the best cluster config beat the best workspace one in 4 of 16 cases, by
 #: 1.0-2.3% (kernels_configs_cluster_h100.txt), which does not pay for the tuner's extra compiles.
 CLUSTER = {"enabled": os.environ.get("BITSMITH_FRAGMENT_CLUSTER", "") == "1"}
-#: whether the tuner also weighs ``_frag_kernel`` from 9 tokens with its K splits only storing
+#: whether the tuner also weighs ``_frag_kernel`` at 9-16 tokens with its K splits only storing
 #: their partials and a second kernel adding them up (:func:`_sum_partials_kernel`, a programmatic
 #: dependent where PDL is on) instead of the ticket and the last program's sum: the pattern probe
 #: timed that ending 1.5-6.7 us faster at M = 16 (nothing at M = 1:
@@ -711,8 +711,9 @@ def configs(rw: RuntimeWeight, m: int, dtype: torch.dtype, sms: int) -> list[dic
     (between half a program and 16 programs an SM, within :data:`MAX_PARTIALS`) x the next one or
     two groups' words loaded ahead in registers (``PREFETCH`` 0, 1, 2); where :func:`cluster_ok`
     and :func:`cluster_fits`, each split also as a cluster (``CLUSTER``: the splits of a tile
-    add up in distributed shared memory instead of the global workspace); from 16-token tiles
-    (:data:`SUM_AFTER` on), each split also ending in a second kernel that adds the partials up."""
+    add up in distributed shared memory instead of the global workspace); with the 16-token tile
+    (:data:`SUM_AFTER` on), each split also ending in a second kernel that adds the partials up
+    (measured there only: the 32- and 64-token tiles keep the ticket until a GPU has run it)."""
     if m > max_m() or supports(rw, dtype) is not None:
         return []
     ng = blocks_groups(rw)[1]
@@ -724,7 +725,7 @@ def configs(rw: RuntimeWeight, m: int, dtype: torch.dtype, sms: int) -> list[dic
         for split in (1, 2, 4, 8, 16, 32):
             if not split_ok(split, m, ng, programs, sms):
                 continue
-            sum_after = split > 1 and tok >= 16 and SUM_AFTER["enabled"]
+            sum_after = split > 1 and tok == 16 and SUM_AFTER["enabled"]
             # at 16 splits and more the second kernel won every pair timed (54 of 54 at M = 16,
             # kernels_configs_sum_after_h100.json), so the ticket's ending is not timed there
             endings = [] if sum_after and split >= 16 else [{}]
@@ -740,14 +741,17 @@ def configs(rw: RuntimeWeight, m: int, dtype: torch.dtype, sms: int) -> list[dic
 
 
 def default_config(rw: RuntimeWeight, m: int, sms: int) -> dict:
-    """Two row blocks a warp (one at 64 tokens), split-K until about four programs an SM."""
+    """Two row blocks a warp (one at 64 tokens), split-K until about four programs an SM; from
+    16-token tile the splits summed by the second kernel (:data:`SUM_AFTER`, faster than the
+    ticket for the same config at every split count measured, in the median)."""
     ng = blocks_groups(rw)[1]
     rb = 1 if tokens(m) == 64 else 2
     tiles = _tiles(rw, 4, rb)
     split = 1
     while tiles * split < 4 * sms and split * 2 <= min(ng, 32) and split * 2 * m <= MAX_PARTIALS:
         split *= 2
-    return {"KERNEL": "fragment", "W": 4, "RB": rb, "SPLIT": split, "PREFETCH": 0, "num_warps": 4}
+    cfg = {"KERNEL": "fragment", "W": 4, "RB": rb, "SPLIT": split, "PREFETCH": 0, "num_warps": 4}
+    return {**cfg, "SUM_AFTER": True} if split > 1 and tokens(m) == 16 and SUM_AFTER["enabled"] else cfg
 
 
 def kernel_args(rw: RuntimeWeight, x2: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor, split: int,
