@@ -42,8 +42,8 @@ from bitsmith.kernels.fragment_mma import HAVE_GLUON  # noqa: E402
 #: form -> (scales and zeros, activations, ending: 0 one sum a program, 1 the kernel's split-K ending,
 #: 2 its partials' stores alone, without the fence, the ticket and the last program's sum, 3 the stores
 #: and the fence, 4 the stores, the fence and the ticket (the last program resets it, sums nothing),
-#: 5 the stores, then a second kernel adds the partials up and writes ``y``, launched as a programmatic
-#: dependent where PDL is available)
+#: 5 the stores, then the library's second kernel (:func:`bitsmith.kernels.fragment_mma.sum_launch_args`)
+#: adds the partials up and writes ``y``, a programmatic dependent where PDL is available)
 FORMS = {"words": (False, False, 0), "words+meta": (True, False, 0), "words+x": (False, True, 0),
          "words+meta+x": (True, True, 0), "words+meta+x+partials": (True, True, 2),
          "words+meta+x+partials+fence": (True, True, 3), "words+meta+x+partials+ticket": (True, True, 4),
@@ -125,26 +125,6 @@ if HAVE_GLUON:
             gl.store(out_ptr + pid_k * gl.num_programs(0) + pid_n, total + gl.sum(macc, 0))
 
 
-if HAVE_GLUON:
-    import triton
-    import triton.language as tl
-
-    from bitsmith.kernels.small_m import gdc_wait
-
-    @triton.jit
-    def _sum_kernel(ws_ptr, y_ptr, MN, SPLIT, BLOCK: tl.constexpr, PDL: tl.constexpr):
-        """``y`` (float16, ``MN`` values) = the sum of the ``SPLIT`` float32 partials in the
-        workspace, in split order; ``PDL``: waits for the kernel before it (programmatic dependent)."""
-        if PDL:
-            gdc_wait()
-        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-        mask = offs < MN
-        tot = tl.zeros([BLOCK], tl.float32)
-        for i in range(SPLIT):
-            tot += tl.load(ws_ptr + i * MN + offs, mask=mask, other=0.0, cache_modifier=".cg")
-        tl.store(y_ptr + offs, tot.to(tl.float16), mask=mask)
-
-
 def pattern_launch(rw, x: torch.Tensor, cfg: dict, form: str, out: torch.Tensor, y: torch.Tensor):
     """One launch of :func:`_pattern_kernel` over ``rw``'s words with ``cfg``'s grid and prefetch
     and ``x``'s tokens (``y``: the ``[M, N]`` output of the split-K form)."""
@@ -159,13 +139,11 @@ def pattern_launch(rw, x: torch.Tensor, cfg: dict, form: str, out: torch.Tensor,
         rw.words, rw.scale, rw.zero, x, out, args[2], args[5], y, x.shape[0], rw.n, nb, ng, -(-ng // split), split,
         x.stride(0), W=cfg["W"], RB=cfg["RB"], TOK=tokens(x.shape[0]), PREFETCH=cfg["PREFETCH"], META=meta, X=xs,
         SPLITK=2 if splitk == 5 else splitk, IS_SPLIT=split > 1, num_warps=cfg["num_warps"], maxnreg=128)
-    if splitk == 5:  # the partials added up by a second kernel
-        from bitsmith.kernels.small_m import pdl_ok
+    if splitk == 5:  # the partials added up by the library's second kernel (a PDL dependent where allowed)
+        from bitsmith.kernels.fragment_mma import sum_launch_args
 
-        pdl = pdl_ok(x.device)
-        mn = x.shape[0] * rw.n
-        _sum_kernel[(triton.cdiv(mn, 512),)](args[2], y, mn, split, BLOCK=512, PDL=pdl, num_warps=4,
-                                             **({"launch_pdl": True} if pdl else {}))
+        kernel, grid, sargs, consts, options = sum_launch_args(args, None, y, split)
+        kernel[grid](*sargs, **consts, **options)
     return out
 
 

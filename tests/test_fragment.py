@@ -1352,8 +1352,9 @@ def test_pattern_probe_compiles_for_sm90_in_every_form():
     compiles for sm_90 in each of its forms, so the probe keeps working as the kernel's helpers
     change: the words' 16-byte loads in every form, 16-bit scale and zero loads only with
     ``+meta``, the partials' 4-byte stores in every split-K form, a GPU-wide fence from ``+fence``
-    on, the ending's ticket (an atomic) only in ``+ticket`` and the full ending; and its second
-    kernel, which adds the partials up, waits for the first when launched as its dependent."""
+    on, the ending's ticket (an atomic) only in ``+ticket`` and the full ending; and the second
+    kernel it ends ``+sum kernel`` with (the library's) waits for the first when launched as its
+    dependent."""
     import fragment_pattern_probe as pattern
     from bitsmith.kernels.small_m import _compile_offline
 
@@ -1370,7 +1371,8 @@ def test_pattern_probe_compiles_for_sm90_in_every_form():
         assert bool(ops["ATOMG.E.ADD.STRONG.GPU"]) == (splitk in (1, 4)), (form, ops)
         assert bool(ops["MEMBAR.ALL.GPU"] + ops["MEMBAR.SC.GPU"]) == (splitk in (1, 3, 4)), (form, ops)
         assert (ops["STG.E"] > 1) == bool(splitk), (form, ops)  # float32 partials (else the one sum)
-    for pdl in (False, True):
-        compiled = _compile_offline(pattern._sum_kernel, {"BLOCK": 512, "PDL": pdl}, "fp16", 4, 1, 90,
-                                    ptr_types={"ws_ptr": "fp32", "y_ptr": "fp16"}, aligned_ints=())
+    for pdl in (False, True):  # the second kernel it ends with (the library's)
+        compiled = _compile_offline(fragment_mma._sum_partials_kernel, {"HAS_BIAS": False, "PDL": pdl, "BLOCK": 1024},
+                                    "fp16", 4, 1, 90, ptr_types={"ws_ptr": "fp32", "b_ptr": "fp16", "out_ptr": "fp16"},
+                                    aligned_ints=())
         assert ("griddepcontrol.wait" in compiled.asm["ptx"]) == pdl
