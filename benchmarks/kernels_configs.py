@@ -138,6 +138,12 @@ def main() -> None:
                     if other and plain:  # the fragment kernel's split-K ending both ways, best of each
                         print(f"    best split-K {what} {other[0][0]:.1f} us ({describe(other[0][1])}), by the "
                               f"last program {plain[0][0]:.1f} us ({describe(plain[0][1])})", flush=True)
+                frag = [t for t in timed if t[1].get("KERNEL") == "fragment"]
+                modes = sorted({t[1].get("ZSUB", 0) for t in frag})
+                if len(modes) > 1:  # the fragment kernel's zeros and scales applied each way, best of each
+                    print("    best by ZSUB: " + ", ".join(
+                        f"{mode}: {best[0]:.1f} us ({describe(best[1])})"
+                        for mode in modes for best in [next(t for t in frag if t[1].get("ZSUB", 0) == mode)]), flush=True)
                 del qt, rw
         del w16
         torch.cuda.empty_cache()

@@ -50,6 +50,9 @@
 #       fragment layout's CUDA tests, every M = 16 config (SA_MS, SA_FORMATS, SA_SHAPES), the M = 1 and 16 table
 #   OUT=/some/dir bash benchmarks/kernels_gpu_session.sh sum_after_check  # compute-sanitizer over the fragment kernel
 #       with the second-kernel ending, the library's M = 16 table with it, batch-16 decode
+#   OUT=/some/dir bash benchmarks/kernels_gpu_session.sh zsub       # the fragment kernel's zeros (and scales) applied to its
+#       A operand in 16 bits (BITSMITH_FRAGMENT_ZSUB=0,1,2) and the second kernel with the wide tiles: CUDA tests, every
+#       M = 16 config (ZS_MS, ZS_FORMATS, ZS_SHAPES); zsub_wide: the same at 32 and 64 tokens, then the library's table
 #   OUT=/some/dir bash benchmarks/kernels_gpu_session.sh ra_ncu     # Nsight Compute on the register-operand GEMM (RA_TILE)
 #   OUT=/some/dir bash benchmarks/kernels_gpu_session.sh wide       # the fragment layout's kernels for more tokens:
 #       the Gluon kernel at 17..64 tokens and the Hopper wgmma kernel (both on by default since they passed this):
@@ -361,6 +364,26 @@ sum_after_check)  # what the second-kernel ending still waits for: compute-sanit
     --formats int4_g64,int4_g128,int3_g64,nf4_g64 --no-w8a8 --reps 20 --name kernels_defaults_m16_sum_after
   step decode_e2e.txt "${T_E2E:-150}" "tail -5" decode_e2e_b16_sum_after \
     python3 benchmarks/decode_e2e.py --batch 16 --formats fp16,int4_g64,nf4_g64 --reps 20 --name decode_e2e_b16_sum_after
+  ;;
+zsub)  # zeros (and scales) taken off the fragment kernel's A operand in 16 bits (ZSUB 1, 2) beside the float32 path
+  # (0), and the second-kernel ending offered with the 32- and 64-token tiles too: the fragment CUDA tests, then every
+  # M = 16 config in all three modes (ZS_MS, ZS_FORMATS, ZS_SHAPES)
+  export BITSMITH_FRAGMENT_ZSUB=0,1,2 BITSMITH_FRAGMENT_SUM_TOKENS=16,32,64
+  TEST_FILES=tests/test_fragment.py TEST_K="cuda and (zsub or every_config or wide or cluster_sum or smollm2)" \
+    T_TESTS=${T_TESTS:-200} tests_or_stop
+  step configs.txt "${T_CFG:-330}" "grep -E 'fp16|WRONG|fail|best'" kernels_configs_zsub \
+    python3 benchmarks/kernels_configs.py --layout fragment --m "${ZS_MS:-16}" --formats "${ZS_FORMATS:-int4_g64,nf4_g64}" \
+    --shapes "${ZS_SHAPES:-4096x4096,14336x4096,4096x14336,28672x8192}" --reps 10 --top 2 --name kernels_configs_zsub
+  ;;
+zsub_wide)  # zsub's configs at 32 and 64 tokens (and 1), then the library's table at 16 and 32 tokens with every
+  # mode and ending offered to its tuner
+  export BITSMITH_FRAGMENT_ZSUB=0,1,2 BITSMITH_FRAGMENT_SUM_TOKENS=16,32,64
+  step configs.txt "${T_CFG:-330}" "grep -E 'fp16|WRONG|fail|best'" kernels_configs_zsub_wide \
+    python3 benchmarks/kernels_configs.py --layout fragment --m "${ZS_MS:-32,64}" --formats "${ZS_FORMATS:-int4_g64,nf4_g64}" \
+    --shapes "${ZS_SHAPES:-14336x4096,28672x8192}" --reps 10 --top 2 --name kernels_configs_zsub_wide
+  step bench.txt "${T_BENCH:-200}" "grep -E '^ +[0-9]+x[0-9]+ +[0-9]+ '" kernels_defaults_zsub \
+    python3 benchmarks/kernels_bench.py --shapes 4096x4096,14336x4096,4096x14336,28672x8192 --m "${ZS_BENCH_MS:-16,32}" \
+    --formats int4_g64,int4_g128,int3_g64,nf4_g64 --no-w8a8 --reps 20 --name kernels_defaults_zsub
   ;;
 pattern)  # where the fragment kernel's M = 1 time goes, by subtraction (fragment_pattern_probe.py)
   step pattern.txt "${T_PATTERN:-150}" cat fragment_pattern_probe \

@@ -741,6 +741,71 @@ def test_sum_after_configs_with_the_16_token_tile(monkeypatch):
 
 
 @needs_gluon
+@pytest.mark.parametrize("fmt,rb,tok", [("int4", 2, 16), ("int3", 1, 32), ("nf4", 1, 64), ("int4", 1, 64)])
+def test_zsub_takes_the_zero_off_the_operand_and_drops_the_ones_product(fmt, rb, tok):
+    """``ZSUB`` (sm_90 machine code, no GPU needed): with the integer zero taken off the A
+    operand in 16 bits (1) the main loop has no product with the tile of ones (the HMMA count
+    falls to the weight products alone: row blocks x 4 k-steps x token tiles of 8) and keeps one
+    float32 multiply-add per accumulator for the scale; with the scale applied there too (2) the
+    loop has no float32 arithmetic at all, the tensor cores accumulating; both with a 16-bit
+    subtraction (affine) and multiplication (2) per A register, no spill and no shared memory."""
+    plain = probe.loop_opcodes(fragment_mma.compile_offline(fmt, rb, tok, 1).asm["cubin"])
+    products = rb * 4 * tok // 8
+    accumulators = 16 * rb * tok // 32  # float32 values a lane holds
+    a_registers = 16 * rb  # per lane and group: 4 k-steps x 4 registers a row block
+    affine = fmt != "nf4"
+
+    def count(ops, *prefixes):
+        return sum(n for op, n in ops.items() if op.split(".")[0] in prefixes)
+
+    assert count(plain, "HMMA") == products + (4 * tok // 8 if affine else 0)  # the ones product: once for all row blocks
+    for zsub in (1, 2) if affine else (2,):
+        compiled = fragment_mma.compile_offline(fmt, rb, tok, 1, ZSUB=zsub, INT_ZERO=affine)
+        ops = probe.loop_opcodes(compiled.asm["cubin"])
+        assert count(ops, "HMMA") == products, (zsub, ops)
+        assert count(ops, "HADD2") >= (a_registers if affine else 0), ops
+        if zsub == 1:
+            assert count(ops, "FFMA", "FMUL") == accumulators, ops
+        else:
+            assert count(ops, "FFMA", "FMUL", "FADD") == 0 and count(ops, "HMUL2", "HFMA2") >= a_registers, ops
+        assert not [op for op in ops if op.startswith(("LDS", "STS", "SHFL", "BAR", "LDL", "STL"))], ops
+        with tempfile.TemporaryDirectory() as tmp:
+            ins = kernels_sass.sass_of(compiled.asm["cubin"], Path(tmp))
+        assert not [t for a, t in ins if re.match(r"(LDL|STL)\b", t)]
+
+
+def test_zsub_modes_follow_the_weight_and_the_setting(monkeypatch):
+    """What the tuner offers (``BITSMITH_FRAGMENT_ZSUB``, default 0 only): the zero off the
+    operand (1) only for integer zeros, the scale too (2) for integer zeros and codebooks, never
+    for float zeros; each offered mode doubles the candidates and reaches the launch's constexprs."""
+    ints = repack(_quantize("int4_g64", torch.randn(256, 1024) * 0.05), layout="fragment")
+    sym = repack(_quantize("int4_g128_sym", torch.randn(256, 1024) * 0.05), layout="fragment")
+    floats = repack(_quantize("int4_g64_float0", torch.randn(256, 1024) * 0.05), layout="fragment")
+    nf4 = repack(_quantize("nf4_g64_dq", torch.randn(256, 1024) * 0.05), layout="fragment")
+    assert all(fragment_mma.zsub_modes(rw) == (0,) for rw in (ints, floats, nf4))
+    monkeypatch.setitem(fragment_mma.ZSUB, "modes", (0, 1, 2))
+    assert fragment_mma.zsub_modes(ints) == (0, 1, 2) and fragment_mma.zsub_modes(sym) == (0, 1, 2)
+    assert fragment_mma.zsub_modes(floats) == (0,) and fragment_mma.zsub_modes(nf4) == (0, 2)
+    monkeypatch.setitem(fragment_mma.ZSUB, "modes", (2,))
+    assert fragment_mma.zsub_modes(floats) == (0,)  # nothing offered applies: the plain kernel
+    monkeypatch.setattr(fragment_mma, "supports", lambda rw_, dtype: None)
+    monkeypatch.setitem(fragment_mma.ZSUB, "modes", (0,))
+    base = fragment_mma.configs(nf4, 16, torch.float16, 132)
+    monkeypatch.setitem(fragment_mma.ZSUB, "modes", (0, 2))
+    both = fragment_mma.configs(nf4, 16, torch.float16, 132)
+    assert len(both) == 2 * len(base) and [c for c in both if "ZSUB" not in c] == base
+    assert all(c["ZSUB"] == 2 for c in both if "ZSUB" in c)
+    x = torch.randn(16, 1024, dtype=torch.float16)
+    out = torch.empty(16, 256, dtype=torch.float16)
+    cfg = {"KERNEL": "fragment", "W": 4, "RB": 2, "SPLIT": 1, "PREFETCH": 1, "num_warps": 4}
+    assert fragment_mma.launch_args(ints, x, None, {**cfg, "ZSUB": 1}, out)[3]["ZSUB"] == 1
+    consts = fragment_mma.launch_args(ints, x, None, cfg, out)[3]
+    assert consts["ZSUB"] == 0 and consts["INT_ZERO"]
+    assert not fragment_mma.launch_args(floats, x, None, cfg, out)[3]["INT_ZERO"]
+    assert not fragment_mma.launch_args(nf4, x, None, cfg, out)[3]["INT_ZERO"]
+
+
+@needs_gluon
 @pytest.mark.parametrize("fmt", fragment.FORMATS)
 def test_wide_token_tiles_compile_without_spills_or_shared_memory(fmt):
     """``TOK`` 32 and 64 (:data:`WIDE`) under their caps (:data:`MAXNREG_WIDE`):
@@ -1244,6 +1309,37 @@ def test_cuda_wgmma_kernel_equals_reference(name, order, monkeypatch):
                 out = qmm._launch(rw, x, b, cfg)
                 assert out.dtype == dtype and out.shape == (m, 200)
                 assert float((out.double() - ref).norm() / ref.norm()) < tol, (m, cfg)
+
+
+@needs_cuda
+@pytest.mark.parametrize("name", sorted(FORMATS))
+def test_cuda_zsub_equals_reference(name, monkeypatch):
+    """The zeros (and scales) applied to the A operand in 16 bits (``ZSUB``): every mode the
+    weight allows, every config at 1, 16, 24 and 64 tokens (float16, a bias, tails), bfloat16
+    at 5 and 40; with the scale applied there too (2) the weights are the reference's own
+    16-bit dequantization, so the output is within float32 sums of ``F.linear`` over them."""
+    monkeypatch.setitem(fragment_mma.ZSUB, "modes", (0, 1, 2))
+    monkeypatch.setitem(fragment_mma.WIDE, "enabled", True)
+    for m, dtype in [(1, torch.float16), (16, torch.float16), (24, torch.float16), (64, torch.float16),
+                     (5, torch.bfloat16), (40, torch.bfloat16)]:
+        qmm, rw, x, b, ref = _cuda_case(name, m, 200, 576, dtype)
+        modes = set(fragment_mma.zsub_modes(rw)) - {0}
+        assert modes or FORMATS[name][1].get("zero") == "float"
+        cfgs = [c for c in fragment_mma.configs(rw, m, dtype, qmm._sm_count(x.device)) if c.get("ZSUB")]
+        assert {c["ZSUB"] for c in cfgs} == modes
+        tol = 2e-3 if dtype == torch.float16 else 1.6e-2
+        own = F.linear(x.double(), _dequantized_in(rw, dtype), b.double())
+        for cfg in cfgs:
+            for _ in range(2):
+                out = qmm._launch(rw, x, b, cfg)
+                assert float((out.double() - ref).norm() / ref.norm()) < tol, (m, cfg)
+            if cfg["ZSUB"] == 2:  # the reference's 16-bit weights: only the sums' and the output's rounding
+                assert float((out.double() - own).norm() / own.norm()) < (1e-3 if dtype == torch.float16 else 8e-3), cfg
+
+
+def _dequantized_in(rw, dtype):
+    """The runtime weight dequantized in ``dtype`` (what the torch path multiplies), as float64."""
+    return dequantize_runtime(rw).to(dtype).double()
 
 
 @needs_cuda

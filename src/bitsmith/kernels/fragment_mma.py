@@ -109,7 +109,18 @@ CLUSTER = {"enabled": os.environ.get("BITSMITH_FRAGMENT_CLUSTER", "") == "1"}
 #: 4, 8 and 16 splits (M = 16, int4 g64 and NF4, four shapes); the tuner took it in 7 of 8 cases,
 #: 0.9-5% ahead of the best ticket config (kernels_configs_sum_after_h100.txt).
 #: ``BITSMITH_FRAGMENT_SUM_KERNEL=0`` turns it off
-SUM_AFTER = {"enabled": os.environ.get("BITSMITH_FRAGMENT_SUM_KERNEL", "") != "0"}
+#: ``"tokens"``: the token tiles it is offered with (``BITSMITH_FRAGMENT_SUM_TOKENS``, default 16).
+SUM_AFTER = {"enabled": os.environ.get("BITSMITH_FRAGMENT_SUM_KERNEL", "") != "0",
+             "tokens": tuple(int(v) for v in os.environ.get("BITSMITH_FRAGMENT_SUM_TOKENS", "16").split(",") if v.strip())}
+#: how ``_frag_kernel``'s tuner may apply a group's zero and scale (:func:`_add_group`'s ``ZSUB``):
+#: 0 in float32 after the product (the zero through a product with a tile of ones), 1 the
+#: integer zero taken off the A operand in 16 bits before it (exact), 2 the scale applied there
+#: too, rounded once like the reference's dequantization, the tensor cores accumulating across
+#: groups. Compiled for sm_90 (int4 g64, instructions a group of the main loop / HMMA): at 8
+#: tokens two row blocks 158/12, 172/8, 192/8; at 16 tokens 195/24, 208/16, 217/16; at 32 tokens
+#: one row block 170/32, 145/16, 143/16; at 64 tokens 271/64, 213/32, 193/32 (NF4 has no zero: 2
+#: only). ``BITSMITH_FRAGMENT_ZSUB``: the modes offered, comma-separated (default ``0``).
+ZSUB = {"modes": tuple(int(v) for v in os.environ.get("BITSMITH_FRAGMENT_ZSUB", "0").split(",") if v.strip())}
 #: the most shared memory a cluster config's partial slots take (``split`` slots of the tile, float32)
 CLUSTER_SLOTS_BYTES = 32 * 1024
 
@@ -456,20 +467,51 @@ if HAVE_GLUON:
             gl.store(out_ptr + toks[None, :] * N + rows[:, None], tot.to(DT), mask=o_mask)
 
     @gluon.jit
+    def dequant_math(a, sc, zc, FMT: gl.constexpr, INT_ZERO: gl.constexpr, BF16: gl.constexpr,
+                     SCALE: gl.constexpr = True):
+        """``MAGIC + q`` (or a codebook's levels) ``a [n, 64]`` -> the weights, with a row's float32
+        scale ``sc`` and zero ``zc`` (plus the magic where ``INT_ZERO``): exact subtractions, then
+        one rounded product (the register-operand GEMM's and, with :data:`ZSUB`, ``_frag_kernel``'s
+        dequantization). ``SCALE`` off: ``q - zero`` only (affine), the scale left to the caller."""
+        DT: gl.constexpr = gl.bfloat16 if BF16 else gl.float16
+        MAGIC_F: gl.constexpr = 128.0 if BF16 else 1024.0
+        if FMT == 1:
+            return a * sc.to(DT)[:, None] if SCALE else a
+        if INT_ZERO:  # (MAGIC + q) - (MAGIC + zero): exact
+            q = a - zc.to(DT)[:, None]
+        else:
+            q = (a - MAGIC_F) - zc.to(DT)[:, None]
+        return q * sc.to(DT)[:, None] if SCALE else q
+
+    @gluon.jit
     def _add_group(acc, cur, ones, x_ptr, s_ptr, z_ptr, g, M, N, K, stride_xm, rows, row_ok, zconst, planes,
                    W: gl.constexpr, RB: gl.constexpr, TOK: gl.constexpr, SG: gl.constexpr, FMT: gl.constexpr,
-                   HAS_ZERO: gl.constexpr, TAIL: gl.constexpr, BF16: gl.constexpr):
+                   HAS_ZERO: gl.constexpr, TAIL: gl.constexpr, BF16: gl.constexpr, ZSUB: gl.constexpr,
+                   INT_ZERO: gl.constexpr):
         """``acc`` plus group ``g``'s products of a tile's words ``cur`` (module docstring): the A
         operand, the activations as B, the scales and zeros; ``ones``: the A tile of ones whose
-        product with B gives every row the group's sum of the activations (affine formats)."""
+        product with B gives every row the group's sum of the activations (affine formats).
+        ``ZSUB`` (:data:`ZSUB`) 1: the zero is taken off the A operand in 16 bits instead (no
+        product with the ones, no zero term); 2: the scale too (:func:`dequant_math`), and the
+        tensor cores accumulate across groups."""
         MAGIC_F: gl.constexpr = 128.0 if BF16 else 1024.0
         mma: gl.constexpr = acc.type.layout
         a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
         b_layout: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=mma, k_width=2)
         a = _a_operand(cur, planes, W, RB, a_layout, FMT, BF16)
         b = _b_operand(x_ptr, g, M, K, stride_xm, W, TOK, b_layout, TAIL)
+        sc, zc = _group_meta(s_ptr, z_ptr, g, N, rows, row_ok, zconst, SG, FMT, HAS_ZERO,
+                             MAGIC_F if INT_ZERO or ZSUB == 0 else 0.0, TAIL)
+        if ZSUB > 0:
+            row_a: gl.constexpr = gl.SliceLayout(1, a_layout)
+            a = dequant_math(a, gl.convert_layout(sc, row_a, assert_trivial=True),
+                             gl.convert_layout(zc, row_a, assert_trivial=True), FMT, INT_ZERO, BF16, ZSUB == 2)
+            if ZSUB == 2:
+                acc = mma_v2(a, b, acc)
+            else:
+                acc += mma_v2(a, b, gl.zeros(acc.shape, gl.float32, layout=mma)) * sc[:, None]
+            return acc
         part = mma_v2(a, b, gl.zeros(acc.shape, gl.float32, layout=mma))
-        sc, zc = _group_meta(s_ptr, z_ptr, g, N, rows, row_ok, zconst, SG, FMT, HAS_ZERO, MAGIC_F, TAIL)
         if FMT == 1:
             acc += part * sc[:, None]
         else:
@@ -483,7 +525,8 @@ if HAVE_GLUON:
                      W: gl.constexpr, RB: gl.constexpr, TOK: gl.constexpr, PREFETCH: gl.constexpr,
                      IS_SPLIT: gl.constexpr, SG: gl.constexpr, FMT: gl.constexpr, HAS_ZERO: gl.constexpr,
                      HAS_BIAS: gl.constexpr, TAIL: gl.constexpr, BF16: gl.constexpr, PDL: gl.constexpr,
-                     GROUP_MAJOR: gl.constexpr, CLUSTER: gl.constexpr, SUM_AFTER: gl.constexpr):
+                     GROUP_MAJOR: gl.constexpr, CLUSTER: gl.constexpr, SUM_AFTER: gl.constexpr,
+                     ZSUB: gl.constexpr, INT_ZERO: gl.constexpr):
         """See the module docstring. Program ``(row tile, K split)``; ``SG``: groups of 64 per
         scale group (0: one scale a row); ``FMT``: :data:`FMT_IDS`; ``t_ptr``: a codebook's 16
         levels, float32 (:func:`_table_planes`); ``zconst``: the symmetric zero when ``HAS_ZERO``
@@ -499,7 +542,9 @@ if HAVE_GLUON:
         waits, so a later kernel's wait on this one covers the earlier ones too. ``GROUP_MAJOR``:
         the words are in group-major order (:func:`bitsmith.kernels.fragment.to_order`).
         ``CLUSTER``: the K splits of a tile are a cluster of that many CTAs (:func:`_write_tile_cluster`);
-        ``SUM_AFTER``: the splits only store their partials, a second kernel adds them up."""
+        ``SUM_AFTER``: the splits only store their partials, a second kernel adds them up.
+        ``ZSUB``: where the zero (1) or zero and scale (2) apply, :func:`_add_group`;
+        ``INT_ZERO``: the zeros are integers (exact beside the magic in 16 bits)."""
         DT: gl.constexpr = x_ptr.dtype.element_ty
         if CLUSTER > 1:  # the K splits of a tile: one cluster of consecutive CTAs along x (qmm._run)
             pid_n = gl.program_id(0) // CLUSTER
@@ -542,7 +587,7 @@ if HAVE_GLUON:
             else:
                 cur = gl.load(w_ptr + blk + g * g_stride)
             acc = _add_group(acc, cur, ones, x_ptr, s_ptr, z_ptr, g, M, N, K, stride_xm, rows, row_ok, zconst,
-                             planes, W, RB, TOK, SG, FMT, HAS_ZERO, TAIL, BF16)
+                             planes, W, RB, TOK, SG, FMT, HAS_ZERO, TAIL, BF16, ZSUB, INT_ZERO)
         if CLUSTER > 1:
             _write_tile_cluster(acc, b_ptr, out_ptr, rows, row_ok, toks, pid_k, M, N, CLUSTER, HAS_BIAS)
         else:
@@ -687,6 +732,14 @@ def split_ok(split: int, m: int, ng: int, programs: int, sms: int) -> bool:
     return split <= ng and split * m <= MAX_PARTIALS and (split == 1 or sms // 2 <= programs * split <= 16 * sms)
 
 
+def zsub_modes(rw: RuntimeWeight) -> tuple[int, ...]:
+    """The ways of applying ``rw``'s zeros and scales (:data:`ZSUB`) the tuner weighs for it:
+    those offered that the weight allows (1: integer zeros; 2: integer zeros or a codebook)."""
+    codebook = rw.kind == "codebook"
+    ok = {0: True, 1: not codebook and rw.int_zero, 2: codebook or rw.int_zero}
+    return tuple(mode for mode in ZSUB["modes"] if ok.get(mode)) or (0,)
+
+
 def cluster_capable(device: torch.device) -> bool:
     """Whether ``device`` launches thread-block clusters (a CUDA GPU of compute capability 9.0 or later)."""
     return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
@@ -711,21 +764,23 @@ def configs(rw: RuntimeWeight, m: int, dtype: torch.dtype, sms: int) -> list[dic
     (between half a program and 16 programs an SM, within :data:`MAX_PARTIALS`) x the next one or
     two groups' words loaded ahead in registers (``PREFETCH`` 0, 1, 2); where :func:`cluster_ok`
     and :func:`cluster_fits`, each split also as a cluster (``CLUSTER``: the splits of a tile
-    add up in distributed shared memory instead of the global workspace); with the 16-token tile
-    (:data:`SUM_AFTER` on), each split also ending in a second kernel that adds the partials up
-    (measured there only: the 32- and 64-token tiles keep the ticket until a GPU has run it)."""
+    add up in distributed shared memory instead of the global workspace); with the token tiles
+    of :data:`SUM_AFTER` (16 unless set), each split also ending in a second kernel that adds the
+    partials up; each config in every way of applying the zeros and scales that
+    :func:`zsub_modes` offers for the weight (``ZSUB``, absent for 0)."""
     if m > max_m() or supports(rw, dtype) is not None:
         return []
     ng = blocks_groups(rw)[1]
     tok = tokens(m)
     clusters = cluster_ok(rw.device)
+    zsubs = zsub_modes(rw)
     out = []
     for rb in (1, 2, 4) if tok <= 16 else sorted(r for r, t in MAXNREG_WIDE if t == tok):
         programs = _tiles(rw, 4, rb)
         for split in (1, 2, 4, 8, 16, 32):
             if not split_ok(split, m, ng, programs, sms):
                 continue
-            sum_after = split > 1 and tok == 16 and SUM_AFTER["enabled"]
+            sum_after = split > 1 and tok in SUM_AFTER["tokens"] and SUM_AFTER["enabled"]
             # at 16 splits and more the second kernel won every pair timed (54 of 54 at M = 16,
             # kernels_configs_sum_after_h100.json), so the ticket's ending is not timed there
             endings = [] if sum_after and split >= 16 else [{}]
@@ -735,8 +790,9 @@ def configs(rw: RuntimeWeight, m: int, dtype: torch.dtype, sms: int) -> list[dic
                 endings.append({"SUM_AFTER": True})
             for ending in endings:
                 for prefetch in (0, 1, 2):
-                    out.append({"KERNEL": "fragment", "W": 4, "RB": rb, "SPLIT": split, "PREFETCH": prefetch,
-                                "num_warps": 4, **ending})
+                    for zsub in zsubs:
+                        out.append({"KERNEL": "fragment", "W": 4, "RB": rb, "SPLIT": split, "PREFETCH": prefetch,
+                                    "num_warps": 4, **ending, **({"ZSUB": zsub} if zsub else {})})
     return out
 
 
@@ -751,7 +807,7 @@ def default_config(rw: RuntimeWeight, m: int, sms: int) -> dict:
     while tiles * split < 4 * sms and split * 2 <= min(ng, 32) and split * 2 * m <= MAX_PARTIALS:
         split *= 2
     cfg = {"KERNEL": "fragment", "W": 4, "RB": rb, "SPLIT": split, "PREFETCH": 0, "num_warps": 4}
-    return {**cfg, "SUM_AFTER": True} if split > 1 and tokens(m) == 16 and SUM_AFTER["enabled"] else cfg
+    return {**cfg, "SUM_AFTER": True} if split > 1 and tokens(m) in SUM_AFTER["tokens"] and SUM_AFTER["enabled"] else cfg
 
 
 def kernel_args(rw: RuntimeWeight, x2: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor, split: int,
@@ -792,7 +848,8 @@ def launch_args(rw: RuntimeWeight, x2: torch.Tensor, bias: torch.Tensor | None, 
     tiles = _tiles(rw, w, rb)
     args = kernel_args(rw, x2, bias, out, split, tiles, cluster)
     consts = {"W": w, "RB": rb, "TOK": tokens(x2.shape[0]), **kernel_consts(rw, x2, bias, cfg, 16 * w * rb), "PDL": pdl,
-              "CLUSTER": split if cluster else 1, "SUM_AFTER": sums_after(cfg)}
+              "CLUSTER": split if cluster else 1, "SUM_AFTER": sums_after(cfg), "ZSUB": int(cfg.get("ZSUB", 0)),
+              "INT_ZERO": rw.kind == "affine" and rw.int_zero}
     options = {"num_warps": cfg["num_warps"]}
     if cluster:  # grid x counts tiles; the launch makes each a cluster of ``split`` CTAs (qmm._run)
         options["cluster"] = split
@@ -855,7 +912,7 @@ def compile_offline(fmt: str = "int4", rb: int = 1, tok: int = 8, prefetch: int 
 
     cx = {"W": 4, "RB": rb, "TOK": tok, "PREFETCH": int(prefetch), "IS_SPLIT": True, "SG": 1, "FMT": FMT_IDS[fmt],
           "HAS_ZERO": fmt != "nf4", "HAS_BIAS": False, "TAIL": False, "BF16": act == "bf16", "PDL": False, "GROUP_MAJOR": False,
-          "CLUSTER": 1, "SUM_AFTER": False, **consts}
+          "CLUSTER": 1, "SUM_AFTER": False, "ZSUB": 0, "INT_ZERO": fmt != "nf4", **consts}
     cap = register_cap({"RB": rb}, tok) if maxnreg is None else maxnreg
     return _compile_offline(_frag_kernel, cx, act, cx["W"], 1, arch, gluon=True, maxnreg=cap)
 

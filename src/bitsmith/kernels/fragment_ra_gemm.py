@@ -52,6 +52,9 @@ import torch
 
 from . import fragment_wgmma
 from .fragment_mma import FMT_IDS, HAVE_GLUON, MAGIC, _scale_steps, blocks_groups
+
+if HAVE_GLUON:
+    from .fragment_mma import dequant_math as _dequant_math
 from .layout import RuntimeWeight
 
 if HAVE_GLUON:
@@ -150,19 +153,6 @@ if HAVE_GLUON:
     _CUT4_BF16 = gl.constexpr(cut4_ptx(MAGIC[torch.bfloat16][0]))
     _CONSUMER_REGS = gl.constexpr(REGS[0])
     _LOADER_REGS = gl.constexpr(REGS[1])
-
-    @gluon.jit
-    def _dequant_math(a, sc, zc, FMT: gl.constexpr, INT_ZERO: gl.constexpr, BF16: gl.constexpr):
-        """``MAGIC + q`` (or a codebook's levels) ``a [n, 64]`` -> the weights, with a row's float32
-        scale ``sc`` and zero ``zc`` (plus the magic where ``INT_ZERO``): exact subtractions, then
-        one rounded product."""
-        DT: gl.constexpr = gl.bfloat16 if BF16 else gl.float16
-        MAGIC_F: gl.constexpr = 128.0 if BF16 else 1024.0
-        if FMT == 1:
-            return a * sc.to(DT)[:, None]
-        if INT_ZERO:  # (MAGIC + q) - (MAGIC + zero): exact
-            return (a - zc.to(DT)[:, None]) * sc.to(DT)[:, None]
-        return ((a - MAGIC_F) - zc.to(DT)[:, None]) * sc.to(DT)[:, None]
 
     @gluon.jit
     def _meta_descriptors(w_ptr, s_ptr, z_ptr, N, NB, NG, S_ROWS, BLOCK_N: gl.constexpr):
