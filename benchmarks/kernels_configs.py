@@ -145,10 +145,11 @@ def main() -> None:
                         f"{mode}: {best[0]:.1f} us ({describe(best[1])})"
                         for mode in modes for best in [next(t for t in frag if t[1].get("ZSUB", 0) == mode)]), flush=True)
                 del qt, rw
+                # after every case, so a run cut short by a time limit keeps what it measured
+                write_result(args.name, {"device": torch.cuda.get_device_name(dev), "rows": rows,
+                                         "timing": "us per call, CUDA-graph replay with the L2 flushed, median"})
         del w16
         torch.cuda.empty_cache()
-    write_result(args.name, {"device": torch.cuda.get_device_name(dev), "rows": rows,
-                             "timing": "us per call, CUDA-graph replay with the L2 flushed, median"})
 
 
 if __name__ == "__main__":
