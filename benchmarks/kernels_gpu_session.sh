@@ -52,7 +52,8 @@
 #       with the second-kernel ending, the library's M = 16 table with it, batch-16 decode
 #   OUT=/some/dir bash benchmarks/kernels_gpu_session.sh zsub       # the fragment kernel's zeros (and scales) applied to its
 #       A operand in 16 bits (BITSMITH_FRAGMENT_ZSUB=0,1,2) and the second kernel with the wide tiles: CUDA tests, every
-#       M = 16 config (ZS_MS, ZS_FORMATS, ZS_SHAPES); zsub_wide: the same at 32 and 64 tokens, then the library's table
+#       M = 16 config (ZS_MS, ZS_FORMATS, ZS_SHAPES); zsub_wide: the same at 32 and 64 tokens, compute-sanitizer
+#       over the fragment kernel, then the library's M = 16 table
 #   OUT=/some/dir bash benchmarks/kernels_gpu_session.sh ra_ncu     # Nsight Compute on the register-operand GEMM (RA_TILE)
 #   OUT=/some/dir bash benchmarks/kernels_gpu_session.sh wide       # the fragment layout's kernels for more tokens:
 #       the Gluon kernel at 17..64 tokens and the Hopper wgmma kernel (both on by default since they passed this):
@@ -375,14 +376,15 @@ zsub)  # zeros (and scales) taken off the fragment kernel's A operand in 16 bits
     python3 benchmarks/kernels_configs.py --layout fragment --m "${ZS_MS:-16}" --formats "${ZS_FORMATS:-int4_g64,nf4_g64}" \
     --shapes "${ZS_SHAPES:-14336x4096,4096x14336,28672x8192}" --reps 10 --top 2 --name kernels_configs_zsub
   ;;
-zsub_wide)  # zsub's configs at 32 and 64 tokens (and 1), then the library's table at 16 and 32 tokens with every
-  # mode and ending offered to its tuner
-  export BITSMITH_FRAGMENT_ZSUB=0,1,2 BITSMITH_FRAGMENT_SUM_TOKENS=16,32,64
-  step configs.txt "${T_CFG:-330}" "grep -E 'fp16|WRONG|fail|best'" kernels_configs_zsub_wide \
-    python3 benchmarks/kernels_configs.py --layout fragment --m "${ZS_MS:-32,64}" --formats "${ZS_FORMATS:-int4_g64,nf4_g64}" \
+zsub_wide)  # zsub's configs at 32 and 64 tokens (int4 g64), compute-sanitizer over the fragment kernel (ZSUB and the
+  # second kernel included), then the library's table at 16 tokens with every mode offered to its tuner (ZS_BENCH_MS)
+  export BITSMITH_FRAGMENT_ZSUB=${BITSMITH_FRAGMENT_ZSUB:-0,1,2} BITSMITH_FRAGMENT_SUM_TOKENS=${BITSMITH_FRAGMENT_SUM_TOKENS:-16,32,64}
+  step configs.txt "${T_CFG:-150}" "grep -E 'fp16|WRONG|fail|best'" kernels_configs_zsub_wide \
+    python3 benchmarks/kernels_configs.py --layout fragment --m "${ZS_MS:-32,64}" --formats "${ZS_FORMATS:-int4_g64}" \
     --shapes "${ZS_SHAPES:-14336x4096,28672x8192}" --reps 10 --top 2 --name kernels_configs_zsub_wide
-  step bench.txt "${T_BENCH:-200}" "grep -E '^ +[0-9]+x[0-9]+ +[0-9]+ '" kernels_defaults_zsub \
-    python3 benchmarks/kernels_bench.py --shapes 4096x4096,14336x4096,4096x14336,28672x8192 --m "${ZS_BENCH_MS:-16,32}" \
+  OUT="$OUT" SAN_ARGS=--fragment T_WARM=${T_WARM:-80} T_SAN=${T_SAN:-170} bash benchmarks/kernels_sanitize.sh | tail -4
+  step bench.txt "${T_BENCH:-150}" "grep -E '^ +[0-9]+x[0-9]+ +[0-9]+ '" kernels_defaults_zsub \
+    python3 benchmarks/kernels_bench.py --shapes 4096x4096,14336x4096,4096x14336,28672x8192 --m "${ZS_BENCH_MS:-16}" \
     --formats int4_g64,int4_g128,int3_g64,nf4_g64 --no-w8a8 --reps 20 --name kernels_defaults_zsub
   ;;
 pattern)  # where the fragment kernel's M = 1 time goes, by subtraction (fragment_pattern_probe.py)

@@ -105,11 +105,26 @@ FRAGMENT_CASES = [("rtn", {"bits": 4, "group_size": 64}), ("rtn", {"bits": 3, "g
                   ("nf", {"levels": 16, "block_size": 128})]
 
 
+def _with_zsub(rw, cfgs: list[dict]) -> list[dict]:
+    """The Gluon kernel's configs among ``cfgs`` that load two groups ahead, in every other way of
+    applying the zeros and scales the weight allows (``ZSUB``, :func:`~bitsmith.kernels.fragment_mma.zsub_modes`
+    with all offered)."""
+    saved = fragment_mma.ZSUB["modes"]
+    fragment_mma.ZSUB["modes"] = (1, 2)
+    try:
+        modes = [z for z in fragment_mma.zsub_modes(rw) if z]
+    finally:
+        fragment_mma.ZSUB["modes"] = saved
+    return [{**c, "ZSUB": z} for c in cfgs if c.get("KERNEL") == "fragment" and c["PREFETCH"] == 2
+            and not c.get("CLUSTER") for z in modes]
+
+
 def _fragment_cases() -> float:
     """The fragment layout at N = 333 (a partial row block) and K = 1000 (a partial group):
     its kernel at 1 and 16 rows (one and two row blocks a warp, split-K off and over 3 programs,
     no prefetch and two groups' words ahead; on Hopper also over 2 and 4 programs as a cluster; at
-    16 rows also over 3 programs summed by the second kernel),
+    16 rows also over 3 programs summed by the second kernel; those loading two groups ahead also
+    with the zeros and scales applied to the A operand, ``ZSUB``),
     and the dequantization path at 19 rows, with the
     words in each order (block- and group-major, :data:`bitsmith.kernels.fragment.ORDERS`); worst
     relative error against float64. ``BITSMITH_FRAGMENT_PDL=1`` makes its launches programmatic
@@ -134,6 +149,7 @@ def _fragment_cases() -> float:
             if m == 16:  # split-K partials added up by the second kernel
                 cfgs += [{"KERNEL": "fragment", "W": 4, "RB": rb, "SPLIT": 3, "PREFETCH": 2, "num_warps": 4,
                           "SUM_AFTER": True} for rb in (1, 2)]
+            cfgs += _with_zsub(rw, cfgs)
             for cfg in cfgs:
                 y = qmm._launch(rw, x, bias, cfg)
                 worst = max(worst, float((y.double() - ref).norm() / ref.norm()))
@@ -168,6 +184,7 @@ def _fragment_wide_cases() -> float:
                 cfgs += [{"KERNEL": "fragment", "W": 4, "RB": rb, "SPLIT": split, "PREFETCH": pf, "num_warps": 4, **end}
                          for rb in sorted(r for r, t in fragment_mma.MAXNREG_WIDE if t == tok) for split in splits
                          for pf in (0, 1, 2) for end in ({}, {"SUM_AFTER": True})]
+            cfgs += _with_zsub(rw, cfgs)
             if fragment_wgmma.WGMMA["enabled"] and fragment_wgmma.supports(rw, torch.float16) is None:
                 rbs = (1, 2) if fragment_wgmma.tokens(m) <= 32 else (1,)
                 cfgs += [{"KERNEL": "fragment_wgmma", "RB": rb, "SPLIT": split, "PREFETCH": pf, "K_MAJOR": km, "num_warps": 4}
