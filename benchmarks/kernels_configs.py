@@ -13,6 +13,7 @@ best ``--top`` per case, writes every timing to JSON.
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 from pathlib import Path
 
@@ -75,6 +76,19 @@ def m1_sweep(rw, dtype) -> list[dict]:
             cfg = {"KERNEL": "fma", "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT": split, "num_warps": warps, "num_stages": 1}
             if small_m.supports(rw, dtype, cfg) is None and split <= steps:
                 out.append(cfg)
+    return out
+
+
+def paired_ratios(timed: list[tuple], key: str) -> list[tuple]:
+    """``(value, median ratio, pairs)`` for each nonzero value of config ``key`` among ``timed``
+    (``(us, cfg, err)``): each config's time over that of the same config without ``key``."""
+    base = {tuple(sorted((k, v) for k, v in cfg.items() if k != key)): us for us, cfg, _ in timed if not cfg.get(key)}
+    out = []
+    for value in sorted({cfg.get(key) for _, cfg, _ in timed if cfg.get(key)}):
+        ratios = sorted(us / base[k] for us, cfg, _ in timed if cfg.get(key) == value
+                        for k in [tuple(sorted((a, b) for a, b in cfg.items() if a != key))] if k in base)
+        if ratios:
+            out.append((value, statistics.median(ratios), len(ratios)))
     return out
 
 
@@ -144,6 +158,9 @@ def main() -> None:
                     print("    best by ZSUB: " + ", ".join(
                         f"{mode}: {best[0]:.1f} us ({describe(best[1])})"
                         for mode in modes for best in [next(t for t in frag if t[1].get("ZSUB", 0) == mode)]), flush=True)
+                    print("    per config against ZSUB 0, median time ratio: " + ", ".join(
+                        f"{mode}: {ratio:.3f} ({count} configs)" for mode, ratio, count in paired_ratios(frag, "ZSUB")),
+                        flush=True)
                 del qt, rw
                 # after every case, so a run cut short by a time limit keeps what it measured
                 write_result(args.name, {"device": torch.cuda.get_device_name(dev), "rows": rows,
