@@ -52,7 +52,8 @@
 #       with the second-kernel ending, the library's M = 16 table with it, batch-16 decode
 #   OUT=/some/dir bash benchmarks/kernels_gpu_session.sh zsub       # the fragment kernel's zeros (and scales) applied to its
 #       A operand in 16 bits (BITSMITH_FRAGMENT_ZSUB=0,1,2) and the second kernel with the wide tiles: CUDA tests, every
-#       M = 16 config (ZS_MS, ZS_FORMATS, ZS_SHAPES); zsub_wide: the same at 32 and 64 tokens, compute-sanitizer
+#       M = 16 config (ZS_MS, ZS_FORMATS, ZS_SHAPES)
+#   OUT=/some/dir bash benchmarks/kernels_gpu_session.sh zsub_wide  # zsub's configs at 32 and 64 tokens, compute-sanitizer
 #       over the fragment kernel, then the library's M = 16 table
 #   OUT=/some/dir bash benchmarks/kernels_gpu_session.sh ra_ncu     # Nsight Compute on the register-operand GEMM (RA_TILE)
 #   OUT=/some/dir bash benchmarks/kernels_gpu_session.sh wide       # the fragment layout's kernels for more tokens:
