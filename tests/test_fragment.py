@@ -848,7 +848,8 @@ def test_wgmma_kernel_compiles_for_sm90(fmt):
     token tile) its configs use, plain and with tails, a bias and group-major words: the fragment
     words reach ``wgmma``'s register A operand without data movement (asserted while compiling),
     each group is four ``HGMMA.64xTOKx16`` a row block with one shared-memory tile of activations
-    between two barriers (stored 16 bytes at a time with ``K_MAJOR``), no spills."""
+    between two barriers (stored 16 bytes at a time with ``K_MAJOR``), no spills; integer zeros
+    dequantize with one 16-bit subtraction a register, float zeros with two."""
     for rb, tok in ((1, 16), (2, 16), (1, 32), (2, 32), (1, 64)):
         for extra in ({}, {"TAIL": True, "HAS_BIAS": True, "GROUP_MAJOR": True}, {"K_MAJOR": True},
                       {"K_MAJOR": True, "TAIL": True, "BF16": True}):
@@ -866,6 +867,14 @@ def test_wgmma_kernel_compiles_for_sm90(fmt):
             assert stores == ({"STS.128": tok // 16} if extra.get("K_MAJOR") else {"STS.U16": tok // 2}), (rb, tok, stores)
             # the group's MMA is waited for before the next group begins
             assert [t for t in loop_ins if t.startswith("WARPGROUP.DEPBAR")] == ["WARPGROUP.DEPBAR.LE gsb0, 0x0"]
+            if fmt != "nf4" and not extra:  # integer zeros: one exact 16-bit subtraction an A register (of 16 a row
+                # block), then the scale's product; float zeros take the magic off first, a second subtraction
+                assert loop["HMUL2"] == 16 * rb and 16 * rb <= loop["HADD2"] <= 16 * rb + 2, loop
+                floats = fragment_wgmma.compile_offline(fmt, rb, tok, 1, INT_ZERO=False)
+                with tempfile.TemporaryDirectory() as tmp:
+                    fl = collections.Counter(kernels_sass.opcode(t) for t in kernels_sass.loop_body(
+                        kernels_sass.sass_of(floats.asm["cubin"], Path(tmp)), holding="HGMMA"))
+                assert fl["HADD2"] >= 32 * rb, fl
 
 
 def _spills_inside_partitions(ins) -> list:

@@ -13,9 +13,10 @@ shared memory, stored once a group for the whole warpgroup:
   of two, 16..:data:`TOK_MAX`) and a slice of the groups of 64 (split-K, reduced inside the launch as the
   Gluon kernel does it);
 * per group: the words (prefetched a group ahead with ``PREFETCH``) become ``MAGIC + q`` (or a
-  codebook's levels), which are dequantized in registers, ``((MAGIC + q) - MAGIC - zero) * scale``
-  (two subtractions, exact, then one product rounded once: as the reference rounds its float32
-  dequantization once) or ``level * scale``; the activations are stored to shared memory with
+  codebook's levels), which are dequantized in registers by
+  :func:`bitsmith.kernels.fragment_mma.dequant_math`: ``((MAGIC + q) - (MAGIC + zero)) * scale``
+  for integer zeros (one subtraction; float zeros take ``MAGIC`` off first), exact, then one
+  product rounded once, as the reference rounds its float32 dequantization once, or ``level * scale``; the activations are stored to shared memory with
   their channels in the order the fragment's ``k`` stands for
   (:func:`bitsmith.kernels.fragment.physical_k`), two buffers; one synchronous ``wgmma`` adds
   the group into the float32 accumulator. No per-group float32 epilogue, no activation sums.
@@ -52,7 +53,7 @@ if HAVE_GLUON:
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma
 
-    from .fragment_mma import _a_operand, _group_meta, _table_planes, _word_offsets, _write_tile
+    from .fragment_mma import _a_operand, _group_meta, _table_planes, _word_offsets, _write_tile, dequant_math
 
 #: whether the tuner is offered this kernel on Hopper (unless ``BITSMITH_FRAGMENT_WGMMA=0``; see the
 #: module docstring)
@@ -80,7 +81,8 @@ if HAVE_GLUON:
                       M, N, K, NB, NG, G_PER, SPLIT, zconst, stride_xm,
                       RB: gl.constexpr, TOK: gl.constexpr, PREFETCH: gl.constexpr, IS_SPLIT: gl.constexpr,
                       SG: gl.constexpr, FMT: gl.constexpr, HAS_ZERO: gl.constexpr, HAS_BIAS: gl.constexpr,
-                      TAIL: gl.constexpr, BF16: gl.constexpr, GROUP_MAJOR: gl.constexpr, K_MAJOR: gl.constexpr):
+                      TAIL: gl.constexpr, BF16: gl.constexpr, GROUP_MAJOR: gl.constexpr, K_MAJOR: gl.constexpr,
+                      INT_ZERO: gl.constexpr):
         """See the module docstring. Program ``(row tile, token tile, K split)``; the other
         parameters as :func:`bitsmith.kernels.fragment_mma._frag_kernel`'s (argument positions 0,
         6 and 7 are the activation, bias and output, as every launch plan expects)."""
@@ -149,11 +151,9 @@ if HAVE_GLUON:
             fence_async_shared()
             gl.thread_barrier()  # every warp's activations are in shared memory before the MMA reads them
             a = _a_operand(cur, planes, W, RB, a_layout, FMT, BF16)
-            sc, zc = _group_meta(s_ptr, z_ptr, g, N, arows, arow_ok, zconst, SG, FMT, HAS_ZERO, 0.0, TAIL)
-            if FMT == 1:
-                a = a * sc.to(DT)[:, None]
-            else:
-                a = ((a - MAGIC_F) - zc.to(DT)[:, None]) * sc.to(DT)[:, None]
+            sc, zc = _group_meta(s_ptr, z_ptr, g, N, arows, arow_ok, zconst, SG, FMT, HAS_ZERO,
+                                 MAGIC_F if INT_ZERO else 0.0, TAIL)
+            a = dequant_math(a, sc, zc, FMT, INT_ZERO, BF16)
             acc = warpgroup_mma(a, slot, acc)
         rows = pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(1, mma))
         toks = pid_m * TOK + gl.arange(0, TOK, layout=gl.SliceLayout(0, mma))
@@ -224,7 +224,8 @@ def launch_args(rw: RuntimeWeight, x2: torch.Tensor, bias: torch.Tensor | None, 
     rb, tok = cfg["RB"], tokens(m)
     grid = (_row_tiles(rw, rb), -(-m // tok), cfg["SPLIT"])
     args = kernel_args(rw, x2, bias, out, cfg["SPLIT"], grid[0] * grid[1])
-    consts = {"RB": rb, "TOK": tok, **kernel_consts(rw, x2, bias, cfg, 64 * rb), "K_MAJOR": bool(cfg["K_MAJOR"])}
+    consts = {"RB": rb, "TOK": tok, **kernel_consts(rw, x2, bias, cfg, 64 * rb), "K_MAJOR": bool(cfg["K_MAJOR"]),
+              "INT_ZERO": rw.kind == "affine" and rw.int_zero}
     return _wgmma_kernel, grid, args, consts, {"num_warps": cfg["num_warps"]}
 
 
@@ -237,7 +238,7 @@ def compile_offline(fmt: str = "int4", rb: int = 1, tok: int = 64, prefetch: int
 
     cx = {"RB": rb, "TOK": tok, "PREFETCH": int(prefetch), "IS_SPLIT": True, "SG": 1, "FMT": FMT_IDS[fmt],
           "HAS_ZERO": fmt != "nf4", "HAS_BIAS": False, "TAIL": False, "BF16": act == "bf16", "GROUP_MAJOR": False,
-          "K_MAJOR": False, **consts}
+          "K_MAJOR": False, "INT_ZERO": fmt != "nf4", **consts}
     return _compile_offline(_wgmma_kernel, cx, act, 4, 1, arch, gluon=True)
 
 
