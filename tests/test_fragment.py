@@ -774,6 +774,18 @@ def test_zsub_takes_the_zero_off_the_operand_and_drops_the_ones_product(fmt, rb,
         assert not [t for a, t in ins if re.match(r"(LDL|STL)\b", t)]
 
 
+def test_integer_zeros_from_128_take_the_float_path(monkeypatch):
+    """A stored uint8 zero may reach 255, and ``MAGIC + zero`` is exact in bfloat16 (MAGIC 128)
+    only below 128: such a weight is not marked ``int_zero``, so no kernel subtracts it in one
+    16-bit step (the torch reference reads it the same either way)."""
+    monkeypatch.setitem(fragment_mma.ZSUB, "modes", (0, 1, 2))
+    qt = _quantize("int4_g64", torch.randn(64, 256) * 0.05)
+    assert repack(qt, layout="fragment").int_zero and int(qt.tensors["zero"].max()) < 16
+    qt.tensors["zero"][0, 0] = 200
+    rw = repack(qt, layout="fragment")
+    assert not rw.int_zero and fragment_mma.zsub_modes(rw) == (0,)
+
+
 def test_zsub_modes_follow_the_weight_and_the_setting(monkeypatch):
     """What the tuner offers (``BITSMITH_FRAGMENT_ZSUB``, default 0 only): the zero off the
     operand (1) only for integer zeros, the scale too (2) for integer zeros and codebooks, never

@@ -132,7 +132,7 @@ class RuntimeWeight:
     zero: torch.Tensor | None
     zconst: float
     table: torch.Tensor | None
-    int_zero: bool = False  # affine zero points are integers (uint8 zero, or a symmetric integer constant)
+    int_zero: bool = False  # affine zero points are integers below 128 (uint8 zero, or a symmetric integer constant)
     # codebook levels as 16-bit float bit patterns, kept on the host for kernels that build the
     # table into their code: {torch.float16: (...), torch.bfloat16: (...)}
     table_bits: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)
@@ -295,7 +295,9 @@ def _weight_codes(qt: QTensor) -> _Codes:
         zconst = p.symmetric_zero if p.zero == "none" else 0.0
         if p.zero == "none":
             z_val = None
-        int_zero = p.zero == "int" or (p.zero == "none" and float(zconst).is_integer())
+        # integer zeros below 128: MAGIC + zero is exact in bfloat16 (MAGIC 128) too, which the
+        # kernels' one-subtraction dequantization needs (a stored uint8 zero may be up to 255)
+        int_zero = (p.zero == "int" and int(z_val.max()) < 128) or (p.zero == "none" and float(zconst).is_integer())
         return _Codes("affine", rbits, group, ng, codes.to(torch.uint8), s_val.reshape(n, ng),
                       None if z_val is None else z_val.reshape(n, ng), sdt, zconst, int_zero, None, {})
     assert isinstance(p, CodebookParams)
