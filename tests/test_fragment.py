@@ -774,6 +774,18 @@ def test_zsub_takes_the_zero_off_the_operand_and_drops_the_ones_product(fmt, rb,
         assert not [t for a, t in ins if re.match(r"(LDL|STL)\b", t)]
 
 
+def test_zsub_and_sum_token_settings_parse_and_name_bad_values():
+    """``BITSMITH_FRAGMENT_ZSUB`` / ``_SUM_TOKENS``: unset is the default, a comma list of allowed
+    values is taken as given, anything else names the variable and what it takes."""
+    parse = fragment_mma.int_list
+    assert parse("BITSMITH_FRAGMENT_ZSUB", None, (0, 1, 2), (0,)) == (0,)
+    assert parse("BITSMITH_FRAGMENT_ZSUB", " 0, 2 ", (0, 1, 2), (0,)) == (0, 2)
+    assert parse("BITSMITH_FRAGMENT_SUM_TOKENS", "16,32,64", (16, 32, 64), (16,)) == (16, 32, 64)
+    for bad in ("3", "x", "0;1", ","):
+        with pytest.raises(ValueError, match=r"BITSMITH_FRAGMENT_ZSUB=.*0, 1, 2"):
+            parse("BITSMITH_FRAGMENT_ZSUB", bad, (0, 1, 2), (0,))
+
+
 def test_integer_zeros_from_128_take_the_float_path(monkeypatch):
     """A stored uint8 zero may reach 255, and ``MAGIC + zero`` is exact in bfloat16 (MAGIC 128)
     only below 128: such a weight is not marked ``int_zero``, so no kernel subtracts it in one

@@ -92,6 +92,20 @@ DEQUANT_ROW_BLOCKS = 8  # row blocks a program of the dequantization kernel
 PDL = {"enabled": os.environ.get("BITSMITH_FRAGMENT_PDL", "") == "1"}
 
 
+def int_list(name: str, setting: str | None, allowed: tuple[int, ...], default: tuple[int, ...]) -> tuple[int, ...]:
+    """A comma list of integers from the environment variable ``name`` (``setting``; unset or
+    empty: ``default``), each one of ``allowed``. Raises ``ValueError`` naming the variable."""
+    if setting is None or not setting.strip():
+        return default
+    try:
+        values = tuple(int(v) for v in setting.split(",") if v.strip())
+    except ValueError:
+        values = ()
+    if not values or set(values) - set(allowed):
+        raise ValueError(f"{name}={setting!r}: expected a comma list of {', '.join(map(str, allowed))}")
+    return values
+
+
 #: whether ``_frag_kernel``'s tuner also weighs split-K reduced inside thread-block clusters
 #: (Hopper and later: the K splits of a tile are one cluster, the partials meet in rank 0's shared
 #: memory; :func:`_write_tile_cluster`). Opt-in (``BITSMITH_FRAGMENT_CLUSTER=1``): on the H100 the
@@ -111,7 +125,8 @@ CLUSTER = {"enabled": os.environ.get("BITSMITH_FRAGMENT_CLUSTER", "") == "1"}
 #: ``BITSMITH_FRAGMENT_SUM_KERNEL=0`` turns it off
 #: ``"tokens"``: the token tiles it is offered with (``BITSMITH_FRAGMENT_SUM_TOKENS``, default 16).
 SUM_AFTER = {"enabled": os.environ.get("BITSMITH_FRAGMENT_SUM_KERNEL", "") != "0",
-             "tokens": tuple(int(v) for v in os.environ.get("BITSMITH_FRAGMENT_SUM_TOKENS", "16").split(",") if v.strip())}
+             "tokens": int_list("BITSMITH_FRAGMENT_SUM_TOKENS", os.environ.get("BITSMITH_FRAGMENT_SUM_TOKENS"),
+                                (16, 32, 64), (16,))}
 #: how ``_frag_kernel``'s tuner may apply a group's zero and scale (:func:`_add_group`'s ``ZSUB``):
 #: 0 in float32 after the product (the zero through a product with a tile of ones), 1 the
 #: integer zero taken off the A operand in 16 bits before it (exact), 2 the scale applied there
@@ -120,7 +135,7 @@ SUM_AFTER = {"enabled": os.environ.get("BITSMITH_FRAGMENT_SUM_KERNEL", "") != "0
 #: tokens two row blocks 158/12, 172/8, 192/8; at 16 tokens 195/24, 208/16, 217/16; at 32 tokens
 #: one row block 170/32, 145/16, 143/16; at 64 tokens 271/64, 213/32, 193/32 (NF4 has no zero: 2
 #: only). ``BITSMITH_FRAGMENT_ZSUB``: the modes offered, comma-separated (default ``0``).
-ZSUB = {"modes": tuple(int(v) for v in os.environ.get("BITSMITH_FRAGMENT_ZSUB", "0").split(",") if v.strip())}
+ZSUB = {"modes": int_list("BITSMITH_FRAGMENT_ZSUB", os.environ.get("BITSMITH_FRAGMENT_ZSUB"), (0, 1, 2), (0,))}
 #: the most shared memory a cluster config's partial slots take (``split`` slots of the tile, float32)
 CLUSTER_SLOTS_BYTES = 32 * 1024
 
