@@ -122,7 +122,7 @@ CLUSTER = {"enabled": os.environ.get("BITSMITH_FRAGMENT_CLUSTER", "") == "1"}
 #: the ticket's) and against the same config it is a median 0.5, 2.0, 5.3 and 10.2% faster at 2,
 #: 4, 8 and 16 splits (M = 16, int4 g64 and NF4, four shapes); the tuner took it in 7 of 8 cases,
 #: 0.9-5% ahead of the best ticket config (kernels_configs_sum_after_h100.txt).
-#: ``BITSMITH_FRAGMENT_SUM_KERNEL=0`` turns it off
+#: ``BITSMITH_FRAGMENT_SUM_KERNEL=0`` turns it off;
 #: ``"tokens"``: the token tiles it is offered with (``BITSMITH_FRAGMENT_SUM_TOKENS``, default 16).
 SUM_AFTER = {"enabled": os.environ.get("BITSMITH_FRAGMENT_SUM_KERNEL", "") != "0",
              "tokens": int_list("BITSMITH_FRAGMENT_SUM_TOKENS", os.environ.get("BITSMITH_FRAGMENT_SUM_TOKENS"),
@@ -773,6 +773,11 @@ def cluster_fits(split: int, rb: int, tok: int) -> bool:
     return split in (2, 4, 8) and split * 64 * rb * tok * 4 <= CLUSTER_SLOTS_BYTES
 
 
+def _sum_after_offered(split: int, tok: int) -> bool:
+    """Whether ``split`` K splits of a ``tok``-token tile may end in the second kernel (:data:`SUM_AFTER`)."""
+    return split > 1 and tok in SUM_AFTER["tokens"] and SUM_AFTER["enabled"]
+
+
 def configs(rw: RuntimeWeight, m: int, dtype: torch.dtype, sms: int) -> list[dict]:
     """Candidate configs of ``_frag_kernel`` at ``m <= max_m()`` rows on a GPU of ``sms``
     multiprocessors: row blocks a warp (above 16 tokens those of :data:`MAXNREG_WIDE`) x split-K
@@ -795,7 +800,7 @@ def configs(rw: RuntimeWeight, m: int, dtype: torch.dtype, sms: int) -> list[dic
         for split in (1, 2, 4, 8, 16, 32):
             if not split_ok(split, m, ng, programs, sms):
                 continue
-            sum_after = split > 1 and tok in SUM_AFTER["tokens"] and SUM_AFTER["enabled"]
+            sum_after = _sum_after_offered(split, tok)
             # at 16 splits and more the second kernel won every pair timed (54 of 54 at M = 16,
             # kernels_configs_sum_after_h100.json), so the ticket's ending is not timed there
             endings = [] if sum_after and split >= 16 else [{}]
@@ -822,7 +827,7 @@ def default_config(rw: RuntimeWeight, m: int, sms: int) -> dict:
     while tiles * split < 4 * sms and split * 2 <= min(ng, 32) and split * 2 * m <= MAX_PARTIALS:
         split *= 2
     cfg = {"KERNEL": "fragment", "W": 4, "RB": rb, "SPLIT": split, "PREFETCH": 0, "num_warps": 4}
-    return {**cfg, "SUM_AFTER": True} if split > 1 and tokens(m) in SUM_AFTER["tokens"] and SUM_AFTER["enabled"] else cfg
+    return {**cfg, "SUM_AFTER": True} if _sum_after_offered(split, tokens(m)) else cfg
 
 
 def kernel_args(rw: RuntimeWeight, x2: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor, split: int,
@@ -850,7 +855,7 @@ def kernel_consts(rw: RuntimeWeight, x2: torch.Tensor, bias: torch.Tensor | None
     return {"PREFETCH": int(cfg["PREFETCH"]), "IS_SPLIT": cfg["SPLIT"] > 1, "SG": _scale_steps(rw),
             "FMT": FMT_IDS[rw.fragment_format], "HAS_ZERO": rw.zero is not None, "HAS_BIAS": bias is not None,
             "TAIL": rw.n % tile_rows != 0 or x2.shape[1] % 64 != 0, "BF16": x2.dtype == torch.bfloat16,
-            "GROUP_MAJOR": rw.fragment_order == "group"}
+            "GROUP_MAJOR": rw.fragment_order == "group", "INT_ZERO": rw.kind == "affine" and rw.int_zero}
 
 
 def launch_args(rw: RuntimeWeight, x2: torch.Tensor, bias: torch.Tensor | None, cfg: dict, out: torch.Tensor):
@@ -863,8 +868,7 @@ def launch_args(rw: RuntimeWeight, x2: torch.Tensor, bias: torch.Tensor | None, 
     tiles = _tiles(rw, w, rb)
     args = kernel_args(rw, x2, bias, out, split, tiles, cluster)
     consts = {"W": w, "RB": rb, "TOK": tokens(x2.shape[0]), **kernel_consts(rw, x2, bias, cfg, 16 * w * rb), "PDL": pdl,
-              "CLUSTER": split if cluster else 1, "SUM_AFTER": sums_after(cfg), "ZSUB": int(cfg.get("ZSUB", 0)),
-              "INT_ZERO": rw.kind == "affine" and rw.int_zero}
+              "CLUSTER": split if cluster else 1, "SUM_AFTER": sums_after(cfg), "ZSUB": int(cfg.get("ZSUB", 0))}
     options = {"num_warps": cfg["num_warps"]}
     if cluster:  # grid x counts tiles; the launch makes each a cluster of ``split`` CTAs (qmm._run)
         options["cluster"] = split

@@ -52,9 +52,6 @@ import torch
 
 from . import fragment_wgmma
 from .fragment_mma import FMT_IDS, HAVE_GLUON, MAGIC, _scale_steps, blocks_groups
-
-if HAVE_GLUON:
-    from .fragment_mma import dequant_math as _dequant_math
 from .layout import RuntimeWeight
 
 if HAVE_GLUON:
@@ -64,6 +61,7 @@ if HAVE_GLUON:
                                                                    warpgroup_mma, warpgroup_mma_wait)
 
     from .fragment_mma import _table_planes
+    from .fragment_mma import dequant_math as _dequant_math
     from .w8a8_wgmma import _tile_offsets
 
 

@@ -224,8 +224,7 @@ def launch_args(rw: RuntimeWeight, x2: torch.Tensor, bias: torch.Tensor | None, 
     rb, tok = cfg["RB"], tokens(m)
     grid = (_row_tiles(rw, rb), -(-m // tok), cfg["SPLIT"])
     args = kernel_args(rw, x2, bias, out, cfg["SPLIT"], grid[0] * grid[1])
-    consts = {"RB": rb, "TOK": tok, **kernel_consts(rw, x2, bias, cfg, 64 * rb), "K_MAJOR": bool(cfg["K_MAJOR"]),
-              "INT_ZERO": rw.kind == "affine" and rw.int_zero}
+    consts = {"RB": rb, "TOK": tok, **kernel_consts(rw, x2, bias, cfg, 64 * rb), "K_MAJOR": bool(cfg["K_MAJOR"])}
     return _wgmma_kernel, grid, args, consts, {"num_warps": cfg["num_warps"]}
 
 
