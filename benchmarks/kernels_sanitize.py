@@ -109,12 +109,7 @@ def _with_zsub(rw, cfgs: list[dict]) -> list[dict]:
     """The Gluon kernel's configs among ``cfgs`` that load two groups ahead, in every other way of
     applying the zeros and scales the weight allows (``ZSUB``, :func:`~bitsmith.kernels.fragment_mma.zsub_modes`
     with all offered)."""
-    saved = fragment_mma.ZSUB["modes"]
-    fragment_mma.ZSUB["modes"] = (1, 2)
-    try:
-        modes = [z for z in fragment_mma.zsub_modes(rw) if z]
-    finally:
-        fragment_mma.ZSUB["modes"] = saved
+    modes = [z for z in fragment_mma.zsub_modes(rw, (1, 2)) if z]
     return [{**c, "ZSUB": z} for c in cfgs if c.get("KERNEL") == "fragment" and c["PREFETCH"] == 2
             and not c.get("CLUSTER") for z in modes]
 

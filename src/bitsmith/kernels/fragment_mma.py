@@ -747,12 +747,13 @@ def split_ok(split: int, m: int, ng: int, programs: int, sms: int) -> bool:
     return split <= ng and split * m <= MAX_PARTIALS and (split == 1 or sms // 2 <= programs * split <= 16 * sms)
 
 
-def zsub_modes(rw: RuntimeWeight) -> tuple[int, ...]:
+def zsub_modes(rw: RuntimeWeight, offered: tuple[int, ...] | None = None) -> tuple[int, ...]:
     """The ways of applying ``rw``'s zeros and scales (:data:`ZSUB`) the tuner weighs for it:
-    those offered that the weight allows (1: integer zeros; 2: integer zeros or a codebook)."""
+    those ``offered`` (default: the setting's) that the weight allows (1: integer zeros; 2:
+    integer zeros or a codebook)."""
     codebook = rw.kind == "codebook"
     ok = {0: True, 1: not codebook and rw.int_zero, 2: codebook or rw.int_zero}
-    return tuple(mode for mode in ZSUB["modes"] if ok.get(mode)) or (0,)
+    return tuple(mode for mode in (ZSUB["modes"] if offered is None else offered) if ok.get(mode)) or (0,)
 
 
 def cluster_capable(device: torch.device) -> bool:
