@@ -82,11 +82,14 @@ def m1_sweep(rw, dtype) -> list[dict]:
 def paired_ratios(timed: list[tuple], key: str) -> list[tuple]:
     """``(value, median ratio, pairs)`` for each nonzero value of config ``key`` among ``timed``
     (``(us, cfg, err)``): each config's time over that of the same config without ``key``."""
-    base = {tuple(sorted((k, v) for k, v in cfg.items() if k != key)): us for us, cfg, _ in timed if not cfg.get(key)}
+    def without_key(cfg: dict) -> tuple:
+        return tuple(sorted((k, v) for k, v in cfg.items() if k != key))
+
+    base = {without_key(cfg): us for us, cfg, _ in timed if not cfg.get(key)}
     out = []
     for value in sorted({cfg.get(key) for _, cfg, _ in timed if cfg.get(key)}):
-        ratios = sorted(us / base[k] for us, cfg, _ in timed if cfg.get(key) == value
-                        for k in [tuple(sorted((a, b) for a, b in cfg.items() if a != key))] if k in base)
+        ratios = [us / base[without_key(cfg)] for us, cfg, _ in timed
+                  if cfg.get(key) == value and without_key(cfg) in base]
         if ratios:
             out.append((value, statistics.median(ratios), len(ratios)))
     return out
