@@ -371,7 +371,7 @@ zsub)  # zeros (and scales) taken off the fragment kernel's A operand in 16 bits
   # (0), and the second-kernel ending offered with the 32- and 64-token tiles too: the fragment CUDA tests, then every
   # M = 16 config in all three modes (ZS_MS, ZS_FORMATS, ZS_SHAPES)
   export BITSMITH_FRAGMENT_ZSUB=0,1,2 BITSMITH_FRAGMENT_SUM_TOKENS=16,32,64
-  TEST_FILES=tests/test_fragment.py TEST_K="cuda and (zsub or every_config or wide or cluster_sum)" \
+  TEST_FILES=tests/test_fragment.py TEST_K="${TEST_K:-cuda and (zsub or every_config or wide or cluster_sum or wgmma)}" \
     T_TESTS=${T_TESTS:-200} tests_or_stop
   step configs.txt "${T_CFG:-330}" "grep -E 'fp16|WRONG|fail|best'" kernels_configs_zsub \
     python3 benchmarks/kernels_configs.py --layout fragment --m "${ZS_MS:-16}" --formats "${ZS_FORMATS:-int4_g64,nf4_g64}" \
