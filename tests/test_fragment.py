@@ -130,6 +130,37 @@ def test_int4_conversion_writes_each_register_whole(magic):
                 assert half == magic | (word >> (4 * r + 16 * h)) & 15, (hex(word), r, h)
 
 
+def test_int4_sixteenths_conversion_and_fma_give_code_minus_zero_exactly():
+    """``SIXTEENTHS`` (float16 only), emulated: the conversion PTX writes ``MAGIC | q`` halves in
+    the even registers and ``MAGIC | q << 4`` (``MAGIC + 16 q``) in the odd ones; the odd
+    registers' elements are rows ``g + 8`` of the product (ISA), the rows the kernel multiplies by
+    1/16; ``a * (1 or 1/16) - (MAGIC or MAGIC / 16) - zero``, each step a float16 value, is ``q -
+    zero`` for every code and integer zero below 128."""
+    import numpy as np
+
+    magic = 0x6400
+    ptx = fragment_mma.cvt4_ptx(magic, sixteenths=True)
+    assert ptx.count("shr.b32") == 1
+    g = torch.Generator().manual_seed(12)
+    for word in torch.randint(0, 2**32, (64,), generator=g, dtype=torch.int64).tolist() + [0xFFFFFFFF, 0]:
+        regs = run_ptx(ptx, {"$4": word, "$5": word})
+        for r in range(4):
+            for h in range(2):
+                half = (regs[f"${r}"] >> (16 * h)) & 0xFFFF
+                q = (word >> (4 * r + 16 * h)) & 15
+                assert half == magic | (q << 4 if r % 2 else q), (hex(word), r, h)
+                assert all(_spec_a_element(lane, 2 * r + h)[0] >= 8 for lane in range(32)) == bool(r % 2)
+    f16 = np.float16
+    for q in range(16):
+        for zero in range(128):
+            for high in (False, True):
+                a = f16(1024 + (16 * q if high else q))
+                per_code, offset = (f16(1 / 16), f16(1024 / 16)) if high else (f16(1), f16(1024))
+                zero16 = f16(f16(1024 + zero) - (f16(1024) - offset))  # the kernel's 16-bit zero of that row
+                assert float(zero16) == float(offset) + zero
+                assert float(a) * float(per_code) - float(zero16) == q - zero  # one rounding in the FMA: none needed
+
+
 def test_codebook_lookup_writes_each_register_whole():
     """NF4: the byte-plane lookup with whole-register outputs (``small_m._lut8_ptx(pairs=True)``,
     ``pack=2`` operands: the word in ``$4``, plane ``p`` in ``$6 + 2 p``), emulated on packed
@@ -772,6 +803,13 @@ def test_zsub_takes_the_zero_off_the_operand_and_drops_the_ones_product(fmt, rb,
         with tempfile.TemporaryDirectory() as tmp:
             ins = kernels_sass.sass_of(compiled.asm["cubin"], Path(tmp))
         assert not [t for a, t in ins if re.match(r"(LDL|STL)\b", t)]
+        if fmt == "int4":  # codes of rows g + 8 left in place: a word's conversion shifts once, not three times
+            six = probe.loop_opcodes(fragment_mma.compile_offline(fmt, rb, tok, 1, ZSUB=zsub, SIXTEENTHS=True).asm["cubin"])
+            words = a_registers // 4
+            assert count(six, "HMMA") == products and count(six, "HFMA2") >= a_registers, six
+            shifts = [sum(n for op, n in c.items() if op.startswith("SHF.R.U32")) for c in (ops, six)]
+            assert shifts[1] <= shifts[0] - 2 * words, (six, ops)
+            assert sum(six.values()) < sum(ops.values()), (six, ops)
 
 
 def test_zsub_and_sum_token_settings_parse_and_name_bad_values():
@@ -827,6 +865,12 @@ def test_zsub_modes_follow_the_weight_and_the_setting(monkeypatch):
     assert consts["ZSUB"] == 0 and consts["INT_ZERO"]
     assert not fragment_mma.launch_args(floats, x, None, cfg, out)[3]["INT_ZERO"]
     assert not fragment_mma.launch_args(nf4, x, None, cfg, out)[3]["INT_ZERO"]
+    # sixteenths: int4 with integer zeros, float16, a ZSUB mode; never bfloat16, codebooks or float zeros
+    assert fragment_mma.launch_args(ints, x, None, {**cfg, "ZSUB": 1}, out)[3]["SIXTEENTHS"] and not consts["SIXTEENTHS"]
+    assert fragment_mma.sixteenths(sym, torch.float16, 2) and not fragment_mma.sixteenths(ints, torch.bfloat16, 1)
+    assert not fragment_mma.sixteenths(nf4, torch.float16, 2) and not fragment_mma.sixteenths(floats, torch.float16, 1)
+    monkeypatch.setitem(fragment_mma.SIXTEENTHS, "enabled", False)
+    assert not fragment_mma.sixteenths(ints, torch.float16, 1)
 
 
 @needs_gluon
@@ -873,7 +917,9 @@ def test_wgmma_kernel_compiles_for_sm90(fmt):
     words reach ``wgmma``'s register A operand without data movement (asserted while compiling),
     each group is four ``HGMMA.64xTOKx16`` a row block with one shared-memory tile of activations
     between two barriers (stored 16 bytes at a time with ``K_MAJOR``), no spills; integer zeros
-    dequantize with one 16-bit subtraction a register, float zeros with two."""
+    dequantize with one 16-bit subtraction a register, float zeros with two; int4 in sixteenths
+    (:data:`bitsmith.kernels.fragment_mma.SIXTEENTHS`) with one multiply-add a register and a shift
+    a word fewer than two."""
     for rb, tok in ((1, 16), (2, 16), (1, 32), (2, 32), (1, 64)):
         for extra in ({}, {"TAIL": True, "HAS_BIAS": True, "GROUP_MAJOR": True}, {"K_MAJOR": True},
                       {"K_MAJOR": True, "TAIL": True, "BF16": True}):
@@ -899,6 +945,13 @@ def test_wgmma_kernel_compiles_for_sm90(fmt):
                     fl = collections.Counter(kernels_sass.opcode(t) for t in kernels_sass.loop_body(
                         kernels_sass.sass_of(floats.asm["cubin"], Path(tmp)), holding="HGMMA"))
                 assert fl["HADD2"] >= 32 * rb, fl
+            if fmt == "int4" and not extra:  # in sixteenths (float16): one multiply-add a register, a shift a word
+                six = fragment_wgmma.compile_offline(fmt, rb, tok, 1, SIXTEENTHS=True)
+                with tempfile.TemporaryDirectory() as tmp:
+                    sx = collections.Counter(kernels_sass.opcode(t) for t in kernels_sass.loop_body(
+                        kernels_sass.sass_of(six.asm["cubin"], Path(tmp)), holding="HGMMA"))
+                assert sx["HFMA2"] == 16 * rb and sx["HMUL2"] == 16 * rb and sx["HADD2"] <= 2 * rb, sx
+                assert sx["SHF.R.U32.HI"] <= loop["SHF.R.U32.HI"] - 8 * rb and sum(sx.values()) < sum(loop.values()), sx
 
 
 def _spills_inside_partitions(ins) -> list:

@@ -136,6 +136,11 @@ SUM_AFTER = {"enabled": os.environ.get("BITSMITH_FRAGMENT_SUM_KERNEL", "") != "0
 #: one row block 170/32, 145/16, 143/16; at 64 tokens 271/64, 213/32, 193/32 (NF4 has no zero: 2
 #: only). ``BITSMITH_FRAGMENT_ZSUB``: the modes offered, comma-separated (default ``0``).
 ZSUB = {"modes": int_list("BITSMITH_FRAGMENT_ZSUB", os.environ.get("BITSMITH_FRAGMENT_ZSUB"), (0, 1, 2), (0,))}
+#: whether :data:`ZSUB`'s int4 conversion leaves the codes of rows ``g + 8`` in place, ``MAGIC +
+#: 16 q`` (float16 activations, integer zeros): the fused multiply-add that takes the zero off
+#: divides by 16 too, and a word's conversion takes one shift instead of three (:func:`cvt4_ptx`).
+#: ``BITSMITH_FRAGMENT_SIXTEENTHS=0`` turns it off.
+SIXTEENTHS = {"enabled": os.environ.get("BITSMITH_FRAGMENT_SIXTEENTHS", "") != "0"}
 #: the most shared memory a cluster config's partial slots take (``split`` slots of the tile, float32)
 CLUSTER_SLOTS_BYTES = 32 * 1024
 
@@ -169,13 +174,21 @@ def register_cap(cfg: dict, tok: int = 16) -> int:
     return MAXNREG_WIDE[(cfg["RB"], tok)] if tok > 16 else MAXNREG.get(cfg["RB"], 0)
 
 
-def cvt4_ptx(magic_bits: int) -> str:
+def cvt4_ptx(magic_bits: int, sixteenths: bool = False) -> str:
     """int4 fragment word -> its product's four A registers, each whole: ``$r`` holds register
     ``r``'s halves ``magic + q`` (codes at bits ``4 r`` and ``16 + 4 r``, so a shift, none for ``r
     = 0``, and one LOP3 ``(a & b) | c`` make it). Operands as Triton numbers them with ``pack=2``
-    (two elements a call: every input twice): the word in ``$4`` (and ``$5``)."""
+    (two elements a call: every input twice): the word in ``$4`` (and ``$5``).
+    ``sixteenths`` (float16 only, :data:`SIXTEENTHS`): the odd registers (rows ``g + 8`` of the
+    product) keep their codes where they are, at bits 4..7 of each half: ``magic + 16 q``, exact in
+    float16's ten mantissa bits; the caller's fused multiply-add by ``1/16`` takes that factor off.
+    One shift a word instead of three."""
     magic = f"{magic_bits * 0x10001:#010x}"
     lines = ["{", ".reg .b32 t;", f"lop3.b32 $0, $4, 0x000F000F, {magic}, 0xea;"]
+    if sixteenths:
+        lines += [f"lop3.b32 $1, $4, 0x00F000F0, {magic}, 0xea;", "shr.b32 t, $4, 8;",
+                  f"lop3.b32 $2, t, 0x000F000F, {magic}, 0xea;", f"lop3.b32 $3, t, 0x00F000F0, {magic}, 0xea;"]
+        return "\n".join(lines + ["}"])
     for r in (1, 2, 3):
         lines += [f"shr.b32 t, $4, {4 * r};", f"lop3.b32 ${r}, t, 0x000F000F, {magic}, 0xea;"]
     return "\n".join(lines + ["}"])
@@ -226,6 +239,7 @@ def table_planes(rw: RuntimeWeight, dtype: torch.dtype) -> list[int]:
 if HAVE_GLUON:
     _CVT4_F16 = gl.constexpr(cvt4_ptx(MAGIC[torch.float16][0]))
     _CVT4_BF16 = gl.constexpr(cvt4_ptx(MAGIC[torch.bfloat16][0]))
+    _CVT4_F16_SIXTEENTHS = gl.constexpr(cvt4_ptx(MAGIC[torch.float16][0], sixteenths=True))
     _CVT3_F16 = gl.constexpr(cvt3_ptx(MAGIC[torch.float16][0]))
     _CVT3_BF16 = gl.constexpr(cvt3_ptx(MAGIC[torch.bfloat16][0]))
     _LUT8 = gl.constexpr(lut8_ptx())
@@ -295,12 +309,13 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _a_operand(words, planes, W: gl.constexpr, RB: gl.constexpr, a_layout: gl.constexpr,
-                   FMT: gl.constexpr, BF16: gl.constexpr):
+                   FMT: gl.constexpr, BF16: gl.constexpr, SIXTEENTHS: gl.constexpr = False):
         """A lane's words of one group (``[RB, W, 32, 4]``; int3: the fourth unused) -> the A
         operand ``[16 W RB, 64]`` in the activation dtype (``BF16``: bfloat16, else float16):
         ``MAGIC + q``, or a codebook's levels. Each input is joined with itself (``[.., 2]``, the
         two halves of a register) and the assembly runs with ``pack=2``, so it writes every A
-        register whole, with no 16-bit moves to pair the halves afterwards."""
+        register whole, with no 16-bit moves to pair the halves afterwards. ``SIXTEENTHS``
+        (:data:`SIXTEENTHS`): rows ``g + 8`` of each 16 hold ``MAGIC + 16 q`` (int4, float16)."""
         if BF16:
             dts4: gl.constexpr = (gl.bfloat16,) * 4
             dts16: gl.constexpr = (gl.bfloat16,) * 16
@@ -336,8 +351,8 @@ if HAVE_GLUON:
                                           dtype=dts4, is_pure=True, pack=2)
             return _fragment_tile(o, W, RB, a_layout)
         else:
-            o = gl.inline_asm_elementwise(cvt4, "=r,=r,=r,=r,r,r", [gl.join(words, words)], dtype=dts4, is_pure=True,
-                                          pack=2)
+            o = gl.inline_asm_elementwise(_CVT4_F16_SIXTEENTHS if SIXTEENTHS else cvt4, "=r,=r,=r,=r,r,r",
+                                          [gl.join(words, words)], dtype=dts4, is_pure=True, pack=2)
             return _fragment_tile(o, W, RB, a_layout)
 
     @gluon.jit
@@ -483,16 +498,24 @@ if HAVE_GLUON:
 
     @gluon.jit
     def dequant_math(a, sc, zc, FMT: gl.constexpr, INT_ZERO: gl.constexpr, BF16: gl.constexpr,
-                     SCALE: gl.constexpr = True):
+                     SCALE: gl.constexpr = True, rows=None, SIXTEENTHS: gl.constexpr = False):
         """``MAGIC + q`` (or a codebook's levels) ``a [n, 64]`` -> the weights, with a row's float32
         scale ``sc`` and zero ``zc`` (plus the magic where ``INT_ZERO``): exact subtractions, then
-        one rounded product (the register-operand GEMM's and, with :data:`ZSUB`, ``_frag_kernel``'s
-        dequantization). ``SCALE`` off: ``q - zero`` only (affine), the scale left to the caller."""
+        one rounded product (the register-operand GEMM's, the wgmma kernel's and, with :data:`ZSUB`,
+        ``_frag_kernel``'s dequantization). ``SCALE`` off: ``q - zero`` only (affine), the scale
+        left to the caller. ``SIXTEENTHS`` (int4, float16, integer zeros; :data:`SIXTEENTHS`): the
+        ``rows`` ``g + 8`` of each 16 come as ``MAGIC + 16 q``, and one fused multiply-add per
+        register, ``a / 16 - (MAGIC / 16 + zero)`` there and ``a - (MAGIC + zero)`` in the other
+        rows, takes the zero off: exact, as the subtraction is."""
         DT: gl.constexpr = gl.bfloat16 if BF16 else gl.float16
         MAGIC_F: gl.constexpr = 128.0 if BF16 else 1024.0
         if FMT == 1:
             return a * sc.to(DT)[:, None] if SCALE else a
-        if INT_ZERO:  # (MAGIC + q) - (MAGIC + zero): exact
+        if SIXTEENTHS:
+            high = (rows % 16) >= 8
+            zero16 = zc.to(DT) - gl.where(high, MAGIC_F - MAGIC_F / 16, 0.0).to(DT)  # exact: integers
+            q = gl.fma(a, gl.where(high, 1.0 / 16, 1.0).to(DT)[:, None], -zero16[:, None])
+        elif INT_ZERO:  # (MAGIC + q) - (MAGIC + zero): exact
             q = a - zc.to(DT)[:, None]
         else:
             q = (a - MAGIC_F) - zc.to(DT)[:, None]
@@ -502,25 +525,27 @@ if HAVE_GLUON:
     def _add_group(acc, cur, ones, x_ptr, s_ptr, z_ptr, g, M, N, K, stride_xm, rows, row_ok, zconst, planes,
                    W: gl.constexpr, RB: gl.constexpr, TOK: gl.constexpr, SG: gl.constexpr, FMT: gl.constexpr,
                    HAS_ZERO: gl.constexpr, TAIL: gl.constexpr, BF16: gl.constexpr, ZSUB: gl.constexpr,
-                   INT_ZERO: gl.constexpr):
+                   INT_ZERO: gl.constexpr, SIXTEENTHS: gl.constexpr):
         """``acc`` plus group ``g``'s products of a tile's words ``cur`` (module docstring): the A
         operand, the activations as B, the scales and zeros; ``ones``: the A tile of ones whose
         product with B gives every row the group's sum of the activations (affine formats).
         ``ZSUB`` (:data:`ZSUB`) 1: the zero is taken off the A operand in 16 bits instead (no
         product with the ones, no zero term); 2: the scale too (:func:`dequant_math`), and the
-        tensor cores accumulate across groups."""
+        tensor cores accumulate across groups. ``SIXTEENTHS``: the conversion and subtraction of
+        :func:`dequant_math` (with ``ZSUB`` only)."""
         MAGIC_F: gl.constexpr = 128.0 if BF16 else 1024.0
         mma: gl.constexpr = acc.type.layout
         a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
         b_layout: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=mma, k_width=2)
-        a = _a_operand(cur, planes, W, RB, a_layout, FMT, BF16)
+        a = _a_operand(cur, planes, W, RB, a_layout, FMT, BF16, SIXTEENTHS)
         b = _b_operand(x_ptr, g, M, K, stride_xm, W, TOK, b_layout, TAIL)
         sc, zc = _group_meta(s_ptr, z_ptr, g, N, rows, row_ok, zconst, SG, FMT, HAS_ZERO,
                              MAGIC_F if INT_ZERO or ZSUB == 0 else 0.0, TAIL)
         if ZSUB > 0:
             row_a: gl.constexpr = gl.SliceLayout(1, a_layout)
             a = dequant_math(a, gl.convert_layout(sc, row_a, assert_trivial=True),
-                             gl.convert_layout(zc, row_a, assert_trivial=True), FMT, INT_ZERO, BF16, ZSUB == 2)
+                             gl.convert_layout(zc, row_a, assert_trivial=True), FMT, INT_ZERO, BF16, ZSUB == 2,
+                             gl.convert_layout(rows, row_a, assert_trivial=True), SIXTEENTHS)
             if ZSUB == 2:
                 acc = mma_v2(a, b, acc)
             else:
@@ -541,7 +566,7 @@ if HAVE_GLUON:
                      IS_SPLIT: gl.constexpr, SG: gl.constexpr, FMT: gl.constexpr, HAS_ZERO: gl.constexpr,
                      HAS_BIAS: gl.constexpr, TAIL: gl.constexpr, BF16: gl.constexpr, PDL: gl.constexpr,
                      GROUP_MAJOR: gl.constexpr, CLUSTER: gl.constexpr, SUM_AFTER: gl.constexpr,
-                     ZSUB: gl.constexpr, INT_ZERO: gl.constexpr):
+                     ZSUB: gl.constexpr, INT_ZERO: gl.constexpr, SIXTEENTHS: gl.constexpr):
         """See the module docstring. Program ``(row tile, K split)``; ``SG``: groups of 64 per
         scale group (0: one scale a row); ``FMT``: :data:`FMT_IDS`; ``t_ptr``: a codebook's 16
         levels, float32 (:func:`_table_planes`); ``zconst``: the symmetric zero when ``HAS_ZERO``
@@ -559,7 +584,8 @@ if HAVE_GLUON:
         ``CLUSTER``: the K splits of a tile are a cluster of that many CTAs (:func:`_write_tile_cluster`);
         ``SUM_AFTER``: the splits only store their partials, a second kernel adds them up.
         ``ZSUB``: where the zero (1) or zero and scale (2) apply, :func:`_add_group`;
-        ``INT_ZERO``: the zeros are integers (exact beside the magic in 16 bits)."""
+        ``INT_ZERO``: the zeros are integers (exact beside the magic in 16 bits); ``SIXTEENTHS``:
+        :func:`_add_group`'s, set only where it applies (:func:`sixteenths`)."""
         DT: gl.constexpr = x_ptr.dtype.element_ty
         if CLUSTER > 1:  # the K splits of a tile: one cluster of consecutive CTAs along x (qmm._run)
             pid_n = gl.program_id(0) // CLUSTER
@@ -602,7 +628,7 @@ if HAVE_GLUON:
             else:
                 cur = gl.load(w_ptr + blk + g * g_stride)
             acc = _add_group(acc, cur, ones, x_ptr, s_ptr, z_ptr, g, M, N, K, stride_xm, rows, row_ok, zconst,
-                             planes, W, RB, TOK, SG, FMT, HAS_ZERO, TAIL, BF16, ZSUB, INT_ZERO)
+                             planes, W, RB, TOK, SG, FMT, HAS_ZERO, TAIL, BF16, ZSUB, INT_ZERO, SIXTEENTHS)
         if CLUSTER > 1:
             _write_tile_cluster(acc, b_ptr, out_ptr, rows, row_ok, toks, pid_k, M, N, CLUSTER, HAS_BIAS)
         else:
@@ -850,6 +876,14 @@ def kernel_args(rw: RuntimeWeight, x2: torch.Tensor, bias: torch.Tensor | None, 
             m, rw.n, k, nb, ng, -(-ng // split), split, float(rw.zconst), x2.stride(0))
 
 
+def sixteenths(rw: RuntimeWeight, dtype: torch.dtype, zsub: int) -> bool:
+    """Whether ``_frag_kernel`` converts ``rw``'s codes in sixteenths (:data:`SIXTEENTHS`): on, an
+    int4 affine weight with integer zeros, float16 activations, and a :data:`ZSUB` mode that takes
+    the zero off in 16 bits."""
+    return (SIXTEENTHS["enabled"] and zsub > 0 and rw.kind == "affine" and rw.fragment_format == "int4"
+            and rw.int_zero and dtype == torch.float16)
+
+
 def kernel_consts(rw: RuntimeWeight, x2: torch.Tensor, bias: torch.Tensor | None, cfg: dict, tile_rows: int) -> dict:
     """The constexprs both kernels of :func:`kernel_args` take from the weight, the call and
     ``cfg`` (``TAIL``: ``N`` not a multiple of the ``tile_rows`` rows of a program, or ``K`` of 64)."""
@@ -870,6 +904,7 @@ def launch_args(rw: RuntimeWeight, x2: torch.Tensor, bias: torch.Tensor | None, 
     args = kernel_args(rw, x2, bias, out, split, tiles, cluster)
     consts = {"W": w, "RB": rb, "TOK": tokens(x2.shape[0]), **kernel_consts(rw, x2, bias, cfg, 16 * w * rb), "PDL": pdl,
               "CLUSTER": split if cluster else 1, "SUM_AFTER": sums_after(cfg), "ZSUB": int(cfg.get("ZSUB", 0))}
+    consts["SIXTEENTHS"] = sixteenths(rw, x2.dtype, consts["ZSUB"])
     options = {"num_warps": cfg["num_warps"]}
     if cluster:  # grid x counts tiles; the launch makes each a cluster of ``split`` CTAs (qmm._run)
         options["cluster"] = split
@@ -932,7 +967,7 @@ def compile_offline(fmt: str = "int4", rb: int = 1, tok: int = 8, prefetch: int 
 
     cx = {"W": 4, "RB": rb, "TOK": tok, "PREFETCH": int(prefetch), "IS_SPLIT": True, "SG": 1, "FMT": FMT_IDS[fmt],
           "HAS_ZERO": fmt != "nf4", "HAS_BIAS": False, "TAIL": False, "BF16": act == "bf16", "PDL": False, "GROUP_MAJOR": False,
-          "CLUSTER": 1, "SUM_AFTER": False, "ZSUB": 0, "INT_ZERO": fmt != "nf4", **consts}
+          "CLUSTER": 1, "SUM_AFTER": False, "ZSUB": 0, "INT_ZERO": fmt != "nf4", "SIXTEENTHS": False, **consts}
     cap = register_cap({"RB": rb}, tok) if maxnreg is None else maxnreg
     return _compile_offline(_frag_kernel, cx, act, cx["W"], 1, arch, gluon=True, maxnreg=cap)
 

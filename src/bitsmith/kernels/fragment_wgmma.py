@@ -45,7 +45,8 @@ import os
 
 import torch
 
-from .fragment_mma import FMT_IDS, HAVE_GLUON, MAGIC, MAX_PARTIALS, blocks_groups, kernel_args, kernel_consts, split_ok
+from .fragment_mma import (FMT_IDS, HAVE_GLUON, MAGIC, MAX_PARTIALS, blocks_groups, kernel_args, kernel_consts, sixteenths,
+                           split_ok)
 from .layout import RuntimeWeight
 
 if HAVE_GLUON:
@@ -82,7 +83,7 @@ if HAVE_GLUON:
                       RB: gl.constexpr, TOK: gl.constexpr, PREFETCH: gl.constexpr, IS_SPLIT: gl.constexpr,
                       SG: gl.constexpr, FMT: gl.constexpr, HAS_ZERO: gl.constexpr, HAS_BIAS: gl.constexpr,
                       TAIL: gl.constexpr, BF16: gl.constexpr, GROUP_MAJOR: gl.constexpr, K_MAJOR: gl.constexpr,
-                      INT_ZERO: gl.constexpr):
+                      INT_ZERO: gl.constexpr, SIXTEENTHS: gl.constexpr):
         """See the module docstring. Program ``(row tile, token tile, K split)``; the other
         parameters as :func:`bitsmith.kernels.fragment_mma._frag_kernel`'s (argument positions 0,
         6 and 7 are the activation, bias and output, as every launch plan expects)."""
@@ -150,10 +151,10 @@ if HAVE_GLUON:
                 slot.store(gl.reshape(gl.permute(xb, _TO_K_TOKEN.value), [64, TOK]))  # k = 16 s + 8 rc + 2 t + h
             fence_async_shared()
             gl.thread_barrier()  # every warp's activations are in shared memory before the MMA reads them
-            a = _a_operand(cur, planes, W, RB, a_layout, FMT, BF16)
+            a = _a_operand(cur, planes, W, RB, a_layout, FMT, BF16, SIXTEENTHS)
             sc, zc = _group_meta(s_ptr, z_ptr, g, N, arows, arow_ok, zconst, SG, FMT, HAS_ZERO,
                                  MAGIC_F if INT_ZERO else 0.0, TAIL)
-            a = dequant_math(a, sc, zc, FMT, INT_ZERO, BF16)
+            a = dequant_math(a, sc, zc, FMT, INT_ZERO, BF16, True, arows, SIXTEENTHS)
             acc = warpgroup_mma(a, slot, acc)
         rows = pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(1, mma))
         toks = pid_m * TOK + gl.arange(0, TOK, layout=gl.SliceLayout(0, mma))
@@ -224,7 +225,8 @@ def launch_args(rw: RuntimeWeight, x2: torch.Tensor, bias: torch.Tensor | None, 
     rb, tok = cfg["RB"], tokens(m)
     grid = (_row_tiles(rw, rb), -(-m // tok), cfg["SPLIT"])
     args = kernel_args(rw, x2, bias, out, cfg["SPLIT"], grid[0] * grid[1])
-    consts = {"RB": rb, "TOK": tok, **kernel_consts(rw, x2, bias, cfg, 64 * rb), "K_MAJOR": bool(cfg["K_MAJOR"])}
+    consts = {"RB": rb, "TOK": tok, **kernel_consts(rw, x2, bias, cfg, 64 * rb), "K_MAJOR": bool(cfg["K_MAJOR"]),
+              "SIXTEENTHS": sixteenths(rw, x2.dtype, 2)}  # it always dequantizes in 16 bits
     return _wgmma_kernel, grid, args, consts, {"num_warps": cfg["num_warps"]}
 
 
@@ -237,7 +239,7 @@ def compile_offline(fmt: str = "int4", rb: int = 1, tok: int = 64, prefetch: int
 
     cx = {"RB": rb, "TOK": tok, "PREFETCH": int(prefetch), "IS_SPLIT": True, "SG": 1, "FMT": FMT_IDS[fmt],
           "HAS_ZERO": fmt != "nf4", "HAS_BIAS": False, "TAIL": False, "BF16": act == "bf16", "GROUP_MAJOR": False,
-          "K_MAJOR": False, "INT_ZERO": fmt != "nf4", **consts}
+          "K_MAJOR": False, "INT_ZERO": fmt != "nf4", "SIXTEENTHS": False, **consts}
     return _compile_offline(_wgmma_kernel, cx, act, 4, 1, arch, gluon=True)
 
 
