@@ -1423,6 +1423,34 @@ def test_cuda_zsub_equals_reference(name, monkeypatch):
                 assert float((out.double() - own).norm() / own.norm()) < (1e-3 if dtype == torch.float16 else 8e-3), cfg
 
 
+@needs_cuda
+@pytest.mark.parametrize("name", ["int4_g64", "int4_g128_sym", "int4_channel"])
+def test_cuda_zsub_sixteenths_equal_shifted_codes_bit_for_bit(name, monkeypatch):
+    """int4 converted in sixteenths (:data:`bitsmith.kernels.fragment_mma.SIXTEENTHS`) gives the same
+    16-bit ``q - zero`` as the shifted codes, so every ``ZSUB`` config and every wgmma config
+    without split-K (whose ticket order may vary the float32 sums) writes the same bits with it
+    on and off, at 16, 24 and 64 tokens in float16 (a bias, tails)."""
+    monkeypatch.setitem(fragment_mma.ZSUB, "modes", (0, 1, 2))
+    monkeypatch.setitem(fragment_mma.WIDE, "enabled", True)
+    monkeypatch.setitem(fragment_wgmma.WGMMA, "enabled", True)
+    compared = 0
+    for m in (16, 24, 64):
+        qmm, rw, x, b, ref = _cuda_case(name, m, 200, 576, torch.float16)
+        assert rw.int_zero and fragment_mma.sixteenths(rw, torch.float16, 1)  # the launches below take it
+        sms = qmm._sm_count(x.device)
+        cfgs = [c for c in fragment_mma.configs(rw, m, torch.float16, sms) if c.get("ZSUB") and c["SPLIT"] == 1]
+        cfgs += [c for c in fragment_wgmma.configs(rw, m, torch.float16, sms, min_m=1) if c["SPLIT"] == 1]
+        for cfg in cfgs:
+            monkeypatch.setitem(fragment_mma.SIXTEENTHS, "enabled", True)
+            on = qmm._launch(rw, x, b, cfg).clone()
+            monkeypatch.setitem(fragment_mma.SIXTEENTHS, "enabled", False)
+            off = qmm._launch(rw, x, b, cfg)
+            assert torch.equal(on, off), (m, cfg, float((on.double() - off.double()).abs().max()))
+            assert float((on.double() - ref).norm() / ref.norm()) < 2e-3, (m, cfg)
+            compared += 1
+    assert compared >= 6
+
+
 def _dequantized_in(rw, dtype):
     """The runtime weight dequantized in ``dtype`` (what the torch path multiplies), as float64."""
     return dequantize_runtime(rw).to(dtype).double()
