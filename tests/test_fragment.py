@@ -865,8 +865,10 @@ def test_zsub_modes_follow_the_weight_and_the_setting(monkeypatch):
     assert consts["ZSUB"] == 0 and consts["INT_ZERO"]
     assert not fragment_mma.launch_args(floats, x, None, cfg, out)[3]["INT_ZERO"]
     assert not fragment_mma.launch_args(nf4, x, None, cfg, out)[3]["INT_ZERO"]
-    # sixteenths: int4 with integer zeros, float16, a ZSUB mode; never bfloat16, codebooks or float zeros
-    assert fragment_mma.launch_args(ints, x, None, {**cfg, "ZSUB": 1}, out)[3]["SIXTEENTHS"] and not consts["SIXTEENTHS"]
+    # sixteenths (when on): int4 with integer zeros, float16, a ZSUB mode; never bfloat16, codebooks or float zeros
+    monkeypatch.setitem(fragment_mma.SIXTEENTHS, "enabled", True)
+    assert fragment_mma.launch_args(ints, x, None, {**cfg, "ZSUB": 1}, out)[3]["SIXTEENTHS"]
+    assert not fragment_mma.launch_args(ints, x, None, cfg, out)[3]["SIXTEENTHS"]
     assert fragment_mma.sixteenths(sym, torch.float16, 2) and not fragment_mma.sixteenths(ints, torch.bfloat16, 1)
     assert not fragment_mma.sixteenths(nf4, torch.float16, 2) and not fragment_mma.sixteenths(floats, torch.float16, 1)
     monkeypatch.setitem(fragment_mma.SIXTEENTHS, "enabled", False)
@@ -1436,6 +1438,7 @@ def test_cuda_zsub_sixteenths_equal_shifted_codes_bit_for_bit(name, monkeypatch)
     compared = 0
     for m in (16, 24, 64):
         qmm, rw, x, b, ref = _cuda_case(name, m, 200, 576, torch.float16)
+        monkeypatch.setitem(fragment_mma.SIXTEENTHS, "enabled", True)
         assert rw.int_zero and fragment_mma.sixteenths(rw, torch.float16, 1)  # the launches below take it
         sms = qmm._sm_count(x.device)
         cfgs = [c for c in fragment_mma.configs(rw, m, torch.float16, sms) if c.get("ZSUB") and c["SPLIT"] == 1]
