@@ -136,9 +136,10 @@ SUM_AFTER = {"enabled": os.environ.get("BITSMITH_FRAGMENT_SUM_KERNEL", "") != "0
 #: one row block 170/32, 145/16, 143/16; at 64 tokens 271/64, 213/32, 193/32 (NF4 has no zero: 2
 #: only). ``BITSMITH_FRAGMENT_ZSUB``: the modes offered, comma-separated (default ``0``).
 ZSUB = {"modes": int_list("BITSMITH_FRAGMENT_ZSUB", os.environ.get("BITSMITH_FRAGMENT_ZSUB"), (0, 1, 2), (0,))}
-#: whether :data:`ZSUB`'s int4 conversion leaves the codes of rows ``g + 8`` in place, ``MAGIC +
-#: 16 q`` (float16 activations, integer zeros): the fused multiply-add that takes the zero off
-#: divides by 16 too, and a word's conversion takes one shift instead of three (:func:`cvt4_ptx`).
+#: whether int4's conversion leaves the codes of rows ``g + 8`` in place, ``MAGIC + 16 q``, where
+#: the zero comes off in 16 bits (:data:`ZSUB` 1 and 2, the wgmma kernel; float16 activations,
+#: integer zeros): the fused multiply-add that takes the zero off divides by 16 too, and a word's
+#: conversion takes one shift instead of three (:func:`cvt4_ptx`, :func:`dequant_math`).
 #: Exact, and checked on sm_90 code and emulated PTX only: off until its CUDA tests have run
 #: (``BITSMITH_FRAGMENT_SIXTEENTHS=1`` turns it on).
 SIXTEENTHS = {"enabled": os.environ.get("BITSMITH_FRAGMENT_SIXTEENTHS", "") == "1"}
@@ -878,9 +879,9 @@ def kernel_args(rw: RuntimeWeight, x2: torch.Tensor, bias: torch.Tensor | None, 
 
 
 def sixteenths(rw: RuntimeWeight, dtype: torch.dtype, zsub: int) -> bool:
-    """Whether ``_frag_kernel`` converts ``rw``'s codes in sixteenths (:data:`SIXTEENTHS`): on, an
-    int4 affine weight with integer zeros, float16 activations, and a :data:`ZSUB` mode that takes
-    the zero off in 16 bits."""
+    """Whether a fragment kernel converts ``rw``'s codes in sixteenths (:data:`SIXTEENTHS`): on, an
+    int4 affine weight with integer zeros, float16 activations, and a :data:`ZSUB` mode ``zsub``
+    that takes the zero off in 16 bits (the wgmma kernel, which always does, passes 2)."""
     return (SIXTEENTHS["enabled"] and zsub > 0 and rw.kind == "affine" and rw.fragment_format == "int4"
             and rw.int_zero and dtype == torch.float16)
 
