@@ -55,6 +55,8 @@
 #       M = 16 config (ZS_MS, ZS_FORMATS, ZS_SHAPES)
 #   OUT=/some/dir bash benchmarks/kernels_gpu_session.sh zsub_wide  # zsub's configs at 32 and 64 tokens, compute-sanitizer
 #       over the fragment kernel, then the library's M = 16 table
+#   OUT=/some/dir bash benchmarks/kernels_gpu_session.sh sixteenths # int4 in sixteenths against the shifted codes: every
+#       ZSUB 1 and 2 config at 16 and 64 tokens, once each way (after zsub's CUDA tests have passed)
 #   OUT=/some/dir bash benchmarks/kernels_gpu_session.sh ra_ncu     # Nsight Compute on the register-operand GEMM (RA_TILE)
 #   OUT=/some/dir bash benchmarks/kernels_gpu_session.sh wide       # the fragment layout's kernels for more tokens:
 #       the Gluon kernel at 17..64 tokens and the Hopper wgmma kernel (both on by default since they passed this):
@@ -388,6 +390,15 @@ zsub_wide)  # zsub's configs at 32 and 64 tokens (int4 g64), compute-sanitizer o
   step bench.txt "${T_BENCH:-150}" "grep -E '^ +[0-9]+x[0-9]+ +[0-9]+ '" kernels_defaults_zsub \
     python3 benchmarks/kernels_bench.py --shapes 4096x4096,14336x4096,4096x14336,28672x8192 --m "${ZS_BENCH_MS:-16}" \
     --formats int4_g64,int4_g128,int3_g64,nf4_g64 --no-w8a8 --reps 20 --name kernels_defaults_zsub
+  ;;
+sixteenths)  # int4 converted in sixteenths (BITSMITH_FRAGMENT_SIXTEENTHS=1) against the shifted codes: every ZSUB 1
+  # and 2 config at 16 and 64 tokens (SX_MS, SX_SHAPES), once each way, paired by config in kernels_configs' JSONs
+  export BITSMITH_FRAGMENT_ZSUB=1,2
+  for sx in 0 1; do
+    step "configs_sixteenths$sx.txt" "${T_CFG:-140}" "grep -E 'fp16|WRONG|fail|best'" "kernels_configs_sixteenths$sx" \
+      env BITSMITH_FRAGMENT_SIXTEENTHS=$sx python3 benchmarks/kernels_configs.py --layout fragment --m "${SX_MS:-16,64}" \
+      --formats int4_g64 --shapes "${SX_SHAPES:-14336x4096,28672x8192}" --reps 10 --top 2 --name "kernels_configs_sixteenths$sx"
+  done
   ;;
 pattern)  # where the fragment kernel's M = 1 time goes, by subtraction (fragment_pattern_probe.py)
   step pattern.txt "${T_PATTERN:-150}" cat fragment_pattern_probe \
