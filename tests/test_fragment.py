@@ -523,10 +523,10 @@ def test_fragment_kernel_compiles_without_shared_memory(rb, tok, fmt, dtype):
         assert loop["LDG.E.128"] >= rb
 
 
-def _loop_sass(cubin: bytes) -> list[str]:
-    """The main loop's instructions (the longest loop with tensor-core products), in order."""
+def _loop_sass(cubin: bytes, holding: str = "HMMA") -> list[str]:
+    """The main loop's instructions (the longest loop with tensor-core products: ``holding``), in order."""
     with tempfile.TemporaryDirectory() as tmp:
-        return kernels_sass.loop_body(kernels_sass.sass_of(cubin, Path(tmp)), holding="HMMA")
+        return kernels_sass.loop_body(kernels_sass.sass_of(cubin, Path(tmp)), holding=holding)
 
 
 @needs_gluon
@@ -943,15 +943,11 @@ def test_wgmma_kernel_compiles_for_sm90(fmt):
                 # block), then the scale's product; float zeros take the magic off first, a second subtraction
                 assert loop["HMUL2"] == 16 * rb and 16 * rb <= loop["HADD2"] <= 16 * rb + 2, loop
                 floats = fragment_wgmma.compile_offline(fmt, rb, tok, 1, INT_ZERO=False)
-                with tempfile.TemporaryDirectory() as tmp:
-                    fl = collections.Counter(kernels_sass.opcode(t) for t in kernels_sass.loop_body(
-                        kernels_sass.sass_of(floats.asm["cubin"], Path(tmp)), holding="HGMMA"))
+                fl = collections.Counter(map(kernels_sass.opcode, _loop_sass(floats.asm["cubin"], "HGMMA")))
                 assert fl["HADD2"] >= 32 * rb, fl
             if fmt == "int4" and not extra:  # in sixteenths (float16): one multiply-add a register, a shift a word
                 six = fragment_wgmma.compile_offline(fmt, rb, tok, 1, SIXTEENTHS=True)
-                with tempfile.TemporaryDirectory() as tmp:
-                    sx = collections.Counter(kernels_sass.opcode(t) for t in kernels_sass.loop_body(
-                        kernels_sass.sass_of(six.asm["cubin"], Path(tmp)), holding="HGMMA"))
+                sx = collections.Counter(map(kernels_sass.opcode, _loop_sass(six.asm["cubin"], "HGMMA")))
                 assert sx["HFMA2"] == 16 * rb and sx["HMUL2"] == 16 * rb and sx["HADD2"] <= 2 * rb, sx
                 assert sx["SHF.R.U32.HI"] <= loop["SHF.R.U32.HI"] - 8 * rb and sum(sx.values()) < sum(loop.values()), sx
 

@@ -132,7 +132,7 @@ class RuntimeWeight:
     zero: torch.Tensor | None
     zconst: float
     table: torch.Tensor | None
-    int_zero: bool = False  # affine zero points are integers below 128 (uint8 zero, or a symmetric integer constant)
+    int_zero: bool = False  # affine zeros that MAGIC + zero holds exactly in bfloat16: uint8 zeros below 128, or a symmetric integer constant
     # codebook levels as 16-bit float bit patterns, kept on the host for kernels that build the
     # table into their code: {torch.float16: (...), torch.bfloat16: (...)}
     table_bits: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)
