@@ -2,8 +2,9 @@
 number there can be traced to one JSON and the command inside it:
 
 * kernels at M = 1 and 16, every format in its default layout (the fragment layout, group-major
-  words) and torch's tinygemm, one run (``kernels_defaults_m1m16_planes_h100.json``); each ratio against
-  the fp16 of its own run;
+  words) and torch's tinygemm: M = 1 from one run (``kernels_defaults_m1m16_planes_h100.json``),
+  M = 16 from a later one with the zeros' 16-bit modes offered (``kernels_defaults_zsub_h100.json``);
+  each ratio against the fp16 of its own run;
 * M = 2048: every format in its default path (int4 and NF4 by the register-operand GEMM, int3 by
   dequantize + cuBLAS), tinygemm and W8A8 in one run (``kernels_m2048_ra_pair_h100.json``);
 * the compiled decode step: int4 at batch 1 in each layout with one tuning cache shared by the two
@@ -21,15 +22,18 @@ from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SHAPES = [(4096, 4096), (14336, 4096), (4096, 14336), (28672, 8192)]
-#: column -> (kernel name in the JSONs, M = 1 and 16 file, M = 2048 file)
+#: column -> (kernel name in the JSONs, {M: file})
 SMALL_M = "kernels_defaults_m1m16_planes_h100.json"
+#: M = 16 with every way of applying the zeros offered to the tuner (ZSUB 0, 1, 2, the default since)
+M16 = "kernels_defaults_zsub_h100.json"
 BIG_M = "kernels_m2048_ra_pair_h100.json"
-COLUMNS = {"int4 g64": ("int4_g64", SMALL_M, BIG_M),
-           "int4 g128": ("int4_g128", SMALL_M, BIG_M),
-           "int3 g64": ("int3_g64", SMALL_M, BIG_M),
-           "NF4": ("nf4_g64", SMALL_M, BIG_M),
-           "torch tinygemm int4 g64": ("tinygemm_int4_g64", SMALL_M, BIG_M),
-           "W8A8": ("w8a8", None, BIG_M)}
+FILES = {1: SMALL_M, 16: M16, 2048: BIG_M}
+COLUMNS = {"int4 g64": ("int4_g64", FILES),
+           "int4 g128": ("int4_g128", FILES),
+           "int3 g64": ("int3_g64", FILES),
+           "NF4": ("nf4_g64", FILES),
+           "torch tinygemm int4 g64": ("tinygemm_int4_g64", FILES),
+           "W8A8": ("w8a8", {2048: BIG_M})}
 DECODE = "decode_e2e_b1_cap_h100.json"
 #: (batch, layout of int4) -> file: the default (fragment) and rows (BITSMITH_FRAGMENT=int3,nf4),
 #: the second process reading the first one's tuning cache (BITSMITH_TUNE_CACHE)
@@ -58,7 +62,7 @@ def kernel_table() -> str:
     lines = ["| shape N×K | M | " + " | ".join(COLUMNS) + " |", "|---|---:|" + "---:|" * len(COLUMNS)]
     for m in (1, 16, 2048):
         for n, k in SHAPES:
-            cells = [_cell(_rows(small if m < 2048 else big), kernel, n, k, m) for kernel, small, big in COLUMNS.values()]
+            cells = [_cell(_rows(files.get(m)), kernel, n, k, m) for kernel, files in COLUMNS.values()]
             lines.append(f"| {n}×{k} | {m} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -100,7 +104,7 @@ def decode_ab_table() -> str:
 
 
 def main() -> None:
-    files = sorted({f for _, small, big in COLUMNS.values() for f in (small, big) if f})
+    files = sorted({f for _, by_m in COLUMNS.values() for f in by_m.values()})
     print(f"Kernels (speed-up over fp16 F.linear, eager with the L2 flushed; CUDA graph in brackets), from {', '.join(files)}\n")
     print(kernel_table())
     print(f"\nCompiled decode step, Llama-3-8B shape, this release's defaults, from {', '.join(DECODE_NOW.values())}:\n")

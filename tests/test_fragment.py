@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import collections
+import os
 import re
 import sys
 import tempfile
@@ -817,6 +818,9 @@ def test_zsub_and_sum_token_settings_parse_and_name_bad_values():
     values is taken as given, anything else names the variable and what it takes."""
     parse = fragment_mma.int_list
     assert parse("BITSMITH_FRAGMENT_ZSUB", None, (0, 1, 2), (0,)) == (0,)
+    # the library's own default: every mode offered, unless the environment says otherwise
+    assert fragment_mma.ZSUB["modes"] == ((0, 1, 2) if "BITSMITH_FRAGMENT_ZSUB" not in os.environ else
+                                         parse("BITSMITH_FRAGMENT_ZSUB", os.environ["BITSMITH_FRAGMENT_ZSUB"], (0, 1, 2), (0,)))
     assert parse("BITSMITH_FRAGMENT_ZSUB", " 0, 2 ", (0, 1, 2), (0,)) == (0, 2)
     assert parse("BITSMITH_FRAGMENT_SUM_TOKENS", "16,32,64", (16, 32, 64), (16,)) == (16, 32, 64)
     for bad in ("3", "x", "0;1", ","):
@@ -837,13 +841,14 @@ def test_integer_zeros_from_128_take_the_float_path(monkeypatch):
 
 
 def test_zsub_modes_follow_the_weight_and_the_setting(monkeypatch):
-    """What the tuner offers (``BITSMITH_FRAGMENT_ZSUB``, default 0 only): the zero off the
+    """What the tuner offers (``BITSMITH_FRAGMENT_ZSUB``, default all three): the zero off the
     operand (1) only for integer zeros, the scale too (2) for integer zeros and codebooks, never
     for float zeros; each offered mode doubles the candidates and reaches the launch's constexprs."""
     ints = repack(_quantize("int4_g64", torch.randn(256, 1024) * 0.05), layout="fragment")
     sym = repack(_quantize("int4_g128_sym", torch.randn(256, 1024) * 0.05), layout="fragment")
     floats = repack(_quantize("int4_g64_float0", torch.randn(256, 1024) * 0.05), layout="fragment")
     nf4 = repack(_quantize("nf4_g64_dq", torch.randn(256, 1024) * 0.05), layout="fragment")
+    monkeypatch.setitem(fragment_mma.ZSUB, "modes", (0,))
     assert all(fragment_mma.zsub_modes(rw) == (0,) for rw in (ints, floats, nf4))
     monkeypatch.setitem(fragment_mma.ZSUB, "modes", (0, 1, 2))
     assert fragment_mma.zsub_modes(ints) == (0, 1, 2) and fragment_mma.zsub_modes(sym) == (0, 1, 2)

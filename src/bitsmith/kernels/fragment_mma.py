@@ -134,14 +134,23 @@ SUM_AFTER = {"enabled": os.environ.get("BITSMITH_FRAGMENT_SUM_KERNEL", "") != "0
 #: groups. Compiled for sm_90 (int4 g64, instructions a group of the main loop / HMMA): at 8
 #: tokens two row blocks 158/12, 172/8, 192/8; at 16 tokens 195/24, 208/16, 217/16; at 32 tokens
 #: one row block 170/32, 145/16, 143/16; at 64 tokens 271/64, 213/32, 193/32 (NF4 has no zero: 2
-#: only). ``BITSMITH_FRAGMENT_ZSUB``: the modes offered, comma-separated (default ``0``).
-ZSUB = {"modes": int_list("BITSMITH_FRAGMENT_ZSUB", os.environ.get("BITSMITH_FRAGMENT_ZSUB"), (0, 1, 2), (0,))}
+#: only). On the H100 (kernels_configs_zsub_h100.txt, kernels_configs_sixteenths0_h100.txt, two
+#: runs on one machine): the best M = 16 int4 g64 config 28.7 -> 26.9 us on 14336x4096 and 75.6 -> 66.2 us on
+#: 28672x8192 (ZSUB 1, split-K summed by the second kernel), level on 4096x14336 (29.4 / 29.6, the latter in sixteenths); NF4's best stayed
+#: ZSUB 0. The library's tuner, offered all three, took 1 or 2 for int4 and int3 in 10 of 12 cases
+#: at M = 16 (kernels_defaults_zsub_h100.txt) and for int4 at M = 1 (24.3 -> 22.3 us on 14336x4096:
+#: kernels_m1_zsub_h100.txt). ``BITSMITH_FRAGMENT_ZSUB``: the modes offered, comma-separated
+#: (default ``0,1,2``; ``0`` alone is the float32 path only, as before).
+ZSUB = {"modes": int_list("BITSMITH_FRAGMENT_ZSUB", os.environ.get("BITSMITH_FRAGMENT_ZSUB"), (0, 1, 2), (0, 1, 2))}
 #: whether int4's conversion leaves the codes of rows ``g + 8`` in place, ``MAGIC + 16 q``, where
 #: the zero comes off in 16 bits (:data:`ZSUB` 1 and 2, the wgmma kernel; float16 activations,
 #: integer zeros): the fused multiply-add that takes the zero off divides by 16 too, and a word's
 #: conversion takes one shift instead of three (:func:`cvt4_ptx`, :func:`dequant_math`).
-#: Exact, and checked on sm_90 code and emulated PTX only: off until its CUDA tests have run
-#: (``BITSMITH_FRAGMENT_SIXTEENTHS=1`` turns it on).
+#: Exact: on the H100 its CUDA test gives the same bits as the shifted codes in every ZSUB and
+#: wgmma config (zsub_gpu_tests_h100.txt). But it is slower where it matters: against the same
+#: configs the median is level (0.997-0.999), and the fastest configs lose 2-32% (14336x4096 M = 16
+#: ZSUB 1 rb4 split8 26.9 -> 32.8 us, 28672x8192 66.2 -> 87.3 us: kernels_configs_sixteenths{0,1}_h100.txt),
+#: so it stays off (``BITSMITH_FRAGMENT_SIXTEENTHS=1`` turns it on).
 SIXTEENTHS = {"enabled": os.environ.get("BITSMITH_FRAGMENT_SIXTEENTHS", "") == "1"}
 #: the most shared memory a cluster config's partial slots take (``split`` slots of the tile, float32)
 CLUSTER_SLOTS_BYTES = 32 * 1024
