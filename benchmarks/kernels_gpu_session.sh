@@ -372,7 +372,7 @@ sum_after_check)  # what the second-kernel ending still waits for: compute-sanit
 zsub)  # zeros (and scales) taken off the fragment kernel's A operand in 16 bits (ZSUB 1, 2) beside the float32 path
   # (0), and the second-kernel ending offered with the 32- and 64-token tiles too: the fragment CUDA tests, then every
   # M = 16 config in all three modes (ZS_MS, ZS_FORMATS, ZS_SHAPES)
-  export BITSMITH_FRAGMENT_ZSUB=0,1,2 BITSMITH_FRAGMENT_SUM_TOKENS=16,32,64 BITSMITH_FRAGMENT_SIXTEENTHS=${BITSMITH_FRAGMENT_SIXTEENTHS:-1}
+  export BITSMITH_FRAGMENT_ZSUB=0,1,2 BITSMITH_FRAGMENT_SUM_TOKENS=16,32,64 BITSMITH_FRAGMENT_SIXTEENTHS=${BITSMITH_FRAGMENT_SIXTEENTHS:-0}
   TEST_FILES=tests/test_fragment.py TEST_K="${TEST_K:-cuda and (zsub or every_config or wide or cluster_sum or wgmma)}" \
     T_TESTS=${T_TESTS:-200} tests_or_stop
   step configs.txt "${T_CFG:-330}" "grep -E 'fp16|WRONG|fail|best'" kernels_configs_zsub \
@@ -382,7 +382,7 @@ zsub)  # zeros (and scales) taken off the fragment kernel's A operand in 16 bits
 zsub_wide)  # zsub's configs at 32 and 64 tokens (int4 g64), compute-sanitizer over the fragment kernel (ZSUB and the
   # second kernel included), then the library's table at 16 tokens with every mode offered to its tuner (ZS_BENCH_MS)
   export BITSMITH_FRAGMENT_ZSUB=${BITSMITH_FRAGMENT_ZSUB:-0,1,2} BITSMITH_FRAGMENT_SUM_TOKENS=${BITSMITH_FRAGMENT_SUM_TOKENS:-16,32,64}
-  export BITSMITH_FRAGMENT_SIXTEENTHS=${BITSMITH_FRAGMENT_SIXTEENTHS:-1}
+  export BITSMITH_FRAGMENT_SIXTEENTHS=${BITSMITH_FRAGMENT_SIXTEENTHS:-0}
   step configs.txt "${T_CFG:-150}" "grep -E 'fp16|WRONG|fail|best'" kernels_configs_zsub_wide \
     python3 benchmarks/kernels_configs.py --layout fragment --m "${ZS_MS:-32,64}" --formats "${ZS_FORMATS:-int4_g64}" \
     --shapes "${ZS_SHAPES:-14336x4096,28672x8192}" --reps 10 --top 2 --name kernels_configs_zsub_wide
