@@ -135,9 +135,9 @@ SUM_AFTER = {"enabled": os.environ.get("BITSMITH_FRAGMENT_SUM_KERNEL", "") != "0
 #: tokens two row blocks 158/12, 172/8, 192/8; at 16 tokens 195/24, 208/16, 217/16; at 32 tokens
 #: one row block 170/32, 145/16, 143/16; at 64 tokens 271/64, 213/32, 193/32 (NF4 has no zero: 2
 #: only). On the H100 (kernels_configs_zsub_h100.txt, kernels_configs_sixteenths0_h100.txt, two
-#: runs on one machine): the best M = 16 int4 g64 config 28.7 -> 26.9 us on 14336x4096 and 75.6 -> 66.2 us on
-#: 28672x8192 (ZSUB 1, split-K summed by the second kernel), level on 4096x14336 (29.4 / 29.6, the latter in sixteenths); NF4's best stayed
-#: ZSUB 0. The library's tuner, offered all three, took 1 or 2 for int4 and int3 in 10 of 12 cases
+#: runs on one machine): the best M = 16 int4 g64 config 28.7 -> 26.9 us on 14336x4096 and
+#: 75.6 -> 66.2 us on 28672x8192 (ZSUB 1, split-K summed by the second kernel), level on
+#: 4096x14336 (29.4 / 29.6, the latter in sixteenths); NF4's best stayed ZSUB 0. The library's tuner, offered all three, took 1 or 2 for int4 and int3 in 10 of 12 cases
 #: at M = 16 (kernels_defaults_zsub_h100.txt) and for int4 at M = 1 (24.3 -> 22.3 us on 14336x4096:
 #: kernels_m1_zsub_h100.txt). ``BITSMITH_FRAGMENT_ZSUB``: the modes offered, comma-separated
 #: (default ``0,1,2``; ``0`` alone is the float32 path only, as before).

@@ -788,7 +788,7 @@ def _final_round(timed: list[tuple[float, int]], time_again: Callable[[int], flo
     for _ in range(FINALISTS["rounds"]):
         for i in finalists:
             again[i].append(time_again(i))
-    return min(finalists, key=lambda i: (statistics.median(again[i]), finalists.index(i)))
+    return min(finalists, key=lambda i: statistics.median(again[i]))  # min keeps the first of equals
 
 
 def _device_name(device: torch.device) -> str:
